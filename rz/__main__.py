@@ -1,0 +1,3 @@
+from rz.cli import main
+
+raise SystemExit(main())
