@@ -10,13 +10,22 @@ from rz.errors import (
     UnsupportedModelError,
 )
 from rz.gguf import GGUFFile
-from rz.llm import LLM
 from rz.model_files import default_model_path
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # rz.LLM pulls in JAX and the model code; `python -m rz info` and the GGUF reader do not need them.
+    if name in ("LLM", "Completion"):
+        from rz import llm
+
+        return getattr(llm, name)
+    raise AttributeError(f"module 'rz' has no attribute {name!r}")
+
 __all__ = [
     "LLM",
+    "Completion",
     "GGUFFile",
     "ModelConfig",
     "default_model_path",

@@ -38,6 +38,77 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+def _load(args):
+    from rz.llm import LLM
+
+    print(f"loading {args.model or 'the default model (Gemma 3 270M Q4_K_M)'} ...", file=sys.stderr, flush=True)
+    llm = LLM(_model_path(args), n_ctx=args.n_ctx, progress=True)
+    print(f"loaded in {llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
+    return llm
+
+
+def _sampling(args) -> dict:
+    return {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": args.seed,
+    }
+
+
+def cmd_generate(args) -> int:
+    llm = _load(args)
+    options = _sampling(args) | {"stop": args.stop or None, "ignore_eos": args.ignore_eos}
+    if args.json:
+        out = llm.generate(args.prompt, max_tokens=args.max_tokens, **options)
+        print(json.dumps({
+            "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "usage": out.usage, "timings": out.timings,
+        }))
+        return 0
+    for piece in llm.stream(args.prompt, max_tokens=args.max_tokens, **options):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _load(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line})
+        ids = llm.chat_prompt_ids(messages)
+        pieces = []
+        for piece in llm.stream(ids, max_tokens=args.max_tokens, **_sampling(args)):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_argument(parser)
+    parser.add_argument("--n-ctx", type=int, default=None, help="context size (default: min(4096, the model's))")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--min-p", type=float, default=0.05)
+    parser.add_argument("--repeat-penalty", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m rz", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     bos.add_argument("--no-bos", dest="add_bos", action="store_false")
     tokenize.add_argument("--json", action="store_true", help="print ids and pieces as JSON")
     tokenize.set_defaults(run=cmd_tokenize)
+
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text as it is produced")
+    _add_generation_arguments(generate)
+    generate.add_argument("prompt")
+    generate.add_argument("--stop", action="append", help="stop string (repeatable)")
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="an interactive chat using the model's chat template")
+    _add_generation_arguments(chat)
+    chat.add_argument("--system", help="a system message")
+    chat.set_defaults(run=cmd_chat)
     return parser
 
 
