@@ -134,6 +134,8 @@ class ModelConfig:
         if not 0 < self.rope_dim <= self.head_dim:
             problems.append(f"rope.dimension_count {self.rope_dim} must be in 1..{self.head_dim}")
         if len(self.sliding_layers) != self.n_layer:
-            problems.append(f"attention.sliding_window_pattern has {len(self.sliding_layers)} flags for {self.n_layer} layers")
+            problems.append(
+                f"attention.sliding_window_pattern has {len(self.sliding_layers)} flags for {self.n_layer} layers"
+            )
         if problems:
             raise GGUFError(f"{gguf.path}: inconsistent metadata: {'; '.join(problems)}")

@@ -1,23 +1,69 @@
-"""rz.LLM: the object users hold — a loaded model with its tokenizer."""
+"""rz.LLM: the object users hold — a loaded model, its tokenizer, and generation."""
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
+
+from rz.compilation_cache import enable_compilation_cache
 from rz.config import ModelConfig
+from rz.engine import Engine, GenerationRequest
+from rz.errors import RequestError
 from rz.gguf import GGUFFile
 from rz.model_files import default_model_path
+from rz.sampling import SamplingParams
+
+DEFAULT_N_CTX = 4096
+DEFAULT_MAX_BATCH = 16
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, end of turn, stop string or stop token) or "length"
+    usage: dict  # prompt_tokens, completion_tokens, total_tokens
+    timings: dict  # seconds: queue, prefill, time to first token, decode, total
+    logprobs: list[dict] | None = None  # per token: token, logprob, top [(id, logprob)]
 
 
 class LLM:
-    """A GGUF model loaded for tokenizing and, with the engine, generating."""
+    """A GGUF model loaded for tokenizing, scoring and generating.
 
-    def __init__(self, path: str | Path | None = None):
+    >>> llm = rz.LLM()                      # Gemma 3 270M Q4_K_M, the default model
+    >>> llm.generate("Once upon a time", max_tokens=32, temperature=0).text
+    """
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        n_ctx: int | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        compilation_cache: str | Path | None | bool = True,
+        progress: bool = False,
+    ):
+        started = time.perf_counter()
+        enable_compilation_cache(compilation_cache)
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = GGUFFile(self.path)
         self.config = ModelConfig.from_gguf(self.gguf)
+        from rz.models import load_model
         from rz.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_gguf_metadata(self.gguf.metadata)
+        self.model = load_model(self.gguf, self.config)
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+            raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.context_length)
+        self.max_batch = max_batch
+        self._engines: dict[int, Engine] = {}
+        self.load_seconds = time.perf_counter() - started
+
+    # ----- tokens -----
 
     def tokenize(self, text: str, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of text, exactly as llama.cpp gives them; add_bos=None follows the model."""
@@ -27,5 +73,190 @@ class LLM:
         """The text of a sequence of token ids."""
         return self.tokenizer.decode(ids)
 
+    # ----- forward passes -----
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position, teacher-forced: f32 [len(ids), vocab]."""
+        return self._engine(1).score(list(ids))
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
+        max_tokens: int = 128,
+        temperature: float = SamplingParams.temperature,
+        top_k: int = SamplingParams.top_k,
+        top_p: float = SamplingParams.top_p,
+        min_p: float = SamplingParams.min_p,
+        repeat_penalty: float = SamplingParams.repeat_penalty,
+        presence_penalty: float = SamplingParams.presence_penalty,
+        frequency_penalty: float = SamplingParams.frequency_penalty,
+        penalty_last_n: int = SamplingParams.penalty_last_n,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int = 0,
+    ) -> Completion | list[Completion]:
+        """Generate a continuation of one prompt, or of a list of prompts decoded together as one batch.
+
+        A prompt is text or a list of token ids; sampling settings default to llama.cpp's, and
+        temperature=0 is greedy.
+        """
+        prompts, single = _as_prompt_list(prompt)
+        params = SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n,
+            seed=seed, n_logprobs=logprobs,
+        )
+        requests = [self._request(p, max_tokens, params, stop, stop_token_ids, ignore_eos) for p in prompts]
+        completions = self._run(requests)
+        return completions[0] if single else completions
+
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, **options) -> Iterator[str]:
+        """Generate like generate(), yielding text pieces as they are produced."""
+        prompts, single = _as_prompt_list(prompt)
+        if not single:
+            raise RequestError("stream() takes one prompt; use generate() for a batch")
+        stop = options.pop("stop", None)
+        stop_token_ids = options.pop("stop_token_ids", ())
+        ignore_eos = options.pop("ignore_eos", False)
+        params = SamplingParams(**_sampling_options(options))
+        request = self._request(prompts[0], max_tokens, params, stop, stop_token_ids, ignore_eos)
+        engine = self._engine(1)
+        event = engine.admit(request)
+        while True:
+            if event.text:
+                yield event.text
+            if event.finish_reason is not None:
+                return
+            (event,) = engine.step()
+
+    def chat(self, messages: list[dict], max_tokens: int = 128, **options) -> Completion:
+        """Answer a conversation, formatted with the model's chat template as llama.cpp does."""
+        return self.generate(self.chat_prompt_ids(messages), max_tokens=max_tokens, **options)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The token ids of a conversation rendered by the model's chat template, ready to answer."""
+        from rz.chat import render_chat
+
+        text = render_chat(
+            self.config.chat_template,
+            messages,
+            bos_token=self._token_text(self.tokenizer.bos_id),
+            eos_token=self._token_text(self.tokenizer.eos_id),
+            add_generation_prompt=True,
+            architecture=self.config.architecture,
+        )
+        ids = self.tokenize(text, special=True)
+        # Templates that write the BOS token themselves would get a second one from add_bos.
+        if len(ids) > 1 and ids[0] == ids[1] == self.tokenizer.bos_id:
+            ids = ids[1:]
+        return ids
+
+    # ----- internals -----
+
+    def _token_text(self, token_id: int | None) -> str:
+        tokens = self.gguf.metadata["tokenizer.ggml.tokens"]
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else ""
+
+    def _request(self, prompt, max_tokens, params, stop, stop_token_ids, ignore_eos) -> GenerationRequest:
+        if isinstance(prompt, str) and not prompt:
+            raise RequestError("the prompt is empty: give at least one character of text")
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        request = GenerationRequest(
+            prompt_ids=tuple(ids), max_tokens=max_tokens, params=params, stop=stops,
+            stop_token_ids=frozenset(int(t) for t in stop_token_ids), ignore_eos=bool(ignore_eos),
+        )
+        self._engine(1).validate(request)
+        return request
+
+    def _engine(self, n_sequences: int) -> Engine:
+        """The engine whose slot count is the batch bucket for n_sequences (compiled once each)."""
+        n_slots = 1
+        while n_slots < min(n_sequences, self.max_batch):
+            n_slots *= 2
+        if n_slots not in self._engines:
+            self._engines[n_slots] = Engine(self.model, self.tokenizer, self.n_ctx, n_slots)
+        return self._engines[n_slots]
+
+    def _run(self, requests: list[GenerationRequest]) -> list[Completion]:
+        engine = self._engine(len(requests))
+        waiting = list(enumerate(requests))
+        queued_at = time.perf_counter()
+        done: dict[int, object] = {}
+        running = {}
+        while waiting or running:
+            while waiting and engine.free_slots():
+                index, request = waiting.pop(0)
+                event = engine.admit(request, queued_at=queued_at)
+                running[id(event.sequence)] = index
+                if event.finish_reason is not None:
+                    done[running.pop(id(event.sequence))] = event.sequence
+            for event in engine.step():
+                if event.finish_reason is not None:
+                    done[running.pop(id(event.sequence))] = event.sequence
+        return [_completion(done[i]) for i in range(len(requests))]
+
+    def compiled_variants(self) -> int:
+        """How many shape variants of compiled steps this LLM holds; constant once warm."""
+        return sum(engine.compiled_variants() for engine in self._engines.values())
+
+    @property
+    def compilations(self) -> dict[str, float]:
+        """Seconds the first call of each compiled step took, by step and shape bucket."""
+        merged = {}
+        for engine in self._engines.values():
+            merged.update(engine.compilations)
+        return merged
+
     def __repr__(self) -> str:
-        return f"rz.LLM({str(self.path)!r}, architecture={self.config.architecture!r})"
+        return f"rz.LLM({str(self.path)!r}, architecture={self.config.architecture!r}, n_ctx={self.n_ctx})"
+
+
+_SAMPLING_FIELDS = {
+    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty", "penalty_last_n", "seed",
+}
+
+
+def _sampling_options(options: dict) -> dict:
+    unknown = set(options) - _SAMPLING_FIELDS - {"logprobs"}
+    if unknown:
+        raise RequestError(f"unknown generation options: {', '.join(sorted(unknown))}")
+    result = {k: v for k, v in options.items() if k in _SAMPLING_FIELDS}
+    if "logprobs" in options:
+        result["n_logprobs"] = options["logprobs"]
+    return result
+
+
+def _as_prompt_list(prompt) -> tuple[list, bool]:
+    """(prompts, whether a single prompt was given): text, token ids, or a list of either."""
+    if isinstance(prompt, str):
+        return [prompt], True
+    if isinstance(prompt, np.ndarray):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)):
+        raise RequestError(f"a prompt is text or a list of token ids, got {type(prompt).__name__}")
+    if prompt and all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in prompt):
+        return [list(prompt)], True
+    if prompt and all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):
+        return [p if isinstance(p, str) else list(p) for p in prompt], False
+    raise RequestError("the prompt is empty: give text, token ids, or a non-empty list of prompts")
+
+
+def _completion(sequence) -> Completion:
+    prompt_tokens = len(sequence.request.prompt_ids)
+    return Completion(
+        text="".join(sequence.text),
+        token_ids=list(sequence.output_ids),
+        finish_reason=sequence.finish_reason,
+        usage={
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": len(sequence.output_ids),
+            "total_tokens": prompt_tokens + len(sequence.output_ids),
+        },
+        timings=sequence.timings.as_dict(),
+        logprobs=sequence.logprobs if sequence.request.params.n_logprobs else None,
+    )

@@ -1,0 +1,312 @@
+"""The generation engine: host-side slots and requests driving fixed-shape compiled steps.
+
+One Engine owns a KV cache of `n_slots` rows. A request joins by being prefilled into a
+one-row cache (in chunks, each compiled per prompt-length bucket) that is then inserted into a
+free slot; one compiled decode step advances every slot at once; a request leaves when it
+stops, and its slot is free for the next between two steps. rz.LLM.generate drives it for a
+batch of prompts and the gRPC server drives it continuously; both see the same tokens.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rz.buckets import Buckets
+from rz.errors import ContextOverflowError, RequestError
+from rz.sampling import MAX_N_LOGPROBS, SamplerState, SamplingParams, SamplingTensors, Sampler
+from rz.stopping import StopStringMatcher
+from rz.tokenizer import IncrementalDecoder, Tokenizer
+
+# Idle slots run through the decode step like the others (the shape is fixed); position -1
+# keeps them from writing to the cache, and greedy sampling keeps their cost down.
+_IDLE_PARAMS = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: validated on the host before any compute."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 128
+    params: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+
+@dataclass
+class Timings:
+    """Seconds spent on one request, measured on the host."""
+
+    queued_at: float = 0.0
+    started_at: float = 0.0
+    first_token_at: float = 0.0
+    finished_at: float = 0.0
+
+    def as_dict(self) -> dict:
+        prefill = self.first_token_at - self.started_at
+        decode = self.finished_at - self.first_token_at
+        return {
+            "queue_seconds": self.started_at - self.queued_at,
+            "prefill_seconds": prefill,
+            "time_to_first_token_seconds": self.first_token_at - self.queued_at,
+            "decode_seconds": decode,
+            "total_seconds": self.finished_at - self.queued_at,
+        }
+
+
+@dataclass
+class Generation:
+    """A request being served: its slot, its tokens so far, and its text pipeline."""
+
+    request: GenerationRequest
+    decoder: IncrementalDecoder
+    matcher: StopStringMatcher
+    timings: Timings
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def position(self) -> int:
+        """The position of the next token fed to the model."""
+        return len(self.request.prompt_ids) + len(self.output_ids) - 1
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one step produced for one request: new text (possibly empty), a token, maybe the end."""
+
+    sequence: Generation
+    token_id: int | None
+    text: str
+    finish_reason: str | None
+
+
+class Engine:
+    """Compiled steps for one model, and the host-side slots that drive them."""
+
+    def __init__(self, model, tokenizer: Tokenizer, n_ctx: int, n_slots: int, buckets: Buckets | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+        self.n_slots = n_slots
+        self.buckets = buckets or Buckets.for_context(n_ctx)
+        self.compilations: dict[str, float] = {}
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._score = jax.jit(self._score_fn, donate_argnums=(1,))
+        self._insert = jax.jit(_insert_row, donate_argnums=(0,))
+        self._first_token = jax.jit(self._first_token_fn, static_argnums=(3,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 5), static_argnums=(6,))
+        self.cache = model.init_cache(n_slots, n_ctx)
+        self.slots: list[Generation | None] = [None] * n_slots
+        self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
+        self._tensors_dirty = True
+        self._tensors = None
+
+    # ----- compiled steps (pure functions of arrays) -----
+
+    def _prefill_fn(self, weights, cache, tokens, positions, last_index):
+        hidden, cache = self.model.forward(weights, cache, tokens, positions)
+        last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
+        return self.model.lm_head(weights, last), cache
+
+    def _score_fn(self, weights, cache, tokens, positions):
+        hidden, cache = self.model.forward(weights, cache, tokens, positions)
+        return self.model.lm_head(weights, hidden), cache
+
+    @staticmethod
+    def _first_token_fn(logits, tensors, state, n_top):
+        return Sampler(n_top_logprobs=n_top)(logits, tensors, state)
+
+    def _decode_fn(self, weights, cache, tokens, positions, tensors, state, n_top):
+        hidden, cache = self.model.forward(weights, cache, tokens[:, None], positions[:, None])
+        logits = self.model.lm_head(weights, hidden[:, 0])
+        sampled, state = Sampler(n_top_logprobs=n_top)(logits, tensors, state)
+        return sampled, cache, state
+
+    # ----- host side -----
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Reject a request that cannot be served, before it takes a slot or any compute."""
+        if not request.prompt_ids:
+            raise RequestError("the prompt is empty: give at least one token of text")
+        if isinstance(request.max_tokens, bool) or not isinstance(request.max_tokens, int) or request.max_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
+        vocab = self.model.cfg.n_vocab
+        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+        needed = len(request.prompt_ids) + request.max_tokens
+        if needed > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"needs {needed} positions, more than the context size {self.n_ctx}; "
+                "shorten the prompt, lower max_tokens, or load the model with a larger n_ctx"
+            )
+        request.params.validate()
+        StopStringMatcher(request.stop)
+
+    def free_slots(self) -> int:
+        return sum(slot is None for slot in self.slots)
+
+    def active(self) -> list[Generation]:
+        return [s for s in self.slots if s is not None]
+
+    def admit(self, request: GenerationRequest, queued_at: float | None = None) -> StepEvent:
+        """Prefill a request into a free slot and sample its first token."""
+        self.validate(request)
+        slot = self.slots.index(None)
+        now = time.perf_counter()
+        sequence = Generation(
+            request=request,
+            decoder=IncrementalDecoder(self.tokenizer),
+            matcher=StopStringMatcher(request.stop),
+            timings=Timings(queued_at=queued_at or now, started_at=now),
+            slot=slot,
+        )
+        logits, row_cache = self.prefill(request.prompt_ids)
+        row_state = SamplerState.create([request.params], [request.prompt_ids])
+        n_top = _logprob_width([request.params])
+        sampled, row_state = self._timed("first_token", self._first_token, logits, SamplingTensors.from_params([request.params]), row_state, n_top)
+        self.cache = self._timed("insert", self._insert, self.cache, row_cache, jnp.int32(slot))
+        self._sampler_state = jax.tree.map(
+            lambda whole, row: whole.at[slot].set(row[0]), self._sampler_state, row_state
+        )
+        self.slots[slot] = sequence
+        self._tensors_dirty = True
+        sequence.timings.first_token_at = time.perf_counter()
+        return self._accept(sequence, sampled, 0)
+
+    def prefill(self, prompt_ids: Sequence[int]):
+        """Run a prompt through a fresh one-row cache in bucketed chunks; the last position's logits."""
+        cache = self.model.init_cache(1, self.n_ctx)
+        logits = None
+        for start, chunk in self.buckets.chunks(len(prompt_ids)):
+            tokens, positions, last = _padded_chunk(prompt_ids, start, chunk)
+            logits, cache = self._timed(f"prefill[{chunk}]", self._prefill, self.model.weights, cache, tokens, positions, last)
+        return logits, cache
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced next-token logits at every position: f32 [len(ids), vocab]."""
+        if not ids:
+            raise RequestError("cannot score an empty sequence of token ids")
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context size {self.n_ctx}")
+        cache = self.model.init_cache(1, self.n_ctx)
+        pieces = []
+        for start, chunk in self.buckets.chunks(len(ids)):
+            tokens, positions, last = _padded_chunk(ids, start, chunk)
+            logits, cache = self._timed(f"score[{chunk}]", self._score, self.model.weights, cache, tokens, positions)
+            pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
+        return np.concatenate(pieces)
+
+    def step(self) -> list[StepEvent]:
+        """One decode step for every active slot."""
+        active = self.active()
+        if not active:
+            return []
+        tokens = np.zeros(self.n_slots, np.int32)
+        positions = np.full(self.n_slots, -1, np.int32)
+        for sequence in active:
+            tokens[sequence.slot] = sequence.output_ids[-1]
+            positions[sequence.slot] = sequence.position
+        if self._tensors_dirty:
+            rows = [s.request.params if s is not None else _IDLE_PARAMS for s in self.slots]
+            self._tensors = SamplingTensors.from_params(rows)
+            self._n_top = _logprob_width(rows)
+            self._tensors_dirty = False
+        sampled, self.cache, self._sampler_state = self._timed(
+            f"decode[{self.n_slots}]", self._decode, self.model.weights, self.cache,
+            jnp.asarray(tokens), jnp.asarray(positions), self._tensors, self._sampler_state, self._n_top,
+        )
+        sampled = jax.device_get(sampled)
+        return [self._accept(sequence, sampled, sequence.slot) for sequence in active]
+
+    def cancel(self, sequence: Generation, reason: str = "cancelled") -> None:
+        """Free a sequence's slot before the next step."""
+        if sequence.finish_reason is None:
+            sequence.finish_reason = reason
+            sequence.timings.finished_at = time.perf_counter()
+        self._release(sequence)
+
+    def _accept(self, sequence: Generation, sampled, row: int) -> StepEvent:
+        token = int(sampled.tokens[row])
+        request = sequence.request
+        sequence.output_ids.append(token)
+        if request.params.n_logprobs:
+            n = request.params.n_logprobs
+            sequence.logprobs.append(
+                {
+                    "token": token,
+                    "logprob": float(sampled.logprobs[row]),
+                    "top": list(zip(map(int, sampled.top_ids[row][:n]), map(float, sampled.top_logprobs[row][:n]))),
+                }
+            )
+        finish = None
+        ends_generation = token in request.stop_token_ids or (
+            not request.ignore_eos and token in self.tokenizer.eog_ids
+        )
+        if ends_generation:
+            text, finish = sequence.decoder.flush(), "stop"
+            text, _ = sequence.matcher.feed(text)
+            text += sequence.matcher.flush()
+        else:
+            text, stopped = sequence.matcher.feed(sequence.decoder.add(token))
+            if stopped:
+                finish = "stop"
+            elif len(sequence.output_ids) >= request.max_tokens:
+                finish = "length"
+                tail, _ = sequence.matcher.feed(sequence.decoder.flush())
+                text += tail + sequence.matcher.flush()
+        sequence.text.append(text)
+        if finish is not None:
+            sequence.finish_reason = finish
+            sequence.timings.finished_at = time.perf_counter()
+            self._release(sequence)
+        return StepEvent(sequence, token, text, finish)
+
+    def _release(self, sequence: Generation) -> None:
+        if 0 <= sequence.slot < self.n_slots and self.slots[sequence.slot] is sequence:
+            self.slots[sequence.slot] = None
+            self._tensors_dirty = True
+
+    def compiled_variants(self) -> int:
+        """How many shape variants of the compiled steps exist: constant once a session is warm."""
+        steps = (self._prefill, self._score, self._insert, self._first_token, self._decode)
+        return sum(step._cache_size() for step in steps)
+
+    def _timed(self, name: str, step: Callable, *args):
+        """Call a compiled step, recording how long its first call (compilation included) took."""
+        if name in self.compilations:
+            return step(*args)
+        start = time.perf_counter()
+        result = jax.block_until_ready(step(*args))
+        self.compilations[name] = time.perf_counter() - start
+        return result
+
+
+def _logprob_width(rows: Sequence[SamplingParams]) -> int:
+    # Two compiled variants at most: without top log-probabilities, or with the widest.
+    return MAX_N_LOGPROBS if any(p.n_logprobs for p in rows) else 0
+
+
+def _padded_chunk(ids: Sequence[int], start: int, bucket: int):
+    """tokens/positions [1, bucket] for ids[start:start+bucket], padded with position -1."""
+    piece = np.asarray(ids[start : start + bucket], np.int32)
+    tokens = np.zeros((1, bucket), np.int32)
+    positions = np.full((1, bucket), -1, np.int32)
+    tokens[0, : len(piece)] = piece
+    positions[0, : len(piece)] = np.arange(start, start + len(piece))
+    return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray([len(piece) - 1], jnp.int32)
+
+
+def _insert_row(cache, row_cache, slot):
+    """cache with row `slot` replaced by the one-row row_cache (every leaf is batch-first)."""
+    return jax.tree.map(lambda whole, row: jax.lax.dynamic_update_slice_in_dim(whole, row, slot, axis=0), cache, row_cache)

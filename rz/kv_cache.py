@@ -1,0 +1,81 @@
+"""The KV cache: per layer, the keys and values of past positions, passed into and out of forward.
+
+A layer's buffer has S slots, and position p lives in slot p % S. Global layers get S =
+max_seq_len, so the modulo never wraps; sliding-window layers get S = sliding_window, a ring
+buffer that keeps exactly the window. Each slot records the absolute position it holds (-1:
+empty), and attention masks are built from those positions alone, so the cache needs no write
+pointer and a batch row can hold a sequence at any length.
+"""
+
+from dataclasses import dataclass, replace
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from rz.config import ModelConfig
+
+EMPTY = -1  # the position of an empty slot, and of a padding token
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=("keys", "values", "positions"), meta_fields=())
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer's keys and values, laid out for attention: heads before slots."""
+
+    keys: jax.Array  # f32 [B, n_kv_heads, S, head_dim]
+    values: jax.Array  # f32 [B, n_kv_heads, S, head_dim_v]
+    positions: jax.Array  # int32 [B, S]: the absolute position in each slot, EMPTY if none
+
+    @property
+    def n_slots(self) -> int:
+        return self.keys.shape[2]
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=("layers",), meta_fields=())
+@dataclass(frozen=True)
+class KVCache:
+    layers: tuple[LayerCache, ...]
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int) -> KVCache:
+    """An empty cache for batch_size sequences of up to max_seq_len positions each."""
+
+    def layer(sliding: bool) -> LayerCache:
+        n_slots = min(cfg.sliding_window, max_seq_len) if sliding else max_seq_len
+        return LayerCache(
+            keys=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim), jnp.float32),
+            values=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim_v), jnp.float32),
+            positions=jnp.full((batch_size, n_slots), EMPTY, jnp.int32),
+        )
+
+    return KVCache(tuple(layer(sliding) for sliding in cfg.sliding_layers))
+
+
+def history_positions(cache: LayerCache, positions: jax.Array) -> jax.Array:
+    """The positions of the cached keys a chunk may attend to [B, S]; EMPTY where it may not.
+
+    The cache is the history before the chunk: a slot holding a position at or after the chunk's
+    first position is stale (a reused batch row, or a sequence rewound), so it is hidden.
+    """
+    first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
+    return jnp.where(cache.positions < first, cache.positions, EMPTY)
+
+
+def write(cache: LayerCache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> LayerCache:
+    """Store a chunk's keys [B, T, n_kv, D] and values at their positions [B, T]; padding is dropped.
+
+    When the chunk is longer than a ring buffer, only its last S positions are stored: the
+    earlier ones would share their slots, and a scatter with duplicate indices has no defined winner.
+    """
+    n_slots = cache.n_slots
+    last = jnp.max(positions, axis=1, keepdims=True)
+    kept = (positions >= 0) & (positions > last - n_slots)
+    slots = jnp.where(kept, positions % n_slots, n_slots)  # n_slots is out of range: dropped
+    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+    return replace(
+        cache,
+        keys=cache.keys.at[rows, :, slots].set(keys, mode="drop"),
+        values=cache.values.at[rows, :, slots].set(values, mode="drop"),
+        positions=cache.positions.at[rows, slots].set(positions, mode="drop"),
+    )

@@ -1,0 +1,127 @@
+"""Model families and the forward pass they share: `load_model(gguf, cfg) -> Model`.
+
+A family module (llama.py, phi2.py, gemma3.py) provides the functions named in Family: its
+weights, embedding, transformer block and head. The stack of blocks over the KV cache is
+driven from here, once for all families.
+"""
+
+from dataclasses import dataclass, field, fields
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from rz import kv_cache
+from rz.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from rz.errors import UnsupportedModelError
+from rz.gguf import GGUFFile
+from rz.kv_cache import KVCache
+from rz.models import attention, gemma3, llama, phi2
+from rz.weights import load_weights
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """The parts of a forward pass that differ between architectures.
+
+    tensor_specs(cfg) -> the family's Weights pytree with tensor specs as leaves (see rz.weights)
+    embed(weights, tokens, cfg) -> f32 [B, T, n_embd]
+    attention_inputs(layer_weights, x, positions, layer, cfg) -> (queries [B, T, H, D],
+        keys [B, T, n_kv, D], values [B, T, n_kv, Dv], scale): from a block's input, RoPE applied
+    block(layer_weights, layer_cache, x, positions, layer, cfg) -> (x, layer_cache)
+    final_norm(weights, x, cfg) -> hidden f32 [B, T, n_embd]
+    lm_head(weights, hidden, cfg) -> logits f32 [..., n_vocab]
+    """
+
+    tensor_specs: Callable
+    embed: Callable
+    attention_inputs: Callable
+    block: Callable
+    final_norm: Callable
+    lm_head: Callable
+
+
+def _family(module) -> Family:
+    return Family(**{part.name: getattr(module, part.name) for part in fields(Family)})
+
+
+# llama.cpp's qwen2 graph is its llama graph with NeoX RoPE (layers.NEOX_ROPE); the q/k/v biases
+# Qwen2 needs are optional tensors of every architecture's attention (weights.attention_projections).
+FAMILIES: dict[str, Family] = {
+    "llama": _family(llama),
+    "qwen2": _family(llama),
+    "phi2": _family(phi2),
+    "gemma3": _family(gemma3),
+}
+assert set(FAMILIES) == set(SUPPORTED_ARCHITECTURES)
+
+
+def forward(
+    weights: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, *, family: Family, cfg: ModelConfig
+) -> tuple[jax.Array, KVCache]:
+    """tokens, positions int32 [B, T] (position -1: padding) -> (f32 [B, T, n_embd] after the final norm, cache)."""
+    with jax.named_scope("embed"):
+        x = family.embed(weights, tokens, cfg)
+    layer_caches = []
+    for layer, (layer_weights, layer_cache) in enumerate(zip(weights.layers, cache.layers)):
+        with jax.named_scope(f"block_{layer}"):
+            x, layer_cache = family.block(layer_weights, layer_cache, x, positions, layer, cfg)
+        layer_caches.append(layer_cache)
+    with jax.named_scope("final_norm"):
+        hidden = family.final_norm(weights, x, cfg)
+    return hidden, KVCache(tuple(layer_caches))
+
+
+def lm_head(weights: Any, hidden: jax.Array, *, family: Family, cfg: ModelConfig) -> jax.Array:
+    """hidden f32 [..., n_embd] -> logits f32 [..., n_vocab]."""
+    with jax.named_scope("lm_head"):
+        return family.lm_head(weights, hidden, cfg)
+
+
+def attention_probs(weights: Any, tokens: jax.Array, layer: int, *, family: Family, cfg: ModelConfig) -> jax.Array:
+    """Attention weights f32 [n_head, T, T] of one layer over a prompt tokens [T] (a reference path)."""
+    tokens = jnp.asarray(tokens, jnp.int32)[None]
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    cache = kv_cache.init_cache(cfg, 1, tokens.shape[1])
+    x = family.embed(weights, tokens, cfg)
+    for below in range(layer):
+        x, _ = family.block(weights.layers[below], cache.layers[below], x, positions, below, cfg)
+    queries, keys, _, scale = family.attention_inputs(weights.layers[layer], x, positions, layer, cfg)
+    mask = attention.attention_mask(positions, positions, attention.layer_window(cfg, layer))
+    return attention.attention_weights(queries, keys.transpose(0, 2, 1, 3), mask, scale)[0]
+
+
+@dataclass(frozen=True, eq=False)
+class Model:
+    """A loaded model: its config, its weights pytree, and pure functions over them (cfg bound)."""
+
+    cfg: ModelConfig
+    weights: Any
+    family: Family = field(repr=False)
+    forward: Callable = field(init=False, repr=False)  # (weights, cache, tokens, positions) -> (hidden, cache)
+    lm_head: Callable = field(init=False, repr=False)  # (weights, hidden) -> logits
+    attention_probs: Callable = field(init=False, repr=False)  # (weights, tokens [T], layer) -> [n_head, T, T]
+
+    def __post_init__(self):
+        bound = {"family": self.family, "cfg": self.cfg}
+        object.__setattr__(self, "forward", partial(forward, **bound))
+        object.__setattr__(self, "lm_head", partial(lm_head, **bound))
+        object.__setattr__(self, "attention_probs", partial(attention_probs, **bound))
+
+    def init_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """An empty KV cache for batch_size sequences of up to max_seq_len positions."""
+        return kv_cache.init_cache(self.cfg, batch_size, max_seq_len)
+
+
+def load_model(gguf: GGUFFile, cfg: ModelConfig) -> Model:
+    """The model in gguf, weights loaded (matrices quantized) onto the default device."""
+    if cfg.architecture not in FAMILIES:
+        raise UnsupportedModelError(
+            f"{gguf.path}: architecture {cfg.architecture!r} is not supported; "
+            f"rz supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    family = FAMILIES[cfg.architecture]
+    return Model(cfg, load_weights(gguf, family.tensor_specs(cfg)), family)

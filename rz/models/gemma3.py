@@ -1,0 +1,123 @@
+"""Gemma 3: sliding-window layers interleaved with global ones, each with its own RoPE base.
+
+Blocks normalize before and after both attention and the GeGLU MLP, and normalize each query
+and key head (QK-norm); embeddings are scaled by sqrt(n_embd) (llama.cpp's gemma3 graph builder).
+"""
+
+import math
+from dataclasses import dataclass
+
+import jax
+
+from rz.config import ModelConfig
+from rz.kv_cache import LayerCache
+from rz.models import attention
+from rz.models.layers import Rope, apply_rope, embed as embed_rows, geglu, linear, rms_norm, softcap
+from rz.quants import QTensor
+from rz.weights import Either, attention_projections, matrix, vector
+
+# Gemma 3 27B scales queries by the model width per head rather than by head_dim.
+GEMMA3_27B_LAYERS = 62
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: jax.Array
+    wq: QTensor
+    wk: QTensor
+    wv: QTensor
+    bq: jax.Array
+    bk: jax.Array
+    bv: jax.Array
+    q_norm: jax.Array
+    k_norm: jax.Array
+    wo: QTensor
+    post_attn_norm: jax.Array
+    ffn_norm: jax.Array
+    w_gate: QTensor
+    w_up: QTensor
+    w_down: QTensor
+    post_ffn_norm: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Weights:
+    token_embd: QTensor
+    layers: tuple[LayerWeights, ...]
+    output_norm: jax.Array
+    output: QTensor  # the token embedding itself when the model ties them
+
+
+def tensor_specs(cfg: ModelConfig) -> Weights:
+    n_embd, n_ff, n_vocab = cfg.n_embd, cfg.n_ff, cfg.n_vocab
+
+    def layer(i: int) -> LayerWeights:
+        blk = f"blk.{i}"
+        return LayerWeights(
+            attn_norm=vector(f"{blk}.attn_norm.weight", n_embd),
+            **attention_projections(i, cfg),
+            q_norm=vector(f"{blk}.attn_q_norm.weight", cfg.head_dim),
+            k_norm=vector(f"{blk}.attn_k_norm.weight", cfg.head_dim),
+            wo=matrix(f"{blk}.attn_output.weight", n_embd, cfg.n_head * cfg.head_dim_v),
+            post_attn_norm=vector(f"{blk}.post_attention_norm.weight", n_embd),
+            ffn_norm=vector(f"{blk}.ffn_norm.weight", n_embd),
+            w_gate=matrix(f"{blk}.ffn_gate.weight", n_ff, n_embd),
+            w_up=matrix(f"{blk}.ffn_up.weight", n_ff, n_embd),
+            w_down=matrix(f"{blk}.ffn_down.weight", n_embd, n_ff),
+            post_ffn_norm=vector(f"{blk}.post_ffw_norm.weight", n_embd),
+        )
+
+    return Weights(
+        token_embd=matrix("token_embd.weight", n_vocab, n_embd),
+        layers=tuple(layer(i) for i in range(cfg.n_layer)),
+        output_norm=vector("output_norm.weight", n_embd),
+        output=Either((matrix("output.weight", n_vocab, n_embd), matrix("token_embd.weight", n_vocab, n_embd))),
+    )
+
+
+def embed(weights: Weights, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return embed_rows(weights.token_embd, tokens) * math.sqrt(cfg.n_embd)
+
+
+def query_scale(cfg: ModelConfig) -> float:
+    if cfg.n_layer == GEMMA3_27B_LAYERS:
+        return (cfg.n_embd / cfg.n_head) ** -0.5
+    return cfg.head_dim**-0.5
+
+
+def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+    batch, length, _ = x.shape
+    h = rms_norm(x, w.attn_norm, cfg.norm_eps)
+    queries = linear(h, w.wq, w.bq).reshape(batch, length, cfg.n_head, cfg.head_dim)
+    keys = linear(h, w.wk, w.bk).reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
+    values = linear(h, w.wv, w.bv).reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
+    queries = rms_norm(queries, w.q_norm, cfg.norm_eps)
+    keys = rms_norm(keys, w.k_norm, cfg.norm_eps)
+    rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
+    queries = apply_rope(queries, positions, rope)
+    keys = apply_rope(keys, positions, rope)
+    return queries * query_scale(cfg), keys, values, 1.0
+
+
+def block(w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+    with jax.named_scope("attention"):
+        queries, keys, values, scale = attention_inputs(w, x, positions, layer, cfg)
+        window = attention.layer_window(cfg, layer)
+        out, cache = attention.self_attention(cache, queries, keys, values, positions, window, scale)
+        x = x + rms_norm(linear(out, w.wo), w.post_attn_norm, cfg.norm_eps)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
+        mlp_out = linear(geglu(linear(h, w.w_gate), linear(h, w.w_up)), w.w_down)
+        x = x + rms_norm(mlp_out, w.post_ffn_norm, cfg.norm_eps)
+    return x, cache
+
+
+def final_norm(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return rms_norm(x, weights.output_norm, cfg.norm_eps)
+
+
+def lm_head(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    logits = linear(hidden, weights.output)
+    return softcap(logits, cfg.final_logit_softcap) if cfg.final_logit_softcap else logits

@@ -1,0 +1,149 @@
+"""The building blocks every model family shares: norms, RoPE, linear layers on quantized weights, MLPs.
+
+Each follows the ggml op llama.cpp's graph builders use for it, in f32.
+"""
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rz.config import ModelConfig
+from rz.quants import QTensor, dequantize, qmatmul_ref
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) * weight over the last axis (ggml_rms_norm then ggml_mul).
+
+    Gemma's (1 + w) needs no special case: llama.cpp's converter stores the 1 in the weight.
+    """
+    mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(mean_square + eps) * weight
+
+
+def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """(x - mean) / std * weight + bias over the last axis (ggml_norm, ggml_mul, ggml_add)."""
+    centered = x - jnp.mean(x, axis=-1, keepdims=True)
+    variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+    return centered * jax.lax.rsqrt(variance + eps) * weight + bias
+
+
+def linear(x: jax.Array, weight: QTensor, bias: jax.Array | None = None) -> jax.Array:
+    """x [..., K] @ weight[N, K].T (+ bias) -> f32 [..., N]: the one place matmuls on weights go through."""
+    y = qmatmul_ref(x, weight)
+    return y if bias is None else y + bias
+
+
+def embed(table: QTensor, tokens: jax.Array) -> jax.Array:
+    """Rows of a [n_vocab, n_embd] table -> f32 [*tokens.shape, n_embd], dequantizing only those rows.
+
+    Every array of a QTensor is laid out [*rows, ...], so gathering rows of each gathers rows of the tensor.
+    """
+    arrays = {name: array[tokens] for name, array in table.arrays.items()}
+    return dequantize(QTensor(arrays, table.ggml_type, (*tokens.shape, table.shape[-1])))
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """GELU, tanh approximation (ggml_gelu)."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return jax.nn.silu(gate) * up
+
+
+def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    return gelu(gate) * up
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(x / cap): squashes logits into (-cap, cap)."""
+    return cap * jnp.tanh(x / cap)
+
+
+# llama.cpp's llama_model_rope_type: which elements RoPE pairs up. Llama rotates consecutive pairs
+# (2i, 2i+1), because its converter permutes Q and K rows to that order; the others rotate
+# (i, i + rope_dim/2), the Hugging Face "rotate_half" order, called NeoX in ggml.
+NEOX_ROPE = {"llama": False, "qwen2": True, "phi2": True, "gemma3": True}
+
+# ggml's YaRN defaults, which none of the supported architectures overrides.
+YARN_BETA_FAST = 32.0
+YARN_BETA_SLOW = 1.0
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position embedding of one layer: which values rotate, how fast, and how scaled."""
+
+    dim: int  # the first `dim` values of each head rotate; the rest pass through (partial rotary)
+    base: float
+    freq_scale: float  # linear and YaRN scaling: positions are multiplied by it
+    neox: bool
+    yarn_context: int  # YaRN: the training context its frequency ramp is built from; 0 without YaRN
+    magnitude: float  # YaRN scales the rotated values (ggml's mscale); 1 otherwise
+
+    @classmethod
+    def for_layer(cls, cfg: ModelConfig, sliding: bool) -> "Rope":
+        """The RoPE llama.cpp applies on a layer: sliding layers have their own base and are never scaled."""
+        factor = cfg.rope_scaling_factor if cfg.rope_scaling != "none" else 1.0
+        freq_scale = 1.0 if sliding else 1.0 / factor
+        yarn = cfg.rope_scaling == "yarn"
+        magnitude = 1.0
+        if yarn:
+            # llama.cpp's yarn_attn_factor cancels ggml's 1 + 0.1 ln(1/freq_scale) for factors above 1.
+            attn_factor = cfg.rope_attn_factor * (1.0 if factor > 1 else 1.0 / (1.0 + 0.1 * math.log(factor)))
+            magnitude = attn_factor * (1.0 + 0.1 * math.log(1.0 / freq_scale))
+        return cls(
+            dim=cfg.rope_dim,
+            base=cfg.rope_base_sliding if sliding else cfg.rope_base,
+            freq_scale=freq_scale,
+            neox=NEOX_ROPE[cfg.architecture],
+            yarn_context=cfg.rope_scaling_original_context if yarn else 0,
+            magnitude=magnitude,
+        )
+
+    def inverse_frequencies(self) -> np.ndarray:
+        """base^(-2i/dim) for each rotated pair i, as float64 constants."""
+        return self.base ** (-np.arange(0, self.dim, 2, dtype=np.float64) / self.dim)
+
+    def yarn_mix(self) -> np.ndarray:
+        """YaRN's per-pair weight of the unscaled angle against the scaled one (ggml_rope_yarn_corr_dims)."""
+
+        def correction_dim(n_rotations: float) -> float:
+            return self.dim * math.log(self.yarn_context / (n_rotations * 2 * math.pi)) / (2 * math.log(self.base))
+
+        low = max(0.0, math.floor(correction_dim(YARN_BETA_FAST)))
+        high = min(self.dim - 1.0, math.ceil(correction_dim(YARN_BETA_SLOW)))
+        pair = np.arange(self.dim // 2, dtype=np.float64)
+        return 1.0 - np.clip((pair - low) / max(0.001, high - low), 0.0, 1.0)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope: Rope, freq_factors: jax.Array | None = None) -> jax.Array:
+    """Rotate x [B, T, H, D] by its absolute positions [B, T] (ggml_rope_ext).
+
+    freq_factors [rope.dim // 2], if given, divide each pair's angle (Llama 3's rope_freqs).
+    """
+    inverse_frequencies = jnp.asarray(rope.inverse_frequencies(), jnp.float32)
+    if freq_factors is not None:
+        inverse_frequencies = inverse_frequencies / freq_factors
+    unscaled = positions.astype(jnp.float32)[..., None] * inverse_frequencies
+    angles = unscaled * rope.freq_scale
+    if rope.yarn_context:
+        mix = jnp.asarray(rope.yarn_mix(), jnp.float32)
+        angles = angles * (1 - mix) + unscaled * mix
+    cos = (jnp.cos(angles) * rope.magnitude)[:, :, None, :]
+    sin = (jnp.sin(angles) * rope.magnitude)[:, :, None, :]
+    rotated, passed = x[..., : rope.dim], x[..., rope.dim :]
+    if rope.neox:
+        first, second = jnp.split(rotated, 2, axis=-1)
+    else:
+        first, second = rotated[..., 0::2], rotated[..., 1::2]
+    out_first = first * cos - second * sin
+    out_second = first * sin + second * cos
+    if rope.neox:
+        rotated = jnp.concatenate([out_first, out_second], axis=-1)
+    else:
+        rotated = jnp.stack([out_first, out_second], axis=-1).reshape(rotated.shape)
+    return jnp.concatenate([rotated, passed], axis=-1)

@@ -1,0 +1,114 @@
+"""The llama graph (SmolLM2, TinyLlama, Llama 2/3, Mistral, DeepSeek-Coder), which Qwen2 shares.
+
+Pre-norm blocks: RMSNorm, grouped-query attention with RoPE, a residual add, RMSNorm, a SwiGLU
+MLP, a residual add (llama.cpp's llama and qwen2 graph builders). Every bias is optional, as in
+llama.cpp: Qwen2 files carry q/k/v biases, Llama files none.
+"""
+
+from dataclasses import dataclass
+
+import jax
+
+from rz.config import ModelConfig
+from rz.kv_cache import LayerCache
+from rz.models import attention
+from rz.models.layers import Rope, apply_rope, embed as embed_rows, linear, rms_norm, swiglu
+from rz.quants import QTensor
+from rz.weights import Either, attention_projections, matrix, optional, vector
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LayerWeights:
+    attn_norm: jax.Array
+    wq: QTensor
+    wk: QTensor
+    wv: QTensor
+    bq: jax.Array
+    bk: jax.Array
+    bv: jax.Array
+    wo: QTensor
+    bo: jax.Array
+    rope_freq_factors: jax.Array  # Llama 3's rope_freqs, shared by all layers; ones otherwise
+    ffn_norm: jax.Array
+    w_gate: QTensor
+    w_up: QTensor
+    w_down: QTensor
+    b_gate: jax.Array
+    b_up: jax.Array
+    b_down: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Weights:
+    token_embd: QTensor
+    layers: tuple[LayerWeights, ...]
+    output_norm: jax.Array
+    output: QTensor  # the token embedding itself when the model ties them
+    output_bias: jax.Array
+
+
+def tensor_specs(cfg: ModelConfig) -> Weights:
+    n_embd, n_ff, n_vocab = cfg.n_embd, cfg.n_ff, cfg.n_vocab
+
+    def layer(i: int) -> LayerWeights:
+        blk = f"blk.{i}"
+        return LayerWeights(
+            attn_norm=vector(f"{blk}.attn_norm.weight", n_embd),
+            **attention_projections(i, cfg),
+            wo=matrix(f"{blk}.attn_output.weight", n_embd, cfg.n_head * cfg.head_dim_v),
+            bo=optional(vector(f"{blk}.attn_output.bias", n_embd), 0.0),
+            rope_freq_factors=optional(vector("rope_freqs.weight", cfg.rope_dim // 2), 1.0),
+            ffn_norm=vector(f"{blk}.ffn_norm.weight", n_embd),
+            w_gate=matrix(f"{blk}.ffn_gate.weight", n_ff, n_embd),
+            w_up=matrix(f"{blk}.ffn_up.weight", n_ff, n_embd),
+            w_down=matrix(f"{blk}.ffn_down.weight", n_embd, n_ff),
+            b_gate=optional(vector(f"{blk}.ffn_gate.bias", n_ff), 0.0),
+            b_up=optional(vector(f"{blk}.ffn_up.bias", n_ff), 0.0),
+            b_down=optional(vector(f"{blk}.ffn_down.bias", n_embd), 0.0),
+        )
+
+    return Weights(
+        token_embd=matrix("token_embd.weight", n_vocab, n_embd),
+        layers=tuple(layer(i) for i in range(cfg.n_layer)),
+        output_norm=vector("output_norm.weight", n_embd),
+        output=Either((matrix("output.weight", n_vocab, n_embd), matrix("token_embd.weight", n_vocab, n_embd))),
+        output_bias=optional(vector("output.bias", n_vocab), 0.0),
+    )
+
+
+def embed(weights: Weights, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return embed_rows(weights.token_embd, tokens)
+
+
+def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+    batch, length, _ = x.shape
+    h = rms_norm(x, w.attn_norm, cfg.norm_eps)
+    queries = linear(h, w.wq, w.bq).reshape(batch, length, cfg.n_head, cfg.head_dim)
+    keys = linear(h, w.wk, w.bk).reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
+    values = linear(h, w.wv, w.bv).reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
+    rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
+    queries = apply_rope(queries, positions, rope, w.rope_freq_factors)
+    keys = apply_rope(keys, positions, rope, w.rope_freq_factors)
+    return queries, keys, values, cfg.head_dim**-0.5
+
+
+def block(w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+    with jax.named_scope("attention"):
+        queries, keys, values, scale = attention_inputs(w, x, positions, layer, cfg)
+        window = attention.layer_window(cfg, layer)
+        out, cache = attention.self_attention(cache, queries, keys, values, positions, window, scale)
+        x = x + linear(out, w.wo, w.bo)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
+        x = x + linear(swiglu(linear(h, w.w_gate, w.b_gate), linear(h, w.w_up, w.b_up)), w.w_down, w.b_down)
+    return x, cache
+
+
+def final_norm(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return rms_norm(x, weights.output_norm, cfg.norm_eps)
+
+
+def lm_head(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return linear(hidden, weights.output, weights.output_bias)

@@ -1,0 +1,35 @@
+"""Running rz models in tests: load a GGUF, and teacher-force a token sequence through the KV cache."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rz.config import ModelConfig
+from rz.gguf import GGUFFile
+from rz.models import Model, load_model
+
+
+def load(path: Path) -> Model:
+    gguf = GGUFFile(path)
+    return load_model(gguf, ModelConfig.from_gguf(gguf))
+
+
+def rz_logits(model: Model, tokens: list[int], chunk: int | None = None, max_seq_len: int | None = None) -> np.ndarray:
+    """Logits f32 [T, n_vocab] for tokens at positions 0..T-1, fed `chunk` at a time (all at once
+    by default) through one cache; the last chunk is padded to the same shape, so one compile serves."""
+    length = len(tokens)
+    chunk = chunk or length
+    forward = jax.jit(model.forward, donate_argnums=(1,))
+    lm_head = jax.jit(model.lm_head)
+    cache = model.init_cache(1, max_seq_len or length)
+    logits = []
+    for start in range(0, length, chunk):
+        piece = tokens[start : start + chunk]
+        padding = chunk - len(piece)
+        chunk_tokens = jnp.array([list(piece) + [0] * padding], jnp.int32)
+        positions = jnp.array([list(range(start, start + len(piece))) + [-1] * padding], jnp.int32)
+        hidden, cache = forward(model.weights, cache, chunk_tokens, positions)
+        logits.append(np.asarray(lm_head(model.weights, hidden))[0, : len(piece)])
+    return np.concatenate(logits)

@@ -1,0 +1,64 @@
+"""Tiny random models of every architecture: rz's logits against llama.cpp's, and against a float64 reference."""
+
+import numpy as np
+import pytest
+
+from oracle import llama_cpp_logits, nmse
+from reference_np import ReferenceModel
+from rz_run import load, rz_logits
+from tiny_models import N_VOCAB, TINY_ARCHITECTURES, WEIGHT_TYPES, write_tiny_model
+
+# llama.cpp's own tolerance for comparing backends (test-backend-ops). Its CPU matmuls quantize
+# activations to 8 bits for quantized weights, which is most of the difference at Q8_0.
+LLAMA_CPP_NMSE = 5e-4
+# rz in f32 against a float64 evaluation of the same weights.
+REFERENCE_NMSE = 1e-9
+
+# Longer than the tiny Gemma's window (8) and the YaRN variant's original context (32).
+N_TOKENS = 64
+
+VARIANTS = {
+    "llama-linear-rope-and-rope-freqs": (
+        "llama",
+        dict(rope_scaling="linear", rope_scaling_factor=2.0, rope_freq_factors=True),
+    ),
+    # llama.cpp ignores a sliding window in the llama architecture (Mistral's), and so does rz.
+    "llama-sliding-window-metadata": ("llama", dict(sliding_window=16)),
+    "qwen2-yarn": ("qwen2", dict(rope_scaling="yarn", rope_scaling_factor=4.0, rope_scaling_original_context=32)),
+    "phi2-separate-qkv": ("phi2", dict(fused_qkv=False)),
+    "gemma3-final-softcap-linear-rope": (
+        "gemma3",
+        dict(final_logit_softcap=5.0, rope_scaling="linear", rope_scaling_factor=4.0),
+    ),
+    "gemma3-no-sliding-window": ("gemma3", dict(sliding_window=0)),
+}
+
+
+def prompt(seed: int = 0) -> list[int]:
+    return [1] + [int(t) for t in np.random.default_rng(seed).integers(3, N_VOCAB, N_TOKENS - 1)]
+
+
+@pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_logits_match_llama_cpp(tmp_path, architecture, weight_type):
+    path = write_tiny_model(tmp_path / "model.gguf", architecture, weight_type)
+    tokens = prompt()
+    error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
+    assert error <= LLAMA_CPP_NMSE, f"{architecture} {weight_type}: NMSE {error:.2e} against llama.cpp"
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_logits_match_llama_cpp(tmp_path, variant):
+    architecture, overrides = VARIANTS[variant]
+    path = write_tiny_model(tmp_path / "model.gguf", architecture, "F16", **overrides)
+    tokens = prompt()
+    error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
+    assert error <= LLAMA_CPP_NMSE, f"{variant}: NMSE {error:.2e} against llama.cpp"
+
+
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_logits_match_float64_reference(tmp_path, architecture):
+    path = write_tiny_model(tmp_path / "model.gguf", architecture, "Q8_0")
+    tokens = prompt()
+    error = nmse(rz_logits(load(path), tokens), ReferenceModel(path).logits(tokens))
+    assert error <= REFERENCE_NMSE, f"{architecture}: NMSE {error:.2e} against the float64 reference"

@@ -1,0 +1,215 @@
+"""Tiny random GGUF models of every supported architecture, readable by both rz and llama.cpp.
+
+    path = write_tiny_model(tmp_path / "m.gguf", "gemma3", weight_type="Q8_0")
+
+Each has a small SentencePiece-style vocabulary (llama.cpp will not load a model without one),
+a few layers with grouped-query attention, and weights drawn from a seeded generator, so a
+(architecture, weight_type, overrides) triple always gives the same file.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+TINY_ARCHITECTURES = ("llama", "qwen2", "phi2", "gemma3")
+WEIGHT_TYPES = ("F32", "F16", "Q8_0")
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+N_WORD_TOKENS = 45  # on top of the specials and the 256 byte tokens: 304 in all
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    """The hyperparameters written into a tiny model; defaults per architecture in DEFAULT_SHAPES."""
+
+    n_embd: int = 64
+    n_layer: int = 3
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim: int = 16
+    n_ff: int = 96
+    context_length: int = 512
+    rope_base: float = 10_000.0
+    rope_dim: int = 16
+    norm_eps: float = 1e-5
+    sliding_window: int = 0
+    sliding_window_pattern: int = 0  # gemma3: every pattern-th layer is global
+    rope_base_sliding: float = 10_000.0
+    rope_scaling: str = "none"  # "none", "linear" or "yarn"
+    rope_scaling_factor: float = 1.0
+    rope_scaling_original_context: int = 0
+    final_logit_softcap: float = 0.0
+    tie_embeddings: bool = False
+    fused_qkv: bool = False
+    rope_freq_factors: bool = False  # llama: write a Llama 3 style rope_freqs tensor
+
+
+DEFAULT_SHAPES = {
+    "llama": TinyShape(),
+    "qwen2": TinyShape(tie_embeddings=True),
+    "phi2": TinyShape(head_dim=16, rope_dim=8, fused_qkv=True),
+    # head_dim * n_head != n_embd, as in real Gemma 3 models; a window shorter than the test sequences.
+    "gemma3": TinyShape(
+        n_layer=4, head_dim=32, rope_dim=32, n_ff=128, norm_eps=1e-6, sliding_window=8,
+        sliding_window_pattern=2, rope_base=1_000_000.0, tie_embeddings=True,
+    ),
+}
+
+
+def vocabulary() -> tuple[list[str], list[float], list[int]]:
+    """Tokens, scores and token types of a minimal SentencePiece vocabulary with byte fallback."""
+    tokens = list(SPECIAL_TOKENS) + [f"<0x{byte:02X}>" for byte in range(256)]
+    tokens += [f"\u2581w{index}" for index in range(N_WORD_TOKENS)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * N_WORD_TOKENS
+    scores = [0.0] * (len(SPECIAL_TOKENS) + 256) + [-float(index) for index in range(N_WORD_TOKENS)]
+    return tokens, scores, [int(t) for t in types]
+
+
+N_VOCAB = len(vocabulary()[0])
+
+
+def write_tiny_model(
+    path: Path,
+    architecture: str,
+    weight_type: str = "F32",
+    seed: int = 0,
+    edit_tensors: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    **overrides,
+) -> Path:
+    """Write a tiny random model; overrides replace TinyShape fields. Returns path.
+
+    edit_tensors, if given, maps the tensor dict (name -> f32 values) to the one written: a way
+    to drop or misshape a tensor.
+    """
+    shape = replace(DEFAULT_SHAPES[architecture], **overrides)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    _write_metadata(writer, architecture, shape)
+    tensors = _tensors(architecture, shape, rng)
+    if edit_tensors is not None:
+        tensors = edit_tensors(tensors)
+    for name, values in tensors.items():
+        _add_tensor(writer, name, values, weight_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(path)
+
+
+def _write_metadata(writer: gguf.GGUFWriter, arch: str, s: TinyShape) -> None:
+    writer.add_name(f"tiny {arch}")
+    writer.add_uint32(f"{arch}.context_length", s.context_length)
+    writer.add_uint32(f"{arch}.embedding_length", s.n_embd)
+    writer.add_uint32(f"{arch}.block_count", s.n_layer)
+    writer.add_uint32(f"{arch}.feed_forward_length", s.n_ff)
+    writer.add_uint32(f"{arch}.attention.head_count", s.n_head)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", s.n_head_kv)
+    writer.add_uint32(f"{arch}.attention.key_length", s.head_dim)
+    writer.add_uint32(f"{arch}.attention.value_length", s.head_dim)
+    writer.add_uint32(f"{arch}.rope.dimension_count", s.rope_dim)
+    writer.add_float32(f"{arch}.rope.freq_base", s.rope_base)
+    if arch == "phi2":
+        writer.add_float32(f"{arch}.attention.layer_norm_epsilon", s.norm_eps)
+    else:
+        writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", s.norm_eps)
+    if s.sliding_window:
+        writer.add_uint32(f"{arch}.attention.sliding_window", s.sliding_window)
+        writer.add_float32(f"{arch}.rope.freq_base_swa", s.rope_base_sliding)
+    if s.sliding_window_pattern:
+        writer.add_uint32(f"{arch}.attention.sliding_window_pattern", s.sliding_window_pattern)
+    if s.rope_scaling != "none":
+        writer.add_string(f"{arch}.rope.scaling.type", s.rope_scaling)
+        writer.add_float32(f"{arch}.rope.scaling.factor", s.rope_scaling_factor)
+    if s.rope_scaling_original_context:
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", s.rope_scaling_original_context)
+    if s.final_logit_softcap:
+        writer.add_float32(f"{arch}.final_logit_softcapping", s.final_logit_softcap)
+    tokens, scores, types = vocabulary()
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+
+
+def _tensors(arch: str, s: TinyShape, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Every tensor of the model, in NumPy order ([n_out, n_in] for matrices), f32."""
+
+    def matrix(n_out: int, n_in: int) -> np.ndarray:
+        return (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    def bias(n: int) -> np.ndarray:
+        return (0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    q_size, kv_size = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
+    tensors = {"token_embd.weight": rng.standard_normal((N_VOCAB, s.n_embd), dtype=np.float32)}
+    for i in range(s.n_layer):
+        blk = f"blk.{i}"
+        tensors[f"{blk}.attn_norm.weight"] = norm(s.n_embd)
+        if arch == "phi2":
+            tensors[f"{blk}.attn_norm.bias"] = bias(s.n_embd)
+        if s.fused_qkv:
+            tensors[f"{blk}.attn_qkv.weight"] = matrix(q_size + 2 * kv_size, s.n_embd)
+        else:
+            tensors[f"{blk}.attn_q.weight"] = matrix(q_size, s.n_embd)
+            tensors[f"{blk}.attn_k.weight"] = matrix(kv_size, s.n_embd)
+            tensors[f"{blk}.attn_v.weight"] = matrix(kv_size, s.n_embd)
+        if arch in ("qwen2", "phi2"):
+            if s.fused_qkv:
+                tensors[f"{blk}.attn_qkv.bias"] = bias(q_size + 2 * kv_size)
+            else:
+                tensors[f"{blk}.attn_q.bias"] = bias(q_size)
+                tensors[f"{blk}.attn_k.bias"] = bias(kv_size)
+                tensors[f"{blk}.attn_v.bias"] = bias(kv_size)
+        if arch == "gemma3":
+            tensors[f"{blk}.attn_q_norm.weight"] = norm(s.head_dim)
+            tensors[f"{blk}.attn_k_norm.weight"] = norm(s.head_dim)
+        tensors[f"{blk}.attn_output.weight"] = matrix(s.n_embd, q_size)
+        if arch == "phi2":
+            tensors[f"{blk}.attn_output.bias"] = bias(s.n_embd)
+            tensors[f"{blk}.ffn_up.weight"] = matrix(s.n_ff, s.n_embd)
+            tensors[f"{blk}.ffn_up.bias"] = bias(s.n_ff)
+            tensors[f"{blk}.ffn_down.weight"] = matrix(s.n_embd, s.n_ff)
+            tensors[f"{blk}.ffn_down.bias"] = bias(s.n_embd)
+            continue
+        if arch == "gemma3":
+            tensors[f"{blk}.post_attention_norm.weight"] = norm(s.n_embd)
+            tensors[f"{blk}.post_ffw_norm.weight"] = norm(s.n_embd)
+        tensors[f"{blk}.ffn_norm.weight"] = norm(s.n_embd)
+        tensors[f"{blk}.ffn_gate.weight"] = matrix(s.n_ff, s.n_embd)
+        tensors[f"{blk}.ffn_up.weight"] = matrix(s.n_ff, s.n_embd)
+        tensors[f"{blk}.ffn_down.weight"] = matrix(s.n_embd, s.n_ff)
+    if s.rope_freq_factors:
+        tensors["rope_freqs.weight"] = np.linspace(1.0, 8.0, s.rope_dim // 2, dtype=np.float32)
+    tensors["output_norm.weight"] = norm(s.n_embd)
+    if arch == "phi2":
+        tensors["output_norm.bias"] = bias(s.n_embd)
+    if not s.tie_embeddings:
+        tensors["output.weight"] = matrix(N_VOCAB, s.n_embd)
+    if arch in ("qwen2", "phi2"):
+        tensors["output.bias"] = bias(N_VOCAB)
+    return tensors
+
+
+def _add_tensor(writer: gguf.GGUFWriter, name: str, values: np.ndarray, weight_type: str) -> None:
+    """Matrices in weight_type; vectors (norms, biases, rope factors) in F32, as llama.cpp's converter writes them."""
+    if values.ndim == 1 or weight_type == "F32":
+        writer.add_tensor(name, values)
+    elif weight_type == "F16":
+        writer.add_tensor(name, values.astype(np.float16))
+    else:
+        qtype = gguf.GGMLQuantizationType[weight_type]
+        writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+

@@ -1,0 +1,147 @@
+"""rz.LLM end to end on a real model: the API contract, errors, batching, seeds, streaming."""
+
+import numpy as np
+import pytest
+
+import rz
+from rz.errors import ContextOverflowError, RequestError
+from rz.model_files import smollm2_135m_path
+
+N_CTX = 256
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return rz.LLM(smollm2_135m_path(), n_ctx=N_CTX, max_batch=4)
+
+
+def test_generate_returns_a_completion(llm):
+    out = llm.generate("The capital of France is", max_tokens=8, temperature=0.0)
+    assert isinstance(out, rz.Completion)
+    assert len(out.token_ids) == out.usage["completion_tokens"] <= 8
+    assert out.usage["prompt_tokens"] == len(llm.tokenize("The capital of France is"))
+    assert out.finish_reason in ("stop", "length")
+    assert out.text == llm.detokenize([t for t in out.token_ids if t not in llm.tokenizer.eog_ids])
+    assert out.timings["decode_seconds"] >= 0 and out.timings["time_to_first_token_seconds"] > 0
+
+
+def test_greedy_tokens_are_the_argmax_of_scoring_the_same_sequence(llm):
+    """Prefill + step-by-step decode chooses what one teacher-forced pass says is most likely."""
+    prompt = llm.tokenize("In a hole in the ground there lived")
+    out = llm.generate(prompt, max_tokens=12, temperature=0.0, ignore_eos=True)
+    logits = llm.score(prompt + out.token_ids)
+    predicted = logits[len(prompt) - 1 : -1].argmax(axis=-1)
+    assert list(predicted) == out.token_ids
+
+
+def test_score_shape(llm):
+    ids = llm.tokenize("one two three four")
+    logits = llm.score(ids)
+    assert logits.shape == (len(ids), llm.config.n_vocab) and logits.dtype == np.float32
+
+
+def test_a_batch_gives_each_prompt_what_it_gets_alone(llm):
+    prompts = ["Hello, my name is", "1, 2, 3, 4,", "The weather today", "def fibonacci(n):"]
+    alone = [llm.generate(p, max_tokens=10, temperature=0.0, ignore_eos=True).token_ids for p in prompts]
+    together = llm.generate(prompts, max_tokens=10, temperature=0.0, ignore_eos=True)
+    assert [c.token_ids for c in together] == alone
+
+
+def test_more_prompts_than_slots_are_all_served(llm):
+    prompts = [f"Count to {n}:" for n in range(6)]
+    outs = llm.generate(prompts, max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert [len(o.token_ids) for o in outs] == [4] * 6
+
+
+def test_same_seed_same_text_and_different_seeds_differ(llm):
+    options = dict(max_tokens=16, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, ignore_eos=True)
+    first = llm.generate("Once upon a time", seed=7, **options)
+    again = llm.generate("Once upon a time", seed=7, **options)
+    assert first.token_ids == again.token_ids
+    others = {tuple(llm.generate("Once upon a time", seed=s, **options).token_ids) for s in range(4)}
+    assert len(others) > 1
+
+
+def test_stream_concatenates_to_generate(llm):
+    options = dict(max_tokens=20, temperature=0.0)
+    pieces = list(llm.stream("Write a haiku about the sea:", **options))
+    assert "".join(pieces) == llm.generate("Write a haiku about the sea:", **options).text
+
+
+def test_stop_string_is_never_emitted(llm):
+    full = llm.generate("1, 2, 3, 4, 5,", max_tokens=20, temperature=0.0, ignore_eos=True).text
+    assert " 7" in full
+    out = llm.generate("1, 2, 3, 4, 5,", max_tokens=20, temperature=0.0, stop=[" 7"])
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(" 7")]
+    streamed = "".join(llm.stream("1, 2, 3, 4, 5,", max_tokens=20, temperature=0.0, stop=[" 7"]))
+    assert streamed == out.text
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    greedy = llm.generate("1, 2, 3,", max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert greedy.finish_reason == "length" and len(greedy.token_ids) == 6
+    stopped = llm.generate("1, 2, 3,", max_tokens=6, temperature=0.0, stop_token_ids=[greedy.token_ids[2]])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == greedy.token_ids[:3]
+
+
+def test_logprobs(llm):
+    out = llm.generate("The capital of France is", max_tokens=3, temperature=0.0, logprobs=3)
+    assert len(out.logprobs) == len(out.token_ids)
+    for entry, token in zip(out.logprobs, out.token_ids):
+        assert entry["token"] == token and entry["logprob"] <= 0
+        assert len(entry["top"]) == 3 and entry["top"][0][0] == token  # greedy picks the most likely
+
+
+def test_chat_uses_the_template(llm):
+    ids = llm.chat_prompt_ids([{"role": "user", "content": "Hi"}])
+    (im_start,) = llm.tokenize("<|im_start|>", special=True)
+    assert ids.count(im_start) == 3  # system (from the template's default), user, assistant
+    # Control tokens render as nothing, as in llama.cpp's detokenizer.
+    assert llm.detokenize(ids).endswith("user\nHi\nassistant\n")
+    out = llm.chat([{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0.0)
+    assert out.usage["completion_tokens"] >= 1
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"min_p": -0.1}, "min_p"),
+        ({"top_k": -3}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+def test_bad_sampling_values_are_rejected(llm, options, message):
+    options = {"max_tokens": 4} | options
+    with pytest.raises(RequestError, match=message):
+        llm.generate("Hello", **options)
+
+
+def test_empty_prompt_is_rejected(llm):
+    for empty in ("", []):
+        with pytest.raises(RequestError, match="empty"):
+            llm.generate(empty, max_tokens=4)
+
+
+def test_prompt_over_the_context_is_rejected_before_compute(llm):
+    long_prompt = [llm.tokenize("word")[0]] * (N_CTX - 3)
+    with pytest.raises(ContextOverflowError, match="context size 256"):
+        llm.generate(long_prompt, max_tokens=10)
+    with pytest.raises(ContextOverflowError):
+        llm.generate("hello", max_tokens=N_CTX)
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected(llm):
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate([1, 2, llm.config.n_vocab + 5], max_tokens=2)
+
+
+def test_a_session_does_not_recompile_after_warm_up(llm):
+    llm.generate(["a b c", "d e f g h"], max_tokens=4, temperature=0.0)
+    seen = llm.compiled_variants()
+    llm.generate(["x y", "the quick brown fox"], max_tokens=6, temperature=0.0)
+    assert llm.compiled_variants() == seen

@@ -1,0 +1,66 @@
+"""Greedy continuations of both real models against llama.cpp's, token for token.
+
+llama.cpp against itself (one batch versus one token at a time) keeps 6-8 of 12 continuations
+identical with a 62-78% mean matching prefix: float rounding moves near-ties. rz must land in
+that noise: at least half identical and a mean matching prefix of at least 60%.
+"""
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import rz
+from rz.model_files import gemma3_270m_path, smollm2_135m_path
+
+N_TOKENS = 48
+N_CTX = 512
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def quicksort(arr):\n",
+    "The three laws of thermodynamics are",
+    "Q: What is the boiling point of water?\nA:",
+    "Photosynthesis is the process by which",
+    "In 1969, the first humans",
+    "import numpy as np\n\n# compute the mean of a list\n",
+    "The best way to learn a new language is",
+    "Dear hiring manager,\n\nI am writing to apply for",
+    "1, 1, 2, 3, 5, 8, 13,",
+    "The mitochondria is",
+]
+MODELS = {"gemma3": gemma3_270m_path, "smollm2": smollm2_135m_path}
+
+
+def llama_cpp_greedy(model: llama_cpp.Llama, prompt_ids: list[int], n_tokens: int) -> list[int]:
+    """llama.cpp's greedy continuation: argmax of its logits, one token at a time, EOS ignored."""
+    model.reset()
+    model.eval(prompt_ids)
+    tokens = []
+    for _ in range(n_tokens):
+        token = int(np.argmax(model.scores[model.n_tokens - 1]))
+        tokens.append(token)
+        model.eval([token])
+    return tokens
+
+
+def matching_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_greedy_continuations_match_llama_cpp(name):
+    path = str(MODELS[name]())
+    oracle = llama_cpp.Llama(model_path=path, n_ctx=N_CTX, n_threads=2, logits_all=True, verbose=False)
+    llm = rz.LLM(path, n_ctx=N_CTX)
+    prompts = [oracle.tokenize(p.encode(), add_bos=True, special=False) for p in PROMPTS]
+    expected = [llama_cpp_greedy(oracle, ids, N_TOKENS) for ids in prompts]
+    got = [c.token_ids for c in llm.generate(prompts, max_tokens=N_TOKENS, temperature=0.0, ignore_eos=True)]
+    identical = sum(g == e for g, e in zip(got, expected))
+    prefix = np.mean([matching_prefix(g, e) / N_TOKENS for g, e in zip(got, expected)])
+    print(f"{name}: {identical}/{len(PROMPTS)} identical, mean matching prefix {prefix:.0%}")
+    assert identical >= len(PROMPTS) / 2
+    assert prefix >= 0.60
