@@ -5,6 +5,7 @@ import json
 import sys
 
 from rz.errors import RzError
+from rz.server.cli import add_commands as add_server_commands
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_arguments(chat)
     chat.add_argument("--system", help="a system message")
     chat.set_defaults(run=cmd_chat)
+
+    add_server_commands(commands)
     return parser
 
 

@@ -1,0 +1,147 @@
+"""The `serve` and `client` commands of python -m rz; gRPC is imported only when one of them runs."""
+
+import argparse
+import json
+import sys
+
+
+def add_commands(commands) -> None:
+    """Add `serve` and `client` to python -m rz's subcommands."""
+    serve = commands.add_parser("serve", help="serve a model over gRPC, with health, reflection and Prometheus metrics")
+    serve.add_argument("--model", metavar="PATH", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
+    serve.add_argument("--n-ctx", type=int, default=None, help="context size per slot (default: min(4096, the model's))")
+    serve.add_argument("--max-batch", type=_at_least(1), default=8, help="decode slots: requests generating at once (default: 8)")
+    serve.add_argument("--max-queue", type=_at_least(0), default=64, help="requests that may wait for a slot (default: 64)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (default: 50051)")
+    serve.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus port; 0 picks a free one, -1 turns metrics off (default: 9090)"
+    )
+    serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (default: 10)")
+    serve.add_argument("--max-request-bytes", type=_at_least(1), default=1 << 20, help="largest request accepted (default: 1 MiB)")
+    serve.set_defaults(run=run_serve)
+
+    client = commands.add_parser("client", help="talk to a running rz server")
+    client.add_argument("--target", default="127.0.0.1:50051", help="server address (default: 127.0.0.1:50051)")
+    client.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    calls = client.add_subparsers(dest="call", required=True)
+    generate = calls.add_parser("generate", help="continue a prompt, streaming the text")
+    generate.add_argument("prompt")
+    chat = calls.add_parser("chat", help="an interactive chat using the model's chat template")
+    chat.add_argument("--system", help="a system message")
+    for parser in (generate, chat):
+        parser.add_argument("--max-tokens", type=int, default=None)
+        parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the server's, 0.8)")
+        parser.add_argument("--top-k", type=int, default=None)
+        parser.add_argument("--top-p", type=float, default=None)
+        parser.add_argument("--min-p", type=float, default=None)
+        parser.add_argument("--repeat-penalty", type=float, default=None)
+        parser.add_argument("--seed", type=int, default=None)
+        parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+        parser.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    tokenize = calls.add_parser("tokenize", help="print the token ids of a text")
+    tokenize.add_argument("text")
+    detokenize = calls.add_parser("detokenize", help="print the text of token ids")
+    detokenize.add_argument("ids", type=int, nargs="+")
+    calls.add_parser("info", help="what the server runs, as JSON")
+    calls.add_parser("health", help="the server's health status")
+    client.set_defaults(run=run_client)
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def run_serve(args) -> int:
+    import logging
+
+    from rz.model_files import default_model_path
+    from rz.server.server import ServerConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="rz serve: %(message)s", stream=sys.stderr)
+    return serve(ServerConfig(
+        model=args.model or default_model_path(),
+        n_ctx=args.n_ctx,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        grace_seconds=args.grace,
+        max_request_bytes=args.max_request_bytes,
+    ))
+
+
+def run_client(args) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from rz.client import Client
+
+    with Client(args.target, timeout=args.timeout) as client:
+        try:
+            if args.call == "generate":
+                return _generate(client, args)
+            if args.call == "chat":
+                return _chat(client, args)
+            if args.call == "tokenize":
+                print(" ".join(map(str, client.tokenize(args.text))))
+            elif args.call == "detokenize":
+                print(client.detokenize(args.ids))
+            elif args.call == "info":
+                print(json.dumps(MessageToDict(client.model_info(), preserving_proto_field_name=True), indent=2))
+            else:
+                print(client.health())
+        except grpc.RpcError as error:
+            print(f"rz: error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _options(args) -> dict:
+    return {
+        "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty, "seed": args.seed, "stop": args.stop, "ignore_eos": args.ignore_eos,
+    }
+
+
+def _generate(client, args) -> int:
+    if args.json:
+        out = client.generate(args.prompt, args.max_tokens, **_options(args))
+        print(json.dumps({
+            "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+            "usage": out.usage, "timings": out.timings,
+        }))
+        return 0
+    for chunk in client.stream(args.prompt, args.max_tokens, **_options(args)):
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _chat(client, args) -> int:
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat with the model; an empty line or Ctrl-D ends the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line})
+        pieces = []
+        for chunk in client.chat_stream(messages, args.max_tokens, **_options(args)):
+            pieces.append(chunk.text)
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces)})

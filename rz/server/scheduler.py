@@ -1,0 +1,256 @@
+"""The engine loop: one thread owns the engine and the device; other threads only submit and read.
+
+A request waits in a bounded queue until a slot is free, is prefilled into it between two
+decode steps, and leaves when it finishes or is cancelled, freeing its slot before the next
+step. A failure is delivered to the request it belongs to; the loop and the other requests go on.
+"""
+
+import collections
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from rz.engine import Engine, Generation, GenerationRequest, StepEvent
+from rz.errors import RequestError, RzError
+from rz.sampling import SamplingParams
+
+log = logging.getLogger("rz.server")
+
+# Why a request was cancelled before it finished.
+CLIENT_CANCELLED = "cancelled"  # the client cancelled or went away
+DEADLINE_EXCEEDED = "deadline_exceeded"  # the call's deadline passed
+SHUTDOWN = "shutdown"  # the server is stopping and the grace period is over
+
+
+class OverCapacityError(RzError):
+    """Every slot is busy and the queue is full: retry later, or start the server with a larger --max-queue."""
+
+
+class ShuttingDownError(RzError):
+    """The server is shutting down and takes no more requests."""
+
+
+class EngineFailure(RzError):
+    """The engine failed while serving a request; not the request's fault."""
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The last item of a ticket whose caller is gone: nobody reads further."""
+
+    reason: str
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One request's way through the loop; its caller reads `events` until a final item.
+
+    An item is a StepEvent (final when it has a finish_reason), an RzError (final), or Cancelled (final).
+    """
+
+    request: GenerationRequest
+    queued_at: float
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    sequence: Generation | None = None  # set once admitted into a slot
+    cancel_reason: str | None = None
+    done: bool = False  # a final item has been delivered
+
+
+class EngineLoop:
+    """Continuous batching over an Engine's slots, run by one thread."""
+
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._changed = threading.Condition()
+        self._live: set[Ticket] = set()  # submitted, not yet given a final item
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._running: dict[int, Ticket] = {}  # by slot
+        self._accepting = True
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="rz-engine-loop", daemon=True)
+
+    # ----- called from any thread -----
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> Ticket:
+        """Queue a validated request, or refuse it at once when the queue is full."""
+        with self._changed:
+            if not self._accepting:
+                raise ShuttingDownError("the server is shutting down; send the request to another server")
+            if len(self._live) >= self.engine.n_slots + self.max_queue:
+                raise OverCapacityError(
+                    f"the server is full: {self.engine.n_slots} requests generating and {self.max_queue} queued; "
+                    "retry later"
+                )
+            ticket = Ticket(request, queued_at=time.perf_counter())
+            self._live.add(ticket)
+            self._waiting.append(ticket)
+            self._changed.notify_all()
+        return ticket
+
+    def cancel(self, ticket: Ticket, reason: str) -> None:
+        """Cancel a ticket: a queued one leaves the queue now, a running one frees its slot before the next step."""
+        with self._changed:
+            if ticket.done or ticket.cancel_reason is not None:
+                return
+            ticket.cancel_reason = reason
+            queued = ticket in self._waiting
+            if queued:
+                self._waiting.remove(ticket)
+            self._changed.notify_all()
+        if reason != SHUTDOWN:
+            ticket.events.put(Cancelled(reason))  # wake the caller now; a slot is freed by the loop
+        if queued:
+            self._finish(ticket, _cancelled_item(ticket, None))
+
+    def stop_accepting(self) -> None:
+        with self._changed:
+            self._accepting = False
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every request has finished; False if some still run after timeout seconds."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._live, timeout)
+
+    def cancel_all(self) -> None:
+        """End every request: a queued one with ShuttingDownError, a running one with finish reason "cancelled"."""
+        with self._changed:
+            live = list(self._live)
+        for ticket in live:
+            self.cancel(ticket, SHUTDOWN)
+
+    def load(self) -> tuple[int, int, float]:
+        """(requests generating, requests queued, fraction of the KV cache's positions they hold) now."""
+        with self._changed:
+            running = list(self._running.values())
+            queued = len(self._waiting)
+        used = sum(len(t.request.prompt_ids) + len(t.sequence.output_ids) for t in running)
+        return len(running), queued, used / (self.engine.n_slots * self.engine.n_ctx)
+
+    def stop(self) -> None:
+        """Stop the loop thread and wait for it."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # ----- the loop thread -----
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting and not self._running and not self._stopped:
+                    self._changed.wait()
+                if self._stopped:
+                    return
+            self._free_cancelled()  # cancelled during the last step: their slots go to waiting requests now
+            while (ticket := self._next_waiting()) is not None:
+                self._admit(ticket)
+            self._free_cancelled()  # cancelled during those prefills
+            if self._running:
+                self._step()
+
+    def _next_waiting(self) -> Ticket | None:
+        with self._changed:
+            return self._waiting.popleft() if self._waiting and self.engine.free_slots() else None
+
+    def _admit(self, ticket: Ticket) -> None:
+        if ticket.cancel_reason is not None:  # cancelled on its way out of the queue
+            self._finish(ticket, _cancelled_item(ticket, None))
+            return
+        try:
+            event = self.engine.admit(ticket.request, queued_at=ticket.queued_at)
+        except RequestError as error:
+            self._free_orphan(ticket)
+            self._finish(ticket, error)
+            return
+        except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
+            log.exception("prefill failed")
+            self._free_orphan(ticket)
+            self._finish(ticket, EngineFailure(f"prefill failed: {error}"))
+            return
+        ticket.sequence = event.sequence
+        if event.finish_reason is not None:
+            self._finish(ticket, event)
+            return
+        with self._changed:
+            self._running[event.sequence.slot] = ticket
+        ticket.events.put(event)
+
+    def _free_orphan(self, ticket: Ticket) -> None:
+        """Free a slot that a failed admission left occupied."""
+        for sequence in self.engine.active():
+            if sequence.request is ticket.request:
+                self.engine.cancel(sequence, "error")
+
+    def _free_cancelled(self) -> None:
+        for slot, ticket in list(self._running.items()):
+            if ticket.cancel_reason is None:
+                continue
+            self.engine.cancel(ticket.sequence, "cancelled")
+            with self._changed:
+                del self._running[slot]
+            self._finish(ticket, _cancelled_item(ticket, ticket.sequence))
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+        except Exception as error:  # noqa: BLE001 - fail the requests of this step, keep serving
+            log.exception("a decode step failed; failing the %d requests in it", len(self._running))
+            with self._changed:
+                failed = list(self._running.values())
+                self._running.clear()
+            for ticket in failed:
+                self.engine.cancel(ticket.sequence, "error")
+                self._finish(ticket, EngineFailure(f"decode step failed: {error}"))
+            return
+        for event in events:
+            ticket = self._running[event.sequence.slot]
+            if event.finish_reason is None:
+                ticket.events.put(event)
+                continue
+            with self._changed:
+                del self._running[event.sequence.slot]
+            self._finish(ticket, event)
+
+    def _finish(self, ticket: Ticket, item) -> None:
+        """Deliver a ticket's final item; None when its caller is gone and was told already."""
+        with self._changed:
+            ticket.done = True
+            self._live.discard(ticket)
+            self._changed.notify_all()
+        if item is not None:
+            ticket.events.put(item)
+
+
+
+def _cancelled_item(ticket: Ticket, sequence: Generation | None):
+    """The final item of a cancelled ticket: only a shutdown has a caller still listening."""
+    if ticket.cancel_reason != SHUTDOWN:
+        return None
+    if sequence is None:
+        return ShuttingDownError("the server shut down before the request got a slot")
+    return StepEvent(sequence, None, "", "cancelled")
+
+
+def warm_up(engine: Engine) -> None:
+    """Compile every step before serving, so that no request waits for a compilation: each prefill
+    bucket, and the first-token and decode steps with and without top log-probabilities."""
+    greedy = SamplingParams(temperature=0.0)
+    requests = [
+        GenerationRequest(prompt_ids=(0,) * max(1, min(bucket, engine.n_ctx - 2)), max_tokens=2, params=greedy, ignore_eos=True)
+        for bucket in engine.buckets.prefill
+    ]
+    requests.append(
+        GenerationRequest(prompt_ids=(0,), max_tokens=2, params=SamplingParams(temperature=0.0, n_logprobs=1), ignore_eos=True)
+    )
+    for request in requests:
+        event = engine.admit(request)
+        while event.finish_reason is None:
+            (event,) = engine.step()

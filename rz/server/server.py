@@ -1,0 +1,178 @@
+"""The serving process: gRPC (inference, health, reflection) and metrics up first, then the model.
+
+Health is NOT_SERVING while the model loads and every step compiles, SERVING once warm. On
+SIGTERM the server stops accepting, lets in-flight requests finish within the grace period,
+cancels what is left (each gets a last message, finish reason cancelled) and exits 0.
+"""
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rz.server.metrics import Metrics
+from rz.server.service import SERVICE_NAME, InferenceService
+from rz.server.v1 import inference_pb2 as pb
+from rz.server.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("rz.server")
+
+# gRPC itself refuses messages over this many times --max-request-bytes (RESOURCE_EXHAUSTED);
+# between the two, rz answers INVALID_ARGUMENT with the sizes.
+_TRANSPORT_LIMIT_FACTOR = 4
+# Worker threads beyond one per admissible stream: unary calls, health watches, refusals.
+_SPARE_WORKERS = 16
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What `python -m rz serve` was asked for (its options document each field and hold the defaults)."""
+
+    model: Path
+    n_ctx: int | None  # None: rz.LLM's default
+    max_batch: int
+    max_queue: int
+    host: str
+    port: int  # 0: any free port
+    metrics_port: int  # 0: any free port; -1: no metrics endpoint
+    grace_seconds: float
+    max_request_bytes: int
+
+
+class Server:
+    """One model served over gRPC, with health, reflection and Prometheus metrics."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.metrics = Metrics()
+        self.service = InferenceService(self.metrics, config.max_request_bytes)
+        self.health = health.HealthServicer()
+        self._grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.max_batch + config.max_queue + _SPARE_WORKERS),
+            options=[("grpc.max_receive_message_length", _TRANSPORT_LIMIT_FACTOR * config.max_request_bytes)],
+        )
+        pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._grpc,
+        )
+        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        self.metrics_port = None
+        self._metrics_http = None
+        self._loop = None
+
+    def start(self) -> None:
+        """Listen, reporting NOT_SERVING until load() is done."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._grpc.start()
+        if self.config.metrics_port >= 0:
+            self._metrics_http = self.metrics.serve(self.config.metrics_port, self.config.host)
+            self.metrics_port = self._metrics_http.server_port
+
+    def load(self) -> None:
+        """Load the model, compile every step, start the engine loop, and report SERVING."""
+        from rz.engine import Engine
+        from rz.llm import LLM
+        from rz.server.scheduler import EngineLoop, warm_up
+
+        llm = LLM(self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch)
+        log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
+        engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch)
+        warm_up(engine)
+        log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
+        self.metrics.slots.set(engine.n_slots)
+        self.metrics.watch_compilations(engine.compilations)
+        self._loop = EngineLoop(engine, self.config.max_queue)
+        self.metrics.watch_load(self._loop.load)
+        self._loop.start()
+        self.service.attach(llm, self._loop, _model_info(llm, self.config))
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def shutdown(self) -> None:
+        """Stop accepting; give in-flight requests the grace period, cancel the rest, stop."""
+        grace = self.config.grace_seconds
+        self.health.enter_graceful_shutdown()
+        if self._loop is not None:
+            self._loop.stop_accepting()
+        stopped = self._grpc.stop(grace)  # new calls are refused from now; running ones are cut at `grace`
+        if self._loop is not None:
+            margin = min(1.0, grace / 2)  # for the last messages of cancelled requests to go out
+            if not self._loop.drain(grace - margin):
+                log.info("grace period over: cancelling the requests still running")
+                self._loop.cancel_all()
+                self._loop.drain(margin)
+            self._loop.stop()
+        stopped.wait()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+
+    def _set_health(self, status) -> None:
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, status)
+
+
+def _model_info(llm, config: ServerConfig) -> pb.ModelInfoResponse:
+    import jax
+
+    from rz.model_info import model_info
+
+    summary = model_info(llm.gguf)
+    device = jax.devices()[0]
+    return pb.ModelInfoResponse(
+        name=llm.config.name,
+        architecture=llm.config.architecture,
+        context_size=llm.n_ctx,
+        trained_context_size=llm.config.context_length,
+        vocab_size=llm.config.n_vocab,
+        parameters=summary["parameters"],
+        quantization=[
+            pb.QuantizationType(type=name, tensors=entry["tensors"], bytes=entry["bytes"])
+            for name, entry in summary["quantization"].items()
+        ],
+        kernels=_kernel_paths(),
+        max_batch=config.max_batch,
+        max_queue=config.max_queue,
+        backend=f"{device.platform} ({device.device_kind})",
+        has_chat_template=llm.config.chat_template is not None,
+        end_of_generation_ids=sorted(llm.tokenizer.eog_ids),
+    )
+
+
+def _kernel_paths() -> dict[str, str]:
+    from rz.models import attention, layers
+
+    # The functions the model's matmuls and attention go through; one path each today.
+    return {
+        "matmul": f"{layers.qmatmul_ref.__module__}.{layers.qmatmul_ref.__name__}",
+        "attention": f"{attention.attend.__module__}.{attention.attend.__name__}",
+    }
+
+
+def serve(config: ServerConfig) -> int:
+    """Run a server until SIGTERM or SIGINT; returns the exit status."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server = Server(config)
+    server.start()
+    metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
+    log.info("listening on %s:%d%s; loading %s", config.host, server.port, metrics, config.model)
+    try:
+        server.load()
+    except BaseException:
+        server.shutdown()
+        raise
+    if not stop.is_set():
+        log.info("serving")
+    stop.wait()
+    log.info("shutting down (grace period %g s)", config.grace_seconds)
+    server.shutdown()
+    log.info("stopped")
+    return 0

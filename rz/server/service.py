@@ -1,0 +1,226 @@
+"""The gRPC adapter: protobuf requests to the engine's types, engine events to streamed messages,
+rz's errors to status codes. It queues and streams; the engine loop does the work."""
+
+import logging
+
+import grpc
+
+from rz.engine import GenerationRequest, StepEvent
+from rz.errors import RequestError, RzError, TokenizerError
+from rz.sampling import SamplingParams
+from rz.server.metrics import Metrics
+from rz.server.scheduler import (
+    CLIENT_CANCELLED,
+    DEADLINE_EXCEEDED,
+    Cancelled,
+    EngineFailure,
+    EngineLoop,
+    OverCapacityError,
+    ShuttingDownError,
+    Ticket,
+)
+from rz.server.v1 import inference_pb2 as pb
+from rz.server.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger("rz.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+_SAMPLING_OPTIONS = (
+    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+    "frequency_penalty", "penalty_last_n", "seed",
+)
+_FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "cancelled": pb.FINISH_REASON_CANCELLED,
+    "error": pb.FINISH_REASON_ERROR,
+}
+_CANCEL_STATUS = {CLIENT_CANCELLED: grpc.StatusCode.CANCELLED, DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class NotReadyError(RzError):
+    """The server is still loading or compiling the model."""
+
+
+class InferenceService(pb_grpc.InferenceServiceServicer):
+    """rz.v1.InferenceService over an LLM (host-side text work) and an EngineLoop (generation)."""
+
+    def __init__(self, metrics: Metrics, max_request_bytes: int):
+        self._metrics = metrics
+        self._max_request_bytes = max_request_bytes
+        self._llm = None
+        self._loop: EngineLoop | None = None
+        self._info: pb.ModelInfoResponse | None = None
+
+    def attach(self, llm, loop: EngineLoop, info: pb.ModelInfoResponse) -> None:
+        """Start answering: until then every call gets UNAVAILABLE."""
+        self._llm, self._info, self._loop = llm, info, loop
+
+    # ----- the RPCs -----
+
+    def Generate(self, request: pb.GenerateRequest, context):
+        return self._generate("Generate", request, context, self._prompt_ids)
+
+    def Chat(self, request: pb.ChatRequest, context):
+        return self._generate("Chat", request, context, self._chat_prompt_ids)
+
+    def Tokenize(self, request: pb.TokenizeRequest, context):
+        def tokenize():
+            add_bos = request.add_bos if request.HasField("add_bos") else None
+            return pb.TokenizeResponse(token_ids=self._llm.tokenize(request.text, add_bos=add_bos, special=request.special))
+
+        return self._unary("Tokenize", request, context, tokenize)
+
+    def Detokenize(self, request: pb.DetokenizeRequest, context):
+        def detokenize():
+            self._check_vocabulary(request.token_ids)
+            return pb.DetokenizeResponse(text=self._llm.detokenize(list(request.token_ids)))
+
+        return self._unary("Detokenize", request, context, detokenize)
+
+    def ModelInfo(self, request: pb.ModelInfoRequest, context):
+        return self._unary("ModelInfo", request, context, lambda: self._info)
+
+    # ----- requests in -----
+
+    def _check(self, request) -> None:
+        if self._loop is None:
+            raise NotReadyError("the server is loading and compiling the model; retry when its health is SERVING")
+        size = request.ByteSize()
+        if size > self._max_request_bytes:
+            raise RequestError(
+                f"the request is {size} bytes, over the server's limit of {self._max_request_bytes} bytes "
+                "(--max-request-bytes)"
+            )
+
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        if request.prompt and request.prompt_ids:
+            raise RequestError("give the prompt as text (prompt) or as token ids (prompt_ids), not both")
+        if request.prompt_ids:
+            return list(request.prompt_ids)
+        if not request.prompt:
+            raise RequestError("the prompt is empty: give text in prompt or token ids in prompt_ids")
+        return self._llm.tokenize(request.prompt)
+
+    def _chat_prompt_ids(self, request: pb.ChatRequest) -> list[int]:
+        return self._llm.chat_prompt_ids([{"role": m.role, "content": m.content} for m in request.messages])
+
+    def _generation_request(self, prompt_ids: list[int], options: pb.GenerationOptions) -> GenerationRequest:
+        sampling = {name: getattr(options, name) for name in _SAMPLING_OPTIONS if options.HasField(name)}
+        request = GenerationRequest(
+            prompt_ids=tuple(prompt_ids),
+            max_tokens=options.max_tokens if options.HasField("max_tokens") else GenerationRequest.max_tokens,
+            params=SamplingParams(**sampling, n_logprobs=options.logprobs),
+            stop=tuple(options.stop),
+            stop_token_ids=frozenset(options.stop_token_ids),
+            ignore_eos=options.ignore_eos,
+        )
+        self._loop.engine.validate(request)
+        return request
+
+    def _check_vocabulary(self, ids) -> None:
+        vocab = self._llm.config.n_vocab
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+
+    # ----- calls: status codes and metrics -----
+
+    def _unary(self, method: str, request, context, respond):
+        status = grpc.StatusCode.OK
+        try:
+            self._check(request)
+            return respond()
+        except Exception as error:  # noqa: BLE001 - every failure becomes a status code
+            status = _status_of(error, method)
+            context.abort(status, str(error))
+        finally:
+            self._metrics.requests.labels(method, status.name).inc()
+
+    def _generate(self, method: str, request, context, prompt_ids_of):
+        status = None  # None while streaming: a stream closed midway was cancelled
+        ticket = None
+        try:
+            self._check(request)
+            generation = self._generation_request(prompt_ids_of(request), request.options)
+            ticket = self._loop.submit(generation)
+            loop = self._loop
+
+            def on_termination():
+                loop.cancel(ticket, DEADLINE_EXCEEDED if context.time_remaining() <= 0 else CLIENT_CANCELLED)
+
+            if not context.add_callback(on_termination):
+                on_termination()
+            context.send_initial_metadata(())  # tells the client it is queued
+            status = yield from _responses(ticket, request.request_id)
+        except Exception as error:  # noqa: BLE001 - every failure becomes a status code
+            status = _status_of(error, f"{method} {request.request_id!r}")
+            context.abort(status, str(error))
+        finally:
+            if status is None:  # the stream was closed at a message: the request finished, or its caller left
+                status = _CANCEL_STATUS.get(ticket.cancel_reason, grpc.StatusCode.OK if ticket.done else grpc.StatusCode.CANCELLED)
+            self._metrics.observe_request(method, status.name, ticket.sequence if ticket else None)
+
+
+def _status_of(error: Exception, call: str) -> grpc.StatusCode:
+    """The status code for a failure; failures of the server, not of the request, are logged."""
+    if isinstance(error, (RequestError, TokenizerError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, OverCapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, (NotReadyError, ShuttingDownError)):
+        return grpc.StatusCode.UNAVAILABLE
+    # An EngineFailure's traceback was logged by the loop, where it happened.
+    log.error("%s failed: %s", call, error, exc_info=not isinstance(error, EngineFailure))
+    return grpc.StatusCode.INTERNAL
+
+
+def _responses(ticket: Ticket, request_id: str):
+    """Stream a ticket's events as messages, several per message when the reader fell behind;
+    returns the call's status code, or raises the error that ended it."""
+    sent = 0
+    while True:
+        items = [ticket.events.get()]
+        while not _is_final(items[-1]) and not ticket.events.empty():
+            items.append(ticket.events.get_nowait())
+        last = items[-1]
+        if isinstance(last, Cancelled):
+            return _CANCEL_STATUS[last.reason]
+        events = [item for item in items if isinstance(item, StepEvent)]
+        if isinstance(last, EngineFailure) and ticket.sequence is not None:
+            events.append(StepEvent(ticket.sequence, None, "", "error"))
+        if events:
+            yield _message(ticket, events, sent, request_id)
+            sent += sum(event.token_id is not None for event in events)
+        if isinstance(last, RzError):
+            raise last
+        if _is_final(last):
+            return grpc.StatusCode.OK
+
+
+def _is_final(item) -> bool:
+    return not isinstance(item, StepEvent) or item.finish_reason is not None
+
+
+def _message(ticket: Ticket, events: list[StepEvent], sent: int, request_id: str) -> pb.GenerateResponse:
+    sequence = events[0].sequence
+    token_ids = [event.token_id for event in events if event.token_id is not None]
+    message = pb.GenerateResponse(text="".join(event.text for event in events), token_ids=token_ids)
+    if ticket.request.params.n_logprobs:
+        for entry in sequence.logprobs[sent : sent + len(token_ids)]:
+            message.logprobs.add(
+                token_id=entry["token"],
+                logprob=entry["logprob"],
+                top=[pb.TopLogprob(token_id=i, logprob=lp) for i, lp in entry["top"]],
+            )
+    finish_reason = events[-1].finish_reason
+    if finish_reason is not None:
+        prompt_tokens, completion_tokens = len(sequence.request.prompt_ids), len(sequence.output_ids)
+        message.finish_reason = _FINISH_REASONS[finish_reason]
+        message.usage.CopyFrom(pb.Usage(
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+        ))
+        message.timings.CopyFrom(pb.Timings(**sequence.timings.as_dict()))
+        message.request_id = request_id
+    return message

@@ -1,0 +1,1 @@
+"""Stubs generated from proto/rz/v1/inference.proto by `python -m rz.server.stubs`; do not edit."""

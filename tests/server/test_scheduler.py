@@ -1,0 +1,146 @@
+"""The engine loop's bookkeeping with a fake engine: queue bounds, cancellation, failures, shutdown."""
+
+import threading
+
+import pytest
+
+from rz.engine import Generation, GenerationRequest, StepEvent, Timings
+from rz.server.scheduler import (
+    CLIENT_CANCELLED,
+    Cancelled,
+    EngineFailure,
+    EngineLoop,
+    OverCapacityError,
+    ShuttingDownError,
+)
+
+FAIL_ADMIT = 13  # a prompt starting with this token fails in prefill
+
+
+class FakeEngine:
+    """Engine's slot protocol without a model: one token "x" per slot per step; steps wait for `go`."""
+
+    def __init__(self, n_slots: int):
+        self.n_slots, self.n_ctx = n_slots, 64
+        self.slots: list[Generation | None] = [None] * n_slots
+        self.go = threading.Semaphore(0)  # one release per step allowed to run
+        self.fail_next_step = False
+
+    def free_slots(self) -> int:
+        return self.slots.count(None)
+
+    def active(self) -> list[Generation]:
+        return [s for s in self.slots if s is not None]
+
+    def admit(self, request: GenerationRequest, queued_at: float) -> StepEvent:
+        slot = self.slots.index(None)
+        sequence = Generation(request, decoder=None, matcher=None, timings=Timings(queued_at=queued_at), slot=slot)
+        self.slots[slot] = sequence
+        if request.prompt_ids[0] == FAIL_ADMIT:
+            raise RuntimeError("prefill exploded")
+        return self._emit(sequence)
+
+    def step(self) -> list[StepEvent]:
+        self.go.acquire()
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("decode exploded")
+        return [self._emit(s) for s in self.active()]
+
+    def cancel(self, sequence: Generation, reason: str) -> None:
+        sequence.finish_reason = sequence.finish_reason or reason
+        if self.slots[sequence.slot] is sequence:
+            self.slots[sequence.slot] = None
+
+    def _emit(self, sequence: Generation) -> StepEvent:
+        sequence.output_ids.append(7)
+        finish = "length" if len(sequence.output_ids) >= sequence.request.max_tokens else None
+        if finish:
+            self.cancel(sequence, finish)
+        return StepEvent(sequence, 7, "x", finish)
+
+
+def _request(max_tokens: int = 1000, first_token: int = 1) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=(first_token, 2, 3), max_tokens=max_tokens)
+
+
+def _final(ticket):
+    """Read a ticket's items up to its final one; that item."""
+    while True:
+        item = ticket.events.get(timeout=10)
+        if not isinstance(item, StepEvent) or item.finish_reason is not None:
+            return item
+
+
+@pytest.fixture
+def engine():
+    return FakeEngine(n_slots=2)
+
+
+@pytest.fixture
+def loop(engine):
+    loop = EngineLoop(engine, max_queue=2)
+    loop.start()
+    yield loop
+    loop.cancel_all()
+    for _ in range(10):
+        engine.go.release()
+    loop.stop()
+
+
+def test_slots_plus_queue_bound_the_requests_in_flight(loop):
+    tickets = [loop.submit(_request()) for _ in range(4)]
+    with pytest.raises(OverCapacityError, match="retry later"):
+        loop.submit(_request())
+    loop.cancel(tickets[-1], CLIENT_CANCELLED)
+    assert tickets[-1].events.get(timeout=10) == Cancelled(CLIENT_CANCELLED)  # at once, while queued
+    loop.submit(_request())  # its place is free again
+
+
+def test_a_cancelled_request_frees_its_slot_before_the_next_step(loop, engine):
+    first, second = loop.submit(_request()), loop.submit(_request())
+    assert first.events.get(timeout=10).token_id == 7 and second.events.get(timeout=10).token_id == 7
+    queued = loop.submit(_request(max_tokens=1))
+    loop.cancel(first, CLIENT_CANCELLED)
+    assert first.events.get(timeout=10) == Cancelled(CLIENT_CANCELLED)
+    engine.go.release()  # one step: the queued request must already have taken the freed slot
+    assert _final(queued).finish_reason == "length"
+    assert first.sequence.finish_reason == "cancelled" and first.sequence not in engine.slots
+
+
+def test_a_failing_prefill_fails_only_its_request(loop, engine):
+    bad = loop.submit(_request(first_token=FAIL_ADMIT))
+    good = loop.submit(_request(max_tokens=2))
+    assert isinstance(_final(bad), EngineFailure)
+    engine.go.release()
+    assert _final(good).finish_reason == "length"
+    assert engine.free_slots() == 2
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(loop, engine):
+    running = loop.submit(_request())
+    assert running.events.get(timeout=10).token_id == 7
+    engine.fail_next_step = True
+    engine.go.release()
+    assert isinstance(_final(running), EngineFailure)
+    after = loop.submit(_request(max_tokens=2))
+    engine.go.release()
+    assert _final(after).finish_reason == "length"
+
+
+def test_cancel_all_ends_running_and_queued_requests(loop, engine):
+    running = [loop.submit(_request()) for _ in range(2)]
+    for ticket in running:
+        ticket.events.get(timeout=10)
+    queued = loop.submit(_request())
+    assert loop.load() == (2, 1, 2 * (3 + 1) / (2 * 64))  # the loop waits in a step: 2 generating, 1 queued
+    loop.stop_accepting()
+    with pytest.raises(ShuttingDownError):
+        loop.submit(_request())
+    assert not loop.drain(0.05)
+    loop.cancel_all()
+    assert isinstance(_final(queued), ShuttingDownError)
+    engine.go.release()  # the loop wakes from its step and frees the cancelled slots
+    for ticket in running:
+        assert _final(ticket).finish_reason == "cancelled"
+    assert loop.drain(10) and engine.free_slots() == 2
