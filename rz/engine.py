@@ -174,7 +174,7 @@ class Engine:
         logits, row_cache = self.prefill(request.prompt_ids)
         row_state = SamplerState.create([request.params], [request.prompt_ids])
         n_top = _logprob_width([request.params])
-        sampled, row_state = self._timed("first_token", self._first_token, logits, SamplingTensors.from_params([request.params]), row_state, n_top)
+        sampled, row_state = self._timed(f"first_token[logprobs={n_top}]", self._first_token, logits, SamplingTensors.from_params([request.params]), row_state, n_top)
         self.cache = self._timed("insert", self._insert, self.cache, row_cache, jnp.int32(slot))
         self._sampler_state = jax.tree.map(
             lambda whole, row: whole.at[slot].set(row[0]), self._sampler_state, row_state
@@ -223,7 +223,7 @@ class Engine:
             self._n_top = _logprob_width(rows)
             self._tensors_dirty = False
         sampled, self.cache, self._sampler_state = self._timed(
-            f"decode[{self.n_slots}]", self._decode, self.model.weights, self.cache,
+            f"decode[{self.n_slots}, logprobs={self._n_top}]", self._decode, self.model.weights, self.cache,
             jnp.asarray(tokens), jnp.asarray(positions), self._tensors, self._sampler_state, self._n_top,
         )
         sampled = jax.device_get(sampled)

