@@ -1,1 +1,24 @@
-"""Compute kernels for rz: fused-dequantization matmuls and attention, each with a pure-jnp reference."""
+"""Compute kernels for rz: fused-dequantization matmuls and attention, each with a pure-jnp reference.
+
+    y = qmatmul(x, qt)                      # x [..., K] @ dequantize(qt).T, by the fastest path here
+    o = attention(q, k, v, q_positions, k_positions, window=..., scale=..., softcap=...)
+    describe_paths()                        # which implementation serves which (op, type, size)
+
+References: rz.quants.qmatmul_ref, rz_kernels.attention.attention_ref.
+"""
+
+import jax
+
+from rz_kernels import attention as _attention
+from rz_kernels import qmatmul as _qmatmul
+from rz_kernels.attention import attention, attention_ref
+from rz_kernels.qmatmul import qmatmul, select_path
+
+
+def describe_paths(backend: str | None = None) -> list[dict]:
+    """The implementation of each op per size range on `backend` (default: jax's default backend)."""
+    backend = backend or jax.default_backend()
+    return _qmatmul.describe_paths(backend) + _attention.describe_paths(backend)
+
+
+__all__ = ["attention", "attention_ref", "describe_paths", "qmatmul", "select_path"]

@@ -1,0 +1,177 @@
+"""Causal self-attention with grouped-query heads, masks from absolute positions, optional sliding window.
+
+    o = attention(q, k, v, q_positions, k_positions, window=0, scale=1.0, softcap=0.0)
+
+    q            [B, Hq, T, D]   queries (T = 1 for a decode step)
+    k, v         [B, Hkv, S, D], [B, Hkv, S, Dv]; query head h reads KV head h // (Hq / Hkv)
+    q_positions  int32 [B, T]    absolute position of each query
+    k_positions  int32 [B, S]    absolute position held by each key slot; -1: an empty slot
+    -> o         f32 [B, Hq, T, Dv]
+
+A query at position p sees the key at position k iff 0 <= k <= p and, with window > 0, k > p -
+window (llama.cpp's masks; rz.kv_cache keeps one position per slot, ring buffers included, so
+the slots' order does not matter). Scores are q.k * scale, then softcap * tanh(s / softcap) if
+softcap > 0. A query that sees no key (padding) gets zeros.
+
+Implementations: `attention_ref` (materialized scores, the reference twin); `attention_cpu`
+(decode steps by the C++ kernel `decode_attention_cpu`, which streams K/V once; prompts by the
+reference's math in query chunks, so memory stays bounded); the Pallas kernels in
+attention_pallas (flash attention for prefill, split-sequence decode attention). `attention`
+picks one per backend and T.
+"""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rz_kernels import attention_pallas, cpu_ffi
+
+log = logging.getLogger("rz_kernels")
+
+# Up to this many queries per sequence, a step takes the decode kernels (split over the sequence):
+# the C++ one on CPU, the Pallas one on GPU.
+DECODE_MAX_T = 16
+# The CPU formulation materializes scores for this many queries at a time.
+CPU_QUERY_CHUNK = 256
+
+
+def visible(q_positions: jax.Array, k_positions: jax.Array, window: int) -> jax.Array:
+    """bool [B, T, S]: may the query at q_positions[b, t] see the key at k_positions[b, s]?"""
+    p = q_positions[:, :, None]
+    k = k_positions[:, None, :]
+    seen = (k >= 0) & (k <= p)
+    if window:
+        seen &= k > p - window
+    return seen
+
+
+def capped(scores: jax.Array, softcap: float) -> jax.Array:
+    return softcap * jnp.tanh(scores / softcap) if softcap else scores
+
+
+def _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, precision):
+    """Materialized-score attention with query heads grouped per KV head: no K/V repeat."""
+    batch, n_head, length, head_dim = q.shape
+    n_kv = k.shape[1]
+    grouped = q.reshape(batch, n_kv, n_head // n_kv, length, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, k.astype(jnp.float32), precision=precision)
+    scores = capped(scores * scale, softcap)
+    mask = visible(q_positions, k_positions, window)[:, None, None]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    weights = jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0))
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    weights = weights / jnp.where(total > 0, total, 1.0)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights, v.astype(jnp.float32), precision=precision)
+    return out.reshape(batch, n_head, length, v.shape[-1])
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap"))
+def attention_ref(q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
+    """The reference: every score materialized, f32 at HIGHEST precision. Shapes in the module docstring."""
+    return _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, jax.lax.Precision.HIGHEST)
+
+
+def decode_attention_cpu(q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
+    """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (f32 or f16) streamed once, split over
+    the sequence across threads. Shapes as attention_ref; head dims multiples of 8."""
+    if not cpu_ffi.available():
+        raise RuntimeError("the C++ CPU kernels are not available here (see the rz_kernels log)")
+    batch, n_head, length, _ = q.shape
+    out = jax.ShapeDtypeStruct((batch, n_head, length, v.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call(cpu_ffi.ATTENTION_TARGET, out, vmap_method="sequential")
+    return call(
+        q.astype(jnp.float32),
+        k,
+        v,
+        q_positions.astype(jnp.int32),
+        k_positions.astype(jnp.int32),
+        window=np.int32(window),
+        scale=np.float32(scale),
+        softcap=np.float32(softcap),
+    )
+
+
+def _takes_cpu_decode_kernel(q, k, v) -> bool:
+    return (
+        q.shape[2] <= DECODE_MAX_T
+        and cpu_ffi.available()
+        and k.dtype == v.dtype
+        and k.dtype in (jnp.float32, jnp.float16)
+        and q.shape[3] % 8 == 0
+        and v.shape[3] % 8 == 0
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk"))
+def attention_cpu(
+    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0, chunk: int = CPU_QUERY_CHUNK
+):
+    """The CPU formulation: decode steps (T <= 16) by the C++ kernel; longer chunks by the
+    reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
+    materializes more than [B, Hq, chunk, S] scores (XLA's dots are fast at these sizes)."""
+    if _takes_cpu_decode_kernel(q, k, v):
+        return decode_attention_cpu(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
+    length = q.shape[2]
+    if length <= chunk:
+        return _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, None)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    q_chunks = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(*q.shape[:2], n_chunks, chunk, q.shape[3])
+    p_chunks = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1).reshape(q.shape[0], n_chunks, chunk)
+
+    def one(args):
+        q_chunk, p_chunk = args
+        return _grouped_attention(q_chunk, k, v, p_chunk, k_positions, window, scale, softcap, None)
+
+    out = jax.lax.map(one, (jnp.moveaxis(q_chunks, 2, 0), jnp.moveaxis(p_chunks, 1, 0)))
+    return jnp.moveaxis(out, 0, 2).reshape(*q.shape[:2], n_chunks * chunk, v.shape[-1])[:, :, :length]
+
+
+def describe_paths(backend: str | None = None) -> list[dict]:
+    """Which implementation serves which number of queries per sequence T on `backend`."""
+    backend = backend or jax.default_backend()
+    if backend == "cpu":
+        decode = "cpu_ffi_decode" if cpu_ffi.available() else "xla_grouped"
+        return [
+            {"op": "attention", "backend": "cpu", "path": decode, "t_min": 1, "t_max": DECODE_MAX_T},
+            {"op": "attention", "backend": "cpu", "path": "xla_grouped_chunked", "t_min": DECODE_MAX_T + 1, "t_max": None},
+        ]
+    if backend == "cuda":
+        return [
+            {"op": "attention", "backend": "cuda", "path": "pallas_decode_attention", "t_min": 1, "t_max": DECODE_MAX_T},
+            {"op": "attention", "backend": "cuda", "path": "pallas_flash_attention", "t_min": DECODE_MAX_T + 1, "t_max": None},
+        ]
+    return [{"op": "attention", "backend": backend, "path": "xla_reference", "t_min": 1, "t_max": None}]
+
+
+def _cuda(q, k, v, q_positions, k_positions, *, window, scale, softcap):
+    kernel = attention_pallas.decode_attention if q.shape[2] <= DECODE_MAX_T else attention_pallas.flash_attention
+    return kernel(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
+
+
+_logged: set[tuple] = set()
+
+
+def attention(q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
+    """Attention by the backend's implementation: attention_cpu on CPU, the Pallas kernels on CUDA."""
+    key = (q.shape, k.shape, str(k.dtype), window)
+    if key not in _logged:
+        _logged.add(key)
+        cpu = "cpu_ffi_decode" if _takes_cpu_decode_kernel(q, k, v) else "xla_grouped_chunked"
+        cuda = "pallas_decode_attention" if q.shape[2] <= DECODE_MAX_T else "pallas_flash_attention"
+        log.info("rz_kernels.attention q %s, k %s %s, window %d -> cpu: %s, cuda: %s", q.shape, k.shape, k.dtype, window, cpu, cuda)
+    options = dict(window=window, scale=scale, softcap=softcap)
+    return jax.lax.platform_dependent(
+        q,
+        k,
+        v,
+        q_positions,
+        k_positions,
+        cpu=functools.partial(attention_cpu, **options),
+        cuda=functools.partial(_cuda, **options),
+        default=functools.partial(attention_ref, **options),
+    )

@@ -1,0 +1,197 @@
+"""Attention as Pallas kernels for GPUs (Triton backend): flash attention for prefill, split-sequence decode.
+
+Both walk the keys in blocks with an online softmax (FlashAttention-2): no [T, S] score matrix
+is ever materialized. Masks come from positions (see rz_kernels.attention for the contract), so
+a key block in which no query of the tile sees any key is skipped, which is what makes causal
+prefill and sliding windows cheap whatever the slot order of a ring buffer.
+
+  - flash_attention: grid (batch, query head, query block); each program loops over all keys.
+  - decode_attention: grid (batch, KV head, sequence split); each program holds all the query
+    heads of its KV group (G * T rows, padded to 16 for tl.dot) and one split of the sequence,
+    and returns unnormalized partial outputs with their running max and sum; XLA merges the
+    splits. Long contexts get many programs even at batch 1, and K/V are read once.
+
+Reference twin: rz_kernels.attention.attention_ref. interpret=True runs them on any backend.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+DOT_MIN_ROWS = 16  # tl.dot's smallest tile dimension
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, window, scale, softcap):
+    """Online softmax of q [R, D] over n_blocks key blocks of the refs -> (acc [R, Dv], max [R], sum [R]).
+
+    acc is unnormalized: the output is acc / sum. Rows that see no key end with sum 0.
+    """
+    rows = q.shape[0]
+    dv = v_ref.shape[-1]
+
+    def block(j, carry):
+        keys = pl.ds(j * block_k, block_k)
+        k_pos = k_pos_ref[keys]
+        seen = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
+        if window:
+            seen &= k_pos[None, :] > q_pos[:, None] - window
+
+        def update(carry):
+            acc, running_max, running_sum = carry
+            scores = jax.lax.dot_general(q, k_ref[keys, :].astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            scores = scores * scale
+            if softcap:
+                scores = softcap * jnp.tanh(scores / softcap)
+            scores = jnp.where(seen, scores, -jnp.inf)
+            new_max = jnp.maximum(running_max, jnp.max(scores, axis=1))
+            # A row with nothing seen yet keeps max -inf; subtracting 0 instead keeps exp() at 0, not NaN.
+            shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+            weights = jnp.exp(scores - shift[:, None])
+            correction = jnp.exp(running_max - shift)
+            running_sum = running_sum * correction + jnp.sum(weights, axis=1)
+            acc = acc * correction[:, None] + jnp.dot(weights, v_ref[keys, :].astype(jnp.float32), preferred_element_type=jnp.float32)
+            return acc, new_max, running_sum
+
+        any_seen = jnp.max(seen.astype(jnp.int32)) > 0
+        return jax.lax.cond(any_seen, update, lambda carry: carry, carry)
+
+    init = (
+        jnp.zeros((rows, dv), jnp.float32),
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    return jax.lax.fori_loop(0, n_blocks, block, init)
+
+
+def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, **options):
+    acc, _, total = _attend_blocks(q_ref[...].astype(jnp.float32), q_pos_ref[...], k_ref, v_ref, k_pos_ref, **options)
+    o_ref[...] = acc / jnp.where(total > 0, total, 1.0)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "block_q", "block_k", "interpret"))
+def flash_attention(
+    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0,
+    block_q: int = 64, block_k: int = 64, interpret: bool = False,
+):
+    """Prefill attention, shapes as rz_kernels.attention: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> f32 [B, Hq, T, Dv].
+
+    T and S are padded to the blocks (padding queries and keys see nothing); D and Dv must be powers of two.
+    """
+    batch, n_head, length, head_dim = q.shape
+    n_kv, n_keys, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = n_head // n_kv
+    block_q = min(block_q, max(DOT_MIN_ROWS, _next_power_of_two(length)))
+    block_k = min(block_k, max(DOT_MIN_ROWS, _next_power_of_two(n_keys)))
+    length_padded = pl.cdiv(length, block_q) * block_q
+    keys_padded = pl.cdiv(n_keys, block_k) * block_k
+    q = _pad_axis(q, 2, length_padded)
+    q_positions = _pad_axis(q_positions.astype(jnp.int32), 1, length_padded, -1)
+    k = _pad_axis(k, 2, keys_padded)
+    v = _pad_axis(v, 2, keys_padded)
+    k_positions = _pad_axis(k_positions.astype(jnp.int32), 1, keys_padded, -1)
+    kernel = functools.partial(
+        _flash_kernel, n_blocks=keys_padded // block_k, block_k=block_k, window=window, scale=scale, softcap=softcap
+    )
+    out = pl.pallas_call(
+        kernel,
+        grid=(batch, n_head, length_padded // block_q),
+        in_specs=[
+            pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0)),
+            pl.BlockSpec((None, None, keys_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0)),
+            pl.BlockSpec((None, None, keys_padded, dv), lambda b, h, i: (b, h // group, 0, 0)),
+            pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
+            pl.BlockSpec((None, keys_padded), lambda b, h, i: (b, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, block_q, dv), lambda b, h, i: (b, h, i, 0)),
+        out_shape=jax.ShapeDtypeStruct((batch, n_head, length_padded, dv), jnp.float32),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="flash_attention",
+    )(q, k, v, q_positions, k_positions)
+    return out[:, :, :length]
+
+
+def _decode_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, max_ref, sum_ref, **options):
+    acc, running_max, total = _attend_blocks(q_ref[...].astype(jnp.float32), q_pos_ref[...], k_ref, v_ref, k_pos_ref, **options)
+    o_ref[...] = acc
+    max_ref[...] = running_max
+    sum_ref[...] = total
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "block_k", "split_k", "interpret"))
+def decode_attention(
+    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0,
+    block_k: int = 64, split_k: int | None = None, interpret: bool = False,
+):
+    """Decode attention (few queries per sequence), shapes as flash_attention; the sequence is split
+    over split_k programs per KV head (default: about one per 512 keys, at most 16)."""
+    batch, n_head, length, head_dim = q.shape
+    n_kv, n_keys, dv = k.shape[1], k.shape[2], v.shape[3]
+    group = n_head // n_kv
+    rows = group * length
+    rows_padded = max(DOT_MIN_ROWS, _next_power_of_two(rows))
+    block_k = min(block_k, max(DOT_MIN_ROWS, _next_power_of_two(n_keys)))
+    n_blocks = pl.cdiv(n_keys, block_k)
+    split_k = split_k or max(1, min(16, n_blocks * block_k // 512))
+    blocks_per_split = pl.cdiv(n_blocks, split_k)
+    keys_padded = split_k * blocks_per_split * block_k
+    split = keys_padded // split_k
+
+    # Row r = g * T + t of KV head h is query head h * G + g at step t.
+    q_rows = _pad_axis(q.reshape(batch, n_kv, rows, head_dim), 2, rows_padded)
+    row_positions = _pad_axis(jnp.tile(q_positions.astype(jnp.int32), (1, group)), 1, rows_padded, -1)
+    k = _pad_axis(k, 2, keys_padded)
+    v = _pad_axis(v, 2, keys_padded)
+    k_positions = _pad_axis(k_positions.astype(jnp.int32), 1, keys_padded, -1)
+    kernel = functools.partial(
+        _decode_kernel, n_blocks=blocks_per_split, block_k=block_k, window=window, scale=scale, softcap=softcap
+    )
+    partial_out, partial_max, partial_sum = pl.pallas_call(
+        kernel,
+        grid=(batch, n_kv, split_k),
+        in_specs=[
+            pl.BlockSpec((None, None, rows_padded, head_dim), lambda b, h, s: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, split, head_dim), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, split, dv), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, rows_padded), lambda b, h, s: (b, 0)),
+            pl.BlockSpec((None, split), lambda b, h, s: (b, s)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, rows_padded, dv), lambda b, h, s: (b, h, s, 0, 0)),
+            pl.BlockSpec((None, None, None, rows_padded), lambda b, h, s: (b, h, s, 0)),
+            pl.BlockSpec((None, None, None, rows_padded), lambda b, h, s: (b, h, s, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, n_kv, split_k, rows_padded, dv), jnp.float32),
+            jax.ShapeDtypeStruct((batch, n_kv, split_k, rows_padded), jnp.float32),
+            jax.ShapeDtypeStruct((batch, n_kv, split_k, rows_padded), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=interpret,
+        name="decode_attention",
+    )(q_rows, k, v, row_positions, k_positions)
+    out = merge_splits(partial_out, partial_max, partial_sum)
+    return out[:, :, :rows].reshape(batch, n_head, length, dv)
+
+
+def merge_splits(partial_out: jax.Array, partial_max: jax.Array, partial_sum: jax.Array) -> jax.Array:
+    """Combine per-split online-softmax states [..., split, R, Dv], [..., split, R] -> normalized [..., R, Dv]."""
+    peak = jnp.max(partial_max, axis=-2, keepdims=True)
+    peak = jnp.where(peak == -jnp.inf, 0.0, peak)
+    weight = jnp.exp(partial_max - peak)
+    total = jnp.sum(partial_sum * weight, axis=-2)
+    out = jnp.sum(partial_out * weight[..., None], axis=-3)
+    return out / jnp.where(total > 0, total, 1.0)[..., None]

@@ -1,0 +1,292 @@
+// Decode attention for x86-64 CPUs with AVX2: few queries per sequence over a KV cache, K and V
+// streamed once. Shapes and mask contract as rz_kernels/attention.py:
+//
+//   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] f32 or f16,
+//   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
+//
+// A task is one (sequence, KV head, split of the slots): it holds the G * T query rows of the
+// KV head's group (query head h reads KV head h / G) and walks its slots in blocks of 32 with an
+// online softmax (running max, running sum, unnormalized output per row). The splits of a head
+// are merged at the end. XLA:CPU's dots take a slow path at these shapes (4 query rows against
+// thousands of keys, ~3 GB/s); this reads K and V at memory speed.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#define RZ_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+constexpr int64_t kKeyBlock = 32;
+constexpr int64_t kMinKeysPerSplit = 1024;  // below, waking a pool thread costs more than it saves
+
+// exp(x) for 8 floats: Cephes' range reduction and polynomial (relative error ~2e-7); x below
+// -87.3 gives 0, so exp(-inf) = 0.
+RZ_INLINE __m256 exp_ps(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
+}
+
+RZ_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+RZ_INLINE float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 8 elements of a K or V row as f32.
+template <bool kHalf>
+RZ_INLINE __m256 load8(const void* row, int64_t i) {
+  if constexpr (kHalf) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i)));
+  else return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+}
+
+struct Problem {
+  int64_t B, Hq, Hkv, T, S, D, Dv, G, R;  // R = G * T query rows per KV head
+  const float* q;
+  const void* k;
+  const void* v;
+  const int32_t* q_positions;
+  const int32_t* k_positions;
+  int32_t window;
+  float scale, softcap;
+};
+
+// One task's online-softmax state for its R rows.
+struct Partial {
+  std::vector<float> max, sum, out;  // [R], [R], [R, Dv]
+  void reset(int64_t R, int64_t Dv) {
+    max.assign(R, -INFINITY);
+    sum.assign(R, 0.0f);
+    out.assign(R * Dv, 0.0f);
+  }
+};
+
+// Lane j of the result: the sum of the lanes of a[j] (8 dot products finished at once).
+RZ_INLINE __m256 hsum8(const __m256 (&a)[8]) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// The scores of query row q against the block's 32 keys, -inf where masked (mask bit j: visible).
+template <bool kHalf>
+RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_block, uint32_t mask, float* scores) {
+  const int64_t row_bytes = p.D * (kHalf ? 2 : 4);
+  for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 8) {
+    const uint32_t group_mask = (mask >> j0) & 0xFF;
+    if (!group_mask) {
+      _mm256_store_ps(scores + j0, _mm256_set1_ps(-INFINITY));
+      continue;
+    }
+    __m256 acc[8];
+    for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < p.D; i += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + i);
+#pragma GCC unroll 8
+      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, load8<kHalf>(k_block + (j0 + jj) * row_bytes, i), acc[jj]);
+    }
+    __m256 s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(p.scale));
+    if (p.softcap > 0) {
+      // softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
+      const __m256 e = exp_ps(_mm256_mul_ps(s, _mm256_set1_ps(2.0f / p.softcap)));
+      const __m256 tanh = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+      s = _mm256_mul_ps(tanh, _mm256_set1_ps(p.softcap));
+    }
+    const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int32_t>(group_mask)), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
+    const __m256 seen = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)));
+    _mm256_store_ps(scores + j0, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, seen));
+  }
+}
+
+// out[r] = out[r] * correction[r] + sum_j weights[r, j] v_j for RG rows, 8 output lanes at a time
+// kept in registers while the block's V rows stream by.
+template <int RG, bool kHalf>
+RZ_INLINE void block_values(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out) {
+  const int64_t row_bytes = p.Dv * (kHalf ? 2 : 4);
+  for (int64_t i = 0; i < p.Dv; i += 8) {
+    __m256 acc[RG];
+#pragma GCC unroll 8
+    for (int r = 0; r < RG; ++r) acc[r] = _mm256_mul_ps(_mm256_set1_ps(correction[r]), _mm256_loadu_ps(out + r * p.Dv + i));
+    for (int64_t j = 0; j < n; ++j) {
+      const __m256 vv = load8<kHalf>(v_block + j * row_bytes, i);
+#pragma GCC unroll 8
+      for (int r = 0; r < RG; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + r * kKeyBlock + j), vv, acc[r]);
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < RG; ++r) _mm256_storeu_ps(out + r * p.Dv + i, acc[r]);
+  }
+}
+
+constexpr int kValueRows = 4;  // rows per pass of block_values: their accumulators stay in registers
+
+template <bool kHalf>
+void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
+  const int64_t elem = kHalf ? 2 : 4;
+  const auto* k_base = static_cast<const uint8_t*>(p.k) + ((b * p.Hkv + kv) * p.S) * p.D * elem;
+  const auto* v_base = static_cast<const uint8_t*>(p.v) + ((b * p.Hkv + kv) * p.S) * p.Dv * elem;
+  const int32_t* k_pos = p.k_positions + b * p.S;
+  const int32_t* q_pos = p.q_positions + b * p.T;
+  std::vector<const float*> q_rows(p.R);
+  for (int64_t r = 0; r < p.R; ++r) q_rows[r] = p.q + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.D;
+  alignas(32) float scores[kKeyBlock];
+  std::vector<float> weights(p.R * kKeyBlock), correction(p.R);
+  std::vector<uint32_t> masks(p.T);
+  for (int64_t start = s0; start < s1; start += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, s1 - start);
+    // Which of the block's keys each query step sees: bit j of masks[t].
+    uint32_t any = 0;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int32_t position = q_pos[t];
+      uint32_t mask = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t key = k_pos[start + j];
+        mask |= static_cast<uint32_t>(key >= 0 && key <= position && (p.window == 0 || key > position - p.window)) << j;
+      }
+      masks[t] = mask;
+      any |= mask;
+    }
+    if (!any) continue;
+    const uint8_t* k_block = k_base + start * p.D * elem;
+    for (int64_t r = 0; r < p.R; ++r) {
+      block_scores<kHalf>(p, q_rows[r], k_block, masks[r % p.T], scores);
+      // Online softmax: the row's state moves to the new running max, then takes the block.
+      __m256 block_max = _mm256_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < kKeyBlock; j += 8) block_max = _mm256_max_ps(block_max, _mm256_load_ps(scores + j));
+      const float new_max = std::max(part.max[r], hmax(block_max));
+      float* w = weights.data() + r * kKeyBlock;
+      if (new_max == -INFINITY) {
+        std::fill(w, w + kKeyBlock, 0.0f);
+        correction[r] = 1.0f;
+        continue;
+      }
+      correction[r] = std::exp(part.max[r] - new_max);
+      part.max[r] = new_max;
+      __m256 total = _mm256_setzero_ps();
+      for (int64_t j = 0; j < kKeyBlock; j += 8) {
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_load_ps(scores + j), _mm256_set1_ps(new_max)));
+        _mm256_storeu_ps(w + j, e);
+        total = _mm256_add_ps(total, e);
+      }
+      part.sum[r] = part.sum[r] * correction[r] + hsum(total);
+    }
+    const uint8_t* v_block = v_base + start * p.Dv * elem;
+    int64_t r = 0;
+    for (; r + kValueRows <= p.R; r += kValueRows) {
+      block_values<kValueRows, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv);
+    }
+    switch (p.R - r) {
+      case 3: block_values<3, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv); break;
+      case 2: block_values<2, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv); break;
+      case 1: block_values<1, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv); break;
+      default: break;
+    }
+  }
+}
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_positions,
+                         ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_attention: q, k, v must be 4-D");
+  const bool half = k.element_type() == ffi::F16;
+  if (k.element_type() != v.element_type() || (!half && k.element_type() != ffi::F32)) {
+    return ffi::Error::InvalidArgument("rz_attention: k and v must both be f32 or both f16");
+  }
+  Problem p{};
+  p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
+  if (kd[0] != p.B || kd[3] != p.D || vd[2] != p.S || p.Hq % p.Hkv || p.D % 8 || p.Dv % 8) {
+    return ffi::Error::InvalidArgument("rz_attention: shapes do not match (or head dims not multiples of 8)");
+  }
+  p.G = p.Hq / p.Hkv;
+  p.R = p.G * p.T;
+  p.q = q.typed_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.q_positions = q_positions.typed_data();
+  p.k_positions = k_positions.typed_data();
+  p.window = window;
+  p.scale = scale;
+  p.softcap = softcap;
+  if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
+
+  const int64_t threads = rz_cpu::pool_threads(pool, 0);
+  const int64_t heads = p.B * p.Hkv;
+  const int64_t max_splits = std::max<int64_t>(1, p.S / kMinKeysPerSplit);
+  const int64_t splits = std::min(max_splits, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
+  const int64_t keys_per_split = (p.S + splits - 1) / splits;
+  std::vector<Partial> partials(heads * splits);
+  rz_cpu::parallel_for(pool, heads * splits, threads, [&](int64_t task) {
+    const int64_t head = task / splits, split = task % splits;
+    Partial& part = partials[task];
+    part.reset(p.R, p.Dv);
+    const int64_t s0 = split * keys_per_split, s1 = std::min(p.S, s0 + keys_per_split);
+    if (half) attend_split<true>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+    else attend_split<false>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+  });
+  // Merge the splits of each head; a row that saw nothing gets zeros.
+  float* out = o->typed_data();
+  for (int64_t head = 0; head < heads; ++head) {
+    const int64_t b = head / p.Hkv, kv = head % p.Hkv;
+    for (int64_t r = 0; r < p.R; ++r) {
+      float peak = -INFINITY;
+      for (int64_t s = 0; s < splits; ++s) peak = std::max(peak, partials[head * splits + s].max[r]);
+      float* dst = out + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.Dv;
+      std::fill(dst, dst + p.Dv, 0.0f);
+      if (peak == -INFINITY) continue;
+      float total = 0;
+      for (int64_t s = 0; s < splits; ++s) {
+        const Partial& part = partials[head * splits + s];
+        if (part.max[r] == -INFINITY) continue;
+        const float weight = std::exp(part.max[r] - peak);
+        total += weight * part.sum[r];
+        for (int64_t i = 0; i < p.Dv; ++i) dst[i] += weight * part.out[r * p.Dv + i];
+      }
+      for (int64_t i = 0; i < p.Dv; ++i) dst[i] /= total;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RzAttention, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap"));

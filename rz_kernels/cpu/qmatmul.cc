@@ -1,0 +1,756 @@
+// Quantized matmul for x86-64 CPUs with AVX2: y[M, N] = x[M, K] @ W[N, K].T with W kept quantized.
+//
+// The design is llama.cpp's (ggml-cpu's vec_dot_*_q8_0 / _q8_K, llamafile's tinyBLAS): the
+// activations are quantized once per call to int8 with one f32 scale per block, and each
+// 32-element block of weights meets a block of activations in one _mm256_maddubs_epi16 (32 int8
+// products) and one _mm256_madd_epi16 (to int32).
+//   - 32-block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): activations in blocks of 32 (Q8_0); each
+//     block's int32 dot is converted and FMA'd with the product of the two block scales.
+//   - K-quants (Q4_K, Q5_K, Q6_K): activations in blocks of 256 (Q8_K); the weights' integer
+//     sub-block scales ride in the madd, so a super-block's eight dots add up in int32 and are
+//     converted once.
+// Unsigned quants go into maddubs as they are; their zero point (Q4_0's 8, Q4_1's min, Q4_K's
+// min, Q6_K's 32) is an offset per 16 or 32 weights, times the activations' block sums computed
+// with them, added by one FMA per block for all of a group's rows. Q8_0 is signed: the sign trick
+// (|w| times x with w's sign) keeps maddubs' unsigned operand non-negative.
+//
+// Weights are read in rz.quants' planar layout (one array per kind of data, [N, K/block*items]);
+// nothing is repacked. With few activation rows (a decode step), each weight block is decoded and
+// used at once, so the weights stream through once; with many, each weight row is decoded to bytes
+// once and met by the activation rows in groups of 8.
+//
+// Work is split over output rows (and, for large M, over tiles of x rows) and shared with XLA's
+// intra-op thread pool by an atomic task counter; the calling thread takes tasks too, so the call
+// completes even if no pool thread ever runs.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+// The hot helpers take lambdas and accumulator arrays by reference: unless they are inlined the
+// accumulators live in memory, which halves the speed.
+#define RZ_INLINE inline __attribute__((always_inline))
+
+namespace {
+
+constexpr int64_t kBlock = 32;   // a weight block, and the unit of the activations' layout
+constexpr int64_t kSuper = 256;  // a K-quant super-block
+constexpr int64_t kRowGroup = 8;  // activation rows met by one pass over a weight row
+constexpr int64_t kSuperRows = 4;  // for K-quants, by one pass (see super_row)
+
+// The GGML type numbers (rz.ggml_types.GGMLType) this file implements.
+enum GGMLType : int32_t {
+  Q4_0 = 2,
+  Q4_1 = 3,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14,
+};
+
+RZ_INLINE float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+
+RZ_INLINE float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+RZ_INLINE int32_t hsum_i32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+  return _mm_cvtsi128_si32(s);
+}
+
+RZ_INLINE __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+RZ_INLINE __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+RZ_INLINE void store(void* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+RZ_INLINE __m256i load(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+RZ_INLINE __m128i load_128(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+RZ_INLINE __m128i load_64(const void* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }
+
+// ---------------------------------------------------------------------------------------------
+// Activations. Rows are quantized in groups of kRowGroup rows; a group is laid out
+// [K/32][kRowGroup][32] (scales [K/x_block][kRowGroup]), so the inner loop walks one pointer for
+// all the rows it serves. A last, partial group is padded with zero rows. The block sums, which
+// meet the weights' offsets, are per row, zero-padded to a multiple of 8 units.
+
+struct QuantizedX {
+  int64_t M = 0, K = 0;
+  int64_t x_block = kBlock;  // elements per activation scale: 32, or 256 for K-quants
+  int8_t* q = nullptr;
+  float* d = nullptr;      // the scale of each x_block elements
+  float* sum32 = nullptr;  // d * sum(q) over each 32 elements: the block's value sum
+  float* sum16 = nullptr;  // the same over each 16 elements (Q6_K's sub-blocks)
+
+  static int64_t padded_rows(int64_t M) { return (M + kRowGroup - 1) / kRowGroup * kRowGroup; }
+  static int64_t padded_units(int64_t n) { return (n + 7) / 8 * 8; }
+  const int8_t* q_group(int64_t m0) const { return q + m0 * K; }
+  const float* d_group(int64_t m0) const { return d + m0 * (K / x_block); }
+  // The sums of row m over units of `unit` (32 or 16) elements.
+  const float* sums(int64_t m, int64_t unit) const {
+    return unit == kBlock ? sum32 + m * padded_units(K / kBlock) : sum16 + m * padded_units(K / 16);
+  }
+};
+
+RZ_INLINE float max_abs(const float* x, int64_t n) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  __m256 amax = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + i)));
+  __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(amax, 1), _mm256_castps256_ps128(amax));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  return _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+}
+
+// Quantize row m of x (x == nullptr: a zero padding row) into qx's layout, rounding as
+// llama.cpp's quantize_row_q8_0 / q8_K: q = round(x * 127 / amax), scale amax / 127.
+void quantize_row(const float* x, const QuantizedX& qx, int64_t m) {
+  const int64_t K = qx.K, nb = K / kBlock, per_scale = qx.x_block / kBlock;
+  const int64_t m0 = m / kRowGroup * kRowGroup, i = m - m0;
+  int8_t* q = qx.q + m0 * K + i * kBlock;
+  float* d = qx.d + m0 * (K / qx.x_block) + i;
+  float* sum32 = qx.sum32 + m * QuantizedX::padded_units(nb);
+  float* sum16 = qx.sum16 + m * QuantizedX::padded_units(K / 16);
+  std::fill(sum32 + nb, sum32 + QuantizedX::padded_units(nb), 0.0f);
+  std::fill(sum16 + K / 16, sum16 + QuantizedX::padded_units(K / 16), 0.0f);
+  static const float zero_block[kBlock] = {};
+  float scale = 0;
+  __m256 inverse = _mm256_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const float* xb = x ? x + b * kBlock : zero_block;
+    if (b % per_scale == 0) {
+      const float amax = x ? max_abs(x + b * kBlock, qx.x_block) : 0.0f;
+      scale = amax / 127.0f;
+      inverse = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
+      d[b / per_scale * kRowGroup] = scale;
+    }
+    __m256i i32[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(xb + 8 * j), inverse);
+      i32[j] = _mm256_cvtps_epi32(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    const int32_t low_sum = hsum_i32(_mm256_add_epi32(i32[0], i32[1]));
+    const int32_t high_sum = hsum_i32(_mm256_add_epi32(i32[2], i32[3]));
+    // packs interleaves 128-bit lanes; the permute restores element order.
+    __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    store(q + b * kRowGroup * kBlock, _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    sum16[2 * b] = scale * static_cast<float>(low_sum);
+    sum16[2 * b + 1] = scale * static_cast<float>(high_sum);
+    sum32[b] = scale * static_cast<float>(low_sum + high_sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights: a view of a type's arrays (row-major [N, K/block * items]) per type.
+//
+// 32-block types have
+//   for_blocks(n, f): f(b, u) for each 32-block b of row n, u its quants as bytes in element
+//     order (unsigned, or two's complement if kSigned);
+//   scales_row(n, scales, offsets): each block's float scale and offset: w = scale * u + offset.
+// K-quants have
+//   for_super(n, s, f): f(j, u) for the 8 sub-blocks j of super-block s of row n;
+//   super_row(n, words, offsets, d): each unit's integer sub-scale as an int16 pair (madd's
+//     multiplier), each unit's float offset, each super-block's float scale:
+//     w = d * word * u + offset, per unit of kUnit (32, or 16 for Q6_K) weights.
+
+// 16 bytes whose low nibbles hold elements 0-15 and high nibbles elements 16-31 -> 32 quants.
+RZ_INLINE __m256i nibbles_32(const uint8_t* p) {
+  const __m128i t = load_128(p);
+  return low_nibbles(_mm256_set_m128i(_mm_srli_epi16(t, 4), t));
+}
+
+// Bit i of a 32-bit word -> 0x10 in byte i (the fifth bit of Q5_0/Q5_1 quants).
+RZ_INLINE __m256i fifth_bits_32(uint32_t bits) {
+  const __m256i shuffle = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+  __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)), shuffle);
+  bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
+}
+
+// n f16 values times `factor` -> f32. A row's last partial vector overlaps the previous one
+// rather than going scalar: rows are short (K/32 = 20 scales for K = 640).
+RZ_INLINE void f16_row(const uint16_t* h, int64_t n, float factor, float* out) {
+  const __m256 f = _mm256_set1_ps(factor);
+  if (n < 8) {
+    for (int64_t i = 0; i < n; ++i) out[i] = factor * f16_to_f32(h[i]);
+    return;
+  }
+  for (int64_t i = 0;; i += 8) {
+    i = std::min(i, n - 8);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(f, _mm256_cvtph_ps(load_128(h + i))));
+    if (i == n - 8) break;
+  }
+}
+
+// Each int32 lane of v (a small integer) twice as int16: a madd multiplier.
+RZ_INLINE __m256i twice_16(__m256i v) { return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16)); }
+
+struct Q4_0W {
+  static constexpr bool kSuperBlocks = false;
+  static constexpr bool kSigned = false;
+  const uint8_t* qs;
+  const uint16_t* d;
+  int64_t K;
+  template <class F>
+  RZ_INLINE void for_blocks(int64_t n, F&& f) const {
+    const uint8_t* q = qs + n * K / 2;
+    for (int64_t b = 0; b < K / kBlock; ++b) f(b, nibbles_32(q + 16 * b));
+  }
+  RZ_INLINE void scales_row(int64_t n, float* scales, float* offsets) const {
+    f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales);
+    f16_row(d + n * (K / kBlock), K / kBlock, -8.0f, offsets);
+  }
+};
+
+struct Q4_1W {
+  static constexpr bool kSuperBlocks = false;
+  static constexpr bool kSigned = false;
+  const uint8_t* qs;
+  const uint16_t* d;
+  const uint16_t* mins;
+  int64_t K;
+  template <class F>
+  RZ_INLINE void for_blocks(int64_t n, F&& f) const {
+    const uint8_t* q = qs + n * K / 2;
+    for (int64_t b = 0; b < K / kBlock; ++b) f(b, nibbles_32(q + 16 * b));
+  }
+  RZ_INLINE void scales_row(int64_t n, float* scales, float* offsets) const {
+    f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales);
+    f16_row(mins + n * (K / kBlock), K / kBlock, 1.0f, offsets);
+  }
+};
+
+template <bool kMin>
+struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
+  static constexpr bool kSuperBlocks = false;
+  static constexpr bool kSigned = false;
+  const uint8_t* qs;
+  const uint32_t* qh;
+  const uint16_t* d;
+  const uint16_t* mins;
+  int64_t K;
+  template <class F>
+  RZ_INLINE void for_blocks(int64_t n, F&& f) const {
+    const uint8_t* q = qs + n * K / 2;
+    const uint32_t* h = qh + n * (K / kBlock);
+    for (int64_t b = 0; b < K / kBlock; ++b) f(b, _mm256_or_si256(nibbles_32(q + 16 * b), fifth_bits_32(h[b])));
+  }
+  RZ_INLINE void scales_row(int64_t n, float* scales, float* offsets) const {
+    f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales);
+    if constexpr (kMin) f16_row(mins + n * (K / kBlock), K / kBlock, 1.0f, offsets);
+    else f16_row(d + n * (K / kBlock), K / kBlock, -16.0f, offsets);
+  }
+};
+
+struct Q8_0W {
+  static constexpr bool kSuperBlocks = false;
+  static constexpr bool kSigned = true;
+  const int8_t* qs;
+  const uint16_t* d;
+  int64_t K;
+  template <class F>
+  RZ_INLINE void for_blocks(int64_t n, F&& f) const {
+    const int8_t* q = qs + n * K;
+    for (int64_t b = 0; b < K / kBlock; ++b) f(b, load(q + kBlock * b));
+  }
+  RZ_INLINE void scales_row(int64_t n, float* scales, float*) const { f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales); }
+};
+
+// Q4_K and Q5_K: w = d * scale * q - dmin * min per 32-element sub-block.
+template <bool kFifthBit>
+struct QK_W {
+  static constexpr bool kSuperBlocks = true;
+  static constexpr int64_t kUnit = 32;
+  const uint8_t* qs;      // K/2, nibble-planar in groups of 64
+  const uint8_t* qh;      // K/8, bit-planar in groups of 256 (Q5_K only)
+  const uint8_t* scales;  // K/32
+  const uint8_t* mins;    // K/32
+  const uint16_t* d;      // K/256
+  const uint16_t* dmin;   // K/256
+  int64_t K;
+
+  template <int kBit>
+  static RZ_INLINE __m256i fifth_bit(__m256i h) {
+    // Bit kBit of each byte to 0x10; 16-bit shifts are safe because the mask drops what crosses bytes.
+    if constexpr (kBit < 4) return _mm256_and_si256(_mm256_slli_epi16(h, 4 - kBit), _mm256_set1_epi8(0x10));
+    else if constexpr (kBit == 4) return _mm256_and_si256(h, _mm256_set1_epi8(0x10));
+    else return _mm256_and_si256(_mm256_srli_epi16(h, kBit - 4), _mm256_set1_epi8(0x10));
+  }
+
+  template <int kPair, class F>
+  static RZ_INLINE void pair(const uint8_t* q, __m256i h, F& f) {
+    const __m256i v = load(q + 32 * kPair);
+    __m256i u0 = low_nibbles(v), u1 = high_nibbles(v);
+    if constexpr (kFifthBit) {
+      u0 = _mm256_or_si256(u0, fifth_bit<2 * kPair>(h));
+      u1 = _mm256_or_si256(u1, fifth_bit<2 * kPair + 1>(h));
+    }
+    f(2 * kPair, u0);
+    f(2 * kPair + 1, u1);
+  }
+
+  template <class F>
+  RZ_INLINE void for_super(int64_t n, int64_t s, F&& f) const {
+    const int64_t super = n * (K / kSuper) + s;
+    const uint8_t* q = qs + super * 128;
+    const __m256i h = kFifthBit ? load(qh + super * 32) : _mm256_setzero_si256();
+    pair<0>(q, h, f);
+    pair<1>(q, h, f);
+    pair<2>(q, h, f);
+    pair<3>(q, h, f);
+  }
+
+  RZ_INLINE void super_row(int64_t n, int32_t* words, float* offsets, float* super_d) const {
+    const int64_t n_super = K / kSuper;
+    for (int64_t s = 0; s < n_super; ++s) {
+      const int64_t super = n * n_super + s;
+      store(words + 8 * s, twice_16(_mm256_cvtepu8_epi32(load_64(scales + super * 8))));
+      const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(load_64(mins + super * 8)));
+      _mm256_storeu_ps(offsets + 8 * s, _mm256_mul_ps(m, _mm256_set1_ps(-f16_to_f32(dmin[super]))));
+      super_d[s] = f16_to_f32(d[super]);
+    }
+  }
+};
+
+// Q6_K: w = d * scale * (q - 32), 6-bit q, one int8 scale per 16 elements.
+struct Q6_KW {
+  static constexpr bool kSuperBlocks = true;
+  static constexpr int64_t kUnit = 16;
+  const uint8_t* qs;     // K/2, nibble-planar in groups of 128
+  const uint8_t* qh;     // K/4, 2-bit planes in groups of 128
+  const int8_t* scales;  // K/16
+  const uint16_t* d;     // K/256
+  int64_t K;
+
+  template <int kPlane>
+  static RZ_INLINE __m256i high_bits(__m256i h) {
+    // Bits [2 kPlane, 2 kPlane + 2) of each byte to bits 4-5.
+    const __m256i mask = _mm256_set1_epi8(0x30);
+    if constexpr (kPlane == 0) return _mm256_and_si256(_mm256_slli_epi16(h, 4), mask);
+    else if constexpr (kPlane == 1) return _mm256_and_si256(_mm256_slli_epi16(h, 2), mask);
+    else if constexpr (kPlane == 2) return _mm256_and_si256(h, mask);
+    else return _mm256_and_si256(_mm256_srli_epi16(h, 2), mask);
+  }
+
+  template <class F>
+  RZ_INLINE void for_super(int64_t n, int64_t s, F&& f) const {
+    const int64_t super = n * (K / kSuper) + s;
+    for (int g = 0; g < 2; ++g) {
+      const uint8_t* q = qs + super * 128 + g * 64;
+      const __m256i q0 = load(q), q1 = load(q + 32);
+      const __m256i h = load(qh + super * 64 + g * 32);
+      f(4 * g, _mm256_or_si256(low_nibbles(q0), high_bits<0>(h)));
+      f(4 * g + 1, _mm256_or_si256(low_nibbles(q1), high_bits<1>(h)));
+      f(4 * g + 2, _mm256_or_si256(high_nibbles(q0), high_bits<2>(h)));
+      f(4 * g + 3, _mm256_or_si256(high_nibbles(q1), high_bits<3>(h)));
+    }
+  }
+
+  RZ_INLINE void super_row(int64_t n, int32_t* words, float* offsets, float* super_d) const {
+    const int64_t n_super = K / kSuper;
+    for (int64_t s = 0; s < n_super; ++s) {
+      const int64_t super = n * n_super + s;
+      const __m128i sc16 = load_128(scales + super * 16);
+      const __m256i low = _mm256_cvtepi8_epi32(sc16), high = _mm256_cvtepi8_epi32(_mm_srli_si128(sc16, 8));
+      store(words + 16 * s, twice_16(low));
+      store(words + 16 * s + 8, twice_16(high));
+      const float dn = f16_to_f32(d[super]);
+      const __m256 to_offset = _mm256_set1_ps(-32.0f * dn);
+      _mm256_storeu_ps(offsets + 16 * s, _mm256_mul_ps(to_offset, _mm256_cvtepi32_ps(low)));
+      _mm256_storeu_ps(offsets + 16 * s + 8, _mm256_mul_ps(to_offset, _mm256_cvtepi32_ps(high)));
+      super_d[s] = dn;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// A weight row's scales and offsets, per task.
+//   32-block types, few activation rows: float scales (compute_floats).
+//   32-block types, many rows: int16 multipliers relative to the row's largest scale, so that the
+//     weight scale rides in the madd and costs nothing in the inner loop (compute_words). 14 bits
+//     keep the madd within int32 (|maddubs pair| <= 2 * 128 * 127) and put each scale within
+//     2^-15 of the row's largest: below the f16 scales' own precision where it matters, and far
+//     below the activations' quantization error.
+//   K-quants: their integer sub-scales as multipliers, and float super-block scales (compute_super).
+
+constexpr float kScaleWordMax = 16383.0f;
+
+struct RowScales {
+  std::vector<float> scales;   // per 32-block, K/32 + 8 (the tail zeroed to a multiple of 8)
+  std::vector<float> offsets;  // per unit (16 or 32 weights), zero-padded to a multiple of 8
+  std::vector<int32_t> words;  // per unit: an int16 multiplier, twice
+  std::vector<float> super_d;  // per super-block
+  float factor = 1;            // weight = factor * word * u + offset (32-block types)
+
+  explicit RowScales(int64_t K) : scales(K / kBlock + 8), offsets(K / 16 + 8, 0.0f), words(K / 16 + 8), super_d(K / kSuper + 1) {}
+
+  template <class W>
+  RZ_INLINE void compute_floats(const W& w, int64_t n) {
+    // The tail of offsets past K/32 stays zero: only 32-block types write fewer than 8k units.
+    w.scales_row(n, scales.data(), offsets.data());
+    factor = 1;
+  }
+
+  template <class W>
+  void compute_words(const W& w, int64_t n, int64_t K) {
+    w.scales_row(n, scales.data(), offsets.data());
+    const int64_t nb = K / kBlock, padded = QuantizedX::padded_units(nb);
+    float* s = scales.data();
+    std::fill(s + nb, s + padded, 0.0f);
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 vmax = _mm256_setzero_ps();
+    for (int64_t i = 0; i < padded; i += 8) vmax = _mm256_max_ps(vmax, _mm256_and_ps(abs_mask, _mm256_loadu_ps(s + i)));
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(vmax, 1), _mm256_castps256_ps128(vmax));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float max_scale = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256 to_word = _mm256_set1_ps(max_scale > 0 ? kScaleWordMax / max_scale : 0.0f);
+    factor = max_scale / kScaleWordMax;
+    for (int64_t i = 0; i < padded; i += 8) store(words.data() + i, twice_16(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(s + i), to_word))));
+  }
+
+  template <class W>
+  RZ_INLINE void compute_super(const W& w, int64_t n) {
+    w.super_row(n, words.data(), offsets.data(), super_d.data());
+  }
+
+  // Block b's madd multipliers: one unit's over the block, or two (kUnit 16) over its halves.
+  template <int64_t kUnit>
+  RZ_INLINE __m256i block_words(int64_t b) const {
+    if constexpr (kUnit == 32) {
+      return _mm256_set1_epi32(words[b]);
+    } else {
+      const __m256i two = _mm256_castsi128_si256(load_64(words.data() + 2 * b));
+      return _mm256_permutevar8x32_epi32(two, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The dot products.
+
+// The int32 dots of weight block u with the group's MT activation blocks at xq: maddubs, then
+// madd with `words` (the weight's multipliers, or ones).
+template <int MT, bool kSigned>
+RZ_INLINE void block_dots(__m256i (&dots)[MT], __m256i u, __m256i words, const int8_t* xq) {
+  const __m256i magnitude = kSigned ? _mm256_sign_epi8(u, u) : u;
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) {
+    const __m256i xv = load(xq + kBlock * i);
+    dots[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, kSigned ? _mm256_sign_epi8(xv, u) : xv), words);
+  }
+}
+
+// What a row's offsets (zero points, mins) add to its dot with an activation row: the dot of the
+// per-unit offsets with the activations' per-unit sums, both zero-padded to a multiple of 8.
+RZ_INLINE float offset_dot(const float* offsets, const float* sums, int64_t n_units) {
+  __m256 total[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t u = 0;
+  for (; u + 16 <= n_units; u += 16) {
+    total[0] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + u), _mm256_loadu_ps(sums + u), total[0]);
+    total[1] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + u + 8), _mm256_loadu_ps(sums + u + 8), total[1]);
+  }
+  if (u < n_units) total[0] = _mm256_fmadd_ps(_mm256_loadu_ps(offsets + u), _mm256_loadu_ps(sums + u), total[0]);
+  return hsum(_mm256_add_ps(total[0], total[1]));
+}
+
+// y[m0 + r0 + i, n] = factor * (the lanes of acc[i]) + the offsets' share, for the MT rows.
+template <int MT, int64_t kUnit, bool kOffsets>
+RZ_INLINE void store_row(const __m256 (&acc)[MT], float factor, const RowScales& rs, const QuantizedX& x, int64_t m0, int64_t r0, int64_t n, float* y, int64_t N) {
+  const int64_t n_units = QuantizedX::padded_units(x.K / kUnit);
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) {
+    const int64_t m = m0 + r0 + i;
+    y[m * N + n] = factor * hsum(acc[i]) + (kOffsets ? offset_dot(rs.offsets.data(), x.sums(m, kUnit), n_units) : 0.0f);
+  }
+}
+
+// 32-block types, few activation rows (a decode step): each weight block decoded and used at
+// once, the weight scale times the activation block's applied in the FMA.
+template <int MT, class W>
+RZ_INLINE void fused_row(const W& w, const RowScales& rs, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
+  __m256 acc[MT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+  const int8_t* xq = x.q_group(m0);
+  const float* xd = x.d_group(m0);
+  const __m256i ones = _mm256_set1_epi16(1);
+  w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) {
+    __m256i dots[MT];
+    block_dots<MT, W::kSigned>(dots, u, ones, xq + b * kRowGroup * kBlock);
+    const __m256 weight_scale = _mm256_broadcast_ss(rs.scales.data() + b);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(xd + b * kRowGroup + i));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), scale, acc[i]);
+    }
+  });
+  store_row<MT, kBlock, !W::kSigned>(acc, 1.0f, rs, x, m0, 0, n, y, N);
+}
+
+// 32-block types, many activation rows: the weight row decoded to bytes u once, then met by the
+// groups, the weight scales riding in the madd.
+template <int MT, bool kSigned>
+RZ_INLINE void decoded_row(const uint8_t* u, const RowScales& rs, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
+  __m256 acc[MT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+  const int8_t* xq = x.q_group(m0);
+  const float* xd = x.d_group(m0);
+  for (int64_t b = 0; b < x.K / kBlock; ++b, xq += kRowGroup * kBlock, xd += kRowGroup) {
+    __m256i dots[MT];
+    block_dots<MT, kSigned>(dots, load(u + kBlock * b), rs.block_words<kBlock>(b), xq);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), _mm256_broadcast_ss(xd + i), acc[i]);
+  }
+  store_row<MT, kBlock, !kSigned>(acc, rs.factor, rs, x, m0, 0, n, y, N);
+}
+
+// K-quants: the eight sub-block dots of a super-block add up in int32 (their integer sub-scales
+// in the madd), then one convert and FMA with the super-block's scale times the activations'.
+// quants(s, g) calls g(j, u) for the sub-blocks j of super-block s: decoded on the fly or loaded.
+// The MT <= 4 rows start at row r0 of the group at m0 (at most 4: 2 * MT accumulators must stay
+// in registers).
+template <int MT, int64_t kUnit, class Quants>
+RZ_INLINE void super_row(Quants&& quants, const RowScales& rs, int64_t n, const QuantizedX& x, int64_t m0, int64_t r0, float* y, int64_t N) {
+  static_assert(MT <= kSuperRows);
+  __m256 acc[MT];
+#pragma GCC unroll 4
+  for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+  const int8_t* xq = x.q_group(m0) + r0 * kBlock;
+  const float* xd = x.d_group(m0) + r0;
+  for (int64_t s = 0; s < x.K / kSuper; ++s) {
+    __m256i super_dots[MT];
+#pragma GCC unroll 4
+    for (int i = 0; i < MT; ++i) super_dots[i] = _mm256_setzero_si256();
+    quants(s, [&](int j, __m256i u) __attribute__((always_inline)) {
+      const int64_t b = 8 * s + j;
+      __m256i dots[MT];
+      block_dots<MT, false>(dots, u, rs.block_words<kUnit>(b), xq + b * kRowGroup * kBlock);
+#pragma GCC unroll 4
+      for (int i = 0; i < MT; ++i) super_dots[i] = _mm256_add_epi32(super_dots[i], dots[i]);
+    });
+    const __m256 d = _mm256_broadcast_ss(rs.super_d.data() + s);
+#pragma GCC unroll 4
+    for (int i = 0; i < MT; ++i) {
+      const __m256 scale = _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * kRowGroup + i));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(super_dots[i]), scale, acc[i]);
+    }
+  }
+  store_row<MT, kUnit, true>(acc, 1.0f, rs, x, m0, r0, n, y, N);
+}
+
+// Per-task buffers for one weight row (a task's own: thread_local would cost a TLS lookup in a
+// shared library's hot loop).
+struct RowBuffers {
+  RowScales scales;
+  std::vector<uint8_t> u;
+  explicit RowBuffers(int64_t K) : scales(K), u(K) {}
+};
+
+// The dots of weight row n with the MT rows of the activation group at m0.
+template <int MT, class W>
+RZ_INLINE void group_dot(const W& w, const RowBuffers& rb, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N, bool fused) {
+  if constexpr (W::kSuperBlocks) {
+    auto decoded = [&](int64_t s, auto&& g) __attribute__((always_inline)) {
+      for (int j = 0; j < 8; ++j) g(j, load(rb.u.data() + kSuper * s + kBlock * j));
+    };
+    if constexpr (MT <= kSuperRows) {
+      if (fused) super_row<MT, W::kUnit>([&](int64_t s, auto&& g) __attribute__((always_inline)) { w.for_super(n, s, g); }, rb.scales, n, x, m0, 0, y, N);
+      else super_row<MT, W::kUnit>(decoded, rb.scales, n, x, m0, 0, y, N);
+    } else {
+      super_row<kSuperRows, W::kUnit>(decoded, rb.scales, n, x, m0, 0, y, N);
+      super_row<MT - kSuperRows, W::kUnit>(decoded, rb.scales, n, x, m0, kSuperRows, y, N);
+    }
+  } else {
+    if (fused) fused_row<MT>(w, rb.scales, n, x, m0, y, N);
+    else decoded_row<MT, W::kSigned>(rb.u.data(), rb.scales, n, x, m0, y, N);
+  }
+}
+
+// Rows [n0, n1) of W against activation rows [m0, m1), m0 a multiple of kRowGroup. With few
+// activation rows, each weight block is decoded where it is used (measured faster up to a group
+// of 8; for K-quants up to one pass of 4); beyond, each weight row is decoded to bytes once and
+// met by the groups.
+template <class W>
+void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
+  RowBuffers rb(x.K);
+  const bool fused = m1 - m0 <= (W::kSuperBlocks ? kSuperRows : kRowGroup);
+  for (int64_t n = n0; n < n1; ++n) {
+    if constexpr (W::kSuperBlocks) {
+      rb.scales.compute_super(w, n);
+      if (!fused) {
+        for (int64_t s = 0; s < x.K / kSuper; ++s) {
+          w.for_super(n, s, [&](int j, __m256i u) __attribute__((always_inline)) { store(rb.u.data() + kSuper * s + kBlock * j, u); });
+        }
+      }
+    } else if (fused) {
+      rb.scales.compute_floats(w, n);
+    } else {
+      rb.scales.compute_words(w, n, x.K);
+      w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) { store(rb.u.data() + kBlock * b, u); });
+    }
+    for (int64_t m = m0; m < m1; m += kRowGroup) {
+      switch (std::min(kRowGroup, m1 - m)) {
+        case 8: group_dot<8>(w, rb, n, x, m, y, N, fused); break;
+        case 7: group_dot<7>(w, rb, n, x, m, y, N, fused); break;
+        case 6: group_dot<6>(w, rb, n, x, m, y, N, fused); break;
+        case 5: group_dot<5>(w, rb, n, x, m, y, N, fused); break;
+        case 4: group_dot<4>(w, rb, n, x, m, y, N, fused); break;
+        case 3: group_dot<3>(w, rb, n, x, m, y, N, fused); break;
+        case 2: group_dot<2>(w, rb, n, x, m, y, N, fused); break;
+        default: group_dot<1>(w, rb, n, x, m, y, N, fused); break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads and tiling.
+
+// Scratch for the quantized activations, reused across calls on the calling thread.
+struct Scratch {
+  std::vector<int8_t> q;
+  std::vector<float> f;
+};
+thread_local Scratch scratch;
+
+QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t x_block, int64_t n_threads) {
+  const int64_t rows = QuantizedX::padded_rows(M);
+  scratch.q.resize(rows * K);
+  scratch.f.resize(rows * (K / x_block + QuantizedX::padded_units(K / kBlock) + QuantizedX::padded_units(K / 16)));
+  QuantizedX qx;
+  qx.M = M;
+  qx.K = K;
+  qx.x_block = x_block;
+  qx.q = scratch.q.data();
+  qx.d = scratch.f.data();
+  qx.sum32 = qx.d + rows * (K / x_block);
+  qx.sum16 = qx.sum32 + rows * QuantizedX::padded_units(K / kBlock);
+  rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
+  return qx;
+}
+
+// Tiling. A decode step (small M) splits rows of W only, so each weight byte is read once; a
+// prefill also splits rows of x, in tiles whose int8 rows fit in L2 with a W tile in L1.
+constexpr int64_t kSmallM = 16;
+constexpr int64_t kPrefillRowsX = 64;
+constexpr int64_t kPrefillRowsW = 16;
+constexpr int64_t kMinWeightBytesPerThread = 128 << 10;  // below, waking a pool thread costs more than it saves
+
+template <class W>
+void matmul(ffi::ThreadPool& pool, int64_t threads, const W& w, const float* x, int64_t M, int64_t N, int64_t K, double weight_bytes, float* y) {
+  const QuantizedX qx = quantize(pool, x, M, K, W::kSuperBlocks ? kSuper : kBlock, threads);
+  const int64_t useful_threads = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(weight_bytes * std::min<int64_t>(M, 4) / kMinWeightBytesPerThread)));
+  if (M <= kSmallM) {
+    const int64_t tasks = std::min<int64_t>(N, 8 * useful_threads);
+    const int64_t rows = (N + tasks - 1) / tasks;
+    rz_cpu::parallel_for(pool, (N + rows - 1) / rows, useful_threads, [&](int64_t t) {
+      matmul_tile(w, qx, t * rows, std::min(N, (t + 1) * rows), 0, M, y, N);
+    });
+    return;
+  }
+  const int64_t tiles_x = (M + kPrefillRowsX - 1) / kPrefillRowsX;
+  const int64_t tiles_w = (N + kPrefillRowsW - 1) / kPrefillRowsW;
+  rz_cpu::parallel_for(pool, tiles_x * tiles_w, threads, [&](int64_t t) {
+    // Consecutive tasks share a tile of x, so a thread walks W while x stays in its L2.
+    const int64_t tx = t / tiles_w, tw = t % tiles_w;
+    matmul_tile(w, qx, tw * kPrefillRowsW, std::min(N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y, N);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The XLA FFI handler: x f32 [M, K], then the weight's arrays in the order of
+// rz_kernels.qmatmul.CPU_FFI_ARRAYS, -> y f32 [M, N]. Attributes: the GGML type, and a cap on
+// the threads (0: the pool's).
+
+template <class T>
+const T* data(const ffi::AnyBuffer& buffer) {
+  return static_cast<const T*>(buffer.untyped_data());
+}
+
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, int32_t ggml_type, int32_t max_threads) {
+  const auto x_dims = x.dimensions();
+  const auto y_dims = y->dimensions();
+  if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[0] != y_dims[0]) {
+    return ffi::Error::InvalidArgument("rz_qmatmul: expected x [M, K] and y [M, N]");
+  }
+  const int64_t M = x_dims[0], K = x_dims[1], N = y_dims[1];
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  std::vector<ffi::AnyBuffer> arrays;
+  double weight_bytes = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    auto array = weights.get<ffi::AnyBuffer>(i);
+    if (!array.has_value()) return array.error();
+    if (array->dimensions().size() != 2 || array->dimensions()[0] != N) {
+      return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
+    }
+    weight_bytes += static_cast<double>(array->size_bytes());
+    arrays.push_back(*array);
+  }
+  auto expect = [&](size_t count, int64_t block) -> bool { return arrays.size() == count && K % block == 0; };
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  const int64_t threads = rz_cpu::pool_threads(pool, max_threads);
+  switch (ggml_type) {
+    case Q4_0:  // d, qs
+      if (!expect(2, kBlock)) break;
+      matmul(pool, threads, Q4_0W{data<uint8_t>(arrays[1]), data<uint16_t>(arrays[0]), K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    case Q4_1:  // d, m, qs
+      if (!expect(3, kBlock)) break;
+      matmul(pool, threads, Q4_1W{data<uint8_t>(arrays[2]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    case Q5_0:  // d, qh, qs
+      if (!expect(3, kBlock)) break;
+      matmul(pool, threads, Q5W<false>{data<uint8_t>(arrays[2]), data<uint32_t>(arrays[1]), data<uint16_t>(arrays[0]), nullptr, K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    case Q5_1:  // d, m, qh, qs
+      if (!expect(4, kBlock)) break;
+      matmul(pool, threads, Q5W<true>{data<uint8_t>(arrays[3]), data<uint32_t>(arrays[2]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    case Q8_0:  // d, qs
+      if (!expect(2, kBlock)) break;
+      matmul(pool, threads, Q8_0W{data<int8_t>(arrays[1]), data<uint16_t>(arrays[0]), K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    case Q4_K:  // d, dmin, scales, mins, qs
+      if (!expect(5, kSuper)) break;
+      matmul(pool, threads, QK_W<false>{data<uint8_t>(arrays[4]), nullptr, data<uint8_t>(arrays[2]), data<uint8_t>(arrays[3]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    case Q5_K:  // d, dmin, scales, mins, qh, qs
+      if (!expect(6, kSuper)) break;
+      matmul(pool, threads, QK_W<true>{data<uint8_t>(arrays[5]), data<uint8_t>(arrays[4]), data<uint8_t>(arrays[2]), data<uint8_t>(arrays[3]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    case Q6_K:  // qs, qh, scales, d
+      if (!expect(4, kSuper)) break;
+      matmul(pool, threads, Q6_KW{data<uint8_t>(arrays[0]), data<uint8_t>(arrays[1]), data<int8_t>(arrays[2]), data<uint16_t>(arrays[3]), K}, xp, M, N, K, weight_bytes, yp);
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("rz_qmatmul: unsupported ggml_type");
+  }
+  return ffi::Error::InvalidArgument("rz_qmatmul: wrong number of weight arrays for the type, or K not a multiple of its block");
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmul, QMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("ggml_type")
+                                  .Attr<int32_t>("max_threads"));

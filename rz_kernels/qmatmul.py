@@ -1,0 +1,173 @@
+"""Quantized matmul y = x @ W.T for a QTensor W [N, K]: one entry point, one path per backend and shape.
+
+Paths (see `describe_paths()`; the reference twin is `rz.quants.qmatmul_ref`):
+
+    backend  types                      M (= batch x tokens)  path
+    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   all                   cpu_ffi: C++/AVX2 kernel through XLA's FFI
+             Q4_K Q5_K Q6_K
+    cuda     the same                   1-16                  pallas_decode: split-K Pallas kernel, W streamed once
+             the same                   > 16                  pallas_prefill: tiled Pallas kernel
+    any      anything else              all                   xla_reference: dequantize, then an f32 dot
+
+Why a C++ kernel on CPU: XLA:CPU has no fast form for these shapes. Measured on the 2-core AVX2
+dev machine (benchmarks/kernels/bench_qmatmul.py): dots with int8/f16/bf16 operands at batch 1
+take a slow path (~45x), 4-bit unpacking inside a jitted function runs ~20x slower than int8,
+and per-block scales rule out XLA's int8 x int8 dot. The C++ kernel quantizes the activations to
+int8 per 32-block as llama.cpp does and meets every weight block in one maddubs, so it streams
+the weights once at decode and runs int8 arithmetic at prefill. Where it cannot be built (no
+compiler, no AVX2) the CPU takes xla_reference, logged once.
+"""
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rz.ggml_types import GGMLType
+from rz.quants import QTensor, qmatmul_ref
+from rz_kernels import cpu_ffi, qmatmul_pallas
+
+log = logging.getLogger("rz_kernels")
+
+# The order in which the C++ kernel reads each type's arrays (rz_kernels/cpu/qmatmul.cc, QMatmulImpl).
+CPU_FFI_ARRAYS: dict[GGMLType, tuple[str, ...]] = {
+    GGMLType.Q4_0: ("d", "qs"),
+    GGMLType.Q4_1: ("d", "m", "qs"),
+    GGMLType.Q5_0: ("d", "qh", "qs"),
+    GGMLType.Q5_1: ("d", "m", "qh", "qs"),
+    GGMLType.Q8_0: ("d", "qs"),
+    GGMLType.Q4_K: ("d", "dmin", "scales", "mins", "qs"),
+    GGMLType.Q5_K: ("d", "dmin", "scales", "mins", "qh", "qs"),
+    GGMLType.Q6_K: ("qs", "qh", "scales", "d"),
+}
+
+# Up to this many rows of x a GPU matmul is a decode step: memory-bound, W streamed once.
+GPU_DECODE_MAX_M = 16
+
+
+@dataclass(frozen=True)
+class Path:
+    """One implementation of qmatmul, for a backend, a set of types and a range of M."""
+
+    backend: str
+    name: str
+    types: tuple[str, ...]
+    m_min: int
+    m_max: int | None  # None: unbounded
+
+    def serves(self, backend: str, ggml_type: GGMLType, m: int) -> bool:
+        in_range = self.m_min <= m and (self.m_max is None or m <= self.m_max)
+        return backend == self.backend and ggml_type.name in self.types and in_range
+
+
+def _paths() -> tuple[Path, ...]:
+    cpu_types = tuple(t.name for t in CPU_FFI_ARRAYS) if cpu_ffi.available() else ()
+    gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES))
+    return (
+        Path("cpu", "cpu_ffi", cpu_types, 1, None),
+        Path("cuda", "pallas_decode", gpu_types, 1, GPU_DECODE_MAX_M),
+        Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
+    )
+
+
+def select_path(backend: str, ggml_type: GGMLType, m: int) -> str:
+    """The name of the path qmatmul takes for a weight type and M rows of x on a backend."""
+    for path in _paths():
+        if path.serves(backend, ggml_type, m):
+            return path.name
+    return "xla_reference"
+
+
+def describe_paths(backend: str | None = None) -> list[dict]:
+    """Which implementation serves which (types, M range) on `backend` (default: jax's default backend).
+
+    The last row is the fallback for every other type.
+    """
+    backend = backend or jax.default_backend()
+    rows = [
+        {"op": "qmatmul", "backend": p.backend, "path": p.name, "types": p.types, "m_min": p.m_min, "m_max": p.m_max}
+        for p in _paths()
+        if p.backend == backend and p.types
+    ]
+    rows.append({"op": "qmatmul", "backend": backend, "path": "xla_reference", "types": ("*",), "m_min": 1, "m_max": None})
+    return rows
+
+
+_logged: set[tuple] = set()
+
+
+def _log_first_use(ggml_type: GGMLType, n: int, k: int, m: int) -> None:
+    key = (ggml_type, n, k, m)
+    if key not in _logged:
+        _logged.add(key)
+        paths = ", ".join(f"{b}: {select_path(b, ggml_type, m)}" for b in ("cpu", "cuda"))
+        log.info("rz_kernels.qmatmul %s [%d x %d] at M=%d -> %s", ggml_type.name, n, k, m, paths)
+
+
+def qmatmul_cpu(x: jax.Array, qt: QTensor, max_threads: int = 0) -> jax.Array:
+    """The C++ kernel: x f32 [M, K] @ W[N, K].T -> f32 [M, N], for a type in CPU_FFI_ARRAYS.
+
+    max_threads caps the threads it takes from XLA's pool (0: all; benchmarks compare 1 and 2).
+    """
+    if not cpu_ffi.available():
+        raise RuntimeError("the C++ CPU kernels are not available here (see the rz_kernels log)")
+    m, n = x.shape[0], qt.shape[0]
+    arrays = [qt.arrays[name] for name in CPU_FFI_ARRAYS[qt.ggml_type]]
+    call = jax.ffi.ffi_call(cpu_ffi.QMATMUL_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(x.astype(jnp.float32), *arrays, ggml_type=np.int32(qt.ggml_type), max_threads=np.int32(max_threads))
+
+
+# The C++ kernel quantizes activations per 32 elements for 32-block weights (llama.cpp's Q8_0) and
+# per 256 for K-quants (Q8_K), whose integer sub-block scales then add up in int32.
+K_QUANTS = frozenset({GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+
+
+def activation_block(ggml_type: GGMLType) -> int:
+    """Elements per activation scale in the C++ kernel's int8 activations for this weight type."""
+    return 256 if ggml_type in K_QUANTS else 32
+
+
+@functools.partial(jax.jit, static_argnames="block")
+def quantize_activations_ref(x: jax.Array, block: int = 32) -> jax.Array:
+    """x [..., K] rounded as the C++ kernel quantizes it: int8 per `block` elements, scale amax/127.
+
+    Returns the dequantized values, f32 [..., K].
+    """
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, block)
+    max_abs = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
+    inverse = jnp.where(max_abs > 0, 127.0 / max_abs, 0.0)
+    return (jnp.round(blocks * inverse) * (max_abs / 127.0)).reshape(x.shape)
+
+
+def qmatmul_cpu_ref(x: jax.Array, qt: QTensor) -> jax.Array:
+    """The C++ kernel's exact twin: qmatmul_ref on the activations rounded by quantize_activations_ref."""
+    return qmatmul_ref(quantize_activations_ref(x, activation_block(qt.ggml_type)), qt)
+
+
+def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
+    if select_path("cpu", qt.ggml_type, x.shape[0]) == "cpu_ffi":
+        return qmatmul_cpu(x, qt)
+    return qmatmul_ref(x, qt)
+
+
+def _cuda(x: jax.Array, qt: QTensor) -> jax.Array:
+    if select_path("cuda", qt.ggml_type, x.shape[0]) == "xla_reference" or not qmatmul_pallas.tiles(*qt.shape, qt.ggml_type):
+        return qmatmul_ref(x, qt)
+    return qmatmul_pallas.qmatmul(x, qt)
+
+
+def qmatmul(x: jax.Array, qt: QTensor) -> jax.Array:
+    """x [..., K] @ W.T for a quantized W [N, K] -> f32 [..., N], by the fastest path for the backend and M."""
+    if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
+        raise ValueError(f"qmatmul: x {x.shape} does not contract with a weight of shape {qt.shape}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, qt.shape[1]).astype(jnp.float32)
+    m, (n, k) = rows.shape[0], qt.shape
+    if m == 0:
+        return jnp.zeros((*lead, n), jnp.float32)
+    _log_first_use(qt.ggml_type, n, k, m)
+    y = jax.lax.platform_dependent(rows, qt, cpu=_cpu, cuda=_cuda, default=qmatmul_ref)
+    return y.reshape(*lead, n)

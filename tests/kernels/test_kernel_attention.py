@@ -1,0 +1,164 @@
+"""rz_kernels.attention: the reference against a direct NumPy loop, and every implementation
+(CPU chunked formulation, Pallas flash and decode kernels in interpret mode) against the reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rz_kernels import attention_pallas, cpu_ffi
+from rz_kernels.attention import attention, attention_cpu, attention_ref, decode_attention_cpu
+
+# (batch, query heads, KV heads, queries, key slots, head dim, window, softcap): Gemma-like
+# (4:1 grouping, sliding window) and SmolLM2-like (9:3) shapes, odd lengths, a decode step.
+CASES = [
+    (2, 4, 1, 37, 100, 64, 0, 0.0),
+    (1, 9, 3, 20, 70, 64, 16, 30.0),
+    (2, 4, 1, 1, 90, 32, 0, 0.0),
+    (3, 6, 2, 3, 130, 16, 40, 0.0),
+]
+
+
+def make_inputs(seed, batch, n_head, n_kv, length, n_keys, head_dim):
+    """Queries for the last `length` positions; key slots holding every position up to them in a
+    shuffled (ring-buffer) order with a few empty; the last query of the last sequence is padding."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, n_head, length, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, n_kv, n_keys, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, n_kv, n_keys, head_dim)).astype(np.float32)
+    first = 7
+    q_positions = np.tile(np.arange(first + n_keys - length, first + n_keys), (batch, 1)).astype(np.int32)
+    k_positions = np.tile(np.arange(first, first + n_keys), (batch, 1)).astype(np.int32)
+    for row in k_positions:
+        rng.shuffle(row)
+    k_positions[:, :3] = -1
+    q_positions[-1, -1] = -1
+    return q, k, v, q_positions, k_positions
+
+
+def numpy_attention(q, k, v, q_positions, k_positions, window, scale, softcap):
+    batch, n_head, length, _ = q.shape
+    group = n_head // k.shape[1]
+    out = np.zeros((batch, n_head, length, v.shape[-1]))
+    for b in range(batch):
+        for h in range(n_head):
+            for t in range(length):
+                p = q_positions[b, t]
+                seen = [s for s, kp in enumerate(k_positions[b]) if 0 <= kp <= p and (not window or kp > p - window)]
+                if not seen:
+                    continue
+                scores = np.array([q[b, h, t] @ k[b, h // group, s] for s in seen], np.float64) * scale
+                if softcap:
+                    scores = softcap * np.tanh(scores / softcap)
+                weights = np.exp(scores - scores.max())
+                out[b, h, t] = weights @ v[b, h // group, seen] / weights.sum()
+    return out
+
+
+def options(head_dim, window, softcap):
+    return dict(window=window, scale=head_dim**-0.5, softcap=softcap)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_reference_matches_numpy(case):
+    *shape, window, softcap = case
+    inputs = make_inputs(0, *shape)
+    expected = numpy_attention(*inputs, **options(shape[-1], window, softcap))
+    actual = attention_ref(*map(jnp.asarray, inputs), **options(shape[-1], window, softcap))
+    np.testing.assert_allclose(actual, expected, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(actual)[-1, :, -1], 0)  # the padding query
+
+
+def test_reference_matches_the_model_attention():
+    """Same numbers as rz.models.attention.attend (queries [B, T, H, D]) for every real query, up to
+    the f16 rounding the model applies to match llama.cpp (inputs given f16-exact here, so only its
+    rounding of the softmax weights differs)."""
+    from rz.models.attention import attend, attention_mask
+
+    inputs = make_inputs(1, 2, 4, 1, 9, 40, 32)
+    q, k, v = (a.astype(np.float16).astype(np.float32) for a in inputs[:3])
+    q_positions, k_positions = inputs[3:]
+    mask = attention_mask(jnp.asarray(q_positions), jnp.asarray(k_positions), 8)
+    model = attend(jnp.asarray(q).transpose(0, 2, 1, 3), jnp.asarray(k), jnp.asarray(v), mask, 0.25)
+    ours = attention_ref(*map(jnp.asarray, (q, k, v, q_positions, k_positions)), window=8, scale=0.25)
+    ours = np.asarray(ours).transpose(0, 2, 1, 3).reshape(model.shape)
+    real = q_positions >= 0
+    np.testing.assert_allclose(ours[real], np.asarray(model)[real], atol=3e-3)
+
+
+def test_half_precision_cache():
+    """K and V may come as f16 (the model's cache dtype): every implementation reads them as f32."""
+    inputs = [jnp.asarray(a) for a in make_inputs(5, 1, 4, 2, 5, 40, 16)]
+    inputs[1], inputs[2] = inputs[1].astype(jnp.float16), inputs[2].astype(jnp.float16)
+    expected = attention_ref(*inputs, window=0, scale=0.25)
+    assert expected.dtype == jnp.float32
+    np.testing.assert_allclose(attention_cpu(*inputs, scale=0.25), expected, atol=1e-5)
+    decode = attention_pallas.decode_attention(*inputs, scale=0.25, block_k=16, split_k=2, interpret=True)
+    np.testing.assert_allclose(decode, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_cpu_formulation_matches_reference(case):
+    *shape, window, softcap = case
+    inputs = [jnp.asarray(a) for a in make_inputs(2, *shape)]
+    expected = attention_ref(*inputs, **options(shape[-1], window, softcap))
+    np.testing.assert_allclose(attention_cpu(*inputs, chunk=16, **options(shape[-1], window, softcap)), expected, atol=1e-5)
+    np.testing.assert_allclose(attention(*inputs, **options(shape[-1], window, softcap)), expected, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_cpu_decode_kernel(dtype):
+    """The C++ decode kernel: several sequence splits (S >= 512), softcap, window, f16 or f32 cache."""
+    for case, n_keys in ((CASES[2], 700), (CASES[1], 600)):
+        batch, n_head, n_kv, length, _, head_dim, window, softcap = case
+        inputs = [jnp.asarray(a) for a in make_inputs(6, batch, n_head, n_kv, min(length, 4), n_keys, head_dim)]
+        inputs[1], inputs[2] = inputs[1].astype(dtype), inputs[2].astype(dtype)
+        opts = options(head_dim, window, softcap)
+        np.testing.assert_allclose(decode_attention_cpu(*inputs, **opts), attention_ref(*inputs, **opts), atol=1e-5)
+
+
+@pytest.mark.parametrize("case, blocks", [(CASES[0], (16, 32)), (CASES[1], (32, 16)), (CASES[3], (16, 64))])
+def test_flash_attention_matches_reference(case, blocks):
+    *shape, window, softcap = case
+    inputs = [jnp.asarray(a) for a in make_inputs(3, *shape)]
+    expected = attention_ref(*inputs, **options(shape[-1], window, softcap))
+    block_q, block_k = blocks
+    actual = attention_pallas.flash_attention(
+        *inputs, block_q=block_q, block_k=block_k, interpret=True, **options(shape[-1], window, softcap)
+    )
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("case, block_k, split_k", [(CASES[2], 16, 3), (CASES[3], 32, 2), (CASES[1], 16, 1)])
+def test_decode_attention_matches_reference(case, block_k, split_k):
+    *shape, window, softcap = case
+    inputs = [jnp.asarray(a) for a in make_inputs(4, *shape)]
+    expected = attention_ref(*inputs, **options(shape[-1], window, softcap))
+    actual = attention_pallas.decode_attention(
+        *inputs, block_k=block_k, split_k=split_k, interpret=True, **options(shape[-1], window, softcap)
+    )
+    np.testing.assert_allclose(actual, expected, atol=1e-5)
+
+
+def test_merge_splits_of_empty_and_full_splits():
+    """A split that saw nothing (max -inf, sum 0) adds nothing; a row no split saw stays 0."""
+    out = jnp.array([[[1.0], [0.0]], [[6.0], [0.0]]])  # [split=2, rows=2, Dv=1]
+    running_max = jnp.array([[0.0, -jnp.inf], [jnp.log(2.0), -jnp.inf]])
+    running_sum = jnp.array([[1.0, 0.0], [3.0, 0.0]])
+    merged = attention_pallas.merge_splits(out, running_max, running_sum)
+    np.testing.assert_allclose(merged, [[(1.0 + 2 * 6.0) / (1.0 + 2 * 3.0)], [0.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kernel, length", [(attention_pallas.flash_attention, 128), (attention_pallas.decode_attention, 1)])
+def test_attention_kernels_lower_to_triton(kernel, length):
+    spec = jax.ShapeDtypeStruct
+    args = (
+        spec((2, 4, length, 256), jnp.float32),
+        spec((2, 1, 1024, 256), jnp.float32),
+        spec((2, 1, 1024, 256), jnp.float32),
+        spec((2, length), jnp.int32),
+        spec((2, 1024), jnp.int32),
+    )
+    traced = jax.jit(lambda *a: kernel(*a, window=512, scale=0.0625, softcap=50.0)).trace(*args)
+    assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()

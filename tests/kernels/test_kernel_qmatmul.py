@@ -1,0 +1,201 @@
+"""rz_kernels.qmatmul: every path against rz.quants.qmatmul_ref, NMSE <= 5e-4 (llama.cpp's test-backend-ops bound).
+
+The C++ CPU kernel runs natively; the Pallas GPU kernel runs in interpret mode on CPU, and its
+lowering to Triton IR for CUDA is checked without a GPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rz.errors import RzError
+from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
+from rz.model_files import gemma3_270m_path, smollm2_135m_path
+from rz.quants import QTensor, dequantize, qmatmul_ref
+from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_pallas, select_path
+from rz_kernels.qmatmul import CPU_FFI_ARRAYS, activation_block, qmatmul_cpu, quantize_activations_ref
+from rz_kernels.testing import activations, nmse, random_qtensor, real_qtensor
+
+TOLERANCE = 5e-4
+TYPES = sorted(CPU_FFI_ARRAYS)
+needs_cpu_kernels = pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
+
+# M values that cross the C++ kernel's structure: 1 (decode), partial and whole row groups of 8
+# (fused), 16 (decoded rows), 17 (the prefill tiling), 70 (a second tile of 64 rows).
+CPU_ROWS = (1, 3, 8, 9, 16, 17, 70)
+
+
+def cpu_shapes(ggml_type: GGMLType) -> list[tuple[int, int]]:
+    """Odd row counts; K of one block, an odd number of blocks, and a count not a multiple of 8."""
+    block = BLOCK_GEOMETRY[ggml_type].block_size
+    return [(37, block), (20, 5 * block if block == 32 else 3 * block), (3, 17 * 32 if block == 32 else 256)]
+
+
+def cpu_and_references(x: np.ndarray, qt: QTensor, w: np.ndarray | None = None):
+    """The C++ kernel's y, its exact twin's and qmatmul_ref's, the references in float64 NumPy
+    from w = dequantize(qt) (one compilation per weight shape instead of one per x shape)."""
+    w = np.asarray(dequantize(qt), np.float64) if w is None else w
+    twin_x = np.asarray(quantize_activations_ref(jnp.asarray(x), activation_block(qt.ggml_type)), np.float64)
+    return np.asarray(qmatmul_cpu(jnp.asarray(x), qt)), twin_x @ w.T, x.astype(np.float64) @ w.T
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_cpu_kernel_matches_references(ggml_type):
+    """Per block exact against its twin (int8 activations, f32 weights): an indexing slip shows as
+    an error of order 1; against qmatmul_ref within the tolerance wherever there are enough
+    outputs for an NMSE to mean something."""
+    rng = np.random.default_rng(int(ggml_type))
+    for n, k in cpu_shapes(ggml_type):
+        qt = random_qtensor(rng, ggml_type, (n, k))
+        w = np.asarray(dequantize(qt), np.float64)
+        for m in CPU_ROWS:
+            actual, twin, reference = cpu_and_references(activations(rng, m, k), qt, w)
+            assert nmse(actual, twin) <= 1e-8, (n, k, m)
+            if n * m >= 64:
+                assert nmse(actual, reference) <= TOLERANCE, (n, k, m)
+
+
+@needs_cpu_kernels
+def test_cpu_kernel_with_outlier_channels():
+    """A 20x outlier channel coarsens its activation block's int8 grid (as in llama.cpp): the error
+    grows with the share of such blocks, here 1 in 8, but stays within 4x the bound."""
+    rng = np.random.default_rng(5)
+    qt = random_qtensor(rng, GGMLType.Q5_0, (256, 1024))
+    actual, _, expected = cpu_and_references(activations(rng, 4, 1024, outlier_every=256), qt)
+    assert nmse(actual, expected) <= 4 * TOLERANCE
+
+
+@needs_cpu_kernels
+def test_cpu_kernel_edge_values():
+    """Zero rows of W (scale 0), zero rows of x, and x with a single huge value."""
+    rng = np.random.default_rng(1)
+    qt = random_qtensor(rng, GGMLType.Q4_K, (16, 512))
+    zero_row_3 = {name: jnp.asarray(qt.arrays[name]).at[3].set(0) for name in ("d", "dmin")}
+    qt = QTensor({**qt.arrays, **zero_row_3}, qt.ggml_type, qt.shape)
+    x = activations(rng, 12, 512)
+    x[2] = 0
+    x[5] = 0
+    x[5, 100] = 1e6
+    actual, _, expected = cpu_and_references(x, qt)
+    np.testing.assert_array_equal(np.asarray(actual)[:, 3], 0)
+    np.testing.assert_array_equal(np.asarray(actual)[2], 0)
+    assert nmse(actual, expected) <= TOLERANCE
+
+
+def test_qmatmul_dispatch_shapes_and_paths():
+    rng = np.random.default_rng(2)
+    qt = random_qtensor(rng, GGMLType.Q8_0, (48, 64))
+    x = jnp.asarray(activations(rng, 6, 64)).reshape(2, 3, 64)
+    y = jax.jit(qmatmul)(x, qt)
+    assert y.shape == (2, 3, 48) and y.dtype == jnp.float32
+    assert nmse(y, qmatmul_ref(x, qt)) <= TOLERANCE
+    assert qmatmul(jnp.zeros((0, 64)), qt).shape == (0, 48)
+    with pytest.raises(ValueError, match="does not contract"):
+        qmatmul(jnp.zeros((1, 32)), qt)
+    # A type no kernel implements takes the reference.
+    f16 = random_qtensor(rng, GGMLType.F16, (8, 64))
+    assert select_path("cpu", GGMLType.F16, 1) == "xla_reference"
+    np.testing.assert_allclose(qmatmul(x, f16), qmatmul_ref(x, f16), rtol=1e-5, atol=1e-6)
+
+
+def test_describe_paths():
+    cpu = [row for row in describe_paths("cpu") if row["op"] == "qmatmul"]
+    assert cpu[-1]["path"] == "xla_reference"
+    if cpu_ffi.available():
+        assert cpu[0]["path"] == "cpu_ffi" and "Q5_0" in cpu[0]["types"]
+        assert select_path("cpu", GGMLType.Q6_K, 512) == "cpu_ffi"
+    assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
+    cuda = {row["path"]: row for row in describe_paths("cuda")}
+    assert cuda["pallas_decode"]["m_max"] == 16 and cuda["pallas_prefill"]["m_min"] == 17
+    assert select_path("cuda", GGMLType.Q4_1, 1) == "pallas_decode"
+    assert select_path("cuda", GGMLType.Q4_1, 64) == "pallas_prefill"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas, interpret mode: small shapes, a decode and a prefill configuration per type.
+
+
+def pallas_shape(ggml_type: GGMLType) -> tuple[int, int]:
+    return (32, 512) if BLOCK_GEOMETRY[ggml_type].block_size == 256 else (32, 256)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_pallas_kernel_matches_reference(ggml_type):
+    rng = np.random.default_rng(10 + int(ggml_type))
+    n, k = pallas_shape(ggml_type)
+    qt = random_qtensor(rng, ggml_type, (n, k))
+    block_k = max(BLOCK_GEOMETRY[ggml_type].block_size, 128)
+    # decode: M padded to 16, two K splits; prefill: two M tiles, a loop over K.
+    for m, blocks in ((3, dict(block_n=16, block_k=block_k, split_k=2)), (20, dict(block_m=16, block_n=32))):
+        x = jnp.asarray(activations(rng, m, k))
+        actual = qmatmul_pallas.qmatmul(x, qt, interpret=True, **blocks)
+        assert nmse(actual, qmatmul_ref(x, qt)) <= 1e-10, (m, blocks)
+
+
+@pytest.mark.parametrize("block_n, block_k, split_k", [(16, 32, 1), (32, 64, 4), (64, 256, 1), (16, 128, 2)])
+def test_pallas_kernel_block_sizes(block_n, block_k, split_k):
+    rng = np.random.default_rng(20)
+    qt = random_qtensor(rng, GGMLType.Q5_0, (64, 512))
+    x = jnp.asarray(activations(rng, 5, 512))
+    actual = qmatmul_pallas.qmatmul(x, qt, block_n=block_n, block_k=block_k, split_k=split_k, interpret=True)
+    assert nmse(actual, qmatmul_ref(x, qt)) <= 1e-10
+
+
+def test_pallas_kernel_rejects_blocks_that_do_not_tile():
+    qt = random_qtensor(np.random.default_rng(0), GGMLType.Q4_K, (48, 512))
+    with pytest.raises(ValueError, match="do not tile"):
+        qmatmul_pallas.qmatmul(jnp.zeros((1, 512)), qt, block_k=128, interpret=True)
+    assert not qmatmul_pallas.tiles(40, 512, GGMLType.Q4_K)
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_pallas_kernel_lowers_to_triton(ggml_type):
+    """Pallas-to-Triton lowering (what fails on unsupported ops) runs without a GPU."""
+    n, k = pallas_shape(ggml_type)
+    qt = jax.eval_shape(lambda: random_qtensor(np.random.default_rng(0), ggml_type, (n, k)))
+    for m in (1, 64):
+        lowered = jax.jit(qmatmul_pallas.qmatmul).trace(jax.ShapeDtypeStruct((m, k), jnp.float32), qt)
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+        assert "xla.gpu.triton" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Real tensors of both models (the first rows of each).
+
+REAL_TENSORS = [
+    (gemma3_270m_path, "blk.0.attn_q.weight"),  # Q5_0
+    (gemma3_270m_path, "blk.0.attn_v.weight"),  # Q8_0
+    (gemma3_270m_path, "blk.0.attn_output.weight"),  # Q4_K
+    (gemma3_270m_path, "blk.0.ffn_down.weight"),  # Q6_K
+    (gemma3_270m_path, "token_embd.weight"),  # Q8_0, the LM head
+    (smollm2_135m_path, "blk.0.ffn_up.weight"),  # Q4_1
+    (smollm2_135m_path, "blk.0.ffn_down.weight"),  # Q4_1
+    (smollm2_135m_path, "token_embd.weight"),  # Q8_0, the LM head
+]
+
+
+def load_real(model_path, name, rows):
+    try:
+        return real_qtensor(model_path(), name, rows=rows)
+    except RzError as error:
+        pytest.skip(str(error))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("model_path, name", REAL_TENSORS, ids=lambda v: getattr(v, "__name__", v))
+def test_cpu_kernel_on_real_tensors(model_path, name):
+    qt = load_real(model_path, name, rows=1024)
+    rng = np.random.default_rng(3)
+    w = np.asarray(dequantize(qt), np.float64)
+    for m in (1, 8, 40):
+        actual, _, expected = cpu_and_references(activations(rng, m, qt.shape[1]), qt, w)
+        assert nmse(actual, expected) <= TOLERANCE, m
+
+
+@pytest.mark.parametrize("model_path, name", REAL_TENSORS[:1] + REAL_TENSORS[3:4] + REAL_TENSORS[5:6], ids=lambda v: getattr(v, "__name__", v))
+def test_pallas_kernel_on_real_tensors(model_path, name):
+    qt = load_real(model_path, name, rows=64)
+    x = jnp.asarray(activations(np.random.default_rng(4), 2, qt.shape[1]))
+    assert nmse(qmatmul_pallas.qmatmul(x, qt, interpret=True), qmatmul_ref(x, qt)) <= 1e-10
