@@ -1,0 +1,5 @@
+import sys
+
+from rz.bench.cli import main
+
+sys.exit(main())

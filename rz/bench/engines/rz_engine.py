@@ -1,0 +1,134 @@
+"""rz in process, through rz.LLM: generate() for prompts and batches, stream() for per-token times.
+
+rz.LLM has no way to start from a KV cache already holding `depth` tokens, so a test at a depth
+is timed as the difference of two requests: the prompt with its depth prefix, less the prefix
+alone (each request prefills from scratch; the difference is the work of the last N tokens).
+"""
+
+import time
+from pathlib import Path
+
+from rz.bench.engines.base import Engine, Sample, pin_threads, usable_cores
+from rz.bench.errors import BenchError, PreflightError
+from rz.bench.workloads import Prompt, Workload
+
+_GREEDY = {"temperature": 0.0, "ignore_eos": True, "seed": 0}
+
+
+class RzEngine(Engine):
+    """rz.LLM on the JAX backend it finds (CPU threads pinned to --threads when isolated)."""
+
+    name = "rz"
+    kind = "in-process"
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.llm = None
+        self.threads = None
+
+    def preflight(self) -> None:
+        from rz.config import ModelConfig
+        from rz.errors import RzError
+        from rz.gguf import GGUFFile
+
+        path = Path(self.settings.model_path)
+        if not path.is_file():
+            raise PreflightError(f"model file {path} does not exist")
+        try:
+            with GGUFFile(path) as gguf:
+                ModelConfig.from_gguf(gguf)
+        except RzError as error:
+            raise PreflightError(f"rz cannot run {path.name}: {error}") from None
+
+    def load(self) -> dict:
+        if self.settings.isolated:
+            self.threads = pin_threads(self.settings.threads)
+        import rz
+
+        started = time.perf_counter()
+        self.llm = rz.LLM(self.settings.model_path, n_ctx=self.settings.n_ctx, max_batch=self.settings.max_batch)
+        return {"load_seconds": getattr(self.llm, "load_seconds", time.perf_counter() - started)}
+
+    def describe(self) -> dict:
+        import jax
+
+        import rz
+
+        backend = jax.default_backend()
+        return {
+            "version": f"rz {rz.__version__}",
+            "backend": f"jax {backend}",
+            "devices": [str(device) for device in jax.devices()],
+            # XLA's CPU thread pool takes every core the process may use.
+            "threads": (self.threads or usable_cores()) if backend == "cpu" else None,
+            "n_ctx": self.settings.n_ctx,
+            "max_batch": self.settings.max_batch,
+        }
+
+    def unsupported(self, test: Workload) -> str | None:
+        if test.batch > self.settings.max_batch:
+            return f"batch {test.batch} is above --max-batch {self.settings.max_batch}"
+        return None
+
+    def resources(self) -> dict:
+        compilations = dict(getattr(self.llm, "compilations", {}) or {})
+        return super().resources() | {"compile_seconds": compilations}
+
+    # ----- one repetition -----
+
+    def run(self, test: Workload, prompts: list[Prompt]) -> Sample:
+        if test.kind == "pp":
+            return self._prompt(test, prompts)
+        if test.batch > 1:
+            return self._batch(test, prompts)
+        return self._stream(test, prompts[0])
+
+    def _prompt(self, test: Workload, prompts: list[Prompt]) -> Sample:
+        """Prompt processing (with its first sampled token); at a depth, less the depth prefix's."""
+        seconds = self._timed_generate([list(p.ids) for p in prompts], 1)
+        if test.depth:
+            seconds -= self._timed_generate([list(p.ids[: test.depth]) for p in prompts], 1)
+        return Sample(seconds=seconds, tokens=test.tokens_counted, ttft_s=None if test.depth else seconds)
+
+    def _stream(self, test: Workload, prompt: Prompt) -> Sample:
+        """One sequence through stream(): the time of every piece of text as it arrives."""
+        started = time.perf_counter()
+        arrivals = []
+        for _ in self.llm.stream(list(prompt.ids), max_tokens=test.max_tokens, **_GREEDY):
+            arrivals.append(time.perf_counter())
+        finished = time.perf_counter()
+        if not arrivals:
+            raise BenchError(f"rz streamed no text for {test.name}")
+        first = arrivals[0]
+        decode = finished - first
+        if test.kind == "tg":
+            seconds = decode
+        else:
+            seconds = finished - started
+            if test.depth:
+                seconds -= self._timed_generate([list(prompt.ids[: test.depth])], 1)
+        return Sample(
+            seconds=seconds, tokens=test.tokens_counted, ttft_s=first - started, tpot_s=decode / test.n_gen,
+            itl_s=[b - a for a, b in zip(arrivals, arrivals[1:])],
+            detail={"pieces": len(arrivals)},
+        )
+
+    def _batch(self, test: Workload, prompts: list[Prompt]) -> Sample:
+        """Sequences decoding together: from the last first token to the last token, by rz's own timings."""
+        completions = self.llm.generate([list(p.ids) for p in prompts], max_tokens=test.max_tokens, **_GREEDY)
+        produced = [c.usage["completion_tokens"] for c in completions]
+        if any(n != test.max_tokens for n in produced):
+            raise BenchError(f"rz generated {produced} tokens per sequence for {test.name}, not {test.max_tokens}")
+        first_tokens = [c.timings["time_to_first_token_seconds"] for c in completions]
+        decode = max(c.timings["total_seconds"] for c in completions) - max(first_tokens)
+        return Sample(
+            seconds=decode, tokens=test.tokens_counted, ttft_s=max(first_tokens), tpot_s=decode / test.n_gen,
+        )
+
+    def _timed_generate(self, prompts: list[list[int]], max_tokens: int) -> float:
+        started = time.perf_counter()
+        self.llm.generate(prompts if len(prompts) > 1 else prompts[0], max_tokens=max_tokens, **_GREEDY)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.llm = None
