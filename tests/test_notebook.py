@@ -1,16 +1,20 @@
 """The quickstart notebook runs top to bottom."""
 
+import os
 from pathlib import Path
 
 import nbclient
 import nbformat
 import pytest
 
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "quickstart.ipynb"
+ROOT = Path(__file__).parent.parent
+NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(tmp_path):
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    # The kernel is a separate process: make the checkout importable there even when rz is not installed.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
