@@ -4,21 +4,21 @@
     o = attention(q, k, v, q_positions, k_positions, window=..., scale=..., softcap=...)
     describe_paths()                        # which implementation serves which (op, type, size)
 
-References: rz.quants.qmatmul_ref, rz_kernels.attention.attention_ref.
+References: rz.quants.qmatmul_ref, rz_kernels.causal_attention.attention_ref. Modules: quantized_matmul
+(dispatch, the C++ CPU kernel's wrapper), qmatmul_pallas, causal_attention, attention_pallas, cpu_ffi.
 """
 
 import jax
 
-from rz_kernels import attention as _attention
-from rz_kernels import qmatmul as _qmatmul
-from rz_kernels.attention import attention, attention_ref
-from rz_kernels.qmatmul import qmatmul, select_path
+from rz_kernels import causal_attention, quantized_matmul
+from rz_kernels.causal_attention import attention, attention_ref
+from rz_kernels.quantized_matmul import qmatmul, select_path
 
 
 def describe_paths(backend: str | None = None) -> list[dict]:
     """The implementation of each op per size range on `backend` (default: jax's default backend)."""
     backend = backend or jax.default_backend()
-    return _qmatmul.describe_paths(backend) + _attention.describe_paths(backend)
+    return quantized_matmul.describe_paths(backend) + causal_attention.describe_paths(backend)
 
 
 __all__ = ["attention", "attention_ref", "describe_paths", "qmatmul", "select_path"]

@@ -1,7 +1,7 @@
 """Attention as Pallas kernels for GPUs (Triton backend): flash attention for prefill, split-sequence decode.
 
 Both walk the keys in blocks with an online softmax (FlashAttention-2): no [T, S] score matrix
-is ever materialized. Masks come from positions (see rz_kernels.attention for the contract), so
+is ever materialized. Masks come from positions (see rz_kernels.causal_attention for the contract), so
 a key block in which no query of the tile sees any key is skipped, which is what makes causal
 prefill and sliding windows cheap whatever the slot order of a ring buffer.
 
@@ -11,7 +11,7 @@ prefill and sliding windows cheap whatever the slot order of a ring buffer.
     and returns unnormalized partial outputs with their running max and sum; XLA merges the
     splits. Long contexts get many programs even at batch 1, and K/V are read once.
 
-Reference twin: rz_kernels.attention.attention_ref. interpret=True runs them on any backend.
+Reference twin: rz_kernels.causal_attention.attention_ref. interpret=True runs them on any backend.
 """
 
 import functools
@@ -51,7 +51,9 @@ def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, wind
 
         def update(carry):
             acc, running_max, running_sum = carry
-            scores = jax.lax.dot_general(q, k_ref[keys, :].astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            scores = jax.lax.dot_general(
+                q, k_ref[keys, :].astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
             scores = scores * scale
             if softcap:
                 scores = softcap * jnp.tanh(scores / softcap)
@@ -62,7 +64,9 @@ def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, wind
             weights = jnp.exp(scores - shift[:, None])
             correction = jnp.exp(running_max - shift)
             running_sum = running_sum * correction + jnp.sum(weights, axis=1)
-            acc = acc * correction[:, None] + jnp.dot(weights, v_ref[keys, :].astype(jnp.float32), preferred_element_type=jnp.float32)
+            acc = acc * correction[:, None] + jnp.dot(
+                weights, v_ref[keys, :].astype(jnp.float32), preferred_element_type=jnp.float32
+            )
             return acc, new_max, running_sum
 
         any_seen = jnp.max(seen.astype(jnp.int32)) > 0
@@ -83,10 +87,20 @@ def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, **options):
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "block_q", "block_k", "interpret"))
 def flash_attention(
-    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0,
-    block_q: int = 64, block_k: int = 64, interpret: bool = False,
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int = 0,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    block_q: int = 64,
+    block_k: int = 64,
+    interpret: bool = False,
 ):
-    """Prefill attention, shapes as rz_kernels.attention: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> f32 [B, Hq, T, Dv].
+    """Prefill attention, shapes as rz_kernels.causal_attention: q [B, Hq, T, D], k/v [B, Hkv, S, D] -> f32 [B, Hq, T, Dv].
 
     T and S are padded to the blocks (padding queries and keys see nothing); D and Dv must be powers of two.
     """
@@ -125,7 +139,9 @@ def flash_attention(
 
 
 def _decode_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, max_ref, sum_ref, **options):
-    acc, running_max, total = _attend_blocks(q_ref[...].astype(jnp.float32), q_pos_ref[...], k_ref, v_ref, k_pos_ref, **options)
+    acc, running_max, total = _attend_blocks(
+        q_ref[...].astype(jnp.float32), q_pos_ref[...], k_ref, v_ref, k_pos_ref, **options
+    )
     o_ref[...] = acc
     max_ref[...] = running_max
     sum_ref[...] = total
@@ -133,8 +149,18 @@ def _decode_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, max_ref, su
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "block_k", "split_k", "interpret"))
 def decode_attention(
-    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0,
-    block_k: int = 64, split_k: int | None = None, interpret: bool = False,
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int = 0,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    block_k: int = 64,
+    split_k: int | None = None,
+    interpret: bool = False,
 ):
     """Decode attention (few queries per sequence), shapes as flash_attention; the sequence is split
     over split_k programs per KV head (default: about one per 512 keys, at most 16)."""

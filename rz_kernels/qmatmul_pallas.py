@@ -80,12 +80,16 @@ def qmatmul(
     block_n = block_n or _largest_power_of_two_dividing(n, 128 if decode else 64)
     block_k = block_k or max(geometry.block_size, _largest_power_of_two_dividing(k, 256))
     if n % block_n or k % block_k or block_k % geometry.block_size or block_n < 16:
-        raise ValueError(f"qmatmul_pallas: blocks ({block_n}, {block_k}) do not tile W {qt.shape} of {qt.ggml_type.name}")
+        raise ValueError(
+            f"qmatmul_pallas: blocks ({block_n}, {block_k}) do not tile W {qt.shape} of {qt.ggml_type.name}"
+        )
     k_tiles = k // block_k
     if split_k is None:
         split_k = 1
         if decode:
-            while split_k * 2 <= k_tiles and k_tiles % (split_k * 2) == 0 and (n // block_n) * split_k < TARGET_PROGRAMS:
+            while (
+                split_k * 2 <= k_tiles and k_tiles % (split_k * 2) == 0 and (n // block_n) * split_k < TARGET_PROGRAMS
+            ):
                 split_k *= 2
     if k_tiles % split_k:
         raise ValueError(f"qmatmul_pallas: split_k={split_k} does not divide the {k_tiles} K tiles")
@@ -133,9 +137,6 @@ def _kernel(x_ref, *refs, names, ratios, ggml_type, block_k, steps):
             width = int(block_k * ratios[name])
             arrays[name] = ref[:, pl.ds(t * width, width)]
         w_tile = dequantize(QTensor(arrays, ggml_type, (block_n, block_k)))
-        return acc + jax.lax.dot_general(
-            x_tile, w_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-        )
+        return acc + jax.lax.dot_general(x_tile, w_tile, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
     out_ref[...] = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_m, block_n), jnp.float32))
-

@@ -9,13 +9,19 @@ Paths (see `describe_paths()`; the reference twin is `rz.quants.qmatmul_ref`):
              the same                   > 16                  pallas_prefill: tiled Pallas kernel
     any      anything else              all                   xla_reference: dequantize, then an f32 dot
 
-Why a C++ kernel on CPU: XLA:CPU has no fast form for these shapes. Measured on the 2-core AVX2
-dev machine (benchmarks/kernels/bench_qmatmul.py): dots with int8/f16/bf16 operands at batch 1
-take a slow path (~45x), 4-bit unpacking inside a jitted function runs ~20x slower than int8,
-and per-block scales rule out XLA's int8 x int8 dot. The C++ kernel quantizes the activations to
-int8 per 32-block as llama.cpp does and meets every weight block in one maddubs, so it streams
-the weights once at decode and runs int8 arithmetic at prefill. Where it cannot be built (no
-compiler, no AVX2) the CPU takes xla_reference, logged once.
+Why a C++ kernel on CPU (numbers: benchmarks/kernels/bench_qmatmul.py on the 2-core AVX2 dev
+machine, real Gemma 3 / SmolLM2 weights): XLA:CPU has no fast form for decode. qmatmul_ref (the
+weight dequantized to f32, then a dot) runs at 0.2-0.7 GB/s of weights at M = 1, 20-50x slower
+than the kernel; dots with int8/f16/bf16 operands take a slow path at batch 1, 4-bit unpacking
+inside a jitted function is ~20x slower than int8, and per-block scales rule out XLA's int8 dot.
+The kernel quantizes the activations to int8 as llama.cpp does (per 32 for 32-block weights,
+per 256 for K-quants) and meets every weight block in one maddubs, so it streams the weights
+once at decode and runs int8 arithmetic at prefill. Against llama.cpp's own kernel (ggml, same
+GGUF bytes, same process, one thread, CPU time): M = 1 0.9-1.3x its time (LM heads 0.9-1.0x),
+M = 8 0.35-0.9x, M = 512 0.4-0.9x. At M = 512 XLA's f32 GEMM after a full dequantization ties
+with the kernel on 32-block types (within 10%, either way) and loses on K-quants and at
+M = 64 (by 1.5-2x), so one path serves every M. Where the kernel cannot be built (no compiler, no AVX2) the
+CPU takes xla_reference, logged once.
 """
 
 import functools
@@ -92,7 +98,9 @@ def describe_paths(backend: str | None = None) -> list[dict]:
         for p in _paths()
         if p.backend == backend and p.types
     ]
-    rows.append({"op": "qmatmul", "backend": backend, "path": "xla_reference", "types": ("*",), "m_min": 1, "m_max": None})
+    rows.append(
+        {"op": "qmatmul", "backend": backend, "path": "xla_reference", "types": ("*",), "m_min": 1, "m_max": None}
+    )
     return rows
 
 
@@ -154,7 +162,9 @@ def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
 
 
 def _cuda(x: jax.Array, qt: QTensor) -> jax.Array:
-    if select_path("cuda", qt.ggml_type, x.shape[0]) == "xla_reference" or not qmatmul_pallas.tiles(*qt.shape, qt.ggml_type):
+    if select_path("cuda", qt.ggml_type, x.shape[0]) == "xla_reference" or not qmatmul_pallas.tiles(
+        *qt.shape, qt.ggml_type
+    ):
         return qmatmul_ref(x, qt)
     return qmatmul_pallas.qmatmul(x, qt)
 

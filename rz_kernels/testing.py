@@ -29,7 +29,9 @@ def random_blocks(rng: np.random.Generator, ggml_type: GGMLType, shape: tuple[in
     """GGUF bytes for a tensor of `shape`: random quants, f16 scales of random sign and size 1e-3..1e-1."""
     if ggml_type in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         values = rng.standard_normal(math.prod(shape)).astype(np.float32) * 0.05
-        return values.astype({GGMLType.F32: np.float32, GGMLType.F16: np.float16}.get(ggml_type, np.float32)).view(np.uint8)
+        return values.astype({GGMLType.F32: np.float32, GGMLType.F16: np.float16}.get(ggml_type, np.float32)).view(
+            np.uint8
+        )
     block = BLOCK_GEOMETRY[ggml_type]
     n_blocks = math.prod(shape) // block.block_size
     blocks = rng.integers(0, 256, (n_blocks, block.type_size), dtype=np.uint8)

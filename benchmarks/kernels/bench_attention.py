@@ -2,7 +2,7 @@
 
     python benchmarks/kernels/bench_attention.py [--rounds 7]
 
-Paths: cpu (rz_kernels.attention.attention_cpu, what `attention` runs on CPU), ref
+Paths: cpu (rz_kernels.causal_attention.attention_cpu, what `attention` runs on CPU), ref
 (attention_ref: every score materialized, HIGHEST precision). Each is validated against the
 reference, then timed round-robin (median). Decode is memory-bound: it prints the K/V bytes read
 per second against the measured streaming bandwidth; prefill prints GFLOP/s (QK^T and PV over
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz_kernels import cpu_ffi
-from rz_kernels.attention import attention_cpu, attention_ref
+from rz_kernels.causal_attention import attention_cpu, attention_ref
 
 # name: (query heads, KV heads, head dim, sliding window)
 MODELS = {"gemma3-270m": (4, 1, 256, 512), "smollm2-135m": (9, 3, 64, 0)}
@@ -57,7 +57,9 @@ def main() -> None:
     args = parser.parse_args()
     bandwidth = cpu_ffi.stream_read_gbps(256 << 20, repeats=10) if cpu_ffi.available() else float("nan")
     print(f"memory bandwidth (streaming read of 256 MiB, best of 10): {bandwidth:.1f} GB/s\n")
-    print(f"{'model':13} {'B':>2} {'T':>4} {'S':>6} {'window':>6} {'path':4} {'ms':>9} {'KV GB/s':>8} {'GFLOP/s':>8} {'max err':>8}")
+    print(
+        f"{'model':13} {'B':>2} {'T':>4} {'S':>6} {'window':>6} {'path':4} {'ms':>9} {'KV GB/s':>8} {'GFLOP/s':>8} {'max err':>8}"
+    )
     rng = np.random.default_rng(0)
     for model, (n_head, n_kv, head_dim, model_window) in MODELS.items():
         for batch, length, n_keys, sliding in CASES:
@@ -65,7 +67,7 @@ def main() -> None:
                 continue
             window = model_window if sliding else 0
             args_ = inputs(batch, n_head, n_kv, head_dim, length, n_keys, rng)
-            options = dict(window=window, scale=head_dim**-0.5)
+            options = {"window": window, "scale": head_dim**-0.5}
             paths = {
                 "cpu": functools.partial(attention_cpu, *args_, **options),
                 "ref": functools.partial(attention_ref, *args_, **options),

@@ -24,7 +24,7 @@ import functools
 import statistics
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import jax
@@ -35,11 +35,11 @@ from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.quants import qmatmul_ref
 from rz_kernels import cpu_ffi
-from rz_kernels.qmatmul import CPU_FFI_ARRAYS, qmatmul_cpu
+from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
 from rz_kernels.testing import activations, nmse, real_qtensor
 
 sys.path.insert(0, str(Path(__file__).parent))
-import ggml_matmul  # noqa: E402
+import ggml_matmul
 
 MODELS = {"gemma3-270m": gemma3_270m_path, "smollm2-135m": smollm2_135m_path}
 QUICK = {"token_embd.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"}
@@ -69,22 +69,38 @@ def rz_looped(max_threads: int, inner: int):
     return lambda x, qt: run(x, qt).block_until_ready()
 
 
-def round_robin(timers: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call of each timer (callable -> seconds per call), run in turns."""
+def repeat(fn, times: int) -> None:
+    for _ in range(times):
+        fn()
+
+
+def reference(x, qt) -> None:
+    jax.block_until_ready(_reference(x, qt))
+
+
+_reference = jax.jit(qmatmul_ref)
+
+
+def round_robin(timers: dict, rounds: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, process CPU) seconds per call of each timer, the timers run in turns."""
     samples = defaultdict(list)
     for timer in timers.values():
         timer()  # warm-up
     for _ in range(rounds):
         for name, timer in timers.items():
             samples[name].append(timer())
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: tuple(statistics.median(column) for column in zip(*values)) for name, values in samples.items()}
 
 
 def per_call(fn, calls: int):
+    """A timer: (wall, process CPU) seconds per call of fn, which makes `calls` calls. CPU time
+    does not count the time other processes take the cores: on a shared machine it is the
+    steadier measure of a kernel's cost (for one thread; with more it also counts waiting)."""
+
     def timer():
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
-        return (time.perf_counter() - start) / calls
+        return (time.perf_counter() - start) / calls, (time.process_time() - start_cpu) / calls
 
     return timer
 
@@ -105,13 +121,17 @@ def main() -> None:
     bandwidth = cpu_ffi.stream_read_gbps(256 << 20, repeats=10)
     bandwidth_1 = cpu_ffi.stream_read_gbps(256 << 20, threads=1, repeats=10)
     peak_gmacs = cpu_ffi.int8_dot_peak_gmacs()
-    print(f"memory bandwidth (streaming read of 256 MiB, best of 10): {bandwidth:.1f} GB/s all cores, {bandwidth_1:.1f} one core")
+    print(
+        f"memory bandwidth (streaming read of 256 MiB, best of 10): {bandwidth:.1f} GB/s all cores, {bandwidth_1:.1f} one core"
+    )
     print(f"int8 dot peak (the kernel's maddubs+madd+cvt+fma step, best of 5): {2 * peak_gmacs:.0f} GOP/s all cores")
     print(f"llama.cpp comparison: {'ggml from llama-cpp-python' if use_ggml else 'unavailable'}\n")
-    print(f"{'model':13} {'tensor':24} {'type':5} {'N x K':>13} {'M':>4} {'path':8} {'ms':>9} {'GB/s':>6} {'GFLOP/s':>8} {'of peak':>7} {'NMSE':>8}")
+    print(
+        f"{'model':13} {'tensor':24} {'type':5} {'N x K':>13} {'M':>4} {'path':8} {'ms':>9} {'cpu ms':>9} {'GB/s':>6} {'GFLOP/s':>8} {'of peak':>7} {'NMSE':>8}"
+    )
 
     rng = np.random.default_rng(0)
-    per_token: dict[tuple, float] = defaultdict(float)
+    per_token: dict[tuple, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for model, path_fn in MODELS.items():
         path = path_fn()
         weights = model_weights(path)
@@ -136,26 +156,30 @@ def main() -> None:
                     if use_ggml:
                         g = ggml_matmul.GGMLMatmul(raw, int(ggml_type), n, k, m, threads)
                         errors[f"ggml/{threads}"] = nmse(g(x), expected)
-                        timers[f"ggml/{threads}"] = per_call(lambda g=g: [g.run() for _ in range(inner)], inner)
+                        timers[f"ggml/{threads}"] = per_call(functools.partial(repeat, g.run, inner), inner)
                 medians = round_robin(timers, args.rounds)
                 if args.ref_rounds:
-                    reference = jax.jit(qmatmul_ref)
                     errors["xla_ref"] = 0.0
-                    medians |= round_robin({"xla_ref": per_call(lambda: reference(xj, qt).block_until_ready(), 1)}, args.ref_rounds)
-                for path_name, seconds in medians.items():
+                    timer = per_call(functools.partial(reference, xj, qt), 1)
+                    medians |= round_robin({"xla_ref": timer}, args.ref_rounds)
+                for path_name, (seconds, cpu_seconds) in medians.items():
                     gbs = qt.nbytes / seconds / 1e9
                     gflops = 2 * m * n * k / seconds / 1e9
                     share = gbs / bandwidth if m <= 16 else gflops / (2 * peak_gmacs)
                     print(
                         f"{model:13} {name:24} {ggml_type.name:5} {f'{n} x {k}':>13} {m:4} {path_name:8} "
-                        f"{seconds * 1e3:9.3f} {gbs:6.1f} {gflops:8.1f} {share:7.0%} {errors[path_name]:8.1e}"
+                        f"{seconds * 1e3:9.3f} {cpu_seconds * 1e3:9.3f} {gbs:6.1f} {gflops:8.1f} {share:7.0%} {errors[path_name]:8.1e}"
                     )
-                    per_token[(model, m, path_name)] += count * seconds
+                    per_token[(model, m, path_name)][0] += count * seconds
+                    per_token[(model, m, path_name)][1] += count * cpu_seconds
             print()
     print("per-token matmul time of each model (sum over its weights of the medians) and the rate it allows:")
-    for (model, m, path_name), seconds in sorted(per_token.items()):
+    for (model, m, path_name), (seconds, cpu_seconds) in sorted(per_token.items()):
         kind = "decode" if m <= 16 else "prefill"
-        print(f"  {model:13} M={m:<4} {path_name:8} {seconds * 1e3:9.2f} ms -> {m / seconds:8.1f} tok/s {kind}")
+        print(
+            f"  {model:13} M={m:<4} {path_name:8} {seconds * 1e3:9.2f} ms -> {m / seconds:8.1f} tok/s {kind}"
+            f"   (cpu {cpu_seconds * 1e3:9.2f} ms)"
+        )
 
 
 if __name__ == "__main__":

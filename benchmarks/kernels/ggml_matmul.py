@@ -36,7 +36,7 @@ class _ComputePlan(ctypes.Structure):
 
 
 def _libraries():
-    import llama_cpp  # noqa: F401  (loads the shared libraries with their dependencies)
+    import llama_cpp
 
     lib_dir = pathlib.Path(llama_cpp.__file__).parent / "lib"
     base = ctypes.CDLL(str(lib_dir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
@@ -97,7 +97,7 @@ class GGMLMatmul:
             raise RuntimeError("ggml_graph_compute failed")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        m, n, k = self.shape
+        m, n, _k = self.shape
         x = np.ascontiguousarray(x, np.float32)
         ctypes.memmove(self._base.ggml_get_data(self._x), x.ctypes.data, x.nbytes)
         self.run()

@@ -1,5 +1,5 @@
 // Decode attention for x86-64 CPUs with AVX2: few queries per sequence over a KV cache, K and V
-// streamed once. Shapes and mask contract as rz_kernels/attention.py:
+// streamed once. Shapes and mask contract as rz_kernels/causal_attention.py:
 //
 //   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] f32 or f16,
 //   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.

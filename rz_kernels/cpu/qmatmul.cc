@@ -90,7 +90,7 @@ RZ_INLINE __m128i load_64(const void* p) { return _mm_loadl_epi64(reinterpret_ca
 // meet the weights' offsets, are per row, zero-padded to a multiple of 8 units.
 
 struct QuantizedX {
-  int64_t M = 0, K = 0;
+  int64_t K = 0;
   int64_t x_block = kBlock;  // elements per activation scale: 32, or 256 for K-quants
   int8_t* q = nullptr;
   float* d = nullptr;      // the scale of each x_block elements
@@ -633,7 +633,6 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   scratch.q.resize(rows * K);
   scratch.f.resize(rows * (K / x_block + QuantizedX::padded_units(K / kBlock) + QuantizedX::padded_units(K / 16)));
   QuantizedX qx;
-  qx.M = M;
   qx.K = K;
   qx.x_block = x_block;
   qx.q = scratch.q.data();
@@ -674,7 +673,7 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const W& w, const float* x, 
 
 // ---------------------------------------------------------------------------------------------
 // The XLA FFI handler: x f32 [M, K], then the weight's arrays in the order of
-// rz_kernels.qmatmul.CPU_FFI_ARRAYS, -> y f32 [M, N]. Attributes: the GGML type, and a cap on
+// rz_kernels.quantized_matmul.CPU_FFI_ARRAYS, -> y f32 [M, N]. Attributes: the GGML type, and a cap on
 // the threads (0: the pool's).
 
 template <class T>

@@ -1,4 +1,4 @@
-"""rz_kernels.attention: the reference against a direct NumPy loop, and every implementation
+"""rz_kernels.causal_attention: the reference against a direct NumPy loop, and every implementation
 (CPU chunked formulation, Pallas flash and decode kernels in interpret mode) against the reference."""
 
 import jax
@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from rz_kernels import attention_pallas, cpu_ffi
-from rz_kernels.attention import attention, attention_cpu, attention_ref, decode_attention_cpu
+from rz_kernels.causal_attention import (
+    attention,
+    attention_cpu,
+    attention_ref,
+    decode_attention_cpu,
+)
 
 # (batch, query heads, KV heads, queries, key slots, head dim, window, softcap): Gemma-like
 # (4:1 grouping, sliding window) and SmolLM2-like (9:3) shapes, odd lengths, a decode step.
@@ -56,7 +61,7 @@ def numpy_attention(q, k, v, q_positions, k_positions, window, scale, softcap):
 
 
 def options(head_dim, window, softcap):
-    return dict(window=window, scale=head_dim**-0.5, softcap=softcap)
+    return {"window": window, "scale": head_dim**-0.5, "softcap": softcap}
 
 
 @pytest.mark.parametrize("case", CASES[:2])
@@ -102,7 +107,9 @@ def test_cpu_formulation_matches_reference(case):
     *shape, window, softcap = case
     inputs = [jnp.asarray(a) for a in make_inputs(2, *shape)]
     expected = attention_ref(*inputs, **options(shape[-1], window, softcap))
-    np.testing.assert_allclose(attention_cpu(*inputs, chunk=16, **options(shape[-1], window, softcap)), expected, atol=1e-5)
+    np.testing.assert_allclose(
+        attention_cpu(*inputs, chunk=16, **options(shape[-1], window, softcap)), expected, atol=1e-5
+    )
     np.testing.assert_allclose(attention(*inputs, **options(shape[-1], window, softcap)), expected, atol=1e-5)
 
 
@@ -150,7 +157,9 @@ def test_merge_splits_of_empty_and_full_splits():
     np.testing.assert_allclose(merged, [[(1.0 + 2 * 6.0) / (1.0 + 2 * 3.0)], [0.0]], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kernel, length", [(attention_pallas.flash_attention, 128), (attention_pallas.decode_attention, 1)])
+@pytest.mark.parametrize(
+    "kernel, length", [(attention_pallas.flash_attention, 128), (attention_pallas.decode_attention, 1)]
+)
 def test_attention_kernels_lower_to_triton(kernel, length):
     spec = jax.ShapeDtypeStruct
     args = (

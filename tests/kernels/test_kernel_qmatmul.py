@@ -1,4 +1,4 @@
-"""rz_kernels.qmatmul: every path against rz.quants.qmatmul_ref, NMSE <= 5e-4 (llama.cpp's test-backend-ops bound).
+"""rz_kernels.qmatmul (rz_kernels/quantized_matmul.py): every path against rz.quants.qmatmul_ref, NMSE <= 5e-4 (llama.cpp's test-backend-ops bound).
 
 The C++ CPU kernel runs natively; the Pallas GPU kernel runs in interpret mode on CPU, and its
 lowering to Triton IR for CUDA is checked without a GPU.
@@ -14,7 +14,12 @@ from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.quants import QTensor, dequantize, qmatmul_ref
 from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_pallas, select_path
-from rz_kernels.qmatmul import CPU_FFI_ARRAYS, activation_block, qmatmul_cpu, quantize_activations_ref
+from rz_kernels.quantized_matmul import (
+    CPU_FFI_ARRAYS,
+    activation_block,
+    qmatmul_cpu,
+    quantize_activations_ref,
+)
 from rz_kernels.testing import activations, nmse, random_qtensor, real_qtensor
 
 TOLERANCE = 5e-4
@@ -128,7 +133,7 @@ def test_pallas_kernel_matches_reference(ggml_type):
     qt = random_qtensor(rng, ggml_type, (n, k))
     block_k = max(BLOCK_GEOMETRY[ggml_type].block_size, 128)
     # decode: M padded to 16, two K splits; prefill: two M tiles, a loop over K.
-    for m, blocks in ((3, dict(block_n=16, block_k=block_k, split_k=2)), (20, dict(block_m=16, block_n=32))):
+    for m, blocks in ((3, {"block_n": 16, "block_k": block_k, "split_k": 2}), (20, {"block_m": 16, "block_n": 32})):
         x = jnp.asarray(activations(rng, m, k))
         actual = qmatmul_pallas.qmatmul(x, qt, interpret=True, **blocks)
         assert nmse(actual, qmatmul_ref(x, qt)) <= 1e-10, (m, blocks)
@@ -194,7 +199,11 @@ def test_cpu_kernel_on_real_tensors(model_path, name):
         assert nmse(actual, expected) <= TOLERANCE, m
 
 
-@pytest.mark.parametrize("model_path, name", REAL_TENSORS[:1] + REAL_TENSORS[3:4] + REAL_TENSORS[5:6], ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize(
+    "model_path, name",
+    REAL_TENSORS[:1] + REAL_TENSORS[3:4] + REAL_TENSORS[5:6],
+    ids=lambda v: getattr(v, "__name__", v),
+)
 def test_pallas_kernel_on_real_tensors(model_path, name):
     qt = load_real(model_path, name, rows=64)
     x = jnp.asarray(activations(np.random.default_rng(4), 2, qt.shape[1]))

@@ -75,7 +75,9 @@ def attention_ref(q, k, v, q_positions, k_positions, *, window: int = 0, scale: 
     return _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, jax.lax.Precision.HIGHEST)
 
 
-def decode_attention_cpu(q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
+def decode_attention_cpu(
+    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0
+):
     """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (f32 or f16) streamed once, split over
     the sequence across threads. Shapes as attention_ref; head dims multiples of 8."""
     if not cpu_ffi.available():
@@ -108,7 +110,16 @@ def _takes_cpu_decode_kernel(q, k, v) -> bool:
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk"))
 def attention_cpu(
-    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0, chunk: int = CPU_QUERY_CHUNK
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int = 0,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    chunk: int = CPU_QUERY_CHUNK,
 ):
     """The CPU formulation: decode steps (T <= 16) by the C++ kernel; longer chunks by the
     reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
@@ -138,12 +149,30 @@ def describe_paths(backend: str | None = None) -> list[dict]:
         decode = "cpu_ffi_decode" if cpu_ffi.available() else "xla_grouped"
         return [
             {"op": "attention", "backend": "cpu", "path": decode, "t_min": 1, "t_max": DECODE_MAX_T},
-            {"op": "attention", "backend": "cpu", "path": "xla_grouped_chunked", "t_min": DECODE_MAX_T + 1, "t_max": None},
+            {
+                "op": "attention",
+                "backend": "cpu",
+                "path": "xla_grouped_chunked",
+                "t_min": DECODE_MAX_T + 1,
+                "t_max": None,
+            },
         ]
     if backend == "cuda":
         return [
-            {"op": "attention", "backend": "cuda", "path": "pallas_decode_attention", "t_min": 1, "t_max": DECODE_MAX_T},
-            {"op": "attention", "backend": "cuda", "path": "pallas_flash_attention", "t_min": DECODE_MAX_T + 1, "t_max": None},
+            {
+                "op": "attention",
+                "backend": "cuda",
+                "path": "pallas_decode_attention",
+                "t_min": 1,
+                "t_max": DECODE_MAX_T,
+            },
+            {
+                "op": "attention",
+                "backend": "cuda",
+                "path": "pallas_flash_attention",
+                "t_min": DECODE_MAX_T + 1,
+                "t_max": None,
+            },
         ]
     return [{"op": "attention", "backend": backend, "path": "xla_reference", "t_min": 1, "t_max": None}]
 
@@ -163,8 +192,16 @@ def attention(q, k, v, q_positions, k_positions, *, window: int = 0, scale: floa
         _logged.add(key)
         cpu = "cpu_ffi_decode" if _takes_cpu_decode_kernel(q, k, v) else "xla_grouped_chunked"
         cuda = "pallas_decode_attention" if q.shape[2] <= DECODE_MAX_T else "pallas_flash_attention"
-        log.info("rz_kernels.attention q %s, k %s %s, window %d -> cpu: %s, cuda: %s", q.shape, k.shape, k.dtype, window, cpu, cuda)
-    options = dict(window=window, scale=scale, softcap=softcap)
+        log.info(
+            "rz_kernels.attention q %s, k %s %s, window %d -> cpu: %s, cuda: %s",
+            q.shape,
+            k.shape,
+            k.dtype,
+            window,
+            cpu,
+            cuda,
+        )
+    options = {"window": window, "scale": scale, "softcap": softcap}
     return jax.lax.platform_dependent(
         q,
         k,
