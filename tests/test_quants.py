@@ -15,25 +15,13 @@ from rz.ggml_types import BLOCK_GEOMETRY, GGMLType, tensor_nbytes
 from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.quants import SUPPORTED_TYPES, QTensor, dequantize, dequantize_raw, pack, pack_host, qmatmul_ref
+from rz_kernels.testing import F16_SCALE_OFFSETS
 
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=lambda t: t.value)
 
-# Where each quantized type keeps its f16 scales inside a block: random bytes there could be
-# inf or NaN, so the random-block tests write finite f16 values at these offsets.
-F16_OFFSETS = {
-    GGMLType.Q4_0: (0,),
-    GGMLType.Q4_1: (0, 2),
-    GGMLType.Q5_0: (0,),
-    GGMLType.Q5_1: (0, 2),
-    GGMLType.Q8_0: (0,),
-    GGMLType.Q2_K: (80, 82),
-    GGMLType.Q3_K: (108,),
-    GGMLType.Q4_K: (0, 2),
-    GGMLType.Q5_K: (0, 2),
-    GGMLType.Q6_K: (208,),
-    GGMLType.IQ4_NL: (0,),
-    GGMLType.IQ4_XS: (0,),
-}
+# Random bytes at a block's f16 scales could be inf or NaN, so the random-block tests write
+# finite f16 values at these offsets (shared with the kernel tests).
+F16_OFFSETS = F16_SCALE_OFFSETS
 
 # Shapes in units of the block size along K: one block, one row, odd row counts, a 3-D tensor.
 SHAPES_IN_BLOCKS = [(1,), (1, 1), (3, 2), (7, 1), (2, 3, 4)]
