@@ -76,10 +76,22 @@ def attention_ref(q, k, v, q_positions, k_positions, *, window: int = 0, scale: 
 
 
 def decode_attention_cpu(
-    q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int = 0,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    keys_in_order: bool = False,
 ):
     """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (f32 or f16) streamed once, split over
-    the sequence across threads. Shapes as attention_ref; head dims multiples of 8."""
+    the sequence across threads. Shapes as attention_ref; head dims multiples of 8.
+
+    keys_in_order promises that slot s holds position s or is empty (a KV cache that never wraps),
+    so the kernel stops at the latest query position instead of scanning every slot."""
     if not cpu_ffi.available():
         raise RuntimeError("the C++ CPU kernels are not available here (see the rz_kernels log)")
     batch, n_head, length, _ = q.shape
@@ -94,6 +106,7 @@ def decode_attention_cpu(
         window=np.int32(window),
         scale=np.float32(scale),
         softcap=np.float32(softcap),
+        keys_in_order=bool(keys_in_order),
     )
 
 
@@ -108,7 +121,7 @@ def _takes_cpu_decode_kernel(q, k, v) -> bool:
     )
 
 
-@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk"))
+@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk", "keys_in_order"))
 def attention_cpu(
     q,
     k,
@@ -120,12 +133,15 @@ def attention_cpu(
     scale: float = 1.0,
     softcap: float = 0.0,
     chunk: int = CPU_QUERY_CHUNK,
+    keys_in_order: bool = False,
 ):
     """The CPU formulation: decode steps (T <= 16) by the C++ kernel; longer chunks by the
     reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
     materializes more than [B, Hq, chunk, S] scores (XLA's dots are fast at these sizes)."""
     if _takes_cpu_decode_kernel(q, k, v):
-        return decode_attention_cpu(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
+        return decode_attention_cpu(
+            q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order
+        )
     length = q.shape[2]
     if length <= chunk:
         return _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, None)
@@ -185,8 +201,22 @@ def _cuda(q, k, v, q_positions, k_positions, *, window, scale, softcap):
 _logged: set[tuple] = set()
 
 
-def attention(q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
-    """Attention by the backend's implementation: attention_cpu on CPU, the Pallas kernels on CUDA."""
+def attention(
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int = 0,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    keys_in_order: bool = False,
+):
+    """Attention by the backend's implementation: attention_cpu on CPU, the Pallas kernels on CUDA.
+
+    keys_in_order (slot s holds position s or is empty) lets the CPU decode kernel skip the slots
+    past the latest query; it never changes the result."""
     key = (q.shape, k.shape, str(k.dtype), window)
     if key not in _logged:
         _logged.add(key)
@@ -208,7 +238,7 @@ def attention(q, k, v, q_positions, k_positions, *, window: int = 0, scale: floa
         v,
         q_positions,
         k_positions,
-        cpu=functools.partial(attention_cpu, **options),
+        cpu=functools.partial(attention_cpu, keys_in_order=keys_in_order, **options),
         cuda=functools.partial(_cuda, **options),
         default=functools.partial(attention_ref, **options),
     )

@@ -1,12 +1,13 @@
 """Causal self-attention over the KV cache plus the current chunk: masks from absolute positions.
 
-`attend` is the dispatch point for attention kernels; today it is the jnp reference, with
-materialized scores.
+The attention itself is rz_kernels.attention (a kernel per backend and shape); the materialized
+`attention_weights` here serve the look-inside API (attention maps).
 """
 
 import jax
 import jax.numpy as jnp
 
+import rz_kernels
 from rz import kv_cache
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
@@ -47,15 +48,6 @@ def attention_weights(queries: jax.Array, keys: jax.Array, mask: jax.Array, scal
     return jax.nn.softmax(scores, axis=-1).reshape(batch, n_head, length, keys.shape[2])
 
 
-def attend(queries: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Attention output f32 [B, T, H * Dv] for queries [B, T, H, D], keys/values [B, n_kv, S, D], mask [B, T, S]."""
-    batch, length, n_head, _ = queries.shape
-    n_kv = keys.shape[1]
-    weights = attention_weights(queries, keys, mask, scale).reshape(batch, n_kv, n_head // n_kv, length, -1)
-    out = jnp.einsum("bkgts,bksd->btkgd", weights, values, precision=jax.lax.Precision.HIGHEST)
-    return out.reshape(batch, length, -1)
-
-
 def self_attention(
     cache: LayerCache,
     queries: jax.Array,
@@ -68,11 +60,25 @@ def self_attention(
     """Attend a chunk's queries [B, T, H, D] over the cached history and the chunk's own keys/values
     [B, T, n_kv, D]; then store the chunk in the cache. Returns (f32 [B, T, H * Dv], cache).
 
-    Attending before storing lets a chunk longer than a sliding window see all of its own keys.
+    A decode step (T = 1) stores its key first and attends over the cache in place: nothing is
+    copied, and the only key a ring buffer evicts for position p is p - S, outside the window.
+    A longer chunk attends over the history and itself before storing, so a chunk longer than a
+    sliding window still sees all of its own keys.
     """
-    all_keys = jnp.concatenate([cache.keys, keys.transpose(0, 2, 1, 3)], axis=2)
-    all_values = jnp.concatenate([cache.values, values.transpose(0, 2, 1, 3)], axis=2)
-    key_positions = jnp.concatenate([kv_cache.history_positions(cache, positions), positions], axis=1)
-    mask = attention_mask(positions, key_positions, window)
-    out = attend(queries, all_keys, all_values, mask, scale)
-    return out, kv_cache.write(cache, keys, values, positions)
+    batch, length = queries.shape[:2]
+    q = queries.transpose(0, 2, 1, 3)
+    options = {"window": window, "scale": scale}
+    if length == 1:
+        cache = kv_cache.write(cache, keys, values, positions)
+        # A global layer's cache never wraps (slot = position), which lets the kernel stop early.
+        in_order = window == 0
+        out = rz_kernels.attention(
+            q, cache.keys, cache.values, positions, cache.positions, keys_in_order=in_order, **options
+        )
+    else:
+        all_keys = jnp.concatenate([cache.keys, keys.transpose(0, 2, 1, 3).astype(cache.keys.dtype)], axis=2)
+        all_values = jnp.concatenate([cache.values, values.transpose(0, 2, 1, 3).astype(cache.values.dtype)], axis=2)
+        key_positions = jnp.concatenate([kv_cache.history_positions(cache, positions), positions], axis=1)
+        out = rz_kernels.attention(q, all_keys, all_values, positions, key_positions, **options)
+        cache = kv_cache.write(cache, keys, values, positions)
+    return out.transpose(0, 2, 1, 3).reshape(batch, length, -1), cache

@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.config import ModelConfig
-from rz.quants import QTensor, dequantize, qmatmul_ref
+from rz.quants import QTensor, dequantize
+from rz_kernels import qmatmul
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -31,8 +32,12 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
 
 
 def linear(x: jax.Array, weight: QTensor, bias: jax.Array | None = None) -> jax.Array:
-    """x [..., K] @ weight[N, K].T (+ bias) -> f32 [..., N]: the one place matmuls on weights go through."""
-    y = qmatmul_ref(x, weight)
+    """x [..., K] @ weight[N, K].T (+ bias) -> f32 [..., N]: the one place matmuls on weights go through.
+
+    rz_kernels.qmatmul picks the path per backend and shape (on CPU the C++ kernel, which rounds
+    the activations to int8 per block as llama.cpp does; rz.quants.qmatmul_ref is the reference).
+    """
+    y = qmatmul(x, weight)
     return y if bias is None else y + bias
 
 

@@ -146,13 +146,16 @@ def _model_info(llm, config: ServerConfig) -> pb.ModelInfoResponse:
 
 
 def _kernel_paths() -> dict[str, str]:
-    from rz.models import attention, layers
+    """Each op's implementations on this backend, by size range (rz_kernels.describe_paths)."""
+    import rz_kernels
 
-    # The functions the model's matmuls and attention go through; one path each today.
-    return {
-        "matmul": f"{layers.qmatmul_ref.__module__}.{layers.qmatmul_ref.__name__}",
-        "attention": f"{attention.attend.__module__}.{attention.attend.__name__}",
-    }
+    paths: dict[str, list[str]] = {}
+    for row in rz_kernels.describe_paths():
+        low, high = row.get("m_min", row.get("t_min")), row.get("m_max", row.get("t_max"))
+        span = f"{low}-{high}" if high is not None else f"{low}+"
+        types = ",".join(row["types"]) if "types" in row else "*"
+        paths.setdefault(row["op"], []).append(f"{row['path']} ({types}; rows {span})")
+    return {op: "; ".join(items) for op, items in paths.items()}
 
 
 def serve(config: ServerConfig) -> int:

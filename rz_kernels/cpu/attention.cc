@@ -72,6 +72,7 @@ RZ_INLINE __m256 load8(const void* row, int64_t i) {
 
 struct Problem {
   int64_t B, Hq, Hkv, T, S, D, Dv, G, R;  // R = G * T query rows per KV head
+  int64_t S_used;  // slots [S_used, S) are invisible to every query
   const float* q;
   const void* k;
   const void* v;
@@ -214,7 +215,8 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_positions,
-                         ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap) {
+                         ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap,
+                         bool keys_in_order) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_attention: q, k, v must be 4-D");
   const bool half = k.element_type() == ffi::F16;
@@ -237,18 +239,26 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
   p.scale = scale;
   p.softcap = softcap;
   if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
+  if (keys_in_order) {
+    // Slot s holds position s or nothing: no query sees a slot past the latest query position.
+    int64_t last = -1;
+    for (int64_t i = 0; i < p.B * p.T; ++i) last = std::max<int64_t>(last, p.q_positions[i]);
+    p.S_used = std::min<int64_t>(p.S, last + 1);
+  } else {
+    p.S_used = p.S;
+  }
 
   const int64_t threads = rz_cpu::pool_threads(pool, 0);
   const int64_t heads = p.B * p.Hkv;
-  const int64_t max_splits = std::max<int64_t>(1, p.S / kMinKeysPerSplit);
+  const int64_t max_splits = std::max<int64_t>(1, p.S_used / kMinKeysPerSplit);
   const int64_t splits = std::min(max_splits, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
-  const int64_t keys_per_split = (p.S + splits - 1) / splits;
+  const int64_t keys_per_split = (p.S_used + splits - 1) / splits;
   std::vector<Partial> partials(heads * splits);
   rz_cpu::parallel_for(pool, heads * splits, threads, [&](int64_t task) {
     const int64_t head = task / splits, split = task % splits;
     Partial& part = partials[task];
     part.reset(p.R, p.Dv);
-    const int64_t s0 = split * keys_per_split, s1 = std::min(p.S, s0 + keys_per_split);
+    const int64_t s0 = split * keys_per_split, s1 = std::min(p.S_used, s0 + keys_per_split);
     if (half) attend_split<true>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
     else attend_split<false>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
   });
@@ -289,4 +299,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzAttention, AttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("window")
                                   .Attr<float>("scale")
-                                  .Attr<float>("softcap"));
+                                  .Attr<float>("softcap")
+                                  .Attr<bool>("keys_in_order"));

@@ -196,6 +196,12 @@ RZ_INLINE void f16_row(const uint16_t* h, int64_t n, float factor, float* out) {
   }
 }
 
+// Ask for [p, p + bytes) to be brought into the cache ahead of its use.
+RZ_INLINE void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 // Each int32 lane of v (a small integer) twice as int16: a madd multiplier.
 RZ_INLINE __m256i twice_16(__m256i v) { return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16)); }
 
@@ -209,6 +215,14 @@ struct Q4_0W {
   RZ_INLINE void for_blocks(int64_t n, F&& f) const {
     const uint8_t* q = qs + n * K / 2;
     for (int64_t b = 0; b < K / kBlock; ++b) f(b, nibbles_32(q + 16 * b));
+  }
+  RZ_INLINE __m256i block(int64_t n, int64_t b) const { return nibbles_32(qs + n * K / 2 + 16 * b); }
+  static constexpr float kOffsetFactor = -8.0f;
+  RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
+  RZ_INLINE const uint16_t* offset_row(int64_t n) const { return d_row(n); }
+  RZ_INLINE void prefetch_row(int64_t n) const {
+    prefetch(qs + n * K / 2, K / 2);
+    prefetch(d + n * (K / kBlock), K / kBlock * 2);
   }
   RZ_INLINE void scales_row(int64_t n, float* scales, float* offsets) const {
     f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales);
@@ -227,6 +241,15 @@ struct Q4_1W {
   RZ_INLINE void for_blocks(int64_t n, F&& f) const {
     const uint8_t* q = qs + n * K / 2;
     for (int64_t b = 0; b < K / kBlock; ++b) f(b, nibbles_32(q + 16 * b));
+  }
+  RZ_INLINE __m256i block(int64_t n, int64_t b) const { return nibbles_32(qs + n * K / 2 + 16 * b); }
+  static constexpr float kOffsetFactor = 1.0f;
+  RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
+  RZ_INLINE const uint16_t* offset_row(int64_t n) const { return mins + n * (K / kBlock); }
+  RZ_INLINE void prefetch_row(int64_t n) const {
+    prefetch(qs + n * K / 2, K / 2);
+    prefetch(d + n * (K / kBlock), K / kBlock * 2);
+    prefetch(mins + n * (K / kBlock), K / kBlock * 2);
   }
   RZ_INLINE void scales_row(int64_t n, float* scales, float* offsets) const {
     f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales);
@@ -249,6 +272,18 @@ struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
     const uint32_t* h = qh + n * (K / kBlock);
     for (int64_t b = 0; b < K / kBlock; ++b) f(b, _mm256_or_si256(nibbles_32(q + 16 * b), fifth_bits_32(h[b])));
   }
+  RZ_INLINE __m256i block(int64_t n, int64_t b) const {
+    return _mm256_or_si256(nibbles_32(qs + n * K / 2 + 16 * b), fifth_bits_32(qh[n * (K / kBlock) + b]));
+  }
+  static constexpr float kOffsetFactor = kMin ? 1.0f : -16.0f;
+  RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
+  RZ_INLINE const uint16_t* offset_row(int64_t n) const { return (kMin ? mins : d) + n * (K / kBlock); }
+  RZ_INLINE void prefetch_row(int64_t n) const {
+    prefetch(qs + n * K / 2, K / 2);
+    prefetch(qh + n * (K / kBlock), K / kBlock * 4);
+    prefetch(d + n * (K / kBlock), K / kBlock * 2);
+    if constexpr (kMin) prefetch(mins + n * (K / kBlock), K / kBlock * 2);
+  }
   RZ_INLINE void scales_row(int64_t n, float* scales, float* offsets) const {
     f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales);
     if constexpr (kMin) f16_row(mins + n * (K / kBlock), K / kBlock, 1.0f, offsets);
@@ -266,6 +301,14 @@ struct Q8_0W {
   RZ_INLINE void for_blocks(int64_t n, F&& f) const {
     const int8_t* q = qs + n * K;
     for (int64_t b = 0; b < K / kBlock; ++b) f(b, load(q + kBlock * b));
+  }
+  RZ_INLINE __m256i block(int64_t n, int64_t b) const { return load(qs + n * K + kBlock * b); }
+  static constexpr float kOffsetFactor = 0.0f;
+  RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
+  RZ_INLINE const uint16_t* offset_row(int64_t n) const { return d_row(n); }
+  RZ_INLINE void prefetch_row(int64_t n) const {
+    prefetch(qs + n * K, K);
+    prefetch(d + n * (K / kBlock), K / kBlock * 2);
   }
   RZ_INLINE void scales_row(int64_t n, float* scales, float*) const { f16_row(d + n * (K / kBlock), K / kBlock, 1.0f, scales); }
 };
@@ -501,6 +544,54 @@ RZ_INLINE void fused_row(const W& w, const RowScales& rs, int64_t n, const Quant
   store_row<MT, kBlock, !W::kSigned>(acc, 1.0f, rs, x, m0, 0, n, y, N);
 }
 
+// 32-block types, one activation row (a batch-1 decode step): R weight rows at a time, so that R
+// independent accumulator chains hide the FMA latency (one row alone waits on it every block)
+// and each activation block is loaded once for the R rows.
+// sum_u f16 h[u] * sums[u] for n units.
+RZ_INLINE float offset_dot_f16(const uint16_t* h, const float* sums, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t u = 0;
+  for (; u + 8 <= n; u += 8) acc = _mm256_fmadd_ps(_mm256_cvtph_ps(load_128(h + u)), _mm256_loadu_ps(sums + u), acc);
+  float total = hsum(acc);
+  for (; u < n; ++u) total += f16_to_f32(h[u]) * sums[u];
+  return total;
+}
+
+template <int R, class W>
+RZ_INLINE void fused_rows_single_x(const W& w, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
+  __m256 acc[R];
+  const uint16_t* d[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    d[r] = w.d_row(n + r);
+  }
+  const int8_t* xq = x.q_group(m0);
+  const float* xd = x.d_group(m0);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t nb = x.K / kBlock;
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m256 x_scale = _mm256_broadcast_ss(xd + b * kRowGroup);
+    const int8_t* xb = xq + b * kRowGroup * kBlock;
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      __m256i dots[1];
+      block_dots<1, W::kSigned>(dots, w.block(n + r, b), ones, xb);
+      // The scale straight from its f16: a float row written just before and read back here
+      // costs a store-to-load round trip per block.
+      const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(d[r][b])), x_scale);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), scale, acc[r]);
+    }
+  }
+  const float* sums = x.sums(m0, kBlock);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    float value = hsum(acc[r]);
+    if constexpr (!W::kSigned) value += W::kOffsetFactor * offset_dot_f16(w.offset_row(n + r), sums, nb);
+    y[m0 * N + n + r] = value;
+  }
+}
+
 // 32-block types, many activation rows: the weight row decoded to bytes u once, then met by the
 // groups, the weight scales riding in the madd.
 template <int MT, bool kSigned>
@@ -585,8 +676,24 @@ RZ_INLINE void group_dot(const W& w, const RowBuffers& rb, int64_t n, const Quan
 // activation rows, each weight block is decoded where it is used (measured faster up to a group
 // of 8; for K-quants up to one pass of 4); beyond, each weight row is decoded to bytes once and
 // met by the groups.
+constexpr int kSingleXRows = 4;  // weight rows per pass of fused_rows_single_x
+constexpr int kPrefetchRows = 8;  // how far ahead it prefetches
+
 template <class W>
 void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
+  if constexpr (!W::kSuperBlocks) {
+    if (m1 - m0 == 1) {
+      int64_t n = n0;
+      for (; n + kSingleXRows <= n1; n += kSingleXRows) {
+        // Rows a few passes ahead: a row is a few cache lines, too short a stream for the
+        // hardware prefetcher to ramp up on, and a decode step reads every weight from DRAM.
+        for (int64_t r = n + kPrefetchRows; r < std::min(n1, n + kPrefetchRows + kSingleXRows); ++r) w.prefetch_row(r);
+        fused_rows_single_x<kSingleXRows>(w, n, x, m0, y, N);
+      }
+      for (; n < n1; ++n) fused_rows_single_x<1>(w, n, x, m0, y, N);
+      return;
+    }
+  }
   RowBuffers rb(x.K);
   const bool fused = m1 - m0 <= (W::kSuperBlocks ? kSuperRows : kRowGroup);
   for (int64_t n = n0; n < n1; ++n) {
@@ -648,14 +755,14 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 constexpr int64_t kSmallM = 16;
 constexpr int64_t kPrefillRowsX = 64;
 constexpr int64_t kPrefillRowsW = 16;
-constexpr int64_t kMinWeightBytesPerThread = 128 << 10;  // below, waking a pool thread costs more than it saves
+constexpr int64_t kMinWeightBytesPerThread = 32 << 10;  // below, handing work to a worker costs more than it saves
 
 template <class W>
 void matmul(ffi::ThreadPool& pool, int64_t threads, const W& w, const float* x, int64_t M, int64_t N, int64_t K, double weight_bytes, float* y) {
   const QuantizedX qx = quantize(pool, x, M, K, W::kSuperBlocks ? kSuper : kBlock, threads);
   const int64_t useful_threads = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(weight_bytes * std::min<int64_t>(M, 4) / kMinWeightBytesPerThread)));
   if (M <= kSmallM) {
-    const int64_t tasks = std::min<int64_t>(N, 8 * useful_threads);
+    const int64_t tasks = std::min<int64_t>(N, 4 * useful_threads);
     const int64_t rows = (N + tasks - 1) / tasks;
     rz_cpu::parallel_for(pool, (N + rows - 1) / rows, useful_threads, [&](int64_t t) {
       matmul_tile(w, qx, t * rows, std::min(N, (t + 1) * rows), 0, M, y, N);
