@@ -21,6 +21,9 @@ from rz.sampling import MAX_N_LOGPROBS, SamplerState, SamplingParams, SamplingTe
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 
+# Decode steps per compiled call (Engine.step); see step() for why more than one.
+DECODE_STEPS = 4
+
 # Idle slots run through the decode step like the others (the shape is fixed); position -1
 # keeps them from writing to the cache, and greedy sampling keeps their cost down.
 _IDLE_PARAMS = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
@@ -92,8 +95,19 @@ class StepEvent:
 class Engine:
     """Compiled steps for one model, and the host-side slots that drive them."""
 
-    def __init__(self, model, tokenizer: Tokenizer, n_ctx: int, n_slots: int, buckets: Buckets | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        n_ctx: int,
+        n_slots: int,
+        buckets: Buckets | None = None,
+        decode_steps: int = DECODE_STEPS,
+    ):
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
         self.model = model
+        self.decode_steps = decode_steps
         self.tokenizer = tokenizer
         self.n_ctx = n_ctx
         self.n_slots = n_slots
@@ -103,7 +117,7 @@ class Engine:
         self._score = jax.jit(self._score_fn, donate_argnums=(1,))
         self._insert = jax.jit(_insert_row, donate_argnums=(0,))
         self._first_token = jax.jit(self._first_token_fn, static_argnums=(3,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 5), static_argnums=(6,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 5), static_argnums=(6, 7))
         self.cache = model.init_cache(n_slots, n_ctx)
         self.slots: list[Generation | None] = [None] * n_slots
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
@@ -125,10 +139,23 @@ class Engine:
     def _first_token_fn(logits, tensors, state, n_top):
         return Sampler(n_top_logprobs=n_top)(logits, tensors, state)
 
-    def _decode_fn(self, weights, cache, tokens, positions, tensors, state, n_top):
-        hidden, cache = self.model.forward(weights, cache, tokens[:, None], positions[:, None])
-        logits = self.model.lm_head(weights, hidden[:, 0])
-        sampled, state = Sampler(n_top_logprobs=n_top)(logits, tensors, state)
+    def _decode_fn(self, weights, cache, tokens, positions, tensors, state, n_top, n_steps):
+        """n_steps decode steps in one call, each feeding its sampled tokens to the next.
+
+        Returns the SampledTokens of every step (leaves [n_steps, B, ...]). A row whose next
+        position would pass the context becomes padding (position -1) instead of wrapping.
+        """
+        sampler = Sampler(n_top_logprobs=n_top)
+
+        def one(carry, _):
+            cache, tokens, positions, state = carry
+            hidden, cache = self.model.forward(weights, cache, tokens[:, None], positions[:, None])
+            logits = self.model.lm_head(weights, hidden[:, 0])
+            sampled, state = sampler(logits, tensors, state)
+            following = jnp.where((positions >= 0) & (positions + 1 < self.n_ctx), positions + 1, -1)
+            return (cache, sampled.tokens, following, state), sampled
+
+        (cache, _, _, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), None, length=n_steps)
         return sampled, cache, state
 
     # ----- host side -----
@@ -181,6 +208,8 @@ class Engine:
         )
         self.slots[slot] = sequence
         self._tensors_dirty = True
+        # Steps run asynchronously: the first token exists once it has been read back.
+        sampled = jax.device_get(sampled)
         sequence.timings.first_token_at = time.perf_counter()
         return self._accept(sequence, sampled, 0)
 
@@ -208,7 +237,13 @@ class Engine:
         return np.concatenate(pieces)
 
     def step(self) -> list[StepEvent]:
-        """One decode step for every active slot."""
+        """Decode steps for every active slot: `decode_steps` tokens per sequence in one compiled call
+        (fewer where a sequence finishes; what it would have produced after is dropped).
+
+        One call per several tokens spreads the host's cost of a call (hundreds of weight arrays
+        to pass, a sync to read the tokens) over them; a request waiting to join waits at most
+        that many steps.
+        """
         active = self.active()
         if not active:
             return []
@@ -222,12 +257,20 @@ class Engine:
             self._tensors = SamplingTensors.from_params(rows)
             self._n_top = _logprob_width(rows)
             self._tensors_dirty = False
+        n_steps = self.decode_steps
         sampled, self.cache, self._sampler_state = self._timed(
-            f"decode[{self.n_slots}, logprobs={self._n_top}]", self._decode, self.model.weights, self.cache,
-            jnp.asarray(tokens), jnp.asarray(positions), self._tensors, self._sampler_state, self._n_top,
+            f"decode[{self.n_slots}, logprobs={self._n_top}, steps={n_steps}]", self._decode, self.model.weights,
+            self.cache, jnp.asarray(tokens), jnp.asarray(positions), self._tensors, self._sampler_state,
+            self._n_top, n_steps,
         )
         sampled = jax.device_get(sampled)
-        return [self._accept(sequence, sampled, sequence.slot) for sequence in active]
+        events = []
+        for index in range(n_steps):
+            at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
+            events.extend(
+                self._accept(sequence, at_step, sequence.slot) for sequence in active if sequence.finish_reason is None
+            )
+        return events
 
     def cancel(self, sequence: Generation, reason: str = "cancelled") -> None:
         """Free a sequence's slot before the next step."""

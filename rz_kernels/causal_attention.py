@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz_kernels import attention_pallas, cpu_ffi
+from rz_kernels import attention_pallas, cpu_ffi, quantized_matmul
 
 log = logging.getLogger("rz_kernels")
 
@@ -194,6 +194,8 @@ def describe_paths(backend: str | None = None) -> list[dict]:
 
 
 def _cuda(q, k, v, q_positions, k_positions, *, window, scale, softcap):
+    if not quantized_matmul.pallas_enabled():
+        return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
     kernel = attention_pallas.decode_attention if q.shape[2] <= DECODE_MAX_T else attention_pallas.flash_attention
     return kernel(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
 

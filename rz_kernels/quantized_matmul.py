@@ -26,6 +26,7 @@ CPU takes xla_reference, logged once.
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import jax
@@ -69,9 +70,15 @@ class Path:
         return backend == self.backend and ggml_type.name in self.types and in_range
 
 
+def pallas_enabled() -> bool:
+    """RZ_PALLAS=0 sends GPU work to the XLA reference paths (to compare, or to work around a
+    Pallas/Triton version that cannot compile a kernel)."""
+    return os.environ.get("RZ_PALLAS", "1") != "0"
+
+
 def _paths() -> tuple[Path, ...]:
     cpu_types = tuple(t.name for t in CPU_FFI_ARRAYS) if cpu_ffi.available() else ()
-    gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES))
+    gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, None),
         Path("cuda", "pallas_decode", gpu_types, 1, GPU_DECODE_MAX_M),

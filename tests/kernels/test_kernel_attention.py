@@ -7,12 +7,25 @@ import numpy as np
 import pytest
 
 from rz_kernels import attention_pallas, cpu_ffi
+from rz_kernels.testing import nmse
 from rz_kernels.causal_attention import (
     attention,
     attention_cpu,
     attention_ref,
     decode_attention_cpu,
 )
+
+# Pallas kernels run compiled on a GPU and in interpret mode elsewhere (CI's CPUs).
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def assert_pallas_close(actual, expected) -> None:
+    """Interpret mode repeats the reference's f32 arithmetic; compiled on a GPU the dots run on
+    tensor cores (TF32), so there the bound is llama.cpp's NMSE <= 5e-4 (measured ~1e-7 on an H200)."""
+    if INTERPRET:
+        np.testing.assert_allclose(actual, expected, atol=1e-5)
+    else:
+        assert nmse(actual, expected) <= 5e-4
 
 # (batch, query heads, KV heads, queries, key slots, head dim, window, softcap): Gemma-like
 # (4:1 grouping, sliding window) and SmolLM2-like (9:3) shapes, odd lengths, a decode step.
@@ -96,8 +109,8 @@ def test_half_precision_cache():
     expected = attention_ref(*inputs, window=0, scale=0.25)
     assert expected.dtype == jnp.float32
     np.testing.assert_allclose(attention_cpu(*inputs, scale=0.25), expected, atol=1e-5)
-    decode = attention_pallas.decode_attention(*inputs, scale=0.25, block_k=16, split_k=2, interpret=True)
-    np.testing.assert_allclose(decode, expected, atol=1e-5)
+    decode = attention_pallas.decode_attention(*inputs, scale=0.25, block_k=16, split_k=2, interpret=INTERPRET)
+    assert_pallas_close(decode, expected)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -130,9 +143,9 @@ def test_flash_attention_matches_reference(case, blocks):
     expected = attention_ref(*inputs, **options(shape[-1], window, softcap))
     block_q, block_k = blocks
     actual = attention_pallas.flash_attention(
-        *inputs, block_q=block_q, block_k=block_k, interpret=True, **options(shape[-1], window, softcap)
+        *inputs, block_q=block_q, block_k=block_k, interpret=INTERPRET, **options(shape[-1], window, softcap)
     )
-    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    assert_pallas_close(actual, expected)
 
 
 @pytest.mark.parametrize("case, block_k, split_k", [(CASES[2], 16, 3), (CASES[3], 32, 2), (CASES[1], 16, 1)])
@@ -141,9 +154,9 @@ def test_decode_attention_matches_reference(case, block_k, split_k):
     inputs = [jnp.asarray(a) for a in make_inputs(4, *shape)]
     expected = attention_ref(*inputs, **options(shape[-1], window, softcap))
     actual = attention_pallas.decode_attention(
-        *inputs, block_k=block_k, split_k=split_k, interpret=True, **options(shape[-1], window, softcap)
+        *inputs, block_k=block_k, split_k=split_k, interpret=INTERPRET, **options(shape[-1], window, softcap)
     )
-    np.testing.assert_allclose(actual, expected, atol=1e-5)
+    assert_pallas_close(actual, expected)
 
 
 def test_merge_splits_of_empty_and_full_splits():

@@ -22,6 +22,12 @@ from rz_kernels.quantized_matmul import (
 )
 from rz_kernels.testing import activations, nmse, random_qtensor, real_qtensor
 
+# Pallas kernels run compiled on a GPU and in interpret mode elsewhere (CI's CPUs).
+INTERPRET = jax.default_backend() != "gpu"
+# Interpret mode repeats the reference's f32 arithmetic; compiled on a GPU, the dots run on tensor
+# cores at XLA's default precision (TF32), measured NMSE ~1e-7 on an H200: llama.cpp's bound holds.
+PALLAS_NMSE = 1e-10 if INTERPRET else 5e-4
+
 TOLERANCE = 5e-4
 TYPES = sorted(CPU_FFI_ARRAYS)
 needs_cpu_kernels = pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
@@ -135,8 +141,8 @@ def test_pallas_kernel_matches_reference(ggml_type):
     # decode: M padded to 16, two K splits; prefill: two M tiles, a loop over K.
     for m, blocks in ((3, {"block_n": 16, "block_k": block_k, "split_k": 2}), (20, {"block_m": 16, "block_n": 32})):
         x = jnp.asarray(activations(rng, m, k))
-        actual = qmatmul_pallas.qmatmul(x, qt, interpret=True, **blocks)
-        assert nmse(actual, qmatmul_ref(x, qt)) <= 1e-10, (m, blocks)
+        actual = qmatmul_pallas.qmatmul(x, qt, interpret=INTERPRET, **blocks)
+        assert nmse(actual, qmatmul_ref(x, qt)) <= PALLAS_NMSE, (m, blocks)
 
 
 @pytest.mark.parametrize("block_n, block_k, split_k", [(16, 32, 1), (32, 64, 4), (64, 256, 1), (16, 128, 2)])
@@ -144,14 +150,14 @@ def test_pallas_kernel_block_sizes(block_n, block_k, split_k):
     rng = np.random.default_rng(20)
     qt = random_qtensor(rng, GGMLType.Q5_0, (64, 512))
     x = jnp.asarray(activations(rng, 5, 512))
-    actual = qmatmul_pallas.qmatmul(x, qt, block_n=block_n, block_k=block_k, split_k=split_k, interpret=True)
-    assert nmse(actual, qmatmul_ref(x, qt)) <= 1e-10
+    actual = qmatmul_pallas.qmatmul(x, qt, block_n=block_n, block_k=block_k, split_k=split_k, interpret=INTERPRET)
+    assert nmse(actual, qmatmul_ref(x, qt)) <= PALLAS_NMSE
 
 
 def test_pallas_kernel_rejects_blocks_that_do_not_tile():
     qt = random_qtensor(np.random.default_rng(0), GGMLType.Q4_K, (48, 512))
     with pytest.raises(ValueError, match="do not tile"):
-        qmatmul_pallas.qmatmul(jnp.zeros((1, 512)), qt, block_k=128, interpret=True)
+        qmatmul_pallas.qmatmul(jnp.zeros((1, 512)), qt, block_k=128, interpret=INTERPRET)
     assert not qmatmul_pallas.tiles(40, 512, GGMLType.Q4_K)
 
 
@@ -207,4 +213,4 @@ def test_cpu_kernel_on_real_tensors(model_path, name):
 def test_pallas_kernel_on_real_tensors(model_path, name):
     qt = load_real(model_path, name, rows=64)
     x = jnp.asarray(activations(np.random.default_rng(4), 2, qt.shape[1]))
-    assert nmse(qmatmul_pallas.qmatmul(x, qt, interpret=True), qmatmul_ref(x, qt)) <= 1e-10
+    assert nmse(qmatmul_pallas.qmatmul(x, qt, interpret=INTERPRET), qmatmul_ref(x, qt)) <= PALLAS_NMSE
