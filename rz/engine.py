@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rz import kv_cache
 from rz.buckets import Buckets
 from rz.errors import ContextOverflowError, RequestError
 from rz.sampling import MAX_N_LOGPROBS, SamplerState, SamplingParams, SamplingTensors, Sampler
@@ -115,7 +116,7 @@ class Engine:
         self.compilations: dict[str, float] = {}
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._score = jax.jit(self._score_fn, donate_argnums=(1,))
-        self._insert = jax.jit(_insert_row, donate_argnums=(0,))
+        self._insert = jax.jit(kv_cache.insert_row, donate_argnums=(0,))
         self._first_token = jax.jit(self._first_token_fn, static_argnums=(3,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 5), static_argnums=(6, 7))
         self.cache = model.init_cache(n_slots, n_ctx)
@@ -202,7 +203,9 @@ class Engine:
         row_state = SamplerState.create([request.params], [request.prompt_ids])
         n_top = _logprob_width([request.params])
         sampled, row_state = self._timed(f"first_token[logprobs={n_top}]", self._first_token, logits, SamplingTensors.from_params([request.params]), row_state, n_top)
-        self.cache = self._timed("insert", self._insert, self.cache, row_cache, jnp.int32(slot))
+        self.cache = self._timed(
+            f"insert[{row_cache.layers[0].n_slots}]", self._insert, self.cache, row_cache, jnp.int32(slot)
+        )
         self._sampler_state = jax.tree.map(
             lambda whole, row: whole.at[slot].set(row[0]), self._sampler_state, row_state
         )
@@ -214,8 +217,9 @@ class Engine:
         return self._accept(sequence, sampled, 0)
 
     def prefill(self, prompt_ids: Sequence[int]):
-        """Run a prompt through a fresh one-row cache in bucketed chunks; the last position's logits."""
-        cache = self.model.init_cache(1, self.n_ctx)
+        """Run a prompt through a fresh one-row cache of its context bucket, in bucketed chunks; the
+        last position's logits, and the row cache."""
+        cache = self.model.init_cache(1, self.buckets.context_bucket(len(prompt_ids)))
         logits = None
         for start, chunk in self.buckets.chunks(len(prompt_ids)):
             tokens, positions, last = _padded_chunk(prompt_ids, start, chunk)
@@ -228,7 +232,7 @@ class Engine:
             raise RequestError("cannot score an empty sequence of token ids")
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context size {self.n_ctx}")
-        cache = self.model.init_cache(1, self.n_ctx)
+        cache = self.model.init_cache(1, self.buckets.context_bucket(len(ids)))
         pieces = []
         for start, chunk in self.buckets.chunks(len(ids)):
             tokens, positions, last = _padded_chunk(ids, start, chunk)
@@ -348,8 +352,3 @@ def _padded_chunk(ids: Sequence[int], start: int, bucket: int):
     tokens[0, : len(piece)] = piece
     positions[0, : len(piece)] = np.arange(start, start + len(piece))
     return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray([len(piece) - 1], jnp.int32)
-
-
-def _insert_row(cache, row_cache, slot):
-    """cache with row `slot` replaced by the one-row row_cache (every leaf is batch-first)."""
-    return jax.tree.map(lambda whole, row: jax.lax.dynamic_update_slice_in_dim(whole, row, slot, axis=0), cache, row_cache)

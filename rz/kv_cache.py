@@ -79,3 +79,23 @@ def write(cache: LayerCache, keys: jax.Array, values: jax.Array, positions: jax.
         values=cache.values.at[rows, :, slots].set(values, mode="drop"),
         positions=cache.positions.at[rows, slots].set(positions, mode="drop"),
     )
+
+
+def insert_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
+    """cache with batch row `slot` replaced by the one-row cache `row`, which may hold fewer slots
+    per layer (a prompt prefilled into a cache of its own size): its slots go first, and the row's
+    other slots become empty. Position p sits in slot p % S in both, since a row cache with fewer
+    slots than the whole never holds a position past its size."""
+
+    def layer(whole: LayerCache, part: LayerCache) -> LayerCache:
+        at = (slot, 0, 0, 0)
+        positions = jax.lax.dynamic_update_slice(
+            whole.positions, jnp.full((1, whole.n_slots), EMPTY, jnp.int32), (slot, 0)
+        )
+        return LayerCache(
+            keys=jax.lax.dynamic_update_slice(whole.keys, part.keys.astype(whole.keys.dtype), at),
+            values=jax.lax.dynamic_update_slice(whole.values, part.values.astype(whole.values.dtype), at),
+            positions=jax.lax.dynamic_update_slice(positions, part.positions, (slot, 0)),
+        )
+
+    return KVCache(tuple(layer(whole, part) for whole, part in zip(cache.layers, row.layers)))

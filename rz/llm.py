@@ -125,13 +125,15 @@ class LLM:
         request = self._request(prompts[0], max_tokens, params, stop, stop_token_ids, ignore_eos)
         engine = self._engine(1)
         event = engine.admit(request)
+        events = [event]
         try:
             while True:
-                if event.text:
-                    yield event.text
-                if event.finish_reason is not None:
-                    return
-                (event,) = engine.step()
+                for event in events:
+                    if event.text:
+                        yield event.text
+                    if event.finish_reason is not None:
+                        return
+                events = engine.step()  # this sequence's next tokens, several per compiled call
         finally:
             # A consumer that stops reading early must not leave its sequence holding the slot.
             engine.cancel(event.sequence)

@@ -182,7 +182,7 @@ class SampledTokens:
     """One step's choices and their log-probabilities under the raw model distribution."""
 
     tokens: jax.Array  # i32[B]
-    logprobs: jax.Array  # f32[B]: log_softmax(raw logits) at the chosen token
+    logprobs: jax.Array  # f32[B]: log_softmax(raw logits) at the chosen token; zeros when n_top_logprobs is 0
     top_ids: jax.Array  # i32[B, n_top_logprobs]: the most likely tokens, best first
     top_logprobs: jax.Array  # f32[B, n_top_logprobs]
 
@@ -356,13 +356,19 @@ def _inverse_cdf_draw(
 
 
 def _with_logprobs(raw_logits: jax.Array, tokens: jax.Array, n_top: int) -> SampledTokens:
+    if not n_top:
+        # No row asked for log-probabilities (the engine compiles a variant with them when one
+        # does): skip a pass over the vocabulary per step (262,144 entries for Gemma 3).
+        batch = raw_logits.shape[0]
+        return SampledTokens(
+            tokens=tokens,
+            logprobs=jnp.zeros((batch,), jnp.float32),
+            top_ids=jnp.zeros((batch, 0), jnp.int32),
+            top_logprobs=jnp.zeros((batch, 0), jnp.float32),
+        )
     logprobs = jax.nn.log_softmax(raw_logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    if n_top:
-        top_logprobs, top_ids = _top_k(logprobs, n_top)
-    else:
-        top_logprobs = jnp.zeros((raw_logits.shape[0], 0), jnp.float32)
-        top_ids = jnp.zeros((raw_logits.shape[0], 0), jnp.int32)
+    top_logprobs, top_ids = _top_k(logprobs, n_top)
     return SampledTokens(
         tokens=tokens, logprobs=chosen, top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs
     )

@@ -1,6 +1,7 @@
 """Compute kernels for rz: fused-dequantization matmuls and attention, each with a pure-jnp reference.
 
     y = qmatmul(x, qt)                      # x [..., K] @ dequantize(qt).T, by the fastest path here
+    q, k, v = qmatmul_many(x, (wq, wk, wv)) # several weights on one input, one kernel call on CPU
     o = attention(q, k, v, q_positions, k_positions, window=..., scale=..., softcap=...)
     describe_paths()                        # which implementation serves which (op, type, size)
 
@@ -12,7 +13,7 @@ import jax
 
 from rz_kernels import causal_attention, quantized_matmul
 from rz_kernels.causal_attention import attention, attention_ref
-from rz_kernels.quantized_matmul import qmatmul, select_path
+from rz_kernels.quantized_matmul import qmatmul, qmatmul_many, select_path
 
 
 def describe_paths(backend: str | None = None) -> list[dict]:
@@ -21,4 +22,4 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     return quantized_matmul.describe_paths(backend) + causal_attention.describe_paths(backend)
 
 
-__all__ = ["attention", "attention_ref", "describe_paths", "qmatmul", "select_path"]
+__all__ = ["attention", "attention_ref", "describe_paths", "qmatmul", "qmatmul_many", "select_path"]

@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,17 +123,22 @@ def _log_first_use(ggml_type: GGMLType, n: int, k: int, m: int) -> None:
         log.info("rz_kernels.qmatmul %s [%d x %d] at M=%d -> %s", ggml_type.name, n, k, m, paths)
 
 
-def qmatmul_cpu(x: jax.Array, qt: QTensor, max_threads: int = 0) -> jax.Array:
-    """The C++ kernel: x f32 [M, K] @ W[N, K].T -> f32 [M, N], for a type in CPU_FFI_ARRAYS.
+def qmatmul_cpu(x: jax.Array, qt: QTensor | Sequence[QTensor], max_threads: int = 0) -> jax.Array:
+    """The C++ kernel: x f32 [M, K] @ W[N, K].T -> f32 [M, N], for types in CPU_FFI_ARRAYS.
 
-    max_threads caps the threads it takes from XLA's pool (0: all; benchmarks compare 1 and 2).
+    Given several weights, one call computes x against each and returns their outputs side by
+    side, [M, sum of N]: q/k/v or gate/up share the call's fixed costs (quantizing x, handing
+    rows to threads), which at decode are as large as a small matmul's work.
+    max_threads caps the threads it takes (0: all; benchmarks compare 1 and 2).
     """
     if not cpu_ffi.available():
         raise RuntimeError("the C++ CPU kernels are not available here (see the rz_kernels log)")
-    m, n = x.shape[0], qt.shape[0]
-    arrays = [qt.arrays[name] for name in CPU_FFI_ARRAYS[qt.ggml_type]]
+    weights = [qt] if isinstance(qt, QTensor) else list(qt)
+    m, n = x.shape[0], sum(w.shape[0] for w in weights)
+    arrays = [w.arrays[name] for w in weights for name in CPU_FFI_ARRAYS[w.ggml_type]]
     call = jax.ffi.ffi_call(cpu_ffi.QMATMUL_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
-    return call(x.astype(jnp.float32), *arrays, ggml_type=np.int32(qt.ggml_type), max_threads=np.int32(max_threads))
+    types = np.asarray([int(w.ggml_type) for w in weights], np.int32)
+    return call(x.astype(jnp.float32), *arrays, ggml_types=types, max_threads=np.int32(max_threads))
 
 
 # The C++ kernel quantizes activations per 32 elements for 32-block weights (llama.cpp's Q8_0) and
@@ -178,13 +184,38 @@ def _cuda(x: jax.Array, qt: QTensor) -> jax.Array:
 
 def qmatmul(x: jax.Array, qt: QTensor) -> jax.Array:
     """x [..., K] @ W.T for a quantized W [N, K] -> f32 [..., N], by the fastest path for the backend and M."""
-    if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
-        raise ValueError(f"qmatmul: x {x.shape} does not contract with a weight of shape {qt.shape}")
+    return qmatmul_many(x, (qt,))[0]
+
+
+def qmatmul_many(x: jax.Array, weights: Sequence[QTensor]) -> list[jax.Array]:
+    """[x @ W.T for W in weights], each f32 [..., N_W]: projections of one input (q/k/v, gate/up).
+
+    On CPU, weights the C++ kernel takes go through one call together; elsewhere (and for other
+    types) each takes its own path.
+    """
+    weights = tuple(weights)
+    for qt in weights:
+        if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
+            raise ValueError(f"qmatmul: x {x.shape} does not contract with a weight of shape {qt.shape}")
     lead = x.shape[:-1]
-    rows = x.reshape(-1, qt.shape[1]).astype(jnp.float32)
-    m, (n, k) = rows.shape[0], qt.shape
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    m = rows.shape[0]
     if m == 0:
-        return jnp.zeros((*lead, n), jnp.float32)
-    _log_first_use(qt.ggml_type, n, k, m)
-    y = jax.lax.platform_dependent(rows, qt, cpu=_cpu, cuda=_cuda, default=qmatmul_ref)
-    return y.reshape(*lead, n)
+        return [jnp.zeros((*lead, qt.shape[0]), jnp.float32) for qt in weights]
+    for qt in weights:
+        _log_first_use(qt.ggml_type, *qt.shape, m)
+
+    def cpu(rows, *weights):
+        if all(select_path("cpu", qt.ggml_type, m) == "cpu_ffi" for qt in weights):
+            together = qmatmul_cpu(rows, weights)
+            return tuple(jnp.split(together, np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1))
+        return tuple(_cpu(rows, qt) for qt in weights)
+
+    def cuda(rows, *weights):
+        return tuple(_cuda(rows, qt) for qt in weights)
+
+    def reference(rows, *weights):
+        return tuple(qmatmul_ref(rows, qt) for qt in weights)
+
+    outputs = jax.lax.platform_dependent(rows, *weights, cpu=cpu, cuda=cuda, default=reference)
+    return [y.reshape(*lead, qt.shape[0]) for y, qt in zip(outputs, weights)]

@@ -60,20 +60,20 @@ def self_attention(
     """Attend a chunk's queries [B, T, H, D] over the cached history and the chunk's own keys/values
     [B, T, n_kv, D]; then store the chunk in the cache. Returns (f32 [B, T, H * Dv], cache).
 
-    A decode step (T = 1) stores its key first and attends over the cache in place: nothing is
-    copied, and the only key a ring buffer evicts for position p is p - S, outside the window.
-    A longer chunk attends over the history and itself before storing, so a chunk longer than a
-    sliding window still sees all of its own keys.
+    A decode step (T = 1), and any chunk on a global layer, stores its keys first and attends over
+    the cache in place: nothing is copied. That is exact: a global layer's slot is its position
+    (stale slots hold later positions, hidden by causality), and the only key a ring buffer
+    evicts for a single query at p is p - S, outside the window. A longer chunk on a ring buffer
+    attends over the history and itself before storing, so that it still sees all of its own
+    keys when it is longer than the window.
     """
     batch, length = queries.shape[:2]
     q = queries.transpose(0, 2, 1, 3)
     options = {"window": window, "scale": scale}
-    if length == 1:
+    if length == 1 or window == 0:
         cache = kv_cache.write(cache, keys, values, positions)
-        # A global layer's cache never wraps (slot = position), which lets the kernel stop early.
-        in_order = window == 0
         out = rz_kernels.attention(
-            q, cache.keys, cache.values, positions, cache.positions, keys_in_order=in_order, **options
+            q, cache.keys, cache.values, positions, cache.positions, keys_in_order=window == 0, **options
         )
     else:
         all_keys = jnp.concatenate([cache.keys, keys.transpose(0, 2, 1, 3).astype(cache.keys.dtype)], axis=2)

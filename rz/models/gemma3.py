@@ -12,7 +12,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, apply_rope, embed as embed_rows, geglu, linear, rms_norm, softcap
+from rz.models.layers import Rope, apply_rope, embed as embed_rows, geglu, linear, linear_many, rms_norm, softcap
 from rz.quants import QTensor
 from rz.weights import Either, attention_projections, matrix, vector
 
@@ -90,9 +90,10 @@ def query_scale(cfg: ModelConfig) -> float:
 def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
     batch, length, _ = x.shape
     h = rms_norm(x, w.attn_norm, cfg.norm_eps)
-    queries = linear(h, w.wq, w.bq).reshape(batch, length, cfg.n_head, cfg.head_dim)
-    keys = linear(h, w.wk, w.bk).reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
-    values = linear(h, w.wv, w.bv).reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
+    queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
+    queries = queries.reshape(batch, length, cfg.n_head, cfg.head_dim)
+    keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
+    values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
     queries = rms_norm(queries, w.q_norm, cfg.norm_eps)
     keys = rms_norm(keys, w.k_norm, cfg.norm_eps)
     rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
@@ -109,7 +110,8 @@ def block(w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array
         x = x + rms_norm(linear(out, w.wo), w.post_attn_norm, cfg.norm_eps)
     with jax.named_scope("mlp"):
         h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
-        mlp_out = linear(geglu(linear(h, w.w_gate), linear(h, w.w_up)), w.w_down)
+        gate, up = linear_many(h, (w.w_gate, w.w_up), (None, None))
+        mlp_out = linear(geglu(gate, up), w.w_down)
         x = x + rms_norm(mlp_out, w.post_ffn_norm, cfg.norm_eps)
     return x, cache
 

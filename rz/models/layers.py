@@ -12,7 +12,7 @@ import numpy as np
 
 from rz.config import ModelConfig
 from rz.quants import QTensor, dequantize
-from rz_kernels import qmatmul
+from rz_kernels import qmatmul, qmatmul_many
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -39,6 +39,12 @@ def linear(x: jax.Array, weight: QTensor, bias: jax.Array | None = None) -> jax.
     """
     y = qmatmul(x, weight)
     return y if bias is None else y + bias
+
+
+def linear_many(x: jax.Array, weights: tuple[QTensor, ...], biases: tuple[jax.Array | None, ...]) -> list[jax.Array]:
+    """[linear(x, w, b) for each pair], computed together: one kernel call on CPU (q/k/v, gate/up)."""
+    outputs = qmatmul_many(x, weights)
+    return [y if b is None else y + b for y, b in zip(outputs, biases)]
 
 
 def embed(table: QTensor, tokens: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, apply_rope, embed as embed_rows, linear, rms_norm, swiglu
+from rz.models.layers import Rope, apply_rope, embed as embed_rows, linear, linear_many, rms_norm, swiglu
 from rz.quants import QTensor
 from rz.weights import Either, attention_projections, matrix, optional, vector
 
@@ -85,9 +85,10 @@ def embed(weights: Weights, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
     batch, length, _ = x.shape
     h = rms_norm(x, w.attn_norm, cfg.norm_eps)
-    queries = linear(h, w.wq, w.bq).reshape(batch, length, cfg.n_head, cfg.head_dim)
-    keys = linear(h, w.wk, w.bk).reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
-    values = linear(h, w.wv, w.bv).reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
+    queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
+    queries = queries.reshape(batch, length, cfg.n_head, cfg.head_dim)
+    keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
+    values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
     rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
     queries = apply_rope(queries, positions, rope, w.rope_freq_factors)
     keys = apply_rope(keys, positions, rope, w.rope_freq_factors)
@@ -102,7 +103,8 @@ def block(w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array
         x = x + linear(out, w.wo, w.bo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
-        x = x + linear(swiglu(linear(h, w.w_gate, w.b_gate), linear(h, w.w_up, w.b_up)), w.w_down, w.b_down)
+        gate, up = linear_many(h, (w.w_gate, w.w_up), (w.b_gate, w.b_up))
+        x = x + linear(swiglu(gate, up), w.w_down, w.b_down)
     return x, cache
 
 

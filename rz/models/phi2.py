@@ -11,7 +11,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, apply_rope, embed as embed_rows, gelu, layer_norm, linear
+from rz.models.layers import Rope, apply_rope, embed as embed_rows, gelu, layer_norm, linear, linear_many
 from rz.quants import QTensor
 from rz.weights import attention_projections, matrix, vector
 
@@ -84,9 +84,10 @@ def _norm(w: LayerWeights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
     batch, length, _ = x.shape
     h = _norm(w, x, cfg)
-    queries = linear(h, w.wq, w.bq).reshape(batch, length, cfg.n_head, cfg.head_dim)
-    keys = linear(h, w.wk, w.bk).reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
-    values = linear(h, w.wv, w.bv).reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
+    queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
+    queries = queries.reshape(batch, length, cfg.n_head, cfg.head_dim)
+    keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
+    values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
     rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
     queries = apply_rope(queries, positions, rope)
     keys = apply_rope(keys, positions, rope)

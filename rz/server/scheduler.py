@@ -251,6 +251,6 @@ def warm_up(engine: Engine) -> None:
         GenerationRequest(prompt_ids=(0,), max_tokens=2, params=SamplingParams(temperature=0.0, n_logprobs=1), ignore_eos=True)
     )
     for request in requests:
-        event = engine.admit(request)
-        while event.finish_reason is None:
-            (event,) = engine.step()
+        finished = engine.admit(request).finish_reason is not None
+        while not finished:
+            finished = any(event.finish_reason is not None for event in engine.step())

@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "threads.h"
@@ -521,32 +522,6 @@ RZ_INLINE void store_row(const __m256 (&acc)[MT], float factor, const RowScales&
   }
 }
 
-// 32-block types, few activation rows (a decode step): each weight block decoded and used at
-// once, the weight scale times the activation block's applied in the FMA.
-template <int MT, class W>
-RZ_INLINE void fused_row(const W& w, const RowScales& rs, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
-  __m256 acc[MT];
-#pragma GCC unroll 8
-  for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
-  const int8_t* xq = x.q_group(m0);
-  const float* xd = x.d_group(m0);
-  const __m256i ones = _mm256_set1_epi16(1);
-  w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) {
-    __m256i dots[MT];
-    block_dots<MT, W::kSigned>(dots, u, ones, xq + b * kRowGroup * kBlock);
-    const __m256 weight_scale = _mm256_broadcast_ss(rs.scales.data() + b);
-#pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-      const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(xd + b * kRowGroup + i));
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), scale, acc[i]);
-    }
-  });
-  store_row<MT, kBlock, !W::kSigned>(acc, 1.0f, rs, x, m0, 0, n, y, N);
-}
-
-// 32-block types, one activation row (a batch-1 decode step): R weight rows at a time, so that R
-// independent accumulator chains hide the FMA latency (one row alone waits on it every block)
-// and each activation block is loaded once for the R rows.
 // sum_u f16 h[u] * sums[u] for n units.
 RZ_INLINE float offset_dot_f16(const uint16_t* h, const float* sums, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -557,6 +532,40 @@ RZ_INLINE float offset_dot_f16(const uint16_t* h, const float* sums, int64_t n) 
   return total;
 }
 
+// 32-block types, few activation rows (a decode step): each weight block decoded and used at
+// once, the weight scale times the activation block's applied in the FMA. Scales are read from
+// their f16s: a float row written just before and read back costs a store-to-load round trip
+// per block (2x on a hot 576 x 576 Q4_1).
+template <int MT, class W>
+RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
+  __m256 acc[MT];
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+  const int8_t* xq = x.q_group(m0);
+  const float* xd = x.d_group(m0);
+  const uint16_t* d = w.d_row(n);
+  const __m256i ones = _mm256_set1_epi16(1);
+  w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) {
+    __m256i dots[MT];
+    block_dots<MT, W::kSigned>(dots, u, ones, xq + b * kRowGroup * kBlock);
+    const __m256 weight_scale = _mm256_set1_ps(f16_to_f32(d[b]));
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) {
+      const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(xd + b * kRowGroup + i));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), scale, acc[i]);
+    }
+  });
+#pragma GCC unroll 8
+  for (int i = 0; i < MT; ++i) {
+    float value = hsum(acc[i]);
+    if constexpr (!W::kSigned) value += W::kOffsetFactor * offset_dot_f16(w.offset_row(n), x.sums(m0 + i, kBlock), x.K / kBlock);
+    y[(m0 + i) * N + n] = value;
+  }
+}
+
+// 32-block types, one activation row (a batch-1 decode step): R weight rows at a time, so that R
+// independent accumulator chains hide the FMA latency (one row alone waits on it every block)
+// and each activation block is loaded once for the R rows.
 template <int R, class W>
 RZ_INLINE void fused_rows_single_x(const W& w, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
   __m256 acc[R];
@@ -667,7 +676,7 @@ RZ_INLINE void group_dot(const W& w, const RowBuffers& rb, int64_t n, const Quan
       super_row<MT - kSuperRows, W::kUnit>(decoded, rb.scales, n, x, m0, kSuperRows, y, N);
     }
   } else {
-    if (fused) fused_row<MT>(w, rb.scales, n, x, m0, y, N);
+    if (fused) fused_row<MT>(w, n, x, m0, y, N);
     else decoded_row<MT, W::kSigned>(rb.u.data(), rb.scales, n, x, m0, y, N);
   }
 }
@@ -705,7 +714,7 @@ void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_
         }
       }
     } else if (fused) {
-      rb.scales.compute_floats(w, n);
+      if (n + kPrefetchRows < n1) w.prefetch_row(n + kPrefetchRows);
     } else {
       rb.scales.compute_words(w, n, x.K);
       w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) { store(rb.u.data() + kBlock * b, u); });
@@ -733,9 +742,11 @@ struct Scratch {
   std::vector<int8_t> q;
   std::vector<float> f;
 };
-thread_local Scratch scratch;
+thread_local Scratch scratch[2];  // one per activation block size (32, 256): a call may need both
+Scratch& rz_scratch(int64_t x_block) { return scratch[x_block == kBlock ? 0 : 1]; }
 
 QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t x_block, int64_t n_threads) {
+  Scratch& scratch = rz_scratch(x_block);
   const int64_t rows = QuantizedX::padded_rows(M);
   scratch.q.resize(rows * K);
   scratch.f.resize(rows * (K / x_block + QuantizedX::padded_units(K / kBlock) + QuantizedX::padded_units(K / 16)));
@@ -757,25 +768,66 @@ constexpr int64_t kPrefillRowsX = 64;
 constexpr int64_t kPrefillRowsW = 16;
 constexpr int64_t kMinWeightBytesPerThread = 32 << 10;  // below, handing work to a worker costs more than it saves
 
+// One weight of a call, its type erased: several weights that read the same x (q/k/v, gate/up)
+// go through one call, so they share its fixed costs and its threads share their rows.
+struct Part {
+  int64_t N = 0;
+  int64_t x_block = kBlock;
+  double bytes = 0;
+  int64_t column = 0;  // where its outputs start in a row of y
+  std::function<void(const QuantizedX&, int64_t, int64_t, int64_t, int64_t, float*, int64_t)> tile;
+};
+
 template <class W>
-void matmul(ffi::ThreadPool& pool, int64_t threads, const W& w, const float* x, int64_t M, int64_t N, int64_t K, double weight_bytes, float* y) {
-  const QuantizedX qx = quantize(pool, x, M, K, W::kSuperBlocks ? kSuper : kBlock, threads);
-  const int64_t useful_threads = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(weight_bytes * std::min<int64_t>(M, 4) / kMinWeightBytesPerThread)));
+Part make_part(const W& w, int64_t N, double bytes) {
+  Part part;
+  part.N = N;
+  part.x_block = W::kSuperBlocks ? kSuper : kBlock;
+  part.bytes = bytes;
+  part.tile = [w](const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t ld) {
+    matmul_tile(w, x, n0, n1, m0, m1, y, ld);
+  };
+  return part;
+}
+
+// y[M, ld] = x @ [W_0; W_1; ...].T, part p writing columns [column, column + N_p).
+void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& parts, const float* x, int64_t M, int64_t K, float* y, int64_t ld) {
+  QuantizedX by_block[2];
+  bool quantized[2] = {false, false};
+  double total_bytes = 0;
+  for (const Part& part : parts) {
+    const int i = part.x_block == kBlock ? 0 : 1;
+    if (!quantized[i]) by_block[i] = quantize(pool, x, M, K, part.x_block, threads);
+    quantized[i] = true;
+    total_bytes += part.bytes;
+  }
+  auto x_for = [&](const Part& part) -> const QuantizedX& { return by_block[part.x_block == kBlock ? 0 : 1]; };
   if (M <= kSmallM) {
-    const int64_t tasks = std::min<int64_t>(N, 4 * useful_threads);
-    const int64_t rows = (N + tasks - 1) / tasks;
-    rz_cpu::parallel_for(pool, (N + rows - 1) / rows, useful_threads, [&](int64_t t) {
-      matmul_tile(w, qx, t * rows, std::min(N, (t + 1) * rows), 0, M, y, N);
+    // Every part's rows in chunks, all chunks shared by the threads.
+    const int64_t useful_threads = std::max<int64_t>(1, std::min<int64_t>(threads, static_cast<int64_t>(total_bytes * std::min<int64_t>(M, 4) / kMinWeightBytesPerThread)));
+    struct Task { const Part* part; int64_t n0, n1; };
+    std::vector<Task> tasks;
+    for (const Part& part : parts) {
+      const int64_t share = std::max<int64_t>(1, static_cast<int64_t>(4 * useful_threads * part.bytes / total_bytes + 0.5));
+      const int64_t rows = (part.N + std::min(part.N, share) - 1) / std::min(part.N, share);
+      for (int64_t n0 = 0; n0 < part.N; n0 += rows) tasks.push_back({&part, n0, std::min(part.N, n0 + rows)});
+    }
+    rz_cpu::parallel_for(pool, static_cast<int64_t>(tasks.size()), useful_threads, [&](int64_t t) {
+      const Task& task = tasks[t];
+      task.part->tile(x_for(*task.part), task.n0, task.n1, 0, M, y + task.part->column, ld);
     });
     return;
   }
-  const int64_t tiles_x = (M + kPrefillRowsX - 1) / kPrefillRowsX;
-  const int64_t tiles_w = (N + kPrefillRowsW - 1) / kPrefillRowsW;
-  rz_cpu::parallel_for(pool, tiles_x * tiles_w, threads, [&](int64_t t) {
-    // Consecutive tasks share a tile of x, so a thread walks W while x stays in its L2.
-    const int64_t tx = t / tiles_w, tw = t % tiles_w;
-    matmul_tile(w, qx, tw * kPrefillRowsW, std::min(N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y, N);
-  });
+  for (const Part& part : parts) {
+    const int64_t tiles_x = (M + kPrefillRowsX - 1) / kPrefillRowsX;
+    const int64_t tiles_w = (part.N + kPrefillRowsW - 1) / kPrefillRowsW;
+    const QuantizedX& qx = x_for(part);
+    rz_cpu::parallel_for(pool, tiles_x * tiles_w, threads, [&](int64_t t) {
+      // Consecutive tasks share a tile of x, so a thread walks W while x stays in its L2.
+      const int64_t tx = t / tiles_w, tw = t % tiles_w;
+      part.tile(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y + part.column, ld);
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -788,66 +840,92 @@ const T* data(const ffi::AnyBuffer& buffer) {
   return static_cast<const T*>(buffer.untyped_data());
 }
 
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y, int32_t ggml_type, int32_t max_threads) {
+// The arrays each type takes, in order (rz_kernels.quantized_matmul.CPU_FFI_ARRAYS).
+int arrays_of(int32_t ggml_type) {
+  switch (ggml_type) {
+    case Q4_0: case Q8_0: return 2;
+    case Q4_1: case Q5_0: return 3;
+    case Q5_1: case Q6_K: return 4;
+    case Q4_K: return 5;
+    case Q5_K: return 6;
+    default: return 0;
+  }
+}
+
+// The part for one weight from its arrays; an empty tile when the type or K does not fit.
+Part part_of(int32_t ggml_type, const ffi::AnyBuffer* a, int64_t N, int64_t K, double bytes) {
+  switch (ggml_type) {
+    case Q4_0:  // d, qs
+      if (K % kBlock) break;
+      return make_part(Q4_0W{data<uint8_t>(a[1]), data<uint16_t>(a[0]), K}, N, bytes);
+    case Q4_1:  // d, m, qs
+      if (K % kBlock) break;
+      return make_part(Q4_1W{data<uint8_t>(a[2]), data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes);
+    case Q5_0:  // d, qh, qs
+      if (K % kBlock) break;
+      return make_part(Q5W<false>{data<uint8_t>(a[2]), data<uint32_t>(a[1]), data<uint16_t>(a[0]), nullptr, K}, N, bytes);
+    case Q5_1:  // d, m, qh, qs
+      if (K % kBlock) break;
+      return make_part(Q5W<true>{data<uint8_t>(a[3]), data<uint32_t>(a[2]), data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes);
+    case Q8_0:  // d, qs
+      if (K % kBlock) break;
+      return make_part(Q8_0W{data<int8_t>(a[1]), data<uint16_t>(a[0]), K}, N, bytes);
+    case Q4_K:  // d, dmin, scales, mins, qs
+      if (K % kSuper) break;
+      return make_part(QK_W<false>{data<uint8_t>(a[4]), nullptr, data<uint8_t>(a[2]), data<uint8_t>(a[3]), data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes);
+    case Q5_K:  // d, dmin, scales, mins, qh, qs
+      if (K % kSuper) break;
+      return make_part(QK_W<true>{data<uint8_t>(a[5]), data<uint8_t>(a[4]), data<uint8_t>(a[2]), data<uint8_t>(a[3]), data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes);
+    case Q6_K:  // qs, qh, scales, d
+      if (K % kSuper) break;
+      return make_part(Q6_KW{data<uint8_t>(a[0]), data<uint8_t>(a[1]), data<int8_t>(a[2]), data<uint16_t>(a[3]), K}, N, bytes);
+    default:
+      break;
+  }
+  return Part{};
+}
+
+// x f32 [M, K], then the arrays of each weight in turn -> y f32 [M, sum of N]: the weights'
+// outputs side by side. Attributes: each weight's GGML type, and a cap on the threads (0: all).
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::Span<const int32_t> ggml_types, int32_t max_threads) {
   const auto x_dims = x.dimensions();
   const auto y_dims = y->dimensions();
   if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[0] != y_dims[0]) {
     return ffi::Error::InvalidArgument("rz_qmatmul: expected x [M, K] and y [M, N]");
   }
-  const int64_t M = x_dims[0], K = x_dims[1], N = y_dims[1];
-  if (M == 0 || N == 0) return ffi::Error::Success();
+  const int64_t M = x_dims[0], K = x_dims[1], ld = y_dims[1];
   std::vector<ffi::AnyBuffer> arrays;
-  double weight_bytes = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     auto array = weights.get<ffi::AnyBuffer>(i);
     if (!array.has_value()) return array.error();
-    if (array->dimensions().size() != 2 || array->dimensions()[0] != N) {
-      return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
-    }
-    weight_bytes += static_cast<double>(array->size_bytes());
+    if (array->dimensions().size() != 2) return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
     arrays.push_back(*array);
   }
-  auto expect = [&](size_t count, int64_t block) -> bool { return arrays.size() == count && K % block == 0; };
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  const int64_t threads = rz_cpu::pool_threads(pool, max_threads);
-  switch (ggml_type) {
-    case Q4_0:  // d, qs
-      if (!expect(2, kBlock)) break;
-      matmul(pool, threads, Q4_0W{data<uint8_t>(arrays[1]), data<uint16_t>(arrays[0]), K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    case Q4_1:  // d, m, qs
-      if (!expect(3, kBlock)) break;
-      matmul(pool, threads, Q4_1W{data<uint8_t>(arrays[2]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    case Q5_0:  // d, qh, qs
-      if (!expect(3, kBlock)) break;
-      matmul(pool, threads, Q5W<false>{data<uint8_t>(arrays[2]), data<uint32_t>(arrays[1]), data<uint16_t>(arrays[0]), nullptr, K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    case Q5_1:  // d, m, qh, qs
-      if (!expect(4, kBlock)) break;
-      matmul(pool, threads, Q5W<true>{data<uint8_t>(arrays[3]), data<uint32_t>(arrays[2]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    case Q8_0:  // d, qs
-      if (!expect(2, kBlock)) break;
-      matmul(pool, threads, Q8_0W{data<int8_t>(arrays[1]), data<uint16_t>(arrays[0]), K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    case Q4_K:  // d, dmin, scales, mins, qs
-      if (!expect(5, kSuper)) break;
-      matmul(pool, threads, QK_W<false>{data<uint8_t>(arrays[4]), nullptr, data<uint8_t>(arrays[2]), data<uint8_t>(arrays[3]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    case Q5_K:  // d, dmin, scales, mins, qh, qs
-      if (!expect(6, kSuper)) break;
-      matmul(pool, threads, QK_W<true>{data<uint8_t>(arrays[5]), data<uint8_t>(arrays[4]), data<uint8_t>(arrays[2]), data<uint8_t>(arrays[3]), data<uint16_t>(arrays[0]), data<uint16_t>(arrays[1]), K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    case Q6_K:  // qs, qh, scales, d
-      if (!expect(4, kSuper)) break;
-      matmul(pool, threads, Q6_KW{data<uint8_t>(arrays[0]), data<uint8_t>(arrays[1]), data<int8_t>(arrays[2]), data<uint16_t>(arrays[3]), K}, xp, M, N, K, weight_bytes, yp);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("rz_qmatmul: unsupported ggml_type");
+  std::vector<Part> parts;
+  size_t next = 0;
+  int64_t column = 0;
+  for (const int32_t ggml_type : ggml_types) {
+    const int n_arrays = arrays_of(ggml_type);
+    if (n_arrays == 0) return ffi::Error::InvalidArgument("rz_qmatmul: unsupported ggml_type");
+    if (next + n_arrays > arrays.size()) return ffi::Error::InvalidArgument("rz_qmatmul: fewer weight arrays than the types need");
+    const int64_t N = arrays[next].dimensions()[0];
+    double bytes = 0;
+    for (int i = 0; i < n_arrays; ++i) {
+      if (arrays[next + i].dimensions()[0] != N) return ffi::Error::InvalidArgument("rz_qmatmul: a weight's arrays disagree on N");
+      bytes += static_cast<double>(arrays[next + i].size_bytes());
+    }
+    Part part = part_of(ggml_type, arrays.data() + next, N, K, bytes);
+    if (!part.tile) return ffi::Error::InvalidArgument("rz_qmatmul: K is not a multiple of a weight's block");
+    part.column = column;
+    column += N;
+    next += n_arrays;
+    parts.push_back(std::move(part));
   }
-  return ffi::Error::InvalidArgument("rz_qmatmul: wrong number of weight arrays for the type, or K not a multiple of its block");
+  if (next != arrays.size() || column != ld) return ffi::Error::InvalidArgument("rz_qmatmul: the weights' rows do not add up to y's columns");
+  if (M == 0 || ld == 0) return ffi::Error::Success();
+  matmul(pool, rz_cpu::pool_threads(pool, max_threads), parts, x.typed_data(), M, K, y->typed_data(), ld);
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -858,5 +936,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmul, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("ggml_type")
+                                  .Attr<ffi::Span<const int32_t>>("ggml_types")
                                   .Attr<int32_t>("max_threads"));

@@ -13,7 +13,7 @@ from rz.errors import RzError
 from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.quants import QTensor, dequantize, qmatmul_ref
-from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_pallas, select_path
+from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_many, qmatmul_pallas, select_path
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
     activation_block,
@@ -214,3 +214,22 @@ def test_pallas_kernel_on_real_tensors(model_path, name):
     qt = load_real(model_path, name, rows=64)
     x = jnp.asarray(activations(np.random.default_rng(4), 2, qt.shape[1]))
     assert nmse(qmatmul_pallas.qmatmul(x, qt, interpret=INTERPRET), qmatmul_ref(x, qt)) <= PALLAS_NMSE
+
+
+@pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_several_weights_in_one_call(m):
+    """q/k/v-style weights of mixed types (32-block and K-quant, so two activation roundings) through
+    one call: each output equals that weight's own call."""
+    rng = np.random.default_rng(31)
+    weights = [
+        random_qtensor(rng, GGMLType.Q5_0, (48, 512)),
+        random_qtensor(rng, GGMLType.Q4_K, (16, 512)),
+        random_qtensor(rng, GGMLType.Q8_0, (24, 512)),
+    ]
+    x = jnp.asarray(activations(rng, m, 512))
+    together = qmatmul_many(x, weights)
+    for qt, y in zip(weights, together):
+        assert y.shape == (m, qt.shape[0])
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(qmatmul_cpu(x, qt)))
+        assert nmse(y, qmatmul_ref(x, qt)) <= 5e-4
