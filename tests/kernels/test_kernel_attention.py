@@ -108,7 +108,8 @@ def test_half_precision_cache():
     inputs[1], inputs[2] = inputs[1].astype(jnp.float16), inputs[2].astype(jnp.float16)
     expected = attention_ref(*inputs, window=0, scale=0.25)
     assert expected.dtype == jnp.float32
-    np.testing.assert_allclose(attention_cpu(*inputs, scale=0.25), expected, atol=1e-5)
+    if INTERPRET:  # the CPU formulation, on a CPU
+        np.testing.assert_allclose(attention_cpu(*inputs, scale=0.25), expected, atol=1e-5)
     decode = attention_pallas.decode_attention(*inputs, scale=0.25, block_k=16, split_k=2, interpret=INTERPRET)
     assert_pallas_close(decode, expected)
 
