@@ -1,8 +1,11 @@
-"""Shape buckets: the explicit ladder of prompt-chunk lengths the compiled steps are built for.
+"""Shape buckets: the explicit ladders the compiled steps are built for.
 
-Every compiled step has a fixed shape, so a prompt is cut into chunks whose padded lengths come
-from a short ladder of powers of two. After each length of the ladder has been seen once, a
-session never compiles again, however long it runs.
+Every compiled step has a fixed shape. A prompt of n tokens is prefilled into a one-row cache of
+the smallest context bucket that holds it (powers of two from 16, the last one the context
+size), in chunks of that bucket's length, at most MAX_PREFILL_BUCKET: one prefill shape per
+context bucket, so a short prompt neither allocates nor attends over the whole context and the
+set of shapes stays small. Decode steps run on the first rows of the slots, in powers of two
+(batch_ladder). After each bucket has been seen once, a session never compiles again.
 """
 
 from dataclasses import dataclass
@@ -11,29 +14,26 @@ MIN_PREFILL_BUCKET = 16
 MAX_PREFILL_BUCKET = 512
 
 
-def _ladder(smallest: int, largest: int) -> tuple[int, ...]:
+def ladder(smallest: int, largest: int) -> tuple[int, ...]:
     """Powers of two from smallest while below largest, then largest itself."""
-    ladder = []
-    length = smallest
-    while length < largest:
-        ladder.append(length)
-        length *= 2
-    ladder.append(largest)
-    return tuple(sorted(set(ladder)))
+    sizes = []
+    size = smallest
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    sizes.append(largest)
+    return tuple(sorted(set(sizes)))
 
 
 @dataclass(frozen=True)
 class Buckets:
-    prefill: tuple[int, ...]  # ascending chunk lengths; a longer prompt is split into the largest
-    # Ascending cache sizes a prompt is prefilled into (then copied into its decode slot): a short
-    # prompt neither allocates nor attends over the whole context.
-    context: tuple[int, ...] = ()
+    context: tuple[int, ...]  # ascending cache sizes a prompt is prefilled into; the last is n_ctx
+    max_chunk: int = MAX_PREFILL_BUCKET  # a longer prompt is prefilled in chunks of this length
 
     @classmethod
     def for_context(cls, n_ctx: int, smallest: int = MIN_PREFILL_BUCKET, largest: int = MAX_PREFILL_BUCKET):
         n_ctx = max(n_ctx, 1)
-        prefill = _ladder(min(smallest, n_ctx), min(largest, n_ctx))
-        return cls(prefill=prefill, context=_ladder(min(smallest, n_ctx), n_ctx))
+        return cls(context=ladder(min(smallest, n_ctx), n_ctx), max_chunk=min(largest, n_ctx))
 
     def context_bucket(self, n_tokens: int) -> int:
         """The smallest cache size that holds n_tokens positions (the context size at most)."""
@@ -42,17 +42,17 @@ class Buckets:
                 return size
         return self.context[-1]
 
-    def prefill_bucket(self, n_tokens: int) -> int:
-        """The smallest chunk length that holds n_tokens (the largest if none does)."""
-        for length in self.prefill:
-            if length >= n_tokens:
-                return length
-        return self.prefill[-1]
+    def chunk_length(self, n_tokens: int) -> int:
+        """The padded length of each prefill chunk of an n_tokens prompt."""
+        return min(self.context_bucket(n_tokens), self.max_chunk)
 
     def chunks(self, n_tokens: int):
         """(start, padded length) of each chunk covering n_tokens tokens."""
-        start = 0
-        while start < n_tokens:
-            bucket = self.prefill_bucket(n_tokens - start)
-            yield start, bucket
-            start += bucket
+        length = self.chunk_length(n_tokens)
+        for start in range(0, n_tokens, length):
+            yield start, length
+
+
+def batch_ladder(n_slots: int) -> tuple[int, ...]:
+    """The row counts a decode step is compiled for: powers of two up to n_slots, and n_slots."""
+    return ladder(1, max(n_slots, 1))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz import kv_cache
-from rz.buckets import Buckets
+from rz.buckets import Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
 from rz.sampling import MAX_N_LOGPROBS, SamplerState, SamplingParams, SamplingTensors, Sampler
 from rz.stopping import StopStringMatcher
@@ -124,6 +124,8 @@ class Engine:
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
         self._tensors_dirty = True
         self._tensors = None
+        self._tensors_rows = 0
+        self.batch_sizes = batch_ladder(n_slots)
 
     # ----- compiled steps (pure functions of arrays) -----
 
@@ -147,6 +149,10 @@ class Engine:
         position would pass the context becomes padding (position -1) instead of wrapping.
         """
         sampler = Sampler(n_top_logprobs=n_top)
+        # The step runs on the first `rows` slots (a batch bucket); the cache is read and written
+        # in place, and the sampler state of the other slots is left as it is.
+        rows = tokens.shape[0]
+        whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
 
         def one(carry, _):
             cache, tokens, positions, state = carry
@@ -157,6 +163,7 @@ class Engine:
             return (cache, sampled.tokens, following, state), sampled
 
         (cache, _, _, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), None, length=n_steps)
+        state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
         return sampled, cache, state
 
     # ----- host side -----
@@ -180,6 +187,10 @@ class Engine:
             )
         request.params.validate()
         StopStringMatcher(request.stop)
+
+    def batch_bucket(self, n_rows: int) -> int:
+        """The smallest decode batch (a compiled shape) that holds the first n_rows slots."""
+        return next(size for size in self.batch_sizes if size >= n_rows)
 
     def free_slots(self) -> int:
         return sum(slot is None for slot in self.slots)
@@ -251,19 +262,23 @@ class Engine:
         active = self.active()
         if not active:
             return []
-        tokens = np.zeros(self.n_slots, np.int32)
-        positions = np.full(self.n_slots, -1, np.int32)
+        # Slots are taken lowest first, so the active ones are usually the first few: the step
+        # runs on the smallest batch bucket that holds them.
+        rows = self.batch_bucket(max(sequence.slot for sequence in active) + 1)
+        tokens = np.zeros(rows, np.int32)
+        positions = np.full(rows, -1, np.int32)
         for sequence in active:
             tokens[sequence.slot] = sequence.output_ids[-1]
             positions[sequence.slot] = sequence.position
-        if self._tensors_dirty:
-            rows = [s.request.params if s is not None else _IDLE_PARAMS for s in self.slots]
-            self._tensors = SamplingTensors.from_params(rows)
-            self._n_top = _logprob_width(rows)
+        if self._tensors_dirty or self._tensors_rows != rows:
+            params = [s.request.params if s is not None else _IDLE_PARAMS for s in self.slots[:rows]]
+            self._tensors = SamplingTensors.from_params(params)
+            self._n_top = _logprob_width(params)
+            self._tensors_rows = rows
             self._tensors_dirty = False
         n_steps = self.decode_steps
         sampled, self.cache, self._sampler_state = self._timed(
-            f"decode[{self.n_slots}, logprobs={self._n_top}, steps={n_steps}]", self._decode, self.model.weights,
+            f"decode[{rows}, logprobs={self._n_top}, steps={n_steps}]", self._decode, self.model.weights,
             self.cache, jnp.asarray(tokens), jnp.asarray(positions), self._tensors, self._sampler_state,
             self._n_top, n_steps,
         )

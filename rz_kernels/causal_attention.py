@@ -110,6 +110,15 @@ def decode_attention_cpu(
     )
 
 
+def _first_rows(q, k, v, k_positions):
+    """K/V and their positions cut to q's batch: a cache may hold rows past the batch in use, which
+    only the C++ decode kernel reads in place."""
+    batch = q.shape[0]
+    if k.shape[0] == batch:
+        return k, v, k_positions
+    return k[:batch], v[:batch], k_positions[:batch]
+
+
 def _takes_cpu_decode_kernel(q, k, v) -> bool:
     return (
         q.shape[2] <= DECODE_MAX_T
@@ -142,6 +151,7 @@ def attention_cpu(
         return decode_attention_cpu(
             q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order
         )
+    k, v, k_positions = _first_rows(q, k, v, k_positions)
     length = q.shape[2]
     if length <= chunk:
         return _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, None)
@@ -193,7 +203,13 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     return [{"op": "attention", "backend": backend, "path": "xla_reference", "t_min": 1, "t_max": None}]
 
 
+def _reference(q, k, v, q_positions, k_positions, *, window, scale, softcap):
+    k, v, k_positions = _first_rows(q, k, v, k_positions)
+    return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
+
+
 def _cuda(q, k, v, q_positions, k_positions, *, window, scale, softcap):
+    k, v, k_positions = _first_rows(q, k, v, k_positions)
     if not quantized_matmul.pallas_enabled():
         return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
     kernel = attention_pallas.decode_attention if q.shape[2] <= DECODE_MAX_T else attention_pallas.flash_attention
@@ -242,5 +258,5 @@ def attention(
         k_positions,
         cpu=functools.partial(attention_cpu, keys_in_order=keys_in_order, **options),
         cuda=functools.partial(_cuda, **options),
-        default=functools.partial(attention_ref, **options),
+        default=functools.partial(_reference, **options),
     )

@@ -240,17 +240,27 @@ def _cancelled_item(ticket: Ticket, sequence: Generation | None):
 
 
 def warm_up(engine: Engine) -> None:
-    """Compile every step before serving, so that no request waits for a compilation: each prefill
-    bucket, and the first-token and decode steps with and without top log-probabilities."""
+    """Compile every step before serving, so that no request waits for a compilation: the prefill
+    of each context bucket, and the decode step of each batch bucket with and without top
+    log-probabilities."""
     greedy = SamplingParams(temperature=0.0)
-    requests = [
-        GenerationRequest(prompt_ids=(0,) * max(1, min(bucket, engine.n_ctx - 2)), max_tokens=2, params=greedy, ignore_eos=True)
-        for bucket in engine.buckets.prefill
-    ]
-    requests.append(
-        GenerationRequest(prompt_ids=(0,), max_tokens=2, params=SamplingParams(temperature=0.0, n_logprobs=1), ignore_eos=True)
-    )
+    for context in engine.buckets.context:
+        length = max(1, min(context, engine.n_ctx - 2))
+        _run_together(engine, [GenerationRequest(prompt_ids=(0,) * length, max_tokens=2, params=greedy, ignore_eos=True)])
+    for params in (greedy, SamplingParams(temperature=0.0, n_logprobs=1)):
+        for rows in engine.batch_sizes:
+            request = GenerationRequest(prompt_ids=(0,), max_tokens=2, params=params, ignore_eos=True)
+            _run_together(engine, [request] * rows)
+
+
+def _run_together(engine: Engine, requests: list[GenerationRequest]) -> None:
+    """Admit the requests into free slots and step them until each has finished."""
+    running = set()
     for request in requests:
-        finished = engine.admit(request).finish_reason is not None
-        while not finished:
-            finished = any(event.finish_reason is not None for event in engine.step())
+        event = engine.admit(request)
+        if event.finish_reason is None:
+            running.add(id(event.sequence))
+    while running:
+        for event in engine.step():
+            if event.finish_reason is not None:
+                running.discard(id(event.sequence))

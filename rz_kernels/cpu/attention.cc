@@ -225,7 +225,8 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
   }
   Problem p{};
   p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
-  if (kd[0] != p.B || kd[3] != p.D || vd[2] != p.S || p.Hq % p.Hkv || p.D % 8 || p.Dv % 8) {
+  // K/V may hold more sequences than q (a cache with idle rows past the batch in use): the first B.
+  if (kd[0] < p.B || vd[0] != kd[0] || kd[3] != p.D || vd[2] != p.S || p.Hq % p.Hkv || p.D % 8 || p.Dv % 8) {
     return ffi::Error::InvalidArgument("rz_attention: shapes do not match (or head dims not multiples of 8)");
   }
   p.G = p.Hq / p.Hkv;

@@ -1,0 +1,32 @@
+"""Shape buckets: every prompt length maps to one of a few shapes, and chunks cover the prompt."""
+
+import pytest
+
+from rz.buckets import Buckets, batch_ladder
+
+
+def test_context_ladder_ends_at_the_context_size():
+    assert Buckets.for_context(4096).context == (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    assert Buckets.for_context(300).context == (16, 32, 64, 128, 256, 300)
+    assert Buckets.for_context(8).context == (8,)
+
+
+@pytest.mark.parametrize("n_ctx", [8, 300, 4096])
+def test_chunks_cover_every_prompt_with_one_shape_per_context_bucket(n_ctx):
+    buckets = Buckets.for_context(n_ctx)
+    shapes = set()
+    for n in range(1, n_ctx + 1):
+        context = buckets.context_bucket(n)
+        chunks = list(buckets.chunks(n))
+        assert context >= n
+        assert chunks[0][0] == 0 and chunks[-1][0] + chunks[-1][1] >= n
+        assert all(b[0] == a[0] + a[1] for a, b in zip(chunks, chunks[1:]))
+        shapes.add((context, chunks[0][1]))
+        assert {length for _, length in chunks} == {chunks[0][1]}
+    assert len(shapes) == len(buckets.context)
+
+
+def test_batch_ladder():
+    assert batch_ladder(1) == (1,)
+    assert batch_ladder(8) == (1, 2, 4, 8)
+    assert batch_ladder(6) == (1, 2, 4, 6)
