@@ -16,6 +16,10 @@ import jax.numpy as jnp
 from rz.config import ModelConfig
 
 EMPTY = -1  # the position of an empty slot, and of a padding token
+# K/V are kept in f32. llama.cpp's default is f16 (half the memory and bandwidth), and rz's kernels
+# read either; measured with f16 (Gemma 3 270M, 256 positions) rz's mean KL to a float64 reference
+# rose from below llama.cpp's to 4.91e-3 against its 4.63e-3, and rz keeps that bound.
+CACHE_DTYPE = jnp.float32
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("keys", "values", "positions"), meta_fields=())
@@ -23,8 +27,8 @@ EMPTY = -1  # the position of an empty slot, and of a padding token
 class LayerCache:
     """One layer's keys and values, laid out for attention: heads before slots."""
 
-    keys: jax.Array  # f32 [B, n_kv_heads, S, head_dim]
-    values: jax.Array  # f32 [B, n_kv_heads, S, head_dim_v]
+    keys: jax.Array  # CACHE_DTYPE [B, n_kv_heads, S, head_dim]
+    values: jax.Array  # CACHE_DTYPE [B, n_kv_heads, S, head_dim_v]
     positions: jax.Array  # int32 [B, S]: the absolute position in each slot, EMPTY if none
 
     @property
@@ -44,8 +48,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int) -> KVCache:
     def layer(sliding: bool) -> LayerCache:
         n_slots = min(cfg.sliding_window, max_seq_len) if sliding else max_seq_len
         return LayerCache(
-            keys=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim), jnp.float32),
-            values=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim_v), jnp.float32),
+            keys=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim), CACHE_DTYPE),
+            values=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim_v), CACHE_DTYPE),
             positions=jnp.full((batch_size, n_slots), EMPTY, jnp.int32),
         )
 
@@ -75,8 +79,8 @@ def write(cache: LayerCache, keys: jax.Array, values: jax.Array, positions: jax.
     rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
     return replace(
         cache,
-        keys=cache.keys.at[rows, :, slots].set(keys, mode="drop"),
-        values=cache.values.at[rows, :, slots].set(values, mode="drop"),
+        keys=cache.keys.at[rows, :, slots].set(keys.astype(cache.keys.dtype), mode="drop"),
+        values=cache.values.at[rows, :, slots].set(values.astype(cache.values.dtype), mode="drop"),
         positions=cache.positions.at[rows, slots].set(positions, mode="drop"),
     )
 
