@@ -28,7 +28,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kKeyBlock = 32;
-constexpr int64_t kMinKeysPerSplit = 1024;  // below, waking a pool thread costs more than it saves
+constexpr int64_t kMinKeysPerSplit = 1024;
+constexpr int64_t kMinWorkPerThread = 1 << 15;  // key x query-row pairs  // below, waking a pool thread costs more than it saves
 
 // exp(x) for 8 floats: Cephes' range reduction and polynomial (relative error ~2e-7); x below
 // -87.3 gives 0, so exp(-inf) = 0.
@@ -249,7 +250,9 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
     p.S_used = p.S;
   }
 
-  const int64_t threads = rz_cpu::pool_threads(pool, 0);
+  // A short context is a few microseconds of work: handing part of it to a worker costs more.
+  const int64_t work = p.B * p.Hkv * p.S_used * p.R;
+  const int64_t threads = work < kMinWorkPerThread ? 1 : rz_cpu::pool_threads(pool, 0);
   const int64_t heads = p.B * p.Hkv;
   const int64_t max_splits = std::max<int64_t>(1, p.S_used / kMinKeysPerSplit);
   const int64_t splits = std::min(max_splits, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
