@@ -29,7 +29,7 @@ namespace {
 
 constexpr int64_t kKeyBlock = 32;
 constexpr int64_t kMinKeysPerSplit = 1024;
-constexpr int64_t kMinWorkPerThread = 1 << 15;  // key x query-row pairs  // below, waking a pool thread costs more than it saves
+constexpr int64_t kMinWorkPerThread = 1 << 13;  // key x query-row pairs  // below, waking a pool thread costs more than it saves
 
 // exp(x) for 8 floats: Cephes' range reduction and polynomial (relative error ~2e-7); x below
 // -87.3 gives 0, so exp(-inf) = 0.
