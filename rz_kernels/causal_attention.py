@@ -3,9 +3,10 @@
     o = attention(q, k, v, q_positions, k_positions, window=0, scale=1.0, softcap=0.0)
 
     q            [B, Hq, T, D]   queries (T = 1 for a decode step)
-    k, v         [B, Hkv, S, D], [B, Hkv, S, Dv]; query head h reads KV head h // (Hq / Hkv)
+    k, v         [B', Hkv, S, D], [B', Hkv, S, Dv], B' >= B (a cache may hold idle rows past
+                 the batch in use: sequence b reads row b); query head h reads KV head h // (Hq / Hkv)
     q_positions  int32 [B, T]    absolute position of each query
-    k_positions  int32 [B, S]    absolute position held by each key slot; -1: an empty slot
+    k_positions  int32 [B', S]   absolute position held by each key slot; -1: an empty slot
     -> o         f32 [B, Hq, T, Dv]
 
 A query at position p sees the key at position k iff 0 <= k <= p and, with window > 0, k > p -

@@ -19,9 +19,10 @@
 // used at once, so the weights stream through once; with many, each weight row is decoded to bytes
 // once and met by the activation rows in groups of 8.
 //
-// Work is split over output rows (and, for large M, over tiles of x rows) and shared with XLA's
-// intra-op thread pool by an atomic task counter; the calling thread takes tasks too, so the call
-// completes even if no pool thread ever runs.
+// One call may take several weights that read the same x (q/k/v, gate/up): x is quantized once
+// per activation block size and their rows are shared out together. Work is split over output
+// rows (and, for large M, over tiles of x rows) and shared with rz's spinning workers
+// (threads.h) by an atomic task counter; the calling thread takes tasks too.
 
 #include <immintrin.h>
 
