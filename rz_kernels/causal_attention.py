@@ -185,11 +185,12 @@ def describe_paths(backend: str | None = None) -> list[dict]:
             },
         ]
     if backend == "cuda":
+        decode = "pallas_decode_attention" if quantized_matmul.pallas_decode_enabled() else "xla_reference"
         return [
             {
                 "op": "attention",
                 "backend": "cuda",
-                "path": "pallas_decode_attention",
+                "path": decode,
                 "t_min": 1,
                 "t_max": DECODE_MAX_T,
             },
@@ -211,7 +212,9 @@ def _reference(q, k, v, q_positions, k_positions, *, window, scale, softcap):
 
 def _cuda(q, k, v, q_positions, k_positions, *, window, scale, softcap):
     k, v, k_positions = _first_rows(q, k, v, k_positions)
-    if not quantized_matmul.pallas_enabled():
+    decode = q.shape[2] <= DECODE_MAX_T
+    # Decode steps take XLA unless RZ_PALLAS_DECODE=1: see rz_kernels.quantized_matmul's docstring.
+    if not quantized_matmul.pallas_enabled() or (decode and not quantized_matmul.pallas_decode_enabled()):
         return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
     kernel = attention_pallas.decode_attention if q.shape[2] <= DECODE_MAX_T else attention_pallas.flash_attention
     return kernel(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
@@ -240,7 +243,10 @@ def attention(
     if key not in _logged:
         _logged.add(key)
         cpu = "cpu_ffi_decode" if _takes_cpu_decode_kernel(q, k, v) else "xla_grouped_chunked"
-        cuda = "pallas_decode_attention" if q.shape[2] <= DECODE_MAX_T else "pallas_flash_attention"
+        decode = q.shape[2] <= DECODE_MAX_T
+        cuda = "pallas_flash_attention" if not decode else (
+            "pallas_decode_attention" if quantized_matmul.pallas_decode_enabled() else "xla_reference"
+        )
         log.info(
             "rz_kernels.attention q %s, k %s %s, window %d -> cpu: %s, cuda: %s",
             q.shape,

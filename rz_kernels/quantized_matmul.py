@@ -5,7 +5,7 @@ Paths (see `describe_paths()`; the reference twin is `rz.quants.qmatmul_ref`):
     backend  types                      M (= batch x tokens)  path
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   all                   cpu_ffi: C++/AVX2 kernel through XLA's FFI
              Q4_K Q5_K Q6_K
-    cuda     the same                   1-16                  pallas_decode: split-K Pallas kernel, W streamed once
+    cuda     the same                   1-16                  xla_reference (pallas_decode with RZ_PALLAS_DECODE=1)
              the same                   > 16                  pallas_prefill: tiled Pallas kernel
     any      anything else              all                   xla_reference: dequantize, then an f32 dot
 
@@ -22,6 +22,14 @@ M = 8 0.35-0.9x, M = 512 0.4-0.9x. At M = 512 XLA's f32 GEMM after a full dequan
 with the kernel on 32-block types (within 10%, either way) and loses on K-quants and at
 M = 64 (by 1.5-2x), so one path serves every M. Where the kernel cannot be built (no compiler, no AVX2) the
 CPU takes xla_reference, logged once.
+
+Why XLA for decode on a GPU (benchmarks/kernels/bench_gpu.py on an H200, shape twins of both
+models, whole engine): with the Pallas kernels for decode and prefill, tg128 was 349 tok/s
+(Gemma 3) and 239 (SmolLM2); with XLA's dequantize-and-dot for both, 549 and 269, while
+prefill (pp512) fell from 15,314 to 13,317 and from 12,268 to 8,828. A decode step of these
+small models is bound by launches, not bandwidth, and XLA fuses the dequantization into fewer
+of them. So decode takes XLA and prefill Pallas; RZ_PALLAS_DECODE=1 brings the split-K decode
+kernel back (its tests run either way).
 """
 
 import functools
@@ -77,12 +85,18 @@ def pallas_enabled() -> bool:
     return os.environ.get("RZ_PALLAS", "1") != "0"
 
 
+def pallas_decode_enabled() -> bool:
+    """RZ_PALLAS_DECODE=1: decode steps on a GPU take the Pallas kernels (see the module docstring)."""
+    return pallas_enabled() and os.environ.get("RZ_PALLAS_DECODE", "0") == "1"
+
+
 def _paths() -> tuple[Path, ...]:
     cpu_types = tuple(t.name for t in CPU_FFI_ARRAYS) if cpu_ffi.available() else ()
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
+    decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, None),
-        Path("cuda", "pallas_decode", gpu_types, 1, GPU_DECODE_MAX_M),
+        Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
         Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
     )
 
