@@ -137,3 +137,27 @@ def _make_environment() -> ImmutableSandboxedEnvironment:
 
 
 _ENVIRONMENT = _make_environment()
+
+
+def chat_loop(system: str | None, reply) -> int:
+    """The terminal chat of `python -m rz chat` and `python -m rz client chat`: read a line, show
+    the answer as it streams, keep the conversation. reply(messages) yields text pieces."""
+    import sys
+
+    messages = [{"role": "system", "content": system}] if system else []
+    print("chat with the model; an empty line or Ctrl-D ends the conversation", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        messages.append({"role": "user", "content": line})
+        pieces = []
+        for piece in reply(messages):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces)})

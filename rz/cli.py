@@ -77,25 +77,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    from rz.chat import chat_loop
+
     llm = _load(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat with the model; an empty line or Ctrl-D ends the conversation", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            return 0
-        if not line.strip():
-            return 0
-        messages.append({"role": "user", "content": line})
-        ids = llm.chat_prompt_ids(messages)
-        pieces = []
-        for piece in llm.stream(ids, max_tokens=args.max_tokens, **_sampling(args)):
-            pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+    def reply(messages):
+        return llm.stream(llm.chat_prompt_ids(messages), max_tokens=args.max_tokens, **_sampling(args))
+
+    return chat_loop(args.system, reply)
 
 
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:

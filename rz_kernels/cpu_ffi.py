@@ -27,7 +27,7 @@ log = logging.getLogger("rz_kernels")
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("qmatmul.cc", "attention.cc", "machine.cc")
-HEADERS = ("threads.h",)
+HEADERS = ("simd.h", "threads.h")
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-pthread")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
 QMATMUL_TARGET = "rz_qmatmul"

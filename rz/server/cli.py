@@ -128,20 +128,9 @@ def _generate(client, args) -> int:
 
 
 def _chat(client, args) -> int:
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat with the model; an empty line or Ctrl-D ends the conversation", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            return 0
-        if not line.strip():
-            return 0
-        messages.append({"role": "user", "content": line})
-        pieces = []
-        for chunk in client.chat_stream(messages, args.max_tokens, **_options(args)):
-            pieces.append(chunk.text)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(pieces)})
+    from rz.chat import chat_loop
+
+    def reply(messages):
+        return (chunk.text for chunk in client.chat_stream(messages, args.max_tokens, **_options(args)))
+
+    return chat_loop(args.system, reply)

@@ -34,16 +34,16 @@
 #include <functional>
 #include <vector>
 
+#include "simd.h"
 #include "threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-// The hot helpers take lambdas and accumulator arrays by reference: unless they are inlined the
-// accumulators live in memory, which halves the speed.
-#define RZ_INLINE inline __attribute__((always_inline))
 
 namespace {
+
+using rz_cpu::hsum;
 
 constexpr int64_t kBlock = 32;   // a weight block, and the unit of the activations' layout
 constexpr int64_t kSuper = 256;  // a K-quant super-block
@@ -63,13 +63,6 @@ enum GGMLType : int32_t {
 };
 
 RZ_INLINE float f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
-
-RZ_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 RZ_INLINE int32_t hsum_i32(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -424,7 +417,7 @@ struct Q6_KW {
 
 // ---------------------------------------------------------------------------------------------
 // A weight row's scales and offsets, per task.
-//   32-block types, few activation rows: float scales (compute_floats).
+//   32-block types, few activation rows: none; fused_row reads the f16 scales where it uses them.
 //   32-block types, many rows: int16 multipliers relative to the row's largest scale, so that the
 //     weight scale rides in the madd and costs nothing in the inner loop (compute_words). 14 bits
 //     keep the madd within int32 (|maddubs pair| <= 2 * 128 * 127) and put each scale within
@@ -442,13 +435,6 @@ struct RowScales {
   float factor = 1;            // weight = factor * word * u + offset (32-block types)
 
   explicit RowScales(int64_t K) : scales(K / kBlock + 8), offsets(K / 16 + 8, 0.0f), words(K / 16 + 8), super_d(K / kSuper + 1) {}
-
-  template <class W>
-  RZ_INLINE void compute_floats(const W& w, int64_t n) {
-    // The tail of offsets past K/32 stays zero: only 32-block types write fewer than 8k units.
-    w.scales_row(n, scales.data(), offsets.data());
-    factor = 1;
-  }
 
   template <class W>
   void compute_words(const W& w, int64_t n, int64_t K) {
