@@ -269,6 +269,16 @@ class GGUFFile:
     def file_size(self) -> int:
         return len(self._map)
 
+    def release_pages(self) -> None:
+        """Drop the mapping's pages from this process's resident memory (they stay in the page
+        cache, and any view still in use reads them back on its next access).
+
+        Loading copies every tensor into the layout the kernels read, after which the mapped
+        pages are a second copy of the weights counted against the process.
+        """
+        if hasattr(mmap, "MADV_DONTNEED") and not self._map.closed:
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         # Views returned by tensor_bytes keep the mapping alive; closing then would fail, and
         # the mapping is released when the last of them goes away.

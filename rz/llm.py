@@ -56,11 +56,16 @@ class LLM:
 
         self.tokenizer = Tokenizer.from_gguf_metadata(self.gguf.metadata)
         self.model = load_model(self.gguf, self.config)
+        self.gguf.release_pages()
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.context_length)
         self.max_batch = max_batch
-        self._engines: dict[int, Engine] = {}
+        # One engine at a time, sized for the largest batch asked for so far: each engine holds a
+        # KV cache of n_slots x n_ctx and its own compiled steps, so keeping one per batch size
+        # would hold several caches and several copies of every executable.
+        self._current: Engine | None = None
+        self._retired_compilations: dict[str, float] = {}
         self.load_seconds = time.perf_counter() - started
 
     # ----- tokens -----
@@ -179,13 +184,21 @@ class LLM:
         return request
 
     def _engine(self, n_sequences: int) -> Engine:
-        """The engine whose slot count is the batch bucket for n_sequences (compiled once each)."""
+        """An engine with at least the batch bucket of n_sequences slots (up to max_batch).
+
+        A larger batch than the current engine holds replaces it (its cache and executables are
+        freed); a smaller one runs on the first slots of the current engine, whose decode step
+        is compiled per batch bucket anyway.
+        """
         n_slots = 1
         while n_slots < min(n_sequences, self.max_batch):
             n_slots *= 2
-        if n_slots not in self._engines:
-            self._engines[n_slots] = Engine(self.model, self.tokenizer, self.n_ctx, n_slots)
-        return self._engines[n_slots]
+        if self._current is None or self._current.n_slots < n_slots:
+            if self._current is not None:
+                self._retired_compilations.update(self._current.compilations)
+                self._current = None  # freed before the larger cache is allocated
+            self._current = Engine(self.model, self.tokenizer, self.n_ctx, n_slots)
+        return self._current
 
     def _run(self, requests: list[GenerationRequest]) -> list[Completion]:
         engine = self._engine(len(requests))
@@ -216,15 +229,12 @@ class LLM:
 
     def compiled_variants(self) -> int:
         """How many shape variants of compiled steps this LLM holds; constant once warm."""
-        return sum(engine.compiled_variants() for engine in self._engines.values())
+        return self._current.compiled_variants() if self._current is not None else 0
 
     @property
     def compilations(self) -> dict[str, float]:
         """Seconds the first call of each compiled step took, by step and shape bucket."""
-        merged = {}
-        for engine in self._engines.values():
-            merged.update(engine.compilations)
-        return merged
+        return self._retired_compilations | (self._current.compilations if self._current is not None else {})
 
     def __repr__(self) -> str:
         return f"rz.LLM({str(self.path)!r}, architecture={self.config.architecture!r}, n_ctx={self.n_ctx})"

@@ -52,6 +52,22 @@ def test_tensor_bytes_are_a_view_not_a_copy(real_model):
     assert not view.flags.owndata and not view.flags.writeable
 
 
+def _resident_file_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_released_pages_leave_resident_memory_and_read_back_the_same(real_model):
+    gguf = GGUFFile(real_model)
+    view = gguf.tensor_bytes("token_embd.weight")
+    before = view.copy()  # touches every page of the tensor
+    touched = _resident_file_kib()
+    gguf.release_pages()
+    assert touched - _resident_file_kib() >= view.nbytes // 1024 // 2
+    np.testing.assert_array_equal(view, before)  # read back from the page cache
+
+
 def test_config_of_real_models():
     gemma = ModelConfig.from_gguf(GGUFFile(gemma3_270m_path()))
     assert (gemma.architecture, gemma.n_layer, gemma.n_embd, gemma.n_head, gemma.n_head_kv) == ("gemma3", 18, 640, 4, 1)

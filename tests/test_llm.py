@@ -145,3 +145,12 @@ def test_a_session_does_not_recompile_after_warm_up(llm):
     seen = llm.compiled_variants()
     llm.generate(["x y", "the quick brown fox"], max_tokens=6, temperature=0.0)
     assert llm.compiled_variants() == seen
+
+
+def test_one_kv_cache_sized_for_the_largest_batch_so_far(llm):
+    """A larger batch replaces the engine (and its cache); a smaller one runs on its first slots."""
+    llm.generate(["a b", "c d", "e f"], max_tokens=2, temperature=0.0)
+    engine = llm._current
+    assert engine.n_slots == 4
+    single = llm.generate("a b", max_tokens=2, temperature=0.0, ignore_eos=True)
+    assert llm._current is engine and single.usage["completion_tokens"] == 2
