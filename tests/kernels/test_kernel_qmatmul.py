@@ -38,9 +38,11 @@ CPU_ROWS = (1, 3, 8, 9, 16, 17, 70)
 
 
 def cpu_shapes(ggml_type: GGMLType) -> list[tuple[int, int]]:
-    """Odd row counts; K of one block, an odd number of blocks, and a count not a multiple of 8."""
+    """Odd row counts; K of one block, an odd number of blocks, and a count not a multiple of 8;
+    for 32-block types also an even count (4-bit types read blocks in pairs with few rows of x)."""
     block = BLOCK_GEOMETRY[ggml_type].block_size
-    return [(37, block), (20, 5 * block if block == 32 else 3 * block), (3, 17 * 32 if block == 32 else 256)]
+    shapes = [(37, block), (20, 5 * block if block == 32 else 3 * block), (3, 17 * 32 if block == 32 else 256)]
+    return shapes + [(21, 6 * 32)] if block == 32 else shapes
 
 
 def cpu_and_references(x: np.ndarray, qt: QTensor, w: np.ndarray | None = None):
@@ -228,6 +230,7 @@ def test_several_weights_in_one_call(m):
         random_qtensor(rng, GGMLType.Q5_0, (48, 512)),
         random_qtensor(rng, GGMLType.Q4_K, (16, 512)),
         random_qtensor(rng, GGMLType.Q8_0, (24, 512)),
+        random_qtensor(rng, GGMLType.Q4_1, (20, 512)),  # pairs of blocks, from the same quantized x
     ]
     x = jnp.asarray(activations(rng, m, 512))
     together = qmatmul_many(x, weights)
