@@ -1,7 +1,7 @@
 """Shape buckets: the explicit ladders the compiled steps are built for.
 
 Every compiled step has a fixed shape. A prompt of n tokens is prefilled into a one-row cache of
-the smallest context bucket that holds it (powers of two from 16, the last one the context
+the smallest context bucket that holds it (powers of two from 8, the last one the context
 size), in chunks of that bucket's length, at most MAX_PREFILL_BUCKET: one prefill shape per
 context bucket, so a short prompt neither allocates nor attends over the whole context and the
 set of shapes stays small. Decode steps run on the first rows of the slots, in powers of two
@@ -10,7 +10,7 @@ set of shapes stays small. Decode steps run on the first rows of the slots, in p
 
 from dataclasses import dataclass
 
-MIN_PREFILL_BUCKET = 16
+MIN_PREFILL_BUCKET = 8  # a short prompt (a chat turn, a benchmark's seed) pads to 8, not 16
 MAX_PREFILL_BUCKET = 512
 
 

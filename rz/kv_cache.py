@@ -44,6 +44,13 @@ class KVCache:
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int) -> KVCache:
     """An empty cache for batch_size sequences of up to max_seq_len positions each."""
+    return _empty_cache(cfg, batch_size, max_seq_len)
+
+
+# Compiled once per shape: built op by op, the three arrays per layer cost ~1 ms of dispatch each
+# (measured 28 ms for SmolLM2's 30 layers), paid by every prefill before its first token.
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _empty_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int) -> KVCache:
 
     def layer(sliding: bool) -> LayerCache:
         n_slots = min(cfg.sliding_window, max_seq_len) if sliding else max_seq_len

@@ -6,9 +6,10 @@ from rz.buckets import Buckets, batch_ladder
 
 
 def test_context_ladder_ends_at_the_context_size():
-    assert Buckets.for_context(4096).context == (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-    assert Buckets.for_context(300).context == (16, 32, 64, 128, 256, 300)
+    assert Buckets.for_context(4096).context == (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    assert Buckets.for_context(300).context == (8, 16, 32, 64, 128, 256, 300)
     assert Buckets.for_context(8).context == (8,)
+    assert Buckets.for_context(5).context == (5,)
 
 
 @pytest.mark.parametrize("n_ctx", [8, 300, 4096])
