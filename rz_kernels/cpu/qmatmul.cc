@@ -44,6 +44,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 using rz_cpu::hsum;
+using rz_cpu::hsum_4x8;
+using rz_cpu::hsum_8x8;
 
 constexpr int64_t kBlock = 32;   // a weight block, and the unit of the activations' layout
 constexpr int64_t kSuper = 256;  // a K-quant super-block
@@ -96,6 +98,7 @@ struct QuantizedX {
   // 64 bytes [x_b[0:16], x_b+1[0:16], x_b[16:32], x_b+1[16:32]] and 8 floats [d_b x4, d_b+1 x4].
   int8_t* pq = nullptr;
   float* pd = nullptr;
+  float* psum = nullptr;  // the block sums (sum32) transposed: [K/32][kRowGroup], rows past M zero
 
   static int64_t padded_rows(int64_t M) { return (M + kRowGroup - 1) / kRowGroup * kRowGroup; }
   static int64_t padded_units(int64_t n) { return (n + 7) / 8 * 8; }
@@ -169,6 +172,8 @@ void pair_row(const QuantizedX& qx, int64_t m) {
     float* scales = qx.pd + m0 * (qx.K / 64) * 8 + (p * kRowGroup + i) * 8;
     _mm256_storeu_ps(scales, _mm256_set_m128(_mm_set1_ps(d[(2 * p + 1) * kRowGroup]), _mm_set1_ps(d[2 * p * kRowGroup])));
   }
+  const float* sums = qx.sums(m, kBlock);
+  for (int64_t b = 0; b < qx.K / kBlock; ++b) qx.psum[b * kRowGroup + i] = sums[b];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -569,6 +574,26 @@ RZ_INLINE float offset_dot_f16(const uint16_t* h, const float* sums, int64_t n) 
   return total;
 }
 
+// Per-lane partial sums of f16 h[u] * sums[u] over n units (sums zero-padded to a multiple of 8;
+// h is not, so its last partial vector comes from a zero-padded copy).
+RZ_INLINE __m256 offset_lanes(const uint16_t* h, const float* sums, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t u = 0;
+  for (; u + 8 <= n; u += 8) acc = _mm256_fmadd_ps(_mm256_cvtph_ps(load_128(h + u)), _mm256_loadu_ps(sums + u), acc);
+  if (u < n && n >= 8) {
+    // The last 8 units, their first 8 - (n - u) lanes (counted above) masked off: a copy of the
+    // tail into a zeroed buffer stalls on store forwarding, every row.
+    static const int32_t kLanes[16] = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+    const __m256 keep = _mm256_castsi256_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kLanes + (n - u))));
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(load_128(h + n - 8)), _mm256_and_ps(keep, _mm256_loadu_ps(sums + n - 8)), acc);
+  } else if (u < n) {
+    alignas(16) uint16_t tail[8] = {};
+    for (int64_t t = u; t < n; ++t) tail[t - u] = h[t];
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(load_128(tail)), _mm256_loadu_ps(sums + u), acc);
+  }
+  return acc;
+}
+
 // 32-block types, few activation rows (a decode step): each weight block decoded and used at
 // once, the weight scale times the activation block's applied in the FMA. Scales are read from
 // their f16s: a float row written just before and read back costs a store-to-load round trip
@@ -606,15 +631,16 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
 // 2p, lanes 4-7 block 2p + 1), and one convert and FMA with the pair's scales: per block about
 // two thirds of the instructions of the one-block loop.
 template <int R, int MT, class W>
-RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m0, int64_t r0, float* y, int64_t N) {
+RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
+  static_assert((R == 1 && MT <= kRowGroup) || (R <= 4 && MT == 1), "the two shapes the epilogues serve");
   __m256 acc[R][MT];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) acc[r][i] = _mm256_setzero_ps();
   }
-  const int8_t* xq = x.pq_group(m0) + 64 * r0;
-  const float* xd = x.pd_group(m0) + 8 * r0;
+  const int8_t* xq = x.pq_group(m0);
+  const float* xd = x.pd_group(m0);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t p = 0; p < x.K / 64; ++p, xq += kRowGroup * 64, xd += kRowGroup * 8) {
     __m256i lo[R], hi[R];
@@ -635,31 +661,51 @@ RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m
       }
     }
   }
+  // The horizontal sums and the offsets' share, several outputs per vector: with K = 576 a row
+  // is 9 pairs, and one output at a time cost about as much as the dots.
   const int64_t nb = x.K / kBlock;
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
+  const __m256 factor = _mm256_set1_ps(W::kOffsetFactor);
+  if constexpr (MT > 1) {
+    // Lane i: activation row m0 + i.
+    __m256 rows[kRowGroup];
 #pragma GCC unroll 8
-    for (int i = 0; i < MT; ++i) {
-      const int64_t m = m0 + r0 + i;
-      y[m * N + n + r] = hsum(acc[r][i]) + W::kOffsetFactor * offset_dot_f16(w.offset_row(n + r), x.sums(m, kBlock), nb);
+    for (int i = 0; i < kRowGroup; ++i) rows[i] = i < MT ? acc[0][i] : _mm256_setzero_ps();
+    const uint16_t* offsets = w.offset_row(n);
+    __m256 offset = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) offset = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(offsets[b])), _mm256_loadu_ps(x.psum + b * kRowGroup), offset);
+    alignas(32) float out[kRowGroup];
+    _mm256_store_ps(out, _mm256_fmadd_ps(factor, offset, hsum_8x8(rows)));
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = out[i];
+  } else {
+    // Lane r: weight row n + r, one activation row; the offsets' lanes join the dots' before the
+    // sums. Fewer than 4 rows take the same lanes, so a row's value does not depend on its pass.
+    const float* sums = x.sums(m0, kBlock);
+    __m256 rows[4];
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) rows[r] = r < R ? _mm256_fmadd_ps(factor, offset_lanes(w.offset_row(n + r), sums, nb), acc[r][0]) : _mm256_setzero_ps();
+    if constexpr (R == 4) {
+      _mm_storeu_ps(y + m0 * N + n, hsum_4x8(rows));
+    } else {
+      alignas(16) float out[4];
+      _mm_store_ps(out, hsum_4x8(rows));
+      for (int r = 0; r < R; ++r) y[m0 * N + n + r] = out[r];
     }
   }
 }
 
-// Weight rows n..n+R-1 against the activation rows [m0, m1) of one group, in tiles of MT rows.
-template <int R, int MT, class W>
-RZ_INLINE void paired_group(const W& w, int64_t n, const QuantizedX& x, int64_t m0, int64_t m1, float* y, int64_t N) {
-  for (int64_t r0 = 0; r0 < m1 - m0; r0 += MT) {
-    switch (std::min<int64_t>(MT, m1 - m0 - r0)) {
-      case 8: if constexpr (MT >= 8) paired_tile<R, 8>(w, n, x, m0, r0, y, N); break;
-      case 7: if constexpr (MT >= 7) paired_tile<R, 7>(w, n, x, m0, r0, y, N); break;
-      case 6: if constexpr (MT >= 6) paired_tile<R, 6>(w, n, x, m0, r0, y, N); break;
-      case 5: if constexpr (MT >= 5) paired_tile<R, 5>(w, n, x, m0, r0, y, N); break;
-      case 4: if constexpr (MT >= 4) paired_tile<R, 4>(w, n, x, m0, r0, y, N); break;
-      case 3: if constexpr (MT >= 3) paired_tile<R, 3>(w, n, x, m0, r0, y, N); break;
-      case 2: if constexpr (MT >= 2) paired_tile<R, 2>(w, n, x, m0, r0, y, N); break;
-      default: paired_tile<R, 1>(w, n, x, m0, r0, y, N); break;
-    }
+// One weight row against the activation rows [m0, m1) of one group.
+template <class W>
+RZ_INLINE void paired_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0, int64_t m1, float* y, int64_t N) {
+  switch (m1 - m0) {
+    case 8: paired_tile<1, 8>(w, n, x, m0, y, N); break;
+    case 7: paired_tile<1, 7>(w, n, x, m0, y, N); break;
+    case 6: paired_tile<1, 6>(w, n, x, m0, y, N); break;
+    case 5: paired_tile<1, 5>(w, n, x, m0, y, N); break;
+    case 4: paired_tile<1, 4>(w, n, x, m0, y, N); break;
+    case 3: paired_tile<1, 3>(w, n, x, m0, y, N); break;
+    case 2: paired_tile<1, 2>(w, n, x, m0, y, N); break;
+    default: paired_tile<1, 1>(w, n, x, m0, y, N); break;
   }
 }
 
@@ -673,14 +719,14 @@ void paired_rows(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_
       // Rows a few passes ahead: a row is a few cache lines, too short a stream for the hardware
       // prefetcher to ramp up on, and a decode step reads every weight from DRAM.
       for (int64_t r = n + 2 * kRows; r < std::min(n1, n + 3 * kRows); ++r) w.prefetch_row(r);
-      paired_tile<kRows, 1>(w, n, x, m0, 0, y, N);
+      paired_tile<kRows, 1>(w, n, x, m0, y, N);
     }
   }
   // Several activation rows: one weight row against all of them (measured faster than 2 x 4
   // or 1 x 4 tiles on a 1536 x 576 Q4_1).
   for (; n < n1; ++n) {
     if (n + 8 < n1) w.prefetch_row(n + 8);
-    paired_group<1, kRowGroup>(w, n, x, m0, m1, y, N);
+    paired_row(w, n, x, m0, m1, y, N);
   }
 }
 
@@ -867,7 +913,7 @@ void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_
 // Scratch for the quantized activations, reused across calls on the calling thread.
 struct Scratch {
   std::vector<int8_t> q, pq;
-  std::vector<float> f, pd;
+  std::vector<float> f, pd;  // pd: the paired scales, then psum
 };
 thread_local Scratch scratch[2];  // one per activation block size (32, 256): a call may need both
 Scratch& rz_scratch(int64_t x_block) { return scratch[x_block == kBlock ? 0 : 1]; }
@@ -887,9 +933,11 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
   if (paired && x_block == kBlock && M <= kRowGroup && K % 64 == 0) {
     scratch.pq.resize(rows * K);
-    scratch.pd.resize(rows * (K / 64) * 8);
+    scratch.pd.resize(rows * (K / 64) * 8 + K / kBlock * kRowGroup);
     qx.pq = scratch.pq.data();
     qx.pd = scratch.pd.data();
+    qx.psum = qx.pd + rows * (K / 64) * 8;
+    std::fill(qx.psum, qx.psum + K / kBlock * kRowGroup, 0.0f);
     for (int64_t m = 0; m < M; ++m) pair_row(qx, m);
   }
   return qx;

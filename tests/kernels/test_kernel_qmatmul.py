@@ -42,7 +42,7 @@ def cpu_shapes(ggml_type: GGMLType) -> list[tuple[int, int]]:
     for 32-block types also an even count (4-bit types read blocks in pairs with few rows of x)."""
     block = BLOCK_GEOMETRY[ggml_type].block_size
     shapes = [(37, block), (20, 5 * block if block == 32 else 3 * block), (3, 17 * 32 if block == 32 else 256)]
-    return shapes + [(21, 6 * 32)] if block == 32 else shapes
+    return shapes + [(21, 6 * 32), (22, 10 * 32)] if block == 32 else shapes
 
 
 def cpu_and_references(x: np.ndarray, qt: QTensor, w: np.ndarray | None = None):
