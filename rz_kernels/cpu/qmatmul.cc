@@ -608,13 +608,17 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
   const uint16_t* d = w.d_row(n);
   const __m256i ones = _mm256_set1_epi16(1);
   w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) {
-    __m256i dots[MT];
-    block_dots<MT, W::kSigned>(dots, u, ones, xq + b * kRowGroup * kBlock);
     const __m256 weight_scale = _mm256_set1_ps(f16_to_f32(d[b]));
+    const __m256i magnitude = W::kSigned ? _mm256_sign_epi8(u, u) : u;
+    const int8_t* xb = xq + b * kRowGroup * kBlock;
+    // Each row's dot goes straight into its accumulator: all eight dots computed first, then
+    // accumulated, kept 8 dots and 8 accumulators live and spilled three of them.
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
+      const __m256i xv = load(xb + kBlock * i);
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, W::kSigned ? _mm256_sign_epi8(xv, u) : xv), ones);
       const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(xd + b * kRowGroup + i));
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), scale, acc[i]);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
     }
   });
 #pragma GCC unroll 8
