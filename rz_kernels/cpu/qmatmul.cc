@@ -98,7 +98,6 @@ struct QuantizedX {
   // 64 bytes [x_b[0:16], x_b+1[0:16], x_b[16:32], x_b+1[16:32]] and 8 floats [d_b x4, d_b+1 x4].
   int8_t* pq = nullptr;
   float* pd = nullptr;
-  float* psum = nullptr;  // the block sums (sum32) transposed: [K/32][kRowGroup], rows past M zero
 
   static int64_t padded_rows(int64_t M) { return (M + kRowGroup - 1) / kRowGroup * kRowGroup; }
   static int64_t padded_units(int64_t n) { return (n + 7) / 8 * 8; }
@@ -172,8 +171,6 @@ void pair_row(const QuantizedX& qx, int64_t m) {
     float* scales = qx.pd + m0 * (qx.K / 64) * 8 + (p * kRowGroup + i) * 8;
     _mm256_storeu_ps(scales, _mm256_set_m128(_mm_set1_ps(d[(2 * p + 1) * kRowGroup]), _mm_set1_ps(d[2 * p * kRowGroup])));
   }
-  const float* sums = qx.sums(m, kBlock);
-  for (int64_t b = 0; b < qx.K / kBlock; ++b) qx.psum[b * kRowGroup + i] = sums[b];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -665,25 +662,24 @@ RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m
       }
     }
   }
-  // The horizontal sums and the offsets' share, several outputs per vector: with K = 576 a row
-  // is 9 pairs, and one output at a time cost about as much as the dots.
+  // Each output is the lane sum of its accumulator plus its offsets' per-lane share, summed in the
+  // same order whatever the shape (so a sequence's logits do not depend on the batch it is in),
+  // several outputs per vector: with K = 576 a row is 9 pairs of blocks, and one output at a
+  // time (two horizontal sums, a dot) cost about as much as the dots.
   const int64_t nb = x.K / kBlock;
   const __m256 factor = _mm256_set1_ps(W::kOffsetFactor);
   if constexpr (MT > 1) {
     // Lane i: activation row m0 + i.
+    const uint16_t* offsets = w.offset_row(n);
     __m256 rows[kRowGroup];
 #pragma GCC unroll 8
-    for (int i = 0; i < kRowGroup; ++i) rows[i] = i < MT ? acc[0][i] : _mm256_setzero_ps();
-    const uint16_t* offsets = w.offset_row(n);
-    __m256 offset = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b) offset = _mm256_fmadd_ps(_mm256_set1_ps(f16_to_f32(offsets[b])), _mm256_loadu_ps(x.psum + b * kRowGroup), offset);
+    for (int i = 0; i < kRowGroup; ++i) rows[i] = i < MT ? _mm256_fmadd_ps(factor, offset_lanes(offsets, x.sums(m0 + i, kBlock), nb), acc[0][i]) : _mm256_setzero_ps();
     alignas(32) float out[kRowGroup];
-    _mm256_store_ps(out, _mm256_fmadd_ps(factor, offset, hsum_8x8(rows)));
+    _mm256_store_ps(out, hsum_8x8(rows));
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = out[i];
   } else {
-    // Lane r: weight row n + r, one activation row; the offsets' lanes join the dots' before the
-    // sums. Fewer than 4 rows take the same lanes, so a row's value does not depend on its pass.
+    // Lane r: weight row n + r, one activation row. Fewer than 4 rows take the same lanes.
     const float* sums = x.sums(m0, kBlock);
     __m256 rows[4];
 #pragma GCC unroll 4
@@ -917,7 +913,7 @@ void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_
 // Scratch for the quantized activations, reused across calls on the calling thread.
 struct Scratch {
   std::vector<int8_t> q, pq;
-  std::vector<float> f, pd;  // pd: the paired scales, then psum
+  std::vector<float> f, pd;
 };
 thread_local Scratch scratch[2];  // one per activation block size (32, 256): a call may need both
 Scratch& rz_scratch(int64_t x_block) { return scratch[x_block == kBlock ? 0 : 1]; }
@@ -937,11 +933,9 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
   if (paired && x_block == kBlock && M <= kRowGroup && K % 64 == 0) {
     scratch.pq.resize(rows * K);
-    scratch.pd.resize(rows * (K / 64) * 8 + K / kBlock * kRowGroup);
+    scratch.pd.resize(rows * (K / 64) * 8);
     qx.pq = scratch.pq.data();
     qx.pd = scratch.pd.data();
-    qx.psum = qx.pd + rows * (K / 64) * 8;
-    std::fill(qx.psum, qx.psum + K / kBlock * kRowGroup, 0.0f);
     for (int64_t m = 0; m < M; ++m) pair_row(qx, m);
   }
   return qx;

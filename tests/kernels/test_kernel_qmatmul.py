@@ -71,6 +71,20 @@ def test_cpu_kernel_matches_references(ggml_type):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_cpu_kernel_rows_do_not_depend_on_the_batch(ggml_type):
+    """A decode step's row gets bit for bit the same output alone or with up to 7 others (the
+    server's greedy output must not depend on what else is in the batch)."""
+    rng = np.random.default_rng(17)
+    for n, k in cpu_shapes(ggml_type):
+        qt = random_qtensor(rng, ggml_type, (n, k))
+        x = activations(rng, 8, k)
+        alone = np.concatenate([np.asarray(qmatmul_cpu(jnp.asarray(x[i : i + 1]), qt)) for i in range(8)])
+        for m in range(2, 9):
+            np.testing.assert_array_equal(np.asarray(qmatmul_cpu(jnp.asarray(x[:m]), qt)), alone[:m], err_msg=f"{n}x{k}, M={m}")
+
+
+@needs_cpu_kernels
 def test_cpu_kernel_with_outlier_channels():
     """A 20x outlier channel coarsens its activation block's int8 grid (as in llama.cpp): the error
     grows with the share of such blocks, here 1 in 8, but stays within 4x the bound."""

@@ -127,7 +127,8 @@ def test_deadline_exceeded_frees_the_slot(server):
     before = server.metrics()
     with server.client() as client:
         with pytest.raises(grpc.RpcError) as raised:
-            for _ in client.stream("Tell me a long story.", 200, temperature=0.0, ignore_eos=True, timeout=2.0):
+            # 200 tokens take well over a second here (~8 ms each alone); the deadline is 0.5 s.
+            for _ in client.stream("Tell me a long story.", 200, temperature=0.0, ignore_eos=True, timeout=0.5):
                 pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_for(lambda: _metric(server.metrics(), "rz_active_slots") == 0)
