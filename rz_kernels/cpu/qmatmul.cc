@@ -16,8 +16,11 @@
 //
 // Weights are read in rz.quants' planar layout (one array per kind of data, [N, K/block*items]);
 // nothing is repacked. With few activation rows (a decode step), each weight block is decoded and
-// used at once, so the weights stream through once; with many, each weight row is decoded to bytes
-// once and met by the activation rows in groups of 8.
+// used at once, so the weights stream through once; 4-bit types (Q4_0, Q4_1) then read two blocks
+// per 256-bit load against a matching permutation of the activations (the paired layout). With
+// many rows, each weight row is decoded to bytes once and met by the activation rows in groups of
+// 8. Up to 8 rows, a row's output is bit for bit the same whatever the number of rows: a
+// sequence's tokens must not depend on what else is in its decode batch.
 //
 // One call may take several weights that read the same x (q/k/v, gate/up): x is quantized once
 // per activation block size and their rows are shared out together. Work is split over output
