@@ -22,6 +22,7 @@ log = logging.getLogger("rz.server")
 CLIENT_CANCELLED = "cancelled"  # the client cancelled or went away
 DEADLINE_EXCEEDED = "deadline_exceeded"  # the call's deadline passed
 SHUTDOWN = "shutdown"  # the server is stopping and the grace period is over
+PREFILL_BUDGET_S = 0.05  # prefill time between two decode steps while sequences are running (see _run)
 
 
 class OverCapacityError(RzError):
@@ -150,8 +151,15 @@ class EngineLoop:
                 if self._stopped:
                     return
             self._free_cancelled()  # cancelled during the last step: their slots go to waiting requests now
+            # Prefills between two decode steps stop once they have taken PREFILL_BUDGET_S while
+            # other sequences wait for their next tokens: a 128-token prompt takes ~0.3 s here, and
+            # admitting every waiting request at once stalled the running streams for seconds
+            # (measured: inter-token p99 2.1 s with 8 clients).
+            started = time.perf_counter()
             while (ticket := self._next_waiting()) is not None:
                 self._admit(ticket)
+                if self._running and time.perf_counter() - started >= PREFILL_BUDGET_S:
+                    break
             self._free_cancelled()  # cancelled during those prefills
             if self._running:
                 self._step()

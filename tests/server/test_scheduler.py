@@ -1,6 +1,7 @@
 """The engine loop's bookkeeping with a fake engine: queue bounds, cancellation, failures, shutdown."""
 
 import threading
+import time
 
 import pytest
 
@@ -9,6 +10,7 @@ from rz.server.scheduler import (
     CLIENT_CANCELLED,
     Cancelled,
     EngineFailure,
+    PREFILL_BUDGET_S,
     EngineLoop,
     OverCapacityError,
     ShuttingDownError,
@@ -25,6 +27,8 @@ class FakeEngine:
         self.slots: list[Generation | None] = [None] * n_slots
         self.go = threading.Semaphore(0)  # one release per step allowed to run
         self.fail_next_step = False
+        self.prefill_seconds = 0.0  # how long each admission takes
+        self.log: list[str] = []  # "admit" and "step", in order
 
     def free_slots(self) -> int:
         return self.slots.count(None)
@@ -33,6 +37,8 @@ class FakeEngine:
         return [s for s in self.slots if s is not None]
 
     def admit(self, request: GenerationRequest, queued_at: float) -> StepEvent:
+        time.sleep(self.prefill_seconds)
+        self.log.append("admit")
         slot = self.slots.index(None)
         sequence = Generation(request, decoder=None, matcher=None, timings=Timings(queued_at=queued_at), slot=slot)
         self.slots[slot] = sequence
@@ -42,6 +48,7 @@ class FakeEngine:
 
     def step(self) -> list[StepEvent]:
         self.go.acquire()
+        self.log.append("step")
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("decode exploded")
@@ -75,6 +82,31 @@ def _final(ticket):
 @pytest.fixture
 def engine():
     return FakeEngine(n_slots=2)
+
+
+def test_long_prefills_take_turns_with_decode_steps():
+    """While a sequence is decoding, prefills past the budget wait for its next step, so one long
+    prompt after another does not stall its stream."""
+    engine = FakeEngine(n_slots=3)
+    engine.prefill_seconds = 1.5 * PREFILL_BUDGET_S
+    loop = EngineLoop(engine, max_queue=4)
+    loop.start()
+    try:
+        running = loop.submit(_request())
+        assert running.events.get(timeout=10).token_id == 7
+        engine.go.release()  # let the running sequence step while the others wait
+        assert running.events.get(timeout=10).token_id == 7
+        late = [loop.submit(_request(max_tokens=2)) for _ in range(2)]
+        for _ in range(4):
+            engine.go.release()
+        assert all(_final(ticket).finish_reason == "length" for ticket in late)
+        admits = [i for i, entry in enumerate(engine.log) if entry == "admit"]
+        assert len(admits) == 3 and "step" in engine.log[admits[1] : admits[2]]
+    finally:
+        loop.cancel_all()
+        for _ in range(10):
+            engine.go.release()
+        loop.stop()
 
 
 @pytest.fixture
