@@ -57,7 +57,8 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
         "near-ties fall differently from llama.cpp's, and 12 prompts make the count jumpy. Measured "
         "(Gemma 3 / SmolLM2): f32 activations and K/V 4/12 49% / 3/12 52%; with the kernels' int8 "
         "activations (as llama.cpp) 4/12 56% / 2/12 50%; plus f16 K/V (as llama.cpp, the default) "
-        "3/12 35% / 5/12 61%; plus f16 queries 4/12 43% / 3/12 60%. Teacher-forced agreement and "
+        "3/12 35% / 5/12 61%; plus f16 queries 4/12 43% / 3/12 60%; the shipped kernels as of "
+        "session 3 (4-bit blocks in pairs) 4/12 53% / 2/12 45%. Teacher-forced agreement and "
         "KL pass (tests/models/test_real_models.py). Open in issue 3."
     ),
 )
