@@ -16,7 +16,9 @@ Paths:
   xla_ref      rz.quants.qmatmul_ref: dequantize, then an f32 dot (timed with --ref-rounds)
 
 It ends with each model's per-token matmul time at each M: the rate the matmuls alone allow.
-The machine is shared: take medians, rerun to compare.
+The machine is shared: take medians, rerun to compare; RZ_BENCH_MIN=1 reports the minimum of
+the rounds instead, steadier where neighbours move the medians (to compare two builds, run them
+interleaved and compare minimums).
 """
 
 import argparse

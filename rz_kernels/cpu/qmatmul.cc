@@ -16,9 +16,9 @@
 //
 // Weights are read in rz.quants' planar layout (one array per kind of data, [N, K/block*items]);
 // nothing is repacked. With few activation rows (a decode step), each weight block is decoded and
-// used at once, so the weights stream through once; 4-bit types (Q4_0, Q4_1) then read two blocks
-// per 256-bit load against a matching permutation of the activations (the paired layout). With
-// many rows, each weight row is decoded to bytes once and met by the activation rows in groups of
+// used at once, so the weights stream through once; 4- and 5-bit types (Q4_0, Q4_1, Q5_0, Q5_1)
+// read two blocks per 256-bit load against a matching permutation of the activations (the paired
+// layout). With many rows, each weight row is decoded to bytes once and met by the activation rows in groups of
 // 8. Up to 8 rows, a row's output is bit for bit the same whatever the number of rows: a
 // sequence's tokens must not depend on what else is in its decode batch.
 //
@@ -306,7 +306,6 @@ struct Q4_1W {
 template <bool kMin>
 struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
   static constexpr bool kSuperBlocks = false;
-  static constexpr bool kPaired = false;
   static constexpr bool kSigned = false;
   const uint8_t* qs;
   const uint32_t* qh;
@@ -325,6 +324,19 @@ struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
   static constexpr float kOffsetFactor = kMin ? 1.0f : -16.0f;
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return (kMin ? mins : d) + n * (K / kBlock); }
+  // As Q4's pair, the fifth bits of the two blocks' low halves (bits 0-15 of each block's word)
+  // and of their high halves (bits 16-31) gathered into one word each.
+  static constexpr bool kPaired = true;
+  RZ_INLINE void pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
+    const __m256i v = load(qs + n * K / 2 + 32 * p);
+    const uint32_t* h = qh + n * (K / kBlock) + 2 * p;
+    lo = _mm256_or_si256(low_nibbles(v), fifth_bits_32((h[0] & 0xFFFFu) | (h[1] << 16)));
+    hi = _mm256_or_si256(high_nibbles(v), fifth_bits_32((h[0] >> 16) | (h[1] & 0xFFFF0000u)));
+  }
+  RZ_INLINE __m256 pair_scales(int64_t n, int64_t p) const {
+    const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(d_row(n) + 2 * p)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+  }
   RZ_INLINE void prefetch_row(int64_t n) const {
     prefetch(qs + n * K / 2, K / 2);
     prefetch(qh + n * (K / kBlock), K / kBlock * 4);
@@ -629,9 +641,9 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
   }
 }
 
-// 4-bit types, few activation rows, in pairs of blocks: R weight rows against the MT activation
+// 4- and 5-bit types, few activation rows, in pairs of blocks: R weight rows against the MT activation
 // rows of the group at m0 (paired layout). One load gives two blocks' nibbles; their products go
-// through maddubs, add in int16 (|sum| <= 2 * 2 * 15 * 127), one madd to int32 (lanes 0-3 block
+// through maddubs, add in int16 (|sum| <= 2 * 2 * 31 * 127), one madd to int32 (lanes 0-3 block
 // 2p, lanes 4-7 block 2p + 1), and one convert and FMA with the pair's scales: per block about
 // two thirds of the instructions of the one-block loop.
 template <int R, int MT, class W>
@@ -712,7 +724,7 @@ RZ_INLINE void paired_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0
   }
 }
 
-// Rows [n0, n1) of a 4-bit W against the activation rows [m0, m1) of one group (paired layout).
+// Rows [n0, n1) of a 4- or 5-bit W against the activation rows [m0, m1) of one group (paired layout).
 template <class W>
 void paired_rows(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
   constexpr int kRows = 4;  // weight rows per pass with one activation row
