@@ -227,6 +227,24 @@ RZ_INLINE void prefetch(const void* p, int64_t bytes) {
 // Each int32 lane of v (a small integer) twice as int16: a madd multiplier.
 RZ_INLINE __m256i twice_16(__m256i v) { return _mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(v, 16)); }
 
+// Paired types (kPaired) have
+//   pair(n, p, lo, hi): blocks 2p and 2p + 1 of row n from one 256-bit load, lo = elements 0-15
+//     of each (one block per 128-bit lane), hi = elements 16-31, as unsigned quants;
+//   d_row(n): the f16 block scales, read two at a time by pair_scales.
+
+// 32 bytes of two blocks' nibbles -> their low halves (lo) and high halves (hi), a block per lane.
+RZ_INLINE void nibble_pair(const uint8_t* q, __m256i& lo, __m256i& hi) {
+  const __m256i v = load(q);
+  lo = low_nibbles(v);
+  hi = high_nibbles(v);
+}
+
+// Two f16 block scales -> [d_0 x4, d_1 x4], the lanes of a pair's int32 dots.
+RZ_INLINE __m256 pair_scales(const uint16_t* d) {
+  const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(d)));
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 struct Q4_0W {
   static constexpr bool kSuperBlocks = false;
   static constexpr bool kSigned = false;
@@ -242,18 +260,8 @@ struct Q4_0W {
   static constexpr float kOffsetFactor = -8.0f;
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return d_row(n); }
-  // Blocks 2p and 2p + 1 of row n from one load: lo = elements 0-15 of each (one per 128-bit
-  // lane), hi = elements 16-31; and their scales as [d_2p x4, d_2p+1 x4].
   static constexpr bool kPaired = true;
-  RZ_INLINE void pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
-    const __m256i v = load(qs + n * K / 2 + 32 * p);
-    lo = low_nibbles(v);
-    hi = high_nibbles(v);
-  }
-  RZ_INLINE __m256 pair_scales(int64_t n, int64_t p) const {
-    const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(d_row(n) + 2 * p)));
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-  }
+  RZ_INLINE void pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const { nibble_pair(qs + n * K / 2 + 32 * p, lo, hi); }
   RZ_INLINE void prefetch_row(int64_t n) const {
     prefetch(qs + n * K / 2, K / 2);
     prefetch(d + n * (K / kBlock), K / kBlock * 2);
@@ -280,18 +288,8 @@ struct Q4_1W {
   static constexpr float kOffsetFactor = 1.0f;
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return mins + n * (K / kBlock); }
-  // Blocks 2p and 2p + 1 of row n from one load: lo = elements 0-15 of each (one per 128-bit
-  // lane), hi = elements 16-31; and their scales as [d_2p x4, d_2p+1 x4].
   static constexpr bool kPaired = true;
-  RZ_INLINE void pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
-    const __m256i v = load(qs + n * K / 2 + 32 * p);
-    lo = low_nibbles(v);
-    hi = high_nibbles(v);
-  }
-  RZ_INLINE __m256 pair_scales(int64_t n, int64_t p) const {
-    const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(d_row(n) + 2 * p)));
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
-  }
+  RZ_INLINE void pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const { nibble_pair(qs + n * K / 2 + 32 * p, lo, hi); }
   RZ_INLINE void prefetch_row(int64_t n) const {
     prefetch(qs + n * K / 2, K / 2);
     prefetch(d + n * (K / kBlock), K / kBlock * 2);
@@ -324,18 +322,14 @@ struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
   static constexpr float kOffsetFactor = kMin ? 1.0f : -16.0f;
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return (kMin ? mins : d) + n * (K / kBlock); }
-  // As Q4's pair, the fifth bits of the two blocks' low halves (bits 0-15 of each block's word)
+  // As Q4's pair, with the fifth bits of the two blocks' low halves (bits 0-15 of each block's word)
   // and of their high halves (bits 16-31) gathered into one word each.
   static constexpr bool kPaired = true;
   RZ_INLINE void pair(int64_t n, int64_t p, __m256i& lo, __m256i& hi) const {
-    const __m256i v = load(qs + n * K / 2 + 32 * p);
+    nibble_pair(qs + n * K / 2 + 32 * p, lo, hi);
     const uint32_t* h = qh + n * (K / kBlock) + 2 * p;
-    lo = _mm256_or_si256(low_nibbles(v), fifth_bits_32((h[0] & 0xFFFFu) | (h[1] << 16)));
-    hi = _mm256_or_si256(high_nibbles(v), fifth_bits_32((h[0] >> 16) | (h[1] & 0xFFFF0000u)));
-  }
-  RZ_INLINE __m256 pair_scales(int64_t n, int64_t p) const {
-    const __m128 two = _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(d_row(n) + 2 * p)));
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    lo = _mm256_or_si256(lo, fifth_bits_32((h[0] & 0xFFFFu) | (h[1] << 16)));
+    hi = _mm256_or_si256(hi, fifth_bits_32((h[0] >> 16) | (h[1] & 0xFFFF0000u)));
   }
   RZ_INLINE void prefetch_row(int64_t n) const {
     prefetch(qs + n * K / 2, K / 2);
@@ -664,7 +658,7 @@ RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       w.pair(n + r, p, lo[r], hi[r]);
-      weight_scales[r] = w.pair_scales(n + r, p);
+      weight_scales[r] = pair_scales(w.d_row(n + r) + 2 * p);
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
