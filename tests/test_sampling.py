@@ -17,6 +17,7 @@ from rz.sampling import (
     SamplingParams,
     SamplingTensors,
     apply_penalties,
+    first_argmax,
 )
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -87,6 +88,21 @@ def test_greedy_is_argmax_with_ties_to_the_lowest_id():
     state = SamplerState.create(rows, [[]] * 3)
     sampled, _ = compiled(Sampler())(jnp.asarray(logits), SamplingTensors.from_params(rows), state)
     assert sampled.tokens.tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize("vocab", [7, 128, 1000, 49152, 262144 + 5])
+def test_first_argmax_is_argmax_with_ties_to_the_lowest_id(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((6, vocab)).astype(np.float32)
+    top = logits.max() + 1
+    # Ties inside one tile, across tiles, at the last id, and a row of -inf but one.
+    logits[1, [vocab // 3, vocab - 1]] = top
+    logits[2, [min(5, vocab - 1), vocab - 1]] = top
+    logits[3, :] = top
+    logits[4, :] = -np.inf
+    logits[4, vocab // 2] = 0.0
+    expected = np.argmax(logits, axis=-1)
+    assert jax.jit(first_argmax)(jnp.asarray(logits)).tolist() == expected.tolist()
 
 
 def test_greedy_takes_the_argmax_after_penalties():
