@@ -126,6 +126,11 @@ class Engine:
         self._tensors = None
         self._tensors_rows = 0
         self.batch_sizes = batch_ladder(n_slots)
+        # A decode call launched but not yet read back (see step), and a counter of changes to
+        # which sequence holds which slot: a call may follow the one in flight on the device only
+        # while that assignment is the one it was launched with.
+        self._in_flight: _DecodeCall | None = None
+        self._assignment = 0
 
     # ----- compiled steps (pure functions of arrays) -----
 
@@ -145,8 +150,10 @@ class Engine:
     def _decode_fn(self, weights, cache, tokens, positions, tensors, state, n_top, n_steps):
         """n_steps decode steps in one call, each feeding its sampled tokens to the next.
 
-        Returns the SampledTokens of every step (leaves [n_steps, B, ...]). A row whose next
-        position would pass the context becomes padding (position -1) instead of wrapping.
+        Returns the SampledTokens of every step (leaves [n_steps, B, ...]), the cache and sampler
+        state, and the tokens and positions that the next call would take (so that it can be
+        launched before this one's tokens reach the host). A row whose next position would pass
+        the context becomes padding (position -1) instead of wrapping.
         """
         sampler = Sampler(n_top_logprobs=n_top)
         # The step runs on the first `rows` slots (a batch bucket); the cache is read and written
@@ -162,9 +169,9 @@ class Engine:
             following = jnp.where((positions >= 0) & (positions + 1 < self.n_ctx), positions + 1, -1)
             return (cache, sampled.tokens, following, state), sampled
 
-        (cache, _, _, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), None, length=n_steps)
+        (cache, tokens, positions, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), None, length=n_steps)
         state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
-        return sampled, cache, state
+        return sampled, cache, state, tokens, positions
 
     # ----- host side -----
 
@@ -222,6 +229,7 @@ class Engine:
         )
         self.slots[slot] = sequence
         self._tensors_dirty = True
+        self._assignment += 1
         # Steps run asynchronously: the first token exists once it has been read back.
         sampled = jax.device_get(sampled)
         sequence.timings.first_token_at = time.perf_counter()
@@ -257,19 +265,47 @@ class Engine:
 
         One call per several tokens spreads the host's cost of a call (hundreds of weight arrays
         to pass, a sync to read the tokens) over them; a request waiting to join waits at most
-        that many steps.
+        that many steps. And while the slots keep their sequences, the next call is launched
+        before this one's tokens are read back: it takes this call's last tokens and positions
+        on the device, so the device is not idle while the host reads tokens, detokenizes and
+        dispatches. Its work for a sequence that turns out to have finished is dropped.
         """
-        active = self.active()
-        if not active:
-            return []
-        # Slots are taken lowest first, so the active ones are usually the first few: the step
-        # runs on the smallest batch bucket that holds them.
-        rows = self.batch_bucket(max(sequence.slot for sequence in active) + 1)
-        tokens = np.zeros(rows, np.int32)
-        positions = np.full(rows, -1, np.int32)
-        for sequence in active:
-            tokens[sequence.slot] = sequence.output_ids[-1]
-            positions[sequence.slot] = sequence.position
+        call, self._in_flight = self._in_flight, None
+        if call is not None and call.assignment != self._assignment:
+            # Slots changed hands since the call in flight was launched: read it back (its rows
+            # for the sequences still running are theirs) before launching from the host's view.
+            if any(sequence.finish_reason is None for sequence in call.sequences):
+                return self._collect(call)
+            call = None
+        if call is None:
+            call = self._launch()
+            if call is None:
+                return []
+        needs_more = (
+            s.finish_reason is None and len(s.output_ids) + call.n_steps < s.request.max_tokens for s in call.sequences
+        )
+        if any(needs_more):
+            # Some sequence will still need tokens after this call: queue the next one behind it.
+            self._in_flight = self._launch(after=call)
+        return self._collect(call)
+
+    def _launch(self, after: "_DecodeCall | None" = None) -> "_DecodeCall | None":
+        """Launch one decode call: from the host's view of the slots, or chained after a call."""
+        if after is not None:
+            rows, sequences, tokens, positions = after.rows, after.sequences, after.next_tokens, after.next_positions
+        else:
+            active = self.active()
+            if not active:
+                return None
+            # Slots are taken lowest first, so the active ones are usually the first few: the step
+            # runs on the smallest batch bucket that holds them.
+            rows = self.batch_bucket(max(sequence.slot for sequence in active) + 1)
+            host_tokens = np.zeros(rows, np.int32)
+            host_positions = np.full(rows, -1, np.int32)
+            for sequence in active:
+                host_tokens[sequence.slot] = sequence.output_ids[-1]
+                host_positions[sequence.slot] = sequence.position
+            sequences, tokens, positions = tuple(active), jnp.asarray(host_tokens), jnp.asarray(host_positions)
         if self._tensors_dirty or self._tensors_rows != rows:
             params = [s.request.params if s is not None else _IDLE_PARAMS for s in self.slots[:rows]]
             self._tensors = SamplingTensors.from_params(params)
@@ -277,17 +313,26 @@ class Engine:
             self._tensors_rows = rows
             self._tensors_dirty = False
         n_steps = self.decode_steps
-        sampled, self.cache, self._sampler_state = self._timed(
+        sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
             f"decode[{rows}, logprobs={self._n_top}, steps={n_steps}]", self._decode, self.model.weights,
-            self.cache, jnp.asarray(tokens), jnp.asarray(positions), self._tensors, self._sampler_state,
-            self._n_top, n_steps,
+            self.cache, tokens, positions, self._tensors, self._sampler_state, self._n_top, n_steps,
         )
-        sampled = jax.device_get(sampled)
+        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions)
+
+    def _collect(self, call: "_DecodeCall") -> list[StepEvent]:
+        """Read a call's tokens back and hand them to its sequences that are still running."""
+        try:
+            sampled = jax.device_get(call.sampled)
+        except Exception:
+            self._in_flight = None  # a call chained after a failed one cannot be read either
+            raise
         events = []
-        for index in range(n_steps):
+        for index in range(call.n_steps):
             at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
             events.extend(
-                self._accept(sequence, at_step, sequence.slot) for sequence in active if sequence.finish_reason is None
+                self._accept(sequence, at_step, sequence.slot)
+                for sequence in call.sequences
+                if sequence.finish_reason is None
             )
         return events
 
@@ -338,6 +383,7 @@ class Engine:
         if 0 <= sequence.slot < self.n_slots and self.slots[sequence.slot] is sequence:
             self.slots[sequence.slot] = None
             self._tensors_dirty = True
+            self._assignment += 1
 
     def compiled_variants(self) -> int:
         """How many shape variants of the compiled steps exist: constant once a session is warm."""
@@ -352,6 +398,19 @@ class Engine:
         result = jax.block_until_ready(step(*args))
         self.compilations[name] = time.perf_counter() - start
         return result
+
+
+@dataclass(frozen=True)
+class _DecodeCall:
+    """A launched decode call: what it computes for whom, and its results on the device."""
+
+    rows: int
+    n_steps: int
+    sequences: tuple[Generation, ...]  # the sequences in its slots when it was launched
+    assignment: int  # Engine._assignment at launch
+    sampled: object  # SampledTokens, leaves [n_steps, rows, ...]
+    next_tokens: jax.Array  # what a call chained after it takes
+    next_positions: jax.Array
 
 
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:

@@ -5,6 +5,7 @@ import pytest
 
 import rz
 from rz.errors import ContextOverflowError, RequestError
+from rz.sampling import SamplingParams
 from rz.model_files import smollm2_135m_path
 
 N_CTX = 256
@@ -45,6 +46,22 @@ def test_a_batch_gives_each_prompt_what_it_gets_alone(llm):
     alone = [llm.generate(p, max_tokens=10, temperature=0.0, ignore_eos=True).token_ids for p in prompts]
     together = llm.generate(prompts, max_tokens=10, temperature=0.0, ignore_eos=True)
     assert [c.token_ids for c in together] == alone
+
+
+def test_sequences_joining_and_leaving_between_chained_calls_get_what_they_get_alone(llm):
+    """Decode calls are launched ahead while the slots keep their sequences (Engine.step): lengths
+    that end mid-call and more prompts than slots make sequences leave, and others join their
+    slots, while a call is in flight. Each must still get exactly its own tokens."""
+    prompts = ["Hello, my name is", "1, 2, 3, 4,", "The weather today", "def fibonacci(n):", "Once upon", "Red, green,"]
+    lengths = [3, 22, 9, 17, 5, 13]
+    sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=5)
+    alone = [llm.generate(p, max_tokens=n, ignore_eos=True, **sampling).token_ids for p, n in zip(prompts, lengths)]
+    # generate() gives a batch one max_tokens; the engine takes one per request.
+    requests = [llm._request(p, n, SamplingParams(**sampling), None, (), True) for p, n in zip(prompts, lengths)]
+    together = llm._run(requests)
+    assert [c.token_ids for c in together] == alone
+    assert all(len(tokens) == n for tokens, n in zip(alone, lengths))
+    assert not llm._current.active()
 
 
 def test_more_prompts_than_slots_are_all_served(llm):
