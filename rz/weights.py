@@ -43,7 +43,9 @@ def vector(name: str, *shape: int, rows: tuple[int, int] | None = None) -> Tenso
 
 @dataclass(frozen=True)
 class Either:
-    """The first of `choices` the file has; else an f32 array filled with `fill` (None: required)."""
+    """The first of `choices` the file has; else, if `fill` is set, None: an optional tensor that
+    stands for `fill` everywhere (0 for a bias, 1 for a scale factor), whose operation the model
+    skips rather than spend a pass over its output adding zeros; fill None: required."""
 
     choices: tuple[Tensor, ...]
     fill: float | None = None
@@ -103,9 +105,7 @@ def _choose(gguf: GGUFFile, spec: Either) -> Tensor | jax.Array:
         if choice.name in gguf.tensors:
             return choice
     if spec.fill is not None:
-        first = spec.choices[0]
-        rows = first.rows[1] - first.rows[0] if first.rows else first.shape[0]
-        return jnp.full((rows, *first.shape[1:]), spec.fill, jnp.float32)
+        return None
     names = " or ".join(repr(choice.name) for choice in spec.choices)
     raise GGUFError(f"{gguf.path}: missing tensor {names}: the file is incomplete or not a model of this architecture")
 

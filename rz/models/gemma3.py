@@ -27,9 +27,9 @@ class LayerWeights:
     wq: QTensor
     wk: QTensor
     wv: QTensor
-    bq: jax.Array
-    bk: jax.Array
-    bv: jax.Array
+    bq: jax.Array | None  # absent from the file: None, no add
+    bk: jax.Array | None  # absent from the file: None, no add
+    bv: jax.Array | None  # absent from the file: None, no add
     q_norm: jax.Array
     k_norm: jax.Array
     wo: QTensor

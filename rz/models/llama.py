@@ -24,19 +24,19 @@ class LayerWeights:
     wq: QTensor
     wk: QTensor
     wv: QTensor
-    bq: jax.Array
-    bk: jax.Array
-    bv: jax.Array
+    bq: jax.Array | None  # absent from the file: None, no add
+    bk: jax.Array | None  # absent from the file: None, no add
+    bv: jax.Array | None  # absent from the file: None, no add
     wo: QTensor
-    bo: jax.Array
-    rope_freq_factors: jax.Array  # Llama 3's rope_freqs, shared by all layers; ones otherwise
+    bo: jax.Array | None  # absent from the file: None, no add
+    rope_freq_factors: jax.Array | None  # Llama 3's rope_freqs, shared by all layers; None otherwise
     ffn_norm: jax.Array
     w_gate: QTensor
     w_up: QTensor
     w_down: QTensor
-    b_gate: jax.Array
-    b_up: jax.Array
-    b_down: jax.Array
+    b_gate: jax.Array | None  # absent from the file: None, no add
+    b_up: jax.Array | None  # absent from the file: None, no add
+    b_down: jax.Array | None  # absent from the file: None, no add
 
 
 @jax.tree_util.register_dataclass
@@ -46,7 +46,7 @@ class Weights:
     layers: tuple[LayerWeights, ...]
     output_norm: jax.Array
     output: QTensor  # the token embedding itself when the model ties them
-    output_bias: jax.Array
+    output_bias: jax.Array | None  # absent from the file: None, no add
 
 
 def tensor_specs(cfg: ModelConfig) -> Weights:

@@ -24,9 +24,9 @@ class LayerWeights:
     wq: QTensor
     wk: QTensor
     wv: QTensor
-    bq: jax.Array
-    bk: jax.Array
-    bv: jax.Array
+    bq: jax.Array | None  # absent from the file: None, no add
+    bk: jax.Array | None  # absent from the file: None, no add
+    bv: jax.Array | None  # absent from the file: None, no add
     wo: QTensor
     bo: jax.Array
     w_up: QTensor
