@@ -18,7 +18,7 @@ import numpy as np
 from rz import kv_cache
 from rz.buckets import Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
-from rz.sampling import MAX_N_LOGPROBS, SamplerState, SamplingParams, SamplingTensors, Sampler
+from rz.sampling import MAX_N_LOGPROBS, SampledTokens, SamplerState, SamplingParams, SamplingTensors, Sampler
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -408,7 +408,7 @@ class _DecodeCall:
     n_steps: int
     sequences: tuple[Generation, ...]  # the sequences in its slots when it was launched
     assignment: int  # Engine._assignment at launch
-    sampled: object  # SampledTokens, leaves [n_steps, rows, ...]
+    sampled: SampledTokens  # leaves [n_steps, rows, ...], still on the device
     next_tokens: jax.Array  # what a call chained after it takes
     next_positions: jax.Array
 

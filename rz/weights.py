@@ -43,26 +43,26 @@ def vector(name: str, *shape: int, rows: tuple[int, int] | None = None) -> Tenso
 
 @dataclass(frozen=True)
 class Either:
-    """The first of `choices` the file has; else, if `fill` is set, None: an optional tensor that
-    stands for `fill` everywhere (0 for a bias, 1 for a scale factor), whose operation the model
-    skips rather than spend a pass over its output adding zeros; fill None: required."""
+    """The first of `choices` the file has. Else an error, or None if the tensor is optional: an
+    absent bias or scale factor is no operation at all, which the model skips (rather than add
+    zeros or divide by ones: a pass over the logits, for the LM head's bias)."""
 
     choices: tuple[Tensor, ...]
-    fill: float | None = None
+    optional: bool = False
 
 
 Spec = Tensor | Either
 
 
-def optional(tensor: Tensor, fill: float) -> Either:
-    """A vector llama.cpp treats as optional, standing for `fill` when absent (0 for a bias)."""
-    return Either((tensor,), fill)
+def optional(tensor: Tensor) -> Either:
+    """A vector llama.cpp treats as optional (a bias, Llama 3's rope_freqs): None when absent."""
+    return Either((tensor,), optional=True)
 
 
 def attention_projections(layer: int, cfg: ModelConfig) -> dict[str, Spec]:
     """wq, wk, wv and their biases: separate tensors, or rows of a fused attn_qkv (create_tensor_qkv).
 
-    Biases are optional in every architecture, as in llama.cpp; absent, they are zeros.
+    Biases are optional in every architecture, as in llama.cpp; absent, they are None (no add).
     """
     sizes = {"q": cfg.n_head * cfg.head_dim, "k": cfg.n_head_kv * cfg.head_dim, "v": cfg.n_head_kv * cfg.head_dim_v}
     starts = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}
@@ -76,7 +76,7 @@ def attention_projections(layer: int, cfg: ModelConfig) -> dict[str, Spec]:
             (matrix(f"{separate}.weight", size, cfg.n_embd), matrix(f"{fused}.weight", total, cfg.n_embd, rows=rows))
         )
         specs[f"b{part}"] = Either(
-            (vector(f"{separate}.bias", size), vector(f"{fused}.bias", total, rows=rows)), fill=0.0
+            (vector(f"{separate}.bias", size), vector(f"{fused}.bias", total, rows=rows)), optional=True
         )
     return specs
 
@@ -100,11 +100,11 @@ def load_weights(gguf: GGUFFile, specs: Any) -> Any:
     return jax.tree.map(load, specs, is_leaf=lambda leaf: isinstance(leaf, (Tensor, Either)))
 
 
-def _choose(gguf: GGUFFile, spec: Either) -> Tensor | jax.Array:
+def _choose(gguf: GGUFFile, spec: Either) -> Tensor | None:
     for choice in spec.choices:
         if choice.name in gguf.tensors:
             return choice
-    if spec.fill is not None:
+    if spec.optional:
         return None
     names = " or ".join(repr(choice.name) for choice in spec.choices)
     raise GGUFError(f"{gguf.path}: missing tensor {names}: the file is incomplete or not a model of this architecture")

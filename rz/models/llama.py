@@ -58,15 +58,15 @@ def tensor_specs(cfg: ModelConfig) -> Weights:
             attn_norm=vector(f"{blk}.attn_norm.weight", n_embd),
             **attention_projections(i, cfg),
             wo=matrix(f"{blk}.attn_output.weight", n_embd, cfg.n_head * cfg.head_dim_v),
-            bo=optional(vector(f"{blk}.attn_output.bias", n_embd), 0.0),
-            rope_freq_factors=optional(vector("rope_freqs.weight", cfg.rope_dim // 2), 1.0),
+            bo=optional(vector(f"{blk}.attn_output.bias", n_embd)),
+            rope_freq_factors=optional(vector("rope_freqs.weight", cfg.rope_dim // 2)),
             ffn_norm=vector(f"{blk}.ffn_norm.weight", n_embd),
             w_gate=matrix(f"{blk}.ffn_gate.weight", n_ff, n_embd),
             w_up=matrix(f"{blk}.ffn_up.weight", n_ff, n_embd),
             w_down=matrix(f"{blk}.ffn_down.weight", n_embd, n_ff),
-            b_gate=optional(vector(f"{blk}.ffn_gate.bias", n_ff), 0.0),
-            b_up=optional(vector(f"{blk}.ffn_up.bias", n_ff), 0.0),
-            b_down=optional(vector(f"{blk}.ffn_down.bias", n_embd), 0.0),
+            b_gate=optional(vector(f"{blk}.ffn_gate.bias", n_ff)),
+            b_up=optional(vector(f"{blk}.ffn_up.bias", n_ff)),
+            b_down=optional(vector(f"{blk}.ffn_down.bias", n_embd)),
         )
 
     return Weights(
@@ -74,7 +74,7 @@ def tensor_specs(cfg: ModelConfig) -> Weights:
         layers=tuple(layer(i) for i in range(cfg.n_layer)),
         output_norm=vector("output_norm.weight", n_embd),
         output=Either((matrix("output.weight", n_vocab, n_embd), matrix("token_embd.weight", n_vocab, n_embd))),
-        output_bias=optional(vector("output.bias", n_vocab), 0.0),
+        output_bias=optional(vector("output.bias", n_vocab)),
     )
 
 
