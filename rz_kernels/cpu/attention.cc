@@ -72,13 +72,16 @@ struct Problem {
   float scale, softcap;
 };
 
-// One task's online-softmax state for its R rows.
+// One task's online-softmax state for its R rows: views into one buffer shared by the call's
+// tasks (a heap allocation per task cost as much as a short context's work).
 struct Partial {
-  std::vector<float> max, sum, out;  // [R], [R], [R, Dv]
+  float* max;  // [R]
+  float* sum;  // [R]
+  float* out;  // [R, Dv], unnormalized
   void reset(int64_t R, int64_t Dv) {
-    max.assign(R, -INFINITY);
-    sum.assign(R, 0.0f);
-    out.assign(R * Dv, 0.0f);
+    std::fill(max, max + R, -INFINITY);
+    std::fill(sum, sum + R, 0.0f);
+    std::fill(out, out + R * Dv, 0.0f);
   }
 };
 
@@ -119,26 +122,65 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_b
   }
 }
 
-// out[r] = out[r] * correction[r] + sum_j weights[r, j] v_j for RG rows, 8 output lanes at a time
-// kept in registers while the block's V rows stream by.
-template <int RG, bool kHalf>
-RZ_INLINE void block_values(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out) {
+// out[r] = out[r] * correction[r] + sum_j weights[r, j] v_j for RG rows and NV * 8 output lanes
+// at lane i, the RG * NV accumulators kept in registers while the block's V rows stream by. Each
+// accumulator is an FMA chain over the keys: RG * NV = 8 chains keep both FMA units busy (with
+// fewer, every key waits on the FMA latency).
+template <int RG, int NV, bool kHalf>
+RZ_INLINE void value_tile(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out, int64_t i) {
   const int64_t row_bytes = p.Dv * (kHalf ? 2 : 4);
-  for (int64_t i = 0; i < p.Dv; i += 8) {
-    __m256 acc[RG];
+  __m256 acc[RG][NV];
+#pragma GCC unroll 2
+  for (int r = 0; r < RG; ++r) {
+    const __m256 c = _mm256_set1_ps(correction[r]);
 #pragma GCC unroll 8
-    for (int r = 0; r < RG; ++r) acc[r] = _mm256_mul_ps(_mm256_set1_ps(correction[r]), _mm256_loadu_ps(out + r * p.Dv + i));
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 vv = load8<kHalf>(v_block + j * row_bytes, i);
+    for (int u = 0; u < NV; ++u) acc[r][u] = _mm256_mul_ps(c, _mm256_loadu_ps(out + r * p.Dv + i + 8 * u));
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = v_block + j * row_bytes;
+    __m256 vv[NV];
 #pragma GCC unroll 8
-      for (int r = 0; r < RG; ++r) acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(weights + r * kKeyBlock + j), vv, acc[r]);
+    for (int u = 0; u < NV; ++u) vv[u] = load8<kHalf>(row, i + 8 * u);
+#pragma GCC unroll 2
+    for (int r = 0; r < RG; ++r) {
+      const __m256 w = _mm256_broadcast_ss(weights + r * kKeyBlock + j);
+#pragma GCC unroll 8
+      for (int u = 0; u < NV; ++u) acc[r][u] = _mm256_fmadd_ps(w, vv[u], acc[r][u]);
     }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < RG; ++r) {
 #pragma GCC unroll 8
-    for (int r = 0; r < RG; ++r) _mm256_storeu_ps(out + r * p.Dv + i, acc[r]);
+    for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + r * p.Dv + i + 8 * u, acc[r][u]);
   }
 }
 
-constexpr int kValueRows = 4;  // rows per pass of block_values: their accumulators stay in registers
+// value_tile over all rows and lanes: rows in pairs, 32 lanes at a time; an odd last row 64 lanes
+// at a time; head dims that are not multiples of those finish 8 lanes at a time.
+template <bool kHalf>
+RZ_INLINE void block_values(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out) {
+  int64_t r = 0;
+  for (; r + 2 <= p.R; r += 2) {
+    const float* w = weights + r * kKeyBlock;
+    int64_t i = 0;
+    for (; i + 32 <= p.Dv; i += 32) value_tile<2, 4, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<2, 1, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
+  }
+  if (r < p.R) {
+    const float* w = weights + r * kKeyBlock;
+    int64_t i = 0;
+    for (; i + 64 <= p.Dv; i += 64) value_tile<1, 8, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<1, 1, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
+  }
+}
+
+// Per-thread scratch that outlives a call: the query row pointers, softmax weights and
+// corrections, and masks of one task.
+struct TaskScratch {
+  std::vector<const float*> q_rows;
+  std::vector<float> weights, correction;
+  std::vector<uint32_t> masks;
+};
 
 template <bool kHalf>
 void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
@@ -147,11 +189,17 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
   const auto* v_base = static_cast<const uint8_t*>(p.v) + ((b * p.Hkv + kv) * p.S) * p.Dv * elem;
   const int32_t* k_pos = p.k_positions + b * p.S;
   const int32_t* q_pos = p.q_positions + b * p.T;
-  std::vector<const float*> q_rows(p.R);
+  thread_local TaskScratch scratch;
+  auto& q_rows = scratch.q_rows;
+  auto& weights = scratch.weights;
+  auto& correction = scratch.correction;
+  auto& masks = scratch.masks;
+  q_rows.resize(p.R);
+  weights.resize(p.R * kKeyBlock);
+  correction.resize(p.R);
+  masks.resize(p.T);
   for (int64_t r = 0; r < p.R; ++r) q_rows[r] = p.q + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.D;
   alignas(32) float scores[kKeyBlock];
-  std::vector<float> weights(p.R * kKeyBlock), correction(p.R);
-  std::vector<uint32_t> masks(p.T);
   for (int64_t start = s0; start < s1; start += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, s1 - start);
     // Which of the block's keys each query step sees: bit j of masks[t].
@@ -190,17 +238,7 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       }
       part.sum[r] = part.sum[r] * correction[r] + hsum(total);
     }
-    const uint8_t* v_block = v_base + start * p.Dv * elem;
-    int64_t r = 0;
-    for (; r + kValueRows <= p.R; r += kValueRows) {
-      block_values<kValueRows, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv);
-    }
-    switch (p.R - r) {
-      case 3: block_values<3, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv); break;
-      case 2: block_values<2, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv); break;
-      case 1: block_values<1, kHalf>(p, v_block, n, weights.data() + r * kKeyBlock, correction.data() + r, part.out.data() + r * p.Dv); break;
-      default: break;
-    }
+    block_values<kHalf>(p, v_base + start * p.Dv * elem, n, weights.data(), correction.data(), part.out);
   }
 }
 
@@ -246,7 +284,13 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
   const int64_t max_splits = std::max<int64_t>(1, p.S_used / kMinKeysPerSplit);
   const int64_t splits = std::min(max_splits, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
   const int64_t keys_per_split = (p.S_used + splits - 1) / splits;
+  // The tasks' softmax states, in one buffer.
+  std::vector<float> state(heads * splits * p.R * (2 + p.Dv));
   std::vector<Partial> partials(heads * splits);
+  for (int64_t t = 0; t < heads * splits; ++t) {
+    float* base = state.data() + t * p.R * (2 + p.Dv);
+    partials[t] = Partial{base, base + p.R, base + 2 * p.R};
+  }
   rz_cpu::parallel_for(pool, heads * splits, threads, [&](int64_t task) {
     const int64_t head = task / splits, split = task % splits;
     Partial& part = partials[task];

@@ -128,8 +128,12 @@ def test_cpu_formulation_matches_reference(case):
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
 def test_cpu_decode_kernel(dtype):
-    """The C++ decode kernel: several sequence splits (S >= 512), softcap, window, f16 or f32 cache."""
-    for case, n_keys in ((CASES[2], 700), (CASES[1], 600)):
+    """The C++ decode kernel: several sequence splits (S >= 512), softcap, window, f16 or f32 cache;
+    an odd number of query rows per KV head and head dims that are not multiples of 32 (phi2's 80)
+    take the kernel's narrower value tiles."""
+    odd_rows_80 = (2, 3, 1, 1, None, 80, 0, 0.0)
+    odd_rows_24 = (1, 6, 2, 1, None, 24, 0, 0.0)
+    for case, n_keys in ((CASES[2], 700), (CASES[1], 600), (odd_rows_80, 90), (odd_rows_24, 40)):
         batch, n_head, n_kv, length, _, head_dim, window, softcap = case
         inputs = [jnp.asarray(a) for a in make_inputs(6, batch, n_head, n_kv, min(length, 4), n_keys, head_dim)]
         inputs[1], inputs[2] = inputs[1].astype(dtype), inputs[2].astype(dtype)
