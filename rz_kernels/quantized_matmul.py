@@ -165,21 +165,54 @@ def activation_block(ggml_type: GGMLType) -> int:
     return 256 if ggml_type in K_QUANTS else 32
 
 
-@functools.partial(jax.jit, static_argnames="block")
-def quantize_activations_ref(x: jax.Array, block: int = 32) -> jax.Array:
-    """x [..., K] rounded as the C++ kernel quantizes it: int8 per `block` elements, scale amax/127.
-
-    Returns the dequantized values, f32 [..., K].
-    """
+def _activation_blocks(x: jax.Array, block: int):
+    """x [..., K] as the C++ kernel quantizes it: (int8 values [..., K/block, block] as f32, the
+    scale before rounding, the scale stored). A 32-element scale is stored in f16, as llama.cpp's
+    block_q8_0 stores it; a 256-element one (Q8_K) in f32."""
     blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, block)
     max_abs = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True)
     inverse = jnp.where(max_abs > 0, 127.0 / max_abs, 0.0)
-    return (jnp.round(blocks * inverse) * (max_abs / 127.0)).reshape(x.shape)
+    scale = max_abs / 127.0
+    stored = scale.astype(jnp.float16).astype(jnp.float32) if block == 32 else scale
+    return jnp.round(blocks * inverse), scale, stored
+
+
+@functools.partial(jax.jit, static_argnames="block")
+def quantize_activations_ref(x: jax.Array, block: int = 32) -> jax.Array:
+    """x [..., K] rounded as the C++ kernel quantizes it: int8 per `block` elements, scale amax/127
+    (stored in f16 for 32-element blocks). Returns the dequantized values, f32 [..., K]."""
+    q, _, stored = _activation_blocks(x, block)
+    return (q * stored).reshape(x.shape)
+
+
+# Weight types that meet llama.cpp's Q8_1 activations, whose block sum s = f16(d * sum(q)) is
+# taken with the scale before its rounding: their offsets (mins) meet that s, not d16 * sum(q).
+_Q8_1_TYPES = frozenset({GGMLType.Q4_1, GGMLType.Q5_1})
+
+
+def q8_1_sum_correction(x: jax.Array, qt: QTensor) -> jax.Array | None:
+    """For Q4_1 and Q5_1, what the C++ kernel's y has beyond qmatmul_ref on quantize_activations_ref's
+    x: the difference of Q8_1's block sums from the dequantized ones, met by the weight's mins.
+    None for the other types."""
+    if qt.ggml_type not in _Q8_1_TYPES:
+        return None
+    return _sum_correction(x, qt.arrays["m"].reshape(qt.shape[0], -1))
+
+
+@jax.jit
+def _sum_correction(x: jax.Array, mins: jax.Array) -> jax.Array:
+    q, scale, stored = _activation_blocks(x, 32)
+    total = jnp.sum(q, axis=-1)
+    s = (scale[..., 0] * total).astype(jnp.float16).astype(jnp.float32)
+    return jnp.einsum("...b,nb->...n", s - stored[..., 0] * total, mins.astype(jnp.float32))
 
 
 def qmatmul_cpu_ref(x: jax.Array, qt: QTensor) -> jax.Array:
-    """The C++ kernel's exact twin: qmatmul_ref on the activations rounded by quantize_activations_ref."""
-    return qmatmul_ref(quantize_activations_ref(x, activation_block(qt.ggml_type)), qt)
+    """The C++ kernel's exact twin: qmatmul_ref on the activations rounded by quantize_activations_ref
+    (plus, for Q4_1 and Q5_1, the rounding of Q8_1's block sums that their mins meet)."""
+    y = qmatmul_ref(quantize_activations_ref(x, activation_block(qt.ggml_type)), qt)
+    correction = q8_1_sum_correction(x, qt)
+    return y if correction is None else y + correction
 
 
 def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:

@@ -50,23 +50,21 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
+SMOLLM2_XFAIL = pytest.mark.xfail(
     strict=True,
     reason=(
         "near-ties fall differently from llama.cpp's, and 12 prompts make the count jumpy. Measured "
-        "(Gemma 3 / SmolLM2): f32 activations and K/V 4/12 49% / 3/12 52%; with the kernels' int8 "
-        "activations (as llama.cpp) 4/12 56% / 2/12 50%; plus f16 K/V (as llama.cpp, the default) "
-        "3/12 35% / 5/12 61%; plus f16 queries 4/12 43% / 3/12 60%; the shipped kernels as of "
-        "session 3 (4-bit blocks in pairs) 4/12 53% / 2/12 45%, session 4 4/12 51% / 2/12 45%. "
-        "At the first generated token rz's logits differ from llama.cpp's by at most 0.5-1.3, "
-        "as much as llama.cpp's own batched and one-token-at-a-time prefills differ (0.3-1.3); but "
-        "llama.cpp against itself differs in the prompt only, while rz differs at every decode "
-        "step. Teacher-forced agreement and KL pass (tests/models/test_real_models.py). Open in "
-        "issue 3."
+        "for SmolLM2: session 4 2/12 identical, 45% mean prefix; with activation scales stored in f16 "
+        "as llama.cpp's Q8_0/Q8_1 store them 3/12 55% (Gemma 3 went from 4/12 51% to 6/12 74%). "
+        "Emulating llama.cpp's f16 attention as well (f16 queries, K/V and probabilities, its "
+        "non-flash path) gave SmolLM2 5/12 73% but Gemma 3 4/12 59%, so it is not shipped. "
+        "Open in issue 3."
     ),
 )
-@pytest.mark.parametrize("name", sorted(MODELS))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=SMOLLM2_XFAIL) if n == "smollm2" else n for n in sorted(MODELS)])
 def test_greedy_continuations_match_llama_cpp(name):
     path = str(MODELS[name]())
     oracle = llama_cpp.Llama(model_path=path, n_ctx=N_CTX, n_threads=2, logits_all=True, verbose=False)

@@ -95,6 +95,9 @@ struct QuantizedX {
   int8_t* q = nullptr;
   float* d = nullptr;      // the scale of each x_block elements
   float* sum32 = nullptr;  // d * sum(q) over each 32 elements: the block's value sum
+  // llama.cpp's block_q8_1 sum, which Q4_1 and Q5_1 meet: f16(d * sum(q)) with d before its f16
+  // rounding (32-element scales only).
+  float* sum32_q8_1 = nullptr;
   float* sum16 = nullptr;  // the same over each 16 elements (Q6_K's sub-blocks)
   // The paired layout (few rows, K a multiple of 64; null otherwise), for 4-bit weights read two
   // blocks per 256-bit load (pair_dot): per group, pair p of blocks b = 2p, b + 1 and row i,
@@ -112,6 +115,8 @@ struct QuantizedX {
   const float* sums(int64_t m, int64_t unit) const {
     return unit == kBlock ? sum32 + m * padded_units(K / kBlock) : sum16 + m * padded_units(K / 16);
   }
+  // The 32-element sums a 32-block weight type meets: its activation type's (Q8_0 or Q8_1).
+  const float* block_sums(int64_t m, bool q8_1) const { return (q8_1 ? sum32_q8_1 : sum32) + m * padded_units(K / kBlock); }
 };
 
 RZ_INLINE float max_abs(const float* x, int64_t n) {
@@ -124,26 +129,35 @@ RZ_INLINE float max_abs(const float* x, int64_t n) {
 }
 
 // Quantize row m of x (x == nullptr: a zero padding row) into qx's layout, rounding as
-// llama.cpp's quantize_row_q8_0 / q8_K: q = round(x * 127 / amax), scale amax / 127.
+// llama.cpp's quantize_row_q8_0 / q8_1 / q8_K: q = round(x * 127 / amax), scale amax / 127.
+// A 32-element scale is stored as llama.cpp's block_q8_0 stores it, rounded to f16 (the quants
+// are computed before that rounding, as there). Every block's dot is scaled by it, so keeping it
+// in f32 moved each matmul's outputs away from llama.cpp's by ~1e-4 relative: at every step of a
+// decode, enough to turn near-ties of the greedy choice.
+RZ_INLINE float round_to_f16(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
+
 void quantize_row(const float* x, const QuantizedX& qx, int64_t m) {
   const int64_t K = qx.K, nb = K / kBlock, per_scale = qx.x_block / kBlock;
   const int64_t m0 = m / kRowGroup * kRowGroup, i = m - m0;
   int8_t* q = qx.q + m0 * K + i * kBlock;
   float* d = qx.d + m0 * (K / qx.x_block) + i;
   float* sum32 = qx.sum32 + m * QuantizedX::padded_units(nb);
+  float* sum32_q8_1 = qx.sum32_q8_1 ? qx.sum32_q8_1 + m * QuantizedX::padded_units(nb) : nullptr;
   float* sum16 = qx.sum16 + m * QuantizedX::padded_units(K / 16);
   std::fill(sum32 + nb, sum32 + QuantizedX::padded_units(nb), 0.0f);
+  if (sum32_q8_1) std::fill(sum32_q8_1 + nb, sum32_q8_1 + QuantizedX::padded_units(nb), 0.0f);
   std::fill(sum16 + K / 16, sum16 + QuantizedX::padded_units(K / 16), 0.0f);
   static const float zero_block[kBlock] = {};
-  float scale = 0;
+  float scale = 0, rounded_scale = 0;
   __m256 inverse = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const float* xb = x ? x + b * kBlock : zero_block;
     if (b % per_scale == 0) {
       const float amax = x ? max_abs(x + b * kBlock, qx.x_block) : 0.0f;
       scale = amax / 127.0f;
+      rounded_scale = qx.x_block == kBlock ? round_to_f16(scale) : scale;
       inverse = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
-      d[b / per_scale * kRowGroup] = scale;
+      d[b / per_scale * kRowGroup] = rounded_scale;
     }
     __m256i i32[4];
     for (int j = 0; j < 4; ++j) {
@@ -155,9 +169,10 @@ void quantize_row(const float* x, const QuantizedX& qx, int64_t m) {
     // packs interleaves 128-bit lanes; the permute restores element order.
     __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
     store(q + b * kRowGroup * kBlock, _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-    sum16[2 * b] = scale * static_cast<float>(low_sum);
-    sum16[2 * b + 1] = scale * static_cast<float>(high_sum);
-    sum32[b] = scale * static_cast<float>(low_sum + high_sum);
+    sum16[2 * b] = rounded_scale * static_cast<float>(low_sum);
+    sum16[2 * b + 1] = rounded_scale * static_cast<float>(high_sum);
+    sum32[b] = rounded_scale * static_cast<float>(low_sum + high_sum);
+    if (sum32_q8_1) sum32_q8_1[b] = round_to_f16(scale * static_cast<float>(low_sum + high_sum));
   }
 }
 
@@ -258,6 +273,7 @@ struct Q4_0W {
   }
   RZ_INLINE __m256i block(int64_t n, int64_t b) const { return nibbles_32(qs + n * K / 2 + 16 * b); }
   static constexpr float kOffsetFactor = -8.0f;
+  static constexpr bool kQ8_1 = false;  // meets llama.cpp's Q8_0 activations
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return d_row(n); }
   static constexpr bool kPaired = true;
@@ -286,6 +302,7 @@ struct Q4_1W {
   }
   RZ_INLINE __m256i block(int64_t n, int64_t b) const { return nibbles_32(qs + n * K / 2 + 16 * b); }
   static constexpr float kOffsetFactor = 1.0f;
+  static constexpr bool kQ8_1 = true;
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return mins + n * (K / kBlock); }
   static constexpr bool kPaired = true;
@@ -320,6 +337,7 @@ struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
     return _mm256_or_si256(nibbles_32(qs + n * K / 2 + 16 * b), fifth_bits_32(qh[n * (K / kBlock) + b]));
   }
   static constexpr float kOffsetFactor = kMin ? 1.0f : -16.0f;
+  static constexpr bool kQ8_1 = kMin;
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return (kMin ? mins : d) + n * (K / kBlock); }
   // As Q4's pair, with the fifth bits of the two blocks' low halves (bits 0-15 of each block's word)
@@ -358,6 +376,7 @@ struct Q8_0W {
   }
   RZ_INLINE __m256i block(int64_t n, int64_t b) const { return load(qs + n * K + kBlock * b); }
   static constexpr float kOffsetFactor = 0.0f;
+  static constexpr bool kQ8_1 = false;
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
   RZ_INLINE const uint16_t* offset_row(int64_t n) const { return d_row(n); }
   RZ_INLINE void prefetch_row(int64_t n) const {
@@ -630,7 +649,7 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
 #pragma GCC unroll 8
   for (int i = 0; i < MT; ++i) {
     float value = hsum(acc[i]);
-    if constexpr (!W::kSigned) value += W::kOffsetFactor * offset_dot_f16(w.offset_row(n), x.sums(m0 + i, kBlock), x.K / kBlock);
+    if constexpr (!W::kSigned) value += W::kOffsetFactor * offset_dot_f16(w.offset_row(n), x.block_sums(m0 + i, W::kQ8_1), x.K / kBlock);
     y[(m0 + i) * N + n] = value;
   }
 }
@@ -682,14 +701,14 @@ RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m
     const uint16_t* offsets = w.offset_row(n);
     __m256 rows[kRowGroup];
 #pragma GCC unroll 8
-    for (int i = 0; i < kRowGroup; ++i) rows[i] = i < MT ? _mm256_fmadd_ps(factor, offset_lanes(offsets, x.sums(m0 + i, kBlock), nb), acc[0][i]) : _mm256_setzero_ps();
+    for (int i = 0; i < kRowGroup; ++i) rows[i] = i < MT ? _mm256_fmadd_ps(factor, offset_lanes(offsets, x.block_sums(m0 + i, W::kQ8_1), nb), acc[0][i]) : _mm256_setzero_ps();
     alignas(32) float out[kRowGroup];
     _mm256_store_ps(out, hsum_8x8(rows));
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) y[(m0 + i) * N + n] = out[i];
   } else {
     // Lane r: weight row n + r, one activation row. Fewer than 4 rows take the same lanes.
-    const float* sums = x.sums(m0, kBlock);
+    const float* sums = x.block_sums(m0, W::kQ8_1);
     __m256 rows[4];
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) rows[r] = r < R ? _mm256_fmadd_ps(factor, offset_lanes(w.offset_row(n + r), sums, nb), acc[r][0]) : _mm256_setzero_ps();
@@ -768,7 +787,7 @@ RZ_INLINE void fused_rows_single_x(const W& w, int64_t n, const QuantizedX& x, i
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[0]), scale, acc[r]);
     }
   }
-  const float* sums = x.sums(m0, kBlock);
+  const float* sums = x.block_sums(m0, W::kQ8_1);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     float value = hsum(acc[r]);
@@ -931,7 +950,8 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   Scratch& scratch = rz_scratch(x_block);
   const int64_t rows = QuantizedX::padded_rows(M);
   scratch.q.resize(rows * K);
-  scratch.f.resize(rows * (K / x_block + QuantizedX::padded_units(K / kBlock) + QuantizedX::padded_units(K / 16)));
+  const bool q8_1 = x_block == kBlock;
+  scratch.f.resize(rows * (K / x_block + (q8_1 ? 2 : 1) * QuantizedX::padded_units(K / kBlock) + QuantizedX::padded_units(K / 16)));
   QuantizedX qx;
   qx.K = K;
   qx.x_block = x_block;
@@ -939,6 +959,7 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   qx.d = scratch.f.data();
   qx.sum32 = qx.d + rows * (K / x_block);
   qx.sum16 = qx.sum32 + rows * QuantizedX::padded_units(K / kBlock);
+  if (q8_1) qx.sum32_q8_1 = qx.sum16 + rows * QuantizedX::padded_units(K / 16);
   rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
   if (paired && x_block == kBlock && M <= kRowGroup && K % 64 == 0) {
     scratch.pq.resize(rows * K);

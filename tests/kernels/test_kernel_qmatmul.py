@@ -18,6 +18,7 @@ from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
     activation_block,
     qmatmul_cpu,
+    q8_1_sum_correction,
     quantize_activations_ref,
 )
 from rz_kernels.testing import activations, nmse, random_qtensor, real_qtensor
@@ -50,7 +51,11 @@ def cpu_and_references(x: np.ndarray, qt: QTensor, w: np.ndarray | None = None):
     from w = dequantize(qt) (one compilation per weight shape instead of one per x shape)."""
     w = np.asarray(dequantize(qt), np.float64) if w is None else w
     twin_x = np.asarray(quantize_activations_ref(jnp.asarray(x), activation_block(qt.ggml_type)), np.float64)
-    return np.asarray(qmatmul_cpu(jnp.asarray(x), qt)), twin_x @ w.T, x.astype(np.float64) @ w.T
+    twin = twin_x @ w.T
+    correction = q8_1_sum_correction(jnp.asarray(x), qt)
+    if correction is not None:
+        twin = twin + np.asarray(correction, np.float64)
+    return np.asarray(qmatmul_cpu(jnp.asarray(x), qt)), twin, x.astype(np.float64) @ w.T
 
 
 @needs_cpu_kernels

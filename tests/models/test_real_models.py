@@ -57,14 +57,16 @@ def test_agrees_with_llama_cpp(run):
 
 @pytest.mark.slow
 def test_closer_to_float64_reference_than_llama_cpp(run, request):
-    if run["name"].startswith("smollm2"):
+    if run["name"].startswith("gemma3"):
         request.applymarker(
             pytest.mark.xfail(
                 strict=True,
                 reason=(
-                    "measured rz 2.908e-3 vs llama.cpp 2.897e-3 (0.4% above): rz's CPU kernels round "
-                    "activations to int8 per block as llama.cpp does, which makes the two equally accurate "
-                    "to within noise (f32 activations gave 3e-11, at 5-20x the decode time). Open in issue 3."
+                    "measured rz 4.727e-3 vs llama.cpp 4.627e-3 (2% above) since the CPU kernels store "
+                    "32-element activation scales in f16 as llama.cpp does (before it, rz was below); "
+                    "SmolLM2 moved the other way (2.908e-3 -> 2.804e-3 against 2.897e-3). Both engines "
+                    "round activations to int8 per block, which puts them within noise of each other "
+                    "(f32 activations gave 3e-11, at 5-20x the decode time). Open in issue 3."
                 ),
             )
         )
