@@ -25,10 +25,8 @@ import argparse
 import os
 import functools
 import statistics
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +35,9 @@ import numpy as np
 from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.quants import qmatmul_ref
-from rz_kernels import cpu_ffi
+from rz_kernels import cpu_ffi, ggml_oracle
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
 from rz_kernels.testing import activations, nmse, real_qtensor
-
-sys.path.insert(0, str(Path(__file__).parent))
-import ggml_matmul
 
 MODELS = {"gemma3-270m": gemma3_270m_path, "smollm2-135m": smollm2_135m_path}
 QUICK = {"token_embd.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"}
@@ -120,7 +115,7 @@ def main() -> None:
 
     if not cpu_ffi.available():
         raise SystemExit("the C++ CPU kernels are not available here: nothing to benchmark")
-    use_ggml = not args.no_ggml and ggml_matmul.available()
+    use_ggml = not args.no_ggml and ggml_oracle.available()
     bandwidth = cpu_ffi.stream_read_gbps(256 << 20, repeats=10)
     bandwidth_1 = cpu_ffi.stream_read_gbps(256 << 20, threads=1, repeats=10)
     peak_gmacs = cpu_ffi.int8_dot_peak_gmacs()
@@ -157,7 +152,7 @@ def main() -> None:
                     errors[f"rz/{threads}"] = nmse(qmatmul_cpu(xj, qt, threads), expected)
                     timers[f"rz/{threads}"] = per_call(functools.partial(run, xj, qt), inner)
                     if use_ggml:
-                        g = ggml_matmul.GGMLMatmul(raw, int(ggml_type), n, k, m, threads)
+                        g = ggml_oracle.GGMLMatmul(raw, int(ggml_type), n, k, m, threads)
                         errors[f"ggml/{threads}"] = nmse(g(x), expected)
                         timers[f"ggml/{threads}"] = per_call(functools.partial(repeat, g.run, inner), inner)
                 medians = round_robin(timers, args.rounds)

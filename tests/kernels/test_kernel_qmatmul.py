@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from rz.errors import RzError
+from rz.gguf import GGUFFile
 from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.quants import QTensor, dequantize, qmatmul_ref
-from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_many, qmatmul_pallas, select_path
+from rz_kernels import cpu_ffi, describe_paths, ggml_oracle, qmatmul, qmatmul_many, qmatmul_pallas, select_path
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
     activation_block,
@@ -87,6 +88,38 @@ def test_cpu_kernel_rows_do_not_depend_on_the_batch(ggml_type):
         alone = np.concatenate([np.asarray(qmatmul_cpu(jnp.asarray(x[i : i + 1]), qt)) for i in range(8)])
         for m in range(2, 9):
             np.testing.assert_array_equal(np.asarray(qmatmul_cpu(jnp.asarray(x[:m]), qt)), alone[:m], err_msg=f"{n}x{k}, M={m}")
+
+
+@needs_cpu_kernels
+@pytest.mark.skipif(not ggml_oracle.available(), reason="llama-cpp-python's ggml is not installed")
+@pytest.mark.parametrize(
+    "model, name",
+    [
+        ("smollm2", "token_embd.weight"),  # Q8_0, the LM head
+        ("smollm2", "blk.0.ffn_gate.weight"),  # Q4_1
+        ("gemma3", "blk.0.attn_q.weight"),  # Q5_0
+        ("gemma3", "blk.0.ffn_down.weight"),  # Q6_K
+    ],
+)
+def test_cpu_kernel_against_ggml(model, name):
+    """Against llama.cpp's own ggml_mul_mat on the same GGUF bytes: the activations are quantized
+    exactly as ggml quantizes them (Q8_0 / Q8_1 scales in f16, Q8_K's in f32), so Q8_0, whose
+    blocks rz sums in ggml's order, is bit for bit ggml's; the other types differ by the order of
+    f32 sums only."""
+    path = {"smollm2": smollm2_135m_path, "gemma3": gemma3_270m_path}[model]()
+    qt = real_qtensor(path, name)
+    with GGUFFile(path) as f:
+        raw = np.array(f.tensor_bytes(name))
+    n, k = qt.shape
+    rng = np.random.default_rng(3)
+    for m in (1, 3, 8):
+        x = activations(rng, m, k)
+        theirs = ggml_oracle.GGMLMatmul(raw, int(qt.ggml_type), n, k, m, 2)(x)
+        ours = np.asarray(qmatmul_cpu(jnp.asarray(x), qt))
+        if qt.ggml_type == GGMLType.Q8_0:
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"M={m}")
+        else:
+            assert np.abs(ours - theirs).max() <= 2e-6 * np.abs(theirs).max(), f"M={m}"
 
 
 @needs_cpu_kernels

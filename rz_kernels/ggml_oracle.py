@@ -1,4 +1,5 @@
-"""llama.cpp's own CPU matmul (ggml_mul_mat) on a GGUF tensor, through the ggml bundled with llama-cpp-python.
+"""llama.cpp's own CPU matmul (ggml_mul_mat) on a GGUF tensor, through the ggml bundled with
+llama-cpp-python: the oracle of the kernel tests and the peer of benchmarks/kernels/bench_qmatmul.py.
 
     matmul = GGMLMatmul(raw_bytes, ggml_type, n, k, m, threads=2)
     y = matmul(x)          # x f32 [m, k] -> f32 [m, n], timed with matmul.run()
