@@ -946,11 +946,12 @@ struct Scratch {
 thread_local Scratch scratch[2];  // one per activation block size (32, 256): a call may need both
 Scratch& rz_scratch(int64_t x_block) { return scratch[x_block == kBlock ? 0 : 1]; }
 
-QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t x_block, int64_t n_threads, bool paired) {
+// q8_1: a weight of the call meets llama.cpp's Q8_1 sums (Q4_1, Q5_1); else they are not computed.
+QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K, int64_t x_block, int64_t n_threads, bool paired, bool q8_1) {
   Scratch& scratch = rz_scratch(x_block);
   const int64_t rows = QuantizedX::padded_rows(M);
   scratch.q.resize(rows * K);
-  const bool q8_1 = x_block == kBlock;
+  q8_1 = q8_1 && x_block == kBlock;
   scratch.f.resize(rows * (K / x_block + (q8_1 ? 2 : 1) * QuantizedX::padded_units(K / kBlock) + QuantizedX::padded_units(K / 16)));
   QuantizedX qx;
   qx.K = K;
@@ -986,6 +987,7 @@ struct Part {
   double bytes = 0;
   int64_t column = 0;  // where its outputs start in a row of y
   bool paired = false;  // reads the activations' paired layout when there is one
+  bool q8_1 = false;  // meets llama.cpp's Q8_1 block sums
   std::function<void(const QuantizedX&, int64_t, int64_t, int64_t, int64_t, float*, int64_t)> tile;
 };
 
@@ -996,6 +998,7 @@ Part make_part(const W& w, int64_t N, double bytes) {
   part.x_block = W::kSuperBlocks ? kSuper : kBlock;
   part.bytes = bytes;
   part.paired = W::kPaired;
+  if constexpr (!W::kSuperBlocks) part.q8_1 = W::kQ8_1;
   part.tile = [w](const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t ld) {
     matmul_tile(w, x, n0, n1, m0, m1, y, ld);
   };
@@ -1007,11 +1010,14 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& par
   QuantizedX by_block[2];
   bool quantized[2] = {false, false};
   double total_bytes = 0;
-  bool paired = false;
-  for (const Part& part : parts) paired |= part.paired;
+  bool paired = false, q8_1 = false;
+  for (const Part& part : parts) {
+    paired |= part.paired;
+    q8_1 |= part.q8_1;
+  }
   for (const Part& part : parts) {
     const int i = part.x_block == kBlock ? 0 : 1;
-    if (!quantized[i]) by_block[i] = quantize(pool, x, M, K, part.x_block, threads, paired);
+    if (!quantized[i]) by_block[i] = quantize(pool, x, M, K, part.x_block, threads, paired, q8_1);
     quantized[i] = true;
     total_bytes += part.bytes;
   }
