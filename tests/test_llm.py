@@ -171,3 +171,34 @@ def test_one_kv_cache_sized_for_the_largest_batch_so_far(llm):
     assert engine.n_slots == 4
     single = llm.generate("a b", max_tokens=2, temperature=0.0, ignore_eos=True)
     assert llm._current is engine and single.usage["completion_tokens"] == 2
+
+
+def test_a_larger_batch_frees_the_engine_it_replaces(monkeypatch):
+    """The retired engine (its KV cache, its executables) is gone before the larger one is built.
+
+    Its jitted steps hold it in a reference cycle; with the automatic collector off, only the
+    explicit release frees it.
+    """
+    import gc
+    import weakref
+
+    import rz.llm
+
+    llm = rz.LLM(smollm2_135m_path(), n_ctx=64, max_batch=2)
+    llm.generate("a b", max_tokens=2, temperature=0.0)
+    retired = weakref.ref(llm._current)
+    alive_at_construction = []
+
+    class Watched(rz.llm.Engine):
+        def __init__(self, *args, **kwargs):
+            alive_at_construction.append(retired() is not None)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rz.llm, "Engine", Watched)
+    gc.disable()
+    try:
+        llm.generate(["a b", "c d"], max_tokens=2, temperature=0.0)
+    finally:
+        gc.enable()
+    assert llm._current.n_slots == 2
+    assert alive_at_construction == [False]
