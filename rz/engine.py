@@ -208,26 +208,56 @@ class Engine:
 
     def admit(self, request: GenerationRequest, queued_at: float | None = None) -> StepEvent:
         """Prefill a request into a free slot and sample its first token."""
+        admission = self.begin_admission(request, queued_at)
+        while not admission.prefilled:
+            self.prefill_chunk(admission)
+        return self.complete_admission(admission)
+
+    # A request joins in three parts, so that a server can run decode steps for the sequences
+    # already in slots between the chunks of a long prompt (admit() runs them back to back).
+
+    def begin_admission(self, request: GenerationRequest, queued_at: float | None = None) -> "Admission":
+        """Validate a request and set up its prompt's prefill: a fresh one-row cache of its context
+        bucket, to be filled chunk by chunk. It takes no slot until complete_admission."""
         self.validate(request)
-        slot = self.slots.index(None)
+        if not self.free_slots():
+            raise RuntimeError("no free slot: a request is admitted only when a slot is free")
         now = time.perf_counter()
         sequence = Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
             matcher=StopStringMatcher(request.stop),
             timings=Timings(queued_at=queued_at or now, started_at=now),
-            slot=slot,
         )
-        logits, row_cache = self.prefill(request.prompt_ids)
+        n_prompt = len(request.prompt_ids)
+        cache = self.model.init_cache(1, self.buckets.context_bucket(n_prompt))
+        return Admission(sequence, cache, tuple(self.buckets.chunks(n_prompt)))
+
+    def prefill_chunk(self, admission: "Admission") -> None:
+        """Run the admission's next prompt chunk through the model."""
+        start, chunk = admission.chunks[admission.n_done]
+        tokens, positions, last = _padded_chunk(admission.sequence.request.prompt_ids, start, chunk)
+        admission.logits, admission.cache = self._timed(
+            f"prefill[{chunk}]", self._prefill, self.model.weights, admission.cache, tokens, positions, last
+        )
+        admission.n_done += 1
+
+    def complete_admission(self, admission: "Admission") -> StepEvent:
+        """Sample a prefilled admission's first token and insert its cache into a free slot."""
+        if not admission.prefilled:
+            raise RuntimeError(f"the prompt is prefilled up to chunk {admission.n_done} of {len(admission.chunks)}")
+        sequence, request, row_cache = admission.sequence, admission.sequence.request, admission.cache
+        slot = self.slots.index(None)
         row_state = SamplerState.create([request.params], [request.prompt_ids])
         n_top = _logprob_width([request.params])
-        sampled, row_state = self._timed(f"first_token[logprobs={n_top}]", self._first_token, logits, SamplingTensors.from_params([request.params]), row_state, n_top)
+        sampled, row_state = self._timed(f"first_token[logprobs={n_top}]", self._first_token, admission.logits, SamplingTensors.from_params([request.params]), row_state, n_top)
         self.cache = self._timed(
             f"insert[{row_cache.layers[0].n_slots}]", self._insert, self.cache, row_cache, jnp.int32(slot)
         )
         self._sampler_state = jax.tree.map(
             lambda whole, row: whole.at[slot].set(row[0]), self._sampler_state, row_state
         )
+        sequence.slot = slot
         self.slots[slot] = sequence
         self._tensors_dirty = True
         self._assignment += 1
@@ -235,16 +265,6 @@ class Engine:
         sampled = jax.device_get(sampled)
         sequence.timings.first_token_at = time.perf_counter()
         return self._accept(sequence, sampled, 0)
-
-    def prefill(self, prompt_ids: Sequence[int]):
-        """Run a prompt through a fresh one-row cache of its context bucket, in bucketed chunks; the
-        last position's logits, and the row cache."""
-        cache = self.model.init_cache(1, self.buckets.context_bucket(len(prompt_ids)))
-        logits = None
-        for start, chunk in self.buckets.chunks(len(prompt_ids)):
-            tokens, positions, last = _padded_chunk(prompt_ids, start, chunk)
-            logits, cache = self._timed(f"prefill[{chunk}]", self._prefill, self.model.weights, cache, tokens, positions, last)
-        return logits, cache
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced next-token logits at every position: f32 [len(ids), vocab]."""
@@ -400,6 +420,21 @@ class Engine:
         self.compilations[name] = time.perf_counter() - start
         release_unused()  # what compiling freed, back to the system (not counted as compile time)
         return result
+
+
+@dataclass(eq=False)
+class Admission:
+    """A request on its way into a slot: its prompt prefilled chunk by chunk into a one-row cache."""
+
+    sequence: Generation  # slot -1 until complete_admission
+    cache: kv_cache.KVCache  # the one-row cache, on the device
+    chunks: tuple[tuple[int, int], ...]  # (start, padded length) of each prompt chunk
+    n_done: int = 0
+    logits: jax.Array | None = None  # of the last position prefilled so far
+
+    @property
+    def prefilled(self) -> bool:
+        return self.n_done == len(self.chunks)
 
 
 @dataclass(frozen=True)

@@ -202,3 +202,37 @@ def test_a_larger_batch_frees_the_engine_it_replaces(monkeypatch):
         gc.enable()
     assert llm._current.n_slots == 2
     assert alive_at_construction == [False]
+
+
+def test_a_prompt_admitted_chunk_by_chunk_between_decode_steps_gets_what_it_gets_alone(llm):
+    """The server runs decode steps for the sequences in slots between the chunks of a long
+    prompt (Engine.begin_admission / prefill_chunk / complete_admission): neither the prompt's
+    continuation nor the running sequence's may change."""
+    from rz.buckets import Buckets
+    from rz.engine import Engine, GenerationRequest
+
+    engine = Engine(llm.model, llm.tokenizer, N_CTX, 2, buckets=Buckets.for_context(N_CTX, largest=32))
+    greedy = SamplingParams(temperature=0.0)
+    running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), max_tokens=16, params=greedy, ignore_eos=True)
+    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), max_tokens=6, params=greedy, ignore_eos=True)
+
+    def finish(tokens: dict) -> None:
+        while engine.active():
+            for event in engine.step():
+                tokens.setdefault(event.sequence.request, []).append(event.token_id)
+
+    alone = {}
+    for request in (running, long):
+        alone[request] = [engine.admit(request).token_id]
+        finish(alone)
+
+    together = {running: [engine.admit(running).token_id]}
+    admission = engine.begin_admission(long)
+    assert len(admission.chunks) >= 3
+    while not admission.prefilled:
+        engine.prefill_chunk(admission)
+        for event in engine.step():
+            together[event.sequence.request].append(event.token_id)
+    together[long] = [engine.complete_admission(admission).token_id]
+    finish(together)
+    assert together[running] == alone[running] and together[long] == alone[long]

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from rz.engine import Engine, Generation, GenerationRequest, StepEvent
+from rz.engine import Admission, Engine, Generation, GenerationRequest, StepEvent
 from rz.errors import RequestError, RzError
 from rz.sampling import SamplingParams
 
@@ -69,6 +69,7 @@ class EngineLoop:
         self._live: set[Ticket] = set()  # submitted, not yet given a final item
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._running: dict[int, Ticket] = {}  # by slot
+        self._admission: tuple[Ticket, Admission] | None = None  # the request being prefilled, if any
         self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="rz-engine-loop", daemon=True)
@@ -129,7 +130,7 @@ class EngineLoop:
         """(requests generating, requests queued, fraction of the KV cache's positions they hold) now."""
         with self._changed:
             running = list(self._running.values())
-            queued = len(self._waiting)
+            queued = len(self._waiting) + (self._admission is not None)  # being prefilled: still waiting
         used = sum(len(t.request.prompt_ids) + len(t.sequence.output_ids) for t in running)
         return len(running), queued, used / (self.engine.n_slots * self.engine.n_ctx)
 
@@ -146,40 +147,68 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting and not self._running and not self._stopped:
+                while not self._waiting and not self._running and self._admission is None and not self._stopped:
                     self._changed.wait()
                 if self._stopped:
                     return
             self._free_cancelled()  # cancelled during the last step: their slots go to waiting requests now
-            # Prefills between two decode steps stop once they have taken PREFILL_BUDGET_S while
-            # other sequences wait for their next tokens: a 128-token prompt takes ~0.3 s here, and
-            # admitting every waiting request at once stalled the running streams for seconds
-            # (measured: inter-token p99 2.1 s with 8 clients).
+            # Prompt chunks between two decode steps stop once they have taken PREFILL_BUDGET_S
+            # while other sequences wait for their next tokens. A 128-token prompt takes ~0.3 s
+            # here: admitting every waiting request at once stalled the running streams for
+            # seconds (inter-token p99 2.1 s with 8 clients), and so did one long prompt admitted
+            # whole (a 512-token chunk is ~1.5 s; a 4,096-token prompt, eight of them).
             started = time.perf_counter()
-            while (ticket := self._next_waiting()) is not None:
-                self._admit(ticket)
+            while self._admission is not None or self._begin_next():
+                self._prefill_next_chunk()
                 if self._running and time.perf_counter() - started >= PREFILL_BUDGET_S:
                     break
             self._free_cancelled()  # cancelled during those prefills
             if self._running:
                 self._step()
 
-    def _next_waiting(self) -> Ticket | None:
-        with self._changed:
-            return self._waiting.popleft() if self._waiting and self.engine.free_slots() else None
+    def _begin_next(self) -> bool:
+        """Start admitting the next waiting request that has a free slot; False if none is left."""
+        while True:
+            with self._changed:
+                if not self._waiting or not self.engine.free_slots():
+                    return False
+                ticket = self._waiting.popleft()
+            if ticket.cancel_reason is not None:  # cancelled on its way out of the queue
+                self._finish(ticket, _cancelled_item(ticket, None))
+                continue
+            try:
+                admission = self.engine.begin_admission(ticket.request, queued_at=ticket.queued_at)
+            except RequestError as error:
+                self._finish(ticket, error)
+                continue
+            except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
+                log.exception("prefill failed")
+                self._finish(ticket, EngineFailure(f"prefill failed: {error}"))
+                continue
+            self._admission = (ticket, admission)
+            return True
 
-    def _admit(self, ticket: Ticket) -> None:
-        if ticket.cancel_reason is not None:  # cancelled on its way out of the queue
+    def _prefill_next_chunk(self) -> None:
+        """Run the admission in progress one prompt chunk further; once prefilled, into its slot."""
+        ticket, admission = self._admission
+        if ticket.cancel_reason is not None:  # it holds no slot yet: dropping it frees everything
+            self._admission = None
             self._finish(ticket, _cancelled_item(ticket, None))
             return
         try:
-            event = self.engine.admit(ticket.request, queued_at=ticket.queued_at)
+            self.engine.prefill_chunk(admission)
+            if not admission.prefilled:
+                return
+            self._admission = None
+            event = self.engine.complete_admission(admission)
         except RequestError as error:
+            self._admission = None
             self._free_orphan(ticket)
             self._finish(ticket, error)
             return
         except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
             log.exception("prefill failed")
+            self._admission = None
             self._free_orphan(ticket)
             self._finish(ticket, EngineFailure(f"prefill failed: {error}"))
             return

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from rz.engine import Generation, GenerationRequest, StepEvent, Timings
+from rz.engine import Admission, Generation, GenerationRequest, StepEvent, Timings
 from rz.server.scheduler import (
     CLIENT_CANCELLED,
     Cancelled,
@@ -17,6 +17,7 @@ from rz.server.scheduler import (
 )
 
 FAIL_ADMIT = 13  # a prompt starting with this token fails in prefill
+CHUNK = 3  # prompt tokens per prefill chunk
 
 
 class FakeEngine:
@@ -27,8 +28,8 @@ class FakeEngine:
         self.slots: list[Generation | None] = [None] * n_slots
         self.go = threading.Semaphore(0)  # one release per step allowed to run
         self.fail_next_step = False
-        self.prefill_seconds = 0.0  # how long each admission takes
-        self.log: list[str] = []  # "admit" and "step", in order
+        self.prefill_seconds = 0.0  # how long each prompt chunk takes
+        self.log: list[str] = []  # "chunk", "admit" (a request into its slot) and "step", in order
 
     def free_slots(self) -> int:
         return self.slots.count(None)
@@ -36,13 +37,22 @@ class FakeEngine:
     def active(self) -> list[Generation]:
         return [s for s in self.slots if s is not None]
 
-    def admit(self, request: GenerationRequest, queued_at: float) -> StepEvent:
+    def begin_admission(self, request: GenerationRequest, queued_at: float) -> Admission:
+        sequence = Generation(request, decoder=None, matcher=None, timings=Timings(queued_at=queued_at))
+        n_chunks = max(1, len(request.prompt_ids) // CHUNK)
+        return Admission(sequence, cache=None, chunks=tuple((CHUNK * i, CHUNK) for i in range(n_chunks)))
+
+    def prefill_chunk(self, admission: Admission) -> None:
         time.sleep(self.prefill_seconds)
+        self.log.append("chunk")
+        admission.n_done += 1
+
+    def complete_admission(self, admission: Admission) -> StepEvent:
         self.log.append("admit")
-        slot = self.slots.index(None)
-        sequence = Generation(request, decoder=None, matcher=None, timings=Timings(queued_at=queued_at), slot=slot)
-        self.slots[slot] = sequence
-        if request.prompt_ids[0] == FAIL_ADMIT:
+        sequence = admission.sequence
+        sequence.slot = self.slots.index(None)
+        self.slots[sequence.slot] = sequence
+        if sequence.request.prompt_ids[0] == FAIL_ADMIT:
             raise RuntimeError("prefill exploded")
         return self._emit(sequence)
 
@@ -67,8 +77,8 @@ class FakeEngine:
         return StepEvent(sequence, 7, "x", finish)
 
 
-def _request(max_tokens: int = 1000, first_token: int = 1) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=(first_token, 2, 3), max_tokens=max_tokens)
+def _request(max_tokens: int = 1000, first_token: int = 1, n_chunks: int = 1) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=(first_token,) + (2,) * (CHUNK * n_chunks - 1), max_tokens=max_tokens)
 
 
 def _final(ticket):
@@ -102,6 +112,60 @@ def test_long_prefills_take_turns_with_decode_steps():
         assert all(_final(ticket).finish_reason == "length" for ticket in late)
         admits = [i for i, entry in enumerate(engine.log) if entry == "admit"]
         assert len(admits) == 3 and "step" in engine.log[admits[1] : admits[2]]
+    finally:
+        loop.cancel_all()
+        for _ in range(10):
+            engine.go.release()
+        loop.stop()
+
+
+def test_a_long_prompt_takes_turns_with_decode_steps_chunk_by_chunk():
+    """One prompt of several chunks, each past the budget, does not stall a running stream until
+    it is all prefilled: a decode step runs between every two of its chunks."""
+    engine = FakeEngine(n_slots=2)
+    engine.prefill_seconds = 1.5 * PREFILL_BUDGET_S
+    loop = EngineLoop(engine, max_queue=2)
+    loop.start()
+    try:
+        running = loop.submit(_request())
+        assert running.events.get(timeout=10).token_id == 7
+        engine.log.clear()
+        long = loop.submit(_request(max_tokens=1, n_chunks=3))
+        for _ in range(3):
+            engine.go.release()
+        assert _final(long).finish_reason == "length"
+        first = engine.log.index("chunk")  # the loop may have been in a step when it arrived
+        assert engine.log[first : first + 6] == ["chunk", "step", "chunk", "step", "chunk", "admit"]
+    finally:
+        loop.cancel_all()
+        for _ in range(10):
+            engine.go.release()
+        loop.stop()
+
+
+def test_a_request_cancelled_while_its_prompt_is_prefilled_never_takes_a_slot():
+    engine = FakeEngine(n_slots=2)
+    engine.prefill_seconds = 1.5 * PREFILL_BUDGET_S
+    loop = EngineLoop(engine, max_queue=2)
+    loop.start()
+    try:
+        running = loop.submit(_request())
+        assert running.events.get(timeout=10).token_id == 7
+        engine.log.clear()
+        long = loop.submit(_request(n_chunks=3))
+        engine.go.release()  # the step the loop was waiting in
+        deadline = time.monotonic() + 10
+        while "chunk" not in engine.log and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop.cancel(long, CLIENT_CANCELLED)
+        assert long.events.get(timeout=10) == Cancelled(CLIENT_CANCELLED)
+        for _ in range(2):
+            engine.go.release()
+        while engine.log.count("step") < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not loop.drain(0)  # the running one goes on
+        assert "admit" not in engine.log and engine.log.count("chunk") == 1
+        assert engine.free_slots() == 1 and long.done
     finally:
         loop.cancel_all()
         for _ in range(10):
