@@ -436,6 +436,10 @@ class Admission:
     def prefilled(self) -> bool:
         return self.n_done == len(self.chunks)
 
+    def wait(self) -> None:
+        """Block until the chunks launched so far have run (steps are dispatched asynchronously)."""
+        jax.block_until_ready(self.logits)
+
 
 @dataclass(frozen=True)
 class _DecodeCall:

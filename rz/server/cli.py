@@ -17,6 +17,11 @@ def add_commands(commands) -> None:
     serve.add_argument(
         "--metrics-port", type=int, default=9090, help="Prometheus port; 0 picks a free one, -1 turns metrics off (default: 9090)"
     )
+    serve.add_argument(
+        "--prefill-chunk", type=_at_least(8), default=256,
+        help="longest prompt chunk prefilled between two decode steps: shorter stalls running streams less, "
+        "longer prefills a long prompt faster (default: 256)",
+    )
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (default: 10)")
     serve.add_argument("--max-request-bytes", type=_at_least(1), default=1 << 20, help="largest request accepted (default: 1 MiB)")
     serve.set_defaults(run=run_serve)
@@ -76,6 +81,7 @@ def run_serve(args) -> int:
         metrics_port=args.metrics_port,
         grace_seconds=args.grace,
         max_request_bytes=args.max_request_bytes,
+        prefill_chunk=args.prefill_chunk,
     ))
 
 

@@ -43,6 +43,11 @@ class ServerConfig:
     metrics_port: int  # 0: any free port; -1: no metrics endpoint
     grace_seconds: float
     max_request_bytes: int
+    # The longest prompt chunk run between two decode steps. Measured on SmolLM2 with 2,048
+    # positions, a 1,500-token prompt arriving while another stream decodes: that stream's longest
+    # wait for a token was 2.5 s in 512-token chunks, 1.3 s in 256 and 0.8 s in 128, and the
+    # prompt's first token came after 7.3, 7.8 and 9.5 s.
+    prefill_chunk: int = 256
 
 
 class Server:
@@ -78,13 +83,15 @@ class Server:
 
     def load(self) -> None:
         """Load the model, compile every step, start the engine loop, and report SERVING."""
+        from rz.buckets import Buckets
         from rz.engine import Engine
         from rz.llm import LLM
         from rz.server.scheduler import EngineLoop, warm_up
 
         llm = LLM(self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch)
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
-        engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch)
+        buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
+        engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets)
         warm_up(engine)
         log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
         self.metrics.slots.set(engine.n_slots)

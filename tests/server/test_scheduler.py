@@ -40,7 +40,7 @@ class FakeEngine:
     def begin_admission(self, request: GenerationRequest, queued_at: float) -> Admission:
         sequence = Generation(request, decoder=None, matcher=None, timings=Timings(queued_at=queued_at))
         n_chunks = max(1, len(request.prompt_ids) // CHUNK)
-        return Admission(sequence, cache=None, chunks=tuple((CHUNK * i, CHUNK) for i in range(n_chunks)))
+        return Admission(sequence, cache=None, chunks=tuple((CHUNK * i, CHUNK) for i in range(n_chunks)), logits=0)
 
     def prefill_chunk(self, admission: Admission) -> None:
         time.sleep(self.prefill_seconds)

@@ -1,0 +1,61 @@
+"""The engine loop around a real engine (SmolLM2 135M): what a fake engine cannot show."""
+
+import pytest
+
+import rz
+from rz.buckets import Buckets
+from rz.engine import Engine, GenerationRequest, StepEvent
+from rz.model_files import smollm2_135m_path
+from rz.sampling import SamplingParams
+from rz.server import scheduler
+from rz.server.scheduler import EngineLoop
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _tokens(ticket) -> list[int]:
+    tokens = []
+    while True:
+        item = ticket.events.get(timeout=120)
+        assert isinstance(item, StepEvent), item
+        tokens.append(item.token_id)
+        if item.finish_reason is not None:
+            return tokens
+
+
+def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkeypatch):
+    """Steps are dispatched asynchronously: a chunk launched is not a chunk done. The loop must wait
+    for each chunk before it judges its budget, or every chunk is launched at once and the
+    running streams stall for the whole prompt. And both sequences get what they get alone."""
+    llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
+    engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
+    running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), max_tokens=40, params=GREEDY, ignore_eos=True)
+    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), max_tokens=4, params=GREEDY, ignore_eos=True)
+    alone = {}
+    for request in (running, long):
+        alone[request] = [engine.admit(request).token_id]
+        while engine.active():
+            alone[request] += [event.token_id for event in engine.step()]
+
+    monkeypatch.setattr(scheduler, "PREFILL_BUDGET_S", 0.0)  # a decode step after every chunk
+    loop = EngineLoop(engine, max_queue=2)
+    chunks_done_at_steps = []
+    step = engine.step
+
+    def watched_step():
+        if loop._admission is not None:
+            chunks_done_at_steps.append(all(leaf.is_ready() for leaf in [loop._admission[1].logits]))
+        return step()
+
+    engine.step = watched_step
+    loop.start()
+    try:
+        first = loop.submit(running)
+        assert first.events.get(timeout=120).token_id == alone[running][0]
+        second = loop.submit(long)
+        assert _tokens(second) == alone[long]
+        assert alone[running][1:] == _tokens(first)
+    finally:
+        loop.cancel_all()
+        loop.stop()
+    assert len(chunks_done_at_steps) >= 2 and all(chunks_done_at_steps)
