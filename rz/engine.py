@@ -216,9 +216,15 @@ class Engine:
     # A request joins in three parts, so that a server can run decode steps for the sequences
     # already in slots between the chunks of a long prompt (admit() runs them back to back).
 
-    def begin_admission(self, request: GenerationRequest, queued_at: float | None = None) -> "Admission":
+    def begin_admission(
+        self, request: GenerationRequest, queued_at: float | None = None, context: int | None = None
+    ) -> "Admission":
         """Validate a request and set up its prompt's prefill: a fresh one-row cache of its context
-        bucket, to be filled chunk by chunk. It takes no slot until complete_admission."""
+        bucket, to be filled chunk by chunk. It takes no slot until complete_admission.
+
+        `context` asks for the bucket of at least that many positions even for a shorter prompt,
+        in that bucket's chunks: a warm-up compiles a bucket's steps with a one-token prompt.
+        """
         self.validate(request)
         if not self.free_slots():
             raise RuntimeError("no free slot: a request is admitted only when a slot is free")
@@ -230,8 +236,10 @@ class Engine:
             timings=Timings(queued_at=queued_at or now, started_at=now),
         )
         n_prompt = len(request.prompt_ids)
-        cache = self.model.init_cache(1, self.buckets.context_bucket(n_prompt))
-        return Admission(sequence, cache, tuple(self.buckets.chunks(n_prompt)))
+        positions = max(n_prompt, context or 0)
+        length = self.buckets.chunk_length(positions)
+        cache = self.model.init_cache(1, self.buckets.context_bucket(positions))
+        return Admission(sequence, cache, tuple((start, length) for start in range(0, n_prompt, length)))
 
     def prefill_chunk(self, admission: "Admission") -> None:
         """Run the admission's next prompt chunk through the model."""

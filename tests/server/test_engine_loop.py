@@ -59,3 +59,22 @@ def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkey
         loop.cancel_all()
         loop.stop()
     assert len(chunks_done_at_steps) >= 2 and all(chunks_done_at_steps)
+
+
+def test_warm_up_compiles_every_shape_that_serving_meets():
+    """After warm_up, prompts of every length (one chunk or several, every context bucket), every
+    batch size and log-probabilities compile nothing new."""
+    from rz.server.scheduler import warm_up
+
+    llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
+    engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
+    warm_up(engine)
+    compiled = engine.compiled_variants()
+    for length in (1, 5, 9, 20, 40, 100, 200, 250):
+        for params in (GREEDY, SamplingParams(temperature=0.0, n_logprobs=2)):
+            request = GenerationRequest(prompt_ids=(1,) * length, max_tokens=3, params=params, ignore_eos=True)
+            others = [GenerationRequest(prompt_ids=(2, 3), max_tokens=5, params=GREEDY, ignore_eos=True)]
+            events = [engine.admit(r) for r in [request] + others]
+            while engine.active():
+                events += engine.step()
+    assert engine.compiled_variants() == compiled
