@@ -238,15 +238,16 @@ class Engine:
         n_prompt = len(request.prompt_ids)
         positions = max(n_prompt, context or 0)
         length = self.buckets.chunk_length(positions)
-        cache = self.model.init_cache(1, self.buckets.context_bucket(positions))
-        return Admission(sequence, cache, tuple((start, length) for start in range(0, n_prompt, length)))
+        context = self.buckets.context_bucket(positions)
+        cache = self.model.init_cache(1, context)
+        return Admission(sequence, cache, tuple((start, length) for start in range(0, n_prompt, length)), context)
 
     def prefill_chunk(self, admission: "Admission") -> None:
         """Run the admission's next prompt chunk through the model."""
         start, chunk = admission.chunks[admission.n_done]
         tokens, positions, last = _padded_chunk(admission.sequence.request.prompt_ids, start, chunk)
         admission.logits, admission.cache = self._timed(
-            f"prefill[{chunk}]", self._prefill, self.model.weights, admission.cache, tokens, positions, last
+            f"prefill[{chunk}, context={admission.context}]", self._prefill, self.model.weights, admission.cache, tokens, positions, last
         )
         admission.n_done += 1
 
@@ -280,11 +281,12 @@ class Engine:
             raise RequestError("cannot score an empty sequence of token ids")
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context size {self.n_ctx}")
-        cache = self.model.init_cache(1, self.buckets.context_bucket(len(ids)))
+        context = self.buckets.context_bucket(len(ids))
+        cache = self.model.init_cache(1, context)
         pieces = []
         for start, chunk in self.buckets.chunks(len(ids)):
             tokens, positions, last = _padded_chunk(ids, start, chunk)
-            logits, cache = self._timed(f"score[{chunk}]", self._score, self.model.weights, cache, tokens, positions)
+            logits, cache = self._timed(f"score[{chunk}, context={context}]", self._score, self.model.weights, cache, tokens, positions)
             pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
         return np.concatenate(pieces)
 
@@ -437,6 +439,7 @@ class Admission:
     sequence: Generation  # slot -1 until complete_admission
     cache: kv_cache.KVCache  # the one-row cache, on the device
     chunks: tuple[tuple[int, int], ...]  # (start, padded length) of each prompt chunk
+    context: int = 0  # the positions its cache holds (a context bucket)
     n_done: int = 0
     logits: jax.Array | None = None  # of the last position prefilled so far
 
