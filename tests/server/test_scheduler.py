@@ -1,5 +1,6 @@
 """The engine loop's bookkeeping with a fake engine: queue bounds, cancellation, failures, shutdown."""
 
+import contextlib
 import threading
 import time
 
@@ -99,9 +100,7 @@ def test_long_prefills_take_turns_with_decode_steps():
     prompt after another does not stall its stream."""
     engine = FakeEngine(n_slots=3)
     engine.prefill_seconds = 1.5 * PREFILL_BUDGET_S
-    loop = EngineLoop(engine, max_queue=4)
-    loop.start()
-    try:
+    with _loop_over(engine, max_queue=4) as loop:
         running = loop.submit(_request())
         assert running.events.get(timeout=10).token_id == 7
         engine.go.release()  # let the running sequence step while the others wait
@@ -112,46 +111,42 @@ def test_long_prefills_take_turns_with_decode_steps():
         assert all(_final(ticket).finish_reason == "length" for ticket in late)
         admits = [i for i, entry in enumerate(engine.log) if entry == "admit"]
         assert len(admits) == 3 and "step" in engine.log[admits[1] : admits[2]]
-    finally:
-        loop.cancel_all()
-        for _ in range(10):
-            engine.go.release()
-        loop.stop()
 
 
-def test_a_long_prompt_takes_turns_with_decode_steps_chunk_by_chunk():
-    """One prompt of several chunks, each past the budget, does not stall a running stream until
-    it is all prefilled: a decode step runs between every two of its chunks."""
+@pytest.fixture
+def slow_prefill_engine():
+    """Two slots, prompt chunks past the prefill budget."""
     engine = FakeEngine(n_slots=2)
     engine.prefill_seconds = 1.5 * PREFILL_BUDGET_S
-    loop = EngineLoop(engine, max_queue=2)
-    loop.start()
-    try:
-        running = loop.submit(_request())
-        assert running.events.get(timeout=10).token_id == 7
-        engine.log.clear()
+    return engine
+
+
+def _start_one_stream(loop, engine):
+    """One sequence decoding (its first token read), the engine's log cleared."""
+    running = loop.submit(_request())
+    assert running.events.get(timeout=10).token_id == 7
+    engine.log.clear()
+    return running
+
+
+def test_a_long_prompt_takes_turns_with_decode_steps_chunk_by_chunk(slow_prefill_engine):
+    """One prompt of several chunks, each past the budget, does not stall a running stream until
+    it is all prefilled: a decode step runs between every two of its chunks."""
+    engine = slow_prefill_engine
+    with _loop_over(engine) as loop:
+        _start_one_stream(loop, engine)
         long = loop.submit(_request(max_tokens=1, n_chunks=3))
         for _ in range(3):
             engine.go.release()
         assert _final(long).finish_reason == "length"
         first = engine.log.index("chunk")  # the loop may have been in a step when it arrived
         assert engine.log[first : first + 6] == ["chunk", "step", "chunk", "step", "chunk", "admit"]
-    finally:
-        loop.cancel_all()
-        for _ in range(10):
-            engine.go.release()
-        loop.stop()
 
 
-def test_a_request_cancelled_while_its_prompt_is_prefilled_never_takes_a_slot():
-    engine = FakeEngine(n_slots=2)
-    engine.prefill_seconds = 1.5 * PREFILL_BUDGET_S
-    loop = EngineLoop(engine, max_queue=2)
-    loop.start()
-    try:
-        running = loop.submit(_request())
-        assert running.events.get(timeout=10).token_id == 7
-        engine.log.clear()
+def test_a_request_cancelled_while_its_prompt_is_prefilled_never_takes_a_slot(slow_prefill_engine):
+    engine = slow_prefill_engine
+    with _loop_over(engine) as loop:
+        _start_one_stream(loop, engine)
         long = loop.submit(_request(n_chunks=3))
         engine.go.release()  # the step the loop was waiting in
         deadline = time.monotonic() + 10
@@ -166,6 +161,15 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_never_takes_a_slot():
         assert not loop.drain(0)  # the running one goes on
         assert "admit" not in engine.log and engine.log.count("chunk") == 1
         assert engine.free_slots() == 1 and long.done
+
+
+@contextlib.contextmanager
+def _loop_over(engine, max_queue: int = 2):
+    """A started EngineLoop over the fake engine; at exit every request ended and the loop stopped."""
+    loop = EngineLoop(engine, max_queue=max_queue)
+    loop.start()
+    try:
+        yield loop
     finally:
         loop.cancel_all()
         for _ in range(10):
@@ -175,13 +179,8 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_never_takes_a_slot():
 
 @pytest.fixture
 def loop(engine):
-    loop = EngineLoop(engine, max_queue=2)
-    loop.start()
-    yield loop
-    loop.cancel_all()
-    for _ in range(10):
-        engine.go.release()
-    loop.stop()
+    with _loop_over(engine) as loop:
+        yield loop
 
 
 def test_slots_plus_queue_bound_the_requests_in_flight(loop):
