@@ -46,9 +46,10 @@ class Buckets:
         """The padded length of each prefill chunk of an n_tokens prompt."""
         return min(self.context_bucket(n_tokens), self.max_chunk)
 
-    def chunks(self, n_tokens: int):
-        """(start, padded length) of each chunk covering n_tokens tokens."""
-        length = self.chunk_length(n_tokens)
+    def chunks(self, n_tokens: int, context: int = 0):
+        """(start, padded length) of each chunk covering n_tokens tokens, in the chunks of the
+        bucket for max(n_tokens, context) positions."""
+        length = self.chunk_length(max(n_tokens, context))
         for start in range(0, n_tokens, length):
             yield start, length
 

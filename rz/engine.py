@@ -206,9 +206,9 @@ class Engine:
     def active(self) -> list[Generation]:
         return [s for s in self.slots if s is not None]
 
-    def admit(self, request: GenerationRequest, queued_at: float | None = None) -> StepEvent:
-        """Prefill a request into a free slot and sample its first token."""
-        admission = self.begin_admission(request, queued_at)
+    def admit(self, request: GenerationRequest, queued_at: float | None = None, context: int | None = None) -> StepEvent:
+        """Prefill a request into a free slot and sample its first token (`context`: see begin_admission)."""
+        admission = self.begin_admission(request, queued_at, context)
         while not admission.prefilled:
             self.prefill_chunk(admission)
         return self.complete_admission(admission)
@@ -236,11 +236,9 @@ class Engine:
             timings=Timings(queued_at=queued_at or now, started_at=now),
         )
         n_prompt = len(request.prompt_ids)
-        positions = max(n_prompt, context or 0)
-        length = self.buckets.chunk_length(positions)
-        context = self.buckets.context_bucket(positions)
-        cache = self.model.init_cache(1, context)
-        return Admission(sequence, cache, tuple((start, length) for start in range(0, n_prompt, length)), context)
+        bucket = self.buckets.context_bucket(max(n_prompt, context or 0))
+        cache = self.model.init_cache(1, bucket)
+        return Admission(sequence, cache, tuple(self.buckets.chunks(n_prompt, bucket)), bucket)
 
     def prefill_chunk(self, admission: "Admission") -> None:
         """Run the admission's next prompt chunk through the model."""

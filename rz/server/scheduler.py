@@ -178,12 +178,8 @@ class EngineLoop:
                 continue
             try:
                 admission = self.engine.begin_admission(ticket.request, queued_at=ticket.queued_at)
-            except RequestError as error:
-                self._finish(ticket, error)
-                continue
             except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
-                log.exception("prefill failed")
-                self._finish(ticket, EngineFailure(f"prefill failed: {error}"))
+                self._finish(ticket, _admission_error(error))
                 continue
             self._admission = (ticket, admission)
             return True
@@ -205,16 +201,10 @@ class EngineLoop:
                 return
             self._admission = None
             event = self.engine.complete_admission(admission)
-        except RequestError as error:
-            self._admission = None
-            self._free_orphan(ticket)
-            self._finish(ticket, error)
-            return
         except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
-            log.exception("prefill failed")
             self._admission = None
             self._free_orphan(ticket)
-            self._finish(ticket, EngineFailure(f"prefill failed: {error}"))
+            self._finish(ticket, _admission_error(error))
             return
         ticket.sequence = event.sequence
         if event.finish_reason is not None:
@@ -271,6 +261,15 @@ class EngineLoop:
 
 
 
+def _admission_error(error: Exception) -> RzError:
+    """What a request is told when its admission raised (called from the except block): a bad
+    request is its own fault; anything else is the engine's, and logged."""
+    if isinstance(error, RequestError):
+        return error
+    log.exception("prefill failed")
+    return EngineFailure(f"prefill failed: {error}")
+
+
 def _cancelled_item(ticket: Ticket, sequence: Generation | None):
     """The final item of a cancelled ticket: only a shutdown has a caller still listening."""
     if ticket.cancel_reason != SHUTDOWN:
@@ -292,29 +291,21 @@ def warm_up(engine: Engine) -> None:
     greedy = SamplingParams(temperature=0.0)
     for context in engine.buckets.context:
         request = GenerationRequest(prompt_ids=(0,), max_tokens=2, params=greedy, ignore_eos=True)
-        admission = engine.begin_admission(request, context=context)
-        while not admission.prefilled:
-            engine.prefill_chunk(admission)
-        running = {id(admission.sequence)} if engine.complete_admission(admission).finish_reason is None else set()
-        _step_until_finished(engine, running)
+        _run_together(engine, [request], context=context)
     for params in (greedy, SamplingParams(temperature=0.0, n_logprobs=1)):
         for rows in engine.batch_sizes:
             request = GenerationRequest(prompt_ids=(0,), max_tokens=2, params=params, ignore_eos=True)
             _run_together(engine, [request] * rows)
 
 
-def _run_together(engine: Engine, requests: list[GenerationRequest]) -> None:
-    """Admit the requests into free slots and step them until each has finished."""
+def _run_together(engine: Engine, requests: list[GenerationRequest], context: int | None = None) -> None:
+    """Admit the requests into free slots (prefilled in the context bucket asked for, if any) and
+    step them until each has finished."""
     running = set()
     for request in requests:
-        event = engine.admit(request)
+        event = engine.admit(request, context=context)
         if event.finish_reason is None:
             running.add(id(event.sequence))
-    _step_until_finished(engine, running)
-
-
-def _step_until_finished(engine: Engine, running: set[int]) -> None:
-    """Step until the sequences (by id) have finished."""
     while running:
         for event in engine.step():
             if event.finish_reason is not None:
