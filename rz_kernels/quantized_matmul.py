@@ -3,8 +3,10 @@
 Paths (see `describe_paths()`; the reference twin is `rz.quants.qmatmul_ref`):
 
     backend  types                      M (= batch x tokens)  path
-    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   all                   cpu_ffi: C++/AVX2 kernel through XLA's FFI
-             Q4_K Q5_K Q6_K
+    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++/AVX2 kernel through XLA's FFI
+             Q4_K Q5_K Q6_K             > 16                  xla_f32: dequantize, then XLA's f32 GEMM
+                                                              (weights up to 64 MiB in f32; larger
+                                                              ones, LM heads, stay on cpu_ffi)
     cuda     the same                   1-16                  xla_reference (pallas_decode with RZ_PALLAS_DECODE=1)
              the same                   > 16                  pallas_prefill: tiled Pallas kernel
     any      anything else              all                   xla_reference: dequantize, then an f32 dot
@@ -18,10 +20,22 @@ The kernel quantizes the activations to int8 as llama.cpp does (per 32 for 32-bl
 per 256 for K-quants) and meets every weight block in one maddubs, so it streams the weights
 once at decode and runs int8 arithmetic at prefill. Against llama.cpp's own kernel (ggml, same
 GGUF bytes, same process, one thread, CPU time): M = 1 0.9-1.3x its time (LM heads 0.9-1.0x),
-M = 8 0.35-0.9x, M = 512 0.4-0.9x. At M = 512 XLA's f32 GEMM after a full dequantization ties
-with the kernel on 32-block types (within 10%, either way) and loses on K-quants and at
-M = 64 (by 1.5-2x), so one path serves every M. Where the kernel cannot be built (no compiler, no AVX2) the
-CPU takes xla_reference, logged once.
+M = 8 0.35-0.9x, M = 512 0.4-0.9x.
+
+Why XLA's f32 GEMM beyond 16 rows (a prompt's prefill, scoring): on this CPU (AVX2, no VNNI)
+an int8 maddubs + madd costs about as many multiplier-port cycles per product as an f32 FMA, so
+the int8 kernel has no arithmetic advantage once the weights are reused across many rows.
+Measured in the whole model (prefill of 32-512 tokens, both real models, interleaved), the two
+paths tie within the machine's noise (pp512: SmolLM2 316 against 308 tok/s, Gemma 3 434 against
+386; at 64-256 rows SmolLM2 5-10% the other way). But f32 activations are exact where the
+kernel rounds them to int8. Over 1,100 teacher-forced positions rz's agreement with llama.cpp
+rose (SmolLM2 top-1 95.4% -> 96.0%, mean KL 3.6e-3 -> 3.3e-3; Gemma 3 95.6% -> 95.7%,
+6.7e-3 -> 5.4e-3), and the KL to a float64 forward pass fell below llama.cpp's by 4-14x
+(SmolLM2 2.8e-3 -> 7.1e-4, Gemma 3 4.7e-3 -> 3.3e-4, llama.cpp 2.9e-3 and 4.6e-3). Decode steps
+(1-16 rows) stay on the kernel: there the weights stream once and it is 20-50x faster. A weight
+over 64 MiB in f32 stays on the kernel at every M (Gemma 3's 262,144-row LM head would be a
+671 MB transient), which is why scoring's LM head still rounds its activations. Where the kernel
+cannot be built (no compiler, no AVX2) the CPU takes xla_reference, logged once.
 
 Why XLA for decode on a GPU (benchmarks/kernels/bench_gpu.py on an H200, shape twins of both
 models, whole engine): with the Pallas kernels for decode and prefill, tg128 was 349 tok/s
@@ -62,6 +76,12 @@ CPU_FFI_ARRAYS: dict[GGMLType, tuple[str, ...]] = {
 
 # Up to this many rows of x a GPU matmul is a decode step: memory-bound, W streamed once.
 GPU_DECODE_MAX_M = 16
+# Up to this many rows of x a CPU matmul takes the C++ kernel; beyond, XLA's f32 GEMM on the
+# dequantized weight (see the module docstring).
+CPU_KERNEL_MAX_M = 16
+# A weight larger than this in f32 stays on the C++ kernel at every M: its dequantized copy would
+# be a transient of that size.
+CPU_F32_MAX_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -73,10 +93,12 @@ class Path:
     types: tuple[str, ...]
     m_min: int
     m_max: int | None  # None: unbounded
+    max_f32_bytes: int | None = None  # weights larger than this in f32 go elsewhere
 
-    def serves(self, backend: str, ggml_type: GGMLType, m: int) -> bool:
+    def serves(self, backend: str, ggml_type: GGMLType, m: int, shape: tuple[int, ...] | None = None) -> bool:
         in_range = self.m_min <= m and (self.m_max is None or m <= self.m_max)
-        return backend == self.backend and ggml_type.name in self.types and in_range
+        fits = self.max_f32_bytes is None or shape is None or 4 * int(np.prod(shape)) <= self.max_f32_bytes
+        return backend == self.backend and ggml_type.name in self.types and in_range and fits
 
 
 def pallas_enabled() -> bool:
@@ -95,16 +117,19 @@ def _paths() -> tuple[Path, ...]:
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
-        Path("cpu", "cpu_ffi", cpu_types, 1, None),
+        Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M),
+        Path("cpu", "xla_f32", cpu_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES),
+        Path("cpu", "cpu_ffi", cpu_types, CPU_KERNEL_MAX_M + 1, None),
         Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
         Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
     )
 
 
-def select_path(backend: str, ggml_type: GGMLType, m: int) -> str:
-    """The name of the path qmatmul takes for a weight type and M rows of x on a backend."""
+def select_path(backend: str, ggml_type: GGMLType, m: int, shape: tuple[int, ...] | None = None) -> str:
+    """The name of the path qmatmul takes for a weight type (and shape [N, K], where known) and M
+    rows of x on a backend. Without a shape, the path of a weight of ordinary size."""
     for path in _paths():
-        if path.serves(backend, ggml_type, m):
+        if path.serves(backend, ggml_type, m, shape):
             return path.name
     return "xla_reference"
 
@@ -117,6 +142,7 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     backend = backend or jax.default_backend()
     rows = [
         {"op": "qmatmul", "backend": p.backend, "path": p.name, "types": p.types, "m_min": p.m_min, "m_max": p.m_max}
+        | ({"max_f32_bytes": p.max_f32_bytes} if p.max_f32_bytes is not None else {})
         for p in _paths()
         if p.backend == backend and p.types
     ]
@@ -133,7 +159,7 @@ def _log_first_use(ggml_type: GGMLType, n: int, k: int, m: int) -> None:
     key = (ggml_type, n, k, m)
     if key not in _logged:
         _logged.add(key)
-        paths = ", ".join(f"{b}: {select_path(b, ggml_type, m)}" for b in ("cpu", "cuda"))
+        paths = ", ".join(f"{b}: {select_path(b, ggml_type, m, (n, k))}" for b in ("cpu", "cuda"))
         log.info("rz_kernels.qmatmul %s [%d x %d] at M=%d -> %s", ggml_type.name, n, k, m, paths)
 
 
@@ -215,10 +241,26 @@ def qmatmul_cpu_ref(x: jax.Array, qt: QTensor) -> jax.Array:
     return y if correction is None else y + correction
 
 
+def qmatmul_f32_after(x: jax.Array, qt: QTensor) -> jax.Array:
+    """qmatmul_ref, its dequantization held back until x exists.
+
+    The weights are inputs of the step, and XLA:CPU's default scheduler runs independent work
+    early: it dequantized every layer's weights at the start and kept all the f32 copies alive
+    (SmolLM2's pp512 temporaries 44 -> 447 MiB, peak RSS 526 -> 951 MiB). An optimization
+    barrier does not survive XLA:CPU's passes, so the weight's scales take a data dependency on
+    x instead: + (x[0, 0] > inf), which is 0 for every x (NaN included) and which XLA does not
+    fold. Each copy is then made where it is used and freed after it (temporaries 15 MiB).
+    """
+    never = (x[0, 0] > jnp.inf).astype(qt.arrays["d"].dtype)
+    arrays = dict(qt.arrays, d=qt.arrays["d"] + never)
+    return qmatmul_ref(x, QTensor(arrays, qt.ggml_type, qt.shape))
+
+
 def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
-    if select_path("cpu", qt.ggml_type, x.shape[0]) == "cpu_ffi":
+    path = select_path("cpu", qt.ggml_type, x.shape[0], qt.shape)
+    if path == "cpu_ffi":
         return qmatmul_cpu(x, qt)
-    return qmatmul_ref(x, qt)
+    return qmatmul_f32_after(x, qt) if path == "xla_f32" else qmatmul_ref(x, qt)
 
 
 def _cuda(x: jax.Array, qt: QTensor) -> jax.Array:
@@ -253,7 +295,7 @@ def qmatmul_many(x: jax.Array, weights: Sequence[QTensor]) -> list[jax.Array]:
         _log_first_use(qt.ggml_type, *qt.shape, m)
 
     def cpu(rows, *weights):
-        if all(select_path("cpu", qt.ggml_type, m) == "cpu_ffi" for qt in weights):
+        if all(select_path("cpu", qt.ggml_type, m, qt.shape) == "cpu_ffi" for qt in weights):
             together = qmatmul_cpu(rows, weights)
             return tuple(jnp.split(together, np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1))
         return tuple(_cpu(rows, qt) for qt in weights)

@@ -14,7 +14,7 @@ from rz.gguf import GGUFFile
 from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.quants import QTensor, dequantize, qmatmul_ref
-from rz_kernels import cpu_ffi, describe_paths, ggml_oracle, qmatmul, qmatmul_many, qmatmul_pallas, select_path
+from rz_kernels import cpu_ffi, describe_paths, ggml_oracle, qmatmul, qmatmul_many, qmatmul_pallas, quantized_matmul, select_path
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
     activation_block,
@@ -165,12 +165,56 @@ def test_qmatmul_dispatch_shapes_and_paths():
     np.testing.assert_allclose(qmatmul(x, f16), qmatmul_ref(x, f16), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
+def test_cpu_prefill_rows_are_exact_and_decode_rows_take_the_kernel(monkeypatch):
+    """Beyond 16 rows the activations are not rounded to int8: y is the f32 reference's."""
+    rng = np.random.default_rng(3)
+    qts = [random_qtensor(rng, GGMLType.Q4_1, (64, 256)), random_qtensor(rng, GGMLType.Q6_K, (32, 256))]
+    x = jnp.asarray(activations(rng, 40, 256))
+    many = jax.jit(qmatmul_many)
+    for y, qt in zip(many(x, qts), qts):
+        np.testing.assert_allclose(y, qmatmul_ref(x, qt), rtol=1e-5, atol=1e-5)
+    # Few rows: the kernel's int8 activations, close to the reference but not equal to it.
+    for y, qt in zip(many(x[:16], qts), qts):
+        assert nmse(y, qmatmul_ref(x[:16], qt)) <= TOLERANCE
+        assert not np.allclose(y, qmatmul_ref(x[:16], qt), rtol=1e-5, atol=1e-5)
+    # A weight too large to copy to f32 stays on the kernel at every M.
+    monkeypatch.setattr(quantized_matmul, "CPU_F32_MAX_BYTES", 4 * 64 * 256 - 1)
+    y = jax.jit(qmatmul)(x, qts[0])
+    assert nmse(y, qmatmul_ref(x, qts[0])) <= TOLERANCE
+    assert not np.allclose(y, qmatmul_ref(x, qts[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
+def test_cpu_prefill_makes_each_f32_weight_where_it_is_used():
+    """A chain of prefill matmuls holds one dequantized weight at a time, not all of them: XLA's
+    scheduler would otherwise dequantize every layer's weight up front (the step's temporaries
+    grew by the whole model in f32)."""
+    rng = np.random.default_rng(5)
+    weights = [random_qtensor(rng, GGMLType.Q4_1, (512, 512)) for _ in range(12)]
+    x = jnp.asarray(activations(rng, 64, 512))
+
+    def chain(x, weights):
+        for qt in weights:
+            x = jnp.tanh(qmatmul(x, qt))
+        return x
+
+    compiled = jax.jit(chain).lower(x, weights).compile()
+    one_weight_f32 = 4 * 512 * 512
+    assert compiled.memory_analysis().temp_size_in_bytes <= 3 * one_weight_f32
+    np.testing.assert_allclose(compiled(x, weights), chain(x, weights), rtol=1e-5, atol=1e-5)
+
+
 def test_describe_paths():
     cpu = [row for row in describe_paths("cpu") if row["op"] == "qmatmul"]
     assert cpu[-1]["path"] == "xla_reference"
     if cpu_ffi.available():
         assert cpu[0]["path"] == "cpu_ffi" and "Q5_0" in cpu[0]["types"]
-        assert select_path("cpu", GGMLType.Q6_K, 512) == "cpu_ffi"
+        assert select_path("cpu", GGMLType.Q6_K, 16) == "cpu_ffi"
+        # A prompt's rows take XLA's f32 GEMM on the dequantized weight, unless that copy is large.
+        assert select_path("cpu", GGMLType.Q6_K, 17) == "xla_f32"
+        assert select_path("cpu", GGMLType.Q6_K, 512, (2048, 640)) == "xla_f32"
+        assert select_path("cpu", GGMLType.Q6_K, 512, (262144, 640)) == "cpu_ffi"
     assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17
@@ -285,7 +329,7 @@ def test_several_weights_in_one_call(m):
         random_qtensor(rng, GGMLType.Q4_1, (20, 512)),  # pairs of blocks, from the same quantized x
     ]
     x = jnp.asarray(activations(rng, m, 512))
-    together = qmatmul_many(x, weights)
+    together = np.split(np.asarray(qmatmul_cpu(x, weights)), np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1)
     for qt, y in zip(weights, together):
         assert y.shape == (m, qt.shape[0])
         np.testing.assert_array_equal(np.asarray(y), np.asarray(qmatmul_cpu(x, qt)))

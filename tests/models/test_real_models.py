@@ -56,20 +56,7 @@ def test_agrees_with_llama_cpp(run):
 
 
 @pytest.mark.slow
-def test_closer_to_float64_reference_than_llama_cpp(run, request):
-    if run["name"].startswith("gemma3"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "measured rz 4.727e-3 vs llama.cpp 4.627e-3 (2% above) since the CPU kernels store "
-                    "32-element activation scales in f16 as llama.cpp does (before it, rz was below); "
-                    "SmolLM2 moved the other way (2.908e-3 -> 2.804e-3 against 2.897e-3). Both engines "
-                    "round activations to int8 per block, which puts them within noise of each other "
-                    "(f32 activations gave 3e-11, at 5-20x the decode time). Open in issue 3."
-                ),
-            )
-        )
+def test_closer_to_float64_reference_than_llama_cpp(run):
     reference = ReferenceModel(run["path"]).logits(run["tokens"][:REFERENCE_POSITIONS])
     ours = kl_divergence(reference, run["ours_head"]).mean()
     theirs = kl_divergence(reference, run["theirs_head"]).mean()
