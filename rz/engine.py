@@ -162,15 +162,20 @@ class Engine:
         rows = tokens.shape[0]
         whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
 
-        def one(carry, _):
+        # Every step's RoPE tables, made before the loop (see rz.models.rope_tables). A row's
+        # position at step s is its first one plus s (a padding row's table is never used).
+        step_positions = jnp.maximum(positions, 0)[None, :, None] + jnp.arange(n_steps, dtype=positions.dtype)[:, None, None]
+        step_tables = self.model.rope_tables(weights, step_positions)
+
+        def one(carry, tables):
             cache, tokens, positions, state = carry
-            hidden, cache = self.model.forward(weights, cache, tokens[:, None], positions[:, None])
+            hidden, cache = self.model.forward(weights, cache, tokens[:, None], positions[:, None], tables)
             logits = self.model.lm_head(weights, hidden[:, 0])
             sampled, state = sampler(logits, tensors, state)
             following = jnp.where((positions >= 0) & (positions + 1 < self.n_ctx), positions + 1, -1)
             return (cache, sampled.tokens, following, state), sampled
 
-        (cache, tokens, positions, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), None, length=n_steps)
+        (cache, tokens, positions, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), step_tables, length=n_steps)
         state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
         return sampled, cache, state, tokens, positions
 

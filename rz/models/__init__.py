@@ -18,6 +18,7 @@ from rz.errors import UnsupportedModelError
 from rz.gguf import GGUFFile
 from rz.kv_cache import KVCache
 from rz.models import attention, gemma3, llama, phi2
+from rz.models.layers import Rope, RopeTable, rope_table
 from rz.weights import load_weights
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model"]
@@ -29,15 +30,17 @@ class Family:
 
     tensor_specs(cfg) -> the family's Weights pytree with tensor specs as leaves (see rz.weights)
     embed(weights, tokens, cfg) -> f32 [B, T, n_embd]
-    attention_inputs(layer_weights, x, positions, layer, cfg) -> (queries [B, T, H, D],
+    rope_freq_factors(weights) -> f32 [rope_dim // 2] dividing every layer's RoPE angles, or None
+    attention_inputs(layer_weights, x, rope_table, layer, cfg) -> (queries [B, T, H, D],
         keys [B, T, n_kv, D], values [B, T, n_kv, Dv], scale): from a block's input, RoPE applied
-    block(layer_weights, layer_cache, x, positions, layer, cfg) -> (x, layer_cache)
+    block(layer_weights, layer_cache, x, positions, rope_table, layer, cfg) -> (x, layer_cache)
     final_norm(weights, x, cfg) -> hidden f32 [B, T, n_embd]
     lm_head(weights, hidden, cfg) -> logits f32 [..., n_vocab]
     """
 
     tensor_specs: Callable
     embed: Callable
+    rope_freq_factors: Callable
     attention_inputs: Callable
     block: Callable
     final_norm: Callable
@@ -60,18 +63,33 @@ assert set(FAMILIES) == set(SUPPORTED_ARCHITECTURES)
 
 
 def forward(
-    weights: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, *, family: Family, cfg: ModelConfig
+    weights: Any,
+    cache: KVCache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    tables: dict[bool, RopeTable] | None = None,
+    *,
+    family: Family,
+    cfg: ModelConfig,
 ) -> tuple[jax.Array, KVCache]:
-    """tokens, positions int32 [B, T] (position -1: padding) -> (f32 [B, T, n_embd] after the final norm, cache)."""
+    """tokens, positions int32 [B, T] (position -1: padding) -> (f32 [B, T, n_embd] after the final norm, cache).
+
+    tables: rope_tables(weights, positions), if the caller made them (see rope_tables).
+    """
     with jax.named_scope("embed"):
         x = family.embed(weights, tokens, cfg)
+        if tables is None:
+            tables = rope_tables(weights, positions, family=family, cfg=cfg)
     layer_caches = []
     for layer, (layer_weights, layer_cache) in enumerate(zip(weights.layers, cache.layers)):
         # A block depends on its index only through its kind (sliding or global): the first layer
         # of that kind stands for it, so that the layers of a kind share one trace (see _block).
-        kind = cfg.sliding_layers.index(cfg.sliding_layers[layer])
+        sliding = cfg.sliding_layers[layer]
+        kind = cfg.sliding_layers.index(sliding)
         with jax.named_scope(f"block_{layer}"):
-            x, layer_cache = _block(layer_weights, layer_cache, x, positions, layer=kind, family=family, cfg=cfg)
+            x, layer_cache = _block(
+                layer_weights, layer_cache, x, positions, tables[sliding], layer=kind, family=family, cfg=cfg
+            )
         layer_caches.append(layer_cache)
     with jax.named_scope("final_norm"):
         hidden = family.final_norm(weights, x, cfg)
@@ -83,8 +101,20 @@ def forward(
 # step is the same graph. Traced inline, every layer was traced and lowered anew: on Gemma 3's
 # 18 layers that was 3 of the 3.7 s a second process took to its first token.
 @partial(jax.jit, static_argnames=("layer", "family", "cfg"))
-def _block(layer_weights, layer_cache, x, positions, *, layer: int, family: Family, cfg: ModelConfig):
-    return family.block(layer_weights, layer_cache, x, positions, layer, cfg)
+def _block(layer_weights, layer_cache, x, positions, rope_table, *, layer: int, family: Family, cfg: ModelConfig):
+    return family.block(layer_weights, layer_cache, x, positions, rope_table, layer, cfg)
+
+
+def rope_tables(weights: Any, positions: jax.Array, *, family: Family, cfg: ModelConfig) -> dict[bool, RopeTable]:
+    """The RoPE table of each kind of layer (sliding: True, global: False) at positions [..., T].
+
+    XLA:CPU fuses the cos and sin into their users, and so computes them again for every head of
+    every layer: in a batch-8 decode step sincosf took 1% of the CPU time. A decode call makes the
+    tables of all its steps before its loop (XLA does not fuse across the loop's boundary) and
+    hands each step its own.
+    """
+    freq_factors = family.rope_freq_factors(weights)
+    return {sliding: rope_table(positions, Rope.for_layer(cfg, sliding), freq_factors) for sliding in sorted(set(cfg.sliding_layers))}
 
 
 def lm_head(weights: Any, hidden: jax.Array, *, family: Family, cfg: ModelConfig) -> jax.Array:
@@ -99,9 +129,11 @@ def attention_probs(weights: Any, tokens: jax.Array, layer: int, *, family: Fami
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     cache = kv_cache.init_cache(cfg, 1, tokens.shape[1])
     x = family.embed(weights, tokens, cfg)
+    tables = rope_tables(weights, positions, family=family, cfg=cfg)
     for below in range(layer):
-        x, _ = family.block(weights.layers[below], cache.layers[below], x, positions, below, cfg)
-    queries, keys, _, scale = family.attention_inputs(weights.layers[layer], x, positions, layer, cfg)
+        table = tables[cfg.sliding_layers[below]]
+        x, _ = family.block(weights.layers[below], cache.layers[below], x, positions, table, below, cfg)
+    queries, keys, _, scale = family.attention_inputs(weights.layers[layer], x, tables[cfg.sliding_layers[layer]], layer, cfg)
     mask = attention.attention_mask(positions, positions, attention.layer_window(cfg, layer))
     return attention.attention_weights(queries, keys.transpose(0, 2, 1, 3), mask, scale)[0]
 
@@ -115,12 +147,14 @@ class Model:
     family: Family = field(repr=False)
     forward: Callable = field(init=False, repr=False)  # (weights, cache, tokens, positions) -> (hidden, cache)
     lm_head: Callable = field(init=False, repr=False)  # (weights, hidden) -> logits
+    rope_tables: Callable = field(init=False, repr=False)  # (weights, positions) -> {sliding: RopeTable}
     attention_probs: Callable = field(init=False, repr=False)  # (weights, tokens [T], layer) -> [n_head, T, T]
 
     def __post_init__(self):
         bound = {"family": self.family, "cfg": self.cfg}
         object.__setattr__(self, "forward", partial(forward, **bound))
         object.__setattr__(self, "lm_head", partial(lm_head, **bound))
+        object.__setattr__(self, "rope_tables", partial(rope_tables, **bound))
         object.__setattr__(self, "attention_probs", partial(attention_probs, **bound))
 
     def init_cache(self, batch_size: int, max_seq_len: int) -> KVCache:

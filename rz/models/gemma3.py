@@ -12,7 +12,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, apply_rope, embed as embed_rows, geglu, linear, linear_many, rms_norm, softcap
+from rz.models.layers import Rope, RopeTable, apply_rope, embed as embed_rows, geglu, linear, linear_many, rms_norm, softcap
 from rz.quants import QTensor
 from rz.weights import Either, attention_projections, matrix, vector
 
@@ -87,7 +87,12 @@ def query_scale(cfg: ModelConfig) -> float:
     return cfg.head_dim**-0.5
 
 
-def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+def rope_freq_factors(weights: Weights) -> jax.Array | None:
+    """None: this family's RoPE angles are not rescaled per pair."""
+    return None
+
+
+def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
     batch, length, _ = x.shape
     h = rms_norm(x, w.attn_norm, cfg.norm_eps)
     queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
@@ -97,14 +102,16 @@ def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer:
     queries = rms_norm(queries, w.q_norm, cfg.norm_eps)
     keys = rms_norm(keys, w.k_norm, cfg.norm_eps)
     rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
-    queries = apply_rope(queries, positions, rope)
-    keys = apply_rope(keys, positions, rope)
+    queries = apply_rope(queries, rope_table, rope)
+    keys = apply_rope(keys, rope_table, rope)
     return queries * query_scale(cfg), keys, values, 1.0
 
 
-def block(w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+def block(
+    w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig
+):
     with jax.named_scope("attention"):
-        queries, keys, values, scale = attention_inputs(w, x, positions, layer, cfg)
+        queries, keys, values, scale = attention_inputs(w, x, rope_table, layer, cfg)
         window = attention.layer_window(cfg, layer)
         out, cache = attention.self_attention(cache, queries, keys, values, positions, window, scale)
         x = x + rms_norm(linear(out, w.wo), w.post_attn_norm, cfg.norm_eps)

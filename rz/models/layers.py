@@ -131,8 +131,18 @@ class Rope:
         return 1.0 - np.clip((pair - low) / max(0.001, high - low), 0.0, 1.0)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, rope: Rope, freq_factors: jax.Array | None = None) -> jax.Array:
-    """Rotate x [B, T, H, D] by its absolute positions [B, T] (ggml_rope_ext).
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class RopeTable:
+    """The cos and sin of each position's RoPE angles, f32 [B, T, 1, rope.dim // 2] (YaRN's
+    magnitude folded in), for every layer of a kind (sliding or global)."""
+
+    cos: jax.Array
+    sin: jax.Array
+
+
+def rope_table(positions: jax.Array, rope: Rope, freq_factors: jax.Array | None = None) -> RopeTable:
+    """The RoPE table of absolute positions [B, T] (ggml_rope_ext's angles).
 
     freq_factors [rope.dim // 2], if given, divide each pair's angle (Llama 3's rope_freqs).
     """
@@ -144,8 +154,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, rope: Rope, freq_factors: jax
     if rope.yarn_context:
         mix = jnp.asarray(rope.yarn_mix(), jnp.float32)
         angles = angles * (1 - mix) + unscaled * mix
-    cos = (jnp.cos(angles) * rope.magnitude)[:, :, None, :]
-    sin = (jnp.sin(angles) * rope.magnitude)[:, :, None, :]
+    return RopeTable(
+        cos=(jnp.cos(angles) * rope.magnitude)[:, :, None, :], sin=(jnp.sin(angles) * rope.magnitude)[:, :, None, :]
+    )
+
+
+def apply_rope(x: jax.Array, table: RopeTable, rope: Rope) -> jax.Array:
+    """Rotate x [B, T, H, D] by the angles of its positions in `table` (ggml_rope_ext)."""
+    cos, sin = table.cos, table.sin
     rotated, passed = x[..., : rope.dim], x[..., rope.dim :]
     if rope.neox:
         first, second = jnp.split(rotated, 2, axis=-1)

@@ -12,7 +12,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, apply_rope, embed as embed_rows, linear, linear_many, rms_norm, swiglu
+from rz.models.layers import Rope, RopeTable, apply_rope, embed as embed_rows, linear, linear_many, rms_norm, swiglu
 from rz.quants import QTensor
 from rz.weights import Either, attention_projections, matrix, optional, vector
 
@@ -82,7 +82,12 @@ def embed(weights: Weights, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
     return embed_rows(weights.token_embd, tokens)
 
 
-def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+def rope_freq_factors(weights: Weights) -> jax.Array | None:
+    """Llama 3's rope_freqs (one tensor, which every layer's weights hold), or None."""
+    return weights.layers[0].rope_freq_factors
+
+
+def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
     batch, length, _ = x.shape
     h = rms_norm(x, w.attn_norm, cfg.norm_eps)
     queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
@@ -90,14 +95,16 @@ def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer:
     keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
     values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
     rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
-    queries = apply_rope(queries, positions, rope, w.rope_freq_factors)
-    keys = apply_rope(keys, positions, rope, w.rope_freq_factors)
+    queries = apply_rope(queries, rope_table, rope)
+    keys = apply_rope(keys, rope_table, rope)
     return queries, keys, values, cfg.head_dim**-0.5
 
 
-def block(w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+def block(
+    w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig
+):
     with jax.named_scope("attention"):
-        queries, keys, values, scale = attention_inputs(w, x, positions, layer, cfg)
+        queries, keys, values, scale = attention_inputs(w, x, rope_table, layer, cfg)
         window = attention.layer_window(cfg, layer)
         out, cache = attention.self_attention(cache, queries, keys, values, positions, window, scale)
         x = x + linear(out, w.wo, w.bo)

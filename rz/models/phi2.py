@@ -11,7 +11,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, apply_rope, embed as embed_rows, gelu, layer_norm, linear, linear_many
+from rz.models.layers import Rope, RopeTable, apply_rope, embed as embed_rows, gelu, layer_norm, linear, linear_many
 from rz.quants import QTensor
 from rz.weights import attention_projections, matrix, vector
 
@@ -81,7 +81,12 @@ def _norm(w: LayerWeights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return layer_norm(x, w.attn_norm, w.attn_norm_bias, cfg.norm_eps)
 
 
-def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+def rope_freq_factors(weights: Weights) -> jax.Array | None:
+    """None: this family's RoPE angles are not rescaled per pair."""
+    return None
+
+
+def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
     batch, length, _ = x.shape
     h = _norm(w, x, cfg)
     queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
@@ -89,15 +94,17 @@ def attention_inputs(w: LayerWeights, x: jax.Array, positions: jax.Array, layer:
     keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
     values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
     rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
-    queries = apply_rope(queries, positions, rope)
-    keys = apply_rope(keys, positions, rope)
+    queries = apply_rope(queries, rope_table, rope)
+    keys = apply_rope(keys, rope_table, rope)
     # llama.cpp scales Q before the product rather than the scores, for f16 range.
     return queries * cfg.head_dim**-0.5, keys, values, 1.0
 
 
-def block(w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, layer: int, cfg: ModelConfig):
+def block(
+    w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig
+):
     with jax.named_scope("attention"):
-        queries, keys, values, scale = attention_inputs(w, x, positions, layer, cfg)
+        queries, keys, values, scale = attention_inputs(w, x, rope_table, layer, cfg)
         out, cache = attention.self_attention(cache, queries, keys, values, positions, 0, scale)
         attention_out = linear(out, w.wo, w.bo)
     with jax.named_scope("mlp"):

@@ -1,6 +1,5 @@
 """The engine loop around a real engine (SmolLM2 135M): what a fake engine cannot show."""
 
-import pytest
 
 import rz
 from rz.buckets import Buckets
