@@ -9,13 +9,14 @@ batch of prompts and the gRPC server drives it continuously; both see the same t
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz import kv_cache
+from rz import kv_cache, models
 from rz.buckets import Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
 from rz.host_memory import release_unused
@@ -117,6 +118,9 @@ class Engine:
         self.compilations: dict[str, float] = {}
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
         self._score = jax.jit(self._score_fn, donate_argnums=(1,))
+        # A chunk's RoPE tables, made outside its step (see rz.models.rope_tables).
+        self._rope_tables = jax.jit(partial(models.rope_tables_for, cfg=model.cfg))
+        self._rope_freq_factors = model.family.rope_freq_factors(model.weights)
         self._insert = jax.jit(kv_cache.insert_row, donate_argnums=(0,))
         self._first_token = jax.jit(self._first_token_fn, static_argnums=(3,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 5), static_argnums=(6, 7))
@@ -135,13 +139,13 @@ class Engine:
 
     # ----- compiled steps (pure functions of arrays) -----
 
-    def _prefill_fn(self, weights, cache, tokens, positions, last_index):
-        hidden, cache = self.model.forward(weights, cache, tokens, positions)
+    def _prefill_fn(self, weights, cache, tokens, positions, tables, last_index):
+        hidden, cache = self.model.forward(weights, cache, tokens, positions, tables)
         last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
         return self.model.lm_head(weights, last), cache
 
-    def _score_fn(self, weights, cache, tokens, positions):
-        hidden, cache = self.model.forward(weights, cache, tokens, positions)
+    def _score_fn(self, weights, cache, tokens, positions, tables):
+        hidden, cache = self.model.forward(weights, cache, tokens, positions, tables)
         return self.model.lm_head(weights, hidden), cache
 
     @staticmethod
@@ -250,7 +254,7 @@ class Engine:
         start, chunk = admission.chunks[admission.n_done]
         tokens, positions, last = _padded_chunk(admission.sequence.request.prompt_ids, start, chunk)
         admission.logits, admission.cache = self._timed(
-            f"prefill[{chunk}, context={admission.context}]", self._prefill, self.model.weights, admission.cache, tokens, positions, last
+            f"prefill[{chunk}, context={admission.context}]", self._prefill, self.model.weights, admission.cache, tokens, positions, self._chunk_tables(positions), last
         )
         admission.n_done += 1
 
@@ -289,7 +293,9 @@ class Engine:
         pieces = []
         for start, chunk in self.buckets.chunks(len(ids)):
             tokens, positions, last = _padded_chunk(ids, start, chunk)
-            logits, cache = self._timed(f"score[{chunk}, context={context}]", self._score, self.model.weights, cache, tokens, positions)
+            logits, cache = self._timed(
+                f"score[{chunk}, context={context}]", self._score, self.model.weights, cache, tokens, positions, self._chunk_tables(positions)
+            )
             pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
         return np.concatenate(pieces)
 
@@ -419,9 +425,12 @@ class Engine:
             self._tensors_dirty = True
             self._assignment += 1
 
+    def _chunk_tables(self, positions):
+        return self._timed(f"rope_tables[{positions.shape[1]}]", self._rope_tables, self._rope_freq_factors, positions)
+
     def compiled_variants(self) -> int:
         """How many shape variants of the compiled steps exist: constant once a session is warm."""
-        steps = (self._prefill, self._score, self._insert, self._first_token, self._decode)
+        steps = (self._prefill, self._score, self._insert, self._first_token, self._decode, self._rope_tables)
         return sum(step._cache_size() for step in steps)
 
     def _timed(self, name: str, step: Callable, *args):

@@ -109,12 +109,20 @@ def rope_tables(weights: Any, positions: jax.Array, *, family: Family, cfg: Mode
     """The RoPE table of each kind of layer (sliding: True, global: False) at positions [..., T].
 
     XLA:CPU fuses the cos and sin into their users, and so computes them again for every head of
-    every layer: in a batch-8 decode step sincosf took 1% of the CPU time. A decode call makes the
-    tables of all its steps before its loop (XLA does not fuse across the loop's boundary) and
-    hands each step its own.
+    every layer (a batch-8 decode step spent 1% of its CPU time in sincosf, a 512-token prefill
+    more). So the steps take their tables made outside them: a decode call makes the tables of
+    all its steps before its loop (XLA does not fuse across the loop's boundary), and a prefill
+    chunk's come from a small compiled call of their own (rope_tables_for).
     """
-    freq_factors = family.rope_freq_factors(weights)
-    return {sliding: rope_table(positions, Rope.for_layer(cfg, sliding), freq_factors) for sliding in sorted(set(cfg.sliding_layers))}
+    return rope_tables_for(family.rope_freq_factors(weights), positions, cfg=cfg)
+
+
+def rope_tables_for(freq_factors: jax.Array | None, positions: jax.Array, *, cfg: ModelConfig) -> dict[bool, RopeTable]:
+    """rope_tables, given the family's rope_freq_factors(weights)."""
+    return {
+        sliding: rope_table(positions, Rope.for_layer(cfg, sliding), freq_factors)
+        for sliding in sorted(set(cfg.sliding_layers))
+    }
 
 
 def lm_head(weights: Any, hidden: jax.Array, *, family: Family, cfg: ModelConfig) -> jax.Array:
