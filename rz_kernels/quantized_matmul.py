@@ -94,6 +94,7 @@ class Path:
     m_min: int
     m_max: int | None  # None: unbounded
     max_f32_bytes: int | None = None  # weights larger than this in f32 go elsewhere
+    note: str = ""  # what else decides it, for describe_paths
 
     def serves(self, backend: str, ggml_type: GGMLType, m: int, shape: tuple[int, ...] | None = None) -> bool:
         in_range = self.m_min <= m and (self.m_max is None or m <= self.m_max)
@@ -118,8 +119,8 @@ def _paths() -> tuple[Path, ...]:
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M),
-        Path("cpu", "xla_f32", cpu_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES),
-        Path("cpu", "cpu_ffi", cpu_types, CPU_KERNEL_MAX_M + 1, None),
+        Path("cpu", "xla_f32", cpu_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
+        Path("cpu", "cpu_ffi", cpu_types, CPU_KERNEL_MAX_M + 1, None, note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
         Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
         Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
     )
@@ -143,6 +144,7 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     rows = [
         {"op": "qmatmul", "backend": p.backend, "path": p.name, "types": p.types, "m_min": p.m_min, "m_max": p.m_max}
         | ({"max_f32_bytes": p.max_f32_bytes} if p.max_f32_bytes is not None else {})
+        | ({"note": p.note} if p.note else {})
         for p in _paths()
         if p.backend == backend and p.types
     ]

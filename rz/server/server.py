@@ -161,7 +161,8 @@ def _kernel_paths() -> dict[str, str]:
         low, high = row.get("m_min", row.get("t_min")), row.get("m_max", row.get("t_max"))
         span = f"{low}-{high}" if high is not None else f"{low}+"
         types = ",".join(row["types"]) if "types" in row else "*"
-        paths.setdefault(row["op"], []).append(f"{row['path']} ({types}; rows {span})")
+        note = f"; {row['note']}" if row.get("note") else ""
+        paths.setdefault(row["op"], []).append(f"{row['path']} ({types}; rows {span}{note})")
     return {op: "; ".join(items) for op, items in paths.items()}
 
 
