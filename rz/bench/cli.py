@@ -3,6 +3,7 @@
     python -m rz.bench --model M.gguf --engines rz,llama.cpp [--tests pp512,tg128] [--depth 0,512] [--batch 1,8]
     python -m rz.bench serve --url http://127.0.0.1:8080 --model M.gguf --concurrency 4
     python -m rz.bench report [--history benchmarks/results/history.jsonl]
+    python -m rz.bench parity [--model M.gguf] [--prompts 48] [--tokens 48]
     python -m rz.bench schema
 
 Exit status: 0 done; 1 a test failed while timing (the rest is still reported); 2 bad input or
@@ -21,7 +22,7 @@ from rz.bench.errors import BenchError, PreflightError
 from rz.bench.history import DEFAULT_HISTORY
 
 EXIT_FAILED_TEST, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
-_COMMANDS = ("run", "serve", "report", "schema")
+_COMMANDS = ("run", "serve", "report", "parity", "schema")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in _COMMANDS else "run"
     try:
-        return {"run": cmd_run, "serve": cmd_serve, "report": cmd_report, "schema": cmd_schema}[command](argv)
+        commands = {"run": cmd_run, "serve": cmd_serve, "report": cmd_report, "parity": cmd_parity, "schema": cmd_schema}
+        return commands[command](argv)
     except RzError as error:
         print(f"rz.bench: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -55,6 +57,7 @@ def run_parser() -> argparse.ArgumentParser:
         epilog="other commands:\n"
                "  python -m rz.bench serve --url URL --concurrency N | --rate R   load on a server (grpc:// for rz's)\n"
                "  python -m rz.bench report [--history FILE ...]                  markdown tables and a plot of the history\n"
+               "  python -m rz.bench parity [--model M.gguf]                      greedy continuations against llama.cpp's\n"
                "  python -m rz.bench schema                                       the JSON schema of results\n"
                "exit status: 0 done, 1 a test failed while timing, 2 bad input or failed preflight, 3 regression",
     )
@@ -282,6 +285,35 @@ def cmd_serve(argv: list[str]) -> int:
         print(f"- error: {error}")
     _save(result, args)
     return EXIT_FAILED_TEST if serving["failed"] else 0
+
+
+# ----- parity: greedy continuations against llama.cpp, and each engine against itself -----
+
+def cmd_parity(argv: list[str]) -> int:
+    from rz.bench.parity import GREEDY_PROMPTS, measure, table
+
+    parser = _Parser(prog="python -m rz.bench parity",
+                     description="Greedy continuations of rz against llama.cpp's, next to each engine against itself.")
+    parser.add_argument("--model", metavar="GGUF", help="the GGUF file (default: Gemma 3)")
+    parser.add_argument("--prompts", type=int, default=len(GREEDY_PROMPTS), help=f"how many prompts (default: all {len(GREEDY_PROMPTS)})")
+    parser.add_argument("--tokens", type=int, default=48, help="tokens per continuation (default: 48)")
+    parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    _positive(args.tokens, "--tokens")
+    if not 1 <= args.prompts <= len(GREEDY_PROMPTS):
+        raise BenchError(f"--prompts must be 1..{len(GREEDY_PROMPTS)}, got {args.prompts}")
+    model_path = Path(args.model) if args.model else _default_model()
+    if not model_path.is_file():
+        raise BenchError(f"--model {model_path}: no such file")
+    progress = (lambda message: None) if args.quiet else (lambda message: print(f"parity: {message}", file=sys.stderr))
+    result = measure(model_path, args.prompts, args.tokens, args.threads, progress)
+    result["command"] = ["python", "-m", "rz.bench", "parity"] + argv
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 # ----- report and schema -----
