@@ -6,7 +6,8 @@ Paths (see `describe_paths()`; the reference twin is `rz.quants.qmatmul_ref`):
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++/AVX2 kernel through XLA's FFI
              Q4_K Q5_K Q6_K             > 16                  xla_f32: dequantize, then XLA's f32 GEMM
                                                               (weights up to 64 MiB in f32; larger
-                                                              ones, LM heads, stay on cpu_ffi)
+                                                              ones, LM heads, xla_f32_tiled: 32 MiB
+                                                              of rows dequantized at a time)
     cuda     the same                   1-16                  xla_reference (pallas_decode with RZ_PALLAS_DECODE=1)
              the same                   > 16                  pallas_prefill: tiled Pallas kernel
     any      anything else              all                   xla_reference: dequantize, then an f32 dot
@@ -33,9 +34,10 @@ rose (SmolLM2 top-1 95.4% -> 96.0%, mean KL 3.6e-3 -> 3.3e-3; Gemma 3 95.6% -> 9
 6.7e-3 -> 5.4e-3), and the KL to a float64 forward pass fell below llama.cpp's by 4-14x
 (SmolLM2 2.8e-3 -> 7.1e-4, Gemma 3 4.7e-3 -> 3.3e-4, llama.cpp 2.9e-3 and 4.6e-3). Decode steps
 (1-16 rows) stay on the kernel: there the weights stream once and it is 20-50x faster. A weight
-over 64 MiB in f32 stays on the kernel at every M (Gemma 3's 262,144-row LM head would be a
-671 MB transient), which is why scoring's LM head still rounds its activations. Where the kernel
-cannot be built (no compiler, no AVX2) the CPU takes xla_reference, logged once.
+over 64 MiB in f32 (an LM head: Gemma 3's would be a 671 MB transient) is dequantized and
+multiplied 32 MiB of rows at a time in a loop (xla_f32_tiled), so scoring's logits are exact
+too. Where the kernel cannot be built (no compiler, no AVX2) the CPU takes xla_reference,
+logged once.
 
 Why XLA for decode on a GPU (benchmarks/kernels/bench_gpu.py on an H200, shape twins of both
 models, whole engine): with the Pallas kernels for decode and prefill, tg128 was 349 tok/s
@@ -79,9 +81,10 @@ GPU_DECODE_MAX_M = 16
 # Up to this many rows of x a CPU matmul takes the C++ kernel; beyond, XLA's f32 GEMM on the
 # dequantized weight (see the module docstring).
 CPU_KERNEL_MAX_M = 16
-# A weight larger than this in f32 stays on the C++ kernel at every M: its dequantized copy would
-# be a transient of that size.
+# A weight larger than this in f32 is not dequantized whole beyond CPU_KERNEL_MAX_M rows (its copy
+# would be a transient of that size), but CPU_F32_TILE_BYTES of rows at a time.
 CPU_F32_MAX_BYTES = 64 << 20
+CPU_F32_TILE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,8 @@ def _paths() -> tuple[Path, ...]:
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M),
         Path("cpu", "xla_f32", cpu_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
-        Path("cpu", "cpu_ffi", cpu_types, CPU_KERNEL_MAX_M + 1, None, note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
+        Path("cpu", "xla_f32_tiled", cpu_types, CPU_KERNEL_MAX_M + 1, None,
+             note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32, {CPU_F32_TILE_BYTES >> 20} MiB of rows at a time"),
         Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
         Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
     )
@@ -258,11 +262,41 @@ def qmatmul_f32_after(x: jax.Array, qt: QTensor) -> jax.Array:
     return qmatmul_ref(x, QTensor(arrays, qt.ggml_type, qt.shape))
 
 
+def qmatmul_f32_tiled(x: jax.Array, qt: QTensor) -> jax.Array:
+    """qmatmul_ref with the weight dequantized CPU_F32_TILE_BYTES of rows at a time, in a loop
+    that writes each tile's columns of y in place: a large weight (an LM head) is never whole in
+    f32. Each tile depends on the loop index, so XLA cannot hoist the dequantization out of it."""
+    n, k = qt.shape
+    rows = max(1, CPU_F32_TILE_BYTES // (4 * k))
+    n_tiles = n // rows
+    if n_tiles <= 1:
+        return qmatmul_f32_after(x, qt)
+    for name, array in qt.arrays.items():
+        if array.shape[0] != n:
+            raise ValueError(f"qmatmul_f32_tiled: array {name} {array.shape} is not laid out by weight row (N = {n})")
+
+    def rows_of(start, count):
+        arrays = {name: jax.lax.dynamic_slice_in_dim(a, start, count, axis=0) for name, a in qt.arrays.items()}
+        return QTensor(arrays, qt.ggml_type, (count, k))
+
+    def tile(i, y):
+        start = i * rows
+        return jax.lax.dynamic_update_slice_in_dim(y, qmatmul_ref(x, rows_of(start, rows)), start, axis=1)
+
+    y = jax.lax.fori_loop(0, n_tiles, tile, jnp.zeros((x.shape[0], n), jnp.float32))
+    if n % rows:
+        start = n_tiles * rows
+        y = jax.lax.dynamic_update_slice_in_dim(y, qmatmul_ref(x, rows_of(start, n - start)), start, axis=1)
+    return y
+
+
 def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
     path = select_path("cpu", qt.ggml_type, x.shape[0], qt.shape)
     if path == "cpu_ffi":
         return qmatmul_cpu(x, qt)
-    return qmatmul_f32_after(x, qt) if path == "xla_f32" else qmatmul_ref(x, qt)
+    if path == "xla_f32":
+        return qmatmul_f32_after(x, qt)
+    return qmatmul_f32_tiled(x, qt) if path == "xla_f32_tiled" else qmatmul_ref(x, qt)
 
 
 def _cuda(x: jax.Array, qt: QTensor) -> jax.Array:

@@ -175,11 +175,29 @@ def test_cpu_prefill_rows_are_exact_and_decode_rows_take_the_kernel(monkeypatch)
     for y, qt in zip(many(x[:16], qts), qts):
         assert nmse(y, qmatmul_ref(x[:16], qt)) <= TOLERANCE
         assert not np.allclose(y, qmatmul_ref(x[:16], qt), rtol=1e-5, atol=1e-5)
-    # A weight too large to copy to f32 stays on the kernel at every M.
+    # A weight too large to copy to f32 whole is dequantized a tile of rows at a time, exact too:
+    # 64 rows of 256 in tiles of 24 rows, so two whole tiles and a remainder of 16.
     monkeypatch.setattr(quantized_matmul, "CPU_F32_MAX_BYTES", 4 * 64 * 256 - 1)
+    monkeypatch.setattr(quantized_matmul, "CPU_F32_TILE_BYTES", 4 * 24 * 256)
+    assert select_path("cpu", GGMLType.Q4_1, 40, qts[0].shape) == "xla_f32_tiled"
     y = jax.jit(qmatmul)(x, qts[0])
-    assert nmse(y, qmatmul_ref(x, qts[0])) <= TOLERANCE
-    assert not np.allclose(y, qmatmul_ref(x, qts[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, qmatmul_ref(x, qts[0]), rtol=1e-5, atol=1e-5)
+    # ... and stays on the kernel for a decode step.
+    assert select_path("cpu", GGMLType.Q4_1, 16, qts[0].shape) == "cpu_ffi"
+
+
+@pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
+def test_cpu_large_weight_is_never_whole_in_f32(monkeypatch):
+    """A weight over CPU_F32_MAX_BYTES in f32 (an LM head) costs one tile's copy beyond its output."""
+    monkeypatch.setattr(quantized_matmul, "CPU_F32_MAX_BYTES", 1 << 20)
+    monkeypatch.setattr(quantized_matmul, "CPU_F32_TILE_BYTES", 1 << 18)
+    rng = np.random.default_rng(9)
+    qt = random_qtensor(rng, GGMLType.Q8_0, (2048, 512))  # 4 MiB in f32, tiles of 128 rows
+    x = jnp.asarray(activations(rng, 32, 512))
+    compiled = jax.jit(qmatmul).lower(x, qt).compile()
+    output = 4 * 32 * 2048
+    assert compiled.memory_analysis().temp_size_in_bytes <= output + 3 * (1 << 18)
+    np.testing.assert_allclose(compiled(x, qt), qmatmul_ref(x, qt), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
@@ -211,7 +229,7 @@ def test_describe_paths():
         # A prompt's rows take XLA's f32 GEMM on the dequantized weight, unless that copy is large.
         assert select_path("cpu", GGMLType.Q6_K, 17) == "xla_f32"
         assert select_path("cpu", GGMLType.Q6_K, 512, (2048, 640)) == "xla_f32"
-        assert select_path("cpu", GGMLType.Q6_K, 512, (262144, 640)) == "cpu_ffi"
+        assert select_path("cpu", GGMLType.Q6_K, 512, (262144, 640)) == "xla_f32_tiled"
     assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17
