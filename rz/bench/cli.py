@@ -301,9 +301,6 @@ def cmd_parity(argv: list[str]) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the result here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    _positive(args.tokens, "--tokens")
-    if not 1 <= args.prompts <= len(GREEDY_PROMPTS):
-        raise BenchError(f"--prompts must be 1..{len(GREEDY_PROMPTS)}, got {args.prompts}")
     model_path = Path(args.model) if args.model else _default_model()
     if not model_path.is_file():
         raise BenchError(f"--model {model_path}: no such file")

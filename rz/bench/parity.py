@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rz.bench.errors import BenchError
+
 # The parity test's twelve come first (tests/test_parity_generation.py takes GREEDY_PROMPTS[:12]).
 GREEDY_PROMPTS = (
     "The capital of France is",
@@ -132,9 +134,9 @@ class OneTokenAtATime:
         if len(prompt_ids) + n_tokens > self.n_ctx:
             raise ValueError(f"{len(prompt_ids)} prompt tokens + {n_tokens} do not fit n_ctx {self.n_ctx}")
         cache = self.model.init_cache(1, self.n_ctx)
-        tokens, feed = [], list(prompt_ids)
+        tokens = []
         for position in range(len(prompt_ids) + n_tokens - 1):
-            token = feed[position] if position < len(feed) else tokens[-1]
+            token = prompt_ids[position] if position < len(prompt_ids) else tokens[-1]
             hidden, cache = self._forward(
                 self.model.weights, cache, jnp.array([[token]], jnp.int32), jnp.array([[position]], jnp.int32)
             )
@@ -150,9 +152,9 @@ def measure(model_path: Path, n_prompts: int = len(GREEDY_PROMPTS), n_tokens: in
     import rz
 
     if not 1 <= n_prompts <= len(GREEDY_PROMPTS):
-        raise ValueError(f"--prompts must be 1..{len(GREEDY_PROMPTS)}, got {n_prompts}")
+        raise BenchError(f"--prompts must be 1..{len(GREEDY_PROMPTS)}, got {n_prompts}")
     if n_tokens < 1:
-        raise ValueError(f"--tokens must be at least 1, got {n_tokens}")
+        raise BenchError(f"--tokens must be at least 1, got {n_tokens}")
     n_ctx = 512
     oracle = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
     try:

@@ -12,7 +12,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, RopeTable, apply_rope, embed as embed_rows, geglu, linear, linear_many, rms_norm, softcap
+from rz.models.layers import Rope, RopeTable, apply_rope, no_rope_freq_factors, embed as embed_rows, geglu, linear, linear_many, rms_norm, softcap
 from rz.quants import QTensor
 from rz.weights import Either, attention_projections, matrix, vector
 
@@ -87,9 +87,7 @@ def query_scale(cfg: ModelConfig) -> float:
     return cfg.head_dim**-0.5
 
 
-def rope_freq_factors(weights: Weights) -> jax.Array | None:
-    """None: this family's RoPE angles are not rescaled per pair."""
-    return None
+rope_freq_factors = no_rope_freq_factors
 
 
 def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):

@@ -131,6 +131,11 @@ class Rope:
         return 1.0 - np.clip((pair - low) / max(0.001, high - low), 0.0, 1.0)
 
 
+def no_rope_freq_factors(weights) -> None:
+    """A family's rope_freq_factors where no pair's RoPE angle is rescaled (every family but Llama 3's)."""
+    return None
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class RopeTable:

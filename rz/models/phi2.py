@@ -11,7 +11,7 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, RopeTable, apply_rope, embed as embed_rows, gelu, layer_norm, linear, linear_many
+from rz.models.layers import Rope, RopeTable, apply_rope, no_rope_freq_factors, embed as embed_rows, gelu, layer_norm, linear, linear_many
 from rz.quants import QTensor
 from rz.weights import attention_projections, matrix, vector
 
@@ -81,9 +81,7 @@ def _norm(w: LayerWeights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
     return layer_norm(x, w.attn_norm, w.attn_norm_bias, cfg.norm_eps)
 
 
-def rope_freq_factors(weights: Weights) -> jax.Array | None:
-    """None: this family's RoPE angles are not rescaled per pair."""
-    return None
+rope_freq_factors = no_rope_freq_factors
 
 
 def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):

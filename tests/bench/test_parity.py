@@ -35,7 +35,7 @@ def test_the_parity_test_prompts_come_first_and_are_distinct():
     assert GREEDY_PROMPTS[0] == "The capital of France is"
 
 
-@pytest.mark.parametrize("args, message", [(["--prompts", "0"], "--prompts must be"), (["--tokens", "0"], "--tokens 0")])
+@pytest.mark.parametrize("args, message", [(["--prompts", "0"], "--prompts must be"), (["--tokens", "0"], "--tokens must be")])
 def test_bad_options_are_one_line_errors(args, message, capsys):
     assert main(["parity", *args]) == 2
     assert message in capsys.readouterr().err
