@@ -9,18 +9,16 @@ batch of prompts and the gRPC server drives it continuously; both see the same t
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz import kv_cache, models
+from rz import kv_cache, steps
 from rz.buckets import Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
-from rz.host_memory import release_unused
-from rz.sampling import MAX_N_LOGPROBS, SampledTokens, SamplerState, SamplingParams, SamplingTensors, Sampler
+from rz.sampling import MAX_N_LOGPROBS, SampledTokens, SamplerState, SamplingParams, SamplingTensors
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -116,14 +114,8 @@ class Engine:
         self.n_slots = n_slots
         self.buckets = buckets or Buckets.for_context(n_ctx)
         self.compilations: dict[str, float] = {}
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._score = jax.jit(self._score_fn, donate_argnums=(1,))
-        # A chunk's RoPE tables, made outside its step (see rz.models.rope_tables).
-        self._rope_tables = jax.jit(partial(models.rope_tables_for, cfg=model.cfg))
+        self._model_static = {"family": model.family, "cfg": model.cfg}
         self._rope_freq_factors = model.family.rope_freq_factors(model.weights)
-        self._insert = jax.jit(kv_cache.insert_row, donate_argnums=(0,))
-        self._first_token = jax.jit(self._first_token_fn, static_argnums=(3,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1, 5), static_argnums=(6, 7))
         self.cache = model.init_cache(n_slots, n_ctx)
         self.slots: list[Generation | None] = [None] * n_slots
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
@@ -136,52 +128,6 @@ class Engine:
         # while that assignment is the one it was launched with.
         self._in_flight: _DecodeCall | None = None
         self._assignment = 0
-
-    # ----- compiled steps (pure functions of arrays) -----
-
-    def _prefill_fn(self, weights, cache, tokens, positions, tables, last_index):
-        hidden, cache = self.model.forward(weights, cache, tokens, positions, tables)
-        last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
-        return self.model.lm_head(weights, last), cache
-
-    def _score_fn(self, weights, cache, tokens, positions, tables):
-        hidden, cache = self.model.forward(weights, cache, tokens, positions, tables)
-        return self.model.lm_head(weights, hidden), cache
-
-    @staticmethod
-    def _first_token_fn(logits, tensors, state, n_top):
-        return Sampler(n_top_logprobs=n_top)(logits, tensors, state)
-
-    def _decode_fn(self, weights, cache, tokens, positions, tensors, state, n_top, n_steps):
-        """n_steps decode steps in one call, each feeding its sampled tokens to the next.
-
-        Returns the SampledTokens of every step (leaves [n_steps, B, ...]), the cache and sampler
-        state, and the tokens and positions that the next call would take (so that it can be
-        launched before this one's tokens reach the host). A row whose next position would pass
-        the context becomes padding (position -1) instead of wrapping.
-        """
-        sampler = Sampler(n_top_logprobs=n_top)
-        # The step runs on the first `rows` slots (a batch bucket); the cache is read and written
-        # in place, and the sampler state of the other slots is left as it is.
-        rows = tokens.shape[0]
-        whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
-
-        # Every step's RoPE tables, made before the loop (see rz.models.rope_tables). A row's
-        # position at step s is its first one plus s (a padding row's table is never used).
-        step_positions = jnp.maximum(positions, 0)[None, :, None] + jnp.arange(n_steps, dtype=positions.dtype)[:, None, None]
-        step_tables = self.model.rope_tables(weights, step_positions)
-
-        def one(carry, tables):
-            cache, tokens, positions, state = carry
-            hidden, cache = self.model.forward(weights, cache, tokens[:, None], positions[:, None], tables)
-            logits = self.model.lm_head(weights, hidden[:, 0])
-            sampled, state = sampler(logits, tensors, state)
-            following = jnp.where((positions >= 0) & (positions + 1 < self.n_ctx), positions + 1, -1)
-            return (cache, sampled.tokens, following, state), sampled
-
-        (cache, tokens, positions, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), step_tables, length=n_steps)
-        state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
-        return sampled, cache, state, tokens, positions
 
     # ----- host side -----
 
@@ -254,7 +200,8 @@ class Engine:
         start, chunk = admission.chunks[admission.n_done]
         tokens, positions, last = _padded_chunk(admission.sequence.request.prompt_ids, start, chunk)
         admission.logits, admission.cache = self._timed(
-            f"prefill[{chunk}, context={admission.context}]", self._prefill, self.model.weights, admission.cache, tokens, positions, self._chunk_tables(positions), last
+            f"prefill[{chunk}, context={admission.context}]", steps.prefill, self.model.weights, admission.cache, tokens,
+            positions, self._chunk_tables(positions), last, **self._model_static,
         )
         admission.n_done += 1
 
@@ -266,9 +213,12 @@ class Engine:
         slot = self.slots.index(None)
         row_state = SamplerState.create([request.params], [request.prompt_ids])
         n_top = _logprob_width([request.params])
-        sampled, row_state = self._timed(f"first_token[logprobs={n_top}]", self._first_token, admission.logits, SamplingTensors.from_params([request.params]), row_state, n_top)
+        sampled, row_state = self._timed(
+            f"first_token[logprobs={n_top}]", steps.first_token, admission.logits,
+            SamplingTensors.from_params([request.params]), row_state, n_top=n_top,
+        )
         self.cache = self._timed(
-            f"insert[{row_cache.layers[0].n_slots}]", self._insert, self.cache, row_cache, jnp.int32(slot)
+            f"insert[{row_cache.layers[0].n_slots}]", steps.insert, self.cache, row_cache, jnp.int32(slot)
         )
         self._sampler_state = jax.tree.map(
             lambda whole, row: whole.at[slot].set(row[0]), self._sampler_state, row_state
@@ -294,7 +244,8 @@ class Engine:
         for start, chunk in self.buckets.chunks(len(ids)):
             tokens, positions, last = _padded_chunk(ids, start, chunk)
             logits, cache = self._timed(
-                f"score[{chunk}, context={context}]", self._score, self.model.weights, cache, tokens, positions, self._chunk_tables(positions)
+                f"score[{chunk}, context={context}]", steps.score, self.model.weights, cache, tokens, positions,
+                self._chunk_tables(positions), **self._model_static,
             )
             pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
         return np.concatenate(pieces)
@@ -354,8 +305,9 @@ class Engine:
             self._tensors_dirty = False
         n_steps = self.decode_steps
         sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
-            f"decode[{rows}, logprobs={self._n_top}, steps={n_steps}]", self._decode, self.model.weights,
-            self.cache, tokens, positions, self._tensors, self._sampler_state, self._n_top, n_steps,
+            f"decode[{rows}, logprobs={self._n_top}, steps={n_steps}]", steps.decode, self.model.weights,
+            self.cache, tokens, positions, self._tensors, self._sampler_state,
+            **self._model_static, n_ctx=self.n_ctx, n_top=self._n_top, n_steps=n_steps,
         )
         return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions)
 
@@ -426,21 +378,21 @@ class Engine:
             self._assignment += 1
 
     def _chunk_tables(self, positions):
-        return self._timed(f"rope_tables[{positions.shape[1]}]", self._rope_tables, self._rope_freq_factors, positions)
+        return self._timed(
+            f"rope_tables[{positions.shape[1]}]", steps.chunk_rope_tables, self._rope_freq_factors, positions,
+            cfg=self.model.cfg,
+        )
 
-    def compiled_variants(self) -> int:
-        """How many shape variants of the compiled steps exist: constant once a session is warm."""
-        steps = (self._prefill, self._score, self._insert, self._first_token, self._decode, self._rope_tables)
-        return sum(step._cache_size() for step in steps)
+    # How many shape variants of the compiled steps exist (in this process, for every engine).
+    compiled_variants = staticmethod(steps.compiled_variants)
 
-    def _timed(self, name: str, step: Callable, *args):
+    def _timed(self, name: str, step: Callable, *args, **static):
         """Call a compiled step, recording how long its first call (compilation included) took."""
         if name in self.compilations:
-            return step(*args)
+            return step(*args, **static)
         start = time.perf_counter()
-        result = jax.block_until_ready(step(*args))
+        result = jax.block_until_ready(step(*args, **static))
         self.compilations[name] = time.perf_counter() - start
-        release_unused()  # what compiling freed, back to the system (not counted as compile time)
         return result
 
 

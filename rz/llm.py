@@ -12,7 +12,6 @@ from rz.config import ModelConfig
 from rz.engine import Engine, GenerationRequest
 from rz.errors import RequestError
 from rz.gguf import GGUFFile
-from rz.host_memory import release_unused
 from rz.model_files import default_model_path
 from rz.sampling import SamplingParams
 
@@ -197,12 +196,8 @@ class LLM:
         if self._current is None or self._current.n_slots < n_slots:
             if self._current is not None:
                 self._retired_compilations.update(self._current.compilations)
-                # Freed before the larger cache is allocated. Its jitted steps hold bound methods
-                # of it (a reference cycle), so it goes only when the collector runs: without
-                # that, the old cache and executables stayed resident while the new engine
-                # allocated and compiled (SmolLM2, 1 -> 8 slots: peak 975 MiB against 760).
+                # Dropped (and so freed, cache and all) before the larger cache is allocated.
                 self._current = None
-                release_unused()
             self._current = Engine(self.model, self.tokenizer, self.n_ctx, n_slots)
         return self._current
 

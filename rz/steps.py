@@ -1,0 +1,85 @@
+"""The compiled steps an engine runs: pure functions of weights, KV cache and a batch, jitted once here.
+
+A model's family and config are static arguments, its weights and cache ordinary ones, and the
+cache (with the sampler state in a decode step) is donated, so a step updates it in place. Being
+module-level functions, the steps are keyed by (family, config, shapes) and hold no engine: an
+engine that is dropped is freed at once, with its KV cache.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from rz import kv_cache
+from rz.models import forward, lm_head, rope_tables, rope_tables_for
+from rz.sampling import Sampler
+
+
+@partial(jax.jit, static_argnames=("family", "cfg"), donate_argnames=("cache",))
+def prefill(weights, cache, tokens, positions, tables, last_index, *, family, cfg):
+    """A prompt chunk into the cache: tokens, positions [1, T] -> (logits f32 [1, n_vocab] at last_index [1], cache)."""
+    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg)
+    last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
+    return lm_head(weights, last, family=family, cfg=cfg), cache
+
+
+@partial(jax.jit, static_argnames=("family", "cfg"), donate_argnames=("cache",))
+def score(weights, cache, tokens, positions, tables, *, family, cfg):
+    """A chunk of a teacher-forced pass: tokens, positions [1, T] -> (logits f32 [1, T, n_vocab], cache)."""
+    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg)
+    return lm_head(weights, hidden, family=family, cfg=cfg), cache
+
+
+# A chunk's RoPE tables, made outside its step (see rz.models.rope_tables).
+chunk_rope_tables = jax.jit(rope_tables_for, static_argnames=("cfg",))
+
+# A prefilled one-row cache into a batch row of the engine's cache.
+insert = jax.jit(kv_cache.insert_row, donate_argnums=(0,))
+
+
+@partial(jax.jit, static_argnames=("n_top",))
+def first_token(logits, tensors, state, *, n_top):
+    """A prefilled prompt's first token, sampled from its last logits."""
+    return Sampler(n_top_logprobs=n_top)(logits, tensors, state)
+
+
+@partial(jax.jit, static_argnames=("family", "cfg", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"))
+def decode(weights, cache, tokens, positions, tensors, state, *, family, cfg, n_ctx, n_top, n_steps):
+    """n_steps decode steps in one call, each feeding its sampled tokens to the next.
+
+    tokens, positions int32 [rows] (position -1: an idle row), for the first `rows` slots of the
+    cache (a batch bucket). Returns the SampledTokens of every step (leaves [n_steps, rows, ...]),
+    the cache and sampler state, and the tokens and positions that the next call would take (so
+    that it can be launched before this one's tokens reach the host). A row whose next position
+    would pass the context becomes padding (position -1) instead of wrapping.
+    """
+    sampler = Sampler(n_top_logprobs=n_top)
+    # The cache is read and written in place; the sampler state of the other slots is left as it is.
+    rows = tokens.shape[0]
+    whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
+
+    # Every step's RoPE tables, made before the loop (see rz.models.rope_tables). A row's
+    # position at step s is its first one plus s (a padding row's table is never used).
+    step_positions = jnp.maximum(positions, 0)[None, :, None] + jnp.arange(n_steps, dtype=positions.dtype)[:, None, None]
+    step_tables = rope_tables(weights, step_positions, family=family, cfg=cfg)
+
+    def one(carry, tables):
+        cache, tokens, positions, state = carry
+        hidden, cache = forward(weights, cache, tokens[:, None], positions[:, None], tables, family=family, cfg=cfg)
+        logits = lm_head(weights, hidden[:, 0], family=family, cfg=cfg)
+        sampled, state = sampler(logits, tensors, state)
+        following = jnp.where((positions >= 0) & (positions + 1 < n_ctx), positions + 1, -1)
+        return (cache, sampled.tokens, following, state), sampled
+
+    (cache, tokens, positions, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), step_tables, length=n_steps)
+    state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
+    return sampled, cache, state, tokens, positions
+
+
+ALL = (prefill, score, chunk_rope_tables, insert, first_token, decode)
+
+
+def compiled_variants() -> int:
+    """How many shape variants of the compiled steps this process holds: constant once a session is warm."""
+    return sum(step._cache_size() for step in ALL)
