@@ -1,14 +1,14 @@
-"""The generation engine: host-side slots and requests driving fixed-shape compiled steps.
+"""The engine: a KV cache of `n_slots` rows and the compiled steps (rz.steps) that run on it.
 
-One Engine owns a KV cache of `n_slots` rows. A request joins by being prefilled into a
-one-row cache (in chunks, each compiled per prompt-length bucket) that is then inserted into a
-free slot; one compiled decode step advances every slot at once; a request leaves when it
-stops, and its slot is free for the next between two steps. rz.LLM.generate drives it for a
-batch of prompts and the gRPC server drives it continuously; both see the same tokens.
+A request joins by being prefilled into a one-row cache (in chunks, each compiled per
+prompt-length bucket) that is then inserted into a free slot; one compiled decode call advances
+every slot at once; a request leaves when it stops, and its slot is free for the next between
+two calls. The engine returns sampled tokens; which request runs when, and what its tokens mean,
+is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import jax
@@ -19,6 +19,7 @@ from rz import kv_cache, steps
 from rz.buckets import Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
 from rz.sampling import MAX_N_LOGPROBS, SampledTokens, SamplerState, SamplingParams, SamplingTensors
+from rz.generation import Generation, GenerationRequest, Timings
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -30,71 +31,12 @@ DECODE_STEPS = 4
 _IDLE_PARAMS = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0)
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    """What to generate: validated on the host before any compute."""
-
-    prompt_ids: tuple[int, ...]
-    max_tokens: int = 128
-    params: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
-
-
-@dataclass
-class Timings:
-    """Seconds spent on one request, measured on the host."""
-
-    queued_at: float = 0.0
-    started_at: float = 0.0
-    first_token_at: float = 0.0
-    finished_at: float = 0.0
-
-    def as_dict(self) -> dict:
-        prefill = self.first_token_at - self.started_at
-        decode = self.finished_at - self.first_token_at
-        return {
-            "queue_seconds": self.started_at - self.queued_at,
-            "prefill_seconds": prefill,
-            "time_to_first_token_seconds": self.first_token_at - self.queued_at,
-            "decode_seconds": decode,
-            "total_seconds": self.finished_at - self.queued_at,
-        }
-
-
-@dataclass
-class Generation:
-    """A request being served: its slot, its tokens so far, and its text pipeline."""
-
-    request: GenerationRequest
-    decoder: IncrementalDecoder
-    matcher: StopStringMatcher
-    timings: Timings
-    slot: int = -1
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def position(self) -> int:
-        """The position of the next token fed to the model."""
-        return len(self.request.prompt_ids) + len(self.output_ids) - 1
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """What one step produced for one request: new text (possibly empty), a token, maybe the end."""
-
-    sequence: Generation
-    token_id: int | None
-    text: str
-    finish_reason: str | None
+# What a compiled call produced for one sequence: the step's sampled tokens (on the host) and its row.
+SampledRow = tuple[Generation, SampledTokens, int]
 
 
 class Engine:
-    """Compiled steps for one model, and the host-side slots that drive them."""
+    """Compiled steps for one model over a KV cache of n_slots rows, and which sequence holds each row."""
 
     def __init__(
         self,
@@ -123,7 +65,7 @@ class Engine:
         self._tensors = None
         self._tensors_rows = 0
         self.batch_sizes = batch_ladder(n_slots)
-        # A decode call launched but not yet read back (see step), and a counter of changes to
+        # A decode call launched but not yet read back (see decode), and a counter of changes to
         # which sequence holds which slot: a call may follow the one in flight on the device only
         # while that assignment is the one it was launched with.
         self._in_flight: _DecodeCall | None = None
@@ -161,36 +103,35 @@ class Engine:
     def active(self) -> list[Generation]:
         return [s for s in self.slots if s is not None]
 
-    def admit(self, request: GenerationRequest, queued_at: float | None = None, context: int | None = None) -> StepEvent:
-        """Prefill a request into a free slot and sample its first token (`context`: see begin_admission)."""
-        admission = self.begin_admission(request, queued_at, context)
-        while not admission.prefilled:
-            self.prefill_chunk(admission)
-        return self.complete_admission(admission)
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """The tokens that end a generation (unless a request ignores them)."""
+        return self.tokenizer.eog_ids
 
-    # A request joins in three parts, so that a server can run decode steps for the sequences
-    # already in slots between the chunks of a long prompt (admit() runs them back to back).
+    def new_sequence(self, request: GenerationRequest, queued_at: float | None = None) -> Generation:
+        """A validated request as a sequence to be admitted, with its text pipeline."""
+        self.validate(request)
+        return Generation(
+            request=request,
+            decoder=IncrementalDecoder(self.tokenizer),
+            matcher=StopStringMatcher(request.stop),
+            timings=Timings(queued_at=queued_at or time.perf_counter()),
+        )
 
-    def begin_admission(
-        self, request: GenerationRequest, queued_at: float | None = None, context: int | None = None
-    ) -> "Admission":
-        """Validate a request and set up its prompt's prefill: a fresh one-row cache of its context
-        bucket, to be filled chunk by chunk. It takes no slot until complete_admission.
+    # A sequence joins in three parts, so that a scheduler can run decode calls for the sequences
+    # already in slots between the chunks of a long prompt.
+
+    def begin_admission(self, sequence: Generation, context: int | None = None) -> "Admission":
+        """Set up a sequence's prompt prefill: a fresh one-row cache of its context bucket, to be
+        filled chunk by chunk. It takes no slot until complete_admission.
 
         `context` asks for the bucket of at least that many positions even for a shorter prompt,
         in that bucket's chunks: a warm-up compiles a bucket's steps with a one-token prompt.
         """
-        self.validate(request)
         if not self.free_slots():
             raise RuntimeError("no free slot: a request is admitted only when a slot is free")
-        now = time.perf_counter()
-        sequence = Generation(
-            request=request,
-            decoder=IncrementalDecoder(self.tokenizer),
-            matcher=StopStringMatcher(request.stop),
-            timings=Timings(queued_at=queued_at or now, started_at=now),
-        )
-        n_prompt = len(request.prompt_ids)
+        sequence.timings.started_at = time.perf_counter()
+        n_prompt = len(sequence.request.prompt_ids)
         bucket = self.buckets.context_bucket(max(n_prompt, context or 0))
         cache = self.model.init_cache(1, bucket)
         return Admission(sequence, cache, tuple(self.buckets.chunks(n_prompt, bucket)), bucket)
@@ -205,7 +146,7 @@ class Engine:
         )
         admission.n_done += 1
 
-    def complete_admission(self, admission: "Admission") -> StepEvent:
+    def complete_admission(self, admission: "Admission") -> SampledRow:
         """Sample a prefilled admission's first token and insert its cache into a free slot."""
         if not admission.prefilled:
             raise RuntimeError(f"the prompt is prefilled up to chunk {admission.n_done} of {len(admission.chunks)}")
@@ -230,7 +171,7 @@ class Engine:
         # Steps run asynchronously: the first token exists once it has been read back.
         sampled = jax.device_get(sampled)
         sequence.timings.first_token_at = time.perf_counter()
-        return self._accept(sequence, sampled, 0)
+        return sequence, sampled, 0
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced next-token logits at every position: f32 [len(ids), vocab]."""
@@ -250,9 +191,9 @@ class Engine:
             pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
         return np.concatenate(pieces)
 
-    def step(self) -> list[StepEvent]:
-        """Decode steps for every active slot: `decode_steps` tokens per sequence in one compiled call
-        (fewer where a sequence finishes; what it would have produced after is dropped).
+    def decode(self) -> list[SampledRow]:
+        """Decode steps for every active slot: `decode_steps` tokens per sequence in one compiled call,
+        step by step (the scheduler drops what a sequence would have produced after it finished).
 
         One call per several tokens spreads the host's cost of a call (hundreds of weight arrays
         to pass, a sync to read the tokens) over them; a request waiting to join waits at most
@@ -264,7 +205,7 @@ class Engine:
         call, self._in_flight = self._in_flight, None
         if call is not None and call.assignment != self._assignment:
             # Slots changed hands since the call in flight was launched: read it back (its rows
-            # for the sequences still running are theirs) before launching from the host's view.
+            # are for the sequences still running) before launching from the host's view.
             if any(sequence.finish_reason is None for sequence in call.sequences):
                 return self._collect(call)
             call = None
@@ -311,67 +252,21 @@ class Engine:
         )
         return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions)
 
-    def _collect(self, call: "_DecodeCall") -> list[StepEvent]:
-        """Read a call's tokens back and hand them to its sequences that are still running."""
+    def _collect(self, call: "_DecodeCall") -> list[SampledRow]:
+        """Read a call's tokens back: each step's row of every sequence it ran for, step by step."""
         try:
             sampled = jax.device_get(call.sampled)
         except Exception:
             self._in_flight = None  # a call chained after a failed one cannot be read either
             raise
-        events = []
+        rows = []
         for index in range(call.n_steps):
             at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
-            events.extend(
-                self._accept(sequence, at_step, sequence.slot)
-                for sequence in call.sequences
-                if sequence.finish_reason is None
-            )
-        return events
+            rows.extend((sequence, at_step, sequence.slot) for sequence in call.sequences)
+        return rows
 
-    def cancel(self, sequence: Generation, reason: str = "cancelled") -> None:
-        """Free a sequence's slot before the next step."""
-        if sequence.finish_reason is None:
-            sequence.finish_reason = reason
-            sequence.timings.finished_at = time.perf_counter()
-        self._release(sequence)
-
-    def _accept(self, sequence: Generation, sampled, row: int) -> StepEvent:
-        token = int(sampled.tokens[row])
-        request = sequence.request
-        sequence.output_ids.append(token)
-        if request.params.n_logprobs:
-            n = request.params.n_logprobs
-            sequence.logprobs.append(
-                {
-                    "token": token,
-                    "logprob": float(sampled.logprobs[row]),
-                    "top": list(zip(map(int, sampled.top_ids[row][:n]), map(float, sampled.top_logprobs[row][:n]))),
-                }
-            )
-        finish = None
-        ends_generation = token in request.stop_token_ids or (
-            not request.ignore_eos and token in self.tokenizer.eog_ids
-        )
-        if ends_generation:
-            text, finish = sequence.decoder.flush(), "stop"
-            text, _ = sequence.matcher.feed(text)
-            text += sequence.matcher.flush()
-        else:
-            text, stopped = sequence.matcher.feed(sequence.decoder.add(token))
-            if stopped:
-                finish = "stop"
-            elif len(sequence.output_ids) >= request.max_tokens:
-                finish = "length"
-                tail, _ = sequence.matcher.feed(sequence.decoder.flush())
-                text += tail + sequence.matcher.flush()
-        sequence.text.append(text)
-        if finish is not None:
-            sequence.finish_reason = finish
-            sequence.timings.finished_at = time.perf_counter()
-            self._release(sequence)
-        return StepEvent(sequence, token, text, finish)
-
-    def _release(self, sequence: Generation) -> None:
+    def release(self, sequence: Generation) -> None:
+        """Free the slot a sequence holds, if it holds one, before the next call."""
         if 0 <= sequence.slot < self.n_slots and self.slots[sequence.slot] is sequence:
             self.slots[sequence.slot] = None
             self._tensors_dirty = True

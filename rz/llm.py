@@ -9,11 +9,13 @@ import numpy as np
 
 from rz.compilation_cache import enable_compilation_cache
 from rz.config import ModelConfig
-from rz.engine import Engine, GenerationRequest
+from rz.engine import Engine
+from rz.generation import Generation, GenerationRequest
 from rz.errors import RequestError
 from rz.gguf import GGUFFile
 from rz.model_files import default_model_path
 from rz.sampling import SamplingParams
+from rz.scheduler import Scheduler
 
 DEFAULT_N_CTX = 4096
 DEFAULT_MAX_BATCH = 16
@@ -65,6 +67,7 @@ class LLM:
         # KV cache of n_slots x n_ctx and its own compiled steps, so keeping one per batch size
         # would hold several caches and several copies of every executable.
         self._current: Engine | None = None
+        self._current_scheduler: Scheduler | None = None
         self._retired_compilations: dict[str, float] = {}
         self.load_seconds = time.perf_counter() - started
 
@@ -82,7 +85,7 @@ class LLM:
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
         """Next-token logits at every position, teacher-forced: f32 [len(ids), vocab]."""
-        return self._engine(1).score(list(ids))
+        return self._scheduler(1).engine.score(list(ids))
 
     def generate(
         self,
@@ -128,20 +131,15 @@ class LLM:
         ignore_eos = options.pop("ignore_eos", False)
         params = SamplingParams(**_sampling_options(options))
         request = self._request(prompts[0], max_tokens, params, stop, stop_token_ids, ignore_eos)
-        engine = self._engine(1)
-        event = engine.admit(request)
-        events = [event]
+        scheduler = self._scheduler(1)
+        sequence = scheduler.add(request)
         try:
-            while True:
-                for event in events:
-                    if event.text:
-                        yield event.text
-                    if event.finish_reason is not None:
-                        return
-                events = engine.step()  # this sequence's next tokens, several per compiled call
+            for event in scheduler.drain():
+                if event.text:
+                    yield event.text
         finally:
             # A consumer that stops reading early must not leave its sequence holding the slot.
-            engine.cancel(event.sequence)
+            scheduler.cancel(sequence)
 
     def chat(self, messages: list[dict], max_tokens: int = 128, **options) -> Completion:
         """Answer a conversation, formatted with the model's chat template as llama.cpp does."""
@@ -180,14 +178,13 @@ class LLM:
             prompt_ids=tuple(ids), max_tokens=max_tokens, params=params, stop=stops,
             stop_token_ids=frozenset(int(t) for t in stop_token_ids), ignore_eos=bool(ignore_eos),
         )
-        self._engine(1).validate(request)
+        self._scheduler(1).engine.validate(request)
         return request
 
-    def _engine(self, n_sequences: int) -> Engine:
-        """An engine with at least the batch bucket of n_sequences slots (up to max_batch).
+    def _scheduler(self, n_sequences: int) -> Scheduler:
+        """A scheduler over an engine with at least the batch bucket of n_sequences slots (up to max_batch).
 
-        A larger batch than the current engine holds replaces it (its cache and executables are
-        freed); a smaller one runs on the first slots of the current engine, whose decode step
+        A larger batch than the current engine holds replaces it (its cache is freed first); a smaller one runs on the first slots of the current engine, whose decode step
         is compiled per batch bucket anyway.
         """
         n_slots = 1
@@ -197,36 +194,23 @@ class LLM:
             if self._current is not None:
                 self._retired_compilations.update(self._current.compilations)
                 # Dropped (and so freed, cache and all) before the larger cache is allocated.
-                self._current = None
+                self._current = self._current_scheduler = None
             self._current = Engine(self.model, self.tokenizer, self.n_ctx, n_slots)
-        return self._current
+            self._current_scheduler = Scheduler(self._current)
+        return self._current_scheduler
 
     def _run(self, requests: list[GenerationRequest]) -> list[Completion]:
-        engine = self._engine(len(requests))
-        waiting = list(enumerate(requests))
+        scheduler = self._scheduler(len(requests))
         queued_at = time.perf_counter()
-        running: dict[int, tuple[int, object]] = {}  # id(sequence) -> (request index, sequence)
-        done: dict[int, object] = {}
-
-        def collect(event):
-            if event.finish_reason is not None:
-                index, sequence = running.pop(id(event.sequence))
-                done[index] = sequence
-
+        sequences = [scheduler.add(request, queued_at=queued_at) for request in requests]
         try:
-            while waiting or running:
-                while waiting and engine.free_slots():
-                    index, request = waiting.pop(0)
-                    event = engine.admit(request, queued_at=queued_at)
-                    running[id(event.sequence)] = (index, event.sequence)
-                    collect(event)
-                for event in engine.step():
-                    collect(event)
+            for _ in scheduler.drain():
+                pass
         finally:
             # An interrupted batch (an error, Ctrl-C) must leave the engine's slots free.
-            for _, sequence in running.values():
-                engine.cancel(sequence)
-        return [_completion(done[i]) for i in range(len(requests))]
+            for sequence in sequences:
+                scheduler.cancel(sequence)
+        return [_completion(sequence) for sequence in sequences]
 
     def compiled_variants(self) -> int:
         """How many shape variants of compiled steps this LLM holds; constant once warm."""
@@ -272,7 +256,7 @@ def _as_prompt_list(prompt) -> tuple[list, bool]:
     raise RequestError("the prompt is empty: give text, token ids, or a non-empty list of prompts")
 
 
-def _completion(sequence) -> Completion:
+def _completion(sequence: Generation) -> Completion:
     prompt_tokens = len(sequence.request.prompt_ids)
     return Completion(
         text="".join(sequence.text),

@@ -203,33 +203,36 @@ def test_a_larger_batch_frees_the_engine_it_replaces(monkeypatch):
 
 def test_a_prompt_admitted_chunk_by_chunk_between_decode_steps_gets_what_it_gets_alone(llm):
     """The server runs decode steps for the sequences in slots between the chunks of a long
-    prompt (Engine.begin_admission / prefill_chunk / complete_admission): neither the prompt's
-    continuation nor the running sequence's may change."""
+    prompt (a Scheduler with a prefill budget): neither the prompt's continuation nor the running
+    sequence's may change."""
     from rz.buckets import Buckets
-    from rz.engine import Engine, GenerationRequest
+    from rz.engine import Engine
+    from rz.generation import GenerationRequest
+    from rz.scheduler import Scheduler
 
     engine = Engine(llm.model, llm.tokenizer, N_CTX, 2, buckets=Buckets.for_context(N_CTX, largest=32))
     greedy = SamplingParams(temperature=0.0)
     running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), max_tokens=16, params=greedy, ignore_eos=True)
     long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), max_tokens=6, params=greedy, ignore_eos=True)
 
-    def finish(tokens: dict) -> None:
-        while engine.active():
-            for event in engine.step():
-                tokens.setdefault(event.sequence.request, []).append(event.token_id)
+    def record(tokens: dict, events) -> None:
+        for event in events:
+            tokens.setdefault(event.sequence.request, []).append(event.token_id)
 
     alone = {}
+    one_at_a_time = Scheduler(engine)
     for request in (running, long):
-        alone[request] = [engine.admit(request).token_id]
-        finish(alone)
+        one_at_a_time.add(request)
+        record(alone, one_at_a_time.drain())
 
-    together = {running: [engine.admit(running).token_id]}
-    admission = engine.begin_admission(long)
+    # A budget of 0: one prompt chunk per step, a decode step between every two.
+    together = {}
+    scheduler = Scheduler(engine, prefill_budget_s=0.0)
+    scheduler.add(running)
+    record(together, scheduler.step())  # its first token
+    scheduler.add(long)
+    record(together, scheduler.step() + scheduler.step())  # a decode step, then the long prompt's first chunk
+    admission = scheduler._admission
     assert len(admission.chunks) >= 3
-    while not admission.prefilled:
-        engine.prefill_chunk(admission)
-        for event in engine.step():
-            together[event.sequence.request].append(event.token_id)
-    together[long] = [engine.complete_admission(admission).token_id]
-    finish(together)
+    record(together, scheduler.drain())
     assert together[running] == alone[running] and together[long] == alone[long]

@@ -1,8 +1,9 @@
 """The engine loop: one thread owns the engine and the device; other threads only submit and read.
 
-A request waits in a bounded queue until a slot is free, is prefilled into it between two
-decode steps, and leaves when it finishes or is cancelled, freeing its slot before the next
-step. A failure is delivered to the request it belongs to; the loop and the other requests go on.
+A request waits in a bounded queue until a slot is free, is handed to the host scheduler
+(rz.scheduler), whose steps prefill it into the slot between decode calls, and leaves when it
+finishes or is cancelled. This loop keeps only threads, queues, cancellation and deadlines: a
+failure is delivered to the request it belongs to; the loop and the other requests go on.
 """
 
 import collections
@@ -12,9 +13,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from rz.engine import Admission, Engine, Generation, GenerationRequest, StepEvent
+from rz.engine import Engine
 from rz.errors import RequestError, RzError
+from rz.generation import Generation, GenerationRequest, StepEvent
 from rz.sampling import SamplingParams
+from rz.scheduler import Scheduler
 
 log = logging.getLogger("rz.server")
 
@@ -22,7 +25,10 @@ log = logging.getLogger("rz.server")
 CLIENT_CANCELLED = "cancelled"  # the client cancelled or went away
 DEADLINE_EXCEEDED = "deadline_exceeded"  # the call's deadline passed
 SHUTDOWN = "shutdown"  # the server is stopping and the grace period is over
-PREFILL_BUDGET_S = 0.05  # prefill time between two decode steps while sequences are running (see _run)
+# Prefill time between two decode calls while sequences are running. Admitting every waiting
+# request at once stalls the running streams for as long as their prompts take (seconds, with
+# several clients), and so does one long prompt admitted whole.
+PREFILL_BUDGET_S = 0.05
 
 
 class OverCapacityError(RzError):
@@ -54,22 +60,27 @@ class Ticket:
     request: GenerationRequest
     queued_at: float
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    sequence: Generation | None = None  # set once admitted into a slot
+    generation: Generation | None = None  # set once handed to the scheduler
     cancel_reason: str | None = None
     done: bool = False  # a final item has been delivered
 
+    @property
+    def sequence(self) -> Generation | None:
+        """The request's sequence once it has been admitted into a slot (its first token out)."""
+        return self.generation if self.generation is not None and self.generation.output_ids else None
+
 
 class EngineLoop:
-    """Continuous batching over an Engine's slots, run by one thread."""
+    """Continuous batching over an engine, run by one thread that drives the host scheduler."""
 
     def __init__(self, engine: Engine, max_queue: int):
         self.engine = engine
         self.max_queue = max_queue
+        self.scheduler = Scheduler(engine, prefill_budget_s=PREFILL_BUDGET_S)
         self._changed = threading.Condition()
         self._live: set[Ticket] = set()  # submitted, not yet given a final item
-        self._waiting: collections.deque[Ticket] = collections.deque()
-        self._running: dict[int, Ticket] = {}  # by slot
-        self._admission: tuple[Ticket, Admission] | None = None  # the request being prefilled, if any
+        self._waiting: collections.deque[Ticket] = collections.deque()  # not yet handed to the scheduler
+        self._handed: dict[Generation, Ticket] = {}  # handed to the scheduler, not yet finished
         self._accepting = True
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="rz-engine-loop", daemon=True)
@@ -104,6 +115,8 @@ class EngineLoop:
             queued = ticket in self._waiting
             if queued:
                 self._waiting.remove(ticket)
+            elif ticket.generation is not None:
+                ticket.generation.stop_requested = True
             self._changed.notify_all()
         if reason != SHUTDOWN:
             ticket.events.put(Cancelled(reason))  # wake the caller now; a slot is freed by the loop
@@ -129,10 +142,11 @@ class EngineLoop:
     def load(self) -> tuple[int, int, float]:
         """(requests generating, requests queued, fraction of the KV cache's positions they hold) now."""
         with self._changed:
-            running = list(self._running.values())
-            queued = len(self._waiting) + (self._admission is not None)  # being prefilled: still waiting
-        used = sum(len(t.request.prompt_ids) + len(t.sequence.output_ids) for t in running)
-        return len(running), queued, used / (self.engine.n_slots * self.engine.n_ctx)
+            handed = list(self._handed.values())
+            waiting = len(self._waiting)
+        running = [ticket.sequence for ticket in handed if ticket.sequence is not None]
+        used = sum(len(sequence.request.prompt_ids) + len(sequence.output_ids) for sequence in running)
+        return len(running), waiting + len(handed) - len(running), used / (self.engine.n_slots * self.engine.n_ctx)
 
     def stop(self) -> None:
         """Stop the loop thread and wait for it."""
@@ -147,107 +161,46 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting and not self._running and self._admission is None and not self._stopped:
+                while not self._waiting and not self.scheduler.has_work() and not self._stopped:
                     self._changed.wait()
                 if self._stopped:
                     return
-            self._free_cancelled()  # cancelled during the last step: their slots go to waiting requests now
-            # Prompt chunks between two decode steps stop once they have taken PREFILL_BUDGET_S
-            # while other sequences wait for their next tokens. A 128-token prompt takes ~0.3 s
-            # here: admitting every waiting request at once stalled the running streams for
-            # seconds (inter-token p99 2.1 s with 8 clients), and so did one long prompt admitted
-            # whole (a 512-token chunk is ~1.5 s; a 4,096-token prompt, eight of them).
-            started = time.perf_counter()
-            while self._admission is not None or self._begin_next():
-                self._prefill_next_chunk()
-                if self._running and time.perf_counter() - started >= PREFILL_BUDGET_S:
-                    break
-            self._free_cancelled()  # cancelled during those prefills
-            if self._running:
-                self._step()
-
-    def _begin_next(self) -> bool:
-        """Start admitting the next waiting request that has a free slot; False if none is left."""
-        while True:
+            # Cancelled during the last step: their slots go to waiting requests now.
+            for event in self.scheduler.free_stopped():
+                self._deliver(event)
             with self._changed:
-                if not self._waiting or not self.engine.free_slots():
-                    return False
-                ticket = self._waiting.popleft()
-            if ticket.cancel_reason is not None:  # cancelled on its way out of the queue
-                self._finish(ticket, _cancelled_item(ticket, None))
-                continue
-            try:
-                admission = self.engine.begin_admission(ticket.request, queued_at=ticket.queued_at)
-            except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
-                self._finish(ticket, _admission_error(error))
-                continue
-            self._admission = (ticket, admission)
-            return True
+                refused = self._hand_over()
+            for ticket, error in refused:
+                self._finish(ticket, _failure(ticket, error))
+            for event in self.scheduler.step():
+                self._deliver(event)
 
-    def _prefill_next_chunk(self) -> None:
-        """Run the admission in progress one prompt chunk further; once prefilled, into its slot."""
-        ticket, admission = self._admission
-        if ticket.cancel_reason is not None:  # it holds no slot yet: dropping it frees everything
-            self._admission = None
-            self._finish(ticket, _cancelled_item(ticket, None))
-            return
-        try:
-            self.engine.prefill_chunk(admission)
-            if not admission.prefilled:
-                # Wait for the chunk: dispatch returns at once, and the budget is of device time
-                # (measured without this: three 512-token chunks launched back to back, a 7.4 s
-                # stall of the running streams, as if the prompt had been admitted whole).
-                admission.wait()
-                return
-            self._admission = None
-            event = self.engine.complete_admission(admission)
-        except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
-            self._admission = None
-            self._free_orphan(ticket)
-            self._finish(ticket, _admission_error(error))
-            return
-        ticket.sequence = event.sequence
-        if event.finish_reason is not None:
-            self._finish(ticket, event)
+    def _hand_over(self) -> list[tuple[Ticket, Exception]]:
+        """Move queued tickets into the scheduler while slots are free for them (the lock held);
+        the tickets it refused, with why."""
+        refused = []
+        while self._waiting and self.engine.free_slots() > self.scheduler.n_pending:
+            ticket = self._waiting.popleft()
+            try:
+                ticket.generation = self.scheduler.add(ticket.request, queued_at=ticket.queued_at)
+            except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
+                refused.append((ticket, error))
+                continue
+            self._handed[ticket.generation] = ticket
+        return refused
+
+    def _deliver(self, event: StepEvent) -> None:
+        ticket = self._handed[event.sequence]
+        if event.finish_reason is None:
+            ticket.events.put(event)
             return
         with self._changed:
-            self._running[event.sequence.slot] = ticket
-        ticket.events.put(event)
-
-    def _free_orphan(self, ticket: Ticket) -> None:
-        """Free a slot that a failed admission left occupied."""
-        for sequence in self.engine.active():
-            if sequence.request is ticket.request:
-                self.engine.cancel(sequence, "error")
-
-    def _free_cancelled(self) -> None:
-        for slot, ticket in list(self._running.items()):
-            if ticket.cancel_reason is None:
-                continue
-            self.engine.cancel(ticket.sequence, "cancelled")
-            with self._changed:
-                del self._running[slot]
+            del self._handed[event.sequence]
+        if event.error is not None:
+            self._finish(ticket, _failure(ticket, event.error))
+        elif event.finish_reason == "cancelled":
             self._finish(ticket, _cancelled_item(ticket, ticket.sequence))
-
-    def _step(self) -> None:
-        try:
-            events = self.engine.step()
-        except Exception as error:  # noqa: BLE001 - fail the requests of this step, keep serving
-            log.exception("a decode step failed; failing the %d requests in it", len(self._running))
-            with self._changed:
-                failed = list(self._running.values())
-                self._running.clear()
-            for ticket in failed:
-                self.engine.cancel(ticket.sequence, "error")
-                self._finish(ticket, EngineFailure(f"decode step failed: {error}"))
-            return
-        for event in events:
-            ticket = self._running[event.sequence.slot]
-            if event.finish_reason is None:
-                ticket.events.put(event)
-                continue
-            with self._changed:
-                del self._running[event.sequence.slot]
+        else:
             self._finish(ticket, event)
 
     def _finish(self, ticket: Ticket, item) -> None:
@@ -260,14 +213,14 @@ class EngineLoop:
             ticket.events.put(item)
 
 
-
-def _admission_error(error: Exception) -> RzError:
-    """What a request is told when its admission raised (called from the except block): a bad
-    request is its own fault; anything else is the engine's, and logged."""
+def _failure(ticket: Ticket, error: Exception) -> RzError:
+    """What a request is told when serving it failed: a bad request is its own fault; anything
+    else is the engine's, and logged."""
     if isinstance(error, RequestError):
         return error
-    log.exception("prefill failed")
-    return EngineFailure(f"prefill failed: {error}")
+    stage = "decode step" if ticket.sequence is not None else "prefill"
+    log.error("%s failed", stage, exc_info=error)
+    return EngineFailure(f"{stage} failed: {error}")
 
 
 def _cancelled_item(ticket: Ticket, sequence: Generation | None):
@@ -284,29 +237,18 @@ def warm_up(engine: Engine) -> None:
     (a chunk, the first token, the insertion) of each context bucket, and the decode step of each
     batch bucket with and without top log-probabilities.
 
-    Each bucket is compiled with a one-token prompt in a cache of that bucket: running a prompt of
-    the bucket's length instead took 40 of the 66 s a SmolLM2 server with 4,096 positions spent
-    warming up, all in prefill of prompts nobody asked for.
+    Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
+    `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
+    prefilling prompts nobody asked for.
     """
     greedy = SamplingParams(temperature=0.0)
+    scheduler = Scheduler(engine)
     for context in engine.buckets.context:
-        request = GenerationRequest(prompt_ids=(0,), max_tokens=2, params=greedy, ignore_eos=True)
-        _run_together(engine, [request], context=context)
+        scheduler.add(GenerationRequest(prompt_ids=(0,), max_tokens=2, params=greedy, ignore_eos=True), context=context)
+        collections.deque(scheduler.drain(), maxlen=0)
     for params in (greedy, SamplingParams(temperature=0.0, n_logprobs=1)):
         for rows in engine.batch_sizes:
             request = GenerationRequest(prompt_ids=(0,), max_tokens=2, params=params, ignore_eos=True)
-            _run_together(engine, [request] * rows)
-
-
-def _run_together(engine: Engine, requests: list[GenerationRequest], context: int | None = None) -> None:
-    """Admit the requests into free slots (prefilled in the context bucket asked for, if any) and
-    step them until each has finished."""
-    running = set()
-    for request in requests:
-        event = engine.admit(request, context=context)
-        if event.finish_reason is None:
-            running.add(id(event.sequence))
-    while running:
-        for event in engine.step():
-            if event.finish_reason is not None:
-                running.discard(id(event.sequence))
+            for _ in range(rows):
+                scheduler.add(request)
+            collections.deque(scheduler.drain(), maxlen=0)

@@ -5,8 +5,8 @@ import logging
 
 import grpc
 
-from rz.engine import GenerationRequest, StepEvent
 from rz.errors import RequestError, RzError, TokenizerError
+from rz.generation import GenerationRequest, StepEvent
 from rz.sampling import SamplingParams
 from rz.server.metrics import Metrics
 from rz.server.scheduler import (

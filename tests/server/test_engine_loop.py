@@ -3,9 +3,11 @@
 
 import rz
 from rz.buckets import Buckets
-from rz.engine import Engine, GenerationRequest, StepEvent
+from rz.engine import Engine
+from rz.generation import GenerationRequest, StepEvent
 from rz.model_files import smollm2_135m_path
 from rz.sampling import SamplingParams
+from rz.scheduler import Scheduler
 from rz.server import scheduler
 from rz.server.scheduler import EngineLoop
 
@@ -31,22 +33,22 @@ def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkey
     running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), max_tokens=40, params=GREEDY, ignore_eos=True)
     long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), max_tokens=4, params=GREEDY, ignore_eos=True)
     alone = {}
+    one_at_a_time = Scheduler(engine)
     for request in (running, long):
-        alone[request] = [engine.admit(request).token_id]
-        while engine.active():
-            alone[request] += [event.token_id for event in engine.step()]
+        one_at_a_time.add(request)
+        alone[request] = [event.token_id for event in one_at_a_time.drain()]
 
     monkeypatch.setattr(scheduler, "PREFILL_BUDGET_S", 0.0)  # a decode step after every chunk
     loop = EngineLoop(engine, max_queue=2)
     chunks_done_at_steps = []
-    step = engine.step
+    decode = engine.decode
 
-    def watched_step():
-        if loop._admission is not None:
-            chunks_done_at_steps.append(all(leaf.is_ready() for leaf in [loop._admission[1].logits]))
-        return step()
+    def watched_decode():
+        if loop.scheduler._admission is not None:
+            chunks_done_at_steps.append(all(leaf.is_ready() for leaf in [loop.scheduler._admission.logits]))
+        return decode()
 
-    engine.step = watched_step
+    engine.decode = watched_decode
     loop.start()
     try:
         first = loop.submit(running)
@@ -69,11 +71,12 @@ def test_warm_up_compiles_every_shape_that_serving_meets():
     engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
     warm_up(engine)
     compiled = engine.compiled_variants()
+    scheduler = Scheduler(engine)
     for length in (1, 5, 9, 20, 40, 100, 200, 250):
         for params in (GREEDY, SamplingParams(temperature=0.0, n_logprobs=2)):
             request = GenerationRequest(prompt_ids=(1,) * length, max_tokens=3, params=params, ignore_eos=True)
             others = [GenerationRequest(prompt_ids=(2, 3), max_tokens=5, params=GREEDY, ignore_eos=True)]
-            events = [engine.admit(r) for r in [request] + others]
-            while engine.active():
-                events += engine.step()
+            for r in [request] + others:
+                scheduler.add(r)
+            list(scheduler.drain())
     assert engine.compiled_variants() == compiled

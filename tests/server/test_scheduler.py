@@ -6,7 +6,11 @@ import time
 
 import pytest
 
-from rz.engine import Admission, Generation, GenerationRequest, StepEvent, Timings
+import numpy as np
+
+from rz.engine import Admission
+from rz.generation import Generation, GenerationRequest, StepEvent, Timings
+from rz.sampling import SampledTokens
 from rz.server.scheduler import (
     CLIENT_CANCELLED,
     Cancelled,
@@ -16,13 +20,28 @@ from rz.server.scheduler import (
     OverCapacityError,
     ShuttingDownError,
 )
+from rz.stopping import StopStringMatcher
 
 FAIL_ADMIT = 13  # a prompt starting with this token fails in prefill
 CHUNK = 3  # prompt tokens per prefill chunk
+# Every row of every step samples token 7.
+SEVENS = SampledTokens(tokens=np.full(8, 7), logprobs=np.zeros(8), top_ids=np.zeros((8, 0)), top_logprobs=np.zeros((8, 0)))
+
+
+class FakeDecoder:
+    """Every token reads "x"."""
+
+    def add(self, token_id: int) -> str:
+        return "x"
+
+    def flush(self) -> str:
+        return ""
 
 
 class FakeEngine:
     """Engine's slot protocol without a model: one token "x" per slot per step; steps wait for `go`."""
+
+    eog_ids = frozenset()
 
     def __init__(self, n_slots: int):
         self.n_slots, self.n_ctx = n_slots, 64
@@ -38,9 +57,11 @@ class FakeEngine:
     def active(self) -> list[Generation]:
         return [s for s in self.slots if s is not None]
 
-    def begin_admission(self, request: GenerationRequest, queued_at: float) -> Admission:
-        sequence = Generation(request, decoder=None, matcher=None, timings=Timings(queued_at=queued_at))
-        n_chunks = max(1, len(request.prompt_ids) // CHUNK)
+    def new_sequence(self, request: GenerationRequest, queued_at: float) -> Generation:
+        return Generation(request, decoder=FakeDecoder(), matcher=StopStringMatcher(()), timings=Timings(queued_at=queued_at))
+
+    def begin_admission(self, sequence: Generation, context: int | None = None) -> Admission:
+        n_chunks = max(1, len(sequence.request.prompt_ids) // CHUNK)
         return Admission(sequence, cache=None, chunks=tuple((CHUNK * i, CHUNK) for i in range(n_chunks)), logits=0)
 
     def prefill_chunk(self, admission: Admission) -> None:
@@ -48,34 +69,26 @@ class FakeEngine:
         self.log.append("chunk")
         admission.n_done += 1
 
-    def complete_admission(self, admission: Admission) -> StepEvent:
+    def complete_admission(self, admission: Admission):
         self.log.append("admit")
         sequence = admission.sequence
         sequence.slot = self.slots.index(None)
         self.slots[sequence.slot] = sequence
         if sequence.request.prompt_ids[0] == FAIL_ADMIT:
             raise RuntimeError("prefill exploded")
-        return self._emit(sequence)
+        return sequence, SEVENS, sequence.slot
 
-    def step(self) -> list[StepEvent]:
+    def decode(self):
         self.go.acquire()
         self.log.append("step")
         if self.fail_next_step:
             self.fail_next_step = False
             raise RuntimeError("decode exploded")
-        return [self._emit(s) for s in self.active()]
+        return [(s, SEVENS, s.slot) for s in self.active()]
 
-    def cancel(self, sequence: Generation, reason: str) -> None:
-        sequence.finish_reason = sequence.finish_reason or reason
-        if self.slots[sequence.slot] is sequence:
+    def release(self, sequence: Generation) -> None:
+        if 0 <= sequence.slot < self.n_slots and self.slots[sequence.slot] is sequence:
             self.slots[sequence.slot] = None
-
-    def _emit(self, sequence: Generation) -> StepEvent:
-        sequence.output_ids.append(7)
-        finish = "length" if len(sequence.output_ids) >= sequence.request.max_tokens else None
-        if finish:
-            self.cancel(sequence, finish)
-        return StepEvent(sequence, 7, "x", finish)
 
 
 def _request(max_tokens: int = 1000, first_token: int = 1, n_chunks: int = 1) -> GenerationRequest:
