@@ -15,8 +15,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from rz.ggml_types import GGMLType
-from rz_kernels.testing import random_blocks
+from rz_kernels.ggml_types import GGMLType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from support.kernels import random_blocks  # noqa: E402
 
 # Written by GGUFWriter itself, or describing the file rather than the model.
 SKIPPED_KEYS = ("general.architecture", "GGUF.version", "GGUF.tensor_count", "GGUF.kv_count")

@@ -5,6 +5,7 @@ import json
 import sys
 
 from rz.errors import RzError
+from rz.request import FLAT_OPTIONS
 from rz.server.cli import add_commands as add_server_commands
 
 
@@ -43,20 +44,29 @@ def _load(args):
     from rz.llm import LLM
 
     print(f"loading {args.model or 'the default model (Gemma 3 270M Q4_K_M)'} ...", file=sys.stderr, flush=True)
-    llm = LLM(_model_path(args), n_ctx=args.n_ctx, progress=True)
+    llm = LLM(_model_path(args), n_ctx=args.n_ctx)
     print(f"loaded in {llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
     return llm
 
 
+# The request options that python -m rz generate and chat take as flags (--top-k for top_k), with
+# RequestOptions' defaults; generate adds --stop and --ignore-eos.
+_FLAG_OPTIONS = {
+    "max_tokens": "tokens to generate at most",
+    "temperature": "0 = greedy",
+    "top_k": "0 = off",
+    "top_p": "1 = off",
+    "min_p": "0 = off",
+    "repeat_penalty": "1 = off",
+    "presence_penalty": None,
+    "frequency_penalty": None,
+    "penalty_last_n": "recent tokens the penalties look at",
+    "seed": "default: a fresh random seed",
+}
+
+
 def _sampling(args) -> dict:
-    return {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "min_p": args.min_p,
-        "repeat_penalty": args.repeat_penalty,
-        "seed": args.seed,
-    }
+    return {name: getattr(args, name) for name in _FLAG_OPTIONS if name != "max_tokens"}
 
 
 def cmd_generate(args) -> int:
@@ -90,13 +100,12 @@ def cmd_chat(args) -> int:
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_argument(parser)
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default: min(4096, the model's))")
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=40)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--min-p", type=float, default=0.05)
-    parser.add_argument("--repeat-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    for name, help_text in _FLAG_OPTIONS.items():
+        default = FLAT_OPTIONS[name]
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", type=int if name == "seed" else type(default), default=default,
+            help=help_text if default is None else f"{help_text + '; ' if help_text else ''}default: {default}",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,10 +5,9 @@
 ...     for chunk in client.stream("The sky is", max_tokens=16):
 ...         print(chunk.text, end="")
 
-Options are the Python API's (rz.LLM.generate): temperature, top_k, top_p, min_p,
-repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, seed, stop,
-stop_token_ids, ignore_eos, logprobs; left out, the server uses the same defaults. Failures
-raise grpc.RpcError with the server's status code and message.
+Options are the Python API's (rz.LLM.generate, rz.request.FLAT_OPTIONS); left out, the server
+uses RequestOptions' defaults, as rz.LLM does. Failures raise grpc.RpcError with the server's
+status code and message (an unknown option raises rz.RequestError before sending).
 """
 
 import time
@@ -18,17 +17,12 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rz.server.v1 import inference_pb2 as pb
-from rz.server.v1 import inference_pb2_grpc as pb_grpc
+from rz.api.messages import finish_reason, options_message
+from rz.api.v1 import inference_pb2 as pb
+from rz.api.v1 import inference_pb2_grpc as pb_grpc
+from rz.request import Completion, FinishReason
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-
-_FINISH_REASONS = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_CANCELLED: "cancelled",
-    pb.FINISH_REASON_ERROR: "error",
-}
 
 
 @dataclass(frozen=True)
@@ -39,21 +33,9 @@ class Chunk:
     token_ids: list[int]
     received_at: float  # time.perf_counter() when the message arrived
     logprobs: list[dict]  # per token: token, logprob, top [(id, logprob)], when asked for
-    finish_reason: str | None = None  # the last chunk only: stop, length, cancelled or error
+    finish_reason: FinishReason | None = None  # the last chunk only
     usage: dict | None = None  # the last chunk only: prompt_tokens, completion_tokens, total_tokens
     timings: dict | None = None  # the last chunk only: the server's seconds (queue, prefill, ttft, decode, total)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A whole generation, with the fields of rz.LLM.generate's Completion."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: dict
-    timings: dict
-    logprobs: list[dict] | None = None
 
 
 class Client:
@@ -150,12 +132,7 @@ class Client:
 
 
 def _options(max_tokens: int | None, options: dict) -> pb.GenerationOptions:
-    fields = {name: value for name, value in options.items() if value is not None}
-    if isinstance(fields.get("stop"), str):
-        fields["stop"] = [fields["stop"]]
-    if max_tokens is not None:
-        fields["max_tokens"] = max_tokens
-    return pb.GenerationOptions(**fields)
+    return options_message(options | {"max_tokens": max_tokens})
 
 
 def _chunks(call) -> Iterator[Chunk]:
@@ -175,11 +152,12 @@ def _chunk(message: pb.GenerateResponse, received_at: float) -> Chunk:
         {"token": entry.token_id, "logprob": entry.logprob, "top": [(top.token_id, top.logprob) for top in entry.top]}
         for entry in message.logprobs
     ]
-    if message.finish_reason == pb.FINISH_REASON_UNSPECIFIED:
+    reason = finish_reason(message.finish_reason)
+    if reason is None:
         return Chunk(message.text, list(message.token_ids), received_at, logprobs)
     return Chunk(
         message.text, list(message.token_ids), received_at, logprobs,
-        finish_reason=_FINISH_REASONS[message.finish_reason],
+        finish_reason=reason,
         usage=_fields(message.usage),
         timings=_fields(message.timings),
     )

@@ -49,11 +49,6 @@ class ModelConfig:
     tie_embeddings: bool  # no output.weight: the token embedding doubles as the LM head
     chat_template: str | None
 
-    @property
-    def n_group(self) -> int:
-        """Query heads per KV head (grouped-query attention)."""
-        return self.n_head // self.n_head_kv
-
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
         arch = gguf.require("general.architecture")

@@ -18,12 +18,13 @@ import numpy as np
 from rz import kv_cache, steps
 from rz.buckets import Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
-from rz.sampling import MAX_N_LOGPROBS, SampledTokens, SamplerState, SamplingParams, SamplingTensors
 from rz.generation import Generation, GenerationRequest, Timings
+from rz.request import MAX_N_LOGPROBS, SamplingParams, check_token_ids
+from rz.sampling import SampledTokens, SamplerState, SamplingTensors
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 
-# Decode steps per compiled call (Engine.step); see step() for why more than one.
+# Decode steps per compiled call; see Engine.decode for why more than one.
 DECODE_STEPS = 4
 
 # Idle slots run through the decode step like the others (the shape is fixed); position -1
@@ -77,21 +78,16 @@ class Engine:
         """Reject a request that cannot be served, before it takes a slot or any compute."""
         if not request.prompt_ids:
             raise RequestError("the prompt is empty: give at least one token of text")
-        if isinstance(request.max_tokens, bool) or not isinstance(request.max_tokens, int) or request.max_tokens < 1:
-            raise RequestError(f"max_tokens must be a positive integer, got {request.max_tokens!r}")
-        vocab = self.model.cfg.n_vocab
-        bad = [t for t in request.prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-        needed = len(request.prompt_ids) + request.max_tokens
+        request.options.validate()
+        check_token_ids(request.prompt_ids, self.model.cfg.n_vocab)
+        max_tokens = request.options.max_tokens
+        needed = len(request.prompt_ids) + max_tokens
         if needed > self.n_ctx:
             raise ContextOverflowError(
-                f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
                 f"needs {needed} positions, more than the context size {self.n_ctx}; "
                 "shorten the prompt, lower max_tokens, or load the model with a larger n_ctx"
             )
-        request.params.validate()
-        StopStringMatcher(request.stop)
 
     def batch_bucket(self, n_rows: int) -> int:
         """The smallest decode batch (a compiled shape) that holds the first n_rows slots."""
@@ -114,7 +110,7 @@ class Engine:
         return Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
-            matcher=StopStringMatcher(request.stop),
+            matcher=StopStringMatcher(request.options.stop),
             timings=Timings(queued_at=queued_at or time.perf_counter()),
         )
 
@@ -152,18 +148,17 @@ class Engine:
             raise RuntimeError(f"the prompt is prefilled up to chunk {admission.n_done} of {len(admission.chunks)}")
         sequence, request, row_cache = admission.sequence, admission.sequence.request, admission.cache
         slot = self.slots.index(None)
-        row_state = SamplerState.create([request.params], [request.prompt_ids])
-        n_top = _logprob_width([request.params])
+        params = request.options.sampling
+        row_state = SamplerState.create([params], [request.prompt_ids])
+        n_top = _logprob_width([params])
         sampled, row_state = self._timed(
             f"first_token[logprobs={n_top}]", steps.first_token, admission.logits,
-            SamplingTensors.from_params([request.params]), row_state, n_top=n_top,
+            SamplingTensors.from_params([params]), row_state, n_top=n_top,
         )
         self.cache = self._timed(
             f"insert[{row_cache.layers[0].n_slots}]", steps.insert, self.cache, row_cache, jnp.int32(slot)
         )
-        self._sampler_state = jax.tree.map(
-            lambda whole, row: whole.at[slot].set(row[0]), self._sampler_state, row_state
-        )
+        self._sampler_state = self._sampler_state.with_row(slot, row_state)
         sequence.slot = slot
         self.slots[slot] = sequence
         self._tensors_dirty = True
@@ -214,7 +209,7 @@ class Engine:
             if call is None:
                 return []
         needs_more = (
-            s.finish_reason is None and len(s.output_ids) + call.n_steps < s.request.max_tokens for s in call.sequences
+            s.finish_reason is None and len(s.output_ids) + call.n_steps < s.request.options.max_tokens for s in call.sequences
         )
         if any(needs_more):
             # Some sequence will still need tokens after this call: queue the next one behind it.
@@ -239,7 +234,7 @@ class Engine:
                 host_positions[sequence.slot] = sequence.position
             sequences, tokens, positions = tuple(active), jnp.asarray(host_tokens), jnp.asarray(host_positions)
         if self._tensors_dirty or self._tensors_rows != rows:
-            params = [s.request.params if s is not None else _IDLE_PARAMS for s in self.slots[:rows]]
+            params = [s.request.options.sampling if s is not None else _IDLE_PARAMS for s in self.slots[:rows]]
             self._tensors = SamplingTensors.from_params(params)
             self._n_top = _logprob_width(params)
             self._tensors_rows = rows

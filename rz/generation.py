@@ -5,7 +5,8 @@ the finish reason)."""
 import time
 from dataclasses import dataclass, field
 
-from rz.sampling import SampledTokens, SamplingParams
+from rz.request import FinishReason, RequestOptions
+from rz.sampling import SampledTokens
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder
 
@@ -15,11 +16,7 @@ class GenerationRequest:
     """What to generate: validated on the host before any compute."""
 
     prompt_ids: tuple[int, ...]
-    max_tokens: int = 128
-    params: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
+    options: RequestOptions = RequestOptions()
 
 
 @dataclass
@@ -55,7 +52,7 @@ class Generation:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     # Set from any thread to end the request: the scheduler frees it at its next step.
     stop_requested: bool = False
 
@@ -64,7 +61,7 @@ class Generation:
         """The position of the next token fed to the model."""
         return len(self.request.prompt_ids) + len(self.output_ids) - 1
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: FinishReason) -> None:
         """Mark the request finished (once: a later reason does not replace the first)."""
         if self.finish_reason is None:
             self.finish_reason = reason
@@ -75,13 +72,13 @@ class Generation:
 class StepEvent:
     """What one step produced for one request: new text (possibly empty), a token, maybe the end.
 
-    A request that failed ends with finish_reason "error" and the exception in `error`.
+    A request that failed ends with FinishReason.ERROR and the exception in `error`.
     """
 
     sequence: Generation
     token_id: int | None
     text: str
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     error: Exception | None = None
 
 
@@ -90,10 +87,10 @@ def accept(sequence: Generation, sampled: SampledTokens, row: int, eog_ids: froz
     text through the detokenizer and the stop strings, its log-probabilities, and whether it ends
     the generation (an end-of-generation or stop token, a stop string, or max_tokens)."""
     token = int(sampled.tokens[row])
-    request = sequence.request
+    options = sequence.request.options
     sequence.output_ids.append(token)
-    if request.params.n_logprobs:
-        n = request.params.n_logprobs
+    if options.sampling.n_logprobs:
+        n = options.sampling.n_logprobs
         sequence.logprobs.append(
             {
                 "token": token,
@@ -102,17 +99,17 @@ def accept(sequence: Generation, sampled: SampledTokens, row: int, eog_ids: froz
             }
         )
     finish = None
-    ends_generation = token in request.stop_token_ids or (not request.ignore_eos and token in eog_ids)
+    ends_generation = token in options.stop_token_ids or (not options.ignore_eos and token in eog_ids)
     if ends_generation:
-        text, finish = sequence.decoder.flush(), "stop"
+        text, finish = sequence.decoder.flush(), FinishReason.STOP
         text, _ = sequence.matcher.feed(text)
         text += sequence.matcher.flush()
     else:
         text, stopped = sequence.matcher.feed(sequence.decoder.add(token))
         if stopped:
-            finish = "stop"
-        elif len(sequence.output_ids) >= request.max_tokens:
-            finish = "length"
+            finish = FinishReason.STOP
+        elif len(sequence.output_ids) >= options.max_tokens:
+            finish = FinishReason.LENGTH
             tail, _ = sequence.matcher.feed(sequence.decoder.flush())
             text += tail + sequence.matcher.flush()
     sequence.text.append(text)

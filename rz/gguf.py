@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from rz.errors import GGUFError
-from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
+from rz_kernels.ggml_types import BLOCK_GEOMETRY, GGMLType
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

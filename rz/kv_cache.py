@@ -17,8 +17,8 @@ from rz.config import ModelConfig
 
 EMPTY = -1  # the position of an empty slot, and of a padding token
 # K/V are kept in f32. llama.cpp's default is f16 (half the memory and bandwidth), and rz's kernels
-# read either; measured with f16 (Gemma 3 270M, 256 positions) rz's mean KL to a float64 reference
-# rose from below llama.cpp's to 4.91e-3 against its 4.63e-3, and rz keeps that bound.
+# read either; with f16, rz's distance to a float64 reference rose above llama.cpp's, and rz keeps
+# the bound of staying below it (benchmarks/results/design-measurements.md).
 CACHE_DTYPE = jnp.float32
 
 

@@ -1,7 +1,6 @@
 """rz.LLM: the object users hold — a loaded model, its tokenizer, and generation."""
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -10,27 +9,15 @@ import numpy as np
 from rz.compilation_cache import enable_compilation_cache
 from rz.config import ModelConfig
 from rz.engine import Engine
-from rz.generation import Generation, GenerationRequest
 from rz.errors import RequestError
+from rz.generation import Generation, GenerationRequest
 from rz.gguf import GGUFFile
 from rz.model_files import default_model_path
-from rz.sampling import SamplingParams
+from rz.request import Completion, RequestOptions
 from rz.scheduler import Scheduler
 
 DEFAULT_N_CTX = 4096
 DEFAULT_MAX_BATCH = 16
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated continuation."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS, end of turn, stop string or stop token) or "length"
-    usage: dict  # prompt_tokens, completion_tokens, total_tokens
-    timings: dict  # seconds: queue, prefill, time to first token, decode, total
-    logprobs: list[dict] | None = None  # per token: token, logprob, top [(id, logprob)]
 
 
 class LLM:
@@ -46,7 +33,6 @@ class LLM:
         n_ctx: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         compilation_cache: str | Path | None | bool = True,
-        progress: bool = False,
     ):
         started = time.perf_counter()
         enable_compilation_cache(compilation_cache)
@@ -90,47 +76,26 @@ class LLM:
     def generate(
         self,
         prompt: str | Sequence[int] | Sequence[str] | Sequence[Sequence[int]],
-        max_tokens: int = 128,
-        temperature: float = SamplingParams.temperature,
-        top_k: int = SamplingParams.top_k,
-        top_p: float = SamplingParams.top_p,
-        min_p: float = SamplingParams.min_p,
-        repeat_penalty: float = SamplingParams.repeat_penalty,
-        presence_penalty: float = SamplingParams.presence_penalty,
-        frequency_penalty: float = SamplingParams.frequency_penalty,
-        penalty_last_n: int = SamplingParams.penalty_last_n,
-        seed: int | None = None,
-        stop: str | Sequence[str] | None = None,
-        stop_token_ids: Sequence[int] = (),
-        ignore_eos: bool = False,
-        logprobs: int = 0,
+        max_tokens: int = RequestOptions.max_tokens,
+        **options,
     ) -> Completion | list[Completion]:
         """Generate a continuation of one prompt, or of a list of prompts decoded together as one batch.
 
-        A prompt is text or a list of token ids; sampling settings default to llama.cpp's, and
-        temperature=0 is greedy.
+        A prompt is text or a list of token ids. The options are rz.request.FLAT_OPTIONS: temperature,
+        top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, seed,
+        stop, stop_token_ids, ignore_eos, logprobs; they default to llama.cpp's, and temperature=0 is greedy.
         """
         prompts, single = _as_prompt_list(prompt)
-        params = SamplingParams(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-            repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, penalty_last_n=penalty_last_n,
-            seed=seed, n_logprobs=logprobs,
-        )
-        requests = [self._request(p, max_tokens, params, stop, stop_token_ids, ignore_eos) for p in prompts]
-        completions = self._run(requests)
+        request_options = RequestOptions.from_flat(max_tokens=max_tokens, **options)
+        completions = self._run([self._request(p, request_options) for p in prompts])
         return completions[0] if single else completions
 
-    def stream(self, prompt: str | Sequence[int], max_tokens: int = 128, **options) -> Iterator[str]:
-        """Generate like generate(), yielding text pieces as they are produced."""
+    def stream(self, prompt: str | Sequence[int], max_tokens: int = RequestOptions.max_tokens, **options) -> Iterator[str]:
+        """Generate like generate() (the same options), yielding text pieces as they are produced."""
         prompts, single = _as_prompt_list(prompt)
         if not single:
             raise RequestError("stream() takes one prompt; use generate() for a batch")
-        stop = options.pop("stop", None)
-        stop_token_ids = options.pop("stop_token_ids", ())
-        ignore_eos = options.pop("ignore_eos", False)
-        params = SamplingParams(**_sampling_options(options))
-        request = self._request(prompts[0], max_tokens, params, stop, stop_token_ids, ignore_eos)
+        request = self._request(prompts[0], RequestOptions.from_flat(max_tokens=max_tokens, **options))
         scheduler = self._scheduler(1)
         sequence = scheduler.add(request)
         try:
@@ -141,7 +106,7 @@ class LLM:
             # A consumer that stops reading early must not leave its sequence holding the slot.
             scheduler.cancel(sequence)
 
-    def chat(self, messages: list[dict], max_tokens: int = 128, **options) -> Completion:
+    def chat(self, messages: list[dict], max_tokens: int = RequestOptions.max_tokens, **options) -> Completion:
         """Answer a conversation, formatted with the model's chat template as llama.cpp does."""
         return self.generate(self.chat_prompt_ids(messages), max_tokens=max_tokens, **options)
 
@@ -169,15 +134,11 @@ class LLM:
         tokens = self.gguf.metadata["tokenizer.ggml.tokens"]
         return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else ""
 
-    def _request(self, prompt, max_tokens, params, stop, stop_token_ids, ignore_eos) -> GenerationRequest:
+    def _request(self, prompt: str | Sequence[int], options: RequestOptions) -> GenerationRequest:
         if isinstance(prompt, str) and not prompt:
             raise RequestError("the prompt is empty: give at least one character of text")
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        request = GenerationRequest(
-            prompt_ids=tuple(ids), max_tokens=max_tokens, params=params, stop=stops,
-            stop_token_ids=frozenset(int(t) for t in stop_token_ids), ignore_eos=bool(ignore_eos),
-        )
+        request = GenerationRequest(prompt_ids=tuple(ids), options=options)
         self._scheduler(1).engine.validate(request)
         return request
 
@@ -225,22 +186,6 @@ class LLM:
         return f"rz.LLM({str(self.path)!r}, architecture={self.config.architecture!r}, n_ctx={self.n_ctx})"
 
 
-_SAMPLING_FIELDS = {
-    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "penalty_last_n", "seed",
-}
-
-
-def _sampling_options(options: dict) -> dict:
-    unknown = set(options) - _SAMPLING_FIELDS - {"logprobs"}
-    if unknown:
-        raise RequestError(f"unknown generation options: {', '.join(sorted(unknown))}")
-    result = {k: v for k, v in options.items() if k in _SAMPLING_FIELDS}
-    if "logprobs" in options:
-        result["n_logprobs"] = options["logprobs"]
-    return result
-
-
 def _as_prompt_list(prompt) -> tuple[list, bool]:
     """(prompts, whether a single prompt was given): text, token ids, or a list of either."""
     if isinstance(prompt, str):
@@ -268,5 +213,5 @@ def _completion(sequence: Generation) -> Completion:
             "total_tokens": prompt_tokens + len(sequence.output_ids),
         },
         timings=sequence.timings.as_dict(),
-        logprobs=sequence.logprobs if sequence.request.params.n_logprobs else None,
+        logprobs=sequence.logprobs if sequence.request.options.sampling.n_logprobs else None,
     )

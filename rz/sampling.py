@@ -34,7 +34,6 @@ The kept set is always llama.cpp's (up to float rounding, and the order among eq
 which llama.cpp leaves unspecified too); only the speed depends on the settings.
 """
 
-import math
 import secrets
 from dataclasses import dataclass
 from typing import Sequence
@@ -43,58 +42,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz.errors import RequestError
+from rz.request import MAX_N_LOGPROBS, MAX_PENALTY_LAST_N, SamplingParams
 
-# How many recent tokens the device keeps per row for the penalties: the largest penalty_last_n
-# a request may ask for. llama.cpp's -1 ("the whole context") is not offered.
-MAX_PENALTY_LAST_N = 256
-# OpenAI's limit on top_logprobs; it also bounds the static width of the top-logprob outputs.
-MAX_N_LOGPROBS = 20
-# llama.cpp's own top-p code starts from a partial sort of 256 candidates for the same reason.
+__all__ = ["MAX_N_LOGPROBS", "MAX_PENALTY_LAST_N", "SampledTokens", "Sampler", "SamplerState", "SamplingParams", "SamplingTensors"]
+
+# How many of the best logits top-k, top-p and min-p look at first (see above); llama.cpp's own
+# top-p code starts from a partial sort of 256 candidates too.
 DEFAULT_CANDIDATE_COUNT = 256
-_SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
 _INT32_MAX = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's sampling settings; the defaults are llama.cpp's."""
-
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 40  # 0: off
-    top_p: float = 0.95  # 1: off
-    min_p: float = 0.05  # 0: off
-    repeat_penalty: float = 1.0  # 1: off
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 64  # 0: no penalties
-    seed: int | None = None  # None: a fresh random seed, as llama.cpp's default seed
-    n_logprobs: int = 0  # how many top log-probabilities to return per token
-
-    def validate(self) -> None:
-        """Raise RequestError naming the first setting that is malformed or out of range."""
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise RequestError(f"{name} must be a finite number, got {value!r}")
-        integers = ("top_k", "penalty_last_n", "n_logprobs") + (() if self.seed is None else ("seed",))
-        for name in integers:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise RequestError(f"{name} must be an integer, got {value!r}")
-        checks = (
-            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
-            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 = off)"),
-            ("repeat_penalty", self.repeat_penalty > 0, "must be > 0 (1 = off)"),
-            ("penalty_last_n", 0 <= self.penalty_last_n <= MAX_PENALTY_LAST_N, f"must be in [0, {MAX_PENALTY_LAST_N}]"),
-            ("seed", self.seed is None or 0 <= self.seed < _SEED_LIMIT, "must be in [0, 2**32), or None for random"),
-            ("n_logprobs", 0 <= self.n_logprobs <= MAX_N_LOGPROBS, f"must be in [0, {MAX_N_LOGPROBS}]"),
-        )
-        for name, in_range, expectation in checks:
-            if not in_range:
-                raise RequestError(f"{name} {expectation}, got {getattr(self, name)!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -156,14 +111,9 @@ class SamplerState:
         windows = np.stack([_window_of(history, window) for history in histories])
         return cls(keys=jax.vmap(jax.random.key)(seeds), recent_tokens=jnp.asarray(windows))
 
-    def with_row(self, row: int, params: SamplingParams, history: Sequence[int]) -> "SamplerState":
-        """This state with one row restarted for a new request (its seed, its prompt as history)."""
-        key = jax.random.key(np.uint32(_resolve_seed(params)))
-        window = _window_of(history, self.recent_tokens.shape[1])
-        return SamplerState(
-            keys=self.keys.at[row].set(key),
-            recent_tokens=self.recent_tokens.at[row].set(jnp.asarray(window)),
-        )
+    def with_row(self, row: int, joining: "SamplerState") -> "SamplerState":
+        """This state with row `row` replaced by a one-row state's (a request joining its slot)."""
+        return jax.tree.map(lambda whole, part: whole.at[row].set(part[0]), self, joining)
 
 
 def _resolve_seed(params: SamplingParams) -> int:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from rz.engine import Admission, Engine, SampledRow
 from rz.generation import Generation, GenerationRequest, StepEvent, accept
+from rz.request import FinishReason
 
 
 class Scheduler:
@@ -39,7 +40,7 @@ class Scheduler:
         self._waiting.append((sequence, context))
         return sequence
 
-    def cancel(self, sequence: Generation, reason: str = "cancelled") -> None:
+    def cancel(self, sequence: Generation, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """End a sequence now, wherever it is: queued, being prefilled, or in a slot."""
         sequence.finish(reason)
         self._waiting = collections.deque(entry for entry in self._waiting if entry[0] is not sequence)
@@ -147,9 +148,9 @@ class Scheduler:
         return event
 
     def _stop(self, sequence: Generation) -> StepEvent:
-        self.cancel(sequence, "cancelled")
-        return StepEvent(sequence, None, "", "cancelled")
+        self.cancel(sequence, FinishReason.CANCELLED)
+        return StepEvent(sequence, None, "", FinishReason.CANCELLED)
 
     def _fail(self, sequence: Generation, error: Exception) -> StepEvent:
-        self.cancel(sequence, "error")
-        return StepEvent(sequence, None, "", "error", error=error)
+        self.cancel(sequence, FinishReason.ERROR)
+        return StepEvent(sequence, None, "", FinishReason.ERROR, error=error)

@@ -15,9 +15,10 @@ import jax.numpy as jnp
 
 from rz.config import ModelConfig
 from rz.errors import GGUFError, UnsupportedModelError
-from rz.ggml_types import tensor_nbytes
 from rz.gguf import GGUFFile
 from rz.quants import dequantize_raw, pack
+from rz_kernels.ggml_types import tensor_nbytes
+from rz_kernels.quants import QTensor
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,23 @@ def optional(tensor: Tensor) -> Either:
     return Either((tensor,), optional=True)
 
 
-def attention_projections(layer: int, cfg: ModelConfig) -> dict[str, Spec]:
-    """wq, wk, wv and their biases: separate tensors, or rows of a fused attn_qkv (create_tensor_qkv).
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionProjections:
+    """A layer's query, key and value projections, the same in every family (rz.models.attention.project_qkv)."""
 
-    Biases are optional in every architecture, as in llama.cpp; absent, they are None (no add).
+    wq: QTensor
+    wk: QTensor
+    wv: QTensor
+    bq: jax.Array | None  # absent from the file: None, no add
+    bk: jax.Array | None  # absent from the file: None, no add
+    bv: jax.Array | None  # absent from the file: None, no add
+
+
+def attention_projections(layer: int, cfg: ModelConfig) -> AttentionProjections:
+    """The specs of wq, wk, wv and their biases: separate tensors, or rows of a fused attn_qkv
+    (create_tensor_qkv). Biases are optional in every architecture, as in llama.cpp; absent, they
+    are None (no add).
     """
     sizes = {"q": cfg.n_head * cfg.head_dim, "k": cfg.n_head_kv * cfg.head_dim, "v": cfg.n_head_kv * cfg.head_dim_v}
     starts = {"q": 0, "k": sizes["q"], "v": sizes["q"] + sizes["k"]}
@@ -78,7 +92,7 @@ def attention_projections(layer: int, cfg: ModelConfig) -> dict[str, Spec]:
         specs[f"b{part}"] = Either(
             (vector(f"{separate}.bias", size), vector(f"{fused}.bias", total, rows=rows)), optional=True
         )
-    return specs
+    return AttentionProjections(**specs)
 
 
 def load_weights(gguf: GGUFFile, specs: Any) -> Any:

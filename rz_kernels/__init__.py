@@ -5,14 +5,14 @@
     o = attention(q, k, v, q_positions, k_positions, window=..., scale=..., softcap=...)
     describe_paths()                        # which implementation serves which (op, type, size)
 
-References: rz.quants.qmatmul_ref, rz_kernels.causal_attention.attention_ref. Modules: quantized_matmul
+References: rz_kernels.quants.qmatmul_ref, rz_kernels.causal_attention.attention_ref. Modules: quantized_matmul
 (dispatch, the C++ CPU kernel's wrapper), qmatmul_pallas, causal_attention, attention_pallas, cpu_ffi.
 """
 
 import jax
 
 from rz_kernels import causal_attention, quantized_matmul
-from rz_kernels.causal_attention import attention, attention_ref
+from rz_kernels.causal_attention import attention, attention_ref, attention_weights
 from rz_kernels.quantized_matmul import qmatmul, qmatmul_many, select_path
 
 
@@ -22,4 +22,4 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     return quantized_matmul.describe_paths(backend) + causal_attention.describe_paths(backend)
 
 
-__all__ = ["attention", "attention_ref", "describe_paths", "qmatmul", "qmatmul_many", "select_path"]
+__all__ = ["attention", "attention_ref", "attention_weights", "describe_paths", "qmatmul", "qmatmul_many", "select_path"]

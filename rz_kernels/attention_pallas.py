@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from rz_kernels.attention_scores import capped, visible
+
 DOT_MIN_ROWS = 16  # tl.dot's smallest tile dimension
 
 
@@ -45,18 +47,14 @@ def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, wind
     def block(j, carry):
         keys = pl.ds(j * block_k, block_k)
         k_pos = k_pos_ref[keys]
-        seen = (k_pos[None, :] >= 0) & (k_pos[None, :] <= q_pos[:, None])
-        if window:
-            seen &= k_pos[None, :] > q_pos[:, None] - window
+        seen = visible(q_pos[:, None], k_pos[None, :], window)
 
         def update(carry):
             acc, running_max, running_sum = carry
             scores = jax.lax.dot_general(
                 q, k_ref[keys, :].astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )
-            scores = scores * scale
-            if softcap:
-                scores = softcap * jnp.tanh(scores / softcap)
+            scores = capped(scores * scale, softcap)
             scores = jnp.where(seen, scores, -jnp.inf)
             new_max = jnp.maximum(running_max, jnp.max(scores, axis=1))
             # A row with nothing seen yet keeps max -inf; subtracting 0 instead keeps exp() at 0, not NaN.

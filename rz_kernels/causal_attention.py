@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz_kernels import attention_pallas, cpu_ffi, quantized_matmul
+from rz_kernels.attention_scores import capped, visible
 
 log = logging.getLogger("rz_kernels")
 
@@ -39,35 +40,35 @@ DECODE_MAX_T = 16
 CPU_QUERY_CHUNK = 256
 
 
-def visible(q_positions: jax.Array, k_positions: jax.Array, window: int) -> jax.Array:
-    """bool [B, T, S]: may the query at q_positions[b, t] see the key at k_positions[b, s]?"""
-    p = q_positions[:, :, None]
-    k = k_positions[:, None, :]
-    seen = (k >= 0) & (k <= p)
-    if window:
-        seen &= k > p - window
-    return seen
-
-
-def capped(scores: jax.Array, softcap: float) -> jax.Array:
-    return softcap * jnp.tanh(scores / softcap) if softcap else scores
-
-
-def _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, precision):
-    """Materialized-score attention with query heads grouped per KV head: no K/V repeat."""
+def _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, precision):
+    """Attention weights f32 [B, Hkv, Hq / Hkv, T, S], query heads grouped per KV head (no K repeat);
+    a query that sees no key gets all zeros."""
     batch, n_head, length, head_dim = q.shape
     n_kv = k.shape[1]
     grouped = q.reshape(batch, n_kv, n_head // n_kv, length, head_dim).astype(jnp.float32)
     scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, k.astype(jnp.float32), precision=precision)
     scores = capped(scores * scale, softcap)
-    mask = visible(q_positions, k_positions, window)[:, None, None]
+    mask = visible(q_positions[:, :, None], k_positions[:, None, :], window)[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     weights = jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0))
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    weights = weights / jnp.where(total > 0, total, 1.0)
+    return weights / jnp.where(total > 0, total, 1.0)
+
+
+def _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, precision):
+    """Materialized-score attention with query heads grouped per KV head: no K/V repeat."""
+    batch, n_head, length, _ = q.shape
+    weights = _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, precision)
     out = jnp.einsum("bkgts,bksd->bkgtd", weights, v.astype(jnp.float32), precision=precision)
     return out.reshape(batch, n_head, length, v.shape[-1])
+
+
+def attention_weights(q, k, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
+    """The reference's softmax weights f32 [B, Hq, T, S] (an attention map); shapes as attention_ref."""
+    batch, n_head, length, _ = q.shape
+    weights = _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, jax.lax.Precision.HIGHEST)
+    return weights.reshape(batch, n_head, length, k.shape[2])
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap"))
@@ -120,15 +121,30 @@ def _first_rows(q, k, v, k_positions):
     return k[:batch], v[:batch], k_positions[:batch]
 
 
-def _takes_cpu_decode_kernel(q, k, v) -> bool:
-    return (
-        q.shape[2] <= DECODE_MAX_T
-        and cpu_ffi.available()
-        and k.dtype == v.dtype
-        and k.dtype in (jnp.float32, jnp.float16)
-        and q.shape[3] % 8 == 0
-        and v.shape[3] % 8 == 0
-    )
+# ----- which path serves which step: the one decision, read by dispatch, describe_paths and the log -----
+
+
+def _cpu_path(t: int, decode_kernel_fits: bool = True) -> str:
+    """Decode steps take the C++ kernel where it is built and fits the step (_decode_kernel_fits);
+    everything else the grouped einsums, in query chunks."""
+    if t <= DECODE_MAX_T and decode_kernel_fits and cpu_ffi.available():
+        return "cpu_ffi_decode"
+    return "xla_grouped_chunked"
+
+
+def _cuda_path(t: int) -> str:
+    """Prompts take the flash kernel; decode steps take XLA unless RZ_PALLAS_DECODE=1 (see
+    rz_kernels.quantized_matmul's docstring); RZ_PALLAS=0 sends everything to XLA."""
+    if not quantized_matmul.pallas_enabled():
+        return "xla_reference"
+    if t <= DECODE_MAX_T:
+        return "pallas_decode_attention" if quantized_matmul.pallas_decode_enabled() else "xla_reference"
+    return "pallas_flash_attention"
+
+
+def _decode_kernel_fits(q, k, v) -> bool:
+    """The C++ decode kernel reads f32 or f16 K/V of one dtype, head dims multiples of 8."""
+    return k.dtype == v.dtype and k.dtype in (jnp.float32, jnp.float16) and q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk", "keys_in_order"))
@@ -148,7 +164,7 @@ def attention_cpu(
     """The CPU formulation: decode steps (T <= 16) by the C++ kernel; longer chunks by the
     reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
     materializes more than [B, Hq, chunk, S] scores (XLA's dots are fast at these sizes)."""
-    if _takes_cpu_decode_kernel(q, k, v):
+    if _cpu_path(q.shape[2], _decode_kernel_fits(q, k, v)) == "cpu_ffi_decode":
         return decode_attention_cpu(
             q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order
         )
@@ -172,37 +188,13 @@ def attention_cpu(
 def describe_paths(backend: str | None = None) -> list[dict]:
     """Which implementation serves which number of queries per sequence T on `backend`."""
     backend = backend or jax.default_backend()
-    if backend == "cpu":
-        decode = "cpu_ffi_decode" if cpu_ffi.available() else "xla_grouped"
-        return [
-            {"op": "attention", "backend": "cpu", "path": decode, "t_min": 1, "t_max": DECODE_MAX_T},
-            {
-                "op": "attention",
-                "backend": "cpu",
-                "path": "xla_grouped_chunked",
-                "t_min": DECODE_MAX_T + 1,
-                "t_max": None,
-            },
-        ]
-    if backend == "cuda":
-        decode = "pallas_decode_attention" if quantized_matmul.pallas_decode_enabled() else "xla_reference"
-        return [
-            {
-                "op": "attention",
-                "backend": "cuda",
-                "path": decode,
-                "t_min": 1,
-                "t_max": DECODE_MAX_T,
-            },
-            {
-                "op": "attention",
-                "backend": "cuda",
-                "path": "pallas_flash_attention",
-                "t_min": DECODE_MAX_T + 1,
-                "t_max": None,
-            },
-        ]
-    return [{"op": "attention", "backend": backend, "path": "xla_reference", "t_min": 1, "t_max": None}]
+    path_of = {"cpu": _cpu_path, "cuda": _cuda_path}.get(backend)
+    if path_of is None:
+        return [{"op": "attention", "backend": backend, "path": "xla_reference", "t_min": 1, "t_max": None}]
+    return [
+        {"op": "attention", "backend": backend, "path": path_of(t_min), "t_min": t_min, "t_max": t_max}
+        for t_min, t_max in ((1, DECODE_MAX_T), (DECODE_MAX_T + 1, None))
+    ]
 
 
 def _reference(q, k, v, q_positions, k_positions, *, window, scale, softcap):
@@ -210,13 +202,16 @@ def _reference(q, k, v, q_positions, k_positions, *, window, scale, softcap):
     return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
 
 
+_CUDA_KERNELS = {
+    "xla_reference": attention_ref,
+    "pallas_decode_attention": attention_pallas.decode_attention,
+    "pallas_flash_attention": attention_pallas.flash_attention,
+}
+
+
 def _cuda(q, k, v, q_positions, k_positions, *, window, scale, softcap):
     k, v, k_positions = _first_rows(q, k, v, k_positions)
-    decode = q.shape[2] <= DECODE_MAX_T
-    # Decode steps take XLA unless RZ_PALLAS_DECODE=1: see rz_kernels.quantized_matmul's docstring.
-    if not quantized_matmul.pallas_enabled() or (decode and not quantized_matmul.pallas_decode_enabled()):
-        return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
-    kernel = attention_pallas.decode_attention if q.shape[2] <= DECODE_MAX_T else attention_pallas.flash_attention
+    kernel = _CUDA_KERNELS[_cuda_path(q.shape[2])]
     return kernel(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
 
 
@@ -242,11 +237,8 @@ def attention(
     key = (q.shape, k.shape, str(k.dtype), window)
     if key not in _logged:
         _logged.add(key)
-        cpu = "cpu_ffi_decode" if _takes_cpu_decode_kernel(q, k, v) else "xla_grouped_chunked"
-        decode = q.shape[2] <= DECODE_MAX_T
-        cuda = "pallas_flash_attention" if not decode else (
-            "pallas_decode_attention" if quantized_matmul.pallas_decode_enabled() else "xla_reference"
-        )
+        cpu = _cpu_path(q.shape[2], _decode_kernel_fits(q, k, v))
+        cuda = _cuda_path(q.shape[2])
         log.info(
             "rz_kernels.attention q %s, k %s %s, window %d -> cpu: %s, cuda: %s",
             q.shape,

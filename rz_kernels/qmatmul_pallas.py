@@ -6,10 +6,10 @@ One kernel, two configurations:
     byte is read once, and the partial sums of the splits are added by XLA afterwards.
   - prefill (M > 16): a classic tiled matmul, grid over (M tiles, N tiles), a loop over K.
 Each program loads a [block_n, block_k] tile of every array of the QTensor (one per kind of
-data: quants, scales, ...), dequantizes it with `rz.quants.dequantize` (the same code as the
+data: quants, scales, ...), dequantizes it with `rz_kernels.quants.dequantize` (the same code as the
 reference, on a tile-shaped QTensor) and accumulates x_tile @ w_tile.T in f32.
 
-The reference twin is `rz.quants.qmatmul_ref`; `interpret=True` runs the kernel on any backend
+The reference twin is `rz_kernels.quants.qmatmul_ref`; `interpret=True` runs the kernel on any backend
 (the CPU tests do). Block sizes are powers of two, as Triton wants; K tiles are whole blocks
 (super-blocks for K-quants).
 """
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
-from rz.quants import QTensor, dequantize
+from rz_kernels.ggml_types import BLOCK_GEOMETRY, GGMLType
+from rz_kernels.quants import QTensor, dequantize
 
 SUPPORTED_TYPES = frozenset(
     {

@@ -1,6 +1,6 @@
 """Quantized matmul y = x @ W.T for a QTensor W [N, K]: one entry point, one path per backend and shape.
 
-Paths (see `describe_paths()`; the reference twin is `rz.quants.qmatmul_ref`):
+Paths (see `describe_paths()`; the reference twin is `rz_kernels.quants.qmatmul_ref`):
 
     backend  types                      M (= batch x tokens)  path
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++/AVX2 kernel through XLA's FFI
@@ -12,40 +12,26 @@ Paths (see `describe_paths()`; the reference twin is `rz.quants.qmatmul_ref`):
              the same                   > 16                  pallas_prefill: tiled Pallas kernel
     any      anything else              all                   xla_reference: dequantize, then an f32 dot
 
-Why a C++ kernel on CPU (numbers: benchmarks/kernels/bench_qmatmul.py on the 2-core AVX2 dev
-machine, real Gemma 3 / SmolLM2 weights): XLA:CPU has no fast form for decode. qmatmul_ref (the
-weight dequantized to f32, then a dot) runs at 0.2-0.7 GB/s of weights at M = 1, 20-50x slower
-than the kernel; dots with int8/f16/bf16 operands take a slow path at batch 1, 4-bit unpacking
-inside a jitted function is ~20x slower than int8, and per-block scales rule out XLA's int8 dot.
-The kernel quantizes the activations to int8 as llama.cpp does (per 32 for 32-block weights,
-per 256 for K-quants) and meets every weight block in one maddubs, so it streams the weights
-once at decode and runs int8 arithmetic at prefill. Against llama.cpp's own kernel (ggml, same
-GGUF bytes, same process, one thread, CPU time): M = 1 0.9-1.3x its time (LM heads 0.9-1.0x),
-M = 8 0.35-0.9x, M = 512 0.4-0.9x.
+Why a C++ kernel on CPU: XLA:CPU has no fast form for decode. Dequantizing to f32 and then a
+dot is many times slower than streaming the quantized weights; dots with int8/f16/bf16 operands
+take a slow path at batch 1, 4-bit unpacking inside a jitted function is slow, and per-block
+scales rule out XLA's int8 dot. The kernel quantizes the activations to int8 as llama.cpp does
+(per 32 for 32-block weights, per 256 for K-quants) and meets every weight block in one maddubs,
+so it streams the weights once at decode, at about llama.cpp's own speed.
 
-Why XLA's f32 GEMM beyond 16 rows (a prompt's prefill, scoring): on this CPU (AVX2, no VNNI)
-an int8 maddubs + madd costs about as many multiplier-port cycles per product as an f32 FMA, so
-the int8 kernel has no arithmetic advantage once the weights are reused across many rows.
-Measured in the whole model (prefill of 32-512 tokens, both real models, interleaved), the two
-paths tie within the machine's noise (pp512: SmolLM2 316 against 308 tok/s, Gemma 3 434 against
-386; at 64-256 rows SmolLM2 5-10% the other way). But f32 activations are exact where the
-kernel rounds them to int8. Over 1,100 teacher-forced positions rz's agreement with llama.cpp
-rose (SmolLM2 top-1 95.4% -> 96.0%, mean KL 3.6e-3 -> 3.3e-3; Gemma 3 95.6% -> 95.7%,
-6.7e-3 -> 5.4e-3), and the KL to a float64 forward pass fell below llama.cpp's by 4-14x
-(SmolLM2 2.8e-3 -> 7.1e-4, Gemma 3 4.7e-3 -> 3.3e-4, llama.cpp 2.9e-3 and 4.6e-3). Decode steps
-(1-16 rows) stay on the kernel: there the weights stream once and it is 20-50x faster. A weight
-over 64 MiB in f32 (an LM head: Gemma 3's would be a 671 MB transient) is dequantized and
-multiplied 32 MiB of rows at a time in a loop (xla_f32_tiled), so scoring's logits are exact
-too. Where the kernel cannot be built (no compiler, no AVX2) the CPU takes xla_reference,
-logged once.
+Why XLA's f32 GEMM beyond 16 rows (a prompt's prefill, scoring): once the weights are reused
+across many rows the int8 kernel has no arithmetic advantage on an AVX2 CPU, the two paths tie
+in the whole model, and f32 activations are exact where the kernel rounds them to int8, which
+brings rz's logits closer to a float64 forward pass than llama.cpp's. A weight over 64 MiB in
+f32 (an LM head) is dequantized and multiplied 32 MiB of rows at a time (xla_f32_tiled), so
+scoring's logits are exact too. Where the kernel cannot be built (no compiler, no AVX2) the CPU
+takes xla_reference, logged once.
 
-Why XLA for decode on a GPU (benchmarks/kernels/bench_gpu.py on an H200, shape twins of both
-models, whole engine): with the Pallas kernels for decode and prefill, tg128 was 349 tok/s
-(Gemma 3) and 239 (SmolLM2); with XLA's dequantize-and-dot for both, 549 and 269, while
-prefill (pp512) fell from 15,314 to 13,317 and from 12,268 to 8,828. A decode step of these
-small models is bound by launches, not bandwidth, and XLA fuses the dequantization into fewer
-of them. So decode takes XLA and prefill Pallas; RZ_PALLAS_DECODE=1 brings the split-K decode
-kernel back (its tests run either way).
+Why XLA for decode on a GPU: a decode step of these small models is bound by kernel launches,
+not bandwidth, and XLA fuses the dequantization into fewer of them, so decode takes XLA and
+prefill Pallas; RZ_PALLAS_DECODE=1 brings the split-K decode kernel back (its tests run either way).
+
+The measurements behind each choice: benchmarks/results/design-measurements.md.
 """
 
 import functools
@@ -58,8 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz.ggml_types import GGMLType
-from rz.quants import QTensor, qmatmul_ref
+from rz_kernels.ggml_types import GGMLType
+from rz_kernels.quants import QTensor, qmatmul_ref
 from rz_kernels import cpu_ffi, qmatmul_pallas
 
 log = logging.getLogger("rz_kernels")
@@ -237,14 +223,6 @@ def _sum_correction(x: jax.Array, mins: jax.Array) -> jax.Array:
     total = jnp.sum(q, axis=-1)
     s = (scale[..., 0] * total).astype(jnp.float16).astype(jnp.float32)
     return jnp.einsum("...b,nb->...n", s - stored[..., 0] * total, mins.astype(jnp.float32))
-
-
-def qmatmul_cpu_ref(x: jax.Array, qt: QTensor) -> jax.Array:
-    """The C++ kernel's exact twin: qmatmul_ref on the activations rounded by quantize_activations_ref
-    (plus, for Q4_1 and Q5_1, the rounding of Q8_1's block sums that their mins meet)."""
-    y = qmatmul_ref(quantize_activations_ref(x, activation_block(qt.ggml_type)), qt)
-    correction = q8_1_sum_correction(x, qt)
-    return y if correction is None else y + correction
 
 
 def qmatmul_f32_after(x: jax.Array, qt: QTensor) -> jax.Array:

@@ -10,7 +10,7 @@ import pytest
 
 from rz.config import ModelConfig
 from rz.errors import GGUFError, UnsupportedModelError
-from rz.ggml_types import GGMLType
+from rz_kernels.ggml_types import GGMLType
 from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 

@@ -5,7 +5,7 @@ import pytest
 
 import rz
 from rz.errors import ContextOverflowError, RequestError
-from rz.sampling import SamplingParams
+from rz.request import RequestOptions, SamplingParams
 from rz.model_files import smollm2_135m_path
 
 N_CTX = 256
@@ -49,7 +49,7 @@ def test_a_batch_gives_each_prompt_what_it_gets_alone(llm):
 
 
 def test_sequences_joining_and_leaving_between_chained_calls_get_what_they_get_alone(llm):
-    """Decode calls are launched ahead while the slots keep their sequences (Engine.step): lengths
+    """Decode calls are launched ahead while the slots keep their sequences (Engine.decode): lengths
     that end mid-call and more prompts than slots make sequences leave, and others join their
     slots, while a call is in flight. Each must still get exactly its own tokens."""
     prompts = ["Hello, my name is", "1, 2, 3, 4,", "The weather today", "def fibonacci(n):", "Once upon", "Red, green,"]
@@ -57,7 +57,7 @@ def test_sequences_joining_and_leaving_between_chained_calls_get_what_they_get_a
     sampling = dict(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=5)
     alone = [llm.generate(p, max_tokens=n, ignore_eos=True, **sampling).token_ids for p, n in zip(prompts, lengths)]
     # generate() gives a batch one max_tokens; the engine takes one per request.
-    requests = [llm._request(p, n, SamplingParams(**sampling), None, (), True) for p, n in zip(prompts, lengths)]
+    requests = [llm._request(p, RequestOptions(n, SamplingParams(**sampling), ignore_eos=True)) for p, n in zip(prompts, lengths)]
     together = llm._run(requests)
     assert [c.token_ids for c in together] == alone
     assert all(len(tokens) == n for tokens, n in zip(alone, lengths))
@@ -212,8 +212,8 @@ def test_a_prompt_admitted_chunk_by_chunk_between_decode_steps_gets_what_it_gets
 
     engine = Engine(llm.model, llm.tokenizer, N_CTX, 2, buckets=Buckets.for_context(N_CTX, largest=32))
     greedy = SamplingParams(temperature=0.0)
-    running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), max_tokens=16, params=greedy, ignore_eos=True)
-    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), max_tokens=6, params=greedy, ignore_eos=True)
+    running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), options=RequestOptions(16, greedy, ignore_eos=True))
+    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), options=RequestOptions(6, greedy, ignore_eos=True))
 
     def record(tokens: dict, events) -> None:
         for event in events:

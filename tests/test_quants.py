@@ -11,11 +11,12 @@ import pytest
 from gguf.quants import dequantize as gguf_dequantize
 
 from rz.errors import GGUFError, UnsupportedModelError
-from rz.ggml_types import BLOCK_GEOMETRY, GGMLType, tensor_nbytes
+from rz_kernels.ggml_types import BLOCK_GEOMETRY, GGMLType, tensor_nbytes
 from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
-from rz.quants import SUPPORTED_TYPES, QTensor, dequantize, dequantize_raw, pack, pack_host, qmatmul_ref
-from rz_kernels.testing import F16_SCALE_OFFSETS
+from rz.quants import dequantize_raw, pack, pack_host
+from rz_kernels.quants import SUPPORTED_TYPES, QTensor, dequantize, qmatmul_ref
+from support.kernels import F16_SCALE_OFFSETS
 
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=lambda t: t.value)
 

@@ -261,7 +261,7 @@ def test_with_row_restarts_one_row():
     step = compiled(Sampler())
     fresh = SamplerState.create(rows, [[4], [9]])
     advanced = step(logits, params, fresh)[1]
-    restarted = advanced.with_row(1, rows[1], [9])
+    restarted = advanced.with_row(1, SamplerState.create([rows[1]], [[9]]))
     np.testing.assert_array_equal(restarted.recent_tokens[1], fresh.recent_tokens[1])
     assert step(logits, params, restarted)[0].tokens[1] == step(logits, params, fresh)[0].tokens[1]
 

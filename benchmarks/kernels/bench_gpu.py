@@ -5,7 +5,7 @@
 DIR holds shape skeletons (benchmarks/shape_twin.py save) of the real models. For each:
   1. qmatmul: every distinct (type, N x K) weight of the model, random blocks of that type, at
      M = 1, 8 (the Pallas decode kernel) and 512 (the prefill kernel), against
-     rz.quants.qmatmul_ref (XLA: dequantize, then a dot): median time, weight GB/s, NMSE;
+     rz_kernels.quants.qmatmul_ref (XLA: dequantize, then a dot): median time, weight GB/s, NMSE;
   2. attention: the model's head shapes, flash attention over a 512-token prompt and decode
      attention over a 4,096-slot cache, against attention_ref;
   3. the engine: the model's shape twin (same metadata, tokenizer, types and shapes, random
@@ -26,13 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from shape_twin import write_twin  # noqa: E402
+from support.kernels import activations, nmse, random_qtensor  # noqa: E402
 
-from rz.ggml_types import GGMLType  # noqa: E402
-from rz.quants import qmatmul_ref  # noqa: E402
+from rz_kernels.ggml_types import GGMLType  # noqa: E402
+from rz_kernels.quants import qmatmul_ref  # noqa: E402
 from rz_kernels import qmatmul  # noqa: E402
 from rz_kernels.causal_attention import attention, attention_ref  # noqa: E402
-from rz_kernels.testing import activations, nmse, random_qtensor  # noqa: E402
 
 
 def median_seconds(fn, *args, repeats: int = 20) -> float:

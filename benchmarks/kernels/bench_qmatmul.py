@@ -4,7 +4,7 @@ limits and against llama.cpp's own kernel.
     python benchmarks/kernels/bench_qmatmul.py [--quick] [--m 1 8 512] [--threads 1 2] [--rounds 7]
 
 For every distinct weight (type, N x K) of Gemma 3 270M and SmolLM2 135M, and each M, it
-validates every path against rz.quants.qmatmul_ref (NMSE), then times the paths round-robin
+validates every path against rz_kernels.quants.qmatmul_ref (NMSE), then times the paths round-robin
 (so that the load other processes put on the machine falls on all of them alike) and prints the
 median per call: weight GB/s (weight bytes / time: what decode is bound by), GFLOP/s, and the
 share of the measured memory bandwidth (M <= 16) or of the measured int8 peak (larger M).
@@ -13,7 +13,7 @@ Paths:
   rz/<t>       the C++ kernel (rz_kernels.qmatmul_cpu) capped at t threads, called `--inner`
                times inside one jitted loop, so per-call dispatch does not count (as in a model step)
   ggml/<t>     llama.cpp's ggml_mul_mat on the same GGUF bytes, t threads (needs llama-cpp-python)
-  xla_ref      rz.quants.qmatmul_ref: dequantize, then an f32 dot (timed with --ref-rounds)
+  xla_ref      rz_kernels.quants.qmatmul_ref: dequantize, then an f32 dot (timed with --ref-rounds)
 
 It ends with each model's per-token matmul time at each M: the rate the matmuls alone allow.
 The machine is shared: take medians, rerun to compare; RZ_BENCH_MIN=1 reports the minimum of
@@ -25,7 +25,9 @@ import argparse
 import os
 import functools
 import statistics
+import sys
 import time
+from pathlib import Path
 from collections import defaultdict
 
 import jax
@@ -34,10 +36,13 @@ import numpy as np
 
 from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
-from rz.quants import qmatmul_ref
-from rz_kernels import cpu_ffi, ggml_oracle
+from rz_kernels import cpu_ffi
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
-from rz_kernels.testing import activations, nmse, real_qtensor
+from rz_kernels.quants import qmatmul_ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from support import ggml_oracle  # noqa: E402
+from support.kernels import activations, nmse, real_qtensor  # noqa: E402
 
 MODELS = {"gemma3-270m": gemma3_270m_path, "smollm2-135m": smollm2_135m_path}
 QUICK = {"token_embd.weight", "blk.0.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.0.ffn_down.weight"}

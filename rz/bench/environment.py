@@ -1,4 +1,4 @@
-"""What a result was measured on: machine, software, model file (perf-parity spec QA-033).
+"""What a result was measured on: machine, software, model file.
 
 The bench process itself never initialises a JAX backend (on a GPU that would take the memory
 the rz worker needs); the JAX backend and devices come from the rz engine's own description.

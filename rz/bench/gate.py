@@ -1,4 +1,4 @@
-"""The regression gate (perf-parity spec QA-011): fail when rz got slower than a baseline run.
+"""The regression gate: fail when rz got slower than a baseline run.
 
 When both runs measured the same peer on a test, the ratio to that peer is compared (a slower
 machine or a noisy day moves both engines and cancels out); otherwise rz's own tok/s.

@@ -1,11 +1,11 @@
 """The timing loop: warm-up, then engines interleaved round by round until each one's CV settles.
 
 Per test, every engine first runs `warmup` repetitions that are recorded but never summarised
-(JIT compilation and cold caches land there, QA-032). Then rounds follow; in each round every
+(JIT compilation and cold caches land there). Then rounds follow; in each round every
 engine still going runs one repetition, the order alternating (A B, B A, ...) so that a drift in
 machine speed or a cache warmed by the previous engine falls on both sides alike. An engine
 stops when its CV is under the threshold, or at the repetition or time budget; the result says
-which (QA-031). Outliers by MAD are listed, never dropped (QA-034).
+which. Outliers by MAD are listed, never dropped.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""The JSON schema of rz.bench results, version 1, and its validation (perf-parity spec QA-037, QA-040).
+"""The JSON schema of rz.bench results, version 1, and its validation.
 
 Shipped as Python so that it travels with the package; `python -m rz.bench schema` prints it.
 A change that breaks readers of old results bumps SCHEMA_VERSION.

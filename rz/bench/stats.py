@@ -1,6 +1,6 @@
 """The statistics of a benchmark: summaries, percentiles, MAD outliers, the CV stopping rule, ratios.
 
-Method (perf-parity spec QA-031..036): repetitions continue until the coefficient of variation
+Method: repetitions continue until the coefficient of variation
 falls under a threshold or a repetition/time budget runs out (Hoefler & Belli); outliers are
 flagged with the median absolute deviation and reported, never dropped (Fleming & Wallace);
 latencies are summarised by p50/p95/p99 (Georges et al.).

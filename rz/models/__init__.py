@@ -1,13 +1,13 @@
 """Model families and the forward pass they share: `load_model(gguf, cfg) -> Model`.
 
-A family module (llama.py, phi2.py, gemma3.py) provides the functions named in Family: its
-weights, embedding, transformer block and head. The stack of blocks over the KV cache is
-driven from here, once for all families.
+A family module (llama.py, phi2.py, gemma3.py) provides the functions its FAMILY names (see
+rz.models.family): its weights, embedding, transformer block and head. The stack of blocks over
+the KV cache is driven from here, once for all families.
 """
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,47 +17,22 @@ from rz.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from rz.errors import UnsupportedModelError
 from rz.gguf import GGUFFile
 from rz.kv_cache import KVCache
+import rz_kernels
 from rz.models import attention, gemma3, llama, phi2
+from rz.models.family import Family
 from rz.models.layers import Rope, RopeTable, rope_table
 from rz.weights import load_weights
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model"]
 
 
-@dataclass(frozen=True)
-class Family:
-    """The parts of a forward pass that differ between architectures.
-
-    tensor_specs(cfg) -> the family's Weights pytree with tensor specs as leaves (see rz.weights)
-    embed(weights, tokens, cfg) -> f32 [B, T, n_embd]
-    rope_freq_factors(weights) -> f32 [rope_dim // 2] dividing every layer's RoPE angles, or None
-    attention_inputs(layer_weights, x, rope_table, layer, cfg) -> (queries [B, T, H, D],
-        keys [B, T, n_kv, D], values [B, T, n_kv, Dv], scale): from a block's input, RoPE applied
-    block(layer_weights, layer_cache, x, positions, rope_table, layer, cfg) -> (x, layer_cache)
-    final_norm(weights, x, cfg) -> hidden f32 [B, T, n_embd]
-    lm_head(weights, hidden, cfg) -> logits f32 [..., n_vocab]
-    """
-
-    tensor_specs: Callable
-    embed: Callable
-    rope_freq_factors: Callable
-    attention_inputs: Callable
-    block: Callable
-    final_norm: Callable
-    lm_head: Callable
-
-
-def _family(module) -> Family:
-    return Family(**{part.name: getattr(module, part.name) for part in fields(Family)})
-
-
 # llama.cpp's qwen2 graph is its llama graph with NeoX RoPE (layers.NEOX_ROPE); the q/k/v biases
 # Qwen2 needs are optional tensors of every architecture's attention (weights.attention_projections).
 FAMILIES: dict[str, Family] = {
-    "llama": _family(llama),
-    "qwen2": _family(llama),
-    "phi2": _family(phi2),
-    "gemma3": _family(gemma3),
+    "llama": llama.FAMILY,
+    "qwen2": llama.FAMILY,
+    "phi2": phi2.FAMILY,
+    "gemma3": gemma3.FAMILY,
 }
 assert set(FAMILIES) == set(SUPPORTED_ARCHITECTURES)
 
@@ -98,8 +73,7 @@ def forward(
 
 # One block, jitted: JAX traces and lowers it once per kind of layer (and per weight types) and
 # calls that one function from every layer of the kind; XLA inlines the calls, so the compiled
-# step is the same graph. Traced inline, every layer was traced and lowered anew: on Gemma 3's
-# 18 layers that was 3 of the 3.7 s a second process took to its first token.
+# step is the same graph, and tracing a deep model costs one layer per kind instead of every layer.
 @partial(jax.jit, static_argnames=("layer", "family", "cfg"))
 def _block(layer_weights, layer_cache, x, positions, rope_table, *, layer: int, family: Family, cfg: ModelConfig):
     return family.block(layer_weights, layer_cache, x, positions, rope_table, layer, cfg)
@@ -109,9 +83,8 @@ def rope_tables(weights: Any, positions: jax.Array, *, family: Family, cfg: Mode
     """The RoPE table of each kind of layer (sliding: True, global: False) at positions [..., T].
 
     XLA:CPU fuses the cos and sin into their users, and so computes them again for every head of
-    every layer (a batch-8 decode step spent 1% of its CPU time in sincosf, a 512-token prefill
-    more). So the steps take their tables made outside them: a decode call makes the tables of
-    all its steps before its loop (XLA does not fuse across the loop's boundary), and a prefill
+    every layer. So the steps take their tables made outside them: a decode call makes the tables
+    of all its steps before its loop (XLA does not fuse across the loop's boundary), and a prefill
     chunk's come from a small compiled call of their own (rope_tables_for).
     """
     return rope_tables_for(family.rope_freq_factors(weights), positions, cfg=cfg)
@@ -142,28 +115,35 @@ def attention_probs(weights: Any, tokens: jax.Array, layer: int, *, family: Fami
         table = tables[cfg.sliding_layers[below]]
         x, _ = family.block(weights.layers[below], cache.layers[below], x, positions, table, below, cfg)
     queries, keys, _, scale = family.attention_inputs(weights.layers[layer], x, tables[cfg.sliding_layers[layer]], layer, cfg)
-    mask = attention.attention_mask(positions, positions, attention.layer_window(cfg, layer))
-    return attention.attention_weights(queries, keys.transpose(0, 2, 1, 3), mask, scale)[0]
+    probs = rz_kernels.attention_weights(
+        queries.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3), positions, positions,
+        window=attention.layer_window(cfg, layer), scale=scale, softcap=cfg.attn_logit_softcap,
+    )
+    return probs[0]
 
 
 @dataclass(frozen=True, eq=False)
 class Model:
-    """A loaded model: its config, its weights pytree, and pure functions over them (cfg bound)."""
+    """A loaded model: its config, its weights pytree, and its family; the methods are the module's
+    pure functions with this model's family and config."""
 
     cfg: ModelConfig
     weights: Any
-    family: Family = field(repr=False)
-    forward: Callable = field(init=False, repr=False)  # (weights, cache, tokens, positions) -> (hidden, cache)
-    lm_head: Callable = field(init=False, repr=False)  # (weights, hidden) -> logits
-    rope_tables: Callable = field(init=False, repr=False)  # (weights, positions) -> {sliding: RopeTable}
-    attention_probs: Callable = field(init=False, repr=False)  # (weights, tokens [T], layer) -> [n_head, T, T]
+    family: Family
 
-    def __post_init__(self):
-        bound = {"family": self.family, "cfg": self.cfg}
-        object.__setattr__(self, "forward", partial(forward, **bound))
-        object.__setattr__(self, "lm_head", partial(lm_head, **bound))
-        object.__setattr__(self, "rope_tables", partial(rope_tables, **bound))
-        object.__setattr__(self, "attention_probs", partial(attention_probs, **bound))
+    def forward(self, weights: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, tables=None):
+        """forward() of this model: (hidden after the final norm, cache)."""
+        return forward(weights, cache, tokens, positions, tables, family=self.family, cfg=self.cfg)
+
+    def lm_head(self, weights: Any, hidden: jax.Array) -> jax.Array:
+        return lm_head(weights, hidden, family=self.family, cfg=self.cfg)
+
+    def rope_tables(self, weights: Any, positions: jax.Array) -> dict[bool, RopeTable]:
+        return rope_tables(weights, positions, family=self.family, cfg=self.cfg)
+
+    def attention_probs(self, weights: Any, tokens: jax.Array, layer: int) -> jax.Array:
+        """attention_probs() of this model: f32 [n_head, T, T] for a prompt tokens [T]."""
+        return attention_probs(weights, tokens, layer, family=self.family, cfg=self.cfg)
 
     def init_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
         """An empty KV cache for batch_size sequences of up to max_seq_len positions."""

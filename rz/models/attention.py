@@ -1,7 +1,9 @@
-"""Causal self-attention over the KV cache plus the current chunk: masks from absolute positions.
+"""Causal self-attention over the KV cache plus the current chunk, shared by every family.
 
-The attention itself is rz_kernels.attention (a kernel per backend and shape); the materialized
-`attention_weights` here serve the look-inside API (attention maps).
+A family's block projects its input to queries, keys and values (project_qkv, the one QKV
+projection), rotates them (rotate), and attends (self_attention). The attention itself is
+rz_kernels.attention (a kernel per backend and shape); its masks, soft cap and softmax are
+rz_kernels' too, and so are the attention maps of the look-inside API (rz_kernels.attention_weights).
 """
 
 import jax
@@ -11,9 +13,8 @@ import rz_kernels
 from rz import kv_cache
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
-
-# Masked scores; finite, so a row with nothing to attend to (a padding query) stays free of NaN.
-MASKED = -1e30
+from rz.models.layers import Rope, RopeTable, apply_rope, linear_many
+from rz.weights import AttentionProjections
 
 
 def layer_window(cfg: ModelConfig, layer: int) -> int:
@@ -21,31 +22,22 @@ def layer_window(cfg: ModelConfig, layer: int) -> int:
     return cfg.sliding_window if cfg.sliding_layers[layer] else 0
 
 
-def attention_mask(query_positions: jax.Array, key_positions: jax.Array, window: int) -> jax.Array:
-    """bool [B, T, S]: may the query at position p see the key at position k?
-
-    k must be a real position (>= 0) with k <= p, and on sliding-window layers k > p - window
-    (llama.cpp's is_masked_swa).
-    """
-    p = query_positions[:, :, None]
-    k = key_positions[:, None, :]
-    visible = (k >= 0) & (k <= p)
-    if window:
-        visible &= k > p - window
-    return visible
+def project_qkv(w: AttentionProjections, h: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A block's normed input h [B, T, n_embd] through its q/k/v projections
+    -> queries [B, T, H, D], keys [B, T, n_kv, D], values [B, T, n_kv, Dv]."""
+    batch, length, _ = h.shape
+    queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
+    return (
+        queries.reshape(batch, length, cfg.n_head, cfg.head_dim),
+        keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim),
+        values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v),
+    )
 
 
-def attention_weights(queries: jax.Array, keys: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """softmax(q.k * scale) over visible keys: queries [B, T, H, D], keys [B, n_kv, S, D] -> f32 [B, H, T, S].
-
-    Query head h reads key head h // (H / n_kv), as ggml broadcasts grouped-query attention.
-    """
-    batch, length, n_head, head_dim = queries.shape
-    n_kv = keys.shape[1]
-    grouped = queries.reshape(batch, length, n_kv, n_head // n_kv, head_dim)
-    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, keys, precision=jax.lax.Precision.HIGHEST) * scale
-    scores = jnp.where(mask[:, None, None], scores, MASKED)
-    return jax.nn.softmax(scores, axis=-1).reshape(batch, n_head, length, keys.shape[2])
+def rotate(queries: jax.Array, keys: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Queries and keys with the RoPE of the layer's kind (sliding or global) applied."""
+    rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
+    return apply_rope(queries, rope_table, rope), apply_rope(keys, rope_table, rope)
 
 
 def self_attention(
@@ -54,11 +46,14 @@ def self_attention(
     keys: jax.Array,
     values: jax.Array,
     positions: jax.Array,
-    window: int,
     scale: float,
+    *,
+    layer: int,
+    cfg: ModelConfig,
 ) -> tuple[jax.Array, LayerCache]:
     """Attend a chunk's queries [B, T, H, D] over the cached history and the chunk's own keys/values
-    [B, T, n_kv, D]; then store the chunk in the cache. Returns (f32 [B, T, H * Dv], cache).
+    [B, T, n_kv, D], with the layer's window and the model's attention soft cap; then store the
+    chunk in the cache. Returns (f32 [B, T, H * Dv], cache).
 
     A decode step (T = 1), and any chunk on a global layer, stores its keys first and attends over
     the cache in place: nothing is copied. That is exact: a global layer's slot is its position
@@ -68,8 +63,9 @@ def self_attention(
     keys when it is longer than the window.
     """
     batch, length = queries.shape[:2]
+    window = layer_window(cfg, layer)
     q = queries.transpose(0, 2, 1, 3)
-    options = {"window": window, "scale": scale}
+    options = {"window": window, "scale": scale, "softcap": cfg.attn_logit_softcap}
     if length == 1 or window == 0:
         cache = kv_cache.write(cache, keys, values, positions)
         out = rz_kernels.attention(

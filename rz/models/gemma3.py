@@ -12,9 +12,10 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, RopeTable, apply_rope, no_rope_freq_factors, embed as embed_rows, geglu, linear, linear_many, rms_norm, softcap
-from rz.quants import QTensor
-from rz.weights import Either, attention_projections, matrix, vector
+from rz.models.family import Family
+from rz.models.layers import RopeTable, no_rope_freq_factors, embed as embed_rows, geglu, linear, linear_many, rms_norm, softcap
+from rz.weights import AttentionProjections, Either, attention_projections, matrix, vector
+from rz_kernels.quants import QTensor
 
 # Gemma 3 27B scales queries by the model width per head rather than by head_dim.
 GEMMA3_27B_LAYERS = 62
@@ -24,12 +25,7 @@ GEMMA3_27B_LAYERS = 62
 @dataclass(frozen=True)
 class LayerWeights:
     attn_norm: jax.Array
-    wq: QTensor
-    wk: QTensor
-    wv: QTensor
-    bq: jax.Array | None  # absent from the file: None, no add
-    bk: jax.Array | None  # absent from the file: None, no add
-    bv: jax.Array | None  # absent from the file: None, no add
+    qkv: AttentionProjections
     q_norm: jax.Array
     k_norm: jax.Array
     wo: QTensor
@@ -57,7 +53,7 @@ def tensor_specs(cfg: ModelConfig) -> Weights:
         blk = f"blk.{i}"
         return LayerWeights(
             attn_norm=vector(f"{blk}.attn_norm.weight", n_embd),
-            **attention_projections(i, cfg),
+            qkv=attention_projections(i, cfg),
             q_norm=vector(f"{blk}.attn_q_norm.weight", cfg.head_dim),
             k_norm=vector(f"{blk}.attn_k_norm.weight", cfg.head_dim),
             wo=matrix(f"{blk}.attn_output.weight", n_embd, cfg.n_head * cfg.head_dim_v),
@@ -91,17 +87,9 @@ rope_freq_factors = no_rope_freq_factors
 
 
 def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
-    batch, length, _ = x.shape
-    h = rms_norm(x, w.attn_norm, cfg.norm_eps)
-    queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
-    queries = queries.reshape(batch, length, cfg.n_head, cfg.head_dim)
-    keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
-    values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
-    queries = rms_norm(queries, w.q_norm, cfg.norm_eps)
-    keys = rms_norm(keys, w.k_norm, cfg.norm_eps)
-    rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
-    queries = apply_rope(queries, rope_table, rope)
-    keys = apply_rope(keys, rope_table, rope)
+    queries, keys, values = attention.project_qkv(w.qkv, rms_norm(x, w.attn_norm, cfg.norm_eps), cfg)
+    queries, keys = rms_norm(queries, w.q_norm, cfg.norm_eps), rms_norm(keys, w.k_norm, cfg.norm_eps)
+    queries, keys = attention.rotate(queries, keys, rope_table, layer, cfg)
     return queries * query_scale(cfg), keys, values, 1.0
 
 
@@ -110,8 +98,7 @@ def block(
 ):
     with jax.named_scope("attention"):
         queries, keys, values, scale = attention_inputs(w, x, rope_table, layer, cfg)
-        window = attention.layer_window(cfg, layer)
-        out, cache = attention.self_attention(cache, queries, keys, values, positions, window, scale)
+        out, cache = attention.self_attention(cache, queries, keys, values, positions, scale, layer=layer, cfg=cfg)
         x = x + rms_norm(linear(out, w.wo), w.post_attn_norm, cfg.norm_eps)
     with jax.named_scope("mlp"):
         h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
@@ -128,3 +115,6 @@ def final_norm(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 def lm_head(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     logits = linear(hidden, weights.output)
     return softcap(logits, cfg.final_logit_softcap) if cfg.final_logit_softcap else logits
+
+
+FAMILY = Family(tensor_specs, embed, rope_freq_factors, attention_inputs, block, final_norm, lm_head)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.config import ModelConfig
-from rz.quants import QTensor, dequantize
+from rz_kernels.quants import QTensor, dequantize
 from rz_kernels import qmatmul, qmatmul_many
 
 
@@ -35,7 +35,7 @@ def linear(x: jax.Array, weight: QTensor, bias: jax.Array | None = None) -> jax.
     """x [..., K] @ weight[N, K].T (+ bias) -> f32 [..., N]: the one place matmuls on weights go through.
 
     rz_kernels.qmatmul picks the path per backend and shape (on CPU the C++ kernel, which rounds
-    the activations to int8 per block as llama.cpp does; rz.quants.qmatmul_ref is the reference).
+    the activations to int8 per block as llama.cpp does; rz_kernels.quants.qmatmul_ref is the reference).
     """
     y = qmatmul(x, weight)
     return y if bias is None else y + bias

@@ -12,21 +12,17 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, RopeTable, apply_rope, embed as embed_rows, linear, linear_many, rms_norm, swiglu
-from rz.quants import QTensor
-from rz.weights import Either, attention_projections, matrix, optional, vector
+from rz.models.family import Family
+from rz.models.layers import RopeTable, embed as embed_rows, linear, linear_many, rms_norm, swiglu
+from rz.weights import AttentionProjections, Either, attention_projections, matrix, optional, vector
+from rz_kernels.quants import QTensor
 
 
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class LayerWeights:
     attn_norm: jax.Array
-    wq: QTensor
-    wk: QTensor
-    wv: QTensor
-    bq: jax.Array | None  # absent from the file: None, no add
-    bk: jax.Array | None  # absent from the file: None, no add
-    bv: jax.Array | None  # absent from the file: None, no add
+    qkv: AttentionProjections
     wo: QTensor
     bo: jax.Array | None  # absent from the file: None, no add
     rope_freq_factors: jax.Array | None  # Llama 3's rope_freqs, shared by all layers; None otherwise
@@ -56,7 +52,7 @@ def tensor_specs(cfg: ModelConfig) -> Weights:
         blk = f"blk.{i}"
         return LayerWeights(
             attn_norm=vector(f"{blk}.attn_norm.weight", n_embd),
-            **attention_projections(i, cfg),
+            qkv=attention_projections(i, cfg),
             wo=matrix(f"{blk}.attn_output.weight", n_embd, cfg.n_head * cfg.head_dim_v),
             bo=optional(vector(f"{blk}.attn_output.bias", n_embd)),
             rope_freq_factors=optional(vector("rope_freqs.weight", cfg.rope_dim // 2)),
@@ -88,15 +84,8 @@ def rope_freq_factors(weights: Weights) -> jax.Array | None:
 
 
 def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
-    batch, length, _ = x.shape
-    h = rms_norm(x, w.attn_norm, cfg.norm_eps)
-    queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
-    queries = queries.reshape(batch, length, cfg.n_head, cfg.head_dim)
-    keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
-    values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
-    rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
-    queries = apply_rope(queries, rope_table, rope)
-    keys = apply_rope(keys, rope_table, rope)
+    queries, keys, values = attention.project_qkv(w.qkv, rms_norm(x, w.attn_norm, cfg.norm_eps), cfg)
+    queries, keys = attention.rotate(queries, keys, rope_table, layer, cfg)
     return queries, keys, values, cfg.head_dim**-0.5
 
 
@@ -105,8 +94,7 @@ def block(
 ):
     with jax.named_scope("attention"):
         queries, keys, values, scale = attention_inputs(w, x, rope_table, layer, cfg)
-        window = attention.layer_window(cfg, layer)
-        out, cache = attention.self_attention(cache, queries, keys, values, positions, window, scale)
+        out, cache = attention.self_attention(cache, queries, keys, values, positions, scale, layer=layer, cfg=cfg)
         x = x + linear(out, w.wo, w.bo)
     with jax.named_scope("mlp"):
         h = rms_norm(x, w.ffn_norm, cfg.norm_eps)
@@ -121,3 +109,6 @@ def final_norm(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def lm_head(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     return linear(hidden, weights.output, weights.output_bias)
+
+
+FAMILY = Family(tensor_specs, embed, rope_freq_factors, attention_inputs, block, final_norm, lm_head)

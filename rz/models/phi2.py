@@ -11,9 +11,10 @@ import jax
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
 from rz.models import attention
-from rz.models.layers import Rope, RopeTable, apply_rope, no_rope_freq_factors, embed as embed_rows, gelu, layer_norm, linear, linear_many
-from rz.quants import QTensor
-from rz.weights import attention_projections, matrix, vector
+from rz.models.family import Family
+from rz.models.layers import RopeTable, no_rope_freq_factors, embed as embed_rows, gelu, layer_norm, linear
+from rz.weights import AttentionProjections, attention_projections, matrix, vector
+from rz_kernels.quants import QTensor
 
 
 @jax.tree_util.register_dataclass
@@ -21,12 +22,7 @@ from rz.weights import attention_projections, matrix, vector
 class LayerWeights:
     attn_norm: jax.Array
     attn_norm_bias: jax.Array
-    wq: QTensor
-    wk: QTensor
-    wv: QTensor
-    bq: jax.Array | None  # absent from the file: None, no add
-    bk: jax.Array | None  # absent from the file: None, no add
-    bv: jax.Array | None  # absent from the file: None, no add
+    qkv: AttentionProjections
     wo: QTensor
     bo: jax.Array
     w_up: QTensor
@@ -54,7 +50,7 @@ def tensor_specs(cfg: ModelConfig) -> Weights:
         return LayerWeights(
             attn_norm=vector(f"{blk}.attn_norm.weight", n_embd),
             attn_norm_bias=vector(f"{blk}.attn_norm.bias", n_embd),
-            **attention_projections(i, cfg),
+            qkv=attention_projections(i, cfg),
             wo=matrix(f"{blk}.attn_output.weight", n_embd, cfg.n_head * cfg.head_dim_v),
             bo=vector(f"{blk}.attn_output.bias", n_embd),
             w_up=matrix(f"{blk}.ffn_up.weight", n_ff, n_embd),
@@ -85,15 +81,8 @@ rope_freq_factors = no_rope_freq_factors
 
 
 def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
-    batch, length, _ = x.shape
-    h = _norm(w, x, cfg)
-    queries, keys, values = linear_many(h, (w.wq, w.wk, w.wv), (w.bq, w.bk, w.bv))
-    queries = queries.reshape(batch, length, cfg.n_head, cfg.head_dim)
-    keys = keys.reshape(batch, length, cfg.n_head_kv, cfg.head_dim)
-    values = values.reshape(batch, length, cfg.n_head_kv, cfg.head_dim_v)
-    rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
-    queries = apply_rope(queries, rope_table, rope)
-    keys = apply_rope(keys, rope_table, rope)
+    queries, keys, values = attention.project_qkv(w.qkv, _norm(w, x, cfg), cfg)
+    queries, keys = attention.rotate(queries, keys, rope_table, layer, cfg)
     # llama.cpp scales Q before the product rather than the scores, for f16 range.
     return queries * cfg.head_dim**-0.5, keys, values, 1.0
 
@@ -103,7 +92,7 @@ def block(
 ):
     with jax.named_scope("attention"):
         queries, keys, values, scale = attention_inputs(w, x, rope_table, layer, cfg)
-        out, cache = attention.self_attention(cache, queries, keys, values, positions, 0, scale)
+        out, cache = attention.self_attention(cache, queries, keys, values, positions, scale, layer=layer, cfg=cfg)
         attention_out = linear(out, w.wo, w.bo)
     with jax.named_scope("mlp"):
         mlp_out = linear(gelu(linear(_norm(w, x, cfg), w.w_up, w.b_up)), w.w_down, w.b_down)
@@ -116,3 +105,6 @@ def final_norm(weights: Weights, x: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 def lm_head(weights: Weights, hidden: jax.Array, cfg: ModelConfig) -> jax.Array:
     return linear(hidden, weights.output, weights.output_bias)
+
+
+FAMILY = Family(tensor_specs, embed, rope_freq_factors, attention_inputs, block, final_norm, lm_head)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from rz.engine import Engine
 from rz.errors import RequestError, RzError
 from rz.generation import Generation, GenerationRequest, StepEvent
-from rz.sampling import SamplingParams
+from rz.request import FinishReason, RequestOptions, SamplingParams
 from rz.scheduler import Scheduler
 
 log = logging.getLogger("rz.server")
@@ -198,7 +198,7 @@ class EngineLoop:
             del self._handed[event.sequence]
         if event.error is not None:
             self._finish(ticket, _failure(ticket, event.error))
-        elif event.finish_reason == "cancelled":
+        elif event.finish_reason == FinishReason.CANCELLED:
             self._finish(ticket, _cancelled_item(ticket, ticket.sequence))
         else:
             self._finish(ticket, event)
@@ -229,7 +229,7 @@ def _cancelled_item(ticket: Ticket, sequence: Generation | None):
         return None
     if sequence is None:
         return ShuttingDownError("the server shut down before the request got a slot")
-    return StepEvent(sequence, None, "", "cancelled")
+    return StepEvent(sequence, None, "", FinishReason.CANCELLED)
 
 
 def warm_up(engine: Engine) -> None:
@@ -243,12 +243,13 @@ def warm_up(engine: Engine) -> None:
     """
     greedy = SamplingParams(temperature=0.0)
     scheduler = Scheduler(engine)
+    request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=greedy, ignore_eos=True))
     for context in engine.buckets.context:
-        scheduler.add(GenerationRequest(prompt_ids=(0,), max_tokens=2, params=greedy, ignore_eos=True), context=context)
+        scheduler.add(request, context=context)
         collections.deque(scheduler.drain(), maxlen=0)
     for params in (greedy, SamplingParams(temperature=0.0, n_logprobs=1)):
         for rows in engine.batch_sizes:
-            request = GenerationRequest(prompt_ids=(0,), max_tokens=2, params=params, ignore_eos=True)
+            request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=params, ignore_eos=True))
             for _ in range(rows):
                 scheduler.add(request)
             collections.deque(scheduler.drain(), maxlen=0)

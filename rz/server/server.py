@@ -16,10 +16,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rz.api.v1 import inference_pb2 as pb
+from rz.api.v1 import inference_pb2_grpc as pb_grpc
 from rz.server.metrics import Metrics
 from rz.server.service import SERVICE_NAME, InferenceService
-from rz.server.v1 import inference_pb2 as pb
-from rz.server.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rz.server")
 

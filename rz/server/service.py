@@ -5,9 +5,12 @@ import logging
 
 import grpc
 
+from rz.api.messages import finish_reason_value, request_options
+from rz.api.v1 import inference_pb2 as pb
+from rz.api.v1 import inference_pb2_grpc as pb_grpc
 from rz.errors import RequestError, RzError, TokenizerError
 from rz.generation import GenerationRequest, StepEvent
-from rz.sampling import SamplingParams
+from rz.request import FinishReason, check_token_ids
 from rz.server.metrics import Metrics
 from rz.server.scheduler import (
     CLIENT_CANCELLED,
@@ -19,23 +22,11 @@ from rz.server.scheduler import (
     ShuttingDownError,
     Ticket,
 )
-from rz.server.v1 import inference_pb2 as pb
-from rz.server.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger("rz.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
-_SAMPLING_OPTIONS = (
-    "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "penalty_last_n", "seed",
-)
-_FINISH_REASONS = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "cancelled": pb.FINISH_REASON_CANCELLED,
-    "error": pb.FINISH_REASON_ERROR,
-}
 _CANCEL_STATUS = {CLIENT_CANCELLED: grpc.StatusCode.CANCELLED, DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -74,7 +65,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     def Detokenize(self, request: pb.DetokenizeRequest, context):
         def detokenize():
-            self._check_vocabulary(request.token_ids)
+            check_token_ids(request.token_ids, self._llm.config.n_vocab)
             return pb.DetokenizeResponse(text=self._llm.detokenize(list(request.token_ids)))
 
         return self._unary("Detokenize", request, context, detokenize)
@@ -107,23 +98,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return self._llm.chat_prompt_ids([{"role": m.role, "content": m.content} for m in request.messages])
 
     def _generation_request(self, prompt_ids: list[int], options: pb.GenerationOptions) -> GenerationRequest:
-        sampling = {name: getattr(options, name) for name in _SAMPLING_OPTIONS if options.HasField(name)}
-        request = GenerationRequest(
-            prompt_ids=tuple(prompt_ids),
-            max_tokens=options.max_tokens if options.HasField("max_tokens") else GenerationRequest.max_tokens,
-            params=SamplingParams(**sampling, n_logprobs=options.logprobs),
-            stop=tuple(options.stop),
-            stop_token_ids=frozenset(options.stop_token_ids),
-            ignore_eos=options.ignore_eos,
-        )
+        request = GenerationRequest(prompt_ids=tuple(prompt_ids), options=request_options(options))
         self._loop.engine.validate(request)
         return request
-
-    def _check_vocabulary(self, ids) -> None:
-        vocab = self._llm.config.n_vocab
-        bad = [i for i in ids if not 0 <= i < vocab]
-        if bad:
-            raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
 
     # ----- calls: status codes and metrics -----
 
@@ -189,7 +166,7 @@ def _responses(ticket: Ticket, request_id: str):
             return _CANCEL_STATUS[last.reason]
         events = [item for item in items if isinstance(item, StepEvent)]
         if isinstance(last, EngineFailure) and ticket.sequence is not None:
-            events.append(StepEvent(ticket.sequence, None, "", "error"))
+            events.append(StepEvent(ticket.sequence, None, "", FinishReason.ERROR))
         if events:
             yield _message(ticket, events, sent, request_id)
             sent += sum(event.token_id is not None for event in events)
@@ -207,7 +184,7 @@ def _message(ticket: Ticket, events: list[StepEvent], sent: int, request_id: str
     sequence = events[0].sequence
     token_ids = [event.token_id for event in events if event.token_id is not None]
     message = pb.GenerateResponse(text="".join(event.text for event in events), token_ids=token_ids)
-    if ticket.request.params.n_logprobs:
+    if ticket.request.options.sampling.n_logprobs:
         for entry in sequence.logprobs[sent : sent + len(token_ids)]:
             message.logprobs.add(
                 token_id=entry["token"],
@@ -217,7 +194,7 @@ def _message(ticket: Ticket, events: list[StepEvent], sent: int, request_id: str
     finish_reason = events[-1].finish_reason
     if finish_reason is not None:
         prompt_tokens, completion_tokens = len(sequence.request.prompt_ids), len(sequence.output_ids)
-        message.finish_reason = _FINISH_REASONS[finish_reason]
+        message.finish_reason = finish_reason_value(finish_reason)
         message.usage.CopyFrom(pb.Usage(
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
         ))

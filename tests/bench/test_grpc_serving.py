@@ -10,8 +10,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rz.bench.cli import main
 from rz.bench.environment import model_facts
 from rz.bench.workloads import model_tokenizer
-from rz.server.v1 import inference_pb2 as pb
-from rz.server.v1 import inference_pb2_grpc as pb_grpc
+from rz.api.v1 import inference_pb2 as pb
+from rz.api.v1 import inference_pb2_grpc as pb_grpc
 
 
 class FakeInference(pb_grpc.InferenceServiceServicer):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rz_kernels import attention_pallas, cpu_ffi
-from rz_kernels.testing import nmse
+from support.kernels import nmse
 from rz_kernels.causal_attention import (
     attention,
     attention_cpu,
@@ -88,13 +88,12 @@ def test_reference_matches_numpy(case):
 
 
 def test_reference_matches_the_model_attention_maps():
-    """The attention maps the model shows (rz.models.attention.attention_weights, queries [B, T, H, D])
-    are the weights attention_ref applies: weights @ V gives its output for every real query."""
-    from rz.models.attention import attention_mask, attention_weights
+    """The attention maps the model shows (rz_kernels.attention_weights, what rz.models.attention_probs
+    returns) are the weights attention_ref applies: weights @ V gives its output for every real query."""
+    from rz_kernels import attention_weights
 
     q, k, v, q_positions, k_positions = make_inputs(1, 2, 4, 1, 9, 40, 32)
-    mask = attention_mask(jnp.asarray(q_positions), jnp.asarray(k_positions), 8)
-    weights = attention_weights(jnp.asarray(q).transpose(0, 2, 1, 3), jnp.asarray(k), mask, 0.25)  # [B, H, T, S]
+    weights = attention_weights(*map(jnp.asarray, (q, k, q_positions, k_positions)), window=8, scale=0.25)  # [B, H, T, S]
     group = q.shape[1] // k.shape[1]
     from_maps = np.einsum("bhts,bhsd->bhtd", np.asarray(weights), np.repeat(v, group, axis=1))
     ours = np.asarray(attention_ref(*map(jnp.asarray, (q, k, v, q_positions, k_positions)), window=8, scale=0.25))

@@ -1,4 +1,4 @@
-"""rz_kernels.qmatmul (rz_kernels/quantized_matmul.py): every path against rz.quants.qmatmul_ref, NMSE <= 5e-4 (llama.cpp's test-backend-ops bound).
+"""rz_kernels.qmatmul (rz_kernels/quantized_matmul.py): every path against rz_kernels.quants.qmatmul_ref, NMSE <= 5e-4 (llama.cpp's test-backend-ops bound).
 
 The C++ CPU kernel runs natively; the Pallas GPU kernel runs in interpret mode on CPU, and its
 lowering to Triton IR for CUDA is checked without a GPU.
@@ -11,10 +11,10 @@ import pytest
 
 from rz.errors import RzError
 from rz.gguf import GGUFFile
-from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
+from rz_kernels.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
-from rz.quants import QTensor, dequantize, qmatmul_ref
-from rz_kernels import cpu_ffi, describe_paths, ggml_oracle, qmatmul, qmatmul_many, qmatmul_pallas, quantized_matmul, select_path
+from rz_kernels.quants import QTensor, dequantize, qmatmul_ref
+from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_many, qmatmul_pallas, quantized_matmul, select_path
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
     activation_block,
@@ -22,7 +22,8 @@ from rz_kernels.quantized_matmul import (
     q8_1_sum_correction,
     quantize_activations_ref,
 )
-from rz_kernels.testing import activations, nmse, random_qtensor, real_qtensor
+from support import ggml_oracle
+from support.kernels import activations, nmse, random_qtensor, real_qtensor
 
 # Pallas kernels run compiled on a GPU and in interpret mode elsewhere (CI's CPUs).
 INTERPRET = jax.default_backend() != "gpu"

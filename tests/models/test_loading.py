@@ -9,10 +9,10 @@ import pytest
 
 from rz.config import ModelConfig
 from rz.errors import GGUFError, UnsupportedModelError
-from rz.ggml_types import GGMLType
+from rz_kernels.ggml_types import GGMLType
 from rz.gguf import GGUFFile
 from rz.models import SUPPORTED_ARCHITECTURES, load_model
-from rz.quants import QTensor
+from rz_kernels.quants import QTensor
 from rz_run import load
 from tiny_models import write_tiny_model
 
@@ -67,14 +67,14 @@ def test_misshaped_tensor_is_named_with_both_shapes(tmp_path):
 def test_matrices_stay_quantized_and_tied_embeddings_are_shared(tmp_path):
     model = load(write_tiny_model(tmp_path / "m.gguf", "gemma3", "Q8_0"))
     weights = model.weights
-    assert isinstance(weights.layers[0].wq, QTensor) and weights.layers[0].wq.ggml_type == GGMLType.Q8_0
+    assert isinstance(weights.layers[0].qkv.wq, QTensor) and weights.layers[0].qkv.wq.ggml_type == GGMLType.Q8_0
     assert weights.output is weights.token_embd  # tied: one copy
     assert weights.layers[0].attn_norm.dtype == np.float32
 
 
 def test_fused_qkv_is_split_into_rows(tmp_path):
     model = load(write_tiny_model(tmp_path / "m.gguf", "phi2", "Q8_0"))
-    cfg, layer = model.cfg, model.weights.layers[0]
+    cfg, layer = model.cfg, model.weights.layers[0].qkv
     assert layer.wq.shape == (cfg.n_head * cfg.head_dim, cfg.n_embd)
     assert layer.wk.shape == layer.wv.shape == (cfg.n_head_kv * cfg.head_dim, cfg.n_embd)
     assert layer.bq.shape == (cfg.n_head * cfg.head_dim,)

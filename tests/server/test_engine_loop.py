@@ -6,12 +6,16 @@ from rz.buckets import Buckets
 from rz.engine import Engine
 from rz.generation import GenerationRequest, StepEvent
 from rz.model_files import smollm2_135m_path
-from rz.sampling import SamplingParams
+from rz.request import RequestOptions, SamplingParams
 from rz.scheduler import Scheduler
 from rz.server import scheduler
 from rz.server.scheduler import EngineLoop
 
 GREEDY = SamplingParams(temperature=0.0)
+
+
+def _options(params: SamplingParams = GREEDY, **options) -> RequestOptions:
+    return RequestOptions(sampling=params, **options)
 
 
 def _tokens(ticket) -> list[int]:
@@ -30,8 +34,8 @@ def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkey
     running streams stall for the whole prompt. And both sequences get what they get alone."""
     llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
     engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
-    running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), max_tokens=40, params=GREEDY, ignore_eos=True)
-    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), max_tokens=4, params=GREEDY, ignore_eos=True)
+    running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), options=_options(max_tokens=40, ignore_eos=True))
+    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), options=_options(max_tokens=4, ignore_eos=True))
     alone = {}
     one_at_a_time = Scheduler(engine)
     for request in (running, long):
@@ -74,8 +78,8 @@ def test_warm_up_compiles_every_shape_that_serving_meets():
     scheduler = Scheduler(engine)
     for length in (1, 5, 9, 20, 40, 100, 200, 250):
         for params in (GREEDY, SamplingParams(temperature=0.0, n_logprobs=2)):
-            request = GenerationRequest(prompt_ids=(1,) * length, max_tokens=3, params=params, ignore_eos=True)
-            others = [GenerationRequest(prompt_ids=(2, 3), max_tokens=5, params=GREEDY, ignore_eos=True)]
+            request = GenerationRequest(prompt_ids=(1,) * length, options=_options(params, max_tokens=3, ignore_eos=True))
+            others = [GenerationRequest(prompt_ids=(2, 3), options=_options(max_tokens=5, ignore_eos=True))]
             for r in [request] + others:
                 scheduler.add(r)
             list(scheduler.drain())

@@ -7,8 +7,8 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from rz.server.v1 import inference_pb2 as pb
-from rz.server.v1 import inference_pb2_grpc as pb_grpc
+from rz.api.v1 import inference_pb2 as pb
+from rz.api.v1 import inference_pb2_grpc as pb_grpc
 from server_process import MAX_BATCH, MAX_QUEUE, N_CTX
 
 pytestmark = pytest.mark.slow

@@ -2,12 +2,12 @@
 
 import grpc_tools
 
-from rz.server.stubs import PACKAGE_DIR, generate
+from support.stubs import PACKAGE_DIR, generate
 
 
 def test_committed_stubs_match_the_proto(tmp_path):
     for name, text in generate(tmp_path).items():
         assert (PACKAGE_DIR / name).read_text() == text, (
-            f"rz/server/v1/{name} is stale (or was made by another grpcio-tools than {grpc_tools.__version__}): "
-            "run python -m rz.server.stubs"
+            f"rz/api/v1/{name} is stale (or was made by another grpcio-tools than {grpc_tools.__version__}): "
+            "run python tests/support/stubs.py"
         )

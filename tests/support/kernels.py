@@ -4,9 +4,10 @@ import math
 
 import numpy as np
 
-from rz.ggml_types import BLOCK_GEOMETRY, GGMLType, tensor_nbytes
 from rz.gguf import GGUFFile
-from rz.quants import QTensor, pack
+from rz.quants import pack
+from rz_kernels.ggml_types import BLOCK_GEOMETRY, GGMLType, tensor_nbytes
+from rz_kernels.quants import QTensor
 
 # Byte offsets of the f16 scales inside each type's GGUF block.
 F16_SCALE_OFFSETS = {

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from rz.server.v1 import inference_pb2 as rz_dot_server_dot_v1_dot_inference__pb2
+from rz.api.v1 import inference_pb2 as rz_dot_api_dot_v1_dot_inference__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in rz/server/v1/inference_pb2_grpc.py depends on'
+        + ' but the generated code in rz/api/v1/inference_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,28 +37,28 @@ class InferenceServiceStub:
         """
         self.Generate = channel.unary_stream(
                 '/rz.v1.InferenceService/Generate',
-                request_serializer=rz_dot_server_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                request_serializer=rz_dot_api_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Chat = channel.unary_stream(
                 '/rz.v1.InferenceService/Chat',
-                request_serializer=rz_dot_server_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
-                response_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+                request_serializer=rz_dot_api_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+                response_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/rz.v1.InferenceService/Tokenize',
-                request_serializer=rz_dot_server_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                request_serializer=rz_dot_api_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.Detokenize = channel.unary_unary(
                 '/rz.v1.InferenceService/Detokenize',
-                request_serializer=rz_dot_server_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                request_serializer=rz_dot_api_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.ModelInfo = channel.unary_unary(
                 '/rz.v1.InferenceService/ModelInfo',
-                request_serializer=rz_dot_server_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
+                request_serializer=rz_dot_api_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
                 _registered_method=True)
 
 
@@ -106,28 +106,28 @@ def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
-                    response_serializer=rz_dot_server_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
+                    response_serializer=rz_dot_api_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'Chat': grpc.unary_stream_rpc_method_handler(
                     servicer.Chat,
-                    request_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.ChatRequest.FromString,
-                    response_serializer=rz_dot_server_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.ChatRequest.FromString,
+                    response_serializer=rz_dot_api_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
-                    response_serializer=rz_dot_server_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=rz_dot_api_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
             ),
             'Detokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Detokenize,
-                    request_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
-                    response_serializer=rz_dot_server_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
+                    request_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=rz_dot_api_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
             'ModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfo,
-                    request_deserializer=rz_dot_server_dot_v1_dot_inference__pb2.ModelInfoRequest.FromString,
-                    response_serializer=rz_dot_server_dot_v1_dot_inference__pb2.ModelInfoResponse.SerializeToString,
+                    request_deserializer=rz_dot_api_dot_v1_dot_inference__pb2.ModelInfoRequest.FromString,
+                    response_serializer=rz_dot_api_dot_v1_dot_inference__pb2.ModelInfoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -156,8 +156,8 @@ class InferenceService:
             request,
             target,
             '/rz.v1.InferenceService/Generate',
-            rz_dot_server_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
-            rz_dot_server_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            rz_dot_api_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
+            rz_dot_api_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -183,8 +183,8 @@ class InferenceService:
             request,
             target,
             '/rz.v1.InferenceService/Chat',
-            rz_dot_server_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
-            rz_dot_server_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            rz_dot_api_dot_v1_dot_inference__pb2.ChatRequest.SerializeToString,
+            rz_dot_api_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,8 +210,8 @@ class InferenceService:
             request,
             target,
             '/rz.v1.InferenceService/Tokenize',
-            rz_dot_server_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
-            rz_dot_server_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            rz_dot_api_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            rz_dot_api_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class InferenceService:
             request,
             target,
             '/rz.v1.InferenceService/Detokenize',
-            rz_dot_server_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
-            rz_dot_server_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+            rz_dot_api_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            rz_dot_api_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,8 +264,8 @@ class InferenceService:
             request,
             target,
             '/rz.v1.InferenceService/ModelInfo',
-            rz_dot_server_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
-            rz_dot_server_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
+            rz_dot_api_dot_v1_dot_inference__pb2.ModelInfoRequest.SerializeToString,
+            rz_dot_api_dot_v1_dot_inference__pb2.ModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

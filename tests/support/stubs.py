@@ -2,10 +2,10 @@
 
 After editing the proto, regenerate them from a source checkout:
 
-    python -m rz.server.stubs
+    python tests/support/stubs.py
 
 tests/server/test_stubs.py fails while the committed stubs differ from what this generates.
-The proto is compiled as rz/server/v1/inference.proto (a protoc path mapping), so that the
+The proto is compiled as rz/api/v1/inference.proto (a protoc path mapping), so that the
 generated gRPC module imports its messages from the package it lives in.
 """
 
@@ -13,8 +13,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).parent / "v1"
-PROTO_DIR = Path(__file__).parents[2] / "proto" / "rz" / "v1"
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = ROOT / "rz" / "api" / "v1"
+PROTO_DIR = ROOT / "proto" / "rz" / "v1"
 PROTO_NAME = "inference.proto"
 GENERATED = ("inference_pb2.py", "inference_pb2.pyi", "inference_pb2_grpc.py")
 
@@ -23,7 +24,7 @@ def generate(out_dir: Path) -> dict[str, str]:
     """Compile the proto into out_dir; the generated files' text by name."""
     from grpc_tools import protoc
 
-    virtual = "rz/server/v1"
+    virtual = "rz/api/v1"
     status = protoc.main([
         "grpc_tools.protoc",
         f"-I{virtual}={PROTO_DIR}",

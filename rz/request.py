@@ -1,0 +1,158 @@
+"""What a generation request asks for and what it gets back: the types every front shares.
+
+rz.LLM's keyword arguments, the command line's flags and defaults, the gRPC service's
+GenerationOptions and rz.client all derive from RequestOptions, and every front validates a
+request through RequestOptions.validate, so each gives the same messages. This module imports no
+JAX: the client uses it too.
+"""
+
+import dataclasses
+import enum
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from rz.errors import RequestError
+from rz.stopping import validate_stops
+
+# How many recent tokens the device keeps per row for the penalties: the largest penalty_last_n
+# a request may ask for. llama.cpp's -1 ("the whole context") is not offered.
+MAX_PENALTY_LAST_N = 256
+# OpenAI's limit on top_logprobs; it also bounds the static width of the top-logprob outputs.
+MAX_N_LOGPROBS = 20
+_SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's sampling settings (rz.sampling's chain); the defaults are llama.cpp's."""
+
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 40  # 0: off
+    top_p: float = 0.95  # 1: off
+    min_p: float = 0.05  # 0: off
+    repeat_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64  # 0: no penalties
+    seed: int | None = None  # None: a fresh random seed, as llama.cpp's default seed
+    n_logprobs: int = 0  # how many top log-probabilities to return per token
+
+    def validate(self) -> None:
+        """Raise RequestError naming the first setting that is malformed or out of range."""
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RequestError(f"{name} must be a finite number, got {value!r}")
+        integers = ("top_k", "penalty_last_n", "n_logprobs") + (() if self.seed is None else ("seed",))
+        for name in integers:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise RequestError(f"{name} must be an integer, got {value!r}")
+        checks = (
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 = off)"),
+            ("repeat_penalty", self.repeat_penalty > 0, "must be > 0 (1 = off)"),
+            ("penalty_last_n", 0 <= self.penalty_last_n <= MAX_PENALTY_LAST_N, f"must be in [0, {MAX_PENALTY_LAST_N}]"),
+            ("seed", self.seed is None or 0 <= self.seed < _SEED_LIMIT, "must be in [0, 2**32), or None for random"),
+            ("n_logprobs", 0 <= self.n_logprobs <= MAX_N_LOGPROBS, f"must be in [0, {MAX_N_LOGPROBS}]"),
+        )
+        for name, in_range, expectation in checks:
+            if not in_range:
+                raise RequestError(f"{name} {expectation}, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """Everything a generation request asks for besides its prompt: limits, sampling, stopping, logprobs.
+
+    The fronts use flat names (FLAT_OPTIONS): this type's own fields, SamplingParams' fields, and
+    `logprobs` for SamplingParams.n_logprobs, as in llama-cpp-python and the gRPC API.
+    """
+
+    max_tokens: int = 128
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()  # stop strings, never part of the returned text
+    stop_token_ids: frozenset[int] = frozenset()  # tokens that end the generation, besides end-of-generation
+    ignore_eos: bool = False  # keep going past end-of-generation tokens
+
+    @classmethod
+    def from_flat(cls, **options: Any) -> "RequestOptions":
+        """Options from flat names; a name that is not an option raises RequestError. Not yet validated."""
+        unknown = set(options) - set(FLAT_OPTIONS)
+        if unknown:
+            raise RequestError(f"unknown generation options: {', '.join(sorted(unknown))}")
+        sampling = {_SAMPLING_NAMES.get(name, name): value for name, value in options.items() if name not in _OWN}
+        own = {name: value for name, value in options.items() if name in _OWN}
+        if "stop" in own:
+            own["stop"] = validate_stops(own["stop"])
+        if "stop_token_ids" in own:
+            own["stop_token_ids"] = frozenset(_token_ids(own["stop_token_ids"], "stop_token_ids"))
+        if "ignore_eos" in own:
+            own["ignore_eos"] = bool(own["ignore_eos"])
+        return cls(sampling=SamplingParams(**sampling), **own)
+
+    def flat(self) -> dict[str, Any]:
+        """The options by their flat names (the inverse of from_flat)."""
+        own = {name: getattr(self, name) for name in _OWN}
+        sampling = {_FLAT_NAMES.get(f.name, f.name): getattr(self.sampling, f.name) for f in dataclasses.fields(SamplingParams)}
+        return own | sampling
+
+    def validate(self) -> None:
+        """Raise RequestError naming the first option that is malformed or out of range."""
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, (int, np.integer)) or self.max_tokens < 1:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        self.sampling.validate()
+        validate_stops(self.stop)
+        _token_ids(self.stop_token_ids, "stop_token_ids")
+
+
+class FinishReason(str, enum.Enum):
+    """Why a generation ended; equal to its value, so it reads and serializes as that string."""
+
+    STOP = "stop"  # an end-of-generation token, a stop string or a stop token
+    LENGTH = "length"  # max_tokens reached
+    CANCELLED = "cancelled"  # the caller cancelled, or the server shut down
+    ERROR = "error"  # the engine failed while serving it
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation (rz.LLM.generate and rz.client.Client.generate)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: dict  # prompt_tokens, completion_tokens, total_tokens
+    timings: dict  # seconds: queue, prefill, time to first token, decode, total
+    logprobs: list[dict] | None = None  # per token: token, logprob, top [(id, logprob)]
+
+
+def check_token_ids(ids: Sequence[int], n_vocab: int) -> None:
+    """Raise RequestError if a token id is outside a vocabulary of n_vocab tokens."""
+    bad = [i for i in ids if not 0 <= i < n_vocab]
+    if bad:
+        raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{n_vocab - 1})")
+
+
+def _token_ids(ids, name: str) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, set, frozenset, np.ndarray)):
+        raise RequestError(f"{name} must be a list of token ids, got {type(ids).__name__}")
+    for token in ids:
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise RequestError(f"{name} must hold integer token ids, got {token!r}")
+    return [int(token) for token in ids]
+
+
+_OWN = tuple(f.name for f in dataclasses.fields(RequestOptions) if f.name != "sampling")
+_SAMPLING_NAMES = {"logprobs": "n_logprobs"}  # flat name -> SamplingParams field
+_FLAT_NAMES = {field: flat for flat, field in _SAMPLING_NAMES.items()}
+# Every option by its flat name, with its default.
+FLAT_OPTIONS: dict[str, Any] = RequestOptions().flat()

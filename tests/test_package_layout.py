@@ -1,0 +1,39 @@
+"""Dependencies run one way: rz uses rz_kernels, never the reverse, and the client needs no server."""
+
+import ast
+from pathlib import Path
+
+import rz
+import rz_kernels
+
+# rz_kernels/cpu_ffi.py still takes rz.model_files.cache_dir; the CPU-kernel work removes that import.
+KNOWN_EXCEPTIONS = {"rz_kernels/cpu_ffi.py"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules.add(node.module)
+    return modules
+
+
+def _is_rz(module: str) -> bool:
+    return module == "rz" or module.startswith("rz.")
+
+
+def test_no_module_of_rz_kernels_imports_rz():
+    root = Path(rz_kernels.__file__).parent
+    offenders = {
+        f"rz_kernels/{path.relative_to(root)}": sorted(filter(_is_rz, _imported_modules(path)))
+        for path in root.rglob("*.py")
+    }
+    offenders = {name: modules for name, modules in offenders.items() if modules and name not in KNOWN_EXCEPTIONS}
+    assert not offenders
+
+
+def test_the_client_reaches_into_no_server_module():
+    client = Path(rz.__file__).parent / "client.py"
+    assert not [module for module in _imported_modules(client) if module.startswith("rz.server")]

@@ -1,0 +1,55 @@
+"""rz.weights: each weight declared once, and the file checked against that declaration."""
+
+import numpy as np
+import pytest
+
+from rz.config import ModelConfig
+from rz.errors import GGUFError
+from rz.gguf import GGUFFile
+from rz.model_files import smollm2_135m_path
+from rz.weights import AttentionProjections, attention_projections, load_weights, matrix, optional, vector
+from rz_kernels.quants import QTensor
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    with GGUFFile(smollm2_135m_path()) as gguf:
+        yield gguf
+
+
+@pytest.fixture(scope="module")
+def cfg(gguf):
+    return ModelConfig.from_gguf(gguf)
+
+
+def test_a_missing_tensor_is_named(gguf):
+    with pytest.raises(GGUFError, match="missing tensor 'blk.0.no_such.weight'"):
+        load_weights(gguf, matrix("blk.0.no_such.weight", 4, 4))
+
+
+def test_a_tensor_of_another_shape_than_declared_is_refused(gguf, cfg):
+    with pytest.raises(GGUFError, match="token_embd.weight.*expected"):
+        load_weights(gguf, matrix("token_embd.weight", cfg.n_vocab, cfg.n_embd + 1))
+
+
+def test_an_absent_optional_tensor_loads_as_none(gguf):
+    assert load_weights(gguf, {"bias": optional(vector("blk.0.attn_q.bias", 8))}) == {"bias": None}
+
+
+def test_a_tensor_declared_twice_is_loaded_once(gguf, cfg):
+    spec = matrix("token_embd.weight", cfg.n_vocab, cfg.n_embd)
+    first, second = load_weights(gguf, (spec, spec))
+    assert first is second and isinstance(first, QTensor)
+
+
+def test_attention_projections_load_with_their_declared_shapes(gguf, cfg):
+    qkv = load_weights(gguf, attention_projections(0, cfg))
+    assert isinstance(qkv, AttentionProjections)
+    assert qkv.wq.shape == (cfg.n_head * cfg.head_dim, cfg.n_embd)
+    assert qkv.wk.shape == qkv.wv.shape == (cfg.n_head_kv * cfg.head_dim, cfg.n_embd)
+    assert (qkv.bq, qkv.bk, qkv.bv) == (None, None, None)  # SmolLM2 has no q/k/v biases
+
+
+def test_vectors_load_as_f32(gguf, cfg):
+    norm = load_weights(gguf, vector("output_norm.weight", cfg.n_embd))
+    assert norm.dtype == np.float32 and norm.shape == (cfg.n_embd,)
