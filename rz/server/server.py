@@ -90,6 +90,7 @@ class Server:
 
         llm = LLM(self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch)
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
+        _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
         engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets)
         warm_up(engine)
@@ -123,6 +124,16 @@ class Server:
     def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
+
+
+def _report_chat_template(llm) -> None:
+    """Warn at load time when the model's chat template cannot render even a one-message chat."""
+    from rz.errors import RequestError
+
+    try:
+        llm.chat_prompt_ids([{"role": "user", "content": "Hello"}])
+    except RequestError as error:
+        log.warning("the model's chat template cannot render a one-message chat, so Chat requests will fail: %s", error)
 
 
 def _model_info(llm, config: ServerConfig) -> pb.ModelInfoResponse:
