@@ -196,7 +196,10 @@ class TemplateRenderer:
 
     def render(self, template: str, variables: dict) -> str:
         """The rendered text; RequestError naming the limit or the failure otherwise."""
-        job = (json.dumps({"template": template, "variables": variables}) + "\n").encode()
+        try:
+            job = (json.dumps({"template": template, "variables": variables}) + "\n").encode()
+        except (TypeError, ValueError) as error:
+            raise RequestError(f"the chat's messages must hold only JSON values (strings, numbers, lists, objects): {error}") from None
         with self._lock:
             answer = self._exchange(job)
         if "error" in answer:

@@ -243,3 +243,10 @@ def test_a_template_that_cannot_render_one_message_is_a_request_error(template, 
     """What rz serve's load-time check (one user message) reports in its warning."""
     with pytest.raises(RequestError, match=problem):
         render_chat(template, [{"role": "user", "content": "Hello"}], "<s>", "</s>")
+
+
+def test_messages_with_values_json_cannot_carry_are_request_errors():
+    from datetime import date
+
+    with pytest.raises(RequestError, match="JSON values"):
+        render_chat(None, [{"role": "user", "content": "hi", "when": date(2026, 1, 1)}], "", "")
