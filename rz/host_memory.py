@@ -27,6 +27,12 @@ def release_unused() -> None:
     """Free unreachable Python objects (an engine and its jitted steps form reference cycles, so
     dropping the last reference does not free them), then return free heap pages to the system."""
     gc.collect()
+    return_free_pages()
+
+
+def return_free_pages() -> None:
+    """Return the C allocator's free pages to the system: after one-off large work (tokenizing a
+    very long text) on one of many threads, each with its own arena, they would stay resident."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -9,7 +9,8 @@ JAX) that:
 - runs under an address-space limit (RLIMIT_AS: its size at start plus MEMORY_LIMIT_BYTES), so
   an allocation past it raises MemoryError there and leaves the server's memory alone;
 - is killed and replaced when a render takes longer than TIME_LIMIT_SECONDS, so an abandoned
-  render never keeps burning a core (a thread cannot be stopped; a process can);
+  render never keeps burning a core (a thread cannot be stopped; a process can), and runs at the
+  lowest CPU priority meanwhile;
 - stops at OUTPUT_LIMIT_CHARS of rendered text.
 
 Inside the sandbox, the common amplifiers are refused before they allocate, with a message that
@@ -37,7 +38,7 @@ from pathlib import Path
 from rz.errors import RequestError
 
 OUTPUT_LIMIT_CHARS = 4 << 20  # four times `rz serve`'s default --max-request-bytes
-TIME_LIMIT_SECONDS = 2.0
+TIME_LIMIT_SECONDS = 1.0
 MEMORY_LIMIT_BYTES = 192 << 20
 RANGE_LIMIT = 100_000  # Jinja's own sandbox MAX_RANGE
 POWER_LIMIT_BITS = 4096
@@ -164,6 +165,8 @@ def _render_in_child(environment, job: dict) -> dict:
 
 
 def _child_main() -> None:
+    # A render that spins until it is killed must not take CPU from the engine's threads.
+    os.nice(19)
     environment = _make_environment()
     size = _address_space_bytes()
     resource.setrlimit(resource.RLIMIT_AS, (size + MEMORY_LIMIT_BYTES, size + MEMORY_LIMIT_BYTES))

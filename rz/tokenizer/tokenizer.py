@@ -9,6 +9,7 @@ from functools import cached_property
 from typing import Any
 
 from rz.errors import TokenizerError
+from rz.host_memory import return_free_pages
 from rz.tokenizer.bpe import bpe_merge, merge_ranks
 from rz.tokenizer.codepoints import CHAR_TO_BYTE, byte_encode
 from rz.tokenizer.special import SpecialTokenSplitter
@@ -93,7 +94,10 @@ class Tokenizer:
         if len(text) <= _HEAVY_TEXT_CHARS:
             return self._encode(text, add_bos, special)
         with _HEAVY_ENCODES:
-            return self._encode(text, add_bos, special)
+            try:
+                return self._encode(text, add_bos, special)
+            finally:
+                return_free_pages()
 
     def _encode(self, text: str, add_bos: bool | None, special: bool) -> list[int]:
         vocab = self._vocab
