@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ log = logging.getLogger("rz.server")
 # gRPC itself refuses messages over this many times --max-request-bytes (RESOURCE_EXHAUSTED);
 # between the two, rz answers INVALID_ARGUMENT with the sizes.
 _TRANSPORT_LIMIT_FACTOR = 4
+_SWITCH_INTERVAL_SECONDS = 0.0005
 # Worker threads beyond one per admissible stream: unary calls, health watches, refusals.
 _SPARE_WORKERS = 16
 
@@ -247,6 +249,10 @@ def serve(config: ServerConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: (stop.set(), wake.set()))
     warn_if_exposed(config)
+    # The engine loop shares the interpreter with request threads that may run pure Python for
+    # seconds (tokenizing a megabyte): each time the loop comes back from a compiled step it
+    # waits for the interpreter lock up to this interval (default 5 ms), several times a step.
+    sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
     server = Server(config)
     server.start()
     metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
