@@ -122,6 +122,10 @@ def attacks() -> dict:
     return {
         "chat template 'a' * 10**10 (x3)": (lambda c: c.chat([{"role": "user", "content": "boom"}], 5), 3),
         "chat template nested range loops (x3)": (lambda c: c.chat([{"role": "user", "content": "spin"}], 5), 3),
+        # The stop-string rows run three 200-token generations beside the unrelated request: this
+        # row is the same without stop strings, so the difference is the stop strings' cost.
+        "control: three plain 200-token generations (x3)": (
+            lambda c: c.generate(partial, 200, temperature=0.0, ignore_eos=True), 3),
         f"stop strings at the limit, {MAX_STOPS} x {MAX_STOP_CHARS} chars, one partial (x3)": (
             lambda c: c.generate(partial, 200, temperature=0.0, ignore_eos=True,
                                  stop=long_stops + [" Paris" + "y" * (MAX_STOP_CHARS - 6)]), 3),
