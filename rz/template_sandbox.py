@@ -43,6 +43,8 @@ MEMORY_LIMIT_BYTES = 192 << 20
 RANGE_LIMIT = 100_000  # Jinja's own sandbox MAX_RANGE
 POWER_LIMIT_BITS = 4096
 INDENT_LIMIT = 32
+_STARTUP_SECONDS = 60.0
+_READY = "ready"
 
 
 class TemplateLimitError(Exception):
@@ -165,11 +167,15 @@ def _render_in_child(environment, job: dict) -> dict:
 
 
 def _child_main() -> None:
-    # A render that spins until it is killed must not take CPU from the engine's threads.
+    # A render that spins until it is killed must not take CPU from the engine's threads, nor
+    # outlive a server that exits meanwhile.
     os.nice(19)
+    _die_with_parent()
     environment = _make_environment()
     size = _address_space_bytes()
     resource.setrlimit(resource.RLIMIT_AS, (size + MEMORY_LIMIT_BYTES, size + MEMORY_LIMIT_BYTES))
+    sys.stdout.write(_READY + "\n")
+    sys.stdout.flush()
     for line in sys.stdin:
         answer = _render_in_child(environment, json.loads(line))
         try:
@@ -178,6 +184,19 @@ def _child_main() -> None:
             encoded = json.dumps({"error": f"the chat template needed over {MEMORY_LIMIT_BYTES >> 20} MiB (memory limit)"})
         sys.stdout.write(encoded + "\n")
         sys.stdout.flush()
+
+
+def _die_with_parent() -> None:
+    """End this process within a second of its parent's end (then it is re-parented). Linux's
+    PR_SET_PDEATHSIG would follow the thread that started the child, not the process."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _address_space_bytes() -> int:
@@ -252,6 +271,11 @@ class TemplateRenderer:
             [sys.executable, "-c", "from rz.template_sandbox import _child_main; _child_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment,
         )
+        # The time limit is the render's: starting Python (a second or more on a busy machine)
+        # is waited for apart.
+        if self._read_line(self._child, time.monotonic() + _STARTUP_SECONDS) != _READY.encode():
+            self._stop_child()
+            raise RequestError("the chat template sandbox did not start")
         return self._child
 
     def _stop_child(self) -> None:
