@@ -175,3 +175,16 @@ def test_sigterm_while_loading_exits_promptly():
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_loading_warns_when_the_chat_template_cannot_render_one_message(caplog):
+    from rz.chat import render_chat
+    from rz.server.server import _report_chat_template
+
+    def model_with(template):
+        return SimpleNamespace(chat_prompt_ids=lambda messages: render_chat(template, messages, "<s>", "</s>"))
+
+    _report_chat_template(model_with(None))
+    assert not caplog.records
+    _report_chat_template(model_with("{{ 'a' * 10**10 }}"))
+    assert "cannot render a one-message chat" in caplog.text and "string multiplication" in caplog.text
