@@ -1,7 +1,8 @@
 """Chat messages to a prompt string, through the GGUF's own Jinja chat template, in a sandbox.
 
 A template is code that comes with an untrusted model file, so it runs in Jinja's
-ImmutableSandboxedEnvironment: no attribute starting with an underscore, no mutation of the
+ImmutableSandboxedEnvironment, in a child process with limits on output, time and memory
+(rz.template_sandbox): no attribute starting with an underscore, no mutation of the
 messages, no Python objects beyond the data it is handed, no files, no network. The environment
 offers what Hugging Face's `apply_chat_template` and llama.cpp's minja offer templates:
 trim_blocks and lstrip_blocks, loop controls (break/continue), `raise_exception`,
@@ -15,15 +16,8 @@ When the GGUF has no template, the fallback is chosen by architecture as llama.c
 expect: Gemma's turn format for Gemma models, ChatML for everything else (llama.cpp's default).
 """
 
-import functools
-import json
-from datetime import datetime
-
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from rz.errors import RequestError
+from rz.template_sandbox import render_template
 
 # llama.cpp's built-in "chatml" template.
 CHATML_TEMPLATE = (
@@ -68,21 +62,14 @@ def render_chat(
     add_generation_prompt: bool = True,
     architecture: str | None = None,
 ) -> str:
-    """Render messages ([{"role": str, "content": str, ...}]) with the GGUF's template, or the built-in one."""
+    """Render messages ([{"role": str, "content": str, ...}]) with the GGUF's template, or the built-in one.
+
+    The template runs in rz.template_sandbox's child process, under its limits on output, time and
+    memory; whatever fails inside it is a RequestError naming the failure or the limit.
+    """
     _check_messages(messages)
-    compiled = _compile(template if template is not None else builtin_template(architecture))
-    try:
-        return compiled.render(
-            messages=messages,
-            bos_token=bos_token,
-            eos_token=eos_token,
-            add_generation_prompt=add_generation_prompt,
-        )
-    except Exception as error:
-        # The template is untrusted input: whatever fails inside it (a raise_exception, a
-        # sandbox refusal, a type error in its expressions) is a problem with this request
-        # against this model, never an rz bug to propagate as such.
-        raise RequestError(f"the chat template failed: {_describe(error)}") from error
+    variables = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    return render_template(template if template is not None else builtin_template(architecture), variables)
 
 
 def _check_messages(messages) -> None:
@@ -97,46 +84,6 @@ def _check_messages(messages) -> None:
         content = message.get("content")
         if not isinstance(content, str):
             raise RequestError(f"messages[{index}] needs a string 'content', got {content!r}")
-
-
-@functools.lru_cache(maxsize=32)
-def _compile(source: str) -> jinja2.Template:
-    try:
-        return _ENVIRONMENT.from_string(source)
-    except jinja2.TemplateSyntaxError as error:
-        raise RequestError(f"the chat template does not parse: {_describe(error)}") from error
-
-
-def _describe(error: Exception) -> str:
-    line = f" (template line {error.lineno})" if isinstance(error, jinja2.TemplateSyntaxError) else ""
-    return f"{type(error).__name__}: {error}{line}"
-
-
-def _raise_exception(message: str):
-    raise jinja2.TemplateError(message)
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-    # Jinja's own tojson escapes <, >, & and ' for HTML; chat templates want the plain JSON
-    # that Hugging Face and llama.cpp produce.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _make_environment() -> ImmutableSandboxedEnvironment:
-    environment = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    environment.filters["tojson"] = _tojson
-    environment.globals["raise_exception"] = _raise_exception
-    environment.globals["strftime_now"] = _strftime_now
-    return environment
-
-
-_ENVIRONMENT = _make_environment()
 
 
 def chat_loop(system: str | None, reply) -> int:

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from rz.api.channel import open_channel
 from rz.api.messages import finish_reason, options_message
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
@@ -41,10 +42,14 @@ class Chunk:
 class Client:
     """A connection to one rz server."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, timeout: float | None = None):
+    def __init__(
+        self, target: str = DEFAULT_TARGET, timeout: float | None = None,
+        api_key: str | None = None, tls: bool = False, tls_ca: str | None = None,
+    ):
+        """api_key: the server's --api-key; tls: connect over TLS; tls_ca: a PEM certificate to trust (implies tls)."""
         self.target = target
         self.timeout = timeout  # seconds per call unless a call says otherwise
-        self._channel = grpc.insecure_channel(target)
+        self._channel = open_channel(target, api_key, tls, tls_ca)
         self._stub = pb_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

@@ -1,5 +1,6 @@
 """The model's hyperparameters, read once from GGUF metadata into a frozen, hashable config."""
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,86 +52,167 @@ class ModelConfig:
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
+        """The config of a GGUF, every value checked for type, range and agreement with the
+        tensors before anything is sized by it; a bad one is a GGUFError naming its key."""
         arch = gguf.require("general.architecture")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedModelError(
                 f"{gguf.path}: architecture {arch!r} is not supported; "
                 f"rz supports {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-
-        def key(name, default=None, required=False):
-            full = f"{arch}.{name}"
-            return gguf.require(full) if required else gguf.get(full, default)
-
-        n_embd = int(key("embedding_length", required=True))
-        n_head = int(key("attention.head_count", required=True))
-        n_head_kv = int(key("attention.head_count_kv", n_head))
-        n_layer = int(key("block_count", required=True))
-        head_dim = int(key("attention.key_length", n_embd // n_head))
+        keys = _Keys(gguf, arch)
+        n_embd = keys.integer("embedding_length", required=True)
+        n_head = keys.integer("attention.head_count", required=True, high=MAX_HEADS)
+        n_head_kv = keys.integer("attention.head_count_kv", n_head, high=n_head)
+        n_layer = keys.integer("block_count", required=True, high=MAX_LAYERS)
+        head_dim = keys.integer("attention.key_length", max(n_embd // n_head, 1))
+        context_length = keys.integer("context_length", required=True, high=MAX_CONTEXT)
         tokens = gguf.require("tokenizer.ggml.tokens")
-        sliding_window = int(key("attention.sliding_window", 0) or 0)
+        if not isinstance(tokens, list) or not tokens:
+            raise GGUFError(f"{gguf.path}: tokenizer.ggml.tokens must be a non-empty list of strings")
+        sliding_window = keys.integer("attention.sliding_window", 0, low=0, high=MAX_CONTEXT)
+        _check_layer_count(gguf, n_layer)
         if arch in SLIDING_WINDOW_ARCHITECTURES and sliding_window > 0:
-            pattern = key("attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
-            if isinstance(pattern, (int, np.integer)):
-                sliding_layers = tuple(i % int(pattern) < int(pattern) - 1 for i in range(n_layer))
-            else:  # newer GGUFs spell the pattern out, one flag per layer
-                sliding_layers = tuple(bool(flag) for flag in pattern)[:n_layer]
-            rope_base_sliding = float(key("rope.freq_base_swa", GEMMA3_SLIDING_ROPE_BASE))
+            sliding_layers = keys.sliding_layers(n_layer)
+            rope_base_sliding = keys.real("rope.freq_base_swa", GEMMA3_SLIDING_ROPE_BASE, low=0.0)
         else:
             sliding_layers = (False,) * n_layer
-            rope_base_sliding = float(key("rope.freq_base", 10_000.0))
-        norm_eps = key("attention.layer_norm_rms_epsilon", None)
-        if norm_eps is None:
-            norm_eps = key("attention.layer_norm_epsilon", required=True)
+            rope_base_sliding = keys.real("rope.freq_base", 10_000.0, low=0.0)
+        eps_key = "attention.layer_norm_rms_epsilon" if keys.has("attention.layer_norm_rms_epsilon") else "attention.layer_norm_epsilon"
+        rope_scaling_factor = keys.real("rope.scaling.factor", 1.0, low=0.0, zero_means_default=True)
         # Without a type, llama.cpp takes a scaling factor as linear scaling.
-        rope_scaling = key("rope.scaling.type", "linear" if key("rope.scaling.factor") else "none")
-        if rope_scaling not in ("none", "linear", "yarn"):
-            raise UnsupportedModelError(f"{gguf.path}: RoPE scaling {rope_scaling!r} is not supported")
+        rope_scaling = keys.raw("rope.scaling.type", "linear" if keys.raw("rope.scaling.factor") else "none")
+        if not isinstance(rope_scaling, str) or rope_scaling not in ("none", "linear", "yarn"):
+            raise UnsupportedModelError(f"{gguf.path}: RoPE scaling {_short(rope_scaling)} is not supported")
         config = cls(
             architecture=arch,
             name=str(gguf.get("general.name", gguf.path.stem)),
-            n_vocab=int(key("vocab_size", len(tokens))),
+            n_vocab=keys.integer("vocab_size", len(tokens), high=len(tokens)),
             n_embd=n_embd,
             n_layer=n_layer,
             n_head=n_head,
             n_head_kv=n_head_kv,
             head_dim=head_dim,
-            head_dim_v=int(key("attention.value_length", head_dim)),
-            n_ff=int(key("feed_forward_length", required=True)),
-            context_length=int(key("context_length", required=True)),
-            norm_eps=float(norm_eps),
-            rope_base=float(key("rope.freq_base", 10_000.0)),
+            head_dim_v=keys.integer("attention.value_length", head_dim),
+            n_ff=keys.integer("feed_forward_length", required=True),
+            context_length=context_length,
+            norm_eps=keys.real(eps_key, required=True, low=0.0, high=1.0),
+            rope_base=keys.real("rope.freq_base", 10_000.0, low=0.0),
             rope_base_sliding=rope_base_sliding,
-            rope_dim=int(key("rope.dimension_count", head_dim)),
+            rope_dim=keys.integer("rope.dimension_count", head_dim, high=head_dim),
             rope_scaling=rope_scaling,
-            rope_scaling_factor=float(key("rope.scaling.factor", 1.0) or 1.0),
-            rope_scaling_original_context=int(
-                key("rope.scaling.original_context_length", 0) or key("context_length", required=True)
+            rope_scaling_factor=rope_scaling_factor,
+            rope_scaling_original_context=keys.integer(
+                "rope.scaling.original_context_length", context_length, high=MAX_CONTEXT, zero_means_default=True
             ),
-            rope_attn_factor=float(key("rope.scaling.attn_factor", 1.0)),
+            rope_attn_factor=keys.real("rope.scaling.attn_factor", 1.0, low=0.0),
             sliding_window=sliding_window,
             sliding_layers=sliding_layers,
-            attn_logit_softcap=float(key("attn_logit_softcapping", 0.0) or 0.0),
-            final_logit_softcap=float(key("final_logit_softcapping", 0.0) or 0.0),
+            attn_logit_softcap=keys.real("attn_logit_softcapping", 0.0, low=None, zero_means_default=True),
+            final_logit_softcap=keys.real("final_logit_softcapping", 0.0, low=None, zero_means_default=True),
             tie_embeddings="output.weight" not in gguf.tensors,
-            chat_template=gguf.get("tokenizer.chat_template"),
+            chat_template=_chat_template(gguf),
         )
         config.validate(gguf)
         return config
 
     def validate(self, gguf: GGUFFile) -> None:
+        """The checks that join several keys, and the token embedding's shape against them."""
         problems = []
-        if min(self.n_embd, self.n_head, self.n_head_kv, self.n_layer, self.head_dim, self.n_ff) <= 0:
-            problems.append("a model dimension is zero or negative")
-        elif self.n_head % self.n_head_kv:
+        if self.n_head % self.n_head_kv:
             problems.append(f"head_count {self.n_head} is not a multiple of head_count_kv {self.n_head_kv}")
-        if self.context_length <= 0:
-            problems.append(f"context_length {self.context_length} must be positive")
-        if not 0 < self.rope_dim <= self.head_dim:
-            problems.append(f"rope.dimension_count {self.rope_dim} must be in 1..{self.head_dim}")
-        if len(self.sliding_layers) != self.n_layer:
+        if self.rope_dim % 2:
+            problems.append(f"rope.dimension_count {self.rope_dim} must be even (RoPE rotates pairs)")
+        embedding = gguf.tensors.get("token_embd.weight")
+        if embedding is not None and tuple(embedding.shape) != (self.n_vocab, self.n_embd):
             problems.append(
-                f"attention.sliding_window_pattern has {len(self.sliding_layers)} flags for {self.n_layer} layers"
+                f"token_embd.weight has shape {list(embedding.shape)}, but vocab_size (or the token list) and "
+                f"embedding_length say [{self.n_vocab}, {self.n_embd}]"
             )
         if problems:
             raise GGUFError(f"{gguf.path}: inconsistent metadata: {'; '.join(problems)}")
+
+
+# Upper bounds far above any released model, low enough that nothing sized by them can exhaust
+# memory before the tensors are checked against them.
+MAX_DIMENSION = 1 << 20
+MAX_HEADS = 1 << 12
+MAX_LAYERS = 1 << 12
+MAX_CONTEXT = 1 << 24
+MAX_REAL = 1e30
+
+
+class _Keys:
+    """An architecture's metadata keys, read with a check of type and range that names the key."""
+
+    def __init__(self, gguf: GGUFFile, arch: str):
+        self.gguf, self.arch = gguf, arch
+
+    def has(self, name: str) -> bool:
+        return f"{self.arch}.{name}" in self.gguf.metadata
+
+    def raw(self, name: str, default=None, required: bool = False):
+        full = f"{self.arch}.{name}"
+        return self.gguf.require(full) if required else self.gguf.get(full, default)
+
+    def integer(self, name, default=None, required=False, low=1, high=MAX_DIMENSION, zero_means_default=False) -> int:
+        value = self.raw(name, default, required)
+        if zero_means_default and isinstance(value, (int, np.integer)) and value == 0:
+            value = default
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise self._bad(name, value, "an integer")
+        if not low <= value <= high:
+            raise self._bad(name, value, f"in {low}..{high}")
+        return int(value)
+
+    def real(self, name, default=None, required=False, low=0.0, high=MAX_REAL, zero_means_default=False) -> float:
+        """A finite number; above `low` (exclusive) when low is given, else at least 0."""
+        value = self.raw(name, default, required)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise self._bad(name, value, "a number")
+        value = float(value)
+        if zero_means_default and value == 0:
+            return float(default)
+        if not math.isfinite(value) or value > high or (value <= low if low is not None else value < 0):
+            bounds = f"in ({low:g}, {high:g}]" if low is not None else f"in [0, {high:g}]"
+            raise self._bad(name, value, f"finite and {bounds}")
+        return value
+
+    def sliding_layers(self, n_layer: int) -> tuple[bool, ...]:
+        """Gemma 3's sliding-window layers: every layer but each pattern-th, or one flag per layer."""
+        name = "attention.sliding_window_pattern"
+        pattern = self.raw(name, GEMMA3_SLIDING_PATTERN)
+        if isinstance(pattern, (int, np.integer)) and not isinstance(pattern, (bool, np.bool_)):
+            period = self.integer(name, GEMMA3_SLIDING_PATTERN)
+            return tuple(i % period < period - 1 for i in range(n_layer))
+        # Newer GGUFs spell the pattern out, one flag per layer.
+        if not isinstance(pattern, (list, np.ndarray)) or len(pattern) < n_layer:
+            raise self._bad(name, _short(pattern), f"a period or a list of at least {n_layer} flags")
+        flags = pattern[:n_layer]
+        if not all(isinstance(flag, (bool, int, np.bool_, np.integer)) for flag in flags):
+            raise self._bad(name, _short(pattern), "a list of flags")
+        return tuple(bool(flag) for flag in flags)
+
+    def _bad(self, name: str, value, expected: str) -> GGUFError:
+        return GGUFError(f"{self.gguf.path}: metadata {self.arch}.{name} is {_short(value)}; it must be {expected}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_layer_count(gguf: GGUFFile, n_layer: int) -> None:
+    """block_count must be the number of layers the file's tensors hold (blk.0 ... blk.N-1)."""
+    layers = {name.split(".", 2)[1] for name in gguf.tensors if name.startswith("blk.")}
+    if gguf.tensors and layers != {str(i) for i in range(n_layer)}:
+        found = sorted(int(layer) for layer in layers if layer.isdigit())
+        span = f"blk.{found[0]}..blk.{found[-1]} ({len(found)} layers)" if found else "no layers"
+        raise GGUFError(f"{gguf.path}: metadata block_count is {n_layer}, but the tensors hold {span}")
+
+
+def _chat_template(gguf: GGUFFile) -> str | None:
+    template = gguf.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise GGUFError(f"{gguf.path}: metadata tokenizer.chat_template must be a string, got {_short(template)}")
+    return template

@@ -23,6 +23,9 @@ MAX_PENALTY_LAST_N = 256
 # OpenAI's limit on top_logprobs; it also bounds the static width of the top-logprob outputs.
 MAX_N_LOGPROBS = 20
 _SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
+# The settings become f32 and i32 on the device: a larger value would turn into inf or wrap.
+_F32_MAX = float(np.finfo(np.float32).max)
+_I32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise RequestError(f"{name} must be a finite number, got {value!r}")
+            if abs(value) > _F32_MAX:
+                raise RequestError(f"{name} must be within float32's range (magnitude <= {_F32_MAX:.7g}), got {value!r}")
         integers = ("top_k", "penalty_last_n", "n_logprobs") + (() if self.seed is None else ("seed",))
         for name in integers:
             value = getattr(self, name)
@@ -53,7 +58,7 @@ class SamplingParams:
                 raise RequestError(f"{name} must be an integer, got {value!r}")
         checks = (
             ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
-            ("top_k", self.top_k >= 0, "must be >= 0 (0 = off)"),
+            ("top_k", 0 <= self.top_k <= _I32_MAX, f"must be in [0, {_I32_MAX}] (0 = off)"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1] (1 = off)"),
             ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1] (0 = off)"),
             ("repeat_penalty", self.repeat_penalty > 0, "must be > 0 (1 = off)"),

@@ -1,5 +1,7 @@
 """Chat templates: the GGUF's Jinja rendered as llama-cpp-python renders it, the built-in fallbacks, the sandbox."""
 
+import resource
+
 import jinja2
 import pytest
 
@@ -7,6 +9,7 @@ from rz.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE, builtin_template, render_ch
 from rz.errors import RequestError
 from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
+from rz.template_sandbox import TemplateRenderer
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -179,3 +182,71 @@ def test_template_runtime_error_is_a_request_error():
 def test_malformed_messages_are_request_errors(messages, problem):
     with pytest.raises(RequestError, match=problem):
         render_chat(None, messages, "", "")
+
+
+# Each amplifier the probes found (and a few more): the sandbox refuses it with the limit's name,
+# and the server's process neither grows nor waits past the time limit.
+@pytest.mark.parametrize(
+    "template, limit",
+    [
+        ("{{ 'a' * 10**10 }}", "string multiplication"),
+        ("{{ 'a' * 300000000 }}", "string multiplication"),
+        ("{{ 'a' * 5000000 }}", "string multiplication"),
+        ("{{ [0] * 10**9 }}", "list multiplication"),
+        ("{% set s = namespace(v='ab') %}{% for i in range(60) %}{% set s.v = s.v + s.v %}{% endfor %}{{ s.v }}",
+         "string concatenation"),
+        ("{{ messages | tojson(indent=10**9) }}", "tojson indent"),
+        ("{{ 7 ** 1000000000 }}", "power"),
+        ("{% for i in range(10**6) %}x{% endfor %}", "range"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}", "output limit"),
+        ("{{ 'x' | center(10**10) }}", "memory limit"),
+        ("{{ 'x'.ljust(10**9) }}", "memory limit"),
+        ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "time limit"),
+    ],
+)
+def test_template_resource_limits_are_request_errors_naming_the_limit(template, limit):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(RequestError, match=limit):
+        render_chat(template, [{"role": "user", "content": "hi"}], "", "")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 << 10  # KiB
+    # The sandbox is usable again right after.
+    assert render_chat(None, [{"role": "user", "content": "hi"}], "", "") == CHATML_TEMPLATE_HI
+
+
+CHATML_TEMPLATE_HI = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_render_over_the_time_limit_is_stopped_not_abandoned():
+    renderer = TemplateRenderer(time_limit=0.3)
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    with pytest.raises(RequestError, match="time limit"):
+        renderer.render(endless, {})
+    assert renderer._child is None  # killed, not left running
+    assert renderer.render("{{ x }}", {"x": "ok"}) == "ok"
+    renderer.close()
+
+
+def test_templates_within_the_limits_render_in_full():
+    text = render_chat("{{ 'ab' * 1000 }}{% for i in range(1000) %}{{ i % 10 }}{% endfor %}{{ 2 ** 100 }}", [{"role": "user", "content": "hi"}], "", "")
+    assert text == "ab" * 1000 + "0123456789" * 100 + str(2**100)
+
+
+@pytest.mark.parametrize(
+    "template, problem",
+    [
+        ("{% for %}", "does not parse"),
+        ("{{ 'a' * 10**10 }}", "string multiplication"),
+        ("{{ raise_exception('needs a system message') }}", "needs a system"),
+    ],
+)
+def test_a_template_that_cannot_render_one_message_is_a_request_error(template, problem):
+    """What rz serve's load-time check (one user message) reports in its warning."""
+    with pytest.raises(RequestError, match=problem):
+        render_chat(template, [{"role": "user", "content": "Hello"}], "<s>", "</s>")
+
+
+def test_messages_with_values_json_cannot_carry_are_request_errors():
+    from datetime import date
+
+    with pytest.raises(RequestError, match="JSON values"):
+        render_chat(None, [{"role": "user", "content": "hi", "when": date(2026, 1, 1)}], "", "")

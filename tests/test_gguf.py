@@ -243,3 +243,75 @@ def test_fuzzed_real_files_load_or_raise_gguf_error(tmp_path, model, count):
             outcomes["rejected"] += 1
         assert time.process_time() - start < 1.0
     assert outcomes["loaded"] > 0 and outcomes["rejected"] > 0, outcomes
+
+
+# Every hyperparameter ModelConfig reads, and values a hostile or broken file might hold there.
+CONFIG_KEYS = (
+    "embedding_length", "attention.head_count", "attention.head_count_kv", "block_count", "attention.key_length",
+    "attention.value_length", "context_length", "attention.sliding_window", "attention.sliding_window_pattern",
+    "rope.freq_base_swa", "rope.freq_base", "attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon",
+    "rope.scaling.type", "rope.scaling.factor", "vocab_size", "feed_forward_length", "rope.dimension_count",
+    "rope.scaling.original_context_length", "rope.scaling.attn_factor", "attn_logit_softcapping",
+    "final_logit_softcapping",
+)
+HOSTILE_VALUES = (
+    0, 1, 2, 3, 7, -1, 2**31, 2**32 - 1, 2**63, -(2**63), np.uint64(2**64 - 1), np.int32(-5), np.float32(0.5),
+    0.0, -0.0, 1e-300, -1e-9, 1.0, 1e308, float("nan"), float("inf"), -float("inf"), True, "yarn", "", "x" * 100,
+    [1, 2], np.array([0, 1] * 10, np.int32), np.array([], np.int32), None,
+)
+GENERAL_KEYS = ("tokenizer.ggml.tokens", "tokenizer.chat_template")
+
+
+def _value_mutants(rng, metadata: dict, arch: str, count: int):
+    """(key, value) edits of one, two or three hyperparameters (None: the key removed), seeded."""
+    keys = [f"{arch}.{name}" for name in CONFIG_KEYS] + list(GENERAL_KEYS)
+    for _ in range(count):
+        edits = {}
+        for _ in range(int(rng.integers(1, 4))):
+            key = keys[int(rng.integers(len(keys)))]
+            if rng.random() < 0.5:
+                value = HOSTILE_VALUES[int(rng.integers(len(HOSTILE_VALUES)))]
+            else:  # near the real value, where off-by-one and divisibility bugs live
+                real = metadata.get(key, 2)
+                value = type(real)(real * rng.choice([0, 1, 2, 3]) + rng.choice([-1, 0, 1])) if isinstance(real, (int, float, np.integer, np.floating)) and not isinstance(real, bool) else real
+            edits[key] = value
+        yield edits
+
+
+@pytest.mark.parametrize("model, count", [("smollm2", 6000), ("gemma3", 4000)])
+def test_hyperparameter_value_mutations_load_or_raise_a_clean_error(model, count):
+    """10,000 files' worth of hostile metadata values: each config either loads with every value in
+    range, or fails with a GGUFError naming the file; never another exception, runaway memory or time."""
+    import copy
+    import resource
+    import math
+
+    source = GGUFFile(REAL_MODELS[model]())
+    arch = source.metadata["general.architecture"]
+    rng = np.random.default_rng(99)
+    outcomes = {"loads": 0, "clean error": 0}
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for edits in _value_mutants(rng, source.metadata, arch, count):
+        variant = copy.copy(source)
+        variant.metadata = dict(source.metadata)
+        for key, value in edits.items():
+            if value is None:
+                variant.metadata.pop(key, None)
+            else:
+                variant.metadata[key] = value
+        start = time.process_time()
+        try:
+            config = ModelConfig.from_gguf(variant)
+        except (GGUFError, UnsupportedModelError) as error:
+            assert str(variant.path) in str(error), error
+            outcomes["clean error"] += 1
+        else:
+            outcomes["loads"] += 1
+            assert min(config.n_embd, config.n_layer, config.n_head, config.head_dim, config.n_ff, config.context_length) >= 1
+            assert config.n_head % config.n_head_kv == 0 and 2 <= config.rope_dim <= config.head_dim
+            assert config.rope_dim % 2 == 0 and len(config.sliding_layers) == config.n_layer
+            for value in (config.norm_eps, config.rope_base, config.rope_base_sliding, config.rope_scaling_factor):
+                assert math.isfinite(value) and value > 0
+        assert time.process_time() - start < 1.0, edits
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 512 << 10  # KiB
+    assert outcomes["loads"] > 0 and outcomes["clean error"] > 0, outcomes

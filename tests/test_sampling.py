@@ -430,3 +430,15 @@ def test_candidate_frame_compiles_to_top_k_not_a_full_sort():
     full_sorts = [line for line in hlo.splitlines() if " sort(" in line and "[2,4096]" in line.split("=")[1]]
     assert hlo.count('custom_call_target="TopK"') == 2  # the candidate frame and the top logprobs
     assert len(full_sorts) == 1  # only the exact redo path, behind its lax.cond
+
+
+@pytest.mark.parametrize(
+    "setting", [dict(temperature=1e308), dict(repeat_penalty=1e308), dict(frequency_penalty=-1e308),
+                dict(presence_penalty=3.5e38), dict(top_k=2**31)],
+    ids=lambda setting: next(iter(setting)),
+)
+def test_values_beyond_the_devices_f32_and_i32_are_request_errors(setting):
+    name = next(iter(setting))
+    with pytest.raises(RequestError, match=name):
+        SamplingParams(**setting).validate()
+    SamplingParams(**{name: 1e38 if name != "top_k" else 2**31 - 1}).validate()

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from rz.errors import RequestError
-from rz.stopping import StopStringMatcher, validate_stops
+from rz.stopping import MAX_STOP_CHARS, MAX_STOPS, StopStringMatcher, _Automaton, validate_stops
 
 
 def expected_output(text: str, stops) -> tuple[str, bool]:
@@ -106,3 +106,62 @@ def test_validate_stops():
         validate_stops(42)
     with pytest.raises(RequestError, match="empty"):
         StopStringMatcher("")
+
+
+def test_limits_on_the_number_and_length_of_stops():
+    assert len(validate_stops([f"stop {i}" for i in range(MAX_STOPS)])) == MAX_STOPS
+    with pytest.raises(RequestError, match=f"over the limit of {MAX_STOPS}"):
+        validate_stops([f"stop {i}" for i in range(MAX_STOPS + 1)])
+    assert validate_stops(["x" * MAX_STOP_CHARS]) == ("x" * MAX_STOP_CHARS,)
+    with pytest.raises(RequestError, match=f"over the limit of {MAX_STOP_CHARS}"):
+        validate_stops(["x" * (MAX_STOP_CHARS + 1)])
+
+
+def test_work_per_character_does_not_grow_with_the_stops():
+    """The probe's attack at the limits: every stop long, one partially matching the output."""
+    steps = []
+
+    class CountingAutomaton(_Automaton):
+        def step(self, node, char):
+            steps.append(char)
+            return super().step(node, char)
+
+    def transitions(stops, text):
+        matcher = StopStringMatcher(stops)
+        matcher._automaton = CountingAutomaton(matcher.stops)
+        steps.clear()
+        for char in text:
+            matcher.feed(char)
+        return len(steps)
+
+    text = "the answer is " + "ab" * 500
+    few = transitions(["abz"], text)
+    many = transitions([f"{i:03d}" + "ab" * (MAX_STOP_CHARS // 2 - 2) for i in range(MAX_STOPS - 1)] + ["ab" * 100 + "z"], text)
+    assert few == many == len(text)
+
+
+def reference_feed(state: dict, text: str, stops) -> tuple[str, bool]:
+    """The plain search the automaton replaces: every stop looked for in the pending text, the
+    earliest completed one cutting, the longest tail that begins a stop held back."""
+    pending = state["held"] + text
+    matches = [index for index in (pending.find(stop) for stop in stops) if index >= 0]
+    if matches:
+        return pending[: min(matches)], True
+    held = max((n for stop in stops for n in range(1, len(stop)) if pending.endswith(stop[:n])), default=0)
+    state["held"] = pending[len(pending) - held :]
+    return pending[: len(pending) - held], False
+
+
+def test_the_automaton_cuts_where_the_plain_search_does_on_random_stops_and_chunkings():
+    rng = random.Random(7)
+    for _ in range(1000):
+        stops = ["".join(rng.choice("abc") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 6))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 20)))
+        matcher, state = StopStringMatcher(stops), {"held": ""}
+        for chunk in random_chunks(rng, text) if text else [""]:
+            expected = reference_feed(state, chunk, stops)
+            assert matcher.feed(chunk) == expected, (stops, text)
+            if expected[1]:
+                break
+        else:
+            assert matcher.flush() == state["held"]

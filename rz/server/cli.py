@@ -2,7 +2,9 @@
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 
 def add_commands(commands) -> None:
@@ -24,11 +26,20 @@ def add_commands(commands) -> None:
     )
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (default: 10)")
     serve.add_argument("--max-request-bytes", type=_at_least(1), default=1 << 20, help="largest request accepted (default: 1 MiB)")
+    serve.add_argument(
+        "--api-key", default=os.environ.get("RZ_API_KEY") or None,
+        help="require 'authorization: Bearer KEY' metadata on every call but health checks (default: $RZ_API_KEY; none)",
+    )
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     serve.set_defaults(run=run_serve)
 
     client = commands.add_parser("client", help="talk to a running rz server")
     client.add_argument("--target", default="127.0.0.1:50051", help="server address (default: 127.0.0.1:50051)")
     client.add_argument("--timeout", type=float, default=None, help="seconds per call")
+    client.add_argument("--api-key", default=os.environ.get("RZ_API_KEY") or None, help="the server's API key (default: $RZ_API_KEY)")
+    client.add_argument("--tls", action="store_true", help="connect over TLS, trusting the system's certificate authorities")
+    client.add_argument("--tls-ca", type=Path, help="connect over TLS, trusting this PEM certificate (a self-signed server's)")
     calls = client.add_subparsers(dest="call", required=True)
     generate = calls.add_parser("generate", help="continue a prompt, streaming the text")
     generate.add_argument("prompt")
@@ -82,6 +93,9 @@ def run_serve(args) -> int:
         grace_seconds=args.grace,
         max_request_bytes=args.max_request_bytes,
         prefill_chunk=args.prefill_chunk,
+        api_key=args.api_key,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     ))
 
 
@@ -91,7 +105,7 @@ def run_client(args) -> int:
 
     from rz.client import Client
 
-    with Client(args.target, timeout=args.timeout) as client:
+    with Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls, tls_ca=args.tls_ca) as client:
         try:
             if args.call == "generate":
                 return _generate(client, args)

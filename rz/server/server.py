@@ -2,11 +2,20 @@
 
 Health is NOT_SERVING while the model loads and every step compiles, SERVING once warm. On
 SIGTERM the server stops accepting, lets in-flight requests finish within the grace period,
-cancels what is left (each gets a last message, finish reason cancelled) and exits 0.
+cancels what is left (each gets a last message, finish reason cancelled) and exits 0; during
+loading and compiling it exits at once.
+
+The gRPC port is bound without SO_REUSEPORT (gRPC's default sets it), so a second server on a
+taken port fails with "address in use" instead of silently taking half the connections. With
+--api-key every call but health checks needs `authorization: Bearer <key>` (rz.server.guard);
+with --tls-cert/--tls-key the port speaks TLS.
 """
 
+import ipaddress
 import logging
+import os
 import signal
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -18,6 +27,8 @@ from grpc_reflection.v1alpha import reflection
 
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
+from rz.errors import RzError
+from rz.server.guard import Guard
 from rz.server.metrics import Metrics
 from rz.server.service import SERVICE_NAME, InferenceService
 
@@ -26,6 +37,7 @@ log = logging.getLogger("rz.server")
 # gRPC itself refuses messages over this many times --max-request-bytes (RESOURCE_EXHAUSTED);
 # between the two, rz answers INVALID_ARGUMENT with the sizes.
 _TRANSPORT_LIMIT_FACTOR = 4
+_SWITCH_INTERVAL_SECONDS = 0.0005
 # Worker threads beyond one per admissible stream: unary calls, health watches, refusals.
 _SPARE_WORKERS = 16
 
@@ -48,6 +60,13 @@ class ServerConfig:
     # wait for a token was 2.5 s in 512-token chunks, 1.3 s in 256 and 0.8 s in 128, and the
     # prompt's first token came after 7.3, 7.8 and 9.5 s.
     prefill_chunk: int = 256
+    api_key: str | None = None  # None: no authentication
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
+    tls_key: Path | None = None  # PEM private key
+
+
+class ServerStartError(RzError):
+    """The server cannot listen as configured (a port in use, unreadable TLS files)."""
 
 
 class Server:
@@ -60,7 +79,11 @@ class Server:
         self.health = health.HealthServicer()
         self._grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.max_batch + config.max_queue + _SPARE_WORKERS),
-            options=[("grpc.max_receive_message_length", _TRANSPORT_LIMIT_FACTOR * config.max_request_bytes)],
+            interceptors=[Guard(self.metrics, config.api_key)],
+            options=[
+                ("grpc.max_receive_message_length", _TRANSPORT_LIMIT_FACTOR * config.max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
         )
         pb_grpc.add_InferenceServiceServicer_to_server(self.service, self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
@@ -68,7 +91,7 @@ class Server:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._grpc,
         )
-        self.port = self._grpc.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = _bind(self._grpc, config)
         self.metrics_port = None
         self._metrics_http = None
         self._loop = None
@@ -78,7 +101,14 @@ class Server:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._grpc.start()
         if self.config.metrics_port >= 0:
-            self._metrics_http = self.metrics.serve(self.config.metrics_port, self.config.host)
+            try:
+                self._metrics_http = self.metrics.serve(self.config.metrics_port, self.config.host)
+            except OSError as error:
+                self._grpc.stop(0)
+                raise ServerStartError(
+                    f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {error.strerror or error} "
+                    "(choose another --metrics-port, 0 for any free one, or -1 for no metrics)"
+                ) from None
             self.metrics_port = self._metrics_http.server_port
 
     def load(self) -> None:
@@ -90,6 +120,7 @@ class Server:
 
         llm = LLM(self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch)
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
+        _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
         engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets)
         warm_up(engine)
@@ -123,6 +154,51 @@ class Server:
     def _set_health(self, status) -> None:
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
+
+
+def _bind(server: grpc.Server, config: ServerConfig) -> int:
+    """Add the listening port, with TLS when configured; returns the port number."""
+    address = f"{config.host}:{config.port}"
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ServerStartError("TLS needs both --tls-cert and --tls-key")
+    try:
+        if config.tls_cert is None:
+            return server.add_insecure_port(address)
+        try:
+            pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+        except OSError as error:
+            raise ServerStartError(f"cannot read the TLS files: {error}") from None
+        return server.add_secure_port(address, grpc.ssl_server_credentials([pair]))
+    except RuntimeError:
+        raise ServerStartError(
+            f"cannot listen on {address}: address in use (another server?) or not an address of this machine"
+        ) from None
+
+
+def warn_if_exposed(config: ServerConfig) -> None:
+    """Warn when the server listens beyond loopback without an API key."""
+    if not config.api_key and not is_loopback(config.host):
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the server", config.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host names this machine's loopback interface only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _report_chat_template(llm) -> None:
+    """Warn at load time when the model's chat template cannot render even a one-message chat."""
+    from rz.errors import RequestError
+
+    try:
+        llm.chat_prompt_ids([{"role": "user", "content": "Hello"}])
+    except RequestError as error:
+        log.warning("the model's chat template cannot render a one-message chat, so Chat requests will fail: %s", error)
 
 
 def _model_info(llm, config: ServerConfig) -> pb.ModelInfoResponse:
@@ -168,22 +244,47 @@ def _kernel_paths() -> dict[str, str]:
 
 def serve(config: ServerConfig) -> int:
     """Run a server until SIGTERM or SIGINT; returns the exit status."""
+    wake = threading.Event()  # a signal arrived, or loading ended
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda *_: (stop.set(), wake.set()))
+    warn_if_exposed(config)
+    # The engine loop shares the interpreter with request threads that may run pure Python for
+    # seconds (tokenizing a megabyte): each time the loop comes back from a compiled step it
+    # waits for the interpreter lock up to this interval (default 5 ms), several times a step.
+    sys.setswitchinterval(_SWITCH_INTERVAL_SECONDS)
     server = Server(config)
     server.start()
     metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     log.info("listening on %s:%d%s; loading %s", config.host, server.port, metrics, config.model)
-    try:
-        server.load()
-    except BaseException:
+    # Loading and compiling run beside the main thread, so a signal meanwhile is acted on at once
+    # rather than after compilation (up to minutes on a cold cache).
+    failures = []
+    loading = threading.Thread(target=_load, args=(server, failures, wake), name="rz-load", daemon=True)
+    loading.start()
+    wake.wait()
+    if stop.is_set() and loading.is_alive():
+        log.info("stopped while loading")
         server.shutdown()
-        raise
-    if not stop.is_set():
-        log.info("serving")
+        logging.shutdown()
+        # The loading thread is inside XLA's compiler, which cannot be interrupted; ending the
+        # process is the prompt way out, and nothing is in flight yet.
+        os._exit(0)
+    if failures:
+        server.shutdown()
+        raise failures[0]
+    log.info("serving")
     stop.wait()
     log.info("shutting down (grace period %g s)", config.grace_seconds)
     server.shutdown()
     log.info("stopped")
     return 0
+
+
+def _load(server: Server, failures: list, done: threading.Event) -> None:
+    try:
+        server.load()
+    except BaseException as error:  # noqa: BLE001 - handed to the main thread, which raises it
+        failures.append(error)
+    finally:
+        done.set()

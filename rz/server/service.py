@@ -27,6 +27,7 @@ log = logging.getLogger("rz.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
+_DEADLINE_SLACK = 0.05
 _CANCEL_STATUS = {CLIENT_CANCELLED: grpc.StatusCode.CANCELLED, DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
@@ -125,7 +126,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             loop = self._loop
 
             def on_termination():
-                loop.cancel(ticket, DEADLINE_EXCEEDED if context.time_remaining() <= 0 else CLIENT_CANCELLED)
+                loop.cancel(ticket, _termination_reason(context))
 
             if not context.add_callback(on_termination):
                 on_termination()
@@ -136,8 +137,16 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             context.abort(status, str(error))
         finally:
             if status is None:  # the stream was closed at a message: the request finished, or its caller left
-                status = _CANCEL_STATUS.get(ticket.cancel_reason, grpc.StatusCode.OK if ticket.done else grpc.StatusCode.CANCELLED)
+                # gRPC may close the stream before it runs the termination callback.
+                reason = ticket.cancel_reason or (None if ticket.done else _termination_reason(context))
+                status = _CANCEL_STATUS.get(reason, grpc.StatusCode.OK)
             self._metrics.observe_request(method, status.name, ticket.sequence if ticket else None)
+
+
+def _termination_reason(context) -> str:
+    """Why a call ended early: its deadline, or its caller. gRPC's deadline timer may fire a
+    little before time_remaining() reaches 0, so the last _DEADLINE_SLACK seconds count as past."""
+    return DEADLINE_EXCEEDED if context.time_remaining() <= _DEADLINE_SLACK else CLIENT_CANCELLED
 
 
 def _status_of(error: Exception, call: str) -> grpc.StatusCode:

@@ -2,54 +2,31 @@
 
 llama.cpp starts from single characters and repeatedly joins the adjacent pair whose
 concatenation is a vocabulary token with the highest score (the leftmost among equal
-scores); a character left that is not a token is written as its UTF-8 bytes (<0xXX>).
+scores, rz.tokenizer.merge); a character left that is not a token is written as its UTF-8
+bytes (<0xXX>).
 """
 
-import heapq
 from collections.abc import Mapping, Sequence
 
 from rz.errors import TokenizerError
+from rz.tokenizer.merge import merge_pairs
 
 
-def spm_merge(text: str, token_to_id: Mapping[str, int], scores: Sequence[float]) -> list[str]:
-    """text's characters joined into vocabulary tokens; unjoinable characters stay alone."""
-    count = len(text)
-    if count < 2:
-        return list(text)
-    parts = list(text)
-    following = list(range(1, count)) + [-1]
-    preceding = list(range(-1, count - 1))
-    # heapq is a min-heap: the negated score puts the best pair first, then the leftmost.
-    heap = []
-    for left in range(count - 1):
-        token_id = token_to_id.get(parts[left] + parts[left + 1])
-        if token_id is not None:
-            heap.append((-scores[token_id], left, 2))
-    heapq.heapify(heap)
-    while heap:
-        _, left, length = heapq.heappop(heap)
-        right = following[left]
-        # Parts only grow, so a pair queued before either side changed has the wrong length.
-        if right < 0 or not parts[left] or len(parts[left]) + len(parts[right]) != length:
-            continue
-        merged = parts[left] + parts[right]
-        parts[left] = merged
-        parts[right] = ""
-        following[left] = after = following[right]
-        if after >= 0:
-            preceding[after] = left
-        before = preceding[left]
-        if before >= 0:
-            _queue_pair(heap, parts[before], merged, before, token_to_id, scores)
-        if after >= 0:
-            _queue_pair(heap, merged, parts[after], left, token_to_id, scores)
-    return [part for part in parts if part]
+def score_ranks(scores: Sequence[float]) -> list[int]:
+    """Each token's place in the order of scores, best first (equal scores share a place)."""
+    order = {score: rank for rank, score in enumerate(sorted(set(scores), reverse=True))}
+    return [order[score] for score in scores]
 
 
-def _queue_pair(heap: list, left_text: str, right_text: str, left: int, token_to_id, scores) -> None:
-    token_id = token_to_id.get(left_text + right_text)
-    if token_id is not None:
-        heapq.heappush(heap, (-scores[token_id], left, len(left_text) + len(right_text)))
+def spm_merge(text: str, token_to_id: Mapping[str, int], ranks: Sequence[int]) -> list[str]:
+    """text's characters joined into vocabulary tokens, best score first (ranks: score_ranks);
+    unjoinable characters stay alone."""
+
+    def priority(left: str, right: str) -> int | None:
+        token_id = token_to_id.get(left + right)
+        return None if token_id is None else ranks[token_id]
+
+    return merge_pairs(text, priority)
 
 
 def byte_token_ids(token_to_id: Mapping[str, int]) -> list[int | None]:

@@ -2,20 +2,32 @@
 
 import codecs
 import re
+import sys
+import threading
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
 from rz.errors import TokenizerError
+from rz.host_memory import return_free_pages
 from rz.tokenizer.bpe import bpe_merge, merge_ranks
 from rz.tokenizer.codepoints import CHAR_TO_BYTE, byte_encode
 from rz.tokenizer.special import SpecialTokenSplitter
-from rz.tokenizer.spm import byte_token_ids, spm_merge, spm_token_ids
+from rz.tokenizer.spm import byte_token_ids, score_ranks, spm_merge, spm_token_ids
 from rz.tokenizer.vocab import SPM, TokenAttr, Vocab, read_vocab
 
 SPM_SPACE = "\u2581"  # "▁": SentencePiece's visible space
-# Memoised words are dropped wholesale past this many, bounding memory on endless distinct text.
-_WORD_CACHE_LIMIT = 200_000
+# Memoised words are dropped wholesale past this many bytes (as _cache_cost counts them),
+# bounding memory on endless distinct text; a word longer than _CACHED_WORD_CHARS is never kept
+# (it is rarely seen twice, and one such word would crowd out thousands of common ones).
+_WORD_CACHE_BYTES = 32 << 20
+# Texts longer than this are encoded one at a time in the process (every tokenizer together):
+# each takes about 100 bytes per character while it merges, and the interpreter's lock is shared
+# with the engine loop, so many at once (gRPC serves Tokenize on many threads) would multiply
+# both the memory and the loop's wait.
+_HEAVY_TEXT_CHARS = 64 << 10
+_HEAVY_ENCODES = threading.Lock()
+_CACHED_WORD_CHARS = 256
 
 
 class Tokenizer:
@@ -25,8 +37,9 @@ class Tokenizer:
         self._vocab = vocab
         self._pieces: list[bytes | None] = [None] * vocab.size
         self._word_ids: dict[str, tuple[int, ...]] = {}
+        self._word_cache_bytes = 0
         if vocab.kind == SPM:
-            self._scores = vocab.scores.tolist()
+            self._score_ranks = score_ranks(vocab.scores.tolist())
             self._byte_ids = byte_token_ids(vocab.token_to_id)
             self._spm_chunk_bridges = _spm_chunk_bridges(vocab.tokens)
         else:
@@ -78,6 +91,15 @@ class Tokenizer:
         ids; user-defined tokens are always parsed, as in llama.cpp.
         """
         _check_encodable(text)
+        if len(text) <= _HEAVY_TEXT_CHARS:
+            return self._encode(text, add_bos, special)
+        with _HEAVY_ENCODES:
+            try:
+                return self._encode(text, add_bos, special)
+            finally:
+                return_free_pages()
+
+    def _encode(self, text: str, add_bos: bool | None, special: bool) -> list[int]:
         vocab = self._vocab
         ids: list[int] = []
         if add_bos is not False and (add_bos or vocab.add_bos):
@@ -165,7 +187,7 @@ class Tokenizer:
             for chunk in self._spm_chunks(fragment.replace(" ", SPM_SPACE)):
                 chunk_ids = self._word_ids.get(chunk)
                 if chunk_ids is None:
-                    parts = spm_merge(chunk, vocab.token_to_id, self._scores)
+                    parts = spm_merge(chunk, vocab.token_to_id, self._score_ranks)
                     chunk_ids = self._remember(chunk, spm_token_ids(parts, vocab.token_to_id, self._byte_ids))
                 ids.extend(chunk_ids)
 
@@ -211,10 +233,22 @@ class Tokenizer:
         return ids
 
     def _remember(self, word: str, ids: list[int]) -> tuple[int, ...]:
-        if len(self._word_ids) >= _WORD_CACHE_LIMIT:
+        ids = tuple(ids)
+        if len(word) > _CACHED_WORD_CHARS:
+            return ids
+        cost = _cache_cost(word, ids)
+        if self._word_cache_bytes + cost > _WORD_CACHE_BYTES:
             self._word_ids.clear()
-        ids = self._word_ids[word] = tuple(ids)
+            self._word_cache_bytes = 0
+        self._word_ids[word] = ids
+        self._word_cache_bytes += cost
         return ids
+
+
+def _cache_cost(word: str, ids: tuple[int, ...]) -> int:
+    """Bytes a cache entry holds: the key, the tuple, and about a dict slot (the ids themselves are
+    the vocabulary's int objects, shared)."""
+    return sys.getsizeof(word) + sys.getsizeof(ids) + 100
 
 
 class IncrementalDecoder:

@@ -116,3 +116,32 @@ def test_unsupported_tensor_type_is_named(tmp_path):
     path = write_tiny_model(tmp_path / "m.gguf", "llama", edit_tensors=widen)
     with pytest.raises(UnsupportedModelError, match="'blk.0.ffn_gate.weight'.*F64 is not supported"):
         load(path)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(rope_dim=2), dict(rope_base=1e20), dict(norm_eps=1.0), dict(context_length=1), dict(n_head_kv=1)],
+    ids=lambda overrides: ",".join(f"{key}={value}" for key, value in overrides.items()),
+)
+def test_extreme_hyperparameters_that_pass_validation_run(tmp_path, overrides):
+    """The edges of what ModelConfig accepts load and give finite logits, not a later TypeError."""
+    from rz_run import rz_logits
+
+    model = load(write_tiny_model(tmp_path / "m.gguf", "llama", **overrides))
+    assert np.isfinite(rz_logits(model, [1, 5, 9])).all()
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [(dict(rope_dim=3), "rope.dimension_count"), (dict(norm_eps=-1.0), "layer_norm_rms_epsilon"),
+     (dict(rope_base=float("nan")), "rope.freq_base"), (dict(n_head_kv=3), "head_count_kv 3"), (dict(), "block_count is 3")],
+    ids=lambda value: str(value),
+)
+def test_out_of_range_hyperparameters_are_gguf_errors_naming_the_key(tmp_path, overrides, key):
+    def drop_last_layer(tensors):
+        return {name: values for name, values in tensors.items() if not name.startswith("blk.2.")}
+
+    edit = drop_last_layer if not overrides else None
+    path = write_tiny_model(tmp_path / "m.gguf", "llama", **overrides, edit_tensors=edit)
+    with pytest.raises(GGUFError, match=key):
+        ModelConfig.from_gguf(GGUFFile(path))

@@ -1,0 +1,190 @@
+"""Serving edges: ports that are taken, bytes that do not decode, the API key, TLS, and SIGTERM
+while the model loads. Most need no model: a server that has not loaded one still listens."""
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from rz.client import Client
+from rz.model_files import smollm2_135m_path
+from rz.server.server import Server, ServerConfig, ServerStartError, is_loopback, warn_if_exposed
+from rz.server.service import CLIENT_CANCELLED, DEADLINE_EXCEEDED, _termination_reason
+
+TOKENIZE = "/rz.v1.InferenceService/Tokenize"
+GENERATE = "/rz.v1.InferenceService/Generate"
+
+
+def config(**changes) -> ServerConfig:
+    fields = dict(
+        model=Path("unused.gguf"), n_ctx=None, max_batch=2, max_queue=2, host="127.0.0.1", port=0,
+        metrics_port=-1, grace_seconds=1.0, max_request_bytes=1 << 20,
+    )
+    return ServerConfig(**(fields | changes))
+
+
+@pytest.fixture
+def started():
+    servers = []
+
+    def start(**changes) -> Server:
+        server = Server(config(**changes))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_a_second_server_on_a_taken_port_fails_with_address_in_use(started):
+    first = started()
+    with pytest.raises(ServerStartError, match="address in use"):
+        Server(config(port=first.port))
+
+
+def test_a_taken_metrics_port_is_a_clean_error(started):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ServerStartError, match="cannot serve metrics.*--metrics-port"):
+            started(metrics_port=taken.getsockname()[1])
+
+
+def test_the_cli_reports_a_taken_port_without_a_traceback():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "rz", "serve", "--model", "unused.gguf", "--port", "0", "--metrics-port", str(port)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 2
+    assert "rz: error: cannot serve metrics" in result.stderr and "Traceback" not in result.stderr
+
+
+# Corrupt protobuf, and a TokenizeRequest whose text (field 1) is not UTF-8.
+UNDECODABLE = [b"\xff\xff\xff\xff", b"\x0a\x02\xff\xfe"]
+
+
+@pytest.mark.parametrize("payload", UNDECODABLE, ids=["corrupt", "invalid-utf8"])
+def test_undecodable_requests_are_invalid_argument_and_counted(started, payload):
+    server = started()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        tokenize = channel.unary_unary(TOKENIZE)
+        generate = channel.unary_stream(GENERATE)
+        with pytest.raises(grpc.RpcError) as unary:
+            tokenize(payload, timeout=10)
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(generate(payload, timeout=10))
+    assert unary.value.code() == streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not decode" in unary.value.details()
+    counted = server.metrics.requests.labels
+    assert counted("Tokenize", "INVALID_ARGUMENT")._value.get() == 1
+    assert counted("Generate", "INVALID_ARGUMENT")._value.get() == 1
+
+
+def test_with_an_api_key_only_health_is_open(started):
+    server = started(api_key="s3cret")
+    target = f"127.0.0.1:{server.port}"
+    for key in (None, "wrong"):
+        with Client(target, timeout=10, api_key=key) as client:
+            assert client.health() == "NOT_SERVING"  # health checks need no key
+            with pytest.raises(grpc.RpcError) as refused:
+                client.tokenize("hi")
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "Bearer" in refused.value.details()
+    with Client(target, timeout=10, api_key="s3cret") as client:
+        with pytest.raises(grpc.RpcError) as passed:
+            client.tokenize("hi")
+    assert passed.value.code() == grpc.StatusCode.UNAVAILABLE  # past the key: the model is not loaded
+    assert server.metrics.requests.labels("Tokenize", "UNAUTHENTICATED")._value.get() == 2
+
+
+def test_tls_with_a_self_signed_certificate(started, tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    server = started(tls_cert=cert, tls_key=key, api_key="k")
+    with Client(f"localhost:{server.port}", timeout=10, tls_ca=cert, api_key="k") as client:
+        assert client.health() == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as passed:
+            client.tokenize("hi")
+        assert passed.value.code() == grpc.StatusCode.UNAVAILABLE
+    with Client(f"localhost:{server.port}", timeout=3) as plain:
+        with pytest.raises(grpc.RpcError):
+            plain.health()
+    with pytest.raises(ServerStartError, match="both --tls-cert and --tls-key"):
+        Server(config(tls_cert=cert))
+
+
+def test_loopback_hosts():
+    assert all(map(is_loopback, ["127.0.0.1", "::1", "[::1]", "localhost", "127.5.5.5"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "::", "10.0.0.1", "example.com"]))
+
+
+def test_a_warning_when_listening_beyond_loopback_without_a_key(caplog):
+    warn_if_exposed(config(host="0.0.0.0", api_key="k"))
+    warn_if_exposed(config(host="127.0.0.1"))
+    assert not caplog.records
+    warn_if_exposed(config(host="0.0.0.0"))
+    assert "without --api-key" in caplog.text
+
+
+def test_a_deadline_just_fired_counts_as_a_deadline_not_a_cancel():
+    assert _termination_reason(SimpleNamespace(time_remaining=lambda: 0.0)) == DEADLINE_EXCEEDED
+    assert _termination_reason(SimpleNamespace(time_remaining=lambda: 0.004)) == DEADLINE_EXCEEDED
+    assert _termination_reason(SimpleNamespace(time_remaining=lambda: 30.0)) == CLIENT_CANCELLED
+
+
+@pytest.mark.slow
+def test_sigterm_while_loading_exits_promptly():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rz", "serve", "--model", str(smollm2_135m_path()), "--port", "0",
+         "--metrics-port", "-1", "--n-ctx", "256"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        log = []
+        for line in process.stderr:
+            log.append(line)
+            if "listening on" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(timeout=30) == 0
+        elapsed = time.monotonic() - started
+        log.extend(process.stderr)
+        text = "".join(log)
+        assert "stopped while loading" in text or "serving" in text, text
+        assert elapsed < 10, text
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_loading_warns_when_the_chat_template_cannot_render_one_message(caplog):
+    from rz.chat import render_chat
+    from rz.server.server import _report_chat_template
+
+    def model_with(template):
+        return SimpleNamespace(chat_prompt_ids=lambda messages: render_chat(template, messages, "<s>", "</s>"))
+
+    _report_chat_template(model_with(None))
+    assert not caplog.records
+    _report_chat_template(model_with("{{ 'a' * 10**10 }}"))
+    assert "cannot render a one-message chat" in caplog.text and "string multiplication" in caplog.text
