@@ -95,6 +95,13 @@ def selected() -> Variant | None:
     return None
 
 
+def selected_name() -> str | None:
+    """The name of the variant this process runs, or None where it takes XLA's paths (for reports:
+    decided from the CPU and the environment, no JAX backend starts)."""
+    variant = selected()
+    return variant.name if variant else None
+
+
 def qmatmul_target(variant: Variant) -> str:
     return f"rz_qmatmul_{variant.name}"
 
