@@ -32,6 +32,10 @@ class BuildCpuKernels(build_ext):
     """Each variant is an 'extension' only so that setuptools places it (wheel, editable install)
     and tags the wheel for the platform; rz_kernels/build.py compiles it."""
 
+    def run(self) -> None:
+        kernels.LIBRARY_DIR.mkdir(exist_ok=True)  # where an editable install copies the libraries
+        super().run()
+
     def get_ext_filename(self, fullname: str) -> str:
         return os.path.join(*fullname.split(".")) + ".so"
 
