@@ -5,6 +5,12 @@ machine takes 64 MiB of files per call) benchmark the model.
 
     python benchmarks/shape_twin.py save MODEL.gguf SKELETON.json   # metadata + tensor list, small
     python benchmarks/shape_twin.py write SKELETON.json TWIN.gguf   # random blocks of the same types
+
+A skeleton written by hand for a model whose file is not at hand (benchmarks/twins/: Llama 3.x at
+1B-8B) may name an installed model to borrow the tokenizer from instead of listing one:
+{"tokenizer_from": "smollm2-135m", "n_vocab": 128256} takes SmolLM2's BPE tokenizer, its
+vocabulary padded with unreachable tokens to the model's size, so that the embedding and LM head
+have the real model's shapes.
 """
 
 import argparse
@@ -15,6 +21,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from rz.model_files import smollm2_135m_path
 from rz_kernels.ggml_types import GGMLType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -43,11 +50,35 @@ def save_skeleton(model: Path, skeleton: Path) -> None:
     skeleton.write_text(json.dumps({"architecture": architecture, "metadata": metadata, "tensors": tensors}))
 
 
+# The installed models a skeleton may borrow a tokenizer from.
+TOKENIZER_SOURCES = {"smollm2-135m": smollm2_135m_path}
+
+
+def borrowed_tokenizer(source: str, n_vocab: int) -> list[dict]:
+    """The tokenizer.* metadata of an installed model, in a skeleton's form, its vocabulary padded
+    to n_vocab with tokens no merge produces."""
+    reader = gguf.GGUFReader(str(TOKENIZER_SOURCES[source]()))
+    items = []
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        value = field.contents()
+        if name == "tokenizer.ggml.tokens":
+            value = value + [f"<|twin_pad_{i}|>" for i in range(len(value), n_vocab)]
+        elif name == "tokenizer.ggml.token_type":
+            value = value + [int(gguf.TokenType.NORMAL)] * (n_vocab - len(value))
+        items.append({"key": name, "types": [int(t) for t in field.types], "value": value})
+    return items
+
+
 def write_twin(skeleton: Path, twin: Path, seed: int = 0) -> None:
     spec = json.loads(skeleton.read_text())
     rng = np.random.default_rng(seed)
     writer = gguf.GGUFWriter(str(twin), spec["architecture"])
-    for item in spec["metadata"]:
+    metadata = spec["metadata"]
+    if "tokenizer_from" in spec:
+        metadata = metadata + borrowed_tokenizer(spec["tokenizer_from"], spec["n_vocab"])
+    for item in metadata:
         types = [gguf.GGUFValueType(t) for t in item["types"]]
         sub_type = types[-1] if types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(item["key"], item["value"], types[0], sub_type=sub_type)

@@ -5,6 +5,7 @@ from dataclasses import asdict
 
 from rz.config import ModelConfig
 from rz.gguf import GGUFFile
+from rz_kernels import cpu_ffi
 
 
 def special_tokens(gguf: GGUFFile) -> dict[str, dict]:
@@ -38,6 +39,7 @@ def model_info(gguf: GGUFFile) -> dict:
         "parameters": n_params,
         "config": asdict(config) | {"chat_template": config.chat_template is not None},
         "quantization": quant_summary(gguf),
+        "cpu_kernels": cpu_ffi.selected_name(),
         "tokenizer": {
             "model": gguf.get("tokenizer.ggml.model"),
             "pre": gguf.get("tokenizer.ggml.pre"),
@@ -72,4 +74,5 @@ def format_model_info(info: dict) -> str:
     )
     for role, token in tokenizer["special_tokens"].items():
         lines.append(f"  {role:<10} {token['id']:>7}  {token['text']!r}")
+    lines.append(f"cpu kernels  {info['cpu_kernels'] or 'none (XLA paths)'}  (rz_kernels.build variant run on this CPU)")
     return "\n".join(lines)

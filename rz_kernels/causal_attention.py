@@ -88,17 +88,18 @@ def decode_attention_cpu(
     scale: float = 1.0,
     softcap: float = 0.0,
     keys_in_order: bool = False,
+    variant: cpu_ffi.Variant | None = None,
 ):
     """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (f32 or f16) streamed once, split over
     the sequence across threads. Shapes as attention_ref; head dims multiples of 8.
 
     keys_in_order promises that slot s holds position s or is empty (a KV cache that never wraps),
-    so the kernel stops at the latest query position instead of scanning every slot."""
-    if not cpu_ffi.available():
-        raise RuntimeError("the C++ CPU kernels are not available here (see the rz_kernels log)")
+    so the kernel stops at the latest query position instead of scanning every slot. variant picks
+    a build of the kernel (default: the one this CPU runs)."""
+    variant = cpu_ffi.active(variant)
     batch, n_head, length, _ = q.shape
     out = jax.ShapeDtypeStruct((batch, n_head, length, v.shape[-1]), jnp.float32)
-    call = jax.ffi.ffi_call(cpu_ffi.ATTENTION_TARGET, out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(cpu_ffi.attention_target(variant), out, vmap_method="sequential")
     return call(
         q.astype(jnp.float32),
         k,
@@ -191,10 +192,14 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     path_of = {"cpu": _cpu_path, "cuda": _cuda_path}.get(backend)
     if path_of is None:
         return [{"op": "attention", "backend": backend, "path": "xla_reference", "t_min": 1, "t_max": None}]
-    return [
+    rows = [
         {"op": "attention", "backend": backend, "path": path_of(t_min), "t_min": t_min, "t_max": t_max}
         for t_min, t_max in ((1, DECODE_MAX_T), (DECODE_MAX_T + 1, None))
     ]
+    for row in rows:
+        if row["path"] == "cpu_ffi_decode":
+            row["note"] = f"variant {cpu_ffi.selected().name}"
+    return rows
 
 
 def _reference(q, k, v, q_positions, k_positions, *, window, scale, softcap):

@@ -1,140 +1,151 @@
-"""The C++ CPU kernels (rz_kernels/cpu/*.cc): compiled on first use, loaded, registered with XLA's FFI.
+"""The C++ CPU kernels (rz_kernels/cpu/): the variant this CPU runs, loaded and registered with XLA's FFI.
 
-The library is built with the system C++ compiler against the XLA FFI headers that ship with
-jaxlib (`jax.ffi.include_dir()`), into rz's cache directory under a name derived from the
-source, the flags, the compiler and jaxlib, so a change to any of them rebuilds it. Nothing is
-downloaded. Where the build is impossible (no compiler, a CPU without AVX2/FMA/F16C, not
-x86-64) `available()` is False and callers take their XLA paths; RZ_CPU_KERNELS=0 forces that.
+The variants are compiled when the package is installed (rz_kernels/build.py; in a checkout,
+`python -m rz_kernels build`), so nothing is compiled at run time. The first variant in
+rz_kernels.build.VARIANTS that the CPU has and that was built is the one used; RZ_CPU_VARIANT=name
+forces one (to compare them), RZ_CPU_KERNELS=0 none. Without one (a CPU without AVX2, an install
+with RZ_BUILD_CPU_KERNELS=0) `available()` is False and callers take their XLA paths.
+
+Each loaded variant's handlers are registered under their own names (`rz_qmatmul_<variant>`), so
+tests can run every variant the CPU has side by side in one process.
 """
 
 import ctypes
-import hashlib
-import importlib.metadata
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import jax
 
-from rz.model_files import cache_dir
+from rz_kernels.build import Variant, machine, variant_named, variants_for
 
 log = logging.getLogger("rz_kernels")
 
-SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("qmatmul.cc", "attention.cc", "machine.cc")
-HEADERS = ("simd.h", "threads.h")
-CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-pthread")
-REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
-QMATMUL_TARGET = "rz_qmatmul"
-ATTENTION_TARGET = "rz_attention"
+
+class StaleKernelsError(RuntimeError):
+    """A checkout's sources changed since its kernels were built."""
 
 
-def _cpu_flags() -> set[str]:
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature names as VARIANTS spell them (x86-64: /proc/cpuinfo's flags)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+def runnable(variant: Variant) -> bool:
+    """Whether this CPU can run the variant."""
+    return variant.machine == machine() and set(variant.cpu_features) <= cpu_features()
 
 
-def _build(compiler: str) -> Path:
-    """Compile the sources into the cache (once per source/flags/compiler/jaxlib) and return the library."""
-    import fcntl  # POSIX only, as is this build
+def why_not_runnable(variant: Variant) -> str | None:
+    """Why this CPU cannot run the variant (a test's skip reason), or None where it can."""
+    if variant.machine != machine():
+        return f"the {variant.name} variant is for {variant.machine}, this is {machine()}"
+    missing = sorted(set(variant.cpu_features) - cpu_features())
+    return f"the CPU lacks {', '.join(missing)} (the {variant.name} variant needs them)" if missing else None
 
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    digest = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(" ".join(CXX_FLAGS).encode())
-    digest.update(version.encode())
-    digest.update(importlib.metadata.version("jaxlib").encode())
-    target = cache_dir() / "kernels" / f"rz_cpu_kernels_{digest.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # One build at a time (other processes wait, then find the library); built under a temporary
-    # name and renamed, so no process ever loads a partial file.
-    with open(target.with_suffix(".lock"), "w") as lock, tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if target.exists():
-            return target
-        partial = Path(tmp) / target.name
-        command = [
-            compiler,
-            *CXX_FLAGS,
-            f"-I{jax.ffi.include_dir()}",
-            *(str(SOURCE_DIR / name) for name in SOURCES),
-            "-o",
-            str(partial),
-        ]
-        log.info("rz_kernels: building the CPU kernels (once, about 20 s): %s", " ".join(command))
-        subprocess.run(command, capture_output=True, text=True, check=True)
-        partial.replace(target)
-    return target
+
+def built(variant: Variant) -> bool:
+    return variant.library.exists()
+
+
+def _check_fresh(variant: Variant) -> None:
+    """In a checkout (sources beside the library), a library older than its sources is an error."""
+    inputs = variant.inputs()
+    if not all(path.exists() for path in inputs):
+        return  # an installed wheel: no sources to compare
+    newer = [path.name for path in inputs if path.stat().st_mtime > variant.library.stat().st_mtime]
+    if newer:
+        raise StaleKernelsError(
+            f"{variant.library} is older than its sources ({', '.join(newer)}): "
+            "rebuild the CPU kernels with `python -m rz_kernels build` (or reinstall the package)"
+        )
 
 
 @cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, its FFI targets registered with XLA; None where it cannot be built."""
+def selected() -> Variant | None:
+    """The variant this process runs: RZ_CPU_VARIANT's, else the best built one the CPU has."""
     if os.environ.get("RZ_CPU_KERNELS", "1") == "0":
         log.info("rz_kernels: C++ CPU kernels disabled by RZ_CPU_KERNELS=0")
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        log.info("rz_kernels: C++ CPU kernels need x86-64, this is %s", platform.machine())
-        return None
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
-    if missing:
-        log.info("rz_kernels: C++ CPU kernels need %s, the CPU lacks %s", REQUIRED_CPU_FLAGS, missing)
-        return None
-    compiler = _compiler()
-    if compiler is None:
-        log.warning("rz_kernels: no C++ compiler found (set CXX); quantized matmuls take slower XLA paths")
-        return None
-    try:
-        path = _build(compiler)
-    except subprocess.CalledProcessError as error:
-        log.warning("rz_kernels: building the CPU kernels failed; quantized matmuls take XLA paths:\n%s", error.stderr)
-        return None
-    lib = ctypes.CDLL(str(path))
+    forced = os.environ.get("RZ_CPU_VARIANT")
+    if forced:
+        variant = variant_named(forced)
+        reason = why_not_runnable(variant) or (None if built(variant) else f"{variant.library} is not built")
+        if reason:
+            raise RuntimeError(f"RZ_CPU_VARIANT={forced}: {reason}")
+        return variant
+    candidates = [v for v in variants_for() if runnable(v)]
+    for variant in candidates:
+        if built(variant):
+            return variant
+    if candidates:
+        log.warning("rz_kernels: no C++ CPU kernel library is built (%s); quantized matmuls take slower XLA paths. "
+                    "Build them with `python -m rz_kernels build` or reinstall without RZ_BUILD_CPU_KERNELS=0",
+                    ", ".join(v.name for v in candidates))
+    else:
+        log.info("rz_kernels: no C++ CPU kernel variant runs on this CPU (%s); quantized matmuls take XLA paths", machine())
+    return None
+
+
+def selected_name() -> str | None:
+    """The name of the variant this process runs, or None where it takes XLA's paths (for reports:
+    decided from the CPU and the environment, no JAX backend starts)."""
+    variant = selected()
+    return variant.name if variant else None
+
+
+def qmatmul_target(variant: Variant) -> str:
+    return f"rz_qmatmul_{variant.name}"
+
+
+def attention_target(variant: Variant) -> str:
+    return f"rz_attention_{variant.name}"
+
+
+@cache
+def load(variant: Variant) -> ctypes.CDLL:
+    """A variant's library, loaded and its FFI targets registered with XLA (the CPU must run it)."""
+    _check_fresh(variant)
+    lib = ctypes.CDLL(str(variant.library))
     lib.rz_stream_read_gbps.restype = ctypes.c_double
     lib.rz_stream_read_gbps.argtypes = (ctypes.c_int64, ctypes.c_int32, ctypes.c_int32)
     lib.rz_int8_dot_peak_gmacs.restype = ctypes.c_double
     lib.rz_int8_dot_peak_gmacs.argtypes = (ctypes.c_int32, ctypes.c_int32)
-    jax.ffi.register_ffi_target(QMATMUL_TARGET, jax.ffi.pycapsule(lib.RzQMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.RzAttention), platform="cpu")
-    log.info("rz_kernels: loaded the C++ CPU kernels from %s", path)
+    jax.ffi.register_ffi_target(qmatmul_target(variant), jax.ffi.pycapsule(lib.RzQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(attention_target(variant), jax.ffi.pycapsule(lib.RzAttention), platform="cpu")
+    log.info("rz_kernels: loaded the C++ CPU kernels (%s) from %s", variant.name, variant.library)
     return lib
 
 
 def available() -> bool:
-    """Whether the C++ CPU kernels are built and registered."""
-    return library() is not None
+    """Whether a variant of the C++ CPU kernels runs here."""
+    variant = selected()
+    return variant is not None and load(variant) is not None
 
 
-def _loaded() -> ctypes.CDLL:
-    lib = library()
-    if lib is None:
+def active(variant: Variant | None = None) -> Variant:
+    """`variant`, loaded, or the selected one; RuntimeError where there is none."""
+    variant = variant or selected()
+    if variant is None:
         raise RuntimeError("the C++ CPU kernels are not available here (see the rz_kernels log)")
-    return lib
+    load(variant)
+    return variant
 
 
 def stream_read_gbps(nbytes: int = 256 << 20, threads: int | None = None, repeats: int = 10) -> float:
     """Memory bandwidth by a streaming AVX2 read of nbytes, best of `repeats`, in GB/s."""
-    return _loaded().rz_stream_read_gbps(nbytes, threads or os.cpu_count() or 1, repeats)
+    return load(active()).rz_stream_read_gbps(nbytes, threads or os.cpu_count() or 1, repeats)
 
 
 def int8_dot_peak_gmacs(threads: int | None = None, repeats: int = 5) -> float:
-    """The int8 MAC rate of the quantized matmul's inner step (maddubs, madd, convert, FMA), best of `repeats`."""
-    return _loaded().rz_int8_dot_peak_gmacs(threads or os.cpu_count() or 1, repeats)
+    """The int8 MAC rate of the quantized matmul's inner step (the variant's int8 dot, convert, FMA), best of `repeats`."""
+    return load(active()).rz_int8_dot_peak_gmacs(threads or os.cpu_count() or 1, repeats)
+

@@ -3,7 +3,7 @@
 Paths (see `describe_paths()`; the reference twin is `rz_kernels.quants.qmatmul_ref`):
 
     backend  types                      M (= batch x tokens)  path
-    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++/AVX2 kernel through XLA's FFI
+    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++ kernel (AVX2/VNNI) through XLA's FFI
              Q4_K Q5_K Q6_K             > 16                  xla_f32: dequantize, then XLA's f32 GEMM
                                                               (weights up to 64 MiB in f32; larger
                                                               ones, LM heads, xla_f32_tiled: 32 MiB
@@ -107,7 +107,7 @@ def _paths() -> tuple[Path, ...]:
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
-        Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M),
+        Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M, note=f"variant {cpu_ffi.selected().name}" if cpu_types else ""),
         Path("cpu", "xla_f32", cpu_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
         Path("cpu", "xla_f32_tiled", cpu_types, CPU_KERNEL_MAX_M + 1, None,
              note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32, {CPU_F32_TILE_BYTES >> 20} MiB of rows at a time"),
@@ -155,20 +155,20 @@ def _log_first_use(ggml_type: GGMLType, n: int, k: int, m: int) -> None:
         log.info("rz_kernels.qmatmul %s [%d x %d] at M=%d -> %s", ggml_type.name, n, k, m, paths)
 
 
-def qmatmul_cpu(x: jax.Array, qt: QTensor | Sequence[QTensor], max_threads: int = 0) -> jax.Array:
+def qmatmul_cpu(x: jax.Array, qt: QTensor | Sequence[QTensor], max_threads: int = 0, variant: cpu_ffi.Variant | None = None) -> jax.Array:
     """The C++ kernel: x f32 [M, K] @ W[N, K].T -> f32 [M, N], for types in CPU_FFI_ARRAYS.
 
     Given several weights, one call computes x against each and returns their outputs side by
     side, [M, sum of N]: q/k/v or gate/up share the call's fixed costs (quantizing x, handing
     rows to threads), which at decode are as large as a small matmul's work.
-    max_threads caps the threads it takes (0: all; benchmarks compare 1 and 2).
+    max_threads caps the threads it takes (0: all; benchmarks compare 1 and 2); variant picks a
+    build of the kernel (default: the one this CPU runs, cpu_ffi.selected()).
     """
-    if not cpu_ffi.available():
-        raise RuntimeError("the C++ CPU kernels are not available here (see the rz_kernels log)")
+    variant = cpu_ffi.active(variant)
     weights = [qt] if isinstance(qt, QTensor) else list(qt)
     m, n = x.shape[0], sum(w.shape[0] for w in weights)
     arrays = [w.arrays[name] for w in weights for name in CPU_FFI_ARRAYS[w.ggml_type]]
-    call = jax.ffi.ffi_call(cpu_ffi.QMATMUL_TARGET, jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(cpu_ffi.qmatmul_target(variant), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
     types = np.asarray([int(w.ggml_type) for w in weights], np.int32)
     return call(x.astype(jnp.float32), *arrays, ggml_types=types, max_threads=np.int32(max_threads))
 

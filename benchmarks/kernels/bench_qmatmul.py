@@ -59,13 +59,14 @@ def model_weights(path) -> dict[tuple, tuple[str, int]]:
     return {key: tuple(value) for key, value in found.items()}
 
 
-def rz_looped(max_threads: int, inner: int):
-    """A jitted loop of `inner` kernel calls, each on a freshly offset x (no call can be reused)."""
+def rz_looped(max_threads: int, inner: int, variant=None):
+    """A jitted loop of `inner` kernel calls, each on a freshly offset x (no call can be reused);
+    variant: a build of the kernel (default: the one this CPU runs)."""
 
     @jax.jit
     def run(x, qt):
         def body(i, total):
-            return total + qmatmul_cpu(x + i.astype(jnp.float32) * 1e-9, qt, max_threads)[0, 0]
+            return total + qmatmul_cpu(x + i.astype(jnp.float32) * 1e-9, qt, max_threads, variant)[0, 0]
 
         return jax.lax.fori_loop(0, inner, body, jnp.float32(0))
 

@@ -22,7 +22,9 @@ _PACKAGES = ("rz", "jax", "jaxlib", "jax-cuda12-plugin", "numpy", "gguf", "llama
 
 
 def capture_environment() -> dict:
-    """CPU, memory, OS, Python, package versions and rz's git commit."""
+    """CPU, memory, OS, Python, package versions, rz's git commit and its CPU kernels' variant."""
+    from rz_kernels import cpu_ffi
+
     return {
         "hostname": platform.node(),
         "cpu": cpu_info(),
@@ -33,6 +35,7 @@ def capture_environment() -> dict:
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": _packages(),
         "rz_git": rz_git(),
+        "cpu_kernels": cpu_ffi.selected_name(),
     }
 
 

@@ -85,7 +85,8 @@ def notes(result: dict) -> str:
     settings = result["settings"]
     lines = [
         f"- machine: {cpu['model']}, {cpu['usable_cores']} usable cores, flags {' '.join(cpu['flags']) or '-'}, "
-        f"{_bytes(environment['memory_bytes'])} RAM; load average at start {_load(environment.get('load_average'))}",
+        f"{_bytes(environment['memory_bytes'])} RAM; load average at start {_load(environment.get('load_average'))}; "
+        f"rz's CPU kernels {environment.get('cpu_kernels') or 'off (XLA paths)'}",
         f"- rz {environment['packages'].get('rz')} at {(git['commit'] or 'unknown')[:10]}{' (uncommitted changes)' if git['dirty'] else ''}; "
         f"model {result['model']['file_name']} sha256 {result['model']['sha256'][:12]}…",
         f"- method: {settings['warmup']} warm-up repetition(s) discarded; repetitions until CV ≤ {settings['cv_threshold']:.0%} "

@@ -1,9 +1,10 @@
-// Quantized matmul for x86-64 CPUs with AVX2: y[M, N] = x[M, K] @ W[N, K].T with W kept quantized.
+// Quantized matmul for x86-64 CPUs with AVX2 (and, in the VNNI variants, vpdpbusd/vpdpwssd):
+// y[M, N] = x[M, K] @ W[N, K].T with W kept quantized.
 //
 // The design is llama.cpp's (ggml-cpu's vec_dot_*_q8_0 / _q8_K, llamafile's tinyBLAS): the
 // activations are quantized once per call to int8 with one f32 scale per block, and each
-// 32-element block of weights meets a block of activations in one _mm256_maddubs_epi16 (32 int8
-// products) and one _mm256_madd_epi16 (to int32).
+// 32-element block of weights meets a block of activations in one int8 dot to int32 lanes
+// (rz_cpu::dot_u8s8: AVX2's _mm256_maddubs_epi16 + _mm256_madd_epi16, or VNNI's one vpdpbusd).
 //   - 32-block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): activations in blocks of 32 (Q8_0); each
 //     block's int32 dot is converted and FMA'd with the product of the two block scales.
 //   - K-quants (Q4_K, Q5_K, Q6_K): activations in blocks of 256 (Q8_K); the weights' integer
@@ -561,15 +562,16 @@ struct RowScales {
 // ---------------------------------------------------------------------------------------------
 // The dot products.
 
-// The int32 dots of weight block u with the group's MT activation blocks at xq: maddubs, then
-// madd with `words` (the weight's multipliers, or ones).
-template <int MT, bool kSigned>
+// The int32 dots of weight block u with the group's MT activation blocks at xq, added to dots:
+// each pair of products times the weight's int16 multipliers `words` (kWords), or plain.
+template <int MT, bool kSigned, bool kWords>
 RZ_INLINE void block_dots(__m256i (&dots)[MT], __m256i u, __m256i words, const int8_t* xq) {
   const __m256i magnitude = kSigned ? _mm256_sign_epi8(u, u) : u;
 #pragma GCC unroll 8
   for (int i = 0; i < MT; ++i) {
     const __m256i xv = load(xq + kBlock * i);
-    dots[i] = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, kSigned ? _mm256_sign_epi8(xv, u) : xv), words);
+    const __m256i signed_x = kSigned ? _mm256_sign_epi8(xv, u) : xv;
+    dots[i] = kWords ? rz_cpu::dot_u8s8_words(dots[i], magnitude, signed_x, words) : rz_cpu::dot_u8s8(dots[i], magnitude, signed_x);
   }
 }
 
@@ -639,7 +641,6 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
   const int8_t* xq = x.q_group(m0);
   const float* xd = x.d_group(m0);
   const uint16_t* d = w.d_row(n);
-  const __m256i ones = _mm256_set1_epi16(1);
   w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) {
     const __m256 weight_scale = _mm256_set1_ps(f16_to_f32(d[b]));
     const __m256i magnitude = W::kSigned ? _mm256_sign_epi8(u, u) : u;
@@ -649,7 +650,7 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
       const __m256i xv = load(xb + kBlock * i);
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, W::kSigned ? _mm256_sign_epi8(xv, u) : xv), ones);
+      const __m256i dot = rz_cpu::dot_u8s8(_mm256_setzero_si256(), magnitude, W::kSigned ? _mm256_sign_epi8(xv, u) : xv);
       const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(xd + b * kRowGroup + i));
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
     }
@@ -680,7 +681,6 @@ RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m
   }
   const int8_t* xq = x.pq_group(m0);
   const float* xd = x.pd_group(m0);
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t p = 0; p < x.K / 64; ++p, xq += kRowGroup * 64, xd += kRowGroup * 8) {
     __m256i lo[R], hi[R];
     __m256 weight_scales[R];
@@ -698,11 +698,9 @@ RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m
         __m256i dots;
         if constexpr (W::kSigned) {
           // The sign trick per half (the magnitudes are the same for every row: hoisted).
-          dots = _mm256_add_epi32(
-              _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(lo[r], lo[r]), _mm256_sign_epi8(x_lo, lo[r])), ones),
-              _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(hi[r], hi[r]), _mm256_sign_epi8(x_hi, hi[r])), ones));
+          dots = rz_cpu::dot_u8s8_2<true>(_mm256_sign_epi8(lo[r], lo[r]), _mm256_sign_epi8(x_lo, lo[r]), _mm256_sign_epi8(hi[r], hi[r]), _mm256_sign_epi8(x_hi, hi[r]));
         } else {
-          dots = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[r], x_lo), _mm256_maddubs_epi16(hi[r], x_hi)), ones);
+          dots = rz_cpu::dot_u8s8_2<false>(lo[r], x_lo, hi[r], x_hi);
         }
         acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(weight_scales[r], x_scales), acc[r][i]);
       }
@@ -798,15 +796,14 @@ RZ_INLINE void fused_rows_single_x(const W& w, int64_t n, const QuantizedX& x, i
   }
   const int8_t* xq = x.q_group(m0);
   const float* xd = x.d_group(m0);
-  const __m256i ones = _mm256_set1_epi16(1);
   const int64_t nb = x.K / kBlock;
   for (int64_t b = 0; b < nb; ++b) {
     const __m256 x_scale = _mm256_broadcast_ss(xd + b * kRowGroup);
     const int8_t* xb = xq + b * kRowGroup * kBlock;
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      __m256i dots[1];
-      block_dots<1, W::kSigned>(dots, w.block(n + r, b), ones, xb);
+      __m256i dots[1] = {_mm256_setzero_si256()};
+      block_dots<1, W::kSigned, false>(dots, w.block(n + r, b), _mm256_setzero_si256(), xb);
       // The scale straight from its f16: a float row written just before and read back here
       // costs a store-to-load round trip per block.
       const __m256 scale = _mm256_mul_ps(_mm256_set1_ps(f16_to_f32(d[r][b])), x_scale);
@@ -833,7 +830,9 @@ RZ_INLINE void decoded_row(const uint8_t* u, const RowScales& rs, int64_t n, con
   const float* xd = x.d_group(m0);
   for (int64_t b = 0; b < x.K / kBlock; ++b, xq += kRowGroup * kBlock, xd += kRowGroup) {
     __m256i dots[MT];
-    block_dots<MT, kSigned>(dots, load(u + kBlock * b), rs.block_words<kBlock>(b), xq);
+#pragma GCC unroll 8
+    for (int i = 0; i < MT; ++i) dots[i] = _mm256_setzero_si256();
+    block_dots<MT, kSigned, true>(dots, load(u + kBlock * b), rs.block_words<kBlock>(b), xq);
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[i]), _mm256_broadcast_ss(xd + i), acc[i]);
   }
@@ -859,10 +858,7 @@ RZ_INLINE void super_row(Quants&& quants, const RowScales& rs, int64_t n, const 
     for (int i = 0; i < MT; ++i) super_dots[i] = _mm256_setzero_si256();
     quants(s, [&](int j, __m256i u) __attribute__((always_inline)) {
       const int64_t b = 8 * s + j;
-      __m256i dots[MT];
-      block_dots<MT, false>(dots, u, rs.block_words<kUnit>(b), xq + b * kRowGroup * kBlock);
-#pragma GCC unroll 4
-      for (int i = 0; i < MT; ++i) super_dots[i] = _mm256_add_epi32(super_dots[i], dots[i]);
+      block_dots<MT, false, true>(super_dots, u, rs.block_words<kUnit>(b), xq + b * kRowGroup * kBlock);
     });
     const __m256 d = _mm256_broadcast_ss(rs.super_d.data() + s);
 #pragma GCC unroll 4

@@ -48,6 +48,15 @@ def test_llama_cpp_alone_with_depth(tmp_path, capsys, smollm2_path):
     assert result["engines"][0]["description"]["threads"] == 1
 
 
+@pytest.mark.slow
+def test_llama_cpp_without_its_extra_buffer_types(tmp_path, capsys, smollm2_path, monkeypatch):
+    """RZ_BENCH_LLAMA_EXTRA_BUFTS=0 (for machines where llama.cpp's AMX path crashes) runs, and says so."""
+    monkeypatch.setenv("RZ_BENCH_LLAMA_EXTRA_BUFTS", "0")
+    result, _ = run_bench(["--model", str(smollm2_path), "--engines", "llama.cpp", *TINY], tmp_path, capsys)
+    assert [(r["test"]["name"], r["status"]) for r in result["results"]] == [("pp32", "ok"), ("tg4", "ok")]
+    assert result["engines"][0]["description"]["extra_buffer_types"] is False
+
+
 @pytest.fixture
 def llama_cpp_server(smollm2_path, free_port, tmp_path):
     """llama-cpp-python's OpenAI-compatible server on loopback, serving SmolLM2 on 1 thread."""

@@ -15,6 +15,7 @@ from rz_kernels.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz_kernels.quants import QTensor, dequantize, qmatmul_ref
 from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_many, qmatmul_pallas, quantized_matmul, select_path
+from rz_kernels.build import variant_named
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
     activation_block,
@@ -48,21 +49,21 @@ def cpu_shapes(ggml_type: GGMLType) -> list[tuple[int, int]]:
     return shapes + [(21, 6 * 32), (22, 10 * 32)] if block == 32 else shapes
 
 
-def cpu_and_references(x: np.ndarray, qt: QTensor, w: np.ndarray | None = None):
-    """The C++ kernel's y, its exact twin's and qmatmul_ref's, the references in float64 NumPy
-    from w = dequantize(qt) (one compilation per weight shape instead of one per x shape)."""
+def cpu_and_references(x: np.ndarray, qt: QTensor, w: np.ndarray | None = None, variant=None):
+    """The C++ kernel's y (its `variant`, default this CPU's), its exact twin's and qmatmul_ref's,
+    the references in float64 NumPy from w = dequantize(qt) (one compilation per weight shape
+    instead of one per x shape)."""
     w = np.asarray(dequantize(qt), np.float64) if w is None else w
     twin_x = np.asarray(quantize_activations_ref(jnp.asarray(x), activation_block(qt.ggml_type)), np.float64)
     twin = twin_x @ w.T
     correction = q8_1_sum_correction(jnp.asarray(x), qt)
     if correction is not None:
         twin = twin + np.asarray(correction, np.float64)
-    return np.asarray(qmatmul_cpu(jnp.asarray(x), qt)), twin, x.astype(np.float64) @ w.T
+    return np.asarray(qmatmul_cpu(jnp.asarray(x), qt, variant=variant)), twin, x.astype(np.float64) @ w.T
 
 
-@needs_cpu_kernels
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
-def test_cpu_kernel_matches_references(ggml_type):
+def test_cpu_kernel_matches_references(ggml_type, cpu_variant):
     """Per block exact against its twin (int8 activations, f32 weights): an indexing slip shows as
     an error of order 1; against qmatmul_ref within the tolerance wherever there are enough
     outputs for an NMSE to mean something."""
@@ -71,24 +72,42 @@ def test_cpu_kernel_matches_references(ggml_type):
         qt = random_qtensor(rng, ggml_type, (n, k))
         w = np.asarray(dequantize(qt), np.float64)
         for m in CPU_ROWS:
-            actual, twin, reference = cpu_and_references(activations(rng, m, k), qt, w)
+            actual, twin, reference = cpu_and_references(activations(rng, m, k), qt, w, cpu_variant)
             assert nmse(actual, twin) <= 1e-8, (n, k, m)
             if n * m >= 64:
                 assert nmse(actual, reference) <= TOLERANCE, (n, k, m)
 
 
-@needs_cpu_kernels
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
-def test_cpu_kernel_rows_do_not_depend_on_the_batch(ggml_type):
+def test_cpu_kernel_rows_do_not_depend_on_the_batch(ggml_type, cpu_variant):
     """A decode step's row gets bit for bit the same output alone or with up to 7 others (the
     server's greedy output must not depend on what else is in the batch)."""
     rng = np.random.default_rng(17)
     for n, k in cpu_shapes(ggml_type):
         qt = random_qtensor(rng, ggml_type, (n, k))
         x = activations(rng, 8, k)
-        alone = np.concatenate([np.asarray(qmatmul_cpu(jnp.asarray(x[i : i + 1]), qt)) for i in range(8)])
+        alone = np.concatenate([np.asarray(qmatmul_cpu(jnp.asarray(x[i : i + 1]), qt, variant=cpu_variant)) for i in range(8)])
         for m in range(2, 9):
-            np.testing.assert_array_equal(np.asarray(qmatmul_cpu(jnp.asarray(x[:m]), qt)), alone[:m], err_msg=f"{n}x{k}, M={m}")
+            together = np.asarray(qmatmul_cpu(jnp.asarray(x[:m]), qt, variant=cpu_variant))
+            np.testing.assert_array_equal(together, alone[:m], err_msg=f"{n}x{k}, M={m}")
+
+
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
+def test_cpu_variants_are_bit_for_bit_the_avx2_variant(ggml_type, cpu_variant):
+    """The VNNI variants' int8 dots (vpdpbusd, vpdpwssd) give the same int32 sums as AVX2's maddubs
+    + madd, which never saturates here, and everything after them is the same code: so the same
+    outputs, bit for bit, at every M the kernel serves (decode rows, paired and decoded paths)."""
+    if cpu_variant.machine != "x86_64":
+        pytest.skip("bit-for-bit equality is promised between the x86-64 variants")
+    avx2 = variant_named("avx2")
+    rng = np.random.default_rng(23)
+    for n, k in cpu_shapes(ggml_type) + [(64, 2048)]:
+        qt = random_qtensor(rng, ggml_type, (n, k))
+        for m in (1, 2, 5, 8, 9, 16):
+            x = jnp.asarray(activations(rng, m, k))
+            np.testing.assert_array_equal(
+                np.asarray(qmatmul_cpu(x, qt, variant=cpu_variant)), np.asarray(qmatmul_cpu(x, qt, variant=avx2)), err_msg=f"{n}x{k}, M={m}"
+            )
 
 
 @needs_cpu_kernels
@@ -102,7 +121,7 @@ def test_cpu_kernel_rows_do_not_depend_on_the_batch(ggml_type):
         ("gemma3", "blk.0.ffn_down.weight"),  # Q6_K
     ],
 )
-def test_cpu_kernel_against_ggml(model, name):
+def test_cpu_kernel_against_ggml(model, name, cpu_variant):
     """Against llama.cpp's own ggml_mul_mat on the same GGUF bytes: the activations are quantized
     exactly as ggml quantizes them (Q8_0 / Q8_1 scales in f16, Q8_K's in f32), and the blocks'
     int32 dots are exact, so the outputs differ by the order of the f32 sums only (rz sums blocks
@@ -116,7 +135,7 @@ def test_cpu_kernel_against_ggml(model, name):
     for m in (1, 3, 8):
         x = activations(rng, m, k)
         theirs = ggml_oracle.GGMLMatmul(raw, int(qt.ggml_type), n, k, m, 2)(x)
-        ours = np.asarray(qmatmul_cpu(jnp.asarray(x), qt))
+        ours = np.asarray(qmatmul_cpu(jnp.asarray(x), qt, variant=cpu_variant))
         assert np.abs(ours - theirs).max() <= 2e-6 * np.abs(theirs).max(), f"M={m}"
 
 
@@ -332,9 +351,8 @@ def test_pallas_kernel_on_real_tensors(model_path, name):
     assert nmse(qmatmul_pallas.qmatmul(x, qt, interpret=INTERPRET), qmatmul_ref(x, qt)) <= PALLAS_NMSE
 
 
-@pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 @pytest.mark.parametrize("m", [1, 5, 40])
-def test_several_weights_in_one_call(m):
+def test_several_weights_in_one_call(m, cpu_variant):
     """q/k/v-style weights of mixed types (32-block and K-quant, so two activation roundings) through
     one call: each output equals that weight's own call."""
     rng = np.random.default_rng(31)
@@ -345,8 +363,8 @@ def test_several_weights_in_one_call(m):
         random_qtensor(rng, GGMLType.Q4_1, (20, 512)),  # pairs of blocks, from the same quantized x
     ]
     x = jnp.asarray(activations(rng, m, 512))
-    together = np.split(np.asarray(qmatmul_cpu(x, weights)), np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1)
+    together = np.split(np.asarray(qmatmul_cpu(x, weights, variant=cpu_variant)), np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1)
     for qt, y in zip(weights, together):
         assert y.shape == (m, qt.shape[0])
-        np.testing.assert_array_equal(np.asarray(y), np.asarray(qmatmul_cpu(x, qt)))
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(qmatmul_cpu(x, qt, variant=cpu_variant)))
         assert nmse(y, qmatmul_ref(x, qt)) <= 5e-4
