@@ -149,6 +149,8 @@ def measure(model_path: Path, n_prompts: int = len(GREEDY_PROMPTS), n_tokens: in
     """The three comparisons (module docstring) over the first n_prompts of GREEDY_PROMPTS."""
     import llama_cpp
 
+    from rz.bench.llamacpp_setup import use_safe_defaults
+
     import rz
 
     if not 1 <= n_prompts <= len(GREEDY_PROMPTS):
@@ -156,6 +158,7 @@ def measure(model_path: Path, n_prompts: int = len(GREEDY_PROMPTS), n_tokens: in
     if n_tokens < 1:
         raise BenchError(f"--tokens must be at least 1, got {n_tokens}")
     n_ctx = 512
+    use_safe_defaults()
     oracle = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
     try:
         prompts = [oracle.tokenize(p.encode(), add_bos=True, special=False) for p in GREEDY_PROMPTS[:n_prompts]]

@@ -57,13 +57,20 @@ def test_llama_cpp_without_its_extra_buffer_types(tmp_path, capsys, smollm2_path
     assert result["engines"][0]["description"]["extra_buffer_types"] is False
 
 
+# `python -m llama_cpp.server`, its models loaded as rz.bench loads llama.cpp's (rz.bench.llamacpp_setup).
+SAFE_LLAMA_CPP_SERVER = (
+    "import runpy; from rz.bench.llamacpp_setup import use_safe_defaults; use_safe_defaults(); "
+    "runpy.run_module('llama_cpp.server', run_name='__main__')"
+)
+
+
 @pytest.fixture
 def llama_cpp_server(smollm2_path, free_port, tmp_path):
     """llama-cpp-python's OpenAI-compatible server on loopback, serving SmolLM2 on 1 thread."""
     url = f"http://127.0.0.1:{free_port}"
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path), "--host", "127.0.0.1",
+        [sys.executable, "-c", SAFE_LLAMA_CPP_SERVER, "--model", str(smollm2_path), "--host", "127.0.0.1",
          "--port", str(free_port), "--n_threads", "1", "--n_threads_batch", "1", "--n_ctx", "512"],
         stdout=log, stderr=subprocess.STDOUT,
     )

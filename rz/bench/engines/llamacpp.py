@@ -6,12 +6,12 @@ greedy sampler, one context per batch size with one KV-cache stream per sequence
 """
 
 import ctypes
-import os
 import time
 from pathlib import Path
 
 from rz.bench.engines.base import Engine, Sample
 from rz.bench.errors import BenchError, PreflightError
+from rz.bench.llamacpp_setup import extra_buffer_types
 from rz.bench.workloads import Prompt, Workload
 
 _LOG_ERRORS: list[str] = []
@@ -39,11 +39,6 @@ def _silence_logs(llama_cpp) -> None:
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
-def _extra_buffer_types() -> bool:
-    """RZ_BENCH_LLAMA_EXTRA_BUFTS=0 loads the weights without llama.cpp's extra CPU buffer types
-    (REPACK's interleaved layouts, AMX): its AMX build segfaults on prompt batches on some VMs that
-    report AMX (a Sapphire Rapids guest here), and this is the only way to keep it from AMX."""
-    return os.environ.get("RZ_BENCH_LLAMA_EXTRA_BUFTS", "1") != "0"
 
 
 class LlamaCppEngine(Engine):
@@ -70,7 +65,7 @@ class LlamaCppEngine(Engine):
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
-        params.use_extra_bufts = _extra_buffer_types()
+        params.use_extra_bufts = extra_buffer_types()
         self._model = llama_cpp.llama_model_load_from_file(str(self.settings.model_path).encode(), params)
         if not self._model:
             raise PreflightError(f"llama.cpp cannot load {self.settings.model_path}: {_last_error()}")
@@ -86,7 +81,7 @@ class LlamaCppEngine(Engine):
             "n_batch": self.settings.n_batch,
             "n_ubatch": min(self.settings.n_batch, 512),
             "flash_attn": "auto (llama.cpp default)",
-            "extra_buffer_types": _extra_buffer_types(),
+            "extra_buffer_types": extra_buffer_types(),
         }
         if self._lib is not None:
             info["system_info"] = self._lib.llama_print_system_info().decode("utf-8", "replace").strip()
