@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from rz.errors import RzError
 from rz.request import check_token_ids
 from rz.server import http_ollama, http_openai
 from rz.server.guard import authorization_matches, expected_authorization
@@ -111,7 +112,9 @@ def build_app(backend: Backend, api_key: str | None) -> Starlette:
         param = getattr(error, "param", None)
         return JSONResponse(_error_body(request.url.path, status, message, param), status_code=status)
 
-    app = Starlette(routes=routes, exception_handlers={Exception: failed, HTTPException: failed})
+    # RzError and HTTPException are answered by Starlette's exception middleware; anything else
+    # reaches its server-error middleware, which answers with `failed` too, then re-raises for uvicorn to log.
+    app = Starlette(routes=routes, exception_handlers={RzError: failed, HTTPException: failed, Exception: failed})
     expected = expected_authorization(api_key)
     if expected is None:
         return app

@@ -25,7 +25,7 @@ GENERATE = "/rz.v1.InferenceService/Generate"
 def config(**changes) -> ServerConfig:
     fields = dict(
         model=Path("unused.gguf"), n_ctx=None, max_batch=2, max_queue=2, host="127.0.0.1", port=0,
-        metrics_port=-1, grace_seconds=1.0, max_request_bytes=1 << 20,
+        metrics_port=-1, grace_seconds=1.0, max_request_bytes=1 << 20, http_port=-1,
     )
     return ServerConfig(**(fields | changes))
 
