@@ -22,7 +22,7 @@ from rz.errors import RzError
 from rz.request import check_token_ids
 from rz.server import http_ollama, http_openai
 from rz.server.guard import authorization_matches, expected_authorization
-from rz.server.http_common import Attached, Backend, HttpError, field, http_status, run_sync
+from rz.server.http_common import Attached, Backend, HttpError, count_refusal, field, http_status, run_sync
 from rz.server.metrics import Metrics
 
 log = logging.getLogger("rz.server")
@@ -108,7 +108,9 @@ def build_app(backend: Backend, api_key: str | None) -> Starlette:
         if isinstance(error, HTTPException):  # Starlette's own: no such route, or method
             status, message = error.status_code, f"{request.method} {request.url.path}: {error.detail}"
         else:
-            status, message = http_status(error, f"{request.method} {request.url.path}"), str(error)
+            method = f"{request.method} {request.url.path}"
+            status, message = http_status(error, method), str(error)
+            count_refusal(backend.metrics, method, status, error)
         param = getattr(error, "param", None)
         return JSONResponse(_error_body(request.url.path, status, message, param), status_code=status)
 

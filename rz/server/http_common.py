@@ -44,6 +44,16 @@ class HttpError(RzError):
         self.param = param
 
 
+# The gRPC code name an HTTP status is counted under in rz_requests_total, as gRPC counts the same failure.
+_STATUS_NAMES = {status: code.name for code, status in HTTP_STATUS.items()} | {413: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
+
+
+def count_refusal(metrics: Metrics, method: str, status: int, error: Exception) -> None:
+    """Count a request that failed before or without a ticket (one that had tickets was counted by Backend.events)."""
+    if not getattr(error, "counted_in_metrics", False):
+        metrics.requests.labels(method, _STATUS_NAMES.get(status, "UNKNOWN")).inc()
+
+
 def http_status(error: Exception, call: str) -> int:
     """The HTTP status of a failure (server failures are logged by status_of)."""
     if isinstance(error, HttpError):
@@ -176,6 +186,7 @@ class Backend:
                         return
                     if isinstance(item, Exception):
                         outcome[index] = status_of(item, method).name
+                        item.counted_in_metrics = True
                         raise item
                     if item.finish_reason is not None:
                         outcome[index] = "CANCELLED" if item.finish_reason == FinishReason.CANCELLED else "OK"

@@ -61,6 +61,14 @@ class RunningServer:
             raise
 
 
+def wait_for(condition, timeout: float = 60.0) -> None:
+    """Poll condition() until it holds; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def start_server(*extra_args: str) -> RunningServer:
     """Start a server on free ports and wait for SERVING, recording the health statuses on the way."""
     command = [

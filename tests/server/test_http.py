@@ -5,17 +5,16 @@ loaded one answers HTTP already)."""
 import json
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 
 import ollama
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from rz.server.server import Server, ServerStartError
-from test_hardening import config
+from rz.server.server import ServerStartError
+from server_process import wait_for
+from test_hardening import started  # noqa: F401 - a fixture
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -38,42 +37,11 @@ def _get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
-def _samples(url: str) -> dict:
-    text = _get(f"{url}/metrics")[1].decode()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 # ----- no model: the front answers while the model loads -----
 
 
-@pytest.fixture
-def unloaded():
-    servers = []
-
-    def start(**changes) -> Server:
-        server = Server(config(**({"http_port": 0} | changes)))
-        server.start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-
-
-def test_while_loading_health_is_503_and_requests_get_openai_and_ollama_errors(unloaded):
-    url = f"http://127.0.0.1:{unloaded().http_port}"
+def test_while_loading_health_is_503_and_requests_get_openai_and_ollama_errors(started):
+    url = f"http://127.0.0.1:{started(http_port=0).http_port}"
     status, body = _get(f"{url}/health")
     assert (status, json.loads(body)) == (503, {"status": "loading"})
     status, body = _get(f"{url}/v1/models")
@@ -86,8 +54,8 @@ def test_while_loading_health_is_503_and_requests_get_openai_and_ollama_errors(u
     assert refused.value.status_code == 503
 
 
-def test_malformed_wrong_and_oversize_bodies(unloaded):
-    url = f"http://127.0.0.1:{unloaded(max_request_bytes=1000).http_port}"
+def test_malformed_wrong_and_oversize_bodies(started):
+    url = f"http://127.0.0.1:{started(http_port=0, max_request_bytes=1000).http_port}"
     for path in ("/v1/completions", "/v1/chat/completions", "/api/generate", "/tokenize"):
         status, body = _post(f"{url}{path}", b"{not json")
         assert status == 400 and "not valid JSON" in body.decode(), path
@@ -99,8 +67,8 @@ def test_malformed_wrong_and_oversize_bodies(unloaded):
     assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
 
 
-def test_the_api_key_is_a_bearer_token_on_http_and_health_stays_open(unloaded):
-    url = f"http://127.0.0.1:{unloaded(api_key='s3cret').http_port}"
+def test_the_api_key_is_a_bearer_token_on_http_and_health_stays_open(started):
+    url = f"http://127.0.0.1:{started(http_port=0, api_key='s3cret').http_port}"
     assert _get(f"{url}/health")[0] == 503  # open, and loading
     for headers in ({}, {"authorization": "Bearer wrong"}):
         status, body = _get(f"{url}/v1/models", headers)
@@ -113,12 +81,12 @@ def test_the_api_key_is_a_bearer_token_on_http_and_health_stays_open(unloaded):
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
 
 
-def test_a_taken_http_port_is_a_clean_error(unloaded):
+def test_a_taken_http_port_is_a_clean_error(started):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(ServerStartError, match="cannot serve HTTP.*--http-port"):
-            unloaded(http_port=taken.getsockname()[1])
+            started(http_port=taken.getsockname()[1])
 
 
 # ----- the shared SmolLM2 server -----
@@ -262,7 +230,7 @@ def test_http_and_grpc_streams_together_share_the_loop(server, llm, client):
 
 @pytest.mark.slow
 def test_a_client_leaving_a_stream_frees_its_slot(server):
-    before = _samples(server.http_url).get(("rz_requests_total", (("method", "POST /v1/completions"), ("status", "CANCELLED"))), 0)
+    before = server.metrics().get(("rz_requests_total", (("method", "POST /v1/completions"), ("status", "CANCELLED"))), 0)
     request = urllib.request.Request(
         f"{server.http_url}/v1/completions",
         data=json.dumps({"prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True, "stream": True}).encode(),
@@ -272,8 +240,8 @@ def test_a_client_leaving_a_stream_frees_its_slot(server):
     response.readline()  # the first event: the request holds a slot
     response.close()
     key = ("rz_requests_total", (("method", "POST /v1/completions"), ("status", "CANCELLED")))
-    _wait_for(lambda: _samples(server.http_url).get(key, 0) == before + 1)
-    _wait_for(lambda: _samples(server.http_url)[("rz_active_slots", ())] == 0)
+    wait_for(lambda: server.metrics().get(key, 0) == before + 1)
+    wait_for(lambda: server.metrics()[("rz_active_slots", ())] == 0)
 
 
 @pytest.mark.slow
@@ -299,3 +267,5 @@ def test_bad_requests_are_400_and_the_server_goes_on(server):
     assert status == 200
     assert json.loads(_post(f"{url}/detokenize", json.loads(answer))[1])["content"] == "hello world"
     assert _get(f"{url}/health") == (200, b'{"status":"ok"}')
+    status, scrape = _get(f"{url}/metrics")  # the same registry as the metrics port
+    assert status == 200 and b'rz_requests_total{method="POST /v1/completions",status="INVALID_ARGUMENT"}' in scrape
