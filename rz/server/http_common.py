@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 import anyio
 import grpc
 
-from rz.errors import RequestError, RzError
+from rz.errors import RzError
 from rz.generation import Generation, GenerationRequest, StepEvent
 from rz.request import FinishReason, RequestOptions
 from rz.server.metrics import Metrics

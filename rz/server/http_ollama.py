@@ -40,7 +40,7 @@ def routes(backend: Backend) -> list[Route]:
         system = field(body, "system", str)
         if not prompt:
             # Ollama answers an empty prompt by loading the model: here it is always loaded.
-            return JSONResponse(_final(attached, body, None, "") | {"response": "", "done_reason": "load"})
+            return JSONResponse(_final(attached, body, None) | {"response": "", "done_reason": "load"})
         if field(body, "raw", bool, False):
             prompt_ids = await run_sync(attached.llm.tokenize, prompt)
         else:
@@ -143,23 +143,23 @@ async def _respond(backend: Backend, body: dict, prompt_ids: list[int], chat: bo
         async for _, event in events:
             text += event.text
             sequence = event.sequence
-        return JSONResponse(_final(attached, body, sequence, "") | part(text))
+        return JSONResponse(_final(attached, body, sequence) | part(text))
 
     async def lines():
         try:
             async for _, event in events:
                 if event.finish_reason is not None:
-                    yield _line(_final(attached, body, event.sequence, "") | part(event.text))
+                    yield _line(_final(attached, body, event.sequence) | part(event.text))
                 elif event.text:
                     yield _line({"model": _name(attached, body), "created_at": _now(), "done": False} | part(event.text))
         except Exception as error:  # noqa: BLE001 - the stream has begun: the failure is its last line
-            http_status(error, method)
+            http_status(error, method)  # logs a failure of the server's own
             yield _line({"error": str(error)})
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-def _final(attached, body: dict, sequence, text: str) -> dict:
+def _final(attached, body: dict, sequence) -> dict:
     """The last object of an answer: why it ended, with counts and durations in nanoseconds."""
     final = {"model": _name(attached, body), "created_at": _now(), "done": True, "done_reason": "stop",
              "total_duration": 0, "load_duration": 0, "prompt_eval_count": 0, "prompt_eval_duration": 0,
