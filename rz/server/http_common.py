@@ -171,28 +171,40 @@ class Backend:
         return tickets
 
     async def events(self, tickets: list[Ticket], method: str) -> AsyncIterator[tuple[int, StepEvent]]:
-        """(ticket index, event) for every event of the tickets, one ticket after the other.
+        """(ticket index, event) for every event of the tickets, until each has finished.
 
-        The tickets generate side by side in the loop; a later one's events wait in its queue
-        while an earlier one is read. Raises the RzError that ended a ticket; leaving early
-        cancels the tickets still running. Each ticket is counted in the metrics under `method`.
+        It waits on the first unfinished ticket and takes what the others have ready meanwhile:
+        the tickets share the loop's steps, so the choices of one request stream side by side.
+        Raises the RzError that ended a ticket; leaving early cancels the tickets still running.
+        Each ticket is counted in the metrics under `method`.
         """
         outcome = {}
+
+        def take(index: int, item) -> StepEvent | None:
+            """The event to pass on; None when the caller is gone (a Cancelled item)."""
+            if isinstance(item, Exception):
+                outcome[index] = status_of(item, method).name
+                item.counted_in_metrics = True
+                raise item
+            if isinstance(item, StepEvent) and item.finish_reason is not None:
+                outcome[index] = "CANCELLED" if item.finish_reason == FinishReason.CANCELLED else "OK"
+                pending.remove(index)
+            return item if isinstance(item, StepEvent) else None
+
+        pending = list(range(len(tickets)))
         try:
-            for index, ticket in enumerate(tickets):
-                while True:
-                    item = await anyio.to_thread.run_sync(ticket.events.get, abandon_on_cancel=True, limiter=self._readers)
-                    if isinstance(item, Cancelled):  # only a cancel from elsewhere puts one; the caller is gone
+            while pending:
+                first = pending[0]
+                item = await anyio.to_thread.run_sync(tickets[first].events.get, abandon_on_cancel=True, limiter=self._readers)
+                ready = [(first, item)]
+                for index in pending[1:]:
+                    while not tickets[index].events.empty():
+                        ready.append((index, tickets[index].events.get_nowait()))
+                for index, item in ready:
+                    event = take(index, item)
+                    if event is None:  # a cancel from elsewhere: nobody reads further
                         return
-                    if isinstance(item, Exception):
-                        outcome[index] = status_of(item, method).name
-                        item.counted_in_metrics = True
-                        raise item
-                    if item.finish_reason is not None:
-                        outcome[index] = "CANCELLED" if item.finish_reason == FinishReason.CANCELLED else "OK"
-                    yield index, item
-                    if item.finish_reason is not None:
-                        break
+                    yield index, event
         finally:
             loop = self.attached.loop
             for index, ticket in enumerate(tickets):

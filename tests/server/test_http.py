@@ -145,6 +145,10 @@ def test_openai_n_choices_with_a_seed(client):
     assert 2 <= reply.usage.completion_tokens <= 10  # two choices of 1 to 5 tokens each
     again = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5, n=2, seed=7, temperature=1.0)
     assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    chunks = [c.choices[0] for c in client.chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=5, n=2, seed=7, temperature=1.0, stream=True
+    )]
+    assert ["".join(c.delta.content or "" for c in chunks if c.index == i) for i in (0, 1)] == [c.message.content for c in reply.choices]
 
 
 @pytest.mark.slow
