@@ -273,3 +273,28 @@ def test_bad_requests_are_400_and_the_server_goes_on(server):
     assert _get(f"{url}/health") == (200, b'{"status":"ok"}')
     status, scrape = _get(f"{url}/metrics")  # the same registry as the metrics port
     assert status == 200 and b'rz_requests_total{method="POST /v1/completions",status="INVALID_ARGUMENT"}' in scrape
+
+
+def test_a_stream_failing_midway_ends_with_an_error_event():
+    from types import SimpleNamespace
+
+    import anyio
+
+    from rz.generation import StepEvent
+    from rz.server.http_openai import _Reply, _sse
+    from rz.server.scheduler import EngineFailure
+
+    async def events():
+        yield 0, StepEvent(sequence=None, token_id=1, text="Hello", finish_reason=None)
+        raise EngineFailure("decode step failed: the device is gone")
+
+    async def collect():
+        reply = _Reply(SimpleNamespace(llm=SimpleNamespace(tokenizer=None), model_name="m"), chat=False, n_logprobs=None)
+        return [chunk async for chunk in _sse(reply, events(), [None], True, "POST /v1/completions")]
+
+    chunks = [chunk.decode() for chunk in anyio.run(collect)]
+    assert json.loads(chunks[0].removeprefix("data: "))["choices"][0]["text"] == "Hello"
+    error = json.loads(chunks[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "device is gone" in error["message"]
+    assert all(chunk.startswith("data: ") and chunk.endswith("\n\n") for chunk in chunks)
+    assert "[DONE]" not in "".join(chunks)
