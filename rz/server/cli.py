@@ -9,7 +9,9 @@ from pathlib import Path
 
 def add_commands(commands) -> None:
     """Add `serve` and `client` to python -m rz's subcommands."""
-    serve = commands.add_parser("serve", help="serve a model over gRPC, with health, reflection and Prometheus metrics")
+    serve = commands.add_parser(
+        "serve", help="serve a model over gRPC (health, reflection, Prometheus metrics) and HTTP (OpenAI- and Ollama-compatible)"
+    )
     serve.add_argument("--model", metavar="PATH", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
     serve.add_argument("--n-ctx", type=int, default=None, help="context size per slot (default: min(4096, the model's))")
     serve.add_argument("--max-batch", type=_at_least(1), default=8, help="decode slots: requests generating at once (default: 8)")
@@ -20,6 +22,10 @@ def add_commands(commands) -> None:
         "--metrics-port", type=int, default=9090, help="Prometheus port; 0 picks a free one, -1 turns metrics off (default: 9090)"
     )
     serve.add_argument(
+        "--http-port", type=int, default=8080,
+        help="HTTP port of the OpenAI- and Ollama-compatible API; 0 picks a free one, -1 turns it off (default: 8080)",
+    )
+    serve.add_argument(
         "--prefill-chunk", type=_at_least(8), default=256,
         help="longest prompt chunk prefilled between two decode steps: shorter stalls running streams less, "
         "longer prefills a long prompt faster (default: 256)",
@@ -28,7 +34,8 @@ def add_commands(commands) -> None:
     serve.add_argument("--max-request-bytes", type=_at_least(1), default=1 << 20, help="largest request accepted (default: 1 MiB)")
     serve.add_argument(
         "--api-key", default=os.environ.get("RZ_API_KEY") or None,
-        help="require 'authorization: Bearer KEY' metadata on every call but health checks (default: $RZ_API_KEY; none)",
+        help="require 'authorization: Bearer KEY' (gRPC metadata, HTTP header) on every call but health checks "
+        "(default: $RZ_API_KEY; none)",
     )
     serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
     serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -96,6 +103,7 @@ def run_serve(args) -> int:
         api_key=args.api_key,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        http_port=args.http_port,
     ))
 
 

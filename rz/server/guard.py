@@ -34,7 +34,7 @@ class Guard(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics, api_key: str | None):
         self._metrics = metrics
-        self._expected = f"Bearer {api_key}".encode() if api_key else None
+        self._expected = expected_authorization(api_key)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -56,12 +56,21 @@ class Guard(grpc.ServerInterceptor):
     def _authorized(self, metadata) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
+                return authorization_matches(value, self._expected)
         return False
 
     def _count(self, name: str, status: grpc.StatusCode) -> None:
         self._metrics.requests.labels(name, status.name).inc()
+
+
+def expected_authorization(api_key: str | None) -> bytes | None:
+    """The authorization value a call must carry with this API key; None when there is no key."""
+    return f"Bearer {api_key}".encode() if api_key else None
+
+
+def authorization_matches(given: str | bytes, expected: bytes) -> bool:
+    """Whether an authorization value (gRPC metadata or HTTP header) is the expected one, in constant time."""
+    return hmac.compare_digest(given.encode() if isinstance(given, str) else given, expected)
 
 
 def _decoding(handler, name: str, count):

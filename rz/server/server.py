@@ -63,6 +63,7 @@ class ServerConfig:
     api_key: str | None = None  # None: no authentication
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: Path | None = None  # PEM private key
+    http_port: int = 8080  # the OpenAI/Ollama HTTP API; 0: any free port; -1: none
 
 
 class ServerStartError(RzError):
@@ -95,6 +96,12 @@ class Server:
         self.metrics_port = None
         self._metrics_http = None
         self._loop = None
+        self.http_port = None
+        self.http = None
+        if config.http_port >= 0:
+            from rz.server.http_app import HttpFront
+
+            self.http = HttpFront(self.metrics, config.max_request_bytes, config.api_key)
 
     def start(self) -> None:
         """Listen, reporting NOT_SERVING until load() is done."""
@@ -110,6 +117,17 @@ class Server:
                     "(choose another --metrics-port, 0 for any free one, or -1 for no metrics)"
                 ) from None
             self.metrics_port = self._metrics_http.server_port
+        if self.http is not None:
+            try:
+                self.http_port = self.http.start(self.config.host, self.config.http_port)
+            except OSError as error:
+                self._grpc.stop(0)
+                if self._metrics_http is not None:
+                    self._metrics_http.shutdown()
+                raise ServerStartError(
+                    f"cannot serve HTTP on {self.config.host}:{self.config.http_port}: {error.strerror or error} "
+                    "(choose another --http-port, 0 for any free one, or -1 for no HTTP API)"
+                ) from None
 
     def load(self) -> None:
         """Load the model, compile every step, start the engine loop, and report SERVING."""
@@ -131,6 +149,8 @@ class Server:
         self.metrics.watch_load(self._loop.load)
         self._loop.start()
         self.service.attach(llm, self._loop, _model_info(llm, self.config))
+        if self.http is not None:
+            self.http.attach(llm, self._loop, Path(self.config.model).stem)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def shutdown(self) -> None:
@@ -148,6 +168,8 @@ class Server:
                 self._loop.drain(margin)
             self._loop.stop()
         stopped.wait()
+        if self.http is not None:
+            self.http.stop()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
 
@@ -256,7 +278,8 @@ def serve(config: ServerConfig) -> int:
     server = Server(config)
     server.start()
     metrics = f", metrics on http://{config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    log.info("listening on %s:%d%s; loading %s", config.host, server.port, metrics, config.model)
+    http = f", HTTP API on http://{config.host}:{server.http_port}" if server.http_port else ""
+    log.info("listening on %s:%d%s%s; loading %s", config.host, server.port, metrics, http, config.model)
     # Loading and compiling run beside the main thread, so a signal meanwhile is acted on at once
     # rather than after compilation (up to minutes on a cold cache).
     failures = []

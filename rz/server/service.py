@@ -111,7 +111,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             self._check(request)
             return respond()
         except Exception as error:  # noqa: BLE001 - every failure becomes a status code
-            status = _status_of(error, method)
+            status = status_of(error, method)
             context.abort(status, str(error))
         finally:
             self._metrics.requests.labels(method, status.name).inc()
@@ -133,7 +133,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             context.send_initial_metadata(())  # tells the client it is queued
             status = yield from _responses(ticket, request.request_id)
         except Exception as error:  # noqa: BLE001 - every failure becomes a status code
-            status = _status_of(error, f"{method} {request.request_id!r}")
+            status = status_of(error, f"{method} {request.request_id!r}")
             context.abort(status, str(error))
         finally:
             if status is None:  # the stream was closed at a message: the request finished, or its caller left
@@ -149,7 +149,7 @@ def _termination_reason(context) -> str:
     return DEADLINE_EXCEEDED if context.time_remaining() <= _DEADLINE_SLACK else CLIENT_CANCELLED
 
 
-def _status_of(error: Exception, call: str) -> grpc.StatusCode:
+def status_of(error: Exception, call: str) -> grpc.StatusCode:
     """The status code for a failure; failures of the server, not of the request, are logged."""
     if isinstance(error, (RequestError, TokenizerError)):
         return grpc.StatusCode.INVALID_ARGUMENT

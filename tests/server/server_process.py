@@ -19,7 +19,7 @@ MAX_BATCH = 4
 MAX_QUEUE = 12  # 16 requests in flight at most: the concurrency test's 16 clients all fit
 STARTUP_TIMEOUT = 900  # seconds to load and compile on a slow, shared CI machine
 
-_LISTENING = re.compile(r"listening on [\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics")
+_LISTENING = re.compile(r"listening on [\d.]+:(\d+), metrics on http://[\d.]+:(\d+)/metrics(?:, HTTP API on http://[\d.]+:(\d+))?")
 
 
 @dataclass
@@ -29,6 +29,11 @@ class RunningServer:
     metrics_port: int
     health_seen: list[str]  # distinct health statuses, in the order they were seen while starting
     log: list[str] = field(default_factory=list)
+    http_port: int | None = None  # None: started with --http-port -1
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def target(self) -> str:
@@ -56,12 +61,20 @@ class RunningServer:
             raise
 
 
+def wait_for(condition, timeout: float = 60.0) -> None:
+    """Poll condition() until it holds; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 def start_server(*extra_args: str) -> RunningServer:
     """Start a server on free ports and wait for SERVING, recording the health statuses on the way."""
     command = [
         sys.executable, "-m", "rz", "serve", "--model", str(smollm2_135m_path()), "--n-ctx", str(N_CTX),
         "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--port", "0", "--metrics-port", "0",
-        *extra_args,
+        "--http-port", "0", *extra_args,
     ]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     log: list[str] = []
@@ -74,6 +87,7 @@ def start_server(*extra_args: str) -> RunningServer:
             match = _LISTENING.search(line)
             if match:
                 found["ports"] = int(match[1]), int(match[2])
+                found["http_port"] = int(match[3]) if match[3] else None
                 ports.set()
 
     threading.Thread(target=read_log, daemon=True).start()
@@ -93,4 +107,4 @@ def start_server(*extra_args: str) -> RunningServer:
             if not seen or seen[-1] != status:
                 seen.append(status)
             time.sleep(0.05)
-    return RunningServer(process, port, metrics_port, seen, log)
+    return RunningServer(process, port, metrics_port, seen, log, http_port=found["http_port"])

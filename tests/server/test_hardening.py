@@ -25,7 +25,7 @@ GENERATE = "/rz.v1.InferenceService/Generate"
 def config(**changes) -> ServerConfig:
     fields = dict(
         model=Path("unused.gguf"), n_ctx=None, max_batch=2, max_queue=2, host="127.0.0.1", port=0,
-        metrics_port=-1, grace_seconds=1.0, max_request_bytes=1 << 20,
+        metrics_port=-1, grace_seconds=1.0, max_request_bytes=1 << 20, http_port=-1,
     )
     return ServerConfig(**(fields | changes))
 
@@ -65,7 +65,8 @@ def test_the_cli_reports_a_taken_port_without_a_traceback():
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "rz", "serve", "--model", "unused.gguf", "--port", "0", "--metrics-port", str(port)],
+            [sys.executable, "-m", "rz", "serve", "--model", "unused.gguf", "--port", "0", "--metrics-port", str(port),
+             "--http-port", "-1"],
             capture_output=True, text=True, timeout=120,
         )
     assert result.returncode == 2
@@ -155,7 +156,7 @@ def test_a_deadline_just_fired_counts_as_a_deadline_not_a_cancel():
 def test_sigterm_while_loading_exits_promptly():
     process = subprocess.Popen(
         [sys.executable, "-m", "rz", "serve", "--model", str(smollm2_135m_path()), "--port", "0",
-         "--metrics-port", "-1", "--n-ctx", "256"],
+         "--metrics-port", "-1", "--http-port", "-1", "--n-ctx", "256"],
         stderr=subprocess.PIPE, text=True,
     )
     try:

@@ -9,7 +9,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
-from server_process import MAX_BATCH, MAX_QUEUE, N_CTX
+from server_process import MAX_BATCH, MAX_QUEUE, N_CTX, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -23,13 +23,6 @@ PROMPTS = [
 
 def _metric(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def _wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def _long_request(prompt: str = "Tell me a long story.") -> pb.GenerateRequest:
@@ -120,7 +113,7 @@ def test_cancelled_and_disconnected_clients_free_their_slots(server):
         call.cancel()
     for channel in channels:
         channel.close()
-    _wait_for(lambda: _metric(server.metrics(), "rz_active_slots") == 0)
+    wait_for(lambda: _metric(server.metrics(), "rz_active_slots") == 0)
 
 
 def test_deadline_exceeded_frees_the_slot(server):
@@ -131,7 +124,7 @@ def test_deadline_exceeded_frees_the_slot(server):
             for _ in client.stream("Tell me a long story.", 200, temperature=0.0, ignore_eos=True, timeout=0.5):
                 pass
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    _wait_for(lambda: _metric(server.metrics(), "rz_active_slots") == 0)
+    wait_for(lambda: _metric(server.metrics(), "rz_active_slots") == 0)
     after = server.metrics()
     counted = _metric(after, "rz_requests_total", method="Generate", status="DEADLINE_EXCEEDED")
     assert counted == _metric(before, "rz_requests_total", method="Generate", status="DEADLINE_EXCEEDED") + 1
@@ -152,7 +145,7 @@ def test_queue_overflow_is_resource_exhausted(server):
     for call in calls:
         call.cancel()
     channel.close()
-    _wait_for(lambda: _metric(server.metrics(), "rz_active_slots") == 0 and _metric(server.metrics(), "rz_queued_requests") == 0)
+    wait_for(lambda: _metric(server.metrics(), "rz_active_slots") == 0 and _metric(server.metrics(), "rz_queued_requests") == 0)
 
 
 def _options(**fields) -> pb.GenerationOptions:

@@ -1,0 +1,300 @@
+"""The HTTP API end to end: the official `openai` and `ollama` clients and raw HTTP against the
+shared SmolLM2 server's HTTP port, plus the edges that need no model (a server that has not
+loaded one answers HTTP already)."""
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import ollama
+import openai
+import pytest
+
+from rz.server.server import ServerStartError
+from server_process import wait_for
+from test_hardening import started  # noqa: F401 - a fixture
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def _post(url: str, body, headers: dict | None = None, timeout: float = 60) -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def _get(url: str, headers: dict | None = None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+# ----- no model: the front answers while the model loads -----
+
+
+def test_while_loading_health_is_503_and_requests_get_openai_and_ollama_errors(started):
+    url = f"http://127.0.0.1:{started(http_port=0).http_port}"
+    status, body = _get(f"{url}/health")
+    assert (status, json.loads(body)) == (503, {"status": "loading"})
+    status, body = _get(f"{url}/v1/models")
+    assert status == 503 and "loading" in json.loads(body)["error"]["message"]
+    status, body = _get(f"{url}/api/tags")
+    assert status == 503 and "loading" in json.loads(body)["error"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.models.list()
+    assert refused.value.status_code == 503
+
+
+def test_malformed_wrong_and_oversize_bodies(started):
+    url = f"http://127.0.0.1:{started(http_port=0, max_request_bytes=1000).http_port}"
+    for path in ("/v1/completions", "/v1/chat/completions", "/api/generate", "/tokenize"):
+        status, body = _post(f"{url}{path}", b"{not json")
+        assert status == 400 and "not valid JSON" in body.decode(), path
+        status, body = _post(f"{url}{path}", [1, 2])
+        assert status == 400 and "JSON object" in body.decode(), path
+        status, body = _post(f"{url}{path}", {"prompt": "x" * 2000})
+        assert status == 413 and "--max-request-bytes" in body.decode(), path
+    status, body = _post(f"{url}/v1/nothing", {})
+    assert status == 404 and json.loads(body)["error"]["type"] == "not_found_error"
+
+
+def test_the_api_key_is_a_bearer_token_on_http_and_health_stays_open(started):
+    url = f"http://127.0.0.1:{started(http_port=0, api_key='s3cret').http_port}"
+    assert _get(f"{url}/health")[0] == 503  # open, and loading
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        status, body = _get(f"{url}/v1/models", headers)
+        assert status == 401 and "Bearer" in json.loads(body)["error"]["message"]
+        status, body = _post(f"{url}/api/generate", {"prompt": "hi"}, headers)
+        assert status == 401 and "Bearer" in json.loads(body)["error"]
+    assert _get(f"{url}/metrics")[0] == 401
+    assert _get(f"{url}/v1/models", {"authorization": "Bearer s3cret"})[0] == 503  # past the key: not loaded
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_taken_http_port_is_a_clean_error(started):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(ServerStartError, match="cannot serve HTTP.*--http-port"):
+            started(http_port=taken.getsockname()[1])
+
+
+# ----- the shared SmolLM2 server -----
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.mark.slow
+def test_openai_chat_equals_llm_chat_streamed_or_not(client, llm):
+    expected = llm.chat(MESSAGES, max_tokens=8, temperature=0.0)
+    reply = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.usage["prompt_tokens"], 8)
+    chunks = list(client.chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    ))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+@pytest.mark.slow
+def test_openai_completions_logprobs_and_stop_equal_llm_generate(client, llm):
+    prompt = "The capital of France is"
+    expected = llm.generate(prompt, max_tokens=6, temperature=0.0, logprobs=2, stop=["\n\n"])
+    reply = client.completions.create(model="any", prompt=prompt, max_tokens=6, temperature=0, logprobs=2, stop=["\n\n"])
+    choice = reply.choices[0]
+    assert choice.text == expected.text
+    assert choice.logprobs.token_logprobs == pytest.approx([e["logprob"] for e in expected.logprobs], abs=1e-4)
+    assert [len(top) for top in choice.logprobs.top_logprobs] == [2] * len(expected.logprobs)
+    streamed = client.completions.create(model="any", prompt=prompt, max_tokens=6, temperature=0, stop=["\n\n"], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == expected.text
+
+
+@pytest.mark.slow
+def test_openai_chat_logprobs_in_openais_format(client, llm):
+    ids = llm.chat_prompt_ids(MESSAGES)
+    expected = llm.generate(ids, max_tokens=4, temperature=0.0, logprobs=3)
+    reply = client.chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = reply.choices[0].logprobs.content
+    assert [entry.logprob for entry in content] == pytest.approx([e["logprob"] for e in expected.logprobs], abs=1e-4)
+    for entry, want in zip(content, expected.logprobs):
+        assert bytes(entry.bytes) == llm.tokenizer.token_to_piece(want["token"])
+        assert [top.logprob for top in entry.top_logprobs] == pytest.approx([lp for _, lp in want["top"]], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_openai_n_choices_with_a_seed(client):
+    reply = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5, n=2, seed=7, temperature=1.0)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert 2 <= reply.usage.completion_tokens <= 10  # two choices of 1 to 5 tokens each
+    again = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5, n=2, seed=7, temperature=1.0)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in reply.choices]
+    chunks = [c.choices[0] for c in client.chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=5, n=2, seed=7, temperature=1.0, stream=True
+    )]
+    assert ["".join(c.delta.content or "" for c in chunks if c.index == i) for i in (0, 1)] == [c.message.content for c in reply.choices]
+
+
+@pytest.mark.slow
+def test_openai_errors_map_to_the_sdks_exceptions(client):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="any", messages=MESSAGES, temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="any", prompt="hi", logit_bias={"1": 5})
+    with pytest.raises(openai.BadRequestError, match="role"):
+        client.chat.completions.create(model="any", messages=[{"role": "wizard", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="context size"):
+        client.completions.create(model="any", prompt="hi", max_tokens=10_000)
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    assert client.models.list().data[0].id == client.models.retrieve(client.models.list().data[0].id).id
+
+
+@pytest.mark.slow
+def test_sse_framing_done_and_usage_chunk(server):
+    status, body = _post(f"{server.http_url}/v1/completions", {
+        "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    })
+    assert status == 200
+    events = body.decode().split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+    assert all(event.startswith("data: ") for event in events[:-1])
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 4
+    assert payloads[-2]["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.slow
+def test_ollama_ndjson_and_durations(server):
+    status, body = _post(f"{server.http_url}/api/generate", {"model": "m", "prompt": "Hi", "options": {"num_predict": 3}})
+    assert status == 200
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert [line["done"] for line in lines] == [False] * (len(lines) - 1) + [True]
+    final = lines[-1]
+    assert final["done_reason"] == "length" and final["eval_count"] == 3
+    assert final["total_duration"] >= final["prompt_eval_duration"] > 0 and final["eval_duration"] > 0
+
+
+@pytest.mark.slow
+def test_ollama_client_generate_and_chat(server, llm):
+    client = ollama.Client(host=server.http_url)
+    expected = llm.chat(MESSAGES, max_tokens=6, temperature=0.0)
+    options = {"num_predict": 6, "temperature": 0}
+    reply = client.chat(model="smollm2", messages=MESSAGES, options=options)
+    assert reply.message.content == expected.text and reply.done_reason == "length"
+    streamed = "".join(part.message.content for part in client.chat(model="smollm2", messages=MESSAGES, options=options, stream=True))
+    assert streamed == expected.text
+    generated = client.generate(model="smollm2", prompt=MESSAGES[0]["content"], options=options)
+    assert generated.response == expected.text and generated.eval_count == 6
+    assert client.list().models[0].model
+    assert client.show("smollm2").modelinfo["general.architecture"] == llm.config.architecture
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.generate(model="smollm2", prompt="hi", options={"num_ctx": 10**6})
+    assert refused.value.status_code == 400 and "num_ctx" in refused.value.error
+
+
+@pytest.mark.slow
+def test_http_and_grpc_streams_together_share_the_loop(server, llm, client):
+    prompts = ["Once upon a time", "The three primary colors are", "Water boils at", "Roses are red,"]
+    expected = [llm.generate(p, max_tokens=6, temperature=0.0).text for p in prompts]
+    results = {}
+
+    def over_http(i):
+        stream = client.completions.create(model="any", prompt=prompts[i], max_tokens=6, temperature=0, stream=True)
+        results[i] = "".join(c.choices[0].text for c in stream)
+
+    def over_grpc(i):
+        with server.client() as grpc_client:
+            results[i] = "".join(chunk.text for chunk in grpc_client.stream(prompts[i], 6, temperature=0.0))
+
+    threads = [threading.Thread(target=over_http if i % 2 else over_grpc, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [results.get(i) for i in range(len(prompts))] == expected
+
+
+@pytest.mark.slow
+def test_a_client_leaving_a_stream_frees_its_slot(server):
+    before = server.metrics().get(("rz_requests_total", (("method", "POST /v1/completions"), ("status", "CANCELLED"))), 0)
+    request = urllib.request.Request(
+        f"{server.http_url}/v1/completions",
+        data=json.dumps({"prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True, "stream": True}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    response = urllib.request.urlopen(request, timeout=60)
+    response.readline()  # the first event: the request holds a slot
+    response.close()
+    key = ("rz_requests_total", (("method", "POST /v1/completions"), ("status", "CANCELLED")))
+    wait_for(lambda: server.metrics().get(key, 0) == before + 1)
+    wait_for(lambda: server.metrics()[("rz_active_slots", ())] == 0)
+
+
+@pytest.mark.slow
+def test_bad_requests_are_400_and_the_server_goes_on(server):
+    url = server.http_url
+    bad = [
+        ("/v1/chat/completions", {"messages": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}),
+        ("/v1/completions", {"prompt": "hi", "n": 0}),
+        ("/v1/completions", {"prompt": "hi", "stop": [1]}),
+        ("/v1/completions", {"prompt": "hi", "top_p": True}),
+        ("/api/chat", {"messages": [{"role": "wizard", "content": "hi"}]}),
+        ("/api/generate", {"prompt": "hi", "options": {"temperature": "warm"}}),
+        ("/detokenize", {"tokens": [10**9]}),
+    ]
+    for path, body in bad:
+        status, answer = _post(f"{url}{path}", body)
+        assert status == 400, (path, body, answer)
+        error = json.loads(answer)["error"]
+        assert error if path.startswith("/api/") else error["type"] == "invalid_request_error"
+    status, answer = _post(f"{url}/tokenize", {"content": "hello world"})
+    assert status == 200
+    assert json.loads(_post(f"{url}/detokenize", json.loads(answer))[1])["content"] == "hello world"
+    assert _get(f"{url}/health") == (200, b'{"status":"ok"}')
+    status, scrape = _get(f"{url}/metrics")  # the same registry as the metrics port
+    assert status == 200 and b'rz_requests_total{method="POST /v1/completions",status="INVALID_ARGUMENT"}' in scrape
+
+
+def test_a_stream_failing_midway_ends_with_an_error_event():
+    from types import SimpleNamespace
+
+    import anyio
+
+    from rz.generation import StepEvent
+    from rz.server.http_openai import _Reply, _sse
+    from rz.server.scheduler import EngineFailure
+
+    async def events():
+        yield 0, StepEvent(sequence=None, token_id=1, text="Hello", finish_reason=None)
+        raise EngineFailure("decode step failed: the device is gone")
+
+    async def collect():
+        reply = _Reply(SimpleNamespace(llm=SimpleNamespace(tokenizer=None), model_name="m"), chat=False, n_logprobs=None)
+        return [chunk async for chunk in _sse(reply, events(), [None], True, "POST /v1/completions")]
+
+    chunks = [chunk.decode() for chunk in anyio.run(collect)]
+    assert json.loads(chunks[0].removeprefix("data: "))["choices"][0]["text"] == "Hello"
+    error = json.loads(chunks[-1].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "device is gone" in error["message"]
+    assert all(chunk.startswith("data: ") and chunk.endswith("\n\n") for chunk in chunks)
+    assert "[DONE]" not in "".join(chunks)
