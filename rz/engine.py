@@ -137,7 +137,7 @@ class Engine:
         bucket = self.buckets.context_bucket(max(len(prompt), context or 0))
         if n_cached:
             cache = self._timed(f"extract[{bucket}]", steps.extract, self.cache, jnp.int32(slot), size=bucket)
-            length = min(self.buckets.chunk_length(len(prompt) - n_cached), bucket)
+            length = self.buckets.tail_chunk_length(len(prompt) - n_cached, bucket)
             chunks = tuple((start, length) for start in range(n_cached, len(prompt), length))
         else:
             cache = self.model.init_cache(1, bucket)

@@ -4,13 +4,16 @@ Each turn adds a user message of about `user_tokens` tokens of text to the conve
 each engine for one token (its TTFT, measured on the host), then adds a fixed assistant answer
 of `answer_tokens` tokens, so that the next turn's prompt extends this one's. Both engines get
 the same token ids, rendered once by rz's chat template; engines are interleaved turn by turn.
-llama-cpp-python keeps its previous prompt's KV and prefills only what differs.
+llama.cpp keeps its previous prompt's KV and decodes only what differs, as llama-cpp-python's
+Llama and llama-server's cache_prompt do (the C API, as rz.bench's llama.cpp engine calls it).
 """
 
 import time
 from pathlib import Path
 from typing import Callable
 
+from rz.bench.engines.base import EngineSettings
+from rz.bench.engines.llamacpp import LlamaCppEngine
 from rz.bench.errors import BenchError
 
 # Plain prose, cycled: each turn takes the next slice, so no two user messages are the same.
@@ -62,14 +65,8 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
         runners["rz"] = run_rz
     oracle = None
     if "llama.cpp" in engines:
-        import llama_cpp
-
-        oracle = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=threads, n_batch=512, verbose=False)
-
-        def run_llama(ids):
-            oracle.create_completion(ids, max_tokens=1, temperature=0.0)
-            return None
-        runners["llama.cpp"] = run_llama
+        oracle = _LlamaCppChat(EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx))
+        runners["llama.cpp"] = oracle.first_token
     result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "prompt_tokens": [len(p) for p in prompts],
               "ttft_s": {name: [] for name in runners}, "cached_tokens": {name: [] for name in runners}}
     try:
@@ -83,8 +80,31 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
                 f"{name} {times[-1]:.3f} s" for name, times in result["ttft_s"].items()))
     finally:
         if oracle is not None:
-            oracle.close()
+            oracle.engine.close()
     return result
+
+
+class _LlamaCppChat:
+    """llama.cpp's first token for a prompt, reusing the KV of the prefix it shares with the last one."""
+
+    def __init__(self, settings: EngineSettings):
+        self.engine = LlamaCppEngine(settings)
+        self.engine.preflight()
+        self.engine.load()
+        self.held: list[int] = []
+
+    def first_token(self, ids: list[int]) -> int:
+        """Decode what follows the held prefix (at least the last token) and sample one token: the tokens reused."""
+        engine, lib = self.engine, self.engine._lib
+        ctx, batch, sampler = engine._context(1)
+        n_reused = 0
+        while n_reused < min(len(self.held), len(ids) - 1) and self.held[n_reused] == ids[n_reused]:
+            n_reused += 1
+        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, n_reused, -1)
+        engine._decode_prompt(ctx, batch, ids[n_reused:], 0, n_reused, want_logits=True)
+        lib.llama_sampler_sample(sampler, ctx, -1)
+        self.held = list(ids)
+        return n_reused
 
 
 def table(result: dict) -> str:
