@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 MIN_PREFILL_BUCKET = 8  # a short prompt (a chat turn, a benchmark's seed) pads to 8, not 16
 MAX_PREFILL_BUCKET = 512
+# A prompt whose prefix a slot already holds prefills only its tail: a tail this short (a chat
+# turn, a question after a shared system prompt) runs in one chunk of this length rather than
+# of its context's, which would be mostly padding. One more prefill shape per larger context.
+TAIL_CHUNK = 128
 
 
 def ladder(smallest: int, largest: int) -> tuple[int, ...]:
@@ -45,6 +49,11 @@ class Buckets:
     def chunk_length(self, n_tokens: int) -> int:
         """The padded length of each prefill chunk of an n_tokens prompt."""
         return min(self.context_bucket(n_tokens), self.max_chunk)
+
+    def tail_chunk_length(self, n_tail: int, context: int) -> int:
+        """The padded length of each chunk of a prompt's n_tail tokens after a reused prefix, in a
+        cache of `context` positions: TAIL_CHUNK when the tail fits it, else the context's own."""
+        return min(TAIL_CHUNK, self.chunk_length(context)) if n_tail <= TAIL_CHUNK else self.chunk_length(context)
 
     def chunks(self, n_tokens: int, context: int = 0):
         """(start, padded length) of each chunk covering n_tokens tokens, in the chunks of the

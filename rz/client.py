@@ -35,7 +35,7 @@ class Chunk:
     received_at: float  # time.perf_counter() when the message arrived
     logprobs: list[dict]  # per token: token, logprob, top [(id, logprob)], when asked for
     finish_reason: FinishReason | None = None  # the last chunk only
-    usage: dict | None = None  # the last chunk only: prompt_tokens, completion_tokens, total_tokens
+    usage: dict | None = None  # the last chunk only: prompt_tokens, completion_tokens, total_tokens, cached_tokens
     timings: dict | None = None  # the last chunk only: the server's seconds (queue, prefill, ttft, decode, total)
 
 

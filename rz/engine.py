@@ -1,7 +1,9 @@
 """The engine: a KV cache of `n_slots` rows and the compiled steps (rz.steps) that run on it.
 
 A request joins by being prefilled into a one-row cache (in chunks, each compiled per
-prompt-length bucket) that is then inserted into a free slot; one compiled decode call advances
+prompt-length bucket) that is then inserted into a free slot. A slot keeps the KV of its last
+sequence after it leaves: a request takes the free slot whose tokens share the longest prefix
+with its prompt, and prefills only the rest (into a copy of that row). One compiled decode call advances
 every slot at once; a request leaves when it stops, and its slot is free for the next between
 two calls. The engine returns sampled tokens; which request runs when, and what its tokens mean,
 is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
@@ -19,7 +21,7 @@ from rz import kv_cache, steps
 from rz.buckets import Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
-from rz.request import MAX_N_LOGPROBS, SamplingParams, check_token_ids
+from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
@@ -61,6 +63,9 @@ class Engine:
         self._rope_freq_factors = model.family.rope_freq_factors(model.weights)
         self.cache = model.init_cache(n_slots, n_ctx)
         self.slots: list[Generation | None] = [None] * n_slots
+        # Per slot, the tokens whose keys and values it holds at positions 0.. (a free slot's are
+        # reusable by the next request that starts with them).
+        self.slot_tokens: list[tuple[int, ...]] = [()] * n_slots
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
         self._tensors_dirty = True
         self._tensors = None
@@ -127,10 +132,43 @@ class Engine:
         if not self.free_slots():
             raise RuntimeError("no free slot: a request is admitted only when a slot is free")
         sequence.timings.started_at = time.perf_counter()
-        n_prompt = len(sequence.request.prompt_ids)
-        bucket = self.buckets.context_bucket(max(n_prompt, context or 0))
-        cache = self.model.init_cache(1, bucket)
-        return Admission(sequence, cache, tuple(self.buckets.chunks(n_prompt, bucket)), bucket)
+        prompt = sequence.request.prompt_ids
+        slot, n_cached = self._choose_slot(prompt, sequence.request.options.cache_prompt)
+        bucket = self.buckets.context_bucket(max(len(prompt), context or 0))
+        if n_cached:
+            cache = self._timed(f"extract[{bucket}]", steps.extract, self.cache, jnp.int32(slot), size=bucket)
+            length = self.buckets.tail_chunk_length(len(prompt) - n_cached, bucket)
+            chunks = tuple((start, length) for start in range(n_cached, len(prompt), length))
+        else:
+            cache = self.model.init_cache(1, bucket)
+            chunks = tuple(self.buckets.chunks(len(prompt), bucket))
+        sequence.n_cached = n_cached
+        return Admission(sequence, cache, chunks, slot, bucket)
+
+    def _choose_slot(self, prompt: Sequence[int], reuse: bool) -> tuple[int, int]:
+        """The free slot to admit a prompt into, and how many of its first tokens that slot's KV
+        already holds: the longest reusable prefix (ties: a never-used slot, then the lowest).
+
+        The last prompt token is always run again, for its logits. A ring buffer (a sliding-window
+        layer) keeps only its last S positions, and a decode call in flight when a sequence ended
+        may have written up to two calls' steps past its tokens: a sliding-window model reuses a
+        slot only when nothing it held can have wrapped around its ring.
+        """
+        best = None
+        for slot, (sequence, held) in enumerate(zip(self.slots, self.slot_tokens)):
+            if sequence is not None:
+                continue
+            n_reused = _common_prefix(held, prompt[:-1]) if reuse and self._holds_exactly(held) else 0
+            key = (n_reused, not held, -slot)
+            if best is None or key > best[0]:
+                best = (key, slot, n_reused)
+        return best[1], best[2]
+
+    def _holds_exactly(self, held: tuple[int, ...]) -> bool:
+        cfg = self.model.cfg
+        if not any(cfg.sliding_layers):
+            return True
+        return len(held) + 2 * self.decode_steps <= min(cfg.sliding_window, self.n_ctx)
 
     def prefill_chunk(self, admission: "Admission") -> None:
         """Run the admission's next prompt chunk through the model."""
@@ -146,8 +184,9 @@ class Engine:
         """Sample a prefilled admission's first token and insert its cache into a free slot."""
         if not admission.prefilled:
             raise RuntimeError(f"the prompt is prefilled up to chunk {admission.n_done} of {len(admission.chunks)}")
-        sequence, request, row_cache = admission.sequence, admission.sequence.request, admission.cache
-        slot = self.slots.index(None)
+        sequence, request, row_cache, slot = admission.sequence, admission.sequence.request, admission.cache, admission.slot
+        if self.slots[slot] is not None:
+            raise RuntimeError(f"slot {slot}, chosen when the admission began, is taken")
         params = request.options.sampling
         row_state = SamplerState.create([params], [request.prompt_ids])
         n_top = _logprob_width([params])
@@ -161,6 +200,7 @@ class Engine:
         self._sampler_state = self._sampler_state.with_row(slot, row_state)
         sequence.slot = slot
         self.slots[slot] = sequence
+        self.slot_tokens[slot] = ()  # until the sequence leaves, its tokens are its own
         self._tensors_dirty = True
         self._assignment += 1
         # Steps run asynchronously: the first token exists once it has been read back.
@@ -264,6 +304,10 @@ class Engine:
         """Free the slot a sequence holds, if it holds one, before the next call."""
         if 0 <= sequence.slot < self.n_slots and self.slots[sequence.slot] is sequence:
             self.slots[sequence.slot] = None
+            # Every token but the last sampled one has been fed to the model; after a failed
+            # call, what the row holds is unknown.
+            failed = sequence.finish_reason is FinishReason.ERROR
+            self.slot_tokens[sequence.slot] = () if failed else (*sequence.request.prompt_ids, *sequence.output_ids[:-1])
             self._tensors_dirty = True
             self._assignment += 1
 
@@ -292,7 +336,8 @@ class Admission:
 
     sequence: Generation  # slot -1 until complete_admission
     cache: kv_cache.KVCache  # the one-row cache, on the device
-    chunks: tuple[tuple[int, int], ...]  # (start, padded length) of each prompt chunk
+    chunks: tuple[tuple[int, int], ...]  # (start, padded length) of each prompt chunk after the cached prefix
+    slot: int = -1  # the free slot it will take, chosen for the prefix its KV holds
     context: int = 0  # the positions its cache holds (a context bucket)
     n_done: int = 0
     logits: jax.Array | None = None  # of the last position prefilled so far
@@ -322,6 +367,16 @@ class _DecodeCall:
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:
     # Two compiled variants at most: without top log-probabilities, or with the widest.
     return MAX_N_LOGPROBS if any(p.n_logprobs for p in rows) else 0
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _padded_chunk(ids: Sequence[int], start: int, bucket: int):

@@ -49,6 +49,7 @@ class Generation:
     matcher: StopStringMatcher
     timings: Timings
     slot: int = -1
+    n_cached: int = 0  # prompt tokens whose KV a slot already held: not prefilled again
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)
     text: list[str] = field(default_factory=list)

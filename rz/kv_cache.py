@@ -92,6 +92,23 @@ def write(cache: LayerCache, keys: jax.Array, values: jax.Array, positions: jax.
     )
 
 
+def extract_row(cache: KVCache, slot: jax.Array, size: int) -> KVCache:
+    """Batch row `slot` of cache as a one-row cache of `size` positions (insert_row's inverse): the
+    first min(S, size) slots of each layer, where the positions below `size` live."""
+
+    def layer(whole: LayerCache) -> LayerCache:
+        n_slots = min(whole.n_slots, size)
+        return LayerCache(
+            keys=jax.lax.dynamic_slice(whole.keys, (slot, 0, 0, 0), (1, whole.keys.shape[1], n_slots, whole.keys.shape[3])),
+            values=jax.lax.dynamic_slice(
+                whole.values, (slot, 0, 0, 0), (1, whole.values.shape[1], n_slots, whole.values.shape[3])
+            ),
+            positions=jax.lax.dynamic_slice(whole.positions, (slot, 0), (1, n_slots)),
+        )
+
+    return KVCache(tuple(layer(whole) for whole in cache.layers))
+
+
 def insert_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
     """cache with batch row `slot` replaced by the one-row cache `row`, which may hold fewer slots
     per layer (a prompt prefilled into a cache of its own size): its slots go first, and the row's

@@ -211,6 +211,7 @@ def _completion(sequence: Generation) -> Completion:
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(sequence.output_ids),
             "total_tokens": prompt_tokens + len(sequence.output_ids),
+            "cached_tokens": sequence.n_cached,
         },
         timings=sequence.timings.as_dict(),
         logprobs=sequence.logprobs if sequence.request.options.sampling.n_logprobs else None,

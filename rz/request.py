@@ -84,6 +84,9 @@ class RequestOptions:
     stop: tuple[str, ...] = ()  # stop strings, never part of the returned text
     stop_token_ids: frozenset[int] = frozenset()  # tokens that end the generation, besides end-of-generation
     ignore_eos: bool = False  # keep going past end-of-generation tokens
+    # Start from the longest prefix of the prompt whose KV a free slot still holds (llama.cpp's
+    # server option of the same name); False prefills the whole prompt.
+    cache_prompt: bool = True
 
     @classmethod
     def from_flat(cls, **options: Any) -> "RequestOptions":
@@ -97,8 +100,9 @@ class RequestOptions:
             own["stop"] = validate_stops(own["stop"])
         if "stop_token_ids" in own:
             own["stop_token_ids"] = frozenset(_token_ids(own["stop_token_ids"], "stop_token_ids"))
-        if "ignore_eos" in own:
-            own["ignore_eos"] = bool(own["ignore_eos"])
+        for flag in ("ignore_eos", "cache_prompt"):
+            if flag in own:
+                own[flag] = bool(own[flag])
         return cls(sampling=SamplingParams(**sampling), **own)
 
     def flat(self) -> dict[str, Any]:
@@ -135,7 +139,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: FinishReason
-    usage: dict  # prompt_tokens, completion_tokens, total_tokens
+    usage: dict  # prompt_tokens, completion_tokens, total_tokens, cached_tokens (prompt tokens not prefilled again)
     timings: dict  # seconds: queue, prefill, time to first token, decode, total
     logprobs: list[dict] | None = None  # per token: token, logprob, top [(id, logprob)]
 

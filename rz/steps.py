@@ -37,6 +37,10 @@ chunk_rope_tables = jax.jit(rope_tables_for, static_argnames=("cfg",))
 # A prefilled one-row cache into a batch row of the engine's cache.
 insert = jax.jit(kv_cache.insert_row, donate_argnums=(0,))
 
+# A batch row of the engine's cache as a one-row cache of a context bucket, to prefill a prompt's
+# tail after the prefix the row already holds.
+extract = jax.jit(kv_cache.extract_row, static_argnames=("size",))
+
 
 @partial(jax.jit, static_argnames=("n_top",))
 def first_token(logits, tensors, state, *, n_top):
@@ -77,7 +81,7 @@ def decode(weights, cache, tokens, positions, tensors, state, *, family, cfg, n_
     return sampled, cache, state, tokens, positions
 
 
-ALL = (prefill, score, chunk_rope_tables, insert, first_token, decode)
+ALL = (prefill, score, chunk_rope_tables, insert, extract, first_token, decode)
 
 
 def compiled_variants() -> int:

@@ -213,7 +213,11 @@ def test_a_prompt_admitted_chunk_by_chunk_between_decode_steps_gets_what_it_gets
     engine = Engine(llm.model, llm.tokenizer, N_CTX, 2, buckets=Buckets.for_context(N_CTX, largest=32))
     greedy = SamplingParams(temperature=0.0)
     running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), options=RequestOptions(16, greedy, ignore_eos=True))
-    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), options=RequestOptions(6, greedy, ignore_eos=True))
+    # cache_prompt=False: run alone first, the long prompt would otherwise be reused whole, in one chunk.
+    long = GenerationRequest(
+        prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)),
+        options=RequestOptions(6, greedy, ignore_eos=True, cache_prompt=False),
+    )
 
     def record(tokens: dict, events) -> None:
         for event in events:

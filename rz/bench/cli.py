@@ -4,6 +4,7 @@
     python -m rz.bench serve --url http://127.0.0.1:8080 --model M.gguf --concurrency 4
     python -m rz.bench report [--history benchmarks/results/history.jsonl]
     python -m rz.bench parity [--model M.gguf] [--prompts 48] [--tokens 48]
+    python -m rz.bench chat [--model M.gguf] [--turns 10] [--engines rz,llama.cpp]
     python -m rz.bench schema
 
 Exit status: 0 done; 1 a test failed while timing (the rest is still reported); 2 bad input or
@@ -22,7 +23,7 @@ from rz.bench.errors import BenchError, PreflightError
 from rz.bench.history import DEFAULT_HISTORY
 
 EXIT_FAILED_TEST, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
-_COMMANDS = ("run", "serve", "report", "parity", "schema")
+_COMMANDS = ("run", "serve", "report", "parity", "chat", "schema")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in _COMMANDS else "run"
     try:
-        commands = {"run": cmd_run, "serve": cmd_serve, "report": cmd_report, "parity": cmd_parity, "schema": cmd_schema}
+        commands = {"run": cmd_run, "serve": cmd_serve, "report": cmd_report, "parity": cmd_parity, "chat": cmd_chat,
+                    "schema": cmd_schema}
         return commands[command](argv)
     except RzError as error:
         print(f"rz.bench: error: {error}", file=sys.stderr)
@@ -307,6 +309,40 @@ def cmd_parity(argv: list[str]) -> int:
     progress = (lambda message: None) if args.quiet else (lambda message: print(f"parity: {message}", file=sys.stderr))
     result = measure(model_path, args.prompts, args.tokens, args.threads, progress)
     result["command"] = ["python", "-m", "rz.bench", "parity"] + argv
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_chat(argv: list[str]) -> int:
+    from rz.bench.chat import measure, table
+    from rz.model_files import smollm2_135m_path
+
+    parser = _Parser(prog="python -m rz.bench chat",
+                     description="A multi-turn chat: each turn's time to its first token, rz beside llama.cpp.")
+    parser.add_argument("--model", metavar="GGUF", help="the GGUF file (default: SmolLM2 135M)")
+    parser.add_argument("--engines", default="rz,llama.cpp", help="comma list of rz, llama.cpp (default: both)")
+    parser.add_argument("--turns", type=int, default=10, help="turns of the chat (default: 10)")
+    parser.add_argument("--user-tokens", type=int, default=100, help="tokens of each user message (default: 100)")
+    parser.add_argument("--answer-tokens", type=int, default=16, help="tokens of each assistant answer (default: 16)")
+    parser.add_argument("--n-ctx", type=int, default=4096, help="context positions (default: 4096)")
+    parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    engines = tuple(name for name in args.engines.split(",") if name)
+    unknown = set(engines) - {"rz", "llama.cpp"}
+    if unknown or not engines:
+        raise BenchError(f"--engines: expected a comma list of rz, llama.cpp, got {args.engines!r}")
+    if args.turns < 1:
+        raise BenchError(f"--turns must be at least 1, got {args.turns}")
+    model_path = Path(args.model) if args.model else smollm2_135m_path()
+    if not model_path.is_file():
+        raise BenchError(f"--model {model_path}: no such file")
+    progress = (lambda message: None) if args.quiet else (lambda message: print(f"chat: {message}", file=sys.stderr))
+    result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines, progress)
+    result["command"] = ["python", "-m", "rz.bench", "chat"] + argv
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

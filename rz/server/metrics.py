@@ -21,7 +21,11 @@ class Metrics:
         self.requests = Counter(
             "rz_requests", "Requests by method and final gRPC status code", ["method", "status"], registry=registry
         )
-        self.prompt_tokens = Counter("rz_prompt_tokens", "Prompt tokens prefilled", registry=registry)
+        self.prompt_tokens = Counter("rz_prompt_tokens", "Prompt tokens of requests (cached ones included)", registry=registry)
+        # The prompt-cache hit rate is rz_prompt_tokens_cached / rz_prompt_tokens.
+        self.prompt_tokens_cached = Counter(
+            "rz_prompt_tokens_cached", "Prompt tokens taken from a slot's KV cache instead of prefilled", registry=registry
+        )
         self.generated_tokens = Counter("rz_generated_tokens", "Tokens generated", registry=registry)
         self.queue_wait = Histogram(
             "rz_queue_wait_seconds", "Time from arrival to getting a slot", buckets=_LATENCY_BUCKETS, registry=registry
@@ -64,6 +68,7 @@ class Metrics:
         if sequence is None:
             return
         self.prompt_tokens.inc(len(sequence.request.prompt_ids))
+        self.prompt_tokens_cached.inc(sequence.n_cached)
         self.generated_tokens.inc(len(sequence.output_ids))
         if status != "OK":
             return

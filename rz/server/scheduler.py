@@ -234,7 +234,8 @@ def _cancelled_item(ticket: Ticket, sequence: Generation | None):
 
 def warm_up(engine: Engine) -> None:
     """Compile every step before serving, so that no request waits for a compilation: the prefill
-    (a chunk, the first token, the insertion) of each context bucket, and the decode step of each
+    (a chunk, the first token, the insertion) of each context bucket, with and without a reused
+    prefix, and the decode step of each
     batch bucket with and without top log-probabilities.
 
     Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
@@ -244,9 +245,13 @@ def warm_up(engine: Engine) -> None:
     greedy = SamplingParams(temperature=0.0)
     scheduler = Scheduler(engine)
     request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=greedy, ignore_eos=True))
+    # The second prompt starts with the first, whose KV its slot still holds: the reuse path
+    # (the row's copy and a tail chunk) of the same bucket.
+    extended = GenerationRequest(prompt_ids=(0, 0), options=request.options)
     for context in engine.buckets.context:
-        scheduler.add(request, context=context)
-        collections.deque(scheduler.drain(), maxlen=0)
+        for prompt in (request, extended):
+            scheduler.add(prompt, context=context)
+            collections.deque(scheduler.drain(), maxlen=0)
     for params in (greedy, SamplingParams(temperature=0.0, n_logprobs=1)):
         for rows in engine.batch_sizes:
             request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=params, ignore_eos=True))

@@ -205,7 +205,8 @@ def _message(ticket: Ticket, events: list[StepEvent], sent: int, request_id: str
         prompt_tokens, completion_tokens = len(sequence.request.prompt_ids), len(sequence.output_ids)
         message.finish_reason = finish_reason_value(finish_reason)
         message.usage.CopyFrom(pb.Usage(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens,
+            cached_tokens=sequence.n_cached,
         ))
         message.timings.CopyFrom(pb.Timings(**sequence.timings.as_dict()))
         message.request_id = request_id

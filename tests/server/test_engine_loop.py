@@ -35,7 +35,11 @@ def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkey
     llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
     engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
     running = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), options=_options(max_tokens=40, ignore_eos=True))
-    long = GenerationRequest(prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)), options=_options(max_tokens=4, ignore_eos=True))
+    # cache_prompt=False: run alone first, the long prompt would otherwise be reused whole, in one chunk.
+    long = GenerationRequest(
+        prompt_ids=tuple(llm.tokenize("The history of the printing press " * 14)),
+        options=_options(max_tokens=4, ignore_eos=True, cache_prompt=False),
+    )
     alone = {}
     one_at_a_time = Scheduler(engine)
     for request in (running, long):

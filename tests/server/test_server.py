@@ -242,3 +242,17 @@ def test_metrics_count_the_traffic(server):
     assert _metric(after, "rz_compilations_total") > 0
     assert delta("rz_compilations_total") == 0 and delta("rz_compilation_seconds_total") == 0
     assert _metric(after, "process_resident_memory_bytes") > 0
+
+
+def test_requests_sharing_a_prefix_report_their_cached_tokens(server):
+    system = "You are a careful assistant who answers in one short sentence about rivers and mills. "
+    before = server.metrics()
+    with server.client() as client:
+        first = client.generate(system + "Where is the mill?", 2, temperature=0.0)
+        second = client.generate(system + "Who bakes the bread?", 2, temperature=0.0)
+        opted_out = client.generate(system + "Who bakes the bread?", 2, temperature=0.0, cache_prompt=False)
+    after = server.metrics()
+    assert 0 < second.usage["cached_tokens"] < second.usage["prompt_tokens"]
+    assert opted_out.usage["cached_tokens"] == 0
+    cached = _metric(after, "rz_prompt_tokens_cached_total") - _metric(before, "rz_prompt_tokens_cached_total")
+    assert cached == sum(o.usage["cached_tokens"] for o in (first, second, opted_out))

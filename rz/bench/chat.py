@@ -1,0 +1,122 @@
+"""The multi-turn chat workload (issue 17): the time to a turn's first token as the history grows.
+
+Each turn adds a user message of about `user_tokens` tokens of text to the conversation, asks
+each engine for one token (its TTFT, measured on the host), then adds a fixed assistant answer
+of `answer_tokens` tokens, so that the next turn's prompt extends this one's. Both engines get
+the same token ids, rendered once by rz's chat template; engines are interleaved turn by turn.
+llama.cpp keeps its previous prompt's KV and decodes only what differs, as llama-cpp-python's
+Llama and llama-server's cache_prompt do (the C API, as rz.bench's llama.cpp engine calls it).
+"""
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from rz.bench.engines.base import EngineSettings
+from rz.bench.engines.llamacpp import LlamaCppEngine
+from rz.bench.errors import BenchError
+
+# Plain prose, cycled: each turn takes the next slice, so no two user messages are the same.
+_TEXT = (
+    "The river bends twice before it reaches the old mill, and the path beside it is lined with "
+    "willows that lean over the water. In spring the meadows flood and the herons stand in the "
+    "shallows for hours, patient as stones. The miller's house has a blue door and a garden of "
+    "beans, onions and tall sunflowers that follow the light from morning to evening. Travellers "
+    "stop at the bridge to rest, to ask the way to the market town, or to buy bread still warm "
+    "from the oven. Some stay the night in the loft above the grain store, where the wind sings "
+    "through the gaps in the boards and the owls keep watch from the rafters."
+).split()
+
+
+def conversation(tokenize: Callable[[str], list[int]], render: Callable[[list[dict]], list[int]], turns: int,
+                 user_tokens: int, answer_tokens: int) -> list[list[int]]:
+    """The prompt ids of every turn: the chat so far, ending with the turn's user message."""
+    messages, prompts, cursor = [], [], 0
+    for turn in range(turns):
+        words = []
+        while len(tokenize(" ".join(words))) < user_tokens:
+            words.append(_TEXT[cursor % len(_TEXT)])
+            cursor += 1
+        messages.append({"role": "user", "content": f"Turn {turn + 1}: " + " ".join(words)})
+        prompts.append(render(messages))
+        answer = []
+        while len(tokenize(" ".join(answer))) < answer_tokens:
+            answer.append(_TEXT[cursor % len(_TEXT)])
+            cursor += 1
+        messages.append({"role": "assistant", "content": " ".join(answer)})
+    return prompts
+
+
+def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, n_ctx: int, threads: int,
+            engines: tuple[str, ...], progress: Callable[[str], None]) -> dict:
+    """Per engine, the TTFT of every turn (seconds) and the prompt lengths."""
+    import rz
+
+    llm = rz.LLM(model_path, n_ctx=n_ctx, max_batch=1)
+    prompts = conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns,
+                           user_tokens, answer_tokens)
+    if len(prompts[-1]) + 1 > n_ctx:
+        raise BenchError(f"the last turn's prompt ({len(prompts[-1])} tokens) does not fit n_ctx {n_ctx}")
+    runners = {}
+    if "rz" in engines:
+        def run_rz(ids):
+            completion = llm.generate(ids, max_tokens=1, temperature=0.0)
+            return completion.usage.get("cached_tokens", 0)
+        runners["rz"] = run_rz
+    oracle = None
+    if "llama.cpp" in engines:
+        oracle = _LlamaCppChat(EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx))
+        runners["llama.cpp"] = oracle.first_token
+    result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "prompt_tokens": [len(p) for p in prompts],
+              "ttft_s": {name: [] for name in runners}, "cached_tokens": {name: [] for name in runners}}
+    try:
+        for turn, ids in enumerate(prompts, 1):
+            for name, run in runners.items():
+                started = time.perf_counter()
+                cached = run(ids)
+                result["ttft_s"][name].append(time.perf_counter() - started)
+                result["cached_tokens"][name].append(cached)
+            progress(f"turn {turn}: {len(ids)} tokens, " + ", ".join(
+                f"{name} {times[-1]:.3f} s" for name, times in result["ttft_s"].items()))
+    finally:
+        if oracle is not None:
+            oracle.engine.close()
+    return result
+
+
+class _LlamaCppChat:
+    """llama.cpp's first token for a prompt, reusing the KV of the prefix it shares with the last one."""
+
+    def __init__(self, settings: EngineSettings):
+        self.engine = LlamaCppEngine(settings)
+        self.engine.preflight()
+        self.engine.load()
+        self.held: list[int] = []
+
+    def first_token(self, ids: list[int]) -> int:
+        """Decode what follows the held prefix (at least the last token) and sample one token: the tokens reused."""
+        engine, lib = self.engine, self.engine._lib
+        ctx, batch, sampler = engine._context(1)
+        n_reused = 0
+        while n_reused < min(len(self.held), len(ids) - 1) and self.held[n_reused] == ids[n_reused]:
+            n_reused += 1
+        lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, n_reused, -1)
+        engine._decode_prompt(ctx, batch, ids[n_reused:], 0, n_reused, want_logits=True)
+        lib.llama_sampler_sample(sampler, ctx, -1)
+        self.held = list(ids)
+        return n_reused
+
+
+def table(result: dict) -> str:
+    """The per-turn TTFTs as a markdown table, with each engine's ratio to the first."""
+    names = list(result["ttft_s"])
+    header = "| turn | prompt tokens | " + " | ".join(f"{name} TTFT, s" for name in names)
+    if len(names) > 1:
+        header += f" | {names[0]} / {names[1]}"
+    lines = [header + " |", "|" + "---:|" * header.count("|")]
+    for index, n_prompt in enumerate(result["prompt_tokens"]):
+        row = [str(index + 1), str(n_prompt)] + [f"{result['ttft_s'][name][index]:.3f}" for name in names]
+        if len(names) > 1:
+            row.append(f"{result['ttft_s'][names[0]][index] / result['ttft_s'][names[1]][index]:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
