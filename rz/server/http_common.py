@@ -214,7 +214,14 @@ class Backend:
 
 
 def usage(sequences: list[Generation]) -> dict:
-    """Token counts of one request's sequences (the prompt is counted once)."""
+    """Token counts of one request's sequences (the prompt is counted once), with OpenAI's
+    prompt_tokens_details.cached_tokens: the prompt tokens a slot's kept KV served (prefix reuse)."""
     prompt = len(sequences[0].request.prompt_ids)
     completion = sum(len(sequence.output_ids) for sequence in sequences)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = max(sequence.n_cached for sequence in sequences)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }

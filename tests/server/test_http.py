@@ -109,6 +109,8 @@ def test_openai_chat_equals_llm_chat_streamed_or_not(client, llm):
     ))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    # The second request of the same prompt found it in a slot's kept KV: all but its last token.
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == expected.usage["prompt_tokens"] - 1
 
 
 @pytest.mark.slow
