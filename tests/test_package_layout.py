@@ -7,9 +7,6 @@ import rz
 import rz_kernels
 
 # rz_kernels/cpu_ffi.py still takes rz.model_files.cache_dir; the CPU-kernel work removes that import.
-KNOWN_EXCEPTIONS = {"rz_kernels/cpu_ffi.py"}
-
-
 def _imported_modules(path: Path) -> set[str]:
     modules = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -30,7 +27,7 @@ def test_no_module_of_rz_kernels_imports_rz():
         f"rz_kernels/{path.relative_to(root)}": sorted(filter(_is_rz, _imported_modules(path)))
         for path in root.rglob("*.py")
     }
-    offenders = {name: modules for name, modules in offenders.items() if modules and name not in KNOWN_EXCEPTIONS}
+    offenders = {name: modules for name, modules in offenders.items() if modules}
     assert not offenders
 
 
