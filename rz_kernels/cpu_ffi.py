@@ -3,8 +3,10 @@
 The library is built with the system C++ compiler against the XLA FFI headers that ship with
 jaxlib (`jax.ffi.include_dir()`), into rz's cache directory under a name derived from the
 source, the flags, the compiler and jaxlib, so a change to any of them rebuilds it. Nothing is
-downloaded. Where the build is impossible (no compiler, a CPU without AVX2/FMA/F16C, not
-x86-64) `available()` is False and callers take their XLA paths; RZ_CPU_KERNELS=0 forces that.
+downloaded. On aarch64 the NEON variant the CPU can run is built instead (rz_kernels.neon_variants;
+a cross compiler is taken from $CXX). Where the build is impossible (no compiler, an x86-64 CPU
+without AVX2/FMA/F16C, an aarch64 CPU without the dot-product instructions, another machine)
+`available()` is False and callers take their XLA paths; RZ_CPU_KERNELS=0 forces that.
 """
 
 import ctypes
@@ -22,6 +24,7 @@ from pathlib import Path
 import jax
 
 from rz.model_files import cache_dir
+from rz_kernels import neon_variants
 
 log = logging.getLogger("rz_kernels")
 
@@ -49,18 +52,18 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
-def _build(compiler: str) -> Path:
-    """Compile the sources into the cache (once per source/flags/compiler/jaxlib) and return the library."""
+def _build(compiler: str, name: str = "avx2", sources=SOURCES, headers=HEADERS, flags=CXX_FLAGS) -> Path:
+    """Compile a variant's sources into the cache (once per source/flags/compiler/jaxlib) and return the library."""
     import fcntl  # POSIX only, as is this build
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     digest = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(" ".join(CXX_FLAGS).encode())
+    for file in sources + headers:
+        digest.update((SOURCE_DIR / file).read_bytes())
+    digest.update(" ".join(flags).encode())
     digest.update(version.encode())
     digest.update(importlib.metadata.version("jaxlib").encode())
-    target = cache_dir() / "kernels" / f"rz_cpu_kernels_{digest.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"rz_cpu_kernels_{name}_{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +76,9 @@ def _build(compiler: str) -> Path:
         partial = Path(tmp) / target.name
         command = [
             compiler,
-            *CXX_FLAGS,
+            *flags,
             f"-I{jax.ffi.include_dir()}",
-            *(str(SOURCE_DIR / name) for name in SOURCES),
+            *(str(SOURCE_DIR / file) for file in sources),
             "-o",
             str(partial),
         ]
@@ -91,19 +94,30 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("RZ_CPU_KERNELS", "1") == "0":
         log.info("rz_kernels: C++ CPU kernels disabled by RZ_CPU_KERNELS=0")
         return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        log.info("rz_kernels: C++ CPU kernels need x86-64, this is %s", platform.machine())
+    machine = platform.machine().lower()
+    variant = None
+    if machine in ("aarch64", "arm64"):
+        variant = neon_variants.select(neon_variants.cpu_features())
+        if variant is None:
+            log.info("rz_kernels: C++ CPU kernels need the dot-product instructions (asimddp), this CPU lacks them")
+            return None
+    elif machine not in ("x86_64", "amd64"):
+        log.info("rz_kernels: C++ CPU kernels need x86-64 or aarch64, this is %s", platform.machine())
         return None
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
-    if missing:
-        log.info("rz_kernels: C++ CPU kernels need %s, the CPU lacks %s", REQUIRED_CPU_FLAGS, missing)
-        return None
+    else:
+        missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+        if missing:
+            log.info("rz_kernels: C++ CPU kernels need %s, the CPU lacks %s", REQUIRED_CPU_FLAGS, missing)
+            return None
     compiler = _compiler()
     if compiler is None:
         log.warning("rz_kernels: no C++ compiler found (set CXX); quantized matmuls take slower XLA paths")
         return None
     try:
-        path = _build(compiler)
+        if variant is None:
+            path = _build(compiler)
+        else:
+            path = _build(compiler, variant.name, variant.sources, variant.headers, variant.flags)
     except subprocess.CalledProcessError as error:
         log.warning("rz_kernels: building the CPU kernels failed; quantized matmuls take XLA paths:\n%s", error.stderr)
         return None
