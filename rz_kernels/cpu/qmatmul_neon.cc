@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #include "simd_neon.h"
@@ -139,8 +140,9 @@ void pair_rows(const QuantizedX& x, int64_t p, int8_t* pq, float* pd) {
 //   d_row(n): the f16 block scales;
 //   offset(n, x, m): what the zero points add to output (m, n), 0 for the symmetric types.
 // K-quants have
-//   sub(n, s, j, lo, hi): sub-block j (32 elements) of super-block s of row n, as signed bytes;
-//   unit_scales(n, s, j, lo, hi): its integer scales (kUnit16: one per 16 elements, else one);
+//   sub<j>(n, s, lo, hi): sub-block j (32 elements) of super-block s of row n, as signed bytes;
+//   scales(n, s, sc): the super-block's integer scales, unit u in lane u % 4 of sc[u / 4]; a unit
+//     is 16 elements (kUnit16) or 32;
 //   d(n, s): the super-block's scale; offset(n, x, m) as above.
 
 RZ_INLINE int8x16_t low_nibbles(uint8x16_t v) { return vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F))); }
@@ -242,21 +244,31 @@ struct QK_W {
   const uint16_t* dmin;   // K/256
   int64_t K;
 
+  static constexpr int kScaleVectors = 2;
   RZ_INLINE int64_t super(int64_t n, int64_t s) const { return n * (K / kSuper) + s; }
-  RZ_INLINE void sub(int64_t n, int64_t s, int j, int8x16_t& lo, int8x16_t& hi) const {
+  // Bit j of each byte of h moved to bit 4 (0x10): a shift by an immediate and a mask.
+  template <int j>
+  static RZ_INLINE int8x16_t fifth_bit(uint8x16_t h) {
+    if constexpr (j < 4) h = vshlq_n_u8(h, 4 - j);
+    else if constexpr (j > 4) h = vshrq_n_u8(h, j - 4);
+    return vreinterpretq_s8_u8(vandq_u8(h, vdupq_n_u8(0x10)));
+  }
+  template <int j>
+  RZ_INLINE void sub(int64_t n, int64_t s, int8x16_t& lo, int8x16_t& hi) const {
     const uint8_t* q = qs + super(n, s) * 128 + 32 * (j / 2);
     const uint8x16_t v0 = vld1q_u8(q), v1 = vld1q_u8(q + 16);
     lo = j % 2 ? high_nibbles(v0) : low_nibbles(v0);
     hi = j % 2 ? high_nibbles(v1) : low_nibbles(v1);
     if constexpr (kFifthBit) {
       const uint8_t* h = qh + super(n, s) * 32;
-      const uint8x16_t bit = vdupq_n_u8(static_cast<uint8_t>(1u << j)), fifth = vdupq_n_u8(0x10);
-      lo = vorrq_s8(lo, vreinterpretq_s8_u8(vandq_u8(vtstq_u8(vld1q_u8(h), bit), fifth)));
-      hi = vorrq_s8(hi, vreinterpretq_s8_u8(vandq_u8(vtstq_u8(vld1q_u8(h + 16), bit), fifth)));
+      lo = vorrq_s8(lo, fifth_bit<j>(vld1q_u8(h)));
+      hi = vorrq_s8(hi, fifth_bit<j>(vld1q_u8(h + 16)));
     }
   }
-  RZ_INLINE void unit_scales(int64_t n, int64_t s, int j, int32_t& lo, int32_t& hi) const {
-    lo = hi = scales[super(n, s) * 8 + j];
+  RZ_INLINE void scales_of(int64_t n, int64_t s, int32x4_t (&sc)[kScaleVectors]) const {
+    const uint16x8_t wide = vmovl_u8(vld1_u8(scales + super(n, s) * 8));
+    sc[0] = vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(wide)));
+    sc[1] = vreinterpretq_s32_u32(vmovl_high_u16(wide));
   }
   RZ_INLINE float d(int64_t n, int64_t s) const { return f16_to_f32(d_[super(n, s)]); }
   // -sum_s dmin_s * d_x,s * sum_j min_j * bsum_j, the inner sum exact in int32.
@@ -282,26 +294,35 @@ struct Q6_KW {
   const uint16_t* d_;    // K/256
   int64_t K;
 
+  static constexpr int kScaleVectors = 4;
   RZ_INLINE int64_t super(int64_t n, int64_t s) const { return n * (K / kSuper) + s; }
+  // Plane t of each byte of h (bits 2t, 2t + 1) moved to bits 4-5: a shift by an immediate and a mask.
+  template <int t>
+  static RZ_INLINE int8x16_t high_bits(uint8x16_t h) {
+    if constexpr (t < 2) h = vshlq_n_u8(h, 4 - 2 * t);
+    else if constexpr (t == 3) h = vshrq_n_u8(h, 2);
+    return vreinterpretq_s8_u8(vandq_u8(h, vdupq_n_u8(0x30)));
+  }
   // Sub-block j = 4 g + t: elements 32 t.. of group g (128 elements); its low 4 bits are the low
   // (t < 2) or high nibbles of bytes 32 (t % 2).. of the group's 64, its high 2 bits plane t of qh.
-  RZ_INLINE void sub(int64_t n, int64_t s, int j, int8x16_t& lo, int8x16_t& hi) const {
-    const int g = j / 4, t = j % 4;
+  template <int j>
+  RZ_INLINE void sub(int64_t n, int64_t s, int8x16_t& lo, int8x16_t& hi) const {
+    constexpr int g = j / 4, t = j % 4;
     const uint8_t* q = qs + super(n, s) * 128 + 64 * g + 32 * (t % 2);
     const uint8_t* h = qh + super(n, s) * 64 + 32 * g;
     const uint8x16_t v0 = vld1q_u8(q), v1 = vld1q_u8(q + 16);
-    // Plane t's two bits to bits 4-5: a left shift by 4 - 2t (a right shift by 2 for t = 3).
-    const int8x16_t shift = vdupq_n_s8(static_cast<int8_t>(4 - 2 * t));
-    const uint8x16_t mask = vdupq_n_u8(0x30);
-    const uint8x16_t h0 = vandq_u8(vshlq_u8(vld1q_u8(h), shift), mask), h1 = vandq_u8(vshlq_u8(vld1q_u8(h + 16), shift), mask);
-    lo = vorrq_s8(t < 2 ? low_nibbles(v0) : high_nibbles(v0), vreinterpretq_s8_u8(h0));
-    hi = vorrq_s8(t < 2 ? low_nibbles(v1) : high_nibbles(v1), vreinterpretq_s8_u8(h1));
+    lo = vorrq_s8(t < 2 ? low_nibbles(v0) : high_nibbles(v0), high_bits<t>(vld1q_u8(h)));
+    hi = vorrq_s8(t < 2 ? low_nibbles(v1) : high_nibbles(v1), high_bits<t>(vld1q_u8(h + 16)));
     lo = vsubq_s8(lo, vdupq_n_s8(32));
     hi = vsubq_s8(hi, vdupq_n_s8(32));
   }
-  RZ_INLINE void unit_scales(int64_t n, int64_t s, int j, int32_t& lo, int32_t& hi) const {
-    lo = scales[super(n, s) * 16 + 2 * j];
-    hi = scales[super(n, s) * 16 + 2 * j + 1];
+  RZ_INLINE void scales_of(int64_t n, int64_t s, int32x4_t (&sc)[kScaleVectors]) const {
+    const int8x16_t bytes = vld1q_s8(scales + super(n, s) * 16);
+    const int16x8_t low = vmovl_s8(vget_low_s8(bytes)), high = vmovl_high_s8(bytes);
+    sc[0] = vmovl_s16(vget_low_s16(low));
+    sc[1] = vmovl_high_s16(low);
+    sc[2] = vmovl_s16(vget_low_s16(high));
+    sc[3] = vmovl_high_s16(high);
   }
   RZ_INLINE float d(int64_t n, int64_t s) const { return f16_to_f32(d_[super(n, s)]); }
   RZ_INLINE float offset(int64_t, const QuantizedX&, int64_t) const { return 0.0f; }
@@ -311,6 +332,17 @@ struct Q6_KW {
 // The dot products. A tile's accumulators hold, per lane, one output's
 //   acc = fma(float(block dot), d_w * d_x, acc)
 // over its blocks; store_tile adds each output's offset.
+
+// f(std::integral_constant<int, j>) for the 8 sub-blocks j of a super-block: j is a constant
+// there, so a sub-block's shifts and scale lanes are immediates.
+template <class F, int... j>
+RZ_INLINE void for_each_sub(F&& f, std::integer_sequence<int, j...>) {
+  (f(std::integral_constant<int, j>{}), ...);
+}
+template <class F>
+RZ_INLINE void for_each_sub(F&& f) {
+  for_each_sub(f, std::make_integer_sequence<int, 8>{});
+}
 
 // Lane r: the sum of the lanes of p[r] (exact, int32).
 RZ_INLINE int32x4_t gather_rows(const int32x4_t (&p)[kWeightRows]) {
@@ -348,25 +380,28 @@ RZ_INLINE void dot_tile(const W& w, int64_t n, int64_t N, const QuantizedX& x, i
       for (int r = 0; r < kWeightRows; ++r) {
         for (int i = 0; i < MT; ++i) sums[r][i] = vdupq_n_s32(0);
       }
-      for (int j = 0; j < 8; ++j) {
+      // Row by row, so that a row's bytes shared by its sub-blocks (Q5_K's and Q6_K's high bits)
+      // are loaded once.
 #pragma GCC unroll 4
-        for (int r = 0; r < kWeightRows; ++r) {
+      for (int r = 0; r < kWeightRows; ++r) {
+        int32x4_t sc[W::kScaleVectors];
+        w.scales_of(rows[r], s, sc);
+        for_each_sub([&](auto sub) __attribute__((always_inline)) {
+          constexpr int j = decltype(sub)::value;
           int8x16_t lo, hi;
-          w.sub(rows[r], s, j, lo, hi);
-          int32_t sc_lo, sc_hi;
-          w.unit_scales(rows[r], s, j, sc_lo, sc_hi);
+          w.template sub<j>(rows[r], s, lo, hi);
 #pragma GCC unroll 4
           for (int i = 0; i < MT; ++i) {
             const int8_t* xb = x.row(m0 + i) + kSuper * s + kBlock * j;
             const int8x16_t x_lo = vld1q_s8(xb), x_hi = vld1q_s8(xb + 16);
             if constexpr (W::kUnit16) {
-              sums[r][i] = vmlaq_n_s32(sums[r][i], vdotq_s32(vdupq_n_s32(0), lo, x_lo), sc_lo);
-              sums[r][i] = vmlaq_n_s32(sums[r][i], vdotq_s32(vdupq_n_s32(0), hi, x_hi), sc_hi);
+              sums[r][i] = vmlaq_laneq_s32(sums[r][i], vdotq_s32(vdupq_n_s32(0), lo, x_lo), sc[j / 2], 2 * j % 4);
+              sums[r][i] = vmlaq_laneq_s32(sums[r][i], vdotq_s32(vdupq_n_s32(0), hi, x_hi), sc[j / 2], 2 * j % 4 + 1);
             } else {
-              sums[r][i] = vmlaq_n_s32(sums[r][i], vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, x_lo), hi, x_hi), sc_lo);
+              sums[r][i] = vmlaq_laneq_s32(sums[r][i], vdotq_s32(vdotq_s32(vdupq_n_s32(0), lo, x_lo), hi, x_hi), sc[j / 4], j % 4);
             }
           }
-        }
+        });
       }
       const float32x4_t dw = {w.d(rows[0], s), w.d(rows[1], s), w.d(rows[2], s), w.d(rows[3], s)};
       for (int i = 0; i < MT; ++i) {
@@ -430,26 +465,35 @@ RZ_INLINE void mmla_tile(const W& w, int64_t n, int64_t N, const QuantizedX& x, 
     for (int64_t s = 0; s < x.K / kSuper; ++s) {
       int32x4_t sums[XP];
       for (int i = 0; i < XP; ++i) sums[i] = vdupq_n_s32(0);
-      for (int j = 0; j < 8; ++j) {
+      // Both rows' scales, unit u in lanes (u0, u0, u1, u1) of pairs[u]: vmmlaq_s32's lane order.
+      int32x4_t sc0[W::kScaleVectors], sc1[W::kScaleVectors], pairs[4 * W::kScaleVectors];
+      w.scales_of(n0, s, sc0);
+      w.scales_of(n1, s, sc1);
+      for (int v = 0; v < W::kScaleVectors; ++v) {
+        const int64x2_t twice0_low = vreinterpretq_s64_s32(vzip1q_s32(sc0[v], sc0[v])), twice0_high = vreinterpretq_s64_s32(vzip2q_s32(sc0[v], sc0[v]));
+        const int64x2_t twice1_low = vreinterpretq_s64_s32(vzip1q_s32(sc1[v], sc1[v])), twice1_high = vreinterpretq_s64_s32(vzip2q_s32(sc1[v], sc1[v]));
+        pairs[4 * v] = vreinterpretq_s32_s64(vzip1q_s64(twice0_low, twice1_low));
+        pairs[4 * v + 1] = vreinterpretq_s32_s64(vzip2q_s64(twice0_low, twice1_low));
+        pairs[4 * v + 2] = vreinterpretq_s32_s64(vzip1q_s64(twice0_high, twice1_high));
+        pairs[4 * v + 3] = vreinterpretq_s32_s64(vzip2q_s64(twice0_high, twice1_high));
+      }
+      for_each_sub([&](auto sub) __attribute__((always_inline)) {
+        constexpr int j = decltype(sub)::value;
         int8x16_t lo0, hi0, lo1, hi1, a[4];
-        w.sub(n0, s, j, lo0, hi0);
-        w.sub(n1, s, j, lo1, hi1);
+        w.template sub<j>(n0, s, lo0, hi0);
+        w.template sub<j>(n1, s, lo1, hi1);
         zip_rows(lo0, hi0, lo1, hi1, a);
-        int32_t lo_0, hi_0, lo_1, hi_1;
-        w.unit_scales(n0, s, j, lo_0, hi_0);
-        w.unit_scales(n1, s, j, lo_1, hi_1);
-        const int32x4_t sc_lo = {lo_0, lo_0, lo_1, lo_1}, sc_hi = {hi_0, hi_0, hi_1, hi_1};
 #pragma GCC unroll 4
         for (int i = 0; i < XP; ++i) {
           const int8_t* xp = x.pair(p0 + i) + 2 * (kSuper * s + kBlock * j);
           if constexpr (W::kUnit16) {
-            sums[i] = vmlaq_s32(sums[i], mmla_16(vdupq_n_s32(0), a[0], a[1], xp), sc_lo);
-            sums[i] = vmlaq_s32(sums[i], mmla_16(vdupq_n_s32(0), a[2], a[3], xp + 32), sc_hi);
+            sums[i] = vmlaq_s32(sums[i], mmla_16(vdupq_n_s32(0), a[0], a[1], xp), pairs[2 * j]);
+            sums[i] = vmlaq_s32(sums[i], mmla_16(vdupq_n_s32(0), a[2], a[3], xp + 32), pairs[2 * j + 1]);
           } else {
-            sums[i] = vmlaq_s32(sums[i], mmla_16(mmla_16(vdupq_n_s32(0), a[0], a[1], xp), a[2], a[3], xp + 32), sc_lo);
+            sums[i] = vmlaq_s32(sums[i], mmla_16(mmla_16(vdupq_n_s32(0), a[0], a[1], xp), a[2], a[3], xp + 32), pairs[j]);
           }
         }
-      }
+      });
       const float d0 = w.d(n0, s), d1 = w.d(n1, s);
       const float32x4_t dw = {d0, d0, d1, d1};
       for (int i = 0; i < XP; ++i) {
@@ -493,9 +537,11 @@ void matmul_rows(const W& w, int64_t N, const QuantizedX& x, int64_t n0, int64_t
     return;
   }
 #endif
+  // A K-quant tile keeps 4 x MT int32 sums live besides its decoded rows: at most 2 activation rows.
+  constexpr int kXRows = W::kSuperBlocks ? 2 : kMaxXRows;
   for (int64_t n = n0; n < n1; n += kWeightRows) {
-    for (int64_t m = 0; m < x.M; m += kMaxXRows) {
-      switch (std::min<int64_t>(kMaxXRows, x.M - m)) {
+    for (int64_t m = 0; m < x.M; m += kXRows) {
+      switch (std::min<int64_t>(kXRows, x.M - m)) {
         case 4: dot_rows<4>(w, n, N, x, m, y, ld); break;
         case 3: dot_rows<3>(w, n, N, x, m, y, ld); break;
         case 2: dot_rows<2>(w, n, N, x, m, y, ld); break;
