@@ -145,10 +145,11 @@ def _loaded() -> ctypes.CDLL:
 
 
 def stream_read_gbps(nbytes: int = 256 << 20, threads: int | None = None, repeats: int = 10) -> float:
-    """Memory bandwidth by a streaming AVX2 read of nbytes, best of `repeats`, in GB/s."""
+    """Memory bandwidth by a streaming SIMD read (AVX2, or NEON on aarch64) of nbytes, best of `repeats`, in GB/s."""
     return _loaded().rz_stream_read_gbps(nbytes, threads or os.cpu_count() or 1, repeats)
 
 
 def int8_dot_peak_gmacs(threads: int | None = None, repeats: int = 5) -> float:
-    """The int8 MAC rate of the quantized matmul's inner step (maddubs, madd, convert, FMA), best of `repeats`."""
+    """The int8 MAC rate of the quantized matmul's inner step (maddubs, madd, convert, FMA; on aarch64
+    sdot, convert, FMA), best of `repeats`."""
     return _loaded().rz_int8_dot_peak_gmacs(threads or os.cpu_count() or 1, repeats)

@@ -7,9 +7,10 @@ Variants are listed best first; the first whose features the CPU has is taken, a
 of them (a Cortex-A72: no dot-product instructions) takes the XLA paths. Dispatch must be right:
 an i8mm instruction on a CPU without i8mm kills the process with SIGILL.
 
-Features come from the kernel's auxiliary vector (getauxval(AT_HWCAP), getauxval(AT_HWCAP2)), the
-same bits the kernel prints in /proc/cpuinfo's Features line; under qemu-user emulation that line
-is absent while the auxiliary vector reflects the emulated CPU ($QEMU_CPU).
+On Linux, features come from the kernel's auxiliary vector (getauxval(AT_HWCAP), getauxval(AT_HWCAP2)),
+the same bits the kernel prints in /proc/cpuinfo's Features line; under qemu-user emulation that line
+is absent while the auxiliary vector reflects the emulated CPU ($QEMU_CPU). On macOS (arm64) they
+come from sysctl's hw.optional.arm.FEAT_* keys (written for it, not yet run on a Mac).
 """
 
 import ctypes
@@ -29,12 +30,21 @@ class Variant:
     features: tuple[str, ...]
 
 
-# Linux's arm64 hwcap bits (arch/arm64/include/uapi/asm/hwcap.h): (auxv entry, bit) per feature name.
+@dataclass(frozen=True)
+class Feature:
+    """Where an OS reports one CPU feature: Linux's arm64 hwcap bit (arch/arm64/include/uapi/asm/hwcap.h)
+    in an auxiliary vector entry, and macOS's sysctl key."""
+
+    auxv_entry: int
+    bit: int
+    sysctl: str
+
+
 AT_HWCAP, AT_HWCAP2 = 16, 26
-HWCAP_BITS: dict[str, tuple[int, int]] = {
-    "asimdhp": (AT_HWCAP, 1 << 10),  # half-precision SIMD (+fp16)
-    "asimddp": (AT_HWCAP, 1 << 20),  # SDOT/UDOT (+dotprod)
-    "i8mm": (AT_HWCAP2, 1 << 13),  # SMMLA (+i8mm)
+FEATURES: dict[str, Feature] = {
+    "asimdhp": Feature(AT_HWCAP, 1 << 10, "hw.optional.arm.FEAT_FP16"),  # half-precision SIMD (+fp16)
+    "asimddp": Feature(AT_HWCAP, 1 << 20, "hw.optional.arm.FEAT_DotProd"),  # SDOT/UDOT (+dotprod)
+    "i8mm": Feature(AT_HWCAP2, 1 << 13, "hw.optional.arm.FEAT_I8MM"),  # SMMLA (+i8mm)
 }
 
 _SOURCES = ("qmatmul_neon.cc", "attention_neon.cc", "machine_neon.cc")
@@ -49,15 +59,25 @@ VARIANTS: tuple[Variant, ...] = (
 )
 
 
+def _sysctl_flag(libc: ctypes.CDLL, key: str) -> bool:
+    value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+    return libc.sysctlbyname(key.encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0 and value.value == 1
+
+
 def cpu_features() -> frozenset[str]:
-    """The HWCAP_BITS features this aarch64 Linux CPU reports; empty elsewhere."""
-    if platform.system() != "Linux" or platform.machine().lower() not in ("aarch64", "arm64"):
+    """The FEATURES this aarch64 CPU has, as its OS reports them (Linux, macOS); empty elsewhere."""
+    if platform.machine().lower() not in ("aarch64", "arm64"):
         return frozenset()
-    getauxval = ctypes.CDLL(None).getauxval
+    libc = ctypes.CDLL(None)
+    if platform.system() == "Darwin":
+        return frozenset(name for name, feature in FEATURES.items() if _sysctl_flag(libc, feature.sysctl))
+    if platform.system() != "Linux":
+        return frozenset()
+    getauxval = libc.getauxval
     getauxval.restype = ctypes.c_ulong
     getauxval.argtypes = (ctypes.c_ulong,)
     words = {entry: getauxval(entry) for entry in (AT_HWCAP, AT_HWCAP2)}
-    return frozenset(name for name, (entry, bit) in HWCAP_BITS.items() if words[entry] & bit)
+    return frozenset(name for name, feature in FEATURES.items() if words[feature.auxv_entry] & feature.bit)
 
 
 def select(features: frozenset[str]) -> Variant | None:

@@ -26,10 +26,10 @@ SOURCE = Path(__file__).resolve().parents[2] / "rz_kernels" / "cpu" / "qmatmul_n
 #   dotprod, one activation row: 4 weight rows x 1 block, or x 8 sub-blocks;
 #   i8mm, two activation rows:   2 weight rows x 2 activation rows x 1 block, or x 8 sub-blocks.
 TYPES = {
-    "Q4_0": ("Q4W<false>", False),
-    "Q4_1": ("Q4W<true>", False),
-    "Q5_0": ("Q5W<false>", False),
-    "Q5_1": ("Q5W<true>", False),
+    "Q4_0": ("NibbleW<false, false>", False),
+    "Q4_1": ("NibbleW<true, false>", False),
+    "Q5_0": ("NibbleW<false, true>", False),
+    "Q5_1": ("NibbleW<true, true>", False),
     "Q8_0": ("Q8_0W", False),
     "Q4_K": ("QK_W<false>", True),
     "Q5_K": ("QK_W<true>", True),

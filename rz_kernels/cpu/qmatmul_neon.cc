@@ -167,48 +167,30 @@ RZ_INLINE void fifth_bits(uint32_t bits, int8x16_t& lo, int8x16_t& hi) {
   hi = vreinterpretq_s8_u8(vandq_u8(vtstq_u8(vqtbl1q_u8(word, vld1q_u8(kSpread + 16)), bit), fifth));
 }
 
-// Q4_0 (w = d (q - 8)) and Q4_1 (w = d q + m).
-template <bool kMin>
-struct Q4W {
+// Q4_0 (w = d (q - 8)), Q4_1 (w = d q + m), Q5_0 (w = d (q - 16)) and Q5_1 (w = d q + m): 4-bit
+// quants, plus a fifth bit per element from qh for Q5.
+template <bool kMin, bool kFifthBit>
+struct NibbleW {
   static constexpr bool kSuperBlocks = false;
   const uint8_t* qs;
+  const uint32_t* qh;  // Q5 only
   const uint16_t* d;
-  const uint16_t* mins;
+  const uint16_t* mins;  // Q4_1, Q5_1 only
   int64_t K;
   RZ_INLINE void block(int64_t n, int64_t b, int8x16_t& lo, int8x16_t& hi) const {
     const uint8x16_t v = vld1q_u8(qs + n * K / 2 + 16 * b);
     lo = low_nibbles(v);
     hi = high_nibbles(v);
-    if constexpr (!kMin) {
-      lo = vsubq_s8(lo, vdupq_n_s8(8));
-      hi = vsubq_s8(hi, vdupq_n_s8(8));
+    if constexpr (kFifthBit) {
+      int8x16_t lo5, hi5;
+      fifth_bits(qh[n * (K / kBlock) + b], lo5, hi5);
+      lo = vorrq_s8(lo, lo5);
+      hi = vorrq_s8(hi, hi5);
     }
-  }
-  RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
-  RZ_INLINE float offset(int64_t n, const QuantizedX& x, int64_t m) const {
-    if constexpr (kMin) return offset_q8_1(mins + n * (K / kBlock), x.sum_q8_1 + m * (K / kBlock), K / kBlock);
-    return 0.0f;
-  }
-};
-
-// Q5_0 (w = d (q - 16)) and Q5_1 (w = d q + m).
-template <bool kMin>
-struct Q5W {
-  static constexpr bool kSuperBlocks = false;
-  const uint8_t* qs;
-  const uint32_t* qh;
-  const uint16_t* d;
-  const uint16_t* mins;
-  int64_t K;
-  RZ_INLINE void block(int64_t n, int64_t b, int8x16_t& lo, int8x16_t& hi) const {
-    const uint8x16_t v = vld1q_u8(qs + n * K / 2 + 16 * b);
-    int8x16_t lo5, hi5;
-    fifth_bits(qh[n * (K / kBlock) + b], lo5, hi5);
-    lo = vorrq_s8(low_nibbles(v), lo5);
-    hi = vorrq_s8(high_nibbles(v), hi5);
     if constexpr (!kMin) {
-      lo = vsubq_s8(lo, vdupq_n_s8(16));
-      hi = vsubq_s8(hi, vdupq_n_s8(16));
+      const int8x16_t zero_point = vdupq_n_s8(kFifthBit ? 16 : 8);
+      lo = vsubq_s8(lo, zero_point);
+      hi = vsubq_s8(hi, zero_point);
     }
   }
   RZ_INLINE const uint16_t* d_row(int64_t n) const { return d + n * (K / kBlock); }
@@ -665,13 +647,13 @@ Part part_of(int32_t ggml_type, const ffi::AnyBuffer* a, int64_t N, int64_t K, d
   if (K % (k_quant ? kSuper : kBlock)) return Part{};
   switch (ggml_type) {
     case Q4_0:  // d, qs
-      return make_part(Q4W<false>{data<uint8_t>(a[1]), data<uint16_t>(a[0]), nullptr, K}, N, bytes, false);
+      return make_part(NibbleW<false, false>{data<uint8_t>(a[1]), nullptr, data<uint16_t>(a[0]), nullptr, K}, N, bytes, false);
     case Q4_1:  // d, m, qs
-      return make_part(Q4W<true>{data<uint8_t>(a[2]), data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes, true);
+      return make_part(NibbleW<true, false>{data<uint8_t>(a[2]), nullptr, data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes, true);
     case Q5_0:  // d, qh, qs
-      return make_part(Q5W<false>{data<uint8_t>(a[2]), data<uint32_t>(a[1]), data<uint16_t>(a[0]), nullptr, K}, N, bytes, false);
+      return make_part(NibbleW<false, true>{data<uint8_t>(a[2]), data<uint32_t>(a[1]), data<uint16_t>(a[0]), nullptr, K}, N, bytes, false);
     case Q5_1:  // d, m, qh, qs
-      return make_part(Q5W<true>{data<uint8_t>(a[3]), data<uint32_t>(a[2]), data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes, true);
+      return make_part(NibbleW<true, true>{data<uint8_t>(a[3]), data<uint32_t>(a[2]), data<uint16_t>(a[0]), data<uint16_t>(a[1]), K}, N, bytes, true);
     case Q8_0:  // d, qs
       return make_part(Q8_0W{data<int8_t>(a[1]), data<uint16_t>(a[0]), K}, N, bytes, false);
     case Q4_K:  // d, dmin, scales, mins, qs

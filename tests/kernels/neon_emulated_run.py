@@ -38,6 +38,9 @@ def main(inputs_path: str, outputs_path: str) -> None:
                 "selected": variant.name if variant else None,
                 "available": cpu_ffi.available(),
                 "library": cpu_ffi.library()._name if cpu_ffi.available() else None,
+                # The bandwidth probe runs (its number means nothing emulated); the int8 peak probe's
+                # 240 M sdots would take minutes here.
+                "stream_read_gbps": cpu_ffi.stream_read_gbps(1 << 20, threads=1, repeats=1) if cpu_ffi.available() else None,
             }
         )
     }

@@ -13,6 +13,7 @@ Emulated SIMD is 35-80x slower than native: the shapes are small, the checks abo
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 
 from rz.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz.quants import QTensor, dequantize, qmatmul_ref
+from rz_kernels import neon_variants
 from rz_kernels.causal_attention import attention_ref
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, activation_block, q8_1_sum_correction, quantize_activations_ref
 from rz_kernels.testing import activations, nmse, random_qtensor
@@ -39,10 +41,12 @@ TWIN_NMSE = 1e-8  # against the exact twin (the activations rounded as the kerne
 ROWS = (1, 2, 3, 4, 5, 8, 17)
 ALONE = 8  # rows also computed one at a time, which a call of up to 8 rows must reproduce bit for bit
 
-pytestmark = pytest.mark.skipif(
+needs_emulation = pytest.mark.skipif(
     EMULATION is None,
     reason="no aarch64 emulation: run `bash .ci/aarch64-emulation.sh DIR` and set RZ_AARCH64_EMULATION=DIR (CI does)",
 )
+# The emulated CPUs: QEMU_CPU for each.
+CPUS = {"i8mm": "max,sve=off", "dotprod": "neoverse-n1", "neither": "cortex-a72"}
 
 
 def shapes(ggml_type: GGMLType) -> list[tuple[int, int]]:
@@ -75,11 +79,12 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
     mixed = [random_qtensor(rng, t, (n, 512)) for t, n in ((GGMLType.Q4_K, 12), (GGMLType.Q6_K, 5), (GGMLType.Q5_1, 7), (GGMLType.Q8_0, 9))]
     add("mixed", mixed, activations(rng, max(ROWS), 512, outlier_every=64))
 
-    # Decode attention (a few query rows): grouped heads, f16 and f32 caches, softcap, window.
+    # Decode attention (a few query rows): grouped heads, f16 and f32 caches, softcap, window, a long cache.
     for key, (batch, n_head, n_kv, length, n_keys, head_dim, window, softcap, dtype) in {
         "attention_f32": (2, 4, 1, 1, 90, 32, 0, 0.0, np.float32),
         "attention_f16_softcap_window": (1, 9, 3, 3, 70, 64, 16, 30.0, np.float16),
         "attention_dv24": (1, 6, 2, 2, 40, 24, 0, 0.0, np.float32),
+        "attention_split": (1, 2, 1, 1, 2100, 32, 0, 0.0, np.float16),  # over 2048 slots: split over threads, merged
     }.items():
         q, k, v, qp, kp = make_inputs(7, batch, n_head, n_kv, length, n_keys, head_dim)
         options = {"window": window, "scale": head_dim**-0.5, "softcap": softcap}
@@ -99,43 +104,42 @@ def prepared(tmp: Path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """Inputs on disk, and one kernel cache for the module's emulated runs (each variant built once)."""
+    """Inputs on disk, and the emulated runs' kernel cache."""
     return tmp_path_factory.mktemp("neon")
 
 
-def run_emulated(workdir: Path, qemu_cpu: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """neon_emulated_run.py under QEMU_CPU=qemu_cpu: (its report, its outputs)."""
+@pytest.fixture(scope="module")
+def runs(workdir) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
+    """neon_emulated_run.py on each of CPUS, side by side (each is mostly one core's emulation):
+    per CPU, (its report, its outputs)."""
     prepared(workdir)
     root = Path(EMULATION)
     compiler = shutil.which("aarch64-linux-gnu-g++")
     assert compiler, "the cross compiler aarch64-linux-gnu-g++ is missing (.ci/aarch64-emulation.sh installs it)"
-    env = {
-        **os.environ,
-        "QEMU_LD_PREFIX": str(root / "rootfs"),
-        "QEMU_CPU": qemu_cpu,
-        "CXX": compiler,
-        "PYTHONPATH": str(REPO),
-        "RZ_CACHE_DIR": str(workdir / "cache"),
-        "JAX_PLATFORMS": "cpu",
-    }
-    outputs = workdir / f"outputs-{qemu_cpu.replace(',', '_').replace('=', '-')}.npz"
     command = ["qemu-aarch64-static", str(root / "venv" / "bin" / "python"), str(Path(__file__).with_name("neon_emulated_run.py"))]
-    result = subprocess.run([*command, str(workdir / "inputs.npz"), str(outputs)], env=env, capture_output=True, text=True, timeout=900)
-    # A kernel instruction the emulated CPU lacks ends the process with SIGILL (returncode -4).
-    assert result.returncode == 0, f"QEMU_CPU={qemu_cpu}: exit {result.returncode}\n{result.stderr[-4000:]}"
-    with np.load(outputs) as loaded:
-        out = dict(loaded)
-    return json.loads(str(out.pop("report"))), out
-
-
-@pytest.fixture(scope="module")
-def i8mm_run(workdir):
-    return run_emulated(workdir, "max,sve=off")
-
-
-@pytest.fixture(scope="module")
-def dotprod_run(workdir):
-    return run_emulated(workdir, "neoverse-n1")
+    started = {}
+    for name, qemu_cpu in CPUS.items():
+        env = {
+            **os.environ,
+            "QEMU_LD_PREFIX": str(root / "rootfs"),
+            "QEMU_CPU": qemu_cpu,
+            "CXX": compiler,
+            "PYTHONPATH": str(REPO),
+            "RZ_CACHE_DIR": str(workdir / f"cache-{name}"),
+            "JAX_PLATFORMS": "cpu",
+        }
+        outputs = workdir / f"outputs-{name}.npz"
+        process = subprocess.Popen([*command, str(workdir / "inputs.npz"), str(outputs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started[name] = (process, outputs)
+    results = {}
+    for name, (process, outputs) in started.items():
+        log, _ = process.communicate(timeout=1200)
+        # A kernel instruction the emulated CPU lacks ends the process with SIGILL (returncode -4).
+        assert process.returncode == 0, f"QEMU_CPU={CPUS[name]}: exit {process.returncode}\n{log[-4000:]}"
+        with np.load(outputs) as loaded:
+            out = dict(loaded)
+        results[name] = (json.loads(str(out.pop("report"))), out)
+    return results
 
 
 def twin_and_reference(x: np.ndarray, weights: tuple[QTensor, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -173,40 +177,52 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
         np.testing.assert_allclose(outputs[f"{case['key']}.o"], reference, atol=1e-5, err_msg=case["key"])
 
 
-def test_a_cpu_with_i8mm_takes_neon_i8mm(i8mm_run):
-    report, _ = i8mm_run
-    assert {"asimddp", "i8mm"} <= set(report["features"])
-    assert report["selected"] == "neon_i8mm" and report["available"]
-    assert "rz_cpu_kernels_neon_i8mm_" in report["library"]
+def test_variants_are_chosen_by_features():
+    """The best variant whose features the CPU has; i8mm alone (no dot product) is not enough."""
+    assert neon_variants.select(frozenset({"asimddp", "asimdhp", "i8mm"})).name == "neon_i8mm"
+    assert neon_variants.select(frozenset({"asimddp", "asimdhp"})).name == "neon_dotprod"
+    assert neon_variants.select(frozenset({"asimdhp", "i8mm"})) is None
+    assert neon_variants.select(frozenset()) is None
 
 
-def test_neon_i8mm_kernels_match_references(workdir, i8mm_run):
-    check_kernels(workdir, i8mm_run[1])
+def test_no_aarch64_features_are_reported_elsewhere():
+    if platform.machine().lower() not in ("aarch64", "arm64"):
+        assert neon_variants.cpu_features() == frozenset()
 
 
-def test_a_cpu_with_dotprod_only_takes_neon_dotprod(dotprod_run):
-    report, _ = dotprod_run
-    assert "asimddp" in report["features"] and "i8mm" not in report["features"]
-    assert report["selected"] == "neon_dotprod" and report["available"]
-    assert "rz_cpu_kernels_neon_dotprod_" in report["library"]
+@needs_emulation
+@pytest.mark.parametrize(
+    "cpu, has, lacks, variant",
+    [("i8mm", {"asimddp", "asimdhp", "i8mm"}, set(), "neon_i8mm"), ("dotprod", {"asimddp", "asimdhp"}, {"i8mm"}, "neon_dotprod")],
+)
+def test_a_cpu_takes_the_best_variant_it_can_run(runs, cpu, has, lacks, variant):
+    report, _ = runs[cpu]
+    assert has <= set(report["features"]) and not lacks & set(report["features"])
+    assert report["selected"] == variant and report["available"]
+    assert f"rz_cpu_kernels_{variant}_" in report["library"]
+    assert report["stream_read_gbps"] > 0
 
 
-def test_neon_dotprod_kernels_match_references(workdir, dotprod_run):
-    check_kernels(workdir, dotprod_run[1])
+@needs_emulation
+@pytest.mark.parametrize("cpu", ["i8mm", "dotprod"])
+def test_neon_kernels_match_references(workdir, runs, cpu):
+    check_kernels(workdir, runs[cpu][1])
 
 
-def test_i8mm_and_dotprod_agree_bit_for_bit(i8mm_run, dotprod_run):
+@needs_emulation
+def test_i8mm_and_dotprod_agree_bit_for_bit(runs):
     """Both variants take the same float operations per output (only the integer dots' instructions
     differ), so a model gives the same tokens on an M1 and on a Graviton 3."""
-    i8mm, dotprod = i8mm_run[1], dotprod_run[1]
+    i8mm, dotprod = runs["i8mm"][1], runs["dotprod"][1]
     assert i8mm.keys() == dotprod.keys()
     for key in i8mm:
         if not key.endswith(".o"):
             np.testing.assert_array_equal(i8mm[key], dotprod[key], err_msg=key)
 
 
-def test_a_cpu_without_dotprod_takes_the_xla_paths(workdir):
-    report, outputs = run_emulated(workdir, "cortex-a72")
+@needs_emulation
+def test_a_cpu_without_dotprod_takes_the_xla_paths(workdir, runs):
+    report, outputs = runs["neither"]
     assert "asimddp" not in report["features"]
     assert report["selected"] is None and not report["available"]
     plan, arrays, expected = prepared(workdir)
