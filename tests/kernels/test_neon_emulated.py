@@ -104,7 +104,7 @@ def prepared(tmp: Path):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """Inputs on disk, and the emulated runs' kernel cache."""
+    """Inputs on disk, and the emulated runs' kernel caches."""
     return tmp_path_factory.mktemp("neon")
 
 
@@ -127,15 +127,16 @@ def runs(workdir) -> dict[str, tuple[dict, dict[str, np.ndarray]]]:
             "PYTHONPATH": str(REPO),
             "RZ_CACHE_DIR": str(workdir / f"cache-{name}"),
             "JAX_PLATFORMS": "cpu",
+            "RZ_CPU_KERNELS": "1",
         }
         outputs = workdir / f"outputs-{name}.npz"
         process = subprocess.Popen([*command, str(workdir / "inputs.npz"), str(outputs)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         started[name] = (process, outputs)
+    logs = {name: process.communicate(timeout=1200)[0] for name, (process, _) in started.items()}
     results = {}
     for name, (process, outputs) in started.items():
-        log, _ = process.communicate(timeout=1200)
         # A kernel instruction the emulated CPU lacks ends the process with SIGILL (returncode -4).
-        assert process.returncode == 0, f"QEMU_CPU={CPUS[name]}: exit {process.returncode}\n{log[-4000:]}"
+        assert process.returncode == 0, f"QEMU_CPU={CPUS[name]}: exit {process.returncode}\n{logs[name][-4000:]}"
         with np.load(outputs) as loaded:
             out = dict(loaded)
         results[name] = (json.loads(str(out.pop("report"))), out)
