@@ -17,7 +17,7 @@ import numpy as np
 
 from rz.ggml_types import GGMLType
 from rz.quants import QTensor
-from rz_kernels import cpu_ffi, neon_variants, qmatmul
+from rz_kernels import attention, cpu_ffi, neon_variants, qmatmul
 from rz_kernels.causal_attention import decode_attention_cpu
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
 
@@ -57,10 +57,15 @@ def main(inputs_path: str, outputs_path: str) -> None:
             outputs[f"{key}.y{m}"] = np.asarray(y)
         for i in range(case["alone"] if cpu_ffi.available() else 0):
             outputs[f"{key}.alone{i}"] = np.asarray(qmatmul_cpu(jnp.asarray(x[i : i + 1]), weights))
+        if cpu_ffi.available() and len(weights) == 1:
+            # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
+            outputs[f"{key}.public"] = np.asarray(jax.jit(qmatmul)(jnp.asarray(x[:4]), weights[0]))
     for case in plan["attention"] if cpu_ffi.available() else ():
         key = case["key"]
         q, k, v, q_positions, k_positions = (jnp.asarray(inputs[f"{key}.{name}"]) for name in ("q", "k", "v", "qp", "kp"))
         outputs[f"{key}.o"] = np.asarray(decode_attention_cpu(q, k, v, q_positions, k_positions, **case["options"]))
+        # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
+        outputs[f"{key}.public"] = np.asarray(jax.jit(lambda *a: attention(*a, **case["options"]))(q, k, v, q_positions, k_positions))
     np.savez(outputs_path, **outputs)
 
 
