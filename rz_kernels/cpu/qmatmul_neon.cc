@@ -8,8 +8,8 @@
 // stored in f16), per 256 for K-quants. The weights are decoded a block at a time from
 // rz.quants' planar layout into signed bytes (Q4_0's q - 8, Q5_0's q - 16 and Q6_K's q - 32
 // included, since sdot is signed on both sides), and meet the activations in exact int32 dots:
-//   - dotprod: vdotq_s32, four weight rows at a time against up to four activation rows, the four
-//     rows' dots gathered into one vector by pairwise adds;
+//   - dotprod: vdotq_s32, four weight rows at a time against up to four activation rows (two for
+//     K-quants), the four rows' dots gathered into one vector by pairwise adds;
 //   - i8mm (two or more activation rows): vmmlaq_s32 on a 2 x 2 tile, two weight rows against two
 //     activation rows, each pair interleaved 8 bytes at a time; the activations are laid out so
 //     once per call, the weights by two zips per 16 bytes.
