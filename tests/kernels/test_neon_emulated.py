@@ -62,9 +62,16 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
     arrays: dict[str, np.ndarray] = {}
     expected: dict[str, tuple] = {}
 
-    def add(key, weights, x):
+    def add(key, weights, x, tolerance=TOLERANCE):
         plan["qmatmul"].append(
-            {"key": key, "types": [int(w.ggml_type) for w in weights], "shapes": [list(w.shape) for w in weights], "rows": ROWS, "alone": ALONE}
+            {
+                "key": key,
+                "types": [int(w.ggml_type) for w in weights],
+                "shapes": [list(w.shape) for w in weights],
+                "rows": ROWS,
+                "alone": ALONE,
+                "tolerance": tolerance,
+            }
         )
         arrays[f"{key}.x"] = x
         for i, w in enumerate(weights):
@@ -75,9 +82,13 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
     for ggml_type in TYPES:
         for n, k in shapes(ggml_type):
             add(f"{ggml_type.name}_{n}x{k}", [random_qtensor(rng, ggml_type, (n, k))], activations(rng, max(ROWS), k))
+    # Weights of 64-80 KiB: their rows are shared out to two threads (rz's workers, emulated).
+    for ggml_type, n, k in ((GGMLType.Q8_0, 128, 512), (GGMLType.Q6_K, 96, 1024)):
+        add(f"{ggml_type.name}_{n}x{k}_threads", [random_qtensor(rng, ggml_type, (n, k))], activations(rng, max(ROWS), k))
     # One call for several weights of one x (q/k/v), both activation block sizes at once.
     mixed = [random_qtensor(rng, t, (n, 512)) for t, n in ((GGMLType.Q4_K, 12), (GGMLType.Q6_K, 5), (GGMLType.Q5_1, 7), (GGMLType.Q8_0, 9))]
-    add("mixed", mixed, activations(rng, max(ROWS), 512, outlier_every=64))
+    # Its x has 20x outlier channels, which coarsen their blocks' int8 grid: x86's bound for them, 4x.
+    add("mixed", mixed, activations(rng, max(ROWS), 512, outlier_every=64), tolerance=4 * TOLERANCE)
 
     # Decode attention (a few query rows): grouped heads, f16 and f32 caches, softcap, window, a long cache.
     for key, (batch, n_head, n_kv, length, n_keys, head_dim, window, softcap, dtype) in {
@@ -167,7 +178,7 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
             assert y.shape == (m, n), (key, m)
             assert nmse(y, twin[:m]) <= TWIN_NMSE, (key, m, nmse(y, twin[:m]))
             if n * m >= 64:
-                assert nmse(y, reference[:m]) <= TOLERANCE, (key, m)
+                assert nmse(y, reference[:m]) <= case["tolerance"], (key, m)
         if f"{key}.public" in outputs:  # rz_kernels.qmatmul took the kernel
             np.testing.assert_array_equal(outputs[f"{key}.public"], outputs[f"{key}.y4"], err_msg=f"{key}: qmatmul")
         alone = np.concatenate([outputs[f"{key}.alone{i}"] for i in range(case["alone"])])
