@@ -9,7 +9,12 @@ and RzAttention, and the machine probes rz_stream_read_gbps and rz_int8_dot_peak
 rz_kernels.cpu_ffi loads the first variant in VARIANTS that the CPU can run.
 
 This module uses the standard library only: setup.py loads it by path, before jax or rz exist in
-the build environment.
+the build environment. It also cross-compiles another machine's variants (the emulated aarch64
+tests build the NEON ones with aarch64-linux-gnu-g++):
+
+    python -m rz_kernels build --machine aarch64 --cxx aarch64-linux-gnu-g++ --output DIR
+
+and RZ_CPU_KERNEL_DIR=DIR points rz_kernels.cpu_ffi at such a directory instead of rz_kernels/lib/.
 """
 
 import importlib.util
@@ -27,6 +32,13 @@ SOURCE_DIR = Path(__file__).parent / "cpu"
 LIBRARY_DIR = Path(__file__).parent / "lib"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
 X86_SOURCES = ("qmatmul.cc", "attention.cc", "machine.cc")
+X86_HEADERS = ("simd.h", "threads.h", "machine_probe.h")
+NEON_SOURCES = ("qmatmul_neon.cc", "attention_neon.cc", "machine_neon.cc")
+NEON_HEADERS = ("simd_neon.h", "threads.h", "machine_probe.h")
+# -ffp-contract=off: every float multiply-add the NEON kernels mean to fuse is an explicit vfmaq/fma,
+# so a row's output takes the same operations whichever tile computed it (and both NEON variants
+# give the same bits).
+NEON_FLAGS = ("-ffp-contract=off",)
 AVX2_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 AVX2_FEATURES = ("avx2", "fma", "f16c")
 
@@ -41,20 +53,23 @@ class Variant:
     sources: tuple[str, ...]
     flags: tuple[str, ...]
     cpu_features: tuple[str, ...]
+    headers: tuple[str, ...] = ()  # the sources' own headers (a change to one rebuilds the library)
 
     @property
     def library(self) -> Path:
-        return LIBRARY_DIR / f"rz_cpu_{self.name}.so"
+        return library_dir() / f"rz_cpu_{self.name}.so"
 
     def inputs(self) -> list[Path]:
-        """The files the library is compiled from: its sources and every header beside them."""
-        return [SOURCE_DIR / name for name in self.sources] + sorted(SOURCE_DIR.glob("*.h"))
+        """The files the library is compiled from: its sources and their headers."""
+        return [SOURCE_DIR / name for name in self.sources + self.headers]
 
 
 # Best first, per machine: run time takes the first one the CPU has. The two VNNI variants run
 # the same 256-bit code; they are separate libraries because the CPUs that have one often lack
 # the other (Zen 4 and Ice Lake servers: AVX-512 VNNI only; Alder Lake and later clients: AVX-VNNI
 # only). The AVX-512 one is compiled with AVX-512VL, which also gives the compiler 32 registers.
+# On aarch64 the dot-product instructions are the floor (a Cortex-A72 without them takes the XLA
+# paths); i8mm adds SMMLA for two activation rows at a time (Graviton 3, Apple M2 and later).
 VARIANTS: tuple[Variant, ...] = (
     Variant(
         "avx512vnni",
@@ -62,10 +77,25 @@ VARIANTS: tuple[Variant, ...] = (
         X86_SOURCES,
         AVX2_FLAGS + ("-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni"),
         AVX2_FEATURES + ("avx512f", "avx512vl", "avx512bw", "avx512_vnni"),
+        X86_HEADERS,
     ),
-    Variant("avxvnni", "x86_64", X86_SOURCES, AVX2_FLAGS + ("-mavxvnni",), AVX2_FEATURES + ("avx_vnni",)),
-    Variant("avx2", "x86_64", X86_SOURCES, AVX2_FLAGS, AVX2_FEATURES),
+    Variant("avxvnni", "x86_64", X86_SOURCES, AVX2_FLAGS + ("-mavxvnni",), AVX2_FEATURES + ("avx_vnni",), X86_HEADERS),
+    Variant("avx2", "x86_64", X86_SOURCES, AVX2_FLAGS, AVX2_FEATURES, X86_HEADERS),
+    Variant(
+        "neon_i8mm",
+        "aarch64",
+        NEON_SOURCES,
+        NEON_FLAGS + ("-march=armv8.2-a+dotprod+fp16+i8mm",),
+        ("asimddp", "asimdhp", "i8mm"),
+        NEON_HEADERS,
+    ),
+    Variant("neon_dotprod", "aarch64", NEON_SOURCES, NEON_FLAGS + ("-march=armv8.2-a+dotprod+fp16",), ("asimddp", "asimdhp"), NEON_HEADERS),
 )
+
+
+def library_dir() -> Path:
+    """Where the libraries are loaded from: $RZ_CPU_KERNEL_DIR, else the package's lib/."""
+    return Path(os.environ.get("RZ_CPU_KERNEL_DIR") or LIBRARY_DIR)
 
 
 class KernelBuildError(RuntimeError):
@@ -104,10 +134,11 @@ def ffi_include_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "include"
 
 
-def build_variant(variant: Variant, output: Path | None = None) -> Path:
-    """Compile one variant into `output` (default: its place in rz_kernels/lib/)."""
+def build_variant(variant: Variant, output: Path | None = None, cxx: str | None = None) -> Path:
+    """Compile one variant into `output` (default: its place in library_dir()) with `cxx` (default:
+    compiler(); a cross compiler for another machine's variants)."""
     output = output or variant.library
-    cxx = compiler()
+    cxx = cxx or compiler()
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -123,21 +154,28 @@ def build_variant(variant: Variant, output: Path | None = None) -> Path:
     return output
 
 
-def build_all(variants: tuple[Variant, ...] | None = None, jobs: int | None = None) -> list[Path]:
-    """Compile the variants (default: this machine's) side by side; the first failure raises."""
+def build_all(
+    variants: tuple[Variant, ...] | None = None, jobs: int | None = None, cxx: str | None = None, output_dir: Path | None = None
+) -> list[Path]:
+    """Compile the variants (default: this machine's) side by side, into `output_dir` (default:
+    library_dir()) with `cxx` (default: compiler()); the first failure raises."""
     variants = variants_for() if variants is None else variants
+
+    def build(variant: Variant) -> Path:
+        return build_variant(variant, output_dir / variant.library.name if output_dir else None, cxx)
+
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        return list(pool.map(build_variant, variants))
+        return list(pool.map(build, variants))
 
 
-def main() -> int:
-    """Build this machine's variants in place; the exit status says whether all compiled."""
-    variants = variants_for()
+def main(target: str | None = None, cxx: str | None = None, output_dir: Path | None = None) -> int:
+    """Build a machine's variants (default: this one's, in place); the exit status says whether all compiled."""
+    variants = variants_for(target)
     if not variants:
-        print(f"rz_kernels.build: no CPU kernel variant targets {machine()}", file=sys.stderr)
+        print(f"rz_kernels.build: no CPU kernel variant targets {target or machine()}", file=sys.stderr)
         return 1
     try:
-        for path in build_all(variants):
+        for path in build_all(variants, cxx=cxx, output_dir=output_dir):
             print(path)
     except KernelBuildError as error:
         print(f"rz_kernels.build: {error}", file=sys.stderr)

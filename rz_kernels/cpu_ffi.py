@@ -3,8 +3,11 @@
 The variants are compiled when the package is installed (rz_kernels/build.py; in a checkout,
 `python -m rz_kernels build`), so nothing is compiled at run time. The first variant in
 rz_kernels.build.VARIANTS that the CPU has and that was built is the one used; RZ_CPU_VARIANT=name
-forces one (to compare them), RZ_CPU_KERNELS=0 none. Without one (a CPU without AVX2, an install
-with RZ_BUILD_CPU_KERNELS=0) `available()` is False and callers take their XLA paths.
+forces one (to compare them), RZ_CPU_KERNELS=0 none, and RZ_CPU_KERNEL_DIR=dir loads them from dir
+(the emulated aarch64 tests' cross-compiled ones). Without one (an x86-64 CPU without AVX2, an
+aarch64 CPU without the dot-product instructions, an install with RZ_BUILD_CPU_KERNELS=0)
+`available()` is False and callers take their XLA paths. Dispatch must be right: an instruction the
+CPU lacks kills the process with SIGILL.
 
 Each loaded variant's handlers are registered under their own names (`rz_qmatmul_<variant>`), so
 tests can run every variant the CPU has side by side in one process.
@@ -13,6 +16,8 @@ tests can run every variant the CPU has side by side in one process.
 import ctypes
 import logging
 import os
+import platform
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -27,8 +32,48 @@ class StaleKernelsError(RuntimeError):
     """A checkout's sources changed since its kernels were built."""
 
 
-def cpu_features() -> frozenset[str]:
-    """The CPU's feature names as VARIANTS spell them (x86-64: /proc/cpuinfo's flags)."""
+@dataclass(frozen=True)
+class ArmFeature:
+    """Where an OS reports one aarch64 CPU feature: Linux's arm64 hwcap bit
+    (arch/arm64/include/uapi/asm/hwcap.h) in an auxiliary vector entry, and macOS's sysctl key."""
+
+    auxv_entry: int
+    bit: int
+    sysctl: str
+
+
+AT_HWCAP, AT_HWCAP2 = 16, 26
+ARM_FEATURES: dict[str, ArmFeature] = {
+    "asimdhp": ArmFeature(AT_HWCAP, 1 << 10, "hw.optional.arm.FEAT_FP16"),  # half-precision SIMD (+fp16)
+    "asimddp": ArmFeature(AT_HWCAP, 1 << 20, "hw.optional.arm.FEAT_DotProd"),  # SDOT/UDOT (+dotprod)
+    "i8mm": ArmFeature(AT_HWCAP2, 1 << 13, "hw.optional.arm.FEAT_I8MM"),  # SMMLA (+i8mm)
+}
+
+
+def _sysctl_flag(libc: ctypes.CDLL, key: str) -> bool:
+    value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+    return libc.sysctlbyname(key.encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0 and value.value == 1
+
+
+def _arm_features() -> frozenset[str]:
+    """ARM_FEATURES this aarch64 CPU has. On Linux from the kernel's auxiliary vector (the bits
+    /proc/cpuinfo's Features line prints; under qemu-user emulation that line is absent while the
+    auxiliary vector reflects the emulated CPU, $QEMU_CPU); on macOS from sysctl's
+    hw.optional.arm.FEAT_* keys (written for it, not yet run on a Mac)."""
+    libc = ctypes.CDLL(None)
+    if platform.system() == "Darwin":
+        return frozenset(name for name, feature in ARM_FEATURES.items() if _sysctl_flag(libc, feature.sysctl))
+    if platform.system() != "Linux":
+        return frozenset()
+    getauxval = libc.getauxval
+    getauxval.restype = ctypes.c_ulong
+    getauxval.argtypes = (ctypes.c_ulong,)
+    words = {entry: getauxval(entry) for entry in (AT_HWCAP, AT_HWCAP2)}
+    return frozenset(name for name, feature in ARM_FEATURES.items() if words[feature.auxv_entry] & feature.bit)
+
+
+def _x86_features() -> frozenset[str]:
+    """/proc/cpuinfo's flags."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -37,6 +82,12 @@ def cpu_features() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature names as VARIANTS spell them (x86-64: /proc/cpuinfo's flags; aarch64: ARM_FEATURES)."""
+    return {"x86_64": _x86_features, "aarch64": _arm_features}.get(machine(), frozenset)()
 
 
 def runnable(variant: Variant) -> bool:
@@ -141,11 +192,12 @@ def active(variant: Variant | None = None) -> Variant:
 
 
 def stream_read_gbps(nbytes: int = 256 << 20, threads: int | None = None, repeats: int = 10) -> float:
-    """Memory bandwidth by a streaming AVX2 read of nbytes, best of `repeats`, in GB/s."""
+    """Memory bandwidth by a streaming SIMD read (AVX2, or NEON on aarch64) of nbytes, best of `repeats`, in GB/s."""
     return load(active()).rz_stream_read_gbps(nbytes, threads or os.cpu_count() or 1, repeats)
 
 
 def int8_dot_peak_gmacs(threads: int | None = None, repeats: int = 5) -> float:
-    """The int8 MAC rate of the quantized matmul's inner step (the variant's int8 dot, convert, FMA), best of `repeats`."""
+    """The int8 MAC rate of the quantized matmul's inner step (the variant's int8 dot: VNNI, maddubs or sdot;
+    convert, FMA), best of `repeats`."""
     return load(active()).rz_int8_dot_peak_gmacs(threads or os.cpu_count() or 1, repeats)
 

@@ -8,25 +8,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
 #include <vector>
 
+#include "machine_probe.h"
 #include "simd.h"
 
-namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-}
-
-template <class F>
-void on_threads(int32_t n_threads, F&& fn) {
-  std::vector<std::thread> threads;
-  for (int32_t t = 0; t < n_threads; ++t) threads.emplace_back(fn, t);
-  for (auto& thread : threads) thread.join();
-}
-
-}  // namespace
+using rz_cpu::on_threads;
+using rz_cpu::seconds_since;
 
 // A streaming read of `bytes` of memory by n_threads threads, best of `repeats`, in GB/s: the
 // memory bandwidth a decode step's weight streaming is measured against.

@@ -6,7 +6,9 @@
 
 #pragma once
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -23,6 +25,15 @@
 namespace rz_cpu {
 
 namespace ffi = xla::ffi;
+
+// A spin-wait hint to the core (these headers serve x86-64 and aarch64 variants alike).
+inline void spin_pause() {
+#if defined(__x86_64__)
+  _mm_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
 
 struct TaskCounter {
   std::atomic<int64_t> next{0};
@@ -69,7 +80,7 @@ class Workers {
         // Yield now and then: a spinning worker must not keep XLA's own pool threads (which run
         // the step's other ops) off the cores.
         if (spins % 8) {
-          _mm_pause();
+          spin_pause();
           continue;
         }
         std::this_thread::yield();
@@ -118,7 +129,7 @@ inline void parallel_for(ffi::ThreadPool& pool, int64_t n_tasks, int64_t n_threa
   workers(thread_limit() - 1).publish(counter);
   counter->work();
   for (int spins = 0; counter->done.load(std::memory_order_acquire) < n_tasks; ++spins) {
-    if (spins < 4096) _mm_pause();
+    if (spins < 4096) spin_pause();
     else std::this_thread::yield();
   }
 }

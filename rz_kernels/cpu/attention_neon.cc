@@ -1,0 +1,302 @@
+// Decode attention for aarch64 CPUs with NEON: attention.cc's algorithm and FFI handler
+// (RzAttention, same buffers and attributes), in 128-bit vectors. Shapes and mask contract as
+// rz_kernels/causal_attention.py:
+//
+//   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] f32 or f16,
+//   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
+//
+// A task is one (sequence, KV head, split of the slots): it holds the G * T query rows of the KV
+// head's group and walks its slots in blocks of 32 with an online softmax (running max, running
+// sum, unnormalized output per row); the splits of a head are merged at the end.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "simd_neon.h"
+#include "threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kKeyBlock = 32;
+constexpr int64_t kMinKeysPerSplit = 1024;
+// Key x query-row pairs below which a call runs on one thread (attention.cc measured the same
+// threshold: handing tasks to rz's spinning workers costs about a microsecond).
+constexpr int64_t kMinWorkPerThread = 1 << 10;
+
+// exp(x) for 4 floats: Cephes' range reduction and polynomial (relative error ~2e-7); x below
+// -87.3 gives 0, so exp(-inf) = 0.
+RZ_INLINE float32x4_t exp_f32x4(float32x4_t x) {
+  const uint32x4_t underflow = vcltq_f32(x, vdupq_n_f32(-87.3f));
+  x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(88.3f));
+  const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+  float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+  r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+  float32x4_t p = vdupq_n_f32(1.9875691500e-4f);
+  p = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), p, r);
+  p = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), p, r);
+  p = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), p, vmulq_f32(r, r));
+  const int32x4_t exponent = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
+  const float32x4_t e = vmulq_f32(p, vreinterpretq_f32_s32(exponent));
+  return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(e), underflow));
+}
+
+// 4 elements of a K or V row as f32.
+template <bool kHalf>
+RZ_INLINE float32x4_t load4(const void* row, int64_t i) {
+  if constexpr (kHalf) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(static_cast<const uint16_t*>(row) + i)));
+  else return vld1q_f32(static_cast<const float*>(row) + i);
+}
+
+struct Problem {
+  int64_t B, Hq, Hkv, T, S, D, Dv, G, R;  // R = G * T query rows per KV head
+  int64_t S_used;  // slots [S_used, S) are invisible to every query
+  const float* q;
+  const void* k;
+  const void* v;
+  const int32_t* q_positions;
+  const int32_t* k_positions;
+  int32_t window;
+  float scale, softcap;
+};
+
+// One task's online-softmax state for its R rows: views into one buffer shared by the call's tasks.
+struct Partial {
+  float* max;  // [R]
+  float* sum;  // [R]
+  float* out;  // [R, Dv], unnormalized
+  void reset(int64_t R, int64_t Dv) {
+    std::fill(max, max + R, -INFINITY);
+    std::fill(sum, sum + R, 0.0f);
+    std::fill(out, out + R * Dv, 0.0f);
+  }
+};
+
+// The scores of query row q against the block's 32 keys, -inf where masked (mask bit j: visible).
+template <bool kHalf>
+RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_block, uint32_t mask, float* scores) {
+  const int64_t row_bytes = p.D * (kHalf ? 2 : 4);
+  for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 4) {
+    const uint32_t group_mask = (mask >> j0) & 0xF;
+    if (!group_mask) {
+      vst1q_f32(scores + j0, vdupq_n_f32(-INFINITY));
+      continue;
+    }
+    float32x4_t acc[4];
+    for (int jj = 0; jj < 4; ++jj) acc[jj] = vdupq_n_f32(0.0f);
+    for (int64_t i = 0; i < p.D; i += 4) {
+      const float32x4_t qv = vld1q_f32(q + i);
+#pragma GCC unroll 4
+      for (int jj = 0; jj < 4; ++jj) acc[jj] = vfmaq_f32(acc[jj], qv, load4<kHalf>(k_block + (j0 + jj) * row_bytes, i));
+    }
+    float32x4_t s = vmulq_n_f32(vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3])), p.scale);
+    if (p.softcap > 0) {
+      // softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
+      const float32x4_t e = exp_f32x4(vmulq_n_f32(s, 2.0f / p.softcap));
+      const float32x4_t tanh = vsubq_f32(vdupq_n_f32(1.0f), vdivq_f32(vdupq_n_f32(2.0f), vaddq_f32(e, vdupq_n_f32(1.0f))));
+      s = vmulq_n_f32(tanh, p.softcap);
+    }
+    const uint32x4_t bits = {1, 2, 4, 8};
+    const uint32x4_t seen = vtstq_u32(vdupq_n_u32(group_mask), bits);
+    vst1q_f32(scores + j0, vbslq_f32(seen, s, vdupq_n_f32(-INFINITY)));
+  }
+}
+
+// out[r] = out[r] * correction[r] + sum_j weights[r, j] v_j for one row and NV * 4 output lanes
+// at lane i, the accumulators kept in registers while the block's V rows stream by.
+template <int NV, bool kHalf>
+RZ_INLINE void value_tile(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, float correction, float* out, int64_t i) {
+  const int64_t row_bytes = p.Dv * (kHalf ? 2 : 4);
+  float32x4_t acc[NV];
+#pragma GCC unroll 8
+  for (int u = 0; u < NV; ++u) acc[u] = vmulq_n_f32(vld1q_f32(out + i + 4 * u), correction);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint8_t* row = v_block + j * row_bytes;
+#pragma GCC unroll 8
+    for (int u = 0; u < NV; ++u) acc[u] = vfmaq_n_f32(acc[u], load4<kHalf>(row, i + 4 * u), weights[j]);
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < NV; ++u) vst1q_f32(out + i + 4 * u, acc[u]);
+}
+
+// value_tile over all rows and lanes: 32 lanes at a time, head dims that are not multiples of 32
+// finish 8 at a time.
+template <bool kHalf>
+RZ_INLINE void block_values(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out) {
+  for (int64_t r = 0; r < p.R; ++r) {
+    int64_t i = 0;
+    for (; i + 32 <= p.Dv; i += 32) value_tile<8, kHalf>(p, v_block, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<2, kHalf>(p, v_block, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
+  }
+}
+
+// Per-thread scratch that outlives a call: the query row pointers, softmax weights and
+// corrections, and masks of one task.
+struct TaskScratch {
+  std::vector<const float*> q_rows;
+  std::vector<float> weights, correction;
+  std::vector<uint32_t> masks;
+};
+
+template <bool kHalf>
+void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
+  const int64_t elem = kHalf ? 2 : 4;
+  const auto* k_base = static_cast<const uint8_t*>(p.k) + ((b * p.Hkv + kv) * p.S) * p.D * elem;
+  const auto* v_base = static_cast<const uint8_t*>(p.v) + ((b * p.Hkv + kv) * p.S) * p.Dv * elem;
+  const int32_t* k_pos = p.k_positions + b * p.S;
+  const int32_t* q_pos = p.q_positions + b * p.T;
+  thread_local TaskScratch scratch;
+  auto& q_rows = scratch.q_rows;
+  auto& weights = scratch.weights;
+  auto& correction = scratch.correction;
+  auto& masks = scratch.masks;
+  q_rows.resize(p.R);
+  weights.resize(p.R * kKeyBlock);
+  correction.resize(p.R);
+  masks.resize(p.T);
+  for (int64_t r = 0; r < p.R; ++r) q_rows[r] = p.q + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.D;
+  alignas(16) float scores[kKeyBlock];
+  for (int64_t start = s0; start < s1; start += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, s1 - start);
+    // Which of the block's keys each query step sees: bit j of masks[t].
+    uint32_t any = 0;
+    for (int64_t t = 0; t < p.T; ++t) {
+      const int32_t position = q_pos[t];
+      uint32_t mask = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const int32_t key = k_pos[start + j];
+        mask |= static_cast<uint32_t>(key >= 0 && key <= position && (p.window == 0 || key > position - p.window)) << j;
+      }
+      masks[t] = mask;
+      any |= mask;
+    }
+    if (!any) continue;
+    const uint8_t* k_block = k_base + start * p.D * elem;
+    for (int64_t r = 0; r < p.R; ++r) {
+      block_scores<kHalf>(p, q_rows[r], k_block, masks[r % p.T], scores);
+      // Online softmax: the row's state moves to the new running max, then takes the block.
+      float32x4_t block_max = vdupq_n_f32(-INFINITY);
+      for (int64_t j = 0; j < kKeyBlock; j += 4) block_max = vmaxq_f32(block_max, vld1q_f32(scores + j));
+      const float new_max = std::max(part.max[r], vmaxvq_f32(block_max));
+      float* w = weights.data() + r * kKeyBlock;
+      if (new_max == -INFINITY) {
+        std::fill(w, w + kKeyBlock, 0.0f);
+        correction[r] = 1.0f;
+        continue;
+      }
+      correction[r] = std::exp(part.max[r] - new_max);
+      part.max[r] = new_max;
+      float32x4_t total = vdupq_n_f32(0.0f);
+      for (int64_t j = 0; j < kKeyBlock; j += 4) {
+        const float32x4_t e = exp_f32x4(vsubq_f32(vld1q_f32(scores + j), vdupq_n_f32(new_max)));
+        vst1q_f32(w + j, e);
+        total = vaddq_f32(total, e);
+      }
+      part.sum[r] = part.sum[r] * correction[r] + vaddvq_f32(total);
+    }
+    block_values<kHalf>(p, v_base + start * p.Dv * elem, n, weights.data(), correction.data(), part.out);
+  }
+}
+
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_positions,
+                         ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap,
+                         bool keys_in_order) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_attention: q, k, v must be 4-D");
+  const bool half = k.element_type() == ffi::F16;
+  if (k.element_type() != v.element_type() || (!half && k.element_type() != ffi::F32)) {
+    return ffi::Error::InvalidArgument("rz_attention: k and v must both be f32 or both f16");
+  }
+  Problem p{};
+  p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
+  // K/V may hold more sequences than q (a cache with idle rows past the batch in use): the first B.
+  if (kd[0] < p.B || vd[0] != kd[0] || kd[3] != p.D || vd[2] != p.S || p.Hq % p.Hkv || p.D % 8 || p.Dv % 8) {
+    return ffi::Error::InvalidArgument("rz_attention: shapes do not match (or head dims not multiples of 8)");
+  }
+  p.G = p.Hq / p.Hkv;
+  p.R = p.G * p.T;
+  p.q = q.typed_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.q_positions = q_positions.typed_data();
+  p.k_positions = k_positions.typed_data();
+  p.window = window;
+  p.scale = scale;
+  p.softcap = softcap;
+  if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
+  if (keys_in_order) {
+    // Slot s holds position s or nothing: no query sees a slot past the latest query position.
+    int64_t last = -1;
+    for (int64_t i = 0; i < p.B * p.T; ++i) last = std::max<int64_t>(last, p.q_positions[i]);
+    p.S_used = std::min<int64_t>(p.S, last + 1);
+  } else {
+    p.S_used = p.S;
+  }
+
+  const int64_t work = p.B * p.Hkv * p.S_used * p.R;
+  const int64_t threads = work < kMinWorkPerThread ? 1 : rz_cpu::pool_threads(pool, 0);
+  const int64_t heads = p.B * p.Hkv;
+  const int64_t max_splits = std::max<int64_t>(1, p.S_used / kMinKeysPerSplit);
+  const int64_t splits = std::min(max_splits, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
+  const int64_t keys_per_split = (p.S_used + splits - 1) / splits;
+  std::vector<float> state(heads * splits * p.R * (2 + p.Dv));
+  std::vector<Partial> partials(heads * splits);
+  for (int64_t t = 0; t < heads * splits; ++t) {
+    float* base = state.data() + t * p.R * (2 + p.Dv);
+    partials[t] = Partial{base, base + p.R, base + 2 * p.R};
+  }
+  rz_cpu::parallel_for(pool, heads * splits, threads, [&](int64_t task) {
+    const int64_t head = task / splits, split = task % splits;
+    Partial& part = partials[task];
+    part.reset(p.R, p.Dv);
+    const int64_t s0 = split * keys_per_split, s1 = std::min(p.S_used, s0 + keys_per_split);
+    if (half) attend_split<true>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+    else attend_split<false>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+  });
+  // Merge the splits of each head; a row that saw nothing gets zeros.
+  float* out = o->typed_data();
+  for (int64_t head = 0; head < heads; ++head) {
+    const int64_t b = head / p.Hkv, kv = head % p.Hkv;
+    for (int64_t r = 0; r < p.R; ++r) {
+      float peak = -INFINITY;
+      for (int64_t s = 0; s < splits; ++s) peak = std::max(peak, partials[head * splits + s].max[r]);
+      float* dst = out + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.Dv;
+      std::fill(dst, dst + p.Dv, 0.0f);
+      if (peak == -INFINITY) continue;
+      float total = 0;
+      for (int64_t s = 0; s < splits; ++s) {
+        const Partial& part = partials[head * splits + s];
+        if (part.max[r] == -INFINITY) continue;
+        const float weight = std::exp(part.max[r] - peak);
+        total += weight * part.sum[r];
+        for (int64_t i = 0; i < p.Dv; ++i) dst[i] += weight * part.out[r * p.Dv + i];
+      }
+      for (int64_t i = 0; i < p.Dv; ++i) dst[i] /= total;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RzAttention, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<bool>("keys_in_order"));

@@ -1,0 +1,74 @@
+"""The aarch64 side of tests/kernels/test_neon_emulated.py, run by an emulated Python (qemu-aarch64).
+
+    neon_emulated_run.py INPUTS.npz OUTPUTS.npz
+
+Loads the NEON variant this (emulated) CPU selects from $RZ_CPU_KERNEL_DIR (cross-compiled by the
+host), through rz_kernels.cpu_ffi as any user would, then calls the kernels through jax.ffi on the inputs the host prepared, and writes
+their outputs (and what was selected) for the host to check against its references. Emulated SIMD
+is 35-80x slower than native, so the host keeps the shapes small and computes every reference.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rz_kernels.ggml_types import GGMLType
+from rz_kernels.quants import QTensor
+from rz_kernels import attention, cpu_ffi, qmatmul
+from rz_kernels.causal_attention import decode_attention_cpu
+from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
+
+
+def weight(inputs, key: str, ggml_type: int, shape) -> QTensor:
+    arrays = {name: jnp.asarray(inputs[f"{key}.{name}"]) for name in CPU_FFI_ARRAYS[GGMLType(ggml_type)]}
+    return QTensor(arrays, GGMLType(ggml_type), tuple(shape))
+
+
+def main(inputs_path: str, outputs_path: str) -> None:
+    inputs = np.load(inputs_path)
+    plan = json.loads(str(inputs["plan"]))
+    variant = cpu_ffi.selected()
+    outputs = {
+        "report": json.dumps(
+            {
+                "features": sorted(cpu_ffi.cpu_features()),
+                "selected": variant.name if variant else None,
+                "available": cpu_ffi.available(),
+                "library": str(variant.library) if cpu_ffi.available() else None,
+                # The bandwidth probe runs (its number means nothing emulated); the int8 peak probe's
+                # 240 M sdots would take minutes here.
+                "stream_read_gbps": cpu_ffi.stream_read_gbps(1 << 20, threads=1, repeats=1) if cpu_ffi.available() else None,
+            }
+        )
+    }
+    # Without the kernels, one case through the public entry point shows the fallback works.
+    for case in plan["qmatmul"] if cpu_ffi.available() else plan["qmatmul"][:1]:
+        key = case["key"]
+        weights = [weight(inputs, f"{key}.w{i}", t, s) for i, (t, s) in enumerate(zip(case["types"], case["shapes"]))]
+        x = inputs[f"{key}.x"]
+        for m in case["rows"]:
+            if cpu_ffi.available():
+                y = qmatmul_cpu(jnp.asarray(x[:m]), weights)
+            else:  # the fallback: the public entry point, which must not reach the kernels
+                y = jnp.concatenate([qmatmul(jnp.asarray(x[:m]), w) for w in weights], axis=1)
+            outputs[f"{key}.y{m}"] = np.asarray(y)
+        for i in range(case["alone"] if cpu_ffi.available() else 0):
+            outputs[f"{key}.alone{i}"] = np.asarray(qmatmul_cpu(jnp.asarray(x[i : i + 1]), weights))
+        if cpu_ffi.available() and len(weights) == 1:
+            # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
+            outputs[f"{key}.public"] = np.asarray(jax.jit(qmatmul)(jnp.asarray(x[:4]), weights[0]))
+    for case in plan["attention"] if cpu_ffi.available() else ():
+        key = case["key"]
+        q, k, v, q_positions, k_positions = (jnp.asarray(inputs[f"{key}.{name}"]) for name in ("q", "k", "v", "qp", "kp"))
+        outputs[f"{key}.o"] = np.asarray(decode_attention_cpu(q, k, v, q_positions, k_positions, **case["options"]))
+        # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
+        outputs[f"{key}.public"] = np.asarray(jax.jit(lambda *a: attention(*a, **case["options"]))(q, k, v, q_positions, k_positions))
+    np.savez(outputs_path, **outputs)
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_platforms", "cpu")
+    main(*sys.argv[1:])
