@@ -25,6 +25,11 @@ def _metric(samples: dict, name: str, **labels) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def _token_counts(usage: dict) -> dict:
+    """A usage without cached_tokens, which depends on what the shared server or LLM ran before (prefix reuse)."""
+    return {name: count for name, count in usage.items() if name != "cached_tokens"}
+
+
 def _long_request(prompt: str = "Tell me a long story.") -> pb.GenerateRequest:
     """A request that runs until it is cancelled (N_CTX is far away at one token per step)."""
     return pb.GenerateRequest(prompt=prompt, options=pb.GenerationOptions(max_tokens=200, temperature=0.0, ignore_eos=True))
@@ -45,7 +50,7 @@ def test_streamed_generation_equals_llm_generate(server, llm):
     assert all(c.finish_reason is None for c in chunks[:-1])
     last = chunks[-1]
     assert last.finish_reason == expected.finish_reason
-    assert last.usage == expected.usage
+    assert _token_counts(last.usage) == _token_counts(expected.usage)
     assert last.timings["time_to_first_token_seconds"] >= last.timings["queue_seconds"] >= 0
     assert last.timings["decode_seconds"] >= 0
 
