@@ -1,8 +1,10 @@
-"""The llama graph (SmolLM2, TinyLlama, Llama 2/3, Mistral, DeepSeek-Coder), which Qwen2 shares.
+"""The llama graph (SmolLM2, TinyLlama, Llama 2/3, Mistral, DeepSeek-Coder), which Qwen2, Qwen3,
+SmolLM3 and Phi-3 share.
 
 Pre-norm blocks: RMSNorm, grouped-query attention with RoPE, a residual add, RMSNorm, a SwiGLU
-MLP, a residual add (llama.cpp's llama and qwen2 graph builders). Every bias is optional, as in
-llama.cpp: Qwen2 files carry q/k/v biases, Llama files none.
+MLP, a residual add (llama.cpp's llama, qwen2, qwen3, smollm3 and phi3 graph builders). Every bias
+is optional, as in llama.cpp: Qwen2 files carry q/k/v biases, Llama files none. The families that
+differ only in their tensors declare them in their own file (qwen3.py, phi3.py).
 """
 
 from dataclasses import dataclass
@@ -23,9 +25,11 @@ from rz_kernels.quants import QTensor
 class LayerWeights:
     attn_norm: jax.Array
     qkv: AttentionProjections
+    q_norm: jax.Array | None  # Qwen3's QK-norm; None in the other families
+    k_norm: jax.Array | None
     wo: QTensor
     bo: jax.Array | None  # absent from the file: None, no add
-    rope_freq_factors: jax.Array | None  # Llama 3's rope_freqs, shared by all layers; None otherwise
+    rope_freq_factors: jax.Array | None  # Llama 3's rope_freqs (Phi-3's short factors), shared by all layers; None otherwise
     ffn_norm: jax.Array
     w_gate: QTensor
     w_up: QTensor
@@ -53,6 +57,8 @@ def tensor_specs(cfg: ModelConfig) -> Weights:
         return LayerWeights(
             attn_norm=vector(f"{blk}.attn_norm.weight", n_embd),
             qkv=attention_projections(i, cfg),
+            q_norm=None,
+            k_norm=None,
             wo=matrix(f"{blk}.attn_output.weight", n_embd, cfg.n_head * cfg.head_dim_v),
             bo=optional(vector(f"{blk}.attn_output.bias", n_embd)),
             rope_freq_factors=optional(vector("rope_freqs.weight", cfg.rope_dim // 2)),
@@ -79,12 +85,13 @@ def embed(weights: Weights, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def rope_freq_factors(weights: Weights) -> jax.Array | None:
-    """Llama 3's rope_freqs (one tensor, which every layer's weights hold), or None."""
+    """Llama 3's rope_freqs or Phi-3's rope factors (one tensor, which every layer's weights hold), or None."""
     return weights.layers[0].rope_freq_factors
 
 
 def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
     queries, keys, values = attention.project_qkv(w.qkv, rms_norm(x, w.attn_norm, cfg.norm_eps), cfg)
+    queries, keys = attention.normalize_heads(queries, keys, w.q_norm, w.k_norm, cfg)
     queries, keys = attention.rotate(queries, keys, rope_table, layer, cfg)
     return queries, keys, values, cfg.head_dim**-0.5
 

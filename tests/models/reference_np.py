@@ -12,6 +12,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+# The graphs the reference follows; the others are held to llama.cpp alone.
+REFERENCE_ARCHITECTURES = ("llama", "qwen2", "phi2", "gemma3")
+
 # Weights are kept in float32, which holds every dequantized value exactly, and widened to
 # float64 one block of rows at a time, so the reference never holds a float64 copy of the model.
 ROWS_PER_BLOCK = 16384

@@ -19,10 +19,19 @@ QUANTIZED_NMSE = 5e-4
 MAX_SEQ_LEN = 48
 
 
-@pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "F32"), ("gemma3", "Q8_0"), ("llama", "Q4_0")], ids="-".join)
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("gemma3", "F32"), ("llama", "F32"), ("gemma3", "Q8_0"), ("llama", "Q4_0"),
+        ("gemma2", "F32"), ("qwen3", "F32"), ("smollm3", "F32"), ("phi3", "Q8_0"),
+    ],
+    ids="-".join,
+)
 def model(request, tmp_path_factory):
     """Gemma 3 with a window of 8 (sliding and global layers), and a llama (global layers only): with
-    F32 weights to check the cache logic tightly, and with quantized weights to check the kernel paths."""
+    F32 weights to check the cache logic tightly, and with quantized weights to check the kernel paths.
+    Then each later family: Gemma 2 (soft caps, every other layer sliding), Qwen3 (QK-norm), SmolLM3
+    (a layer without RoPE) and Phi-3 (fused tensors, LongRoPE factors)."""
     arch, weight_type = request.param
     path = write_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type)
     loaded = load(path)

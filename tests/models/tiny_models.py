@@ -7,6 +7,7 @@ a few layers with grouped-query attention, and weights drawn from a seeded gener
 (architecture, weight_type, overrides) triple always gives the same file.
 """
 
+import ctypes
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -14,11 +15,14 @@ from typing import Callable
 import gguf
 import numpy as np
 
-TINY_ARCHITECTURES = ("llama", "qwen2", "phi2", "gemma3")
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi2", "phi3", "gemma2", "gemma3")
 WEIGHT_TYPES = ("F32", "F16", "Q8_0")
+# K-quants quantize rows in super-blocks of 256: the models written in one are this much wider.
+K_QUANT_SHAPE = dict(n_embd=256, n_ff=256, n_head=4, head_dim=64, rope_dim=64)
 
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
-N_WORD_TOKENS = 45  # on top of the specials and the 256 byte tokens: 304 in all
+# <|endoftext|>: llama.cpp sets token attributes of Phi-3 models (by name) on it, and will not load one without it.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+N_WORD_TOKENS = 44  # on top of the specials and the 256 byte tokens: 304 in all
 
 
 @dataclass(frozen=True)
@@ -41,16 +45,31 @@ class TinyShape:
     rope_scaling: str = "none"  # "none", "linear" or "yarn"
     rope_scaling_factor: float = 1.0
     rope_scaling_original_context: int = 0
+    rope_attn_factor: float = 0.0  # 0: no rope.scaling.attn_factor key
+    attn_logit_softcap: float = 0.0
     final_logit_softcap: float = 0.0
     tie_embeddings: bool = False
     fused_qkv: bool = False
     rope_freq_factors: bool = False  # llama: write a Llama 3 style rope_freqs tensor
+    long_rope_factors: bool = False  # phi3: write LongRoPE's rope_factors_short and _long tensors
 
 
 DEFAULT_SHAPES = {
     "llama": TinyShape(),
     "qwen2": TinyShape(tie_embeddings=True),
     "phi2": TinyShape(head_dim=16, rope_dim=8, fused_qkv=True),
+    # QK-norm over heads wider than n_embd / n_head, as in real Qwen3 models.
+    "qwen3": TinyShape(head_dim=32, rope_dim=32, rope_base=1_000_000.0, tie_embeddings=True),
+    # Four layers: the last one has no RoPE.
+    "smollm3": TinyShape(n_layer=4),
+    # Partial rotary (Phi-4-mini's) with LongRoPE factors and attn_factor (Phi-3-128k's).
+    "phi3": TinyShape(
+        rope_dim=12, fused_qkv=True, long_rope_factors=True, rope_attn_factor=1.2, rope_scaling_original_context=256,
+    ),
+    "gemma2": TinyShape(
+        n_layer=4, head_dim=32, rope_dim=32, n_ff=128, norm_eps=1e-6, sliding_window=8,
+        attn_logit_softcap=5.0, final_logit_softcap=10.0, tie_embeddings=True,
+    ),
     # head_dim * n_head != n_embd, as in real Gemma 3 models; a window shorter than the test sequences.
     "gemma3": TinyShape(
         n_layer=4, head_dim=32, rope_dim=32, n_ff=128, norm_eps=1e-6, sliding_window=8,
@@ -63,7 +82,7 @@ def vocabulary() -> tuple[list[str], list[float], list[int]]:
     """Tokens, scores and token types of a minimal SentencePiece vocabulary with byte fallback."""
     tokens = list(SPECIAL_TOKENS) + [f"<0x{byte:02X}>" for byte in range(256)]
     tokens += [f"\u2581w{index}" for index in range(N_WORD_TOKENS)]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     types += [gguf.TokenType.BYTE] * 256 + [gguf.TokenType.NORMAL] * N_WORD_TOKENS
     scores = [0.0] * (len(SPECIAL_TOKENS) + 256) + [-float(index) for index in range(N_WORD_TOKENS)]
     return tokens, scores, [int(t) for t in types]
@@ -127,6 +146,10 @@ def _write_metadata(writer: gguf.GGUFWriter, arch: str, s: TinyShape) -> None:
         writer.add_float32(f"{arch}.rope.scaling.factor", s.rope_scaling_factor)
     if s.rope_scaling_original_context:
         writer.add_uint32(f"{arch}.rope.scaling.original_context_length", s.rope_scaling_original_context)
+    if s.rope_attn_factor:
+        writer.add_float32(f"{arch}.rope.scaling.attn_factor", s.rope_attn_factor)
+    if s.attn_logit_softcap:
+        writer.add_float32(f"{arch}.attn_logit_softcapping", s.attn_logit_softcap)
     if s.final_logit_softcap:
         writer.add_float32(f"{arch}.final_logit_softcapping", s.final_logit_softcap)
     tokens, scores, types = vocabulary()
@@ -173,7 +196,7 @@ def _tensors(arch: str, s: TinyShape, rng: np.random.Generator) -> dict[str, np.
                 tensors[f"{blk}.attn_q.bias"] = bias(q_size)
                 tensors[f"{blk}.attn_k.bias"] = bias(kv_size)
                 tensors[f"{blk}.attn_v.bias"] = bias(kv_size)
-        if arch == "gemma3":
+        if arch in ("gemma3", "qwen3"):
             tensors[f"{blk}.attn_q_norm.weight"] = norm(s.head_dim)
             tensors[f"{blk}.attn_k_norm.weight"] = norm(s.head_dim)
         tensors[f"{blk}.attn_output.weight"] = matrix(s.n_embd, q_size)
@@ -184,15 +207,21 @@ def _tensors(arch: str, s: TinyShape, rng: np.random.Generator) -> dict[str, np.
             tensors[f"{blk}.ffn_down.weight"] = matrix(s.n_embd, s.n_ff)
             tensors[f"{blk}.ffn_down.bias"] = bias(s.n_embd)
             continue
-        if arch == "gemma3":
+        if arch in ("gemma2", "gemma3"):
             tensors[f"{blk}.post_attention_norm.weight"] = norm(s.n_embd)
             tensors[f"{blk}.post_ffw_norm.weight"] = norm(s.n_embd)
         tensors[f"{blk}.ffn_norm.weight"] = norm(s.n_embd)
-        tensors[f"{blk}.ffn_gate.weight"] = matrix(s.n_ff, s.n_embd)
-        tensors[f"{blk}.ffn_up.weight"] = matrix(s.n_ff, s.n_embd)
+        if arch == "phi3":  # gate and up fused, gate first
+            tensors[f"{blk}.ffn_up.weight"] = matrix(2 * s.n_ff, s.n_embd)
+        else:
+            tensors[f"{blk}.ffn_gate.weight"] = matrix(s.n_ff, s.n_embd)
+            tensors[f"{blk}.ffn_up.weight"] = matrix(s.n_ff, s.n_embd)
         tensors[f"{blk}.ffn_down.weight"] = matrix(s.n_embd, s.n_ff)
     if s.rope_freq_factors:
         tensors["rope_freqs.weight"] = np.linspace(1.0, 8.0, s.rope_dim // 2, dtype=np.float32)
+    if s.long_rope_factors:
+        tensors["rope_factors_short.weight"] = np.linspace(1.0, 3.0, s.rope_dim // 2, dtype=np.float32)
+        tensors["rope_factors_long.weight"] = np.linspace(1.0, 40.0, s.rope_dim // 2, dtype=np.float32)
     tensors["output_norm.weight"] = norm(s.n_embd)
     if arch == "phi2":
         tensors["output_norm.bias"] = bias(s.n_embd)
@@ -211,5 +240,28 @@ def _add_tensor(writer: gguf.GGUFWriter, name: str, values: np.ndarray, weight_t
         writer.add_tensor(name, values.astype(np.float16))
     else:
         qtype = gguf.GGMLQuantizationType[weight_type]
-        writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+        writer.add_tensor(name, _quantize(values, qtype), raw_dtype=qtype)
+
+
+def _quantize(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """The GGUF bytes [rows, row bytes] of a matrix in qtype: gguf-py's quantizer, or for the types it
+    cannot write (K-quants) ggml's own, from the library bundled with llama-cpp-python."""
+    try:
+        return gguf.quants.quantize(values, qtype)
+    except NotImplementedError:
+        pass
+    import llama_cpp
+
+    ggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+    ggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    ggml.ggml_quantize_chunk.argtypes = (
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    )
+    rows, n_per_row = values.shape
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    out = np.zeros((rows, n_per_row // block_size * type_size), np.uint8)
+    source = np.ascontiguousarray(values, np.float32)
+    written = ggml.ggml_quantize_chunk(int(qtype), source.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
+    assert written == out.nbytes, f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}"
+    return out
 
