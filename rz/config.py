@@ -8,7 +8,12 @@ import numpy as np
 from rz.errors import GGUFError, UnsupportedModelError
 from rz.gguf import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi2", "phi3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "smollm3", "phi2", "phi3", "gemma2", "gemma3")
+
+# Architectures whose feed-forward is a mixture of experts, always (qwen3moe) or when the file's
+# expert_count says so (llama: Mixtral).
+MOE_ARCHITECTURES = ("qwen3moe",)
+EXPERT_ARCHITECTURES = ("llama", *MOE_ARCHITECTURES)
 
 # llama.cpp's graph builders apply a GGUF's sliding window only for these architectures; a llama,
 # qwen2 or phi3 file that carries one (Mistral's 4096, Phi-3's 2047) runs with full attention
@@ -43,6 +48,9 @@ class ModelConfig:
     head_dim: int
     head_dim_v: int
     n_ff: int
+    n_expert: int  # 0: a dense MLP
+    n_expert_used: int  # experts each token goes through
+    n_ff_expert: int  # rows of each expert's gate and up
     context_length: int
     norm_eps: float
     rope_base: float
@@ -93,6 +101,16 @@ class ModelConfig:
             sliding_layers = (False,) * n_layer
             rope_base_sliding = rope_base
         no_rope_step = NO_ROPE_LAYER_STEP.get(arch, 0)
+        moe_arch = arch in MOE_ARCHITECTURES
+        n_ff = keys.integer("feed_forward_length", 0, required=not moe_arch, low=0 if moe_arch else 1)
+        n_expert = keys.integer("expert_count", 0, low=0, high=MAX_EXPERTS) if arch in EXPERT_ARCHITECTURES else 0
+        if moe_arch and n_expert == 0:
+            raise GGUFError(f"{gguf.path}: metadata {arch}.expert_count is missing or 0; a {arch} model has experts")
+        n_expert_used = keys.integer("expert_used_count", 0, low=1 if n_expert else 0, high=n_expert)
+        n_ff_expert = 0
+        if n_expert:
+            # Without the key llama.cpp's qwen3moe takes n_ff / n_expert_used; Mixtral's experts are n_ff wide.
+            n_ff_expert = keys.integer("expert_feed_forward_length", n_ff // n_expert_used if moe_arch else n_ff)
         attn_softcap_default, final_softcap_default = DEFAULT_SOFTCAPS.get(arch, (0.0, 0.0))
         eps_key = "attention.layer_norm_rms_epsilon" if keys.has("attention.layer_norm_rms_epsilon") else "attention.layer_norm_epsilon"
         rope_scaling_factor = keys.real("rope.scaling.factor", 1.0, low=0.0, zero_means_default=True)
@@ -110,7 +128,10 @@ class ModelConfig:
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             head_dim_v=keys.integer("attention.value_length", head_dim),
-            n_ff=keys.integer("feed_forward_length", required=True),
+            n_ff=n_ff,
+            n_expert=n_expert,
+            n_expert_used=n_expert_used,
+            n_ff_expert=n_ff_expert,
             context_length=context_length,
             norm_eps=keys.real(eps_key, required=True, low=0.0, high=1.0),
             rope_base=rope_base,
@@ -161,6 +182,7 @@ class ModelConfig:
 MAX_DIMENSION = 1 << 20
 MAX_HEADS = 1 << 12
 MAX_LAYERS = 1 << 12
+MAX_EXPERTS = 1 << 12
 MAX_CONTEXT = 1 << 24
 MAX_REAL = 1e30
 

@@ -28,11 +28,13 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model"]
 
 # llama.cpp's qwen2 graph is its llama graph with NeoX RoPE (layers.NEOX_ROPE); the q/k/v biases
 # Qwen2 needs are optional tensors of every architecture's attention (weights.attention_projections).
-# SmolLM3's is the llama graph with RoPE left out of some layers (ModelConfig.rope_layers).
+# SmolLM3's is the llama graph with RoPE left out of some layers (ModelConfig.rope_layers);
+# Qwen3-MoE's is Qwen3's with experts (ModelConfig.n_expert), as Mixtral's is llama's.
 FAMILIES: dict[str, Family] = {
     "llama": llama.FAMILY,
     "qwen2": llama.FAMILY,
     "qwen3": qwen3.FAMILY,
+    "qwen3moe": qwen3.FAMILY,
     "smollm3": llama.FAMILY,
     "phi2": phi2.FAMILY,
     "phi3": phi3.FAMILY,

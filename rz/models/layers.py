@@ -65,6 +65,14 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
+def swiglu_mlp(
+    x: jax.Array, w_gate: QTensor, w_up: QTensor, w_down: QTensor, biases: tuple[jax.Array | None, ...] = (None,) * 3
+) -> jax.Array:
+    """down(silu(gate(x)) * up(x)), biases (gate, up, down) added where given: the llama MLP and each of its experts."""
+    gate, up = linear_many(x, (w_gate, w_up), biases[:2])
+    return linear(swiglu(gate, up), w_down, biases[2])
+
+
 def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return gelu(gate) * up
 
@@ -79,7 +87,7 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 # (i, i + rope_dim/2), the Hugging Face "rotate_half" order, called NeoX in ggml.
 NEOX_ROPE = {
     "llama": False, "smollm3": False,
-    "qwen2": True, "qwen3": True, "phi2": True, "phi3": True, "gemma2": True, "gemma3": True,
+    "qwen2": True, "qwen3": True, "qwen3moe": True, "phi2": True, "phi3": True, "gemma2": True, "gemma3": True,
 }
 
 # ggml's YaRN defaults, which none of the supported architectures overrides.

@@ -25,8 +25,7 @@ def tensor_specs(cfg: ModelConfig) -> llama.Weights:
     layers = tuple(
         replace(
             layer,
-            w_gate=fused_half(i, 0),
-            w_up=fused_half(i, 1),
+            mlp=replace(layer.mlp, w_gate=fused_half(i, 0), w_up=fused_half(i, 1)),
             rope_freq_factors=optional(vector("rope_factors_short.weight", cfg.rope_dim // 2)),
         )
         for i, layer in enumerate(specs.layers)

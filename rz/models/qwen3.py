@@ -1,5 +1,6 @@
-"""Qwen3: the llama graph with each query and key head RMS-normalized before RoPE (QK-norm), NeoX
-RoPE and no q/k/v biases (llama.cpp's qwen3 graph builder). Only its tensors differ from llama.py's."""
+"""Qwen3 and Qwen3-MoE: the llama graph with each query and key head RMS-normalized before RoPE
+(QK-norm), NeoX RoPE and no q/k/v biases (llama.cpp's qwen3 and qwen3moe graph builders). Only
+its tensors differ from llama.py's; the MoE's experts are llama.py's too (moe.py)."""
 
 from dataclasses import replace
 

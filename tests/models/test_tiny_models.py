@@ -6,7 +6,7 @@ import pytest
 from oracle import llama_cpp_logits, nmse
 from reference_np import REFERENCE_ARCHITECTURES, ReferenceModel
 from rz_run import load, rz_logits
-from tiny_models import K_QUANT_SHAPE, N_VOCAB, TINY_ARCHITECTURES, WEIGHT_TYPES, write_tiny_model
+from tiny_models import K_QUANT_SHAPE, N_VOCAB, TINY_ARCHITECTURES, WEIGHT_TYPES, comparable_tiny_model, write_tiny_model
 
 # llama.cpp's own tolerance for comparing backends (test-backend-ops). Its CPU matmuls quantize
 # activations to 8 bits for quantized weights, which is most of the difference at Q8_0.
@@ -39,6 +39,9 @@ VARIANTS = {
     # Gemma 2 27B's 46 layers scale queries by n_embd / n_head, not head_dim.
     "gemma2-27b-query-scale": ("gemma2", dict(n_layer=46, n_embd=32, n_ff=32)),
     "qwen3-untied-output": ("qwen3", dict(tie_embeddings=False)),
+    # Mixtral: the llama architecture with experts, top 2 of 4.
+    "llama-mixtral-experts": ("llama", dict(n_expert=4, n_expert_used=2)),
+    "qwen3moe-top-4-of-16": ("qwen3moe", dict(n_expert=16, n_expert_used=4)),
 }
 
 
@@ -49,7 +52,7 @@ def prompt(seed: int = 0) -> list[int]:
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_logits_match_llama_cpp(tmp_path, architecture, weight_type):
-    path = write_tiny_model(tmp_path / "model.gguf", architecture, weight_type)
+    path = comparable_tiny_model(tmp_path / "model.gguf", architecture, weight_type)
     tokens = prompt()
     error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
     assert error <= LLAMA_CPP_NMSE, f"{architecture} {weight_type}: NMSE {error:.2e} against llama.cpp"
@@ -57,7 +60,7 @@ def test_logits_match_llama_cpp(tmp_path, architecture, weight_type):
 
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_k_quant_logits_match_llama_cpp(tmp_path, architecture):
-    path = write_tiny_model(tmp_path / "model.gguf", architecture, "Q4_K", **K_QUANT_SHAPE)
+    path = comparable_tiny_model(tmp_path / "model.gguf", architecture, "Q4_K", **K_QUANT_SHAPE)
     tokens = prompt()
     error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
     assert error <= LLAMA_CPP_NMSE, f"{architecture} Q4_K: NMSE {error:.2e} against llama.cpp"
@@ -66,7 +69,7 @@ def test_k_quant_logits_match_llama_cpp(tmp_path, architecture):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_logits_match_llama_cpp(tmp_path, variant):
     architecture, overrides = VARIANTS[variant]
-    path = write_tiny_model(tmp_path / "model.gguf", architecture, "F16", **overrides)
+    path = comparable_tiny_model(tmp_path / "model.gguf", architecture, "F16", **overrides)
     tokens = prompt()
     error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
     assert error <= LLAMA_CPP_NMSE, f"{variant}: NMSE {error:.2e} against llama.cpp"

@@ -1,0 +1,95 @@
+"""Mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): a router picks the top-k experts of each
+token, and their SwiGLU MLPs' outputs are summed with the router's weights (llama.cpp's build_moe_ffn).
+
+The experts stay quantized as llama.cpp stores them: 3-D tensors [n_expert, rows, K], each expert's
+matrix a slice of rows. A step with few tokens runs each (token, chosen expert) pair on that
+expert's slice alone, so decode reads only the chosen experts' weights; a step whose tokens choose
+more experts than there are runs every expert once over all its tokens, weighting the tokens that
+did not choose it by zero.
+"""
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from rz.config import ModelConfig
+from rz.models.layers import linear, swiglu_mlp
+from rz.weights import matrix
+from rz_kernels.quants import QTensor
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class Experts:
+    router: QTensor  # [n_expert, n_embd] (ffn_gate_inp)
+    gate: QTensor  # [n_expert, n_ff_expert, n_embd]
+    up: QTensor  # [n_expert, n_ff_expert, n_embd]
+    down: QTensor  # [n_expert, n_embd, n_ff_expert]
+
+
+def expert_specs(layer: int, cfg: ModelConfig) -> Experts:
+    blk, n_expert, n_embd, n_ff = f"blk.{layer}", cfg.n_expert, cfg.n_embd, cfg.n_ff_expert
+    return Experts(
+        router=matrix(f"{blk}.ffn_gate_inp.weight", n_expert, n_embd),
+        gate=matrix(f"{blk}.ffn_gate_exps.weight", n_expert, n_ff, n_embd),
+        up=matrix(f"{blk}.ffn_up_exps.weight", n_expert, n_ff, n_embd),
+        down=matrix(f"{blk}.ffn_down_exps.weight", n_expert, n_embd, n_ff),
+    )
+
+
+def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Router logits f32 [M, n_expert] -> (weights f32 [M, k], expert ids int32 [M, k]).
+
+    Softmax over all experts, then the top k, renormalized to sum to 1 (norm_w): the same as
+    Mixtral's top-k-then-softmax, and Qwen3-MoE's norm_topk_prob.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, ids = jax.lax.top_k(probs, cfg.n_expert_used)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True), ids
+
+
+def feed_forward(experts: Experts, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The normed input h [B, T, n_embd] through the chosen experts -> f32 [B, T, n_embd]."""
+    x = h.reshape(-1, h.shape[-1])
+    weights, ids = route(linear(x, experts.router), cfg)
+    if x.shape[0] * cfg.n_expert_used < cfg.n_expert:
+        out = _each_choice(experts, x, weights, ids)
+    else:
+        out = _each_expert(experts, x, weights, ids, cfg)
+    return out.reshape(h.shape)
+
+
+def _expert(experts: Experts, e: jax.Array) -> tuple[QTensor, QTensor, QTensor]:
+    """Expert e's gate, up and down matrices: slices of the 3-D tensors."""
+
+    def one(qt: QTensor) -> QTensor:
+        return QTensor({name: array[e] for name, array in qt.arrays.items()}, qt.ggml_type, qt.shape[1:])
+
+    return one(experts.gate), one(experts.up), one(experts.down)
+
+
+def _each_choice(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+    """One (token, chosen expert) pair at a time: only the chosen experts' weights are read."""
+    m, k = ids.shape
+    tokens = jnp.repeat(jnp.arange(m), k)
+
+    def step(_, pair):
+        token, expert, weight = pair
+        return None, swiglu_mlp(x[token][None], *_expert(experts, expert))[0] * weight
+
+    _, outputs = jax.lax.scan(step, None, (tokens, ids.reshape(-1), weights.reshape(-1)))
+    return jnp.sum(outputs.reshape(m, k, -1), axis=1)
+
+
+def _each_expert(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Every expert over every token, each token's output weighted by its router weight (0 where
+    the token did not choose the expert)."""
+    m = x.shape[0]
+    dense_weights = jnp.zeros((m, cfg.n_expert), jnp.float32).at[jnp.arange(m)[:, None], ids].set(weights)
+
+    def step(total, expert):
+        return total + swiglu_mlp(x, *_expert(experts, expert)) * dense_weights[:, expert, None], None
+
+    total, _ = jax.lax.scan(step, jnp.zeros_like(x, dtype=jnp.float32), jnp.arange(cfg.n_expert))
+    return total
