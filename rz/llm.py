@@ -106,11 +106,14 @@ class LLM:
             # A consumer that stops reading early must not leave its sequence holding the slot.
             scheduler.cancel(sequence)
 
-    def chat(self, messages: list[dict], max_tokens: int = RequestOptions.max_tokens, **options) -> Completion:
-        """Answer a conversation, formatted with the model's chat template as llama.cpp does."""
-        return self.generate(self.chat_prompt_ids(messages), max_tokens=max_tokens, **options)
+    def chat(
+        self, messages: list[dict], max_tokens: int = RequestOptions.max_tokens, enable_thinking: bool | None = None, **options
+    ) -> Completion:
+        """Answer a conversation, formatted with the model's chat template as llama.cpp does
+        (enable_thinking: see rz.chat.render_chat)."""
+        return self.generate(self.chat_prompt_ids(messages, enable_thinking), max_tokens=max_tokens, **options)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
         """The token ids of a conversation rendered by the model's chat template, ready to answer."""
         from rz.chat import render_chat
 
@@ -121,6 +124,7 @@ class LLM:
             eos_token=self._token_text(self.tokenizer.eos_id),
             add_generation_prompt=True,
             architecture=self.config.architecture,
+            enable_thinking=enable_thinking,
         )
         ids = self.tokenize(text, special=True)
         # Templates that write the BOS token themselves would get a second one from add_bos.
