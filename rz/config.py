@@ -8,11 +8,16 @@ import numpy as np
 from rz.errors import GGUFError, UnsupportedModelError
 from rz.gguf import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "smollm3", "phi2", "phi3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "smollm3", "phi2", "phi3", "gemma2", "gemma3",
+)
 
-# Architectures whose feed-forward is a mixture of experts, always (qwen3moe) or when the file's
-# expert_count says so (llama: Mixtral).
-MOE_ARCHITECTURES = ("qwen3moe",)
+# Architectures whose feed-forward is a mixture of experts, always (qwen2moe, qwen3moe) or when the
+# file's expert_count says so (llama: Mixtral).
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
+# Qwen2-MoE sends every token through a shared expert too, and keeps the chosen experts' router
+# weights as they are; the others renormalize them to sum to 1 (llama.cpp's norm_w).
+SHARED_EXPERT_ARCHITECTURES = ("qwen2moe",)
 EXPERT_ARCHITECTURES = ("llama", *MOE_ARCHITECTURES)
 
 # llama.cpp's graph builders apply a GGUF's sliding window only for these architectures; a llama,
@@ -51,6 +56,8 @@ class ModelConfig:
     n_expert: int  # 0: a dense MLP
     n_expert_used: int  # experts each token goes through
     n_ff_expert: int  # rows of each expert's gate and up
+    n_ff_shared_expert: int  # 0: no shared expert
+    normalize_expert_weights: bool  # renormalize the chosen experts' router weights to sum to 1
     context_length: int
     norm_eps: float
     rope_base: float
@@ -111,6 +118,8 @@ class ModelConfig:
         if n_expert:
             # Without the key llama.cpp's qwen3moe takes n_ff / n_expert_used; Mixtral's experts are n_ff wide.
             n_ff_expert = keys.integer("expert_feed_forward_length", n_ff // n_expert_used if moe_arch else n_ff)
+        shared_expert = arch in SHARED_EXPERT_ARCHITECTURES
+        n_ff_shared_expert = keys.integer("expert_shared_feed_forward_length", n_ff) if shared_expert else 0
         attn_softcap_default, final_softcap_default = DEFAULT_SOFTCAPS.get(arch, (0.0, 0.0))
         eps_key = "attention.layer_norm_rms_epsilon" if keys.has("attention.layer_norm_rms_epsilon") else "attention.layer_norm_epsilon"
         rope_scaling_factor = keys.real("rope.scaling.factor", 1.0, low=0.0, zero_means_default=True)
@@ -132,6 +141,8 @@ class ModelConfig:
             n_expert=n_expert,
             n_expert_used=n_expert_used,
             n_ff_expert=n_ff_expert,
+            n_ff_shared_expert=n_ff_shared_expert,
+            normalize_expert_weights=not shared_expert,
             context_length=context_length,
             norm_eps=keys.real(eps_key, required=True, low=0.0, high=1.0),
             rope_base=rope_base,

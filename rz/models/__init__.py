@@ -29,10 +29,11 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model"]
 # llama.cpp's qwen2 graph is its llama graph with NeoX RoPE (layers.NEOX_ROPE); the q/k/v biases
 # Qwen2 needs are optional tensors of every architecture's attention (weights.attention_projections).
 # SmolLM3's is the llama graph with RoPE left out of some layers (ModelConfig.rope_layers);
-# Qwen3-MoE's is Qwen3's with experts (ModelConfig.n_expert), as Mixtral's is llama's.
+# Qwen3-MoE's is Qwen3's with experts (ModelConfig.n_expert), as Mixtral's and Qwen2-MoE's are llama's.
 FAMILIES: dict[str, Family] = {
     "llama": llama.FAMILY,
     "qwen2": llama.FAMILY,
+    "qwen2moe": llama.FAMILY,
     "qwen3": qwen3.FAMILY,
     "qwen3moe": qwen3.FAMILY,
     "smollm3": llama.FAMILY,

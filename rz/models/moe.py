@@ -1,5 +1,6 @@
-"""Mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): a router picks the top-k experts of each
-token, and their SwiGLU MLPs' outputs are summed with the router's weights (llama.cpp's build_moe_ffn).
+"""Mixture-of-experts feed-forward (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks the top-k experts
+of each token, and their SwiGLU MLPs' outputs are summed with the router's weights (llama.cpp's
+build_moe_ffn); Qwen2-MoE adds a shared expert every token goes through, scaled by a sigmoid gate.
 
 The experts stay quantized as llama.cpp stores them: 3-D tensors [n_expert, rows, K], each expert's
 matrix a slice of rows. A step with few tokens runs each (token, chosen expert) pair on that
@@ -15,8 +16,17 @@ import jax.numpy as jnp
 
 from rz.config import ModelConfig
 from rz.models.layers import linear, swiglu_mlp
-from rz.weights import matrix
+from rz.weights import matrix, vector
 from rz_kernels.quants import QTensor
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class SharedExpert:
+    gate_inp: jax.Array  # [n_embd]: its sigmoid gate's weights (ffn_gate_inp_shexp)
+    gate: QTensor  # [n_ff_shared_expert, n_embd]
+    up: QTensor  # [n_ff_shared_expert, n_embd]
+    down: QTensor  # [n_embd, n_ff_shared_expert]
 
 
 @jax.tree_util.register_dataclass
@@ -26,27 +36,40 @@ class Experts:
     gate: QTensor  # [n_expert, n_ff_expert, n_embd]
     up: QTensor  # [n_expert, n_ff_expert, n_embd]
     down: QTensor  # [n_expert, n_embd, n_ff_expert]
+    shared: SharedExpert | None  # Qwen2-MoE's; None elsewhere
 
 
 def expert_specs(layer: int, cfg: ModelConfig) -> Experts:
     blk, n_expert, n_embd, n_ff = f"blk.{layer}", cfg.n_expert, cfg.n_embd, cfg.n_ff_expert
+    shared = None
+    if cfg.n_ff_shared_expert:
+        n_shared = cfg.n_ff_shared_expert
+        shared = SharedExpert(
+            gate_inp=vector(f"{blk}.ffn_gate_inp_shexp.weight", n_embd),
+            gate=matrix(f"{blk}.ffn_gate_shexp.weight", n_shared, n_embd),
+            up=matrix(f"{blk}.ffn_up_shexp.weight", n_shared, n_embd),
+            down=matrix(f"{blk}.ffn_down_shexp.weight", n_embd, n_shared),
+        )
     return Experts(
         router=matrix(f"{blk}.ffn_gate_inp.weight", n_expert, n_embd),
         gate=matrix(f"{blk}.ffn_gate_exps.weight", n_expert, n_ff, n_embd),
         up=matrix(f"{blk}.ffn_up_exps.weight", n_expert, n_ff, n_embd),
         down=matrix(f"{blk}.ffn_down_exps.weight", n_expert, n_embd, n_ff),
+        shared=shared,
     )
 
 
 def route(logits: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Router logits f32 [M, n_expert] -> (weights f32 [M, k], expert ids int32 [M, k]).
 
-    Softmax over all experts, then the top k, renormalized to sum to 1 (norm_w): the same as
-    Mixtral's top-k-then-softmax, and Qwen3-MoE's norm_topk_prob.
+    Softmax over all experts, then the top k, renormalized to sum to 1 where the architecture does
+    (norm_w): the same as Mixtral's top-k-then-softmax, and Qwen3-MoE's norm_topk_prob.
     """
     probs = jax.nn.softmax(logits, axis=-1)
     weights, ids = jax.lax.top_k(probs, cfg.n_expert_used)
-    return weights / jnp.sum(weights, axis=-1, keepdims=True), ids
+    if cfg.normalize_expert_weights:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, ids
 
 
 def feed_forward(experts: Experts, h: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -57,6 +80,10 @@ def feed_forward(experts: Experts, h: jax.Array, cfg: ModelConfig) -> jax.Array:
         out = _each_choice(experts, x, weights, ids)
     else:
         out = _each_expert(experts, x, weights, ids, cfg)
+    if experts.shared is not None:
+        shared = experts.shared
+        gate = jax.nn.sigmoid(x @ shared.gate_inp)[:, None]
+        out = out + swiglu_mlp(x, shared.gate, shared.up, shared.down) * gate
     return out.reshape(h.shape)
 
 

@@ -23,7 +23,7 @@ MAX_SEQ_LEN = 48
     scope="module",
     params=[
         ("gemma3", "F32"), ("llama", "F32"), ("gemma3", "Q8_0"), ("llama", "Q4_0"),
-        ("gemma2", "F32"), ("qwen3", "F32"), ("smollm3", "F32"), ("phi3", "Q8_0"), ("qwen3moe", "F32"), ("qwen3moe", "Q8_0"),
+        ("gemma2", "F32"), ("qwen3", "F32"), ("smollm3", "F32"), ("phi3", "Q8_0"), ("qwen3moe", "F32"), ("qwen3moe", "Q8_0"), ("qwen2moe", "Q8_0"),
     ],
     ids="-".join,
 )
@@ -31,8 +31,8 @@ def model(request, tmp_path_factory):
     """Gemma 3 with a window of 8 (sliding and global layers), and a llama (global layers only): with
     F32 weights to check the cache logic tightly, and with quantized weights to check the kernel paths.
     Then each later family: Gemma 2 (soft caps, every other layer sliding), Qwen3 (QK-norm), SmolLM3
-    (a layer without RoPE), Phi-3 (fused tensors, LongRoPE factors) and Qwen3-MoE, whose decode steps
-    run only the chosen experts and whose longer steps run every expert."""
+    (a layer without RoPE), Phi-3 (fused tensors, LongRoPE factors), Qwen3-MoE and Qwen2-MoE (with
+    a shared expert), whose decode steps run only the chosen experts and longer steps every expert."""
     arch, weight_type = request.param
     path = comparable_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type)
     loaded = load(path)

@@ -15,10 +15,13 @@ from typing import Callable
 import gguf
 import numpy as np
 
-TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "qwen3moe", "smollm3", "phi2", "phi3", "gemma2", "gemma3")
+TINY_ARCHITECTURES = (
+    "llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "smollm3", "phi2", "phi3", "gemma2", "gemma3",
+)
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 WEIGHT_TYPES = ("F32", "F16", "Q8_0")
 # K-quants quantize rows in super-blocks of 256: the models written in one are this much wider.
-K_QUANT_SHAPE = dict(n_embd=256, n_ff=256, n_head=4, head_dim=64, rope_dim=64)
+K_QUANT_SHAPE = dict(n_embd=256, n_ff=256, n_head=4, head_dim=64, rope_dim=64, n_ff_shared_expert=256)
 
 # <|endoftext|>: llama.cpp sets token attributes of Phi-3 models (by name) on it, and will not load one without it.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
@@ -52,8 +55,9 @@ class TinyShape:
     fused_qkv: bool = False
     rope_freq_factors: bool = False  # llama: write a Llama 3 style rope_freqs tensor
     long_rope_factors: bool = False  # phi3: write LongRoPE's rope_factors_short and _long tensors
-    n_expert: int = 0  # llama, qwen3moe: a mixture of n_expert experts, each n_ff wide, instead of the MLP
+    n_expert: int = 0  # llama, qwen2moe, qwen3moe: a mixture of n_expert experts, each n_ff wide, instead of the MLP
     n_expert_used: int = 0
+    n_ff_shared_expert: int = 96  # qwen2moe: its shared expert's width
 
 
 DEFAULT_SHAPES = {
@@ -64,6 +68,8 @@ DEFAULT_SHAPES = {
     "qwen3": TinyShape(head_dim=32, rope_dim=32, rope_base=1_000_000.0, tie_embeddings=True),
     # Eight experts, two per token.
     "qwen3moe": TinyShape(head_dim=32, rope_dim=32, n_ff=64, n_expert=8, n_expert_used=2, tie_embeddings=True),
+    # Four experts, two per token, and a shared expert (96 wide).
+    "qwen2moe": TinyShape(n_ff=64, n_expert=4, n_expert_used=2),
     # Four layers: the last one has no RoPE.
     "smollm3": TinyShape(n_layer=4),
     # Partial rotary (Phi-4-mini's) with LongRoPE factors and attn_factor (Phi-3-128k's).
@@ -132,12 +138,12 @@ def write_tiny_model(
 # positions then differ (Q8_0 throughout: 3 of 64 positions at NMSE 0.05, 3e-3 overall). With F32
 # around them, both engines (and rz's decode and prefill paths) route alike, and the quantized
 # experts are what is compared.
-QUANTIZED_MOE_TENSORS = "_exps"
+QUANTIZED_MOE_TENSORS = "exp"  # the routed experts (_exps) and the shared one (_shexp)
 
 
 def comparable_tiny_model(path: Path, architecture: str, weight_type: str, **overrides) -> Path:
     """write_tiny_model for comparing logits: a quantized MoE has only its experts quantized (see QUANTIZED_MOE_TENSORS)."""
-    moe = architecture == "qwen3moe" or overrides.get("n_expert")
+    moe = architecture in MOE_ARCHITECTURES or overrides.get("n_expert")
     quantized = weight_type not in ("F32", "F16")
     only = QUANTIZED_MOE_TENSORS if moe and quantized else ""
     return write_tiny_model(path, architecture, weight_type, quantize_only=only, **overrides)
@@ -176,6 +182,7 @@ def _write_metadata(writer: gguf.GGUFWriter, arch: str, s: TinyShape) -> None:
         "expert_count": (writer.add_uint32, s.n_expert),
         "expert_used_count": (writer.add_uint32, s.n_expert_used),
         "expert_feed_forward_length": (writer.add_uint32, s.n_ff if s.n_expert else 0),
+        "expert_shared_feed_forward_length": (writer.add_uint32, s.n_ff_shared_expert if arch == "qwen2moe" else 0),
     }
     for key, (add, value) in optional_keys.items():
         if value:
@@ -217,7 +224,7 @@ def _tensors(arch: str, s: TinyShape, rng: np.random.Generator) -> dict[str, np.
             tensors[f"{blk}.attn_q.weight"] = matrix(q_size, s.n_embd)
             tensors[f"{blk}.attn_k.weight"] = matrix(kv_size, s.n_embd)
             tensors[f"{blk}.attn_v.weight"] = matrix(kv_size, s.n_embd)
-        if arch in ("qwen2", "phi2"):
+        if arch in ("qwen2", "qwen2moe", "phi2"):
             if s.fused_qkv:
                 tensors[f"{blk}.attn_qkv.bias"] = bias(q_size + 2 * kv_size)
             else:
@@ -244,6 +251,11 @@ def _tensors(arch: str, s: TinyShape, rng: np.random.Generator) -> dict[str, np.
             experts = [(matrix(s.n_ff, s.n_embd), matrix(s.n_ff, s.n_embd), matrix(s.n_embd, s.n_ff)) for _ in range(s.n_expert)]
             for part, name in enumerate(("gate", "up", "down")):
                 tensors[f"{blk}.ffn_{name}_exps.weight"] = np.stack([expert[part] for expert in experts])
+            if arch == "qwen2moe":
+                tensors[f"{blk}.ffn_gate_inp_shexp.weight"] = (rng.standard_normal(s.n_embd) / np.sqrt(s.n_embd)).astype(np.float32)
+                tensors[f"{blk}.ffn_gate_shexp.weight"] = matrix(s.n_ff_shared_expert, s.n_embd)
+                tensors[f"{blk}.ffn_up_shexp.weight"] = matrix(s.n_ff_shared_expert, s.n_embd)
+                tensors[f"{blk}.ffn_down_shexp.weight"] = matrix(s.n_embd, s.n_ff_shared_expert)
             continue
         if arch == "phi3":  # gate and up fused, gate first
             tensors[f"{blk}.ffn_up.weight"] = matrix(2 * s.n_ff, s.n_embd)
