@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from oracle import llama_cpp_logits, nmse
-from reference_np import REFERENCE_ARCHITECTURES, ReferenceModel
+from reference_np import ReferenceModel
 from rz_run import load, rz_logits
 from tiny_models import K_QUANT_SHAPE, N_VOCAB, TINY_ARCHITECTURES, WEIGHT_TYPES, comparable_tiny_model, write_tiny_model
 
@@ -75,7 +75,7 @@ def test_variant_logits_match_llama_cpp(tmp_path, variant):
     assert error <= LLAMA_CPP_NMSE, f"{variant}: NMSE {error:.2e} against llama.cpp"
 
 
-@pytest.mark.parametrize("architecture", REFERENCE_ARCHITECTURES)
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_logits_match_float64_reference(tmp_path, architecture):
     """The model math, exactly: F16 weights take the XLA path, whose activations stay f32. (Quantized
     weights take the CPU kernel, which rounds activations to int8 as llama.cpp does; those are held
