@@ -108,9 +108,10 @@ class Rope:
 
     @classmethod
     def for_layer(cls, cfg: ModelConfig, sliding: bool) -> "Rope":
-        """The RoPE llama.cpp applies on a layer: sliding layers have their own base and are never scaled."""
+        """The RoPE llama.cpp applies on a layer: sliding layers have their own base, and Gemma 3's
+        are never scaled (llama.cpp's rope_freq_scale_train_swa: 1 for Gemma 3, else the global scale)."""
         factor = cfg.rope_scaling_factor if cfg.rope_scaling != "none" else 1.0
-        freq_scale = 1.0 if sliding else 1.0 / factor
+        freq_scale = 1.0 if sliding and cfg.architecture == "gemma3" else 1.0 / factor
         yarn = cfg.rope_scaling == "yarn"
         # llama.cpp scales the rotated values by the file's attn_factor with or without YaRN
         # (Phi-3's LongRoPE files carry one).

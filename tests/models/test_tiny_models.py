@@ -39,6 +39,8 @@ VARIANTS = {
     # Gemma 2 27B's 46 layers scale queries by n_embd / n_head, not head_dim.
     "gemma2-27b-query-scale": ("gemma2", dict(n_layer=46, n_embd=32, n_ff=32)),
     "qwen3-untied-output": ("qwen3", dict(tie_embeddings=False)),
+    # Unlike Gemma 3's, Gemma 2's sliding layers are scaled as its global ones are.
+    "gemma2-linear-rope": ("gemma2", dict(rope_scaling="linear", rope_scaling_factor=4.0)),
     # Mixtral: the llama architecture with experts, top 2 of 4.
     "llama-mixtral-experts": ("llama", dict(n_expert=4, n_expert_used=2)),
     "qwen3moe-top-4-of-16": ("qwen3moe", dict(n_expert=16, n_expert_used=4)),
