@@ -67,6 +67,7 @@ class ModelConfig:
     rope_scaling_factor: float
     rope_scaling_original_context: int  # YaRN: the context length the model was trained with
     rope_attn_factor: float  # extra scale of the rotated values (YaRN's, Phi-3 LongRoPE's)
+    rope_short_factors_context: int  # LongRoPE: the longest context of its short factors; 0: none
     sliding_window: int  # 0: no sliding-window attention
     sliding_layers: tuple[bool, ...]  # per layer: does it attend only within the window?
     rope_layers: tuple[bool, ...]  # per layer: does RoPE rotate its queries and keys?
@@ -120,6 +121,9 @@ class ModelConfig:
             n_ff_expert = keys.integer("expert_feed_forward_length", n_ff // n_expert_used if moe_arch else n_ff)
         shared_expert = arch in SHARED_EXPERT_ARCHITECTURES
         n_ff_shared_expert = keys.integer("expert_shared_feed_forward_length", n_ff) if shared_expert else 0
+        original_context = keys.integer(
+            "rope.scaling.original_context_length", context_length, high=MAX_CONTEXT, zero_means_default=True
+        )
         attn_softcap_default, final_softcap_default = DEFAULT_SOFTCAPS.get(arch, (0.0, 0.0))
         eps_key = "attention.layer_norm_rms_epsilon" if keys.has("attention.layer_norm_rms_epsilon") else "attention.layer_norm_epsilon"
         rope_scaling_factor = keys.real("rope.scaling.factor", 1.0, low=0.0, zero_means_default=True)
@@ -150,20 +154,33 @@ class ModelConfig:
             rope_dim=keys.integer("rope.dimension_count", head_dim, high=head_dim),
             rope_scaling=rope_scaling,
             rope_scaling_factor=rope_scaling_factor,
-            rope_scaling_original_context=keys.integer(
-                "rope.scaling.original_context_length", context_length, high=MAX_CONTEXT, zero_means_default=True
-            ),
+            rope_scaling_original_context=original_context,
             rope_attn_factor=keys.real("rope.scaling.attn_factor", 1.0, low=0.0),
+            rope_short_factors_context=original_context if "rope_factors_long.weight" in gguf.tensors else 0,
             sliding_window=sliding_window,
             sliding_layers=sliding_layers,
             rope_layers=tuple(not no_rope_step or (i + 1) % no_rope_step != 0 for i in range(n_layer)),
-            attn_logit_softcap=keys.real("attn_logit_softcapping", attn_softcap_default, low=None, zero_means_default=True),
-            final_logit_softcap=keys.real("final_logit_softcapping", final_softcap_default, low=None, zero_means_default=True),
+            attn_logit_softcap=keys.real(
+                "attn_logit_softcapping", attn_softcap_default, low=None, zero_means_default=True
+            ),
+            final_logit_softcap=keys.real(
+                "final_logit_softcapping", final_softcap_default, low=None, zero_means_default=True
+            ),
             tie_embeddings="output.weight" not in gguf.tensors,
             chat_template=_chat_template(gguf),
         )
         config.validate(gguf)
         return config
+
+    def check_context(self, n_ctx: int) -> None:
+        """An UnsupportedModelError if rz cannot run the model with a context of n_ctx positions as
+        llama.cpp does: a LongRoPE model (Phi-3-128k) beyond its original context, where llama.cpp
+        switches every position to the long factors (rz runs the short ones only)."""
+        if self.rope_short_factors_context and n_ctx > self.rope_short_factors_context:
+            raise UnsupportedModelError(
+                f"{self.name}: a context of {n_ctx} positions needs LongRoPE's long factors, which rz does "
+                f"not support yet; load it with n_ctx <= {self.rope_short_factors_context}"
+            )
 
     def layer_kind(self, layer: int) -> int:
         """The first layer of the same kind as `layer` (sliding or global, rotated or not), which

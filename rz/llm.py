@@ -48,6 +48,7 @@ class LLM:
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.context_length)
+        self.config.check_context(self.n_ctx)
         self.max_batch = max_batch
         # One engine at a time, sized for the largest batch asked for so far: each engine holds a
         # KV cache of n_slots x n_ctx and its own compiled steps, so keeping one per batch size
@@ -107,7 +108,11 @@ class LLM:
             scheduler.cancel(sequence)
 
     def chat(
-        self, messages: list[dict], max_tokens: int = RequestOptions.max_tokens, enable_thinking: bool | None = None, **options
+        self,
+        messages: list[dict],
+        max_tokens: int = RequestOptions.max_tokens,
+        enable_thinking: bool | None = None,
+        **options,
     ) -> Completion:
         """Answer a conversation, formatted with the model's chat template as llama.cpp does
         (enable_thinking: see rz.chat.render_chat)."""

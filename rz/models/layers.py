@@ -87,7 +87,8 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 # (i, i + rope_dim/2), the Hugging Face "rotate_half" order, called NeoX in ggml.
 NEOX_ROPE = {
     "llama": False, "smollm3": False,
-    "qwen2": True, "qwen2moe": True, "qwen3": True, "qwen3moe": True, "phi2": True, "phi3": True, "gemma2": True, "gemma3": True,
+    "qwen2": True, "qwen2moe": True, "qwen3": True, "qwen3moe": True,
+    "phi2": True, "phi3": True, "gemma2": True, "gemma3": True,
 }
 
 # ggml's YaRN defaults, which none of the supported architectures overrides.

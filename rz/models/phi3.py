@@ -4,8 +4,8 @@ Queries, keys and values are rows of one attn_qkv (or separate tensors); the MLP
 are the two halves of one ffn_up, which ggml_swiglu splits. LongRoPE divides each pair's angle by
 a factor and scales the values by the file's attn_factor (rz.models.layers.Rope). llama.cpp takes
 the short factors while its context fits in the original training context
-(rope.scaling.original_context_length), the long ones beyond it; rz always takes the short ones,
-and so matches llama.cpp up to that context (4096 for Phi-3-128k).
+(rope.scaling.original_context_length), the long ones beyond it; rz takes the short ones, and
+refuses a longer context (ModelConfig.check_context).
 """
 
 from dataclasses import replace

@@ -23,7 +23,8 @@ MAX_SEQ_LEN = 48
     scope="module",
     params=[
         ("gemma3", "F32"), ("llama", "F32"), ("gemma3", "Q8_0"), ("llama", "Q4_0"),
-        ("gemma2", "F32"), ("qwen3", "F32"), ("smollm3", "F32"), ("phi3", "Q8_0"), ("qwen3moe", "F32"), ("qwen3moe", "Q8_0"), ("qwen2moe", "Q8_0"),
+        ("gemma2", "F32"), ("qwen3", "F32"), ("smollm3", "F32"), ("phi3", "Q8_0"),
+        ("qwen3moe", "F32"), ("qwen3moe", "Q8_0"), ("qwen2moe", "Q8_0"),
     ],
     ids="-".join,
 )
