@@ -4,9 +4,8 @@ build_moe_ffn); Qwen2-MoE adds a shared expert every token goes through, scaled 
 
 The experts stay quantized as llama.cpp stores them: 3-D tensors [n_expert, rows, K], each expert's
 matrix a slice of rows. A step with few tokens runs each (token, chosen expert) pair on that
-expert's slice alone, so decode reads only the chosen experts' weights; a step whose tokens choose
-more experts than there are runs every expert once over all its tokens, weighting the tokens that
-did not choose it by zero.
+expert's slice alone, so decode reads only the chosen experts' weights; a longer step groups its
+(token, expert) pairs by expert and runs each expert on its own tokens, GROUP_ROWS at a time.
 """
 
 from dataclasses import dataclass
@@ -79,7 +78,7 @@ def feed_forward(experts: Experts, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     if x.shape[0] * cfg.n_expert_used < cfg.n_expert:
         out = _each_choice(experts, x, weights, ids)
     else:
-        out = _each_expert(experts, x, weights, ids, cfg)
+        out = _by_expert(experts, x, weights, ids, cfg)
     if experts.shared is not None:
         shared = experts.shared
         gate = jax.nn.sigmoid(x @ shared.gate_inp)[:, None]
@@ -109,14 +108,32 @@ def _each_choice(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Ar
     return jnp.sum(outputs.reshape(m, k, -1), axis=1)
 
 
-def _each_expert(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Every expert over every token, each token's output weighted by its router weight (0 where
-    the token did not choose the expert)."""
-    m = x.shape[0]
-    dense_weights = jnp.zeros((m, cfg.n_expert), jnp.float32).at[jnp.arange(m)[:, None], ids].set(weights)
+# Rows of one expert's matmul in a grouped step: a group holds up to this many of the expert's
+# tokens, so the work is about (pairs / GROUP_ROWS + n_expert) matmuls of GROUP_ROWS rows.
+GROUP_ROWS = 32
 
-    def step(total, expert):
-        return total + swiglu_mlp(x, *_expert(experts, expert)) * dense_weights[:, expert, None], None
 
-    total, _ = jax.lax.scan(step, jnp.zeros_like(x, dtype=jnp.float32), jnp.arange(cfg.n_expert))
-    return total
+def _by_expert(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The (token, expert) pairs sorted by expert and cut into groups of GROUP_ROWS pairs of one
+    expert; each group is one matmul on that expert's slice, its outputs added to its tokens' rows.
+    The number of groups depends on the routing, so the loop runs as long as there are groups."""
+    m, k = ids.shape
+    pairs = m * k
+    order = jnp.argsort(ids.reshape(-1), stable=True)
+    tokens = jnp.repeat(jnp.arange(m), k)[order]
+    pair_weights = weights.reshape(-1)[order]
+    counts = jnp.bincount(ids.reshape(-1), length=cfg.n_expert)
+    starts = jnp.cumsum(counts) - counts
+    groups = (counts + GROUP_ROWS - 1) // GROUP_ROWS
+    groups_end = jnp.cumsum(groups)
+
+    def group(g, total):
+        expert = jnp.searchsorted(groups_end, g, side="right")
+        rows = starts[expert] + (g - (groups_end[expert] - groups[expert])) * GROUP_ROWS + jnp.arange(GROUP_ROWS)
+        valid = rows < starts[expert] + counts[expert]
+        rows = jnp.minimum(rows, pairs - 1)
+        weight = jnp.where(valid, pair_weights[rows], 0.0)[:, None]
+        # Padding rows (past the expert's pairs) carry weight 0; the scatter sums rows that meet.
+        return total.at[tokens[rows]].add(swiglu_mlp(x[tokens[rows]], *_expert(experts, expert)) * weight)
+
+    return jax.lax.fori_loop(0, groups_end[-1], group, jnp.zeros_like(x, dtype=jnp.float32))
