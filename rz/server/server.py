@@ -214,13 +214,12 @@ def is_loopback(host: str) -> bool:
 
 
 def _report_chat_template(llm) -> None:
-    """Warn at load time when the model's chat template cannot render even a one-message chat."""
-    from rz.errors import RequestError
-
-    try:
-        llm.chat_prompt_ids([{"role": "user", "content": "Hello"}])
-    except RequestError as error:
-        log.warning("the model's chat template cannot render a one-message chat, so Chat requests will fail: %s", error)
+    """Log, at load, a chat template that cannot render even a one-message chat (rz.LLM found it)."""
+    if llm.chat_template_problem is not None:
+        log.error(
+            "the model's chat template cannot render even a one-message chat, so chat requests will fail "
+            "(FAILED_PRECONDITION; HTTP 400) while completions work: %s", llm.chat_template_problem,
+        )
 
 
 def _model_info(llm, config: ServerConfig) -> pb.ModelInfoResponse:
