@@ -167,6 +167,8 @@ def attacks() -> dict:
     return {
         "chat template 'a' * 10**10 (x3)": (lambda c, _: c.chat(boom, 5), 3),
         "chat template nested range loops (x3)": (lambda c, _: c.chat(spin, 5), 3),
+        # More renders at once than the server has gRPC worker threads (--max-batch + --max-queue + 16).
+        "chat template nested range loops (x90)": (lambda c, _: c.chat(spin, 5), 90),
         "HTTP chat template nested range loops (x3)": (
             lambda _, url: http_post(url, "/v1/chat/completions", {"messages": spin, "max_tokens": 5}), 3),
         # The stop-string rows run three 200-token generations beside the unrelated request: this

@@ -88,15 +88,14 @@ def render_chat(
     return render_template(template if template is not None else builtin_template(architecture), variables, time_limit)
 
 
-def chat_template_problem(template: str | None, bos_token: str, eos_token: str) -> str | None:
+def chat_template_problem(template: str | None, bos_token: str, eos_token: str, architecture: str | None = None) -> str | None:
     """Why a GGUF's chat template cannot render even a minimal chat (its first failure), or None
-    when it renders one of them, or when the GGUF has none (the built-in templates render)."""
-    if template is None:
-        return None
+    when it renders one of them. A built-in template (the GGUF has none) is rendered too: that
+    starts the sandbox's child at load, where the first chats would otherwise wait for it."""
     problems = []
     for messages in _MINIMAL_CHATS:
         try:
-            render_chat(template, messages, bos_token, eos_token, time_limit=LOAD_CHECK_SECONDS)
+            render_chat(template, messages, bos_token, eos_token, architecture=architecture, time_limit=LOAD_CHECK_SECONDS)
             return None
         except RequestError as error:
             problems.append(str(error))

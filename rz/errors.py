@@ -22,6 +22,10 @@ class ChatTemplateError(RzError):
     this model (found at load), while plain completions still work."""
 
 
+class TemplateBusyError(RzError):
+    """Too many chat templates are waiting to render at once: retry later."""
+
+
 class RequestError(RzError, ValueError):
     """A generation request is invalid (empty prompt, bad sampling values, ...)."""
 

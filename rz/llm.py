@@ -47,7 +47,10 @@ class LLM:
         # Checked at load: a chat template broken for every chat is reported by chat() at once,
         # before any request, and does not get in the way of completions.
         self.chat_template_problem: str | None = chat_template_problem(
-            self.config.chat_template, self._token_text(self.tokenizer.bos_id), self._token_text(self.tokenizer.eos_id)
+            self.config.chat_template,
+            self._token_text(self.tokenizer.bos_id),
+            self._token_text(self.tokenizer.eos_id),
+            self.config.architecture,
         )
         self.model = load_model(self.gguf, self.config)
         self.gguf.release_pages()

@@ -20,7 +20,9 @@ INDENT_LIMIT. Every refusal reaches the caller as a RequestError (gRPC INVALID_A
 
 One child (rz.template_child, run by its path so that it imports Jinja but not rz and JAX)
 serves every template of the process, one render at a time (renders of real chat templates
-take well under a millisecond); it starts on the first render.
+take well under a millisecond); it starts on the first render. At most WAITING_LIMIT renders
+wait their turn; more at once is TemplateBusyError (gRPC RESOURCE_EXHAUSTED), so renders that
+run into the time limit one after another cannot hold every request thread of a server.
 """
 
 import json
@@ -33,26 +35,30 @@ import time
 from pathlib import Path
 
 from rz import template_child
-from rz.errors import RequestError
+from rz.errors import RequestError, TemplateBusyError
 from rz.template_child import INDENT_LIMIT, MEMORY_LIMIT_BYTES, OUTPUT_LIMIT_CHARS, POWER_LIMIT_BITS, RANGE_LIMIT
 
 TIME_LIMIT_SECONDS = 1.0
+WAITING_LIMIT = 8
 _STARTUP_SECONDS = 60.0
 # The child's file run as __main__ with neither the current directory nor the file's own on the
 # module path (a module there could shadow one of the standard library's).
 _RUN_CHILD = "import runpy, sys; sys.path.pop(0); runpy.run_path(sys.argv[1], run_name='__main__')"
 
 __all__ = [
-    "TemplateRenderer", "render_template", "TIME_LIMIT_SECONDS", "OUTPUT_LIMIT_CHARS", "MEMORY_LIMIT_BYTES",
+    "TemplateRenderer", "render_template", "TIME_LIMIT_SECONDS", "WAITING_LIMIT", "OUTPUT_LIMIT_CHARS", "MEMORY_LIMIT_BYTES",
     "RANGE_LIMIT", "POWER_LIMIT_BITS", "INDENT_LIMIT",
 ]
 
 
 class TemplateRenderer:
-    """Renders templates in the sandbox child; thread-safe, one render at a time."""
+    """Renders templates in the sandbox child; thread-safe, one render at a time, at most
+    waiting_limit more waiting."""
 
-    def __init__(self, time_limit: float = TIME_LIMIT_SECONDS):
+    def __init__(self, time_limit: float = TIME_LIMIT_SECONDS, waiting_limit: int = WAITING_LIMIT):
         self.time_limit = time_limit
+        self.waiting_limit = waiting_limit
+        self._admitted = threading.BoundedSemaphore(waiting_limit + 1)  # the render running and those waiting
         self._lock = threading.Lock()
         self._child: subprocess.Popen | None = None
         self._buffer = b""
@@ -64,8 +70,16 @@ class TemplateRenderer:
             job = (json.dumps({"template": template, "variables": variables}) + "\n").encode()
         except (TypeError, ValueError) as error:
             raise RequestError(f"the chat's messages must hold only JSON values (strings, numbers, lists, objects): {error}") from None
-        with self._lock:
-            answer = self._exchange(job, self.time_limit if time_limit is None else time_limit)
+        if not self._admitted.acquire(blocking=False):
+            raise TemplateBusyError(
+                f"{self.waiting_limit} chat templates are already waiting to render (each may take up to "
+                f"{self.time_limit:g} s); retry later"
+            )
+        try:
+            with self._lock:
+                answer = self._exchange(job, self.time_limit if time_limit is None else time_limit)
+        finally:
+            self._admitted.release()
         if "error" in answer:
             raise RequestError(answer["error"])
         return answer["text"]

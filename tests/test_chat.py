@@ -2,6 +2,7 @@
 
 import re
 import resource
+import time
 
 import jinja2
 import pytest
@@ -225,6 +226,26 @@ def test_a_render_over_the_time_limit_is_stopped_not_abandoned():
     with pytest.raises(RequestError, match="time limit"):
         renderer.render(endless, {})
     assert renderer._child is None  # killed, not left running
+    assert renderer.render("{{ x }}", {"x": "ok"}) == "ok"
+    renderer.close()
+
+
+def test_renders_past_the_waiting_limit_are_refused_at_once_as_busy():
+    import threading
+
+    from rz.errors import TemplateBusyError
+
+    renderer = TemplateRenderer(time_limit=2.0, waiting_limit=0)
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    running = threading.Thread(target=lambda: pytest.raises(RequestError, renderer.render, endless, {}))
+    running.start()
+    while not renderer._lock.locked():
+        time.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(TemplateBusyError, match="0 chat templates are already waiting"):
+        renderer.render("{{ x }}", {"x": "ok"})
+    assert time.monotonic() - started < 0.5
+    running.join()
     assert renderer.render("{{ x }}", {"x": "ok"}) == "ok"
     renderer.close()
 

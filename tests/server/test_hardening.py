@@ -201,6 +201,13 @@ def test_a_chat_template_broken_for_every_chat_is_an_error_at_load_and_chat_call
     assert http_status(error.value, "chat") == 400
 
 
+def test_a_template_renderer_too_busy_is_resource_exhausted():
+    from rz.errors import TemplateBusyError
+    from rz.server.service import status_of
+
+    assert status_of(TemplateBusyError("8 chat templates are already waiting"), "Chat") == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_a_working_chat_template_is_not_reported(caplog):
     from rz.server.server import _report_chat_template
 
