@@ -191,6 +191,24 @@ def attacks() -> dict:
     }
 
 
+def sigterm_exit_seconds(server, attack, copies: int) -> float:
+    """Seconds from SIGTERM to the server's exit while `copies` calls of attack(client) run."""
+    def one():
+        with Client(server.target, timeout=300) as client:
+            try:
+                attack(client)
+            except grpc.RpcError:
+                pass
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(copies)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the calls are in the server
+    start = time.perf_counter()
+    server.terminate(timeout=600)
+    return round(time.perf_counter() - start, 1)
+
+
 def undecodable(target: str) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         codes = []
@@ -264,11 +282,13 @@ def main() -> None:
             results["undecodable_requests"] = undecodable(target)
             if args.soak:
                 results["soak"] = soak(target, pid, args.soak)
+            results["sigterm_exit_seconds_during_8_tokenize_1mb"] = sigterm_exit_seconds(server, lambda c: c.tokenize(MEGABYTE_TEXT), 8)
             print(json.dumps(results, indent=2))
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
         finally:
-            server.terminate(timeout=60)
+            if server.process.poll() is None:
+                server.terminate(timeout=60)
 
 
 if __name__ == "__main__":

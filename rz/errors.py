@@ -22,6 +22,10 @@ class ChatTemplateError(RzError):
     this model (found at load), while plain completions still work."""
 
 
+class ShuttingDownError(RzError):
+    """The server is shutting down and takes no more requests."""
+
+
 class TemplateBusyError(RzError):
     """Too many chat templates are waiting to render at once: retry later."""
 

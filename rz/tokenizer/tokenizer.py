@@ -5,12 +5,12 @@ import os
 import re
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
-from rz.errors import TokenizerError
+from rz.errors import ShuttingDownError, TokenizerError
 from rz.host_memory import return_free_pages
 from rz.tokenizer.bpe import bpe_merge, merge_ranks
 from rz.tokenizer.codepoints import CHAR_TO_BYTE, byte_encode
@@ -95,7 +95,13 @@ class Tokenizer:
         _check_encodable(text)
         if len(text) <= _HEAVY_TEXT_CHARS:
             return self._encode(text, add_bos, special)
-        return _HEAVY_ENCODER.submit(self._encode_heavy, text, add_bos, special).result()
+        future = _HEAVY_ENCODER.submit(self._encode_heavy, text, add_bos, special)
+        _WAITING_LONG_TEXTS.add(future)
+        future.add_done_callback(_WAITING_LONG_TEXTS.discard)
+        try:
+            return future.result()
+        except CancelledError:
+            raise ShuttingDownError("the process is shutting down: long texts waiting to be tokenized were dropped") from None
 
     def _encode_heavy(self, text: str, add_bos: bool | None, special: bool) -> list[int]:
         try:
@@ -318,6 +324,16 @@ def _lowest_priority() -> None:
 
 
 _HEAVY_ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rz-long-text", initializer=_lowest_priority)
+# Long texts submitted and not yet encoded (or being encoded).
+_WAITING_LONG_TEXTS: set[Future] = set()
+
+
+def drop_waiting_long_texts() -> None:
+    """Cancel the long texts still waiting their turn (their callers get ShuttingDownError), for a
+    process that is shutting down: its exit waits for every submitted text otherwise (seconds
+    each). The one being encoded finishes."""
+    for future in list(_WAITING_LONG_TEXTS):
+        future.cancel()
 
 
 def _check_encodable(text: str) -> None:
