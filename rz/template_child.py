@@ -3,8 +3,7 @@ read from stdin (rz.template_sandbox starts it and explains the limits).
 
 The parent runs this file by its path, outside the rz package, whose import pulls in JAX: the
 child needs Jinja and the standard library only, so it starts in a fraction of a second and
-stays small (about 20 MB resident, where importing rz made it 170 MB). So it imports nothing
-from rz.
+stays small. So it imports nothing from rz.
 """
 
 import json
@@ -27,9 +26,6 @@ READY = "ready"
 
 class TemplateLimitError(Exception):
     """A template went past one of the sandbox's limits (raised inside the child)."""
-
-
-# ----- the child: a Jinja environment with limits, reading requests from stdin -----
 
 
 def _checked_size(size: int, what: str) -> None:
