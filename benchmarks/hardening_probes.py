@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from rz.client import Client
+from rz.errors import RzError
 from rz.model_files import smollm2_135m_path
 from rz.stopping import MAX_STOP_CHARS, MAX_STOPS
 
@@ -140,6 +141,8 @@ def run_attack(target: str, http_url: str, pid: int, attack, copies: int) -> dic
                 statuses.append(f"HTTP {outcome}" if isinstance(outcome, int) else "OK")
             except grpc.RpcError as error:
                 statuses.append(error.code().name)
+            except RzError as error:  # rz.client checks some options before sending
+                statuses.append(f"refused by the client: {type(error).__name__}")
 
     with MemorySampler(pid) as memory:
         before, before_tree = memory.rss(), memory.tree_rss()
