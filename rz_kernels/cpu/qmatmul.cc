@@ -958,6 +958,149 @@ void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
+// Prefill: many activation rows (a prompt). A register tile of kTileW weight rows by kTileX
+// activation rows: per 32-element block, kTileW decoded weight vectors and kTileX activation
+// vectors meet in kTileW * kTileX int8 dots, so each load serves several dots. (The decoded_row
+// path loads an activation vector per dot and, at 512 rows, was bound by those loads from L2.)
+// The weight rows are decoded to bytes once per tile of activation rows (prefill_tile), with
+// their scales as madd multipliers (RowScales), as decoded_row reads them.
+#if defined(__AVX512VL__)
+constexpr int kTileW = 2, kTileX = 4;  // 32 vector registers: 2 * 8 accumulators and the operands
+#else
+constexpr int kTileW = 2, kTileX = 2;  // 16 vector registers
+#endif
+static_assert(kRowGroup % kTileX == 0, "a tile's activation rows lie in one group");
+
+// y at the tile's outputs: each accumulator's lane sum, times `factors` (32-block types' word
+// scale), plus the row's offsets met by the activation row's sums (kQ8_1: llama.cpp's Q8_1 block
+// sums, as Q4_1 and Q5_1 meet them); rows past n1 or m1 dropped.
+template <int64_t kUnit, bool kOffsets, bool kQ8_1>
+RZ_INLINE void store_tile(const __m256 (&acc)[kTileW][kTileX], const RowBuffers* rb, const QuantizedX& x, int64_t n, int64_t n1, int64_t m, int64_t m1, float* y, int64_t N) {
+  const int64_t n_units = QuantizedX::padded_units(x.K / kUnit);
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileW; ++r) {
+    if (n + r >= n1) break;
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileX; ++c) {
+      if (m + c >= m1) break;
+      const float* sums = kUnit == kBlock ? x.block_sums(m + c, kQ8_1) : x.sums(m + c, kUnit);
+      const float offset = kOffsets ? offset_dot(rb[r].scales.offsets.data(), sums, n_units) : 0.0f;
+      y[(m + c) * N + n + r] = rb[r].scales.factor * hsum(acc[r][c]) + offset;
+    }
+  }
+}
+
+// K-quants: the tile's int32 dots add up over a super-block's eight sub-blocks (the weights'
+// integer sub-scales in the madd), then one convert and FMA per super-block with the product of
+// the two scales. Activation rows m .. m + kTileX of the group at m0.
+template <int64_t kUnit>
+RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, __m256 (&acc)[kTileW][kTileX]) {
+  const int8_t* xq = x.q_group(m0) + (m - m0) * kBlock;
+  const float* xd = x.d_group(m0) + (m - m0);
+  for (int64_t s = 0; s < x.K / kSuper; ++s) {
+    __m256i dots[kTileW][kTileX];
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) dots[r][c] = _mm256_setzero_si256();
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j) {
+      const int64_t b = 8 * s + j;
+      __m256i u[kTileW], words[kTileW];
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileW; ++r) {
+        u[r] = load(rb[r].u.data() + kBlock * b);
+        words[r] = rb[r].scales.template block_words<kUnit>(b);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) {
+        const __m256i xv = load(xq + (b * kRowGroup + c) * kBlock);
+#pragma GCC unroll 4
+        for (int r = 0; r < kTileW; ++r) dots[r][c] = rz_cpu::dot_u8s8_words(dots[r][c], u[r], xv, words[r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+      const __m256 d = _mm256_broadcast_ss(rb[r].scales.super_d.data() + s);
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) {
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][c]), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * kRowGroup + c)), acc[r][c]);
+      }
+    }
+  }
+}
+
+// 32-block types: each block's int32 dots (the weight scales riding in the madd as words
+// relative to the row's largest, RowScales::compute_words) converted and FMA'd with the
+// activation block's scale.
+template <bool kSigned>
+RZ_INLINE void block_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, __m256 (&acc)[kTileW][kTileX]) {
+  const int8_t* xq = x.q_group(m0) + (m - m0) * kBlock;
+  const float* xd = x.d_group(m0) + (m - m0);
+  for (int64_t b = 0; b < x.K / kBlock; ++b) {
+    __m256i u[kTileW], words[kTileW];
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+      u[r] = load(rb[r].u.data() + kBlock * b);
+      words[r] = rb[r].scales.template block_words<kBlock>(b);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileX; ++c) {
+      const __m256i xv = load(xq + (b * kRowGroup + c) * kBlock);
+      const __m256 x_scale = _mm256_broadcast_ss(xd + b * kRowGroup + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileW; ++r) {
+        // Signed weights (Q8_0): |w| against x with w's sign, as block_dots.
+        const __m256i magnitude = kSigned ? _mm256_sign_epi8(u[r], u[r]) : u[r];
+        const __m256i dots = rz_cpu::dot_u8s8_words(_mm256_setzero_si256(), magnitude, kSigned ? _mm256_sign_epi8(xv, u[r]) : xv, words[r]);
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), x_scale, acc[r][c]);
+      }
+    }
+  }
+}
+
+// Weight row n decoded into rb: its quants as bytes and its scales.
+template <class W>
+RZ_INLINE void decode_row(const W& w, int64_t n, int64_t K, RowBuffers& rb) {
+  uint8_t* u = rb.u.data();
+  if constexpr (W::kSuperBlocks) {
+    rb.scales.compute_super(w, n);
+    for (int64_t s = 0; s < K / kSuper; ++s) {
+      w.for_super(n, s, [&](int j, __m256i v) __attribute__((always_inline)) { store(u + kSuper * s + kBlock * j, v); });
+    }
+  } else {
+    rb.scales.compute_words(w, n, K);
+    w.for_blocks(n, [&](int64_t b, __m256i v) __attribute__((always_inline)) { store(u + kBlock * b, v); });
+  }
+}
+
+// Rows [n0, n1) of W against activation rows [m0, m1) (m0 a multiple of kRowGroup), in register
+// tiles. A ragged last tile repeats a weight row, or meets the group's zero padding rows; those
+// outputs are not stored.
+template <class W>
+void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
+  std::vector<RowBuffers> rb(kTileW, RowBuffers(x.K));
+  for (int64_t n = n0; n < n1; n += kTileW) {
+    for (int r = 0; r < kTileW; ++r) decode_row(w, std::min(n + r, n1 - 1), x.K, rb[r]);
+    for (int64_t m = m0; m < m1; m += kTileX) {
+      __m256 acc[kTileW][kTileX];
+      for (auto& row : acc) {
+        for (__m256& a : row) a = _mm256_setzero_ps();
+      }
+      const int64_t group = m / kRowGroup * kRowGroup;
+      if constexpr (W::kSuperBlocks) {
+        super_tile<W::kUnit>(rb.data(), x, group, m, acc);
+        store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
+      } else {
+        block_tile<W::kSigned>(rb.data(), x, group, m, acc);
+        store_tile<kBlock, !W::kSigned, W::kQ8_1>(acc, rb.data(), x, n, n1, m, m1, y, N);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Threads and tiling.
 
 // Scratch for the quantized activations, reused across calls on the calling thread.
@@ -1010,7 +1153,9 @@ struct Part {
   int64_t column = 0;  // where its outputs start in a row of y
   bool paired = false;  // reads the activations' paired layout when there is one
   bool q8_1 = false;  // meets llama.cpp's Q8_1 block sums
-  std::function<void(const QuantizedX&, int64_t, int64_t, int64_t, int64_t, float*, int64_t)> tile;
+  using Tile = std::function<void(const QuantizedX&, int64_t, int64_t, int64_t, int64_t, float*, int64_t)>;
+  Tile tile;     // few activation rows (a decode step)
+  Tile prefill;  // many (a prompt): register tiles
 };
 
 template <class W>
@@ -1023,6 +1168,9 @@ Part make_part(const W& w, int64_t N, double bytes) {
   if constexpr (!W::kSuperBlocks) part.q8_1 = W::kQ8_1;
   part.tile = [w](const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t ld) {
     matmul_tile(w, x, n0, n1, m0, m1, y, ld);
+  };
+  part.prefill = [w](const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t ld) {
+    prefill_tile(w, x, n0, n1, m0, m1, y, ld);
   };
   return part;
 }
@@ -1067,7 +1215,7 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& par
     rz_cpu::parallel_for(pool, tiles_x * tiles_w, threads, [&](int64_t t) {
       // Consecutive tasks share a tile of x, so a thread walks W while x stays in its L2.
       const int64_t tx = t / tiles_w, tw = t % tiles_w;
-      part.tile(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y + part.column, ld);
+      part.prefill(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y + part.column, ld);
     });
   }
 }
