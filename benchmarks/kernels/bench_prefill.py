@@ -5,7 +5,9 @@ llama.cpp's ggml_mul_mat, interleaved round by round in one process.
     python benchmarks/kernels/bench_prefill.py [--m 512] [--threads 2] [--rounds 5] [--types Q4_K Q6_K Q8_0]
 
 Random weights (tests/support/kernels.random_blocks: the same GGUF bytes for rz and ggml). Each
-figure is the minimum over the rounds of one call, in ms and GFLOP/s (2 M N K / time).
+figure is the minimum over the rounds of one call, in ms and GFLOP/s (2 M N K / time). With
+--threads 1 the time is the process's CPU time, not wall time: on a shared machine it leaves out
+the time other processes hold the core (with more threads it would count spinning workers).
 """
 
 import argparse
@@ -37,13 +39,10 @@ SHAPES = [
 ]
 
 
-def best_of(fn, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(fn, clock) -> float:
+    start = clock()
+    fn()
+    return clock() - start
 
 
 def main() -> None:
@@ -54,6 +53,7 @@ def main() -> None:
     parser.add_argument("--types", nargs="+", default=None, help="only these types (GGMLType names)")
     parser.add_argument("--no-xla", action="store_true", help="skip XLA's f32 path")
     args = parser.parse_args()
+    clock = time.process_time if args.threads == 1 else time.perf_counter
     rng = np.random.default_rng(0)
     rz = jax.jit(lambda x, qt: qmatmul_cpu(x, qt, args.threads))
     xla = jax.jit(qmatmul_f32_after)
@@ -77,7 +77,7 @@ def main() -> None:
             best = {name: float("inf") for name in timers}
             for _ in range(args.rounds):
                 for name, timer in timers.items():
-                    best[name] = min(best[name], best_of(timer, 1))
+                    best[name] = min(best[name], seconds(timer, clock))
             flop = 2.0 * m * n * k
             cells = "  ".join(f"{name}: {t * 1e3:8.2f} ms {flop / t / 1e9:6.1f} GFLOP/s" for name, t in best.items())
             print(f"{ggml_type.name:5} {n:5}x{k:5} M={m:4}  {cells}  ({role})", flush=True)

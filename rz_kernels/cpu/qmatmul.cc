@@ -55,6 +55,14 @@ constexpr int64_t kBlock = 32;   // a weight block, and the unit of the activati
 constexpr int64_t kSuper = 256;  // a K-quant super-block
 constexpr int64_t kRowGroup = 8;  // activation rows met by one pass over a weight row
 constexpr int64_t kSuperRows = 4;  // for K-quants, by one pass (see super_row)
+constexpr int64_t kSmallM = 16;  // up to this many activation rows, a call is a decode step's
+// A prompt's K-quant tiles take 512-bit vectors where the variant has them (AVX-512; the AVX-VNNI
+// and AVX2 variants' CPUs have 256-bit ones): two sub-blocks per instruction, half the dots'.
+#if defined(__AVX512BW__)
+constexpr bool kWidePrefill = true;
+#else
+constexpr bool kWidePrefill = false;
+#endif
 
 // The GGML type numbers (rz.ggml_types.GGMLType) this file implements.
 enum GGMLType : int32_t {
@@ -105,6 +113,10 @@ struct QuantizedX {
   // 64 bytes [x_b[0:16], x_b+1[0:16], x_b[16:32], x_b+1[16:32]] and 8 floats [d_b x4, d_b+1 x4].
   int8_t* pq = nullptr;
   float* pd = nullptr;
+  // The wide layout (a prompt's rows, with 512-bit vectors; null otherwise), for K-quants met two
+  // sub-blocks per vector (super_tile_512): per group, pair p of blocks 2p, 2p + 1 and row i, the
+  // 64 bytes [x_2p, x_2p+1].
+  int8_t* wide = nullptr;
 
   static int64_t padded_rows(int64_t M) { return (M + kRowGroup - 1) / kRowGroup * kRowGroup; }
   static int64_t padded_units(int64_t n) { return (n + 7) / 8 * 8; }
@@ -189,6 +201,17 @@ void pair_row(const QuantizedX& qx, int64_t m) {
     store(out + 32, _mm256_permute2x128_si256(b0, b1, 0x31));
     float* scales = qx.pd + m0 * (qx.K / 64) * 8 + (p * kRowGroup + i) * 8;
     _mm256_storeu_ps(scales, _mm256_set_m128(_mm_set1_ps(d[(2 * p + 1) * kRowGroup]), _mm_set1_ps(d[2 * p * kRowGroup])));
+  }
+}
+
+// Row m of qx (quantized, 32-element blocks) into the wide layout.
+void widen_row(const QuantizedX& qx, int64_t m) {
+  const int64_t m0 = m / kRowGroup * kRowGroup, i = m - m0;
+  const int8_t* q = qx.q_group(m0) + i * kBlock;
+  int8_t* out = qx.wide + m0 * qx.K + i * 64;
+  for (int64_t p = 0; p < qx.K / 64; ++p) {
+    store(out + p * kRowGroup * 64, load(q + 2 * p * kRowGroup * kBlock));
+    store(out + p * kRowGroup * 64 + kBlock, load(q + (2 * p + 1) * kRowGroup * kBlock));
   }
 }
 
@@ -970,12 +993,15 @@ constexpr int kTileW = 2, kTileX = 4;  // 32 vector registers: 2 * 8 accumulator
 constexpr int kTileW = 2, kTileX = 2;  // 16 vector registers
 #endif
 static_assert(kRowGroup % kTileX == 0, "a tile's activation rows lie in one group");
+#if defined(__AVX512BW__)
+RZ_INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#endif
 
 // y at the tile's outputs: each accumulator's lane sum, times `factors` (32-block types' word
 // scale), plus the row's offsets met by the activation row's sums (kQ8_1: llama.cpp's Q8_1 block
 // sums, as Q4_1 and Q5_1 meet them); rows past n1 or m1 dropped.
-template <int64_t kUnit, bool kOffsets, bool kQ8_1>
-RZ_INLINE void store_tile(const __m256 (&acc)[kTileW][kTileX], const RowBuffers* rb, const QuantizedX& x, int64_t n, int64_t n1, int64_t m, int64_t m1, float* y, int64_t N) {
+template <int64_t kUnit, bool kOffsets, bool kQ8_1, class V>
+RZ_INLINE void store_tile(const V (&acc)[kTileW][kTileX], const RowBuffers* rb, const QuantizedX& x, int64_t n, int64_t n1, int64_t m, int64_t m1, float* y, int64_t N) {
   const int64_t n_units = QuantizedX::padded_units(x.K / kUnit);
 #pragma GCC unroll 4
   for (int r = 0; r < kTileW; ++r) {
@@ -1031,6 +1057,52 @@ RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0,
   }
 }
 
+#if defined(__AVX512BW__)
+// super_tile with 512-bit vectors: each holds sub-blocks 2p and 2p + 1, from the decoded row's
+// bytes as they are and from the activations' wide layout; the multipliers follow the lanes
+// (kUnit 32: a unit per 8 lanes; 16: per 4).
+template <int64_t kUnit>
+RZ_INLINE void super_tile_512(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, __m512 (&acc)[kTileW][kTileX]) {
+  const int8_t* xq = x.wide + m0 * x.K + (m - m0) * 64;
+  const float* xd = x.d_group(m0) + (m - m0);
+  const __m512i spread = kUnit == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                     : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t s = 0; s < x.K / kSuper; ++s) {
+    __m512i dots[kTileW][kTileX];
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) dots[r][c] = _mm512_setzero_si512();
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      const int64_t p = 4 * s + j;
+      __m512i u[kTileW], words[kTileW];
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileW; ++r) {
+        u[r] = _mm512_loadu_si512(rb[r].u.data() + 64 * p);
+        const int32_t* unit_words = rb[r].scales.words.data() + 2 * p * (kBlock / kUnit);
+        words[r] = _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(load_128(unit_words)));
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) {
+        const __m512i xv = _mm512_loadu_si512(xq + (p * kRowGroup + c) * 64);
+#pragma GCC unroll 4
+        for (int r = 0; r < kTileW; ++r) dots[r][c] = _mm512_dpwssd_epi32(dots[r][c], _mm512_maddubs_epi16(u[r], xv), words[r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+      const __m512 d = _mm512_set1_ps(rb[r].scales.super_d[s]);
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) {
+        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r][c]), _mm512_mul_ps(d, _mm512_set1_ps(xd[s * kRowGroup + c])), acc[r][c]);
+      }
+    }
+  }
+}
+#endif
+
 // 32-block types: each block's int32 dots (the weight scales riding in the madd as words
 // relative to the row's largest, RowScales::compute_words) converted and FMA'd with the
 // activation block's scale.
@@ -1084,15 +1156,21 @@ void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64
   for (int64_t n = n0; n < n1; n += kTileW) {
     for (int r = 0; r < kTileW; ++r) decode_row(w, std::min(n + r, n1 - 1), x.K, rb[r]);
     for (int64_t m = m0; m < m1; m += kTileX) {
-      __m256 acc[kTileW][kTileX];
-      for (auto& row : acc) {
-        for (__m256& a : row) a = _mm256_setzero_ps();
-      }
       const int64_t group = m / kRowGroup * kRowGroup;
       if constexpr (W::kSuperBlocks) {
+#if defined(__AVX512BW__)
+        if (x.wide) {
+          __m512 acc[kTileW][kTileX] = {};
+          super_tile_512<W::kUnit>(rb.data(), x, group, m, acc);
+          store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
+          continue;
+        }
+#endif
+        __m256 acc[kTileW][kTileX] = {};
         super_tile<W::kUnit>(rb.data(), x, group, m, acc);
         store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
       } else {
+        __m256 acc[kTileW][kTileX] = {};
         block_tile<W::kSigned>(rb.data(), x, group, m, acc);
         store_tile<kBlock, !W::kSigned, W::kQ8_1>(acc, rb.data(), x, n, n1, m, m1, y, N);
       }
@@ -1105,7 +1183,7 @@ void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64
 
 // Scratch for the quantized activations, reused across calls on the calling thread.
 struct Scratch {
-  std::vector<int8_t> q, pq;
+  std::vector<int8_t> q, pq, wide;
   std::vector<float> f, pd;
 };
 thread_local Scratch scratch[2];  // one per activation block size (32, 256): a call may need both
@@ -1126,7 +1204,14 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   qx.sum32 = qx.d + rows * (K / x_block);
   qx.sum16 = qx.sum32 + rows * QuantizedX::padded_units(K / kBlock);
   if (q8_1) qx.sum32_q8_1 = qx.sum16 + rows * QuantizedX::padded_units(K / 16);
-  rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
+  if (kWidePrefill && x_block == kSuper && M > kSmallM) {
+    scratch.wide.resize(rows * K);
+    qx.wide = scratch.wide.data();
+  }
+  rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) {
+    quantize_row(m < M ? x + m * K : nullptr, qx, m);
+    if (qx.wide) widen_row(qx, m);
+  });
   if (paired && x_block == kBlock && M <= kRowGroup && K % 64 == 0) {
     scratch.pq.resize(rows * K);
     scratch.pd.resize(rows * (K / 64) * 8);
@@ -1137,9 +1222,8 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   return qx;
 }
 
-// Tiling. A decode step (small M) splits rows of W only, so each weight byte is read once; a
-// prefill also splits rows of x, in tiles whose int8 rows fit in L2 with a W tile in L1.
-constexpr int64_t kSmallM = 16;
+// Tiling. A decode step (small M, kSmallM) splits rows of W only, so each weight byte is read
+// once; a prefill also splits rows of x, in tiles whose int8 rows fit in L2 with a W tile in L1.
 constexpr int64_t kPrefillRowsX = 64;
 constexpr int64_t kPrefillRowsW = 16;
 constexpr int64_t kMinWeightBytesPerThread = 32 << 10;  // below, handing work to a worker costs more than it saves
