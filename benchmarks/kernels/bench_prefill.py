@@ -1,4 +1,5 @@
-"""A prompt's matmuls (many rows of x) on the Llama 3.2 1B twin's weight shapes: rz's C++ kernel,
+"""A prompt's matmuls (many rows of x) on the Llama 3.2 1B twin's weight shapes (and a layer's MLP
+of each real model): rz's C++ kernel,
 XLA's f32 GEMM on the dequantized weight (the path prompts took before the int8 prefill GEMM), and
 llama.cpp's ggml_mul_mat, interleaved round by round in one process.
 
@@ -36,6 +37,8 @@ SHAPES = [
     (GGMLType.Q6_K, (2048, 8192), "ffn_down"),
     (GGMLType.Q8_0, (8192, 2048), "Q8_0 twin ffn_gate / ffn_up"),
     (GGMLType.Q8_0, (2048, 8192), "Q8_0 twin ffn_down"),
+    (GGMLType.Q5_0, (2048, 640), "Gemma 3 270M ffn_gate / ffn_up"),
+    (GGMLType.Q4_1, (1536, 576), "SmolLM2 135M ffn_gate / ffn_up"),
 ]
 
 

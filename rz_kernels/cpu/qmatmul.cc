@@ -114,7 +114,7 @@ struct QuantizedX {
   int8_t* pq = nullptr;
   float* pd = nullptr;
   // The wide layout (a prompt's rows, with 512-bit vectors; null otherwise), for K-quants met two
-  // sub-blocks per vector (super_tile_512): per group, pair p of blocks 2p, 2p + 1 and row i, the
+  // sub-blocks per vector (super_tile on Lanes512): per group, pair p of blocks 2p, 2p + 1 and row i, the
   // 64 bytes [x_2p, x_2p+1].
   int8_t* wide = nullptr;
 
@@ -1016,92 +1016,82 @@ RZ_INLINE void store_tile(const V (&acc)[kTileW][kTileX], const RowBuffers* rb, 
   }
 }
 
+// The vectors a K-quant tile runs on: 256-bit, a sub-block each, from the activations' group
+// layout; or in the AVX-512 variant 512-bit, two sub-blocks each (half the instructions), from
+// their wide layout, the multipliers spread over the lanes (kUnit 32: a unit per 8 lanes; 16: per 4).
+struct Lanes256 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kSubBlocks = 1;
+  static RZ_INLINE const int8_t* rows(const QuantizedX& x, int64_t m0) { return x.q_group(m0); }
+  static RZ_INLINE I zero() { return _mm256_setzero_si256(); }
+  static RZ_INLINE I load_bytes(const void* p) { return load(p); }
+  template <int64_t kUnit>
+  static RZ_INLINE I words(const RowScales& rs, int64_t b) { return rs.block_words<kUnit>(b); }
+  static RZ_INLINE I dot(I acc, I u, I x, I words) { return rz_cpu::dot_u8s8_words(acc, u, x, words); }
+  static RZ_INLINE F scaled_add(I dots, const float* d, const float* xd, F acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(_mm256_broadcast_ss(d), _mm256_broadcast_ss(xd)), acc);
+  }
+};
+
+#if defined(__AVX512BW__)
+struct Lanes512 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kSubBlocks = 2;
+  static RZ_INLINE const int8_t* rows(const QuantizedX& x, int64_t m0) { return x.wide + m0 * x.K; }
+  static RZ_INLINE I zero() { return _mm512_setzero_si512(); }
+  static RZ_INLINE I load_bytes(const void* p) { return _mm512_loadu_si512(p); }
+  template <int64_t kUnit>
+  static RZ_INLINE I words(const RowScales& rs, int64_t b) {
+    const __m512i spread = kUnit == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                       : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(load_128(rs.words.data() + b * (kBlock / kUnit))));
+  }
+  static RZ_INLINE I dot(I acc, I u, I x, I words) { return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(u, x), words); }
+  static RZ_INLINE F scaled_add(I dots, const float* d, const float* xd, F acc) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(_mm512_set1_ps(*d), _mm512_set1_ps(*xd)), acc);
+  }
+};
+#endif
+
 // K-quants: the tile's int32 dots add up over a super-block's eight sub-blocks (the weights'
 // integer sub-scales in the madd), then one convert and FMA per super-block with the product of
 // the two scales. Activation rows m .. m + kTileX of the group at m0.
-template <int64_t kUnit>
-RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, __m256 (&acc)[kTileW][kTileX]) {
-  const int8_t* xq = x.q_group(m0) + (m - m0) * kBlock;
+template <class V, int64_t kUnit>
+RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, typename V::F (&acc)[kTileW][kTileX]) {
+  const int8_t* xq = V::rows(x, m0) + (m - m0) * V::kSubBlocks * kBlock;
   const float* xd = x.d_group(m0) + (m - m0);
   for (int64_t s = 0; s < x.K / kSuper; ++s) {
-    __m256i dots[kTileW][kTileX];
+    typename V::I dots[kTileW][kTileX];
 #pragma GCC unroll 4
     for (int r = 0; r < kTileW; ++r) {
 #pragma GCC unroll 4
-      for (int c = 0; c < kTileX; ++c) dots[r][c] = _mm256_setzero_si256();
+      for (int c = 0; c < kTileX; ++c) dots[r][c] = V::zero();
     }
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const int64_t b = 8 * s + j;
-      __m256i u[kTileW], words[kTileW];
+    for (int j = 0; j < 8; j += V::kSubBlocks) {
+      const int64_t b = 8 * s + j;  // the vector's first sub-block
+      typename V::I u[kTileW], words[kTileW];
 #pragma GCC unroll 4
       for (int r = 0; r < kTileW; ++r) {
-        u[r] = load(rb[r].u.data() + kBlock * b);
-        words[r] = rb[r].scales.template block_words<kUnit>(b);
+        u[r] = V::load_bytes(rb[r].u.data() + kBlock * b);
+        words[r] = V::template words<kUnit>(rb[r].scales, b);
       }
 #pragma GCC unroll 4
       for (int c = 0; c < kTileX; ++c) {
-        const __m256i xv = load(xq + (b * kRowGroup + c) * kBlock);
+        const typename V::I xv = V::load_bytes(xq + (b * kRowGroup + c * V::kSubBlocks) * kBlock);
 #pragma GCC unroll 4
-        for (int r = 0; r < kTileW; ++r) dots[r][c] = rz_cpu::dot_u8s8_words(dots[r][c], u[r], xv, words[r]);
+        for (int r = 0; r < kTileW; ++r) dots[r][c] = V::dot(dots[r][c], u[r], xv, words[r]);
       }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < kTileW; ++r) {
-      const __m256 d = _mm256_broadcast_ss(rb[r].scales.super_d.data() + s);
 #pragma GCC unroll 4
-      for (int c = 0; c < kTileX; ++c) {
-        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][c]), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * kRowGroup + c)), acc[r][c]);
-      }
+      for (int c = 0; c < kTileX; ++c) acc[r][c] = V::scaled_add(dots[r][c], rb[r].scales.super_d.data() + s, xd + s * kRowGroup + c, acc[r][c]);
     }
   }
 }
-
-#if defined(__AVX512BW__)
-// super_tile with 512-bit vectors: each holds sub-blocks 2p and 2p + 1, from the decoded row's
-// bytes as they are and from the activations' wide layout; the multipliers follow the lanes
-// (kUnit 32: a unit per 8 lanes; 16: per 4).
-template <int64_t kUnit>
-RZ_INLINE void super_tile_512(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, __m512 (&acc)[kTileW][kTileX]) {
-  const int8_t* xq = x.wide + m0 * x.K + (m - m0) * 64;
-  const float* xd = x.d_group(m0) + (m - m0);
-  const __m512i spread = kUnit == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                                     : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  for (int64_t s = 0; s < x.K / kSuper; ++s) {
-    __m512i dots[kTileW][kTileX];
-#pragma GCC unroll 4
-    for (int r = 0; r < kTileW; ++r) {
-#pragma GCC unroll 4
-      for (int c = 0; c < kTileX; ++c) dots[r][c] = _mm512_setzero_si512();
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-      const int64_t p = 4 * s + j;
-      __m512i u[kTileW], words[kTileW];
-#pragma GCC unroll 4
-      for (int r = 0; r < kTileW; ++r) {
-        u[r] = _mm512_loadu_si512(rb[r].u.data() + 64 * p);
-        const int32_t* unit_words = rb[r].scales.words.data() + 2 * p * (kBlock / kUnit);
-        words[r] = _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(load_128(unit_words)));
-      }
-#pragma GCC unroll 4
-      for (int c = 0; c < kTileX; ++c) {
-        const __m512i xv = _mm512_loadu_si512(xq + (p * kRowGroup + c) * 64);
-#pragma GCC unroll 4
-        for (int r = 0; r < kTileW; ++r) dots[r][c] = _mm512_dpwssd_epi32(dots[r][c], _mm512_maddubs_epi16(u[r], xv), words[r]);
-      }
-    }
-#pragma GCC unroll 4
-    for (int r = 0; r < kTileW; ++r) {
-      const __m512 d = _mm512_set1_ps(rb[r].scales.super_d[s]);
-#pragma GCC unroll 4
-      for (int c = 0; c < kTileX; ++c) {
-        acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r][c]), _mm512_mul_ps(d, _mm512_set1_ps(xd[s * kRowGroup + c])), acc[r][c]);
-      }
-    }
-  }
-}
-#endif
 
 // 32-block types: each block's int32 dots (the weight scales riding in the madd as words
 // relative to the row's largest, RowScales::compute_words) converted and FMA'd with the
@@ -1161,13 +1151,13 @@ void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64
 #if defined(__AVX512BW__)
         if (x.wide) {
           __m512 acc[kTileW][kTileX] = {};
-          super_tile_512<W::kUnit>(rb.data(), x, group, m, acc);
+          super_tile<Lanes512, W::kUnit>(rb.data(), x, group, m, acc);
           store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
           continue;
         }
 #endif
         __m256 acc[kTileW][kTileX] = {};
-        super_tile<W::kUnit>(rb.data(), x, group, m, acc);
+        super_tile<Lanes256, W::kUnit>(rb.data(), x, group, m, acc);
         store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
       } else {
         __m256 acc[kTileW][kTileX] = {};
