@@ -5,8 +5,8 @@ Paths (see `describe_paths()`; the reference twin is `rz_kernels.quants.qmatmul_
     backend  types                      M (= batch x tokens)  path
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++ kernel (AVX2/VNNI) through XLA's FFI
              Q4_K Q5_K Q6_K
-    cpu      Q4_K Q5_K Q6_K             > 16                  cpu_ffi_prefill: the same kernel's register-tiled
-                                                              int8 GEMM (512-bit on AVX-512)
+    cpu      Q4_K Q5_K Q6_K             > 16                  cpu_ffi_prefill (x86): the same kernel's register-
+                                                              tiled int8 GEMM (512-bit on AVX-512)
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   > 16                  xla_f32: dequantize, then XLA's f32 GEMM
                                                               (weights up to 64 MiB in f32; larger
                                                               ones, LM heads, xla_f32_tiled: 32 MiB
@@ -111,7 +111,10 @@ def pallas_decode_enabled() -> bool:
 
 def _paths() -> tuple[Path, ...]:
     cpu_types = tuple(t.name for t in CPU_FFI_ARRAYS) if cpu_ffi.available() else ()
-    prefill_types = tuple(t.name for t in sorted(K_QUANTS)) if cpu_types else ()
+    # The register-tiled int8 GEMM is the x86 kernels' (qmatmul.cc); the NEON kernels' many-row path
+    # is not tiled and was not measured against XLA, so aarch64 prompts keep XLA's f32 GEMM.
+    x86 = bool(cpu_types) and cpu_ffi.selected().machine == "x86_64"
+    prefill_types = tuple(t.name for t in sorted(K_QUANTS)) if x86 else ()
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
