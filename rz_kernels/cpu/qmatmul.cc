@@ -19,9 +19,11 @@
 // nothing is repacked. With few activation rows (a decode step), each weight block is decoded and
 // used at once, so the weights stream through once; 4-, 5- and 8-bit types (Q4_0, Q4_1, Q5_0, Q5_1,
 // Q8_0) meet two blocks at a time, a block per 128-bit lane, against a matching permutation of
-// the activations (the paired layout), so that a pair shares one convert, scale and FMA. With many rows, each weight row is decoded to bytes once and met by the activation rows in groups of
-// 8. Up to 8 rows, a row's output is bit for bit the same whatever the number of rows: a
-// sequence's tokens must not depend on what else is in its decode batch.
+// the activations (the paired layout), so that a pair shares one convert, scale and FMA. With 9-16
+// rows, each weight row is decoded to bytes once and met by the activation rows in groups of 8; a
+// prompt's rows (more than 16) meet decoded weight rows in register tiles (prefill_tile). Up to 8
+// rows, a row's output is bit for bit the same whatever the number of rows: a sequence's tokens
+// must not depend on what else is in its decode batch.
 //
 // One call may take several weights that read the same x (q/k/v, gate/up): x is quantized once
 // per activation block size and their rows are shared out together. Work is split over output
