@@ -4,7 +4,9 @@
 
     q            [B, Hq, T, D]   queries (T = 1 for a decode step)
     k, v         [B', Hkv, S, D], [B', Hkv, S, Dv], B' >= B (a cache may hold idle rows past
-                 the batch in use: sequence b reads row b); query head h reads KV head h // (Hq / Hkv)
+                 the batch in use: sequence b reads row b); query head h reads KV head h // (Hq / Hkv).
+                 Each stored as any of rz_kernels.attention_kv's cache types (f32, f16, bf16,
+                 q8_0), K and V independently; every implementation reads them as stored.
     q_positions  int32 [B, T]    absolute position of each query
     k_positions  int32 [B', S]   absolute position held by each key slot; -1: an empty slot
     -> o         f32 [B, Hq, T, Dv]
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz_kernels import attention_pallas, cpu_ffi, quantized_matmul
+from rz_kernels import attention_kv, attention_pallas, cpu_ffi, quantized_matmul
+from rz_kernels.attention_kv import Q8_0Rows
 from rz_kernels.attention_scores import capped, visible
 
 log = logging.getLogger("rz_kernels")
@@ -46,7 +49,7 @@ def _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, pre
     batch, n_head, length, head_dim = q.shape
     n_kv = k.shape[1]
     grouped = q.reshape(batch, n_kv, n_head // n_kv, length, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, k.astype(jnp.float32), precision=precision)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, attention_kv.to_f32(k), precision=precision)
     scores = capped(scores * scale, softcap)
     mask = visible(q_positions[:, :, None], k_positions[:, None, :], window)[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
@@ -60,7 +63,7 @@ def _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap
     """Materialized-score attention with query heads grouped per KV head: no K/V repeat."""
     batch, n_head, length, _ = q.shape
     weights = _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, precision)
-    out = jnp.einsum("bkgts,bksd->bkgtd", weights, v.astype(jnp.float32), precision=precision)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights, attention_kv.to_f32(v), precision=precision)
     return out.reshape(batch, n_head, length, v.shape[-1])
 
 
@@ -90,8 +93,8 @@ def decode_attention_cpu(
     keys_in_order: bool = False,
     variant: cpu_ffi.Variant | None = None,
 ):
-    """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (f32 or f16) streamed once, split over
-    the sequence across threads. Shapes as attention_ref; head dims multiples of 8.
+    """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (any cache type) streamed once, split
+    over the sequence across threads. Shapes as attention_ref; head dims multiples of 8.
 
     keys_in_order promises that slot s holds position s or is empty (a KV cache that never wraps),
     so the kernel stops at the latest query position instead of scanning every slot. variant picks
@@ -102,8 +105,8 @@ def decode_attention_cpu(
     call = jax.ffi.ffi_call(cpu_ffi.attention_target(variant), out, vmap_method="sequential")
     return call(
         q.astype(jnp.float32),
-        k,
-        v,
+        *_ffi_operands(k),
+        *_ffi_operands(v),
         q_positions.astype(jnp.int32),
         k_positions.astype(jnp.int32),
         window=np.int32(window),
@@ -113,13 +116,25 @@ def decode_attention_cpu(
     )
 
 
+def _ffi_operands(stored) -> tuple[jax.Array, jax.Array]:
+    """A stored K or V as the kernel's (values, scales) buffers: a float type has no scales (an
+    empty f16 array stands in), q8_0 its int8 quants and f16 block scales."""
+    if isinstance(stored, Q8_0Rows):
+        return stored.quants, stored.scales
+    return stored, jnp.zeros((0,), jnp.float16)
+
+
 def _first_rows(q, k, v, k_positions):
     """K/V and their positions cut to q's batch: a cache may hold rows past the batch in use, which
     only the C++ decode kernel reads in place."""
     batch = q.shape[0]
     if k.shape[0] == batch:
         return k, v, k_positions
-    return k[:batch], v[:batch], k_positions[:batch]
+
+    def cut(leaf):
+        return leaf[:batch]
+
+    return jax.tree.map(cut, k), jax.tree.map(cut, v), k_positions[:batch]
 
 
 # ----- which path serves which step: the one decision, read by dispatch, describe_paths and the log -----
@@ -144,8 +159,8 @@ def _cuda_path(t: int) -> str:
 
 
 def _decode_kernel_fits(q, k, v) -> bool:
-    """The C++ decode kernel reads f32 or f16 K/V of one dtype, head dims multiples of 8."""
-    return k.dtype == v.dtype and k.dtype in (jnp.float32, jnp.float16) and q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
+    """The C++ decode kernel reads every cache type, head dims multiples of 8 (of 32 for q8_0, its block)."""
+    return q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk", "keys_in_order"))
@@ -239,16 +254,17 @@ def attention(
 
     keys_in_order (slot s holds position s or is empty) lets the CPU decode kernel skip the slots
     past the latest query; it never changes the result."""
-    key = (q.shape, k.shape, str(k.dtype), window)
+    types = f"{attention_kv.cache_type_of(k)}/{attention_kv.cache_type_of(v)}"
+    key = (q.shape, k.shape, types, window)
     if key not in _logged:
         _logged.add(key)
         cpu = _cpu_path(q.shape[2], _decode_kernel_fits(q, k, v))
         cuda = _cuda_path(q.shape[2])
         log.info(
-            "rz_kernels.attention q %s, k %s %s, window %d -> cpu: %s, cuda: %s",
+            "rz_kernels.attention q %s, k %s, K/V %s, window %d -> cpu: %s, cuda: %s",
             q.shape,
             k.shape,
-            k.dtype,
+            types,
             window,
             cpu,
             cuda,
