@@ -226,3 +226,21 @@ def test_attention_kernels_lower_to_triton(kernel, length):
     )
     traced = jax.jit(lambda *a: kernel(*a, window=512, scale=0.0625, softcap=50.0)).trace(*args)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("first", [0, 200, 700])
+def test_prompt_chunk_with_keys_in_order_reads_only_the_used_span(first):
+    """A chunk of queries over a cache whose slot s holds position s (some later slots stale, from a
+    longer sequence before): reading only the span up to the latest query gives the reference's result,
+    for chunks whose span is the smallest, a middle and the whole cache."""
+    rng = np.random.default_rng(first)
+    n_keys, length = 1100, 300
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, 4, length, 64), (1, 2, n_keys, 64), (1, 2, n_keys, 64)))
+    k_positions = np.full((1, n_keys), -1, np.int32)
+    k_positions[0, : first + length] = np.arange(first + length)
+    k_positions[0, first + length : first + length + 50] = np.arange(5000, 5050)
+    q_positions = np.arange(first, first + length, dtype=np.int32)[None]
+    q_positions[0, -3:] = -1
+    inputs = (q, k, v, jnp.asarray(q_positions), jnp.asarray(k_positions))
+    expected = attention_ref(*inputs, scale=0.125)
+    np.testing.assert_allclose(attention_cpu(*inputs, scale=0.125, keys_in_order=True), expected, atol=1e-5)
