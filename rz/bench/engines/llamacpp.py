@@ -153,6 +153,8 @@ class LlamaCppEngine(Engine):
         params.n_batch = max(self.settings.n_batch, n_sequences)
         params.n_ubatch = min(params.n_batch, 512)
         params.n_seq_max = n_sequences
+        params.type_k = int(GGMLType[self.settings.cache_type_k.upper()])
+        params.type_v = int(GGMLType[self.settings.cache_type_v.upper()])
         params.n_threads = params.n_threads_batch = self.settings.threads
         params.no_perf = True
         ctx = lib.llama_init_from_model(self._model, params)
