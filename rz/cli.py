@@ -6,7 +6,7 @@ import sys
 
 from rz.errors import ChatTemplateError, RzError
 from rz.request import FLAT_OPTIONS
-from rz.server.cli import add_commands as add_server_commands
+from rz.server.cli import add_cache_type_arguments, add_commands as add_server_commands
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +44,7 @@ def _load(args):
     from rz.llm import LLM
 
     print(f"loading {args.model or 'the default model (Gemma 3 270M Q4_K_M)'} ...", file=sys.stderr, flush=True)
-    llm = LLM(_model_path(args), n_ctx=args.n_ctx)
+    llm = LLM(_model_path(args), n_ctx=args.n_ctx, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
     print(f"loaded in {llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
     return llm
 
@@ -105,6 +105,7 @@ def cmd_chat(args) -> int:
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_argument(parser)
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default: min(4096, the model's))")
+    add_cache_type_arguments(parser)
     for name, help_text in _FLAG_OPTIONS.items():
         default = FLAT_OPTIONS[name]
         parser.add_argument(

@@ -49,6 +49,7 @@ class Engine:
         n_slots: int,
         buckets: Buckets | None = None,
         decode_steps: int = DECODE_STEPS,
+        cache_types: kv_cache.CacheTypes = kv_cache.CacheTypes(),
     ):
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
@@ -58,10 +59,11 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_slots = n_slots
         self.buckets = buckets or Buckets.for_context(n_ctx)
+        self.cache_types = cache_types
         self.compilations: dict[str, float] = {}
         self._model_static = {"family": model.family, "cfg": model.cfg}
         self._rope_freq_factors = model.family.rope_freq_factors(model.weights)
-        self.cache = model.init_cache(n_slots, n_ctx)
+        self.cache = self._empty_cache(n_slots, n_ctx)
         self.slots: list[Generation | None] = [None] * n_slots
         # Per slot, the tokens whose keys and values it holds at positions 0.. (a free slot's are
         # reusable by the next request that starts with them).
@@ -140,7 +142,7 @@ class Engine:
             length = self.buckets.tail_chunk_length(len(prompt) - n_cached, bucket)
             chunks = tuple((start, length) for start in range(n_cached, len(prompt), length))
         else:
-            cache = self.model.init_cache(1, bucket)
+            cache = self._empty_cache(1, bucket)
             chunks = tuple(self.buckets.chunks(len(prompt), bucket))
         sequence.n_cached = n_cached
         return Admission(sequence, cache, chunks, slot, bucket)
@@ -215,7 +217,7 @@ class Engine:
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context size {self.n_ctx}")
         context = self.buckets.context_bucket(len(ids))
-        cache = self.model.init_cache(1, context)
+        cache = self._empty_cache(1, context)
         pieces = []
         for start, chunk in self.buckets.chunks(len(ids)):
             tokens, positions, last = _padded_chunk(ids, start, chunk)
@@ -310,6 +312,9 @@ class Engine:
             self.slot_tokens[sequence.slot] = () if failed else (*sequence.request.prompt_ids, *sequence.output_ids[:-1])
             self._tensors_dirty = True
             self._assignment += 1
+
+    def _empty_cache(self, n_rows: int, n_positions: int) -> kv_cache.KVCache:
+        return kv_cache.init_cache(self.model.cfg, n_rows, n_positions, self.cache_types)
 
     def _chunk_tables(self, positions):
         return self._timed(

@@ -5,6 +5,9 @@ max_seq_len, so the modulo never wraps; sliding-window layers get S = sliding_wi
 buffer that keeps exactly the window. Each slot records the absolute position it holds (-1:
 empty), and attention masks are built from those positions alone, so the cache needs no write
 pointer and a batch row can hold a sequence at any length.
+
+Keys and values are stored as llama.cpp's cache types (rz_kernels.attention_kv: f32, f16, bf16,
+q8_0), chosen separately, and the attention kernels read them as stored.
 """
 
 from dataclasses import dataclass, replace
@@ -14,12 +17,29 @@ import jax
 import jax.numpy as jnp
 
 from rz.config import ModelConfig
+from rz.errors import RequestError
+from rz_kernels import attention_kv
+from rz_kernels.attention_kv import Stored
 
 EMPTY = -1  # the position of an empty slot, and of a padding token
-# K/V are kept in f32. llama.cpp's default is f16 (half the memory and bandwidth), and rz's kernels
-# read either; with f16, rz's distance to a float64 reference rose above llama.cpp's, and rz keeps
-# the bound of staying below it (benchmarks/results/design-measurements.md).
-CACHE_DTYPE = jnp.float32
+
+
+@dataclass(frozen=True)
+class CacheTypes:
+    """How keys and values are stored: names from rz_kernels.attention_kv.CACHE_TYPES.
+
+    f16 by default, as llama.cpp's; f32 is for exact analysis (benchmarks/kv_cache_types.py
+    measures each type against llama.cpp and a float64 reference)."""
+
+    k: str = "f16"
+    v: str = "f16"
+
+    def __post_init__(self):
+        try:
+            attention_kv.check_cache_type(self.k, "cache_type_k")
+            attention_kv.check_cache_type(self.v, "cache_type_v")
+        except ValueError as error:
+            raise RequestError(str(error)) from None
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("keys", "values", "positions"), meta_fields=())
@@ -27,8 +47,8 @@ CACHE_DTYPE = jnp.float32
 class LayerCache:
     """One layer's keys and values, laid out for attention: heads before slots."""
 
-    keys: jax.Array  # CACHE_DTYPE [B, n_kv_heads, S, head_dim]
-    values: jax.Array  # CACHE_DTYPE [B, n_kv_heads, S, head_dim_v]
+    keys: Stored  # [B, n_kv_heads, S, head_dim], as CacheTypes.k
+    values: Stored  # [B, n_kv_heads, S, head_dim_v], as CacheTypes.v
     positions: jax.Array  # int32 [B, S]: the absolute position in each slot, EMPTY if none
 
     @property
@@ -42,21 +62,21 @@ class KVCache:
     layers: tuple[LayerCache, ...]
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int) -> KVCache:
+def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, types: CacheTypes = CacheTypes()) -> KVCache:
     """An empty cache for batch_size sequences of up to max_seq_len positions each."""
-    return _empty_cache(cfg, batch_size, max_seq_len)
+    return _empty_cache(cfg, batch_size, max_seq_len, types)
 
 
 # Compiled once per shape: built op by op, the three arrays per layer cost ~1 ms of dispatch each
 # (measured 28 ms for SmolLM2's 30 layers), paid by every prefill before its first token.
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def _empty_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int) -> KVCache:
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _empty_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, types: CacheTypes) -> KVCache:
 
     def layer(sliding: bool) -> LayerCache:
         n_slots = min(cfg.sliding_window, max_seq_len) if sliding else max_seq_len
         return LayerCache(
-            keys=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim), CACHE_DTYPE),
-            values=jnp.zeros((batch_size, cfg.n_head_kv, n_slots, cfg.head_dim_v), CACHE_DTYPE),
+            keys=attention_kv.empty(types.k, (batch_size, cfg.n_head_kv, n_slots, cfg.head_dim)),
+            values=attention_kv.empty(types.v, (batch_size, cfg.n_head_kv, n_slots, cfg.head_dim_v)),
             positions=jnp.full((batch_size, n_slots), EMPTY, jnp.int32),
         )
 
@@ -84,10 +104,14 @@ def write(cache: LayerCache, keys: jax.Array, values: jax.Array, positions: jax.
     kept = (positions >= 0) & (positions > last - n_slots)
     slots = jnp.where(kept, positions % n_slots, n_slots)  # n_slots is out of range: dropped
     rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+
+    def scatter(whole: jax.Array, chunk: jax.Array) -> jax.Array:
+        return whole.at[rows, :, slots].set(chunk, mode="drop")
+
     return replace(
         cache,
-        keys=cache.keys.at[rows, :, slots].set(keys.astype(cache.keys.dtype), mode="drop"),
-        values=cache.values.at[rows, :, slots].set(values.astype(cache.values.dtype), mode="drop"),
+        keys=jax.tree.map(scatter, cache.keys, attention_kv.like(keys, cache.keys)),
+        values=jax.tree.map(scatter, cache.values, attention_kv.like(values, cache.values)),
         positions=cache.positions.at[rows, slots].set(positions, mode="drop"),
     )
 
@@ -98,11 +122,13 @@ def extract_row(cache: KVCache, slot: jax.Array, size: int) -> KVCache:
 
     def layer(whole: LayerCache) -> LayerCache:
         n_slots = min(whole.n_slots, size)
+
+        def row(leaf: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_slice(leaf, (slot, 0, 0, 0), (1, leaf.shape[1], n_slots, leaf.shape[3]))
+
         return LayerCache(
-            keys=jax.lax.dynamic_slice(whole.keys, (slot, 0, 0, 0), (1, whole.keys.shape[1], n_slots, whole.keys.shape[3])),
-            values=jax.lax.dynamic_slice(
-                whole.values, (slot, 0, 0, 0), (1, whole.values.shape[1], n_slots, whole.values.shape[3])
-            ),
+            keys=jax.tree.map(row, whole.keys),
+            values=jax.tree.map(row, whole.values),
             positions=jax.lax.dynamic_slice(whole.positions, (slot, 0), (1, n_slots)),
         )
 
@@ -116,13 +142,16 @@ def insert_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
     slots than the whole never holds a position past its size."""
 
     def layer(whole: LayerCache, part: LayerCache) -> LayerCache:
-        at = (slot, 0, 0, 0)
         positions = jax.lax.dynamic_update_slice(
             whole.positions, jnp.full((1, whole.n_slots), EMPTY, jnp.int32), (slot, 0)
         )
+
+        def put(whole_leaf: jax.Array, part_leaf: jax.Array) -> jax.Array:
+            return jax.lax.dynamic_update_slice(whole_leaf, part_leaf, (slot, 0, 0, 0))
+
         return LayerCache(
-            keys=jax.lax.dynamic_update_slice(whole.keys, part.keys.astype(whole.keys.dtype), at),
-            values=jax.lax.dynamic_update_slice(whole.values, part.values.astype(whole.values.dtype), at),
+            keys=jax.tree.map(put, whole.keys, part.keys),
+            values=jax.tree.map(put, whole.values, part.values),
             positions=jax.lax.dynamic_update_slice(positions, part.positions, (slot, 0)),
         )
 

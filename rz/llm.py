@@ -12,6 +12,7 @@ from rz.engine import Engine
 from rz.errors import ChatTemplateError, RequestError
 from rz.generation import Generation, GenerationRequest
 from rz.gguf import GGUFFile
+from rz.kv_cache import CacheTypes
 from rz.model_files import default_model_path
 from rz.request import Completion, RequestOptions
 from rz.scheduler import Scheduler
@@ -33,8 +34,12 @@ class LLM:
         n_ctx: int | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         compilation_cache: str | Path | None | bool = True,
+        cache_type_k: str = CacheTypes.k,
+        cache_type_v: str = CacheTypes.v,
     ):
         started = time.perf_counter()
+        # How the KV cache stores keys and values (llama.cpp's names: f32, f16, bf16, q8_0).
+        self.cache_types = CacheTypes(cache_type_k, cache_type_v)
         enable_compilation_cache(compilation_cache)
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = GGUFFile(self.path)
@@ -184,7 +189,7 @@ class LLM:
                 self._retired_compilations.update(self._current.compilations)
                 # Dropped (and so freed, cache and all) before the larger cache is allocated.
                 self._current = self._current_scheduler = None
-            self._current = Engine(self.model, self.tokenizer, self.n_ctx, n_slots)
+            self._current = Engine(self.model, self.tokenizer, self.n_ctx, n_slots, cache_types=self.cache_types)
             self._current_scheduler = Scheduler(self._current)
         return self._current_scheduler
 

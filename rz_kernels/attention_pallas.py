@@ -11,6 +11,9 @@ prefill and sliding windows cheap whatever the slot order of a ring buffer.
     and returns unnormalized partial outputs with their running max and sum; XLA merges the
     splits. Long contexts get many programs even at batch 1, and K/V are read once.
 
+K and V come as any of rz_kernels.attention_kv's cache types, each leaf (a float array, or q8_0's
+quants and scales) a block input of its own, converted to f32 one key block at a time in the kernel.
+
 Reference twin: rz_kernels.causal_attention.attention_ref. interpret=True runs them on any backend.
 """
 
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from rz_kernels.attention_kv import Q8_0_BLOCK
 from rz_kernels.attention_scores import capped, visible
 
 DOT_MIN_ROWS = 16  # tl.dot's smallest tile dimension
@@ -36,13 +40,28 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, window, scale, softcap):
+def _stored_leaves(stored) -> list[jax.Array]:
+    """A K or V's arrays, each to be one block input: a float array, or q8_0's quants and scales."""
+    return jax.tree.leaves(stored)
+
+
+def _rows_f32(refs, keys) -> jax.Array:
+    """Rows `keys` of a K or V given as its leaves' refs, as f32 [n, D]."""
+    if len(refs) == 1:
+        return refs[0][keys, :].astype(jnp.float32)
+    quants, scales = refs[0][keys, :].astype(jnp.float32), refs[1][keys, :].astype(jnp.float32)
+    n, width = quants.shape
+    expanded = jnp.broadcast_to(scales[:, :, None], (n, width // Q8_0_BLOCK, Q8_0_BLOCK)).reshape(n, width)
+    return quants * expanded
+
+
+def _attend_blocks(q, q_pos, k_refs, v_refs, k_pos_ref, *, n_blocks, block_k, window, scale, softcap):
     """Online softmax of q [R, D] over n_blocks key blocks of the refs -> (acc [R, Dv], max [R], sum [R]).
 
     acc is unnormalized: the output is acc / sum. Rows that see no key end with sum 0.
     """
     rows = q.shape[0]
-    dv = v_ref.shape[-1]
+    dv = v_refs[0].shape[-1]
 
     def block(j, carry):
         keys = pl.ds(j * block_k, block_k)
@@ -52,7 +71,7 @@ def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, wind
         def update(carry):
             acc, running_max, running_sum = carry
             scores = jax.lax.dot_general(
-                q, k_ref[keys, :].astype(jnp.float32), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+                q, _rows_f32(k_refs, keys), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
             )
             scores = capped(scores * scale, softcap)
             scores = jnp.where(seen, scores, -jnp.inf)
@@ -63,7 +82,7 @@ def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, wind
             correction = jnp.exp(running_max - shift)
             running_sum = running_sum * correction + jnp.sum(weights, axis=1)
             acc = acc * correction[:, None] + jnp.dot(
-                weights, v_ref[keys, :].astype(jnp.float32), preferred_element_type=jnp.float32
+                weights, _rows_f32(v_refs, keys), preferred_element_type=jnp.float32
             )
             return acc, new_max, running_sum
 
@@ -78,8 +97,10 @@ def _attend_blocks(q, q_pos, k_ref, v_ref, k_pos_ref, *, n_blocks, block_k, wind
     return jax.lax.fori_loop(0, n_blocks, block, init)
 
 
-def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, **options):
-    acc, _, total = _attend_blocks(q_ref[...].astype(jnp.float32), q_pos_ref[...], k_ref, v_ref, k_pos_ref, **options)
+def _flash_kernel(*refs, n_k, n_v, **options):
+    q_ref, k_refs, v_refs = refs[0], refs[1 : 1 + n_k], refs[1 + n_k : 1 + n_k + n_v]
+    q_pos_ref, k_pos_ref, o_ref = refs[1 + n_k + n_v :]
+    acc, _, total = _attend_blocks(q_ref[...].astype(jnp.float32), q_pos_ref[...], k_refs, v_refs, k_pos_ref, **options)
     o_ref[...] = acc / jnp.where(total > 0, total, 1.0)[:, None]
 
 
@@ -111,19 +132,22 @@ def flash_attention(
     keys_padded = pl.cdiv(n_keys, block_k) * block_k
     q = _pad_axis(q, 2, length_padded)
     q_positions = _pad_axis(q_positions.astype(jnp.int32), 1, length_padded, -1)
-    k = _pad_axis(k, 2, keys_padded)
-    v = _pad_axis(v, 2, keys_padded)
+    k_leaves = [_pad_axis(leaf, 2, keys_padded) for leaf in _stored_leaves(k)]
+    v_leaves = [_pad_axis(leaf, 2, keys_padded) for leaf in _stored_leaves(v)]
     k_positions = _pad_axis(k_positions.astype(jnp.int32), 1, keys_padded, -1)
     kernel = functools.partial(
-        _flash_kernel, n_blocks=keys_padded // block_k, block_k=block_k, window=window, scale=scale, softcap=softcap
+        _flash_kernel, n_k=len(k_leaves), n_v=len(v_leaves), n_blocks=keys_padded // block_k, block_k=block_k,
+        window=window, scale=scale, softcap=softcap,
     )
     out = pl.pallas_call(
         kernel,
         grid=(batch, n_head, length_padded // block_q),
         in_specs=[
             pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, i: (b, h, i, 0)),
-            pl.BlockSpec((None, None, keys_padded, head_dim), lambda b, h, i: (b, h // group, 0, 0)),
-            pl.BlockSpec((None, None, keys_padded, dv), lambda b, h, i: (b, h // group, 0, 0)),
+            *(
+                pl.BlockSpec((None, None, keys_padded, leaf.shape[3]), lambda b, h, i: (b, h // group, 0, 0))
+                for leaf in (*k_leaves, *v_leaves)
+            ),
             pl.BlockSpec((None, block_q), lambda b, h, i: (b, i)),
             pl.BlockSpec((None, keys_padded), lambda b, h, i: (b, 0)),
         ],
@@ -132,13 +156,15 @@ def flash_attention(
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="flash_attention",
-    )(q, k, v, q_positions, k_positions)
+    )(q, *k_leaves, *v_leaves, q_positions, k_positions)
     return out[:, :, :length]
 
 
-def _decode_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, o_ref, max_ref, sum_ref, **options):
+def _decode_kernel(*refs, n_k, n_v, **options):
+    q_ref, k_refs, v_refs = refs[0], refs[1 : 1 + n_k], refs[1 + n_k : 1 + n_k + n_v]
+    q_pos_ref, k_pos_ref, o_ref, max_ref, sum_ref = refs[1 + n_k + n_v :]
     acc, running_max, total = _attend_blocks(
-        q_ref[...].astype(jnp.float32), q_pos_ref[...], k_ref, v_ref, k_pos_ref, **options
+        q_ref[...].astype(jnp.float32), q_pos_ref[...], k_refs, v_refs, k_pos_ref, **options
     )
     o_ref[...] = acc
     max_ref[...] = running_max
@@ -177,19 +203,22 @@ def decode_attention(
     # Row r = g * T + t of KV head h is query head h * G + g at step t.
     q_rows = _pad_axis(q.reshape(batch, n_kv, rows, head_dim), 2, rows_padded)
     row_positions = _pad_axis(jnp.tile(q_positions.astype(jnp.int32), (1, group)), 1, rows_padded, -1)
-    k = _pad_axis(k, 2, keys_padded)
-    v = _pad_axis(v, 2, keys_padded)
+    k_leaves = [_pad_axis(leaf, 2, keys_padded) for leaf in _stored_leaves(k)]
+    v_leaves = [_pad_axis(leaf, 2, keys_padded) for leaf in _stored_leaves(v)]
     k_positions = _pad_axis(k_positions.astype(jnp.int32), 1, keys_padded, -1)
     kernel = functools.partial(
-        _decode_kernel, n_blocks=blocks_per_split, block_k=block_k, window=window, scale=scale, softcap=softcap
+        _decode_kernel, n_k=len(k_leaves), n_v=len(v_leaves), n_blocks=blocks_per_split, block_k=block_k,
+        window=window, scale=scale, softcap=softcap,
     )
     partial_out, partial_max, partial_sum = pl.pallas_call(
         kernel,
         grid=(batch, n_kv, split_k),
         in_specs=[
             pl.BlockSpec((None, None, rows_padded, head_dim), lambda b, h, s: (b, h, 0, 0)),
-            pl.BlockSpec((None, None, split, head_dim), lambda b, h, s: (b, h, s, 0)),
-            pl.BlockSpec((None, None, split, dv), lambda b, h, s: (b, h, s, 0)),
+            *(
+                pl.BlockSpec((None, None, split, leaf.shape[3]), lambda b, h, s: (b, h, s, 0))
+                for leaf in (*k_leaves, *v_leaves)
+            ),
             pl.BlockSpec((None, rows_padded), lambda b, h, s: (b, 0)),
             pl.BlockSpec((None, split), lambda b, h, s: (b, s)),
         ],
@@ -206,7 +235,7 @@ def decode_attention(
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=interpret,
         name="decode_attention",
-    )(q_rows, k, v, row_positions, k_positions)
+    )(q_rows, *k_leaves, *v_leaves, row_positions, k_positions)
     out = merge_splits(partial_out, partial_max, partial_sum)
     return out[:, :, :rows].reshape(batch, n_head, length, dv)
 

@@ -4,7 +4,9 @@
 
     q            [B, Hq, T, D]   queries (T = 1 for a decode step)
     k, v         [B', Hkv, S, D], [B', Hkv, S, Dv], B' >= B (a cache may hold idle rows past
-                 the batch in use: sequence b reads row b); query head h reads KV head h // (Hq / Hkv)
+                 the batch in use: sequence b reads row b); query head h reads KV head h // (Hq / Hkv).
+                 Each stored as any of rz_kernels.attention_kv's cache types (f32, f16, bf16,
+                 q8_0), K and V independently; every implementation reads them as stored.
     q_positions  int32 [B, T]    absolute position of each query
     k_positions  int32 [B', S]   absolute position held by each key slot; -1: an empty slot
     -> o         f32 [B, Hq, T, Dv]
@@ -28,7 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz_kernels import attention_pallas, cpu_ffi, quantized_matmul
+from rz_kernels import attention_kv, attention_pallas, cpu_ffi, quantized_matmul
+from rz_kernels.attention_kv import Q8_0Rows
 from rz_kernels.attention_scores import capped, visible
 
 log = logging.getLogger("rz_kernels")
@@ -38,6 +41,10 @@ log = logging.getLogger("rz_kernels")
 DECODE_MAX_T = 16
 # The CPU formulation materializes scores for this many queries at a time.
 CPU_QUERY_CHUNK = 256
+# With keys in order, a chunk of queries attends over the first slots up to its latest position,
+# rounded up to this span times a power of two (a few compiled branches per cache size), instead
+# of the whole cache: scoring 1,100 tokens in a 2,048-slot cache scored every chunk against all 2,048.
+MIN_KEY_SPAN = 256
 
 
 def _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, precision):
@@ -46,7 +53,7 @@ def _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, pre
     batch, n_head, length, head_dim = q.shape
     n_kv = k.shape[1]
     grouped = q.reshape(batch, n_kv, n_head // n_kv, length, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, k.astype(jnp.float32), precision=precision)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", grouped, attention_kv.to_f32(k), precision=precision)
     scores = capped(scores * scale, softcap)
     mask = visible(q_positions[:, :, None], k_positions[:, None, :], window)[:, None, None]
     scores = jnp.where(mask, scores, -jnp.inf)
@@ -60,7 +67,7 @@ def _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap
     """Materialized-score attention with query heads grouped per KV head: no K/V repeat."""
     batch, n_head, length, _ = q.shape
     weights = _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, precision)
-    out = jnp.einsum("bkgts,bksd->bkgtd", weights, v.astype(jnp.float32), precision=precision)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights, attention_kv.to_f32(v), precision=precision)
     return out.reshape(batch, n_head, length, v.shape[-1])
 
 
@@ -90,8 +97,8 @@ def decode_attention_cpu(
     keys_in_order: bool = False,
     variant: cpu_ffi.Variant | None = None,
 ):
-    """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (f32 or f16) streamed once, split over
-    the sequence across threads. Shapes as attention_ref; head dims multiples of 8.
+    """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (any cache type) streamed once, split
+    over the sequence across threads. Shapes as attention_ref; head dims multiples of 8.
 
     keys_in_order promises that slot s holds position s or is empty (a KV cache that never wraps),
     so the kernel stops at the latest query position instead of scanning every slot. variant picks
@@ -102,8 +109,8 @@ def decode_attention_cpu(
     call = jax.ffi.ffi_call(cpu_ffi.attention_target(variant), out, vmap_method="sequential")
     return call(
         q.astype(jnp.float32),
-        k,
-        v,
+        *_ffi_operands(k),
+        *_ffi_operands(v),
         q_positions.astype(jnp.int32),
         k_positions.astype(jnp.int32),
         window=np.int32(window),
@@ -113,13 +120,25 @@ def decode_attention_cpu(
     )
 
 
+def _ffi_operands(stored) -> tuple[jax.Array, jax.Array]:
+    """A stored K or V as the kernel's (values, scales) buffers: a float type has no scales (an
+    empty f16 array stands in), q8_0 its int8 quants and f16 block scales."""
+    if isinstance(stored, Q8_0Rows):
+        return stored.quants, stored.scales
+    return stored, jnp.zeros((0,), jnp.float16)
+
+
 def _first_rows(q, k, v, k_positions):
     """K/V and their positions cut to q's batch: a cache may hold rows past the batch in use, which
     only the C++ decode kernel reads in place."""
     batch = q.shape[0]
     if k.shape[0] == batch:
         return k, v, k_positions
-    return k[:batch], v[:batch], k_positions[:batch]
+
+    def cut(leaf):
+        return leaf[:batch]
+
+    return jax.tree.map(cut, k), jax.tree.map(cut, v), k_positions[:batch]
 
 
 # ----- which path serves which step: the one decision, read by dispatch, describe_paths and the log -----
@@ -144,8 +163,8 @@ def _cuda_path(t: int) -> str:
 
 
 def _decode_kernel_fits(q, k, v) -> bool:
-    """The C++ decode kernel reads f32 or f16 K/V of one dtype, head dims multiples of 8."""
-    return k.dtype == v.dtype and k.dtype in (jnp.float32, jnp.float16) and q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
+    """The C++ decode kernel reads every cache type, head dims multiples of 8 (of 32 for q8_0, its block)."""
+    return q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk", "keys_in_order"))
@@ -164,26 +183,60 @@ def attention_cpu(
 ):
     """The CPU formulation: decode steps (T <= 16) by the C++ kernel; longer chunks by the
     reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
-    materializes more than [B, Hq, chunk, S] scores (XLA's dots are fast at these sizes)."""
+    materializes more than [B, Hq, chunk, S] scores (XLA's dots are fast at these sizes). With
+    keys_in_order, each query chunk reads only the slots up to its latest position (_used_span)."""
     if _cpu_path(q.shape[2], _decode_kernel_fits(q, k, v)) == "cpu_ffi_decode":
         return decode_attention_cpu(
             q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order
         )
     k, v, k_positions = _first_rows(q, k, v, k_positions)
     length = q.shape[2]
+
+    def attend(q_chunk, p_chunk):
+        if keys_in_order:
+            return _used_span(q_chunk, k, v, p_chunk, k_positions, window, scale, softcap)
+        return _grouped_attention(q_chunk, k, v, p_chunk, k_positions, window, scale, softcap, None)
+
     if length <= chunk:
-        return _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, None)
+        return attend(q, q_positions)
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     q_chunks = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(*q.shape[:2], n_chunks, chunk, q.shape[3])
     p_chunks = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1).reshape(q.shape[0], n_chunks, chunk)
 
     def one(args):
-        q_chunk, p_chunk = args
-        return _grouped_attention(q_chunk, k, v, p_chunk, k_positions, window, scale, softcap, None)
+        return attend(*args)
 
     out = jax.lax.map(one, (jnp.moveaxis(q_chunks, 2, 0), jnp.moveaxis(p_chunks, 1, 0)))
     return jnp.moveaxis(out, 0, 2).reshape(*q.shape[:2], n_chunks * chunk, v.shape[-1])[:, :, :length]
+
+
+def _key_spans(n_keys: int) -> list[int]:
+    """The spans a chunk with keys in order may attend over: MIN_KEY_SPAN doubling, then all n_keys."""
+    spans = []
+    span = MIN_KEY_SPAN
+    while span < n_keys:
+        spans.append(span)
+        span *= 2
+    return [*spans, n_keys]
+
+
+def _used_span(q, k, v, q_positions, k_positions, window, scale, softcap):
+    """_grouped_attention over the first slots of k/v, the smallest of _key_spans that holds every
+    position up to the latest query's: with keys in order (slot s holds position s or nothing, or a
+    stale later one that causality hides), no query sees a slot past it, so the result is the same."""
+    spans = _key_spans(k.shape[2])
+
+    def over(span):
+        def attend(q, k, v, q_positions, k_positions):
+            cut = jax.tree.map(lambda leaf: leaf[:, :, :span], (k, v))
+            return _grouped_attention(q, *cut, q_positions, k_positions[:, :span], window, scale, softcap, None)
+
+        return attend
+
+    needed = jnp.max(q_positions) + 1
+    index = jnp.minimum(jnp.searchsorted(jnp.asarray(spans), needed), len(spans) - 1)
+    return jax.lax.switch(index, [over(span) for span in spans], q, k, v, q_positions, k_positions)
 
 
 def describe_paths(backend: str | None = None) -> list[dict]:
@@ -239,16 +292,17 @@ def attention(
 
     keys_in_order (slot s holds position s or is empty) lets the CPU decode kernel skip the slots
     past the latest query; it never changes the result."""
-    key = (q.shape, k.shape, str(k.dtype), window)
+    types = f"{attention_kv.cache_type_of(k)}/{attention_kv.cache_type_of(v)}"
+    key = (q.shape, k.shape, types, window)
     if key not in _logged:
         _logged.add(key)
         cpu = _cpu_path(q.shape[2], _decode_kernel_fits(q, k, v))
         cuda = _cuda_path(q.shape[2])
         log.info(
-            "rz_kernels.attention q %s, k %s %s, window %d -> cpu: %s, cuda: %s",
+            "rz_kernels.attention q %s, k %s, K/V %s, window %d -> cpu: %s, cuda: %s",
             q.shape,
             k.shape,
-            k.dtype,
+            types,
             window,
             cpu,
             cuda,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from rz.buckets import Buckets, batch_ladder
+from rz.buckets import TAIL_CHUNK, Buckets, batch_ladder
 
 
 def test_context_ladder_ends_at_the_context_size():
@@ -13,7 +13,9 @@ def test_context_ladder_ends_at_the_context_size():
 
 
 @pytest.mark.parametrize("n_ctx", [8, 300, 4096])
-def test_chunks_cover_every_prompt_with_one_shape_per_context_bucket(n_ctx):
+def test_chunks_cover_every_prompt_with_one_shape_per_context_bucket_and_its_tail(n_ctx):
+    """One chunk length per context bucket, and for a last chunk of at most TAIL_CHUNK tokens
+    after others, the reused-prefix tail's shape (which a bucket compiles anyway)."""
     buckets = Buckets.for_context(n_ctx)
     shapes = set()
     for n in range(1, n_ctx + 1):
@@ -23,7 +25,12 @@ def test_chunks_cover_every_prompt_with_one_shape_per_context_bucket(n_ctx):
         assert chunks[0][0] == 0 and chunks[-1][0] + chunks[-1][1] >= n
         assert all(b[0] == a[0] + a[1] for a, b in zip(chunks, chunks[1:]))
         shapes.add((context, chunks[0][1]))
-        assert {length for _, length in chunks} == {chunks[0][1]}
+        assert {length for _, length in chunks[:-1]} <= {chunks[0][1]}
+        last_start, last_length = chunks[-1]
+        if last_start and n - last_start <= TAIL_CHUNK:
+            assert last_length == buckets.tail_chunk_length(n - last_start, context)
+        else:
+            assert last_length == chunks[0][1]
     assert len(shapes) == len(buckets.context)
 
 

@@ -1,5 +1,6 @@
 """rz.LLM end to end on a real model: the API contract, errors, batching, seeds, streaming."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -26,13 +27,22 @@ def test_generate_returns_a_completion(llm):
     assert out.timings["decode_seconds"] >= 0 and out.timings["time_to_first_token_seconds"] > 0
 
 
+# How far apart two logits may be for decode and a teacher-forced pass to rank them differently:
+# decode steps quantize activations to int8 for quantized weights (as llama.cpp does), prompts keep
+# them f32. Measured: with the f16 cache, this test's prompt has a 0.09 near-tie that decode breaks
+# the other way.
+NEAR_TIE = 0.25
+
+
 def test_greedy_tokens_are_the_argmax_of_scoring_the_same_sequence(llm):
-    """Prefill + step-by-step decode chooses what one teacher-forced pass says is most likely."""
+    """Prefill + step-by-step decode chooses what one teacher-forced pass says is most likely,
+    except at a near-tie of the teacher-forced logits."""
     prompt = llm.tokenize("In a hole in the ground there lived")
     out = llm.generate(prompt, max_tokens=12, temperature=0.0, ignore_eos=True)
-    logits = llm.score(prompt + out.token_ids)
-    predicted = logits[len(prompt) - 1 : -1].argmax(axis=-1)
-    assert list(predicted) == out.token_ids
+    logits = llm.score(prompt + out.token_ids)[len(prompt) - 1 : -1]
+    chosen = logits[np.arange(len(out.token_ids)), out.token_ids]
+    assert np.all(chosen >= logits.max(axis=-1) - NEAR_TIE), (chosen, logits.max(axis=-1))
+    assert np.mean(logits.argmax(axis=-1) == out.token_ids) >= 0.75
 
 
 def test_score_shape(llm):
@@ -240,3 +250,24 @@ def test_a_prompt_admitted_chunk_by_chunk_between_decode_steps_gets_what_it_gets
     assert len(admission.chunks) >= 3
     record(together, scheduler.drain())
     assert together[running] == alone[running] and together[long] == alone[long]
+
+
+def test_cache_types_default_to_f16_and_a_bad_name_lists_the_valid_ones(llm):
+    llm.generate("a b", max_tokens=2, temperature=0.0)
+    layer = llm._current.cache.layers[0]
+    assert layer.keys.dtype == layer.values.dtype == np.float16
+    with pytest.raises(RequestError, match="cache_type_v 'q4_0'.*f32, f16, bf16, q8_0"):
+        rz.LLM(smollm2_135m_path(), cache_type_v="q4_0")
+
+
+def test_keys_and_values_are_stored_as_asked():
+    """q8_0 keys and bf16 values: the engine's cache holds them so, and generation runs greedy to
+    the same first tokens as the f32 cache on this short prompt."""
+    from rz_kernels.attention_kv import Q8_0Rows
+
+    mixed = rz.LLM(smollm2_135m_path(), n_ctx=64, max_batch=1, cache_type_k="q8_0", cache_type_v="bf16")
+    out = mixed.generate("The capital of France is", max_tokens=4, temperature=0.0, ignore_eos=True)
+    layer = mixed._current.cache.layers[0]
+    assert isinstance(layer.keys, Q8_0Rows) and layer.values.dtype == jnp.bfloat16
+    exact = rz.LLM(smollm2_135m_path(), n_ctx=64, max_batch=1, cache_type_k="f32", cache_type_v="f32")
+    assert out.token_ids == exact.generate("The capital of France is", max_tokens=4, temperature=0.0, ignore_eos=True).token_ids

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rz.bench.errors import BenchError, PreflightError
 from rz.bench.history import DEFAULT_HISTORY
+from rz.server.cli import add_cache_type_arguments
 
 EXIT_FAILED_TEST, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
 _COMMANDS = ("run", "serve", "report", "parity", "chat", "schema")
@@ -74,6 +75,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-ctx", type=int, help="context positions per sequence (default: what the tests need, to 256)")
     parser.add_argument("--max-batch", type=int, help="rz's decode slots / llama.cpp's sequences (default: the largest --batch)")
     parser.add_argument("--n-batch", type=int, default=512, help="llama.cpp's prompt batch (default: 512)")
+    add_cache_type_arguments(parser)
     parser.add_argument("--reps-min", type=int, default=3, help="repetitions before the CV may stop them (default: 3)")
     parser.add_argument("--reps-max", type=int, default=10, help="most repetitions per engine and test (default: 10)")
     parser.add_argument("--max-time", type=float, default=60.0, help="most seconds of repetitions per engine and test (default: 60)")
@@ -115,6 +117,7 @@ def cmd_run(argv: list[str]) -> int:
     model = model_facts(model_path) | {"sha256": file_sha256(model_path)}
     settings = EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx, max_batch=max_batch,
                               n_batch=args.n_batch, seed=args.seed, server_model=args.server_model,
+                              cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
                               isolated=not args.no_isolate)
     progress = Progress(enabled=not args.quiet)
     engines = []
@@ -211,6 +214,7 @@ def _measure(args, engines, records, tests, rule, model, settings, progress) -> 
     return _envelope("engines", environment, model, {
         "engines_requested": args.engines, "tests": [t.as_dict() for t in tests],
         "threads": settings.threads, "n_ctx": settings.n_ctx, "max_batch": settings.max_batch, "n_batch": settings.n_batch,
+        "cache_type_k": settings.cache_type_k, "cache_type_v": settings.cache_type_v,
         "reps_min": rule.min_reps, "reps_max": rule.max_reps, "max_time_s": rule.max_seconds, "cv_threshold": rule.cv_threshold,
         "warmup": args.warmup, "seed": args.seed, "isolated": settings.isolated, "server_model": settings.server_model,
     }) | {

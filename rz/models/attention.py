@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 
 import rz_kernels
+from rz_kernels import attention_kv
+from rz_kernels.attention_kv import Stored
 from rz import kv_cache
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
@@ -85,9 +87,15 @@ def self_attention(
             q, cache.keys, cache.values, positions, cache.positions, keys_in_order=window == 0, **options
         )
     else:
-        all_keys = jnp.concatenate([cache.keys, keys.transpose(0, 2, 1, 3).astype(cache.keys.dtype)], axis=2)
-        all_values = jnp.concatenate([cache.values, values.transpose(0, 2, 1, 3).astype(cache.values.dtype)], axis=2)
+        all_keys = _with_chunk(cache.keys, keys)
+        all_values = _with_chunk(cache.values, values)
         key_positions = jnp.concatenate([kv_cache.history_positions(cache, positions), positions], axis=1)
         out = rz_kernels.attention(q, all_keys, all_values, positions, key_positions, **options)
         cache = kv_cache.write(cache, keys, values, positions)
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1), cache
+
+
+def _with_chunk(stored: Stored, chunk: jax.Array) -> Stored:
+    """The cache's keys or values [B, n_kv, S, D] followed by a chunk's [B, T, n_kv, D], stored alike."""
+    chunk = attention_kv.like(chunk.transpose(0, 2, 1, 3), stored)
+    return jax.tree.map(lambda cached, new: jnp.concatenate([cached, new], axis=2), stored, chunk)

@@ -7,6 +7,18 @@ import sys
 from pathlib import Path
 
 
+def add_cache_type_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cache-type-k and --cache-type-v: how the KV cache stores keys and values, as llama.cpp's flags."""
+    from rz.kv_cache import CacheTypes
+    from rz_kernels.attention_kv import CACHE_TYPES
+
+    for which, default in (("k", CacheTypes.k), ("v", CacheTypes.v)):
+        parser.add_argument(
+            f"--cache-type-{which}", choices=CACHE_TYPES, default=default,
+            help=f"KV cache type for {'keys' if which == 'k' else 'values'}; f32 for exact analysis (default: {default})",
+        )
+
+
 def add_commands(commands) -> None:
     """Add `serve` and `client` to python -m rz's subcommands."""
     serve = commands.add_parser(
@@ -14,6 +26,7 @@ def add_commands(commands) -> None:
     )
     serve.add_argument("--model", metavar="PATH", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
     serve.add_argument("--n-ctx", type=int, default=None, help="context size per slot (default: min(4096, the model's))")
+    add_cache_type_arguments(serve)
     serve.add_argument("--max-batch", type=_at_least(1), default=8, help="decode slots: requests generating at once (default: 8)")
     serve.add_argument("--max-queue", type=_at_least(0), default=64, help="requests that may wait for a slot (default: 64)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -104,6 +117,8 @@ def run_serve(args) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         http_port=args.http_port,
+        cache_type_k=args.cache_type_k,
+        cache_type_v=args.cache_type_v,
     ))
 
 

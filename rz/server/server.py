@@ -65,6 +65,8 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: Path | None = None  # PEM private key
     http_port: int = 8080  # the OpenAI/Ollama HTTP API; 0: any free port; -1: none
+    cache_type_k: str = "f16"  # how the KV cache stores keys and values: llama.cpp's names
+    cache_type_v: str = "f16"
 
 
 class ServerStartError(RzError):
@@ -137,11 +139,16 @@ class Server:
         from rz.llm import LLM
         from rz.server.scheduler import EngineLoop, warm_up
 
-        llm = LLM(self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch)
+        llm = LLM(
+            self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch,
+            cache_type_k=self.config.cache_type_k, cache_type_v=self.config.cache_type_v,
+        )
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
         _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
-        engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets)
+        engine = Engine(
+            llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types
+        )
         warm_up(engine)
         log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
         self.metrics.slots.set(engine.n_slots)

@@ -1,7 +1,9 @@
 // Decode attention for x86-64 CPUs with AVX2: few queries per sequence over a KV cache, K and V
 // streamed once. Shapes and mask contract as rz_kernels/causal_attention.py:
 //
-//   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] f32 or f16,
+//   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] as one of the cache types
+//   (f32, f16, bf16, or q8_0: int8 quants with k_scales [B, Hkv, S, D / 32] f16, one scale per 32
+//   elements; a float type's scales buffer is empty), K and V independently,
 //   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
 //
 // A task is one (sequence, KV head, split of the slots): it holds the G * T query rows of the
@@ -18,6 +20,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "attention_kv.h"
 #include "simd.h"
 #include "threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -29,6 +32,10 @@ namespace {
 
 using rz_cpu::hsum;
 using rz_cpu::hmax;
+using rz_cpu::kElemBytes;
+using rz_cpu::kQ8Block;
+using rz_cpu::Kv;
+using rz_cpu::Rows;
 
 constexpr int64_t kKeyBlock = 32;
 constexpr int64_t kMinKeysPerSplit = 1024;
@@ -57,11 +64,21 @@ RZ_INLINE __m256 exp_ps(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
 }
 
-// 8 elements of a K or V row as f32.
-template <bool kHalf>
-RZ_INLINE __m256 load8(const void* row, int64_t i) {
-  if constexpr (kHalf) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i)));
-  else return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+// Elements i..i+7 of slot s's row as f32.
+template <Kv T>
+RZ_INLINE __m256 load8(const Rows& rows, int64_t s, int64_t i) {
+  const int64_t at = s * rows.width + i;
+  const auto* bytes = rows.data + at * kElemBytes<T>;
+  if constexpr (T == Kv::F32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(bytes));
+  } else if constexpr (T == Kv::F16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+  } else if constexpr (T == Kv::BF16) {  // bf16 is an f32's upper half
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))), 16));
+  } else {
+    const __m256 quants = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+    return _mm256_mul_ps(quants, _mm256_set1_ps(_cvtsh_ss(rows.scales[at / kQ8Block])));
+  }
 }
 
 struct Problem {
@@ -70,6 +87,9 @@ struct Problem {
   const float* q;
   const void* k;
   const void* v;
+  const uint16_t* k_scales;  // q8_0 only
+  const uint16_t* v_scales;
+  Kv k_type, v_type;
   const int32_t* q_positions;
   const int32_t* k_positions;
   int32_t window;
@@ -96,10 +116,9 @@ RZ_INLINE __m256 hsum8(const __m256 (&a)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// The scores of query row q against the block's 32 keys, -inf where masked (mask bit j: visible).
-template <bool kHalf>
-RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_block, uint32_t mask, float* scores) {
-  const int64_t row_bytes = p.D * (kHalf ? 2 : 4);
+// The scores of query row q against the 32 keys from slot `start`, -inf where masked (mask bit j: visible).
+template <Kv KT>
+RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, int64_t start, uint32_t mask, float* scores) {
   for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 8) {
     const uint32_t group_mask = (mask >> j0) & 0xFF;
     if (!group_mask) {
@@ -111,7 +130,7 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_b
     for (int64_t i = 0; i < p.D; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
-      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, load8<kHalf>(k_block + (j0 + jj) * row_bytes, i), acc[jj]);
+      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, load8<KT>(keys, start + j0 + jj, i), acc[jj]);
     }
     __m256 s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(p.scale));
     if (p.softcap > 0) {
@@ -130,9 +149,8 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_b
 // at lane i, the RG * NV accumulators kept in registers while the block's V rows stream by. Each
 // accumulator is an FMA chain over the keys: RG * NV = 8 chains keep both FMA units busy (with
 // fewer, every key waits on the FMA latency).
-template <int RG, int NV, bool kHalf>
-RZ_INLINE void value_tile(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out, int64_t i) {
-  const int64_t row_bytes = p.Dv * (kHalf ? 2 : 4);
+template <int RG, int NV, Kv VT>
+RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, const float* correction, float* out, int64_t i) {
   __m256 acc[RG][NV];
 #pragma GCC unroll 2
   for (int r = 0; r < RG; ++r) {
@@ -141,10 +159,9 @@ RZ_INLINE void value_tile(const Problem& p, const uint8_t* v_block, int64_t n, c
     for (int u = 0; u < NV; ++u) acc[r][u] = _mm256_mul_ps(c, _mm256_loadu_ps(out + r * p.Dv + i + 8 * u));
   }
   for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* row = v_block + j * row_bytes;
     __m256 vv[NV];
 #pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) vv[u] = load8<kHalf>(row, i + 8 * u);
+    for (int u = 0; u < NV; ++u) vv[u] = load8<VT>(values, start + j, i + 8 * u);
 #pragma GCC unroll 2
     for (int r = 0; r < RG; ++r) {
       const __m256 w = _mm256_broadcast_ss(weights + r * kKeyBlock + j);
@@ -161,20 +178,20 @@ RZ_INLINE void value_tile(const Problem& p, const uint8_t* v_block, int64_t n, c
 
 // value_tile over all rows and lanes: rows in pairs, 32 lanes at a time; an odd last row 64 lanes
 // at a time; head dims that are not multiples of those finish 8 lanes at a time.
-template <bool kHalf>
-RZ_INLINE void block_values(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out) {
+template <Kv VT>
+RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, const float* correction, float* out) {
   int64_t r = 0;
   for (; r + 2 <= p.R; r += 2) {
     const float* w = weights + r * kKeyBlock;
     int64_t i = 0;
-    for (; i + 32 <= p.Dv; i += 32) value_tile<2, 4, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
-    for (; i < p.Dv; i += 8) value_tile<2, 1, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
+    for (; i + 32 <= p.Dv; i += 32) value_tile<2, 4, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<2, 1, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
   }
   if (r < p.R) {
     const float* w = weights + r * kKeyBlock;
     int64_t i = 0;
-    for (; i + 64 <= p.Dv; i += 64) value_tile<1, 8, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
-    for (; i < p.Dv; i += 8) value_tile<1, 1, kHalf>(p, v_block, n, w, correction + r, out + r * p.Dv, i);
+    for (; i + 64 <= p.Dv; i += 64) value_tile<1, 8, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<1, 1, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
   }
 }
 
@@ -186,11 +203,10 @@ struct TaskScratch {
   std::vector<uint32_t> masks;
 };
 
-template <bool kHalf>
+template <Kv KT, Kv VT>
 void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
-  const int64_t elem = kHalf ? 2 : 4;
-  const auto* k_base = static_cast<const uint8_t*>(p.k) + ((b * p.Hkv + kv) * p.S) * p.D * elem;
-  const auto* v_base = static_cast<const uint8_t*>(p.v) + ((b * p.Hkv + kv) * p.S) * p.Dv * elem;
+  const Rows keys = rz_cpu::head_rows<KT>(p.k, p.k_scales, b * p.Hkv + kv, p.S, p.D);
+  const Rows values = rz_cpu::head_rows<VT>(p.v, p.v_scales, b * p.Hkv + kv, p.S, p.Dv);
   const int32_t* k_pos = p.k_positions + b * p.S;
   const int32_t* q_pos = p.q_positions + b * p.T;
   thread_local TaskScratch scratch;
@@ -219,9 +235,8 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       any |= mask;
     }
     if (!any) continue;
-    const uint8_t* k_block = k_base + start * p.D * elem;
     for (int64_t r = 0; r < p.R; ++r) {
-      block_scores<kHalf>(p, q_rows[r], k_block, masks[r % p.T], scores);
+      block_scores<KT>(p, q_rows[r], keys, start, masks[r % p.T], scores);
       // Online softmax: the row's state moves to the new running max, then takes the block.
       __m256 block_max = _mm256_set1_ps(-INFINITY);
       for (int64_t j = 0; j < kKeyBlock; j += 8) block_max = _mm256_max_ps(block_max, _mm256_load_ps(scores + j));
@@ -242,18 +257,19 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       }
       part.sum[r] = part.sum[r] * correction[r] + hsum(total);
     }
-    block_values<kHalf>(p, v_base + start * p.Dv * elem, n, weights.data(), correction.data(), part.out);
+    block_values<VT>(p, values, start, n, weights.data(), correction.data(), part.out);
   }
 }
 
-ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_positions,
-                         ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap,
-                         bool keys_in_order) {
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales, ffi::AnyBuffer v,
+                         ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> k_positions,
+                         ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_attention: q, k, v must be 4-D");
-  const bool half = k.element_type() == ffi::F16;
-  if (k.element_type() != v.element_type() || (!half && k.element_type() != ffi::F32)) {
-    return ffi::Error::InvalidArgument("rz_attention: k and v must both be f32 or both f16");
+  const std::optional<Kv> k_type = rz_cpu::kv_type(k.element_type()), v_type = rz_cpu::kv_type(v.element_type());
+  if (!k_type || !v_type) return ffi::Error::InvalidArgument("rz_attention: k and v must each be f32, f16, bf16 or q8_0 (s8 quants)");
+  if (!rz_cpu::scales_fit(*k_type, k, k_scales) || !rz_cpu::scales_fit(*v_type, v, v_scales)) {
+    return ffi::Error::InvalidArgument("rz_attention: q8_0 needs head dims that are multiples of 32 and f16 scales [B, Hkv, S, D / 32]");
   }
   Problem p{};
   p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
@@ -266,6 +282,10 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
   p.q = q.typed_data();
   p.k = k.untyped_data();
   p.v = v.untyped_data();
+  p.k_scales = static_cast<const uint16_t*>(k_scales.untyped_data());
+  p.v_scales = static_cast<const uint16_t*>(v_scales.untyped_data());
+  p.k_type = *k_type;
+  p.v_type = *v_type;
   p.q_positions = q_positions.typed_data();
   p.k_positions = k_positions.typed_data();
   p.window = window;
@@ -300,8 +320,9 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
     Partial& part = partials[task];
     part.reset(p.R, p.Dv);
     const int64_t s0 = split * keys_per_split, s1 = std::min(p.S_used, s0 + keys_per_split);
-    if (half) attend_split<true>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
-    else attend_split<false>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+    rz_cpu::with_kv_types(p.k_type, p.v_type, [&](auto kt, auto vt) {
+      attend_split<decltype(kt)::value, decltype(vt)::value>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+    });
   });
   // Merge the splits of each head; a row that saw nothing gets zeros.
   float* out = o->typed_data();
@@ -333,6 +354,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzAttention, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

@@ -2,7 +2,8 @@
 // (RzAttention, same buffers and attributes), in 128-bit vectors. Shapes and mask contract as
 // rz_kernels/causal_attention.py:
 //
-//   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] f32 or f16,
+//   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] as one of the cache types
+//   (f32, f16, bf16, or q8_0 with f16 scales [B, Hkv, S, D / 32]), K and V independently,
 //   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
 //
 // A task is one (sequence, KV head, split of the slots): it holds the G * T query rows of the KV
@@ -13,8 +14,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "attention_kv.h"
 #include "simd_neon.h"
 #include "threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -22,6 +25,11 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+using rz_cpu::kElemBytes;
+using rz_cpu::kQ8Block;
+using rz_cpu::Kv;
+using rz_cpu::Rows;
 
 constexpr int64_t kKeyBlock = 32;
 constexpr int64_t kMinKeysPerSplit = 1024;
@@ -49,11 +57,24 @@ RZ_INLINE float32x4_t exp_f32x4(float32x4_t x) {
   return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(e), underflow));
 }
 
-// 4 elements of a K or V row as f32.
-template <bool kHalf>
-RZ_INLINE float32x4_t load4(const void* row, int64_t i) {
-  if constexpr (kHalf) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(static_cast<const uint16_t*>(row) + i)));
-  else return vld1q_f32(static_cast<const float*>(row) + i);
+// Elements i..i+3 of slot s's row as f32.
+template <Kv T>
+RZ_INLINE float32x4_t load4(const Rows& rows, int64_t s, int64_t i) {
+  const int64_t at = s * rows.width + i;
+  const auto* bytes = rows.data + at * kElemBytes<T>;
+  if constexpr (T == Kv::F32) {
+    return vld1q_f32(reinterpret_cast<const float*>(bytes));
+  } else if constexpr (T == Kv::F16) {
+    return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const uint16_t*>(bytes))));
+  } else if constexpr (T == Kv::BF16) {  // bf16 is an f32's upper half
+    return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(reinterpret_cast<const uint16_t*>(bytes)), 16));
+  } else {
+    int32_t four;  // 4 quants: a wider load could pass the buffer's end
+    std::memcpy(&four, bytes, 4);
+    const int16x4_t quants = vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four))));
+    const float16x4_t scale = vreinterpret_f16_u16(vdup_n_u16(rows.scales[at / kQ8Block]));
+    return vmulq_f32(vcvtq_f32_s32(vmovl_s16(quants)), vcvt_f32_f16(scale));
+  }
 }
 
 struct Problem {
@@ -64,6 +85,9 @@ struct Problem {
   const void* v;
   const int32_t* q_positions;
   const int32_t* k_positions;
+  const uint16_t* k_scales;  // q8_0 only
+  const uint16_t* v_scales;
+  Kv k_type, v_type;
   int32_t window;
   float scale, softcap;
 };
@@ -80,10 +104,9 @@ struct Partial {
   }
 };
 
-// The scores of query row q against the block's 32 keys, -inf where masked (mask bit j: visible).
-template <bool kHalf>
-RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_block, uint32_t mask, float* scores) {
-  const int64_t row_bytes = p.D * (kHalf ? 2 : 4);
+// The scores of query row q against the 32 keys from slot `start`, -inf where masked (mask bit j: visible).
+template <Kv KT>
+RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, int64_t start, uint32_t mask, float* scores) {
   for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 4) {
     const uint32_t group_mask = (mask >> j0) & 0xF;
     if (!group_mask) {
@@ -95,7 +118,7 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_b
     for (int64_t i = 0; i < p.D; i += 4) {
       const float32x4_t qv = vld1q_f32(q + i);
 #pragma GCC unroll 4
-      for (int jj = 0; jj < 4; ++jj) acc[jj] = vfmaq_f32(acc[jj], qv, load4<kHalf>(k_block + (j0 + jj) * row_bytes, i));
+      for (int jj = 0; jj < 4; ++jj) acc[jj] = vfmaq_f32(acc[jj], qv, load4<KT>(keys, start + j0 + jj, i));
     }
     float32x4_t s = vmulq_n_f32(vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3])), p.scale);
     if (p.softcap > 0) {
@@ -112,16 +135,14 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const uint8_t* k_b
 
 // out[r] = out[r] * correction[r] + sum_j weights[r, j] v_j for one row and NV * 4 output lanes
 // at lane i, the accumulators kept in registers while the block's V rows stream by.
-template <int NV, bool kHalf>
-RZ_INLINE void value_tile(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, float correction, float* out, int64_t i) {
-  const int64_t row_bytes = p.Dv * (kHalf ? 2 : 4);
+template <int NV, Kv VT>
+RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, float correction, float* out, int64_t i) {
   float32x4_t acc[NV];
 #pragma GCC unroll 8
   for (int u = 0; u < NV; ++u) acc[u] = vmulq_n_f32(vld1q_f32(out + i + 4 * u), correction);
   for (int64_t j = 0; j < n; ++j) {
-    const uint8_t* row = v_block + j * row_bytes;
 #pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) acc[u] = vfmaq_n_f32(acc[u], load4<kHalf>(row, i + 4 * u), weights[j]);
+    for (int u = 0; u < NV; ++u) acc[u] = vfmaq_n_f32(acc[u], load4<VT>(values, start + j, i + 4 * u), weights[j]);
   }
 #pragma GCC unroll 8
   for (int u = 0; u < NV; ++u) vst1q_f32(out + i + 4 * u, acc[u]);
@@ -129,12 +150,12 @@ RZ_INLINE void value_tile(const Problem& p, const uint8_t* v_block, int64_t n, c
 
 // value_tile over all rows and lanes: 32 lanes at a time, head dims that are not multiples of 32
 // finish 8 at a time.
-template <bool kHalf>
-RZ_INLINE void block_values(const Problem& p, const uint8_t* v_block, int64_t n, const float* weights, const float* correction, float* out) {
+template <Kv VT>
+RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, const float* correction, float* out) {
   for (int64_t r = 0; r < p.R; ++r) {
     int64_t i = 0;
-    for (; i + 32 <= p.Dv; i += 32) value_tile<8, kHalf>(p, v_block, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
-    for (; i < p.Dv; i += 8) value_tile<2, kHalf>(p, v_block, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
+    for (; i + 32 <= p.Dv; i += 32) value_tile<8, VT>(p, values, start, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<2, VT>(p, values, start, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
   }
 }
 
@@ -146,11 +167,10 @@ struct TaskScratch {
   std::vector<uint32_t> masks;
 };
 
-template <bool kHalf>
+template <Kv KT, Kv VT>
 void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
-  const int64_t elem = kHalf ? 2 : 4;
-  const auto* k_base = static_cast<const uint8_t*>(p.k) + ((b * p.Hkv + kv) * p.S) * p.D * elem;
-  const auto* v_base = static_cast<const uint8_t*>(p.v) + ((b * p.Hkv + kv) * p.S) * p.Dv * elem;
+  const Rows keys = rz_cpu::head_rows<KT>(p.k, p.k_scales, b * p.Hkv + kv, p.S, p.D);
+  const Rows values = rz_cpu::head_rows<VT>(p.v, p.v_scales, b * p.Hkv + kv, p.S, p.Dv);
   const int32_t* k_pos = p.k_positions + b * p.S;
   const int32_t* q_pos = p.q_positions + b * p.T;
   thread_local TaskScratch scratch;
@@ -179,9 +199,8 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       any |= mask;
     }
     if (!any) continue;
-    const uint8_t* k_block = k_base + start * p.D * elem;
     for (int64_t r = 0; r < p.R; ++r) {
-      block_scores<kHalf>(p, q_rows[r], k_block, masks[r % p.T], scores);
+      block_scores<KT>(p, q_rows[r], keys, start, masks[r % p.T], scores);
       // Online softmax: the row's state moves to the new running max, then takes the block.
       float32x4_t block_max = vdupq_n_f32(-INFINITY);
       for (int64_t j = 0; j < kKeyBlock; j += 4) block_max = vmaxq_f32(block_max, vld1q_f32(scores + j));
@@ -202,18 +221,19 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       }
       part.sum[r] = part.sum[r] * correction[r] + vaddvq_f32(total);
     }
-    block_values<kHalf>(p, v_base + start * p.Dv * elem, n, weights.data(), correction.data(), part.out);
+    block_values<VT>(p, values, start, n, weights.data(), correction.data(), part.out);
   }
 }
 
-ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_positions,
-                         ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap,
-                         bool keys_in_order) {
+ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales, ffi::AnyBuffer v,
+                         ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> k_positions,
+                         ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_attention: q, k, v must be 4-D");
-  const bool half = k.element_type() == ffi::F16;
-  if (k.element_type() != v.element_type() || (!half && k.element_type() != ffi::F32)) {
-    return ffi::Error::InvalidArgument("rz_attention: k and v must both be f32 or both f16");
+  const std::optional<Kv> k_type = rz_cpu::kv_type(k.element_type()), v_type = rz_cpu::kv_type(v.element_type());
+  if (!k_type || !v_type) return ffi::Error::InvalidArgument("rz_attention: k and v must each be f32, f16, bf16 or q8_0 (s8 quants)");
+  if (!rz_cpu::scales_fit(*k_type, k, k_scales) || !rz_cpu::scales_fit(*v_type, v, v_scales)) {
+    return ffi::Error::InvalidArgument("rz_attention: q8_0 needs head dims that are multiples of 32 and f16 scales [B, Hkv, S, D / 32]");
   }
   Problem p{};
   p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
@@ -226,6 +246,10 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
   p.q = q.typed_data();
   p.k = k.untyped_data();
   p.v = v.untyped_data();
+  p.k_scales = static_cast<const uint16_t*>(k_scales.untyped_data());
+  p.v_scales = static_cast<const uint16_t*>(v_scales.untyped_data());
+  p.k_type = *k_type;
+  p.v_type = *v_type;
   p.q_positions = q_positions.typed_data();
   p.k_positions = k_positions.typed_data();
   p.window = window;
@@ -258,8 +282,9 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
     Partial& part = partials[task];
     part.reset(p.R, p.Dv);
     const int64_t s0 = split * keys_per_split, s1 = std::min(p.S_used, s0 + keys_per_split);
-    if (half) attend_split<true>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
-    else attend_split<false>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+    rz_cpu::with_kv_types(p.k_type, p.v_type, [&](auto kt, auto vt) {
+      attend_split<decltype(kt)::value, decltype(vt)::value>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+    });
   });
   // Merge the splits of each head; a row that saw nothing gets zeros.
   float* out = o->typed_data();
@@ -291,6 +316,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzAttention, AttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

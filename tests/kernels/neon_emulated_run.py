@@ -17,7 +17,7 @@ import numpy as np
 
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensor
-from rz_kernels import attention, cpu_ffi, qmatmul
+from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul
 from rz_kernels.causal_attention import decode_attention_cpu
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
 
@@ -63,6 +63,7 @@ def main(inputs_path: str, outputs_path: str) -> None:
     for case in plan["attention"] if cpu_ffi.available() else ():
         key = case["key"]
         q, k, v, q_positions, k_positions = (jnp.asarray(inputs[f"{key}.{name}"]) for name in ("q", "k", "v", "qp", "kp"))
+        k, v = attention_kv.store(k, case["types"][0]), attention_kv.store(v, case["types"][1])
         outputs[f"{key}.o"] = np.asarray(decode_attention_cpu(q, k, v, q_positions, k_positions, **case["options"]))
         # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
         outputs[f"{key}.public"] = np.asarray(jax.jit(lambda *a: attention(*a, **case["options"]))(q, k, v, q_positions, k_positions))

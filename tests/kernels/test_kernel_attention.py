@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rz_kernels import attention_pallas, cpu_ffi
+from rz_kernels import attention_kv, attention_pallas, cpu_ffi
+from rz_kernels.attention_kv import CACHE_TYPES
 from support.kernels import nmse
 from rz_kernels.causal_attention import (
     attention,
@@ -101,16 +102,54 @@ def test_reference_matches_the_model_attention_maps():
     np.testing.assert_allclose(ours.transpose(0, 2, 1, 3)[real], from_maps.transpose(0, 2, 1, 3)[real], atol=1e-5)
 
 
-def test_half_precision_cache():
-    """K and V may come as f16 (the model's cache dtype): every implementation reads them as f32."""
-    inputs = [jnp.asarray(a) for a in make_inputs(5, 1, 4, 2, 5, 40, 16)]
-    inputs[1], inputs[2] = inputs[1].astype(jnp.float16), inputs[2].astype(jnp.float16)
+# K and V cache types: each alike, and two mixed pairs.
+TYPE_PAIRS = [(t, t) for t in CACHE_TYPES] + [("q8_0", "f16"), ("bf16", "q8_0")]
+
+
+def stored(inputs, k_type, v_type):
+    """make_inputs' arrays with K and V stored as the given cache types."""
+    q, k, v, q_positions, k_positions = (jnp.asarray(a) for a in inputs)
+    return q, attention_kv.store(k, k_type), attention_kv.store(v, v_type), q_positions, k_positions
+
+
+@pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
+def test_every_implementation_reads_each_cache_type(k_type, v_type):
+    """The reference computes on the stored values (as f32); the CPU formulation and both Pallas
+    kernels read the same stored K and V and agree with it."""
+    inputs = stored(make_inputs(5, 1, 4, 2, 5, 40, 32), k_type, v_type)
     expected = attention_ref(*inputs, window=0, scale=0.25)
     assert expected.dtype == jnp.float32
+    exact = [jnp.asarray(a) for a in make_inputs(5, 1, 4, 2, 5, 40, 32)]
+    exact[1], exact[2] = attention_kv.to_f32(inputs[1]), attention_kv.to_f32(inputs[2])
+    np.testing.assert_allclose(expected, attention_ref(*exact, window=0, scale=0.25), atol=1e-6)
     if INTERPRET:  # the CPU formulation, on a CPU
         np.testing.assert_allclose(attention_cpu(*inputs, scale=0.25), expected, atol=1e-5)
     decode = attention_pallas.decode_attention(*inputs, scale=0.25, block_k=16, split_k=2, interpret=INTERPRET)
     assert_pallas_close(decode, expected)
+    flash = attention_pallas.flash_attention(*inputs, scale=0.25, block_q=16, block_k=16, interpret=INTERPRET)
+    assert_pallas_close(flash, expected)
+
+
+def test_q8_0_stores_as_ggml():
+    """q8_0 keeps one f16 scale per 32 values, max|x| / 127 (ggml's quantize_row_q8_0), and each value
+    within half a step of it, plus the scale's f16 rounding times 127 (2**-11 * 127 steps); a block
+    of zeros stays zero."""
+    x = np.random.default_rng(9).standard_normal((3, 64)).astype(np.float32) * np.array([[0.01], [1.0], [30.0]], np.float32)
+    x[0, :32] = 0.0
+    rows = attention_kv.store(jnp.asarray(x), "q8_0")
+    blocks = x.reshape(3, 2, 32)
+    expected_scales = (np.abs(blocks).max(-1) / 127).astype(np.float16)
+    np.testing.assert_array_equal(np.asarray(rows.scales), expected_scales)
+    step = np.repeat(expected_scales.astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(np.asarray(attention_kv.to_f32(rows)) - x) <= step * (0.5 + 127 * 2.0**-11) + 1e-12)
+    assert not np.asarray(attention_kv.to_f32(rows))[0, :32].any()
+
+
+def test_bad_cache_type_names_the_valid_ones():
+    with pytest.raises(ValueError, match="f32, f16, bf16, q8_0"):
+        attention_kv.store(jnp.zeros((2, 32)), "q4_0")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        attention_kv.empty("q8_0", (1, 1, 4, 24))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -124,17 +163,19 @@ def test_cpu_formulation_matches_reference(case):
     np.testing.assert_allclose(attention(*inputs, **options(shape[-1], window, softcap)), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
-def test_cpu_decode_kernel(dtype, cpu_variant):
-    """The C++ decode kernel: several sequence splits (S >= 512), softcap, window, f16 or f32 cache;
+@pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
+def test_cpu_decode_kernel(k_type, v_type, cpu_variant):
+    """The C++ decode kernel: several sequence splits (S >= 512), softcap, window, each cache type;
     an odd number of query rows per KV head and head dims that are not multiples of 32 (phi2's 80)
-    take the kernel's narrower value tiles."""
+    take the kernel's narrower value tiles (q8_0 needs multiples of 32, its block)."""
     odd_rows_80 = (2, 3, 1, 1, None, 80, 0, 0.0)
     odd_rows_24 = (1, 6, 2, 1, None, 24, 0, 0.0)
-    for case, n_keys in ((CASES[2], 700), (CASES[1], 600), (odd_rows_80, 90), (odd_rows_24, 40)):
+    odd_rows_96 = (2, 3, 1, 1, None, 96, 0, 0.0)
+    quantized = "q8_0" in (k_type, v_type)
+    cases = ((CASES[2], 700), (CASES[1], 600), (odd_rows_96, 90)) if quantized else ((CASES[2], 700), (CASES[1], 600), (odd_rows_80, 90), (odd_rows_24, 40))
+    for case, n_keys in cases:
         batch, n_head, n_kv, length, _, head_dim, window, softcap = case
-        inputs = [jnp.asarray(a) for a in make_inputs(6, batch, n_head, n_kv, min(length, 4), n_keys, head_dim)]
-        inputs[1], inputs[2] = inputs[1].astype(dtype), inputs[2].astype(dtype)
+        inputs = stored(make_inputs(6, batch, n_head, n_kv, min(length, 4), n_keys, head_dim), k_type, v_type)
         opts = options(head_dim, window, softcap)
         np.testing.assert_allclose(decode_attention_cpu(*inputs, **opts, variant=cpu_variant), attention_ref(*inputs, **opts), atol=1e-5)
 
@@ -185,3 +226,21 @@ def test_attention_kernels_lower_to_triton(kernel, length):
     )
     traced = jax.jit(lambda *a: kernel(*a, window=512, scale=0.0625, softcap=50.0)).trace(*args)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("first", [0, 200, 700])
+def test_prompt_chunk_with_keys_in_order_reads_only_the_used_span(first):
+    """A chunk of queries over a cache whose slot s holds position s (some later slots stale, from a
+    longer sequence before): reading only the span up to the latest query gives the reference's result,
+    for chunks whose span is the smallest, a middle and the whole cache."""
+    rng = np.random.default_rng(first)
+    n_keys, length = 1100, 300
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((1, 4, length, 64), (1, 2, n_keys, 64), (1, 2, n_keys, 64)))
+    k_positions = np.full((1, n_keys), -1, np.int32)
+    k_positions[0, : first + length] = np.arange(first + length)
+    k_positions[0, first + length : first + length + 50] = np.arange(5000, 5050)
+    q_positions = np.arange(first, first + length, dtype=np.int32)[None]
+    q_positions[0, -3:] = -1
+    inputs = (q, k, v, jnp.asarray(q_positions), jnp.asarray(k_positions))
+    expected = attention_ref(*inputs, scale=0.125)
+    np.testing.assert_allclose(attention_cpu(*inputs, scale=0.125, keys_in_order=True), expected, atol=1e-5)

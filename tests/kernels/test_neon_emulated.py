@@ -26,7 +26,7 @@ import pytest
 
 from rz_kernels.ggml_types import BLOCK_GEOMETRY, GGMLType
 from rz_kernels.quants import QTensor, dequantize, qmatmul_ref
-from rz_kernels import build, cpu_ffi
+from rz_kernels import attention_kv, build, cpu_ffi
 from rz_kernels.causal_attention import attention_ref
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, activation_block, q8_1_sum_correction, quantize_activations_ref
 from support.kernels import activations, nmse, random_qtensor
@@ -90,18 +90,21 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
     # Its x has 20x outlier channels, which coarsen their blocks' int8 grid: x86's bound for them, 4x.
     add("mixed", mixed, activations(rng, max(ROWS), 512, outlier_every=64), tolerance=4 * TOLERANCE)
 
-    # Decode attention (a few query rows): grouped heads, f16 and f32 caches, softcap, window, a long cache.
-    for key, (batch, n_head, n_kv, length, n_keys, head_dim, window, softcap, dtype) in {
-        "attention_f32": (2, 4, 1, 1, 90, 32, 0, 0.0, np.float32),
-        "attention_f16_softcap_window": (1, 9, 3, 3, 70, 64, 16, 30.0, np.float16),
-        "attention_dv24": (1, 6, 2, 2, 40, 24, 0, 0.0, np.float32),
-        "attention_split": (1, 2, 1, 1, 2100, 32, 0, 0.0, np.float16),  # over 2048 slots: split over threads, merged
+    # Decode attention (a few query rows): grouped heads, every cache type (K and V stored by the
+    # emulated run from the f32 arrays, as here), softcap, window, a long cache.
+    for key, (batch, n_head, n_kv, length, n_keys, head_dim, window, softcap, types) in {
+        "attention_f32": (2, 4, 1, 1, 90, 32, 0, 0.0, ("f32", "f32")),
+        "attention_f16_softcap_window": (1, 9, 3, 3, 70, 64, 16, 30.0, ("f16", "f16")),
+        "attention_dv24": (1, 6, 2, 2, 40, 24, 0, 0.0, ("f32", "f32")),
+        "attention_split": (1, 2, 1, 1, 2100, 32, 0, 0.0, ("f16", "f16")),  # over 2048 slots: split over threads, merged
+        "attention_q8_0_bf16": (1, 9, 3, 3, 70, 64, 16, 30.0, ("q8_0", "bf16")),
+        "attention_bf16_q8_0": (2, 4, 1, 1, 90, 32, 0, 0.0, ("bf16", "q8_0")),
     }.items():
         q, k, v, qp, kp = make_inputs(7, batch, n_head, n_kv, length, n_keys, head_dim)
         options = {"window": window, "scale": head_dim**-0.5, "softcap": softcap}
-        arrays.update({f"{key}.q": q, f"{key}.k": k.astype(dtype), f"{key}.v": v.astype(dtype), f"{key}.qp": qp, f"{key}.kp": kp})
-        plan["attention"].append({"key": key, "options": options})
-        expected[key] = (q, k.astype(dtype), v.astype(dtype), qp, kp, options)
+        arrays.update({f"{key}.q": q, f"{key}.k": k, f"{key}.v": v, f"{key}.qp": qp, f"{key}.kp": kp})
+        plan["attention"].append({"key": key, "options": options, "types": types})
+        expected[key] = (q, attention_kv.store(jnp.asarray(k), types[0]), attention_kv.store(jnp.asarray(v), types[1]), qp, kp, options)
     arrays["plan"] = np.asarray(json.dumps(plan))
     return plan, arrays, expected
 
@@ -187,7 +190,7 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
                 np.testing.assert_array_equal(outputs[f"{key}.y{m}"], alone[:m], err_msg=f"{key}: M={m} against rows alone")
     for case in plan["attention"]:
         q, k, v, qp, kp, options = expected[case["key"]]
-        reference = attention_ref(*(jnp.asarray(a) for a in (q, k, v, qp, kp)), **options)
+        reference = attention_ref(jnp.asarray(q), k, v, jnp.asarray(qp), jnp.asarray(kp), **options)
         np.testing.assert_allclose(outputs[f"{case['key']}.o"], reference, atol=1e-5, err_msg=case["key"])
         np.testing.assert_array_equal(outputs[f"{case['key']}.public"], outputs[f"{case['key']}.o"], err_msg=f"{case['key']}: attention")
 

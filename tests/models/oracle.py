@@ -5,10 +5,22 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from rz_kernels.ggml_types import GGMLType
 
-def llama_cpp_logits(path: Path, tokens: list[int], n_ctx: int | None = None) -> np.ndarray:
-    """llama.cpp's logits f32 [T, n_vocab] for every position of tokens, evaluated from position 0."""
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx or max(64, len(tokens)), verbose=False)
+# What rz is held to against llama.cpp, teacher-forced (issue 17: within llama.cpp's own noise).
+MIN_TOP1_AGREEMENT = 0.95
+MAX_MEAN_KL = 0.01
+
+
+def llama_cpp_logits(path: Path, tokens: list[int], n_ctx: int | None = None, cache_type: str = "f16") -> np.ndarray:
+    """llama.cpp's logits f32 [T, n_vocab] for every position of tokens, evaluated from position 0,
+    its KV cache (K and V) of cache_type. llama.cpp stores a q8_0 V cache only with flash
+    attention, so q8_0 turns it on."""
+    ggml_type = int(GGMLType[cache_type.upper()])
+    llm = llama_cpp.Llama(
+        model_path=str(path), logits_all=True, n_ctx=n_ctx or max(64, len(tokens)), verbose=False,
+        type_k=ggml_type, type_v=ggml_type, flash_attn=cache_type == "q8_0",
+    )
     try:
         llm.eval(tokens)
         return np.array(llm.scores[: len(tokens)], dtype=np.float32)

@@ -6,9 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rz import kv_cache
 from rz.config import ModelConfig
+from rz.kv_cache import CacheTypes
 from rz.gguf import GGUFFile
 from rz.models import Model, load_model
+
+
+EXACT = CacheTypes("f32", "f32")
 
 
 def load(path: Path) -> Model:
@@ -16,14 +21,17 @@ def load(path: Path) -> Model:
     return load_model(gguf, ModelConfig.from_gguf(gguf))
 
 
-def rz_logits(model: Model, tokens: list[int], chunk: int | None = None, max_seq_len: int | None = None) -> np.ndarray:
+def rz_logits(
+    model: Model, tokens: list[int], chunk: int | None = None, max_seq_len: int | None = None, cache_types: CacheTypes = EXACT
+) -> np.ndarray:
     """Logits f32 [T, n_vocab] for tokens at positions 0..T-1, fed `chunk` at a time (all at once
-    by default) through one cache; the last chunk is padded to the same shape, so one compile serves."""
+    by default) through one cache of cache_types (f32 by default: the model's math exactly); the
+    last chunk is padded to the same shape, so one compile serves."""
     length = len(tokens)
     chunk = chunk or length
     forward = jax.jit(model.forward, donate_argnums=(1,))
     lm_head = jax.jit(model.lm_head)
-    cache = model.init_cache(1, max_seq_len or length)
+    cache = kv_cache.init_cache(model.cfg, 1, max_seq_len or length, cache_types)
     logits = []
     for start in range(0, length, chunk):
         piece = tokens[start : start + chunk]

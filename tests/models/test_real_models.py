@@ -1,15 +1,17 @@
 """Real models, teacher-forced over a natural passage: rz against llama.cpp, and both against float64.
 
-The passage goes through rz in chunks of 256 positions via the KV cache; at more than 1,000
-positions it runs past Gemma 3's 512-position sliding window.
+The passage goes through rz in chunks of 256 positions via the KV cache, of the default cache
+types (f16, as llama.cpp's); at more than 1,000 positions it runs past Gemma 3's 512-position
+sliding window.
 """
 
 import numpy as np
 import pytest
 
-from oracle import kl_divergence, llama_cpp_logits, llama_cpp_tokenize
+from oracle import MAX_MEAN_KL, MIN_TOP1_AGREEMENT, kl_divergence, llama_cpp_logits, llama_cpp_tokenize
 from passage import PASSAGE
 from reference_np import ReferenceModel
+from rz.kv_cache import CacheTypes
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz_run import load, rz_logits
 
@@ -17,9 +19,6 @@ REAL_MODELS = {"gemma3-270m": gemma3_270m_path, "smollm2-135m": smollm2_135m_pat
 N_POSITIONS = 1100
 CHUNK = 256
 REFERENCE_POSITIONS = 256  # the float64 reference attends over the whole prompt at once: keep it short
-
-MIN_TOP1_AGREEMENT = 0.95
-MAX_MEAN_KL = 0.01
 
 
 @pytest.fixture(scope="module", params=sorted(REAL_MODELS))
@@ -29,7 +28,7 @@ def run(request):
     tokens = llama_cpp_tokenize(path, PASSAGE)[:N_POSITIONS]
     assert len(tokens) == N_POSITIONS
     theirs = llama_cpp_logits(path, tokens)
-    ours = rz_logits(load(path), tokens, chunk=CHUNK, max_seq_len=N_POSITIONS)
+    ours = rz_logits(load(path), tokens, chunk=CHUNK, max_seq_len=N_POSITIONS, cache_types=CacheTypes())
     return {
         "name": request.param,
         "path": path,

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from oracle import llama_cpp_logits, nmse
+from oracle import MAX_MEAN_KL, MIN_TOP1_AGREEMENT, kl_divergence, llama_cpp_logits, nmse
 from reference_np import ReferenceModel
 from rz_run import load, rz_logits
+from rz.kv_cache import CacheTypes
+from rz_kernels.attention_kv import CACHE_TYPES
 from tiny_models import K_QUANT_SHAPE, N_VOCAB, TINY_ARCHITECTURES, WEIGHT_TYPES, comparable_tiny_model, write_tiny_model
 
 # llama.cpp's own tolerance for comparing backends (test-backend-ops). Its CPU matmuls quantize
@@ -66,6 +68,21 @@ def test_k_quant_logits_match_llama_cpp(tmp_path, architecture):
     tokens = prompt()
     error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
     assert error <= LLAMA_CPP_NMSE, f"{architecture} Q4_K: NMSE {error:.2e} against llama.cpp"
+
+
+@pytest.mark.parametrize("cache_type", CACHE_TYPES)
+def test_each_cache_type_matches_llama_cpp_with_that_cache(tmp_path, cache_type):
+    """K and V stored as cache_type in both engines (a Gemma 3, whose 32-wide heads q8_0 can hold,
+    with sliding-window layers): llama.cpp's bound for its default cache, top-1 >= 95% and mean
+    KL <= 0.01, over a sequence past the window."""
+    path = write_tiny_model(tmp_path / "model.gguf", "gemma3", "F16")
+    tokens = prompt()
+    ours = rz_logits(load(path), tokens, chunk=16, max_seq_len=N_TOKENS, cache_types=CacheTypes(cache_type, cache_type))
+    theirs = llama_cpp_logits(path, tokens, cache_type=cache_type)
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    kl = kl_divergence(theirs, ours).mean()
+    assert top1 >= MIN_TOP1_AGREEMENT and kl <= MAX_MEAN_KL, f"{cache_type}: top-1 {top1:.2%}, mean KL {kl:.2e}"
+    assert nmse(ours, theirs) <= LLAMA_CPP_NMSE
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

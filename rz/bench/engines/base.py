@@ -18,6 +18,8 @@ class EngineSettings:
     n_ctx: int
     max_batch: int = 1
     n_batch: int = 512  # llama.cpp's logical batch for prompt processing
+    cache_type_k: str = "f16"  # KV cache types (llama.cpp's names), the same for every engine
+    cache_type_v: str = "f16"
     seed: int = 0
     url: str | None = None  # HTTP engines
     server_model: str | None = None  # the model name an HTTP server is asked for (Ollama's tag)

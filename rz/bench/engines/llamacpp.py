@@ -9,6 +9,8 @@ import ctypes
 import time
 from pathlib import Path
 
+from gguf import GGMLQuantizationType
+
 from rz.bench.engines.base import Engine, Sample
 from rz.bench.errors import BenchError, PreflightError
 from rz.bench.llamacpp_setup import extra_buffer_types
@@ -153,6 +155,9 @@ class LlamaCppEngine(Engine):
         params.n_batch = max(self.settings.n_batch, n_sequences)
         params.n_ubatch = min(params.n_batch, 512)
         params.n_seq_max = n_sequences
+        # gguf-py's type numbers: rz_kernels' would import JAX into this worker, whose RSS is measured.
+        params.type_k = int(GGMLQuantizationType[self.settings.cache_type_k.upper()])
+        params.type_v = int(GGMLQuantizationType[self.settings.cache_type_v.upper()])
         params.n_threads = params.n_threads_batch = self.settings.threads
         params.no_perf = True
         ctx = lib.llama_init_from_model(self._model, params)

@@ -46,7 +46,10 @@ class RzEngine(Engine):
         import rz
 
         started = time.perf_counter()
-        self.llm = rz.LLM(self.settings.model_path, n_ctx=self.settings.n_ctx, max_batch=self.settings.max_batch)
+        self.llm = rz.LLM(
+            self.settings.model_path, n_ctx=self.settings.n_ctx, max_batch=self.settings.max_batch,
+            cache_type_k=self.settings.cache_type_k, cache_type_v=self.settings.cache_type_v,
+        )
         return {"load_seconds": getattr(self.llm, "load_seconds", time.perf_counter() - started)}
 
     def describe(self) -> dict:

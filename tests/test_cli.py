@@ -1,0 +1,15 @@
+"""python -m rz's command line: the options it parses (running a command is tested where it is implemented)."""
+
+import pytest
+
+from rz.cli import build_parser
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"]])
+def test_cache_types_are_llama_cpps_flags_defaulting_to_f16(command, capsys):
+    parser = build_parser()
+    args = parser.parse_args([*command, "--cache-type-k", "q8_0"])
+    assert (args.cache_type_k, args.cache_type_v) == ("q8_0", "f16")
+    with pytest.raises(SystemExit):
+        parser.parse_args([*command, "--cache-type-v", "q4_0"])
+    assert "'f32', 'f16', 'bf16', 'q8_0'" in capsys.readouterr().err
