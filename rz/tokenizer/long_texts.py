@@ -10,7 +10,7 @@ encodes them at nice 19: it starts on the first long text, gets each vocabulary 
   TokenizerBusyError (gRPC RESOURCE_EXHAUSTED), so they cannot hold every request thread.
 - A text whose caller is gone (`dropped_when`) leaves the queue, or, when it is being encoded, the
   child is killed (a later text starts a new one): CallerGoneError.
-- drop_all() (at shutdown) does the same to every text: ShuttingDownError.
+- LONG_TEXTS.drop_all() (at shutdown) does the same to every text: ShuttingDownError.
 """
 
 import contextlib
@@ -94,7 +94,7 @@ class LongTextEncoder:
             self._turns.notify_all()
 
     def close(self) -> None:
-        """Stop the child (a later text starts a new one)."""
+        """Stop the child (a later text starts a new one), while no text is being encoded."""
         with self._turns:
             self._stop_child()
 
@@ -153,9 +153,4 @@ class LongTextEncoder:
         self._loaded.clear()
 
 
-LONG_TEXTS = LongTextEncoder()
-
-
-def drop_all() -> None:
-    """LONG_TEXTS.drop_all(): for a process shutting down."""
-    LONG_TEXTS.drop_all()
+LONG_TEXTS = LongTextEncoder()  # the process's: every tokenizer's long texts take turns here
