@@ -277,7 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--soak", type=int, default=300)
-    parser.add_argument("--only", default="", help="run only the attacks whose name contains this")
+    parser.add_argument("--only", default="", help="run only the attacks whose name contains one of these (comma-separated)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = write_hostile_model(Path(scratch) / "smollm2-hostile-template.gguf")
@@ -291,7 +291,7 @@ def main() -> None:
                 results["baseline_rss_mb"] = memory.rss() >> 20
                 results["baseline_rss_with_children_mb"] = memory.tree_rss() >> 20
             for name, (attack, copies) in attacks(target).items():
-                if args.only not in name:
+                if not any(part in name for part in args.only.split(",")):
                     continue
                 outcome = run_attack(target, server.http_url, pid, attack, copies)
                 outcome["worst_slowdown"] = round(outcome["unrelated_seconds_worst"] / baseline, 2)
