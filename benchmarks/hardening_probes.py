@@ -13,6 +13,7 @@ template. Attacks go through gRPC and through the HTTP API.
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -78,11 +79,20 @@ def rss(pid: int) -> int:
 
 
 def children(pid: int) -> list[int]:
+    """The process's children, whichever of its threads started them (the long-text tokenizer's is
+    started by a request thread: the main thread's list alone misses it)."""
+    found = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as listing:
-            return [int(child) for child in listing.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                found += [int(child) for child in listing.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
 
 
 class MemorySampler:
