@@ -13,6 +13,7 @@ template. Attacks go through gRPC and through the HTTP API.
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -29,6 +30,7 @@ from rz.model_files import smollm2_135m_path
 from rz.stopping import MAX_STOP_CHARS, MAX_STOPS
 
 UNRELATED_SAMPLES = 5
+CONTROL = "control: three plain 200-token generations (x3)"
 MEGABYTE_TEXT = "a" * 1_000_000  # one letter: one pre-tokenized word, the tokenizer's worst case
 
 # Renders normally, except for a user message 'boom', where it tries to build 10 GB of text.
@@ -77,11 +79,20 @@ def rss(pid: int) -> int:
 
 
 def children(pid: int) -> list[int]:
+    """The process's children, whichever of its threads started them (the long-text tokenizer's is
+    started by a request thread: the main thread's list alone misses it)."""
+    found = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as listing:
-            return [int(child) for child in listing.read().split()]
+        tasks = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                found += [int(child) for child in listing.read().split()]
+        except FileNotFoundError:
+            pass
+    return found
 
 
 class MemorySampler:
@@ -163,7 +174,19 @@ def run_attack(target: str, http_url: str, pid: int, attack, copies: int) -> dic
     }
 
 
-def attacks() -> dict:
+def raw_generate(target: str, prompt: str, max_tokens: int, stop: list[str]) -> str:
+    """A Generate call built by hand, so that no option is checked before the server sees it."""
+    from rz.api.v1 import inference_pb2 as pb
+    from rz.api.v1 import inference_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        request = pb.GenerateRequest(prompt=prompt, options=pb.GenerationOptions(max_tokens=max_tokens, stop=stop))
+        for _ in pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=120):
+            pass
+    return "OK"
+
+
+def attacks(target: str) -> dict:
     long_stops = [f"{i:03d}" + "x" * (MAX_STOP_CHARS - 3) for i in range(MAX_STOPS - 1)]
     partial = "The capital of France is"  # the output of a greedy continuation starts with " Paris"
     boom, spin = [{"role": "user", "content": "boom"}], [{"role": "user", "content": "spin"}]
@@ -176,13 +199,15 @@ def attacks() -> dict:
             lambda _, url: http_post(url, "/v1/chat/completions", {"messages": spin, "max_tokens": 5}), 3),
         # The stop-string rows run three 200-token generations beside the unrelated request: this
         # row is the same without stop strings, so the difference is the stop strings' cost.
-        "control: three plain 200-token generations (x3)": (
+        CONTROL: (
             lambda c, _: c.generate(partial, 200, temperature=0.0, ignore_eos=True), 3),
         f"stop strings at the limit, {MAX_STOPS} x {MAX_STOP_CHARS} chars, one partial (x3)": (
             lambda c, _: c.generate(partial, 200, temperature=0.0, ignore_eos=True,
                                     stop=long_stops + [" Paris" + "y" * (MAX_STOP_CHARS - 6)]), 3),
         "stop strings over the limit, 1000 x 1003 chars (x3)": (
             lambda c, _: c.generate(partial, 200, stop=["z" * 1003 + str(i) for i in range(1000)]), 3),
+        "raw gRPC: stop strings over the limit, 1000 x 1003 chars (x3)": (
+            lambda *_: raw_generate(target, partial, 200, ["z" * 1003 + str(i) for i in range(1000)]), 3),
         "Tokenize 1 MB of one letter (x8)": (lambda c, _: c.tokenize(MEGABYTE_TEXT), 8),
         "Generate with a 1 MB one-letter prompt (x8)": (lambda c, _: c.generate(MEGABYTE_TEXT, 5), 8),
         "Chat with a 1 MB one-letter message (x8)": (
@@ -262,7 +287,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--soak", type=int, default=300)
-    parser.add_argument("--only", default="", help="run only the attacks whose name contains this")
+    parser.add_argument("--only", default="", help="run only the attacks whose name contains one of these (comma-separated)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model = write_hostile_model(Path(scratch) / "smollm2-hostile-template.gguf")
@@ -275,13 +300,17 @@ def main() -> None:
             with MemorySampler(pid) as memory:
                 results["baseline_rss_mb"] = memory.rss() >> 20
                 results["baseline_rss_with_children_mb"] = memory.tree_rss() >> 20
-            for name, (attack, copies) in attacks().items():
-                if args.only not in name:
+            for name, (attack, copies) in attacks(target).items():
+                if not any(part in name for part in args.only.split(",")):
                     continue
                 outcome = run_attack(target, server.http_url, pid, attack, copies)
                 outcome["worst_slowdown"] = round(outcome["unrelated_seconds_worst"] / baseline, 2)
                 results["attacks"][name] = outcome
                 print(name, outcome, flush=True)
+            control = results["attacks"].get(CONTROL)
+            for outcome in results["attacks"].values() if control else ():
+                # What the attack costs beyond what as much ordinary work beside the unrelated request costs.
+                outcome["slowdown_against_control"] = round(outcome["unrelated_seconds_worst"] / control["unrelated_seconds_worst"], 2)
             results["undecodable_requests"] = undecodable(target)
             if args.soak:
                 results["soak"] = soak(target, pid, args.soak)

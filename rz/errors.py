@@ -30,6 +30,14 @@ class TemplateBusyError(RzError):
     """Too many chat templates are waiting to render at once: retry later."""
 
 
+class TokenizerBusyError(RzError):
+    """Too many long texts are waiting to be tokenized at once: retry later."""
+
+
+class CallerGoneError(RzError):
+    """The caller left before its work was done, which was therefore dropped."""
+
+
 class RequestError(RzError, ValueError):
     """A generation request is invalid (empty prompt, bad sampling values, ...)."""
 

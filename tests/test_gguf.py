@@ -316,3 +316,53 @@ def test_hyperparameter_value_mutations_load_or_raise_a_clean_error(model, count
         assert time.process_time() - start < 1.0, edits
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 512 << 10  # KiB
     assert outcomes["loads"] > 0 and outcomes["clean error"] > 0, outcomes
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_value_mutants_that_load_also_generate_or_raise_a_clean_error(tmp_path, monkeypatch, architecture):
+    """The issue's outcome, end to end: a sample of the value mutants whose configuration loads goes
+    on through rz.LLM (weights checked against it, engine built) and generates a few tokens, or
+    fails with an rz error; never another exception, more than 2 GB or more than 10 s. Tiny random
+    models keep each within CI time."""
+    import copy
+    import resource
+
+    import rz
+    import rz.llm
+    from rz.errors import RzError
+    from models.tiny_models import write_tiny_model
+
+    path = write_tiny_model(tmp_path / f"{architecture}.gguf", architecture)
+    source = GGUFFile(path)
+    rng = np.random.default_rng(7)
+    sample = []
+    for edits in _value_mutants(rng, source.metadata, architecture, 400):
+        variant = copy.copy(source)
+        variant.metadata = {key: value for key, value in source.metadata.items() if key not in edits}
+        variant.metadata |= {key: value for key, value in edits.items() if value is not None}
+        try:
+            ModelConfig.from_gguf(variant)
+        except (GGUFError, UnsupportedModelError):
+            continue
+        sample.append(variant)
+        if len(sample) == 4:
+            break
+    # The unchanged model first, so that the process's one-time costs (importing and starting JAX)
+    # are not counted against a mutant.
+    rz.LLM(path, n_ctx=32, max_batch=1, compilation_cache=False).generate("w1", max_tokens=1)
+    outcomes = {"generates": 0, "clean error": 0}
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for variant in sample:
+        monkeypatch.setattr(rz.llm, "GGUFFile", lambda _path, variant=variant: variant)
+        start = time.perf_counter()
+        try:
+            llm = rz.LLM(path, n_ctx=32, max_batch=1, compilation_cache=False)
+            completion = llm.generate("w1 w2", max_tokens=3, temperature=0.0, ignore_eos=True)
+        except RzError:
+            outcomes["clean error"] += 1
+        else:
+            assert len(completion.token_ids) == 3
+            outcomes["generates"] += 1
+        assert time.perf_counter() - start < 10.0, variant.metadata
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 2 << 20  # KiB
+    assert outcomes["generates"] > 0, outcomes

@@ -34,3 +34,13 @@ def test_no_module_of_rz_kernels_imports_rz():
 def test_the_client_reaches_into_no_server_module():
     client = Path(rz.__file__).parent / "client.py"
     assert not [module for module in _imported_modules(client) if module.startswith("rz.server")]
+
+
+def test_the_tokenizer_imports_no_jax():
+    # The long-text tokenizer's child process imports rz.tokenizer: it must start small and fast.
+    import subprocess
+    import sys
+
+    probe = "import sys, rz.tokenizer; print(sorted(m for m in ('jax', 'jaxlib', 'rz_kernels') if m in sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"

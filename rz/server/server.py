@@ -31,7 +31,7 @@ from rz.errors import RzError
 from rz.server.guard import Guard
 from rz.server.metrics import Metrics
 from rz.server.service import SERVICE_NAME, InferenceService
-from rz.tokenizer.tokenizer import drop_waiting_long_texts
+from rz.tokenizer.long_texts import LONG_TEXTS
 
 log = logging.getLogger("rz.server")
 
@@ -169,7 +169,7 @@ class Server:
             self._loop.stop_accepting()
         stopped = self._grpc.stop(grace)  # new calls are refused from now; running ones are cut at `grace`
         # Calls waiting for a long text's turn would hold the exit for seconds each.
-        drop_waiting_long_texts()
+        LONG_TEXTS.drop_all()
         if self._loop is not None:
             margin = min(1.0, grace / 2)  # for the last messages of cancelled requests to go out
             if not self._loop.drain(grace - margin):

@@ -2,16 +2,26 @@
 rz's errors to status codes. It queues and streams; the engine loop does the work."""
 
 import logging
+import threading
 
 import grpc
 
 from rz.api.messages import finish_reason_value, request_options
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
-from rz.errors import ChatTemplateError, RequestError, RzError, TemplateBusyError, TokenizerError
+from rz.errors import (
+    CallerGoneError,
+    ChatTemplateError,
+    RequestError,
+    RzError,
+    TemplateBusyError,
+    TokenizerBusyError,
+    TokenizerError,
+)
 from rz.generation import GenerationRequest, StepEvent
 from rz.request import FinishReason, check_token_ids
 from rz.server.metrics import Metrics
+from rz.tokenizer import long_texts
 from rz.server.scheduler import (
     CLIENT_CANCELLED,
     DEADLINE_EXCEEDED,
@@ -60,7 +70,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     def Tokenize(self, request: pb.TokenizeRequest, context):
         def tokenize():
             add_bos = request.add_bos if request.HasField("add_bos") else None
-            return pb.TokenizeResponse(token_ids=self._llm.tokenize(request.text, add_bos=add_bos, special=request.special))
+            with _dropped_when_gone(context):
+                token_ids = self._llm.tokenize(request.text, add_bos=add_bos, special=request.special)
+            return pb.TokenizeResponse(token_ids=token_ids)
 
         return self._unary("Tokenize", request, context, tokenize)
 
@@ -121,7 +133,9 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         ticket = None
         try:
             self._check(request)
-            generation = self._generation_request(prompt_ids_of(request), request.options)
+            with _dropped_when_gone(context):
+                prompt_ids = prompt_ids_of(request)
+            generation = self._generation_request(prompt_ids, request.options)
             ticket = self._loop.submit(generation)
             loop = self._loop
 
@@ -143,6 +157,15 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             self._metrics.observe_request(method, status.name, ticket.sequence if ticket else None)
 
 
+def _dropped_when_gone(context):
+    """A context in which a long text being tokenized for this call is dropped once the call ends
+    (its caller left, or its deadline passed)."""
+    gone = threading.Event()
+    if not context.add_callback(gone.set):
+        gone.set()
+    return long_texts.dropped_when(gone)
+
+
 def _termination_reason(context) -> str:
     """Why a call ended early: its deadline, or its caller. gRPC's deadline timer may fire a
     little before time_remaining() reaches 0, so the last _DEADLINE_SLACK seconds count as past."""
@@ -155,8 +178,10 @@ def status_of(error: Exception, call: str) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, ChatTemplateError):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, (OverCapacityError, TemplateBusyError)):
+    if isinstance(error, (OverCapacityError, TemplateBusyError, TokenizerBusyError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, CallerGoneError):
+        return grpc.StatusCode.CANCELLED
     if isinstance(error, (NotReadyError, ShuttingDownError)):
         return grpc.StatusCode.UNAVAILABLE
     # An EngineFailure's traceback was logged by the loop, where it happened.

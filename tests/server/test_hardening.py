@@ -213,3 +213,22 @@ def test_a_working_chat_template_is_not_reported(caplog):
 
     _report_chat_template(SimpleNamespace(chat_template_problem=None))
     assert not caplog.records
+
+
+def test_a_long_text_whose_caller_left_is_dropped_and_holds_up_no_later_text(started):
+    from rz.gguf import GGUFFile
+    from rz.tokenizer import Tokenizer
+    from rz.tokenizer.long_texts import LONG_TEXT_CHARS
+
+    tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(smollm2_135m_path()).metadata)
+    server = started(max_request_bytes=16 << 20)
+    server.service.attach(SimpleNamespace(tokenize=tokenizer.encode), SimpleNamespace(), None)
+    target = f"127.0.0.1:{server.port}"
+    with Client(target, timeout=1.0) as impatient:
+        with pytest.raises(grpc.RpcError) as gone:
+            impatient.tokenize("a" * (8 << 20))  # one word: tens of seconds of merging
+        assert gone.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Had the 8 MB text kept the tokenizer's turn, this one would wait for it past its deadline.
+    text = "ab" * (LONG_TEXT_CHARS // 2 + 1)
+    with Client(target, timeout=15.0) as client:
+        assert client.tokenize(text) == tokenizer.encode_here(text)

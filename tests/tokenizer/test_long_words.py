@@ -1,15 +1,21 @@
-"""Very long pre-tokenized words: the ids stay llama.cpp's, memory grows linearly and leanly, and
-the word cache stays within its byte budget."""
+"""Very long pre-tokenized words: the ids stay llama.cpp's, memory grows linearly and leanly, the
+word cache stays within its byte budget; long texts go to a child process, in turns that a
+caller's leaving or a shutdown drops."""
 
 import os
 import random
 import sys
+import threading
 import time
 import tracemalloc
 
 import pytest
 
+from rz.errors import CallerGoneError, ShuttingDownError, TokenizerBusyError
+from rz.tokenizer import long_texts
 from rz.tokenizer import tokenizer as tokenizer_module
+
+LONG_TEXT = "ab" * (long_texts.LONG_TEXT_CHARS // 2 + 1)
 
 
 def long_words(seed: int) -> list[str]:
@@ -37,7 +43,7 @@ def test_merging_a_long_word_takes_linear_lean_memory(model_name, request):
     text = "ab" * 50_000
     tracemalloc.start()
     try:
-        model.rz.encode(text, add_bos=False)
+        model.rz.encode_here(text, add_bos=False)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -62,86 +68,95 @@ def test_word_cache_keeps_within_its_byte_budget_and_skips_long_words(smollm2, m
     assert tokenizer.encode(" word1999", add_bos=False) == smollm2.reference.tokenize(" word1999", add_special=False, special=False)
 
 
-def test_long_texts_are_encoded_one_at_a_time(smollm2, monkeypatch):
-    import threading
+def test_long_texts_are_encoded_in_a_child_process_at_the_lowest_cpu_priority(smollm2):
+    reference = smollm2.reference.tokenize(LONG_TEXT, add_special=False, special=False)
+    assert smollm2.rz.encode(LONG_TEXT, add_bos=False) == reference
+    child = long_texts.LONG_TEXTS.child_pid()
+    assert child is not None and child != os.getpid()
+    if sys.platform.startswith("linux"):
+        assert os.getpriority(os.PRIO_PROCESS, child) == 19
+    assert smollm2.rz.encode(LONG_TEXT, add_bos=False) == reference
+    assert long_texts.LONG_TEXTS.child_pid() == child  # the child stays for the next text
 
-    inside, most = [0], [0]
-    guard = threading.Lock()
-    encode = type(smollm2.rz)._encode
 
-    def counting_encode(self, *args):
-        with guard:
-            inside[0] += 1
-            most[0] = max(most[0], inside[0])
+def test_a_tokenizer_error_in_the_child_reaches_the_caller(smollm2):
+    import dataclasses
+
+    from rz.errors import TokenizerError
+    from rz.tokenizer import Tokenizer
+
+    without_bos = Tokenizer(dataclasses.replace(smollm2.rz._vocab, bos_id=None))
+    with pytest.raises(TokenizerError, match="no BOS token"):
+        without_bos.encode(LONG_TEXT, add_bos=True)
+    assert without_bos.encode(LONG_TEXT, add_bos=False) == smollm2.rz.encode(LONG_TEXT, add_bos=False)
+
+
+def _in_thread(call):
+    """Start call in a thread; returns a list that gets its result or exception, and the thread."""
+    outcome = []
+
+    def run():
         try:
-            return encode(self, *args)
-        finally:
-            with guard:
-                inside[0] -= 1
+            outcome.append(call())
+        except Exception as error:  # noqa: BLE001 - the test inspects it
+            outcome.append(error)
 
-    monkeypatch.setattr(type(smollm2.rz), "_encode", counting_encode)
-    text = "ab" * (tokenizer_module._HEAVY_TEXT_CHARS // 2 + 1)
-    threads = [threading.Thread(target=smollm2.rz.encode, args=(text,)) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert most[0] == 1
+    thread = threading.Thread(target=run)
+    thread.start()
+    return outcome, thread
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only Linux gives each thread its own niceness")
-def test_long_texts_are_encoded_at_the_lowest_cpu_priority_and_short_ones_where_called(smollm2, monkeypatch):
-    import threading
-
-    niceness = {}
-    encode = type(smollm2.rz)._encode
-
-    def recording_encode(self, text, *args):
-        niceness[len(text)] = (threading.get_ident(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return encode(self, text, *args)
-
-    monkeypatch.setattr(type(smollm2.rz), "_encode", recording_encode)
-    caller = threading.get_ident(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    long_text, short_text = "ab" * (tokenizer_module._HEAVY_TEXT_CHARS // 2 + 1), "ab ab"
-    assert smollm2.rz.encode(long_text, add_bos=False) == smollm2.reference.tokenize(long_text, add_special=False, special=False)
-    smollm2.rz.encode(short_text, add_bos=False)
-    assert niceness[len(short_text)] == caller
-    assert niceness[len(long_text)][0] != caller[0] and niceness[len(long_text)][1] == 19
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller[1]
-
-
-def test_long_texts_waiting_their_turn_are_dropped_at_shutdown_and_the_one_running_finishes(smollm2, monkeypatch):
-    import threading
-
-    from rz.errors import ShuttingDownError
-
-    entered, release = threading.Event(), threading.Event()
-    encode = type(smollm2.rz)._encode
-
-    def held_encode(self, *args):
-        entered.set()
-        release.wait(10)
-        return encode(self, *args)
-
-    monkeypatch.setattr(type(smollm2.rz), "_encode", held_encode)
-    text = "ab" * (tokenizer_module._HEAVY_TEXT_CHARS // 2 + 1)
-    outcomes = []
-
-    def one():
-        try:
-            outcomes.append(len(smollm2.rz.encode(text, add_bos=False)))
-        except ShuttingDownError:
-            outcomes.append("dropped")
-
-    threads = [threading.Thread(target=one) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    entered.wait(10)  # the first is being encoded
-    while len(tokenizer_module._WAITING_LONG_TEXTS) < 3:
+def _wait_until(condition, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
-    tokenizer_module.drop_waiting_long_texts()
-    release.set()
-    for thread in threads:
-        thread.join()
-    assert sorted(outcomes, key=str) == sorted([len(encode(smollm2.rz, text, False, False)), "dropped", "dropped"], key=str)
-    assert smollm2.rz.encode(text, add_bos=False) == encode(smollm2.rz, text, False, False)  # later texts are encoded again
+
+
+def test_long_texts_take_turns_the_waiting_ones_are_bounded_and_dropped_at_shutdown(smollm2):
+    encoder = long_texts.LongTextEncoder(waiting_limit=1)
+    key, vocab = smollm2.rz._key, smollm2.rz._vocab
+    try:
+        running = object()  # stands for a text being encoded, so that the next ones wait
+        encoder._queue.append(running)
+        waiting, thread = _in_thread(lambda: encoder.encode(key, vocab, LONG_TEXT, False, False))
+        _wait_until(lambda: len(encoder._queue) == 2)
+        with pytest.raises(TokenizerBusyError, match="1 long texts"):
+            encoder.encode(key, vocab, LONG_TEXT, False, False)
+        encoder.drop_all()
+        thread.join(5)
+        assert isinstance(waiting[0], ShuttingDownError)
+        encoder._queue.remove(running)
+        assert encoder.encode(key, vocab, LONG_TEXT, False, False) == smollm2.rz.encode_here(LONG_TEXT, add_bos=False)
+    finally:
+        encoder.close()
+
+
+def test_a_gone_callers_long_text_is_dropped_while_waiting_and_while_being_encoded(smollm2):
+    encoder = long_texts.LongTextEncoder()
+    key, vocab = smollm2.rz._key, smollm2.rz._vocab
+    gone = threading.Event()
+
+    def encode(text):
+        with long_texts.dropped_when(gone):
+            return encoder.encode(key, vocab, text, False, False)
+
+    try:
+        encoder.encode(key, vocab, LONG_TEXT, False, False)  # the child is started
+        child = encoder.child_pid()
+        being_encoded, first = _in_thread(lambda: encode("a" * (4 << 20)))  # merging takes many seconds
+        _wait_until(lambda: len(encoder._queue) == 1)
+        waiting, second = _in_thread(lambda: encode(LONG_TEXT))
+        _wait_until(lambda: len(encoder._queue) == 2)
+        gone.set()
+        started = time.monotonic()
+        first.join(5)
+        second.join(5)
+        assert time.monotonic() - started < 2
+        assert isinstance(being_encoded[0], CallerGoneError) and isinstance(waiting[0], CallerGoneError)
+        assert encoder.child_pid() is None  # the child merging the dropped text was killed
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+        assert encoder.encode(key, vocab, LONG_TEXT, False, False) == smollm2.rz.encode_here(LONG_TEXT, add_bos=False)
+    finally:
+        encoder.close()
