@@ -26,9 +26,16 @@ from rz.sampling import SampledTokens, SamplerState, SamplingTensors
 from rz.speculative import CostModel, Speculation, draft
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
+from rz_kernels.quantized_matmul import CPU_KERNEL_MAX_M
 
 # Decode steps per compiled call; see Engine.decode for why more than one.
 DECODE_STEPS = 4
+
+# The most tokens a verify call feeds (rows times width): up to this many rows, a quantized matmul
+# takes the kernel a decode step takes, whose rows do not depend on each other, so a verify call's
+# logits are a decode step's to the bit and speculation keeps greedy and seeded output exact.
+# Beyond, XLA's f32 GEMM rounds differently (and a batch that large gains little from drafts).
+MAX_VERIFY_TOKENS = CPU_KERNEL_MAX_M
 
 # Idle slots run through the decode step like the others (the shape is fixed); position -1
 # keeps them from writing to the cache, and greedy sampling keeps their cost down.
@@ -289,14 +296,16 @@ class Engine:
 
     def _drafts(self, rows: int) -> dict[int, list[int]]:
         """Each speculating stream's drafts, by slot: as many as pay (see rz.speculative), none
-        past its max_tokens. None before a plain decode step at this batch has been timed."""
-        if not self.costs.knows(rows):
+        past its max_tokens. None before a plain decode step at this batch has been timed, nor at
+        a batch too large to verify (MAX_VERIFY_TOKENS)."""
+        widest = max((w for w in VERIFY_WIDTHS if rows * w <= MAX_VERIFY_TOKENS), default=0)
+        if not widest or not self.costs.knows(rows):
             return {}
         drafts = {}
         for sequence in self.active():
             if sequence.speculation is None:
                 continue
-            limit = min(VERIFY_WIDTHS[-1] - 1, sequence.request.options.max_tokens - len(sequence.output_ids) - 1)
+            limit = min(widest - 1, sequence.request.options.max_tokens - len(sequence.output_ids) - 1)
             proposed = draft(sequence.speculation, (*sequence.request.prompt_ids, *sequence.output_ids), limit)
             drafts[sequence.slot] = proposed[: sequence.speculation.n_drafts(self.costs, rows, len(proposed))]
         return drafts

@@ -51,8 +51,11 @@ def validate_proposer(name: str | None) -> None:
 
 
 def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = NGRAM_SIZES) -> list[int]:
-    """Prompt lookup: the tokens that followed the latest earlier occurrence of the longest suffix
-    n-gram of history (prompt plus output), at most n_drafts of them; [] if no suffix recurs."""
+    """Prompt lookup: the tokens that followed an earlier occurrence of the longest suffix n-gram of
+    history (prompt plus output), at most n_drafts of them; [] if no suffix recurs.
+
+    The occurrence is the latest one followed by n_drafts tokens, else the earliest (the one
+    followed by the most): in a loop, the latest would leave a single token to draft."""
     tokens = np.asarray(history, np.int64)
     for n in sizes:
         if n_drafts < 1 or len(tokens) <= n:
@@ -61,7 +64,8 @@ def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = 
         windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
         starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
         if len(starts):
-            follows = starts[-1] + n
+            full = starts[starts + n + n_drafts <= len(tokens)]
+            follows = (full[-1] if len(full) else starts[0]) + n
             return tokens[follows : follows + n_drafts].tolist()
     return []
 
