@@ -23,7 +23,7 @@ from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
-from rz.speculative import CostModel, Speculation, draft
+from rz.speculative import CostModel, Speculation, chosen_proposer, draft, validate_proposer
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 from rz_kernels.quantized_matmul import CPU_KERNEL_MAX_M
@@ -57,9 +57,12 @@ class Engine:
         n_slots: int,
         buckets: Buckets | None = None,
         decode_steps: int = DECODE_STEPS,
+        speculative: str | None = None,
     ):
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
+        validate_proposer(speculative)
+        self.speculative = speculative  # the proposer of a request that names none (rz.speculative)
         self.model = model
         self.decode_steps = decode_steps
         self.tokenizer = tokenizer
@@ -125,7 +128,7 @@ class Engine:
     def new_sequence(self, request: GenerationRequest, queued_at: float | None = None) -> Generation:
         """A validated request as a sequence to be admitted, with its text pipeline."""
         self.validate(request)
-        proposer = request.options.speculative
+        proposer = chosen_proposer(request.options.speculative, self.speculative)
         return Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
@@ -267,7 +270,7 @@ class Engine:
             if any(sequence.finish_reason is None for sequence in call.sequences):
                 return self._collect(call)
             call = None
-        started = time.perf_counter()
+        started, launched_here = time.perf_counter(), call is None
         if call is None:
             call = self._launch()
             if call is None:
@@ -275,18 +278,18 @@ class Engine:
         needs_more = (
             s.finish_reason is None and len(s.output_ids) + call.n_steps < s.request.options.max_tokens for s in call.sequences
         )
-        speculating = any(s.speculation is not None for s in call.sequences)
-        if any(needs_more) and not speculating:
+        # A stream that may draft after this call must be looked at with its tokens on the host.
+        look = any(s.speculation is not None and s.speculation.due() for s in call.sequences)
+        if any(needs_more) and not look:
             # Some sequence will still need tokens after this call: queue the next one behind it.
             self._in_flight = self._launch(after=call)
         rows = self._collect(call)
-        if speculating:
-            # Launched and read back here, unchained: its time is the device's (compilation aside).
-            if call.timed:
-                self.costs.record_decode(call.rows, (time.perf_counter() - started) / call.n_steps)
-            for sequence in call.sequences:
-                if sequence.speculation is not None:
-                    sequence.speculation.record_plain(call.n_steps)
+        if launched_here and call.timed:
+            # Launched and read back here: its time is the device's and the host's for one call.
+            self.costs.record_decode(call.rows, (time.perf_counter() - started) / call.n_steps)
+        for sequence in call.sequences:
+            if sequence.speculation is not None:
+                sequence.speculation.record_plain(call.n_steps)
         return rows
 
     def _active_rows(self) -> int:
@@ -308,6 +311,7 @@ class Engine:
             limit = min(widest - 1, sequence.request.options.max_tokens - len(sequence.output_ids) - 1)
             proposed = draft(sequence.speculation, (*sequence.request.prompt_ids, *sequence.output_ids), limit)
             drafts[sequence.slot] = proposed[: sequence.speculation.n_drafts(self.costs, rows, len(proposed))]
+            sequence.speculation.looked(drafting=bool(drafts[sequence.slot]))
         return drafts
 
     def _verify(self, rows: int, drafts: dict[int, list[int]]) -> list[SampledRow]:

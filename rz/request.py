@@ -89,7 +89,8 @@ class RequestOptions:
     # server option of the same name); False prefills the whole prompt.
     cache_prompt: bool = True
     # Draft tokens with this proposer (rz.speculative.PROPOSERS) and verify them in one step;
-    # None decodes one token per step. The output is the same either way (rz.speculative).
+    # "off" decodes one token per step; None takes the engine's default (rz serve --speculative;
+    # off in rz.LLM). The output is the same either way (rz.speculative).
     speculative: str | None = None
 
     @classmethod

@@ -26,6 +26,8 @@ from rz.buckets import VERIFY_WIDTHS
 from rz.errors import RequestError
 
 PROPOSERS = ("ngram",)
+# A request's `speculative` that turns speculation off where the engine's default would turn it on.
+OFF = "off"
 
 # The n-gram sizes prompt lookup tries, longest first: a single repeated token says too little.
 NGRAM_SIZES = (4, 3, 2)
@@ -33,9 +35,12 @@ NGRAM_SIZES = (4, 3, 2)
 _PRIOR_DRAFTS = 4.0
 # Acceptance is a decayed average: each verify call's counts weigh this much against the past.
 _DECAY = 0.8
-# A stream that falls back to plain decoding tries drafting again after this many tokens, so that
-# a change of its text (a quote begins) is noticed.
+# A stream that falls back to plain decoding (its drafts are not kept often enough to pay) tries
+# drafting again after this many tokens, so that a change of its text (a quote begins) is noticed.
 PROBE_INTERVAL = 32
+# A stream with nothing to draft is looked at again after this many tokens; in between, its decode
+# calls are chained as plain decoding's are (a look needs the last call's tokens on the host).
+LOOK_INTERVAL = 8
 # Until a call of a shape has been timed, the cost model assumes these costs relative to one plain
 # decode step at the same batch: a W-token verify call reads the weights once, as a decode step
 # does, and computes W rows (the issue's measurement: an 8-row step costs 2.6-3.7x a 1-row one).
@@ -45,9 +50,17 @@ _TIMING_WEIGHT = 0.2
 
 
 def validate_proposer(name: str | None) -> None:
-    """Raise RequestError unless name is a known proposer or None (no speculation)."""
-    if name is not None and name not in PROPOSERS:
-        raise RequestError(f"speculative must be one of {', '.join(PROPOSERS)} or None (off), got {name!r}")
+    """Raise RequestError unless name is a known proposer, OFF, or None (the engine's default)."""
+    if name is not None and name not in (*PROPOSERS, OFF):
+        raise RequestError(
+            f"speculative must be one of {', '.join(PROPOSERS)}, {OFF!r}, or unset for the default, got {name!r}"
+        )
+
+
+def chosen_proposer(requested: str | None, default: str | None) -> str | None:
+    """The proposer a request speculates with: its own, else the engine's default; None: none."""
+    proposer = requested if requested is not None else default
+    return None if proposer == OFF else proposer
 
 
 def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = NGRAM_SIZES) -> list[int]:
@@ -104,6 +117,8 @@ class Speculation:
     drafted: float = _PRIOR_DRAFTS
     kept: float = _PRIOR_DRAFTS / 2
     plain_tokens: int = 0  # tokens decoded plainly since the stream last drafted
+    unlooked: int = 0  # tokens decoded plainly since its drafts were last looked for
+    drafting: bool = True  # whether it drafted when last looked at
 
     @property
     def acceptance(self) -> float:
@@ -119,6 +134,15 @@ class Speculation:
 
     def record_plain(self, n_tokens: int) -> None:
         self.plain_tokens += n_tokens
+        self.unlooked += n_tokens
+
+    def looked(self, drafting: bool) -> None:
+        """Note that its drafts were looked for, and whether it drafted."""
+        self.drafting, self.unlooked = drafting, 0
+
+    def due(self) -> bool:
+        """Whether to look for its drafts after the coming decode call (else that call may be chained)."""
+        return self.drafting or self.unlooked >= LOOK_INTERVAL
 
     def n_drafts(self, costs: CostModel, rows: int, limit: int) -> int:
         """How many tokens to draft now (0: decode plainly), at most limit."""

@@ -4,7 +4,7 @@ import pytest
 
 from rz.errors import RequestError
 from rz.request import RequestOptions
-from rz.speculative import PROBE_INTERVAL, CostModel, Speculation, propose_ngram
+from rz.speculative import OFF, PROBE_INTERVAL, CostModel, Speculation, chosen_proposer, propose_ngram
 
 
 def test_prompt_lookup_continues_the_latest_earlier_occurrence_of_the_longest_recurring_suffix():
@@ -67,3 +67,11 @@ def test_the_cost_model_uses_measured_costs_once_both_calls_are_timed():
 def test_an_unknown_proposer_is_a_request_error_naming_the_choices():
     with pytest.raises(RequestError, match="speculative must be one of ngram"):
         RequestOptions.from_flat(speculative="medusa").validate()
+
+
+def test_a_request_that_names_no_proposer_takes_the_engines_default_and_off_turns_it_off():
+    assert chosen_proposer(None, "ngram") == "ngram"
+    assert chosen_proposer(OFF, "ngram") is None
+    assert chosen_proposer("ngram", None) == "ngram"
+    assert chosen_proposer(None, None) is None
+    RequestOptions.from_flat(speculative=OFF).validate()

@@ -72,9 +72,11 @@ def self_attention(
             q, cache.keys, cache.values, positions, cache.positions, keys_in_order=window == 0, **options
         )
     else:
-        all_keys = jnp.concatenate([cache.keys, keys.transpose(0, 2, 1, 3).astype(cache.keys.dtype)], axis=2)
-        all_values = jnp.concatenate([cache.values, values.transpose(0, 2, 1, 3).astype(cache.values.dtype)], axis=2)
-        key_positions = jnp.concatenate([kv_cache.history_positions(cache, positions), positions], axis=1)
+        # The chunk's rows are the cache's first (a verify step runs on a batch bucket of them).
+        history = jax.tree.map(lambda leaf: leaf[:batch], cache)
+        all_keys = jnp.concatenate([history.keys, keys.transpose(0, 2, 1, 3).astype(cache.keys.dtype)], axis=2)
+        all_values = jnp.concatenate([history.values, values.transpose(0, 2, 1, 3).astype(cache.values.dtype)], axis=2)
+        key_positions = jnp.concatenate([kv_cache.history_positions(history, positions), positions], axis=1)
         out = rz_kernels.attention(q, all_keys, all_values, positions, key_positions, **options)
         cache = kv_cache.write(cache, keys, values, positions)
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1), cache

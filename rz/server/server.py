@@ -64,6 +64,7 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, the port speaks TLS
     tls_key: Path | None = None  # PEM private key
     http_port: int = 8080  # the OpenAI/Ollama HTTP API; 0: any free port; -1: none
+    speculative: str | None = None  # the proposer of requests that name none (rz.speculative); None: off
 
 
 class ServerStartError(RzError):
@@ -140,11 +141,14 @@ class Server:
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
         _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
-        engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets)
+        engine = Engine(
+            llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, speculative=self.config.speculative
+        )
         warm_up(engine)
         log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
         self.metrics.slots.set(engine.n_slots)
         self.metrics.watch_compilations(engine.compilations)
+        self.metrics.watch_speculation(lambda: (engine.n_drafted, engine.n_accepted))
         self._loop = EngineLoop(engine, self.config.max_queue)
         self.metrics.watch_load(self._loop.load)
         self._loop.start()

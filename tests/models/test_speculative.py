@@ -24,11 +24,12 @@ from tiny_models import N_VOCAB, write_tiny_model
 
 N_CTX = 256
 # A verify call feeds a quantized matmul more rows than a decode step, and the CPU kernel's
-# accumulation order depends on the row count (as it does between batch sizes of plain decoding):
-# logits agree to about 0.5% (measured gaps at partings: 0.06 of 16.5 on Gemma 3, 0.1 of 24 on
-# SmolLM2), so greedy output may part from plain decoding's where its two best logits were closer
-# than this fraction of the best, and only there.
-NEAR_TIE = 0.01
+# accumulation order depends on the row count, as it does between batch sizes of plain decoding:
+# greedy output may part from plain decoding's where the two best logits are closer than the
+# kernels' disagreement, and only there. Measured on Gemma 3 (24 prompts, 32 tokens): plain decoding
+# at batch 1 and at batch 4 part on 6 prompts; speculation at batch 4 parts from plain at batch 4
+# on 7, the largest gap at a parting 3% of the best logit (SmolLM2: 0.4%).
+NEAR_TIE = 0.05
 SAMPLED = dict(
     temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repeat_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
 )
@@ -136,10 +137,15 @@ def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seed
 
 
 def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts):
+    """Two of each, the last two ending first: verify calls then run on the first rows of the cache."""
     prompts = repetitive_prompts(4)
     greedy = SamplingParams(temperature=0)
-    alone = [run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [p], RequestOptions(max_tokens=24, sampling=greedy))[0] for p in prompts]
-    mixed = [RequestOptions(max_tokens=24, sampling=greedy, speculative="ngram" if i % 2 else None) for i in range(4)]
+    lengths = (24, 24, 6, 6)
+    alone = [
+        run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [p], RequestOptions(max_tokens=n, sampling=greedy))[0]
+        for p, n in zip(prompts, lengths)
+    ]
+    mixed = [RequestOptions(max_tokens=n, sampling=greedy, speculative="ngram" if i % 2 else None) for i, n in enumerate(lengths)]
     engine = drafting_engine(tiny, 4)
     together = run(engine, prompts, mixed)
     assert engine.n_drafted > 0
