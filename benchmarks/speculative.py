@@ -114,7 +114,8 @@ def main() -> int:
               + ", ".join(f"{k} {v:.2f} ({v / base:.2f}x)" for k, v in costs.items()))
         common = dict(model_path=str(path()), n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False)
         plain_cpp = llama_cpp.Llama(**common)
-        lookup_cpp = llama_cpp.Llama(**common, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
+        # Its draft verification reads the logits of every position fed.
+        lookup_cpp = llama_cpp.Llama(**common, logits_all=True, draft_model=LlamaPromptLookupDecoding(num_pred_tokens=10))
         for workload, text in (("input-grounded", GROUNDED.format(passage=PASSAGE[:2400])), ("free", FREE)):
             ids = llm.chat_prompt_ids([{"role": "user", "content": text}])
             rates = {key: [] for key in ("rz plain", "rz ngram", "llama.cpp plain", "llama.cpp prompt lookup")}
