@@ -16,6 +16,9 @@ MAX_PREFILL_BUCKET = 512
 # turn, a question after a shared system prompt) runs in one chunk of this length rather than
 # of its context's, which would be mostly padding. One more prefill shape per larger context.
 TAIL_CHUNK = 128
+# Tokens per row of a speculative verify step (rz.steps.verify): the last token and up to
+# width - 1 drafts, padded to the smallest width that holds them.
+VERIFY_WIDTHS = (2, 4, 8)
 
 
 def ladder(smallest: int, largest: int) -> tuple[int, ...]:

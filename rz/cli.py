@@ -62,7 +62,10 @@ _FLAG_OPTIONS = {
     "frequency_penalty": None,
     "penalty_last_n": "recent tokens the penalties look at",
     "seed": "default: a fresh random seed",
+    "speculative": "draft tokens with this proposer (ngram: prompt lookup); the output is the same; default: off",
 }
+# The flags whose default (None) does not give their type.
+_FLAG_TYPES = {"seed": int, "speculative": str}
 
 
 def _sampling(args) -> dict:
@@ -109,7 +112,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     for name, help_text in _FLAG_OPTIONS.items():
         default = FLAT_OPTIONS[name]
         parser.add_argument(
-            f"--{name.replace('_', '-')}", type=int if name == "seed" else type(default), default=default,
+            f"--{name.replace('_', '-')}", type=_FLAG_TYPES.get(name, type(default)), default=default,
             help=help_text if default is None else f"{help_text + '; ' if help_text else ''}default: {default}",
         )
 

@@ -18,16 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz import kv_cache, steps
-from rz.buckets import Buckets, batch_ladder
+from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
+from rz.speculative import CostModel, Speculation, chosen_proposer, draft, validate_proposer
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
+from rz_kernels.quantized_matmul import CPU_KERNEL_MAX_M
 
 # Decode steps per compiled call; see Engine.decode for why more than one.
 DECODE_STEPS = 4
+
+# The most tokens a verify call feeds (rows times width): up to this many rows, a quantized matmul
+# takes the kernel a decode step takes, whose rows do not depend on each other, so a verify call's
+# logits are a decode step's to the bit and speculation keeps greedy and seeded output exact.
+# Beyond, XLA's f32 GEMM rounds differently (and a batch that large gains little from drafts).
+MAX_VERIFY_TOKENS = CPU_KERNEL_MAX_M
 
 # Idle slots run through the decode step like the others (the shape is fixed); position -1
 # keeps them from writing to the cache, and greedy sampling keeps their cost down.
@@ -50,9 +58,12 @@ class Engine:
         buckets: Buckets | None = None,
         decode_steps: int = DECODE_STEPS,
         cache_types: kv_cache.CacheTypes = kv_cache.CacheTypes(),
+        speculative: str | None = None,
     ):
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
+        validate_proposer(speculative)
+        self.speculative = speculative  # the proposer of a request that names none (rz.speculative)
         self.model = model
         self.decode_steps = decode_steps
         self.tokenizer = tokenizer
@@ -78,6 +89,11 @@ class Engine:
         # while that assignment is the one it was launched with.
         self._in_flight: _DecodeCall | None = None
         self._assignment = 0
+        # What decode steps and verify calls cost here, for the speculating streams' choices, and
+        # how many tokens they drafted and kept (the spec_decode counters).
+        self.costs = CostModel()
+        self.n_drafted = 0
+        self.n_accepted = 0
 
     # ----- host side -----
 
@@ -114,11 +130,13 @@ class Engine:
     def new_sequence(self, request: GenerationRequest, queued_at: float | None = None) -> Generation:
         """A validated request as a sequence to be admitted, with its text pipeline."""
         self.validate(request)
+        proposer = chosen_proposer(request.options.speculative, self.speculative)
         return Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
             matcher=StopStringMatcher(request.options.stop),
             timings=Timings(queued_at=queued_at or time.perf_counter()),
+            speculation=Speculation(proposer) if proposer is not None else None,
         )
 
     # A sequence joins in three parts, so that a scheduler can run decode calls for the sequences
@@ -238,14 +256,23 @@ class Engine:
         before this one's tokens are read back: it takes this call's last tokens and positions
         on the device, so the device is not idle while the host reads tokens, detokenizes and
         dispatches. Its work for a sequence that turns out to have finished is dropped.
+
+        While a stream speculates (rz.speculative), the calls are not chained: each one is a verify
+        call of the streams' drafts when any stream has drafts worth checking, else a decode call.
         """
         call, self._in_flight = self._in_flight, None
+        if call is None and self.active():
+            rows = self._active_rows()
+            drafts = self._drafts(rows)
+            if any(drafts.values()):
+                return self._verify(rows, drafts)
         if call is not None and call.assignment != self._assignment:
             # Slots changed hands since the call in flight was launched: read it back (its rows
             # are for the sequences still running) before launching from the host's view.
             if any(sequence.finish_reason is None for sequence in call.sequences):
                 return self._collect(call)
             call = None
+        started, launched_here = time.perf_counter(), call is None
         if call is None:
             call = self._launch()
             if call is None:
@@ -253,10 +280,76 @@ class Engine:
         needs_more = (
             s.finish_reason is None and len(s.output_ids) + call.n_steps < s.request.options.max_tokens for s in call.sequences
         )
-        if any(needs_more):
+        # A stream that may draft after this call must be looked at with its tokens on the host.
+        look = any(s.speculation is not None and s.speculation.due() for s in call.sequences)
+        if any(needs_more) and not look:
             # Some sequence will still need tokens after this call: queue the next one behind it.
             self._in_flight = self._launch(after=call)
-        return self._collect(call)
+        rows = self._collect(call)
+        if launched_here and call.timed:
+            # Launched and read back here: its time is the device's and the host's for one call.
+            self.costs.record_decode(call.rows, (time.perf_counter() - started) / call.n_steps)
+        for sequence in call.sequences:
+            if sequence.speculation is not None:
+                sequence.speculation.record_plain(call.n_steps)
+        return rows
+
+    def _active_rows(self) -> int:
+        # Slots are taken lowest first, so the active ones are usually the first few: a step runs
+        # on the smallest batch bucket that holds them.
+        return self.batch_bucket(max(sequence.slot for sequence in self.active()) + 1)
+
+    def _drafts(self, rows: int) -> dict[int, list[int]]:
+        """Each speculating stream's drafts, by slot: as many as pay (see rz.speculative), none
+        past its max_tokens. None before a plain decode step at this batch has been timed, nor at
+        a batch too large to verify (MAX_VERIFY_TOKENS)."""
+        widest = max((w for w in VERIFY_WIDTHS if rows * w <= MAX_VERIFY_TOKENS), default=0)
+        if not widest or not self.costs.knows(rows):
+            return {}
+        drafts = {}
+        for sequence in self.active():
+            if sequence.speculation is None:
+                continue
+            limit = min(widest - 1, sequence.request.options.max_tokens - len(sequence.output_ids) - 1)
+            proposed = draft(sequence.speculation, (*sequence.request.prompt_ids, *sequence.output_ids), limit)
+            drafts[sequence.slot] = proposed[: sequence.speculation.n_drafts(self.costs, rows, len(proposed))]
+            sequence.speculation.looked(drafting=bool(drafts[sequence.slot]))
+        return drafts
+
+    def _verify(self, rows: int, drafts: dict[int, list[int]]) -> list[SampledRow]:
+        """One verify call (rz.steps.verify) for every active slot, with the drafts of the speculating
+        ones: each sequence's kept drafts and next token, position by position."""
+        active = self.active()
+        width = next(w for w in VERIFY_WIDTHS if w >= 1 + max(map(len, drafts.values())))
+        host_tokens = np.zeros((rows, width), np.int32)
+        host_positions = np.full((rows, width), -1, np.int32)
+        for sequence in active:
+            fed = [sequence.output_ids[-1], *drafts.get(sequence.slot, ())]
+            host_tokens[sequence.slot, : len(fed)] = fed
+            host_positions[sequence.slot, : len(fed)] = sequence.position + np.arange(len(fed))
+        tokens, positions = jnp.asarray(host_tokens), jnp.asarray(host_positions)
+        tensors, n_top = self._batch_tensors(rows)
+        name = f"verify[{rows}, width={width}, logprobs={n_top}]"
+        timed = name in self.compilations
+        started = time.perf_counter()
+        sampled, n_emitted, self.cache, self._sampler_state = self._timed(
+            name, steps.verify, self.model.weights, self.cache, tokens, positions, self._chunk_tables(positions),
+            tensors, self._sampler_state, **self._model_static, n_top=n_top,
+        )
+        sampled, n_emitted = jax.device_get((sampled, n_emitted))
+        if timed:
+            self.costs.record_verify(rows, width, time.perf_counter() - started)
+        for sequence in active:
+            n_drafted, n_kept = len(drafts.get(sequence.slot, ())), int(n_emitted[sequence.slot]) - 1
+            if sequence.speculation is not None:
+                sequence.speculation.record(n_drafted, n_kept)
+            self.n_drafted += n_drafted
+            self.n_accepted += n_kept
+        emitted = []
+        for index in range(width):
+            at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
+            emitted.extend((s, at_step, s.slot) for s in active if index < n_emitted[s.slot])
+        return emitted
 
     def _launch(self, after: "_DecodeCall | None" = None) -> "_DecodeCall | None":
         """Launch one decode call: from the host's view of the slots, or chained after a call."""
@@ -266,28 +359,32 @@ class Engine:
             active = self.active()
             if not active:
                 return None
-            # Slots are taken lowest first, so the active ones are usually the first few: the step
-            # runs on the smallest batch bucket that holds them.
-            rows = self.batch_bucket(max(sequence.slot for sequence in active) + 1)
+            rows = self._active_rows()
             host_tokens = np.zeros(rows, np.int32)
             host_positions = np.full(rows, -1, np.int32)
             for sequence in active:
                 host_tokens[sequence.slot] = sequence.output_ids[-1]
                 host_positions[sequence.slot] = sequence.position
             sequences, tokens, positions = tuple(active), jnp.asarray(host_tokens), jnp.asarray(host_positions)
+        tensors, n_top = self._batch_tensors(rows)
+        n_steps = self.decode_steps
+        name = f"decode[{rows}, logprobs={n_top}, steps={n_steps}]"
+        timed = name in self.compilations
+        sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
+            name, steps.decode, self.model.weights, self.cache, tokens, positions, tensors, self._sampler_state,
+            **self._model_static, n_ctx=self.n_ctx, n_top=n_top, n_steps=n_steps,
+        )
+        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions, timed)
+
+    def _batch_tensors(self, rows: int) -> tuple[SamplingTensors, int]:
+        """The sampling settings of the first `rows` slots, and their log-probability width."""
         if self._tensors_dirty or self._tensors_rows != rows:
             params = [s.request.options.sampling if s is not None else _IDLE_PARAMS for s in self.slots[:rows]]
             self._tensors = SamplingTensors.from_params(params)
             self._n_top = _logprob_width(params)
             self._tensors_rows = rows
             self._tensors_dirty = False
-        n_steps = self.decode_steps
-        sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
-            f"decode[{rows}, logprobs={self._n_top}, steps={n_steps}]", steps.decode, self.model.weights,
-            self.cache, tokens, positions, self._tensors, self._sampler_state,
-            **self._model_static, n_ctx=self.n_ctx, n_top=self._n_top, n_steps=n_steps,
-        )
-        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions)
+        return self._tensors, self._n_top
 
     def _collect(self, call: "_DecodeCall") -> list[SampledRow]:
         """Read a call's tokens back: each step's row of every sequence it ran for, step by step."""
@@ -367,6 +464,7 @@ class _DecodeCall:
     sampled: SampledTokens  # leaves [n_steps, rows, ...], still on the device
     next_tokens: jax.Array  # what a call chained after it takes
     next_positions: jax.Array
+    timed: bool  # its shape was compiled before: its time is a measurement of the step
 
 
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:

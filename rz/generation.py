@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from rz.request import FinishReason, RequestOptions
 from rz.sampling import SampledTokens
+from rz.speculative import Speculation
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder
 
@@ -56,6 +57,7 @@ class Generation:
     finish_reason: FinishReason | None = None
     # Set from any thread to end the request: the scheduler frees it at its next step.
     stop_requested: bool = False
+    speculation: Speculation | None = None  # its proposer and record of kept drafts, if it speculates
 
     @property
     def position(self) -> int:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from rz.errors import RequestError
+from rz.speculative import validate_proposer
 from rz.stopping import validate_stops
 
 # How many recent tokens the device keeps per row for the penalties: the largest penalty_last_n
@@ -87,6 +88,10 @@ class RequestOptions:
     # Start from the longest prefix of the prompt whose KV a free slot still holds (llama.cpp's
     # server option of the same name); False prefills the whole prompt.
     cache_prompt: bool = True
+    # Draft tokens with this proposer (rz.speculative.PROPOSERS) and verify them in one step;
+    # "off" decodes one token per step; None takes the engine's default (rz serve --speculative;
+    # off in rz.LLM). The output is the same either way (rz.speculative).
+    speculative: str | None = None
 
     @classmethod
     def from_flat(cls, **options: Any) -> "RequestOptions":
@@ -118,6 +123,7 @@ class RequestOptions:
         self.sampling.validate()
         validate_stops(self.stop)
         _token_ids(self.stop_token_ids, "stop_token_ids")
+        validate_proposer(self.speculative)
 
 
 class FinishReason(str, enum.Enum):

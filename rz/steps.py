@@ -81,7 +81,77 @@ def decode(weights, cache, tokens, positions, tensors, state, *, family, cfg, n_
     return sampled, cache, state, tokens, positions
 
 
-ALL = (prefill, score, chunk_rope_tables, insert, extract, first_token, decode)
+@partial(jax.jit, static_argnames=("family", "cfg", "n_top"), donate_argnames=("cache", "state"))
+def verify(weights, cache, tokens, positions, tables, tensors, state, *, family, cfg, n_top):
+    """Score each row's last token and the drafts after it in one pass, and keep what the sampler agrees with.
+
+    tokens, positions int32 [rows, W]: per row its last sampled token, then up to W - 1 drafted
+    tokens (position -1 after a row's drafts; an idle row is all -1). The sampler runs at each of
+    the W positions in turn, as W decode steps would, its state advancing as theirs would, so its
+    token at position j is the one plain decoding would sample there given the drafts before j:
+    a row keeps its drafts while they equal the sampler's tokens, then the sampler's next token
+    (rz.speculative says why that is the speculative-sampling rule for a drafted token).
+
+    tables: chunk_rope_tables of positions. Returns the SampledTokens at every position (leaves [W, rows, ...]), how many of them each row
+    emits (int32 [rows], at least 1 for a live row), the cache, and the sampler state as it stands
+    after each row's last emitted token. The cache holds only what was kept: the slots the rejected
+    drafts overwrote get their previous keys, values and positions back (a ring buffer's too).
+    """
+    sampler = Sampler(n_top_logprobs=n_top)
+    rows, width = tokens.shape
+    whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
+    overwritten = [_slots_at(layer, positions) for layer in cache.layers]
+    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg)
+    logits = lm_head(weights, hidden, family=family, cfg=cfg)
+
+    def one(state, logits_at):
+        sampled, state = sampler(logits_at, tensors, state)
+        return state, (sampled, state)
+
+    _, (sampled, states) = jax.lax.scan(one, state, jnp.swapaxes(logits, 0, 1))
+    # Draft j + 1 is kept while it, and every draft before it, is the token sampled at position j.
+    agrees = (sampled.tokens[:-1].T == tokens[:, 1:]) & (positions[:, 1:] >= 0)
+    n_kept = jnp.sum(jnp.cumprod(agrees, axis=1), axis=1)
+    n_emitted = jnp.where(positions[:, 0] >= 0, n_kept + 1, 0).astype(jnp.int32)
+    last = jnp.maximum(n_emitted - 1, 0)
+    state = jax.tree.map(lambda leaf: leaf[last, jnp.arange(rows)], states)
+    state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
+    rejected = jnp.arange(width)[None, :] > n_kept[:, None]
+    cache = kv_cache.KVCache(
+        tuple(_restore(layer, old, positions, rejected) for layer, old in zip(cache.layers, overwritten))
+    )
+    return sampled, n_emitted, cache, state
+
+
+def _slots_at(layer: kv_cache.LayerCache, positions):
+    """What a layer's cache holds in the slots a chunk at positions [rows, W] will write."""
+    rows = jnp.arange(positions.shape[0])[:, None]
+    slots = jnp.maximum(positions, 0) % layer.n_slots
+    # jax.tree.map: keys and values are arrays or, in a q8_0 cache, quants with their scales.
+    def at_slots(stored):
+        return jax.tree.map(lambda leaf: leaf[rows, :, slots], stored)
+
+    return at_slots(layer.keys), at_slots(layer.values), layer.positions[rows, slots]
+
+
+def _restore(layer: kv_cache.LayerCache, old, positions, rejected) -> kv_cache.LayerCache:
+    """The layer with the slots of the rejected chunk positions put back as _slots_at found them."""
+    old_keys, old_values, old_positions = old
+    n_slots = layer.n_slots
+    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+    slots = jnp.where(rejected & (positions >= 0), positions % n_slots, n_slots)  # n_slots: dropped
+
+    def put_back(stored, old_stored):
+        return jax.tree.map(lambda leaf, old: leaf.at[rows, :, slots].set(old, mode="drop"), stored, old_stored)
+
+    return kv_cache.LayerCache(
+        keys=put_back(layer.keys, old_keys),
+        values=put_back(layer.values, old_values),
+        positions=layer.positions.at[rows, slots].set(old_positions, mode="drop"),
+    )
+
+
+ALL = (prefill, score, chunk_rope_tables, insert, extract, first_token, decode, verify)
 
 
 def compiled_variants() -> int:

@@ -87,9 +87,11 @@ def self_attention(
             q, cache.keys, cache.values, positions, cache.positions, keys_in_order=window == 0, **options
         )
     else:
-        all_keys = _with_chunk(cache.keys, keys)
-        all_values = _with_chunk(cache.values, values)
-        key_positions = jnp.concatenate([kv_cache.history_positions(cache, positions), positions], axis=1)
+        # The chunk's rows are the cache's first (a verify step runs on a batch bucket of them).
+        history = jax.tree.map(lambda leaf: leaf[:batch], cache)
+        all_keys = _with_chunk(history.keys, keys)
+        all_values = _with_chunk(history.values, values)
+        key_positions = jnp.concatenate([kv_cache.history_positions(history, positions), positions], axis=1)
         out = rz_kernels.attention(q, all_keys, all_values, positions, key_positions, **options)
         cache = kv_cache.write(cache, keys, values, positions)
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1), cache

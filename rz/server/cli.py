@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from rz.speculative import PROPOSERS
+
 
 def add_cache_type_arguments(parser: argparse.ArgumentParser) -> None:
     """--cache-type-k and --cache-type-v: how the KV cache stores keys and values, as llama.cpp's flags."""
@@ -42,6 +44,11 @@ def add_commands(commands) -> None:
         "--prefill-chunk", type=_at_least(8), default=256,
         help="longest prompt chunk prefilled between two decode steps: shorter stalls running streams less, "
         "longer prefills a long prompt faster (default: 256)",
+    )
+    serve.add_argument(
+        "--speculative", choices=PROPOSERS, default=None,
+        help="draft tokens with this proposer for requests that do not choose (their 'speculative' option): "
+        "ngram is prompt lookup, fastest on output that quotes its input; the output is unchanged (default: off)",
     )
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (default: 10)")
     serve.add_argument("--max-request-bytes", type=_at_least(1), default=1 << 20, help="largest request accepted (default: 1 MiB)")
@@ -119,6 +126,7 @@ def run_serve(args) -> int:
         http_port=args.http_port,
         cache_type_k=args.cache_type_k,
         cache_type_v=args.cache_type_v,
+        speculative=args.speculative,
     ))
 
 

@@ -1,9 +1,9 @@
 """The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
 
 Request fields map onto rz's flat generation options; fields OpenAI does not define (top_k,
-min_p, repeat_penalty, ignore_eos) are taken as llama-server takes them. A field left out gets
-rz's default (llama.cpp's), not OpenAI's. Streams are server-sent events ending in `data: [DONE]`;
-a failure midway ends the stream with an error event.
+min_p, repeat_penalty, ignore_eos) are taken as llama-server takes them, and so is rz's own
+`speculative`. A field left out gets rz's default (llama.cpp's), not OpenAI's. Streams are
+server-sent events ending in `data: [DONE]`; a failure midway ends the stream with an error event.
 """
 
 import json
@@ -142,6 +142,9 @@ def _options(body: dict, n_logprobs: int | None, n_prompt: int, n_ctx: int, defa
     options["max_tokens"] = max_tokens if max_tokens is not None else (default_max_tokens or max(1, n_ctx - n_prompt))
     options["stop"] = stop_strings(body.get("stop"))
     options["ignore_eos"] = field(body, "ignore_eos", bool, False)
+    speculative = field(body, "speculative", str)  # rz's own: a proposer, or "off" (rz.speculative)
+    if speculative is not None:
+        options["speculative"] = speculative
     if n_logprobs is not None:
         options["logprobs"] = max(n_logprobs, 1)  # the sampled token's own log-probability comes with the top ones
     return options

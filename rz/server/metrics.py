@@ -56,6 +56,11 @@ class Metrics:
         """Export the engine's compilation record (step name -> seconds) as it grows."""
         self.registry.register(_CompilationCollector(compilations))
 
+    def watch_speculation(self, counts: Callable[[], tuple[int, int]]) -> None:
+        """Export counts() -> (tokens drafted, drafts kept) of speculative decoding at each scrape
+        (vLLM's spec_decode_num_draft_tokens and spec_decode_num_accepted_tokens, rz_ prefixed)."""
+        self.registry.register(_SpeculationCollector(counts))
+
     def watch_load(self, load: Callable[[], tuple[int, int, float]]) -> None:
         """Read the gauges of the moment from load() -> (active slots, queued requests, KV cache usage) at each scrape."""
         self.active_slots.set_function(lambda: load()[0])
@@ -78,6 +83,18 @@ class Metrics:
         self.request_duration.observe(timings.finished_at - timings.queued_at)
         if len(sequence.output_ids) > 1:
             self.time_per_output_token.observe((timings.finished_at - timings.first_token_at) / (len(sequence.output_ids) - 1))
+
+
+class _SpeculationCollector:
+    def __init__(self, counts: Callable[[], tuple[int, int]]):
+        self._counts = counts
+
+    def collect(self):
+        drafted, accepted = self._counts()
+        yield CounterMetricFamily("rz_spec_decode_num_draft_tokens", "Tokens drafted by speculative decoding", value=drafted)
+        yield CounterMetricFamily(
+            "rz_spec_decode_num_accepted_tokens", "Drafted tokens the model's sampler kept", value=accepted
+        )
 
 
 class _CompilationCollector:

@@ -67,6 +67,7 @@ class ServerConfig:
     http_port: int = 8080  # the OpenAI/Ollama HTTP API; 0: any free port; -1: none
     cache_type_k: str = "f16"  # how the KV cache stores keys and values: llama.cpp's names
     cache_type_v: str = "f16"
+    speculative: str | None = None  # the proposer of requests that name none (rz.speculative); None: off
 
 
 class ServerStartError(RzError):
@@ -147,12 +148,14 @@ class Server:
         _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
         engine = Engine(
-            llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types
+            llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
+            speculative=self.config.speculative,
         )
         warm_up(engine)
         log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
         self.metrics.slots.set(engine.n_slots)
         self.metrics.watch_compilations(engine.compilations)
+        self.metrics.watch_speculation(lambda: (engine.n_drafted, engine.n_accepted))
         self._loop = EngineLoop(engine, self.config.max_queue)
         self.metrics.watch_load(self._loop.load)
         self._loop.start()

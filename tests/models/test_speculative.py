@@ -1,0 +1,256 @@
+"""Speculative decoding end to end (rz.steps.verify driven by rz.engine): the tokens of plain decoding,
+greedy or seeded, on tiny and real models; the same output distribution; stop conditions where they
+were; and a cache that holds only the kept tokens."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import rz
+from rz import steps
+from rz.engine import Engine
+from rz.generation import Generation, GenerationRequest
+from rz.model_files import gemma3_270m_path, smollm2_135m_path
+from rz.request import FinishReason, RequestOptions, SamplingParams
+from rz.sampling import SamplerState, SamplingTensors
+from rz.scheduler import Scheduler
+from rz import engine as engine_module
+from rz.speculative import CostModel, propose_ngram
+from passage import PASSAGE
+from test_kv_cache import QUANTIZED_NMSE
+from tiny_models import N_VOCAB, write_tiny_model
+
+N_CTX = 256
+# A verify call feeds a quantized matmul more rows than a decode step, and the CPU kernel's
+# accumulation order depends on the row count, as it does between batch sizes of plain decoding:
+# greedy output may part from plain decoding's where the two best logits are closer than the
+# kernels' disagreement, and only there. Measured on Gemma 3 (24 prompts, 32 tokens): plain decoding
+# at batch 1 and at batch 4 part on 6 prompts; speculation at batch 4 parts from plain at batch 4
+# on 7, the largest gap at a parting 3% of the best logit (SmolLM2: 0.4%).
+NEAR_TIE = 0.05
+SAMPLED = dict(
+    temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repeat_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
+)
+
+
+class DraftingAlwaysPays(CostModel):
+    """Costs under which every draft pays, so that verify calls run whatever this machine's timings."""
+
+    def knows(self, rows: int) -> bool:
+        return True
+
+    def relative_verify_cost(self, rows: int, width: int) -> float:
+        return 1.0
+
+
+def tiny_llm(request, tmp_path_factory):
+    arch, weight_type = request.param
+    return rz.LLM(write_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type), n_ctx=N_CTX)
+
+
+@pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "Q8_0")], ids="-".join)
+def tiny(request, tmp_path_factory):
+    """Gemma 3 with a window of 8 (ring buffers that verify calls overwrite), and a quantized llama."""
+    return tiny_llm(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "F32")], ids="-".join)
+def tiny_f32(request, tmp_path_factory):
+    """Models whose verify and decode logits agree to the bit (f32 matmuls), for sampling's exactness."""
+    return tiny_llm(request, tmp_path_factory)
+
+
+def assert_same_up_to_near_ties(llm, prompts, got: list[Generation], want: list[Generation]) -> None:
+    """Each pair of outputs is equal, or parts where the plain run's two best logits were a near tie."""
+    for prompt, spec, plain in zip(prompts, got, want):
+        if spec.output_ids == plain.output_ids:
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(spec.output_ids, plain.output_ids)) if a != b)
+        best_two = np.sort(llm.score(list(prompt) + plain.output_ids[:at])[-1])[-2:]
+        assert best_two[1] - best_two[0] < NEAR_TIE * abs(best_two[1]), f"output parts at token {at} without a near tie: {best_two}"
+
+
+@pytest.fixture
+def spoiled_drafts(monkeypatch):
+    """Prompt lookup, or the last tokens when no suffix recurs (a sampled tiny model's text seldom
+    repeats), with the third draft changed (a tiny model's greedy loops would keep every draft)."""
+
+    def draft(speculation, history, n_drafts):
+        drafts = propose_ngram(history, n_drafts) or list(history[-n_drafts:])
+        return [(t + 1) % N_VOCAB if i == 2 else t for i, t in enumerate(drafts)]
+
+    monkeypatch.setattr(engine_module, "draft", draft)
+
+
+def drafting_engine(llm, n_slots: int) -> Engine:
+    engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots)
+    engine.costs = DraftingAlwaysPays()
+    return engine
+
+
+def run(engine: Engine, prompts, options) -> list[Generation]:
+    """Generate for every prompt in one batch; options: one RequestOptions for all, or one per prompt."""
+    options = options if isinstance(options, list) else [options] * len(prompts)
+    scheduler = Scheduler(engine)
+    sequences = [scheduler.add(GenerationRequest(tuple(p), o)) for p, o in zip(prompts, options)]
+    for _ in scheduler.drain():
+        pass
+    return sequences
+
+
+def repetitive_prompts(n: int) -> list[list[int]]:
+    """Prompts that repeat a phrase, so that prompt lookup has something to draft from."""
+    rng = np.random.default_rng(7)
+    prompts = []
+    for _ in range(n):
+        phrase = rng.integers(3, N_VOCAB, rng.integers(3, 7)).tolist()
+        prompts.append([1] + phrase * int(rng.integers(2, 5)) + rng.integers(3, N_VOCAB, 2).tolist())
+    return prompts
+
+
+def test_greedy_speculative_decoding_gives_the_tokens_of_plain_decoding(tiny, spoiled_drafts):
+    prompts = repetitive_prompts(8)
+    options = RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0))
+    plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 4), prompts, options)
+    engine = drafting_engine(tiny, 4)
+    speculative = run(engine, prompts, RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0), speculative="ngram"))
+    assert_same_up_to_near_ties(tiny, prompts, speculative, plain)
+    assert 0 < engine.n_accepted < engine.n_drafted  # drafts were both kept and rejected
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seeded_plain_run(tiny_f32, seed, spoiled_drafts):
+    prompts = repetitive_prompts(4)
+    plain_options = RequestOptions(max_tokens=32, sampling=SamplingParams(**SAMPLED, seed=seed, n_logprobs=3))
+    plain = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts, plain_options)
+    engine = drafting_engine(tiny_f32, 4)
+    speculative = run(engine, prompts, RequestOptions(**{**plain_options.__dict__, "speculative": "ngram"}))
+    assert engine.n_drafted > 0
+    assert [s.output_ids for s in speculative] == [s.output_ids for s in plain]
+    for spec, ref in zip(speculative, plain):
+        assert [entry["token"] for entry in spec.logprobs] == spec.output_ids
+        np.testing.assert_allclose(
+            [entry["logprob"] for entry in spec.logprobs], [entry["logprob"] for entry in ref.logprobs], atol=1e-4
+        )
+
+
+def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts):
+    """Two of each, the last two ending first: verify calls then run on the first rows of the cache."""
+    prompts = repetitive_prompts(4)
+    greedy = SamplingParams(temperature=0)
+    lengths = (24, 24, 6, 6)
+    alone = [
+        run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [p], RequestOptions(max_tokens=n, sampling=greedy))[0]
+        for p, n in zip(prompts, lengths)
+    ]
+    mixed = [RequestOptions(max_tokens=n, sampling=greedy, speculative="ngram" if i % 2 else None) for i, n in enumerate(lengths)]
+    engine = drafting_engine(tiny, 4)
+    together = run(engine, prompts, mixed)
+    assert engine.n_drafted > 0
+    assert_same_up_to_near_ties(tiny, prompts, together, alone)
+
+
+def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(tiny_f32, spoiled_drafts):
+    tiny = tiny_f32
+    prompt = repetitive_prompts(1)[0]
+    greedy = SamplingParams(temperature=0)
+    reference = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [prompt], RequestOptions(max_tokens=30, sampling=greedy))[0]
+    text = "".join(reference.text)
+    cases = [
+        RequestOptions(max_tokens=30, sampling=greedy, stop=(text[len(text) // 2 :][:3],)),
+        RequestOptions(max_tokens=30, sampling=greedy, stop_token_ids=frozenset({reference.output_ids[len(reference.output_ids) // 2]})),
+        RequestOptions(max_tokens=13, sampling=greedy),
+    ]
+    for options in cases:
+        plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [prompt], options)[0]
+        speculative = run(drafting_engine(tiny, 1), [prompt], RequestOptions(**{**options.__dict__, "speculative": "ngram"}))[0]
+        assert (speculative.output_ids, "".join(speculative.text), speculative.finish_reason) == (
+            plain.output_ids, "".join(plain.text), plain.finish_reason
+        )
+    assert plain.finish_reason == FinishReason.LENGTH and len(plain.output_ids) == 13
+
+
+def test_rejected_drafts_leave_the_cache_as_a_prefill_of_the_kept_tokens(tiny):
+    """A verify call whose third draft is wrong: the cache afterwards (ring buffers included, whose
+    slots the rejected drafts overwrote) equals one filled with the prompt and the kept tokens."""
+    model, weights, static = tiny.model, tiny.model.weights, {"family": tiny.model.family, "cfg": tiny.model.cfg}
+    prompt = repetitive_prompts(3)[2][:20]
+    greedy = tiny.generate(prompt, max_tokens=4, temperature=0).token_ids  # t0, then what greedy decoding follows it with
+    wrong = (greedy[3] + 1) % N_VOCAB
+    fed = [greedy[0], greedy[1], greedy[2], wrong, greedy[1], greedy[2], wrong, greedy[1]]
+
+    def filled(ids):
+        positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
+        tables = steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg)
+        return steps.score(weights, model.init_cache(1, 32), jnp.asarray([ids], jnp.int32), positions, tables, **static)[1]
+
+    positions = jnp.arange(len(prompt), len(prompt) + len(fed), dtype=jnp.int32)[None]
+    params = SamplingParams(temperature=0)
+    sampled, n_emitted, cache, _ = steps.verify(
+        weights, filled(prompt), jnp.asarray([fed], jnp.int32), positions,
+        steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg),
+        SamplingTensors.from_params([params]), SamplerState.create([params], [prompt]), **static, n_top=0,
+    )
+    assert int(n_emitted[0]) == 3
+    assert np.asarray(sampled.tokens[:3, 0]).tolist() == greedy[1:4]
+    expected = filled(prompt + greedy[:3])
+    for layer, want in zip(cache.layers, expected.layers):
+        np.testing.assert_array_equal(np.asarray(layer.positions), np.asarray(want.positions))
+        for got, ref in ((layer.keys, want.keys), (layer.values, want.values)):
+            got, ref = np.asarray(got), np.asarray(ref)
+            assert np.sum((got - ref) ** 2) <= QUANTIZED_NMSE * np.sum(ref**2)
+
+
+def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_tokens(tmp_path, spoiled_drafts):
+    """2,000 samples with speculation and 2,000 without (other seeds), compared by a chi-square test
+    of homogeneity (p > 0.01) on the tokens seen at least 5 times in all; the drafts (spoiled_drafts)
+    are mostly unlike what the model samples."""
+    llm = rz.LLM(write_tiny_model(tmp_path / "model.gguf", "llama", "F32", seed=5), n_ctx=64)
+    prompt = [1] + [40, 41, 42] * 6
+    n = 2000
+
+    def tokens_at(speculative, first_seed):
+        # Two slots: verify calls of up to 8 tokens a row (see rz.engine.MAX_VERIFY_TOKENS).
+        engine = drafting_engine(llm, 2) if speculative else Engine(llm.model, llm.tokenizer, 64, 16)
+        options = [
+            RequestOptions(
+                max_tokens=5, ignore_eos=True, speculative=speculative,
+                sampling=SamplingParams(temperature=1.0, top_k=8, seed=first_seed + i),
+            )
+            for i in range(n)
+        ]
+        sequences = run(engine, [prompt] * n, options)
+        return np.array([s.output_ids for s in sequences]), engine
+
+    plain, _ = tokens_at(None, 0)
+    speculative, engine = tokens_at("ngram", 100_000)
+    assert 0 < engine.n_accepted < engine.n_drafted
+    for column in (0, 4):
+        tokens = np.union1d(plain[:, column], speculative[:, column])
+        table = np.array([[np.sum(sample[:, column] == t) for t in tokens] for sample in (plain, speculative)])
+        table = table[:, table.sum(axis=0) >= 5]
+        assert stats.chi2_contingency(table)[1] > 0.01
+
+
+REAL_MODELS = {"smollm2": smollm2_135m_path, "gemma3": gemma3_270m_path}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_greedy_speculative_decoding_is_exact_on_real_models(name):
+    """24 prompts, half asking to copy a passage (drafts mostly kept), half free (mostly rejected)."""
+    llm = rz.LLM(REAL_MODELS[name](), n_ctx=1024, max_batch=4)
+    paragraphs = [p for p in PASSAGE.split("\n\n") if p.strip()]
+    prompts = []
+    for i in range(12):
+        text = paragraphs[i % len(paragraphs)][(i // len(paragraphs)) * 80 :][:400]
+        prompts.append(llm.tokenize(f"Copy this text exactly.\n\n{text}\n\nCopy:\n{text[:40]}"))
+        prompts.append(llm.tokenize(f"Write a short story about {['a heron', 'bread', 'primes', 'a lighthouse'][i % 4]}, part {i}."))
+    options = RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0))
+    plain = run(Engine(llm.model, llm.tokenizer, llm.n_ctx, 4), prompts, options)
+    engine = drafting_engine(llm, 4)  # verify calls of 4 tokens a row
+    speculative = run(engine, prompts, RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0), speculative="ngram"))
+    assert engine.n_accepted > 0
+    assert_same_up_to_near_ties(llm, prompts, speculative, plain)

@@ -1,0 +1,77 @@
+"""rz.speculative on the host: prompt lookup's drafts, and how many drafts a stream's record says pay."""
+
+import pytest
+
+from rz.errors import RequestError
+from rz.request import RequestOptions
+from rz.speculative import OFF, PROBE_INTERVAL, CostModel, Speculation, chosen_proposer, propose_ngram
+
+
+def test_prompt_lookup_continues_the_latest_earlier_occurrence_of_the_longest_recurring_suffix():
+    #            0  1  2  3  4  5  6  7  8  9 10 11 12
+    history = [5, 1, 2, 3, 9, 9, 2, 3, 7, 8, 1, 2, 3]
+    # The suffix 1 2 3 recurs at 1..3 (followed by 9 9); the shorter 2 3 recurs later, at 6..7, but
+    # the longest suffix decides.
+    assert propose_ngram(history, 4) == [9, 9, 2, 3]
+    assert propose_ngram(history, 1) == [9]
+
+
+def test_prompt_lookup_takes_the_latest_occurrence_among_equally_long_ones():
+    history = [1, 2, 7, 1, 2, 8, 1, 2]
+    assert propose_ngram(history, 3) == [8, 1, 2]
+
+
+def test_prompt_lookup_drafts_only_the_tokens_there_are():
+    assert propose_ngram([4, 6, 4, 6], 8) == [4, 6]
+
+
+def test_prompt_lookup_in_a_loop_drafts_from_the_occurrence_that_leaves_enough_tokens():
+    loop = [5] + [9] * 9
+    assert propose_ngram(loop, 3) == [9, 9, 9]
+    assert propose_ngram(loop, 8) == [9] * 5  # the earliest, followed by the most (the latest: by one)
+
+
+def test_prompt_lookup_drafts_nothing_when_no_suffix_recurs_or_none_is_asked_for():
+    assert propose_ngram([1, 2, 3, 4, 5], 4) == []
+    assert propose_ngram([3], 4) == []
+    assert propose_ngram([1, 2, 1, 2], 0) == []
+
+
+def test_a_stream_whose_drafts_are_kept_drafts_the_most_that_pays():
+    speculation = Speculation("ngram")
+    speculation.record(n_drafted=40, n_kept=39)
+    cheap = CostModel(decode_step={1: 1.0}, verify_call={(1, 2): 1.1, (1, 4): 1.2, (1, 8): 1.5})
+    assert speculation.n_drafts(cheap, rows=1, limit=7) == 7
+    assert speculation.n_drafts(cheap, rows=1, limit=2) == 2
+
+
+def test_a_stream_whose_drafts_are_rejected_falls_back_to_plain_decoding_then_probes_again():
+    speculation = Speculation("ngram")
+    speculation.record(n_drafted=40, n_kept=1)
+    costs = CostModel(decode_step={1: 1.0}, verify_call={(1, 2): 1.3, (1, 4): 1.8, (1, 8): 3.0})
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 0
+    speculation.record_plain(PROBE_INTERVAL)
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 1
+    speculation.record(n_drafted=1, n_kept=0)
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 0
+
+
+def test_the_cost_model_uses_measured_costs_once_both_calls_are_timed():
+    costs = CostModel()
+    assert not costs.knows(1)
+    costs.record_decode(1, 0.010)
+    costs.record_verify(1, 4, 0.015)
+    assert costs.knows(1) and costs.relative_verify_cost(1, 4) == pytest.approx(1.5)
+
+
+def test_an_unknown_proposer_is_a_request_error_naming_the_choices():
+    with pytest.raises(RequestError, match="speculative must be one of ngram"):
+        RequestOptions.from_flat(speculative="medusa").validate()
+
+
+def test_a_request_that_names_no_proposer_takes_the_engines_default_and_off_turns_it_off():
+    assert chosen_proposer(None, "ngram") == "ngram"
+    assert chosen_proposer(OFF, "ngram") is None
+    assert chosen_proposer("ngram", None) == "ngram"
+    assert chosen_proposer(None, None) is None
+    RequestOptions.from_flat(speculative=OFF).validate()
