@@ -1,6 +1,6 @@
 """Automatic prefix reuse: a request that starts with tokens a free slot's KV still holds prefills
-only the rest, and its logits equal those of prefilling the whole prompt (within the
-prefill/decode consistency tolerance of test_kv_cache)."""
+only the rest, and its logits equal those of prefilling the whole prompt within llama.cpp's own
+noise (the teacher-forced bound: KL <= 0.01), with the same argmax."""
 
 import numpy as np
 import pytest
@@ -11,7 +11,7 @@ from rz.engine import Engine
 from rz.generation import GenerationRequest
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.request import FinishReason, RequestOptions
-from test_kv_cache import QUANTIZED_NMSE
+from oracle import MAX_MEAN_KL, kl_divergence
 
 N_CTX = 1024
 
@@ -24,8 +24,7 @@ def llm(request):
 
 @pytest.fixture
 def engine(llm):
-    # Chunks of at least 32 tokens: the CPU matmul kernels take another path for fewer rows,
-    # whose rounding alone moves a prefill's logits by about the tolerance.
+    # Chunks of at least 32 tokens, so that both prefills take the same matmul paths.
     return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=Buckets.for_context(N_CTX, smallest=32))
 
 
@@ -56,8 +55,11 @@ def admit(engine: Engine, ids: list[int], cache_prompt: bool = True):
 def assert_same_logits(engine: Engine, ids: list[int], reused: np.ndarray) -> None:
     fresh, n_cached = admit(engine, ids, cache_prompt=False)
     assert n_cached == 0
-    nmse = np.sum((reused - fresh) ** 2) / np.sum(fresh**2)
-    assert nmse <= QUANTIZED_NMSE, f"NMSE {nmse:.2e} > {QUANTIZED_NMSE:.0e}"
+    # Not bit-exact: on x86 a K-quant prompt's matmuls round activations to int8 as llama.cpp's do,
+    # and the reused chunk's attention sums in another order, so a few roundings flip (Gemma 3:
+    # NMSE 7.7e-4, KL 2.9e-3 here).
+    kl = float(kl_divergence(fresh, reused))
+    assert kl <= MAX_MEAN_KL, f"KL {kl:.2e} > {MAX_MEAN_KL}"
     assert np.argmax(reused) == np.argmax(fresh)
 
 
