@@ -9,6 +9,7 @@ two calls. The engine returns sampled tokens; which request runs when, and what 
 is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
 """
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 
 from rz import kv_cache, steps
 from rz.buckets import Buckets, batch_ladder
+from rz.constraints import Vocabulary
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
@@ -76,6 +78,8 @@ class Engine:
         # while that assignment is the one it was launched with.
         self._in_flight: _DecodeCall | None = None
         self._assignment = 0
+        self._vocabulary: Vocabulary | None = None  # for structured output, built by its first request
+        self._vocabulary_lock = threading.Lock()
 
     # ----- host side -----
 
@@ -85,6 +89,8 @@ class Engine:
             raise RequestError("the prompt is empty: give at least one token of text")
         request.options.validate()
         check_token_ids(request.prompt_ids, self.model.cfg.n_vocab)
+        if request.options.constraint is not None:
+            self.vocabulary.matcher(request.options.constraint)
         max_tokens = request.options.max_tokens
         needed = len(request.prompt_ids) + max_tokens
         if needed > self.n_ctx:
@@ -93,6 +99,14 @@ class Engine:
                 f"needs {needed} positions, more than the context size {self.n_ctx}; "
                 "shorten the prompt, lower max_tokens, or load the model with a larger n_ctx"
             )
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The vocabulary that structured-output constraints compile against (validate runs on server threads)."""
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer, self.model.cfg.n_vocab)
+            return self._vocabulary
 
     def batch_bucket(self, n_rows: int) -> int:
         """The smallest decode batch (a compiled shape) that holds the first n_rows slots."""
@@ -112,11 +126,13 @@ class Engine:
     def new_sequence(self, request: GenerationRequest, queued_at: float | None = None) -> Generation:
         """A validated request as a sequence to be admitted, with its text pipeline."""
         self.validate(request)
+        constraint = request.options.constraint
         return Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
             matcher=StopStringMatcher(request.options.stop),
             timings=Timings(queued_at=queued_at or time.perf_counter()),
+            constraint=self.vocabulary.matcher(constraint) if constraint is not None else None,
         )
 
     # A sequence joins in three parts, so that a scheduler can run decode calls for the sequences
@@ -190,9 +206,10 @@ class Engine:
         params = request.options.sampling
         row_state = SamplerState.create([params], [request.prompt_ids])
         n_top = _logprob_width([params])
+        allowed = self._token_masks([sequence])
         sampled, row_state = self._timed(
-            f"first_token[logprobs={n_top}]", steps.first_token, admission.logits,
-            SamplingTensors.from_params([params]), row_state, n_top=n_top,
+            f"first_token[logprobs={n_top}, masked={allowed is not None}]", steps.first_token, admission.logits,
+            SamplingTensors.from_params([params]), row_state, allowed, n_top=n_top,
         )
         self.cache = self._timed(
             f"insert[{row_cache.layers[0].n_slots}]", steps.insert, self.cache, row_cache, jnp.int32(slot)
@@ -251,7 +268,8 @@ class Engine:
         needs_more = (
             s.finish_reason is None and len(s.output_ids) + call.n_steps < s.request.options.max_tokens for s in call.sequences
         )
-        if any(needs_more):
+        # A constrained sequence's next mask depends on the tokens this call samples.
+        if any(needs_more) and call.allowed is None:
             # Some sequence will still need tokens after this call: queue the next one behind it.
             self._in_flight = self._launch(after=call)
         return self._collect(call)
@@ -279,13 +297,23 @@ class Engine:
             self._n_top = _logprob_width(params)
             self._tensors_rows = rows
             self._tensors_dirty = False
-        n_steps = self.decode_steps
+        allowed = None if after is not None else self._token_masks(self.slots[:rows])
+        # Each mask holds for one token only: a batch with a constrained row runs one step per call.
+        n_steps = self.decode_steps if allowed is None else 1
         sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
-            f"decode[{rows}, logprobs={self._n_top}, steps={n_steps}]", steps.decode, self.model.weights,
-            self.cache, tokens, positions, self._tensors, self._sampler_state,
+            f"decode[{rows}, logprobs={self._n_top}, steps={n_steps}, masked={allowed is not None}]", steps.decode,
+            self.model.weights, self.cache, tokens, positions, self._tensors, self._sampler_state, allowed,
             **self._model_static, n_ctx=self.n_ctx, n_top=self._n_top, n_steps=n_steps,
         )
-        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions)
+        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions, allowed)
+
+    def _token_masks(self, rows: Sequence[Generation | None]) -> jax.Array | None:
+        """The allowed-token bitmask of each row (all ones but for constrained sequences), or None
+        when no row is constrained: an unconstrained batch runs no mask at all."""
+        matchers = [row.constraint if row is not None else None for row in rows]
+        if all(matcher is None for matcher in matchers):
+            return None
+        return jnp.asarray(self.vocabulary.masks(matchers))
 
     def _collect(self, call: "_DecodeCall") -> list[SampledRow]:
         """Read a call's tokens back: each step's row of every sequence it ran for, step by step."""
@@ -362,6 +390,7 @@ class _DecodeCall:
     sampled: SampledTokens  # leaves [n_steps, rows, ...], still on the device
     next_tokens: jax.Array  # what a call chained after it takes
     next_positions: jax.Array
+    allowed: jax.Array | None  # the token masks it ran with (None: unconstrained)
 
 
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:

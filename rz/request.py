@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rz.constraints import Constraint, constraint_of, response_format_of
 from rz.errors import RequestError
 from rz.stopping import validate_stops
 
@@ -73,10 +74,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """Everything a generation request asks for besides its prompt: limits, sampling, stopping, logprobs.
+    """Everything a generation request asks for besides its prompt: limits, sampling, stopping, logprobs,
+    and the structured output it must match.
 
-    The fronts use flat names (FLAT_OPTIONS): this type's own fields, SamplingParams' fields, and
-    `logprobs` for SamplingParams.n_logprobs, as in llama-cpp-python and the gRPC API.
+    The fronts use flat names (FLAT_OPTIONS): this type's own fields, SamplingParams' fields,
+    `logprobs` for SamplingParams.n_logprobs, as in llama-cpp-python and the gRPC API, and
+    `response_format` (OpenAI's) and `grammar` (llama.cpp's GBNF) for `constraint`.
     """
 
     max_tokens: int = 128
@@ -87,6 +90,7 @@ class RequestOptions:
     # Start from the longest prefix of the prompt whose KV a free slot still holds (llama.cpp's
     # server option of the same name); False prefills the whole prompt.
     cache_prompt: bool = True
+    constraint: Constraint | None = None  # what the output must match (rz.constraints); None: free text
 
     @classmethod
     def from_flat(cls, **options: Any) -> "RequestOptions":
@@ -94,6 +98,7 @@ class RequestOptions:
         unknown = set(options) - set(FLAT_OPTIONS)
         if unknown:
             raise RequestError(f"unknown generation options: {', '.join(sorted(unknown))}")
+        constraint = constraint_of(options.pop("response_format", None), options.pop("grammar", None))
         sampling = {_SAMPLING_NAMES.get(name, name): value for name, value in options.items() if name not in _OWN}
         own = {name: value for name, value in options.items() if name in _OWN}
         if "stop" in own:
@@ -103,13 +108,14 @@ class RequestOptions:
         for flag in ("ignore_eos", "cache_prompt"):
             if flag in own:
                 own[flag] = bool(own[flag])
-        return cls(sampling=SamplingParams(**sampling), **own)
+        return cls(sampling=SamplingParams(**sampling), constraint=constraint, **own)
 
     def flat(self) -> dict[str, Any]:
         """The options by their flat names (the inverse of from_flat)."""
         own = {name: getattr(self, name) for name in _OWN}
         sampling = {_FLAT_NAMES.get(f.name, f.name): getattr(self.sampling, f.name) for f in dataclasses.fields(SamplingParams)}
-        return own | sampling
+        response_format, grammar = response_format_of(self.constraint)
+        return own | sampling | {"response_format": response_format, "grammar": grammar}
 
     def validate(self) -> None:
         """Raise RequestError naming the first option that is malformed or out of range."""
@@ -160,7 +166,7 @@ def _token_ids(ids, name: str) -> list[int]:
     return [int(token) for token in ids]
 
 
-_OWN = tuple(f.name for f in dataclasses.fields(RequestOptions) if f.name != "sampling")
+_OWN = tuple(f.name for f in dataclasses.fields(RequestOptions) if f.name not in ("sampling", "constraint"))
 _SAMPLING_NAMES = {"logprobs": "n_logprobs"}  # flat name -> SamplingParams field
 _FLAT_NAMES = {field: flat for flat, field in _SAMPLING_NAMES.items()}
 # Every option by its flat name, with its default.

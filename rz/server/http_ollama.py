@@ -2,7 +2,7 @@
 /api/tags, /api/show, /api/ps, /api/version. Errors are {"error": "..."}.
 
 One model is served, whatever name a request gives; `options.num_ctx` may only lower the context
-the server was started with.
+the server was started with. `format` ("json" or a JSON schema) constrains the output (rz.constraints).
 """
 
 import datetime
@@ -124,7 +124,19 @@ def _options(body: dict, n_prompt: int, n_ctx: int) -> dict:
     elif n_prompt + max_tokens > num_ctx:
         raise HttpError(400, f"the prompt ({n_prompt} tokens) plus num_predict ({max_tokens}) exceed num_ctx ({num_ctx})")
     options["stop"] = stop_strings(given.get("stop"), "options.stop")
+    options["response_format"] = _response_format(body.get("format"))
     return options
+
+
+def _response_format(value) -> dict | None:
+    """Ollama's `format` ("json" or a JSON schema) as OpenAI's response_format."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"schema": value}}
+    raise HttpError(400, f"'format' must be \"json\" or a JSON schema object, got {json.dumps(value)[:80]}")
 
 
 async def _respond(backend: Backend, body: dict, prompt_ids: list[int], chat: bool):

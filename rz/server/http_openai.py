@@ -2,7 +2,8 @@
 
 Request fields map onto rz's flat generation options; fields OpenAI does not define (top_k,
 min_p, repeat_penalty, ignore_eos) are taken as llama-server takes them. A field left out gets
-rz's default (llama.cpp's), not OpenAI's. Streams are server-sent events ending in `data: [DONE]`;
+rz's default (llama.cpp's), not OpenAI's. Structured output is OpenAI's `response_format`
+(json_object, json_schema, and rz's regex and lark types) or llama-server's GBNF `grammar`. Streams are server-sent events ending in `data: [DONE]`;
 a failure midway ends the stream with an error event.
 """
 
@@ -142,6 +143,9 @@ def _options(body: dict, n_logprobs: int | None, n_prompt: int, n_ctx: int, defa
     options["max_tokens"] = max_tokens if max_tokens is not None else (default_max_tokens or max(1, n_ctx - n_prompt))
     options["stop"] = stop_strings(body.get("stop"))
     options["ignore_eos"] = field(body, "ignore_eos", bool, False)
+    # Structured output: OpenAI's response_format, or llama-server's GBNF grammar (rz.constraints).
+    options["response_format"] = field(body, "response_format", dict)
+    options["grammar"] = field(body, "grammar", str)
     if n_logprobs is not None:
         options["logprobs"] = max(n_logprobs, 1)  # the sampled token's own log-probability comes with the top ones
     return options
