@@ -8,6 +8,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import jsonschema
 import ollama
 import openai
 import pytest
@@ -166,6 +167,53 @@ def test_openai_errors_map_to_the_sdks_exceptions(client):
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
     assert client.models.list().data[0].id == client.models.retrieve(client.models.list().data[0].id).id
+
+
+CITY = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "population": {"type": "integer", "minimum": 0}},
+    "required": ["name", "population"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.slow
+def test_structured_output_over_openai_llama_server_ollama_and_grpc_validates(server, client):
+    ask = [{"role": "user", "content": "Describe a city."}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    reply = client.chat.completions.create(model="any", messages=ask, max_tokens=60, n=2, seed=5, temperature=1.0,
+                                           response_format=response_format)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), CITY)
+    chunks = client.chat.completions.create(model="any", messages=ask, max_tokens=60, seed=6, temperature=1.0,
+                                            response_format=response_format, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), CITY)
+    reply = client.completions.create(model="any", prompt="Is water wet?", max_tokens=5, extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert reply.choices[0].text in ("yes", "no")
+    ollama_client = ollama.Client(host=server.http_url)
+    answer = ollama_client.chat(model="smollm2", messages=ask, format=CITY, options={"num_predict": 60, "seed": 7})
+    jsonschema.validate(json.loads(answer.message.content), CITY)
+    generated = ollama_client.generate(
+        model="smollm2", prompt="Reply with a small JSON object giving the name and country of one city.", format="json",
+        options={"num_predict": 100, "temperature": 0.7, "seed": 3, "repeat_penalty": 1.1},
+    )
+    assert generated.done_reason == "stop" and isinstance(json.loads(generated.response), dict)
+    with server.client() as grpc_client:  # rz.v1's GenerationOptions.response_format
+        completion = grpc_client.generate("A city, as JSON:", 60, seed=8, temperature=1.0, response_format=response_format)
+    assert completion.finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.text), CITY)
+
+
+@pytest.mark.slow
+def test_a_malformed_schema_or_grammar_is_a_400(server, client):
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    with pytest.raises(openai.BadRequestError, match="gbnf"):
+        client.completions.create(model="any", prompt="hi", max_tokens=5, extra_body={"grammar": "root ::= missing"})
+    status, body = _post(f"{server.http_url}/api/generate", {"prompt": "hi", "format": "yaml"})
+    assert status == 400 and "format" in json.loads(body)["error"]
 
 
 @pytest.mark.slow
