@@ -61,14 +61,19 @@ def render_chat(
     eos_token: str,
     add_generation_prompt: bool = True,
     architecture: str | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
     """Render messages ([{"role": str, "content": str, ...}]) with the GGUF's template, or the built-in one.
+
+    tools (OpenAI's [{"type": "function", "function": {...}}]) are handed to the template as `tools`.
 
     The template runs in rz.template_sandbox's child process, under its limits on output, time and
     memory; whatever fails inside it is a RequestError naming the failure or the limit.
     """
     _check_messages(messages)
     variables = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    if tools:
+        variables["tools"] = tools
     return render_template(template if template is not None else builtin_template(architecture), variables)
 
 

@@ -110,10 +110,20 @@ class LLM:
         """Answer a conversation, formatted with the model's chat template as llama.cpp does."""
         return self.generate(self.chat_prompt_ids(messages), max_tokens=max_tokens, **options)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The token ids of a conversation rendered by the model's chat template, ready to answer."""
-        from rz.chat import render_chat
+    def chat_prompt_ids(self, messages: list[dict], functions: list[dict] | None = None) -> list[int]:
+        """The token ids of a conversation rendered by the model's chat template, ready to answer.
 
+        functions (rz.tools.functions_of's) are offered as tools: handed to a template that renders
+        tools, else described in the system message (rz.tools).
+        """
+        from rz.chat import render_chat
+        from rz.tools import template_takes_tools, with_tool_prompt
+
+        tools = None
+        if functions and template_takes_tools(self.config.chat_template):
+            tools = [{"type": "function", "function": function} for function in functions]
+        elif functions:
+            messages = with_tool_prompt(messages, functions)
         text = render_chat(
             self.config.chat_template,
             messages,
@@ -121,6 +131,7 @@ class LLM:
             eos_token=self._token_text(self.tokenizer.eos_id),
             add_generation_prompt=True,
             architecture=self.config.architecture,
+            tools=tools,
         )
         ids = self.tokenize(text, special=True)
         # Templates that write the BOS token themselves would get a second one from add_bos.

@@ -216,6 +216,37 @@ def test_a_malformed_schema_or_grammar_is_a_400(server, client):
     assert status == 400 and "format" in json.loads(body)["error"]
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False,
+}}}
+
+
+@pytest.mark.slow
+def test_tool_calls_with_tool_choice_required_or_named_validate_and_stream_as_deltas(client):
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    parameters = WEATHER_TOOL["function"]["parameters"]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL], tool_choice=choice,
+                                               max_tokens=40, seed=1, temperature=0.8)
+        assert reply.choices[0].finish_reason == "tool_calls"
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), parameters)
+    chunks = list(client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL], tool_choice="required",
+                                                 max_tokens=40, seed=2, stream=True))
+    deltas = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
+    assert [d.function.name for d in deltas] == ["get_weather"] and deltas[0].index == 0
+    jsonschema.validate(json.loads(deltas[0].function.arguments), parameters)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == ""
+    plain = client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL], tool_choice="none",
+                                           max_tokens=8, temperature=0)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
 @pytest.mark.slow
 def test_sse_framing_done_and_usage_chunk(server):
     status, body = _post(f"{server.http_url}/v1/completions", {
