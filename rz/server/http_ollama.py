@@ -9,13 +9,15 @@ import datetime
 import json
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import rz
 from rz.errors import RequestError
 from rz.request import FinishReason
-from rz.server.http_common import Backend, HttpError, field, http_status, run_sync, stop_strings
+from rz.server.http_common import (
+    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, stop_strings, unless_disconnected,
+)
 
 _ROLES = ("system", "user", "assistant", "tool")
 _DONE_REASON = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop", FinishReason.ERROR: "stop"}
@@ -46,7 +48,7 @@ def routes(backend: Backend) -> list[Route]:
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             prompt_ids = await _chat_ids(attached.llm, messages)
-        return await _respond(backend, body, prompt_ids, chat=False)
+        return await _respond(request, backend, body, prompt_ids, chat=False)
 
     async def chat(request: Request):
         body = await backend.json(request)
@@ -58,7 +60,7 @@ def routes(backend: Backend) -> list[Route]:
             if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content", ""), str):
                 raise HttpError(400, f"messages[{i}] must be an object with a role ({', '.join(_ROLES)}) and string content")
         prompt_ids = await _chat_ids(attached.llm, [{"role": m["role"], "content": m.get("content", "")} for m in messages])
-        return await _respond(backend, body, prompt_ids, chat=True)
+        return await _respond(request, backend, body, prompt_ids, chat=True)
 
     async def tags(request: Request):
         attached = backend.ready()
@@ -139,7 +141,7 @@ def _response_format(value) -> dict | None:
     raise HttpError(400, f"'format' must be \"json\" or a JSON schema object, got {json.dumps(value)[:80]}")
 
 
-async def _respond(backend: Backend, body: dict, prompt_ids: list[int], chat: bool):
+async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: list[int], chat: bool):
     attached = backend.ready()
     options = _options(body, len(prompt_ids), attached.loop.engine.n_ctx)
     stream = field(body, "stream", bool, True)
@@ -151,11 +153,16 @@ async def _respond(backend: Backend, body: dict, prompt_ids: list[int], chat: bo
         return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
 
     if not stream:
-        text, sequence = "", None
-        async for _, event in events:
-            text += event.text
-            sequence = event.sequence
-        return JSONResponse(_final(attached, body, sequence) | part(text))
+
+        async def whole(events) -> dict:
+            text, sequence = "", None
+            async for _, event in events:
+                text += event.text
+                sequence = event.sequence
+            return _final(attached, body, sequence) | part(text)
+
+        answer = await unless_disconnected(request, events, whole)
+        return JSONResponse(answer) if answer is not None else Response(status_code=CLIENT_CLOSED)
 
     async def lines():
         try:

@@ -12,13 +12,15 @@ import time
 import uuid
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rz.constraints import response_format_of
 from rz.errors import RequestError
 from rz.request import FinishReason
-from rz.server.http_common import Backend, HttpError, field, http_status, run_sync, stop_strings, usage
+from rz.server.http_common import (
+    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, stop_strings, unless_disconnected, usage,
+)
 from rz.tools import ToolCallStream, call_constraint, forced_function, functions_of, parse_tool_calls
 
 # The most choices one request may ask for: each takes a slot of its own.
@@ -71,7 +73,7 @@ def routes(backend: Backend) -> list[Route]:
         n_logprobs = field(body, "logprobs", int)
         if n_logprobs is not None and not 0 <= n_logprobs <= 5:
             raise HttpError(400, "'logprobs' must be in [0, 5]", param="logprobs")
-        return await _respond(backend, body, prompt_ids, n_logprobs, chat=False, default_max_tokens=16)
+        return await _respond(request, backend, body, prompt_ids, n_logprobs, chat=False, default_max_tokens=16)
 
     async def chat_completions(request: Request):
         body = await backend.json(request)
@@ -92,7 +94,7 @@ def routes(backend: Backend) -> list[Route]:
             n_logprobs = field(body, "top_logprobs", int, 0)
         elif body.get("top_logprobs") is not None:
             raise HttpError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        return await _respond(backend, body, prompt_ids, n_logprobs, chat=True, default_max_tokens=None, tools=bool(functions))
+        return await _respond(request, backend, body, prompt_ids, n_logprobs, chat=True, default_max_tokens=None, tools=bool(functions))
 
     return [
         Route("/v1/models", models, methods=["GET"]),
@@ -188,8 +190,8 @@ def _options(body: dict, n_logprobs: int | None, n_prompt: int, n_ctx: int, defa
     return options
 
 
-async def _respond(backend: Backend, body: dict, prompt_ids: list[int], n_logprobs: int | None, chat: bool,
-                   default_max_tokens: int | None, tools: bool = False):
+async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: list[int], n_logprobs: int | None,
+                   chat: bool, default_max_tokens: int | None, tools: bool = False):
     attached = backend.ready()
     n = field(body, "n", int, 1)
     if not 1 <= n <= MAX_CHOICES:
@@ -203,16 +205,22 @@ async def _respond(backend: Backend, body: dict, prompt_ids: list[int], n_logpro
     events = backend.events(tickets, method)
     if stream:
         return StreamingResponse(_sse(reply, events, tickets, include_usage, method), media_type="text/event-stream")
-    texts, logprobs, finish = [""] * n, [[] for _ in range(n)], [None] * n
-    async for index, event in events:
-        texts[index] += event.text
-        if event.token_id is not None and n_logprobs is not None:
-            logprobs[index].append(event.sequence.logprobs[len(logprobs[index])])
-        finish[index] = event.finish_reason
-    choices = []
-    for i in range(n):
-        content, calls = parse_tool_calls(texts[i]) if tools else (texts[i], [])
-        choices.append(reply.choice(i, content if calls else texts[i], logprobs[i], finish[i], final=True, calls=calls))
+    async def whole(events) -> list[dict]:
+        texts, logprobs, finish = [""] * n, [[] for _ in range(n)], [None] * n
+        async for index, event in events:
+            texts[index] += event.text
+            if event.token_id is not None and n_logprobs is not None:
+                logprobs[index].append(event.sequence.logprobs[len(logprobs[index])])
+            finish[index] = event.finish_reason
+        choices = []
+        for i in range(n):
+            content, calls = parse_tool_calls(texts[i]) if tools else (texts[i], [])
+            choices.append(reply.choice(i, content if calls else texts[i], logprobs[i], finish[i], final=True, calls=calls))
+        return choices
+
+    choices = await unless_disconnected(request, events, whole)
+    if choices is None:
+        return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(reply.envelope(choices) | {"usage": usage([t.sequence for t in tickets])})
 
 

@@ -330,6 +330,26 @@ def test_a_client_leaving_a_stream_frees_its_slot(server):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True}),
+    # Ollama has no ignore_eos: a schema that needs a long string keeps the answer going.
+    ("/api/generate", {"prompt": "Tell me a story", "stream": False, "options": {"num_predict": 200},
+                       "format": {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}}, "required": ["story"]}}),
+])
+def test_a_client_leaving_before_a_whole_answer_frees_its_slot(server, path, body):
+    method = f"POST {path}"
+    key = ("rz_requests_total", (("method", method), ("status", "CANCELLED")))
+    before = server.metrics().get(key, 0)
+    with socket.create_connection(("127.0.0.1", int(server.http_url.rsplit(":", 1)[1]))) as connection:
+        data = json.dumps(body).encode()
+        connection.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        wait_for(lambda: server.metrics()[("rz_active_slots", ())] == 1)
+    wait_for(lambda: server.metrics().get(key, 0) == before + 1)
+    wait_for(lambda: server.metrics()[("rz_active_slots", ())] == 0)
+
+
+@pytest.mark.slow
 def test_bad_requests_are_400_and_the_server_goes_on(server):
     url = server.http_url
     bad = [
