@@ -9,6 +9,7 @@ is host-side only and imports no JAX.
 """
 
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,9 @@ KINDS = ("json_schema", "regex", "gbnf", "lark")
 # fixed separators llguidance allows any run of whitespace, where a sampling model can wander.
 _JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 _ANY_OBJECT = '{"type": "object"}'
+# Compiled constraints kept per vocabulary: a request is validated, then admitted, and n choices
+# or a client's repeated requests ask for the same one; each use starts from a copy.
+_COMPILED_KEPT = 64
 
 
 @dataclass(frozen=True)
@@ -106,15 +110,24 @@ class Vocabulary:
         self.n_words = (n_vocab + 31) // 32
         wrapper = llguidance.TokenizerWrapper(_Tokens(tokenizer))
         self._tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=n_vocab, eos_token=sorted(tokenizer.eog_ids))
+        self._compiled: dict[Constraint, Any] = {}  # oldest first
+        self._compiled_lock = threading.Lock()  # requests are validated on server threads, admitted on the loop's
 
     def matcher(self, constraint: Constraint) -> "ConstraintMatcher":
         """A fresh matcher at the start of the constraint; RequestError if it does not compile."""
         import llguidance
 
-        matcher = llguidance.LLMatcher(self._tokenizer, constraint.grammar(), log_level=0)
-        if matcher.is_error():
-            raise RequestError(f"the {constraint.kind} constraint does not compile: {matcher.get_error()}")
-        return ConstraintMatcher(matcher)
+        with self._compiled_lock:
+            compiled = self._compiled.get(constraint)
+        if compiled is None:
+            compiled = llguidance.LLMatcher(self._tokenizer, constraint.grammar(), log_level=0)
+            if compiled.is_error():
+                raise RequestError(f"the {constraint.kind} constraint does not compile: {compiled.get_error()}")
+            with self._compiled_lock:
+                if len(self._compiled) >= _COMPILED_KEPT:
+                    del self._compiled[next(iter(self._compiled))]
+                self._compiled[constraint] = compiled
+        return ConstraintMatcher(compiled.deep_copy())
 
     def masks(self, matchers: list["ConstraintMatcher | None"]) -> np.ndarray:
         """int32 [len(matchers), n_words]: each matcher's allowed next tokens; all ones where None."""
