@@ -26,7 +26,7 @@ from rz.sampling import Sampler, SamplerState, SamplingParams, SamplingTensors
 from rz.scheduler import Scheduler
 
 N_TOKENS = 200
-ANY_TEXT = {"type": "regex", "regex": r"[^\n]{" + str(N_TOKENS * 4) + "}"}
+ANY_TEXT = {"type": "regex", "regex": r"[^\n]{" + str(N_TOKENS * 20) + "}"}  # longer than the tokens can spell
 PROMPT = "Write a long story about a lighthouse keeper."
 
 
