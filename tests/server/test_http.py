@@ -8,6 +8,7 @@ import threading
 import urllib.error
 import urllib.request
 
+import grpc
 import jsonschema
 import ollama
 import openai
@@ -206,7 +207,7 @@ def test_structured_output_over_openai_llama_server_ollama_and_grpc_validates(se
 
 
 @pytest.mark.slow
-def test_a_malformed_schema_or_grammar_is_a_400(server, client):
+def test_a_malformed_schema_or_grammar_is_a_400_or_invalid_argument(server, client):
     with pytest.raises(openai.BadRequestError, match="json_schema"):
         client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5,
                                        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
@@ -214,6 +215,9 @@ def test_a_malformed_schema_or_grammar_is_a_400(server, client):
         client.completions.create(model="any", prompt="hi", max_tokens=5, extra_body={"grammar": "root ::= missing"})
     status, body = _post(f"{server.http_url}/api/generate", {"prompt": "hi", "format": "yaml"})
     assert status == 400 and "format" in json.loads(body)["error"]
+    with server.client() as grpc_client, pytest.raises(grpc.RpcError) as refused:
+        grpc_client.generate("hi", 5, grammar="root ::= missing")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "gbnf" in refused.value.details()
 
 
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
