@@ -150,7 +150,11 @@ class Backend:
         return self.attached
 
     def submit(self, prompt_ids: list[int], options: dict, n: int = 1) -> list[Ticket]:
-        """Validate a request from flat options and queue it n times (seed + i for copy i)."""
+        """Validate a request from flat options and queue it n times (seed + i for copy i).
+
+        Called through run_sync: validating compiles a structured-output constraint, and the
+        first one builds the vocabulary llguidance compiles against (seconds for Gemma's 262k tokens).
+        """
         attached = self.ready()
         options = RequestOptions.from_flat(**options)
         requests = []

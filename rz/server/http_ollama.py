@@ -146,7 +146,7 @@ async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: l
     options = _options(body, len(prompt_ids), attached.loop.engine.n_ctx)
     stream = field(body, "stream", bool, True)
     method = "POST /api/chat" if chat else "POST /api/generate"
-    tickets = backend.submit(prompt_ids, options)
+    tickets = await run_sync(backend.submit, prompt_ids, options)
     events = backend.events(tickets, method)
 
     def part(text: str) -> dict:

@@ -200,7 +200,7 @@ async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: l
     stream = field(body, "stream", bool, False)
     include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
     method = "POST /v1/chat/completions" if chat else "POST /v1/completions"
-    tickets = backend.submit(prompt_ids, options, n)
+    tickets = await run_sync(backend.submit, prompt_ids, options, n)
     reply = _Reply(attached, chat, n_logprobs, tools)
     events = backend.events(tickets, method)
     if stream:
