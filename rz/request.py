@@ -148,6 +148,7 @@ class Completion:
     usage: dict  # prompt_tokens, completion_tokens, total_tokens, cached_tokens (prompt tokens not prefilled again)
     timings: dict  # seconds: queue, prefill, time to first token, decode, total
     logprobs: list[dict] | None = None  # per token: token, logprob, top [(id, logprob)]
+    tool_calls: list[dict] | None = None  # a chat with tools over rz.client: OpenAI's tool_calls entries
 
 
 def check_token_ids(ids: Sequence[int], n_vocab: int) -> None:

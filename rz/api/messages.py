@@ -6,6 +6,7 @@ import json
 from rz.api.v1 import inference_pb2 as pb
 from rz.errors import RequestError
 from rz.request import FLAT_OPTIONS, FinishReason, RequestOptions
+from rz.tools import ToolCall, forced_function, functions_of
 
 _PREFIX = "FINISH_REASON_"
 
@@ -48,6 +49,39 @@ def _format_dict(message: pb.ResponseFormat) -> dict:
     except ValueError as error:
         raise RequestError(f"response_format.json_schema is not valid JSON: {error}") from None
     return {"type": "json_schema", "json_schema": {"schema": schema}}
+
+
+def tools_message(tools: list[dict]) -> list[pb.Tool]:
+    """OpenAI's tools ([{"type": "function", "function": {...}}]) as Tool messages."""
+    return [
+        pb.Tool(name=f["name"], description=f["description"], parameters=json.dumps(f["parameters"]))
+        for f in functions_of(tools)
+    ]
+
+
+def chat_tools(request: pb.ChatRequest) -> tuple[list[dict], list[dict]]:
+    """(the functions a ChatRequest offers, those one of which its answer must call): rz.tools' shapes."""
+    if not request.tools:
+        if request.tool_choice not in ("", "none", "auto"):
+            raise RequestError("tool_choice needs tools")
+        return [], []
+    tools = []
+    for i, tool in enumerate(request.tools):
+        try:
+            parameters = json.loads(tool.parameters) if tool.parameters else {"type": "object"}
+        except ValueError as error:
+            raise RequestError(f"tools[{i}].parameters is not valid JSON: {error}") from None
+        tools.append({"type": "function", "function": {"name": tool.name, "description": tool.description, "parameters": parameters}})
+    functions = functions_of(tools)
+    choice = request.tool_choice or "auto"
+    if choice not in ("auto", "none", "required"):
+        choice = {"type": "function", "function": {"name": choice}}
+    offered, forced = forced_function(choice, functions)
+    return (functions if offered else []), forced
+
+
+def tool_calls_message(calls: list[ToolCall]) -> list[pb.ToolCall]:
+    return [pb.ToolCall(id=call.id, name=call.name, arguments=call.arguments) for call in calls]
 
 
 def finish_reason_value(reason: FinishReason) -> int:

@@ -252,6 +252,20 @@ def test_tool_calls_with_tool_choice_required_or_named_validate_and_stream_as_de
 
 
 @pytest.mark.slow
+def test_grpc_chat_with_a_required_tool_gets_its_calls_in_the_last_message(server):
+    parameters = WEATHER_TOOL["function"]["parameters"]
+    with server.client() as grpc_client:
+        answer = grpc_client.chat([{"role": "user", "content": "Weather in Rome?"}], 40, tools=[WEATHER_TOOL],
+                                  tool_choice="get_weather", seed=3)
+        (call,) = answer.tool_calls
+        assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_client.chat([{"role": "user", "content": "hi"}], 5, tools=[WEATHER_TOOL], tool_choice="nope")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in refused.value.details()
+
+
+@pytest.mark.slow
 def test_sse_framing_done_and_usage_chunk(server):
     status, body = _post(f"{server.http_url}/v1/completions", {
         "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "stream": True,
