@@ -69,16 +69,12 @@ def forced_function(tool_choice, functions: list[dict]) -> tuple[bool, list[dict
         return False, []
     if tool_choice == "required":
         return True, functions
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
-    chosen = [f for f in functions if f["name"] == name]
-    if tool_choice_type(tool_choice) != "function" or not chosen:
+    named = isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(tool_choice.get("function"), dict)
+    chosen = [f for f in functions if named and f["name"] == tool_choice["function"].get("name")]
+    if not chosen:
         raise RequestError(f"tool_choice must be \"none\", \"auto\", \"required\" or {{'type': 'function', 'function': "
                            f"{{'name': ...}}}} naming one of the tools, got {json.dumps(tool_choice)[:100]}")
     return True, chosen
-
-
-def tool_choice_type(tool_choice) -> str | None:
-    return tool_choice.get("type") if isinstance(tool_choice, dict) else None
 
 
 def template_takes_tools(template: str | None) -> bool:

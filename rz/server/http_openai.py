@@ -3,7 +3,8 @@
 Request fields map onto rz's flat generation options; fields OpenAI does not define (top_k,
 min_p, repeat_penalty, ignore_eos) are taken as llama-server takes them. A field left out gets
 rz's default (llama.cpp's), not OpenAI's. Structured output is OpenAI's `response_format`
-(json_object, json_schema, and rz's regex and lark types) or llama-server's GBNF `grammar`. Streams are server-sent events ending in `data: [DONE]`;
+(json_object, json_schema, and rz's regex and lark types) or llama-server's GBNF `grammar`; `tools`
+and `tool_choice` are OpenAI's (rz.tools). Streams are server-sent events ending in `data: [DONE]`;
 a failure midway ends the stream with an error event.
 """
 
@@ -94,7 +95,8 @@ def routes(backend: Backend) -> list[Route]:
             n_logprobs = field(body, "top_logprobs", int, 0)
         elif body.get("top_logprobs") is not None:
             raise HttpError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        return await _respond(request, backend, body, prompt_ids, n_logprobs, chat=True, default_max_tokens=None, tools=bool(functions))
+        return await _respond(request, backend, body, prompt_ids, n_logprobs, chat=True, default_max_tokens=None,
+                              tools=bool(functions))
 
     return [
         Route("/v1/models", models, methods=["GET"]),
@@ -150,7 +152,8 @@ def _messages(value) -> list[dict]:
 
 def _is_call(call) -> bool:
     function = call.get("function") if isinstance(call, dict) else None
-    return isinstance(function, dict) and isinstance(function.get("name"), str) and isinstance(function.get("arguments", ""), (str, dict))
+    return (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments", ""), (str, dict)))
 
 
 def _content(content, where: str) -> str:
