@@ -2,24 +2,34 @@
 
     python benchmarks/hardening_probes.py [--out benchmarks/results/hardening-probes.json]
 
-For each attack it runs a 50-token greedy Generate (the unrelated request) while the attack is in
-flight, and samples the server's resident memory every 20 ms. The chat-template attack needs a
-model whose template misbehaves on one message only (one that fails on every message is reported
-at load time), so the script writes a copy of SmolLM2 with such a template.
+For each attack it times a 50-token greedy Generate (the unrelated request) again and again
+while the attack is in flight (at least once, at most UNRELATED_SAMPLES times) and reports the
+worst, against the median of as many runs alone. It samples resident memory every 20 ms: the
+server's, and the server's with its child processes' (the chat-template sandbox). The
+chat-template attack needs a model whose template misbehaves on one message only (one that fails
+on every message is reported at load time), so the script writes a copy of SmolLM2 with such a
+template. Attacks go through gRPC and through the HTTP API.
 """
 
 import argparse
 import json
+import statistics
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 
 from rz.client import Client
+from rz.errors import RzError
 from rz.model_files import smollm2_135m_path
 from rz.stopping import MAX_STOP_CHARS, MAX_STOPS
+
+UNRELATED_SAMPLES = 5
+MEGABYTE_TEXT = "a" * 1_000_000  # one letter: one pre-tokenized word, the tokenizer's worst case
 
 # Renders normally, except for a user message 'boom', where it tries to build 10 GB of text.
 HOSTILE_TEMPLATE = (
@@ -54,21 +64,40 @@ def write_hostile_model(path: Path) -> Path:
     return path
 
 
-class MemorySampler:
-    """The peak resident memory of a process between start() and stop(), sampled every 20 ms."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak, self._stop = pid, 0, threading.Event()
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.pid}/status") as status:
+def rss(pid: int) -> int:
+    """A process's resident memory in bytes (0 once it has ended)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
             for line in status:
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1]) << 10
-        return 0
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            return [int(child) for child in listing.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+class MemorySampler:
+    """The peak resident memory of a process, alone and with its children, between start() and stop(), sampled every 20 ms."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self.peak_tree, self._stop = pid, 0, 0, threading.Event()
+
+    def rss(self) -> int:
+        return rss(self.pid)
+
+    def tree_rss(self) -> int:
+        return self.rss() + sum(rss(child) for child in children(self.pid))
 
     def __enter__(self):
-        self.peak = self.rss()
+        self.peak, self.peak_tree = self.rss(), self.tree_rss()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -76,6 +105,7 @@ class MemorySampler:
     def _run(self):
         while not self._stop.wait(0.02):
             self.peak = max(self.peak, self.rss())
+            self.peak_tree = max(self.peak_tree, self.tree_rss())
 
     def __exit__(self, *_):
         self._stop.set()
@@ -89,50 +119,97 @@ def unrelated_latency(target: str) -> float:
         return time.perf_counter() - start
 
 
-def run_attack(target: str, pid: int, attack, copies: int) -> dict:
-    """Start `copies` threads of attack(client) -> status name, then time the unrelated request."""
+def http_post(base_url: str, path: str, body: dict) -> int:
+    """POST a JSON body; the HTTP status (the response is read and dropped)."""
+    request = urllib.request.Request(base_url + path, json.dumps(body).encode(), {"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def run_attack(target: str, http_url: str, pid: int, attack, copies: int) -> dict:
+    """Start `copies` threads of attack(client, http_url), then time the unrelated request until they end."""
     statuses = []
 
     def one():
         with Client(target, timeout=120) as client:
             try:
-                attack(client)
-                statuses.append("OK")
+                outcome = attack(client, http_url)
+                statuses.append(f"HTTP {outcome}" if isinstance(outcome, int) else "OK")
             except grpc.RpcError as error:
                 statuses.append(error.code().name)
+            except RzError as error:  # rz.client checks some options before sending
+                statuses.append(f"refused by the client: {type(error).__name__}")
 
     with MemorySampler(pid) as memory:
-        before = memory.rss()
+        before, before_tree = memory.rss(), memory.tree_rss()
         threads = [threading.Thread(target=one) for _ in range(copies)]
         for thread in threads:
             thread.start()
         time.sleep(0.2)  # the attack is under way
-        latency = unrelated_latency(target)
+        latencies = [unrelated_latency(target)]
+        while len(latencies) < UNRELATED_SAMPLES and any(thread.is_alive() for thread in threads):
+            latencies.append(unrelated_latency(target))
         for thread in threads:
             thread.join()
     return {
-        "unrelated_seconds": round(latency, 3), "peak_rss_mb": memory.peak >> 20,
-        "rss_rise_mb": (memory.peak - before) >> 20, "statuses": sorted(set(statuses)),
+        "unrelated_seconds_worst": round(max(latencies), 3), "unrelated_samples": len(latencies),
+        "peak_rss_mb": memory.peak >> 20, "rss_rise_mb": (memory.peak - before) >> 20,
+        "peak_rss_with_children_mb": memory.peak_tree >> 20, "rss_with_children_rise_mb": (memory.peak_tree - before_tree) >> 20,
+        "statuses": sorted(set(statuses)),
     }
 
 
 def attacks() -> dict:
     long_stops = [f"{i:03d}" + "x" * (MAX_STOP_CHARS - 3) for i in range(MAX_STOPS - 1)]
     partial = "The capital of France is"  # the output of a greedy continuation starts with " Paris"
+    boom, spin = [{"role": "user", "content": "boom"}], [{"role": "user", "content": "spin"}]
     return {
-        "chat template 'a' * 10**10 (x3)": (lambda c: c.chat([{"role": "user", "content": "boom"}], 5), 3),
-        "chat template nested range loops (x3)": (lambda c: c.chat([{"role": "user", "content": "spin"}], 5), 3),
+        "chat template 'a' * 10**10 (x3)": (lambda c, _: c.chat(boom, 5), 3),
+        "chat template nested range loops (x3)": (lambda c, _: c.chat(spin, 5), 3),
+        # More renders at once than the server has gRPC worker threads (--max-batch + --max-queue + 16).
+        "chat template nested range loops (x90)": (lambda c, _: c.chat(spin, 5), 90),
+        "HTTP chat template nested range loops (x3)": (
+            lambda _, url: http_post(url, "/v1/chat/completions", {"messages": spin, "max_tokens": 5}), 3),
         # The stop-string rows run three 200-token generations beside the unrelated request: this
         # row is the same without stop strings, so the difference is the stop strings' cost.
         "control: three plain 200-token generations (x3)": (
-            lambda c: c.generate(partial, 200, temperature=0.0, ignore_eos=True), 3),
+            lambda c, _: c.generate(partial, 200, temperature=0.0, ignore_eos=True), 3),
         f"stop strings at the limit, {MAX_STOPS} x {MAX_STOP_CHARS} chars, one partial (x3)": (
-            lambda c: c.generate(partial, 200, temperature=0.0, ignore_eos=True,
-                                 stop=long_stops + [" Paris" + "y" * (MAX_STOP_CHARS - 6)]), 3),
+            lambda c, _: c.generate(partial, 200, temperature=0.0, ignore_eos=True,
+                                    stop=long_stops + [" Paris" + "y" * (MAX_STOP_CHARS - 6)]), 3),
         "stop strings over the limit, 1000 x 1003 chars (x3)": (
-            lambda c: c.generate(partial, 200, stop=["z" * 1003 + str(i) for i in range(1000)]), 3),
-        "Tokenize 1 MB of one letter (x8)": (lambda c: c.tokenize("a" * 1_000_000), 8),
+            lambda c, _: c.generate(partial, 200, stop=["z" * 1003 + str(i) for i in range(1000)]), 3),
+        "Tokenize 1 MB of one letter (x8)": (lambda c, _: c.tokenize(MEGABYTE_TEXT), 8),
+        "Generate with a 1 MB one-letter prompt (x8)": (lambda c, _: c.generate(MEGABYTE_TEXT, 5), 8),
+        "Chat with a 1 MB one-letter message (x8)": (
+            lambda c, _: c.chat([{"role": "user", "content": MEGABYTE_TEXT}], 5), 8),
+        "HTTP /tokenize 1 MB of one letter (x8)": (
+            lambda _, url: http_post(url, "/tokenize", {"content": MEGABYTE_TEXT}), 8),
+        "HTTP /v1/completions with a 1 MB one-letter prompt (x8)": (
+            lambda _, url: http_post(url, "/v1/completions", {"prompt": MEGABYTE_TEXT, "max_tokens": 5}), 8),
     }
+
+
+def sigterm_exit_seconds(server, attack, copies: int) -> float:
+    """Seconds from SIGTERM to the server's exit while `copies` calls of attack(client) run."""
+    def one():
+        with Client(server.target, timeout=300) as client:
+            try:
+                attack(client)
+            except grpc.RpcError:
+                pass
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(copies)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)  # the calls are in the server
+    start = time.perf_counter()
+    server.terminate(timeout=600)
+    return round(time.perf_counter() - start, 1)
 
 
 def undecodable(target: str) -> list[str]:
@@ -193,25 +270,28 @@ def main() -> None:
         try:
             target, pid = server.target, server.process.pid
             unrelated_latency(target)  # warm
-            baseline = min(unrelated_latency(target) for _ in range(3))
-            results = {"baseline_unrelated_seconds": round(baseline, 3), "attacks": {}}
+            baseline = statistics.median(unrelated_latency(target) for _ in range(UNRELATED_SAMPLES))
+            results = {"baseline_unrelated_seconds_median": round(baseline, 3), "attacks": {}}
             with MemorySampler(pid) as memory:
                 results["baseline_rss_mb"] = memory.rss() >> 20
+                results["baseline_rss_with_children_mb"] = memory.tree_rss() >> 20
             for name, (attack, copies) in attacks().items():
                 if args.only not in name:
                     continue
-                outcome = run_attack(target, pid, attack, copies)
-                outcome["slowdown"] = round(outcome["unrelated_seconds"] / baseline, 2)
+                outcome = run_attack(target, server.http_url, pid, attack, copies)
+                outcome["worst_slowdown"] = round(outcome["unrelated_seconds_worst"] / baseline, 2)
                 results["attacks"][name] = outcome
                 print(name, outcome, flush=True)
             results["undecodable_requests"] = undecodable(target)
             if args.soak:
                 results["soak"] = soak(target, pid, args.soak)
+            results["sigterm_exit_seconds_during_8_tokenize_1mb"] = sigterm_exit_seconds(server, lambda c: c.tokenize(MEGABYTE_TEXT), 8)
             print(json.dumps(results, indent=2))
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
         finally:
-            server.terminate(timeout=60)
+            if server.process.poll() is None:
+                server.terminate(timeout=60)
 
 
 if __name__ == "__main__":

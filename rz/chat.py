@@ -14,6 +14,10 @@ as llama-cpp-python does for Jinja chat formats.
 
 When the GGUF has no template, the fallback is chosen by architecture as llama.cpp users would
 expect: Gemma's turn format for Gemma models, ChatML for everything else (llama.cpp's default).
+
+A GGUF's template is checked once at load (chat_template_problem): one that renders neither a
+one-message chat nor a system message and a user message is broken for every chat, so chat is
+reported unavailable with that problem rather than failing on each request.
 """
 
 from rz.errors import RequestError
@@ -54,6 +58,16 @@ def builtin_template(architecture: str | None) -> str:
     return CHATML_TEMPLATE
 
 
+# The smallest chats a working template renders: a template may insist on a system message first.
+_MINIMAL_CHATS = (
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello"}],
+)
+# The load-time check's time limit: generous, so that a busy machine (the child runs at nice 19)
+# never marks a working template broken; a real template renders in milliseconds.
+LOAD_CHECK_SECONDS = 5.0
+
+
 def render_chat(
     template: str | None,
     messages: list[dict],
@@ -62,19 +76,35 @@ def render_chat(
     add_generation_prompt: bool = True,
     architecture: str | None = None,
     tools: list[dict] | None = None,
+    time_limit: float | None = None,
 ) -> str:
     """Render messages ([{"role": str, "content": str, ...}]) with the GGUF's template, or the built-in one.
 
     tools (OpenAI's [{"type": "function", "function": {...}}]) are handed to the template as `tools`.
 
-    The template runs in rz.template_sandbox's child process, under its limits on output, time and
-    memory; whatever fails inside it is a RequestError naming the failure or the limit.
+    The template runs in rz.template_sandbox's child process, under its limits on output, time
+    (time_limit seconds, if given, instead of the sandbox's) and memory; whatever fails inside it
+    is a RequestError naming the failure or the limit.
     """
     _check_messages(messages)
     variables = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt)
     if tools:
         variables["tools"] = tools
-    return render_template(template if template is not None else builtin_template(architecture), variables)
+    return render_template(template if template is not None else builtin_template(architecture), variables, time_limit)
+
+
+def chat_template_problem(template: str | None, bos_token: str, eos_token: str, architecture: str | None = None) -> str | None:
+    """Why a GGUF's chat template cannot render even a minimal chat (its first failure), or None
+    when it renders one of them. A built-in template (the GGUF has none) is rendered too: that
+    starts the sandbox's child at load, where the first chats would otherwise wait for it."""
+    problems = []
+    for messages in _MINIMAL_CHATS:
+        try:
+            render_chat(template, messages, bos_token, eos_token, architecture=architecture, time_limit=LOAD_CHECK_SECONDS)
+            return None
+        except RequestError as error:
+            problems.append(str(error))
+    return problems[0]
 
 
 def _check_messages(messages) -> None:

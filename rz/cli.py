@@ -4,7 +4,7 @@ import argparse
 import json
 import sys
 
-from rz.errors import RzError
+from rz.errors import ChatTemplateError, RzError
 from rz.request import FLAT_OPTIONS
 from rz.server.cli import add_commands as add_server_commands
 
@@ -90,6 +90,11 @@ def cmd_chat(args) -> int:
     from rz.chat import chat_loop
 
     llm = _load(args)
+    if llm.chat_template_problem is not None:  # said before the first message, not after it
+        raise ChatTemplateError(
+            f"this model's chat template cannot render even a one-message chat: {llm.chat_template_problem} "
+            "(`python -m rz generate` still works)"
+        )
 
     def reply(messages):
         return llm.stream(llm.chat_prompt_ids(messages), max_tokens=args.max_tokens, **_sampling(args))

@@ -17,6 +17,19 @@ class TokenizerError(RzError, ValueError):
     """The vocabulary is unusable, or text/ids cannot be tokenized/detokenized."""
 
 
+class ChatTemplateError(RzError):
+    """The model's chat template cannot render even a one-message chat: chat is unavailable with
+    this model (found at load), while plain completions still work."""
+
+
+class ShuttingDownError(RzError):
+    """The server is shutting down and takes no more requests."""
+
+
+class TemplateBusyError(RzError):
+    """Too many chat templates are waiting to render at once: retry later."""
+
+
 class RequestError(RzError, ValueError):
     """A generation request is invalid (empty prompt, bad sampling values, ...)."""
 

@@ -9,7 +9,7 @@ import numpy as np
 from rz.compilation_cache import enable_compilation_cache
 from rz.config import ModelConfig
 from rz.engine import Engine
-from rz.errors import RequestError
+from rz.errors import ChatTemplateError, RequestError
 from rz.generation import Generation, GenerationRequest
 from rz.gguf import GGUFFile
 from rz.model_files import default_model_path
@@ -39,10 +39,19 @@ class LLM:
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = GGUFFile(self.path)
         self.config = ModelConfig.from_gguf(self.gguf)
+        from rz.chat import chat_template_problem
         from rz.models import load_model
         from rz.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_gguf_metadata(self.gguf.metadata)
+        # Checked at load: a chat template broken for every chat is reported by chat() at once,
+        # before any request, and does not get in the way of completions.
+        self.chat_template_problem: str | None = chat_template_problem(
+            self.config.chat_template,
+            self._token_text(self.tokenizer.bos_id),
+            self._token_text(self.tokenizer.eos_id),
+            self.config.architecture,
+        )
         self.model = load_model(self.gguf, self.config)
         self.gguf.release_pages()
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
@@ -107,7 +116,11 @@ class LLM:
             scheduler.cancel(sequence)
 
     def chat(self, messages: list[dict], max_tokens: int = RequestOptions.max_tokens, **options) -> Completion:
-        """Answer a conversation, formatted with the model's chat template as llama.cpp does."""
+        """Answer a conversation, formatted with the model's chat template as llama.cpp does.
+
+        ChatTemplateError if the model's template cannot render even a one-message chat (found
+        at load: chat_template_problem says why); generate() works all the same.
+        """
         return self.generate(self.chat_prompt_ids(messages), max_tokens=max_tokens, **options)
 
     def chat_prompt_ids(self, messages: list[dict], functions: list[dict] | None = None) -> list[int]:
@@ -119,6 +132,11 @@ class LLM:
         from rz.chat import render_chat
         from rz.tools import template_takes_tools, with_tool_prompt
 
+        if self.chat_template_problem is not None:
+            raise ChatTemplateError(
+                "this model's chat template cannot render even a one-message chat, so chat is unavailable "
+                f"(plain completions still work): {self.chat_template_problem}"
+            )
         tools = None
         if functions and template_takes_tools(self.config.chat_template):
             tools = [{"type": "function", "function": function} for function in functions]

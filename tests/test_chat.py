@@ -1,11 +1,13 @@
 """Chat templates: the GGUF's Jinja rendered as llama-cpp-python renders it, the built-in fallbacks, the sandbox."""
 
+import re
 import resource
+import time
 
 import jinja2
 import pytest
 
-from rz.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE, builtin_template, render_chat
+from rz.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE, builtin_template, chat_template_problem, render_chat
 from rz.errors import RequestError
 from rz.gguf import GGUFFile
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
@@ -228,6 +230,26 @@ def test_a_render_over_the_time_limit_is_stopped_not_abandoned():
     renderer.close()
 
 
+def test_renders_past_the_waiting_limit_are_refused_at_once_as_busy():
+    import threading
+
+    from rz.errors import TemplateBusyError
+
+    renderer = TemplateRenderer(time_limit=2.0, waiting_limit=0)
+    endless = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    running = threading.Thread(target=lambda: pytest.raises(RequestError, renderer.render, endless, {}))
+    running.start()
+    while not renderer._lock.locked():
+        time.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(TemplateBusyError, match="0 chat templates are already waiting"):
+        renderer.render("{{ x }}", {"x": "ok"})
+    assert time.monotonic() - started < 0.5
+    running.join()
+    assert renderer.render("{{ x }}", {"x": "ok"}) == "ok"
+    renderer.close()
+
+
 def test_templates_within_the_limits_render_in_full():
     text = render_chat("{{ 'ab' * 1000 }}{% for i in range(1000) %}{{ i % 10 }}{% endfor %}{{ 2 ** 100 }}", [{"role": "user", "content": "hi"}], "", "")
     assert text == "ab" * 1000 + "0123456789" * 100 + str(2**100)
@@ -241,10 +263,20 @@ def test_templates_within_the_limits_render_in_full():
         ("{{ raise_exception('needs a system message') }}", "needs a system"),
     ],
 )
-def test_a_template_that_cannot_render_one_message_is_a_request_error(template, problem):
-    """What rz serve's load-time check (one user message) reports in its warning."""
+def test_a_template_that_cannot_render_one_message_is_a_request_error_and_a_problem_at_load(template, problem):
     with pytest.raises(RequestError, match=problem):
         render_chat(template, [{"role": "user", "content": "Hello"}], "<s>", "</s>")
+    assert re.search(problem, chat_template_problem(template, "<s>", "</s>"))
+
+
+def test_templates_that_render_some_minimal_chat_have_no_problem_at_load(smollm2_metadata):
+    needs_system_first = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come first') }}{% endif %}"
+        "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    )
+    assert chat_template_problem(None, "<s>", "</s>") is None  # the built-in template
+    assert chat_template_problem(*smollm2_metadata) is None
+    assert chat_template_problem(needs_system_first, "<s>", "</s>") is None
 
 
 def test_messages_with_values_json_cannot_carry_are_request_errors():

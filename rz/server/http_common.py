@@ -29,6 +29,7 @@ _READER_THREADS = 1024
 # The HTTP status of each failure class, from the gRPC code rz.server.service gives it.
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,  # the model's chat template is broken: completions still work
     grpc.StatusCode.UNAUTHENTICATED: 401,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from rz.engine import Engine
-from rz.errors import RequestError, RzError
+from rz.errors import RequestError, RzError, ShuttingDownError
 from rz.generation import Generation, GenerationRequest, StepEvent
 from rz.request import FinishReason, RequestOptions, SamplingParams
 from rz.scheduler import Scheduler
@@ -33,10 +33,6 @@ PREFILL_BUDGET_S = 0.05
 
 class OverCapacityError(RzError):
     """Every slot is busy and the queue is full: retry later, or start the server with a larger --max-queue."""
-
-
-class ShuttingDownError(RzError):
-    """The server is shutting down and takes no more requests."""
 
 
 class EngineFailure(RzError):

@@ -31,6 +31,7 @@ from rz.errors import RzError
 from rz.server.guard import Guard
 from rz.server.metrics import Metrics
 from rz.server.service import SERVICE_NAME, InferenceService
+from rz.tokenizer.tokenizer import drop_waiting_long_texts
 
 log = logging.getLogger("rz.server")
 
@@ -160,6 +161,8 @@ class Server:
         if self._loop is not None:
             self._loop.stop_accepting()
         stopped = self._grpc.stop(grace)  # new calls are refused from now; running ones are cut at `grace`
+        # Calls waiting for a long text's turn would hold the exit for seconds each.
+        drop_waiting_long_texts()
         if self._loop is not None:
             margin = min(1.0, grace / 2)  # for the last messages of cancelled requests to go out
             if not self._loop.drain(grace - margin):
@@ -214,13 +217,12 @@ def is_loopback(host: str) -> bool:
 
 
 def _report_chat_template(llm) -> None:
-    """Warn at load time when the model's chat template cannot render even a one-message chat."""
-    from rz.errors import RequestError
-
-    try:
-        llm.chat_prompt_ids([{"role": "user", "content": "Hello"}])
-    except RequestError as error:
-        log.warning("the model's chat template cannot render a one-message chat, so Chat requests will fail: %s", error)
+    """Log, at load, a chat template that cannot render even a one-message chat (rz.LLM found it)."""
+    if llm.chat_template_problem is not None:
+        log.error(
+            "the model's chat template cannot render even a one-message chat, so chat requests will fail "
+            "(FAILED_PRECONDITION; HTTP 400) while completions work: %s", llm.chat_template_problem,
+        )
 
 
 def _model_info(llm, config: ServerConfig) -> pb.ModelInfoResponse:

@@ -9,7 +9,7 @@ import grpc
 from rz.api.messages import chat_tools, finish_reason_value, request_options, tool_calls_message
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
-from rz.errors import RequestError, RzError, TokenizerError
+from rz.errors import ChatTemplateError, RequestError, RzError, TemplateBusyError, TokenizerError
 from rz.generation import GenerationRequest, StepEvent
 from rz.request import FinishReason, check_token_ids
 from rz.server.metrics import Metrics
@@ -164,7 +164,9 @@ def status_of(error: Exception, call: str) -> grpc.StatusCode:
     """The status code for a failure; failures of the server, not of the request, are logged."""
     if isinstance(error, (RequestError, TokenizerError)):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, OverCapacityError):
+    if isinstance(error, ChatTemplateError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, (OverCapacityError, TemplateBusyError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, (NotReadyError, ShuttingDownError)):
         return grpc.StatusCode.UNAVAILABLE

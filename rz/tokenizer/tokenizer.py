@@ -1,14 +1,16 @@
 """Text to token ids and back, with the ids llama.cpp produces for the same GGUF vocabulary."""
 
 import codecs
+import os
 import re
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
-from rz.errors import TokenizerError
+from rz.errors import ShuttingDownError, TokenizerError
 from rz.host_memory import return_free_pages
 from rz.tokenizer.bpe import bpe_merge, merge_ranks
 from rz.tokenizer.codepoints import CHAR_TO_BYTE, byte_encode
@@ -21,12 +23,12 @@ SPM_SPACE = "\u2581"  # "▁": SentencePiece's visible space
 # bounding memory on endless distinct text; a word longer than _CACHED_WORD_CHARS is never kept
 # (it is rarely seen twice, and one such word would crowd out thousands of common ones).
 _WORD_CACHE_BYTES = 32 << 20
-# Texts longer than this are encoded one at a time in the process (every tokenizer together):
-# each takes about 100 bytes per character while it merges, and the interpreter's lock is shared
-# with the engine loop, so many at once (gRPC serves Tokenize on many threads) would multiply
-# both the memory and the loop's wait.
+# Texts longer than this are encoded one at a time in the process (every tokenizer together), on
+# one thread at the lowest CPU priority: each takes about 100 bytes per character while it
+# merges, so many at once (gRPC serves Tokenize on many threads) would multiply the memory; and
+# seconds of pure Python at normal priority take a core from the engine's compute threads (two
+# cores: half its speed), where at nice 19 it only gets what they leave.
 _HEAVY_TEXT_CHARS = 64 << 10
-_HEAVY_ENCODES = threading.Lock()
 _CACHED_WORD_CHARS = 256
 
 
@@ -98,11 +100,19 @@ class Tokenizer:
         _check_encodable(text)
         if len(text) <= _HEAVY_TEXT_CHARS:
             return self._encode(text, add_bos, special)
-        with _HEAVY_ENCODES:
-            try:
-                return self._encode(text, add_bos, special)
-            finally:
-                return_free_pages()
+        future = _HEAVY_ENCODER.submit(self._encode_heavy, text, add_bos, special)
+        _WAITING_LONG_TEXTS.add(future)
+        future.add_done_callback(_WAITING_LONG_TEXTS.discard)
+        try:
+            return future.result()
+        except CancelledError:
+            raise ShuttingDownError("the process is shutting down: long texts waiting to be tokenized were dropped") from None
+
+    def _encode_heavy(self, text: str, add_bos: bool | None, special: bool) -> list[int]:
+        try:
+            return self._encode(text, add_bos, special)
+        finally:
+            return_free_pages()
 
     def _encode(self, text: str, add_bos: bool | None, special: bool) -> list[int]:
         vocab = self._vocab
@@ -309,6 +319,26 @@ def _gpt2_decode(text: str) -> bytes:
             utf8 = char.encode("utf-8")
             out += b"[UNK_BYTE_0x" + utf8.hex().encode() + text.encode("utf-8") + b"]"
     return bytes(out)
+
+
+def _lowest_priority() -> None:
+    """Put the calling thread at nice 19. Only Linux gives each thread its own niceness (its
+    PRIO_PROCESS takes a thread id); elsewhere the thread keeps the process's."""
+    if sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+_HEAVY_ENCODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rz-long-text", initializer=_lowest_priority)
+# Long texts submitted and not yet encoded (or being encoded).
+_WAITING_LONG_TEXTS: set[Future] = set()
+
+
+def drop_waiting_long_texts() -> None:
+    """Cancel the long texts still waiting their turn (their callers get ShuttingDownError), for a
+    process that is shutting down: its exit waits for every submitted text otherwise (seconds
+    each). The one being encoded finishes."""
+    for future in list(_WAITING_LONG_TEXTS):
+        future.cancel()
 
 
 def _check_encodable(text: str) -> None:

@@ -178,14 +178,38 @@ def test_sigterm_while_loading_exits_promptly():
             process.kill()
 
 
-def test_loading_warns_when_the_chat_template_cannot_render_one_message(caplog):
-    from rz.chat import render_chat
+def test_a_chat_template_broken_for_every_chat_is_an_error_at_load_and_chat_calls_fail_fast_naming_it(started, caplog):
+    import rz
+    from rz.server.http_common import http_status
     from rz.server.server import _report_chat_template
 
-    def model_with(template):
-        return SimpleNamespace(chat_prompt_ids=lambda messages: render_chat(template, messages, "<s>", "</s>"))
+    problem = "the chat template does not parse: TemplateSyntaxError: unexpected end of template (template line 1)"
+    llm = SimpleNamespace(chat_template_problem=problem, tokenize=lambda text, add_bos=None, special=False: [1, 2])
+    llm.chat_prompt_ids = lambda messages: rz.LLM.chat_prompt_ids(llm, messages)
+    _report_chat_template(llm)
+    assert [record.levelname for record in caplog.records] == ["ERROR"] and problem in caplog.text
+    server = started()
+    server.service.attach(llm, SimpleNamespace(), None)
+    with Client(f"127.0.0.1:{server.port}", timeout=10) as client:
+        with pytest.raises(grpc.RpcError) as failure:
+            client.chat([{"role": "user", "content": "Hello"}], 5)
+        assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cannot render even a one-message chat" in failure.value.details() and problem in failure.value.details()
+        assert client.tokenize("a b") == [1, 2]  # the rest of the service answers
+    with pytest.raises(rz.errors.ChatTemplateError) as error:
+        llm.chat_prompt_ids([])
+    assert http_status(error.value, "chat") == 400
 
-    _report_chat_template(model_with(None))
+
+def test_a_template_renderer_too_busy_is_resource_exhausted():
+    from rz.errors import TemplateBusyError
+    from rz.server.service import status_of
+
+    assert status_of(TemplateBusyError("8 chat templates are already waiting"), "Chat") == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_working_chat_template_is_not_reported(caplog):
+    from rz.server.server import _report_chat_template
+
+    _report_chat_template(SimpleNamespace(chat_template_problem=None))
     assert not caplog.records
-    _report_chat_template(model_with("{{ 'a' * 10**10 }}"))
-    assert "cannot render a one-message chat" in caplog.text and "string multiplication" in caplog.text

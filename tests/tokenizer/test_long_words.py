@@ -1,7 +1,10 @@
 """Very long pre-tokenized words: the ids stay llama.cpp's, memory grows linearly and leanly, and
 the word cache stays within its byte budget."""
 
+import os
 import random
+import sys
+import time
 import tracemalloc
 
 import pytest
@@ -84,3 +87,61 @@ def test_long_texts_are_encoded_one_at_a_time(smollm2, monkeypatch):
     for thread in threads:
         thread.join()
     assert most[0] == 1
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only Linux gives each thread its own niceness")
+def test_long_texts_are_encoded_at_the_lowest_cpu_priority_and_short_ones_where_called(smollm2, monkeypatch):
+    import threading
+
+    niceness = {}
+    encode = type(smollm2.rz)._encode
+
+    def recording_encode(self, text, *args):
+        niceness[len(text)] = (threading.get_ident(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return encode(self, text, *args)
+
+    monkeypatch.setattr(type(smollm2.rz), "_encode", recording_encode)
+    caller = threading.get_ident(), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    long_text, short_text = "ab" * (tokenizer_module._HEAVY_TEXT_CHARS // 2 + 1), "ab ab"
+    assert smollm2.rz.encode(long_text, add_bos=False) == smollm2.reference.tokenize(long_text, add_special=False, special=False)
+    smollm2.rz.encode(short_text, add_bos=False)
+    assert niceness[len(short_text)] == caller
+    assert niceness[len(long_text)][0] != caller[0] and niceness[len(long_text)][1] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller[1]
+
+
+def test_long_texts_waiting_their_turn_are_dropped_at_shutdown_and_the_one_running_finishes(smollm2, monkeypatch):
+    import threading
+
+    from rz.errors import ShuttingDownError
+
+    entered, release = threading.Event(), threading.Event()
+    encode = type(smollm2.rz)._encode
+
+    def held_encode(self, *args):
+        entered.set()
+        release.wait(10)
+        return encode(self, *args)
+
+    monkeypatch.setattr(type(smollm2.rz), "_encode", held_encode)
+    text = "ab" * (tokenizer_module._HEAVY_TEXT_CHARS // 2 + 1)
+    outcomes = []
+
+    def one():
+        try:
+            outcomes.append(len(smollm2.rz.encode(text, add_bos=False)))
+        except ShuttingDownError:
+            outcomes.append("dropped")
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    entered.wait(10)  # the first is being encoded
+    while len(tokenizer_module._WAITING_LONG_TEXTS) < 3:
+        time.sleep(0.01)
+    tokenizer_module.drop_waiting_long_texts()
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes, key=str) == sorted([len(encode(smollm2.rz, text, False, False)), "dropped", "dropped"], key=str)
+    assert smollm2.rz.encode(text, add_bos=False) == encode(smollm2.rz, text, False, False)  # later texts are encoded again
