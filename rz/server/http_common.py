@@ -47,7 +47,8 @@ class HttpError(RzError):
 
 
 # The gRPC code name an HTTP status is counted under in rz_requests_total, as gRPC counts the same failure.
-_STATUS_NAMES = {status: code.name for code, status in HTTP_STATUS.items()} | {413: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
+# Several codes share 400: it is counted as the first of them, INVALID_ARGUMENT.
+_STATUS_NAMES = {status: code.name for code, status in reversed(HTTP_STATUS.items())} | {413: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
 
 
 def count_refusal(metrics: Metrics, method: str, status: int, error: Exception) -> None:
