@@ -8,16 +8,35 @@ import numpy as np
 from rz.errors import GGUFError, UnsupportedModelError
 from rz.gguf import GGUFFile
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "phi2", "gemma3")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "smollm3", "phi2", "phi3", "gemma2", "gemma3",
+)
 
-# Gemma 3 alternates five sliding-window layers with one global layer, and uses a lower RoPE
-# base on the sliding ones; older GGUFs leave both implicit, as llama.cpp does.
-GEMMA3_SLIDING_PATTERN = 6
-GEMMA3_SLIDING_ROPE_BASE = 10_000.0
+# Architectures whose feed-forward is a mixture of experts, always (qwen2moe, qwen3moe) or when the
+# file's expert_count says so (llama: Mixtral).
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
+# Qwen2-MoE sends every token through a shared expert too, and keeps the chosen experts' router
+# weights as they are; the others renormalize them to sum to 1 (llama.cpp's norm_w).
+SHARED_EXPERT_ARCHITECTURES = ("qwen2moe",)
+EXPERT_ARCHITECTURES = ("llama", *MOE_ARCHITECTURES)
 
 # llama.cpp's graph builders apply a GGUF's sliding window only for these architectures; a llama,
-# qwen2 or phi2 file that carries one (Mistral's 4096) runs with full attention there, and so here.
-SLIDING_WINDOW_ARCHITECTURES = ("gemma3",)
+# qwen2 or phi3 file that carries one (Mistral's 4096, Phi-3's 2047) runs with full attention
+# there, and so here. Each alternates (pattern - 1) sliding layers with one global layer, a period
+# older GGUFs leave implicit; Gemma 2's window may be implicit too.
+SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
+DEFAULT_SLIDING_WINDOW = {"gemma2": 4096}
+
+# Gemma 3 uses a lower RoPE base on its sliding layers; the others the global one, unless the
+# file says otherwise (llama.cpp's rope_freq_base_train_swa).
+GEMMA3_SLIDING_ROPE_BASE = 10_000.0
+
+# Gemma 2 always soft-caps; llama.cpp's defaults stand in for keys a file leaves out.
+DEFAULT_SOFTCAPS = {"gemma2": (50.0, 30.0)}
+
+# SmolLM3 leaves RoPE out of every fourth layer (llama.cpp's n_no_rope_layer_step, set by the
+# architecture: no GGUF key carries it).
+NO_ROPE_LAYER_STEP = {"smollm3": 4}
 
 
 @dataclass(frozen=True)
@@ -34,6 +53,11 @@ class ModelConfig:
     head_dim: int
     head_dim_v: int
     n_ff: int
+    n_expert: int  # 0: a dense MLP
+    n_expert_used: int  # experts each token goes through
+    n_ff_expert: int  # rows of each expert's gate and up
+    n_ff_shared_expert: int  # 0: no shared expert
+    normalize_expert_weights: bool  # renormalize the chosen experts' router weights to sum to 1
     context_length: int
     norm_eps: float
     rope_base: float
@@ -42,9 +66,11 @@ class ModelConfig:
     rope_scaling: str  # "none", "linear" or "yarn"
     rope_scaling_factor: float
     rope_scaling_original_context: int  # YaRN: the context length the model was trained with
-    rope_attn_factor: float  # YaRN: extra scale of the rotated values
+    rope_attn_factor: float  # extra scale of the rotated values (YaRN's, Phi-3 LongRoPE's)
+    rope_short_factors_context: int  # LongRoPE: the longest context of its short factors; 0: none
     sliding_window: int  # 0: no sliding-window attention
     sliding_layers: tuple[bool, ...]  # per layer: does it attend only within the window?
+    rope_layers: tuple[bool, ...]  # per layer: does RoPE rotate its queries and keys?
     attn_logit_softcap: float  # 0: none
     final_logit_softcap: float  # 0: none
     tie_embeddings: bool  # no output.weight: the token embedding doubles as the LM head
@@ -70,14 +96,35 @@ class ModelConfig:
         tokens = gguf.require("tokenizer.ggml.tokens")
         if not isinstance(tokens, list) or not tokens:
             raise GGUFError(f"{gguf.path}: tokenizer.ggml.tokens must be a non-empty list of strings")
-        sliding_window = keys.integer("attention.sliding_window", 0, low=0, high=MAX_CONTEXT)
+        sliding_window = keys.integer(
+            "attention.sliding_window", DEFAULT_SLIDING_WINDOW.get(arch, 0), low=0, high=MAX_CONTEXT
+        )
         _check_layer_count(gguf, n_layer)
-        if arch in SLIDING_WINDOW_ARCHITECTURES and sliding_window > 0:
-            sliding_layers = keys.sliding_layers(n_layer)
-            rope_base_sliding = keys.real("rope.freq_base_swa", GEMMA3_SLIDING_ROPE_BASE, low=0.0)
+        rope_base = keys.real("rope.freq_base", 10_000.0, low=0.0)
+        if arch in SLIDING_PATTERN and sliding_window > 0:
+            sliding_layers = keys.sliding_layers(n_layer, SLIDING_PATTERN[arch])
+            sliding_default = GEMMA3_SLIDING_ROPE_BASE if arch == "gemma3" else rope_base
+            rope_base_sliding = keys.real("rope.freq_base_swa", sliding_default, low=0.0)
         else:
             sliding_layers = (False,) * n_layer
-            rope_base_sliding = keys.real("rope.freq_base", 10_000.0, low=0.0)
+            rope_base_sliding = rope_base
+        no_rope_step = NO_ROPE_LAYER_STEP.get(arch, 0)
+        moe_arch = arch in MOE_ARCHITECTURES
+        n_ff = keys.integer("feed_forward_length", 0, required=not moe_arch, low=0 if moe_arch else 1)
+        n_expert = keys.integer("expert_count", 0, low=0, high=MAX_EXPERTS) if arch in EXPERT_ARCHITECTURES else 0
+        if moe_arch and n_expert == 0:
+            raise GGUFError(f"{gguf.path}: metadata {arch}.expert_count is missing or 0; a {arch} model has experts")
+        n_expert_used = keys.integer("expert_used_count", 0, low=1 if n_expert else 0, high=n_expert)
+        n_ff_expert = 0
+        if n_expert:
+            # Without the key llama.cpp's qwen3moe takes n_ff / n_expert_used; Mixtral's experts are n_ff wide.
+            n_ff_expert = keys.integer("expert_feed_forward_length", n_ff // n_expert_used if moe_arch else n_ff)
+        shared_expert = arch in SHARED_EXPERT_ARCHITECTURES
+        n_ff_shared_expert = keys.integer("expert_shared_feed_forward_length", n_ff) if shared_expert else 0
+        original_context = keys.integer(
+            "rope.scaling.original_context_length", context_length, high=MAX_CONTEXT, zero_means_default=True
+        )
+        attn_softcap_default, final_softcap_default = DEFAULT_SOFTCAPS.get(arch, (0.0, 0.0))
         eps_key = "attention.layer_norm_rms_epsilon" if keys.has("attention.layer_norm_rms_epsilon") else "attention.layer_norm_epsilon"
         rope_scaling_factor = keys.real("rope.scaling.factor", 1.0, low=0.0, zero_means_default=True)
         # Without a type, llama.cpp takes a scaling factor as linear scaling.
@@ -94,27 +141,52 @@ class ModelConfig:
             n_head_kv=n_head_kv,
             head_dim=head_dim,
             head_dim_v=keys.integer("attention.value_length", head_dim),
-            n_ff=keys.integer("feed_forward_length", required=True),
+            n_ff=n_ff,
+            n_expert=n_expert,
+            n_expert_used=n_expert_used,
+            n_ff_expert=n_ff_expert,
+            n_ff_shared_expert=n_ff_shared_expert,
+            normalize_expert_weights=not shared_expert,
             context_length=context_length,
             norm_eps=keys.real(eps_key, required=True, low=0.0, high=1.0),
-            rope_base=keys.real("rope.freq_base", 10_000.0, low=0.0),
+            rope_base=rope_base,
             rope_base_sliding=rope_base_sliding,
             rope_dim=keys.integer("rope.dimension_count", head_dim, high=head_dim),
             rope_scaling=rope_scaling,
             rope_scaling_factor=rope_scaling_factor,
-            rope_scaling_original_context=keys.integer(
-                "rope.scaling.original_context_length", context_length, high=MAX_CONTEXT, zero_means_default=True
-            ),
+            rope_scaling_original_context=original_context,
             rope_attn_factor=keys.real("rope.scaling.attn_factor", 1.0, low=0.0),
+            rope_short_factors_context=original_context if "rope_factors_long.weight" in gguf.tensors else 0,
             sliding_window=sliding_window,
             sliding_layers=sliding_layers,
-            attn_logit_softcap=keys.real("attn_logit_softcapping", 0.0, low=None, zero_means_default=True),
-            final_logit_softcap=keys.real("final_logit_softcapping", 0.0, low=None, zero_means_default=True),
+            rope_layers=tuple(not no_rope_step or (i + 1) % no_rope_step != 0 for i in range(n_layer)),
+            attn_logit_softcap=keys.real(
+                "attn_logit_softcapping", attn_softcap_default, low=None, zero_means_default=True
+            ),
+            final_logit_softcap=keys.real(
+                "final_logit_softcapping", final_softcap_default, low=None, zero_means_default=True
+            ),
             tie_embeddings="output.weight" not in gguf.tensors,
             chat_template=_chat_template(gguf),
         )
         config.validate(gguf)
         return config
+
+    def check_context(self, n_ctx: int) -> None:
+        """An UnsupportedModelError if rz cannot run the model with a context of n_ctx positions as
+        llama.cpp does: a LongRoPE model (Phi-3-128k) beyond its original context, where llama.cpp
+        switches every position to the long factors (rz runs the short ones only)."""
+        if self.rope_short_factors_context and n_ctx > self.rope_short_factors_context:
+            raise UnsupportedModelError(
+                f"{self.name}: a context of {n_ctx} positions needs LongRoPE's long factors, which rz does "
+                f"not support yet; load it with n_ctx <= {self.rope_short_factors_context}"
+            )
+
+    def layer_kind(self, layer: int) -> int:
+        """The first layer of the same kind as `layer` (sliding or global, rotated or not), which
+        stands for all the layers of its kind: they run the same computation."""
+        kinds = list(zip(self.sliding_layers, self.rope_layers))
+        return kinds.index(kinds[layer])
 
     def validate(self, gguf: GGUFFile) -> None:
         """The checks that join several keys, and the token embedding's shape against them."""
@@ -138,6 +210,7 @@ class ModelConfig:
 MAX_DIMENSION = 1 << 20
 MAX_HEADS = 1 << 12
 MAX_LAYERS = 1 << 12
+MAX_EXPERTS = 1 << 12
 MAX_CONTEXT = 1 << 24
 MAX_REAL = 1e30
 
@@ -178,12 +251,12 @@ class _Keys:
             raise self._bad(name, value, f"finite and {bounds}")
         return value
 
-    def sliding_layers(self, n_layer: int) -> tuple[bool, ...]:
-        """Gemma 3's sliding-window layers: every layer but each pattern-th, or one flag per layer."""
+    def sliding_layers(self, n_layer: int, default_period: int) -> tuple[bool, ...]:
+        """The sliding-window layers: every layer but each period-th, or one flag per layer."""
         name = "attention.sliding_window_pattern"
-        pattern = self.raw(name, GEMMA3_SLIDING_PATTERN)
+        pattern = self.raw(name, default_period)
         if isinstance(pattern, (int, np.integer)) and not isinstance(pattern, (bool, np.bool_)):
-            period = self.integer(name, GEMMA3_SLIDING_PATTERN)
+            period = self.integer(name, default_period)
             return tuple(i % period < period - 1 for i in range(n_layer))
         # Newer GGUFs spell the pattern out, one flag per layer.
         if not isinstance(pattern, (list, np.ndarray)) or len(pattern) < n_layer:

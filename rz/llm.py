@@ -57,6 +57,7 @@ class LLM:
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.context_length)
+        self.config.check_context(self.n_ctx)
         self.max_batch = max_batch
         # One engine at a time, sized for the largest batch asked for so far: each engine holds a
         # KV cache of n_slots x n_ctx and its own compiled steps, so keeping one per batch size
@@ -115,19 +116,28 @@ class LLM:
             # A consumer that stops reading early must not leave its sequence holding the slot.
             scheduler.cancel(sequence)
 
-    def chat(self, messages: list[dict], max_tokens: int = RequestOptions.max_tokens, **options) -> Completion:
-        """Answer a conversation, formatted with the model's chat template as llama.cpp does.
+    def chat(
+        self,
+        messages: list[dict],
+        max_tokens: int = RequestOptions.max_tokens,
+        enable_thinking: bool | None = None,
+        **options,
+    ) -> Completion:
+        """Answer a conversation, formatted with the model's chat template as llama.cpp does
+        (enable_thinking: see rz.chat.render_chat).
 
         ChatTemplateError if the model's template cannot render even a one-message chat (found
         at load: chat_template_problem says why); generate() works all the same.
         """
-        return self.generate(self.chat_prompt_ids(messages), max_tokens=max_tokens, **options)
+        return self.generate(self.chat_prompt_ids(messages, enable_thinking), max_tokens=max_tokens, **options)
 
-    def chat_prompt_ids(self, messages: list[dict], functions: list[dict] | None = None) -> list[int]:
+    def chat_prompt_ids(
+        self, messages: list[dict], enable_thinking: bool | None = None, functions: list[dict] | None = None
+    ) -> list[int]:
         """The token ids of a conversation rendered by the model's chat template, ready to answer.
 
-        functions (rz.tools.functions_of's) are offered as tools: handed to a template that renders
-        tools, else described in the system message (rz.tools).
+        enable_thinking: see rz.chat.render_chat. functions (rz.tools.functions_of's) are offered as
+        tools: handed to a template that renders tools, else described in the system message (rz.tools).
         """
         from rz.chat import render_chat
         from rz.tools import template_takes_tools, with_tool_prompt
@@ -150,6 +160,7 @@ class LLM:
             add_generation_prompt=True,
             architecture=self.config.architecture,
             tools=tools,
+            enable_thinking=enable_thinking,
         )
         ids = self.tokenize(text, special=True)
         # Templates that write the BOS token themselves would get a second one from add_bos.

@@ -4,7 +4,10 @@ Paths (see `describe_paths()`; the reference twin is `rz_kernels.quants.qmatmul_
 
     backend  types                      M (= batch x tokens)  path
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++ kernel (AVX2/VNNI) through XLA's FFI
-             Q4_K Q5_K Q6_K             > 16                  xla_f32: dequantize, then XLA's f32 GEMM
+             Q4_K Q5_K Q6_K
+    cpu      Q4_K Q5_K Q6_K             > 16                  cpu_ffi_prefill (x86): the same kernel's register-
+                                                              tiled int8 GEMM (512-bit on AVX-512)
+    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   > 16                  xla_f32: dequantize, then XLA's f32 GEMM
                                                               (weights up to 64 MiB in f32; larger
                                                               ones, LM heads, xla_f32_tiled: 32 MiB
                                                               of rows dequantized at a time)
@@ -19,13 +22,15 @@ scales rule out XLA's int8 dot. The kernel quantizes the activations to int8 as 
 (per 32 for 32-block weights, per 256 for K-quants) and meets every weight block in one maddubs,
 so it streams the weights once at decode, at about llama.cpp's own speed.
 
-Why XLA's f32 GEMM beyond 16 rows (a prompt's prefill, scoring): once the weights are reused
-across many rows the int8 kernel has no arithmetic advantage on an AVX2 CPU, the two paths tie
-in the whole model, and f32 activations are exact where the kernel rounds them to int8, which
-brings rz's logits closer to a float64 forward pass than llama.cpp's. A weight over 64 MiB in
-f32 (an LM head) is dequantized and multiplied 32 MiB of rows at a time (xla_f32_tiled), so
-scoring's logits are exact too. Where the kernel cannot be built (no compiler, no AVX2) the CPU
-takes xla_reference, logged once.
+Beyond 16 rows (a prompt's prefill, scoring) K-quants take the kernel's int8 GEMM: activations
+quantized once per call to Q8_K as llama.cpp does, so a prompt's matmuls round as llama.cpp's do;
+register tiles of weight rows x activation rows, each load serving several int8 dots. It beats
+XLA's f32 GEMM on the dequantized weight (benchmarks/kernels/bench_prefill.py). The 32-block
+types' int8 GEMM pays a convert and an FMA per 32 products and did not beat XLA there, so they
+keep XLA's f32 GEMM, whose f32 activations are exact (rz's logits closer to a float64 forward pass
+than llama.cpp's). A weight over 64 MiB in f32 (an LM head) is dequantized and multiplied 32 MiB
+of rows at a time (xla_f32_tiled), so scoring's logits are exact too. Where the kernel cannot be
+built (no compiler, no AVX2) the CPU takes xla_reference, logged once.
 
 Why XLA for decode on a GPU: a decode step of these small models is bound by kernel launches,
 not bandwidth, and XLA fuses the dequantization into fewer of them, so decode takes XLA and
@@ -64,9 +69,11 @@ CPU_FFI_ARRAYS: dict[GGMLType, tuple[str, ...]] = {
 
 # Up to this many rows of x a GPU matmul is a decode step: memory-bound, W streamed once.
 GPU_DECODE_MAX_M = 16
-# Up to this many rows of x a CPU matmul takes the C++ kernel; beyond, XLA's f32 GEMM on the
-# dequantized weight (see the module docstring).
+# Up to this many rows of x a CPU matmul takes the C++ kernel's decode path; beyond, its int8
+# prefill GEMM (CPU_PREFILL_TYPES) or XLA's f32 GEMM on the dequantized weight (see the module docstring).
 CPU_KERNEL_MAX_M = 16
+# The CPU paths that call the C++ kernel (one call may then take several weights).
+CPU_FFI_PATHS = frozenset({"cpu_ffi", "cpu_ffi_prefill"})
 # A weight larger than this in f32 is not dequantized whole beyond CPU_KERNEL_MAX_M rows (its copy
 # would be a transient of that size), but CPU_F32_TILE_BYTES of rows at a time.
 CPU_F32_MAX_BYTES = 64 << 20
@@ -104,10 +111,15 @@ def pallas_decode_enabled() -> bool:
 
 def _paths() -> tuple[Path, ...]:
     cpu_types = tuple(t.name for t in CPU_FFI_ARRAYS) if cpu_ffi.available() else ()
+    # The register-tiled int8 GEMM is the x86 kernels' (qmatmul.cc); the NEON kernels' many-row path
+    # is not tiled and was not measured against XLA, so aarch64 prompts keep XLA's f32 GEMM.
+    x86 = bool(cpu_types) and cpu_ffi.selected().machine == "x86_64"
+    prefill_types = tuple(t.name for t in sorted(K_QUANTS)) if x86 else ()
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M, note=f"variant {cpu_ffi.selected().name}" if cpu_types else ""),
+        Path("cpu", "cpu_ffi_prefill", prefill_types, CPU_KERNEL_MAX_M + 1, None, note="int8 GEMM in register tiles"),
         Path("cpu", "xla_f32", cpu_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
         Path("cpu", "xla_f32_tiled", cpu_types, CPU_KERNEL_MAX_M + 1, None,
              note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32, {CPU_F32_TILE_BYTES >> 20} MiB of rows at a time"),
@@ -270,7 +282,7 @@ def qmatmul_f32_tiled(x: jax.Array, qt: QTensor) -> jax.Array:
 
 def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
     path = select_path("cpu", qt.ggml_type, x.shape[0], qt.shape)
-    if path == "cpu_ffi":
+    if path in CPU_FFI_PATHS:
         return qmatmul_cpu(x, qt)
     if path == "xla_f32":
         return qmatmul_f32_after(x, qt)
@@ -309,7 +321,7 @@ def qmatmul_many(x: jax.Array, weights: Sequence[QTensor]) -> list[jax.Array]:
         _log_first_use(qt.ggml_type, *qt.shape, m)
 
     def cpu(rows, *weights):
-        if all(select_path("cpu", qt.ggml_type, m, qt.shape) == "cpu_ffi" for qt in weights):
+        if all(select_path("cpu", qt.ggml_type, m, qt.shape) in CPU_FFI_PATHS for qt in weights):
             together = qmatmul_cpu(rows, weights)
             return tuple(jnp.split(together, np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1))
         return tuple(_cpu(rows, qt) for qt in weights)

@@ -61,6 +61,32 @@ def test_smollm2_template_matches_llama_cpp_python(smollm2_metadata):
     assert render_chat(template, CONVERSATION, bos, eos) == expected
 
 
+# A Qwen3-style switch: the model opens its own <think> block, and the template closes an empty one
+# when thinking is turned off.
+THINKING_SWITCH_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+@pytest.mark.parametrize("enable_thinking", [None, True, False])
+def test_enable_thinking_reaches_the_template_as_llama_cpp_python_passes_it(enable_thinking):
+    formatters = pytest.importorskip("llama_cpp.llama_chat_format")
+    formatter = formatters.Jinja2ChatFormatter(template=THINKING_SWITCH_TEMPLATE, eos_token="</s>", bos_token="<s>")
+    switch = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    expected = formatter(messages=CONVERSATION, **switch).prompt
+    rendered = render_chat(THINKING_SWITCH_TEMPLATE, CONVERSATION, "<s>", "</s>", enable_thinking=enable_thinking)
+    assert rendered == expected
+    assert rendered.endswith("</think>\n\n") == (enable_thinking is False)
+
+
+def test_enable_thinking_must_be_a_boolean():
+    with pytest.raises(RequestError, match="enable_thinking"):
+        render_chat(THINKING_SWITCH_TEMPLATE, CONVERSATION, "<s>", "</s>", enable_thinking="no")
+
+
 def test_gemma_gguf_has_no_template_and_gets_gemma_turns():
     with GGUFFile(gemma3_270m_path()) as gguf:
         assert gguf.get("tokenizer.chat_template") is None

@@ -93,7 +93,7 @@ def test_a_template_without_tools_gets_them_in_the_system_message_with_past_call
 def test_a_required_call_always_parses_and_its_arguments_validate():
     llm = rz.LLM(smollm2_135m_path(), n_ctx=1024, max_batch=4)
     functions = functions_of(TOOLS)
-    ids = llm.chat_prompt_ids([{"role": "user", "content": "What's the weather like in Paris?"}], functions)
+    ids = llm.chat_prompt_ids([{"role": "user", "content": "What's the weather like in Paris?"}], functions=functions)
     assert "get_weather" in llm.detokenize(ids)
     for seed in range(3):
         completions = llm.generate([ids] * 2, max_tokens=80, temperature=1.0, seed=seed,

@@ -1,6 +1,6 @@
 """Model families and the forward pass they share: `load_model(gguf, cfg) -> Model`.
 
-A family module (llama.py, phi2.py, gemma3.py) provides the functions its FAMILY names (see
+A family module (llama.py, qwen3.py, phi2.py, phi3.py, gemma2.py, gemma3.py) provides the functions its FAMILY names (see
 rz.models.family): its weights, embedding, transformer block and head. The stack of blocks over
 the KV cache is driven from here, once for all families.
 """
@@ -18,7 +18,7 @@ from rz.errors import UnsupportedModelError
 from rz.gguf import GGUFFile
 from rz.kv_cache import KVCache
 import rz_kernels
-from rz.models import attention, gemma3, llama, phi2
+from rz.models import attention, gemma2, gemma3, llama, phi2, phi3, qwen3
 from rz.models.family import Family
 from rz.models.layers import Rope, RopeTable, rope_table
 from rz.weights import load_weights
@@ -28,10 +28,18 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model"]
 
 # llama.cpp's qwen2 graph is its llama graph with NeoX RoPE (layers.NEOX_ROPE); the q/k/v biases
 # Qwen2 needs are optional tensors of every architecture's attention (weights.attention_projections).
+# SmolLM3's is the llama graph with RoPE left out of some layers (ModelConfig.rope_layers);
+# Qwen3-MoE's is Qwen3's with experts (ModelConfig.n_expert), as Mixtral's and Qwen2-MoE's are llama's.
 FAMILIES: dict[str, Family] = {
     "llama": llama.FAMILY,
     "qwen2": llama.FAMILY,
+    "qwen2moe": llama.FAMILY,
+    "qwen3": qwen3.FAMILY,
+    "qwen3moe": qwen3.FAMILY,
+    "smollm3": llama.FAMILY,
     "phi2": phi2.FAMILY,
+    "phi3": phi3.FAMILY,
+    "gemma2": gemma2.FAMILY,
     "gemma3": gemma3.FAMILY,
 }
 assert set(FAMILIES) == set(SUPPORTED_ARCHITECTURES)
@@ -57,10 +65,10 @@ def forward(
             tables = rope_tables(weights, positions, family=family, cfg=cfg)
     layer_caches = []
     for layer, (layer_weights, layer_cache) in enumerate(zip(weights.layers, cache.layers)):
-        # A block depends on its index only through its kind (sliding or global): the first layer
-        # of that kind stands for it, so that the layers of a kind share one trace (see _block).
+        # A block depends on its index only through its kind (see ModelConfig.layer_kind): the first
+        # layer of that kind stands for it, so that the layers of a kind share one trace (see _block).
         sliding = cfg.sliding_layers[layer]
-        kind = cfg.sliding_layers.index(sliding)
+        kind = cfg.layer_kind(layer)
         with jax.named_scope(f"block_{layer}"):
             x, layer_cache = _block(
                 layer_weights, layer_cache, x, positions, tables[sliding], layer=kind, family=family, cfg=cfg

@@ -13,7 +13,7 @@ import rz_kernels
 from rz import kv_cache
 from rz.config import ModelConfig
 from rz.kv_cache import LayerCache
-from rz.models.layers import Rope, RopeTable, apply_rope, linear_many
+from rz.models.layers import Rope, RopeTable, apply_rope, linear_many, rms_norm
 from rz.weights import AttentionProjections
 
 
@@ -34,8 +34,21 @@ def project_qkv(w: AttentionProjections, h: jax.Array, cfg: ModelConfig) -> tupl
     )
 
 
+def normalize_heads(
+    queries: jax.Array, keys: jax.Array, q_norm: jax.Array | None, k_norm: jax.Array | None, cfg: ModelConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Each query and key head RMS-normalized (QK-norm: Gemma 3, Qwen3), or as they are where the
+    family has no such norm (None)."""
+    if q_norm is None:
+        return queries, keys
+    return rms_norm(queries, q_norm, cfg.norm_eps), rms_norm(keys, k_norm, cfg.norm_eps)
+
+
 def rotate(queries: jax.Array, keys: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Queries and keys with the RoPE of the layer's kind (sliding or global) applied."""
+    """Queries and keys with the RoPE of the layer's kind (sliding or global) applied, or as
+    they are on a layer without RoPE (SmolLM3's every fourth)."""
+    if not cfg.rope_layers[layer]:
+        return queries, keys
     rope = Rope.for_layer(cfg, cfg.sliding_layers[layer])
     return apply_rope(queries, rope_table, rope), apply_rope(keys, rope_table, rope)
 

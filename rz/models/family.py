@@ -1,4 +1,4 @@
-"""What a model family provides: each family module (llama.py, phi2.py, gemma3.py) ends with its
+"""What a model family provides: each family module (llama.py, gemma3.py, ...) ends with its
 FAMILY, naming its own functions, and rz.models drives them, once for all families."""
 
 from dataclasses import dataclass

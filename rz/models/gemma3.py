@@ -2,6 +2,8 @@
 
 Blocks normalize before and after both attention and the GeGLU MLP, and normalize each query
 and key head (QK-norm); embeddings are scaled by sqrt(n_embd) (llama.cpp's gemma3 graph builder).
+Gemma 2 is this graph without QK-norm (gemma2.py); its soft caps and sliding layers come from
+its config.
 """
 
 import math
@@ -17,8 +19,9 @@ from rz.models.layers import RopeTable, no_rope_freq_factors, embed as embed_row
 from rz.weights import AttentionProjections, Either, attention_projections, matrix, vector
 from rz_kernels.quants import QTensor
 
-# Gemma 3 27B scales queries by the model width per head rather than by head_dim.
-GEMMA3_27B_LAYERS = 62
+# The 27B models (Gemma 2's 46 layers, Gemma 3's 62) scale queries by the model width per head
+# rather than by head_dim (llama.cpp's f_attention_scale).
+WIDTH_SCALED_QUERY_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 @jax.tree_util.register_dataclass
@@ -26,8 +29,8 @@ GEMMA3_27B_LAYERS = 62
 class LayerWeights:
     attn_norm: jax.Array
     qkv: AttentionProjections
-    q_norm: jax.Array
-    k_norm: jax.Array
+    q_norm: jax.Array | None  # None in Gemma 2, which has no QK-norm
+    k_norm: jax.Array | None
     wo: QTensor
     post_attn_norm: jax.Array
     ffn_norm: jax.Array
@@ -78,7 +81,7 @@ def embed(weights: Weights, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
 
 
 def query_scale(cfg: ModelConfig) -> float:
-    if cfg.n_layer == GEMMA3_27B_LAYERS:
+    if cfg.n_layer == WIDTH_SCALED_QUERY_LAYERS[cfg.architecture]:
         return (cfg.n_embd / cfg.n_head) ** -0.5
     return cfg.head_dim**-0.5
 
@@ -88,7 +91,7 @@ rope_freq_factors = no_rope_freq_factors
 
 def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig):
     queries, keys, values = attention.project_qkv(w.qkv, rms_norm(x, w.attn_norm, cfg.norm_eps), cfg)
-    queries, keys = rms_norm(queries, w.q_norm, cfg.norm_eps), rms_norm(keys, w.k_norm, cfg.norm_eps)
+    queries, keys = attention.normalize_heads(queries, keys, w.q_norm, w.k_norm, cfg)
     queries, keys = attention.rotate(queries, keys, rope_table, layer, cfg)
     return queries * query_scale(cfg), keys, values, 1.0
 

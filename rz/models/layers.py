@@ -65,6 +65,14 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
+def swiglu_mlp(
+    x: jax.Array, w_gate: QTensor, w_up: QTensor, w_down: QTensor, biases: tuple[jax.Array | None, ...] = (None,) * 3
+) -> jax.Array:
+    """down(silu(gate(x)) * up(x)), biases (gate, up, down) added where given: the llama MLP and each of its experts."""
+    gate, up = linear_many(x, (w_gate, w_up), biases[:2])
+    return linear(swiglu(gate, up), w_down, biases[2])
+
+
 def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return gelu(gate) * up
 
@@ -77,7 +85,11 @@ def softcap(x: jax.Array, cap: float) -> jax.Array:
 # llama.cpp's llama_model_rope_type: which elements RoPE pairs up. Llama rotates consecutive pairs
 # (2i, 2i+1), because its converter permutes Q and K rows to that order; the others rotate
 # (i, i + rope_dim/2), the Hugging Face "rotate_half" order, called NeoX in ggml.
-NEOX_ROPE = {"llama": False, "qwen2": True, "phi2": True, "gemma3": True}
+NEOX_ROPE = {
+    "llama": False, "smollm3": False,
+    "qwen2": True, "qwen2moe": True, "qwen3": True, "qwen3moe": True,
+    "phi2": True, "phi3": True, "gemma2": True, "gemma3": True,
+}
 
 # ggml's YaRN defaults, which none of the supported architectures overrides.
 YARN_BETA_FAST = 32.0
@@ -93,15 +105,18 @@ class Rope:
     freq_scale: float  # linear and YaRN scaling: positions are multiplied by it
     neox: bool
     yarn_context: int  # YaRN: the training context its frequency ramp is built from; 0 without YaRN
-    magnitude: float  # YaRN scales the rotated values (ggml's mscale); 1 otherwise
+    magnitude: float  # scale of the rotated values (ggml's mscale): the attn_factor, and YaRN's
 
     @classmethod
     def for_layer(cls, cfg: ModelConfig, sliding: bool) -> "Rope":
-        """The RoPE llama.cpp applies on a layer: sliding layers have their own base and are never scaled."""
+        """The RoPE llama.cpp applies on a layer: sliding layers have their own base, and Gemma 3's
+        are never scaled (llama.cpp's rope_freq_scale_train_swa: 1 for Gemma 3, else the global scale)."""
         factor = cfg.rope_scaling_factor if cfg.rope_scaling != "none" else 1.0
-        freq_scale = 1.0 if sliding else 1.0 / factor
+        freq_scale = 1.0 if sliding and cfg.architecture == "gemma3" else 1.0 / factor
         yarn = cfg.rope_scaling == "yarn"
-        magnitude = 1.0
+        # llama.cpp scales the rotated values by the file's attn_factor with or without YaRN
+        # (Phi-3's LongRoPE files carry one).
+        magnitude = cfg.rope_attn_factor
         if yarn:
             # llama.cpp's yarn_attn_factor cancels ggml's 1 + 0.1 ln(1/freq_scale) for factors above 1.
             attn_factor = cfg.rope_attn_factor * (1.0 if factor > 1 else 1.0 / (1.0 + 0.1 * math.log(factor)))

@@ -11,6 +11,7 @@ a failure midway ends the stream with an error event.
 import json
 import time
 import uuid
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -82,7 +83,7 @@ def routes(backend: Backend) -> list[Route]:
         messages = _messages(body.get("messages"))
         functions, forced = _tools(body)
         try:
-            prompt_ids = await run_sync(llm.chat_prompt_ids, messages, functions)
+            prompt_ids = await run_sync(partial(llm.chat_prompt_ids, messages, functions=functions))
         except RequestError as error:
             raise HttpError(400, str(error), param="messages") from None
         if forced:

@@ -99,7 +99,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
 
     def _chat_prompt_ids(self, request: pb.ChatRequest) -> list[int]:
         functions, _ = chat_tools(request)
-        return self._llm.chat_prompt_ids([{"role": m.role, "content": m.content} for m in request.messages], functions)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        return self._llm.chat_prompt_ids(messages, functions=functions)
 
     def _generation_request(self, prompt_ids: list[int], request) -> GenerationRequest:
         options = request_options(request.options)

@@ -55,6 +55,16 @@ _QWEN2 = _collapsed(
     rf"| ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+"
 )
 
+# llama.cpp's GPT-4o regex (Phi-4-mini, Llama 4), run through std::regex on the collapsed text, where
+# a non-ASCII letter is neither [a-z] nor [A-Z]: a word is a run of letters that are not lower case
+# followed by letters that are not upper case (or the reverse), with an optional contraction.
+_CONTRACTION = "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+_GPT4O = _collapsed(
+    rf"[^\r\n{L}{N}]?(?:(?=[{L}])[^a-z])*(?:(?=[{L}])[^A-Z])+{_CONTRACTION}"
+    rf"|[^\r\n{L}{N}]?(?:(?=[{L}])[^a-z])+(?:(?=[{L}])[^A-Z])*{_CONTRACTION}"
+    rf"|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n/]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+"
+)
+
 _SINGLE_DIGIT = _collapsed(rf"[{N}]")
 _DIGIT_RUN = _collapsed(rf"[{N}]+")
 _LINE_BREAK = _wide(r"[\r\n]")
@@ -90,6 +100,7 @@ _REGEX_FAMILIES: dict[str, tuple[SplitStep, ...]] = {
     "gpt2": (_GPT2,),
     "llama3": (_LLAMA3,),
     "qwen2": (_QWEN2,),
+    "gpt-4o": (_GPT4O,),
     "starcoder": (_SINGLE_DIGIT, _GPT2),
     "deepseek-llm": (
         _LINE_BREAK,
@@ -164,6 +175,7 @@ _PRE_TOKENIZERS = {
         "jina-v1-en jina-v2-code roberta-bpe exaone4 mpt olmo jais trillion granite-docling",
     ),
     **_aliases("qwen2", "qwen2 deepseek-r1-qwen kormo f2llmv2 megrez stablelm2 hunyuan solar-open"),
+    **_aliases("gpt-4o", "gpt-4o llama4"),
     **_aliases("starcoder", "starcoder refact command-r smollm codeshell exaone minerva-7b mellum2"),
     **_aliases("deepseek-llm", "deepseek-llm"),
     **_aliases("deepseek-coder", "deepseek-coder"),

@@ -19,9 +19,11 @@
 // nothing is repacked. With few activation rows (a decode step), each weight block is decoded and
 // used at once, so the weights stream through once; 4-, 5- and 8-bit types (Q4_0, Q4_1, Q5_0, Q5_1,
 // Q8_0) meet two blocks at a time, a block per 128-bit lane, against a matching permutation of
-// the activations (the paired layout), so that a pair shares one convert, scale and FMA. With many rows, each weight row is decoded to bytes once and met by the activation rows in groups of
-// 8. Up to 8 rows, a row's output is bit for bit the same whatever the number of rows: a
-// sequence's tokens must not depend on what else is in its decode batch.
+// the activations (the paired layout), so that a pair shares one convert, scale and FMA. With 9-16
+// rows, each weight row is decoded to bytes once and met by the activation rows in groups of 8; a
+// prompt's rows (more than 16) meet decoded weight rows in register tiles (prefill_tile). Up to 8
+// rows, a row's output is bit for bit the same whatever the number of rows: a sequence's tokens
+// must not depend on what else is in its decode batch.
 //
 // One call may take several weights that read the same x (q/k/v, gate/up): x is quantized once
 // per activation block size and their rows are shared out together. Work is split over output
@@ -55,6 +57,14 @@ constexpr int64_t kBlock = 32;   // a weight block, and the unit of the activati
 constexpr int64_t kSuper = 256;  // a K-quant super-block
 constexpr int64_t kRowGroup = 8;  // activation rows met by one pass over a weight row
 constexpr int64_t kSuperRows = 4;  // for K-quants, by one pass (see super_row)
+constexpr int64_t kSmallM = 16;  // up to this many activation rows, a call is a decode step's
+// A prompt's K-quant tiles take 512-bit vectors where the variant has them (AVX-512; the AVX-VNNI
+// and AVX2 variants' CPUs have 256-bit ones): two sub-blocks per instruction, half the dots'.
+#if defined(__AVX512BW__)
+constexpr bool kWidePrefill = true;
+#else
+constexpr bool kWidePrefill = false;
+#endif
 
 // The GGML type numbers (rz.ggml_types.GGMLType) this file implements.
 enum GGMLType : int32_t {
@@ -105,6 +115,10 @@ struct QuantizedX {
   // 64 bytes [x_b[0:16], x_b+1[0:16], x_b[16:32], x_b+1[16:32]] and 8 floats [d_b x4, d_b+1 x4].
   int8_t* pq = nullptr;
   float* pd = nullptr;
+  // The wide layout (a prompt's rows, with 512-bit vectors; null otherwise), for K-quants met two
+  // sub-blocks per vector (super_tile on Lanes512): per group, pair p of blocks 2p, 2p + 1 and row i, the
+  // 64 bytes [x_2p, x_2p+1].
+  int8_t* wide = nullptr;
 
   static int64_t padded_rows(int64_t M) { return (M + kRowGroup - 1) / kRowGroup * kRowGroup; }
   static int64_t padded_units(int64_t n) { return (n + 7) / 8 * 8; }
@@ -189,6 +203,17 @@ void pair_row(const QuantizedX& qx, int64_t m) {
     store(out + 32, _mm256_permute2x128_si256(b0, b1, 0x31));
     float* scales = qx.pd + m0 * (qx.K / 64) * 8 + (p * kRowGroup + i) * 8;
     _mm256_storeu_ps(scales, _mm256_set_m128(_mm_set1_ps(d[(2 * p + 1) * kRowGroup]), _mm_set1_ps(d[2 * p * kRowGroup])));
+  }
+}
+
+// Row m of qx (quantized, 32-element blocks) into the wide layout.
+void widen_row(const QuantizedX& qx, int64_t m) {
+  const int64_t m0 = m / kRowGroup * kRowGroup, i = m - m0;
+  const int8_t* q = qx.q_group(m0) + i * kBlock;
+  int8_t* out = qx.wide + m0 * qx.K + i * 64;
+  for (int64_t p = 0; p < qx.K / 64; ++p) {
+    store(out + p * kRowGroup * 64, load(q + 2 * p * kRowGroup * kBlock));
+    store(out + p * kRowGroup * 64 + kBlock, load(q + (2 * p + 1) * kRowGroup * kBlock));
   }
 }
 
@@ -958,11 +983,199 @@ void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_
 }
 
 // ---------------------------------------------------------------------------------------------
+// Prefill: many activation rows (a prompt). A register tile of kTileW weight rows by kTileX
+// activation rows: per 32-element block, kTileW decoded weight vectors and kTileX activation
+// vectors meet in kTileW * kTileX int8 dots, so each load serves several dots. (The decoded_row
+// path loads an activation vector per dot and, at 512 rows, was bound by those loads from L2.)
+// The weight rows are decoded to bytes once per tile of activation rows (prefill_tile), with
+// their scales as madd multipliers (RowScales), as decoded_row reads them.
+#if defined(__AVX512VL__)
+constexpr int kTileW = 2, kTileX = 4;  // 32 vector registers: 2 * 8 accumulators and the operands
+#else
+constexpr int kTileW = 2, kTileX = 2;  // 16 vector registers
+#endif
+static_assert(kRowGroup % kTileX == 0, "a tile's activation rows lie in one group");
+#if defined(__AVX512BW__)
+RZ_INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+#endif
+
+// y at the tile's outputs: each accumulator's lane sum, times `factors` (32-block types' word
+// scale), plus the row's offsets met by the activation row's sums (kQ8_1: llama.cpp's Q8_1 block
+// sums, as Q4_1 and Q5_1 meet them); rows past n1 or m1 dropped.
+template <int64_t kUnit, bool kOffsets, bool kQ8_1, class V>
+RZ_INLINE void store_tile(const V (&acc)[kTileW][kTileX], const RowBuffers* rb, const QuantizedX& x, int64_t n, int64_t n1, int64_t m, int64_t m1, float* y, int64_t N) {
+  const int64_t n_units = QuantizedX::padded_units(x.K / kUnit);
+#pragma GCC unroll 4
+  for (int r = 0; r < kTileW; ++r) {
+    if (n + r >= n1) break;
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileX; ++c) {
+      if (m + c >= m1) break;
+      const float* sums = kUnit == kBlock ? x.block_sums(m + c, kQ8_1) : x.sums(m + c, kUnit);
+      const float offset = kOffsets ? offset_dot(rb[r].scales.offsets.data(), sums, n_units) : 0.0f;
+      y[(m + c) * N + n + r] = rb[r].scales.factor * hsum(acc[r][c]) + offset;
+    }
+  }
+}
+
+// The vectors a K-quant tile runs on: 256-bit, a sub-block each, from the activations' group
+// layout; or in the AVX-512 variant 512-bit, two sub-blocks each (half the instructions), from
+// their wide layout, the multipliers spread over the lanes (kUnit 32: a unit per 8 lanes; 16: per 4).
+struct Lanes256 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int kSubBlocks = 1;
+  static RZ_INLINE const int8_t* rows(const QuantizedX& x, int64_t m0) { return x.q_group(m0); }
+  static RZ_INLINE I zero() { return _mm256_setzero_si256(); }
+  static RZ_INLINE I load_bytes(const void* p) { return load(p); }
+  template <int64_t kUnit>
+  static RZ_INLINE I words(const RowScales& rs, int64_t b) { return rs.block_words<kUnit>(b); }
+  static RZ_INLINE I dot(I acc, I u, I x, I words) { return rz_cpu::dot_u8s8_words(acc, u, x, words); }
+  static RZ_INLINE F scaled_add(I dots, const float* d, const float* xd, F acc) {
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(_mm256_broadcast_ss(d), _mm256_broadcast_ss(xd)), acc);
+  }
+};
+
+#if defined(__AVX512BW__)
+struct Lanes512 {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kSubBlocks = 2;
+  static RZ_INLINE const int8_t* rows(const QuantizedX& x, int64_t m0) { return x.wide + m0 * x.K; }
+  static RZ_INLINE I zero() { return _mm512_setzero_si512(); }
+  static RZ_INLINE I load_bytes(const void* p) { return _mm512_loadu_si512(p); }
+  template <int64_t kUnit>
+  static RZ_INLINE I words(const RowScales& rs, int64_t b) {
+    const __m512i spread = kUnit == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                       : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    return _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(load_128(rs.words.data() + b * (kBlock / kUnit))));
+  }
+  static RZ_INLINE I dot(I acc, I u, I x, I words) { return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(u, x), words); }
+  static RZ_INLINE F scaled_add(I dots, const float* d, const float* xd, F acc) {
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(_mm512_set1_ps(*d), _mm512_set1_ps(*xd)), acc);
+  }
+};
+#endif
+
+// K-quants: the tile's int32 dots add up over a super-block's eight sub-blocks (the weights'
+// integer sub-scales in the madd), then one convert and FMA per super-block with the product of
+// the two scales. Activation rows m .. m + kTileX of the group at m0.
+template <class V, int64_t kUnit>
+RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, typename V::F (&acc)[kTileW][kTileX]) {
+  const int8_t* xq = V::rows(x, m0) + (m - m0) * V::kSubBlocks * kBlock;
+  const float* xd = x.d_group(m0) + (m - m0);
+  for (int64_t s = 0; s < x.K / kSuper; ++s) {
+    typename V::I dots[kTileW][kTileX];
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) dots[r][c] = V::zero();
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j += V::kSubBlocks) {
+      const int64_t b = 8 * s + j;  // the vector's first sub-block
+      typename V::I u[kTileW], words[kTileW];
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileW; ++r) {
+        u[r] = V::load_bytes(rb[r].u.data() + kBlock * b);
+        words[r] = V::template words<kUnit>(rb[r].scales, b);
+      }
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) {
+        const typename V::I xv = V::load_bytes(xq + (b * kRowGroup + c * V::kSubBlocks) * kBlock);
+#pragma GCC unroll 4
+        for (int r = 0; r < kTileW; ++r) dots[r][c] = V::dot(dots[r][c], u[r], xv, words[r]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileX; ++c) acc[r][c] = V::scaled_add(dots[r][c], rb[r].scales.super_d.data() + s, xd + s * kRowGroup + c, acc[r][c]);
+    }
+  }
+}
+
+// 32-block types: each block's int32 dots (the weight scales riding in the madd as words
+// relative to the row's largest, RowScales::compute_words) converted and FMA'd with the
+// activation block's scale.
+template <bool kSigned>
+RZ_INLINE void block_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, __m256 (&acc)[kTileW][kTileX]) {
+  const int8_t* xq = x.q_group(m0) + (m - m0) * kBlock;
+  const float* xd = x.d_group(m0) + (m - m0);
+  for (int64_t b = 0; b < x.K / kBlock; ++b) {
+    __m256i u[kTileW], words[kTileW];
+#pragma GCC unroll 4
+    for (int r = 0; r < kTileW; ++r) {
+      u[r] = load(rb[r].u.data() + kBlock * b);
+      words[r] = rb[r].scales.template block_words<kBlock>(b);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileX; ++c) {
+      const __m256i xv = load(xq + (b * kRowGroup + c) * kBlock);
+      const __m256 x_scale = _mm256_broadcast_ss(xd + b * kRowGroup + c);
+#pragma GCC unroll 4
+      for (int r = 0; r < kTileW; ++r) {
+        // Signed weights (Q8_0): |w| against x with w's sign, as block_dots.
+        const __m256i magnitude = kSigned ? _mm256_sign_epi8(u[r], u[r]) : u[r];
+        const __m256i dots = rz_cpu::dot_u8s8_words(_mm256_setzero_si256(), magnitude, kSigned ? _mm256_sign_epi8(xv, u[r]) : xv, words[r]);
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), x_scale, acc[r][c]);
+      }
+    }
+  }
+}
+
+// Weight row n decoded into rb: its quants as bytes and its scales.
+template <class W>
+RZ_INLINE void decode_row(const W& w, int64_t n, int64_t K, RowBuffers& rb) {
+  uint8_t* u = rb.u.data();
+  if constexpr (W::kSuperBlocks) {
+    rb.scales.compute_super(w, n);
+    for (int64_t s = 0; s < K / kSuper; ++s) {
+      w.for_super(n, s, [&](int j, __m256i v) __attribute__((always_inline)) { store(u + kSuper * s + kBlock * j, v); });
+    }
+  } else {
+    rb.scales.compute_words(w, n, K);
+    w.for_blocks(n, [&](int64_t b, __m256i v) __attribute__((always_inline)) { store(u + kBlock * b, v); });
+  }
+}
+
+// Rows [n0, n1) of W against activation rows [m0, m1) (m0 a multiple of kRowGroup), in register
+// tiles. A ragged last tile repeats a weight row, or meets the group's zero padding rows; those
+// outputs are not stored.
+template <class W>
+void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
+  std::vector<RowBuffers> rb(kTileW, RowBuffers(x.K));
+  for (int64_t n = n0; n < n1; n += kTileW) {
+    for (int r = 0; r < kTileW; ++r) decode_row(w, std::min(n + r, n1 - 1), x.K, rb[r]);
+    for (int64_t m = m0; m < m1; m += kTileX) {
+      const int64_t group = m / kRowGroup * kRowGroup;
+      if constexpr (W::kSuperBlocks) {
+#if defined(__AVX512BW__)
+        if (x.wide) {
+          __m512 acc[kTileW][kTileX] = {};
+          super_tile<Lanes512, W::kUnit>(rb.data(), x, group, m, acc);
+          store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
+          continue;
+        }
+#endif
+        __m256 acc[kTileW][kTileX] = {};
+        super_tile<Lanes256, W::kUnit>(rb.data(), x, group, m, acc);
+        store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
+      } else {
+        __m256 acc[kTileW][kTileX] = {};
+        block_tile<W::kSigned>(rb.data(), x, group, m, acc);
+        store_tile<kBlock, !W::kSigned, W::kQ8_1>(acc, rb.data(), x, n, n1, m, m1, y, N);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Threads and tiling.
 
 // Scratch for the quantized activations, reused across calls on the calling thread.
 struct Scratch {
-  std::vector<int8_t> q, pq;
+  std::vector<int8_t> q, pq, wide;
   std::vector<float> f, pd;
 };
 thread_local Scratch scratch[2];  // one per activation block size (32, 256): a call may need both
@@ -983,7 +1196,14 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   qx.sum32 = qx.d + rows * (K / x_block);
   qx.sum16 = qx.sum32 + rows * QuantizedX::padded_units(K / kBlock);
   if (q8_1) qx.sum32_q8_1 = qx.sum16 + rows * QuantizedX::padded_units(K / 16);
-  rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
+  if (kWidePrefill && x_block == kSuper && M > kSmallM) {
+    scratch.wide.resize(rows * K);
+    qx.wide = scratch.wide.data();
+  }
+  rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) {
+    quantize_row(m < M ? x + m * K : nullptr, qx, m);
+    if (qx.wide) widen_row(qx, m);
+  });
   if (paired && x_block == kBlock && M <= kRowGroup && K % 64 == 0) {
     scratch.pq.resize(rows * K);
     scratch.pd.resize(rows * (K / 64) * 8);
@@ -994,9 +1214,8 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   return qx;
 }
 
-// Tiling. A decode step (small M) splits rows of W only, so each weight byte is read once; a
-// prefill also splits rows of x, in tiles whose int8 rows fit in L2 with a W tile in L1.
-constexpr int64_t kSmallM = 16;
+// Tiling. A decode step (small M, kSmallM) splits rows of W only, so each weight byte is read
+// once; a prefill also splits rows of x, in tiles whose int8 rows fit in L2 with a W tile in L1.
 constexpr int64_t kPrefillRowsX = 64;
 constexpr int64_t kPrefillRowsW = 16;
 constexpr int64_t kMinWeightBytesPerThread = 32 << 10;  // below, handing work to a worker costs more than it saves
@@ -1010,7 +1229,9 @@ struct Part {
   int64_t column = 0;  // where its outputs start in a row of y
   bool paired = false;  // reads the activations' paired layout when there is one
   bool q8_1 = false;  // meets llama.cpp's Q8_1 block sums
-  std::function<void(const QuantizedX&, int64_t, int64_t, int64_t, int64_t, float*, int64_t)> tile;
+  using Tile = std::function<void(const QuantizedX&, int64_t, int64_t, int64_t, int64_t, float*, int64_t)>;
+  Tile tile;     // few activation rows (a decode step)
+  Tile prefill;  // many (a prompt): register tiles
 };
 
 template <class W>
@@ -1023,6 +1244,9 @@ Part make_part(const W& w, int64_t N, double bytes) {
   if constexpr (!W::kSuperBlocks) part.q8_1 = W::kQ8_1;
   part.tile = [w](const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t ld) {
     matmul_tile(w, x, n0, n1, m0, m1, y, ld);
+  };
+  part.prefill = [w](const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t ld) {
+    prefill_tile(w, x, n0, n1, m0, m1, y, ld);
   };
   return part;
 }
@@ -1067,7 +1291,7 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& par
     rz_cpu::parallel_for(pool, tiles_x * tiles_w, threads, [&](int64_t t) {
       // Consecutive tasks share a tile of x, so a thread walks W while x stays in its L2.
       const int64_t tx = t / tiles_w, tw = t % tiles_w;
-      part.tile(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y + part.column, ld);
+      part.prefill(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y + part.column, ld);
     });
   }
 }

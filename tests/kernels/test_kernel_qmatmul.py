@@ -18,6 +18,7 @@ from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_many, qmatmul_p
 from rz_kernels.build import variant_named
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
+    K_QUANTS,
     activation_block,
     qmatmul_cpu,
     q8_1_sum_correction,
@@ -33,6 +34,8 @@ INTERPRET = jax.default_backend() != "gpu"
 PALLAS_NMSE = 1e-10 if INTERPRET else 5e-4
 
 TOLERANCE = 5e-4
+# Prompts of K-quants take the C++ kernel's int8 GEMM on x86 (quantized_matmul's cpu_ffi_prefill).
+X86_PREFILL = cpu_ffi.available() and cpu_ffi.selected().machine == "x86_64"
 TYPES = sorted(CPU_FFI_ARRAYS)
 needs_cpu_kernels = pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 
@@ -132,7 +135,9 @@ def test_cpu_kernel_against_ggml(model, name, cpu_variant):
         raw = np.array(f.tensor_bytes(name))
     n, k = qt.shape
     rng = np.random.default_rng(3)
-    for m in (1, 3, 8):
+    # Decode rows, and for K-quants a prompt's (qmatmul's cpu_ffi_prefill path; the 32-block
+    # types' many-row path rounds the weight scales to 14-bit multipliers, 2^-15 of the row's largest).
+    for m in (1, 3, 8, 40) if qt.ggml_type in K_QUANTS else (1, 3, 8):
         x = activations(rng, m, k)
         theirs = ggml_oracle.GGMLMatmul(raw, int(qt.ggml_type), n, k, m, 2)(x)
         ours = np.asarray(qmatmul_cpu(jnp.asarray(x), qt, variant=cpu_variant))
@@ -184,13 +189,20 @@ def test_qmatmul_dispatch_shapes_and_paths():
 
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 def test_cpu_prefill_rows_are_exact_and_decode_rows_take_the_kernel(monkeypatch):
-    """Beyond 16 rows the activations are not rounded to int8: y is the f32 reference's."""
+    """Beyond 16 rows a 32-block type's activations are not rounded to int8: y is the f32
+    reference's; a K-quant's take the kernel's int8 prefill GEMM, as close as its decode rows."""
     rng = np.random.default_rng(3)
     qts = [random_qtensor(rng, GGMLType.Q4_1, (64, 256)), random_qtensor(rng, GGMLType.Q6_K, (32, 256))]
     x = jnp.asarray(activations(rng, 40, 256))
     many = jax.jit(qmatmul_many)
-    for y, qt in zip(many(x, qts), qts):
-        np.testing.assert_allclose(y, qmatmul_ref(x, qt), rtol=1e-5, atol=1e-5)
+    exact, prefill = many(x, qts)
+    np.testing.assert_allclose(exact, qmatmul_ref(x, qts[0]), rtol=1e-5, atol=1e-5)
+    if X86_PREFILL:
+        assert select_path("cpu", GGMLType.Q6_K, 40, qts[1].shape) == "cpu_ffi_prefill"
+        np.testing.assert_array_equal(prefill, qmatmul_cpu(x, qts[1]))
+        assert nmse(prefill, qmatmul_ref(x, qts[1])) <= TOLERANCE
+    else:
+        np.testing.assert_allclose(prefill, qmatmul_ref(x, qts[1]), rtol=1e-5, atol=1e-5)
     # Few rows: the kernel's int8 activations, close to the reference but not equal to it.
     for y, qt in zip(many(x[:16], qts), qts):
         assert nmse(y, qmatmul_ref(x[:16], qt)) <= TOLERANCE
@@ -246,10 +258,14 @@ def test_describe_paths():
     if cpu_ffi.available():
         assert cpu[0]["path"] == "cpu_ffi" and "Q5_0" in cpu[0]["types"]
         assert select_path("cpu", GGMLType.Q6_K, 16) == "cpu_ffi"
-        # A prompt's rows take XLA's f32 GEMM on the dequantized weight, unless that copy is large.
-        assert select_path("cpu", GGMLType.Q6_K, 17) == "xla_f32"
-        assert select_path("cpu", GGMLType.Q6_K, 512, (2048, 640)) == "xla_f32"
-        assert select_path("cpu", GGMLType.Q6_K, 512, (262144, 640)) == "xla_f32_tiled"
+        # A prompt's rows: K-quants take the x86 kernel's int8 GEMM, the 32-block types (and
+        # every type on aarch64) XLA's f32 GEMM on the dequantized weight, unless that copy is large.
+        prefill = "cpu_ffi_prefill" if X86_PREFILL else "xla_f32"
+        assert select_path("cpu", GGMLType.Q6_K, 17) == prefill
+        assert select_path("cpu", GGMLType.Q6_K, 512, (2048, 640)) == prefill
+        assert select_path("cpu", GGMLType.Q8_0, 17) == "xla_f32"
+        assert select_path("cpu", GGMLType.Q8_0, 512, (2048, 640)) == "xla_f32"
+        assert select_path("cpu", GGMLType.Q8_0, 512, (262144, 640)) == "xla_f32_tiled"
     assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17

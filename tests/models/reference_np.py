@@ -2,8 +2,8 @@
 
 It reads the file with gguf-py's own reader and dequantizer, computes every step in float64 from
 the exactly dequantized weights, and attends over the full prompt with an explicit causal (and
-sliding-window) mask, with no cache. It follows the llama.cpp graphs for llama, qwen2, phi2 and
-gemma3; RoPE scaling is left out (no real model under test uses it).
+sliding-window) mask, with no cache. It follows the llama.cpp graphs of every architecture rz
+runs; RoPE scaling (linear, YaRN) is left out (no real model under test uses it).
 """
 
 import math
@@ -11,6 +11,10 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+# Consecutive RoPE pairs (llama.cpp's LLAMA_ROPE_TYPE_NORM); the others rotate halves.
+CONSECUTIVE_PAIRS = ("llama", "smollm3")
+SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 
 # Weights are kept in float32, which holds every dequantized value exactly, and widened to
 # float64 one block of rows at a time, so the reference never holds a float64 copy of the model.
@@ -33,11 +37,16 @@ class ReferenceModel:
         self.eps = self._field(f"{a}.attention.layer_norm_rms_epsilon", None)
         if self.eps is None:
             self.eps = self._field(f"{a}.attention.layer_norm_epsilon")
-        self.window = self._field(f"{a}.attention.sliding_window", 0) if a == "gemma3" else 0
-        pattern = self._field(f"{a}.attention.sliding_window_pattern", 6)
+        self.window = self._field(f"{a}.attention.sliding_window", 4096 if a == "gemma2" else 0) if a in SLIDING_PATTERN else 0
+        pattern = self._field(f"{a}.attention.sliding_window_pattern", SLIDING_PATTERN.get(a, 1))
         self.sliding = [bool(self.window) and i % pattern < pattern - 1 for i in range(self.n_layer)]
-        self.rope_base_sliding = self._field(f"{a}.rope.freq_base_swa", 10_000.0)
-        self.final_softcap = self._field(f"{a}.final_logit_softcapping", 0.0) if a == "gemma3" else 0.0
+        self.rope_base_sliding = self._field(f"{a}.rope.freq_base_swa", 10_000.0 if a == "gemma3" else self.rope_base)
+        self.rope_magnitude = self._field(f"{a}.rope.scaling.attn_factor", 1.0)
+        self.rotated = [a != "smollm3" or (i + 1) % 4 != 0 for i in range(self.n_layer)]
+        self.attn_softcap = self._field(f"{a}.attn_logit_softcapping", 50.0 if a == "gemma2" else 0.0)
+        default_final = 30.0 if a == "gemma2" else 0.0
+        self.final_softcap = self._field(f"{a}.final_logit_softcapping", default_final) if a in SLIDING_PATTERN else 0.0
+        self.n_expert_used = self._field(f"{a}.expert_used_count", 0)
         self._cache: dict[str, np.ndarray] = {}
 
     def _field(self, key: str, default=...):
@@ -86,12 +95,14 @@ class ReferenceModel:
         d = self.rope_dim
         positions = np.arange(x.shape[0], dtype=np.float64)
         inverse_frequencies = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-        if self.has("rope_freqs.weight"):
-            inverse_frequencies = inverse_frequencies / self.vector("rope_freqs.weight")
+        for factors in ("rope_freqs.weight", "rope_factors_short.weight"):  # Llama 3's, Phi-3's
+            if self.has(factors):
+                inverse_frequencies = inverse_frequencies / self.vector(factors)
         angles = positions[:, None] * inverse_frequencies[None, :]
-        cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+        cos = np.cos(angles)[:, None, :] * self.rope_magnitude
+        sin = np.sin(angles)[:, None, :] * self.rope_magnitude
         out = x.copy()
-        if self.arch == "llama":  # consecutive pairs
+        if self.arch in CONSECUTIVE_PAIRS:
             a, b = x[..., 0:d:2], x[..., 1:d:2]
             out[..., 0:d:2] = a * cos - b * sin
             out[..., 1:d:2] = a * sin + b * cos
@@ -113,6 +124,8 @@ class ReferenceModel:
         out = np.empty((length, self.n_head, v.shape[-1]))
         for h in range(self.n_head):
             scores = q[:, h] @ k[:, h // group].T * scale
+            if self.attn_softcap:
+                scores = self.attn_softcap * np.tanh(scores / self.attn_softcap)
             scores = np.where(visible, scores, -np.inf)
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             out[:, h] = (scores / scores.sum(axis=-1, keepdims=True)) @ v[:, h // group]
@@ -140,10 +153,11 @@ class ReferenceModel:
     def hidden(self, tokens) -> np.ndarray:
         """The final-normed hidden states float64 [T, n_embd] of a prompt (positions 0..T-1)."""
         x = self.weight("token_embd.weight")[np.asarray(tokens)].astype(np.float64)
-        if self.arch == "gemma3":
+        if self.arch in SLIDING_PATTERN:  # Gemma
             x = x * math.sqrt(self.n_embd)
+        blocks = {"phi2": self._block_phi2, "gemma2": self._block_gemma, "gemma3": self._block_gemma}
         for i in range(self.n_layer):
-            x = getattr(self, f"_block_{self.arch}", self._block_llama)(x, i)
+            x = blocks.get(self.arch, self._block_llama)(x, i)
         if self.arch == "phi2":
             return self.layer_norm(x, "output_norm")
         return self.rms_norm(x, "output_norm.weight")
@@ -152,21 +166,51 @@ class ReferenceModel:
         """float64 [T, n_vocab]."""
         hidden = self.hidden(tokens)
         output = "output.weight" if self.has("output.weight") else "token_embd.weight"
-        logits = self.linear(hidden, output, "output.bias" if self.arch in ("qwen2", "phi2") else None)
+        logits = self.linear(hidden, output, "output.bias")
         if self.final_softcap:
             logits = self.final_softcap * np.tanh(logits / self.final_softcap)
         return logits
 
     def _block_llama(self, x: np.ndarray, i: int) -> np.ndarray:
+        """llama, qwen2, qwen3, smollm3, phi3 and their mixtures of experts."""
         blk = f"blk.{i}"
         q, k, v = self.qkv(self.rms_norm(x, f"{blk}.attn_norm.weight"), i)
-        q, k = self.rope(q, self.rope_base), self.rope(k, self.rope_base)
+        if self.has(f"{blk}.attn_q_norm.weight"):
+            q, k = self.rms_norm(q, f"{blk}.attn_q_norm.weight"), self.rms_norm(k, f"{blk}.attn_k_norm.weight")
+        if self.rotated[i]:
+            q, k = self.rope(q, self.rope_base), self.rope(k, self.rope_base)
         attended = self.attention(q, k, v, 1 / math.sqrt(self.head_dim), 0)
         x = x + self.linear(attended, f"{blk}.attn_output.weight", f"{blk}.attn_output.bias")
         h = self.rms_norm(x, f"{blk}.ffn_norm.weight")
-        gate = self.linear(h, f"{blk}.ffn_gate.weight")
-        up = self.linear(h, f"{blk}.ffn_up.weight")
-        return x + self.linear(gate / (1 + np.exp(-gate)) * up, f"{blk}.ffn_down.weight")
+        if self.has(f"{blk}.ffn_gate_inp.weight"):
+            return x + self.experts(h, blk)
+        if self.has(f"{blk}.ffn_gate.weight"):
+            gate, up = self.linear(h, f"{blk}.ffn_gate.weight"), self.linear(h, f"{blk}.ffn_up.weight")
+        else:  # Phi-3: gate and up are the halves of one tensor
+            gate, up = np.split(self.linear(h, f"{blk}.ffn_up.weight"), 2, axis=-1)
+        return x + self.linear(silu(gate) * up, f"{blk}.ffn_down.weight")
+
+    def experts(self, h: np.ndarray, blk: str) -> np.ndarray:
+        """The top-k experts of each token, weighted by the router (renormalized but in Qwen2-MoE),
+        plus Qwen2-MoE's shared expert; every expert's matrices dequantized whole."""
+        logits = self.linear(h, f"{blk}.ffn_gate_inp.weight")
+        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        chosen = np.argsort(-probs, axis=-1, kind="stable")[:, : self.n_expert_used]
+        gates, ups, downs = (self.weight(f"{blk}.ffn_{part}_exps.weight") for part in ("gate", "up", "down"))
+        out = np.zeros_like(h)
+        for t in range(h.shape[0]):
+            weights = probs[t, chosen[t]]
+            if self.arch != "qwen2moe":
+                weights = weights / weights.sum()
+            for e, weight in zip(chosen[t], weights):
+                gate, up = gates[e].astype(np.float64) @ h[t], ups[e].astype(np.float64) @ h[t]
+                out[t] += weight * (downs[e].astype(np.float64) @ (silu(gate) * up))
+        if self.has(f"{blk}.ffn_gate_inp_shexp.weight"):
+            shared_gate = 1 / (1 + np.exp(-(h @ self.vector(f"{blk}.ffn_gate_inp_shexp.weight"))))
+            gate, up = self.linear(h, f"{blk}.ffn_gate_shexp.weight"), self.linear(h, f"{blk}.ffn_up_shexp.weight")
+            out += self.linear(silu(gate) * up, f"{blk}.ffn_down_shexp.weight") * shared_gate[:, None]
+        return out
 
     def _block_phi2(self, x: np.ndarray, i: int) -> np.ndarray:
         blk = f"blk.{i}"
@@ -179,20 +223,27 @@ class ReferenceModel:
         mlp_out = self.linear(gelu(up), f"{blk}.ffn_down.weight", f"{blk}.ffn_down.bias")
         return x + attention_out + mlp_out
 
-    def _block_gemma3(self, x: np.ndarray, i: int) -> np.ndarray:
+    def _block_gemma(self, x: np.ndarray, i: int) -> np.ndarray:
+        """gemma3, and gemma2 (no QK-norm)."""
         blk = f"blk.{i}"
         q, k, v = self.qkv(self.rms_norm(x, f"{blk}.attn_norm.weight"), i)
-        q = self.rms_norm(q, f"{blk}.attn_q_norm.weight")
-        k = self.rms_norm(k, f"{blk}.attn_k_norm.weight")
+        if self.has(f"{blk}.attn_q_norm.weight"):
+            q, k = self.rms_norm(q, f"{blk}.attn_q_norm.weight"), self.rms_norm(k, f"{blk}.attn_k_norm.weight")
         base = self.rope_base_sliding if self.sliding[i] else self.rope_base
         q, k = self.rope(q, base), self.rope(k, base)
         window = self.window if self.sliding[i] else 0
-        attended = self.attention(q, k, v, 1 / math.sqrt(self.head_dim), window)
+        width_scaled = {"gemma2": 46, "gemma3": 62}[self.arch] == self.n_layer  # the 27B models
+        scale = (self.n_embd / self.n_head) ** -0.5 if width_scaled else self.head_dim**-0.5
+        attended = self.attention(q, k, v, scale, window)
         x = x + self.rms_norm(self.linear(attended, f"{blk}.attn_output.weight"), f"{blk}.post_attention_norm.weight")
         h = self.rms_norm(x, f"{blk}.ffn_norm.weight")
         gated = gelu(self.linear(h, f"{blk}.ffn_gate.weight")) * self.linear(h, f"{blk}.ffn_up.weight")
         mlp = self.linear(gated, f"{blk}.ffn_down.weight")
         return x + self.rms_norm(mlp, f"{blk}.post_ffw_norm.weight")
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
 
 
 def gelu(x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 
 from rz import kv_cache
 from rz_run import load
-from tiny_models import N_VOCAB, write_tiny_model
+from tiny_models import N_VOCAB, comparable_tiny_model
 
 # F32 weights: the same arithmetic in differently shaped (and so differently ordered) reductions.
 RELATIVE_TOLERANCE = 1e-4
@@ -19,12 +19,23 @@ QUANTIZED_NMSE = 5e-4
 MAX_SEQ_LEN = 48
 
 
-@pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "F32"), ("gemma3", "Q8_0"), ("llama", "Q4_0")], ids="-".join)
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("gemma3", "F32"), ("llama", "F32"), ("gemma3", "Q8_0"), ("llama", "Q4_0"),
+        ("gemma2", "F32"), ("qwen3", "F32"), ("smollm3", "F32"), ("phi3", "Q8_0"),
+        ("qwen3moe", "F32"), ("qwen3moe", "Q8_0"), ("qwen2moe", "Q8_0"),
+    ],
+    ids="-".join,
+)
 def model(request, tmp_path_factory):
     """Gemma 3 with a window of 8 (sliding and global layers), and a llama (global layers only): with
-    F32 weights to check the cache logic tightly, and with quantized weights to check the kernel paths."""
+    F32 weights to check the cache logic tightly, and with quantized weights to check the kernel paths.
+    Then each later family: Gemma 2 (soft caps, every other layer sliding), Qwen3 (QK-norm), SmolLM3
+    (a layer without RoPE), Phi-3 (fused tensors, LongRoPE factors), Qwen3-MoE and Qwen2-MoE (with
+    a shared expert), whose decode steps run only the chosen experts and longer steps every expert."""
     arch, weight_type = request.param
-    path = write_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type)
+    path = comparable_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type)
     loaded = load(path)
     loaded_weight_type[id(loaded)] = weight_type
     return loaded

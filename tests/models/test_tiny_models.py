@@ -6,7 +6,7 @@ import pytest
 from oracle import llama_cpp_logits, nmse
 from reference_np import ReferenceModel
 from rz_run import load, rz_logits
-from tiny_models import N_VOCAB, TINY_ARCHITECTURES, WEIGHT_TYPES, write_tiny_model
+from tiny_models import K_QUANT_SHAPE, N_VOCAB, TINY_ARCHITECTURES, WEIGHT_TYPES, comparable_tiny_model, write_tiny_model
 
 # llama.cpp's own tolerance for comparing backends (test-backend-ops). Its CPU matmuls quantize
 # activations to 8 bits for quantized weights, which is most of the difference at Q8_0.
@@ -31,6 +31,19 @@ VARIANTS = {
         dict(final_logit_softcap=5.0, rope_scaling="linear", rope_scaling_factor=4.0),
     ),
     "gemma3-no-sliding-window": ("gemma3", dict(sliding_window=0)),
+    # Phi-3-mini-4k: separate tensors, full rotary, no LongRoPE factors or attn_factor.
+    "phi3-separate-qkv-plain-rope": (
+        "phi3",
+        dict(fused_qkv=False, rope_dim=16, long_rope_factors=False, rope_attn_factor=0.0, rope_scaling_original_context=0),
+    ),
+    # Gemma 2 27B's 46 layers scale queries by n_embd / n_head, not head_dim.
+    "gemma2-27b-query-scale": ("gemma2", dict(n_layer=46, n_embd=32, n_ff=32)),
+    "qwen3-untied-output": ("qwen3", dict(tie_embeddings=False)),
+    # Unlike Gemma 3's, Gemma 2's sliding layers are scaled as its global ones are.
+    "gemma2-linear-rope": ("gemma2", dict(rope_scaling="linear", rope_scaling_factor=4.0)),
+    # Mixtral: the llama architecture with experts, top 2 of 4.
+    "llama-mixtral-experts": ("llama", dict(n_expert=4, n_expert_used=2)),
+    "qwen3moe-top-4-of-16": ("qwen3moe", dict(n_expert=16, n_expert_used=4)),
 }
 
 
@@ -41,16 +54,24 @@ def prompt(seed: int = 0) -> list[int]:
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_logits_match_llama_cpp(tmp_path, architecture, weight_type):
-    path = write_tiny_model(tmp_path / "model.gguf", architecture, weight_type)
+    path = comparable_tiny_model(tmp_path / "model.gguf", architecture, weight_type)
     tokens = prompt()
     error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
     assert error <= LLAMA_CPP_NMSE, f"{architecture} {weight_type}: NMSE {error:.2e} against llama.cpp"
 
 
+@pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
+def test_k_quant_logits_match_llama_cpp(tmp_path, architecture):
+    path = comparable_tiny_model(tmp_path / "model.gguf", architecture, "Q4_K", **K_QUANT_SHAPE)
+    tokens = prompt()
+    error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
+    assert error <= LLAMA_CPP_NMSE, f"{architecture} Q4_K: NMSE {error:.2e} against llama.cpp"
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_logits_match_llama_cpp(tmp_path, variant):
     architecture, overrides = VARIANTS[variant]
-    path = write_tiny_model(tmp_path / "model.gguf", architecture, "F16", **overrides)
+    path = comparable_tiny_model(tmp_path / "model.gguf", architecture, "F16", **overrides)
     tokens = prompt()
     error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
     assert error <= LLAMA_CPP_NMSE, f"{variant}: NMSE {error:.2e} against llama.cpp"

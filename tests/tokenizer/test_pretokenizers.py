@@ -20,7 +20,7 @@ from rz.tokenizer.pretokenizers import SUPPORTED_PRE_TOKENIZERS, pre_tokenizer
 # One name per distinct behaviour (regexes, merge and BOS defaults) of the names rz accepts.
 PRE_TOKENIZERS_UNDER_TEST = [
     "default", "llama-bpe", "dbrx", "chatglm-bpe", "glm4", "gpt-2", "phi-2", "qwen2",
-    "starcoder", "smollm", "deepseek-llm", "deepseek-coder",
+    "starcoder", "smollm", "deepseek-llm", "deepseek-coder", "gpt-4o",
 ]  # fmt: skip
 
 
