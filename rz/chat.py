@@ -75,19 +75,25 @@ def render_chat(
     eos_token: str,
     add_generation_prompt: bool = True,
     architecture: str | None = None,
+    tools: list[dict] | None = None,
     time_limit: float | None = None,
     enable_thinking: bool | None = None,
 ) -> str:
     """Render messages ([{"role": str, "content": str, ...}]) with the GGUF's template, or the built-in one.
 
+    tools (OpenAI's [{"type": "function", "function": {...}}]) are handed to the template as `tools`.
+
     enable_thinking, if given, is handed to the template as is (Qwen3's switch: False closes an
     empty <think> block after the generation prompt); None leaves it undefined, the template's default.
+
     The template runs in rz.template_sandbox's child process, under its limits on output, time
     (time_limit seconds, if given, instead of the sandbox's) and memory; whatever fails inside it
     is a RequestError naming the failure or the limit.
     """
     _check_messages(messages)
     variables = dict(messages=messages, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    if tools:
+        variables["tools"] = tools
     if enable_thinking is not None:
         if not isinstance(enable_thinking, bool):
             raise RequestError(f"enable_thinking must be true or false, got {enable_thinking!r}")

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rz.api.channel import open_channel
-from rz.api.messages import finish_reason, options_message
+from rz.api.messages import finish_reason, options_message, tools_message
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
 from rz.request import Completion, FinishReason
@@ -37,6 +37,7 @@ class Chunk:
     finish_reason: FinishReason | None = None  # the last chunk only
     usage: dict | None = None  # the last chunk only: prompt_tokens, completion_tokens, total_tokens, cached_tokens
     timings: dict | None = None  # the last chunk only: the server's seconds (queue, prefill, ttft, decode, total)
+    tool_calls: list[dict] | None = None  # the last chunk of a chat with tools: OpenAI's tool_calls entries
 
 
 class Client:
@@ -73,13 +74,19 @@ class Client:
 
     def chat_stream(
         self, messages: list[dict], max_tokens: int | None = None, *, request_id: str = "",
-        timeout: float | None = None, **options,
+        timeout: float | None = None, tools: list[dict] | None = None, tool_choice: str = "", **options,
     ) -> Iterator[Chunk]:
-        """Answer a conversation ([{"role": ..., "content": ...}]), yielding chunks as they arrive."""
+        """Answer a conversation ([{"role": ..., "content": ...}]), yielding chunks as they arrive.
+
+        tools: OpenAI's; tool_choice "auto", "none", "required" or a function's name. The calls
+        come in the last chunk's tool_calls.
+        """
         request = pb.ChatRequest(
             messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
             options=_options(max_tokens, options),
             request_id=request_id,
+            tools=tools_message(tools) if tools else [],
+            tool_choice=tool_choice,
         )
         return _chunks(self._stub.Chat(request, timeout=self._timeout(timeout)))
 
@@ -165,6 +172,10 @@ def _chunk(message: pb.GenerateResponse, received_at: float) -> Chunk:
         finish_reason=reason,
         usage=_fields(message.usage),
         timings=_fields(message.timings),
+        tool_calls=[
+            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+            for call in message.tool_calls
+        ] or None,
     )
 
 
@@ -178,7 +189,7 @@ def _completion(chunks: Iterator[Chunk]) -> Completion:
         raise RuntimeError("the server ended the stream without a last message")
     return Completion(
         text="".join(text), token_ids=token_ids, finish_reason=last.finish_reason,
-        usage=last.usage, timings=last.timings, logprobs=logprobs or None,
+        usage=last.usage, timings=last.timings, logprobs=logprobs or None, tool_calls=last.tool_calls,
     )
 
 

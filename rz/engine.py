@@ -9,6 +9,7 @@ two calls. The engine returns sampled tokens; which request runs when, and what 
 is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
 """
 
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 
 from rz import kv_cache, steps
 from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
+from rz.constraints import Vocabulary
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
@@ -94,6 +96,8 @@ class Engine:
         self.costs = CostModel()
         self.n_drafted = 0
         self.n_accepted = 0
+        self._vocabulary: Vocabulary | None = None  # for structured output, built by its first request
+        self._vocabulary_lock = threading.Lock()
 
     # ----- host side -----
 
@@ -103,6 +107,8 @@ class Engine:
             raise RequestError("the prompt is empty: give at least one token of text")
         request.options.validate()
         check_token_ids(request.prompt_ids, self.model.cfg.n_vocab)
+        if request.options.constraint is not None:
+            self.vocabulary.matcher(request.options.constraint)
         max_tokens = request.options.max_tokens
         needed = len(request.prompt_ids) + max_tokens
         if needed > self.n_ctx:
@@ -111,6 +117,14 @@ class Engine:
                 f"needs {needed} positions, more than the context size {self.n_ctx}; "
                 "shorten the prompt, lower max_tokens, or load the model with a larger n_ctx"
             )
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The vocabulary that structured-output constraints compile against (validate runs on server threads)."""
+        with self._vocabulary_lock:
+            if self._vocabulary is None:
+                self._vocabulary = Vocabulary(self.tokenizer, self.model.cfg.n_vocab)
+            return self._vocabulary
 
     def batch_bucket(self, n_rows: int) -> int:
         """The smallest decode batch (a compiled shape) that holds the first n_rows slots."""
@@ -130,13 +144,16 @@ class Engine:
     def new_sequence(self, request: GenerationRequest, queued_at: float | None = None) -> Generation:
         """A validated request as a sequence to be admitted, with its text pipeline."""
         self.validate(request)
-        proposer = chosen_proposer(request.options.speculative, self.speculative)
+        constraint = request.options.constraint
+        # A verify call samples without token masks, so a constrained sequence does not speculate.
+        proposer = chosen_proposer(request.options.speculative, self.speculative) if constraint is None else None
         return Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
             matcher=StopStringMatcher(request.options.stop),
             timings=Timings(queued_at=queued_at or time.perf_counter()),
             speculation=Speculation(proposer) if proposer is not None else None,
+            constraint=self.vocabulary.matcher(constraint) if constraint is not None else None,
         )
 
     # A sequence joins in three parts, so that a scheduler can run decode calls for the sequences
@@ -210,9 +227,10 @@ class Engine:
         params = request.options.sampling
         row_state = SamplerState.create([params], [request.prompt_ids])
         n_top = _logprob_width([params])
+        allowed = self._token_masks([sequence])
         sampled, row_state = self._timed(
-            f"first_token[logprobs={n_top}]", steps.first_token, admission.logits,
-            SamplingTensors.from_params([params]), row_state, n_top=n_top,
+            f"first_token[logprobs={n_top}, masked={allowed is not None}]", steps.first_token, admission.logits,
+            SamplingTensors.from_params([params]), row_state, allowed, n_top=n_top,
         )
         self.cache = self._timed(
             f"insert[{row_cache.layers[0].n_slots}]", steps.insert, self.cache, row_cache, jnp.int32(slot)
@@ -261,7 +279,8 @@ class Engine:
         call of the streams' drafts when any stream has drafts worth checking, else a decode call.
         """
         call, self._in_flight = self._in_flight, None
-        if call is None and self.active():
+        # A verify call samples without token masks: none while a constrained sequence runs.
+        if call is None and self.active() and not any(s.constraint is not None for s in self.active()):
             rows = self._active_rows()
             drafts = self._drafts(rows)
             if any(drafts.values()):
@@ -280,9 +299,10 @@ class Engine:
         needs_more = (
             s.finish_reason is None and len(s.output_ids) + call.n_steps < s.request.options.max_tokens for s in call.sequences
         )
-        # A stream that may draft after this call must be looked at with its tokens on the host.
+        # A stream that may draft after this call must be looked at with its tokens on the host,
+        # and a constrained sequence's next mask depends on the tokens this call samples.
         look = any(s.speculation is not None and s.speculation.due() for s in call.sequences)
-        if any(needs_more) and not look:
+        if any(needs_more) and not look and call.allowed is None:
             # Some sequence will still need tokens after this call: queue the next one behind it.
             self._in_flight = self._launch(after=call)
         rows = self._collect(call)
@@ -367,14 +387,16 @@ class Engine:
                 host_positions[sequence.slot] = sequence.position
             sequences, tokens, positions = tuple(active), jnp.asarray(host_tokens), jnp.asarray(host_positions)
         tensors, n_top = self._batch_tensors(rows)
-        n_steps = self.decode_steps
-        name = f"decode[{rows}, logprobs={n_top}, steps={n_steps}]"
+        allowed = None if after is not None else self._token_masks(self.slots[:rows])
+        # Each mask holds for one token only: a batch with a constrained row runs one step per call.
+        n_steps = self.decode_steps if allowed is None else 1
+        name = f"decode[{rows}, logprobs={n_top}, steps={n_steps}, masked={allowed is not None}]"
         timed = name in self.compilations
         sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
-            name, steps.decode, self.model.weights, self.cache, tokens, positions, tensors, self._sampler_state,
+            name, steps.decode, self.model.weights, self.cache, tokens, positions, tensors, self._sampler_state, allowed,
             **self._model_static, n_ctx=self.n_ctx, n_top=n_top, n_steps=n_steps,
         )
-        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions, timed)
+        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions, timed, allowed)
 
     def _batch_tensors(self, rows: int) -> tuple[SamplingTensors, int]:
         """The sampling settings of the first `rows` slots, and their log-probability width."""
@@ -385,6 +407,14 @@ class Engine:
             self._tensors_rows = rows
             self._tensors_dirty = False
         return self._tensors, self._n_top
+
+    def _token_masks(self, rows: Sequence[Generation | None]) -> jax.Array | None:
+        """The allowed-token bitmask of each row (all ones but for constrained sequences), or None
+        when no row is constrained: an unconstrained batch runs no mask at all."""
+        matchers = [row.constraint if row is not None else None for row in rows]
+        if all(matcher is None for matcher in matchers):
+            return None
+        return jnp.asarray(self.vocabulary.masks(matchers))
 
     def _collect(self, call: "_DecodeCall") -> list[SampledRow]:
         """Read a call's tokens back: each step's row of every sequence it ran for, step by step."""
@@ -465,6 +495,7 @@ class _DecodeCall:
     next_tokens: jax.Array  # what a call chained after it takes
     next_positions: jax.Array
     timed: bool  # its shape was compiled before: its time is a measurement of the step
+    allowed: jax.Array | None  # the token masks it ran with (None: unconstrained)
 
 
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:

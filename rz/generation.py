@@ -5,6 +5,8 @@ the finish reason)."""
 import time
 from dataclasses import dataclass, field
 
+from rz.constraints import ConstraintMatcher
+from rz.errors import RequestError
 from rz.request import FinishReason, RequestOptions
 from rz.sampling import SampledTokens
 from rz.speculative import Speculation
@@ -55,6 +57,8 @@ class Generation:
     logprobs: list[dict] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    # Where the output stands in the request's constraint (structured output); None: free text.
+    constraint: ConstraintMatcher | None = None
     # Set from any thread to end the request: the scheduler frees it at its next step.
     stop_requested: bool = False
     speculation: Speculation | None = None  # its proposer and record of kept drafts, if it speculates
@@ -88,7 +92,8 @@ class StepEvent:
 def accept(sequence: Generation, sampled: SampledTokens, row: int, eog_ids: frozenset[int]) -> StepEvent:
     """Take row `row` of a step's sampled tokens (on the host) as the sequence's next token: its
     text through the detokenizer and the stop strings, its log-probabilities, and whether it ends
-    the generation (an end-of-generation or stop token, a stop string, or max_tokens)."""
+    the generation (an end-of-generation or stop token, a stop string, max_tokens, or a
+    constraint that is complete)."""
     token = int(sampled.tokens[row])
     options = sequence.request.options
     sequence.output_ids.append(token)
@@ -103,6 +108,14 @@ def accept(sequence: Generation, sampled: SampledTokens, row: int, eog_ids: froz
         )
     finish = None
     ends_generation = token in options.stop_token_ids or (not options.ignore_eos and token in eog_ids)
+    complete = False
+    if sequence.constraint is not None and not ends_generation:
+        try:
+            sequence.constraint.advance(token)
+        except RequestError as error:
+            sequence.finish(FinishReason.ERROR)
+            return StepEvent(sequence, token, "", FinishReason.ERROR, error=error)
+        complete = sequence.constraint.finished
     if ends_generation:
         text, finish = sequence.decoder.flush(), FinishReason.STOP
         text, _ = sequence.matcher.feed(text)
@@ -111,8 +124,8 @@ def accept(sequence: Generation, sampled: SampledTokens, row: int, eog_ids: froz
         text, stopped = sequence.matcher.feed(sequence.decoder.add(token))
         if stopped:
             finish = FinishReason.STOP
-        elif len(sequence.output_ids) >= options.max_tokens:
-            finish = FinishReason.LENGTH
+        elif complete or len(sequence.output_ids) >= options.max_tokens:
+            finish = FinishReason.STOP if complete else FinishReason.LENGTH
             tail, _ = sequence.matcher.feed(sequence.decoder.flush())
             text += tail + sequence.matcher.flush()
     sequence.text.append(text)

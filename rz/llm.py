@@ -138,16 +138,27 @@ class LLM:
         """
         return self.generate(self.chat_prompt_ids(messages, enable_thinking), max_tokens=max_tokens, **options)
 
-    def chat_prompt_ids(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
-        """The token ids of a conversation rendered by the model's chat template, ready to answer."""
+    def chat_prompt_ids(
+        self, messages: list[dict], enable_thinking: bool | None = None, functions: list[dict] | None = None
+    ) -> list[int]:
+        """The token ids of a conversation rendered by the model's chat template, ready to answer.
+
+        enable_thinking: see rz.chat.render_chat. functions (rz.tools.functions_of's) are offered as
+        tools: handed to a template that renders tools, else described in the system message (rz.tools).
+        """
         from rz.chat import render_chat
+        from rz.tools import template_takes_tools, with_tool_prompt
 
         if self.chat_template_problem is not None:
             raise ChatTemplateError(
                 "this model's chat template cannot render even a one-message chat, so chat is unavailable "
                 f"(plain completions still work): {self.chat_template_problem}"
             )
-
+        tools = None
+        if functions and template_takes_tools(self.config.chat_template):
+            tools = [{"type": "function", "function": function} for function in functions]
+        elif functions:
+            messages = with_tool_prompt(messages, functions)
         text = render_chat(
             self.config.chat_template,
             messages,
@@ -155,6 +166,7 @@ class LLM:
             eos_token=self._token_text(self.tokenizer.eos_id),
             add_generation_prompt=True,
             architecture=self.config.architecture,
+            tools=tools,
             enable_thinking=enable_thinking,
         )
         ids = self.tokenize(text, special=True)

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rz.constraints import Constraint, constraint_of, response_format_of
 from rz.errors import RequestError
 from rz.speculative import validate_proposer
 from rz.stopping import validate_stops
@@ -74,10 +75,12 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class RequestOptions:
-    """Everything a generation request asks for besides its prompt: limits, sampling, stopping, logprobs.
+    """Everything a generation request asks for besides its prompt: limits, sampling, stopping, logprobs,
+    and the structured output it must match.
 
-    The fronts use flat names (FLAT_OPTIONS): this type's own fields, SamplingParams' fields, and
-    `logprobs` for SamplingParams.n_logprobs, as in llama-cpp-python and the gRPC API.
+    The fronts use flat names (FLAT_OPTIONS): this type's own fields, SamplingParams' fields,
+    `logprobs` for SamplingParams.n_logprobs, as in llama-cpp-python and the gRPC API, and
+    `response_format` (OpenAI's) and `grammar` (llama.cpp's GBNF) for `constraint`.
     """
 
     max_tokens: int = 128
@@ -92,6 +95,7 @@ class RequestOptions:
     # "off" decodes one token per step; None takes the engine's default (rz serve --speculative;
     # off in rz.LLM). The output is the same either way (rz.speculative).
     speculative: str | None = None
+    constraint: Constraint | None = None  # what the output must match (rz.constraints); None: free text
 
     @classmethod
     def from_flat(cls, **options: Any) -> "RequestOptions":
@@ -99,6 +103,7 @@ class RequestOptions:
         unknown = set(options) - set(FLAT_OPTIONS)
         if unknown:
             raise RequestError(f"unknown generation options: {', '.join(sorted(unknown))}")
+        constraint = constraint_of(options.pop("response_format", None), options.pop("grammar", None))
         sampling = {_SAMPLING_NAMES.get(name, name): value for name, value in options.items() if name not in _OWN}
         own = {name: value for name, value in options.items() if name in _OWN}
         if "stop" in own:
@@ -108,13 +113,14 @@ class RequestOptions:
         for flag in ("ignore_eos", "cache_prompt"):
             if flag in own:
                 own[flag] = bool(own[flag])
-        return cls(sampling=SamplingParams(**sampling), **own)
+        return cls(sampling=SamplingParams(**sampling), constraint=constraint, **own)
 
     def flat(self) -> dict[str, Any]:
         """The options by their flat names (the inverse of from_flat)."""
         own = {name: getattr(self, name) for name in _OWN}
         sampling = {_FLAT_NAMES.get(f.name, f.name): getattr(self.sampling, f.name) for f in dataclasses.fields(SamplingParams)}
-        return own | sampling
+        response_format, grammar = response_format_of(self.constraint)
+        return own | sampling | {"response_format": response_format, "grammar": grammar}
 
     def validate(self) -> None:
         """Raise RequestError naming the first option that is malformed or out of range."""
@@ -148,6 +154,7 @@ class Completion:
     usage: dict  # prompt_tokens, completion_tokens, total_tokens, cached_tokens (prompt tokens not prefilled again)
     timings: dict  # seconds: queue, prefill, time to first token, decode, total
     logprobs: list[dict] | None = None  # per token: token, logprob, top [(id, logprob)]
+    tool_calls: list[dict] | None = None  # a chat with tools over rz.client: OpenAI's tool_calls entries
 
 
 def check_token_ids(ids: Sequence[int], n_vocab: int) -> None:
@@ -166,7 +173,7 @@ def _token_ids(ids, name: str) -> list[int]:
     return [int(token) for token in ids]
 
 
-_OWN = tuple(f.name for f in dataclasses.fields(RequestOptions) if f.name != "sampling")
+_OWN = tuple(f.name for f in dataclasses.fields(RequestOptions) if f.name not in ("sampling", "constraint"))
 _SAMPLING_NAMES = {"logprobs": "n_logprobs"}  # flat name -> SamplingParams field
 _FLAT_NAMES = {field: flat for flat, field in _SAMPLING_NAMES.items()}
 # Every option by its flat name, with its default.

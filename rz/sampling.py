@@ -44,7 +44,10 @@ import numpy as np
 
 from rz.request import MAX_N_LOGPROBS, MAX_PENALTY_LAST_N, SamplingParams
 
-__all__ = ["MAX_N_LOGPROBS", "MAX_PENALTY_LAST_N", "SampledTokens", "Sampler", "SamplerState", "SamplingParams", "SamplingTensors"]
+__all__ = [
+    "MAX_N_LOGPROBS", "MAX_PENALTY_LAST_N", "SampledTokens", "Sampler", "SamplerState", "SamplingParams", "SamplingTensors",
+    "apply_token_mask",
+]
 
 # How many of the best logits top-k, top-p and min-p look at first (see above); llama.cpp's own
 # top-p code starts from a partial sort of 256 candidates too.
@@ -157,9 +160,13 @@ class Sampler:
             raise ValueError(f"candidate_count must be >= 1, got {self.candidate_count}")
 
     def __call__(
-        self, logits: jax.Array, params: SamplingTensors, state: SamplerState
+        self, logits: jax.Array, params: SamplingTensors, state: SamplerState, allowed: jax.Array | None = None
     ) -> tuple[SampledTokens, SamplerState]:
-        """logits f32[B, V] -> the chosen tokens, and the state with them appended to the history."""
+        """logits f32[B, V] -> the chosen tokens, and the state with them appended to the history.
+
+        allowed: i32[B, ceil(V/32)], a bitmask of the tokens each row may choose (structured
+        output, rz.constraints); None allows every token.
+        """
         with jax.named_scope("sampler"):
             logits = logits.astype(jnp.float32)
             # Each pass over the vocabulary costs (8 rows of Gemma's 262,144 logits are 8 MiB):
@@ -173,6 +180,8 @@ class Sampler:
                 lambda: apply_penalties(logits, state.recent_tokens, params),
                 lambda: logits,
             )
+            if allowed is not None:
+                penalized = apply_token_mask(penalized, allowed)
             greedy = first_argmax(penalized)
             sampling = params.temperature > 0
 
@@ -243,6 +252,17 @@ def first_argmax(logits: jax.Array) -> jax.Array:
     tile = jnp.argmax(jnp.max(tiles, axis=-1), axis=-1)
     within = jnp.argmax(jnp.take_along_axis(tiles, tile[:, None, None], axis=1)[:, 0], axis=-1)
     return (tile * _ARGMAX_TILE + within).astype(jnp.int32)
+
+
+def apply_token_mask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """logits f32[B, V] with every token whose bit is clear in allowed i32[B, ceil(V/32)] set to -inf.
+
+    Bit i of word w stands for token 32*w + i (llguidance's layout). A row whose words are all ones
+    is left as it is, so constrained and unconstrained requests share one batch.
+    """
+    batch, vocab = logits.shape
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=allowed.dtype)) & 1
+    return jnp.where(bits.reshape(batch, -1)[:, :vocab] != 0, logits, -jnp.inf)
 
 
 def apply_penalties(logits: jax.Array, recent_tokens: jax.Array, params: SamplingTensors) -> jax.Array:

@@ -43,14 +43,17 @@ extract = jax.jit(kv_cache.extract_row, static_argnames=("size",))
 
 
 @partial(jax.jit, static_argnames=("n_top",))
-def first_token(logits, tensors, state, *, n_top):
-    """A prefilled prompt's first token, sampled from its last logits."""
-    return Sampler(n_top_logprobs=n_top)(logits, tensors, state)
+def first_token(logits, tensors, state, allowed, *, n_top):
+    """A prefilled prompt's first token, sampled from its last logits (allowed: see Sampler)."""
+    return Sampler(n_top_logprobs=n_top)(logits, tensors, state, allowed)
 
 
 @partial(jax.jit, static_argnames=("family", "cfg", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"))
-def decode(weights, cache, tokens, positions, tensors, state, *, family, cfg, n_ctx, n_top, n_steps):
+def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family, cfg, n_ctx, n_top, n_steps):
     """n_steps decode steps in one call, each feeding its sampled tokens to the next.
+
+    allowed: the token bitmask of every row (see Sampler), or None. It holds for every step, so a
+    constrained batch, whose masks depend on each sampled token, runs one step per call.
 
     tokens, positions int32 [rows] (position -1: an idle row), for the first `rows` slots of the
     cache (a batch bucket). Returns the SampledTokens of every step (leaves [n_steps, rows, ...]),
@@ -72,7 +75,7 @@ def decode(weights, cache, tokens, positions, tensors, state, *, family, cfg, n_
         cache, tokens, positions, state = carry
         hidden, cache = forward(weights, cache, tokens[:, None], positions[:, None], tables, family=family, cfg=cfg)
         logits = lm_head(weights, hidden[:, 0], family=family, cfg=cfg)
-        sampled, state = sampler(logits, tensors, state)
+        sampled, state = sampler(logits, tensors, state, allowed)
         following = jnp.where((positions >= 0) & (positions + 1 < n_ctx), positions + 1, -1)
         return (cache, sampled.tokens, following, state), sampled
 

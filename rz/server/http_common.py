@@ -7,11 +7,12 @@ synchronous endpoints. A stream that is left (the client went away, the task was
 cancels its tickets, so their slots go to other requests at the next step.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 import grpc
@@ -46,7 +47,8 @@ class HttpError(RzError):
 
 
 # The gRPC code name an HTTP status is counted under in rz_requests_total, as gRPC counts the same failure.
-_STATUS_NAMES = {status: code.name for code, status in HTTP_STATUS.items()} | {413: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
+# Several codes share 400: it is counted as the first of them, INVALID_ARGUMENT.
+_STATUS_NAMES = {status: code.name for code, status in reversed(HTTP_STATUS.items())} | {413: "INVALID_ARGUMENT", 404: "NOT_FOUND"}
 
 
 def count_refusal(metrics: Metrics, method: str, status: int, error: Exception) -> None:
@@ -150,7 +152,11 @@ class Backend:
         return self.attached
 
     def submit(self, prompt_ids: list[int], options: dict, n: int = 1) -> list[Ticket]:
-        """Validate a request from flat options and queue it n times (seed + i for copy i)."""
+        """Validate a request from flat options and queue it n times (seed + i for copy i).
+
+        Called through run_sync: validating compiles a structured-output constraint, and the
+        first one builds the vocabulary llguidance compiles against (seconds for Gemma's 262k tokens).
+        """
         attached = self.ready()
         options = RequestOptions.from_flat(**options)
         requests = []
@@ -212,6 +218,38 @@ class Backend:
                 if not ticket.done:
                     loop.cancel(ticket, CLIENT_CANCELLED)
                 self.metrics.observe_request(method, outcome.get(index, "CANCELLED"), ticket.sequence)
+
+
+# How often a non-streaming request checks that its client is still there.
+_DISCONNECT_POLL_S = 0.25
+# The status of an answer whose client left (nginx's "client closed request"): nobody reads it.
+CLIENT_CLOSED = 499
+
+
+async def unless_disconnected(request, events: AsyncIterator, collect: Callable[[AsyncIterator], Awaitable[Any]]) -> Any:
+    """await collect(events) (a whole answer), or None if the client disconnects first: then the
+    events are closed, which cancels their tickets, so the slots go to other requests.
+
+    A streamed answer learns of a disconnect when a write fails; a whole one writes only at the
+    end, so it watches the connection meanwhile.
+    """
+    result = None
+    async with contextlib.aclosing(events):
+        async with anyio.create_task_group() as group:
+
+            async def run():
+                nonlocal result
+                result = await collect(events)
+                group.cancel_scope.cancel()
+
+            async def watch():
+                while not await request.is_disconnected():
+                    await anyio.sleep(_DISCONNECT_POLL_S)
+                group.cancel_scope.cancel()
+
+            group.start_soon(run)
+            group.start_soon(watch)
+    return result
 
 
 def usage(sequences: list[Generation]) -> dict:

@@ -2,20 +2,22 @@
 /api/tags, /api/show, /api/ps, /api/version. Errors are {"error": "..."}.
 
 One model is served, whatever name a request gives; `options.num_ctx` may only lower the context
-the server was started with.
+the server was started with. `format` ("json" or a JSON schema) constrains the output (rz.constraints).
 """
 
 import datetime
 import json
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import rz
 from rz.errors import RequestError
 from rz.request import FinishReason
-from rz.server.http_common import Backend, HttpError, field, http_status, run_sync, stop_strings
+from rz.server.http_common import (
+    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, stop_strings, unless_disconnected,
+)
 
 _ROLES = ("system", "user", "assistant", "tool")
 _DONE_REASON = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop", FinishReason.ERROR: "stop"}
@@ -46,7 +48,7 @@ def routes(backend: Backend) -> list[Route]:
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             prompt_ids = await _chat_ids(attached.llm, messages)
-        return await _respond(backend, body, prompt_ids, chat=False)
+        return await _respond(request, backend, body, prompt_ids, chat=False)
 
     async def chat(request: Request):
         body = await backend.json(request)
@@ -58,7 +60,7 @@ def routes(backend: Backend) -> list[Route]:
             if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content", ""), str):
                 raise HttpError(400, f"messages[{i}] must be an object with a role ({', '.join(_ROLES)}) and string content")
         prompt_ids = await _chat_ids(attached.llm, [{"role": m["role"], "content": m.get("content", "")} for m in messages])
-        return await _respond(backend, body, prompt_ids, chat=True)
+        return await _respond(request, backend, body, prompt_ids, chat=True)
 
     async def tags(request: Request):
         attached = backend.ready()
@@ -124,26 +126,43 @@ def _options(body: dict, n_prompt: int, n_ctx: int) -> dict:
     elif n_prompt + max_tokens > num_ctx:
         raise HttpError(400, f"the prompt ({n_prompt} tokens) plus num_predict ({max_tokens}) exceed num_ctx ({num_ctx})")
     options["stop"] = stop_strings(given.get("stop"), "options.stop")
+    options["response_format"] = _response_format(body.get("format"))
     return options
 
 
-async def _respond(backend: Backend, body: dict, prompt_ids: list[int], chat: bool):
+def _response_format(value) -> dict | None:
+    """Ollama's `format` ("json" or a JSON schema) as OpenAI's response_format."""
+    if value is None or value == "":
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"schema": value}}
+    raise HttpError(400, f"'format' must be \"json\" or a JSON schema object, got {json.dumps(value)[:80]}")
+
+
+async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: list[int], chat: bool):
     attached = backend.ready()
     options = _options(body, len(prompt_ids), attached.loop.engine.n_ctx)
     stream = field(body, "stream", bool, True)
     method = "POST /api/chat" if chat else "POST /api/generate"
-    tickets = backend.submit(prompt_ids, options)
+    tickets = await run_sync(backend.submit, prompt_ids, options)
     events = backend.events(tickets, method)
 
     def part(text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
 
     if not stream:
-        text, sequence = "", None
-        async for _, event in events:
-            text += event.text
-            sequence = event.sequence
-        return JSONResponse(_final(attached, body, sequence) | part(text))
+
+        async def whole(events) -> dict:
+            text, sequence = "", None
+            async for _, event in events:
+                text += event.text
+                sequence = event.sequence
+            return _final(attached, body, sequence) | part(text)
+
+        answer = await unless_disconnected(request, events, whole)
+        return JSONResponse(answer) if answer is not None else Response(status_code=CLIENT_CLOSED)
 
     async def lines():
         try:

@@ -2,21 +2,28 @@
 
 Request fields map onto rz's flat generation options; fields OpenAI does not define (top_k,
 min_p, repeat_penalty, ignore_eos) are taken as llama-server takes them, and so is rz's own
-`speculative`. A field left out gets rz's default (llama.cpp's), not OpenAI's. Streams are
+`speculative`. A field left out gets rz's default (llama.cpp's), not OpenAI's. Structured output is
+OpenAI's `response_format` (json_object, json_schema, and rz's regex and lark types) or
+llama-server's GBNF `grammar`; `tools` and `tool_choice` are OpenAI's (rz.tools). Streams are
 server-sent events ending in `data: [DONE]`; a failure midway ends the stream with an error event.
 """
 
 import json
 import time
 import uuid
+from functools import partial
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from rz.constraints import response_format_of
 from rz.errors import RequestError
 from rz.request import FinishReason
-from rz.server.http_common import Backend, HttpError, field, http_status, run_sync, stop_strings, usage
+from rz.server.http_common import (
+    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, stop_strings, unless_disconnected, usage,
+)
+from rz.tools import ToolCallStream, call_constraint, forced_function, functions_of, parse_tool_calls
 
 # The most choices one request may ask for: each takes a slot of its own.
 MAX_CHOICES = 16
@@ -68,22 +75,29 @@ def routes(backend: Backend) -> list[Route]:
         n_logprobs = field(body, "logprobs", int)
         if n_logprobs is not None and not 0 <= n_logprobs <= 5:
             raise HttpError(400, "'logprobs' must be in [0, 5]", param="logprobs")
-        return await _respond(backend, body, prompt_ids, n_logprobs, chat=False, default_max_tokens=16)
+        return await _respond(request, backend, body, prompt_ids, n_logprobs, chat=False, default_max_tokens=16)
 
     async def chat_completions(request: Request):
         body = await backend.json(request)
         llm = backend.ready().llm
         messages = _messages(body.get("messages"))
+        functions, forced = _tools(body)
         try:
-            prompt_ids = await run_sync(llm.chat_prompt_ids, messages)
+            prompt_ids = await run_sync(partial(llm.chat_prompt_ids, messages, functions=functions))
         except RequestError as error:
             raise HttpError(400, str(error), param="messages") from None
+        if forced:
+            if body.get("response_format") is not None or body.get("grammar") is not None:
+                raise HttpError(400, "tool_choice \"required\" or a named function constrains the output itself: "
+                                "leave out response_format and grammar", param="tool_choice")
+            body = body | {"response_format": response_format_of(call_constraint(forced))[0]}
         n_logprobs = None
         if field(body, "logprobs", bool, False):
             n_logprobs = field(body, "top_logprobs", int, 0)
         elif body.get("top_logprobs") is not None:
             raise HttpError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        return await _respond(backend, body, prompt_ids, n_logprobs, chat=True, default_max_tokens=None)
+        return await _respond(request, backend, body, prompt_ids, n_logprobs, chat=True, default_max_tokens=None,
+                              tools=bool(functions))
 
     return [
         Route("/v1/models", models, methods=["GET"]),
@@ -97,8 +111,23 @@ def _model(name: str) -> dict:
     return {"id": name, "object": "model", "created": 0, "owned_by": "rz"}
 
 
+def _tools(body: dict) -> tuple[list[dict], list[dict]]:
+    """(the functions offered as tools, the functions one of which the answer must call) from tools and tool_choice."""
+    if body.get("tools") is None:
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise HttpError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return [], []
+    try:
+        functions = functions_of(body["tools"])
+        offered, forced = forced_function(body.get("tool_choice"), functions)
+    except RequestError as error:
+        raise HttpError(400, str(error), param="tools") from None
+    return (functions if offered else []), forced
+
+
 def _messages(value) -> list[dict]:
-    """OpenAI chat messages as the chat template takes them: roles checked, text parts joined."""
+    """OpenAI chat messages as the chat template takes them: roles checked, text parts joined, tool calls
+    and results kept."""
     if not isinstance(value, list) or not value:
         raise HttpError(400, "'messages' must be a non-empty array of messages", param="messages")
     messages = []
@@ -109,8 +138,23 @@ def _messages(value) -> list[dict]:
         role = message.get("role")
         if role not in _ROLES:
             raise HttpError(400, f"{where}.role must be one of {', '.join(_ROLES)}, got {json.dumps(role)[:50]}", param=f"{where}.role")
-        messages.append({"role": _ROLES[role], "content": _content(message.get("content"), f"{where}.content")})
+        entry = {"role": _ROLES[role], "content": _content(message.get("content"), f"{where}.content")}
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant" or not isinstance(calls, list) or not all(_is_call(call) for call in calls):
+                raise HttpError(400, f"{where}.tool_calls must be an assistant's array of {{'id', 'type': 'function', "
+                                "'function': {'name', 'arguments'}}", param=f"{where}.tool_calls")
+            entry["tool_calls"] = calls
+        if isinstance(message.get("tool_call_id"), str):
+            entry["tool_call_id"] = message["tool_call_id"]
+        messages.append(entry)
     return messages
+
+
+def _is_call(call) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    return (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments", ""), (str, dict)))
 
 
 def _content(content, where: str) -> str:
@@ -145,13 +189,16 @@ def _options(body: dict, n_logprobs: int | None, n_prompt: int, n_ctx: int, defa
     speculative = field(body, "speculative", str)  # rz's own: a proposer, or "off" (rz.speculative)
     if speculative is not None:
         options["speculative"] = speculative
+    # Structured output: OpenAI's response_format, or llama-server's GBNF grammar (rz.constraints).
+    options["response_format"] = field(body, "response_format", dict)
+    options["grammar"] = field(body, "grammar", str)
     if n_logprobs is not None:
         options["logprobs"] = max(n_logprobs, 1)  # the sampled token's own log-probability comes with the top ones
     return options
 
 
-async def _respond(backend: Backend, body: dict, prompt_ids: list[int], n_logprobs: int | None, chat: bool,
-                   default_max_tokens: int | None):
+async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: list[int], n_logprobs: int | None,
+                   chat: bool, default_max_tokens: int | None, tools: bool = False):
     attached = backend.ready()
     n = field(body, "n", int, 1)
     if not 1 <= n <= MAX_CHOICES:
@@ -160,26 +207,36 @@ async def _respond(backend: Backend, body: dict, prompt_ids: list[int], n_logpro
     stream = field(body, "stream", bool, False)
     include_usage = field(field(body, "stream_options", dict, {}), "include_usage", bool, False)
     method = "POST /v1/chat/completions" if chat else "POST /v1/completions"
-    tickets = backend.submit(prompt_ids, options, n)
-    reply = _Reply(attached, chat, n_logprobs)
+    tickets = await run_sync(backend.submit, prompt_ids, options, n)
+    reply = _Reply(attached, chat, n_logprobs, tools)
     events = backend.events(tickets, method)
     if stream:
         return StreamingResponse(_sse(reply, events, tickets, include_usage, method), media_type="text/event-stream")
-    texts, logprobs, finish = [""] * n, [[] for _ in range(n)], [None] * n
-    async for index, event in events:
-        texts[index] += event.text
-        if event.token_id is not None and n_logprobs is not None:
-            logprobs[index].append(event.sequence.logprobs[len(logprobs[index])])
-        finish[index] = event.finish_reason
-    choices = [reply.choice(i, texts[i], logprobs[i], finish[i], final=True) for i in range(n)]
+    async def whole(events) -> list[dict]:
+        texts, logprobs, finish = [""] * n, [[] for _ in range(n)], [None] * n
+        async for index, event in events:
+            texts[index] += event.text
+            if event.token_id is not None and n_logprobs is not None:
+                logprobs[index].append(event.sequence.logprobs[len(logprobs[index])])
+            finish[index] = event.finish_reason
+        choices = []
+        for i in range(n):
+            content, calls = parse_tool_calls(texts[i]) if tools else (texts[i], [])
+            choices.append(reply.choice(i, content if calls else texts[i], logprobs[i], finish[i], final=True, calls=calls))
+        return choices
+
+    choices = await unless_disconnected(request, events, whole)
+    if choices is None:
+        return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(reply.envelope(choices) | {"usage": usage([t.sequence for t in tickets])})
 
 
 class _Reply:
     """The shapes of one request's answer: chat or legacy completions, whole or in chunks."""
 
-    def __init__(self, attached, chat: bool, n_logprobs: int | None):
+    def __init__(self, attached, chat: bool, n_logprobs: int | None, tools: bool = False):
         self.chat = chat
+        self.tools = tools  # tools were offered: the answer's calls become message.tool_calls
         self.n_logprobs = n_logprobs
         self.tokenizer = attached.llm.tokenizer
         self.model = attached.model_name
@@ -190,10 +247,18 @@ class _Reply:
         kind = ("chat.completion.chunk" if chunk else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def choice(self, index: int, text: str, logprobs: list[dict], finish, final: bool, delta: bool = False) -> dict:
+    def choice(self, index: int, text: str, logprobs: list[dict], finish, final: bool, delta: bool = False,
+               calls: list = ()) -> dict:
+        """One choice; calls (rz.tools.ToolCall) go into tool_calls, and make the finish reason "tool_calls"."""
         finish_reason = _FINISH[finish] if finish is not None else None
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
         if self.chat:
             body = {"role": "assistant", "content": text} if final or delta else {}
+            if calls:
+                body = {"role": "assistant", "content": text or None, "tool_calls": [
+                    call.as_openai() | ({"index": i} if delta else {}) for i, call in enumerate(calls)
+                ]}
             choice = {"index": index, ("delta" if delta else "message"): body}
             choice["logprobs"] = {"content": [self._chat_logprob(e) for e in logprobs]} if self.n_logprobs is not None else None
         else:
@@ -232,6 +297,7 @@ class _Reply:
 async def _sse(reply: _Reply, events, tickets, include_usage: bool, method: str):
     """Server-sent events: one chunk per event, a usage chunk when asked, then [DONE] (or an error event)."""
     sent = [0] * len(tickets)
+    held = [ToolCallStream() for _ in tickets] if reply.tools else None
     if reply.chat:
         for index in range(len(tickets)):
             yield _data(reply.envelope([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -242,9 +308,15 @@ async def _sse(reply: _Reply, events, tickets, include_usage: bool, method: str)
             if event.token_id is not None and reply.n_logprobs is not None:
                 entries = [event.sequence.logprobs[sent[index]]]
                 sent[index] += 1
-            if not event.text and not entries and event.finish_reason is None:
+            text, calls = event.text, []
+            if held is not None:
+                text = held[index].feed(text)
+                if event.finish_reason is not None:
+                    tail, calls = held[index].finish()
+                    text += tail
+            if not text and not entries and not calls and event.finish_reason is None:
                 continue
-            choice = reply.choice(index, event.text, entries, event.finish_reason, final=False, delta=bool(event.text))
+            choice = reply.choice(index, text, entries, event.finish_reason, final=False, delta=bool(text or calls), calls=calls)
             yield _data(reply.envelope([choice], chunk=True) | ({"usage": None} if include_usage else {}))
     except Exception as error:  # noqa: BLE001 - the stream has begun: the failure goes out as its last event
         status = http_status(error, method)

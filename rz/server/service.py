@@ -1,12 +1,13 @@
 """The gRPC adapter: protobuf requests to the engine's types, engine events to streamed messages,
 rz's errors to status codes. It queues and streams; the engine loop does the work."""
 
+import dataclasses
 import logging
 import threading
 
 import grpc
 
-from rz.api.messages import finish_reason_value, request_options
+from rz.api.messages import chat_tools, finish_reason_value, request_options, tool_calls_message
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
 from rz.errors import (
@@ -22,6 +23,7 @@ from rz.generation import GenerationRequest, StepEvent
 from rz.request import FinishReason, check_token_ids
 from rz.server.metrics import Metrics
 from rz.tokenizer import long_texts
+from rz.tools import call_constraint, parse_tool_calls
 from rz.server.scheduler import (
     CLIENT_CANCELLED,
     DEADLINE_EXCEEDED,
@@ -108,12 +110,21 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
         return self._llm.tokenize(request.prompt)
 
     def _chat_prompt_ids(self, request: pb.ChatRequest) -> list[int]:
-        return self._llm.chat_prompt_ids([{"role": m.role, "content": m.content} for m in request.messages])
+        functions, _ = chat_tools(request)
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        return self._llm.chat_prompt_ids(messages, functions=functions)
 
-    def _generation_request(self, prompt_ids: list[int], options: pb.GenerationOptions) -> GenerationRequest:
-        request = GenerationRequest(prompt_ids=tuple(prompt_ids), options=request_options(options))
-        self._loop.engine.validate(request)
-        return request
+    def _generation_request(self, prompt_ids: list[int], request) -> GenerationRequest:
+        options = request_options(request.options)
+        _, forced = chat_tools(request) if isinstance(request, pb.ChatRequest) else ([], [])
+        if forced:  # a required call: the grammar of its arguments (rz.tools)
+            if options.constraint is not None:
+                raise RequestError("tool_choice required or a function's name constrains the output itself: "
+                                   "leave out response_format and grammar")
+            options = dataclasses.replace(options, constraint=call_constraint(forced))
+        generation = GenerationRequest(prompt_ids=tuple(prompt_ids), options=options)
+        self._loop.engine.validate(generation)
+        return generation
 
     # ----- calls: status codes and metrics -----
 
@@ -135,7 +146,7 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             self._check(request)
             with _dropped_when_gone(context):
                 prompt_ids = prompt_ids_of(request)
-            generation = self._generation_request(prompt_ids, request.options)
+            generation = self._generation_request(prompt_ids, request)
             ticket = self._loop.submit(generation)
             loop = self._loop
 
@@ -145,7 +156,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
             if not context.add_callback(on_termination):
                 on_termination()
             context.send_initial_metadata(())  # tells the client it is queued
-            status = yield from _responses(ticket, request.request_id)
+            with_tools = isinstance(request, pb.ChatRequest) and bool(request.tools) and request.tool_choice != "none"
+            status = yield from _responses(ticket, request.request_id, with_tools)
         except Exception as error:  # noqa: BLE001 - every failure becomes a status code
             status = status_of(error, f"{method} {request.request_id!r}")
             context.abort(status, str(error))
@@ -189,9 +201,10 @@ def status_of(error: Exception, call: str) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _responses(ticket: Ticket, request_id: str):
+def _responses(ticket: Ticket, request_id: str, with_tools: bool = False):
     """Stream a ticket's events as messages, several per message when the reader fell behind;
-    returns the call's status code, or raises the error that ended it."""
+    returns the call's status code, or raises the error that ended it. with_tools: the last
+    message carries the tool calls parsed from the whole text."""
     sent = 0
     while True:
         items = [ticket.events.get()]
@@ -204,7 +217,7 @@ def _responses(ticket: Ticket, request_id: str):
         if isinstance(last, EngineFailure) and ticket.sequence is not None:
             events.append(StepEvent(ticket.sequence, None, "", FinishReason.ERROR))
         if events:
-            yield _message(ticket, events, sent, request_id)
+            yield _message(ticket, events, sent, request_id, with_tools)
             sent += sum(event.token_id is not None for event in events)
         if isinstance(last, RzError):
             raise last
@@ -216,7 +229,7 @@ def _is_final(item) -> bool:
     return not isinstance(item, StepEvent) or item.finish_reason is not None
 
 
-def _message(ticket: Ticket, events: list[StepEvent], sent: int, request_id: str) -> pb.GenerateResponse:
+def _message(ticket: Ticket, events: list[StepEvent], sent: int, request_id: str, with_tools: bool = False) -> pb.GenerateResponse:
     sequence = events[0].sequence
     token_ids = [event.token_id for event in events if event.token_id is not None]
     message = pb.GenerateResponse(text="".join(event.text for event in events), token_ids=token_ids)
@@ -237,4 +250,6 @@ def _message(ticket: Ticket, events: list[StepEvent], sent: int, request_id: str
         ))
         message.timings.CopyFrom(pb.Timings(**sequence.timings.as_dict()))
         message.request_id = request_id
+        if with_tools:
+            message.tool_calls.extend(tool_calls_message(parse_tool_calls("".join(sequence.text))[1]))
     return message

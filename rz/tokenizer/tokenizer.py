@@ -59,6 +59,11 @@ class Tokenizer:
         return self._vocab.pre_tokenizer.name if self._vocab.pre_tokenizer else None
 
     @property
+    def vocab(self) -> Vocab:
+        """The GGUF vocabulary: token texts and attributes (what a constrained-decoding library compiles against)."""
+        return self._vocab
+
+    @property
     def vocab_size(self) -> int:
         return self._vocab.size
 

@@ -26,3 +26,20 @@ def test_an_unknown_option_is_refused_before_sending():
 def test_every_finish_reason_has_its_message_value():
     assert [finish_reason(finish_reason_value(reason)) for reason in FinishReason] == list(FinishReason)
     assert finish_reason(pb.FINISH_REASON_UNSPECIFIED) is None
+
+
+def test_structured_output_options_survive_the_round_trip():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for flat in (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "regex", "regex": "[0-9]+"}},
+        {"response_format": {"type": "lark", "lark": 'start: "x"'}},
+        {"grammar": 'root ::= "a"'},
+    ):
+        assert request_options(options_message(flat)) == RequestOptions.from_flat(**flat)
+
+
+def test_a_response_format_whose_schema_is_not_json_is_refused():
+    with pytest.raises(RequestError, match="not valid JSON"):
+        request_options(pb.GenerationOptions(response_format=pb.ResponseFormat(type="json_schema", json_schema="{")))

@@ -8,6 +8,8 @@ import threading
 import urllib.error
 import urllib.request
 
+import grpc
+import jsonschema
 import ollama
 import openai
 import pytest
@@ -168,6 +170,101 @@ def test_openai_errors_map_to_the_sdks_exceptions(client):
     assert client.models.list().data[0].id == client.models.retrieve(client.models.list().data[0].id).id
 
 
+CITY = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "population": {"type": "integer", "minimum": 0}},
+    "required": ["name", "population"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.slow
+def test_structured_output_over_openai_llama_server_ollama_and_grpc_validates(server, client):
+    ask = [{"role": "user", "content": "Describe a city."}]
+    response_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    reply = client.chat.completions.create(model="any", messages=ask, max_tokens=60, n=2, seed=5, temperature=1.0,
+                                           response_format=response_format)
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), CITY)
+    chunks = client.chat.completions.create(model="any", messages=ask, max_tokens=60, seed=6, temperature=1.0,
+                                            response_format=response_format, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), CITY)
+    reply = client.completions.create(model="any", prompt="Is water wet?", max_tokens=5, extra_body={"grammar": 'root ::= "yes" | "no"'})
+    assert reply.choices[0].text in ("yes", "no")
+    ollama_client = ollama.Client(host=server.http_url)
+    answer = ollama_client.chat(model="smollm2", messages=ask, format=CITY, options={"num_predict": 60, "seed": 7})
+    jsonschema.validate(json.loads(answer.message.content), CITY)
+    generated = ollama_client.generate(
+        model="smollm2", prompt="Reply with a small JSON object giving the name and country of one city.", format="json",
+        options={"num_predict": 100, "temperature": 0.7, "seed": 3, "repeat_penalty": 1.1},
+    )
+    assert generated.done_reason == "stop" and isinstance(json.loads(generated.response), dict)
+    with server.client() as grpc_client:  # rz.v1's GenerationOptions.response_format
+        completion = grpc_client.generate("A city, as JSON:", 60, seed=8, temperature=1.0, response_format=response_format)
+    assert completion.finish_reason == "stop"
+    jsonschema.validate(json.loads(completion.text), CITY)
+
+
+@pytest.mark.slow
+def test_a_malformed_schema_or_grammar_is_a_400_or_invalid_argument(server, client):
+    with pytest.raises(openai.BadRequestError, match="json_schema"):
+        client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=5,
+                                       response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}})
+    with pytest.raises(openai.BadRequestError, match="gbnf"):
+        client.completions.create(model="any", prompt="hi", max_tokens=5, extra_body={"grammar": "root ::= missing"})
+    status, body = _post(f"{server.http_url}/api/generate", {"prompt": "hi", "format": "yaml"})
+    assert status == 400 and "format" in json.loads(body)["error"]
+    with server.client() as grpc_client, pytest.raises(grpc.RpcError) as refused:
+        grpc_client.generate("hi", 5, grammar="root ::= missing")
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "gbnf" in refused.value.details()
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False,
+}}}
+
+
+@pytest.mark.slow
+def test_tool_calls_with_tool_choice_required_or_named_validate_and_stream_as_deltas(client):
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    parameters = WEATHER_TOOL["function"]["parameters"]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL], tool_choice=choice,
+                                               max_tokens=40, seed=1, temperature=0.8)
+        assert reply.choices[0].finish_reason == "tool_calls"
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.type == "function" and call.function.name == "get_weather" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), parameters)
+    chunks = list(client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL], tool_choice="required",
+                                                 max_tokens=40, seed=2, stream=True))
+    deltas = [call for chunk in chunks for call in chunk.choices[0].delta.tool_calls or []]
+    assert [d.function.name for d in deltas] == ["get_weather"] and deltas[0].index == 0
+    jsonschema.validate(json.loads(deltas[0].function.arguments), parameters)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == ""
+    plain = client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL], tool_choice="none",
+                                           max_tokens=8, temperature=0)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(model="any", messages=ask, tools=[WEATHER_TOOL],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+@pytest.mark.slow
+def test_grpc_chat_with_a_required_tool_gets_its_calls_in_the_last_message(server):
+    parameters = WEATHER_TOOL["function"]["parameters"]
+    with server.client() as grpc_client:
+        answer = grpc_client.chat([{"role": "user", "content": "Weather in Rome?"}], 40, tools=[WEATHER_TOOL],
+                                  tool_choice="get_weather", seed=3)
+        (call,) = answer.tool_calls
+        assert call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), parameters)
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_client.chat([{"role": "user", "content": "hi"}], 5, tools=[WEATHER_TOOL], tool_choice="nope")
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in refused.value.details()
+
+
 @pytest.mark.slow
 def test_sse_framing_done_and_usage_chunk(server):
     status, body = _post(f"{server.http_url}/v1/completions", {
@@ -246,6 +343,26 @@ def test_a_client_leaving_a_stream_frees_its_slot(server):
     response.readline()  # the first event: the request holds a slot
     response.close()
     key = ("rz_requests_total", (("method", "POST /v1/completions"), ("status", "CANCELLED")))
+    wait_for(lambda: server.metrics().get(key, 0) == before + 1)
+    wait_for(lambda: server.metrics()[("rz_active_slots", ())] == 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", {"prompt": "Tell me a story", "max_tokens": 200, "ignore_eos": True}),
+    # Ollama has no ignore_eos: a schema that needs a long string keeps the answer going.
+    ("/api/generate", {"prompt": "Tell me a story", "stream": False, "options": {"num_predict": 200},
+                       "format": {"type": "object", "properties": {"story": {"type": "string", "minLength": 2000}}, "required": ["story"]}}),
+])
+def test_a_client_leaving_before_a_whole_answer_frees_its_slot(server, path, body):
+    method = f"POST {path}"
+    key = ("rz_requests_total", (("method", method), ("status", "CANCELLED")))
+    before = server.metrics().get(key, 0)
+    with socket.create_connection(("127.0.0.1", int(server.http_url.rsplit(":", 1)[1]))) as connection:
+        data = json.dumps(body).encode()
+        connection.sendall(f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        wait_for(lambda: server.metrics()[("rz_active_slots", ())] == 1)
     wait_for(lambda: server.metrics().get(key, 0) == before + 1)
     wait_for(lambda: server.metrics()[("rz_active_slots", ())] == 0)
 
