@@ -6,7 +6,6 @@ from pathlib import Path
 import rz
 import rz_kernels
 
-# rz_kernels/cpu_ffi.py still takes rz.model_files.cache_dir; the CPU-kernel work removes that import.
 def _imported_modules(path: Path) -> set[str]:
     modules = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -44,3 +43,12 @@ def test_the_tokenizer_imports_no_jax():
     probe = "import sys, rz.tokenizer; print(sorted(m for m in ('jax', 'jaxlib', 'rz_kernels') if m in sys.modules))"
     imported = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert imported.strip() == "[]"
+
+
+def test_test_modules_have_unique_basenames():
+    # pytest's default import mode imports each test file by its basename: a second test_x.py in
+    # another folder fails the whole run at collection.
+    from collections import Counter
+
+    names = Counter(path.name for path in Path(__file__).parent.rglob("test_*.py"))
+    assert not [name for name, count in names.items() if count > 1]
