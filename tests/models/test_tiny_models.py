@@ -57,17 +57,19 @@ def prompt(seed: int = 0) -> list[int]:
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_logits_match_llama_cpp(tmp_path, architecture, weight_type):
     path = comparable_tiny_model(tmp_path / "model.gguf", architecture, weight_type)
-    tokens = prompt()
-    error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
-    assert error <= LLAMA_CPP_NMSE, f"{architecture} {weight_type}: NMSE {error:.2e} against llama.cpp"
+    assert_logits_match_llama_cpp(path, f"{architecture} {weight_type}")
 
 
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
 def test_k_quant_logits_match_llama_cpp(tmp_path, architecture):
     path = comparable_tiny_model(tmp_path / "model.gguf", architecture, "Q4_K", **K_QUANT_SHAPE)
+    assert_logits_match_llama_cpp(path, f"{architecture} Q4_K")
+
+
+def assert_logits_match_llama_cpp(path, label: str) -> None:
     tokens = prompt()
     error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
-    assert error <= LLAMA_CPP_NMSE, f"{architecture} Q4_K: NMSE {error:.2e} against llama.cpp"
+    assert error <= LLAMA_CPP_NMSE, f"{label}: NMSE {error:.2e} against llama.cpp"
 
 
 @pytest.mark.parametrize("cache_type", CACHE_TYPES)
@@ -89,9 +91,7 @@ def test_each_cache_type_matches_llama_cpp_with_that_cache(tmp_path, cache_type)
 def test_variant_logits_match_llama_cpp(tmp_path, variant):
     architecture, overrides = VARIANTS[variant]
     path = comparable_tiny_model(tmp_path / "model.gguf", architecture, "F16", **overrides)
-    tokens = prompt()
-    error = nmse(rz_logits(load(path), tokens), llama_cpp_logits(path, tokens))
-    assert error <= LLAMA_CPP_NMSE, f"{variant}: NMSE {error:.2e} against llama.cpp"
+    assert_logits_match_llama_cpp(path, variant)
 
 
 @pytest.mark.parametrize("architecture", TINY_ARCHITECTURES)
