@@ -1,8 +1,28 @@
 """Shared by every test: pytest puts this directory (tests/) on sys.path, so the helper package
 tests/support imports as `support`."""
 
+import gc
+
+import pytest
+
 from rz.bench.llamacpp_setup import use_safe_defaults
 
 # The oracle's llama.cpp models load as rz.bench loads them (without ggml's AMX buffers on a CPU that
 # reports AMX, where they crash).
 use_safe_defaults()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_executables():
+    """Drop every compiled executable when a test module ends.
+
+    JAX keeps each executable for the life of the process, and each holds mapped pages of
+    JIT code (~450 mappings per tiny-model rz.LLM). The whole suite in one process compiled
+    enough to reach the kernel's vm.max_map_count (65,530), where XLA aborts mid-compile.
+    Later modules recompile what they need, mostly from the persistent compilation cache.
+    """
+    yield
+    import jax
+
+    gc.collect()
+    jax.clear_caches()
