@@ -5,10 +5,10 @@ build_moe_ffn); Qwen2-MoE adds a shared expert every token goes through, scaled 
 The experts stay quantized as llama.cpp stores them: 3-D tensors [n_expert, rows, K], each expert's
 matrix a slice of rows. On an x86-64 CPU the C++ experts' kernel (rz_kernels.moe_matmul) reads each
 chosen expert's rows in place: all pairs' gate/up in one call, then all pairs' down in another
-(where XLA's path would take the C++ kernel: decode steps, and K-quants' prompts). Elsewhere XLA's paths: a step with few tokens runs each (token,
-chosen expert) pair on that expert's slice alone, so decode reads only the chosen experts'
-weights; a longer step groups its (token, expert) pairs by expert and runs each expert on its own
-tokens, GROUP_ROWS at a time.
+(where XLA's path would take the C++ kernel: decode steps, and K-quants' prompts). Elsewhere,
+XLA's paths: a step with few tokens runs each (token, chosen expert) pair on that expert's slice
+alone, so decode reads only the chosen experts' weights; a longer step groups its (token, expert)
+pairs by expert and runs each expert on its own tokens, GROUP_ROWS at a time.
 """
 
 from dataclasses import dataclass
