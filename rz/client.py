@@ -74,12 +74,14 @@ class Client:
 
     def chat_stream(
         self, messages: list[dict], max_tokens: int | None = None, *, request_id: str = "",
-        timeout: float | None = None, tools: list[dict] | None = None, tool_choice: str = "", **options,
+        timeout: float | None = None, tools: list[dict] | None = None, tool_choice: str = "",
+        enable_thinking: bool | None = None, **options,
     ) -> Iterator[Chunk]:
         """Answer a conversation ([{"role": ..., "content": ...}]), yielding chunks as they arrive.
 
         tools: OpenAI's; tool_choice "auto", "none", "required" or a function's name. The calls
-        come in the last chunk's tool_calls.
+        come in the last chunk's tool_calls. enable_thinking goes to the chat template (Qwen3's
+        thinking switch); None leaves the template's default.
         """
         request = pb.ChatRequest(
             messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
@@ -87,6 +89,7 @@ class Client:
             request_id=request_id,
             tools=tools_message(tools) if tools else [],
             tool_choice=tool_choice,
+            enable_thinking=enable_thinking,
         )
         return _chunks(self._stub.Chat(request, timeout=self._timeout(timeout)))
 

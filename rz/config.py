@@ -1,7 +1,7 @@
 """The model's hyperparameters, read once from GGUF metadata into a frozen, hashable config."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -68,6 +68,7 @@ class ModelConfig:
     rope_scaling_original_context: int  # YaRN: the context length the model was trained with
     rope_attn_factor: float  # extra scale of the rotated values (YaRN's, Phi-3 LongRoPE's)
     rope_short_factors_context: int  # LongRoPE: the longest context of its short factors; 0: none
+    rope_long_factors: bool  # LongRoPE: run the long factors (for_context: a context beyond the short ones')
     sliding_window: int  # 0: no sliding-window attention
     sliding_layers: tuple[bool, ...]  # per layer: does it attend only within the window?
     rope_layers: tuple[bool, ...]  # per layer: does RoPE rotate its queries and keys?
@@ -157,6 +158,7 @@ class ModelConfig:
             rope_scaling_original_context=original_context,
             rope_attn_factor=keys.real("rope.scaling.attn_factor", 1.0, low=0.0),
             rope_short_factors_context=original_context if "rope_factors_long.weight" in gguf.tensors else 0,
+            rope_long_factors=False,
             sliding_window=sliding_window,
             sliding_layers=sliding_layers,
             rope_layers=tuple(not no_rope_step or (i + 1) % no_rope_step != 0 for i in range(n_layer)),
@@ -172,15 +174,11 @@ class ModelConfig:
         config.validate(gguf)
         return config
 
-    def check_context(self, n_ctx: int) -> None:
-        """An UnsupportedModelError if rz cannot run the model with a context of n_ctx positions as
-        llama.cpp does: a LongRoPE model (Phi-3-128k) beyond its original context, where llama.cpp
-        switches every position to the long factors (rz runs the short ones only)."""
-        if self.rope_short_factors_context and n_ctx > self.rope_short_factors_context:
-            raise UnsupportedModelError(
-                f"{self.name}: a context of {n_ctx} positions needs LongRoPE's long factors, which rz does "
-                f"not support yet; load it with n_ctx <= {self.rope_short_factors_context}"
-            )
+    def for_context(self, n_ctx: int) -> "ModelConfig":
+        """The config of a model run with n_ctx positions per sequence. A LongRoPE model (Phi-3-128k)
+        takes its long factors, at every position, when n_ctx is beyond its original context, as
+        llama.cpp does (llama_model::get_rope_factors): the weights it loads depend on it."""
+        return replace(self, rope_long_factors=bool(self.rope_short_factors_context) and n_ctx > self.rope_short_factors_context)
 
     def layer_kind(self, layer: int) -> int:
         """The first layer of the same kind as `layer` (sliding or global, rotated or not), which

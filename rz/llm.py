@@ -43,7 +43,11 @@ class LLM:
         enable_compilation_cache(compilation_cache)
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = GGUFFile(self.path)
-        self.config = ModelConfig.from_gguf(self.gguf)
+        config = ModelConfig.from_gguf(self.gguf)
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+            raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
+        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, config.context_length)
+        self.config = config.for_context(self.n_ctx)
         from rz.chat import chat_template_problem
         from rz.models import load_model
         from rz.tokenizer import Tokenizer
@@ -59,10 +63,6 @@ class LLM:
         )
         self.model = load_model(self.gguf, self.config)
         self.gguf.release_pages()
-        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
-            raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
-        self.n_ctx = min(n_ctx or DEFAULT_N_CTX, self.config.context_length)
-        self.config.check_context(self.n_ctx)
         self.max_batch = max_batch
         # One engine at a time, sized for the largest batch asked for so far: each engine holds a
         # KV cache of n_slots x n_ctx and its own compiled steps, so keeping one per batch size

@@ -28,6 +28,16 @@ def quant_summary(gguf: GGUFFile) -> dict[str, dict]:
     return dict(sorted(summary.items(), key=lambda item: -item[1]["bytes"]))
 
 
+def active_parameters(gguf: GGUFFile, config: ModelConfig) -> int:
+    """The parameters one token goes through in a mixture of experts: every tensor's, the routed
+    experts' (ffn_*_exps) counted at n_expert_used of n_expert (all of them in a dense model)."""
+    total = 0
+    for name, info in gguf.tensors.items():
+        routed = config.n_expert and "_exps." in name
+        total += info.n_elements * config.n_expert_used // config.n_expert if routed else info.n_elements
+    return total
+
+
 def model_info(gguf: GGUFFile) -> dict:
     """Everything `rz info` reports, as plain JSON-ready data."""
     config = ModelConfig.from_gguf(gguf)
@@ -37,6 +47,7 @@ def model_info(gguf: GGUFFile) -> dict:
         "file_bytes": gguf.file_size,
         "gguf_version": gguf.version,
         "parameters": n_params,
+        "active_parameters": active_parameters(gguf, config),
         "config": asdict(config) | {"chat_template": config.chat_template is not None},
         "quantization": quant_summary(gguf),
         "cpu_kernels": cpu_ffi.selected_name(),
@@ -63,8 +74,14 @@ def format_model_info(info: dict) -> str:
         f"rope base {config['rope_base']:g}  norm eps {config['norm_eps']:g}",
         f"vocabulary   {config['n_vocab']}  tied embeddings: {config['tie_embeddings']}  "
         f"chat template: {'yes' if config['chat_template'] else 'no'}",
-        "quantization:",
     ]
+    if config["n_expert"]:
+        shared = f", a shared expert {config['n_ff_shared_expert']} wide" if config["n_ff_shared_expert"] else ""
+        lines.append(
+            f"experts      {config['n_expert']}, {config['n_expert_used']} per token, each {config['n_ff_expert']} wide{shared}; "
+            f"{info['active_parameters'] / 1e6:.1f}M active parameters"
+        )
+    lines.append("quantization:")
     for name, entry in info["quantization"].items():
         lines.append(f"  {name:<8} {entry['tensors']:>4} tensors  {entry['bytes'] / 2**20:>9.2f} MiB")
     tokenizer = info["tokenizer"]

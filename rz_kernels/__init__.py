@@ -6,7 +6,8 @@
     describe_paths()                        # which implementation serves which (op, type, size)
 
 References: rz_kernels.quants.qmatmul_ref, rz_kernels.causal_attention.attention_ref. Modules: quantized_matmul
-(dispatch, the C++ CPU kernel's wrapper), qmatmul_pallas, causal_attention, attention_pallas, cpu_ffi.
+(dispatch, the C++ CPU kernel's wrapper), moe_matmul (a mixture of experts' matmul on the chosen
+experts' rows), qmatmul_pallas, causal_attention, attention_pallas, cpu_ffi.
 """
 
 import jax

@@ -5,7 +5,8 @@
 A variant is one shared library built from its sources with its own flags; the SIMD code picks its
 instructions at compile time from the compiler's macros (`__AVX512VNNI__`, `__AVXVNNI__`,
 `__ARM_FEATURE_DOTPROD`, ...). Every variant exports the same symbols: the FFI handlers RzQMatmul
-and RzAttention, and the machine probes rz_stream_read_gbps and rz_int8_dot_peak_gmacs. At run time
+and RzAttention, and the machine probes rz_stream_read_gbps and rz_int8_dot_peak_gmacs; the x86-64
+ones also RzQMatmulExperts (a mixture of experts' matmul; aarch64 takes XLA's paths there). At run time
 rz_kernels.cpu_ffi loads the first variant in VARIANTS that the CPU can run.
 
 This module uses the standard library only: setup.py loads it by path, before jax or rz exist in
@@ -31,8 +32,8 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).parent / "cpu"
 LIBRARY_DIR = Path(__file__).parent / "lib"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
-X86_SOURCES = ("qmatmul.cc", "attention.cc", "machine.cc")
-X86_HEADERS = ("simd.h", "threads.h", "machine_probe.h", "attention_kv.h")
+X86_SOURCES = ("qmatmul.cc", "qmatmul_moe.cc", "attention.cc", "machine.cc")
+X86_HEADERS = ("qmatmul.h", "simd.h", "threads.h", "machine_probe.h", "attention_kv.h")
 NEON_SOURCES = ("qmatmul_neon.cc", "attention_neon.cc", "machine_neon.cc")
 NEON_HEADERS = ("simd_neon.h", "threads.h", "machine_probe.h", "attention_kv.h")
 # -ffp-contract=off: every float multiply-add the NEON kernels mean to fuse is an explicit vfmaq/fma,

@@ -9,8 +9,9 @@ aarch64 CPU without the dot-product instructions, an install with RZ_BUILD_CPU_K
 `available()` is False and callers take their XLA paths. Dispatch must be right: an instruction the
 CPU lacks kills the process with SIGILL.
 
-Each loaded variant's handlers are registered under their own names (`rz_qmatmul_<variant>`), so
-tests can run every variant the CPU has side by side in one process.
+Each loaded variant's handlers are registered under their own names (`rz_qmatmul_<variant>`,
+`rz_qmatmul_experts_<variant>` on x86-64, ...), so tests can run every variant the CPU has side by
+side in one process.
 """
 
 import ctypes
@@ -161,6 +162,16 @@ def attention_target(variant: Variant) -> str:
     return f"rz_attention_{variant.name}"
 
 
+def experts_target(variant: Variant) -> str:
+    return f"rz_qmatmul_experts_{variant.name}"
+
+
+def has_experts_kernel(variant: Variant) -> bool:
+    """Whether the variant has the mixture of experts' matmul (qmatmul_moe.cc: the x86-64 ones; the
+    NEON ones do not, and their experts take XLA's paths)."""
+    return variant.machine == "x86_64"
+
+
 @cache
 def load(variant: Variant) -> ctypes.CDLL:
     """A variant's library, loaded and its FFI targets registered with XLA (the CPU must run it)."""
@@ -172,6 +183,8 @@ def load(variant: Variant) -> ctypes.CDLL:
     lib.rz_int8_dot_peak_gmacs.argtypes = (ctypes.c_int32, ctypes.c_int32)
     jax.ffi.register_ffi_target(qmatmul_target(variant), jax.ffi.pycapsule(lib.RzQMatmul), platform="cpu")
     jax.ffi.register_ffi_target(attention_target(variant), jax.ffi.pycapsule(lib.RzAttention), platform="cpu")
+    if has_experts_kernel(variant):
+        jax.ffi.register_ffi_target(experts_target(variant), jax.ffi.pycapsule(lib.RzQMatmulExperts), platform="cpu")
     log.info("rz_kernels: loaded the C++ CPU kernels (%s) from %s", variant.name, variant.library)
     return lib
 

@@ -3,9 +3,12 @@ of each token, and their SwiGLU MLPs' outputs are summed with the router's weigh
 build_moe_ffn); Qwen2-MoE adds a shared expert every token goes through, scaled by a sigmoid gate.
 
 The experts stay quantized as llama.cpp stores them: 3-D tensors [n_expert, rows, K], each expert's
-matrix a slice of rows. A step with few tokens runs each (token, chosen expert) pair on that
-expert's slice alone, so decode reads only the chosen experts' weights; a longer step groups its
-(token, expert) pairs by expert and runs each expert on its own tokens, GROUP_ROWS at a time.
+matrix a slice of rows. On an x86-64 CPU the C++ experts' kernel (rz_kernels.moe_matmul) reads each
+chosen expert's rows in place: all pairs' gate/up in one call, then all pairs' down in another
+(where XLA's path would take the C++ kernel: decode steps, and K-quants' prompts). Elsewhere,
+XLA's paths: a step with few tokens runs each (token, chosen expert) pair on that expert's slice
+alone, so decode reads only the chosen experts' weights; a longer step groups its (token, expert)
+pairs by expert and runs each expert on its own tokens, GROUP_ROWS at a time.
 """
 
 from dataclasses import dataclass
@@ -14,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from rz.config import ModelConfig
-from rz.models.layers import linear, swiglu_mlp
+from rz.models.layers import linear, swiglu, swiglu_mlp
 from rz.weights import matrix, vector
+from rz_kernels.moe_matmul import expert_matrix, experts_kernel_serves, qmatmul_experts_cpu
 from rz_kernels.quants import QTensor
 
 
@@ -75,10 +79,7 @@ def feed_forward(experts: Experts, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     """The normed input h [B, T, n_embd] through the chosen experts -> f32 [B, T, n_embd]."""
     x = h.reshape(-1, h.shape[-1])
     weights, ids = route(linear(x, experts.router), cfg)
-    if x.shape[0] * cfg.n_expert_used < cfg.n_expert:
-        out = _each_choice(experts, x, weights, ids)
-    else:
-        out = _by_expert(experts, x, weights, ids, cfg)
+    out = _routed(experts, x, weights, ids, cfg)
     if experts.shared is not None:
         shared = experts.shared
         gate = jax.nn.sigmoid(x @ shared.gate_inp)[:, None]
@@ -86,13 +87,35 @@ def feed_forward(experts: Experts, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     return out.reshape(h.shape)
 
 
+def _routed(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The chosen experts' SwiGLU outputs, weighted and summed per token: f32 [M, n_embd]."""
+    each_choice = x.shape[0] * cfg.n_expert_used < cfg.n_expert
+
+    def xla(experts, x, weights, ids):
+        return _each_choice(experts, x, weights, ids) if each_choice else _by_expert(experts, x, weights, ids, cfg)
+
+    def cpu(experts, x, weights, ids):
+        # The kernel takes the step where XLA's path would send its matmuls (a row per choice, or
+        # GROUP_ROWS per group) to the C++ kernel: it then rounds as that path does (a prompt's
+        # 32-block experts keep XLA's exact f32 GEMM, as dense weights do), reading the experts in place.
+        if experts_kernel_serves((experts.gate, experts.up, experts.down), 1 if each_choice else GROUP_ROWS):
+            return _indexed(experts, x, weights, ids)
+        return xla(experts, x, weights, ids)
+
+    return jax.lax.platform_dependent(experts, x, weights, ids, cpu=cpu, default=xla)
+
+
+def _indexed(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:
+    """The C++ experts' kernel: every pair's gate and up in one call, their SwiGLU's down in another."""
+    m, k = ids.shape
+    gate, up = jnp.split(qmatmul_experts_cpu(x, ids, (experts.gate, experts.up)), [experts.gate.shape[1]], axis=1)
+    down = qmatmul_experts_cpu(swiglu(gate, up), ids, (experts.down,))
+    return jnp.sum(down.reshape(m, k, -1) * weights[..., None], axis=1)
+
+
 def _expert(experts: Experts, e: jax.Array) -> tuple[QTensor, QTensor, QTensor]:
     """Expert e's gate, up and down matrices: slices of the 3-D tensors."""
-
-    def one(qt: QTensor) -> QTensor:
-        return QTensor({name: array[e] for name, array in qt.arrays.items()}, qt.ggml_type, qt.shape[1:])
-
-    return one(experts.gate), one(experts.up), one(experts.down)
+    return expert_matrix(experts.gate, e), expert_matrix(experts.up, e), expert_matrix(experts.down, e)
 
 
 def _each_choice(experts: Experts, x: jax.Array, weights: jax.Array, ids: jax.Array) -> jax.Array:

@@ -2,10 +2,9 @@
 
 Queries, keys and values are rows of one attn_qkv (or separate tensors); the MLP's gate and up
 are the two halves of one ffn_up, which ggml_swiglu splits. LongRoPE divides each pair's angle by
-a factor and scales the values by the file's attn_factor (rz.models.layers.Rope). llama.cpp takes
-the short factors while its context fits in the original training context
-(rope.scaling.original_context_length), the long ones beyond it; rz takes the short ones, and
-refuses a longer context (ModelConfig.check_context).
+a factor and scales the values by the file's attn_factor (rz.models.layers.Rope). As llama.cpp,
+the short factors while the context fits in the original training context
+(rope.scaling.original_context_length), the long ones beyond it (ModelConfig.for_context).
 """
 
 from dataclasses import replace
@@ -26,7 +25,7 @@ def tensor_specs(cfg: ModelConfig) -> llama.Weights:
         replace(
             layer,
             mlp=replace(layer.mlp, w_gate=fused_half(i, 0), w_up=fused_half(i, 1)),
-            rope_freq_factors=optional(vector("rope_factors_short.weight", cfg.rope_dim // 2)),
+            rope_freq_factors=optional(vector(f"rope_factors_{'long' if cfg.rope_long_factors else 'short'}.weight", cfg.rope_dim // 2)),
         )
         for i, layer in enumerate(specs.layers)
     )

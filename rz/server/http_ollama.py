@@ -2,7 +2,8 @@
 /api/tags, /api/show, /api/ps, /api/version. Errors are {"error": "..."}.
 
 One model is served, whatever name a request gives; `options.num_ctx` may only lower the context
-the server was started with. `format` ("json" or a JSON schema) constrains the output (rz.constraints).
+the server was started with. `format` ("json" or a JSON schema) constrains the output (rz.constraints);
+`think` (true or false) is the chat template's enable_thinking (Qwen3's thinking switch).
 """
 
 import datetime
@@ -47,7 +48,7 @@ def routes(backend: Backend) -> list[Route]:
             prompt_ids = await run_sync(attached.llm.tokenize, prompt)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            prompt_ids = await _chat_ids(attached.llm, messages)
+            prompt_ids = await _chat_ids(attached.llm, messages, field(body, "think", bool))
         return await _respond(request, backend, body, prompt_ids, chat=False)
 
     async def chat(request: Request):
@@ -59,7 +60,8 @@ def routes(backend: Backend) -> list[Route]:
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content", ""), str):
                 raise HttpError(400, f"messages[{i}] must be an object with a role ({', '.join(_ROLES)}) and string content")
-        prompt_ids = await _chat_ids(attached.llm, [{"role": m["role"], "content": m.get("content", "")} for m in messages])
+        messages = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+        prompt_ids = await _chat_ids(attached.llm, messages, field(body, "think", bool))
         return await _respond(request, backend, body, prompt_ids, chat=True)
 
     async def tags(request: Request):
@@ -102,9 +104,10 @@ def routes(backend: Backend) -> list[Route]:
     ]
 
 
-async def _chat_ids(llm, messages: list[dict]) -> list[int]:
+async def _chat_ids(llm, messages: list[dict], think: bool | None) -> list[int]:
+    """The chat template's prompt; `think` (Ollama's) is its enable_thinking (Qwen3's switch)."""
     try:
-        return await run_sync(llm.chat_prompt_ids, messages)
+        return await run_sync(llm.chat_prompt_ids, messages, think)
     except RequestError as error:
         raise HttpError(400, str(error)) from None
 

@@ -4,7 +4,8 @@ Request fields map onto rz's flat generation options; fields OpenAI does not def
 min_p, repeat_penalty, ignore_eos) are taken as llama-server takes them, and so is rz's own
 `speculative`. A field left out gets rz's default (llama.cpp's), not OpenAI's. Structured output is
 OpenAI's `response_format` (json_object, json_schema, and rz's regex and lark types) or
-llama-server's GBNF `grammar`; `tools` and `tool_choice` are OpenAI's (rz.tools). Streams are
+llama-server's GBNF `grammar`; `tools` and `tool_choice` are OpenAI's (rz.tools), and
+`chat_template_kwargs` llama-server's (its enable_thinking only: Qwen3's thinking switch). Streams are
 server-sent events ending in `data: [DONE]`; a failure midway ends the stream with an error event.
 """
 
@@ -82,8 +83,9 @@ def routes(backend: Backend) -> list[Route]:
         llm = backend.ready().llm
         messages = _messages(body.get("messages"))
         functions, forced = _tools(body)
+        enable_thinking = _enable_thinking(body)
         try:
-            prompt_ids = await run_sync(partial(llm.chat_prompt_ids, messages, functions=functions))
+            prompt_ids = await run_sync(partial(llm.chat_prompt_ids, messages, enable_thinking, functions=functions))
         except RequestError as error:
             raise HttpError(400, str(error), param="messages") from None
         if forced:
@@ -105,6 +107,16 @@ def routes(backend: Backend) -> list[Route]:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
+
+
+def _enable_thinking(body: dict) -> bool | None:
+    """chat_template_kwargs' enable_thinking (llama.cpp's server: Qwen3's thinking switch), or None.
+    rz's templates take no other variable from a request, so any other key is refused."""
+    kwargs = field(body, "chat_template_kwargs", dict, {})
+    unknown = sorted(set(kwargs) - {"enable_thinking"})
+    if unknown:
+        raise HttpError(400, f"chat_template_kwargs: rz takes only enable_thinking, not {', '.join(unknown)}", param="chat_template_kwargs")
+    return field(kwargs, "enable_thinking", bool)
 
 
 def _model(name: str) -> dict:

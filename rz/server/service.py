@@ -112,7 +112,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     def _chat_prompt_ids(self, request: pb.ChatRequest) -> list[int]:
         functions, _ = chat_tools(request)
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
-        return self._llm.chat_prompt_ids(messages, functions=functions)
+        enable_thinking = request.enable_thinking if request.HasField("enable_thinking") else None
+        return self._llm.chat_prompt_ids(messages, enable_thinking, functions=functions)
 
     def _generation_request(self, prompt_ids: list[int], request) -> GenerationRequest:
         options = request_options(request.options)

@@ -40,6 +40,7 @@
 #include <functional>
 #include <vector>
 
+#include "qmatmul.h"
 #include "simd.h"
 #include "threads.h"
 #include "xla/ffi/api/ffi.h"
@@ -1297,13 +1298,13 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& par
 }
 
 // ---------------------------------------------------------------------------------------------
-// The XLA FFI handler: x f32 [M, K], then the weight's arrays in the order of
-// rz_kernels.quantized_matmul.CPU_FFI_ARRAYS, -> y f32 [M, N]. Attributes: the GGML type, and a cap on
-// the threads (0: the pool's).
+// The entry points: rz_cpu::quantized_matmul (qmatmul.h) and the XLA FFI handler, x f32 [M, K],
+// then the weight's arrays in the order of rz_kernels.quantized_matmul.CPU_FFI_ARRAYS, -> y f32
+// [M, N]. Attributes: the GGML type, and a cap on the threads (0: the pool's).
 
 template <class T>
-const T* data(const ffi::AnyBuffer& buffer) {
-  return static_cast<const T*>(buffer.untyped_data());
+const T* data(const void* array) {
+  return static_cast<const T*>(array);
 }
 
 // The arrays each type takes, in order (rz_kernels.quantized_matmul.CPU_FFI_ARRAYS).
@@ -1319,7 +1320,7 @@ int arrays_of(int32_t ggml_type) {
 }
 
 // The part for one weight from its arrays; an empty tile when the type or K does not fit.
-Part part_of(int32_t ggml_type, const ffi::AnyBuffer* a, int64_t N, int64_t K, double bytes) {
+Part part_of(int32_t ggml_type, const void* const* a, int64_t N, int64_t K, double bytes) {
   switch (ggml_type) {
     case Q4_0:  // d, qs
       if (K % kBlock) break;
@@ -1368,29 +1369,29 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
     if (array->dimensions().size() != 2) return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
     arrays.push_back(*array);
   }
-  std::vector<Part> parts;
+  std::vector<rz_cpu::QuantizedWeight> parts;
   size_t next = 0;
   int64_t column = 0;
   for (const int32_t ggml_type : ggml_types) {
-    const int n_arrays = arrays_of(ggml_type);
+    const int n_arrays = rz_cpu::quantized_arrays(ggml_type);
     if (n_arrays == 0) return ffi::Error::InvalidArgument("rz_qmatmul: unsupported ggml_type");
     if (next + n_arrays > arrays.size()) return ffi::Error::InvalidArgument("rz_qmatmul: fewer weight arrays than the types need");
-    const int64_t N = arrays[next].dimensions()[0];
-    double bytes = 0;
+    rz_cpu::QuantizedWeight weight;
+    weight.ggml_type = ggml_type;
+    weight.N = arrays[next].dimensions()[0];
     for (int i = 0; i < n_arrays; ++i) {
-      if (arrays[next + i].dimensions()[0] != N) return ffi::Error::InvalidArgument("rz_qmatmul: a weight's arrays disagree on N");
-      bytes += static_cast<double>(arrays[next + i].size_bytes());
+      if (arrays[next + i].dimensions()[0] != weight.N) return ffi::Error::InvalidArgument("rz_qmatmul: a weight's arrays disagree on N");
+      weight.arrays.push_back(arrays[next + i].untyped_data());
+      weight.bytes += static_cast<double>(arrays[next + i].size_bytes());
     }
-    Part part = part_of(ggml_type, arrays.data() + next, N, K, bytes);
-    if (!part.tile) return ffi::Error::InvalidArgument("rz_qmatmul: K is not a multiple of a weight's block");
-    part.column = column;
-    column += N;
+    column += weight.N;
     next += n_arrays;
-    parts.push_back(std::move(part));
+    parts.push_back(std::move(weight));
   }
   if (next != arrays.size() || column != ld) return ffi::Error::InvalidArgument("rz_qmatmul: the weights' rows do not add up to y's columns");
-  if (M == 0 || ld == 0) return ffi::Error::Success();
-  matmul(pool, rz_cpu::pool_threads(pool, max_threads), parts, x.typed_data(), M, K, y->typed_data(), ld);
+  if (!rz_cpu::quantized_matmul(pool, rz_cpu::pool_threads(pool, max_threads), parts, x.typed_data(), M, K, y->typed_data(), ld)) {
+    return ffi::Error::InvalidArgument("rz_qmatmul: K is not a multiple of a weight's block");
+  }
   return ffi::Error::Success();
 }
 
@@ -1404,3 +1405,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmul, QMatmulImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int32_t>>("ggml_types")
                                   .Attr<int32_t>("max_threads"));
+
+namespace rz_cpu {
+
+int quantized_arrays(int32_t ggml_type) { return arrays_of(ggml_type); }
+
+bool quantized_matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<QuantizedWeight>& weights, const float* x,
+                      int64_t M, int64_t K, float* y, int64_t ld) {
+  std::vector<Part> parts;
+  int64_t column = 0;
+  for (const QuantizedWeight& weight : weights) {
+    Part part = part_of(weight.ggml_type, weight.arrays.data(), weight.N, K, weight.bytes);
+    if (!part.tile) return false;
+    part.column = column;
+    column += weight.N;
+    parts.push_back(std::move(part));
+  }
+  if (M > 0 && ld > 0) matmul(pool, threads, parts, x, M, K, y, ld);
+  return true;
+}
+
+}  // namespace rz_cpu

@@ -16,9 +16,11 @@ from rz.models import Model, load_model
 EXACT = CacheTypes("f32", "f32")
 
 
-def load(path: Path) -> Model:
+def load(path: Path, n_ctx: int | None = None) -> Model:
+    """The model at path, configured for n_ctx positions per sequence where given (ModelConfig.for_context)."""
     gguf = GGUFFile(path)
-    return load_model(gguf, ModelConfig.from_gguf(gguf))
+    cfg = ModelConfig.from_gguf(gguf)
+    return load_model(gguf, cfg if n_ctx is None else cfg.for_context(n_ctx))
 
 
 def rz_logits(

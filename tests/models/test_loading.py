@@ -148,12 +148,11 @@ def test_out_of_range_hyperparameters_are_gguf_errors_naming_the_key(tmp_path, o
         ModelConfig.from_gguf(GGUFFile(path))
 
 
-def test_a_longrope_model_refuses_a_context_beyond_its_short_factors(tmp_path):
-    """llama.cpp switches every position to the long factors beyond the original context; rz runs
-    the short ones only, and says so rather than diverge."""
+def test_a_longrope_model_takes_its_long_factors_beyond_its_original_context(tmp_path):
+    """llama.cpp switches every position to the long factors when the context is beyond the
+    original one (256 here), and so does rz; a model without long factors never does."""
     cfg = ModelConfig.from_gguf(GGUFFile(write_tiny_model(tmp_path / "m.gguf", "phi3", rope_scaling_original_context=256)))
-    cfg.check_context(256)
-    with pytest.raises(UnsupportedModelError, match="n_ctx <= 256"):
-        cfg.check_context(257)
+    assert not cfg.for_context(256).rope_long_factors
+    assert cfg.for_context(257).rope_long_factors
     without_factors = write_tiny_model(tmp_path / "plain.gguf", "phi3", long_rope_factors=False)
-    ModelConfig.from_gguf(GGUFFile(without_factors)).check_context(512)
+    assert not ModelConfig.from_gguf(GGUFFile(without_factors)).for_context(512).rope_long_factors

@@ -72,6 +72,17 @@ def assert_logits_match_llama_cpp(path, label: str) -> None:
     assert error <= LLAMA_CPP_NMSE, f"{label}: NMSE {error:.2e} against llama.cpp"
 
 
+def test_longrope_long_factors_match_llama_cpp(tmp_path):
+    """Phi-3's LongRoPE run with a context beyond its original one (256): both engines take the long
+    factors at every position. Their logits are not the short factors' (what rz ran before)."""
+    path = comparable_tiny_model(tmp_path / "model.gguf", "phi3", "F16")
+    tokens, n_ctx = prompt(), 512
+    theirs = llama_cpp_logits(path, tokens, n_ctx=n_ctx)
+    error = nmse(rz_logits(load(path, n_ctx), tokens), theirs)
+    assert error <= LLAMA_CPP_NMSE, f"long factors: NMSE {error:.2e} against llama.cpp"
+    assert nmse(rz_logits(load(path), tokens), theirs) > 100 * LLAMA_CPP_NMSE
+
+
 @pytest.mark.parametrize("cache_type", CACHE_TYPES)
 def test_each_cache_type_matches_llama_cpp_with_that_cache(tmp_path, cache_type):
     """K and V stored as cache_type in both engines (a Gemma 3, whose 32-wide heads q8_0 can hold,
