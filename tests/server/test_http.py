@@ -266,6 +266,54 @@ def test_grpc_chat_with_a_required_tool_gets_its_calls_in_the_last_message(serve
 
 
 @pytest.mark.slow
+def test_ollama_chat_with_tools_returns_message_tool_calls_as_ollama_does(server):
+    client = ollama.Client(host=server.http_url)
+    parameters = WEATHER_TOOL["function"]["parameters"]
+    # Ollama has no tool_choice: a format that holds the answer to a bare JSON call (Llama 3's form) makes one certain.
+    call = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = client.chat(model="smollm2", messages=ask, tools=[WEATHER_TOOL], format=call, options={"num_predict": 60, "seed": 5})
+    assert reply.done_reason == "stop" and reply.message.content == ""
+    (made,) = reply.message.tool_calls
+    assert made.function.name == "get_weather"
+    jsonschema.validate(dict(made.function.arguments), parameters)
+    parts = list(client.chat(model="smollm2", messages=ask, tools=[WEATHER_TOOL], format=call, stream=True,
+                             options={"num_predict": 60, "seed": 6}))
+    streamed = [c for part in parts for c in part.message.tool_calls or []]
+    assert [c.function.name for c in streamed] == ["get_weather"] and not parts[-1].message.tool_calls
+    assert parts[-1].done and not parts[-2].done and parts[-2].message.tool_calls
+    assert "".join(part.message.content for part in parts) == ""
+    jsonschema.validate(dict(streamed[0].function.arguments), parameters)
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(model="smollm2", messages=ask, tools=[{"type": "function", "function": {"name": "bad name!"}}])
+    assert refused.value.status_code == 400 and "tools[0]" in refused.value.error
+
+
+@pytest.mark.slow
+def test_ollama_chat_takes_past_calls_and_tool_results_into_the_prompt(server, llm):
+    from rz.tools import functions_of
+
+    arguments = {"city": "Paris"}
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "content": "18 C, sunny", "tool_name": "get_weather"},
+    ]
+    status, body = _post(f"{server.http_url}/api/chat", {"messages": history, "tools": [WEATHER_TOOL], "stream": False,
+                                                         "options": {"num_predict": 1}})
+    assert status == 200, body
+    as_openai = history[:1] + [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "content": "18 C, sunny"},
+    ]
+    assert json.loads(body)["prompt_eval_count"] == len(llm.chat_prompt_ids(as_openai, functions=functions_of([WEATHER_TOOL])))
+    bad = history[:1] + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}]
+    status, body = _post(f"{server.http_url}/api/chat", {"messages": bad, "stream": False})
+    assert status == 400 and "tool_calls" in json.loads(body)["error"]
+
+
+@pytest.mark.slow
 def test_sse_framing_done_and_usage_chunk(server):
     status, body = _post(f"{server.http_url}/v1/completions", {
         "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "stream": True,
