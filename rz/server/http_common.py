@@ -133,12 +133,25 @@ async def run_while_connected(request, function, *args):
             await anyio.sleep(_DISCONNECT_POLL_S)
         gone.set()
 
-    async with anyio.create_task_group() as group:
+    async with _task_group() as group:
         group.start_soon(watch)
         try:
             return await run_sync(work)
         finally:
             group.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _task_group():
+    """An anyio task group that raises a lone failure as itself, not inside an ExceptionGroup, so the
+    routes' handlers see the RzError and answer with its status."""
+    try:
+        async with anyio.create_task_group() as group:
+            yield group
+    except BaseExceptionGroup as failures:
+        if len(failures.exceptions) == 1:
+            raise failures.exceptions[0] from None
+        raise
 
 
 def stop_strings(value, name: str = "stop") -> tuple[str, ...]:
@@ -261,7 +274,7 @@ async def unless_disconnected(request, events: AsyncIterator, collect: Callable[
     """
     result = None
     async with contextlib.aclosing(events):
-        async with anyio.create_task_group() as group:
+        async with _task_group() as group:
 
             async def run():
                 nonlocal result

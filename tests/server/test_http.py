@@ -5,6 +5,7 @@ loaded one answers HTTP already)."""
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -89,6 +90,37 @@ def test_a_taken_http_port_is_a_clean_error(started):
         taken.listen()
         with pytest.raises(ServerStartError, match="cannot serve HTTP.*--http-port"):
             started(http_port=taken.getsockname()[1])
+
+
+def test_a_long_text_whose_http_client_left_is_dropped_with_499(started):
+    from types import SimpleNamespace
+
+    from rz.errors import CallerGoneError
+    from rz.gguf import GGUFFile
+    from rz.model_files import smollm2_135m_path
+    from rz.server.http_common import http_status
+    from rz.tokenizer import Tokenizer
+    from rz.tokenizer.long_texts import LONG_TEXT_CHARS
+
+    assert http_status(CallerGoneError("the caller left"), "POST /tokenize") == 499
+    tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(smollm2_135m_path()).metadata)
+    server = started(http_port=0, max_request_bytes=16 << 20)
+    server.http.attach(SimpleNamespace(tokenize=tokenizer.encode), SimpleNamespace(), "m")
+    url = f"http://127.0.0.1:{server.http_port}"
+
+    def cancelled() -> float:
+        return server.metrics.registry.get_sample_value("rz_requests_total", {"method": "POST /tokenize", "status": "CANCELLED"}) or 0
+
+    data = json.dumps({"content": "a" * (8 << 20)}).encode()  # one word: tens of seconds of merging
+    with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
+        connection.sendall(f"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        time.sleep(1.0)
+    wait_for(lambda: cancelled() == 1, timeout=15)
+    # Had the 8 MB text kept the tokenizer's turn, this one would wait for it past its timeout.
+    text = "ab" * (LONG_TEXT_CHARS // 2 + 1)
+    status, body = _post(f"{url}/tokenize", {"content": text}, timeout=15)
+    assert status == 200 and json.loads(body)["tokens"] == tokenizer.encode_here(text, add_bos=False, special=True)
 
 
 # ----- the shared SmolLM2 server -----
