@@ -18,11 +18,11 @@ from starlette.routing import Route
 import rz
 from rz.errors import RequestError
 from rz.request import FinishReason
-from rz.tools import ToolCallStream, functions_of, is_past_call, parse_tool_calls
 from rz.server.http_common import (
     CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, run_while_connected, stop_strings,
     unless_disconnected,
 )
+from rz.tools import ToolCallStream, functions_of, is_past_call, parse_tool_calls
 
 _ROLES = ("system", "user", "assistant", "tool")
 _DONE_REASON = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop", FinishReason.ERROR: "stop"}
