@@ -135,14 +135,15 @@ def client(server):
 def test_openai_chat_equals_llm_chat_streamed_or_not(client, llm):
     expected = llm.chat(MESSAGES, max_tokens=8, temperature=0.0)
     reply = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=8, temperature=0)
+    n_answer = len(expected.token_ids)
     assert reply.choices[0].message.content == expected.text
-    assert reply.choices[0].finish_reason == "length"
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.usage["prompt_tokens"], 8)
+    assert reply.choices[0].finish_reason == expected.finish_reason.value  # the answer may end before 8 tokens
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.usage["prompt_tokens"], n_answer)
     chunks = list(client.chat.completions.create(
         model="any", messages=MESSAGES, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
     ))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n_answer
     # The second request of the same prompt found it in a slot's kept KV: all but its last token.
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == expected.usage["prompt_tokens"] - 1
 
