@@ -1,5 +1,6 @@
 """rz.LLM: the object users hold — a loaded model, its tokenizer, and generation."""
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -128,15 +129,31 @@ class LLM:
         messages: list[dict],
         max_tokens: int = RequestOptions.max_tokens,
         enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
         **options,
     ) -> Completion:
         """Answer a conversation, formatted with the model's chat template as llama.cpp does
         (enable_thinking: see rz.chat.render_chat).
 
+        tools and tool_choice are OpenAI's (rz.tools): the tools go into the prompt, and the calls
+        the model makes come back parsed in tool_calls (OpenAI's entries; the text keeps what is
+        outside them, and finish_reason stays the engine's). tool_choice "required" or a named
+        function holds the answer to one call whose arguments validate against its parameters.
+
         ChatTemplateError if the model's template cannot render even a one-message chat (found
         at load: chat_template_problem says why); generate() works all the same.
         """
-        return self.generate(self.chat_prompt_ids(messages, enable_thinking), max_tokens=max_tokens, **options)
+        from rz.tools import offered_functions, parse_tool_calls, with_call_constraint
+
+        functions, forced = offered_functions(tools, tool_choice)
+        prompt_ids = self.chat_prompt_ids(messages, enable_thinking, functions)
+        completion = self.generate(prompt_ids, max_tokens=max_tokens, **with_call_constraint(options, forced))
+        if not functions:
+            return completion
+        content, calls = parse_tool_calls(completion.text)
+        return dataclasses.replace(completion, text=content if calls else completion.text,
+                                   tool_calls=[call.as_openai() for call in calls])
 
     def chat_prompt_ids(
         self, messages: list[dict], enable_thinking: bool | None = None, functions: list[dict] | None = None

@@ -11,6 +11,8 @@ and Llama 3's bare JSON `{"name": ..., "parameters": {...}}` (after an optional 
 tool_choice "required" or a named function constrains the output with a grammar (Lark with
 llguidance's %json) that allows only a Hermes call whose arguments match the function's
 parameters schema.
+
+Every front shares this module: the OpenAI and Ollama routes, rz.v1's Chat, and rz.LLM.chat.
 """
 
 import json
@@ -18,7 +20,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from rz.constraints import Constraint
+from rz.constraints import Constraint, response_format_of
 from rz.errors import RequestError
 
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -41,6 +43,10 @@ class ToolCall:
 
     def as_openai(self) -> dict:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    def as_ollama(self) -> dict:
+        """Ollama's message.tool_calls[i]: the arguments as an object, not JSON text."""
+        return {"function": {"name": self.name, "arguments": json.loads(self.arguments)}}
 
 
 def functions_of(tools) -> list[dict]:
@@ -75,6 +81,38 @@ def forced_function(tool_choice, functions: list[dict]) -> tuple[bool, list[dict
         raise RequestError(f"tool_choice must be \"none\", \"auto\", \"required\" or {{'type': 'function', 'function': "
                            f"{{'name': ...}}}} naming one of the tools, got {json.dumps(tool_choice)[:100]}")
     return True, chosen
+
+
+def is_past_call(call) -> bool:
+    """Whether a message's tool_calls entry is a call, as OpenAI ({"id", "type", "function"}) or Ollama
+    ({"function"}) send them back: a function with a name, and arguments as JSON text or an object."""
+    function = call.get("function") if isinstance(call, dict) else None
+    return (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments", ""), (str, dict)))
+
+
+def offered_functions(tools, tool_choice) -> tuple[list[dict], list[dict]]:
+    """(the functions offered to the model, those one of which its answer must call) for OpenAI's
+    `tools` (None: no tools) and `tool_choice`; RequestError if either is malformed."""
+    if tools is None:
+        if tool_choice not in (None, "none", "auto"):
+            raise RequestError("tool_choice needs tools")
+        return [], []
+    functions = functions_of(tools)
+    offered, forced = forced_function(tool_choice, functions)
+    return (functions if offered else []), forced
+
+
+def with_call_constraint(options: dict, forced: list[dict]) -> dict:
+    """Flat generation options (or a request body with their names) whose output must be a call of
+    one of the forced functions; RequestError if they constrain the output already."""
+    if not forced:
+        return options
+    if options.get("response_format") is not None or options.get("grammar") is not None:
+        raise RequestError('tool_choice "required" or a named function constrains the output itself: '
+                           "leave out response_format and grammar")
+    response_format, grammar = response_format_of(call_constraint(forced))
+    return options | {"response_format": response_format, "grammar": grammar}
 
 
 def template_takes_tools(template: str | None) -> bool:
@@ -116,12 +154,10 @@ def _as_plain_message(message: dict) -> dict:
 
 
 def _arguments(function: dict):
-    """A past call's arguments as an object (OpenAI sends them as JSON text)."""
+    """A past call's arguments as an object (OpenAI sends them as JSON text, Ollama as an object), else as given."""
     arguments = function.get("arguments", {})
-    try:
-        return json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        return arguments
+    parsed = _arguments_object(arguments)
+    return parsed if parsed is not None else arguments
 
 
 def call_constraint(functions: list[dict]) -> Constraint:
@@ -182,11 +218,21 @@ def _calls_in(text: str, decoder: json.JSONDecoder) -> tuple[list[ToolCall], str
     items = value if isinstance(value, list) else [value]
     calls = []
     for item in items:
-        arguments = item.get("arguments", item.get("parameters")) if isinstance(item, dict) else None
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(arguments, (dict, str)):
+        arguments = _arguments_object(item.get("arguments", item.get("parameters"))) if isinstance(item, dict) else None
+        if arguments is None or not isinstance(item.get("name"), str):
             return None
-        calls.append(ToolCall(item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments), _call_id()))
+        calls.append(ToolCall(item["name"], json.dumps(arguments), _call_id()))
     return calls, text[end:]
+
+
+def _arguments_object(arguments) -> dict | None:
+    """A call's arguments as an object; some models write them as JSON text. None if they are not an object."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    return arguments if isinstance(arguments, dict) else None
 
 
 def _call_id() -> str:

@@ -9,7 +9,10 @@ import rz
 from rz.errors import RequestError
 from rz.model_files import smollm2_135m_path
 from rz.request import FinishReason
-from rz.tools import ToolCallStream, call_constraint, forced_function, functions_of, parse_tool_calls, with_tool_prompt
+from rz.tools import (
+    ToolCallStream, call_constraint, forced_function, functions_of, offered_functions, parse_tool_calls, with_call_constraint,
+    with_tool_prompt,
+)
 
 WEATHER = {
     "type": "object",
@@ -62,6 +65,30 @@ def test_a_stream_passes_text_and_holds_back_calls_wherever_the_pieces_break(cut
     assert sent + plain.finish()[0] == text
 
 
+def test_arguments_written_as_json_text_are_an_object_and_anything_else_is_no_call():
+    content, calls = parse_tool_calls('<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>')
+    assert content == "" and json.loads(calls[0].arguments) == {"zone": "UTC"}
+    assert calls[0].as_ollama() == {"function": {"name": "get_time", "arguments": {"zone": "UTC"}}}
+    for text in ('<tool_call>{"name": "get_time", "arguments": "not json"}</tool_call>',
+                 '<tool_call>{"name": "get_time", "arguments": [1, 2]}</tool_call>'):
+        assert parse_tool_calls(text) == (text, [])
+
+
+def test_offered_functions_and_the_call_constraint_they_force():
+    functions = functions_of(TOOLS)
+    assert offered_functions(None, None) == ([], []) and offered_functions(None, "none") == ([], [])
+    assert offered_functions(TOOLS, "none") == ([], [])
+    assert offered_functions(TOOLS, "auto") == (functions, [])
+    assert offered_functions(TOOLS, "required") == (functions, functions)
+    with pytest.raises(RequestError, match="tool_choice needs tools"):
+        offered_functions(None, "required")
+    assert with_call_constraint({"temperature": 0.5}, []) == {"temperature": 0.5}
+    forced = with_call_constraint({"temperature": 0.5}, functions[:1])
+    assert forced["temperature"] == 0.5 and forced["response_format"]["lark"] == call_constraint(functions[:1]).source
+    with pytest.raises(RequestError, match="leave out response_format and grammar"):
+        with_call_constraint({"grammar": 'root ::= "x"'}, functions[:1])
+
+
 def test_tool_choice_and_malformed_tools():
     functions = functions_of(TOOLS)
     assert forced_function(None, functions) == (True, []) and forced_function("none", functions) == (False, [])
@@ -89,9 +116,13 @@ def test_a_template_without_tools_gets_them_in_the_system_message_with_past_call
     assert messages[3] == {"role": "user", "content": "<tool_response>\n-3 C\n</tool_response>"}
 
 
+@pytest.fixture(scope="module")
+def llm():
+    return rz.LLM(smollm2_135m_path(), n_ctx=1024, max_batch=4)
+
+
 @pytest.mark.slow
-def test_a_required_call_always_parses_and_its_arguments_validate():
-    llm = rz.LLM(smollm2_135m_path(), n_ctx=1024, max_batch=4)
+def test_a_required_call_always_parses_and_its_arguments_validate(llm):
     functions = functions_of(TOOLS)
     ids = llm.chat_prompt_ids([{"role": "user", "content": "What's the weather like in Paris?"}], functions=functions)
     assert "get_weather" in llm.detokenize(ids)
@@ -103,3 +134,22 @@ def test_a_required_call_always_parses_and_its_arguments_validate():
             content, calls = parse_tool_calls(completion.text)
             assert content == "" and [c.name for c in calls] == ["get_weather"]
             jsonschema.validate(json.loads(calls[0].arguments), WEATHER)
+
+
+@pytest.mark.slow
+def test_llm_chat_returns_the_calls_it_parsed_and_text_without_tools(llm):
+    ask = [{"role": "user", "content": "What's the weather like in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        answer = llm.chat(ask, max_tokens=80, tools=TOOLS, tool_choice=choice, temperature=1.0, seed=4)
+        assert answer.finish_reason == FinishReason.STOP and answer.text == ""
+        (call,) = answer.tool_calls
+        assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"].startswith("call_")
+        jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER)
+    plain = llm.chat(ask, max_tokens=6, temperature=0.0)
+    assert plain.tool_calls is None
+    declined = llm.chat(ask, max_tokens=6, temperature=0.0, tools=TOOLS, tool_choice="none")
+    assert (declined.token_ids, declined.tool_calls) == (plain.token_ids, None)
+    with pytest.raises(RequestError, match="leave out response_format"):
+        llm.chat(ask, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
+    with pytest.raises(RequestError, match="tool_choice needs tools"):
+        llm.chat(ask, tool_choice="required")

@@ -22,7 +22,9 @@ from rz.errors import RzError
 from rz.request import check_token_ids
 from rz.server import http_ollama, http_openai
 from rz.server.guard import authorization_matches, expected_authorization
-from rz.server.http_common import Attached, Backend, HttpError, count_refusal, field, http_status, run_sync
+from rz.server.http_common import (
+    Attached, Backend, HttpError, count_refusal, field, http_status, run_sync, run_while_connected,
+)
 from rz.server.metrics import Metrics
 
 log = logging.getLogger("rz.server")
@@ -83,7 +85,8 @@ def build_app(backend: Backend, api_key: str | None) -> Starlette:
             raise HttpError(400, "'content' (the text to tokenize) is required", param="content")
         add_special = field(body, "add_special", bool, False)
         llm = backend.ready().llm
-        tokens = await run_sync(lambda: llm.tokenize(content, add_bos=add_special, special=field(body, "parse_special", bool, True)))
+        special = field(body, "parse_special", bool, True)
+        tokens = await run_while_connected(request, lambda: llm.tokenize(content, add_bos=add_special, special=special))
         return JSONResponse({"tokens": tokens})
 
     async def detokenize(request: Request):

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -23,11 +24,15 @@ from rz.request import FinishReason, RequestOptions
 from rz.server.metrics import Metrics
 from rz.server.scheduler import CLIENT_CANCELLED, Cancelled, EngineLoop, Ticket
 from rz.server.service import NotReadyError, status_of
+from rz.tokenizer import long_texts
 
 # Threads blocked reading tickets' events: one per ticket in flight, however many the loop admits.
 _READER_THREADS = 1024
+# The status of an answer whose client left (nginx's "client closed request"): nobody reads it.
+CLIENT_CLOSED = 499
 # The HTTP status of each failure class, from the gRPC code rz.server.service gives it.
 HTTP_STATUS = {
+    grpc.StatusCode.CANCELLED: CLIENT_CLOSED,  # the client left while its prompt was tokenized
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,  # the model's chat template is broken: completions still work
     grpc.StatusCode.UNAUTHENTICATED: 401,
@@ -109,8 +114,44 @@ def field(body: dict, name: str, kind: type | tuple, default: Any = None) -> Any
 
 
 async def run_sync(function, *args):
-    """function(*args) in a worker thread: tokenizing and templating are pure Python, seconds for long texts."""
+    """function(*args) in a worker thread, off the event loop."""
     return await anyio.to_thread.run_sync(function, *args)
+
+
+async def run_while_connected(request, function, *args):
+    """function(*args) in a worker thread, for tokenizing and templating a request's text (seconds
+    for long texts): a long text of a client that disconnects meanwhile is dropped, and the call
+    raises CallerGoneError (HTTP 499), as gRPC drops one whose call ended (rz.tokenizer.long_texts)."""
+    gone = threading.Event()
+
+    def work():
+        with long_texts.dropped_when(gone):
+            return function(*args)
+
+    async def watch():
+        while not await request.is_disconnected():
+            await anyio.sleep(_DISCONNECT_POLL_S)
+        gone.set()
+
+    async with _task_group() as group:
+        group.start_soon(watch)
+        try:
+            return await run_sync(work)
+        finally:
+            group.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _task_group():
+    """An anyio task group that raises a lone failure as itself, not inside an ExceptionGroup, so the
+    routes' handlers see the RzError and answer with its status."""
+    try:
+        async with anyio.create_task_group() as group:
+            yield group
+    except BaseExceptionGroup as failures:
+        if len(failures.exceptions) == 1:
+            raise failures.exceptions[0] from None
+        raise
 
 
 def stop_strings(value, name: str = "stop") -> tuple[str, ...]:
@@ -220,10 +261,8 @@ class Backend:
                 self.metrics.observe_request(method, outcome.get(index, "CANCELLED"), ticket.sequence)
 
 
-# How often a non-streaming request checks that its client is still there.
+# How often a request checks that its client is still there while nothing is written to it.
 _DISCONNECT_POLL_S = 0.25
-# The status of an answer whose client left (nginx's "client closed request"): nobody reads it.
-CLIENT_CLOSED = 499
 
 
 async def unless_disconnected(request, events: AsyncIterator, collect: Callable[[AsyncIterator], Awaitable[Any]]) -> Any:
@@ -235,7 +274,7 @@ async def unless_disconnected(request, events: AsyncIterator, collect: Callable[
     """
     result = None
     async with contextlib.aclosing(events):
-        async with anyio.create_task_group() as group:
+        async with _task_group() as group:
 
             async def run():
                 nonlocal result

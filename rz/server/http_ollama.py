@@ -4,10 +4,13 @@
 One model is served, whatever name a request gives; `options.num_ctx` may only lower the context
 the server was started with. `format` ("json" or a JSON schema) constrains the output (rz.constraints);
 `think` (true or false) is the chat template's enable_thinking (Qwen3's thinking switch).
+/api/chat's `tools` are offered as OpenAI's are (rz.tools); the calls the model makes come back in
+message.tool_calls, their arguments as objects, in a line of their own before the last when streamed.
 """
 
 import datetime
 import json
+from functools import partial
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -17,8 +20,10 @@ import rz
 from rz.errors import RequestError
 from rz.request import FinishReason
 from rz.server.http_common import (
-    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, stop_strings, unless_disconnected,
+    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, run_while_connected, stop_strings,
+    unless_disconnected,
 )
+from rz.tools import ToolCallStream, functions_of, is_past_call, parse_tool_calls
 
 _ROLES = ("system", "user", "assistant", "tool")
 _DONE_REASON = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "stop", FinishReason.ERROR: "stop"}
@@ -45,24 +50,19 @@ def routes(backend: Backend) -> list[Route]:
             # Ollama answers an empty prompt by loading the model: here it is always loaded.
             return JSONResponse(_final(attached, body, None) | {"response": "", "done_reason": "load"})
         if field(body, "raw", bool, False):
-            prompt_ids = await run_sync(attached.llm.tokenize, prompt)
+            prompt_ids = await run_while_connected(request, attached.llm.tokenize, prompt)
         else:
             messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            prompt_ids = await _chat_ids(attached.llm, messages, field(body, "think", bool))
+            prompt_ids = await _chat_ids(request, attached.llm, messages, [], field(body, "think", bool))
         return await _respond(request, backend, body, prompt_ids, chat=False)
 
     async def chat(request: Request):
         body = await backend.json(request)
         attached = backend.ready()
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise HttpError(400, "'messages' must be a non-empty array of messages")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content", ""), str):
-                raise HttpError(400, f"messages[{i}] must be an object with a role ({', '.join(_ROLES)}) and string content")
-        messages = [{"role": m["role"], "content": m.get("content", "")} for m in messages]
-        prompt_ids = await _chat_ids(attached.llm, messages, field(body, "think", bool))
-        return await _respond(request, backend, body, prompt_ids, chat=True)
+        messages = _messages(body.get("messages"))
+        functions = _functions(body.get("tools"))
+        prompt_ids = await _chat_ids(request, attached.llm, messages, functions, field(body, "think", bool))
+        return await _respond(request, backend, body, prompt_ids, chat=True, tools=bool(functions))
 
     async def tags(request: Request):
         attached = backend.ready()
@@ -104,10 +104,40 @@ def routes(backend: Backend) -> list[Route]:
     ]
 
 
-async def _chat_ids(llm, messages: list[dict], think: bool | None) -> list[int]:
+def _messages(value) -> list[dict]:
+    """Ollama's chat messages as the chat template takes them: roles and content checked, past tool calls kept."""
+    if not isinstance(value, list) or not value:
+        raise HttpError(400, "'messages' must be a non-empty array of messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in _ROLES or not isinstance(message.get("content") or "", str):
+            raise HttpError(400, f"messages[{i}] must be an object with a role ({', '.join(_ROLES)}) and string content")
+        entry = {"role": message["role"], "content": message.get("content") or ""}
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if message["role"] != "assistant" or not isinstance(calls, list) or not all(map(is_past_call, calls)):
+                raise HttpError(400, f"messages[{i}].tool_calls must be an assistant's array of "
+                                "{'function': {'name': ..., 'arguments': {...}}}")
+            entry["tool_calls"] = [{"type": "function", "function": call["function"]} for call in calls]
+        messages.append(entry)
+    return messages
+
+
+def _functions(tools) -> list[dict]:
+    """The functions of a chat's `tools` (OpenAI's shape, which Ollama takes); none without tools
+    (the ollama client sends an empty array)."""
+    if tools is None or tools == []:
+        return []
+    try:
+        return functions_of(tools)
+    except RequestError as error:
+        raise HttpError(400, str(error)) from None
+
+
+async def _chat_ids(request: Request, llm, messages: list[dict], functions: list[dict], think: bool | None) -> list[int]:
     """The chat template's prompt; `think` (Ollama's) is its enable_thinking (Qwen3's switch)."""
     try:
-        return await run_sync(llm.chat_prompt_ids, messages, think)
+        return await run_while_connected(request, partial(llm.chat_prompt_ids, messages, think, functions=functions))
     except RequestError as error:
         raise HttpError(400, str(error)) from None
 
@@ -144,7 +174,8 @@ def _response_format(value) -> dict | None:
     raise HttpError(400, f"'format' must be \"json\" or a JSON schema object, got {json.dumps(value)[:80]}")
 
 
-async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: list[int], chat: bool):
+async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: list[int], chat: bool, tools: bool = False):
+    """The answer, streamed or whole; tools: tools were offered, so the answer's calls become message.tool_calls."""
     attached = backend.ready()
     options = _options(body, len(prompt_ids), attached.loop.engine.n_ctx)
     stream = field(body, "stream", bool, True)
@@ -152,8 +183,11 @@ async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: l
     tickets = await run_sync(backend.submit, prompt_ids, options)
     events = backend.events(tickets, method)
 
-    def part(text: str) -> dict:
-        return {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+    def part(text: str, calls: list = ()) -> dict:
+        if not chat:
+            return {"response": text}
+        message = {"role": "assistant", "content": text}
+        return {"message": message | {"tool_calls": [call.as_ollama() for call in calls]} if calls else message}
 
     if not stream:
 
@@ -162,18 +196,32 @@ async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: l
             async for _, event in events:
                 text += event.text
                 sequence = event.sequence
-            return _final(attached, body, sequence) | part(text)
+            content, calls = parse_tool_calls(text) if tools else (text, [])
+            return _final(attached, body, sequence) | part(content if calls else text, calls)
 
         answer = await unless_disconnected(request, events, whole)
         return JSONResponse(answer) if answer is not None else Response(status_code=CLIENT_CLOSED)
 
+    held = ToolCallStream() if tools else None
+
+    def chunk(text: str, calls: list = ()) -> bytes:
+        return _line({"model": _name(attached, body), "created_at": _now(), "done": False} | part(text, calls))
+
     async def lines():
         try:
             async for _, event in events:
+                text = held.feed(event.text) if held is not None else event.text
+                if event.finish_reason is not None and held is not None:
+                    tail, calls = held.finish()
+                    if calls:  # as Ollama sends them: a line with the calls, then the last line
+                        yield chunk(text + tail, calls)
+                        text = ""
+                    else:
+                        text += tail
                 if event.finish_reason is not None:
-                    yield _line(_final(attached, body, event.sequence) | part(event.text))
-                elif event.text:
-                    yield _line({"model": _name(attached, body), "created_at": _now(), "done": False} | part(event.text))
+                    yield _line(_final(attached, body, event.sequence) | part(text))
+                elif text:
+                    yield chunk(text)
         except Exception as error:  # noqa: BLE001 - the stream has begun: the failure is its last line
             http_status(error, method)  # logs a failure of the server's own
             yield _line({"error": str(error)})

@@ -18,13 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from rz.constraints import response_format_of
 from rz.errors import RequestError
 from rz.request import FinishReason
 from rz.server.http_common import (
-    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, stop_strings, unless_disconnected, usage,
+    CLIENT_CLOSED, Backend, HttpError, field, http_status, run_sync, run_while_connected, stop_strings,
+    unless_disconnected, usage,
 )
-from rz.tools import ToolCallStream, call_constraint, forced_function, functions_of, parse_tool_calls
+from rz.tools import ToolCallStream, is_past_call, offered_functions, parse_tool_calls, with_call_constraint
 
 # The most choices one request may ask for: each takes a slot of its own.
 MAX_CHOICES = 16
@@ -65,11 +65,11 @@ def routes(backend: Backend) -> list[Route]:
         if isinstance(prompt, str):
             if not prompt:
                 raise HttpError(400, "'prompt' is empty", param="prompt")
-            prompt_ids = await run_sync(llm.tokenize, prompt)
+            prompt_ids = await run_while_connected(request, llm.tokenize, prompt)
         elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             prompt_ids = prompt
         elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt_ids = await run_sync(llm.tokenize, prompt[0])
+            prompt_ids = await run_while_connected(request, llm.tokenize, prompt[0])
         else:
             raise HttpError(400, "'prompt' must be a non-empty string or an array of token ids "
                             "(several prompts in one request are not supported)", param="prompt")
@@ -85,14 +85,13 @@ def routes(backend: Backend) -> list[Route]:
         functions, forced = _tools(body)
         enable_thinking = _enable_thinking(body)
         try:
-            prompt_ids = await run_sync(partial(llm.chat_prompt_ids, messages, enable_thinking, functions=functions))
+            prompt_ids = await run_while_connected(request, partial(llm.chat_prompt_ids, messages, enable_thinking, functions=functions))
         except RequestError as error:
             raise HttpError(400, str(error), param="messages") from None
-        if forced:
-            if body.get("response_format") is not None or body.get("grammar") is not None:
-                raise HttpError(400, "tool_choice \"required\" or a named function constrains the output itself: "
-                                "leave out response_format and grammar", param="tool_choice")
-            body = body | {"response_format": response_format_of(call_constraint(forced))[0]}
+        try:
+            body = with_call_constraint(body, forced)
+        except RequestError as error:
+            raise HttpError(400, str(error), param="tool_choice") from None
         n_logprobs = None
         if field(body, "logprobs", bool, False):
             n_logprobs = field(body, "top_logprobs", int, 0)
@@ -125,16 +124,10 @@ def _model(name: str) -> dict:
 
 def _tools(body: dict) -> tuple[list[dict], list[dict]]:
     """(the functions offered as tools, the functions one of which the answer must call) from tools and tool_choice."""
-    if body.get("tools") is None:
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            raise HttpError(400, "'tool_choice' needs 'tools'", param="tool_choice")
-        return [], []
     try:
-        functions = functions_of(body["tools"])
-        offered, forced = forced_function(body.get("tool_choice"), functions)
+        return offered_functions(body.get("tools"), body.get("tool_choice"))
     except RequestError as error:
-        raise HttpError(400, str(error), param="tools") from None
-    return (functions if offered else []), forced
+        raise HttpError(400, str(error), param="tools" if body.get("tools") is not None else "tool_choice") from None
 
 
 def _messages(value) -> list[dict]:
@@ -153,7 +146,7 @@ def _messages(value) -> list[dict]:
         entry = {"role": _ROLES[role], "content": _content(message.get("content"), f"{where}.content")}
         calls = message.get("tool_calls")
         if calls is not None:
-            if role != "assistant" or not isinstance(calls, list) or not all(_is_call(call) for call in calls):
+            if role != "assistant" or not isinstance(calls, list) or not all(map(is_past_call, calls)):
                 raise HttpError(400, f"{where}.tool_calls must be an assistant's array of {{'id', 'type': 'function', "
                                 "'function': {'name', 'arguments'}}", param=f"{where}.tool_calls")
             entry["tool_calls"] = calls
@@ -161,12 +154,6 @@ def _messages(value) -> list[dict]:
             entry["tool_call_id"] = message["tool_call_id"]
         messages.append(entry)
     return messages
-
-
-def _is_call(call) -> bool:
-    function = call.get("function") if isinstance(call, dict) else None
-    return (isinstance(function, dict) and isinstance(function.get("name"), str)
-            and isinstance(function.get("arguments", ""), (str, dict)))
 
 
 def _content(content, where: str) -> str:

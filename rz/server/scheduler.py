@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from rz.constraints import Constraint
 from rz.engine import Engine
 from rz.errors import RequestError, RzError, ShuttingDownError
 from rz.generation import Generation, GenerationRequest, StepEvent
@@ -228,11 +229,16 @@ def _cancelled_item(ticket: Ticket, sequence: Generation | None):
     return StepEvent(sequence, None, "", FinishReason.CANCELLED)
 
 
+# Any constraint compiles the masked steps; this one lets a warm-up request run its two tokens.
+_ANY_LETTERS = Constraint("regex", "[a-z]{1,64}")
+
+
 def warm_up(engine: Engine) -> None:
     """Compile every step before serving, so that no request waits for a compilation: the prefill
     (a chunk, the first token, the insertion) of each context bucket, with and without a reused
     prefix, and the decode step of each
-    batch bucket with and without top log-probabilities.
+    batch bucket with and without top log-probabilities, and with a token mask (structured output:
+    its first constrained request would otherwise also build the vocabulary llguidance compiles against).
 
     Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
     `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
@@ -254,3 +260,8 @@ def warm_up(engine: Engine) -> None:
             for _ in range(rows):
                 scheduler.add(request)
             collections.deque(scheduler.drain(), maxlen=0)
+    constrained = RequestOptions(max_tokens=2, sampling=greedy, ignore_eos=True, constraint=_ANY_LETTERS)
+    for rows in engine.batch_sizes:
+        for _ in range(rows):
+            scheduler.add(GenerationRequest(prompt_ids=(0,), options=constrained))
+        collections.deque(scheduler.drain(), maxlen=0)

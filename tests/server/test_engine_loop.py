@@ -3,6 +3,7 @@
 
 import rz
 from rz.buckets import Buckets
+from rz.constraints import constraint_of
 from rz.engine import Engine
 from rz.generation import GenerationRequest, StepEvent
 from rz.model_files import smollm2_135m_path
@@ -72,7 +73,7 @@ def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkey
 
 def test_warm_up_compiles_every_shape_that_serving_meets():
     """After warm_up, prompts of every length (one chunk or several, every context bucket), every
-    batch size and log-probabilities compile nothing new."""
+    batch size, log-probabilities and structured output compile nothing new."""
     from rz.server.scheduler import warm_up
 
     llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
@@ -87,4 +88,9 @@ def test_warm_up_compiles_every_shape_that_serving_meets():
             for r in [request] + others:
                 scheduler.add(r)
             list(scheduler.drain())
+    constrained = _options(max_tokens=4, constraint=constraint_of({"type": "json_object"}))
+    for rows in (1, 2):
+        for _ in range(rows):
+            scheduler.add(GenerationRequest(prompt_ids=(1, 2, 3), options=constrained))
+        list(scheduler.drain())
     assert engine.compiled_variants() == compiled

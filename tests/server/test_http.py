@@ -5,6 +5,7 @@ loaded one answers HTTP already)."""
 import json
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -91,6 +92,37 @@ def test_a_taken_http_port_is_a_clean_error(started):
             started(http_port=taken.getsockname()[1])
 
 
+def test_a_long_text_whose_http_client_left_is_dropped_with_499(started):
+    from types import SimpleNamespace
+
+    from rz.errors import CallerGoneError
+    from rz.gguf import GGUFFile
+    from rz.model_files import smollm2_135m_path
+    from rz.server.http_common import http_status
+    from rz.tokenizer import Tokenizer
+    from rz.tokenizer.long_texts import LONG_TEXT_CHARS
+
+    assert http_status(CallerGoneError("the caller left"), "POST /tokenize") == 499
+    tokenizer = Tokenizer.from_gguf_metadata(GGUFFile(smollm2_135m_path()).metadata)
+    server = started(http_port=0, max_request_bytes=16 << 20)
+    server.http.attach(SimpleNamespace(tokenize=tokenizer.encode), SimpleNamespace(), "m")
+    url = f"http://127.0.0.1:{server.http_port}"
+
+    def cancelled() -> float:
+        return server.metrics.registry.get_sample_value("rz_requests_total", {"method": "POST /tokenize", "status": "CANCELLED"}) or 0
+
+    data = json.dumps({"content": "a" * (8 << 20)}).encode()  # one word: tens of seconds of merging
+    with socket.create_connection(("127.0.0.1", server.http_port)) as connection:
+        connection.sendall(f"POST /tokenize HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                           f"content-length: {len(data)}\r\n\r\n".encode() + data)
+        time.sleep(1.0)
+    wait_for(lambda: cancelled() == 1, timeout=15)
+    # Had the 8 MB text kept the tokenizer's turn, this one would wait for it past its timeout.
+    text = "ab" * (LONG_TEXT_CHARS // 2 + 1)
+    status, body = _post(f"{url}/tokenize", {"content": text}, timeout=15)
+    assert status == 200 and json.loads(body)["tokens"] == tokenizer.encode_here(text, add_bos=False, special=True)
+
+
 # ----- the shared SmolLM2 server -----
 
 
@@ -103,14 +135,15 @@ def client(server):
 def test_openai_chat_equals_llm_chat_streamed_or_not(client, llm):
     expected = llm.chat(MESSAGES, max_tokens=8, temperature=0.0)
     reply = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=8, temperature=0)
+    n_answer = len(expected.token_ids)
     assert reply.choices[0].message.content == expected.text
-    assert reply.choices[0].finish_reason == "length"
-    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.usage["prompt_tokens"], 8)
+    assert reply.choices[0].finish_reason == expected.finish_reason.value  # the answer may end before 8 tokens
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (expected.usage["prompt_tokens"], n_answer)
     chunks = list(client.chat.completions.create(
         model="any", messages=MESSAGES, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
     ))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == n_answer
     # The second request of the same prompt found it in a slot's kept KV: all but its last token.
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == expected.usage["prompt_tokens"] - 1
 
@@ -263,6 +296,54 @@ def test_grpc_chat_with_a_required_tool_gets_its_calls_in_the_last_message(serve
         with pytest.raises(grpc.RpcError) as refused:
             grpc_client.chat([{"role": "user", "content": "hi"}], 5, tools=[WEATHER_TOOL], tool_choice="nope")
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in refused.value.details()
+
+
+@pytest.mark.slow
+def test_ollama_chat_with_tools_returns_message_tool_calls_as_ollama_does(server):
+    client = ollama.Client(host=server.http_url)
+    parameters = WEATHER_TOOL["function"]["parameters"]
+    # Ollama has no tool_choice: a format that holds the answer to a bare JSON call (Llama 3's form) makes one certain.
+    call = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": parameters},
+            "required": ["name", "arguments"], "additionalProperties": False}
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = client.chat(model="smollm2", messages=ask, tools=[WEATHER_TOOL], format=call, options={"num_predict": 60, "seed": 5})
+    assert reply.done_reason == "stop" and reply.message.content == ""
+    (made,) = reply.message.tool_calls
+    assert made.function.name == "get_weather"
+    jsonschema.validate(dict(made.function.arguments), parameters)
+    parts = list(client.chat(model="smollm2", messages=ask, tools=[WEATHER_TOOL], format=call, stream=True,
+                             options={"num_predict": 60, "seed": 6}))
+    streamed = [c for part in parts for c in part.message.tool_calls or []]
+    assert [c.function.name for c in streamed] == ["get_weather"] and not parts[-1].message.tool_calls
+    assert parts[-1].done and not parts[-2].done and parts[-2].message.tool_calls
+    assert "".join(part.message.content for part in parts) == ""
+    jsonschema.validate(dict(streamed[0].function.arguments), parameters)
+    with pytest.raises(ollama.ResponseError) as refused:
+        client.chat(model="smollm2", messages=ask, tools=[{"type": "function", "function": {"name": "bad name!"}}])
+    assert refused.value.status_code == 400 and "tools[0]" in refused.value.error
+
+
+@pytest.mark.slow
+def test_ollama_chat_takes_past_calls_and_tool_results_into_the_prompt(server, llm):
+    from rz.tools import functions_of
+
+    arguments = {"city": "Paris"}
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "content": "18 C, sunny", "tool_name": "get_weather"},
+    ]
+    status, body = _post(f"{server.http_url}/api/chat", {"messages": history, "tools": [WEATHER_TOOL], "stream": False,
+                                                         "options": {"num_predict": 1}})
+    assert status == 200, body
+    as_openai = history[:1] + [
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+        {"role": "tool", "content": "18 C, sunny"},
+    ]
+    assert json.loads(body)["prompt_eval_count"] == len(llm.chat_prompt_ids(as_openai, functions=functions_of([WEATHER_TOOL])))
+    bad = history[:1] + [{"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}]
+    status, body = _post(f"{server.http_url}/api/chat", {"messages": bad, "stream": False})
+    assert status == 400 and "tool_calls" in json.loads(body)["error"]
 
 
 @pytest.mark.slow
