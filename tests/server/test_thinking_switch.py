@@ -19,6 +19,7 @@ class RecordingLLM:
 
     def chat_prompt_ids(self, messages, enable_thinking=None, functions=None):
         self.calls.append((messages, enable_thinking))
+        assert not functions
         return [1, 2, 3]
 
 
@@ -35,11 +36,18 @@ def test_openai_chat_template_kwargs_rz_cannot_honour_are_a_400(kwargs, param):
     assert error.value.status == 400 and error.value.param == param
 
 
+class ConnectedRequest:
+    """A Starlette request whose client stays connected."""
+
+    async def is_disconnected(self) -> bool:
+        return False
+
+
 @pytest.mark.parametrize("think", [None, True, False])
 def test_ollama_think_reaches_the_chat_template(think):
     llm = RecordingLLM()
     messages = [{"role": "user", "content": "hi"}]
-    assert asyncio.run(http_ollama._chat_ids(llm, messages, think)) == [1, 2, 3]
+    assert asyncio.run(http_ollama._chat_ids(ConnectedRequest(), llm, messages, [], think)) == [1, 2, 3]
     assert llm.calls == [(messages, think)]
 
 
