@@ -17,6 +17,7 @@ import pytest
 from rz.server.server import ServerStartError
 from server_process import wait_for
 from test_hardening import started  # noqa: F401 - a fixture
+from test_server import _metric
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -153,6 +154,23 @@ def test_openai_n_choices_with_a_seed(client):
         model="any", messages=MESSAGES, max_tokens=5, n=2, seed=7, temperature=1.0, stream=True
     )]
     assert ["".join(c.delta.content or "" for c in chunks if c.index == i) for i in (0, 1)] == [c.message.content for c in reply.choices]
+
+
+@pytest.mark.slow
+def test_openai_n_choices_share_one_prefill_of_the_prompt(client, server):
+    """The second choice copies the prompt's KV from the first and computes its last token only."""
+    before = server.metrics()
+    reply = client.completions.create(
+        model="any", prompt="Mills that the river Severn turned, in order:", max_tokens=3, n=2, seed=3, temperature=1.0
+    )
+    after = server.metrics()
+
+    def delta(name):
+        return _metric(after, name) - _metric(before, name)
+
+    computed = delta("rz_prompt_tokens_total") - delta("rz_prompt_tokens_cached_total")
+    assert computed == reply.usage.prompt_tokens - reply.usage.prompt_tokens_details.cached_tokens + 1
+    assert 0 < _metric(after, "rz_prompt_cache_hit_ratio") < 1
 
 
 @pytest.mark.slow
