@@ -20,11 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz import kv_cache, steps
-from rz.prefix_rows import Placement, PrefixRows
 from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
 from rz.constraints import Vocabulary
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
+from rz.prefix_rows import Placement, PrefixRows
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
 from rz.speculative import CostModel, Speculation, chosen_proposer, draft, validate_proposer
@@ -173,7 +173,7 @@ class Engine:
             raise RuntimeError("no free slot: a request is admitted only when a slot is free")
         sequence.timings.started_at = time.perf_counter()
         prompt = sequence.request.prompt_ids
-        free = [slot for slot, held in enumerate(self.slots) if held is None]
+        free = [slot for slot, running in enumerate(self.slots) if running is None]
         placement = self.rows.place(prompt, sequence.request.options.cache_prompt, free, self._held_tokens())
         bucket = self.buckets.context_bucket(max(len(prompt), context or 0))
         if placement.n_cached:
