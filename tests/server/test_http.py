@@ -307,6 +307,10 @@ def test_ollama_ndjson_and_durations(server):
     final = lines[-1]
     assert final["done_reason"] == "length" and final["eval_count"] == 3
     assert final["total_duration"] >= final["prompt_eval_duration"] > 0 and final["eval_duration"] > 0
+    # Asked again, the prompt is in the KV cache: all but its last token, which is run again.
+    status, body = _post(f"{server.http_url}/api/generate", {"model": "m", "prompt": "Hi", "options": {"num_predict": 3}})
+    again = json.loads(body.decode().splitlines()[-1])
+    assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1 == final["prompt_eval_count"] - 1
 
 
 @pytest.mark.slow
