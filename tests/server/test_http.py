@@ -174,6 +174,16 @@ def test_openai_n_choices_share_one_prefill_of_the_prompt(client, server):
 
 
 @pytest.mark.slow
+def test_openai_cache_prompt_false_prefills_the_whole_prompt(client):
+    prompt = "Herons stand in the shallows for hours,"
+    client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0)
+    cached = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0)
+    assert cached.usage.prompt_tokens_details.cached_tokens == cached.usage.prompt_tokens - 1
+    opted_out = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0, extra_body={"cache_prompt": False})
+    assert opted_out.usage.prompt_tokens_details.cached_tokens == 0
+
+
+@pytest.mark.slow
 def test_openai_errors_map_to_the_sdks_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="any", messages=MESSAGES, temperature=-1)
