@@ -7,7 +7,7 @@ The 8 requests go into rz.LLM.generate together, as 8 clients arriving at once w
 engine loop: admitted one after another, each copying the system prompt from a row that holds
 it (a running one), then decoded as one batch. Each model runs a first pass to compile.
 
-    flock -x /tmp/rz-cpu.lock python benchmarks/shared_system_prompt.py --out benchmarks/results/shared-system-prompt-session11.json
+    flock -x /tmp/rz-cpu.lock env PYTHONPATH=$PWD python benchmarks/shared_system_prompt.py --out benchmarks/results/shared-system-prompt-session11.json
 """
 
 import argparse
