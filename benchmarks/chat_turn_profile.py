@@ -47,7 +47,7 @@ def main() -> None:
     prompts = conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, 10, 100, 16)
     engine = Engine(llm.model, llm.tokenizer, N_CTX, 1)
     for _ in range(2):
-        engine.slot_tokens[0] = ()  # each pass starts from an empty cache
+        engine.rows.released(0, ())  # each pass starts from an empty cache
         rows = [timed_turn(engine, ids) for ids in prompts]
     for row in rows:
         print(row)

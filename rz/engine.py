@@ -2,8 +2,9 @@
 
 A request joins by being prefilled into a one-row cache (in chunks, each compiled per
 prompt-length bucket) that is then inserted into a free slot. A slot keeps the KV of its last
-sequence after it leaves: a request takes the free slot whose tokens share the longest prefix
-with its prompt, and prefills only the rest (into a copy of that row). One compiled decode call advances
+sequence after it leaves: a request starts from a copy of the row (free or running) that holds
+the longest prefix of its prompt, and prefills only the rest (rz.prefix_rows chooses the rows,
+evicting the least recently used). One compiled decode call advances
 every slot at once; a request leaves when it stops, and its slot is free for the next between
 two calls. The engine returns sampled tokens; which request runs when, and what its tokens mean,
 is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
@@ -23,6 +24,7 @@ from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
 from rz.constraints import Vocabulary
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
+from rz.prefix_rows import Placement, PrefixRows
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
 from rz.speculative import CostModel, Speculation, chosen_proposer, draft, validate_proposer
@@ -78,9 +80,10 @@ class Engine:
         self._rope_freq_factors = model.family.rope_freq_factors(model.weights)
         self.cache = self._empty_cache(n_slots, n_ctx)
         self.slots: list[Generation | None] = [None] * n_slots
-        # Per slot, the tokens whose keys and values it holds at positions 0.. (a free slot's are
-        # reusable by the next request that starts with them).
-        self.slot_tokens: list[tuple[int, ...]] = [()] * n_slots
+        # What each row's KV holds, for prefix reuse; a ring buffer has the window's slots (or the context's).
+        ring_slots = min(model.cfg.sliding_window, n_ctx) if any(model.cfg.sliding_layers) else 0
+        self.rows = PrefixRows(n_slots, ring_slots)
+        self.prompt_tokens_computed = 0  # prompt tokens run through prefill chunks (reused ones are not)
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
         self._tensors_dirty = True
         self._tensors = None
@@ -170,47 +173,34 @@ class Engine:
             raise RuntimeError("no free slot: a request is admitted only when a slot is free")
         sequence.timings.started_at = time.perf_counter()
         prompt = sequence.request.prompt_ids
-        slot, n_cached = self._choose_slot(prompt, sequence.request.options.cache_prompt)
+        free = [slot for slot, running in enumerate(self.slots) if running is None]
+        placement = self.rows.place(prompt, sequence.request.options.cache_prompt, free, self._held_tokens())
         bucket = self.buckets.context_bucket(max(len(prompt), context or 0))
-        if n_cached:
-            cache = self._timed(f"extract[{bucket}]", steps.extract, self.cache, jnp.int32(slot), size=bucket)
-            length = self.buckets.tail_chunk_length(len(prompt) - n_cached, bucket)
-            chunks = tuple((start, length) for start in range(n_cached, len(prompt), length))
+        if placement.n_cached:
+            # The copy of the prefix: the source row as a one-row cache, prefilled from there on.
+            source = jnp.int32(placement.source)
+            cache = self._timed(f"extract[{bucket}]", steps.extract, self.cache, source, size=bucket)
+            length = self.buckets.tail_chunk_length(len(prompt) - placement.n_cached, bucket)
+            chunks = tuple((start, length) for start in range(placement.n_cached, len(prompt), length))
         else:
             cache = self._empty_cache(1, bucket)
             chunks = tuple(self.buckets.chunks(len(prompt), bucket))
-        sequence.n_cached = n_cached
-        return Admission(sequence, cache, chunks, slot, bucket)
+        sequence.n_cached = placement.n_cached
+        return Admission(sequence, cache, chunks, placement, bucket)
 
-    def _choose_slot(self, prompt: Sequence[int], reuse: bool) -> tuple[int, int]:
-        """The free slot to admit a prompt into, and how many of its first tokens that slot's KV
-        already holds: the longest reusable prefix (ties: a never-used slot, then the lowest).
-
-        The last prompt token is always run again, for its logits. A ring buffer (a sliding-window
-        layer) keeps only its last S positions, and a decode call in flight when a sequence ended
-        may have written up to two calls' steps past its tokens: a sliding-window model reuses a
-        slot only when nothing it held can have wrapped around its ring.
-        """
-        best = None
-        for slot, (sequence, held) in enumerate(zip(self.slots, self.slot_tokens)):
-            if sequence is not None:
-                continue
-            n_reused = _common_prefix(held, prompt[:-1]) if reuse and self._holds_exactly(held) else 0
-            key = (n_reused, not held, -slot)
-            if best is None or key > best[0]:
-                best = (key, slot, n_reused)
-        return best[1], best[2]
-
-    def _holds_exactly(self, held: tuple[int, ...]) -> bool:
-        cfg = self.model.cfg
-        if not any(cfg.sliding_layers):
-            return True
-        return len(held) + 2 * self.decode_steps <= min(cfg.sliding_window, self.n_ctx)
+    def _held_tokens(self) -> list[tuple[int, ...]]:
+        """Per row, the tokens whose KV it holds at positions 0..: a running sequence's every token
+        but its last sampled one (not fed yet), a free row's what its last sequence left."""
+        return [
+            kept if sequence is None else _fed_tokens(sequence)
+            for sequence, kept in zip(self.slots, self.rows.kept)
+        ]
 
     def prefill_chunk(self, admission: "Admission") -> None:
         """Run the admission's next prompt chunk through the model."""
         start, chunk = admission.chunks[admission.n_done]
         tokens, positions, last = _padded_chunk(admission.sequence.request.prompt_ids, start, chunk)
+        self.prompt_tokens_computed += int(last[0]) + 1
         admission.logits, admission.cache = self._timed(
             f"prefill[{chunk}, context={admission.context}]", steps.prefill, self.model.weights, admission.cache, tokens,
             positions, self._chunk_tables(positions), last, **self._model_static,
@@ -235,10 +225,10 @@ class Engine:
         self.cache = self._timed(
             f"insert[{row_cache.layers[0].n_slots}]", steps.insert, self.cache, row_cache, jnp.int32(slot)
         )
+        self.rows.filled(admission.placement, len(request.prompt_ids))
         self._sampler_state = self._sampler_state.with_row(slot, row_state)
         sequence.slot = slot
         self.slots[slot] = sequence
-        self.slot_tokens[slot] = ()  # until the sequence leaves, its tokens are its own
         self._tensors_dirty = True
         self._assignment += 1
         # Steps run asynchronously: the first token exists once it has been read back.
@@ -348,6 +338,8 @@ class Engine:
             host_tokens[sequence.slot, : len(fed)] = fed
             host_positions[sequence.slot, : len(fed)] = sequence.position + np.arange(len(fed))
         tokens, positions = jnp.asarray(host_tokens), jnp.asarray(host_positions)
+        for sequence in active:
+            self.rows.wrote(sequence.slot, sequence.position + width)
         tensors, n_top = self._batch_tensors(rows)
         name = f"verify[{rows}, width={width}, logprobs={n_top}]"
         timed = name in self.compilations
@@ -390,6 +382,9 @@ class Engine:
         allowed = None if after is not None else self._token_masks(self.slots[:rows])
         # Each mask holds for one token only: a batch with a constrained row runs one step per call.
         n_steps = self.decode_steps if allowed is None else 1
+        # The host's positions are a call behind a chained call's.
+        for sequence in sequences:
+            self.rows.wrote(sequence.slot, sequence.position + n_steps + (after.n_steps if after is not None else 0))
         name = f"decode[{rows}, logprobs={n_top}, steps={n_steps}, masked={allowed is not None}]"
         timed = name in self.compilations
         sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
@@ -436,7 +431,7 @@ class Engine:
             # Every token but the last sampled one has been fed to the model; after a failed
             # call, what the row holds is unknown.
             failed = sequence.finish_reason is FinishReason.ERROR
-            self.slot_tokens[sequence.slot] = () if failed else (*sequence.request.prompt_ids, *sequence.output_ids[:-1])
+            self.rows.released(sequence.slot, () if failed else _fed_tokens(sequence))
             self._tensors_dirty = True
             self._assignment += 1
 
@@ -469,7 +464,7 @@ class Admission:
     sequence: Generation  # slot -1 until complete_admission
     cache: kv_cache.KVCache  # the one-row cache, on the device
     chunks: tuple[tuple[int, int], ...]  # (start, padded length) of each prompt chunk after the cached prefix
-    slot: int = -1  # the free slot it will take, chosen for the prefix its KV holds
+    placement: Placement = Placement(-1)  # the free slot it will take, and the row its reused prefix comes from
     context: int = 0  # the positions its cache holds (a context bucket)
     n_done: int = 0
     logits: jax.Array | None = None  # of the last position prefilled so far
@@ -477,6 +472,10 @@ class Admission:
     @property
     def prefilled(self) -> bool:
         return self.n_done == len(self.chunks)
+
+    @property
+    def slot(self) -> int:
+        return self.placement.row
 
     def wait(self) -> None:
         """Block until the chunks launched so far have run (steps are dispatched asynchronously)."""
@@ -503,14 +502,9 @@ def _logprob_width(rows: Sequence[SamplingParams]) -> int:
     return MAX_N_LOGPROBS if any(p.n_logprobs for p in rows) else 0
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def _fed_tokens(sequence: Generation) -> tuple[int, ...]:
+    """The tokens fed to the model so far, whose KV its row holds: all but the last sampled one."""
+    return (*sequence.request.prompt_ids, *sequence.output_ids[:-1])
 
 
 def _padded_chunk(ids: Sequence[int], start: int, bucket: int):

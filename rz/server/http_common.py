@@ -293,10 +293,12 @@ async def unless_disconnected(request, events: AsyncIterator, collect: Callable[
 
 def usage(sequences: list[Generation]) -> dict:
     """Token counts of one request's sequences (the prompt is counted once), with OpenAI's
-    prompt_tokens_details.cached_tokens: the prompt tokens a slot's kept KV served (prefix reuse)."""
+    prompt_tokens_details.cached_tokens: the prompt tokens the KV cache served (prefix reuse)
+    before this request, counted once too: its first choice's. The other choices copy the
+    prompt from the first, which computed it."""
     prompt = len(sequences[0].request.prompt_ids)
     completion = sum(len(sequence.output_ids) for sequence in sequences)
-    cached = max(sequence.n_cached for sequence in sequences)
+    cached = min(sequence.n_cached for sequence in sequences)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

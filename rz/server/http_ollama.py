@@ -230,7 +230,9 @@ async def _respond(request: Request, backend: Backend, body: dict, prompt_ids: l
 
 
 def _final(attached, body: dict, sequence) -> dict:
-    """The last object of an answer: why it ended, with counts and durations in nanoseconds."""
+    """The last object of an answer: why it ended, with counts and durations in nanoseconds.
+    prompt_eval_count counts the whole prompt, and prompt_eval_cached_count the part the KV cache
+    served, as Ollama's own API does."""
     final = {"model": _name(attached, body), "created_at": _now(), "done": True, "done_reason": "stop",
              "total_duration": 0, "load_duration": 0, "prompt_eval_count": 0, "prompt_eval_duration": 0,
              "eval_count": 0, "eval_duration": 0}
@@ -240,6 +242,7 @@ def _final(attached, body: dict, sequence) -> dict:
             "done_reason": _DONE_REASON[sequence.finish_reason or FinishReason.STOP],
             "total_duration": _ns(timings["total_seconds"]),
             "prompt_eval_count": len(sequence.request.prompt_ids),
+            "prompt_eval_cached_count": sequence.n_cached,
             "prompt_eval_duration": _ns(timings["prefill_seconds"]),
             "eval_count": len(sequence.output_ids),
             "eval_duration": _ns(timings["decode_seconds"]),

@@ -1,7 +1,7 @@
 """The OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
 
 Request fields map onto rz's flat generation options; fields OpenAI does not define (top_k,
-min_p, repeat_penalty, ignore_eos) are taken as llama-server takes them, and so is rz's own
+min_p, repeat_penalty, ignore_eos, cache_prompt) are taken as llama-server takes them, and so is rz's own
 `speculative`. A field left out gets rz's default (llama.cpp's), not OpenAI's. Structured output is
 OpenAI's `response_format` (json_object, json_schema, and rz's regex and lark types) or
 llama-server's GBNF `grammar`; `tools` and `tool_choice` are OpenAI's (rz.tools), and
@@ -185,6 +185,7 @@ def _options(body: dict, n_logprobs: int | None, n_prompt: int, n_ctx: int, defa
     options["max_tokens"] = max_tokens if max_tokens is not None else (default_max_tokens or max(1, n_ctx - n_prompt))
     options["stop"] = stop_strings(body.get("stop"))
     options["ignore_eos"] = field(body, "ignore_eos", bool, False)
+    options["cache_prompt"] = field(body, "cache_prompt", bool, True)  # False: prefill the whole prompt
     speculative = field(body, "speculative", str)  # rz's own: a proposer, or "off" (rz.speculative)
     if speculative is not None:
         options["speculative"] = speculative

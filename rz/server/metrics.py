@@ -22,10 +22,16 @@ class Metrics:
             "rz_requests", "Requests by method and final gRPC status code", ["method", "status"], registry=registry
         )
         self.prompt_tokens = Counter("rz_prompt_tokens", "Prompt tokens of requests (cached ones included)", registry=registry)
-        # The prompt-cache hit rate is rz_prompt_tokens_cached / rz_prompt_tokens.
+        # Over a window, the prompt-cache hit rate is rate(rz_prompt_tokens_cached) / rate(rz_prompt_tokens);
+        # rz_prompt_cache_hit_ratio is the same since the server started.
         self.prompt_tokens_cached = Counter(
-            "rz_prompt_tokens_cached", "Prompt tokens taken from a slot's KV cache instead of prefilled", registry=registry
+            "rz_prompt_tokens_cached", "Prompt tokens copied from the KV cache instead of prefilled", registry=registry
         )
+        self._prompt_totals = [0, 0]  # prompt tokens, cached ones: the hit ratio's terms
+        self.prompt_cache_hit_ratio = Gauge(
+            "rz_prompt_cache_hit_ratio", "Fraction of all prompt tokens so far that the KV cache served", registry=registry
+        )
+        self.prompt_cache_hit_ratio.set_function(lambda: self._prompt_totals[1] / max(self._prompt_totals[0], 1))
         self.generated_tokens = Counter("rz_generated_tokens", "Tokens generated", registry=registry)
         self.queue_wait = Histogram(
             "rz_queue_wait_seconds", "Time from arrival to getting a slot", buckets=_LATENCY_BUCKETS, registry=registry
@@ -74,6 +80,8 @@ class Metrics:
             return
         self.prompt_tokens.inc(len(sequence.request.prompt_ids))
         self.prompt_tokens_cached.inc(sequence.n_cached)
+        self._prompt_totals[0] += len(sequence.request.prompt_ids)
+        self._prompt_totals[1] += sequence.n_cached
         self.generated_tokens.inc(len(sequence.output_ids))
         if status != "OK":
             return

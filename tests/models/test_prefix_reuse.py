@@ -1,6 +1,7 @@
-"""Automatic prefix reuse: a request that starts with tokens a free slot's KV still holds prefills
-only the rest, and its logits equal those of prefilling the whole prompt within llama.cpp's own
-noise (the teacher-forced bound: KL <= 0.01), with the same argmax."""
+"""Automatic prefix reuse: a request that starts with tokens a row of the KV cache holds (a free
+row's, or a running sequence's) prefills only the rest, and its logits equal those of prefilling
+the whole prompt within llama.cpp's own noise (the teacher-forced bound: KL <= 0.01), with the
+same argmax."""
 
 import numpy as np
 import pytest
@@ -8,10 +9,9 @@ import pytest
 import rz
 from rz.buckets import Buckets
 from rz.engine import Engine
-from rz.generation import GenerationRequest
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
-from rz.request import FinishReason, RequestOptions
 from oracle import MAX_MEAN_KL, kl_divergence
+from support.admission import admit, end, start
 
 N_CTX = 1024
 
@@ -36,20 +36,6 @@ def text_ids(llm, n_tokens: int, seed: int) -> list[int]:
     while len(ids) < n_tokens:
         ids += llm.tokenize(" " + " ".join(rng.choice(words, 8)), add_bos=False)
     return ids[:n_tokens]
-
-
-def admit(engine: Engine, ids: list[int], cache_prompt: bool = True):
-    """Prefill ids into a slot and end the request there (its slot keeps the prompt's KV):
-    (last position's logits, prompt tokens taken from the cache)."""
-    sequence = engine.new_sequence(GenerationRequest(tuple(ids), RequestOptions(max_tokens=1, cache_prompt=cache_prompt)))
-    admission = engine.begin_admission(sequence)
-    while not admission.prefilled:
-        engine.prefill_chunk(admission)
-    logits = np.asarray(admission.logits)[0]
-    engine.complete_admission(admission)
-    sequence.finish(FinishReason.LENGTH)
-    engine.release(sequence)
-    return logits, sequence.n_cached
 
 
 def assert_same_logits(engine: Engine, ids: list[int], reused: np.ndarray) -> None:
@@ -90,19 +76,62 @@ def test_a_prompt_that_is_a_strict_prefix_of_the_cached_tokens_recomputes_its_la
     assert_same_logits(engine, prompt, logits)
 
 
+def test_a_request_copies_the_prefix_another_row_holds_and_that_row_keeps_its_own(llm, engine):
+    system = [llm.tokenizer.bos_id] + text_ids(llm, 50, seed=10)
+    first = system + text_ids(llm, 20, seed=11)
+    admit(engine, first)
+    question = system + text_ids(llm, 30, seed=12)
+    logits, sequence = start(engine, question)
+    assert len(system) <= sequence.n_cached < len(question)
+    end(engine, sequence)
+    assert_same_logits(engine, question, logits)
+    # The question went into the empty row, and so did the whole prefill that checked it (it
+    # repeats that row's tokens): the first prompt's row was not evicted.
+    continued = first + text_ids(llm, 10, seed=13)
+    logits, n_cached = admit(engine, continued)
+    assert n_cached == len(first)
+    assert_same_logits(engine, continued, logits)
+
+
+def test_the_choices_of_one_request_share_its_prompt_prefill(llm, engine):
+    """n = 2: the second copy of a prompt, admitted while the first runs, copies the first's row
+    and computes only the last prompt token again."""
+    prompt = [llm.tokenizer.bos_id] + text_ids(llm, 70, seed=14)
+    computed = engine.prompt_tokens_computed
+    _, first = start(engine, prompt)
+    logits, second = start(engine, prompt)
+    assert (first.n_cached, second.n_cached) == (0, len(prompt) - 1)
+    assert engine.prompt_tokens_computed - computed == len(prompt) + 1
+    assert first.slot != second.slot
+    end(engine, first)
+    end(engine, second)
+    assert_same_logits(engine, prompt, logits)
+
+
+def test_the_least_recently_used_row_is_evicted(llm, engine):
+    prompts = [[llm.tokenizer.bos_id] + text_ids(llm, 40, seed=seed) for seed in (15, 16, 17)]
+    admit(engine, prompts[0])
+    admit(engine, prompts[1])
+    assert admit(engine, prompts[0] + [prompts[1][5]])[1] == len(prompts[0])  # prompts[0]'s row is used again
+    admit(engine, prompts[2])  # takes the least recently used row: prompts[1]'s
+    assert admit(engine, prompts[1])[1] < len(prompts[1]) - 1  # its row is gone (but for a shared BOS)
+    assert admit(engine, prompts[2])[1] == len(prompts[2]) - 1
+
+
 def test_cache_prompt_false_prefills_the_whole_prompt(llm, engine):
     prompt = [llm.tokenizer.bos_id] + text_ids(llm, 20, seed=7)
     admit(engine, prompt)
     assert admit(engine, prompt, cache_prompt=False)[1] == 0
 
 
-def test_a_sliding_window_model_refuses_a_prefix_whose_ring_has_wrapped(llm, engine):
+def test_a_sliding_window_model_refuses_a_prefix_whose_ring_has_wrapped_past_it(llm, engine):
+    """A prompt that leaves a wrapped ring's tokens before its end needs keys the ring overwrote."""
     window = llm.config.sliding_window
     if not window:
         pytest.skip("a model without sliding-window layers never wraps a ring buffer")
     held = [llm.tokenizer.bos_id] + text_ids(llm, window + 40, seed=8)
     admit(engine, held)
-    prompt = held + text_ids(llm, 10, seed=9)
+    prompt = held[: window + 10] + text_ids(llm, 10, seed=9)
     logits, n_cached = admit(engine, prompt)
     assert n_cached == 0
     assert_same_logits(engine, prompt, logits)

@@ -18,6 +18,7 @@ import pytest
 from rz.server.server import ServerStartError
 from server_process import wait_for
 from test_hardening import started  # noqa: F401 - a fixture
+from test_server import _metric
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -186,6 +187,33 @@ def test_openai_n_choices_with_a_seed(client):
         model="any", messages=MESSAGES, max_tokens=5, n=2, seed=7, temperature=1.0, stream=True
     )]
     assert ["".join(c.delta.content or "" for c in chunks if c.index == i) for i in (0, 1)] == [c.message.content for c in reply.choices]
+
+
+@pytest.mark.slow
+def test_openai_n_choices_share_one_prefill_of_the_prompt(client, server):
+    """The second choice copies the prompt's KV from the first and computes its last token only."""
+    before = server.metrics()
+    reply = client.completions.create(
+        model="any", prompt="Mills that the river Severn turned, in order:", max_tokens=3, n=2, seed=3, temperature=1.0
+    )
+    after = server.metrics()
+
+    def delta(name):
+        return _metric(after, name) - _metric(before, name)
+
+    computed = delta("rz_prompt_tokens_total") - delta("rz_prompt_tokens_cached_total")
+    assert computed == reply.usage.prompt_tokens - reply.usage.prompt_tokens_details.cached_tokens + 1
+    assert 0 < _metric(after, "rz_prompt_cache_hit_ratio") < 1
+
+
+@pytest.mark.slow
+def test_openai_cache_prompt_false_prefills_the_whole_prompt(client):
+    prompt = "Herons stand in the shallows for hours,"
+    client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0)
+    cached = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0)
+    assert cached.usage.prompt_tokens_details.cached_tokens == cached.usage.prompt_tokens - 1
+    opted_out = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0, extra_body={"cache_prompt": False})
+    assert opted_out.usage.prompt_tokens_details.cached_tokens == 0
 
 
 @pytest.mark.slow
@@ -370,6 +398,10 @@ def test_ollama_ndjson_and_durations(server):
     final = lines[-1]
     assert final["done_reason"] == "length" and final["eval_count"] == 3
     assert final["total_duration"] >= final["prompt_eval_duration"] > 0 and final["eval_duration"] > 0
+    # Asked again, the prompt is in the KV cache: all but its last token, which is run again.
+    status, body = _post(f"{server.http_url}/api/generate", {"model": "m", "prompt": "Hi", "options": {"num_predict": 3}})
+    again = json.loads(body.decode().splitlines()[-1])
+    assert again["prompt_eval_cached_count"] == again["prompt_eval_count"] - 1 == final["prompt_eval_count"] - 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,116 @@
+"""Prefix reuse across the rows of the KV cache, on tiny models whose F16 weights take the f32
+XLA path: a reused prefix gives the logits a whole prefill gives, to float rounding, for each
+cache type and through a tiny Gemma 3's ring buffers (its window: 48 positions), and generation
+with reuse gives the tokens generation without it gives, under eviction and 16 streams at once."""
+
+import numpy as np
+import pytest
+
+import rz
+from rz.buckets import Buckets
+from rz.engine import Engine
+from rz.kv_cache import CacheTypes
+from support.admission import admit, end, start
+from tiny_models import N_VOCAB, write_tiny_model
+
+N_CTX = 128
+WORDS = np.arange(N_VOCAB - 44, N_VOCAB)  # the tiny vocabulary's word tokens
+# Summation order differs between a reused prefix's tail chunk and a whole prefill.
+ATOL = 1e-4
+
+
+def words(n: int, seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).choice(WORDS, n)]
+
+
+WINDOW = 48
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama"])
+def path(request, tmp_path_factory):
+    overrides = {"sliding_window": WINDOW} if request.param == "gemma3" else {}
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "model.gguf", request.param, "F16", **overrides)
+
+
+@pytest.fixture(scope="module")
+def llm(path):
+    return rz.LLM(path, n_ctx=N_CTX, max_batch=16, compilation_cache=False)
+
+
+def has_rings(llm) -> bool:
+    return any(llm.config.sliding_layers)
+
+
+@pytest.fixture(params=["f32", "q8_0"])
+def engine(llm, request):
+    if request.param == "q8_0" and llm.config.head_dim % 32:
+        pytest.skip("a q8_0 cache needs heads of a multiple of 32 (the tiny Gemma 3's)")
+    types = CacheTypes(request.param, request.param)
+    return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=Buckets.for_context(N_CTX, smallest=16), cache_types=types)
+
+
+def prompt_of(llm, *pieces: list[int]) -> list[int]:
+    return [llm.tokenizer.bos_id] + [t for piece in pieces for t in piece]
+
+
+def assert_as_prefilled_whole(engine: Engine, ids: list[int], reused: np.ndarray) -> None:
+    fresh, n_cached = admit(engine, ids, cache_prompt=False)
+    assert n_cached == 0
+    np.testing.assert_allclose(reused, fresh, atol=ATOL, rtol=0)
+
+
+def test_a_prompt_continuing_a_row_reuses_it_exactly(llm, engine):
+    """On a ring buffer that has wrapped, too: it still holds the window before its last position."""
+    held = prompt_of(llm, words(WINDOW + 12, seed=1))
+    admit(engine, held)
+    prompt = held + words(5, seed=2)
+    logits, n_cached = admit(engine, prompt)
+    assert n_cached == len(held)
+    assert_as_prefilled_whole(engine, prompt, logits)
+
+
+@pytest.mark.parametrize("n_system", [20, WINDOW + 4])
+def test_a_shared_prefix_is_copied_from_another_row_exactly(llm, engine, n_system):
+    """Unless the row's rings wrapped past the shared part: their keys there are gone."""
+    system = prompt_of(llm, words(n_system, seed=3))
+    admit(engine, system + words(8, seed=4))
+    question = system + words(6, seed=5)
+    logits, sequence = start(engine, question)
+    end(engine, sequence)
+    assert sequence.n_cached == (0 if has_rings(llm) and n_system > WINDOW else len(system))
+    assert_as_prefilled_whole(engine, question, logits)
+
+
+def test_the_second_choice_of_a_prompt_copies_the_first_while_it_runs(llm, engine):
+    prompt = prompt_of(llm, words(50, seed=6))
+    computed = engine.prompt_tokens_computed
+    first_logits, first = start(engine, prompt)
+    logits, second = start(engine, prompt)
+    assert (first.n_cached, second.n_cached) == (0, len(prompt) - 1)
+    assert engine.prompt_tokens_computed - computed == len(prompt) + 1
+    np.testing.assert_allclose(logits, first_logits, atol=ATOL, rtol=0)
+
+
+def generate(llm, prompts: list[list[int]], cache_prompt: bool) -> list:
+    return llm.generate(prompts, max_tokens=6, temperature=0.0, ignore_eos=True, cache_prompt=cache_prompt)
+
+
+def test_under_eviction_every_output_is_the_one_without_reuse(path):
+    """Three system prompts, twelve questions, one request at a time through two slots: rows are
+    reused, copied and evicted, and no output changes."""
+    llm = rz.LLM(path, n_ctx=N_CTX, max_batch=2, compilation_cache=False)
+    systems = [words(20, seed=10 + i) for i in range(3)]
+    prompts = [prompt_of(llm, systems[i % 3], words(4 + i % 5, seed=20 + i)) for i in range(12)]
+    reused = [generate(llm, [p], cache_prompt=True)[0] for p in prompts]
+    alone = [generate(llm, [p], cache_prompt=False)[0] for p in prompts]
+    assert [c.token_ids for c in reused] == [c.token_ids for c in alone]
+    assert sum(c.usage["cached_tokens"] for c in reused) > 0
+
+
+def test_sixteen_streams_with_overlapping_prefixes_generate_as_each_alone(llm):
+    system = words(24, seed=30)
+    prompts = [prompt_of(llm, system[: 8 + 4 * (i % 4)], words(3 + i % 5, seed=40 + i % 6)) for i in range(16)]
+    together = generate(llm, prompts, cache_prompt=True)
+    alone = generate(llm, prompts, cache_prompt=False)
+    assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+    assert sum(c.usage["cached_tokens"] for c in together) > 0
