@@ -26,3 +26,17 @@ def release_compiled_executables():
 
     gc.collect()
     jax.clear_caches()
+    mapped, limit = _mapped_regions()
+    assert mapped < limit * 3 // 4, (
+        f"the test process holds {mapped:,} memory mappings of vm.max_map_count's {limit:,} after this module: "
+        "something keeps compiled executables alive (XLA aborts when the limit is reached)"
+    )
+
+
+def _mapped_regions() -> tuple[int, int]:
+    """(memory mappings this process holds, the kernel's per-process limit); (0, 1) off Linux."""
+    try:
+        with open("/proc/self/maps") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return sum(1 for _ in maps), int(limit.read())
+    except OSError:
+        return 0, 1
