@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.config import ModelConfig
-from rz.sharding import SplitK
+from rz.sharding import Gathered
 from rz_kernels.quants import QTensor, dequantize
 from rz_kernels import qmatmul, qmatmul_many
 
@@ -32,16 +32,17 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
     return centered * jax.lax.rsqrt(variance + eps) * weight + bias
 
 
-def linear(x: jax.Array, weight: QTensor | SplitK, bias: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, weight: QTensor | Gathered, bias: jax.Array | None = None) -> jax.Array:
     """x [..., K] @ weight[N, K].T (+ bias) -> f32 [..., N]: the one place matmuls on weights go through.
 
     rz_kernels.qmatmul picks the path per backend and shape (on CPU the C++ kernel, which rounds
     the activations to int8 per block as llama.cpp does; rz_kernels.quants.qmatmul_ref is the reference).
-    A tensor-parallel shard's slice of K (rz.sharding.SplitK) gives a partial product, summed
-    across the mesh before the bias is added once.
+    A tensor-parallel shard's rows of a weight whose input is split (rz.sharding.Gathered) take
+    the whole input, gathered, and give their rows of y, gathered.
     """
-    if isinstance(weight, SplitK):
-        y = jax.lax.psum(qmatmul(x, weight.weight), weight.axis)
+    if isinstance(weight, Gathered):
+        whole = jax.lax.all_gather(x, weight.axis, axis=x.ndim - 1, tiled=True)
+        y = jax.lax.all_gather(qmatmul(whole, weight.weight), weight.axis, axis=x.ndim - 1, tiled=True)
     else:
         y = qmatmul(x, weight)
     return y if bias is None else y + bias
