@@ -126,17 +126,21 @@ class Plan:
         return replace(cfg, n_head_kv=cfg.n_head_kv * self.kv_copies)
 
 
+def provide_cpu_devices(count: int) -> None:
+    """Give JAX's CPU backend `count` devices, one mesh member each, if JAX has not started yet
+    (a command line's --tensor-parallel on a machine without accelerators; accelerators are
+    unaffected). Once JAX runs, the devices are what they are: plan() says how to get more."""
+    try:
+        jax.config.update("jax_num_cpu_devices", max(count, 1))
+    except RuntimeError:
+        pass  # backends already initialized
+
+
 def plan(cfg: ModelConfig, tensor_parallel: int, devices: list | None = None) -> Plan:
     """The plan for cfg over the first `tensor_parallel` devices, after checking that every split
     dimension divides (a ShardingError naming the first that does not)."""
     if isinstance(tensor_parallel, bool) or not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise ShardingError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
-    devices = list(devices if devices is not None else jax.devices())
-    if tensor_parallel > len(devices):
-        raise ShardingError(
-            f"tensor_parallel={tensor_parallel} needs {tensor_parallel} devices, but JAX sees {len(devices)} "
-            f"({devices[0].platform}); on CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count={tensor_parallel}"
-        )
     if cfg.n_expert:
         raise ShardingError(f"tensor parallelism does not split mixture-of-experts layers yet ({cfg.architecture})")
     name = f"{cfg.architecture} model"
@@ -156,6 +160,12 @@ def plan(cfg: ModelConfig, tensor_parallel: int, devices: list | None = None) ->
         raise ShardingError(
             f"the {name}'s {n_kv} KV heads (attention.head_count_kv) neither divide over {tensor_parallel} devices "
             f"nor divide {tensor_parallel} (to be replicated); choose a tensor_parallel that divides {n_kv} or is a multiple of it"
+        )
+    devices = list(devices if devices is not None else jax.devices())
+    if tensor_parallel > len(devices):
+        raise ShardingError(
+            f"tensor_parallel={tensor_parallel} needs {tensor_parallel} devices, but JAX sees {len(devices)} "
+            f"({devices[0].platform}); on CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count={tensor_parallel}"
         )
     return Plan(Mesh(np.asarray(devices[:tensor_parallel]), (AXIS,)), kv_copies)
 
