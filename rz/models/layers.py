@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.config import ModelConfig
-from rz.sharding import Gathered
+from rz.sharding import Gathered, gather_last
 from rz_kernels.quants import QTensor, dequantize
 from rz_kernels import qmatmul, qmatmul_many
 
@@ -41,8 +41,7 @@ def linear(x: jax.Array, weight: QTensor | Gathered, bias: jax.Array | None = No
     the whole input, gathered, and give their rows of y, gathered.
     """
     if isinstance(weight, Gathered):
-        whole = jax.lax.all_gather(x, weight.axis, axis=x.ndim - 1, tiled=True)
-        y = jax.lax.all_gather(qmatmul(whole, weight.weight), weight.axis, axis=x.ndim - 1, tiled=True)
+        y = gather_last(qmatmul(gather_last(x, weight.axis), weight.weight), weight.axis)
     else:
         y = qmatmul(x, weight)
     return y if bias is None else y + bias
