@@ -4,6 +4,12 @@ device's logits and greedy tokens; a shape that does not divide is a clear error
 The forced devices must exist before JAX starts, so the comparisons run in one subprocess (this
 file run as a script, XLA_FLAGS set), which loads each model once per tensor-parallel size and
 reports the logits' NMSE against one device and both token streams.
+
+The scored prompt is short enough (at most rz_kernels' CPU_KERNEL_MAX_M tokens) for every matmul
+to take the C++ kernels, which compute a weight row the same whatever rows a shard holds. A longer
+prompt's 32-block weights take XLA's f32 GEMM, whose summation order depends on the shard's width;
+on Gemma 3, whose K-quant matmuls round activations to int8, those last-bit differences grow (see
+benchmarks/README.md, "Several devices").
 """
 
 import json
@@ -116,7 +122,7 @@ def _main(cases: dict, tmp: Path) -> None:
     report = {}
     for name, (path, sizes) in paths.items():
         one = rz.LLM(path, n_ctx=128, max_batch=2, compilation_cache=False)
-        ids = one.tokenize(" ".join(PROMPTS))
+        ids = one.tokenize(PROMPTS[0])
         reference = one.score(ids)
         report[name] = {"1": {"nmse": 0.0, "tokens": _greedy(one)}}
         del one
