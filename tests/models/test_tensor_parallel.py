@@ -39,7 +39,7 @@ TINY_CASES = {
     # QK-norm, sliding-window layers, GeGLU, tied embeddings, one KV head copied.
     "tiny-gemma3": ("gemma3", {"n_head_kv": 1}, (2,)),
 }
-REAL_CASES = {"smollm2": ("smollm2_135m_path", (3,)), "gemma3-270m": ("gemma3_270m_path", (2, 4))}
+REAL_CASES = {"smollm2": ("smollm2_135m_path", (3,)), "gemma3-270m": ("gemma3_270m_path", (2,))}
 
 
 def _run(cases: dict, tmp: Path) -> dict:
