@@ -76,7 +76,7 @@ class Engine:
         self.buckets = buckets or Buckets.for_context(n_ctx)
         self.cache_types = cache_types
         self.compilations: dict[str, float] = {}
-        self._model_static = {"family": model.family, "cfg": model.cfg}
+        self._model_static = {"family": model.family, "cfg": model.cfg, "plan": model.plan}
         self._rope_freq_factors = model.family.rope_freq_factors(model.weights)
         self.cache = self._empty_cache(n_slots, n_ctx)
         self.slots: list[Generation | None] = [None] * n_slots
@@ -436,7 +436,7 @@ class Engine:
             self._assignment += 1
 
     def _empty_cache(self, n_rows: int, n_positions: int) -> kv_cache.KVCache:
-        return kv_cache.init_cache(self.model.cfg, n_rows, n_positions, self.cache_types)
+        return self.model.init_cache(n_rows, n_positions, self.cache_types)
 
     def _chunk_tables(self, positions):
         return self._timed(

@@ -37,6 +37,7 @@ class LLM:
         compilation_cache: str | Path | None | bool = True,
         cache_type_k: str = CacheTypes.k,
         cache_type_v: str = CacheTypes.v,
+        tensor_parallel: int = 1,
     ):
         started = time.perf_counter()
         # How the KV cache stores keys and values (llama.cpp's names: f32, f16, bf16, q8_0).
@@ -62,7 +63,8 @@ class LLM:
             self._token_text(self.tokenizer.eos_id),
             self.config.architecture,
         )
-        self.model = load_model(self.gguf, self.config)
+        # Split over this many devices (rz.sharding), after checking that the model's shapes divide.
+        self.model = load_model(self.gguf, self.config, tensor_parallel)
         self.gguf.release_pages()
         self.max_batch = max_batch
         # One engine at a time, sized for the largest batch asked for so far: each engine holds a

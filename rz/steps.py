@@ -1,6 +1,7 @@
 """The compiled steps an engine runs: pure functions of weights, KV cache and a batch, jitted once here.
 
-A model's family and config are static arguments, its weights and cache ordinary ones, and the
+A model's family, config and tensor-parallel plan (rz.sharding; None on one device) are static
+arguments, its weights and cache ordinary ones, and the
 cache (with the sampler state in a decode step) is donated, so a step updates it in place. Being
 module-level functions, the steps are keyed by (family, config, shapes) and hold no engine: an
 engine that is dropped is freed at once, with its KV cache.
@@ -16,19 +17,19 @@ from rz.models import forward, lm_head, rope_tables, rope_tables_for
 from rz.sampling import Sampler
 
 
-@partial(jax.jit, static_argnames=("family", "cfg"), donate_argnames=("cache",))
-def prefill(weights, cache, tokens, positions, tables, last_index, *, family, cfg):
+@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
+def prefill(weights, cache, tokens, positions, tables, last_index, *, family, cfg, plan=None):
     """A prompt chunk into the cache: tokens, positions [1, T] -> (logits f32 [1, n_vocab] at last_index [1], cache)."""
-    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg)
+    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
     last = jnp.take_along_axis(hidden, last_index[:, None, None], axis=1)[:, 0]
-    return lm_head(weights, last, family=family, cfg=cfg), cache
+    return lm_head(weights, last, family=family, cfg=cfg, plan=plan), cache
 
 
-@partial(jax.jit, static_argnames=("family", "cfg"), donate_argnames=("cache",))
-def score(weights, cache, tokens, positions, tables, *, family, cfg):
+@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
+def score(weights, cache, tokens, positions, tables, *, family, cfg, plan=None):
     """A chunk of a teacher-forced pass: tokens, positions [1, T] -> (logits f32 [1, T, n_vocab], cache)."""
-    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg)
-    return lm_head(weights, hidden, family=family, cfg=cfg), cache
+    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
+    return lm_head(weights, hidden, family=family, cfg=cfg, plan=plan), cache
 
 
 # A chunk's RoPE tables, made outside its step (see rz.models.rope_tables).
@@ -48,8 +49,8 @@ def first_token(logits, tensors, state, allowed, *, n_top):
     return Sampler(n_top_logprobs=n_top)(logits, tensors, state, allowed)
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"))
-def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family, cfg, n_ctx, n_top, n_steps):
+@partial(jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"))
+def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family, cfg, plan=None, n_ctx, n_top, n_steps):
     """n_steps decode steps in one call, each feeding its sampled tokens to the next.
 
     allowed: the token bitmask of every row (see Sampler), or None. It holds for every step, so a
@@ -73,8 +74,8 @@ def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family
 
     def one(carry, tables):
         cache, tokens, positions, state = carry
-        hidden, cache = forward(weights, cache, tokens[:, None], positions[:, None], tables, family=family, cfg=cfg)
-        logits = lm_head(weights, hidden[:, 0], family=family, cfg=cfg)
+        hidden, cache = forward(weights, cache, tokens[:, None], positions[:, None], tables, family=family, cfg=cfg, plan=plan)
+        logits = lm_head(weights, hidden[:, 0], family=family, cfg=cfg, plan=plan)
         sampled, state = sampler(logits, tensors, state, allowed)
         following = jnp.where((positions >= 0) & (positions + 1 < n_ctx), positions + 1, -1)
         return (cache, sampled.tokens, following, state), sampled
@@ -84,8 +85,8 @@ def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family
     return sampled, cache, state, tokens, positions
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "n_top"), donate_argnames=("cache", "state"))
-def verify(weights, cache, tokens, positions, tables, tensors, state, *, family, cfg, n_top):
+@partial(jax.jit, static_argnames=("family", "cfg", "plan", "n_top"), donate_argnames=("cache", "state"))
+def verify(weights, cache, tokens, positions, tables, tensors, state, *, family, cfg, plan=None, n_top):
     """Score each row's last token and the drafts after it in one pass, and keep what the sampler agrees with.
 
     tokens, positions int32 [rows, W]: per row its last sampled token, then up to W - 1 drafted
@@ -104,8 +105,8 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, *, family,
     rows, width = tokens.shape
     whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
     overwritten = [_slots_at(layer, positions) for layer in cache.layers]
-    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg)
-    logits = lm_head(weights, hidden, family=family, cfg=cfg)
+    hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
+    logits = lm_head(weights, hidden, family=family, cfg=cfg, plan=plan)
 
     def one(state, logits_at):
         sampled, state = sampler(logits_at, tensors, state)

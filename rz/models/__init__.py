@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rz import kv_cache
+from rz import kv_cache, sharding
 from rz.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from rz.errors import UnsupportedModelError
 from rz.gguf import GGUFFile
@@ -54,11 +54,15 @@ def forward(
     *,
     family: Family,
     cfg: ModelConfig,
+    plan: sharding.Plan | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """tokens, positions int32 [B, T] (position -1: padding) -> (f32 [B, T, n_embd] after the final norm, cache).
 
     tables: rope_tables(weights, positions), if the caller made them (see rope_tables).
+    plan: the tensor-parallel split of weights and cache (rz.sharding), or None on one device.
     """
+    if plan is not None:
+        return sharding.forward(plan, forward, weights, cache, tokens, positions, tables, family=family, cfg=cfg)
     with jax.named_scope("embed"):
         x = family.embed(weights, tokens, cfg)
         if tables is None:
@@ -106,8 +110,10 @@ def rope_tables_for(freq_factors: jax.Array | None, positions: jax.Array, *, cfg
     }
 
 
-def lm_head(weights: Any, hidden: jax.Array, *, family: Family, cfg: ModelConfig) -> jax.Array:
-    """hidden f32 [..., n_embd] -> logits f32 [..., n_vocab]."""
+def lm_head(weights: Any, hidden: jax.Array, *, family: Family, cfg: ModelConfig, plan: sharding.Plan | None = None) -> jax.Array:
+    """hidden f32 [..., n_embd] -> logits f32 [..., n_vocab] (split by vocabulary over a plan's mesh)."""
+    if plan is not None:
+        return sharding.lm_head(plan, lm_head, weights, hidden, family=family, cfg=cfg)
     with jax.named_scope("lm_head"):
         return family.lm_head(weights, hidden, cfg)
 
@@ -138,6 +144,7 @@ class Model:
     cfg: ModelConfig
     weights: Any
     family: Family
+    plan: sharding.Plan | None = None  # tensor parallelism: how weights and cache are split (None: one device)
 
     def forward(self, weights: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, tables=None):
         """forward() of this model: (hidden after the final norm, cache)."""
@@ -153,17 +160,23 @@ class Model:
         """attention_probs() of this model: f32 [n_head, T, T] for a prompt tokens [T]."""
         return attention_probs(weights, tokens, layer, family=self.family, cfg=self.cfg)
 
-    def init_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """An empty KV cache for batch_size sequences of up to max_seq_len positions."""
-        return kv_cache.init_cache(self.cfg, batch_size, max_seq_len)
+    def init_cache(self, batch_size: int, max_seq_len: int, types: kv_cache.CacheTypes = kv_cache.CacheTypes()) -> KVCache:
+        """An empty KV cache for batch_size sequences of up to max_seq_len positions (split as the plan says)."""
+        if self.plan is not None:
+            return sharding.init_cache(self.plan, self.cfg, batch_size, max_seq_len, types)
+        return kv_cache.init_cache(self.cfg, batch_size, max_seq_len, types)
 
 
-def load_model(gguf: GGUFFile, cfg: ModelConfig) -> Model:
-    """The model in gguf, weights loaded (matrices quantized) onto the default device."""
+def load_model(gguf: GGUFFile, cfg: ModelConfig, tensor_parallel: int = 1) -> Model:
+    """The model in gguf, weights loaded (matrices quantized) onto the default device, or split
+    over `tensor_parallel` devices (rz.sharding; checked to divide before anything is read)."""
     if cfg.architecture not in FAMILIES:
         raise UnsupportedModelError(
             f"{gguf.path}: architecture {cfg.architecture!r} is not supported; "
             f"rz supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     family = FAMILIES[cfg.architecture]
-    return Model(cfg, load_weights(gguf, family.tensor_specs(cfg)), family)
+    if tensor_parallel == 1:
+        return Model(cfg, load_weights(gguf, family.tensor_specs(cfg)), family)
+    plan = sharding.plan(cfg, tensor_parallel)
+    return Model(cfg, sharding.place(load_weights(gguf, family.tensor_specs(cfg)), plan, cfg), family, plan)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.config import ModelConfig
+from rz.sharding import Gathered, gather_last
 from rz_kernels.quants import QTensor, dequantize
 from rz_kernels import qmatmul, qmatmul_many
 
@@ -31,13 +32,18 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
     return centered * jax.lax.rsqrt(variance + eps) * weight + bias
 
 
-def linear(x: jax.Array, weight: QTensor, bias: jax.Array | None = None) -> jax.Array:
+def linear(x: jax.Array, weight: QTensor | Gathered, bias: jax.Array | None = None) -> jax.Array:
     """x [..., K] @ weight[N, K].T (+ bias) -> f32 [..., N]: the one place matmuls on weights go through.
 
     rz_kernels.qmatmul picks the path per backend and shape (on CPU the C++ kernel, which rounds
     the activations to int8 per block as llama.cpp does; rz_kernels.quants.qmatmul_ref is the reference).
+    A tensor-parallel shard's rows of a weight whose input is split (rz.sharding.Gathered) take
+    the whole input, gathered, and give their rows of y, gathered.
     """
-    y = qmatmul(x, weight)
+    if isinstance(weight, Gathered):
+        y = gather_last(qmatmul(gather_last(x, weight.axis), weight.weight), weight.axis)
+    else:
+        y = qmatmul(x, weight)
     return y if bias is None else y + bias
 
 

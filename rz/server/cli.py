@@ -21,6 +21,15 @@ def add_cache_type_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
+    """--tensor-parallel N: split the model over N devices (rz.sharding); on CPU, N host devices."""
+    parser.add_argument(
+        "--tensor-parallel", type=_at_least(1), default=1, metavar="N",
+        help="split the model's heads, FFN and vocabulary over N devices (default: 1); "
+        "on a machine without accelerators, the CPU is presented as N devices",
+    )
+
+
 def add_commands(commands) -> None:
     """Add `serve` and `client` to python -m rz's subcommands."""
     serve = commands.add_parser(
@@ -29,6 +38,7 @@ def add_commands(commands) -> None:
     serve.add_argument("--model", metavar="PATH", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
     serve.add_argument("--n-ctx", type=int, default=None, help="context size per slot (default: min(4096, the model's))")
     add_cache_type_arguments(serve)
+    add_tensor_parallel_argument(serve)
     serve.add_argument("--max-batch", type=_at_least(1), default=8, help="decode slots: requests generating at once (default: 8)")
     serve.add_argument("--max-queue", type=_at_least(0), default=64, help="requests that may wait for a slot (default: 64)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -109,6 +119,10 @@ def run_serve(args) -> int:
     from rz.server.server import ServerConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="rz serve: %(message)s", stream=sys.stderr)
+    if args.tensor_parallel > 1:
+        from rz.sharding import provide_cpu_devices
+
+        provide_cpu_devices(args.tensor_parallel)
     return serve(ServerConfig(
         model=args.model or default_model_path(),
         n_ctx=args.n_ctx,
@@ -126,6 +140,7 @@ def run_serve(args) -> int:
         http_port=args.http_port,
         cache_type_k=args.cache_type_k,
         cache_type_v=args.cache_type_v,
+        tensor_parallel=args.tensor_parallel,
         speculative=args.speculative,
     ))
 

@@ -67,6 +67,7 @@ class ServerConfig:
     http_port: int = 8080  # the OpenAI/Ollama HTTP API; 0: any free port; -1: none
     cache_type_k: str = "f16"  # how the KV cache stores keys and values: llama.cpp's names
     cache_type_v: str = "f16"
+    tensor_parallel: int = 1  # devices the model is split over (rz.sharding)
     speculative: str | None = None  # the proposer of requests that name none (rz.speculative); None: off
 
 
@@ -143,6 +144,7 @@ class Server:
         llm = LLM(
             self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch,
             cache_type_k=self.config.cache_type_k, cache_type_v=self.config.cache_type_v,
+            tensor_parallel=self.config.tensor_parallel,
         )
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
         _report_chat_template(llm)

@@ -1,0 +1,138 @@
+"""Tensor parallelism (rz.sharding): a model split over a mesh of forced CPU devices gives one
+device's logits and greedy tokens; a shape that does not divide is a clear error.
+
+The forced devices must exist before JAX starts, so the comparisons run in one subprocess (this
+file run as a script, XLA_FLAGS set), which loads each model once per tensor-parallel size and
+reports the logits' NMSE against one device and both token streams.
+
+The scored prompt is short enough (at most rz_kernels' CPU_KERNEL_MAX_M tokens) for every matmul
+to take the C++ kernels, which compute a weight row the same whatever rows a shard holds. A longer
+prompt's 32-block weights take XLA's f32 GEMM, whose summation order depends on the shard's width;
+on Gemma 3, whose K-quant matmuls round activations to int8, those last-bit differences grow (see
+benchmarks/README.md, "Several devices").
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rz.config import ModelConfig
+from rz.gguf import GGUFFile
+from rz.sharding import ShardingError, plan
+
+ROOT = Path(__file__).resolve().parents[2]
+N_DEVICES = 8
+MAX_NMSE = 1e-6
+PROMPTS = ("The history of the printing press begins", "A recipe for bread needs flour, water and")
+
+# (name, tiny-model overrides or a real model's path function, tensor-parallel sizes)
+TINY_CASES = {
+    # 4 query heads over 2 KV heads, split as they are.
+    "tiny-llama": ("llama", {"n_ff": 128}, (2,)),
+    # 8 query heads, 2 KV heads copied 4 times over TP 8.
+    "tiny-llama-8-heads": ("llama", {"n_head": 8, "n_ff": 256, "head_dim": 16}, (8,)),
+    # QK-norm, sliding-window layers, GeGLU, tied embeddings, one KV head copied.
+    "tiny-gemma3": ("gemma3", {"n_head_kv": 1}, (2,)),
+}
+REAL_CASES = {"smollm2": ("smollm2_135m_path", (3,)), "gemma3-270m": ("gemma3_270m_path", (2,))}
+
+
+def _run(cases: dict, tmp: Path) -> dict:
+    """Each case's NMSE and token streams per tensor-parallel size (and one device's), from the subprocess."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={N_DEVICES}", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, __file__, json.dumps(cases), str(tmp)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict:
+    return _run({"tiny": TINY_CASES, "real": REAL_CASES}, tmp_path_factory.mktemp("tensor_parallel"))
+
+
+def _each_size(cases: dict) -> list:
+    return [(name, size) for name, case in cases.items() for size in case[-1]]
+
+
+@pytest.mark.parametrize(("name", "size"), _each_size(TINY_CASES) + _each_size(REAL_CASES))
+def test_logits_match_one_device(results, name, size):
+    assert results[name][str(size)]["nmse"] <= MAX_NMSE
+
+
+@pytest.mark.parametrize(("name", "size"), _each_size(TINY_CASES) + _each_size(REAL_CASES))
+def test_greedy_tokens_match_one_device_in_a_batch(results, name, size):
+    one = results[name]["1"]["tokens"]
+    assert all(len(stream) > 0 for stream in one)
+    assert results[name][str(size)]["tokens"] == one
+
+
+def _smollm2_config() -> ModelConfig:
+    from rz.model_files import smollm2_135m_path
+
+    return ModelConfig.from_gguf(GGUFFile(smollm2_135m_path()))
+
+
+def test_query_heads_that_do_not_divide_name_the_dimension():
+    with pytest.raises(ShardingError, match=r"9 query heads \(attention.head_count\) do not divide over 2 devices"):
+        plan(_smollm2_config(), 2)
+
+
+def test_kv_heads_that_neither_divide_nor_replicate_are_an_error():
+    from dataclasses import replace
+
+    # 12 query heads and 3 KV heads over 4 devices: 3 KV heads neither split nor copy evenly.
+    with pytest.raises(ShardingError, match=r"3 KV heads"):
+        plan(replace(_smollm2_config(), n_head=12, n_ff=1536, n_vocab=49152), 4)
+
+
+def test_too_few_devices_says_how_to_get_more():
+    import jax
+
+    with pytest.raises(ShardingError, match="xla_force_host_platform_device_count=3"):
+        plan(_smollm2_config(), 3, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("size", [0, -1, True, 2.0])
+def test_tensor_parallel_must_be_a_positive_integer(size):
+    with pytest.raises(ShardingError, match="positive integer"):
+        plan(_smollm2_config(), size)
+
+
+def _greedy(llm) -> list[list[int]]:
+    """Greedy tokens for PROMPTS, decoded together as one batch."""
+    return [c.token_ids for c in llm.generate(list(PROMPTS), max_tokens=8, temperature=0, ignore_eos=True)]
+
+
+def _main(cases: dict, tmp: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    import rz
+    from rz import model_files
+    from models.tiny_models import write_tiny_model
+
+    paths = {name: (write_tiny_model(tmp / f"{name}.gguf", arch, "Q8_0", **overrides), sizes)
+             for name, (arch, overrides, sizes) in cases["tiny"].items()}
+    paths |= {name: (getattr(model_files, function)(), sizes) for name, (function, sizes) in cases["real"].items()}
+    report = {}
+    for name, (path, sizes) in paths.items():
+        one = rz.LLM(path, n_ctx=128, max_batch=2, compilation_cache=False)
+        ids = one.tokenize(PROMPTS[0])
+        reference = one.score(ids)
+        report[name] = {"1": {"nmse": 0.0, "tokens": _greedy(one)}}
+        del one
+        for size in sizes:
+            split = rz.LLM(path, n_ctx=128, max_batch=2, compilation_cache=False, tensor_parallel=size)
+            nmse = float(np.sum((split.score(ids) - reference) ** 2) / np.sum(reference**2))
+            report[name][str(size)] = {"nmse": nmse, "tokens": _greedy(split)}
+            del split
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    _main(json.loads(sys.argv[1]), Path(sys.argv[2]))
