@@ -155,6 +155,12 @@ def plan(cfg: ModelConfig, tensor_parallel: int, devices: list | None = None) ->
         raise ShardingError(f"tensor_parallel must be a positive integer, got {tensor_parallel!r}")
     if cfg.n_expert:
         raise ShardingError(f"tensor parallelism does not split mixture-of-experts layers yet ({cfg.architecture})")
+    from rz.models.gemma3 import WIDTH_SCALED_QUERY_LAYERS  # here: rz.models imports this module
+
+    if tensor_parallel > 1 and cfg.n_layer == WIDTH_SCALED_QUERY_LAYERS.get(cfg.architecture):
+        # Gemma 2/3 27B scale queries by embedding/heads; a shard's config holds its own heads only.
+        raise ShardingError(f"tensor parallelism does not yet scale the queries of the {cfg.n_layer}-layer "
+                            f"{cfg.architecture} (27B) as one device does; run it with tensor_parallel=1")
     name = f"{cfg.architecture} model"
     for what, count in (("query heads (attention.head_count)", cfg.n_head), ("FFN columns (feed_forward_length)", cfg.n_ff),
                         ("embedding columns (embedding_length)", cfg.n_embd), ("vocabulary rows (the LM head)", cfg.n_vocab)):

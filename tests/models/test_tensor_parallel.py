@@ -92,6 +92,16 @@ def test_kv_heads_that_neither_divide_nor_replicate_are_an_error():
         plan(replace(_smollm2_config(), n_head=12, n_ff=1536, n_vocab=49152), 4)
 
 
+def test_width_scaled_queries_are_refused_rather_than_scaled_per_shard():
+    from dataclasses import replace
+
+    from rz.model_files import gemma3_270m_path
+
+    gemma = ModelConfig.from_gguf(GGUFFile(gemma3_270m_path()))
+    with pytest.raises(ShardingError, match="62-layer gemma3"):
+        plan(replace(gemma, n_layer=62, sliding_layers=(False,) * 62), 2)
+
+
 def test_too_few_devices_says_how_to_get_more():
     import jax
 
