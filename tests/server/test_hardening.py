@@ -185,7 +185,9 @@ def test_a_chat_template_broken_for_every_chat_is_an_error_at_load_and_chat_call
 
     problem = "the chat template does not parse: TemplateSyntaxError: unexpected end of template (template line 1)"
     llm = SimpleNamespace(chat_template_problem=problem, tokenize=lambda text, add_bos=None, special=False: [1, 2])
-    llm.chat_prompt_ids = lambda messages, functions=None: rz.LLM.chat_prompt_ids(llm, messages, functions=functions)
+    llm.chat_prompt_ids = lambda messages, enable_thinking=None, functions=None: rz.LLM.chat_prompt_ids(
+        llm, messages, enable_thinking, functions=functions
+    )
     _report_chat_template(llm)
     assert [record.levelname for record in caplog.records] == ["ERROR"] and problem in caplog.text
     server = started()
