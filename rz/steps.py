@@ -98,13 +98,18 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, *, family,
 
     tables: chunk_rope_tables of positions. Returns the SampledTokens at every position (leaves [W, rows, ...]), how many of them each row
     emits (int32 [rows], at least 1 for a live row), the cache, and the sampler state as it stands
-    after each row's last emitted token. The cache holds only what was kept: the slots the rejected
-    drafts overwrote get their previous keys, values and positions back (a ring buffer's too).
+    after each row's last emitted token. The cache holds only what was kept, as attention sees it.
+    A global layer's rejected drafts stay in their slots as stale later positions, which causality
+    hides until the tokens at those positions overwrite them (the cache already holds such slots
+    when a batch row is reused). A ring buffer's rejected drafts overwrote keys still inside the
+    window, so their slots get their previous keys, values and positions back; only ring layers
+    save them, since reading a layer before its in-place write makes XLA copy the whole layer.
     """
     sampler = Sampler(n_top_logprobs=n_top)
     rows, width = tokens.shape
     whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
-    overwritten = [_slots_at(layer, positions) for layer in cache.layers]
+    rings = [index for index, sliding in enumerate(cfg.sliding_layers) if sliding]
+    overwritten = [_slots_at(cache.layers[index], positions) for index in rings]
     hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
     logits = lm_head(weights, hidden, family=family, cfg=cfg, plan=plan)
 
@@ -121,9 +126,10 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, *, family,
     state = jax.tree.map(lambda leaf: leaf[last, jnp.arange(rows)], states)
     state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
     rejected = jnp.arange(width)[None, :] > n_kept[:, None]
-    cache = kv_cache.KVCache(
-        tuple(_restore(layer, old, positions, rejected) for layer, old in zip(cache.layers, overwritten))
-    )
+    layers = list(cache.layers)
+    for index, old in zip(rings, overwritten):
+        layers[index] = _restore(layers[index], old, positions, rejected)
+    cache = kv_cache.KVCache(tuple(layers))
     return sampled, n_emitted, cache, state
 
 
