@@ -19,8 +19,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))
 
 from oracle import kl_divergence, llama_cpp_logits, llama_cpp_tokenize  # noqa: E402
-from passage import PASSAGE  # noqa: E402
 from reference_np import ReferenceModel  # noqa: E402
+
+from rz.bench.passage import PASSAGE  # noqa: E402
 
 N_POSITIONS = 1100
 REFERENCE_POSITIONS = 256

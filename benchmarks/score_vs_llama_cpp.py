@@ -9,13 +9,9 @@ default cache, loaded through rz.bench.llamacpp_setup (no REPACK/AMX buffers on 
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))
-
-from passage import PASSAGE  # noqa: E402
+from rz.bench.passage import PASSAGE
 
 
 def main() -> None:

@@ -5,6 +5,7 @@
     python -m rz.bench report [--history benchmarks/results/history.jsonl]
     python -m rz.bench parity [--model M.gguf] [--prompts 48] [--tokens 48]
     python -m rz.bench chat [--model M.gguf] [--turns 10] [--engines rz,llama.cpp]
+    python -m rz.bench speculative [--model M.gguf ...] [--proposers ngram] [--reps 2] [--max-tokens 128]
     python -m rz.bench schema
 
 Exit status: 0 done; 1 a test failed while timing (the rest is still reported); 2 bad input or
@@ -24,7 +25,7 @@ from rz.bench.history import DEFAULT_HISTORY
 from rz.server.cli import add_cache_type_arguments
 
 EXIT_FAILED_TEST, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
-_COMMANDS = ("run", "serve", "report", "parity", "chat", "schema")
+_COMMANDS = ("run", "serve", "report", "parity", "chat", "schema", "speculative")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in _COMMANDS else "run"
     try:
         commands = {"run": cmd_run, "serve": cmd_serve, "report": cmd_report, "parity": cmd_parity, "chat": cmd_chat,
-                    "schema": cmd_schema}
+                    "schema": cmd_schema, "speculative": cmd_speculative}
         return commands[command](argv)
     except RzError as error:
         print(f"rz.bench: error: {error}", file=sys.stderr)
@@ -347,6 +348,41 @@ def cmd_chat(argv: list[str]) -> int:
     progress = (lambda message: None) if args.quiet else (lambda message: print(f"chat: {message}", file=sys.stderr))
     result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines, progress)
     result["command"] = ["python", "-m", "rz.bench", "chat"] + argv
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def cmd_speculative(argv: list[str]) -> int:
+    from rz.bench.speculative import measure, table
+    from rz.model_files import gemma3_270m_path, smollm2_135m_path
+    from rz.speculative import PROPOSERS
+
+    parser = _Parser(prog="python -m rz.bench speculative",
+                     description="Speculative decoding at batch 1: verify costs, and tok/s of rz's proposers beside "
+                                 "plain decoding and llama.cpp's prompt lookup, on an input-grounded and a free workload.")
+    parser.add_argument("--model", metavar="GGUF", action="append",
+                        help="a GGUF file, repeatable (default: SmolLM2 135M and Gemma 3 270M)")
+    parser.add_argument("--proposers", default=",".join(PROPOSERS), help=f"comma list of {', '.join(PROPOSERS)} (default: all)")
+    parser.add_argument("--reps", type=int, default=2, help="runs of each engine per workload; medians are reported (default: 2)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    proposers = tuple(name for name in args.proposers.split(",") if name)
+    if not proposers or set(proposers) - set(PROPOSERS):
+        raise BenchError(f"--proposers: expected a comma list of {', '.join(PROPOSERS)}, got {args.proposers!r}")
+    if args.reps < 1 or args.max_tokens < 2:
+        raise BenchError(f"--reps must be at least 1 and --max-tokens at least 2, got {args.reps} and {args.max_tokens}")
+    paths = [Path(p) for p in args.model] if args.model else [smollm2_135m_path(), gemma3_270m_path()]
+    for path in paths:
+        if not path.is_file():
+            raise BenchError(f"--model {path}: no such file")
+    progress = (lambda message: None) if args.quiet else (lambda message: print(f"speculative: {message}", file=sys.stderr))
+    result = measure({path.name: path for path in paths}, proposers, args.reps, args.max_tokens, args.threads, progress)
+    result["command"] = ["python", "-m", "rz.bench", "speculative"] + argv
     print(table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

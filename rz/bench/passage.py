@@ -1,4 +1,5 @@
-"""A varied English passage, long enough for more than 1,000 tokens under any of the test models' vocabularies."""
+"""A varied English passage, long enough for more than 1,000 tokens under any of the test models' vocabularies:
+the input of input-grounded workloads (rz.bench.speculative) and of long-context tests."""
 
 PASSAGE = """\
 The lighthouse on the northern cape was built in 1874, after a winter in which three ships ran \

@@ -124,3 +124,14 @@ def test_schema_command_prints_the_schema(capsys):
 @pytest.mark.parametrize("text, fraction", [("5%", 0.05), ("5", 0.05), ("0.05", 0.05), ("12.5%", 0.125), ("0", 0.0)])
 def test_percentages(text, fraction):
     assert parse_fraction(text) == pytest.approx(fraction)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--proposers", "ngram,eagle"], "--proposers: expected a comma list of"),
+    (["--reps", "0"], "--reps must be at least 1"),
+    (["--model", "missing.gguf"], "--model missing.gguf: no such file"),
+])
+def test_speculative_bench_refuses_bad_input_in_one_line(args, message, capsys):
+    code, out, err = bench(["speculative", *args], capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err

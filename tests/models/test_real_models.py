@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from oracle import MAX_MEAN_KL, MIN_TOP1_AGREEMENT, kl_divergence, llama_cpp_logits, llama_cpp_tokenize
-from passage import PASSAGE
+from rz.bench.passage import PASSAGE
 from reference_np import ReferenceModel
 from rz.kv_cache import CacheTypes
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
