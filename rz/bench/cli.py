@@ -332,26 +332,17 @@ def cmd_chat(argv: list[str]) -> int:
     parser.add_argument("--user-tokens", type=int, default=100, help="tokens of each user message (default: 100)")
     parser.add_argument("--answer-tokens", type=int, default=16, help="tokens of each assistant answer (default: 16)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context positions (default: 4096)")
-    parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
-    parser.add_argument("--json", metavar="FILE", help="also write the result here")
-    parser.add_argument("--quiet", action="store_true")
+    _add_measurement_options(parser)
     args = parser.parse_args(argv)
-    engines = tuple(name for name in args.engines.split(",") if name)
-    unknown = set(engines) - {"rz", "llama.cpp"}
-    if unknown or not engines:
-        raise BenchError(f"--engines: expected a comma list of rz, llama.cpp, got {args.engines!r}")
+    engines = _comma_list(args.engines, ("rz", "llama.cpp"), "--engines")
     if args.turns < 1:
         raise BenchError(f"--turns must be at least 1, got {args.turns}")
     model_path = Path(args.model) if args.model else smollm2_135m_path()
     if not model_path.is_file():
         raise BenchError(f"--model {model_path}: no such file")
-    progress = (lambda message: None) if args.quiet else (lambda message: print(f"chat: {message}", file=sys.stderr))
-    result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines, progress)
-    result["command"] = ["python", "-m", "rz.bench", "chat"] + argv
-    print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines,
+                     _progress("chat", args.quiet))
+    return _report_measurement(result, table, "chat", argv, args.json)
 
 
 def cmd_speculative(argv: list[str]) -> int:
@@ -367,25 +358,45 @@ def cmd_speculative(argv: list[str]) -> int:
     parser.add_argument("--proposers", default=",".join(PROPOSERS), help=f"comma list of {', '.join(PROPOSERS)} (default: all)")
     parser.add_argument("--reps", type=int, default=2, help="runs of each engine per workload; medians are reported (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
-    parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
-    parser.add_argument("--json", metavar="FILE", help="also write the result here")
-    parser.add_argument("--quiet", action="store_true")
+    _add_measurement_options(parser)
     args = parser.parse_args(argv)
-    proposers = tuple(name for name in args.proposers.split(",") if name)
-    if not proposers or set(proposers) - set(PROPOSERS):
-        raise BenchError(f"--proposers: expected a comma list of {', '.join(PROPOSERS)}, got {args.proposers!r}")
+    proposers = _comma_list(args.proposers, PROPOSERS, "--proposers")
     if args.reps < 1 or args.max_tokens < 2:
         raise BenchError(f"--reps must be at least 1 and --max-tokens at least 2, got {args.reps} and {args.max_tokens}")
     paths = [Path(p) for p in args.model] if args.model else [smollm2_135m_path(), gemma3_270m_path()]
     for path in paths:
         if not path.is_file():
             raise BenchError(f"--model {path}: no such file")
-    progress = (lambda message: None) if args.quiet else (lambda message: print(f"speculative: {message}", file=sys.stderr))
-    result = measure({path.name: path for path in paths}, proposers, args.reps, args.max_tokens, args.threads, progress)
-    result["command"] = ["python", "-m", "rz.bench", "speculative"] + argv
+    result = measure({path.name: path for path in paths}, proposers, args.reps, args.max_tokens, args.threads,
+                     _progress("speculative", args.quiet))
+    return _report_measurement(result, table, "speculative", argv, args.json)
+
+
+def _add_measurement_options(parser: argparse.ArgumentParser) -> None:
+    """The options every in-process measurement command takes: llama.cpp's threads, a JSON copy, quiet."""
+    parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
+    parser.add_argument("--json", metavar="FILE", help="also write the result here")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def _comma_list(text: str, choices: tuple[str, ...], option: str) -> tuple[str, ...]:
+    """A non-empty comma list of choices, else BenchError naming them."""
+    names = tuple(name for name in text.split(",") if name)
+    if not names or set(names) - set(choices):
+        raise BenchError(f"{option}: expected a comma list of {', '.join(choices)}, got {text!r}")
+    return names
+
+
+def _progress(command: str, quiet: bool):
+    return (lambda message: None) if quiet else (lambda message: print(f"{command}: {message}", file=sys.stderr))
+
+
+def _report_measurement(result: dict, table, command: str, argv: list[str], json_path: str | None) -> int:
+    """Print a measurement command's table and write its result, with the command line, to json_path."""
+    result["command"] = ["python", "-m", "rz.bench", command] + argv
     print(table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
