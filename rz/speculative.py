@@ -43,8 +43,9 @@ PROBE_INTERVAL = 32
 LOOK_INTERVAL = 8
 # Until a call of a shape has been timed, the cost model assumes these costs relative to one plain
 # decode step at the same batch: a W-token verify call reads the weights once, as a decode step
-# does, and computes W rows (the measurement: an 8-row step costs 2.6-3.7x a 1-row one).
-_ASSUMED_VERIFY_COST = {2: 1.3, 4: 1.8, 8: 3.0}
+# does, and computes W rows (about what both real models measure at batch 1, in
+# benchmarks/results/speculative-session12.md).
+_ASSUMED_VERIFY_COST = {2: 1.25, 4: 1.5, 8: 1.9}
 # Each timing weighs this much against the average of those before it.
 _TIMING_WEIGHT = 0.2
 
