@@ -29,9 +29,10 @@ _TEXT = (
 
 
 def conversation(tokenize: Callable[[str], list[int]], render: Callable[[list[dict]], list[int]], turns: int,
-                 user_tokens: int, answer_tokens: int) -> list[list[int]]:
-    """The prompt ids of every turn: the chat so far, ending with the turn's user message."""
-    messages, prompts, cursor = [], [], 0
+                 user_tokens: int, answer_tokens: int, start: int = 0) -> list[list[int]]:
+    """The prompt ids of every turn: the chat so far, ending with the turn's user message. `start`:
+    the word of the text the chat starts at (another start, another chat of the same lengths)."""
+    messages, prompts, cursor = [], [], start
     for turn in range(turns):
         words = []
         while len(tokenize(" ".join(words))) < user_tokens:
@@ -48,13 +49,22 @@ def conversation(tokenize: Callable[[str], list[int]], render: Callable[[list[di
 
 
 def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, n_ctx: int, threads: int,
-            engines: tuple[str, ...], progress: Callable[[str], None]) -> dict:
-    """Per engine, the TTFT of every turn (seconds) and the prompt lengths."""
+            engines: tuple[str, ...], progress: Callable[[str], None], warm: bool = False) -> dict:
+    """Per engine, the TTFT of every turn (seconds) and the prompt lengths. warm: rz first runs
+    another chat of the same lengths, so that no measured turn compiles (as in a warmed-up server)."""
     import rz
 
     llm = rz.LLM(model_path, n_ctx=n_ctx, max_batch=1)
-    prompts = conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns,
-                           user_tokens, answer_tokens)
+
+    def chat(start: int) -> list[list[int]]:
+        return conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns,
+                            user_tokens, answer_tokens, start)
+
+    prompts = chat(0)
+    if warm and "rz" in engines:
+        for ids in chat(len(_TEXT) // 2):
+            llm.generate(ids, max_tokens=1, temperature=0.0)
+        progress(f"rz warmed up: {len(llm.compilations)} steps compiled")
     if len(prompts[-1]) + 1 > n_ctx:
         raise BenchError(f"the last turn's prompt ({len(prompts[-1])} tokens) does not fit n_ctx {n_ctx}")
     runners = {}
@@ -67,7 +77,8 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
     if "llama.cpp" in engines:
         oracle = _LlamaCppChat(EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx))
         runners["llama.cpp"] = oracle.first_token
-    result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "prompt_tokens": [len(p) for p in prompts],
+    result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "warm": warm,
+              "prompt_tokens": [len(p) for p in prompts],
               "ttft_s": {name: [] for name in runners}, "cached_tokens": {name: [] for name in runners}}
     try:
         for turn, ids in enumerate(prompts, 1):
