@@ -29,10 +29,9 @@ _TEXT = (
 
 
 def conversation(tokenize: Callable[[str], list[int]], render: Callable[[list[dict]], list[int]], turns: int,
-                 user_tokens: int, answer_tokens: int, start: int = 0) -> list[list[int]]:
-    """The prompt ids of every turn: the chat so far, ending with the turn's user message. `start`:
-    the word of the text the chat starts at (another start, another chat of the same lengths)."""
-    messages, prompts, cursor = [], [], start
+                 user_tokens: int, answer_tokens: int) -> list[list[int]]:
+    """The prompt ids of every turn: the chat so far, ending with the turn's user message."""
+    messages, prompts, cursor = [], [], 0
     for turn in range(turns):
         words = []
         while len(tokenize(" ".join(words))) < user_tokens:
@@ -50,20 +49,15 @@ def conversation(tokenize: Callable[[str], list[int]], render: Callable[[list[di
 
 def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, n_ctx: int, threads: int,
             engines: tuple[str, ...], progress: Callable[[str], None], warm: bool = False) -> dict:
-    """Per engine, the TTFT of every turn (seconds) and the prompt lengths. warm: rz first runs
-    another chat of the same lengths, so that no measured turn compiles (as in a warmed-up server)."""
+    """Per engine, the TTFT of every turn (seconds) and the prompt lengths. warm: rz compiles
+    every shape first (rz.LLM.warm_up), so that no measured turn compiles, as in a warmed-up server."""
     import rz
 
     llm = rz.LLM(model_path, n_ctx=n_ctx, max_batch=1)
-
-    def chat(start: int) -> list[list[int]]:
-        return conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns,
-                            user_tokens, answer_tokens, start)
-
-    prompts = chat(0)
+    prompts = conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns,
+                           user_tokens, answer_tokens)
     if warm and "rz" in engines:
-        for ids in chat(len(_TEXT) // 2):
-            llm.generate(ids, max_tokens=1, temperature=0.0)
+        llm.warm_up()
         progress(f"rz warmed up: {len(llm.compilations)} steps compiled")
     if len(prompts[-1]) + 1 > n_ctx:
         raise BenchError(f"the last turn's prompt ({len(prompts[-1])} tokens) does not fit n_ctx {n_ctx}")

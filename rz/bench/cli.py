@@ -333,7 +333,7 @@ def cmd_chat(argv: list[str]) -> int:
     parser.add_argument("--n-ctx", type=int, default=4096, help="context positions (default: 4096)")
     parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
     parser.add_argument("--warm", action="store_true",
-                        help="rz first runs another chat of the same lengths, so no measured turn compiles (a warmed-up server)")
+                        help="rz compiles every shape first, so no measured turn compiles (as a warmed-up server)")
     parser.add_argument("--json", metavar="FILE", help="also write the result here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)

@@ -141,7 +141,8 @@ class Server:
         from rz.engine import Engine
         from rz.llm import LLM
         from rz.scheduler import Scheduler
-        from rz.server.scheduler import FIRST_REQUEST_UNITS, EngineLoop, warm_up_units
+        from rz.server.scheduler import EngineLoop
+        from rz.warm_up import FIRST_REQUEST_UNITS, warm_up_units
 
         llm = LLM(
             self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch,

@@ -75,7 +75,7 @@ def test_the_loop_warms_up_while_idle_and_serves_a_request_in_between():
     """A server reports SERVING after warm_up_units' first units; the loop runs the rest when no
     request waits. A request that arrives meanwhile gets the tokens it gets on a warm engine, and
     the warm-up still ends with every shape compiled."""
-    from rz.server.scheduler import FIRST_REQUEST_UNITS, warm_up_units
+    from rz.warm_up import FIRST_REQUEST_UNITS, warm_up_units
 
     llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
     engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
@@ -100,7 +100,7 @@ def test_the_loop_warms_up_while_idle_and_serves_a_request_in_between():
 def test_warm_up_compiles_every_shape_that_serving_meets():
     """After warm_up, prompts of every length (one chunk or several, every context bucket), every
     batch size, log-probabilities and structured output compile nothing new."""
-    from rz.server.scheduler import warm_up
+    from rz.warm_up import warm_up
 
     llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
     engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
