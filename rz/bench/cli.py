@@ -332,6 +332,8 @@ def cmd_chat(argv: list[str]) -> int:
     parser.add_argument("--user-tokens", type=int, default=100, help="tokens of each user message (default: 100)")
     parser.add_argument("--answer-tokens", type=int, default=16, help="tokens of each assistant answer (default: 16)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context positions (default: 4096)")
+    parser.add_argument("--warm", action="store_true",
+                        help="rz compiles every shape first, so no measured turn compiles (as a warmed-up server)")
     _add_measurement_options(parser)
     args = parser.parse_args(argv)
     engines = _comma_list(args.engines, ("rz", "llama.cpp"), "--engines")
@@ -341,7 +343,7 @@ def cmd_chat(argv: list[str]) -> int:
     if not model_path.is_file():
         raise BenchError(f"--model {model_path}: no such file")
     result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines,
-                     _progress("chat", args.quiet))
+                     _progress("chat", args.quiet), warm=args.warm)
     return _report_measurement(result, table, "chat", argv, args.json)
 
 

@@ -12,13 +12,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
-from rz.constraints import Constraint
 from rz.engine import Engine
 from rz.errors import RequestError, RzError, ShuttingDownError
 from rz.generation import Generation, GenerationRequest, StepEvent
-from rz.request import FinishReason, RequestOptions, SamplingParams
+from rz.request import FinishReason
 from rz.scheduler import Scheduler
+from rz.warm_up import WarmUpUnit
 
 log = logging.getLogger("rz.server")
 
@@ -70,9 +71,16 @@ class Ticket:
 class EngineLoop:
     """Continuous batching over an engine, run by one thread that drives the host scheduler."""
 
-    def __init__(self, engine: Engine, max_queue: int):
+    def __init__(self, engine: Engine, max_queue: int, warm_up: Sequence[WarmUpUnit] = ()):
+        """warm_up: units of rz.warm_up.warm_up_units the loop runs while no request waits, one at a time, so a
+        request waits for at most one unit."""
         self.engine = engine
         self.max_queue = max_queue
+        self._warm_up = collections.deque(warm_up)
+        self.warm_up_started = time.perf_counter()
+        self.warm_up_done = threading.Event()
+        if not self._warm_up:
+            self.warm_up_done.set()
         self.scheduler = Scheduler(engine, prefill_budget_s=PREFILL_BUDGET_S)
         self._changed = threading.Condition()
         self._live: set[Ticket] = set()  # submitted, not yet given a final item
@@ -145,6 +153,10 @@ class EngineLoop:
         used = sum(len(sequence.request.prompt_ids) + len(sequence.output_ids) for sequence in running)
         return len(running), waiting + len(handed) - len(running), used / (self.engine.n_slots * self.engine.n_ctx)
 
+    def warm_up_pending(self) -> int:
+        """Warm-up units not yet finished."""
+        return 0 if self.warm_up_done.is_set() else len(self._warm_up) + 1
+
     def stop(self) -> None:
         """Stop the loop thread and wait for it."""
         with self._changed:
@@ -158,10 +170,14 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting and not self.scheduler.has_work() and not self._stopped:
+                while not self._waiting and not self.scheduler.has_work() and not self._stopped and not self._warm_up:
                     self._changed.wait()
                 if self._stopped:
                     return
+                idle = not self._waiting and not self.scheduler.has_work()
+            if idle:
+                self._warm_up_next()
+                continue
             # Cancelled during the last step: their slots go to waiting requests now.
             for event in self.scheduler.free_stopped():
                 self._deliver(event)
@@ -171,6 +187,17 @@ class EngineLoop:
                 self._finish(ticket, _failure(ticket, error))
             for event in self.scheduler.step():
                 self._deliver(event)
+
+    def _warm_up_next(self) -> None:
+        unit = self._warm_up.popleft()
+        try:
+            unit(self.scheduler)
+        except Exception:  # noqa: BLE001 - a shape left cold compiles when a request meets it
+            log.exception("a warm-up step failed; the shapes it compiles will compile on first use")
+        if not self._warm_up:
+            log.info("background warm-up done: compiled %d steps in %.1f s", len(self.engine.compilations),
+                     time.perf_counter() - self.warm_up_started)
+            self.warm_up_done.set()
 
     def _hand_over(self) -> list[tuple[Ticket, Exception]]:
         """Move queued tickets into the scheduler while slots are free for them (the lock held);
@@ -227,41 +254,3 @@ def _cancelled_item(ticket: Ticket, sequence: Generation | None):
     if sequence is None:
         return ShuttingDownError("the server shut down before the request got a slot")
     return StepEvent(sequence, None, "", FinishReason.CANCELLED)
-
-
-# Any constraint compiles the masked steps; this one lets a warm-up request run its two tokens.
-_ANY_LETTERS = Constraint("regex", "[a-z]{1,64}")
-
-
-def warm_up(engine: Engine) -> None:
-    """Compile every step before serving, so that no request waits for a compilation: the prefill
-    (a chunk, the first token, the insertion) of each context bucket, with and without a reused
-    prefix, and the decode step of each
-    batch bucket with and without top log-probabilities, and with a token mask (structured output:
-    its first constrained request would otherwise also build the vocabulary llguidance compiles against).
-
-    Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
-    `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
-    prefilling prompts nobody asked for.
-    """
-    greedy = SamplingParams(temperature=0.0)
-    scheduler = Scheduler(engine)
-    request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=greedy, ignore_eos=True))
-    # The second prompt starts with the first, whose KV its slot still holds: the reuse path
-    # (the row's copy and a tail chunk) of the same bucket.
-    extended = GenerationRequest(prompt_ids=(0, 0), options=request.options)
-    for context in engine.buckets.context:
-        for prompt in (request, extended):
-            scheduler.add(prompt, context=context)
-            collections.deque(scheduler.drain(), maxlen=0)
-    for params in (greedy, SamplingParams(temperature=0.0, n_logprobs=1)):
-        for rows in engine.batch_sizes:
-            request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=params, ignore_eos=True))
-            for _ in range(rows):
-                scheduler.add(request)
-            collections.deque(scheduler.drain(), maxlen=0)
-    constrained = RequestOptions(max_tokens=2, sampling=greedy, ignore_eos=True, constraint=_ANY_LETTERS)
-    for rows in engine.batch_sizes:
-        for _ in range(rows):
-            scheduler.add(GenerationRequest(prompt_ids=(0,), options=constrained))
-        collections.deque(scheduler.drain(), maxlen=0)

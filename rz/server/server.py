@@ -135,11 +135,14 @@ class Server:
                 ) from None
 
     def load(self) -> None:
-        """Load the model, compile every step, start the engine loop, and report SERVING."""
+        """Load the model, compile what a first request needs, start the engine loop (which compiles
+        the other shapes while idle), and report SERVING."""
         from rz.buckets import Buckets
         from rz.engine import Engine
         from rz.llm import LLM
-        from rz.server.scheduler import EngineLoop, warm_up
+        from rz.scheduler import Scheduler
+        from rz.server.scheduler import EngineLoop
+        from rz.warm_up import FIRST_REQUEST_UNITS, warm_up_units
 
         llm = LLM(
             self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch,
@@ -153,13 +156,19 @@ class Server:
             llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
             speculative=self.config.speculative,
         )
-        warm_up(engine)
-        log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
+        # What a first short request needs compiles now; the rest while the server is idle.
+        units = warm_up_units(engine)
+        scheduler = Scheduler(engine)
+        for unit in units[:FIRST_REQUEST_UNITS]:
+            unit(scheduler)
+        log.info("compiled %d steps in %.1f s; the other shapes compile in the background",
+                 len(engine.compilations), sum(engine.compilations.values()))
         self.metrics.slots.set(engine.n_slots)
         self.metrics.watch_compilations(engine.compilations)
         self.metrics.watch_speculation(lambda: (engine.n_drafted, engine.n_accepted))
-        self._loop = EngineLoop(engine, self.config.max_queue)
+        self._loop = EngineLoop(engine, self.config.max_queue, warm_up=units[FIRST_REQUEST_UNITS:])
         self.metrics.watch_load(self._loop.load)
+        self.metrics.watch_warm_up(self._loop.warm_up_pending)
         self._loop.start()
         self.service.attach(llm, self._loop, _model_info(llm, self.config))
         if self.http is not None:
