@@ -101,7 +101,8 @@ class LLM:
 
         A prompt is text or a list of token ids. The options are rz.request.FLAT_OPTIONS: temperature,
         top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, seed,
-        stop, stop_token_ids, ignore_eos, logprobs; they default to llama.cpp's, and temperature=0 is greedy.
+        stop, stop_token_ids, ignore_eos, logprobs, logit_bias ({token id: bias}, added to the logits);
+        they default to llama.cpp's, and temperature=0 is greedy.
         speculative="ngram" drafts tokens by prompt lookup and verifies several in one step
         (rz.speculative): the same output, sooner where it quotes the prompt.
         """
