@@ -382,6 +382,10 @@ def test_grpc_chat_with_a_required_tool_gets_its_calls_in_the_last_message(serve
         with pytest.raises(grpc.RpcError) as refused:
             grpc_client.chat([{"role": "user", "content": "hi"}], 5, tools=[WEATHER_TOOL], tool_choice="nope")
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_client.chat([{"role": "user", "content": "hi"}], 5, tools=[WEATHER_TOOL], tool_choice="required",
+                             response_format={"type": "json_object"})
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "leave out response_format" in refused.value.details()
 
 
 @pytest.mark.slow
