@@ -41,8 +41,11 @@ def reference_penalties(logits, history, params: SamplingParams) -> np.ndarray:
 
 
 def reference_distribution(logits, params: SamplingParams, history=()) -> np.ndarray:
-    """The probability of every token after llama.cpp's chain: penalties, top-k, top-p, min-p, temperature."""
-    penalized = reference_penalties(logits, list(history), params).astype(np.float64)
+    """The probability of every token after llama.cpp's chain: logit bias, penalties, top-k, top-p, min-p, temperature."""
+    biased = np.asarray(logits, np.float32).copy()
+    for token, bias in params.logit_bias:
+        biased[token] += bias
+    penalized = reference_penalties(biased, list(history), params).astype(np.float64)
     order = np.argsort(-penalized, kind="stable")
     k = params.top_k if 0 < params.top_k < len(penalized) else len(penalized)
     kept = order[:k]
@@ -397,34 +400,52 @@ def random_case(rng: np.random.Generator, vocab: int):
     return logits, params, history
 
 
-def test_penalties_match_llama_cpp():
+def biased_case(rng: np.random.Generator, vocab: int):
+    """random_case with biases on a few tokens: small ones, OpenAI's extremes, and bans."""
+    logits, params, history = random_case(rng, vocab)
+    tokens = rng.choice(vocab, size=int(rng.integers(1, 6)), replace=False)
+    biases = rng.choice([-math.inf, -100.0, -3.0, -0.5, 0.7, 4.0, 100.0], size=len(tokens))
+    # Keep at least one token unbanned: a row with nothing left to sample is a caller's error.
+    biases[0] = max(biases[0], -100.0)
+    return logits, dataclasses.replace(params, logit_bias=tuple(sorted(zip(tokens.tolist(), biases.tolist())))), history
+
+
+@pytest.mark.parametrize("make_case", [random_case, biased_case], ids=["penalties", "logit-bias-then-penalties"])
+def test_penalties_and_logit_bias_match_llama_cpp(make_case):
     rng = np.random.default_rng(1)
-    cases = [random_case(rng, 30) for _ in range(40)]
+    cases = [make_case(rng, 30) for _ in range(40)]
     rows = [params for _, params, _ in cases]
     state = SamplerState.create(rows, [history for _, _, history in cases], window=TEST_WINDOW)
-    logits = np.stack([logits for logits, _, _ in cases])
-    ours = np.asarray(apply_penalties(jnp.asarray(logits), state.recent_tokens, SamplingTensors.from_params(rows)))
+    tensors = SamplingTensors.from_params(rows)
+    logits = jnp.asarray(np.stack([logits for logits, _, _ in cases]))
+    biased = apply_logit_bias(logits, tensors.bias_ids, tensors.bias_values)
+    ours = np.asarray(apply_penalties(biased, state.recent_tokens, tensors))
     for row, (row_logits, params, history) in enumerate(cases):
         theirs = llama_cpp_chain(row_logits, dataclasses.replace(params, temperature=1.0), history, False)
         expected = np.array([theirs[i] for i in range(len(row_logits))], np.float32)
         np.testing.assert_allclose(ours[row], expected, rtol=1e-6, atol=1e-6, err_msg=f"{params} {history}")
 
 
-def test_reference_chain_and_greedy_match_llama_cpp():
-    """The NumPy chain the statistical tests trust keeps exactly llama.cpp's candidates, at its probabilities."""
+@pytest.mark.parametrize("make_case", [random_case, biased_case], ids=["plain", "logit-bias"])
+def test_reference_chain_and_greedy_match_llama_cpp(make_case):
+    """The NumPy chain the statistical tests trust keeps exactly llama.cpp's candidates, at its
+    probabilities, and rz draws only among them."""
     rng = np.random.default_rng(2)
     for _ in range(200):
-        logits, params, history = random_case(rng, 40)
+        logits, params, history = make_case(rng, 40)
         theirs = llama_cpp_chain(logits, params, history, True)
         if params.temperature == 0:
             tokens, _, _ = run(Sampler(), logits, [params], [history])
             assert tokens[0, 0] == theirs, (params, history)
             continue
         expected = reference_distribution(logits, params, history)
+        theirs = {token: logit for token, logit in theirs.items() if logit > -math.inf}  # banned: never drawn
         assert set(theirs) == set(np.flatnonzero(expected)), (params, history)
         kept_logits = np.array(list(theirs.values()), np.float64)
         probs = np.exp(kept_logits - kept_logits.max())
         np.testing.assert_allclose(expected[list(theirs)], probs / probs.sum(), rtol=1e-4, atol=1e-7)
+        tokens, _, _ = run(Sampler(), logits, seeded(params, 64), [history] * 64)
+        assert set(tokens[0].tolist()) <= set(theirs), (params, history)
 
 
 def test_greedy_ties_match_llama_cpp():
@@ -456,44 +477,6 @@ def test_values_beyond_the_devices_f32_and_i32_are_request_errors(setting):
     with pytest.raises(RequestError, match=name):
         SamplingParams(**setting).validate()
     SamplingParams(**{name: 1e38 if name != "top_k" else 2**31 - 1}).validate()
-
-
-def biased_case(rng: np.random.Generator, vocab: int):
-    """random_case with biases on a few tokens: small ones, OpenAI's extremes, and bans."""
-    logits, params, history = random_case(rng, vocab)
-    tokens = rng.choice(vocab, size=int(rng.integers(1, 6)), replace=False)
-    biases = rng.choice([-math.inf, -100.0, -3.0, -0.5, 0.7, 4.0, 100.0], size=len(tokens))
-    # Keep at least one token unbanned: a row with nothing left to sample is a caller's error.
-    biases[0] = max(biases[0], -100.0)
-    return logits, dataclasses.replace(params, logit_bias=tuple(sorted(zip(tokens.tolist(), biases.tolist())))), history
-
-
-def test_logit_bias_adds_before_the_penalties_as_llama_cpp_does():
-    rng = np.random.default_rng(5)
-    cases = [biased_case(rng, 30) for _ in range(40)]
-    rows = [params for _, params, _ in cases]
-    state = SamplerState.create(rows, [history for _, _, history in cases], window=TEST_WINDOW)
-    tensors = SamplingTensors.from_params(rows)
-    biased = apply_logit_bias(jnp.asarray(np.stack([logits for logits, _, _ in cases])), tensors.bias_ids, tensors.bias_values)
-    ours = np.asarray(apply_penalties(biased, state.recent_tokens, tensors))
-    for row, (row_logits, params, history) in enumerate(cases):
-        theirs = llama_cpp_chain(row_logits, dataclasses.replace(params, temperature=1.0), history, False)
-        expected = np.array([theirs[i] for i in range(len(row_logits))], np.float32)
-        np.testing.assert_allclose(ours[row], expected, rtol=1e-6, atol=1e-6, err_msg=f"{params} {history}")
-
-
-def test_biased_sampling_keeps_llama_cpps_candidates():
-    """Greedy rows take llama.cpp's token; sampling rows draw only from what llama.cpp's chain keeps."""
-    rng = np.random.default_rng(6)
-    for _ in range(60):
-        logits, params, history = biased_case(rng, 40)
-        theirs = llama_cpp_chain(logits, params, history, True)
-        if params.temperature == 0:
-            tokens, _, _ = run(Sampler(), logits, [params], [history])
-            assert tokens[0, 0] == theirs, (params, history)
-            continue
-        tokens, _, _ = run(Sampler(), logits, seeded(params, 64), [history] * 64)
-        assert set(tokens[0].tolist()) <= set(theirs), (params, history)
 
 
 def test_a_minus_100_bias_on_the_argmax_gives_the_runner_up_under_greedy():
