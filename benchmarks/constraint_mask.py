@@ -54,13 +54,12 @@ def host_mask_seconds(engine: Engine, prompt_ids: tuple[int, ...]) -> list[float
     return seconds
 
 
-def sampler_seconds(n_vocab: int, masked: bool, repeats: int = 300) -> float:
-    """The sampler at batch 1 on SmolLM2's vocabulary, llama.cpp's default settings, with or without a mask."""
-    params = [SamplingParams(seed=1)]
+def sampler_seconds(params: list[SamplingParams], n_vocab: int, allowed: jax.Array | None = None, repeats: int = 300) -> float:
+    """The sampler alone on random logits, one row per params, with or without a token mask (also
+    benchmarks/logit_bias.py's)."""
     tensors = SamplingTensors.from_params(params)
-    state = SamplerState.create(params, [[1, 2, 3]])
-    logits = jax.random.normal(jax.random.key(0), (1, n_vocab))
-    allowed = jnp.asarray(np.full((1, (n_vocab + 31) // 32), 0x55555555, np.int32)) if masked else None
+    state = SamplerState.create(params, [[1, 2, 3]] * len(params))
+    logits = jax.random.normal(jax.random.key(0), (len(params), n_vocab))
     step = jax.jit(lambda logits, state, allowed: Sampler()(logits, tensors, state, allowed))
     jax.block_until_ready(step(logits, state, allowed))
     started = time.perf_counter()
@@ -84,7 +83,9 @@ def main() -> None:
             seconds = per_token_seconds(engine, options, prompt_ids)
         rows.append((name, per_token_seconds(engine, free, prompt_ids), per_token_seconds(engine, shaped, prompt_ids)))
     host = host_mask_seconds(engines["1 step/call"], prompt_ids)
-    plain, with_mask = sampler_seconds(n_vocab, False), sampler_seconds(n_vocab, True)
+    # Batch 1 on SmolLM2's vocabulary, llama.cpp's default settings; the mask allows every other token.
+    mask = jnp.asarray(np.full((1, (n_vocab + 31) // 32), 0x55555555, np.int32))
+    plain, with_mask = sampler_seconds([SamplingParams(seed=1)], n_vocab), sampler_seconds([SamplingParams(seed=1)], n_vocab, mask)
     step = rows[0][1]
     print(f"SmolLM2-135M Q4_1, batch 1, {N_TOKENS} tokens, greedy; n_vocab {n_vocab}")
     print("| engine | unconstrained ms/token | constrained ms/token | ratio |")

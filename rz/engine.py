@@ -110,6 +110,7 @@ class Engine:
             raise RequestError("the prompt is empty: give at least one token of text")
         request.options.validate()
         check_token_ids(request.prompt_ids, self.model.cfg.n_vocab)
+        check_token_ids([token for token, _ in request.options.sampling.logit_bias], self.model.cfg.n_vocab, "logit_bias token ids")
         if request.options.constraint is not None:
             self.vocabulary.matcher(request.options.constraint)
         max_tokens = request.options.max_tokens

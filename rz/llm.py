@@ -101,7 +101,8 @@ class LLM:
 
         A prompt is text or a list of token ids. The options are rz.request.FLAT_OPTIONS: temperature,
         top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, seed,
-        stop, stop_token_ids, ignore_eos, logprobs; they default to llama.cpp's, and temperature=0 is greedy.
+        stop, stop_token_ids, ignore_eos, logprobs, logit_bias ({token id: bias}, added to the logits);
+        they default to llama.cpp's, and temperature=0 is greedy.
         speculative="ngram" drafts tokens by prompt lookup and verifies several in one step
         (rz.speculative): the same output, sooner where it quotes the prompt.
         """
@@ -146,16 +147,57 @@ class LLM:
         ChatTemplateError if the model's template cannot render even a one-message chat (found
         at load: chat_template_problem says why); generate() works all the same.
         """
-        from rz.tools import offered_functions, parse_tool_calls, with_call_constraint
+        from rz.tools import parse_tool_calls
 
-        functions, forced = offered_functions(tools, tool_choice)
-        prompt_ids = self.chat_prompt_ids(messages, enable_thinking, functions)
-        completion = self.generate(prompt_ids, max_tokens=max_tokens, **with_call_constraint(options, forced))
+        prompt_ids, functions, options = self._chat_request(messages, enable_thinking, tools, tool_choice, options)
+        completion = self.generate(prompt_ids, max_tokens=max_tokens, **options)
         if not functions:
             return completion
         content, calls = parse_tool_calls(completion.text)
         return dataclasses.replace(completion, text=content if calls else completion.text,
                                    tool_calls=[call.as_openai() for call in calls])
+
+    def chat_stream(
+        self,
+        messages: list[dict],
+        max_tokens: int = RequestOptions.max_tokens,
+        enable_thinking: bool | None = None,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        **options,
+    ) -> Iterator[str | list[dict]]:
+        """Answer like chat() (the same arguments), yielding text pieces as they are produced.
+
+        With tools offered, text that may begin a call is held back until the answer ends; then
+        what was not a call comes as text, and the calls, if any, as the last item: a list of
+        OpenAI's tool_calls entries (as in chat()'s Completion.tool_calls).
+        """
+        from rz.tools import ToolCallStream
+
+        prompt_ids, functions, options = self._chat_request(messages, enable_thinking, tools, tool_choice, options)
+        pieces = self.stream(prompt_ids, max_tokens=max_tokens, **options)
+        held = ToolCallStream() if functions else None
+        try:
+            for piece in pieces:
+                text = held.feed(piece) if held is not None else piece
+                if text:
+                    yield text
+        finally:
+            pieces.close()  # a consumer that stops early frees the slot now
+        if held is not None:
+            tail, calls = held.finish()
+            if tail:
+                yield tail
+            if calls:
+                yield [call.as_openai() for call in calls]
+
+    def _chat_request(self, messages, enable_thinking, tools, tool_choice, options: dict) -> tuple[list[int], list[dict], dict]:
+        """A chat's prompt ids, the functions offered in it, and its options with a forced call's grammar (rz.tools)."""
+        from rz.tools import offered_functions, with_call_constraint
+
+        functions, forced = offered_functions(tools, tool_choice)
+        prompt_ids = self.chat_prompt_ids(messages, enable_thinking, functions)
+        return prompt_ids, functions, with_call_constraint(options, forced)
 
     def chat_prompt_ids(
         self, messages: list[dict], enable_thinking: bool | None = None, functions: list[dict] | None = None

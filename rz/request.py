@@ -24,6 +24,10 @@ from rz.stopping import validate_stops
 MAX_PENALTY_LAST_N = 256
 # OpenAI's limit on top_logprobs; it also bounds the static width of the top-logprob outputs.
 MAX_N_LOGPROBS = 20
+# OpenAI's limits on logit_bias: at most this many tokens (also the fixed width of each row's biases
+# on the device, rz.sampling.SamplingTensors), each biased by at most this much either way.
+MAX_LOGIT_BIAS = 300
+MAX_ABS_LOGIT_BIAS = 100.0
 _SEED_LIMIT = 2**32  # llama.cpp seeds are uint32
 # The settings become f32 and i32 on the device: a larger value would turn into inf or wrap.
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -44,6 +48,9 @@ class SamplingParams:
     penalty_last_n: int = 64  # 0: no penalties
     seed: int | None = None  # None: a fresh random seed, as llama.cpp's default seed
     n_logprobs: int = 0  # how many top log-probabilities to return per token
+    # (token id, bias) pairs, by id (logit_bias_of builds them): added to the logits before the chain;
+    # a bias of -inf bans the token.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def validate(self) -> None:
         """Raise RequestError naming the first setting that is malformed or out of range."""
@@ -71,6 +78,7 @@ class SamplingParams:
         for name, in_range, expectation in checks:
             if not in_range:
                 raise RequestError(f"{name} {expectation}, got {getattr(self, name)!r}")
+        _check_logit_bias(self.logit_bias)
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,8 @@ class RequestOptions:
         own = {name: value for name, value in options.items() if name in _OWN}
         if "stop" in own:
             own["stop"] = validate_stops(own["stop"])
+        if "logit_bias" in sampling:
+            sampling["logit_bias"] = logit_bias_of(sampling["logit_bias"])
         if "stop_token_ids" in own:
             own["stop_token_ids"] = frozenset(_token_ids(own["stop_token_ids"], "stop_token_ids"))
         for flag in ("ignore_eos", "cache_prompt"):
@@ -157,11 +167,63 @@ class Completion:
     tool_calls: list[dict] | None = None  # a chat with tools over rz.client: OpenAI's tool_calls entries
 
 
-def check_token_ids(ids: Sequence[int], n_vocab: int) -> None:
+def check_token_ids(ids: Sequence[int], n_vocab: int, what: str = "token ids") -> None:
     """Raise RequestError if a token id is outside a vocabulary of n_vocab tokens."""
     bad = [i for i in ids if not 0 <= i < n_vocab]
     if bad:
-        raise RequestError(f"token ids {bad[:5]} are outside the vocabulary (0..{n_vocab - 1})")
+        raise RequestError(f"{what} {bad[:5]} are outside the vocabulary (0..{n_vocab - 1})")
+
+
+def logit_bias_of(value) -> tuple[tuple[int, float], ...]:
+    """A logit_bias option as SamplingParams holds it: (token id, bias) pairs sorted by id.
+
+    Takes OpenAI's map {token id, or its decimal string as JSON keys are: bias}, or llama-server's
+    list of [token id, bias] pairs; None means none. A bias of False bans the token (-inf), as in
+    llama-server. Range checks are SamplingParams.validate's; the vocabulary's are the engine's.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        entries = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(e, (list, tuple)) and len(e) == 2 for e in value):
+        entries = [tuple(e) for e in value]
+    else:
+        raise RequestError(
+            "logit_bias must map token ids to biases ({\"15043\": -100}) or list [token id, bias] pairs, "
+            f"got {value!r:.100}"
+        )
+    if len(entries) > MAX_LOGIT_BIAS:
+        raise RequestError(f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens, got {len(entries)}")
+    pairs = {}
+    for token, bias in entries:
+        if isinstance(token, str) and token.strip().lstrip("-").isdecimal():
+            token = int(token)
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)):
+            raise RequestError(f"logit_bias keys must be token ids (integers), got {token!r:.50}")
+        if bias is False:
+            bias = -math.inf
+        if isinstance(bias, bool) or not isinstance(bias, (int, float, np.floating, np.integer)):
+            raise RequestError(f"logit_bias of token {token} must be a number (or false, a ban), got {bias!r:.50}")
+        if int(token) in pairs:
+            raise RequestError(f"logit_bias gives token {token} twice")
+        pairs[int(token)] = float(bias)
+    return tuple(sorted(pairs.items()))
+
+
+def _check_logit_bias(pairs) -> None:
+    if not isinstance(pairs, tuple) or not all(isinstance(p, tuple) and len(p) == 2 for p in pairs):
+        raise RequestError(f"logit_bias must be (token id, bias) pairs; rz.request.logit_bias_of builds them from a dict, got {pairs!r:.100}")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise RequestError(f"logit_bias may bias at most {MAX_LOGIT_BIAS} tokens, got {len(pairs)}")
+    for token, bias in pairs:
+        if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or not 0 <= token <= _I32_MAX:
+            raise RequestError(f"logit_bias keys must be token ids (integers >= 0), got {token!r:.50}")
+        number = isinstance(bias, (int, float, np.integer, np.floating)) and not isinstance(bias, bool)
+        if not (number and (abs(bias) <= MAX_ABS_LOGIT_BIAS or bias == -math.inf)):
+            raise RequestError(
+                f"logit_bias of token {token} must be in [-{MAX_ABS_LOGIT_BIAS:g}, {MAX_ABS_LOGIT_BIAS:g}] "
+                f"(or -inf / false, a ban), got {bias!r}"
+            )
 
 
 def _token_ids(ids, name: str) -> list[int]:

@@ -3,8 +3,11 @@
 The chain is the one llama.cpp's `common_sampler` and llama-cpp-python's `Llama._init_sampler`
 build by default, in the same order and with the same semantics:
 
-    penalties -> top-k -> top-p -> min-p -> temperature -> dist
+    logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> dist
 
+  * logit bias adds each row's per-token biases (OpenAI's and llama-server's `logit_bias`) to the
+    logits, first, as llama.cpp's chain (its logit-bias sampler leads) and vLLM (before its
+    penalties) do; a bias of -inf bans the token;
   * penalties (repeat, frequency, presence) over the last `penalty_last_n` tokens of the
     history the engine hands over: the generated tokens only, as in llama-cpp-python (a fresh
     sampler per request), or the prompt too, as llama.cpp's server feeds it into its sampler;
@@ -42,11 +45,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz.request import MAX_N_LOGPROBS, MAX_PENALTY_LAST_N, SamplingParams
+from rz.request import MAX_LOGIT_BIAS, MAX_N_LOGPROBS, MAX_PENALTY_LAST_N, SamplingParams
 
 __all__ = [
     "MAX_N_LOGPROBS", "MAX_PENALTY_LAST_N", "SampledTokens", "Sampler", "SamplerState", "SamplingParams", "SamplingTensors",
-    "apply_token_mask",
+    "apply_logit_bias", "apply_token_mask",
 ]
 
 # How many of the best logits top-k, top-p and min-p look at first (see above); llama.cpp's own
@@ -58,7 +61,12 @@ _INT32_MAX = 2**31 - 1
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplingTensors:
-    """The settings of every row of a batch, each field shaped [B]; built on the host once per batch."""
+    """The settings of every row of a batch, each field shaped [B] (the biases [B, MAX_LOGIT_BIAS]); built
+    on the host once per batch.
+
+    Every row's biases are padded to the same width, whatever it asks for, so that one compiled step
+    serves biased and unbiased batches alike.
+    """
 
     temperature: jax.Array  # f32[B]
     top_k: jax.Array  # i32[B]
@@ -68,6 +76,8 @@ class SamplingTensors:
     presence_penalty: jax.Array  # f32[B]
     frequency_penalty: jax.Array  # f32[B]
     penalty_last_n: jax.Array  # i32[B]
+    bias_ids: jax.Array  # i32[B, MAX_LOGIT_BIAS]: the biased tokens, -1 where empty
+    bias_values: jax.Array  # f32[B, MAX_LOGIT_BIAS]: their biases, 0 where empty
 
     @classmethod
     def from_params(cls, rows: Sequence[SamplingParams]) -> "SamplingTensors":
@@ -78,6 +88,12 @@ class SamplingTensors:
         def column(name, dtype):
             return jnp.asarray(np.array([getattr(p, name) for p in rows], dtype=dtype))
 
+        bias_ids = np.full((len(rows), MAX_LOGIT_BIAS), -1, np.int32)
+        bias_values = np.zeros((len(rows), MAX_LOGIT_BIAS), np.float32)
+        for row, params in enumerate(rows):
+            for column_index, (token, bias) in enumerate(params.logit_bias):
+                bias_ids[row, column_index], bias_values[row, column_index] = token, bias
+
         return cls(
             temperature=column("temperature", np.float32),
             top_k=jnp.asarray(np.array([min(p.top_k, _INT32_MAX) for p in rows], dtype=np.int32)),
@@ -87,6 +103,8 @@ class SamplingTensors:
             presence_penalty=column("presence_penalty", np.float32),
             frequency_penalty=column("frequency_penalty", np.float32),
             penalty_last_n=column("penalty_last_n", np.int32),
+            bias_ids=jnp.asarray(bias_ids),
+            bias_values=jnp.asarray(bias_values),
         )
 
 
@@ -145,7 +163,7 @@ class Sampler:
     """llama.cpp's default chain as a pure batched step: (logits, settings, state) -> (tokens, state).
 
     Log-probabilities follow llama-cpp-python's `logprobs` and llama.cpp's `n_probs` (without
-    post_sampling_probs): the log-softmax of the model's raw logits, before penalties,
+    post_sampling_probs): the log-softmax of the model's raw logits, before logit bias, penalties,
     truncation and temperature. The engine slices top_ids/top_logprobs to each row's
     n_logprobs; n_top_logprobs is the batch's maximum, a static width.
     """
@@ -170,15 +188,21 @@ class Sampler:
         with jax.named_scope("sampler"):
             logits = logits.astype(jnp.float32)
             # Each pass over the vocabulary costs (8 rows of Gemma's 262,144 logits are 8 MiB):
-            # a batch that asks for no penalty, or no draw, skips that work. Both skips are exact:
-            # penalties that are off leave every logit as it is, and a greedy row ignores its key.
+            # a batch that asks for no bias, no penalty, or no draw, skips that work. The skips are
+            # exact: biases and penalties that are off leave every logit as it is, and a greedy row
+            # ignores its key.
+            biased = jax.lax.cond(
+                jnp.any(params.bias_ids >= 0),
+                lambda: apply_logit_bias(logits, params.bias_ids, params.bias_values),
+                lambda: logits,
+            )
             penalties_on = (params.penalty_last_n > 0) & (
                 (params.repeat_penalty != 1) | (params.frequency_penalty != 0) | (params.presence_penalty != 0)
             )
             penalized = jax.lax.cond(
                 jnp.any(penalties_on),
-                lambda: apply_penalties(logits, state.recent_tokens, params),
-                lambda: logits,
+                lambda: apply_penalties(biased, state.recent_tokens, params),
+                lambda: biased,
             )
             if allowed is not None:
                 penalized = apply_token_mask(penalized, allowed)
@@ -263,6 +287,15 @@ def apply_token_mask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
     batch, vocab = logits.shape
     bits = (allowed[:, :, None] >> jnp.arange(32, dtype=allowed.dtype)) & 1
     return jnp.where(bits.reshape(batch, -1)[:, :vocab] != 0, logits, -jnp.inf)
+
+
+def apply_logit_bias(logits: jax.Array, bias_ids: jax.Array, bias_values: jax.Array) -> jax.Array:
+    """logits f32[B, V] with bias_values f32[B, K] added at bias_ids i32[B, K] (-1: no token) -> f32[B, V]."""
+    batch, vocab_size = logits.shape
+    # Empty entries point past the vocabulary, where the scatter drops them.
+    target = jnp.where(bias_ids >= 0, bias_ids, vocab_size)
+    rows = jnp.broadcast_to(jnp.arange(batch)[:, None], target.shape)
+    return logits.at[rows, target].add(bias_values, mode="drop")
 
 
 def apply_penalties(logits: jax.Array, recent_tokens: jax.Array, params: SamplingTensors) -> jax.Array:

@@ -1,5 +1,7 @@
 """rz.LLM end to end on a real model: the API contract, errors, batching, seeds, streaming."""
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -278,3 +280,78 @@ def test_keys_and_values_are_stored_as_asked():
     assert isinstance(layer.keys, Q8_0Rows) and layer.values.dtype == jnp.bfloat16
     exact = rz.LLM(smollm2_135m_path(), n_ctx=64, max_batch=1, cache_type_k="f32", cache_type_v="f32")
     assert out.token_ids == exact.generate("The capital of France is", max_tokens=4, temperature=0.0, ignore_eos=True).token_ids
+
+
+# ----- logit_bias, against llama.cpp's logits processor and rz's own unbiased logits -----
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_smollm2():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = llama_cpp.Llama(model_path=str(smollm2_135m_path()), n_ctx=N_CTX, verbose=False)
+    yield model
+    model.close()
+
+
+def llama_cpp_greedy(model, prompt: list[int], n_tokens: int, logit_bias: dict[int, float]) -> list[int]:
+    """llama.cpp's greedy tokens with the biases added by a logits processor, as llama-cpp-python's
+    own logit_bias does."""
+
+    def add_bias(_, scores):
+        for token, bias in logit_bias.items():
+            scores[token] += bias
+        return scores
+
+    tokens = []
+    for token in model.generate(prompt, temp=0.0, repeat_penalty=1.0, reset=True, logits_processor=[add_bias]):
+        tokens.append(token)
+        if len(tokens) == n_tokens:
+            break
+    return tokens
+
+
+BIAS_PROMPT = "The capital of France is"
+
+
+def test_a_minus_100_bias_or_a_ban_on_the_greedy_token_gives_the_runner_up_as_in_llama_cpp(llm, llama_cpp_smollm2):
+    prompt = llm.tokenize(BIAS_PROMPT)
+    logits = llm.score(prompt)[-1]
+    first, second, third = np.argsort(-logits)[:3].tolist()
+    assert logits[second] - logits[third] > NEAR_TIE  # else the engines' rounding could pick either
+    theirs = llama_cpp_greedy(llama_cpp_smollm2, prompt, 1, {first: -100.0})
+    for ban in (-100, False, -math.inf):
+        ours = llm.generate(prompt, max_tokens=1, temperature=0.0, logit_bias={str(first): ban})
+        assert ours.token_ids == theirs == [second]
+
+
+def test_a_plus_100_bias_makes_its_token_win_every_step_as_in_llama_cpp(llm, llama_cpp_smollm2):
+    prompt = llm.tokenize(BIAS_PROMPT)
+    favoured = int(np.argsort(-llm.score(prompt)[-1])[50])  # a token greedy decoding would not choose
+    theirs = llama_cpp_greedy(llama_cpp_smollm2, prompt, 4, {favoured: 100.0})
+    ours = llm.generate(prompt, max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={favoured: 100})
+    assert ours.token_ids == theirs == [favoured] * 4
+
+
+def test_a_biased_row_and_an_unbiased_one_in_one_batch_each_get_what_they_get_alone(llm):
+    prompts = [BIAS_PROMPT, "Once upon a time"]
+    plain = RequestOptions.from_flat(max_tokens=8, temperature=0.0, ignore_eos=True)
+    alone = llm.generate(prompts[1], max_tokens=8, temperature=0.0, ignore_eos=True)
+    banned = alone.token_ids[:3]
+    biased = RequestOptions.from_flat(max_tokens=8, temperature=0.0, ignore_eos=True, logit_bias={t: False for t in banned})
+    biased_alone = llm._run([llm._request(prompts[1], biased)])[0]
+    together = llm._run([llm._request(prompts[0], plain), llm._request(prompts[1], biased), llm._request(prompts[1], plain)])
+    assert together[0].token_ids == llm.generate(prompts[0], max_tokens=8, temperature=0.0, ignore_eos=True).token_ids
+    assert together[1].token_ids == biased_alone.token_ids and not set(banned) & set(biased_alone.token_ids)
+    assert together[2].token_ids == alone.token_ids
+
+
+def test_logit_bias_needs_no_new_compilation(llm):
+    llm.generate(["a b c", "d e f g h"], max_tokens=4, temperature=0.0)
+    seen = llm.compiled_variants()
+    llm.generate(["x y", "the quick brown fox"], max_tokens=4, temperature=0.0, logit_bias={"5": -100, "17": 3.5})
+    assert llm.compiled_variants() == seen
+
+
+def test_logit_bias_token_ids_outside_the_vocabulary_are_rejected(llm):
+    with pytest.raises(RequestError, match=f"logit_bias token ids \\[{llm.config.n_vocab}\\] are outside the vocabulary"):
+        llm.generate("Hello", max_tokens=2, logit_bias={llm.config.n_vocab: 1})

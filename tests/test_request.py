@@ -1,6 +1,7 @@
 """rz.request: one options type behind every front, with one validation path."""
 
 import json
+import math
 
 import pytest
 
@@ -29,11 +30,31 @@ def test_unknown_options_are_named():
         ({"logprobs": 21}, "n_logprobs must be in"),
         ({"stop": [""]}, "a stop string must not be empty"),
         ({"stop_token_ids": ["a"]}, "stop_token_ids must hold integer token ids"),
+        ({"logit_bias": {"7": 100.5}}, r"logit_bias of token 7 must be in \[-100, 100\]"),
+        ({"logit_bias": {"7": "up"}}, "logit_bias of token 7 must be a number"),
+        ({"logit_bias": {"7": True}}, "logit_bias of token 7 must be a number"),
+        ({"logit_bias": {"seven": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {"-3": 1}}, "logit_bias keys must be token ids"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias may bias at most 300 tokens, got 301"),
+        ({"logit_bias": [[7, 1], [7, 2]]}, "logit_bias gives token 7 twice"),
+        ({"logit_bias": [7, 1]}, "logit_bias must map token ids to biases"),
+        ({"logit_bias": "7:1"}, "logit_bias must map token ids to biases"),
     ],
 )
 def test_validation_names_the_bad_option(flat, message):
     with pytest.raises(RequestError, match=message):
         RequestOptions.from_flat(**flat).validate()
+
+
+def test_logit_bias_takes_openais_map_and_llama_servers_pairs_with_false_as_a_ban():
+    expected = SamplingParams(logit_bias=((7, -math.inf), (15043, 2.5)))
+    for given in ({"15043": 2.5, "7": False}, {15043: 2.5, 7: False}, [[15043, 2.5], [7, False]]):
+        options = RequestOptions.from_flat(logit_bias=given)
+        options.validate()
+        assert options.sampling == expected
+        assert RequestOptions.from_flat(**options.flat()) == options
+    assert RequestOptions.from_flat(logit_bias=None).sampling.logit_bias == ()
+    RequestOptions.from_flat(logit_bias={str(i): -100 for i in range(300)}).validate()
 
 
 def test_a_finish_reason_reads_and_serializes_as_its_string():

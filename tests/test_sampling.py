@@ -16,6 +16,7 @@ from rz.sampling import (
     SamplerState,
     SamplingParams,
     SamplingTensors,
+    apply_logit_bias,
     apply_penalties,
     first_argmax,
 )
@@ -40,8 +41,11 @@ def reference_penalties(logits, history, params: SamplingParams) -> np.ndarray:
 
 
 def reference_distribution(logits, params: SamplingParams, history=()) -> np.ndarray:
-    """The probability of every token after llama.cpp's chain: penalties, top-k, top-p, min-p, temperature."""
-    penalized = reference_penalties(logits, list(history), params).astype(np.float64)
+    """The probability of every token after llama.cpp's chain: logit bias, penalties, top-k, top-p, min-p, temperature."""
+    biased = np.asarray(logits, np.float32).copy()
+    for token, bias in params.logit_bias:
+        biased[token] += bias
+    penalized = reference_penalties(biased, list(history), params).astype(np.float64)
     order = np.argsort(-penalized, kind="stable")
     k = params.top_k if 0 < params.top_k < len(penalized) else len(penalized)
     kept = order[:k]
@@ -279,6 +283,7 @@ def test_one_compilation_serves_batches_with_different_settings():
         [GREEDY, GREEDY, GREEDY],
         [SamplingParams(seed=1), OPEN, GREEDY],
         [SamplingParams(top_k=2, top_p=0.5, min_p=0.3, repeat_penalty=1.3, penalty_last_n=0, seed=3)] * 3,
+        [SamplingParams(seed=4, logit_bias=((3, -100.0), (5, 2.5))), GREEDY, SamplingParams(logit_bias=((1, -math.inf),))],
     ):
         step(logits, SamplingTensors.from_params(rows), SamplerState.create(rows, [[1, 2]] * 3))
     assert len(traces) == 1
@@ -310,6 +315,13 @@ def test_one_compilation_serves_batches_with_different_settings():
         ({"seed": 1.5}, "seed"),
         ({"n_logprobs": -1}, "n_logprobs"),
         ({"n_logprobs": 21}, "n_logprobs"),
+        ({"logit_bias": ((1, 100.5),)}, "logit_bias"),
+        ({"logit_bias": ((1, float("inf")),)}, "logit_bias"),
+        ({"logit_bias": ((1, float("nan")),)}, "logit_bias"),
+        ({"logit_bias": ((-1, 1.0),)}, "logit_bias"),
+        ({"logit_bias": ((1, "5"),)}, "logit_bias"),
+        ({"logit_bias": {1: 5.0}}, "logit_bias"),
+        ({"logit_bias": tuple((i, 1.0) for i in range(301))}, "logit_bias"),
     ],
 )
 def test_validation_names_the_bad_setting(change, message):
@@ -331,14 +343,19 @@ def test_defaults_are_llama_cpp_defaults_and_valid():
 def llama_cpp_chain(logits: np.ndarray, params: SamplingParams, history, with_truncation: bool):
     """Run llama.cpp's own samplers (through llama-cpp-python's bindings) over one row of logits.
 
-    Returns {token id: logit} for the candidates left after penalties (and, with_truncation,
+    Returns {token id: logit} for the candidates left after logit bias and penalties (and, with_truncation,
     after top-k, top-p, min-p and temperature), or the greedy choice when temperature is 0.
     """
     import ctypes
 
     llama_cpp = pytest.importorskip("llama_cpp")
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    biases = (llama_cpp.llama_logit_bias * max(len(params.logit_bias), 1))(
+        *[llama_cpp.llama_logit_bias(token, bias) for token, bias in params.logit_bias]
+    )
     stages = [
+        # Leading, as in common_sampler (llama.cpp's common/sampling.cpp).
+        llama_cpp.llama_sampler_init_logit_bias(len(logits), len(params.logit_bias), biases),
         llama_cpp.llama_sampler_init_penalties(
             len(logits), params.penalty_last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
         )
@@ -383,34 +400,52 @@ def random_case(rng: np.random.Generator, vocab: int):
     return logits, params, history
 
 
-def test_penalties_match_llama_cpp():
+def biased_case(rng: np.random.Generator, vocab: int):
+    """random_case with biases on a few tokens: small ones, OpenAI's extremes, and bans."""
+    logits, params, history = random_case(rng, vocab)
+    tokens = rng.choice(vocab, size=int(rng.integers(1, 6)), replace=False)
+    biases = rng.choice([-math.inf, -100.0, -3.0, -0.5, 0.7, 4.0, 100.0], size=len(tokens))
+    # Keep at least one token unbanned: a row with nothing left to sample is a caller's error.
+    biases[0] = max(biases[0], -100.0)
+    return logits, dataclasses.replace(params, logit_bias=tuple(sorted(zip(tokens.tolist(), biases.tolist())))), history
+
+
+@pytest.mark.parametrize("make_case", [random_case, biased_case], ids=["penalties", "logit-bias-then-penalties"])
+def test_penalties_and_logit_bias_match_llama_cpp(make_case):
     rng = np.random.default_rng(1)
-    cases = [random_case(rng, 30) for _ in range(40)]
+    cases = [make_case(rng, 30) for _ in range(40)]
     rows = [params for _, params, _ in cases]
     state = SamplerState.create(rows, [history for _, _, history in cases], window=TEST_WINDOW)
-    logits = np.stack([logits for logits, _, _ in cases])
-    ours = np.asarray(apply_penalties(jnp.asarray(logits), state.recent_tokens, SamplingTensors.from_params(rows)))
+    tensors = SamplingTensors.from_params(rows)
+    logits = jnp.asarray(np.stack([logits for logits, _, _ in cases]))
+    biased = apply_logit_bias(logits, tensors.bias_ids, tensors.bias_values)
+    ours = np.asarray(apply_penalties(biased, state.recent_tokens, tensors))
     for row, (row_logits, params, history) in enumerate(cases):
         theirs = llama_cpp_chain(row_logits, dataclasses.replace(params, temperature=1.0), history, False)
         expected = np.array([theirs[i] for i in range(len(row_logits))], np.float32)
         np.testing.assert_allclose(ours[row], expected, rtol=1e-6, atol=1e-6, err_msg=f"{params} {history}")
 
 
-def test_reference_chain_and_greedy_match_llama_cpp():
-    """The NumPy chain the statistical tests trust keeps exactly llama.cpp's candidates, at its probabilities."""
+@pytest.mark.parametrize("make_case", [random_case, biased_case], ids=["plain", "logit-bias"])
+def test_reference_chain_and_greedy_match_llama_cpp(make_case):
+    """The NumPy chain the statistical tests trust keeps exactly llama.cpp's candidates, at its
+    probabilities, and rz draws only among them."""
     rng = np.random.default_rng(2)
     for _ in range(200):
-        logits, params, history = random_case(rng, 40)
+        logits, params, history = make_case(rng, 40)
         theirs = llama_cpp_chain(logits, params, history, True)
         if params.temperature == 0:
             tokens, _, _ = run(Sampler(), logits, [params], [history])
             assert tokens[0, 0] == theirs, (params, history)
             continue
         expected = reference_distribution(logits, params, history)
+        theirs = {token: logit for token, logit in theirs.items() if logit > -math.inf}  # banned: never drawn
         assert set(theirs) == set(np.flatnonzero(expected)), (params, history)
         kept_logits = np.array(list(theirs.values()), np.float64)
         probs = np.exp(kept_logits - kept_logits.max())
         np.testing.assert_allclose(expected[list(theirs)], probs / probs.sum(), rtol=1e-4, atol=1e-7)
+        tokens, _, _ = run(Sampler(), logits, seeded(params, 64), [history] * 64)
+        assert set(tokens[0].tolist()) <= set(theirs), (params, history)
 
 
 def test_greedy_ties_match_llama_cpp():
@@ -442,3 +477,34 @@ def test_values_beyond_the_devices_f32_and_i32_are_request_errors(setting):
     with pytest.raises(RequestError, match=name):
         SamplingParams(**setting).validate()
     SamplingParams(**{name: 1e38 if name != "top_k" else 2**31 - 1}).validate()
+
+
+def test_a_minus_100_bias_on_the_argmax_gives_the_runner_up_under_greedy():
+    logits = np.random.default_rng(7).normal(size=50).astype(np.float32)
+    first, second = np.argsort(-logits)[:2]
+    for ban in (-100.0, -math.inf):
+        tokens, _, _ = run(Sampler(), logits, [dataclasses.replace(GREEDY, logit_bias=((int(first), ban),))])
+        assert tokens[0, 0] == second
+
+
+def test_a_banned_token_is_never_drawn_and_a_plus_100_bias_always_is():
+    logits = np.zeros(12, np.float32)
+    banned, forced = (SamplingParams(top_k=0, top_p=1.0, min_p=0.0, temperature=1.5, logit_bias=bias) for bias in (((4, -math.inf),), ((9, 100.0),)))
+    tokens, _, _ = run(Sampler(), logits, seeded(banned, 400))
+    assert 4 not in tokens and len(set(tokens[0].tolist())) == 11
+    tokens, _, _ = run(Sampler(), logits, seeded(forced, 400))
+    assert set(tokens[0].tolist()) == {9}
+
+
+def test_a_biased_row_leaves_its_neighbours_tokens_and_logprobs_alone():
+    rows = [dataclasses.replace(p, n_logprobs=2) for p in (SamplingParams(seed=1), GREEDY, SamplingParams(seed=2))]
+    biased = [rows[0], dataclasses.replace(rows[1], logit_bias=((3, 100.0),)), rows[2]]
+    logits = jax.random.normal(jax.random.key(8), (3, 40)) * 2
+    sampler = compiled(Sampler(n_top_logprobs=2))
+    plain, _ = sampler(logits, SamplingTensors.from_params(rows), SamplerState.create(rows, [[]] * 3))
+    mixed, _ = sampler(logits, SamplingTensors.from_params(biased), SamplerState.create(biased, [[]] * 3))
+    assert mixed.tokens[1] == 3
+    for row in (0, 2):
+        assert mixed.tokens[row] == plain.tokens[row]
+    # Log-probabilities are the raw model's, biased row or not.
+    np.testing.assert_array_equal(mixed.top_logprobs, plain.top_logprobs)

@@ -153,3 +153,24 @@ def test_llm_chat_returns_the_calls_it_parsed_and_text_without_tools(llm):
         llm.chat(ask, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
     with pytest.raises(RequestError, match="tool_choice needs tools"):
         llm.chat(ask, tool_choice="required")
+
+
+def _streamed(llm, ask, **options) -> tuple[str, list[dict] | None]:
+    """chat_stream's text, and its calls (the list that may come last)."""
+    items = list(llm.chat_stream(ask, **options))
+    calls = items.pop() if items and isinstance(items[-1], list) else None
+    assert all(isinstance(item, str) and item for item in items)
+    return "".join(items), calls
+
+
+def test_llm_chat_stream_holds_calls_back_and_yields_them_last_as_chat_returns_them(llm):
+    ask = [{"role": "user", "content": "What's the weather like in Paris?"}]
+    answer = llm.chat(ask, max_tokens=80, tools=TOOLS, tool_choice="required", temperature=1.0, seed=4)
+    text, calls = _streamed(llm, ask, max_tokens=80, tools=TOOLS, tool_choice="required", temperature=1.0, seed=4)
+    assert text == answer.text == ""
+    assert [call["function"] for call in calls] == [call["function"] for call in answer.tool_calls]
+    for tools in (TOOLS, None):  # free to answer in text: what chat() answers, piece by piece
+        plain = llm.chat(ask, max_tokens=12, temperature=0.0, tools=tools)
+        text, calls = _streamed(llm, ask, max_tokens=12, temperature=0.0, tools=tools)
+        assert (text, calls) == (plain.text, plain.tool_calls or None)
+    assert len(list(llm.chat_stream(ask, max_tokens=12, temperature=0.0))) > 1

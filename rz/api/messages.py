@@ -19,6 +19,8 @@ def options_message(options: dict) -> pb.GenerationOptions:
     fields = {name: flat[name] for name in given if flat[name] is not None}
     if "response_format" in fields:
         fields["response_format"] = _format_message(fields["response_format"])
+    if "logit_bias" in fields:
+        fields["logit_bias"] = dict(fields["logit_bias"])
     return pb.GenerationOptions(**fields)
 
 
@@ -28,6 +30,7 @@ def request_options(message: pb.GenerationOptions) -> RequestOptions:
     given = {name: getattr(message, name) for name in FLAT_OPTIONS if not fields[name].has_presence or message.HasField(name)}
     if "response_format" in given:
         given["response_format"] = _format_dict(given["response_format"])
+    given["logit_bias"] = dict(given["logit_bias"])
     repeated = {name: list(value) for name, value in given.items() if not isinstance(value, (bool, int, float, str, dict))}
     return RequestOptions.from_flat(**given | repeated)
 

@@ -174,9 +174,8 @@ def _content(content, where: str) -> str:
 
 def _options(body: dict, n_logprobs: int | None, n_prompt: int, n_ctx: int, default_max_tokens: int | None) -> dict:
     """rz's flat generation options from an OpenAI request's fields."""
-    if field(body, "logit_bias", dict):
-        raise HttpError(400, "'logit_bias' is not supported yet by rz's sampler", param="logit_bias")
-    options = {}
+    # OpenAI's {"token id": bias} map, or llama-server's [[token id, bias], ...]; false bans (rz.request.logit_bias_of).
+    options = {"logit_bias": field(body, "logit_bias", (dict, list))}
     for name, option in _EXTRAS.items():
         value = field(body, name, int if name in _INTEGERS else float)
         if value is not None:

@@ -1,7 +1,6 @@
 """The gRPC adapter: protobuf requests to the engine's types, engine events to streamed messages,
 rz's errors to status codes. It queues and streams; the engine loop does the work."""
 
-import dataclasses
 import logging
 import threading
 
@@ -20,10 +19,10 @@ from rz.errors import (
     TokenizerError,
 )
 from rz.generation import GenerationRequest, StepEvent
-from rz.request import FinishReason, check_token_ids
+from rz.request import FinishReason, RequestOptions, check_token_ids
 from rz.server.metrics import Metrics
 from rz.tokenizer import long_texts
-from rz.tools import call_constraint, parse_tool_calls
+from rz.tools import parse_tool_calls, with_call_constraint
 from rz.server.scheduler import (
     CLIENT_CANCELLED,
     DEADLINE_EXCEEDED,
@@ -118,11 +117,8 @@ class InferenceService(pb_grpc.InferenceServiceServicer):
     def _generation_request(self, prompt_ids: list[int], request) -> GenerationRequest:
         options = request_options(request.options)
         _, forced = chat_tools(request) if isinstance(request, pb.ChatRequest) else ([], [])
-        if forced:  # a required call: the grammar of its arguments (rz.tools)
-            if options.constraint is not None:
-                raise RequestError("tool_choice required or a function's name constrains the output itself: "
-                                   "leave out response_format and grammar")
-            options = dataclasses.replace(options, constraint=call_constraint(forced))
+        if forced:  # a required call: the grammar of its arguments, as every front adds it (rz.tools)
+            options = RequestOptions.from_flat(**with_call_constraint(options.flat(), forced))
         generation = GenerationRequest(prompt_ids=tuple(prompt_ids), options=options)
         self._loop.engine.validate(generation)
         return generation

@@ -9,7 +9,8 @@ from rz.request import FinishReason, RequestOptions
 
 
 def test_options_survive_the_round_trip_through_a_message():
-    flat = dict(max_tokens=7, temperature=0.0, top_k=3, seed=9, stop="END", stop_token_ids=[5, 6], ignore_eos=True, logprobs=2)
+    flat = dict(max_tokens=7, temperature=0.0, top_k=3, seed=9, stop="END", stop_token_ids=[5, 6], ignore_eos=True, logprobs=2,
+                logit_bias={"5": -2.5, 9: False})
     assert request_options(options_message(flat)) == RequestOptions.from_flat(**flat)
 
 

@@ -2,6 +2,8 @@
 greedy or seeded, on tiny and real models; the same output distribution; stop conditions where they
 were; and a cache that holds only the kept tokens."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,6 +137,22 @@ def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seed
         np.testing.assert_allclose(
             [entry["logprob"] for entry in spec.logprobs], [entry["logprob"] for entry in ref.logprobs], atol=1e-4
         )
+
+
+def test_verify_calls_apply_logit_bias_as_plain_decoding_does(tiny_f32, spoiled_drafts):
+    """A seeded, biased speculative run gives the biased plain run's tokens; the banned tokens never come."""
+    prompts = repetitive_prompts(4)
+    unbiased = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts,
+                   RequestOptions(max_tokens=24, sampling=SamplingParams(**SAMPLED, seed=5)))
+    # Ban the two tokens the unbiased streams sampled most, and favour the third a little.
+    frequent = np.bincount(np.concatenate([s.output_ids for s in unbiased]), minlength=N_VOCAB).argsort()[::-1][:3].tolist()
+    biased = SamplingParams(**SAMPLED, seed=5, logit_bias=((frequent[0], -math.inf), (frequent[1], -100.0), (frequent[2], 2.0)))
+    plain = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts, RequestOptions(max_tokens=24, sampling=biased))
+    engine = drafting_engine(tiny_f32, 4)
+    speculative = run(engine, prompts, RequestOptions(max_tokens=24, sampling=biased, speculative="ngram"))
+    assert engine.n_drafted > 0
+    assert [s.output_ids for s in speculative] == [s.output_ids for s in plain]
+    assert not {frequent[0], frequent[1]} & set(np.concatenate([s.output_ids for s in speculative]).tolist())
 
 
 def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts):

@@ -11,6 +11,7 @@ import urllib.request
 
 import grpc
 import jsonschema
+import numpy as np
 import ollama
 import openai
 import pytest
@@ -220,8 +221,8 @@ def test_openai_cache_prompt_false_prefills_the_whole_prompt(client):
 def test_openai_errors_map_to_the_sdks_exceptions(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="any", messages=MESSAGES, temperature=-1)
-    with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        client.completions.create(model="any", prompt="hi", logit_bias={"1": 5})
+    with pytest.raises(openai.BadRequestError, match=r"logit_bias of token 1 must be in \[-100, 100\]"):
+        client.completions.create(model="any", prompt="hi", logit_bias={"1": 101})
     with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="any", messages=[{"role": "wizard", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="context size"):
@@ -237,6 +238,63 @@ CITY = {
     "required": ["name", "population"],
     "additionalProperties": False,
 }
+
+
+def _runner_up_and_third(llm, prompt_ids) -> tuple[int, int, int]:
+    """The three likeliest next tokens; the second must lead the third by more than rounding moves."""
+    logits = llm.score(prompt_ids)[-1]
+    first, second, third = np.argsort(-logits)[:3].tolist()
+    assert logits[second] - logits[third] > 0.25
+    return first, second, third
+
+
+@pytest.mark.slow
+def test_logit_bias_over_openai_llama_server_pairs_and_grpc(server, client, llm):
+    prompt = "The capital of France is"
+    first, second, _ = _runner_up_and_third(llm, llm.tokenize(prompt))
+    expected = llm.generate(prompt, max_tokens=1, temperature=0.0, logit_bias={first: -100})
+    assert expected.token_ids == [second]
+    reply = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0, logit_bias={str(first): -100})
+    assert reply.choices[0].text == expected.text
+    # llama-server's list of pairs, with false banning the token.
+    status, body = _post(f"{server.http_url}/v1/completions",
+                         {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logit_bias": [[first, False]]})
+    assert status == 200 and json.loads(body)["choices"][0]["text"] == expected.text
+    with server.client() as grpc_client:  # rz.v1's GenerationOptions.logit_bias
+        assert grpc_client.generate(prompt, 1, temperature=0.0, logit_bias={first: -100}).token_ids == [second]
+
+    chat_first, chat_second, _ = _runner_up_and_third(llm, llm.chat_prompt_ids(MESSAGES))
+    answer = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=1, temperature=0,
+                                            logit_bias={str(chat_first): -100})
+    assert answer.choices[0].message.content == llm.detokenize([chat_second])
+    favoured = int(np.argsort(-llm.score(llm.tokenize(prompt))[-1])[50])  # one greedy decoding would not choose
+    forced = client.completions.create(model="any", prompt=prompt, max_tokens=3, temperature=0, logit_bias={str(favoured): 100},
+                                       extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == llm.generate(prompt, max_tokens=3, temperature=0.0, ignore_eos=True, logit_bias={favoured: 100}).text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logit_bias, message", [
+    ({"1": "up"}, "logit_bias of token 1 must be a number"),
+    ({"one": 1}, "logit_bias keys must be token ids"),
+    ({str(i): 1 for i in range(301)}, "logit_bias may bias at most 300 tokens, got 301"),
+    ({"-1": 1}, "logit_bias keys must be token ids"),
+    ({"1": -100.5}, r"logit_bias of token 1 must be in \[-100, 100\]"),
+    ({"1000000": 1}, r"logit_bias token ids \[1000000\] are outside the vocabulary"),
+    ([[1, 2, 3]], "logit_bias must map token ids to biases"),
+    ("1:5", "'logit_bias' must be an object or an array"),
+])
+def test_a_bad_logit_bias_is_a_400_naming_the_problem(client, logit_bias, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.completions.create(model="any", prompt="hi", max_tokens=1, logit_bias=logit_bias)
+
+
+@pytest.mark.slow
+def test_a_bad_logit_bias_is_invalid_argument_over_grpc(server, llm):
+    for logit_bias, message in (({1: 200.0}, "logit_bias of token 1 must be in"), ({llm.config.n_vocab: 1.0}, "outside the vocabulary")):
+        with server.client() as grpc_client, pytest.raises(grpc.RpcError) as refused:
+            grpc_client.generate("hi", 1, logit_bias=logit_bias)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()
 
 
 @pytest.mark.slow
@@ -324,6 +382,10 @@ def test_grpc_chat_with_a_required_tool_gets_its_calls_in_the_last_message(serve
         with pytest.raises(grpc.RpcError) as refused:
             grpc_client.chat([{"role": "user", "content": "hi"}], 5, tools=[WEATHER_TOOL], tool_choice="nope")
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tool_choice" in refused.value.details()
+        with pytest.raises(grpc.RpcError) as refused:
+            grpc_client.chat([{"role": "user", "content": "hi"}], 5, tools=[WEATHER_TOOL], tool_choice="required",
+                             response_format={"type": "json_object"})
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "leave out response_format" in refused.value.details()
 
 
 @pytest.mark.slow

@@ -24,57 +24,61 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rz/api/v1/inference.proto\x12\x05rz.v1\"\x99\x05\n\x11GenerationOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1b\n\x0epenalty_last_n\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x10\n\x08logprobs\x18\x0e \x01(\x05\x12\x19\n\x0c\x63\x61\x63he_prompt\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x18 \x01(\tH\x0b\x88\x01\x01\x12.\n\x0fresponse_format\x18\x10 \x01(\x0b\x32\x15.rz.v1.ResponseFormat\x12\x14\n\x07grammar\x18\x11 \x01(\tH\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x11\n\x0f_penalty_last_nB\x07\n\x05_seedB\x0f\n\r_cache_promptB\x0e\n\x0c_speculativeB\n\n\x08_grammar\"P\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\r\n\x05regex\x18\x03 \x01(\t\x12\x0c\n\x04lark\x18\x04 \x01(\t\"t\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.rz.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd5\x01\n\x0b\x43hatRequest\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.rz.v1.ChatMessage\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.rz.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1a\n\x05tools\x18\x04 \x03(\x0b\x32\x0b.rz.v1.Tool\x12\x13\n\x0btool_choice\x18\x05 \x01(\t\x12\x1c\n\x0f\x65nable_thinking\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x12\n\x10_enable_thinking\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"R\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x1e\n\x03top\x18\x03 \x03(\x0b\x32\x11.rz.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"\x8d\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\xfe\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12&\n\x08logprobs\x18\x03 \x03(\x0b\x32\x14.rz.v1.TokenLogprobs\x12*\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x13.rz.v1.FinishReason\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.rz.v1.Usage\x12\x1f\n\x07timings\x18\x06 \x01(\x0b\x32\x0e.rz.v1.Timings\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12#\n\ntool_calls\x18\x08 \x03(\x0b\x32\x0f.rz.v1.ToolCall\"R\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07special\x18\x03 \x01(\x08\x42\n\n\x08_add_bos\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"@\n\x10QuantizationType\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"\x9b\x03\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x03 \x01(\x05\x12\x1c\n\x14trained_context_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x12\n\nparameters\x18\x06 \x01(\x03\x12-\n\x0cquantization\x18\x07 \x03(\x0b\x32\x17.rz.v1.QuantizationType\x12\x36\n\x07kernels\x18\x08 \x03(\x0b\x32%.rz.v1.ModelInfoResponse.KernelsEntry\x12\x11\n\tmax_batch\x18\t \x01(\x05\x12\x11\n\tmax_queue\x18\n \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x19\n\x11has_chat_template\x18\x0c \x01(\x08\x12\x1d\n\x15\x65nd_of_generation_ids\x18\r \x03(\x05\x1a.\n\x0cKernelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xc8\x02\n\x10InferenceService\x12=\n\x08Generate\x12\x16.rz.v1.GenerateRequest\x1a\x17.rz.v1.GenerateResponse0\x01\x12\x35\n\x04\x43hat\x12\x12.rz.v1.ChatRequest\x1a\x17.rz.v1.GenerateResponse0\x01\x12;\n\x08Tokenize\x12\x16.rz.v1.TokenizeRequest\x1a\x17.rz.v1.TokenizeResponse\x12\x41\n\nDetokenize\x12\x18.rz.v1.DetokenizeRequest\x1a\x19.rz.v1.DetokenizeResponse\x12>\n\tModelInfo\x12\x17.rz.v1.ModelInfoRequest\x1a\x18.rz.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19rz/api/v1/inference.proto\x12\x05rz.v1\"\x88\x06\n\x11GenerationOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1b\n\x0erepeat_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x1b\n\x0epenalty_last_n\x18\t \x01(\x05H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\n \x01(\x04H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x10\n\x08logprobs\x18\x0e \x01(\x05\x12\x19\n\x0c\x63\x61\x63he_prompt\x18\x0f \x01(\x08H\n\x88\x01\x01\x12\x18\n\x0bspeculative\x18\x18 \x01(\tH\x0b\x88\x01\x01\x12.\n\x0fresponse_format\x18\x10 \x01(\x0b\x32\x15.rz.v1.ResponseFormat\x12\x14\n\x07grammar\x18\x11 \x01(\tH\x0c\x88\x01\x01\x12;\n\nlogit_bias\x18\x19 \x03(\x0b\x32\'.rz.v1.GenerationOptions.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x11\n\x0f_repeat_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x11\n\x0f_penalty_last_nB\x07\n\x05_seedB\x0f\n\r_cache_promptB\x0e\n\x0c_speculativeB\n\n\x08_grammar\"P\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\x12\r\n\x05regex\x18\x03 \x01(\t\x12\x0c\n\x04lark\x18\x04 \x01(\t\"t\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nprompt_ids\x18\x02 \x03(\x05\x12)\n\x07options\x18\x03 \x01(\x0b\x32\x18.rz.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd5\x01\n\x0b\x43hatRequest\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.rz.v1.ChatMessage\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.rz.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x1a\n\x05tools\x18\x04 \x03(\x0b\x32\x0b.rz.v1.Tool\x12\x13\n\x0btool_choice\x18\x05 \x01(\t\x12\x1c\n\x0f\x65nable_thinking\x18\x06 \x01(\x08H\x00\x88\x01\x01\x42\x12\n\x10_enable_thinking\"=\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nparameters\x18\x03 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"R\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x1e\n\x03top\x18\x03 \x03(\x0b\x32\x11.rz.v1.TopLogprob\"f\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x15\n\rcached_tokens\x18\x04 \x01(\x05\"\x8d\x01\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\"\xfe\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12&\n\x08logprobs\x18\x03 \x03(\x0b\x32\x14.rz.v1.TokenLogprobs\x12*\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x13.rz.v1.FinishReason\x12\x1b\n\x05usage\x18\x05 \x01(\x0b\x32\x0c.rz.v1.Usage\x12\x1f\n\x07timings\x18\x06 \x01(\x0b\x32\x0e.rz.v1.Timings\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12#\n\ntool_calls\x18\x08 \x03(\x0b\x32\x0f.rz.v1.ToolCall\"R\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12\x0f\n\x07special\x18\x03 \x01(\x08\x42\n\n\x08_add_bos\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"@\n\x10QuantizationType\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0f\n\x07tensors\x18\x02 \x01(\x05\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\"\x9b\x03\n\x11ModelInfoResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontext_size\x18\x03 \x01(\x05\x12\x1c\n\x14trained_context_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x12\n\nparameters\x18\x06 \x01(\x03\x12-\n\x0cquantization\x18\x07 \x03(\x0b\x32\x17.rz.v1.QuantizationType\x12\x36\n\x07kernels\x18\x08 \x03(\x0b\x32%.rz.v1.ModelInfoResponse.KernelsEntry\x12\x11\n\tmax_batch\x18\t \x01(\x05\x12\x11\n\tmax_queue\x18\n \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x0b \x01(\t\x12\x19\n\x11has_chat_template\x18\x0c \x01(\x08\x12\x1d\n\x15\x65nd_of_generation_ids\x18\r \x03(\x05\x1a.\n\x0cKernelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x32\xc8\x02\n\x10InferenceService\x12=\n\x08Generate\x12\x16.rz.v1.GenerateRequest\x1a\x17.rz.v1.GenerateResponse0\x01\x12\x35\n\x04\x43hat\x12\x12.rz.v1.ChatRequest\x1a\x17.rz.v1.GenerateResponse0\x01\x12;\n\x08Tokenize\x12\x16.rz.v1.TokenizeRequest\x1a\x17.rz.v1.TokenizeResponse\x12\x41\n\nDetokenize\x12\x18.rz.v1.DetokenizeRequest\x1a\x19.rz.v1.DetokenizeResponse\x12>\n\tModelInfo\x12\x17.rz.v1.ModelInfoRequest\x1a\x18.rz.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rz.api.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_MODELINFORESPONSE_KERNELSENTRY']._loaded_options = None
   _globals['_MODELINFORESPONSE_KERNELSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2624
-  _globals['_FINISHREASON']._serialized_end=2773
+  _globals['_FINISHREASON']._serialized_start=2735
+  _globals['_FINISHREASON']._serialized_end=2884
   _globals['_GENERATIONOPTIONS']._serialized_start=37
-  _globals['_GENERATIONOPTIONS']._serialized_end=702
-  _globals['_RESPONSEFORMAT']._serialized_start=704
-  _globals['_RESPONSEFORMAT']._serialized_end=784
-  _globals['_GENERATEREQUEST']._serialized_start=786
-  _globals['_GENERATEREQUEST']._serialized_end=902
-  _globals['_CHATMESSAGE']._serialized_start=904
-  _globals['_CHATMESSAGE']._serialized_end=948
-  _globals['_CHATREQUEST']._serialized_start=951
-  _globals['_CHATREQUEST']._serialized_end=1164
-  _globals['_TOOL']._serialized_start=1166
-  _globals['_TOOL']._serialized_end=1227
-  _globals['_TOOLCALL']._serialized_start=1229
-  _globals['_TOOLCALL']._serialized_end=1284
-  _globals['_TOPLOGPROB']._serialized_start=1286
-  _globals['_TOPLOGPROB']._serialized_end=1333
-  _globals['_TOKENLOGPROBS']._serialized_start=1335
-  _globals['_TOKENLOGPROBS']._serialized_end=1417
-  _globals['_USAGE']._serialized_start=1419
-  _globals['_USAGE']._serialized_end=1521
-  _globals['_TIMINGS']._serialized_start=1524
-  _globals['_TIMINGS']._serialized_end=1665
-  _globals['_GENERATERESPONSE']._serialized_start=1668
-  _globals['_GENERATERESPONSE']._serialized_end=1922
-  _globals['_TOKENIZEREQUEST']._serialized_start=1924
-  _globals['_TOKENIZEREQUEST']._serialized_end=2006
-  _globals['_TOKENIZERESPONSE']._serialized_start=2008
-  _globals['_TOKENIZERESPONSE']._serialized_end=2045
-  _globals['_DETOKENIZEREQUEST']._serialized_start=2047
-  _globals['_DETOKENIZEREQUEST']._serialized_end=2085
-  _globals['_DETOKENIZERESPONSE']._serialized_start=2087
-  _globals['_DETOKENIZERESPONSE']._serialized_end=2121
-  _globals['_MODELINFOREQUEST']._serialized_start=2123
-  _globals['_MODELINFOREQUEST']._serialized_end=2141
-  _globals['_QUANTIZATIONTYPE']._serialized_start=2143
-  _globals['_QUANTIZATIONTYPE']._serialized_end=2207
-  _globals['_MODELINFORESPONSE']._serialized_start=2210
-  _globals['_MODELINFORESPONSE']._serialized_end=2621
-  _globals['_MODELINFORESPONSE_KERNELSENTRY']._serialized_start=2575
-  _globals['_MODELINFORESPONSE_KERNELSENTRY']._serialized_end=2621
-  _globals['_INFERENCESERVICE']._serialized_start=2776
-  _globals['_INFERENCESERVICE']._serialized_end=3104
+  _globals['_GENERATIONOPTIONS']._serialized_end=813
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_start=569
+  _globals['_GENERATIONOPTIONS_LOGITBIASENTRY']._serialized_end=617
+  _globals['_RESPONSEFORMAT']._serialized_start=815
+  _globals['_RESPONSEFORMAT']._serialized_end=895
+  _globals['_GENERATEREQUEST']._serialized_start=897
+  _globals['_GENERATEREQUEST']._serialized_end=1013
+  _globals['_CHATMESSAGE']._serialized_start=1015
+  _globals['_CHATMESSAGE']._serialized_end=1059
+  _globals['_CHATREQUEST']._serialized_start=1062
+  _globals['_CHATREQUEST']._serialized_end=1275
+  _globals['_TOOL']._serialized_start=1277
+  _globals['_TOOL']._serialized_end=1338
+  _globals['_TOOLCALL']._serialized_start=1340
+  _globals['_TOOLCALL']._serialized_end=1395
+  _globals['_TOPLOGPROB']._serialized_start=1397
+  _globals['_TOPLOGPROB']._serialized_end=1444
+  _globals['_TOKENLOGPROBS']._serialized_start=1446
+  _globals['_TOKENLOGPROBS']._serialized_end=1528
+  _globals['_USAGE']._serialized_start=1530
+  _globals['_USAGE']._serialized_end=1632
+  _globals['_TIMINGS']._serialized_start=1635
+  _globals['_TIMINGS']._serialized_end=1776
+  _globals['_GENERATERESPONSE']._serialized_start=1779
+  _globals['_GENERATERESPONSE']._serialized_end=2033
+  _globals['_TOKENIZEREQUEST']._serialized_start=2035
+  _globals['_TOKENIZEREQUEST']._serialized_end=2117
+  _globals['_TOKENIZERESPONSE']._serialized_start=2119
+  _globals['_TOKENIZERESPONSE']._serialized_end=2156
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2158
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2196
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2198
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2232
+  _globals['_MODELINFOREQUEST']._serialized_start=2234
+  _globals['_MODELINFOREQUEST']._serialized_end=2252
+  _globals['_QUANTIZATIONTYPE']._serialized_start=2254
+  _globals['_QUANTIZATIONTYPE']._serialized_end=2318
+  _globals['_MODELINFORESPONSE']._serialized_start=2321
+  _globals['_MODELINFORESPONSE']._serialized_end=2732
+  _globals['_MODELINFORESPONSE_KERNELSENTRY']._serialized_start=2686
+  _globals['_MODELINFORESPONSE_KERNELSENTRY']._serialized_end=2732
+  _globals['_INFERENCESERVICE']._serialized_start=2887
+  _globals['_INFERENCESERVICE']._serialized_end=3215
 # @@protoc_insertion_point(module_scope)
