@@ -5,14 +5,14 @@ rz.models.family): its weights, embedding, transformer block and head. The stack
 the KV cache is driven from here, once for all families.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from rz import kv_cache, sharding
+from rz import kv_cache, multihost, sharding
 from rz.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from rz.errors import UnsupportedModelError
 from rz.gguf import GGUFFile
@@ -145,6 +145,9 @@ class Model:
     weights: Any
     family: Family
     plan: sharding.Plan | None = None  # tensor parallelism: how weights and cache are split (None: one device)
+    # How an engine makes its device calls, launch(step, *args, **static): directly, or, on a mesh
+    # of several processes, through rz.multihost (process 0 leads, the others follow).
+    launch: Callable = multihost.call
 
     def forward(self, weights: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, tables=None):
         """forward() of this model: (hidden after the final norm, cache)."""
@@ -179,4 +182,6 @@ def load_model(gguf: GGUFFile, cfg: ModelConfig, tensor_parallel: int = 1) -> Mo
     if tensor_parallel == 1:
         return Model(cfg, load_weights(gguf, family.tensor_specs(cfg)), family)
     plan = sharding.plan(cfg, tensor_parallel)
-    return Model(cfg, sharding.place(load_weights(gguf, family.tensor_specs(cfg)), plan, cfg), family, plan)
+    multihost.check_mesh(plan.mesh)
+    model = Model(cfg, sharding.place(load_weights(gguf, family.tensor_specs(cfg)), plan, cfg), family, plan)
+    return replace(model, launch=multihost.launcher(model)) if multihost.spans_processes(plan.mesh) else model

@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rz import multihost
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
 from rz.errors import RzError
@@ -101,6 +102,7 @@ class Server:
         self.metrics_port = None
         self._metrics_http = None
         self._loop = None
+        self._llm = None
         self.http_port = None
         self.http = None
         if config.http_port >= 0:
@@ -138,14 +140,9 @@ class Server:
         """Load the model, compile every step, start the engine loop, and report SERVING."""
         from rz.buckets import Buckets
         from rz.engine import Engine
-        from rz.llm import LLM
         from rz.server.scheduler import EngineLoop, warm_up
 
-        llm = LLM(
-            self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch,
-            cache_type_k=self.config.cache_type_k, cache_type_v=self.config.cache_type_v,
-            tensor_parallel=self.config.tensor_parallel,
-        )
+        llm = self._llm = _load_llm(self.config)
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
         _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
@@ -182,6 +179,8 @@ class Server:
                 self._loop.cancel_all()
                 self._loop.drain(margin)
             self._loop.stop()
+        if self._llm is not None:
+            multihost.close(self._llm.model)  # the engine loop has stopped: no step follows
         stopped.wait()
         if self.http is not None:
             self.http.stop()
@@ -316,6 +315,27 @@ def serve(config: ServerConfig) -> int:
     server.shutdown()
     log.info("stopped")
     return 0
+
+
+def follow(config: ServerConfig) -> int:
+    """A process other than 0 of a mesh over several: its shards of the model, every step as
+    process 0 runs it (rz.multihost), until process 0 stops; it serves nothing itself."""
+    import jax
+
+    llm = _load_llm(config)
+    log.info("process %d: loaded %s in %.1f s; following process 0", jax.process_index(), llm, llm.load_seconds)
+    multihost.follow(llm.model)
+    log.info("process 0 stopped")
+    return 0
+
+
+def _load_llm(config: ServerConfig):
+    from rz.llm import LLM
+
+    return LLM(
+        config.model, n_ctx=config.n_ctx, max_batch=config.max_batch, cache_type_k=config.cache_type_k,
+        cache_type_v=config.cache_type_v, tensor_parallel=config.tensor_parallel,
+    )
 
 
 def _load(server: Server, failures: list, done: threading.Event) -> None:
