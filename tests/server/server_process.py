@@ -69,14 +69,15 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def start_server(*extra_args: str) -> RunningServer:
-    """Start a server on free ports and wait for SERVING, recording the health statuses on the way."""
+def start_server(*extra_args: str, env: dict | None = None) -> RunningServer:
+    """Start a server on free ports and wait for SERVING, recording the health statuses on the way
+    (extra_args come last: a flag given there overrides the defaults here, --model included)."""
     command = [
         sys.executable, "-m", "rz", "serve", "--model", str(smollm2_135m_path()), "--n-ctx", str(N_CTX),
         "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--port", "0", "--metrics-port", "0",
         "--http-port", "0", *extra_args,
     ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     log: list[str] = []
     ports = threading.Event()
     found = {}
