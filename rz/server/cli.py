@@ -38,9 +38,9 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     hosts.add_argument("--process-id", type=_at_least(0), metavar="I", help="this process's index, 0 to N-1 (default: $RZ_PROCESS_ID)")
 
 
-def start_devices(args) -> int:
+def start_devices(args, replicas: int = 1) -> int:
     """Before JAX starts: join the other processes if asked, and give JAX's CPU backend the
-    devices --tensor-parallel needs; this process's index (0 alone)."""
+    devices --tensor-parallel needs, for each of `replicas`; this process's index (0 alone)."""
     from rz import multihost
     from rz.sharding import provide_cpu_devices
 
@@ -49,8 +49,9 @@ def start_devices(args) -> int:
         # On CPU each process holds its share of the mesh (one device when the count is unknown).
         share = args.tensor_parallel // distributed.num_processes if distributed.num_processes else None
         return multihost.initialize(distributed, local_devices=share)
-    if args.tensor_parallel > 1:
-        provide_cpu_devices(args.tensor_parallel)
+    devices = args.tensor_parallel * replicas
+    if devices > 1:
+        provide_cpu_devices(devices)
     return 0
 
 
@@ -63,6 +64,11 @@ def add_commands(commands) -> None:
     serve.add_argument("--n-ctx", type=int, default=None, help="context size per slot (default: min(4096, the model's))")
     add_cache_type_arguments(serve)
     add_parallel_arguments(serve)
+    serve.add_argument(
+        "--data-parallel", type=_at_least(1), default=1, metavar="M",
+        help="M engine replicas behind the one queue, each with --max-batch slots on --tensor-parallel devices "
+        "of its own: throughput when the model fits (default: 1); one process only",
+    )
     serve.add_argument("--max-batch", type=_at_least(1), default=8, help="decode slots: requests generating at once (default: 8)")
     serve.add_argument("--max-queue", type=_at_least(0), default=64, help="requests that may wait for a slot (default: 64)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -143,7 +149,7 @@ def run_serve(args) -> int:
     from rz.server.server import ServerConfig, follow, serve
 
     logging.basicConfig(level=logging.INFO, format="rz serve: %(message)s", stream=sys.stderr)
-    process = start_devices(args)
+    process = start_devices(args, args.data_parallel)
     return (follow if process else serve)(ServerConfig(
         model=args.model or default_model_path(),
         n_ctx=args.n_ctx,
@@ -162,6 +168,7 @@ def run_serve(args) -> int:
         cache_type_k=args.cache_type_k,
         cache_type_v=args.cache_type_v,
         tensor_parallel=args.tensor_parallel,
+        data_parallel=args.data_parallel,
         speculative=args.speculative,
     ))
 

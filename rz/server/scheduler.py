@@ -1,8 +1,11 @@
-"""The engine loop: one thread owns the engine and the device; other threads only submit and read.
+"""The engine loop: one thread owns the engines and the devices; other threads only submit and read.
 
 A request waits in a bounded queue until a slot is free, is handed to the host scheduler
 (rz.scheduler), whose steps prefill it into the slot between decode calls, and leaves when it
-finishes or is cancelled. This loop keeps only threads, queues, cancellation and deadlines: a
+finishes or is cancelled. With data parallelism the loop drives several engine replicas, each on
+its own devices with a scheduler of its own: a request goes to the replica with the most free
+slots, and one pass of the loop steps every replica that has work (a step returns once its call is
+launched and the previous one read back, so the replicas' devices run side by side). This loop keeps only threads, queues, cancellation and deadlines: a
 failure is delivered to the request it belongs to; the loop and the other requests go on.
 """
 
@@ -12,6 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from rz.constraints import Constraint
 from rz.engine import Engine
@@ -68,12 +72,15 @@ class Ticket:
 
 
 class EngineLoop:
-    """Continuous batching over an engine, run by one thread that drives the host scheduler."""
+    """Continuous batching over an engine (and its replicas), run by one thread that drives the host schedulers."""
 
-    def __init__(self, engine: Engine, max_queue: int):
-        self.engine = engine
+    def __init__(self, engine: Engine, max_queue: int, replicas: Sequence[Engine] = ()):
+        self.engine = engine  # validates requests; the replicas run the same model
+        self.engines = (engine, *replicas)
+        self.n_slots = sum(each.n_slots for each in self.engines)
         self.max_queue = max_queue
-        self.scheduler = Scheduler(engine, prefill_budget_s=PREFILL_BUDGET_S)
+        self.schedulers = tuple(Scheduler(each, prefill_budget_s=PREFILL_BUDGET_S) for each in self.engines)
+        self.scheduler = self.schedulers[0]
         self._changed = threading.Condition()
         self._live: set[Ticket] = set()  # submitted, not yet given a final item
         self._waiting: collections.deque[Ticket] = collections.deque()  # not yet handed to the scheduler
@@ -92,9 +99,9 @@ class EngineLoop:
         with self._changed:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; send the request to another server")
-            if len(self._live) >= self.engine.n_slots + self.max_queue:
+            if len(self._live) >= self.n_slots + self.max_queue:
                 raise OverCapacityError(
-                    f"the server is full: {self.engine.n_slots} requests generating and {self.max_queue} queued; "
+                    f"the server is full: {self.n_slots} requests generating and {self.max_queue} queued; "
                     "retry later"
                 )
             ticket = Ticket(request, queued_at=time.perf_counter())
@@ -143,7 +150,7 @@ class EngineLoop:
             waiting = len(self._waiting)
         running = [ticket.sequence for ticket in handed if ticket.sequence is not None]
         used = sum(len(sequence.request.prompt_ids) + len(sequence.output_ids) for sequence in running)
-        return len(running), waiting + len(handed) - len(running), used / (self.engine.n_slots * self.engine.n_ctx)
+        return len(running), waiting + len(handed) - len(running), used / (self.n_slots * self.engine.n_ctx)
 
     def stop(self) -> None:
         """Stop the loop thread and wait for it."""
@@ -158,28 +165,33 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting and not self.scheduler.has_work() and not self._stopped:
+                while not self._waiting and not any(s.has_work() for s in self.schedulers) and not self._stopped:
                     self._changed.wait()
                 if self._stopped:
                     return
             # Cancelled during the last step: their slots go to waiting requests now.
-            for event in self.scheduler.free_stopped():
-                self._deliver(event)
+            for scheduler in self.schedulers:
+                for event in scheduler.free_stopped():
+                    self._deliver(event)
             with self._changed:
                 refused = self._hand_over()
             for ticket, error in refused:
                 self._finish(ticket, _failure(ticket, error))
-            for event in self.scheduler.step():
-                self._deliver(event)
+            for scheduler in self.schedulers:
+                for event in scheduler.step():
+                    self._deliver(event)
 
     def _hand_over(self) -> list[tuple[Ticket, Exception]]:
-        """Move queued tickets into the scheduler while slots are free for them (the lock held);
-        the tickets it refused, with why."""
+        """Move queued tickets into the schedulers while slots are free for them, each to the
+        replica with the most (the lock held); the tickets refused, with why."""
         refused = []
-        while self._waiting and self.engine.free_slots() > self.scheduler.n_pending:
+        while self._waiting:
+            scheduler = max(self.schedulers, key=_room)
+            if _room(scheduler) <= 0:
+                break
             ticket = self._waiting.popleft()
             try:
-                ticket.generation = self.scheduler.add(ticket.request, queued_at=ticket.queued_at)
+                ticket.generation = scheduler.add(ticket.request, queued_at=ticket.queued_at)
             except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
                 refused.append((ticket, error))
                 continue
@@ -208,6 +220,11 @@ class EngineLoop:
             self._changed.notify_all()
         if item is not None:
             ticket.events.put(item)
+
+
+def _room(scheduler: Scheduler) -> int:
+    """Slots of a scheduler's engine free for requests not yet handed to it."""
+    return scheduler.engine.free_slots() - scheduler.n_pending
 
 
 def _failure(ticket: Ticket, error: Exception) -> RzError:

@@ -69,6 +69,7 @@ class ServerConfig:
     cache_type_k: str = "f16"  # how the KV cache stores keys and values: llama.cpp's names
     cache_type_v: str = "f16"
     tensor_parallel: int = 1  # devices the model is split over (rz.sharding)
+    data_parallel: int = 1  # engine replicas, each with max_batch slots on tensor_parallel devices of its own
     speculative: str | None = None  # the proposer of requests that name none (rz.speculative); None: off
 
 
@@ -85,7 +86,7 @@ class Server:
         self.service = InferenceService(self.metrics, config.max_request_bytes)
         self.health = health.HealthServicer()
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_batch + config.max_queue + _SPARE_WORKERS),
+            futures.ThreadPoolExecutor(max_workers=config.max_batch * config.data_parallel + config.max_queue + _SPARE_WORKERS),
             interceptors=[Guard(self.metrics, config.api_key)],
             options=[
                 ("grpc.max_receive_message_length", _TRANSPORT_LIMIT_FACTOR * config.max_request_bytes),
@@ -146,16 +147,23 @@ class Server:
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
         _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
-        engine = Engine(
-            llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
-            speculative=self.config.speculative,
-        )
-        warm_up(engine)
+        engines = [
+            Engine(
+                model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
+                speculative=self.config.speculative,
+            )
+            for model in llm.replicas
+        ]
+        for engine in engines:  # each replica compiles its own steps: its mesh is a static argument
+            warm_up(engine)
+        engine = engines[0]
         log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
-        self.metrics.slots.set(engine.n_slots)
+        self.metrics.slots.set(sum(each.n_slots for each in engines))
         self.metrics.watch_compilations(engine.compilations)
-        self.metrics.watch_speculation(lambda: (engine.n_drafted, engine.n_accepted))
-        self._loop = EngineLoop(engine, self.config.max_queue)
+        self.metrics.watch_speculation(
+            lambda: (sum(each.n_drafted for each in engines), sum(each.n_accepted for each in engines))
+        )
+        self._loop = EngineLoop(engine, self.config.max_queue, replicas=engines[1:])
         self.metrics.watch_load(self._loop.load)
         self._loop.start()
         self.service.attach(llm, self._loop, _model_info(llm, self.config))
@@ -334,7 +342,7 @@ def _load_llm(config: ServerConfig):
 
     return LLM(
         config.model, n_ctx=config.n_ctx, max_batch=config.max_batch, cache_type_k=config.cache_type_k,
-        cache_type_v=config.cache_type_v, tensor_parallel=config.tensor_parallel,
+        cache_type_v=config.cache_type_v, tensor_parallel=config.tensor_parallel, data_parallel=config.data_parallel,
     )
 
 

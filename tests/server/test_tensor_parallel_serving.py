@@ -1,8 +1,9 @@
-"""Serving with tensor parallelism 2: the server streams, batches and cancels as with one device.
+"""Serving over two devices: the server streams, batches and cancels as with one device.
 
-A tiny llama (4 query heads, 2 KV heads) is served split over two devices, in two ways: one
-process with two forced CPU devices (`--tensor-parallel 2`), and two processes on loopback, one
-CPU device each, where process 0 serves and process 1 follows it (rz.multihost). Greedy answers
+A tiny llama (4 query heads, 2 KV heads) is served over two devices in three ways: split over
+them in one process with two forced CPU devices (`--tensor-parallel 2`); split over two processes
+on loopback, one CPU device each, where process 0 serves and process 1 follows it (rz.multihost);
+and as two replicas, one per device, behind the one queue (`--data-parallel 2`). Greedy answers
 are compared with rz.LLM on one device, which gives this model's tokens to the bit
 (tests/models/test_tensor_parallel.py).
 """
@@ -45,16 +46,19 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=["two-devices", "two-processes"])
+REPLICAS = {"two-devices": 1, "two-processes": 1, "two-replicas": 2}
+
+
+@pytest.fixture(scope="module", params=list(REPLICAS))
 def server(request, tiny_model, tmp_path_factory):
-    """A server of the tiny model at --tensor-parallel 2 (and its follower, for two processes),
-    each process with a compilation cache of its own, fresh."""
+    """A server of the tiny model over two devices (and its follower, for two processes), each
+    process with a compilation cache of its own, fresh."""
 
     def env():
         cache = tmp_path_factory.mktemp("compilation-cache")
         return {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"} | {"RZ_COMPILATION_CACHE": str(cache)}
 
-    served = ("--model", str(tiny_model), "--tensor-parallel", "2")
+    served = ("--model", str(tiny_model), *(("--data-parallel", "2") if REPLICAS[request.param] > 1 else ("--tensor-parallel", "2")))
     follower = None
     if request.param == "two-processes":
         hosts = ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2")
@@ -65,6 +69,7 @@ def server(request, tiny_model, tmp_path_factory):
         )
         served += (*hosts, "--process-id", "0")
     running = start_server(*served, env=env())
+    running.replicas = REPLICAS[request.param]
     yield running
     assert running.terminate(timeout=60) == 0, "".join(running.log[-20:])
     if follower is not None:
@@ -104,12 +109,18 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, on
         assert results[index].token_ids == want[: 6 - index % 3], PROMPTS[index]
 
 
+def test_every_replica_adds_its_slots(server):
+    assert server.metrics()[("rz_slots", ())] == MAX_BATCH * server.replicas
+
+
 def test_a_cancelled_request_frees_its_slot(server):
+    """Every slot of every replica taken; one request cancelled; a new one is served."""
     long = pb.GenerateRequest(prompt="Tell me a long story.", options=pb.GenerationOptions(max_tokens=N_CTX // 2, temperature=0.0, ignore_eos=True))
-    channels = [grpc.insecure_channel(server.target) for _ in range(MAX_BATCH)]
+    channels = [grpc.insecure_channel(server.target) for _ in range(MAX_BATCH * server.replicas)]
     calls = [pb_grpc.InferenceServiceStub(channel).Generate(long) for channel in channels]
     for call in calls:
         next(call)  # every slot is taken
+    assert server.metrics()[("rz_active_slots", ())] == MAX_BATCH * server.replicas
     calls[0].cancel()
     with server.client() as client:
         last = list(client.stream(PROMPTS[1], 2, temperature=0.0))[-1]
