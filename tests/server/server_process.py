@@ -61,6 +61,27 @@ class RunningServer:
             raise
 
 
+def generate_concurrently(server: RunningServer, prompts: list[str], max_tokens: list[int], **options) -> list:
+    """Each prompt from a client of its own, all at once: the completions, in order."""
+    results, errors = {}, []
+
+    def ask(index):
+        try:
+            with server.client() as client:
+                results[index] = client.generate(prompts[index], max_tokens[index], **options)
+        except Exception as error:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [results[index] for index in range(len(prompts))]
+
+
 def wait_for(condition, timeout: float = 60.0) -> None:
     """Poll condition() until it holds; fail after timeout seconds."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ import pytest
 import rz
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
-from server_process import MAX_BATCH, N_CTX, start_server, wait_for
+from server_process import MAX_BATCH, N_CTX, generate_concurrently, start_server, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["The history of the printing press", "A recipe for bread", "Once upon a time", "Water boils at", "Dear Sir", "Roses are red"]
@@ -90,23 +89,10 @@ def test_a_stream_is_what_one_device_generates(server, one_device):
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, one_device):
     """More clients than slots: requests join and leave the batch between steps."""
     expected = [one_device.generate(p, max_tokens=6, temperature=0.0, ignore_eos=True).token_ids for p in PROMPTS]
-    results, errors = {}, []
-
-    def ask(index):
-        try:
-            with server.client() as client:
-                results[index] = client.generate(PROMPTS[index], 6 - index % 3, temperature=0.0, ignore_eos=True)
-        except Exception as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
-
-    threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(PROMPTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    for index, want in enumerate(expected):
-        assert results[index].token_ids == want[: 6 - index % 3], PROMPTS[index]
+    lengths = [6 - index % 3 for index in range(len(PROMPTS))]
+    results = generate_concurrently(server, PROMPTS, lengths, temperature=0.0, ignore_eos=True)
+    for prompt, got, want, n in zip(PROMPTS, results, expected, lengths):
+        assert got.token_ids == want[:n], prompt
 
 
 def test_every_replica_adds_its_slots(server):
