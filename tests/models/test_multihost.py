@@ -97,6 +97,44 @@ def test_a_follower_does_not_drive_the_model(runs):
     assert "follows process 0" in _report(runs[1])["refused"]
 
 
+def test_the_environment_stands_in_for_missing_flags(monkeypatch):
+    from rz.multihost import Distributed
+
+    monkeypatch.setenv("RZ_COORDINATOR", "host0:12355")
+    monkeypatch.setenv("RZ_NUM_PROCESSES", "4")
+    monkeypatch.setenv("RZ_PROCESS_ID", "3")
+    assert Distributed.from_flags(None, None, None) == Distributed("host0:12355", 4, 3)
+    assert Distributed.from_flags("other:1", 2, 0) == Distributed("other:1", 2, 0)
+
+
+def test_alone_nothing_is_asked(monkeypatch):
+    from rz.multihost import Distributed, initialize
+
+    for name in ("RZ_COORDINATOR", "RZ_NUM_PROCESSES", "RZ_PROCESS_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert not Distributed.from_flags(None, None, None).asked
+    assert initialize(Distributed()) == 0
+
+
+@pytest.mark.parametrize(("distributed", "message"), [
+    (("host0:1", 2, 2), "outside 0..1"),
+    (("host0:1", 0, 0), "at least 1"),
+])
+def test_impossible_process_ids_are_refused_before_joining(distributed, message):
+    from rz.multihost import Distributed, MultihostError, initialize
+
+    with pytest.raises(MultihostError, match=message):
+        initialize(Distributed(*distributed))
+
+
+def test_a_variable_that_is_not_a_number_is_named(monkeypatch):
+    from rz.multihost import Distributed, MultihostError
+
+    monkeypatch.setenv("RZ_PROCESS_ID", "zero")
+    with pytest.raises(MultihostError, match="RZ_PROCESS_ID='zero'"):
+        Distributed.from_flags("host0:1", 2, None)
+
+
 def _main(path: str, coordinator: str, role: str) -> None:
     from rz import multihost
 
