@@ -28,6 +28,8 @@ kill $LSPID; wait $LSPID 2>/dev/null
 .venv/bin/python -m rz serve --model "$M" --n-ctx 512 --max-batch 8 --port 18182 --http-port 18181 --metrics-port -1 > /tmp/rzs.log 2>&1 &
 RZPID=$!
 wait_http http://127.0.0.1:18181/health || { echo "rz failed"; tail /tmp/rzs.log; }
+# SERVING comes before the other shapes compile (in the background); measure a warm server.
+until grep -q "background warm-up done" /tmp/rzs.log; do sleep 1; done
 for c in 1 8; do
   .venv/bin/python -m rz.bench serve --url http://127.0.0.1:18181 --engine openai --model "$M" --concurrency $c --requests "$REQUESTS" --no-history --json $OUT/serve-rz-http-c$c$SUFFIX.json
   .venv/bin/python -m rz.bench serve --url grpc://127.0.0.1:18182 --model "$M" --concurrency $c --requests "$REQUESTS" --no-history --json $OUT/serve-rz-grpc-c$c$SUFFIX.json

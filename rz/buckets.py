@@ -53,10 +53,17 @@ class Buckets:
         """The padded length of each prefill chunk of an n_tokens prompt."""
         return min(self.context_bucket(n_tokens), self.max_chunk)
 
-    def tail_chunk_length(self, n_tail: int, context: int) -> int:
-        """The padded length of each chunk of a prompt's n_tail tokens after a reused prefix, in a
-        cache of `context` positions: TAIL_CHUNK when the tail fits it, else the context's own."""
-        return min(TAIL_CHUNK, self.chunk_length(context)) if n_tail <= TAIL_CHUNK else self.chunk_length(context)
+    def tail_chunks(self, start: int, n_tokens: int, context: int) -> tuple[tuple[int, int], ...]:
+        """(start, padded length) of each chunk of a prompt's tokens [start, n_tokens) after a
+        reused prefix, in a cache of `context` positions: in TAIL_CHUNK-long chunks when they pad
+        fewer tokens than the context's own chunks would (a 132-token chat turn: two of 128, not
+        one of 512), else in the context's."""
+        n_tail = n_tokens - start
+        length = self.chunk_length(context)
+        tail = min(TAIL_CHUNK, length)
+        if _padded(n_tail, tail) < _padded(n_tail, length):
+            length = tail
+        return tuple((chunk, length) for chunk in range(start, n_tokens, length))
 
     def chunks(self, n_tokens: int, context: int = 0):
         """(start, padded length) of each chunk covering n_tokens tokens, in the chunks of the
@@ -67,6 +74,11 @@ class Buckets:
         tail = min(TAIL_CHUNK, length)
         for start in range(0, n_tokens, length):
             yield start, tail if start and n_tokens - start <= tail else length
+
+
+def _padded(n_tokens: int, chunk: int) -> int:
+    """The tokens n_tokens take in chunks of `chunk`, padding included."""
+    return -(-n_tokens // chunk) * chunk
 
 
 def batch_ladder(n_slots: int) -> tuple[int, ...]:

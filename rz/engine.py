@@ -180,8 +180,7 @@ class Engine:
             # The copy of the prefix: the source row as a one-row cache, prefilled from there on.
             source = jnp.int32(placement.source)
             cache = self._timed(f"extract[{bucket}]", steps.extract, self.cache, source, size=bucket)
-            length = self.buckets.tail_chunk_length(len(prompt) - placement.n_cached, bucket)
-            chunks = tuple((start, length) for start in range(placement.n_cached, len(prompt), length))
+            chunks = self.buckets.tail_chunks(placement.n_cached, len(prompt), bucket)
         else:
             cache = self._empty_cache(1, bucket)
             chunks = tuple(self.buckets.chunks(len(prompt), bucket))

@@ -246,6 +246,14 @@ class LLM:
                 scheduler.cancel(sequence)
         return [_completion(sequence) for sequence in sequences]
 
+    def warm_up(self, n_sequences: int = 1) -> None:
+        """Compile every step a session of up to n_sequences sequences at once meets (each context
+        bucket, batch size, log-probabilities, structured output), as `rz serve` does at start, so
+        that no later call waits for a compilation."""
+        from rz.warm_up import warm_up
+
+        warm_up(self._scheduler(n_sequences).engine)
+
     def compiled_variants(self) -> int:
         """How many shape variants of compiled steps this LLM holds; constant once warm."""
         return self._current.compiled_variants() if self._current is not None else 0

@@ -28,10 +28,29 @@ def test_chunks_cover_every_prompt_with_one_shape_per_context_bucket_and_its_tai
         assert {length for _, length in chunks[:-1]} <= {chunks[0][1]}
         last_start, last_length = chunks[-1]
         if last_start and n - last_start <= TAIL_CHUNK:
-            assert last_length == buckets.tail_chunk_length(n - last_start, context)
+            assert last_length == min(TAIL_CHUNK, chunks[0][1])
         else:
             assert last_length == chunks[0][1]
     assert len(shapes) == len(buckets.context)
+
+
+@pytest.mark.parametrize("n_ctx", [300, 4096])
+def test_a_tail_after_a_reused_prefix_runs_in_the_shape_that_pads_least(n_ctx):
+    """A chat turn's new tokens: TAIL_CHUNK-long chunks when they pad less than the context's
+    chunks, so 132 tokens take 2 x 128 positions, not 512; never more padding than before."""
+    buckets = Buckets.for_context(n_ctx)
+    for start in (1, 100, 250):
+        for n in range(start + 1, n_ctx + 1, 7):
+            context = buckets.context_bucket(n)
+            chunks = buckets.tail_chunks(start, n, context)
+            own = buckets.chunk_length(context)
+            lengths = {length for _, length in chunks}
+            assert len(lengths) == 1 and lengths <= {min(TAIL_CHUNK, own), own}
+            assert chunks[0][0] == start and chunks[-1][0] + chunks[-1][1] >= n
+            assert all(b[0] == a[0] + a[1] for a, b in zip(chunks, chunks[1:]))
+            assert len(chunks) * chunks[0][1] <= -(-(n - start) // own) * own
+    context = buckets.context_bucket(266)
+    assert buckets.tail_chunks(134, 266, context) == ((134, 128), (262, 128))
 
 
 def test_batch_ladder():

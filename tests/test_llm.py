@@ -174,6 +174,13 @@ def test_a_session_does_not_recompile_after_warm_up(llm):
     assert llm.compiled_variants() == seen
 
 
+def test_warm_up_compiles_what_a_session_meets(llm):
+    llm.warm_up(2)
+    seen = llm.compiled_variants()
+    llm.generate(["x y", "a much longer prompt than that " * 9], max_tokens=3, temperature=0.0, logprobs=1)
+    assert llm.compiled_variants() == seen
+
+
 def test_one_kv_cache_sized_for_the_largest_batch_so_far(llm):
     """A larger batch replaces the engine (and its cache); a smaller one runs on its first slots."""
     llm.generate(["a b", "c d", "e f"], max_tokens=2, temperature=0.0)

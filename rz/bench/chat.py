@@ -48,13 +48,17 @@ def conversation(tokenize: Callable[[str], list[int]], render: Callable[[list[di
 
 
 def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, n_ctx: int, threads: int,
-            engines: tuple[str, ...], progress: Callable[[str], None]) -> dict:
-    """Per engine, the TTFT of every turn (seconds) and the prompt lengths."""
+            engines: tuple[str, ...], progress: Callable[[str], None], warm: bool = False) -> dict:
+    """Per engine, the TTFT of every turn (seconds) and the prompt lengths. warm: rz compiles
+    every shape first (rz.LLM.warm_up), so that no measured turn compiles, as in a warmed-up server."""
     import rz
 
     llm = rz.LLM(model_path, n_ctx=n_ctx, max_batch=1)
     prompts = conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns,
                            user_tokens, answer_tokens)
+    if warm and "rz" in engines:
+        llm.warm_up()
+        progress(f"rz warmed up: {len(llm.compilations)} steps compiled")
     if len(prompts[-1]) + 1 > n_ctx:
         raise BenchError(f"the last turn's prompt ({len(prompts[-1])} tokens) does not fit n_ctx {n_ctx}")
     runners = {}
@@ -67,7 +71,8 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
     if "llama.cpp" in engines:
         oracle = _LlamaCppChat(EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx))
         runners["llama.cpp"] = oracle.first_token
-    result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "prompt_tokens": [len(p) for p in prompts],
+    result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "warm": warm,
+              "prompt_tokens": [len(p) for p in prompts],
               "ttft_s": {name: [] for name in runners}, "cached_tokens": {name: [] for name in runners}}
     try:
         for turn, ids in enumerate(prompts, 1):

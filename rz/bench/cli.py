@@ -332,6 +332,8 @@ def cmd_chat(argv: list[str]) -> int:
     parser.add_argument("--answer-tokens", type=int, default=16, help="tokens of each assistant answer (default: 16)")
     parser.add_argument("--n-ctx", type=int, default=4096, help="context positions (default: 4096)")
     parser.add_argument("--threads", type=int, default=_usable_cores(), help="llama.cpp's threads (default: the usable cores)")
+    parser.add_argument("--warm", action="store_true",
+                        help="rz compiles every shape first, so no measured turn compiles (as a warmed-up server)")
     parser.add_argument("--json", metavar="FILE", help="also write the result here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -345,7 +347,8 @@ def cmd_chat(argv: list[str]) -> int:
     if not model_path.is_file():
         raise BenchError(f"--model {model_path}: no such file")
     progress = (lambda message: None) if args.quiet else (lambda message: print(f"chat: {message}", file=sys.stderr))
-    result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines, progress)
+    result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines, progress,
+                     warm=args.warm)
     result["command"] = ["python", "-m", "rz.bench", "chat"] + argv
     print(table(result))
     if args.json:

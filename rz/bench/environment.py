@@ -130,6 +130,8 @@ def model_facts(path: Path) -> dict:
             size_label = model.get("general.size_label")
             file_type = model.get("general.file_type")
             name = model.get("general.name")
+            expert_count = model.get(f"{architecture}.expert_count")
+            experts_used = model.get(f"{architecture}.expert_used_count")
     except RzError as error:
         raise PreflightError(f"{path.name} is not a usable GGUF file: {error}") from None
     try:
@@ -142,6 +144,11 @@ def model_facts(path: Path) -> dict:
     # row, unless the output projection is tied to it (no output.weight) and reads it whole.
     embedding = tensors.get("token_embd.weight", (0, 0))[0]
     per_token = total_bytes - embedding if "output.weight" in tensors else total_bytes
+    # A mixture of experts reads only the chosen experts' rows of its 3-D expert tensors
+    # (one token: expert_used_count of expert_count), so GB/s is of the active bytes.
+    if expert_count and experts_used:
+        expert_bytes = sum(nbytes for tensor, (nbytes, _) in tensors.items() if "_exps." in tensor)
+        per_token -= expert_bytes - expert_bytes * experts_used // expert_count
     return {
         "path": str(path.resolve()),
         "file_name": path.name,

@@ -53,6 +53,11 @@ class Metrics:
             "rz_kv_cache_usage_ratio", "Fraction of the KV cache's positions holding a request's tokens", registry=registry
         )
 
+        self.warm_up_pending = Gauge(
+            "rz_warm_up_pending", "Warm-up units (shapes to compile) the engine loop has yet to run while idle",
+            registry=registry,
+        )
+
     def serve(self, port: int, host: str):
         """Start the HTTP endpoint; returns the server (its port: server.server_port)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
@@ -72,6 +77,9 @@ class Metrics:
         self.active_slots.set_function(lambda: load()[0])
         self.queued_requests.set_function(lambda: load()[1])
         self.kv_cache_usage.set_function(lambda: load()[2])
+
+    def watch_warm_up(self, pending: Callable[[], int]) -> None:
+        self.warm_up_pending.set_function(pending)
 
     def observe_request(self, method: str, status: str, sequence: Generation | None) -> None:
         """Count a request that ended with `status`; sequence is None if it never got a slot."""

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from rz.constraints import Constraint
 from rz.engine import Engine
 from rz.errors import RequestError, RzError, ShuttingDownError
 from rz.generation import Generation, GenerationRequest, StepEvent
-from rz.request import FinishReason, RequestOptions, SamplingParams
+from rz.request import FinishReason
 from rz.scheduler import Scheduler
+from rz.warm_up import WarmUpUnit
 
 log = logging.getLogger("rz.server")
 
@@ -74,11 +74,21 @@ class Ticket:
 class EngineLoop:
     """Continuous batching over an engine (and its replicas), run by one thread that drives the host schedulers."""
 
-    def __init__(self, engine: Engine, max_queue: int, replicas: Sequence[Engine] = ()):
+    def __init__(
+        self, engine: Engine, max_queue: int, warm_up: Sequence[WarmUpUnit] = (), replicas: Sequence[Engine] = ()
+    ):
+        """warm_up: units of rz.warm_up.warm_up_units the loop runs on the first engine while no request waits,
+        one at a time, so a request waits for at most one unit. replicas: engines of the same model on other
+        devices (data parallelism), each driven by a scheduler of its own."""
         self.engine = engine  # validates requests; the replicas run the same model
         self.engines = (engine, *replicas)
         self.n_slots = sum(each.n_slots for each in self.engines)
         self.max_queue = max_queue
+        self._warm_up = collections.deque(warm_up)
+        self.warm_up_started = time.perf_counter()
+        self.warm_up_done = threading.Event()
+        if not self._warm_up:
+            self.warm_up_done.set()
         self.schedulers = tuple(Scheduler(each, prefill_budget_s=PREFILL_BUDGET_S) for each in self.engines)
         self.scheduler = self.schedulers[0]
         self._changed = threading.Condition()
@@ -152,6 +162,10 @@ class EngineLoop:
         used = sum(len(sequence.request.prompt_ids) + len(sequence.output_ids) for sequence in running)
         return len(running), waiting + len(handed) - len(running), used / (self.n_slots * self.engine.n_ctx)
 
+    def warm_up_pending(self) -> int:
+        """Warm-up units not yet finished."""
+        return 0 if self.warm_up_done.is_set() else len(self._warm_up) + 1
+
     def stop(self) -> None:
         """Stop the loop thread and wait for it."""
         with self._changed:
@@ -165,10 +179,15 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting and not any(s.has_work() for s in self.schedulers) and not self._stopped:
+                idle = not self._waiting and not any(s.has_work() for s in self.schedulers)
+                while idle and not self._stopped and not self._warm_up:
                     self._changed.wait()
+                    idle = not self._waiting and not any(s.has_work() for s in self.schedulers)
                 if self._stopped:
                     return
+            if idle:
+                self._warm_up_next()
+                continue
             # Cancelled during the last step: their slots go to waiting requests now.
             for scheduler in self.schedulers:
                 for event in scheduler.free_stopped():
@@ -180,6 +199,17 @@ class EngineLoop:
             for scheduler in self.schedulers:
                 for event in scheduler.step():
                     self._deliver(event)
+
+    def _warm_up_next(self) -> None:
+        unit = self._warm_up.popleft()
+        try:
+            unit(self.scheduler)
+        except Exception:  # noqa: BLE001 - a shape left cold compiles when a request meets it
+            log.exception("a warm-up step failed; the shapes it compiles will compile on first use")
+        if not self._warm_up:
+            log.info("background warm-up done: compiled %d steps in %.1f s", len(self.engine.compilations),
+                     time.perf_counter() - self.warm_up_started)
+            self.warm_up_done.set()
 
     def _hand_over(self) -> list[tuple[Ticket, Exception]]:
         """Move queued tickets into the schedulers while slots are free for them, each to the
@@ -244,41 +274,3 @@ def _cancelled_item(ticket: Ticket, sequence: Generation | None):
     if sequence is None:
         return ShuttingDownError("the server shut down before the request got a slot")
     return StepEvent(sequence, None, "", FinishReason.CANCELLED)
-
-
-# Any constraint compiles the masked steps; this one lets a warm-up request run its two tokens.
-_ANY_LETTERS = Constraint("regex", "[a-z]{1,64}")
-
-
-def warm_up(engine: Engine) -> None:
-    """Compile every step before serving, so that no request waits for a compilation: the prefill
-    (a chunk, the first token, the insertion) of each context bucket, with and without a reused
-    prefix, and the decode step of each
-    batch bucket with and without top log-probabilities, and with a token mask (structured output:
-    its first constrained request would otherwise also build the vocabulary llguidance compiles against).
-
-    Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
-    `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
-    prefilling prompts nobody asked for.
-    """
-    greedy = SamplingParams(temperature=0.0)
-    scheduler = Scheduler(engine)
-    request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=greedy, ignore_eos=True))
-    # The second prompt starts with the first, whose KV its slot still holds: the reuse path
-    # (the row's copy and a tail chunk) of the same bucket.
-    extended = GenerationRequest(prompt_ids=(0, 0), options=request.options)
-    for context in engine.buckets.context:
-        for prompt in (request, extended):
-            scheduler.add(prompt, context=context)
-            collections.deque(scheduler.drain(), maxlen=0)
-    for params in (greedy, SamplingParams(temperature=0.0, n_logprobs=1)):
-        for rows in engine.batch_sizes:
-            request = GenerationRequest(prompt_ids=(0,), options=RequestOptions(max_tokens=2, sampling=params, ignore_eos=True))
-            for _ in range(rows):
-                scheduler.add(request)
-            collections.deque(scheduler.drain(), maxlen=0)
-    constrained = RequestOptions(max_tokens=2, sampling=greedy, ignore_eos=True, constraint=_ANY_LETTERS)
-    for rows in engine.batch_sizes:
-        for _ in range(rows):
-            scheduler.add(GenerationRequest(prompt_ids=(0,), options=constrained))
-        collections.deque(scheduler.drain(), maxlen=0)

@@ -138,10 +138,13 @@ class Server:
                 ) from None
 
     def load(self) -> None:
-        """Load the model, compile every step, start the engine loop, and report SERVING."""
+        """Load the model, compile what a first request needs, start the engine loop (which compiles
+        the other shapes while idle), and report SERVING."""
         from rz.buckets import Buckets
         from rz.engine import Engine
-        from rz.server.scheduler import EngineLoop, warm_up
+        from rz.scheduler import Scheduler
+        from rz.server.scheduler import EngineLoop
+        from rz.warm_up import FIRST_REQUEST_UNITS, warm_up, warm_up_units
 
         llm = self._llm = _load_llm(self.config)
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
@@ -154,17 +157,26 @@ class Server:
             )
             for model in llm.replicas
         ]
-        for engine in engines:  # each replica compiles its own steps: its mesh is a static argument
-            warm_up(engine)
         engine = engines[0]
-        log.info("compiled %d steps in %.1f s", len(engine.compilations), sum(engine.compilations.values()))
+        # What a first short request needs compiles now; the rest while the server is idle.
+        units = warm_up_units(engine)
+        scheduler = Scheduler(engine)
+        for unit in units[:FIRST_REQUEST_UNITS]:
+            unit(scheduler)
+        # Data parallelism: each other replica compiles its own steps (its mesh is a static
+        # argument), all of them before serving; the loop's idle warm-up is the first replica's.
+        for replica in engines[1:]:
+            warm_up(replica)
+        log.info("compiled %d steps in %.1f s; the other shapes compile in the background",
+                 len(engine.compilations), sum(engine.compilations.values()))
         self.metrics.slots.set(sum(each.n_slots for each in engines))
         self.metrics.watch_compilations(engine.compilations)
         self.metrics.watch_speculation(
             lambda: (sum(each.n_drafted for each in engines), sum(each.n_accepted for each in engines))
         )
-        self._loop = EngineLoop(engine, self.config.max_queue, replicas=engines[1:])
+        self._loop = EngineLoop(engine, self.config.max_queue, warm_up=units[FIRST_REQUEST_UNITS:], replicas=engines[1:])
         self.metrics.watch_load(self._loop.load)
+        self.metrics.watch_warm_up(self._loop.warm_up_pending)
         self._loop.start()
         self.service.attach(llm, self._loop, _model_info(llm, self.config))
         if self.http is not None:

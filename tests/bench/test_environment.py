@@ -54,3 +54,22 @@ def test_copy_bandwidth_and_achieved_bandwidth():
     figures = achieved_bandwidth(100_000_000, 50.0, 2, 10.0)
     assert figures == pytest.approx({"achieved_gb_per_s": 2.5, "fraction_of_machine": 0.25})
     assert achieved_bandwidth(100_000_000, 50.0, 1, None)["fraction_of_machine"] is None
+
+
+def test_model_facts_of_a_mixture_of_experts_count_the_active_experts(tmp_path):
+    from models.tiny_models import DEFAULT_SHAPES, write_tiny_model
+
+    path = write_tiny_model(tmp_path / "moe.gguf", "qwen3moe", "Q8_0", quantize_only="_exps")
+    facts = model_facts(path)
+    shape = DEFAULT_SHAPES["qwen3moe"]
+    expert_bytes = sum(info.nbytes for name, info in _tensors(path).items() if "_exps." in name)
+    # Tied embeddings: every byte is read, except the experts not chosen (2 of 8 are).
+    inactive = expert_bytes - expert_bytes * shape.n_expert_used // shape.n_expert
+    assert inactive > 0 and facts["weight_bytes_per_token"] == facts["tensor_bytes"] - inactive
+
+
+def _tensors(path):
+    from rz.gguf import GGUFFile
+
+    with GGUFFile(path) as model:
+        return dict(model.tensors)

@@ -129,4 +129,10 @@ def start_server(*extra_args: str, env: dict | None = None) -> RunningServer:
             if not seen or seen[-1] != status:
                 seen.append(status)
             time.sleep(0.05)
+    # Compiled in the background after SERVING; tests that count compilations need them all.
+    while not any("background warm-up done" in line for line in log):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("the server did not finish its warm-up:\n" + "".join(log))
+        time.sleep(0.1)
     return RunningServer(process, port, metrics_port, seen, log, http_port=found["http_port"])

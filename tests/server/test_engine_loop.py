@@ -71,10 +71,36 @@ def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkey
     assert len(chunks_done_at_steps) >= 2 and all(chunks_done_at_steps)
 
 
+def test_the_loop_warms_up_while_idle_and_serves_a_request_in_between():
+    """A server reports SERVING after warm_up_units' first units; the loop runs the rest when no
+    request waits. A request that arrives meanwhile gets the tokens it gets on a warm engine, and
+    the warm-up still ends with every shape compiled."""
+    from rz.warm_up import FIRST_REQUEST_UNITS, warm_up_units
+
+    llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
+    engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))
+    units = warm_up_units(engine)
+    first = Scheduler(engine)
+    for unit in units[:FIRST_REQUEST_UNITS]:
+        unit(first)
+    request = GenerationRequest(prompt_ids=tuple(llm.tokenize("Hello, my name is")), options=_options(max_tokens=6, ignore_eos=True))
+    loop = EngineLoop(engine, max_queue=2, warm_up=units[FIRST_REQUEST_UNITS:])
+    assert not loop.warm_up_done.is_set()
+    loop.start()
+    try:
+        served = _tokens(loop.submit(request))
+        assert loop.warm_up_done.wait(timeout=600)
+        compiled = engine.compiled_variants()
+        assert _tokens(loop.submit(request)) == served
+        assert engine.compiled_variants() == compiled
+    finally:
+        loop.stop()
+
+
 def test_warm_up_compiles_every_shape_that_serving_meets():
     """After warm_up, prompts of every length (one chunk or several, every context bucket), every
     batch size, log-probabilities and structured output compile nothing new."""
-    from rz.server.scheduler import warm_up
+    from rz.warm_up import warm_up
 
     llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
     engine = Engine(llm.model, llm.tokenizer, 256, 2, buckets=Buckets.for_context(256, largest=32))

@@ -228,6 +228,7 @@ def test_metrics_count_the_traffic(server):
         assert delta(f"{histogram}_count") == 3
     assert delta("rz_time_per_output_token_seconds_count") == 3
     assert _metric(after, "rz_slots") == MAX_BATCH
+    assert _metric(after, "rz_warm_up_pending") == 0
     assert 0 <= _metric(after, "rz_kv_cache_usage_ratio") <= 1
     # Every step was compiled before SERVING: traffic of new prompt lengths compiles nothing.
     assert _metric(after, "rz_compilations_total") > 0

@@ -1,0 +1,81 @@
+"""The warm-up: the compiled steps' shapes, run once with tiny requests so that no later request
+waits for a compilation. A server runs the units a first short request needs before it reports
+SERVING and the others while idle (rz.server.scheduler.EngineLoop); rz.LLM.warm_up runs them all.
+"""
+
+import collections
+from typing import Callable
+
+from rz.constraints import Constraint
+from rz.engine import Engine
+from rz.generation import GenerationRequest
+from rz.request import RequestOptions, SamplingParams
+from rz.scheduler import Scheduler
+
+# Any constraint compiles the masked steps; this one lets a warm-up request run its two tokens.
+_ANY_LETTERS = Constraint("regex", "[a-z]{1,64}")
+
+
+def warm_up(engine: Engine) -> None:
+    """Compile every step before serving, so that no request waits for a compilation (see warm_up_units)."""
+    scheduler = Scheduler(engine)
+    for unit in warm_up_units(engine):
+        unit(scheduler)
+
+
+WarmUpUnit = Callable[[Scheduler], None]
+
+
+def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
+    """The warm-up as units of work on a scheduler, each a few requests run to their end, in the
+    order serving is likely to meet the shapes they compile. The first FIRST_REQUEST_UNITS are what
+    a short greedy request needs; a server runs those before it reports SERVING and the rest while
+    it is idle (EngineLoop), so it starts in seconds rather than after every shape.
+
+    The units cover the prefill (a chunk, the first token, the insertion) of each context bucket,
+    with and without a reused prefix, and the decode step of each batch bucket with and without
+    top log-probabilities, and with a token mask (structured output: its first constrained request
+    would otherwise also build the vocabulary llguidance compiles against).
+
+    Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
+    `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
+    prefilling prompts nobody asked for.
+    """
+    greedy = SamplingParams(temperature=0.0)
+
+    def options(params: SamplingParams, constraint: Constraint | None = None) -> RequestOptions:
+        return RequestOptions(max_tokens=2, sampling=params, ignore_eos=True, constraint=constraint)
+
+    def prefill(context: int, prompt_ids: tuple[int, ...]) -> WarmUpUnit:
+        request = GenerationRequest(prompt_ids=prompt_ids, options=options(greedy))
+
+        def run(scheduler: Scheduler) -> None:
+            scheduler.add(request, context=context)
+            collections.deque(scheduler.drain(), maxlen=0)
+        return run
+
+    def prefills(context: int) -> list[WarmUpUnit]:
+        # The second prompt starts with the first, whose KV its slot still holds: the reuse path
+        # (the row's copy and a tail chunk) of the same bucket.
+        return [prefill(context, (0,)), prefill(context, (0, 0))]
+
+    def decode(rows: int, request_options: RequestOptions) -> WarmUpUnit:
+        def run(scheduler: Scheduler) -> None:
+            for _ in range(rows):
+                scheduler.add(GenerationRequest(prompt_ids=(0,), options=request_options))
+            collections.deque(scheduler.drain(), maxlen=0)
+        return run
+
+    smallest, *larger = engine.buckets.context
+    first, *more_rows = engine.batch_sizes
+    fresh, reused = prefills(smallest)
+    units = [fresh, decode(first, options(greedy)), reused]
+    units += [decode(rows, options(greedy)) for rows in more_rows]
+    units += [unit for context in larger for unit in prefills(context)]
+    units += [decode(rows, options(SamplingParams(temperature=0.0, n_logprobs=1))) for rows in engine.batch_sizes]
+    units += [decode(rows, options(greedy, _ANY_LETTERS)) for rows in engine.batch_sizes]
+    return units
+
+
+# warm_up_units' first units: a short greedy request's prefill and its one-row decode.
+FIRST_REQUEST_UNITS = 2
