@@ -1,18 +1,18 @@
 """Decode speed with the model split over N devices (rz.sharding) against one device, engines interleaved.
 
-    python benchmarks/tensor_parallel.py MODEL.gguf --sizes 1 2 --rounds 3 --tokens 64 [--json OUT]
+    python benchmarks/tensor_parallel.py MODEL.gguf --sizes 1 2 --rounds 3 --tokens 64 [--threads-per-device T] [--json OUT]
 
 Run it on a shape twin (benchmarks/shape_twin.py write benchmarks/twins/llama-3.2-1b-q4_k_m.json
 TWIN.gguf) to measure a model's shapes without its file. On a CPU the devices are the host's cores
 presented as N XLA devices (set here before JAX starts); each device's C++ kernels still use the
-whole thread pool, so on this 2-core machine tensor parallelism only adds work (the collectives,
-every replicated op run N times) to the same cores: its figure here is a cost, not a speed-up.
+whole thread pool unless --threads-per-device caps them (RZ_CPU_THREADS): with 1 on this 2-core
+machine, TP 2 is one device per core, to be set against TP 1 on both cores (a run without the cap).
 The decode rate is taken from rz's own timings (decode seconds over the tokens after the first).
 """
 
 import argparse
 import json
-import platform
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,9 +25,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--n-ctx", type=int, default=512)
+    parser.add_argument("--threads-per-device", type=int, help="cap each device's C++ kernel threads (RZ_CPU_THREADS)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
     args = parser.parse_args()
+    if args.threads_per_device:
+        os.environ["RZ_CPU_THREADS"] = str(args.threads_per_device)  # read when the kernel library loads
 
+    from rz.bench.environment import cpu_info
+
+    load_before = list(os.getloadavg())
     import jax
 
     jax.config.update("jax_num_cpu_devices", max(args.sizes))
@@ -47,7 +53,9 @@ def main() -> int:
     best = {size: max(values) for size, values in rates.items()}
     report = {
         "model": args.model.name,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_info(),
+        "load_average_before": load_before,
+        "threads_per_device": args.threads_per_device or os.cpu_count(),
         "devices": [str(d) for d in jax.devices()],
         "tokens": args.tokens,
         "rounds": args.rounds,

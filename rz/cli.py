@@ -6,7 +6,7 @@ import sys
 
 from rz.errors import ChatTemplateError, RzError
 from rz.request import FLAT_OPTIONS
-from rz.server.cli import add_cache_type_arguments, add_commands as add_server_commands
+from rz.server.cli import add_cache_type_arguments, add_commands as add_server_commands, add_parallel_arguments, start_devices
 
 
 def _add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +44,32 @@ def _load(args):
     from rz.llm import LLM
 
     print(f"loading {args.model or 'the default model (Gemma 3 270M Q4_K_M)'} ...", file=sys.stderr, flush=True)
-    llm = LLM(_model_path(args), n_ctx=args.n_ctx, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v)
+    llm = LLM(
+        _model_path(args), n_ctx=args.n_ctx, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
+        tensor_parallel=args.tensor_parallel,
+    )
     print(f"loaded in {llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
     return llm
+
+
+def _lead_or_follow(run):
+    """A command that generates, run on the mesh --tensor-parallel and the process flags ask for:
+    process 0 runs it (and lets the others go at the end); another process follows it (rz.multihost)."""
+
+    def command(args) -> int:
+        from rz import multihost
+
+        process = start_devices(args)
+        llm = _load(args)
+        if process:
+            multihost.follow(llm.model)
+            return 0
+        try:
+            return run(args, llm)
+        finally:
+            multihost.close(llm.model)
+
+    return command
 
 
 # The request options that python -m rz generate and chat take as flags (--top-k for top_k), with
@@ -72,8 +95,8 @@ def _sampling(args) -> dict:
     return {name: getattr(args, name) for name in _FLAG_OPTIONS if name != "max_tokens"}
 
 
-def cmd_generate(args) -> int:
-    llm = _load(args)
+@_lead_or_follow
+def cmd_generate(args, llm) -> int:
     options = _sampling(args) | {"stop": args.stop or None, "ignore_eos": args.ignore_eos}
     if args.json:
         out = llm.generate(args.prompt, max_tokens=args.max_tokens, **options)
@@ -89,10 +112,10 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_chat(args) -> int:
+@_lead_or_follow
+def cmd_chat(args, llm) -> int:
     from rz.chat import chat_loop
 
-    llm = _load(args)
     if llm.chat_template_problem is not None:  # said before the first message, not after it
         raise ChatTemplateError(
             f"this model's chat template cannot render even a one-message chat: {llm.chat_template_problem} "
@@ -109,6 +132,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_argument(parser)
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default: min(4096, the model's))")
     add_cache_type_arguments(parser)
+    add_parallel_arguments(parser)
     for name, help_text in _FLAG_OPTIONS.items():
         default = FLAT_OPTIONS[name]
         parser.add_argument(

@@ -226,7 +226,7 @@ class Engine:
             f"insert[{row_cache.layers[0].n_slots}]", steps.insert, self.cache, row_cache, jnp.int32(slot)
         )
         self.rows.filled(admission.placement, len(request.prompt_ids))
-        self._sampler_state = self._sampler_state.with_row(slot, row_state)
+        self._sampler_state = self.model.launch(steps.join_row, self._sampler_state, jnp.int32(slot), row_state)
         sequence.slot = slot
         self.slots[slot] = sequence
         self._tensors_dirty = True
@@ -436,7 +436,7 @@ class Engine:
             self._assignment += 1
 
     def _empty_cache(self, n_rows: int, n_positions: int) -> kv_cache.KVCache:
-        return self.model.init_cache(n_rows, n_positions, self.cache_types)
+        return self.model.launch(self.model.init_cache, n_rows, n_positions, self.cache_types)
 
     def _chunk_tables(self, positions):
         return self._timed(
@@ -450,9 +450,9 @@ class Engine:
     def _timed(self, name: str, step: Callable, *args, **static):
         """Call a compiled step, recording how long its first call (compilation included) took."""
         if name in self.compilations:
-            return step(*args, **static)
+            return self.model.launch(step, *args, **static)
         start = time.perf_counter()
-        result = jax.block_until_ready(step(*args, **static))
+        result = jax.block_until_ready(self.model.launch(step, *args, **static))
         self.compilations[name] = time.perf_counter() - start
         return result
 

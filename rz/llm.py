@@ -38,6 +38,7 @@ class LLM:
         cache_type_k: str = CacheTypes.k,
         cache_type_v: str = CacheTypes.v,
         tensor_parallel: int = 1,
+        data_parallel: int = 1,
     ):
         started = time.perf_counter()
         # How the KV cache stores keys and values (llama.cpp's names: f32, f16, bf16, q8_0).
@@ -51,7 +52,7 @@ class LLM:
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, config.context_length)
         self.config = config.for_context(self.n_ctx)
         from rz.chat import chat_template_problem
-        from rz.models import load_model
+        from rz.models import load_model, load_replicas
         from rz.tokenizer import Tokenizer
 
         self.tokenizer = Tokenizer.from_gguf_metadata(self.gguf.metadata)
@@ -63,8 +64,14 @@ class LLM:
             self._token_text(self.tokenizer.eos_id),
             self.config.architecture,
         )
-        # Split over this many devices (rz.sharding), after checking that the model's shapes divide.
-        self.model = load_model(self.gguf, self.config, tensor_parallel)
+        # Split over this many devices (rz.sharding), after checking that the model's shapes divide;
+        # with data parallelism, one copy per group of devices, each for an engine of a server
+        # (rz.server.scheduler.EngineLoop): this object's own generation runs on the first.
+        if data_parallel != 1:
+            self.replicas = tuple(load_replicas(self.gguf, self.config, tensor_parallel, data_parallel))
+        else:
+            self.replicas = (load_model(self.gguf, self.config, tensor_parallel),)
+        self.model = self.replicas[0]
         self.gguf.release_pages()
         self.max_batch = max_batch
         # One engine at a time, sized for the largest batch asked for so far: each engine holds a

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from rz import kv_cache
 from rz.models import forward, lm_head, rope_tables, rope_tables_for
-from rz.sampling import Sampler
+from rz.sampling import Sampler, SamplerState
 
 
 @partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
@@ -41,6 +41,10 @@ insert = jax.jit(kv_cache.insert_row, donate_argnums=(0,))
 # A batch row of the engine's cache as a one-row cache of a context bucket, to prefill a prompt's
 # tail after the prefix the row already holds.
 extract = jax.jit(kv_cache.extract_row, static_argnames=("size",))
+
+
+# A joining request's sampler state into its slot's row of the batch's.
+join_row = jax.jit(SamplerState.with_row)
 
 
 @partial(jax.jit, static_argnames=("n_top",))
@@ -161,7 +165,7 @@ def _restore(layer: kv_cache.LayerCache, old, positions, rejected) -> kv_cache.L
     )
 
 
-ALL = (prefill, score, chunk_rope_tables, insert, extract, first_token, decode, verify)
+ALL = (prefill, score, chunk_rope_tables, insert, extract, join_row, first_token, decode, verify)
 
 
 def compiled_variants() -> int:

@@ -5,14 +5,14 @@ rz.models.family): its weights, embedding, transformer block and head. The stack
 the KV cache is driven from here, once for all families.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from rz import kv_cache, sharding
+from rz import kv_cache, multihost, sharding
 from rz.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from rz.errors import UnsupportedModelError
 from rz.gguf import GGUFFile
@@ -23,7 +23,7 @@ from rz.models.family import Family
 from rz.models.layers import Rope, RopeTable, rope_table
 from rz.weights import load_weights
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model", "load_replicas"]
 
 
 # llama.cpp's qwen2 graph is its llama graph with NeoX RoPE (layers.NEOX_ROPE); the q/k/v biases
@@ -145,6 +145,9 @@ class Model:
     weights: Any
     family: Family
     plan: sharding.Plan | None = None  # tensor parallelism: how weights and cache are split (None: one device)
+    # How an engine makes its device calls, launch(step, *args, **static): directly, or, on a mesh
+    # of several processes, through rz.multihost (process 0 leads, the others follow).
+    launch: Callable = multihost.call
 
     def forward(self, weights: Any, cache: KVCache, tokens: jax.Array, positions: jax.Array, tables=None):
         """forward() of this model: (hidden after the final norm, cache)."""
@@ -170,13 +173,39 @@ class Model:
 def load_model(gguf: GGUFFile, cfg: ModelConfig, tensor_parallel: int = 1) -> Model:
     """The model in gguf, weights loaded (matrices quantized) onto the default device, or split
     over `tensor_parallel` devices (rz.sharding; checked to divide before anything is read)."""
+    family = _family(gguf, cfg)
+    if tensor_parallel == 1:
+        return Model(cfg, load_weights(gguf, family.tensor_specs(cfg)), family)
+    plan = sharding.plan(cfg, tensor_parallel)
+    multihost.check_mesh(plan.mesh)
+    model = Model(cfg, sharding.place(load_weights(gguf, family.tensor_specs(cfg)), plan, cfg), family, plan)
+    return replace(model, launch=multihost.launcher(model)) if multihost.spans_processes(plan.mesh) else model
+
+
+def load_replicas(gguf: GGUFFile, cfg: ModelConfig, tensor_parallel: int, replicas: int) -> list[Model]:
+    """Data parallelism: `replicas` copies of the model, the r-th over devices r*tensor_parallel
+    onward (a mesh of its own, even of one device), the file read once."""
+    family = _family(gguf, cfg)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise sharding.ShardingError(f"data_parallel must be a positive integer, got {replicas!r}")
+    devices = jax.devices()
+    if jax.process_count() > 1:
+        raise sharding.ShardingError("data parallelism over several processes is not supported; run one server per host")
+    if tensor_parallel * replicas > len(devices):
+        raise sharding.ShardingError(
+            f"{replicas} replicas of {tensor_parallel} devices each need {tensor_parallel * replicas} devices, but JAX sees "
+            f"{len(devices)} ({devices[0].platform}); on CPU, start with "
+            f"XLA_FLAGS=--xla_force_host_platform_device_count={tensor_parallel * replicas}"
+        )
+    plans = [sharding.plan(cfg, tensor_parallel, devices[r * tensor_parallel :]) for r in range(replicas)]
+    weights = load_weights(gguf, family.tensor_specs(cfg))
+    return [Model(cfg, sharding.place(weights, plan, cfg), family, plan) for plan in plans]
+
+
+def _family(gguf: GGUFFile, cfg: ModelConfig) -> Family:
     if cfg.architecture not in FAMILIES:
         raise UnsupportedModelError(
             f"{gguf.path}: architecture {cfg.architecture!r} is not supported; "
             f"rz supports {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    family = FAMILIES[cfg.architecture]
-    if tensor_parallel == 1:
-        return Model(cfg, load_weights(gguf, family.tensor_specs(cfg)), family)
-    plan = sharding.plan(cfg, tensor_parallel)
-    return Model(cfg, sharding.place(load_weights(gguf, family.tensor_specs(cfg)), plan, cfg), family, plan)
+    return FAMILIES[cfg.architecture]

@@ -21,13 +21,38 @@ def add_cache_type_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def add_tensor_parallel_argument(parser: argparse.ArgumentParser) -> None:
-    """--tensor-parallel N: split the model over N devices (rz.sharding); on CPU, N host devices."""
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tensor-parallel N (rz.sharding), and how this process joins others (rz.multihost)."""
     parser.add_argument(
         "--tensor-parallel", type=_at_least(1), default=1, metavar="N",
         help="split the model's heads, FFN and vocabulary over N devices (default: 1); "
         "on a machine without accelerators, the CPU is presented as N devices",
     )
+    hosts = parser.add_argument_group(
+        "several processes (hosts)", "one mesh over the devices of several processes, started alike with their own "
+        "--process-id; process 0 serves, the others follow it. Without these flags or their RZ_* variables, "
+        "a Slurm or Open MPI launch of several tasks is found by jax.distributed.initialize",
+    )
+    hosts.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address for the others to join (default: $RZ_COORDINATOR)")
+    hosts.add_argument("--num-processes", type=_at_least(1), metavar="N", help="how many processes form the mesh (default: $RZ_NUM_PROCESSES)")
+    hosts.add_argument("--process-id", type=_at_least(0), metavar="I", help="this process's index, 0 to N-1 (default: $RZ_PROCESS_ID)")
+
+
+def start_devices(args, replicas: int = 1) -> int:
+    """Before JAX starts: join the other processes if asked, and give JAX's CPU backend the
+    devices --tensor-parallel needs, for each of `replicas`; this process's index (0 alone)."""
+    from rz import multihost
+    from rz.sharding import provide_cpu_devices
+
+    distributed = multihost.Distributed.from_flags(args.coordinator, args.num_processes, args.process_id)
+    if distributed.asked:
+        # On CPU each process holds its share of the mesh (one device when the count is unknown).
+        share = args.tensor_parallel // distributed.num_processes if distributed.num_processes else None
+        return multihost.initialize(distributed, local_devices=share)
+    devices = args.tensor_parallel * replicas
+    if devices > 1:
+        provide_cpu_devices(devices)
+    return 0
 
 
 def add_commands(commands) -> None:
@@ -38,7 +63,12 @@ def add_commands(commands) -> None:
     serve.add_argument("--model", metavar="PATH", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
     serve.add_argument("--n-ctx", type=int, default=None, help="context size per slot (default: min(4096, the model's))")
     add_cache_type_arguments(serve)
-    add_tensor_parallel_argument(serve)
+    add_parallel_arguments(serve)
+    serve.add_argument(
+        "--data-parallel", type=_at_least(1), default=1, metavar="M",
+        help="M engine replicas behind the one queue, each with --max-batch slots on --tensor-parallel devices "
+        "of its own: throughput when the model fits (default: 1); one process only",
+    )
     serve.add_argument("--max-batch", type=_at_least(1), default=8, help="decode slots: requests generating at once (default: 8)")
     serve.add_argument("--max-queue", type=_at_least(0), default=64, help="requests that may wait for a slot (default: 64)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -116,14 +146,11 @@ def run_serve(args) -> int:
     import logging
 
     from rz.model_files import default_model_path
-    from rz.server.server import ServerConfig, serve
+    from rz.server.server import ServerConfig, follow, serve
 
     logging.basicConfig(level=logging.INFO, format="rz serve: %(message)s", stream=sys.stderr)
-    if args.tensor_parallel > 1:
-        from rz.sharding import provide_cpu_devices
-
-        provide_cpu_devices(args.tensor_parallel)
-    return serve(ServerConfig(
+    process = start_devices(args, args.data_parallel)
+    return (follow if process else serve)(ServerConfig(
         model=args.model or default_model_path(),
         n_ctx=args.n_ctx,
         max_batch=args.max_batch,
@@ -141,6 +168,7 @@ def run_serve(args) -> int:
         cache_type_k=args.cache_type_k,
         cache_type_v=args.cache_type_v,
         tensor_parallel=args.tensor_parallel,
+        data_parallel=args.data_parallel,
         speculative=args.speculative,
     ))
 

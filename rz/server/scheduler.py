@@ -1,8 +1,11 @@
-"""The engine loop: one thread owns the engine and the device; other threads only submit and read.
+"""The engine loop: one thread owns the engines and the devices; other threads only submit and read.
 
 A request waits in a bounded queue until a slot is free, is handed to the host scheduler
 (rz.scheduler), whose steps prefill it into the slot between decode calls, and leaves when it
-finishes or is cancelled. This loop keeps only threads, queues, cancellation and deadlines: a
+finishes or is cancelled. With data parallelism the loop drives several engine replicas, each on
+its own devices with a scheduler of its own: a request goes to the replica with the most free
+slots, and one pass of the loop steps every replica that has work (a step returns once its call is
+launched and the previous one read back, so the replicas' devices run side by side). This loop keeps only threads, queues, cancellation and deadlines: a
 failure is delivered to the request it belongs to; the loop and the other requests go on.
 """
 
@@ -69,19 +72,25 @@ class Ticket:
 
 
 class EngineLoop:
-    """Continuous batching over an engine, run by one thread that drives the host scheduler."""
+    """Continuous batching over an engine (and its replicas), run by one thread that drives the host schedulers."""
 
-    def __init__(self, engine: Engine, max_queue: int, warm_up: Sequence[WarmUpUnit] = ()):
-        """warm_up: units of rz.warm_up.warm_up_units the loop runs while no request waits, one at a time, so a
-        request waits for at most one unit."""
-        self.engine = engine
+    def __init__(
+        self, engine: Engine, max_queue: int, warm_up: Sequence[WarmUpUnit] = (), replicas: Sequence[Engine] = ()
+    ):
+        """warm_up: units of rz.warm_up.warm_up_units the loop runs on the first engine while no request waits,
+        one at a time, so a request waits for at most one unit. replicas: engines of the same model on other
+        devices (data parallelism), each driven by a scheduler of its own."""
+        self.engine = engine  # validates requests; the replicas run the same model
+        self.engines = (engine, *replicas)
+        self.n_slots = sum(each.n_slots for each in self.engines)
         self.max_queue = max_queue
         self._warm_up = collections.deque(warm_up)
         self.warm_up_started = time.perf_counter()
         self.warm_up_done = threading.Event()
         if not self._warm_up:
             self.warm_up_done.set()
-        self.scheduler = Scheduler(engine, prefill_budget_s=PREFILL_BUDGET_S)
+        self.schedulers = tuple(Scheduler(each, prefill_budget_s=PREFILL_BUDGET_S) for each in self.engines)
+        self.scheduler = self.schedulers[0]
         self._changed = threading.Condition()
         self._live: set[Ticket] = set()  # submitted, not yet given a final item
         self._waiting: collections.deque[Ticket] = collections.deque()  # not yet handed to the scheduler
@@ -100,9 +109,9 @@ class EngineLoop:
         with self._changed:
             if not self._accepting:
                 raise ShuttingDownError("the server is shutting down; send the request to another server")
-            if len(self._live) >= self.engine.n_slots + self.max_queue:
+            if len(self._live) >= self.n_slots + self.max_queue:
                 raise OverCapacityError(
-                    f"the server is full: {self.engine.n_slots} requests generating and {self.max_queue} queued; "
+                    f"the server is full: {self.n_slots} requests generating and {self.max_queue} queued; "
                     "retry later"
                 )
             ticket = Ticket(request, queued_at=time.perf_counter())
@@ -151,7 +160,7 @@ class EngineLoop:
             waiting = len(self._waiting)
         running = [ticket.sequence for ticket in handed if ticket.sequence is not None]
         used = sum(len(sequence.request.prompt_ids) + len(sequence.output_ids) for sequence in running)
-        return len(running), waiting + len(handed) - len(running), used / (self.engine.n_slots * self.engine.n_ctx)
+        return len(running), waiting + len(handed) - len(running), used / (self.n_slots * self.engine.n_ctx)
 
     def warm_up_pending(self) -> int:
         """Warm-up units not yet finished."""
@@ -170,23 +179,26 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._changed:
-                while not self._waiting and not self.scheduler.has_work() and not self._stopped and not self._warm_up:
+                idle = not self._waiting and not any(s.has_work() for s in self.schedulers)
+                while idle and not self._stopped and not self._warm_up:
                     self._changed.wait()
+                    idle = not self._waiting and not any(s.has_work() for s in self.schedulers)
                 if self._stopped:
                     return
-                idle = not self._waiting and not self.scheduler.has_work()
             if idle:
                 self._warm_up_next()
                 continue
             # Cancelled during the last step: their slots go to waiting requests now.
-            for event in self.scheduler.free_stopped():
-                self._deliver(event)
+            for scheduler in self.schedulers:
+                for event in scheduler.free_stopped():
+                    self._deliver(event)
             with self._changed:
                 refused = self._hand_over()
             for ticket, error in refused:
                 self._finish(ticket, _failure(ticket, error))
-            for event in self.scheduler.step():
-                self._deliver(event)
+            for scheduler in self.schedulers:
+                for event in scheduler.step():
+                    self._deliver(event)
 
     def _warm_up_next(self) -> None:
         unit = self._warm_up.popleft()
@@ -200,13 +212,16 @@ class EngineLoop:
             self.warm_up_done.set()
 
     def _hand_over(self) -> list[tuple[Ticket, Exception]]:
-        """Move queued tickets into the scheduler while slots are free for them (the lock held);
-        the tickets it refused, with why."""
+        """Move queued tickets into the schedulers while slots are free for them, each to the
+        replica with the most (the lock held); the tickets refused, with why."""
         refused = []
-        while self._waiting and self.engine.free_slots() > self.scheduler.n_pending:
+        while self._waiting:
+            scheduler = max(self.schedulers, key=_room)
+            if _room(scheduler) <= 0:
+                break
             ticket = self._waiting.popleft()
             try:
-                ticket.generation = self.scheduler.add(ticket.request, queued_at=ticket.queued_at)
+                ticket.generation = scheduler.add(ticket.request, queued_at=ticket.queued_at)
             except Exception as error:  # noqa: BLE001 - one request's failure must not stop the loop
                 refused.append((ticket, error))
                 continue
@@ -235,6 +250,11 @@ class EngineLoop:
             self._changed.notify_all()
         if item is not None:
             ticket.events.put(item)
+
+
+def _room(scheduler: Scheduler) -> int:
+    """Slots of a scheduler's engine free for requests not yet handed to it."""
+    return scheduler.engine.free_slots() - scheduler.n_pending
 
 
 def _failure(ticket: Ticket, error: Exception) -> RzError:

@@ -25,6 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rz import multihost
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
 from rz.errors import RzError
@@ -68,6 +69,7 @@ class ServerConfig:
     cache_type_k: str = "f16"  # how the KV cache stores keys and values: llama.cpp's names
     cache_type_v: str = "f16"
     tensor_parallel: int = 1  # devices the model is split over (rz.sharding)
+    data_parallel: int = 1  # engine replicas, each with max_batch slots on tensor_parallel devices of its own
     speculative: str | None = None  # the proposer of requests that name none (rz.speculative); None: off
 
 
@@ -84,7 +86,7 @@ class Server:
         self.service = InferenceService(self.metrics, config.max_request_bytes)
         self.health = health.HealthServicer()
         self._grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.max_batch + config.max_queue + _SPARE_WORKERS),
+            futures.ThreadPoolExecutor(max_workers=config.max_batch * config.data_parallel + config.max_queue + _SPARE_WORKERS),
             interceptors=[Guard(self.metrics, config.api_key)],
             options=[
                 ("grpc.max_receive_message_length", _TRANSPORT_LIMIT_FACTOR * config.max_request_bytes),
@@ -101,6 +103,7 @@ class Server:
         self.metrics_port = None
         self._metrics_http = None
         self._loop = None
+        self._llm = None
         self.http_port = None
         self.http = None
         if config.http_port >= 0:
@@ -139,34 +142,39 @@ class Server:
         the other shapes while idle), and report SERVING."""
         from rz.buckets import Buckets
         from rz.engine import Engine
-        from rz.llm import LLM
         from rz.scheduler import Scheduler
         from rz.server.scheduler import EngineLoop
-        from rz.warm_up import FIRST_REQUEST_UNITS, warm_up_units
+        from rz.warm_up import FIRST_REQUEST_UNITS, warm_up, warm_up_units
 
-        llm = LLM(
-            self.config.model, n_ctx=self.config.n_ctx, max_batch=self.config.max_batch,
-            cache_type_k=self.config.cache_type_k, cache_type_v=self.config.cache_type_v,
-            tensor_parallel=self.config.tensor_parallel,
-        )
+        llm = self._llm = _load_llm(self.config)
         log.info("loaded %s in %.1f s; compiling", llm, llm.load_seconds)
         _report_chat_template(llm)
         buckets = Buckets.for_context(llm.n_ctx, largest=self.config.prefill_chunk)
-        engine = Engine(
-            llm.model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
-            speculative=self.config.speculative,
-        )
+        engines = [
+            Engine(
+                model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
+                speculative=self.config.speculative,
+            )
+            for model in llm.replicas
+        ]
+        engine = engines[0]
         # What a first short request needs compiles now; the rest while the server is idle.
         units = warm_up_units(engine)
         scheduler = Scheduler(engine)
         for unit in units[:FIRST_REQUEST_UNITS]:
             unit(scheduler)
+        # Data parallelism: each other replica compiles its own steps (its mesh is a static
+        # argument), all of them before serving; the loop's idle warm-up is the first replica's.
+        for replica in engines[1:]:
+            warm_up(replica)
         log.info("compiled %d steps in %.1f s; the other shapes compile in the background",
                  len(engine.compilations), sum(engine.compilations.values()))
-        self.metrics.slots.set(engine.n_slots)
+        self.metrics.slots.set(sum(each.n_slots for each in engines))
         self.metrics.watch_compilations(engine.compilations)
-        self.metrics.watch_speculation(lambda: (engine.n_drafted, engine.n_accepted))
-        self._loop = EngineLoop(engine, self.config.max_queue, warm_up=units[FIRST_REQUEST_UNITS:])
+        self.metrics.watch_speculation(
+            lambda: (sum(each.n_drafted for each in engines), sum(each.n_accepted for each in engines))
+        )
+        self._loop = EngineLoop(engine, self.config.max_queue, warm_up=units[FIRST_REQUEST_UNITS:], replicas=engines[1:])
         self.metrics.watch_load(self._loop.load)
         self.metrics.watch_warm_up(self._loop.warm_up_pending)
         self._loop.start()
@@ -191,6 +199,8 @@ class Server:
                 self._loop.cancel_all()
                 self._loop.drain(margin)
             self._loop.stop()
+        if self._llm is not None:
+            multihost.close(self._llm.model)  # the engine loop has stopped: no step follows
         stopped.wait()
         if self.http is not None:
             self.http.stop()
@@ -325,6 +335,27 @@ def serve(config: ServerConfig) -> int:
     server.shutdown()
     log.info("stopped")
     return 0
+
+
+def follow(config: ServerConfig) -> int:
+    """A process other than 0 of a mesh over several: its shards of the model, every step as
+    process 0 runs it (rz.multihost), until process 0 stops; it serves nothing itself."""
+    import jax
+
+    llm = _load_llm(config)
+    log.info("process %d: loaded %s in %.1f s; following process 0", jax.process_index(), llm, llm.load_seconds)
+    multihost.follow(llm.model)
+    log.info("process 0 stopped")
+    return 0
+
+
+def _load_llm(config: ServerConfig):
+    from rz.llm import LLM
+
+    return LLM(
+        config.model, n_ctx=config.n_ctx, max_batch=config.max_batch, cache_type_k=config.cache_type_k,
+        cache_type_v=config.cache_type_v, tensor_parallel=config.tensor_parallel, data_parallel=config.data_parallel,
+    )
 
 
 def _load(server: Server, failures: list, done: threading.Event) -> None:

@@ -115,6 +115,23 @@ def test_tensor_parallel_must_be_a_positive_integer(size):
         plan(_smollm2_config(), size)
 
 
+def test_replicas_that_need_more_devices_than_there_are_say_how_many():
+    from rz.model_files import smollm2_135m_path
+    from rz.models import load_replicas
+
+    with pytest.raises(ShardingError, match="64 replicas of 1 devices each need 64 devices"):
+        load_replicas(GGUFFile(smollm2_135m_path()), _smollm2_config(), 1, 64)
+
+
+@pytest.mark.parametrize("replicas", [0, True])
+def test_replicas_must_be_a_positive_integer(replicas):
+    from rz.model_files import smollm2_135m_path
+    from rz.models import load_replicas
+
+    with pytest.raises(ShardingError, match="data_parallel must be a positive integer"):
+        load_replicas(GGUFFile(smollm2_135m_path()), _smollm2_config(), 1, replicas)
+
+
 def _greedy(llm) -> list[list[int]]:
     """Greedy tokens for PROMPTS, decoded together as one batch."""
     return [c.token_ids for c in llm.generate(list(PROMPTS), max_tokens=8, temperature=0, ignore_eos=True)]

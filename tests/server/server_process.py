@@ -61,6 +61,27 @@ class RunningServer:
             raise
 
 
+def generate_concurrently(server: RunningServer, prompts: list[str], max_tokens: list[int], **options) -> list:
+    """Each prompt from a client of its own, all at once: the completions, in order."""
+    results, errors = {}, []
+
+    def ask(index):
+        try:
+            with server.client() as client:
+                results[index] = client.generate(prompts[index], max_tokens[index], **options)
+        except Exception as error:  # noqa: BLE001 - raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [results[index] for index in range(len(prompts))]
+
+
 def wait_for(condition, timeout: float = 60.0) -> None:
     """Poll condition() until it holds; fail after timeout seconds."""
     deadline = time.monotonic() + timeout
@@ -69,14 +90,15 @@ def wait_for(condition, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def start_server(*extra_args: str) -> RunningServer:
-    """Start a server on free ports and wait for SERVING, recording the health statuses on the way."""
+def start_server(*extra_args: str, env: dict | None = None) -> RunningServer:
+    """Start a server on free ports and wait for SERVING, recording the health statuses on the way
+    (extra_args come last: a flag given there overrides the defaults here, --model included)."""
     command = [
         sys.executable, "-m", "rz", "serve", "--model", str(smollm2_135m_path()), "--n-ctx", str(N_CTX),
         "--max-batch", str(MAX_BATCH), "--max-queue", str(MAX_QUEUE), "--port", "0", "--metrics-port", "0",
         "--http-port", "0", *extra_args,
     ]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     log: list[str] = []
     ports = threading.Event()
     found = {}

@@ -1,6 +1,5 @@
 """The gRPC server end to end: a real server process, real gRPC clients, SmolLM2 135M."""
 
-import threading
 import time
 
 import grpc
@@ -9,7 +8,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from rz.api.v1 import inference_pb2 as pb
 from rz.api.v1 import inference_pb2_grpc as pb_grpc
-from server_process import MAX_BATCH, MAX_QUEUE, N_CTX, wait_for
+from server_process import MAX_BATCH, MAX_QUEUE, N_CTX, generate_concurrently, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -78,24 +77,11 @@ def test_chat_equals_llm_chat(server, llm):
 def test_concurrent_clients_each_get_their_own_answer(server, llm):
     """16 clients at once through 4 slots: requests join and leave the batch between steps."""
     expected = [llm.generate(p, max_tokens=4, temperature=0.0) for p in PROMPTS]
-    results, errors = {}, []
-
-    def ask(index):
-        try:
-            with server.client() as client:
-                results[index] = client.generate(PROMPTS[index], 4 - index % 3, temperature=0.0)
-        except Exception as error:  # noqa: BLE001 - reported by the assertion below
-            errors.append(error)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors
-    for index, want in enumerate(expected):
-        n = 4 - index % 3  # different lengths, so requests leave the batch at different steps
-        assert results[index].token_ids == want.token_ids[:n], PROMPTS[index]
+    # Different lengths, so requests leave the batch at different steps.
+    lengths = [4 - index % 3 for index in range(len(PROMPTS))]
+    results = generate_concurrently(server, PROMPTS, lengths, temperature=0.0)
+    for prompt, got, want, n in zip(PROMPTS, results, expected, lengths):
+        assert got.token_ids == want.token_ids[:n], prompt
 
 
 def test_cancelled_and_disconnected_clients_free_their_slots(server):
