@@ -22,7 +22,7 @@ from rz.errors import RzError
 from rz.generation import Generation, GenerationRequest, StepEvent
 from rz.request import FinishReason, RequestOptions
 from rz.server.metrics import Metrics
-from rz.server.scheduler import CLIENT_CANCELLED, Cancelled, EngineLoop, Ticket
+from rz.server.scheduler import CLIENT_CANCELLED, EngineLoop, Ticket
 from rz.server.service import NotReadyError, status_of
 from rz.tokenizer import long_texts
 

@@ -15,7 +15,6 @@ encodes them at nice 19: it starts on the first long text, gets each vocabulary 
 
 import contextlib
 import contextvars
-import os
 import select
 import subprocess
 import sys
