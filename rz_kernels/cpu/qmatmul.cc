@@ -577,7 +577,6 @@ struct RowScales {
   std::vector<float> offsets;  // per unit (16 or 32 weights), zero-padded to a multiple of 8
   std::vector<int32_t> words;  // per unit: an int16 multiplier, twice
   std::vector<float> super_d;  // per super-block
-  std::vector<float> unit_scales;  // K-quants in panels: per unit, super_d times the integer sub-scale
   float factor = 1;            // weight = factor * word * u + offset (32-block types)
 
   explicit RowScales(int64_t K) : scales(K / kBlock + 8), offsets(K / 16 + 8, 0.0f), words(K / 16 + 8), super_d(K / kSuper + 1) {}
@@ -602,15 +601,6 @@ struct RowScales {
   template <class W>
   RZ_INLINE void compute_super(const W& w, int64_t n) {
     w.super_row(n, words.data(), offsets.data(), super_d.data());
-  }
-
-  // From compute_super's words (an int16 sub-scale, twice) and super-block scales.
-  template <int64_t kUnit>
-  void compute_unit_scales(int64_t K) {
-    unit_scales.resize(K / kUnit);
-    for (int64_t unit = 0; unit < K / kUnit; ++unit) {
-      unit_scales[unit] = super_d[unit / (kSuper / kUnit)] * static_cast<float>(static_cast<int16_t>(words[unit] & 0xFFFF));
-    }
   }
 
   // Block b's madd multipliers: one unit's over the block, or two (kUnit 16) over its halves.
@@ -1150,19 +1140,39 @@ RZ_INLINE void decode_row(const W& w, int64_t n, int64_t K, RowBuffers& rb) {
 // sub-scale), and a super-block's sums FMA'd with the activations' scales.
 constexpr int kPanelW = 8;  // 32 vector registers: 3 * 8 accumulators and the operands
 
-RZ_INLINE int32_t load_i32(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
+// kPanelW decoded weight rows, interleaved so that panel_tile reads them from one pointer: per
+// four elements, each row's four bytes in turn; per unit, each row's scale (super-block scale
+// times integer sub-scale) and offset in turn.
+struct PanelWeights {
+  std::vector<int32_t> quads;  // [K/4][kPanelW]
+  std::vector<float> scales, offsets;  // [K/unit][kPanelW]
+  RowBuffers row;  // one row, decoded
+  explicit PanelWeights(int64_t K) : quads(K / 4 * kPanelW), scales(K / 16 * kPanelW), offsets(K / 16 * kPanelW), row(K) {}
+};
+
+// Weight row n decoded into slot r of pw.
+template <class W>
+RZ_INLINE void interleave_row(const W& w, int64_t n, int64_t K, int r, PanelWeights& pw) {
+  constexpr int64_t kUnits = kSuper / W::kUnit;  // per super-block
+  decode_row(w, n, K, pw.row);
+  const RowScales& rs = pw.row.scales;
+  for (int64_t t = 0; t < K / 4; ++t) std::memcpy(&pw.quads[t * kPanelW + r], pw.row.u.data() + 4 * t, 4);
+  for (int64_t unit = 0; unit < K / W::kUnit; ++unit) {
+    // words: the integer sub-scale as an int16, twice.
+    pw.scales[unit * kPanelW + r] = rs.super_d[unit / kUnits] * static_cast<float>(static_cast<int16_t>(rs.words[unit] & 0xFFFF));
+    pw.offsets[unit * kPanelW + r] = rs.offsets[unit];
+  }
 }
 
 // y at weight rows n + r (r < kPanelW, n + r < n1) and panel p's rows below M, from the rows'
 // dots plus their offsets met by the activations' sums.
 template <int64_t kUnit>
-RZ_INLINE void panel_tile(const RowBuffers* rb, const QuantizedX& x, int64_t p, int64_t n, int64_t n1, int64_t M, float* y, int64_t N) {
+RZ_INLINE void panel_tile(const PanelWeights& pw, const QuantizedX& x, int64_t p, int64_t n, int64_t n1, int64_t M, float* y, int64_t N) {
   constexpr int64_t kUnits = kSuper / kUnit;  // per super-block
   const int8_t* xq = x.panel_quants(p);
   const float* xd = x.panel_d(p);
+  const int32_t* wq = pw.quads.data();
+  const float* w_scales = pw.scales.data();
   __m512 acc[kPanelW];
 #pragma GCC unroll 8
   for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_setzero_ps();
@@ -1177,14 +1187,14 @@ RZ_INLINE void panel_tile(const RowBuffers* rb, const QuantizedX& x, int64_t p, 
       for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_setzero_si512();
 #pragma GCC unroll 8
       for (int64_t t = 0; t < kUnit / 4; ++t) {
-        const int64_t k = unit * kUnit + 4 * t;
-        const __m512i xv = _mm512_loadu_si512(xq + k * kLanes);
+        const int64_t quad = unit * kUnit / 4 + t;
+        const __m512i xv = _mm512_loadu_si512(xq + 64 * quad);
 #pragma GCC unroll 8
-        for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_dpbusd_epi32(dots[r], _mm512_set1_epi32(load_i32(rb[r].u.data() + k)), xv);
+        for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_dpbusd_epi32(dots[r], _mm512_set1_epi32(wq[quad * kPanelW + r]), xv);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < kPanelW; ++r) {
-        super_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_set1_ps(rb[r].scales.unit_scales[unit]), super_acc[r]);
+        super_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_set1_ps(w_scales[unit * kPanelW + r]), super_acc[r]);
       }
     }
     const __m512 d = _mm512_loadu_ps(xd + s * kLanes);
@@ -1195,7 +1205,7 @@ RZ_INLINE void panel_tile(const RowBuffers* rb, const QuantizedX& x, int64_t p, 
   for (int64_t unit = 0; unit < x.K / kUnit; ++unit) {
     const __m512 sum = _mm512_loadu_ps(sums + unit * kLanes);
 #pragma GCC unroll 8
-    for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(rb[r].scales.offsets[unit]), sum, acc[r]);
+    for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(pw.offsets[unit * kPanelW + r]), sum, acc[r]);
   }
   alignas(64) float out[kPanelW][kLanes];
 #pragma GCC unroll 8
@@ -1210,13 +1220,10 @@ RZ_INLINE void panel_tile(const RowBuffers* rb, const QuantizedX& x, int64_t p, 
 // panels. A ragged last tile repeats a weight row; those outputs are not stored.
 template <class W>
 void panel_rows(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
-  std::vector<RowBuffers> rb(kPanelW, RowBuffers(x.K));
+  PanelWeights pw(x.K);
   for (int64_t n = n0; n < n1; n += kPanelW) {
-    for (int r = 0; r < kPanelW; ++r) {
-      decode_row(w, std::min(n + r, n1 - 1), x.K, rb[r]);
-      rb[r].scales.compute_unit_scales<W::kUnit>(x.K);
-    }
-    for (int64_t p = m0 / kLanes; p * kLanes < m1; ++p) panel_tile<W::kUnit>(rb.data(), x, p, n, n1, m1, y, N);
+    for (int r = 0; r < kPanelW; ++r) interleave_row(w, std::min(n + r, n1 - 1), x.K, r, pw);
+    for (int64_t p = m0 / kLanes; p * kLanes < m1; ++p) panel_tile<W::kUnit>(pw, x, p, n, n1, m1, y, N);
   }
 }
 #endif
@@ -1297,7 +1304,10 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 
 // Tiling. A decode step (small M, kSmallM) splits rows of W only, so each weight byte is read
 // once; a prefill also splits rows of x, in tiles whose int8 rows fit in L2 with a W tile in L1.
-constexpr int64_t kPrefillRowsX = 64;
+// The tile of x rows is as many rows as fit kPrefillBytesX (half an L2 of 2 MiB), 64 to 256: each
+// task decodes its weight rows once per tile, so more rows spread that cost.
+constexpr int64_t kPrefillBytesX = 1 << 20;
+int64_t prefill_rows_x(int64_t K) { return std::clamp<int64_t>(kPrefillBytesX / K / 64 * 64, 64, 256); }
 constexpr int64_t kPrefillRowsW = 16;
 constexpr int64_t kMinWeightBytesPerThread = 32 << 10;  // below, handing work to a worker costs more than it saves
 
@@ -1366,13 +1376,14 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& par
     return;
   }
   for (const Part& part : parts) {
-    const int64_t tiles_x = (M + kPrefillRowsX - 1) / kPrefillRowsX;
+    const int64_t rows_x = prefill_rows_x(K);
+    const int64_t tiles_x = (M + rows_x - 1) / rows_x;
     const int64_t tiles_w = (part.N + kPrefillRowsW - 1) / kPrefillRowsW;
     const QuantizedX& qx = x_for(part);
     rz_cpu::parallel_for(pool, tiles_x * tiles_w, threads, [&](int64_t t) {
       // Consecutive tasks share a tile of x, so a thread walks W while x stays in its L2.
       const int64_t tx = t / tiles_w, tw = t % tiles_w;
-      part.prefill(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y + part.column, ld);
+      part.prefill(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * rows_x, std::min(M, (tx + 1) * rows_x), y + part.column, ld);
     });
   }
 }
