@@ -21,7 +21,8 @@
 // Q8_0) meet two blocks at a time, a block per 128-bit lane, against a matching permutation of
 // the activations (the paired layout), so that a pair shares one convert, scale and FMA. With 9-16
 // rows, each weight row is decoded to bytes once and met by the activation rows in groups of 8; a
-// prompt's rows (more than 16) meet decoded weight rows in register tiles (prefill_tile). Up to 8
+// prompt's rows (more than 16) meet decoded weight rows in register tiles (prefill_tile; K-quants
+// with AVX-512 VNNI in panels of 16 rows, panel_tile). Up to 8
 // rows, a row's output is bit for bit the same whatever the number of rows: a sequence's tokens
 // must not depend on what else is in its decode batch.
 //
