@@ -6,7 +6,8 @@ Paths (see `describe_paths()`; the reference twin is `rz_kernels.quants.qmatmul_
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++ kernel (AVX2/VNNI) through XLA's FFI
              Q4_K Q5_K Q6_K
     cpu      Q4_K Q5_K Q6_K             > 16                  cpu_ffi_prefill (x86): the same kernel's register-
-                                                              tiled int8 GEMM (512-bit on AVX-512)
+                                                              tiled int8 GEMM (panels of 16 rows with
+                                                              512-bit vpdpbusd on AVX-512 VNNI)
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   > 16                  xla_f32: dequantize, then XLA's f32 GEMM
                                                               (weights up to 64 MiB in f32; larger
                                                               ones, LM heads, xla_f32_tiled: 32 MiB
@@ -24,7 +25,8 @@ so it streams the weights once at decode, at about llama.cpp's own speed.
 
 Beyond 16 rows (a prompt's prefill, scoring) K-quants take the kernel's int8 GEMM: activations
 quantized once per call to Q8_K as llama.cpp does, so a prompt's matmuls round as llama.cpp's do;
-register tiles of weight rows x activation rows, each load serving several int8 dots. It beats
+register tiles of weight rows x activation rows, each load serving several int8 dots (with
+AVX-512 VNNI, 16 activation rows in a vector's lanes against a weight row's bytes broadcast). It beats
 XLA's f32 GEMM on the dequantized weight (benchmarks/kernels/bench_prefill.py). The 32-block
 types' int8 GEMM pays a convert and an FMA per 32 products and did not beat XLA there, so they
 keep XLA's f32 GEMM, whose f32 activations are exact (rz's logits closer to a float64 forward pass

@@ -21,7 +21,8 @@
 // Q8_0) meet two blocks at a time, a block per 128-bit lane, against a matching permutation of
 // the activations (the paired layout), so that a pair shares one convert, scale and FMA. With 9-16
 // rows, each weight row is decoded to bytes once and met by the activation rows in groups of 8; a
-// prompt's rows (more than 16) meet decoded weight rows in register tiles (prefill_tile). Up to 8
+// prompt's rows (more than 16) meet decoded weight rows in register tiles (prefill_tile; K-quants
+// with AVX-512 VNNI in panels of 16 rows, panel_tile). Up to 8
 // rows, a row's output is bit for bit the same whatever the number of rows: a sequence's tokens
 // must not depend on what else is in its decode batch.
 //
@@ -59,13 +60,15 @@ constexpr int64_t kSuper = 256;  // a K-quant super-block
 constexpr int64_t kRowGroup = 8;  // activation rows met by one pass over a weight row
 constexpr int64_t kSuperRows = 4;  // for K-quants, by one pass (see super_row)
 constexpr int64_t kSmallM = 16;  // up to this many activation rows, a call is a decode step's
-// A prompt's K-quant tiles take 512-bit vectors where the variant has them (AVX-512; the AVX-VNNI
-// and AVX2 variants' CPUs have 256-bit ones): two sub-blocks per instruction, half the dots'.
-#if defined(__AVX512BW__)
-constexpr bool kWidePrefill = true;
+// A prompt's K-quant rows meet in panels where the variant has 512-bit vpdpbusd (AVX-512 VNNI):
+// kLanes activation rows in a vector's int32 lanes, against one weight row's four bytes
+// broadcast (panel_tile). Elsewhere they take the 256-bit register tiles (super_tile).
+#if defined(__AVX512VNNI__)
+constexpr bool kPanels = true;
 #else
-constexpr bool kWidePrefill = false;
+constexpr bool kPanels = false;
 #endif
+constexpr int64_t kLanes = 16;  // activation rows per panel
 
 // The GGML type numbers (rz.ggml_types.GGMLType) this file implements.
 enum GGMLType : int32_t {
@@ -116,10 +119,11 @@ struct QuantizedX {
   // 64 bytes [x_b[0:16], x_b+1[0:16], x_b[16:32], x_b+1[16:32]] and 8 floats [d_b x4, d_b+1 x4].
   int8_t* pq = nullptr;
   float* pd = nullptr;
-  // The wide layout (a prompt's rows, with 512-bit vectors; null otherwise), for K-quants met two
-  // sub-blocks per vector (super_tile on Lanes512): per group, pair p of blocks 2p, 2p + 1 and row i, the
-  // 64 bytes [x_2p, x_2p+1].
-  int8_t* wide = nullptr;
+  // The panel layout (a prompt's rows for K-quants, with kPanels; null otherwise): per panel of
+  // kLanes rows, the quants [K/4][kLanes][4] (four consecutive elements of each row in turn),
+  // then in panel_f the super-block scales [K/256][kLanes] and the sums [K/32][kLanes] and [K/16][kLanes].
+  int8_t* panel_q = nullptr;
+  float* panel_f = nullptr;
 
   static int64_t padded_rows(int64_t M) { return (M + kRowGroup - 1) / kRowGroup * kRowGroup; }
   static int64_t padded_units(int64_t n) { return (n + 7) / 8 * 8; }
@@ -133,6 +137,14 @@ struct QuantizedX {
   }
   // The 32-element sums a 32-block weight type meets: its activation type's (Q8_0 or Q8_1).
   const float* block_sums(int64_t m, bool q8_1) const { return (q8_1 ? sum32_q8_1 : sum32) + m * padded_units(K / kBlock); }
+  static int64_t panels(int64_t M) { return (M + kLanes - 1) / kLanes; }
+  int64_t panel_floats() const { return (K / kSuper + K / kBlock + K / 16) * kLanes; }
+  const int8_t* panel_quants(int64_t p) const { return panel_q + p * K * kLanes; }
+  const float* panel_d(int64_t p) const { return panel_f + p * panel_floats(); }
+  // Panel p's sums over units of `unit` (32 or 16) elements.
+  const float* panel_sums(int64_t p, int64_t unit) const {
+    return panel_d(p) + (K / kSuper + (unit == kBlock ? 0 : K / kBlock)) * kLanes;
+  }
 };
 
 RZ_INLINE float max_abs(const float* x, int64_t n) {
@@ -207,14 +219,33 @@ void pair_row(const QuantizedX& qx, int64_t m) {
   }
 }
 
-// Row m of qx (quantized, 32-element blocks) into the wide layout.
-void widen_row(const QuantizedX& qx, int64_t m) {
-  const int64_t m0 = m / kRowGroup * kRowGroup, i = m - m0;
-  const int8_t* q = qx.q_group(m0) + i * kBlock;
-  int8_t* out = qx.wide + m0 * qx.K + i * 64;
-  for (int64_t p = 0; p < qx.K / 64; ++p) {
-    store(out + p * kRowGroup * 64, load(q + 2 * p * kRowGroup * kBlock));
-    store(out + p * kRowGroup * 64 + kBlock, load(q + (2 * p + 1) * kRowGroup * kBlock));
+// Panel p of qx's rows (quantized, 256-element scales) into the panel layout; rows past the
+// quantized ones (M rounded up to kRowGroup) are zeros.
+void panel(const QuantizedX& qx, int64_t p, int64_t M) {
+  const int64_t K = qx.K, rows = QuantizedX::padded_rows(M);
+  int32_t* q = reinterpret_cast<int32_t*>(qx.panel_q + p * K * kLanes);
+  float* d = qx.panel_f + p * qx.panel_floats();
+  float* sum32 = d + K / kSuper * kLanes;
+  float* sum16 = sum32 + K / kBlock * kLanes;
+  for (int64_t i = 0; i < kLanes; ++i) {
+    const int64_t m = p * kLanes + i;
+    if (m >= rows) {
+      for (int64_t t = 0; t < K / 4; ++t) q[t * kLanes + i] = 0;
+      for (int64_t s = 0; s < K / kSuper; ++s) d[s * kLanes + i] = 0.0f;
+      for (int64_t b = 0; b < K / kBlock; ++b) sum32[b * kLanes + i] = 0.0f;
+      for (int64_t b = 0; b < K / 16; ++b) sum16[b * kLanes + i] = 0.0f;
+      continue;
+    }
+    const int64_t m0 = m / kRowGroup * kRowGroup;
+    const int8_t* row = qx.q_group(m0) + (m - m0) * kBlock;
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+      int32_t quads[kBlock / 4];
+      std::memcpy(quads, row + b * kRowGroup * kBlock, kBlock);
+      for (int64_t t = 0; t < kBlock / 4; ++t) q[(b * kBlock / 4 + t) * kLanes + i] = quads[t];
+    }
+    for (int64_t s = 0; s < K / kSuper; ++s) d[s * kLanes + i] = qx.d_group(m0)[s * kRowGroup + (m - m0)];
+    for (int64_t b = 0; b < K / kBlock; ++b) sum32[b * kLanes + i] = qx.sums(m, kBlock)[b];
+    for (int64_t b = 0; b < K / 16; ++b) sum16[b * kLanes + i] = qx.sums(m, 16)[b];
   }
 }
 
@@ -996,15 +1027,12 @@ constexpr int kTileW = 2, kTileX = 4;  // 32 vector registers: 2 * 8 accumulator
 constexpr int kTileW = 2, kTileX = 2;  // 16 vector registers
 #endif
 static_assert(kRowGroup % kTileX == 0, "a tile's activation rows lie in one group");
-#if defined(__AVX512BW__)
-RZ_INLINE float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
-#endif
 
 // y at the tile's outputs: each accumulator's lane sum, times `factors` (32-block types' word
 // scale), plus the row's offsets met by the activation row's sums (kQ8_1: llama.cpp's Q8_1 block
 // sums, as Q4_1 and Q5_1 meet them); rows past n1 or m1 dropped.
-template <int64_t kUnit, bool kOffsets, bool kQ8_1, class V>
-RZ_INLINE void store_tile(const V (&acc)[kTileW][kTileX], const RowBuffers* rb, const QuantizedX& x, int64_t n, int64_t n1, int64_t m, int64_t m1, float* y, int64_t N) {
+template <int64_t kUnit, bool kOffsets, bool kQ8_1>
+RZ_INLINE void store_tile(const __m256 (&acc)[kTileW][kTileX], const RowBuffers* rb, const QuantizedX& x, int64_t n, int64_t n1, int64_t m, int64_t m1, float* y, int64_t N) {
   const int64_t n_units = QuantizedX::padded_units(x.K / kUnit);
 #pragma GCC unroll 4
   for (int r = 0; r < kTileW; ++r) {
@@ -1019,79 +1047,43 @@ RZ_INLINE void store_tile(const V (&acc)[kTileW][kTileX], const RowBuffers* rb, 
   }
 }
 
-// The vectors a K-quant tile runs on: 256-bit, a sub-block each, from the activations' group
-// layout; or in the AVX-512 variant 512-bit, two sub-blocks each (half the instructions), from
-// their wide layout, the multipliers spread over the lanes (kUnit 32: a unit per 8 lanes; 16: per 4).
-struct Lanes256 {
-  using I = __m256i;
-  using F = __m256;
-  static constexpr int kSubBlocks = 1;
-  static RZ_INLINE const int8_t* rows(const QuantizedX& x, int64_t m0) { return x.q_group(m0); }
-  static RZ_INLINE I zero() { return _mm256_setzero_si256(); }
-  static RZ_INLINE I load_bytes(const void* p) { return load(p); }
-  template <int64_t kUnit>
-  static RZ_INLINE I words(const RowScales& rs, int64_t b) { return rs.block_words<kUnit>(b); }
-  static RZ_INLINE I dot(I acc, I u, I x, I words) { return rz_cpu::dot_u8s8_words(acc, u, x, words); }
-  static RZ_INLINE F scaled_add(I dots, const float* d, const float* xd, F acc) {
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(_mm256_broadcast_ss(d), _mm256_broadcast_ss(xd)), acc);
-  }
-};
-
-#if defined(__AVX512BW__)
-struct Lanes512 {
-  using I = __m512i;
-  using F = __m512;
-  static constexpr int kSubBlocks = 2;
-  static RZ_INLINE const int8_t* rows(const QuantizedX& x, int64_t m0) { return x.wide + m0 * x.K; }
-  static RZ_INLINE I zero() { return _mm512_setzero_si512(); }
-  static RZ_INLINE I load_bytes(const void* p) { return _mm512_loadu_si512(p); }
-  template <int64_t kUnit>
-  static RZ_INLINE I words(const RowScales& rs, int64_t b) {
-    const __m512i spread = kUnit == 32 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                                       : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-    return _mm512_permutexvar_epi32(spread, _mm512_castsi128_si512(load_128(rs.words.data() + b * (kBlock / kUnit))));
-  }
-  static RZ_INLINE I dot(I acc, I u, I x, I words) { return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(u, x), words); }
-  static RZ_INLINE F scaled_add(I dots, const float* d, const float* xd, F acc) {
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(_mm512_set1_ps(*d), _mm512_set1_ps(*xd)), acc);
-  }
-};
-#endif
-
 // K-quants: the tile's int32 dots add up over a super-block's eight sub-blocks (the weights'
 // integer sub-scales in the madd), then one convert and FMA per super-block with the product of
 // the two scales. Activation rows m .. m + kTileX of the group at m0.
-template <class V, int64_t kUnit>
-RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, typename V::F (&acc)[kTileW][kTileX]) {
-  const int8_t* xq = V::rows(x, m0) + (m - m0) * V::kSubBlocks * kBlock;
+template <int64_t kUnit>
+RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0, int64_t m, __m256 (&acc)[kTileW][kTileX]) {
+  const int8_t* xq = x.q_group(m0) + (m - m0) * kBlock;
   const float* xd = x.d_group(m0) + (m - m0);
   for (int64_t s = 0; s < x.K / kSuper; ++s) {
-    typename V::I dots[kTileW][kTileX];
+    __m256i dots[kTileW][kTileX];
 #pragma GCC unroll 4
     for (int r = 0; r < kTileW; ++r) {
 #pragma GCC unroll 4
-      for (int c = 0; c < kTileX; ++c) dots[r][c] = V::zero();
+      for (int c = 0; c < kTileX; ++c) dots[r][c] = _mm256_setzero_si256();
     }
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; j += V::kSubBlocks) {
-      const int64_t b = 8 * s + j;  // the vector's first sub-block
-      typename V::I u[kTileW], words[kTileW];
+    for (int j = 0; j < 8; ++j) {
+      const int64_t b = 8 * s + j;
+      __m256i u[kTileW], words[kTileW];
 #pragma GCC unroll 4
       for (int r = 0; r < kTileW; ++r) {
-        u[r] = V::load_bytes(rb[r].u.data() + kBlock * b);
-        words[r] = V::template words<kUnit>(rb[r].scales, b);
+        u[r] = load(rb[r].u.data() + kBlock * b);
+        words[r] = rb[r].scales.block_words<kUnit>(b);
       }
 #pragma GCC unroll 4
       for (int c = 0; c < kTileX; ++c) {
-        const typename V::I xv = V::load_bytes(xq + (b * kRowGroup + c * V::kSubBlocks) * kBlock);
+        const __m256i xv = load(xq + (b * kRowGroup + c) * kBlock);
 #pragma GCC unroll 4
-        for (int r = 0; r < kTileW; ++r) dots[r][c] = V::dot(dots[r][c], u[r], xv, words[r]);
+        for (int r = 0; r < kTileW; ++r) dots[r][c] = rz_cpu::dot_u8s8_words(dots[r][c], u[r], xv, words[r]);
       }
     }
 #pragma GCC unroll 4
     for (int r = 0; r < kTileW; ++r) {
+      const __m256 d = _mm256_broadcast_ss(rb[r].scales.super_d.data() + s);
 #pragma GCC unroll 4
-      for (int c = 0; c < kTileX; ++c) acc[r][c] = V::scaled_add(dots[r][c], rb[r].scales.super_d.data() + s, xd + s * kRowGroup + c, acc[r][c]);
+      for (int c = 0; c < kTileX; ++c) {
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][c]), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * kRowGroup + c)), acc[r][c]);
+      }
     }
   }
 }
@@ -1140,30 +1132,124 @@ RZ_INLINE void decode_row(const W& w, int64_t n, int64_t K, RowBuffers& rb) {
   }
 }
 
+#if defined(__AVX512VNNI__)
+// K-quants in panels (kPanels): kPanelW weight rows against a panel's kLanes activation rows. Per
+// four elements, one load of the panel's quants ([kLanes][4] bytes) meets each weight row's four
+// bytes broadcast in one vpdpbusd, whose int32 lanes are the panel's rows: no lane sums, and a
+// 64-element dot per instruction (the 256-bit tiles take a maddubs and a madd per 32). A unit's
+// int32 dots are converted and FMA'd with the weight's unit scale (super-block scale times integer
+// sub-scale), and a super-block's sums FMA'd with the activations' scales.
+constexpr int kPanelW = 8;  // 32 vector registers: 3 * 8 accumulators and the operands
+
+// kPanelW decoded weight rows, interleaved so that panel_tile reads them from one pointer: per
+// four elements, each row's four bytes in turn; per unit, each row's scale (super-block scale
+// times integer sub-scale) and offset in turn.
+struct PanelWeights {
+  std::vector<int32_t> quads;  // [K/4][kPanelW]
+  std::vector<float> scales, offsets;  // [K/unit][kPanelW]
+  RowBuffers row;  // one row, decoded
+  explicit PanelWeights(int64_t K) : quads(K / 4 * kPanelW), scales(K / 16 * kPanelW), offsets(K / 16 * kPanelW), row(K) {}
+};
+
+// Weight row n decoded into slot r of pw.
+template <class W>
+RZ_INLINE void interleave_row(const W& w, int64_t n, int64_t K, int r, PanelWeights& pw) {
+  constexpr int64_t kUnits = kSuper / W::kUnit;  // per super-block
+  decode_row(w, n, K, pw.row);
+  const RowScales& rs = pw.row.scales;
+  for (int64_t t = 0; t < K / 4; ++t) std::memcpy(&pw.quads[t * kPanelW + r], pw.row.u.data() + 4 * t, 4);
+  for (int64_t unit = 0; unit < K / W::kUnit; ++unit) {
+    // words: the integer sub-scale as an int16, twice.
+    pw.scales[unit * kPanelW + r] = rs.super_d[unit / kUnits] * static_cast<float>(static_cast<int16_t>(rs.words[unit] & 0xFFFF));
+    pw.offsets[unit * kPanelW + r] = rs.offsets[unit];
+  }
+}
+
+// y at weight rows n + r (r < kPanelW, n + r < n1) and panel p's rows below M, from the rows'
+// dots plus their offsets met by the activations' sums.
+template <int64_t kUnit>
+RZ_INLINE void panel_tile(const PanelWeights& pw, const QuantizedX& x, int64_t p, int64_t n, int64_t n1, int64_t M, float* y, int64_t N) {
+  constexpr int64_t kUnits = kSuper / kUnit;  // per super-block
+  const int8_t* xq = x.panel_quants(p);
+  const float* xd = x.panel_d(p);
+  const int32_t* wq = pw.quads.data();
+  const float* w_scales = pw.scales.data();
+  __m512 acc[kPanelW];
+#pragma GCC unroll 8
+  for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < x.K / kSuper; ++s) {
+    __m512 super_acc[kPanelW];
+#pragma GCC unroll 8
+    for (int r = 0; r < kPanelW; ++r) super_acc[r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < kUnits; ++j) {
+      const int64_t unit = s * kUnits + j;
+      __m512i dots[kPanelW];
+#pragma GCC unroll 8
+      for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int64_t t = 0; t < kUnit / 4; ++t) {
+        const int64_t quad = unit * kUnit / 4 + t;
+        const __m512i xv = _mm512_loadu_si512(xq + 64 * quad);
+#pragma GCC unroll 8
+        for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_dpbusd_epi32(dots[r], _mm512_set1_epi32(wq[quad * kPanelW + r]), xv);
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < kPanelW; ++r) {
+        super_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_set1_ps(w_scales[unit * kPanelW + r]), super_acc[r]);
+      }
+    }
+    const __m512 d = _mm512_loadu_ps(xd + s * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_fmadd_ps(super_acc[r], d, acc[r]);
+  }
+  const float* sums = x.panel_sums(p, kUnit);
+  for (int64_t unit = 0; unit < x.K / kUnit; ++unit) {
+    const __m512 sum = _mm512_loadu_ps(sums + unit * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(pw.offsets[unit * kPanelW + r]), sum, acc[r]);
+  }
+  alignas(64) float out[kPanelW][kLanes];
+#pragma GCC unroll 8
+  for (int r = 0; r < kPanelW; ++r) _mm512_store_ps(out[r], acc[r]);
+  const int64_t rows = std::min(kLanes, M - p * kLanes), cols = std::min<int64_t>(kPanelW, n1 - n);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t r = 0; r < cols; ++r) y[(p * kLanes + i) * N + n + r] = out[r][i];
+  }
+}
+
+// Rows [n0, n1) of a K-quant W against activation rows [m0, m1) (m0 a multiple of kLanes), in
+// panels. A ragged last tile repeats a weight row; those outputs are not stored.
+template <class W>
+void panel_rows(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
+  PanelWeights pw(x.K);
+  for (int64_t n = n0; n < n1; n += kPanelW) {
+    for (int r = 0; r < kPanelW; ++r) interleave_row(w, std::min(n + r, n1 - 1), x.K, r, pw);
+    for (int64_t p = m0 / kLanes; p * kLanes < m1; ++p) panel_tile<W::kUnit>(pw, x, p, n, n1, m1, y, N);
+  }
+}
+#endif
+
 // Rows [n0, n1) of W against activation rows [m0, m1) (m0 a multiple of kRowGroup), in register
 // tiles. A ragged last tile repeats a weight row, or meets the group's zero padding rows; those
 // outputs are not stored.
 template <class W>
 void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
+#if defined(__AVX512VNNI__)
+  if constexpr (W::kSuperBlocks) {
+    panel_rows(w, x, n0, n1, m0, m1, y, N);
+    return;
+  }
+#endif
   std::vector<RowBuffers> rb(kTileW, RowBuffers(x.K));
   for (int64_t n = n0; n < n1; n += kTileW) {
     for (int r = 0; r < kTileW; ++r) decode_row(w, std::min(n + r, n1 - 1), x.K, rb[r]);
     for (int64_t m = m0; m < m1; m += kTileX) {
       const int64_t group = m / kRowGroup * kRowGroup;
+      __m256 acc[kTileW][kTileX] = {};
       if constexpr (W::kSuperBlocks) {
-#if defined(__AVX512BW__)
-        if (x.wide) {
-          __m512 acc[kTileW][kTileX] = {};
-          super_tile<Lanes512, W::kUnit>(rb.data(), x, group, m, acc);
-          store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
-          continue;
-        }
-#endif
-        __m256 acc[kTileW][kTileX] = {};
-        super_tile<Lanes256, W::kUnit>(rb.data(), x, group, m, acc);
+        super_tile<W::kUnit>(rb.data(), x, group, m, acc);
         store_tile<W::kUnit, true, false>(acc, rb.data(), x, n, n1, m, m1, y, N);
       } else {
-        __m256 acc[kTileW][kTileX] = {};
         block_tile<W::kSigned>(rb.data(), x, group, m, acc);
         store_tile<kBlock, !W::kSigned, W::kQ8_1>(acc, rb.data(), x, n, n1, m, m1, y, N);
       }
@@ -1176,8 +1262,8 @@ void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64
 
 // Scratch for the quantized activations, reused across calls on the calling thread.
 struct Scratch {
-  std::vector<int8_t> q, pq, wide;
-  std::vector<float> f, pd;
+  std::vector<int8_t> q, pq, panel_q;
+  std::vector<float> f, pd, panel_f;
 };
 thread_local Scratch scratch[2];  // one per activation block size (32, 256): a call may need both
 Scratch& rz_scratch(int64_t x_block) { return scratch[x_block == kBlock ? 0 : 1]; }
@@ -1197,14 +1283,16 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   qx.sum32 = qx.d + rows * (K / x_block);
   qx.sum16 = qx.sum32 + rows * QuantizedX::padded_units(K / kBlock);
   if (q8_1) qx.sum32_q8_1 = qx.sum16 + rows * QuantizedX::padded_units(K / 16);
-  if (kWidePrefill && x_block == kSuper && M > kSmallM) {
-    scratch.wide.resize(rows * K);
-    qx.wide = scratch.wide.data();
+  const int64_t x_threads = M * K >= (1 << 16) ? n_threads : 1;
+  rz_cpu::parallel_for(pool, rows, x_threads, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
+  if (kPanels && x_block == kSuper && M > kSmallM) {
+    const int64_t panels = QuantizedX::panels(M);
+    scratch.panel_q.resize(panels * kLanes * K);
+    scratch.panel_f.resize(panels * qx.panel_floats());
+    qx.panel_q = scratch.panel_q.data();
+    qx.panel_f = scratch.panel_f.data();
+    rz_cpu::parallel_for(pool, panels, x_threads, [&](int64_t p) { panel(qx, p, M); });
   }
-  rz_cpu::parallel_for(pool, rows, M * K >= (1 << 16) ? n_threads : 1, [&](int64_t m) {
-    quantize_row(m < M ? x + m * K : nullptr, qx, m);
-    if (qx.wide) widen_row(qx, m);
-  });
   if (paired && x_block == kBlock && M <= kRowGroup && K % 64 == 0) {
     scratch.pq.resize(rows * K);
     scratch.pd.resize(rows * (K / 64) * 8);
@@ -1217,7 +1305,10 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
 
 // Tiling. A decode step (small M, kSmallM) splits rows of W only, so each weight byte is read
 // once; a prefill also splits rows of x, in tiles whose int8 rows fit in L2 with a W tile in L1.
-constexpr int64_t kPrefillRowsX = 64;
+// The tile of x rows is as many rows as fit kPrefillBytesX (half an L2 of 2 MiB), 64 to 256: each
+// task decodes its weight rows once per tile, so more rows spread that cost.
+constexpr int64_t kPrefillBytesX = 1 << 20;
+int64_t prefill_rows_x(int64_t K) { return std::clamp<int64_t>(kPrefillBytesX / K / 64 * 64, 64, 256); }
 constexpr int64_t kPrefillRowsW = 16;
 constexpr int64_t kMinWeightBytesPerThread = 32 << 10;  // below, handing work to a worker costs more than it saves
 
@@ -1286,13 +1377,14 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& par
     return;
   }
   for (const Part& part : parts) {
-    const int64_t tiles_x = (M + kPrefillRowsX - 1) / kPrefillRowsX;
+    const int64_t rows_x = prefill_rows_x(K);
+    const int64_t tiles_x = (M + rows_x - 1) / rows_x;
     const int64_t tiles_w = (part.N + kPrefillRowsW - 1) / kPrefillRowsW;
     const QuantizedX& qx = x_for(part);
     rz_cpu::parallel_for(pool, tiles_x * tiles_w, threads, [&](int64_t t) {
       // Consecutive tasks share a tile of x, so a thread walks W while x stays in its L2.
       const int64_t tx = t / tiles_w, tw = t % tiles_w;
-      part.prefill(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * kPrefillRowsX, std::min(M, (tx + 1) * kPrefillRowsX), y + part.column, ld);
+      part.prefill(qx, tw * kPrefillRowsW, std::min(part.N, (tw + 1) * kPrefillRowsW), tx * rows_x, std::min(M, (tx + 1) * rows_x), y + part.column, ld);
     });
   }
 }

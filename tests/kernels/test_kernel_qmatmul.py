@@ -40,7 +40,8 @@ TYPES = sorted(CPU_FFI_ARRAYS)
 needs_cpu_kernels = pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 
 # M values that cross the C++ kernel's structure: 1 (decode), partial and whole row groups of 8
-# (fused), 16 (decoded rows), 17 (the prefill tiling), 70 (a second tile of 64 rows).
+# (fused), 16 (decoded rows), 17 (the prefill tiling), 70 (a prefill's panels of 16 rows, the last
+# partial); test_cpu_prefill_crosses_tiles_of_x_rows takes a second tile of x rows.
 CPU_ROWS = (1, 3, 8, 9, 16, 17, 70)
 
 
@@ -79,6 +80,17 @@ def test_cpu_kernel_matches_references(ggml_type, cpu_variant):
             assert nmse(actual, twin) <= 1e-8, (n, k, m)
             if n * m >= 64:
                 assert nmse(actual, reference) <= TOLERANCE, (n, k, m)
+
+
+@pytest.mark.parametrize("ggml_type", sorted(K_QUANTS), ids=lambda t: t.name)
+def test_cpu_prefill_crosses_tiles_of_x_rows(ggml_type, cpu_variant):
+    """A prompt longer than a prefill task's tile of x rows (256 at this K), ending in a partial
+    panel of 16 rows, against a weight whose rows end in a partial tile of 8."""
+    rng = np.random.default_rng(29)
+    qt = random_qtensor(rng, ggml_type, (21, 512))
+    actual, twin, reference = cpu_and_references(activations(rng, 260, 512), qt, variant=cpu_variant)
+    assert nmse(actual, twin) <= 1e-8
+    assert nmse(actual, reference) <= TOLERANCE
 
 
 @pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
