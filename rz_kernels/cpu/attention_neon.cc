@@ -77,20 +77,7 @@ RZ_INLINE float32x4_t load4(const Rows& rows, int64_t s, int64_t i) {
   }
 }
 
-struct Problem {
-  int64_t B, Hq, Hkv, T, S, D, Dv, G, R;  // R = G * T query rows per KV head
-  int64_t S_used;  // slots [S_used, S) are invisible to every query
-  const float* q;
-  const void* k;
-  const void* v;
-  const int32_t* q_positions;
-  const int32_t* k_positions;
-  const uint16_t* k_scales;  // q8_0 only
-  const uint16_t* v_scales;
-  Kv k_type, v_type;
-  int32_t window;
-  float scale, softcap;
-};
+using Problem = rz_cpu::Operands;
 
 // One task's online-softmax state for its R rows: views into one buffer shared by the call's tasks.
 struct Partial {
@@ -228,42 +215,13 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales, ffi::AnyBuffer v,
                          ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> k_positions,
                          ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_attention: q, k, v must be 4-D");
-  const std::optional<Kv> k_type = rz_cpu::kv_type(k.element_type()), v_type = rz_cpu::kv_type(v.element_type());
-  if (!k_type || !v_type) return ffi::Error::InvalidArgument("rz_attention: k and v must each be f32, f16, bf16 or q8_0 (s8 quants)");
-  if (!rz_cpu::scales_fit(*k_type, k, k_scales) || !rz_cpu::scales_fit(*v_type, v, v_scales)) {
-    return ffi::Error::InvalidArgument("rz_attention: q8_0 needs head dims that are multiples of 32 and f16 scales [B, Hkv, S, D / 32]");
-  }
   Problem p{};
-  p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
-  // K/V may hold more sequences than q (a cache with idle rows past the batch in use): the first B.
-  if (kd[0] < p.B || vd[0] != kd[0] || kd[3] != p.D || vd[2] != p.S || p.Hq % p.Hkv || p.D % 8 || p.Dv % 8) {
-    return ffi::Error::InvalidArgument("rz_attention: shapes do not match (or head dims not multiples of 8)");
+  if (ffi::Error error = rz_cpu::read_operands("rz_attention", 8, q, k, k_scales, v, v_scales, q_positions, k_positions, window,
+                                                scale, softcap, keys_in_order, p);
+      error.failure()) {
+    return error;
   }
-  p.G = p.Hq / p.Hkv;
-  p.R = p.G * p.T;
-  p.q = q.typed_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
-  p.k_scales = static_cast<const uint16_t*>(k_scales.untyped_data());
-  p.v_scales = static_cast<const uint16_t*>(v_scales.untyped_data());
-  p.k_type = *k_type;
-  p.v_type = *v_type;
-  p.q_positions = q_positions.typed_data();
-  p.k_positions = k_positions.typed_data();
-  p.window = window;
-  p.scale = scale;
-  p.softcap = softcap;
   if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
-  if (keys_in_order) {
-    // Slot s holds position s or nothing: no query sees a slot past the latest query position.
-    int64_t last = -1;
-    for (int64_t i = 0; i < p.B * p.T; ++i) last = std::max<int64_t>(last, p.q_positions[i]);
-    p.S_used = std::min<int64_t>(p.S, last + 1);
-  } else {
-    p.S_used = p.S;
-  }
 
   const int64_t work = p.B * p.Hkv * p.S_used * p.R;
   const int64_t threads = work < kMinWorkPerThread ? 1 : rz_cpu::pool_threads(pool, 0);

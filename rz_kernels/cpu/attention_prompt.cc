@@ -54,9 +54,9 @@ typedef int32_t Vi __attribute__((vector_size(kLanes * sizeof(float))));
 
 constexpr int64_t kBlock = 32;  // slots per block
 constexpr int kBlockVecs = kBlock / kLanes;
-// Rows scored together: their kRows * kBlockVecs score accumulators (8 vectors) are independent
-// FMA chains sharing each loaded K vector.
-constexpr int kRows = kLanes >= 8 ? kLanes / 4 : 1;
+// Rows scored together: their kRows * kBlockVecs score accumulators are independent FMA chains
+// sharing each loaded K vector (16 of AVX-512's 32 registers, 8 of AVX2's 16).
+constexpr int kRows = kLanes == 16 ? 8 : kLanes == 8 ? 2 : 1;
 // Output lanes per pass of the value accumulation: kRows rows x this many lanes of accumulators
 // (again 8 vectors) stay in registers while the block's V rows stream by.
 constexpr int kValueLanes = 32;
@@ -73,15 +73,30 @@ inline Vf load(const float* p) {
 }
 inline void store(float* p, Vf v) { std::memcpy(p, &v, sizeof v); }
 inline Vf select(Vi mask, Vf a, Vf b) { return (Vf)(((Vi)a & mask) | ((Vi)b & ~mask)); }
+// Halves of a vector folded onto each other, log2(kLanes) times, as shuffles: a scalar loop over
+// the lanes cost as much as a row's scores for a 64-wide head.
+template <class Fold>
+inline float fold_lanes(Vf v, Fold fold) {
+#if defined(__AVX512F__)
+  v = fold(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  v = fold(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  v = fold(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  v = fold(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+#elif defined(__AVX__)
+  v = fold(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = fold(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5));
+  v = fold(v, __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6));
+#else
+  v = fold(v, __builtin_shufflevector(v, v, 2, 3, 0, 1));
+  v = fold(v, __builtin_shufflevector(v, v, 1, 0, 3, 2));
+#endif
+  return v[0];
+}
 inline float lane_max(Vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
+  return fold_lanes(v, [](Vf a, Vf b) { return select(a > b, a, b); });
 }
 inline float lane_sum(Vf v) {
-  float s = 0;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+  return fold_lanes(v, [](Vf a, Vf b) { return a + b; });
 }
 
 // exp(x) per lane: Cephes' range reduction and polynomial (relative error ~2e-7), as the decode
@@ -139,20 +154,8 @@ void row_f32(const Rows& rows, int64_t s, float* out) {
   }
 }
 
-struct Problem {
-  int64_t B, Hq, Hkv, T, S, D, Dv, G, R;  // R = G * T query rows per KV head
-  int64_t S_used;  // slots [S_used, S) are invisible to every query
+struct Problem : rz_cpu::Operands {
   int64_t n_blocks;  // ceil(S_used / kBlock)
-  const float* q;
-  const void* k;
-  const void* v;
-  const uint16_t* k_scales;  // q8_0 only
-  const uint16_t* v_scales;
-  Kv k_type, v_type;
-  const int32_t* q_positions;
-  const int32_t* k_positions;
-  int32_t window;
-  float scale, softcap;
   // Phase one's output, per (sequence, KV head): K as [block][D][kBlock], V as [block * kBlock][Dv],
   // slots past S_used zero.
   float* keys;
@@ -353,40 +356,13 @@ ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
                                ffi::AnyBuffer v, ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions,
                                ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window,
                                float scale, float softcap, bool keys_in_order) {
-  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_prompt_attention: q, k, v must be 4-D");
-  const std::optional<Kv> k_type = rz_cpu::kv_type(k.element_type()), v_type = rz_cpu::kv_type(v.element_type());
-  if (!k_type || !v_type) return ffi::Error::InvalidArgument("rz_prompt_attention: k and v must each be f32, f16, bf16 or q8_0 (s8 quants)");
-  if (!rz_cpu::scales_fit(*k_type, k, k_scales) || !rz_cpu::scales_fit(*v_type, v, v_scales)) {
-    return ffi::Error::InvalidArgument("rz_prompt_attention: q8_0 needs head dims that are multiples of 32 and f16 scales [B, Hkv, S, D / 32]");
-  }
   Problem p{};
-  p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
-  if (kd[0] < p.B || vd[0] != kd[0] || kd[3] != p.D || vd[2] != p.S || p.Hq % p.Hkv || p.D % 16 || p.Dv % 16) {
-    return ffi::Error::InvalidArgument("rz_prompt_attention: shapes do not match (or head dims not multiples of 16)");
+  if (ffi::Error error = rz_cpu::read_operands("rz_prompt_attention", 16, q, k, k_scales, v, v_scales, q_positions, k_positions, window,
+                                                scale, softcap, keys_in_order, p);
+      error.failure()) {
+    return error;
   }
-  p.G = p.Hq / p.Hkv;
-  p.R = p.G * p.T;
-  p.q = q.typed_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
-  p.k_scales = static_cast<const uint16_t*>(k_scales.untyped_data());
-  p.v_scales = static_cast<const uint16_t*>(v_scales.untyped_data());
-  p.k_type = *k_type;
-  p.v_type = *v_type;
-  p.q_positions = q_positions.typed_data();
-  p.k_positions = k_positions.typed_data();
-  p.window = window;
-  p.scale = scale;
-  p.softcap = softcap;
   if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
-  p.S_used = p.S;
-  if (keys_in_order) {
-    // Slot s holds position s or nothing: no query sees a slot past the latest query position.
-    int64_t last = -1;
-    for (int64_t i = 0; i < p.B * p.T; ++i) last = std::max<int64_t>(last, p.q_positions[i]);
-    p.S_used = std::min<int64_t>(p.S, last + 1);
-  }
   p.n_blocks = (p.S_used + kBlock - 1) / kBlock;
   const int64_t heads = p.B * p.Hkv;
   thread_local std::vector<float> converted;
