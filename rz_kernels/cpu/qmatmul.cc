@@ -59,6 +59,10 @@ constexpr int64_t kBlock = 32;   // a weight block, and the unit of the activati
 constexpr int64_t kSuper = 256;  // a K-quant super-block
 constexpr int64_t kRowGroup = 8;  // activation rows met by one pass over a weight row
 constexpr int64_t kSuperRows = 4;  // for K-quants, by one pass (see super_row)
+// How far ahead a decode step prefetches a K-quant weight, in super-blocks (4-7 KiB of quants).
+// The hardware prefetcher stops at each 4 KiB page, so without it a core computing on a weight
+// streamed from DRAM spends much of its time waiting for the next lines.
+constexpr int64_t kPrefetchSupers = 16;
 constexpr int64_t kSmallM = 16;  // up to this many activation rows, a call is a decode step's
 // A prompt's rows meet in panels where the variant has 512-bit vpdpbusd (AVX-512 VNNI): kLanes
 // activation rows in a vector's int32 lanes, against one weight row's four bytes broadcast
@@ -496,6 +500,16 @@ struct QK_W {
     f(2 * kPair + 1, u1);
   }
 
+  // Super-block `super` (counted over the whole weight: rows are contiguous) into the cache.
+  RZ_INLINE void prefetch_super(int64_t super) const {
+    prefetch(qs + super * 128, 128);
+    if constexpr (kFifthBit) prefetch(qh + super * 32, 32);
+    prefetch(scales + super * 8, 8);
+    prefetch(mins + super * 8, 8);
+    prefetch(d + super, 2);
+    prefetch(dmin + super, 2);
+  }
+
   template <class F>
   RZ_INLINE void for_super(int64_t n, int64_t s, F&& f) const {
     const int64_t super = n * (K / kSuper) + s;
@@ -539,6 +553,13 @@ struct Q6_KW {
     else if constexpr (kPlane == 1) return _mm256_and_si256(_mm256_slli_epi16(h, 2), mask);
     else if constexpr (kPlane == 2) return _mm256_and_si256(h, mask);
     else return _mm256_and_si256(_mm256_srli_epi16(h, 2), mask);
+  }
+
+  RZ_INLINE void prefetch_super(int64_t super) const {  // as QK_W's
+    prefetch(qs + super * 128, 128);
+    prefetch(qh + super * 64, 64);
+    prefetch(scales + super * 16, 16);
+    prefetch(d + super, 2);
   }
 
   template <class F>
@@ -954,8 +975,15 @@ RZ_INLINE void group_dot(const W& w, const RowBuffers& rb, int64_t n, const Quan
       for (int j = 0; j < 8; ++j) g(j, load(rb.u.data() + kSuper * s + kBlock * j));
     };
     if constexpr (MT <= kSuperRows) {
-      if (fused) super_row<MT, W::kUnit>([&](int64_t s, auto&& g) __attribute__((always_inline)) { w.for_super(n, s, g); }, rb.scales, n, x, m0, 0, y, N);
-      else super_row<MT, W::kUnit>(decoded, rb.scales, n, x, m0, 0, y, N);
+      if (fused) {
+        super_row<MT, W::kUnit>([&](int64_t s, auto&& g) __attribute__((always_inline)) {
+          // Past the weight's last super-block this asks for lines no one reads: a prefetch never faults.
+          w.prefetch_super(n * (x.K / kSuper) + s + kPrefetchSupers);
+          w.for_super(n, s, g);
+        }, rb.scales, n, x, m0, 0, y, N);
+      } else {
+        super_row<MT, W::kUnit>(decoded, rb.scales, n, x, m0, 0, y, N);
+      }
     } else {
       super_row<kSuperRows, W::kUnit>(decoded, rb.scales, n, x, m0, 0, y, N);
       super_row<MT - kSuperRows, W::kUnit>(decoded, rb.scales, n, x, m0, kSuperRows, y, N);
