@@ -27,7 +27,9 @@ from rz.generation import Generation, GenerationRequest, Timings
 from rz.prefix_rows import Placement, PrefixRows
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
-from rz.speculative import CostModel, Speculation, chosen_proposer, draft, validate_proposer
+from rz.speculative import (
+    MODEL_PROPOSERS, CostModel, Speculation, choose_self_draft_layers, chosen_proposer, draft, self_draft_model, validate_proposer,
+)
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 from rz_kernels.quantized_matmul import CPU_KERNEL_MAX_M
@@ -63,6 +65,7 @@ class Engine:
         decode_steps: int = DECODE_STEPS,
         cache_types: kv_cache.CacheTypes = kv_cache.CacheTypes(),
         speculative: str | None = None,
+        self_draft_layers: int | None = None,
     ):
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
@@ -97,6 +100,12 @@ class Engine:
         # What decode steps and verify calls cost here, for the speculating streams' choices, and
         # how many tokens they drafted and kept (the spec_decode counters).
         self.costs = CostModel()
+        # The `self` proposer's draft: the model's first layers, drafting in the first layers of the
+        # cache (rz.speculative); a model of one layer has none.
+        self.self_draft = None
+        if model.cfg.n_layer > 1 or self_draft_layers is not None:
+            self.self_draft = self_draft_model(model, choose_self_draft_layers(model.cfg.n_layer, self_draft_layers))
+            self.costs.assumed_draft_token = self.self_draft.cfg.n_layer / model.cfg.n_layer
         self.n_drafted = 0
         self.n_accepted = 0
         self._vocabulary: Vocabulary | None = None  # for structured output, built by its first request
@@ -151,6 +160,8 @@ class Engine:
         constraint = request.options.constraint
         # A verify call samples without token masks, so a constrained sequence does not speculate.
         proposer = chosen_proposer(request.options.speculative, self.speculative) if constraint is None else None
+        if proposer == "self" and self.self_draft is None:
+            raise RequestError("speculative='self' needs a model of at least two layers to draft with its first ones; use 'ngram'")
         return Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
@@ -272,9 +283,9 @@ class Engine:
         # A verify call samples without token masks: none while a constrained sequence runs.
         if call is None and self.active() and not any(s.constraint is not None for s in self.active()):
             rows = self._active_rows()
-            drafts = self._drafts(rows)
-            if any(drafts.values()):
-                return self._verify(rows, drafts)
+            drafts, model_drafts = self._drafts(rows)
+            if any(drafts.values()) or any(model_drafts.values()):
+                return self._verify(rows, drafts, model_drafts)
         if call is not None and call.assignment != self._assignment:
             # Slots changed hands since the call in flight was launched: read it back (its rows
             # are for the sequences still running) before launching from the host's view.
@@ -309,50 +320,64 @@ class Engine:
         # on the smallest batch bucket that holds them.
         return self.batch_bucket(max(sequence.slot for sequence in self.active()) + 1)
 
-    def _drafts(self, rows: int) -> dict[int, list[int]]:
+    def _drafts(self, rows: int) -> tuple[dict[int, list[int]], dict[int, int]]:
         """Each speculating stream's drafts, by slot: as many as pay (see rz.speculative), none
-        past its max_tokens. None before a plain decode step at this batch has been timed, nor at
-        a batch too large to verify (MAX_VERIFY_TOKENS)."""
+        past its max_tokens; the drafts of a host proposer, and how many a model is to draft on the
+        device. None before a plain decode step at this batch has been timed, nor at a batch too
+        large to verify (MAX_VERIFY_TOKENS)."""
         widest = max((w for w in VERIFY_WIDTHS if rows * w <= MAX_VERIFY_TOKENS), default=0)
         if not widest or not self.costs.knows(rows):
-            return {}
-        drafts = {}
+            return {}, {}
+        drafts, model_drafts = {}, {}
         for sequence in self.active():
-            if sequence.speculation is None:
+            speculation = sequence.speculation
+            if speculation is None:
                 continue
             limit = min(widest - 1, sequence.request.options.max_tokens - len(sequence.output_ids) - 1)
-            proposed = draft(sequence.speculation, (*sequence.request.prompt_ids, *sequence.output_ids), limit)
-            drafts[sequence.slot] = proposed[: sequence.speculation.n_drafts(self.costs, rows, len(proposed))]
-            sequence.speculation.looked(drafting=bool(drafts[sequence.slot]))
-        return drafts
+            if speculation.proposer in MODEL_PROPOSERS:
+                model_drafts[sequence.slot] = speculation.n_drafts(self.costs, rows, limit)
+                speculation.looked(drafting=model_drafts[sequence.slot] > 0)
+                continue
+            proposed = draft(speculation, (*sequence.request.prompt_ids, *sequence.output_ids), limit)
+            drafts[sequence.slot] = proposed[: speculation.n_drafts(self.costs, rows, len(proposed))]
+            speculation.looked(drafting=bool(drafts[sequence.slot]))
+        return drafts, model_drafts
 
-    def _verify(self, rows: int, drafts: dict[int, list[int]]) -> list[SampledRow]:
+    def _verify(self, rows: int, drafts: dict[int, list[int]], model_drafts: dict[int, int]) -> list[SampledRow]:
         """One verify call (rz.steps.verify) for every active slot, with the drafts of the speculating
-        ones: each sequence's kept drafts and next token, position by position."""
+        ones (a host proposer's, and those a model drafts on the device first: model_drafts says
+        how many): each sequence's kept drafts and next token, position by position."""
         active = self.active()
-        width = next(w for w in VERIFY_WIDTHS if w >= 1 + max(map(len, drafts.values())))
+        n_drafts = {slot: len(tokens) for slot, tokens in drafts.items()} | model_drafts
+        width = next(w for w in VERIFY_WIDTHS if w >= 1 + max(n_drafts.values()))
         host_tokens = np.zeros((rows, width), np.int32)
         host_positions = np.full((rows, width), -1, np.int32)
         for sequence in active:
             fed = [sequence.output_ids[-1], *drafts.get(sequence.slot, ())]
             host_tokens[sequence.slot, : len(fed)] = fed
-            host_positions[sequence.slot, : len(fed)] = sequence.position + np.arange(len(fed))
+            host_positions[sequence.slot, : 1 + n_drafts.get(sequence.slot, 0)] = sequence.position + np.arange(
+                1 + n_drafts.get(sequence.slot, 0)
+            )
         tokens, positions = jnp.asarray(host_tokens), jnp.asarray(host_positions)
         for sequence in active:
             self.rows.wrote(sequence.slot, sequence.position + width)
         tensors, n_top = self._batch_tensors(rows)
-        name = f"verify[{rows}, width={width}, logprobs={n_top}]"
-        timed = name in self.compilations
         started = time.perf_counter()
+        drafted_on_device = any(model_drafts.values())
+        draft_probabilities = None
+        if drafted_on_device:
+            tokens, draft_probabilities = self._draft_on_device(rows, width, tokens, model_drafts, tensors)
+        name = f"verify[{rows}, width={width}, logprobs={n_top}, weighed={drafted_on_device}]"
+        timed = name in self.compilations
         sampled, n_emitted, self.cache, self._sampler_state = self._timed(
             name, steps.verify, self.model.weights, self.cache, tokens, positions, self._chunk_tables(positions),
-            tensors, self._sampler_state, **self._model_static, n_top=n_top,
+            tensors, self._sampler_state, draft_probabilities, **self._model_static, n_top=n_top,
         )
         sampled, n_emitted = jax.device_get((sampled, n_emitted))
         if timed:
-            self.costs.record_verify(rows, width, time.perf_counter() - started)
+            self.costs.record_verify(rows, width, time.perf_counter() - started, drafted_on_device)
         for sequence in active:
-            n_drafted, n_kept = len(drafts.get(sequence.slot, ())), int(n_emitted[sequence.slot]) - 1
+            n_drafted, n_kept = n_drafts.get(sequence.slot, 0), int(n_emitted[sequence.slot]) - 1
             if sequence.speculation is not None:
                 sequence.speculation.record(n_drafted, n_kept)
             self.n_drafted += n_drafted
@@ -362,6 +387,25 @@ class Engine:
             at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
             emitted.extend((s, at_step, s.slot) for s in active if index < n_emitted[s.slot])
         return emitted
+
+    def _draft_on_device(self, rows: int, width: int, tokens, model_drafts: dict[int, int], tensors):
+        """The `self` draft's width - 1 tokens for the slots in model_drafts that draft, in place of
+        tokens[:, 1:] (int32 [rows, width]), and the distributions they were drawn from, a host
+        proposer's drafts standing as point masses: (tokens, f32 [rows, width - 1, n_vocab])."""
+        drafting = np.zeros(rows, bool)
+        last_positions = np.full(rows, -1, np.int32)
+        for sequence in self.active():
+            if model_drafts.get(sequence.slot, 0):
+                drafting[sequence.slot] = True
+                last_positions[sequence.slot] = sequence.position
+        draft_model, n_layers = self.self_draft, self.self_draft.cfg.n_layer
+        drafted, probabilities, first_layers = self._timed(
+            f"draft[{rows}, drafts={width - 1}]", steps.draft, draft_model.weights, kv_cache.KVCache(self.cache.layers[:n_layers]),
+            tokens[:, 0], jnp.asarray(last_positions), tensors, self._sampler_state,
+            family=draft_model.family, cfg=draft_model.cfg, plan=draft_model.plan, n_ctx=self.n_ctx, n_drafts=width - 1,
+        )
+        self.cache = kv_cache.KVCache(first_layers.layers + self.cache.layers[n_layers:])
+        return self.model.launch(steps.with_model_drafts, tokens, drafted, probabilities, jnp.asarray(drafting))
 
     def _launch(self, after: "_DecodeCall | None" = None) -> "_DecodeCall | None":
         """Launch one decode call: from the host's view of the slots, or chained after a call."""

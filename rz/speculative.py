@@ -11,13 +11,21 @@ sampler draws at each position with the key plain decoding would use there, a se
 speculative run gives the very tokens of the same seeded run without speculation; greedy
 decoding is the case of a point-mass p.
 
+The `self` proposer drafts with the target's own first layers, its final norm and its output head
+(self_draft_model): a model whose drafts are sampled from a distribution q, on the device
+(rz.steps.draft), so the verify call keeps them by the general rule instead, min(1, p/q) and
+norm(max(p - q, 0)) (rz.steps.verify): the output distribution is plain decoding's, greedy output
+its very tokens, but a seeded sampled run draws other tokens than the same seeded plain run. Its
+layers' keys and values for a kept token are the target's, so it drafts in the target's cache,
+whose first layers the verify call then writes as it always does.
+
 Whether drafting pays is judged per stream from its acceptance rate and from what verify calls
 and plain decode steps have been measured to cost on this engine (CostModel): a stream drafts the
 number of tokens that maximizes expected tokens per second, and none (plain decode) when plain
 decoding is faster.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +33,9 @@ import numpy as np
 from rz.buckets import VERIFY_WIDTHS
 from rz.errors import RequestError
 
-PROPOSERS = ("ngram",)
+PROPOSERS = ("ngram", "self")
+# The proposers that draft with a model on the device (rz.steps.draft), from a distribution q.
+MODEL_PROPOSERS = ("self",)
 # A request's `speculative` that turns speculation off where the engine's default would turn it on.
 OFF = "off"
 
@@ -46,6 +56,9 @@ LOOK_INTERVAL = 8
 # does, and computes W rows (about what both real models measure at batch 1, in
 # benchmarks/results/speculative-session12.md).
 _ASSUMED_VERIFY_COST = {2: 1.25, 4: 1.5, 8: 1.9}
+# The fraction of the target's layers a `self` draft runs by default: the draft's acceptance falls
+# as it loses layers, its cost with the layers it keeps (benchmarks/results/speculative-session13.md).
+SELF_DRAFT_FRACTION = 0.5
 # Each timing weighs this much against the average of those before it.
 _TIMING_WEIGHT = 0.2
 
@@ -62,6 +75,22 @@ def chosen_proposer(requested: str | None, default: str | None) -> str | None:
     """The proposer a request speculates with: its own, else the engine's default; None: none."""
     proposer = requested if requested is not None else default
     return None if proposer == OFF else proposer
+
+
+def choose_self_draft_layers(n_layer: int, requested: int | None) -> int:
+    """The layers a `self` draft runs: requested, else SELF_DRAFT_FRACTION of n_layer; at least 1, fewer than n_layer."""
+    layers = requested if requested is not None else max(1, round(SELF_DRAFT_FRACTION * n_layer))
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < n_layer:
+        raise ValueError(f"self_draft_layers must be an integer from 1 to {n_layer - 1} (the model has {n_layer} layers), got {requested!r}")
+    return layers
+
+
+def self_draft_model(model, n_layers: int):
+    """The `self` proposer's draft: model (an rz.models.Model) cut to its first n_layers, with its own
+    final norm and output head, its weights shared."""
+    cfg = model.cfg
+    cfg = replace(cfg, n_layer=n_layers, sliding_layers=cfg.sliding_layers[:n_layers], rope_layers=cfg.rope_layers[:n_layers])
+    return replace(model, cfg=cfg, weights=replace(model.weights, layers=model.weights.layers[:n_layers]))
 
 
 def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = NGRAM_SIZES) -> list[int]:
@@ -91,22 +120,30 @@ class CostModel:
 
     decode_step: dict[int, float] = field(default_factory=dict)  # rows -> seconds per step
     verify_call: dict[tuple[int, int], float] = field(default_factory=dict)  # (rows, width) -> seconds
+    # A model's draft call of width - 1 tokens and the verify call of its drafts: (rows, width) -> seconds.
+    drafted_call: dict[tuple[int, int], float] = field(default_factory=dict)
+    # Until such a call has been timed: what one draft token costs, in plain decode steps (about the
+    # share of the target's layers the draft runs).
+    assumed_draft_token: float = 1.0
 
     def record_decode(self, rows: int, seconds_per_step: float) -> None:
         self.decode_step[rows] = _average(self.decode_step.get(rows), seconds_per_step)
 
-    def record_verify(self, rows: int, width: int, seconds: float) -> None:
-        self.verify_call[rows, width] = _average(self.verify_call.get((rows, width)), seconds)
+    def record_verify(self, rows: int, width: int, seconds: float, drafted_on_device: bool = False) -> None:
+        calls = self.drafted_call if drafted_on_device else self.verify_call
+        calls[rows, width] = _average(calls.get((rows, width)), seconds)
 
     def knows(self, rows: int) -> bool:
         """Whether a plain decode step at this batch has been timed: the baseline drafting must beat."""
         return rows in self.decode_step
 
-    def relative_verify_cost(self, rows: int, width: int) -> float:
-        """A verify call of `width` tokens per row, in plain decode steps at the same batch."""
-        step, call = self.decode_step.get(rows), self.verify_call.get((rows, width))
+    def relative_verify_cost(self, rows: int, width: int, drafted_on_device: bool = False) -> float:
+        """A verify call of `width` tokens per row, after a model's draft call of its drafts if
+        drafted_on_device, in plain decode steps at the same batch."""
+        calls = self.drafted_call if drafted_on_device else self.verify_call
+        step, call = self.decode_step.get(rows), calls.get((rows, width))
         if step is None or call is None:
-            return _ASSUMED_VERIFY_COST[width]
+            return _ASSUMED_VERIFY_COST[width] + drafted_on_device * (width - 1) * self.assumed_draft_token
         return call / step
 
 
@@ -153,7 +190,7 @@ class Speculation:
             k = min(width - 1, limit)
             # Each draft is kept with chance alpha once the ones before it are: 1 + a + ... + a^k tokens.
             expected = (1 - alpha ** (k + 1)) / (1 - alpha)
-            rate = expected / costs.relative_verify_cost(rows, width)
+            rate = expected / costs.relative_verify_cost(rows, width, self.proposer in MODEL_PROPOSERS)
             if k >= 1 and rate > best_rate:
                 best_rate, best = rate, k
         if best == 0 and limit >= 1 and self.plain_tokens >= PROBE_INTERVAL:
@@ -162,7 +199,7 @@ class Speculation:
 
 
 def draft(speculation: Speculation, history: Sequence[int], n_drafts: int) -> list[int]:
-    """The proposer's drafts to follow history, at most n_drafts."""
+    """A host proposer's drafts to follow history, at most n_drafts (a model drafts on the device)."""
     if speculation.proposer == "ngram":
         return propose_ngram(history, n_drafts)
     raise ValueError(f"unknown proposer {speculation.proposer!r}")

@@ -44,7 +44,7 @@ class DraftingAlwaysPays(CostModel):
     def knows(self, rows: int) -> bool:
         return True
 
-    def relative_verify_cost(self, rows: int, width: int) -> float:
+    def relative_verify_cost(self, rows: int, width: int, drafted_on_device: bool = False) -> float:
         return 1.0
 
 
@@ -87,8 +87,8 @@ def spoiled_drafts(monkeypatch):
     monkeypatch.setattr(engine_module, "draft", draft)
 
 
-def drafting_engine(llm, n_slots: int) -> Engine:
-    engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots)
+def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None) -> Engine:
+    engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, self_draft_layers=self_draft_layers)
     engine.costs = DraftingAlwaysPays()
     return engine
 
@@ -123,6 +123,18 @@ def test_greedy_speculative_decoding_gives_the_tokens_of_plain_decoding(tiny, sp
     assert 0 < engine.n_accepted < engine.n_drafted  # drafts were both kept and rejected
 
 
+def test_greedy_self_speculation_gives_the_tokens_of_plain_decoding(tiny):
+    """The target's first layer drafts (on tiny Gemma 3 it agrees with the whole model's greedy loops;
+    on tiny llama both kept and rejected drafts occur)."""
+    prompts = repetitive_prompts(8)
+    options = RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0))
+    plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 4), prompts, options)
+    engine = drafting_engine(tiny, 4, self_draft_layers=1)
+    speculative = run(engine, prompts, RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0), speculative="self"))
+    assert_same_up_to_near_ties(tiny, prompts, speculative, plain)
+    assert 0 < engine.n_accepted <= engine.n_drafted
+
+
 @pytest.mark.parametrize("seed", [3, 11])
 def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seeded_plain_run(tiny_f32, seed, spoiled_drafts):
     prompts = repetitive_prompts(4)
@@ -155,8 +167,10 @@ def test_verify_calls_apply_logit_bias_as_plain_decoding_does(tiny_f32, spoiled_
     assert not {frequent[0], frequent[1]} & set(np.concatenate([s.output_ids for s in speculative]).tolist())
 
 
-def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts):
-    """Two of each, the last two ending first: verify calls then run on the first rows of the cache."""
+@pytest.mark.parametrize("proposers", [("ngram", "ngram"), ("self", "ngram")], ids="+".join)
+def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts, proposers):
+    """Two of each, the last two ending first: verify calls then run on the first rows of the cache;
+    the speculating ones may draft with different proposers in one verify call."""
     prompts = repetitive_prompts(4)
     greedy = SamplingParams(temperature=0)
     lengths = (24, 24, 6, 6)
@@ -164,14 +178,15 @@ def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts
         run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [p], RequestOptions(max_tokens=n, sampling=greedy))[0]
         for p, n in zip(prompts, lengths)
     ]
-    mixed = [RequestOptions(max_tokens=n, sampling=greedy, speculative="ngram" if i % 2 else None) for i, n in enumerate(lengths)]
-    engine = drafting_engine(tiny, 4)
+    mixed = [RequestOptions(max_tokens=n, sampling=greedy, speculative=proposers[i // 2] if i % 2 else None) for i, n in enumerate(lengths)]
+    engine = drafting_engine(tiny, 4, self_draft_layers=1)
     together = run(engine, prompts, mixed)
     assert engine.n_drafted > 0
     assert_same_up_to_near_ties(tiny, prompts, together, alone)
 
 
-def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(tiny_f32, spoiled_drafts):
+@pytest.mark.parametrize("proposer", ["ngram", "self"])
+def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(tiny_f32, spoiled_drafts, proposer):
     tiny = tiny_f32
     prompt = repetitive_prompts(1)[0]
     greedy = SamplingParams(temperature=0)
@@ -184,7 +199,8 @@ def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_spec
     ]
     for options in cases:
         plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [prompt], options)[0]
-        speculative = run(drafting_engine(tiny, 1), [prompt], RequestOptions(**{**options.__dict__, "speculative": "ngram"}))[0]
+        engine = drafting_engine(tiny, 1, self_draft_layers=1)
+        speculative = run(engine, [prompt], RequestOptions(**{**options.__dict__, "speculative": proposer}))[0]
         assert (speculative.output_ids, "".join(speculative.text), speculative.finish_reason) == (
             plain.output_ids, "".join(plain.text), plain.finish_reason
         )
@@ -232,17 +248,48 @@ def test_rejected_drafts_leave_the_cache_as_a_prefill_of_the_kept_tokens(tiny, c
             assert np.sum((got - ref) ** 2) <= QUANTIZED_NMSE * np.sum(ref**2)
 
 
-def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_tokens(tmp_path, spoiled_drafts):
+def test_a_self_draft_leaves_the_cache_as_it_found_it_but_for_stale_later_positions(tiny):
+    """Ring layers get back the slots the draft overwrote (their keys may still be in the window);
+    global layers keep its keys only at positions after the last token's, which attention never
+    sees before the verify call overwrites them."""
+    model, weights, static = tiny.model, tiny.model.weights, {"family": tiny.model.family, "cfg": tiny.model.cfg}
+    prompt = repetitive_prompts(3)[2][:20]
+    positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
+    tables = steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg)
+    filled = steps.score(weights, kv_cache.init_cache(model.cfg, 1, 32), jnp.asarray([prompt], jnp.int32), positions, tables, **static)[1]
+    before = jax.tree.map(np.array, filled)  # a copy: the draft updates the cache in place
+    engine = Engine(model, tiny.tokenizer, N_CTX, 1, self_draft_layers=model.cfg.n_layer - 1)
+    draft_model = engine.self_draft
+    params = SamplingParams(temperature=0)
+    drafts, probabilities, cache = steps.draft(
+        draft_model.weights, kv_cache.KVCache(filled.layers[: draft_model.cfg.n_layer]), jnp.asarray([prompt[-1]], jnp.int32),
+        jnp.asarray([len(prompt) - 1], jnp.int32), SamplingTensors.from_params([params]), SamplerState.create([params], [prompt]),
+        family=draft_model.family, cfg=draft_model.cfg, n_ctx=32, n_drafts=7,
+    )
+    assert drafts.shape == (1, 7) and np.asarray(probabilities).sum(axis=-1) == pytest.approx(1.0)
+    for layer, (got, want) in enumerate(zip(cache.layers, before.layers)):
+        held = (want.positions != kv_cache.EMPTY) & (want.positions < len(prompt) - 1)
+        if model.cfg.sliding_layers[layer]:
+            held = np.ones_like(held)
+        np.testing.assert_array_equal(np.asarray(got.positions)[held], want.positions[held])
+        held = held[:, None, :, None]
+        for got_part, want_part in ((got.keys, want.keys), (got.values, want.values)):
+            np.testing.assert_array_equal(np.asarray(got_part) * held, np.asarray(want_part) * held)
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "self"])
+def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_tokens(tmp_path, spoiled_drafts, proposer):
     """2,000 samples with speculation and 2,000 without (other seeds), compared by a chi-square test
-    of homogeneity (p > 0.01) on the tokens seen at least 5 times in all; the drafts (spoiled_drafts)
-    are mostly unlike what the model samples."""
+    of homogeneity (p > 0.01) on the tokens seen at least 5 times in all; the drafts are mostly unlike
+    what the model samples: spoiled prompt lookup, a point mass, or the first of the model's three
+    layers, a distribution q weighed against the model's p."""
     llm = rz.LLM(write_tiny_model(tmp_path / "model.gguf", "llama", "F32", seed=5), n_ctx=64)
     prompt = [1] + [40, 41, 42] * 6
     n = 2000
 
     def tokens_at(speculative, first_seed):
         # Two slots: verify calls of up to 8 tokens a row (see rz.engine.MAX_VERIFY_TOKENS).
-        engine = drafting_engine(llm, 2) if speculative else Engine(llm.model, llm.tokenizer, 64, 16)
+        engine = drafting_engine(llm, 2, self_draft_layers=1) if speculative else Engine(llm.model, llm.tokenizer, 64, 16)
         options = [
             RequestOptions(
                 max_tokens=5, ignore_eos=True, speculative=speculative,
@@ -254,7 +301,7 @@ def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_
         return np.array([s.output_ids for s in sequences]), engine
 
     plain, _ = tokens_at(None, 0)
-    speculative, engine = tokens_at("ngram", 100_000)
+    speculative, engine = tokens_at(proposer, 100_000)
     assert 0 < engine.n_accepted < engine.n_drafted
     for column in (0, 4):
         tokens = np.union1d(plain[:, column], speculative[:, column])
@@ -267,8 +314,9 @@ REAL_MODELS = {"smollm2": smollm2_135m_path, "gemma3": gemma3_270m_path}
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("proposer", ["ngram", "self"])
 @pytest.mark.parametrize("name", REAL_MODELS)
-def test_greedy_speculative_decoding_is_exact_on_real_models(name):
+def test_greedy_speculative_decoding_is_exact_on_real_models(name, proposer):
     """24 prompts, half asking to copy a passage (drafts mostly kept), half free (mostly rejected)."""
     llm = rz.LLM(REAL_MODELS[name](), n_ctx=1024, max_batch=4)
     paragraphs = [p for p in PASSAGE.split("\n\n") if p.strip()]
@@ -280,6 +328,6 @@ def test_greedy_speculative_decoding_is_exact_on_real_models(name):
     options = RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0))
     plain = run(Engine(llm.model, llm.tokenizer, llm.n_ctx, 4), prompts, options)
     engine = drafting_engine(llm, 4)  # verify calls of 4 tokens a row
-    speculative = run(engine, prompts, RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0), speculative="ngram"))
+    speculative = run(engine, prompts, RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0), speculative=proposer))
     assert engine.n_accepted > 0
     assert_same_up_to_near_ties(llm, prompts, speculative, plain)
