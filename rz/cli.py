@@ -85,7 +85,8 @@ _FLAG_OPTIONS = {
     "frequency_penalty": None,
     "penalty_last_n": "recent tokens the penalties look at",
     "seed": "default: a fresh random seed",
-    "speculative": "draft tokens with this proposer (ngram: prompt lookup); the output is the same; default: off",
+    "speculative": "draft tokens with this proposer (ngram: prompt lookup; self: the model's first layers); "
+    "the output is the same; default: off",
 }
 # The flags whose default (None) does not give their type.
 _FLAG_TYPES = {"seed": int, "speculative": str}

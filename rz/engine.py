@@ -358,12 +358,29 @@ class Engine:
             host_positions[sequence.slot, : 1 + n_drafts.get(sequence.slot, 0)] = sequence.position + np.arange(
                 1 + n_drafts.get(sequence.slot, 0)
             )
-        tokens, positions = jnp.asarray(host_tokens), jnp.asarray(host_positions)
         for sequence in active:
             self.rows.wrote(sequence.slot, sequence.position + width)
+        sampled, n_emitted = self._verify_call(
+            rows, jnp.asarray(host_tokens), jnp.asarray(host_positions), model_drafts, any(model_drafts.values())
+        )
+        for sequence in active:
+            n_drafted, n_kept = n_drafts.get(sequence.slot, 0), int(n_emitted[sequence.slot]) - 1
+            if sequence.speculation is not None:
+                sequence.speculation.record(n_drafted, n_kept)
+            self.n_drafted += n_drafted
+            self.n_accepted += n_kept
+        emitted = []
+        for index in range(width):
+            at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
+            emitted.extend((s, at_step, s.slot) for s in active if index < n_emitted[s.slot])
+        return emitted
+
+    def _verify_call(self, rows: int, tokens, positions, model_drafts: dict[int, int], drafted_on_device: bool):
+        """A verify call of tokens, positions [rows, W], after the `self` draft's call if
+        drafted_on_device; timed for the cost model. Returns its SampledTokens and n_emitted, on the host."""
+        width = tokens.shape[1]
         tensors, n_top = self._batch_tensors(rows)
         started = time.perf_counter()
-        drafted_on_device = any(model_drafts.values())
         draft_probabilities = None
         if drafted_on_device:
             tokens, draft_probabilities = self._draft_on_device(rows, width, tokens, model_drafts, tensors)
@@ -376,17 +393,18 @@ class Engine:
         sampled, n_emitted = jax.device_get((sampled, n_emitted))
         if timed:
             self.costs.record_verify(rows, width, time.perf_counter() - started, drafted_on_device)
-        for sequence in active:
-            n_drafted, n_kept = n_drafts.get(sequence.slot, 0), int(n_emitted[sequence.slot]) - 1
-            if sequence.speculation is not None:
-                sequence.speculation.record(n_drafted, n_kept)
-            self.n_drafted += n_drafted
-            self.n_accepted += n_kept
-        emitted = []
-        for index in range(width):
-            at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
-            emitted.extend((s, at_step, s.slot) for s in active if index < n_emitted[s.slot])
-        return emitted
+        return sampled, n_emitted
+
+    def compile_speculation(self, rows: int) -> None:
+        """Compile the verify calls (after the `self` draft's, if that is the default proposer) of
+        the engine's default proposer at a batch bucket, on idle rows, which they leave as they
+        were: a warm-up (rz.warm_up) while no sequence runs."""
+        if self.active():
+            raise RuntimeError("speculation's steps are compiled on idle rows, while no sequence runs")
+        for width in VERIFY_WIDTHS:
+            if rows * width <= MAX_VERIFY_TOKENS:
+                idle = jnp.full((rows, width), -1, jnp.int32)
+                self._verify_call(rows, jnp.zeros((rows, width), jnp.int32), idle, {}, self.speculative in MODEL_PROPOSERS)
 
     def _draft_on_device(self, rows: int, width: int, tokens, model_drafts: dict[int, int], tensors):
         """The `self` draft's width - 1 tokens for the slots in model_drafts that draft, in place of

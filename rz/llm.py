@@ -17,6 +17,7 @@ from rz.kv_cache import CacheTypes
 from rz.model_files import default_model_path
 from rz.request import Completion, RequestOptions
 from rz.scheduler import Scheduler
+from rz.speculative import choose_self_draft_layers
 
 DEFAULT_N_CTX = 4096
 DEFAULT_MAX_BATCH = 16
@@ -39,6 +40,7 @@ class LLM:
         cache_type_v: str = CacheTypes.v,
         tensor_parallel: int = 1,
         data_parallel: int = 1,
+        self_draft_layers: int | None = None,
     ):
         started = time.perf_counter()
         # How the KV cache stores keys and values (llama.cpp's names: f32, f16, bf16, q8_0).
@@ -50,6 +52,13 @@ class LLM:
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, config.context_length)
+        # The layers speculative="self" drafts with (rz.speculative); None: its default share.
+        if self_draft_layers is not None:
+            try:
+                choose_self_draft_layers(config.n_layer, self_draft_layers)
+            except ValueError as error:
+                raise RequestError(str(error)) from None
+        self.self_draft_layers = self_draft_layers
         self.config = config.for_context(self.n_ctx)
         from rz.chat import chat_template_problem
         from rz.models import load_model, load_replicas
@@ -110,8 +119,9 @@ class LLM:
         top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, seed,
         stop, stop_token_ids, ignore_eos, logprobs, logit_bias ({token id: bias}, added to the logits);
         they default to llama.cpp's, and temperature=0 is greedy.
-        speculative="ngram" drafts tokens by prompt lookup and verifies several in one step
-        (rz.speculative): the same output, sooner where it quotes the prompt.
+        speculative="ngram" drafts tokens by prompt lookup, "self" with the model's own first layers
+        (self_draft_layers), and verifies several in one step (rz.speculative): the same output
+        (greedy: the same tokens; sampled: the same distribution), sooner where drafts are kept.
         """
         prompts, single = _as_prompt_list(prompt)
         request_options = RequestOptions.from_flat(max_tokens=max_tokens, **options)
@@ -271,7 +281,10 @@ class LLM:
                 self._retired_compilations.update(self._current.compilations)
                 # Dropped (and so freed, cache and all) before the larger cache is allocated.
                 self._current = self._current_scheduler = None
-            self._current = Engine(self.model, self.tokenizer, self.n_ctx, n_slots, cache_types=self.cache_types)
+            self._current = Engine(
+                self.model, self.tokenizer, self.n_ctx, n_slots, cache_types=self.cache_types,
+                self_draft_layers=self.self_draft_layers,
+            )
             self._current_scheduler = Scheduler(self._current)
         return self._current_scheduler
 

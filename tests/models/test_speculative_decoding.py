@@ -20,6 +20,7 @@ from rz.sampling import SamplerState, SamplingTensors
 from rz.scheduler import Scheduler
 from rz import engine as engine_module
 from rz.speculative import CostModel, propose_ngram
+from rz.warm_up import warm_up
 from rz_kernels import attention_kv
 from rz.bench.passage import PASSAGE
 from test_kv_cache import QUANTIZED_NMSE
@@ -133,6 +134,17 @@ def test_greedy_self_speculation_gives_the_tokens_of_plain_decoding(tiny):
     speculative = run(engine, prompts, RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0), speculative="self"))
     assert_same_up_to_near_ties(tiny, prompts, speculative, plain)
     assert 0 < engine.n_accepted <= engine.n_drafted
+
+
+def test_after_the_warm_up_a_speculating_request_compiles_nothing(tiny):
+    """With speculative='self' the default: the draft calls and the verify calls that weigh its drafts."""
+    engine = Engine(tiny.model, tiny.tokenizer, N_CTX, 1, speculative="self", self_draft_layers=1)
+    engine.costs = DraftingAlwaysPays()
+    warm_up(engine)
+    compiled = set(engine.compilations)
+    run(engine, repetitive_prompts(1), RequestOptions(max_tokens=24, sampling=SamplingParams(temperature=0)))
+    assert engine.n_drafted > 0
+    assert set(engine.compilations) == compiled
 
 
 @pytest.mark.parametrize("seed", [3, 11])
