@@ -56,8 +56,9 @@ LOOK_INTERVAL = 8
 # does, and computes W rows (about what both real models measure at batch 1, in
 # benchmarks/results/speculative-session12.md).
 _ASSUMED_VERIFY_COST = {2: 1.25, 4: 1.5, 8: 1.9}
-# The fraction of the target's layers a `self` draft runs by default: the draft's acceptance falls
-# as it loses layers, its cost with the layers it keeps (benchmarks/results/speculative-session13.md).
+# The fraction of the target's layers a `self` draft runs by default. A draft's acceptance falls as
+# it loses layers, its cost grows with the layers it keeps; on models not trained for an early exit
+# no depth was measured to pay (benchmarks/results/speculative-session13.md), so this is a middle.
 SELF_DRAFT_FRACTION = 0.5
 # Each timing weighs this much against the average of those before it.
 _TIMING_WEIGHT = 0.2

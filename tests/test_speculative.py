@@ -4,7 +4,7 @@ import pytest
 
 from rz.errors import RequestError
 from rz.request import RequestOptions
-from rz.speculative import OFF, PROBE_INTERVAL, CostModel, Speculation, chosen_proposer, propose_ngram
+from rz.speculative import OFF, PROBE_INTERVAL, CostModel, Speculation, choose_self_draft_layers, chosen_proposer, propose_ngram
 
 
 def test_prompt_lookup_continues_the_latest_earlier_occurrence_of_the_longest_recurring_suffix():
@@ -75,3 +75,22 @@ def test_a_request_that_names_no_proposer_takes_the_engines_default_and_off_turn
     assert chosen_proposer("ngram", None) == "ngram"
     assert chosen_proposer(None, None) is None
     RequestOptions.from_flat(speculative=OFF).validate()
+
+
+def test_a_model_proposer_pays_for_its_draft_calls_as_well_as_the_verify_call():
+    """Drafts kept 3 times in 4: worth verifying when they come free (prompt lookup), not when each
+    costs 0.9 of a decode step (a self draft of most of the layers, before its calls are timed)."""
+    costs = CostModel(decode_step={1: 1.0}, verify_call={(1, 2): 1.1, (1, 4): 1.2, (1, 8): 1.5}, assumed_draft_token=0.9)
+    for proposer, pays in (("ngram", True), ("self", False)):
+        speculation = Speculation(proposer)
+        speculation.record(n_drafted=40, n_kept=30)
+        assert (speculation.n_drafts(costs, rows=1, limit=7) > 0) == pays
+
+
+def test_a_self_draft_runs_half_the_layers_unless_told_and_always_fewer_than_all():
+    assert choose_self_draft_layers(30, None) == 15
+    assert choose_self_draft_layers(30, 28) == 28
+    assert choose_self_draft_layers(2, None) == 1
+    for bad in (0, 30, 2.5, True):
+        with pytest.raises(ValueError, match="from 1 to 29"):
+            choose_self_draft_layers(30, bad)
