@@ -17,8 +17,9 @@ the slots' order does not matter). Scores are q.k * scale, then softcap * tanh(s
 softcap > 0. A query that sees no key (padding) gets zeros.
 
 Implementations: `attention_ref` (materialized scores, the reference twin); `attention_cpu`
-(decode steps by the C++ kernel `decode_attention_cpu`, which streams K/V once; prompts by the
-reference's math in query chunks, so memory stays bounded); the Pallas kernels in
+(decode steps by the C++ kernel `decode_attention_cpu`, which streams K/V once; prompts by the C++
+flash attention `prompt_attention_cpu`; without the kernels, the reference's math in query
+chunks, so memory stays bounded); the Pallas kernels in
 attention_pallas (flash attention for prefill, split-sequence decode attention). `attention`
 picks one per backend and T.
 """
@@ -104,9 +105,40 @@ def decode_attention_cpu(
     so the kernel stops at the latest query position instead of scanning every slot. variant picks
     a build of the kernel (default: the one this CPU runs)."""
     variant = cpu_ffi.active(variant)
+    return _ffi_attention(
+        cpu_ffi.attention_target(variant), q, k, v, q_positions, k_positions,
+        window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order,
+    )
+
+
+def prompt_attention_cpu(
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int = 0,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    keys_in_order: bool = False,
+    variant: cpu_ffi.Variant | None = None,
+):
+    """The C++ prompt kernel (rz_kernels/cpu/attention_prompt.cc): a flash attention over K/V as
+    stored, tiles of query rows across threads, each query's result independent of the others in
+    the call. Shapes and keys_in_order as decode_attention_cpu; head dims multiples of 16."""
+    variant = cpu_ffi.active(variant)
+    return _ffi_attention(
+        cpu_ffi.prompt_attention_target(variant), q, k, v, q_positions, k_positions,
+        window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order,
+    )
+
+
+def _ffi_attention(target: str, q, k, v, q_positions, k_positions, *, window, scale, softcap, keys_in_order):
+    """One call of a C++ attention kernel: both take the same operands and attributes."""
     batch, n_head, length, _ = q.shape
     out = jax.ShapeDtypeStruct((batch, n_head, length, v.shape[-1]), jnp.float32)
-    call = jax.ffi.ffi_call(cpu_ffi.attention_target(variant), out, vmap_method="sequential")
+    call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
     return call(
         q.astype(jnp.float32),
         *_ffi_operands(k),
@@ -144,11 +176,13 @@ def _first_rows(q, k, v, k_positions):
 # ----- which path serves which step: the one decision, read by dispatch, describe_paths and the log -----
 
 
-def _cpu_path(t: int, decode_kernel_fits: bool = True) -> str:
-    """Decode steps take the C++ kernel where it is built and fits the step (_decode_kernel_fits);
-    everything else the grouped einsums, in query chunks."""
-    if t <= DECODE_MAX_T and decode_kernel_fits and cpu_ffi.available():
-        return "cpu_ffi_decode"
+def _cpu_path(t: int, head_dims: tuple[int, int] = (64, 64)) -> str:
+    """Decode steps and prompts each take their C++ kernel where it is built and fits the head dims
+    (_kernel_fits); everything else the grouped einsums, in query chunks."""
+    if cpu_ffi.available():
+        kernel = "cpu_ffi_decode" if t <= DECODE_MAX_T else "cpu_ffi_prompt"
+        if _kernel_fits(kernel, head_dims):
+            return kernel
     return "xla_grouped_chunked"
 
 
@@ -162,13 +196,43 @@ def _cuda_path(t: int) -> str:
     return "pallas_flash_attention"
 
 
-def _decode_kernel_fits(q, k, v) -> bool:
-    """The C++ decode kernel reads every cache type, head dims multiples of 8 (of 32 for q8_0, its block)."""
-    return q.shape[3] % 8 == 0 and v.shape[3] % 8 == 0
+def _kernel_fits(kernel: str, head_dims: tuple[int, int]) -> bool:
+    """Both C++ kernels read every cache type (q8_0 needs head dims of whole 32-blocks, which the
+    cache type itself checks); the decode one takes head dims in multiples of 8, the prompt one of 16."""
+    multiple = 8 if kernel == "cpu_ffi_decode" else 16
+    return all(dim % multiple == 0 for dim in head_dims)
+
+
+def _head_dims(q, v) -> tuple[int, int]:
+    return q.shape[3], v.shape[3]
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "keys_in_order"))
+def attention_cpu(
+    q,
+    k,
+    v,
+    q_positions,
+    k_positions,
+    *,
+    window: int = 0,
+    scale: float = 1.0,
+    softcap: float = 0.0,
+    keys_in_order: bool = False,
+):
+    """The CPU formulation: decode steps (T <= 16) and prompts by their C++ kernels; without them
+    (no build, or head dims they do not take), attention_xla_chunked."""
+    options = {"window": window, "scale": scale, "softcap": softcap, "keys_in_order": keys_in_order}
+    path = _cpu_path(q.shape[2], _head_dims(q, v))
+    if path == "cpu_ffi_decode":
+        return decode_attention_cpu(q, k, v, q_positions, k_positions, **options)
+    if path == "cpu_ffi_prompt":
+        return prompt_attention_cpu(q, k, v, q_positions, k_positions, **options)
+    return attention_xla_chunked(q, k, v, q_positions, k_positions, **options)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap", "chunk", "keys_in_order"))
-def attention_cpu(
+def attention_xla_chunked(
     q,
     k,
     v,
@@ -181,14 +245,9 @@ def attention_cpu(
     chunk: int = CPU_QUERY_CHUNK,
     keys_in_order: bool = False,
 ):
-    """The CPU formulation: decode steps (T <= 16) by the C++ kernel; longer chunks by the
-    reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
-    materializes more than [B, Hq, chunk, S] scores (XLA's dots are fast at these sizes). With
-    keys_in_order, each query chunk reads only the slots up to its latest position (_used_span)."""
-    if _cpu_path(q.shape[2], _decode_kernel_fits(q, k, v)) == "cpu_ffi_decode":
-        return decode_attention_cpu(
-            q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order
-        )
+    """The reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
+    materializes more than [B, Hq, chunk, S] scores. With keys_in_order, each query chunk reads
+    only the slots up to its latest position (_used_span)."""
     k, v, k_positions = _first_rows(q, k, v, k_positions)
     length = q.shape[2]
 
@@ -250,7 +309,7 @@ def describe_paths(backend: str | None = None) -> list[dict]:
         for t_min, t_max in ((1, DECODE_MAX_T), (DECODE_MAX_T + 1, None))
     ]
     for row in rows:
-        if row["path"] == "cpu_ffi_decode":
+        if row["path"].startswith("cpu_ffi"):
             row["note"] = f"variant {cpu_ffi.selected().name}"
     return rows
 
@@ -296,7 +355,7 @@ def attention(
     key = (q.shape, k.shape, types, window)
     if key not in _logged:
         _logged.add(key)
-        cpu = _cpu_path(q.shape[2], _decode_kernel_fits(q, k, v))
+        cpu = _cpu_path(q.shape[2], _head_dims(q, v))
         cuda = _cuda_path(q.shape[2])
         log.info(
             "rz_kernels.attention q %s, k %s, K/V %s, window %d -> cpu: %s, cuda: %s",

@@ -162,6 +162,10 @@ def attention_target(variant: Variant) -> str:
     return f"rz_attention_{variant.name}"
 
 
+def prompt_attention_target(variant: Variant) -> str:
+    return f"rz_prompt_attention_{variant.name}"
+
+
 def experts_target(variant: Variant) -> str:
     return f"rz_qmatmul_experts_{variant.name}"
 
@@ -183,6 +187,7 @@ def load(variant: Variant) -> ctypes.CDLL:
     lib.rz_int8_dot_peak_gmacs.argtypes = (ctypes.c_int32, ctypes.c_int32)
     jax.ffi.register_ffi_target(qmatmul_target(variant), jax.ffi.pycapsule(lib.RzQMatmul), platform="cpu")
     jax.ffi.register_ffi_target(attention_target(variant), jax.ffi.pycapsule(lib.RzAttention), platform="cpu")
+    jax.ffi.register_ffi_target(prompt_attention_target(variant), jax.ffi.pycapsule(lib.RzPromptAttention), platform="cpu")
     if has_experts_kernel(variant):
         jax.ffi.register_ffi_target(experts_target(variant), jax.ffi.pycapsule(lib.RzQMatmulExperts), platform="cpu")
     log.info("rz_kernels: loaded the C++ CPU kernels (%s) from %s", variant.name, variant.library)

@@ -6,10 +6,10 @@ Paths (see `describe_paths()`; the reference twin is `rz_kernels.quants.qmatmul_
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   1-16                  cpu_ffi: C++ kernel (AVX2/VNNI) through XLA's FFI
              Q4_K Q5_K Q6_K
     cpu      Q4_K Q5_K Q6_K             > 16                  cpu_ffi_prefill (x86): the same kernel's register-
-                                                              tiled int8 GEMM (panels of 16 rows with
-                                                              512-bit vpdpbusd on AVX-512 VNNI)
+             (and the 32-block types                          tiled int8 GEMM (panels of 16 rows with
+             with AVX-512 VNNI)                               512-bit vpdpbusd on AVX-512 VNNI)
     cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   > 16                  xla_f32: dequantize, then XLA's f32 GEMM
-                                                              (weights up to 64 MiB in f32; larger
+             (without AVX-512 VNNI)                           (weights up to 64 MiB in f32; larger
                                                               ones, LM heads, xla_f32_tiled: 32 MiB
                                                               of rows dequantized at a time)
     cuda     the same                   1-16                  xla_reference (pallas_decode with RZ_PALLAS_DECODE=1)
@@ -28,10 +28,13 @@ quantized once per call to Q8_K as llama.cpp does, so a prompt's matmuls round a
 register tiles of weight rows x activation rows, each load serving several int8 dots (with
 AVX-512 VNNI, 16 activation rows in a vector's lanes against a weight row's bytes broadcast). It beats
 XLA's f32 GEMM on the dequantized weight (benchmarks/kernels/bench_prefill.py). The 32-block
-types' int8 GEMM pays a convert and an FMA per 32 products and did not beat XLA there, so they
-keep XLA's f32 GEMM, whose f32 activations are exact (rz's logits closer to a float64 forward pass
-than llama.cpp's). A weight over 64 MiB in f32 (an LM head) is dequantized and multiplied 32 MiB
-of rows at a time (xla_f32_tiled), so scoring's logits are exact too. Where the kernel cannot be
+types take it too where the kernel has 512-bit panels (PANEL_VARIANTS): a block's 16 rows x 8
+weight rows of dots cost a convert, a multiply and an FMA per vector, and beat XLA's f32 GEMM.
+In the 256-bit tiles that overhead falls on every 32 products of one row pair, which did not
+beat XLA, so there they keep XLA's f32 GEMM, whose f32 activations are exact (rz's logits closer
+to a float64 forward pass than llama.cpp's). A weight over 64 MiB in f32 (an LM head) is
+dequantized and multiplied 32 MiB of rows at a time (xla_f32_tiled), so scoring's logits are
+exact too. Where the kernel cannot be
 built (no compiler, no AVX2) the CPU takes xla_reference, logged once.
 
 Why XLA for decode on a GPU: a decode step of these small models is bound by kernel launches,
@@ -72,8 +75,11 @@ CPU_FFI_ARRAYS: dict[GGMLType, tuple[str, ...]] = {
 # Up to this many rows of x a GPU matmul is a decode step: memory-bound, W streamed once.
 GPU_DECODE_MAX_M = 16
 # Up to this many rows of x a CPU matmul takes the C++ kernel's decode path; beyond, its int8
-# prefill GEMM (CPU_PREFILL_TYPES) or XLA's f32 GEMM on the dequantized weight (see the module docstring).
+# prefill GEMM (cpu_ffi_prefill) or XLA's f32 GEMM on the dequantized weight (see the module docstring).
 CPU_KERNEL_MAX_M = 16
+# The kernel variants whose prompts meet in 512-bit panels (qmatmul.cc's kPanels), where every
+# type's int8 GEMM beats XLA's f32 GEMM; the others' 256-bit tiles beat it for K-quants only.
+PANEL_VARIANTS = frozenset({"avx512vnni"})
 # The CPU paths that call the C++ kernel (one call may then take several weights).
 CPU_FFI_PATHS = frozenset({"cpu_ffi", "cpu_ffi_prefill"})
 # A weight larger than this in f32 is not dequantized whole beyond CPU_KERNEL_MAX_M rows (its copy
@@ -116,7 +122,8 @@ def _paths() -> tuple[Path, ...]:
     # The register-tiled int8 GEMM is the x86 kernels' (qmatmul.cc); the NEON kernels' many-row path
     # is not tiled and was not measured against XLA, so aarch64 prompts keep XLA's f32 GEMM.
     x86 = bool(cpu_types) and cpu_ffi.selected().machine == "x86_64"
-    prefill_types = tuple(t.name for t in sorted(K_QUANTS)) if x86 else ()
+    panels = x86 and cpu_ffi.selected().name in PANEL_VARIANTS
+    prefill_types = (cpu_types if panels else tuple(t.name for t in sorted(K_QUANTS))) if x86 else ()
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (

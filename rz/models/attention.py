@@ -40,10 +40,14 @@ def normalize_heads(
     queries: jax.Array, keys: jax.Array, q_norm: jax.Array | None, k_norm: jax.Array | None, cfg: ModelConfig
 ) -> tuple[jax.Array, jax.Array]:
     """Each query and key head RMS-normalized (QK-norm: Gemma 3, Qwen3), or as they are where the
-    family has no such norm (None)."""
+    family has no such norm (None). Summed in a fixed order, so that a head's result does not
+    depend on how many heads a tensor-parallel shard holds (rms_norm's fixed_order)."""
     if q_norm is None:
         return queries, keys
-    return rms_norm(queries, q_norm, cfg.norm_eps), rms_norm(keys, k_norm, cfg.norm_eps)
+    return (
+        rms_norm(queries, q_norm, cfg.norm_eps, fixed_order=True),
+        rms_norm(keys, k_norm, cfg.norm_eps, fixed_order=True),
+    )
 
 
 def rotate(queries: jax.Array, keys: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:

@@ -16,13 +16,32 @@ from rz_kernels.quants import QTensor, dequantize
 from rz_kernels import qmatmul, qmatmul_many
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, fixed_order: bool = False) -> jax.Array:
     """x / rms(x) * weight over the last axis (ggml_rms_norm then ggml_mul).
 
     Gemma's (1 + w) needs no special case: llama.cpp's converter stores the 1 in the weight.
+    fixed_order sums the squares in an order that does not depend on how many rows are normalized
+    together (sum_halving): the per-head norms need it, since a tensor-parallel shard holds fewer heads.
     """
-    mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
+    if fixed_order:
+        mean_square = sum_halving(jnp.square(x)) / x.shape[-1]
+    else:
+        mean_square = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(mean_square + eps) * weight
+
+
+def sum_halving(x: jax.Array) -> jax.Array:
+    """The sum over the last axis (kept, of size 1), adding its second half to its first until one
+    element is left: elementwise adds, so each row's order is the graph's. XLA:CPU's reduction
+    sums a row in an order that depends on the number of rows (below 16 rows another than above),
+    so a shard holding one of Gemma 3's four heads (8 rows for an 8-token prompt, against 32)
+    normalized it differently in the last bit, which the K-quant kernels' int8 rounding of
+    activations then grew (NMSE 1.4e-4 at tensor parallelism 4)."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        folded = x[..., :half] + x[..., half : 2 * half]
+        x = jnp.concatenate([folded, x[..., 2 * half :]], axis=-1) if x.shape[-1] % 2 else folded
+    return x
 
 
 def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> jax.Array:

@@ -60,9 +60,9 @@ constexpr int64_t kSuper = 256;  // a K-quant super-block
 constexpr int64_t kRowGroup = 8;  // activation rows met by one pass over a weight row
 constexpr int64_t kSuperRows = 4;  // for K-quants, by one pass (see super_row)
 constexpr int64_t kSmallM = 16;  // up to this many activation rows, a call is a decode step's
-// A prompt's K-quant rows meet in panels where the variant has 512-bit vpdpbusd (AVX-512 VNNI):
-// kLanes activation rows in a vector's int32 lanes, against one weight row's four bytes
-// broadcast (panel_tile). Elsewhere they take the 256-bit register tiles (super_tile).
+// A prompt's rows meet in panels where the variant has 512-bit vpdpbusd (AVX-512 VNNI): kLanes
+// activation rows in a vector's int32 lanes, against one weight row's four bytes broadcast
+// (panel_tile). Elsewhere they take the 256-bit register tiles (super_tile, block_tile).
 #if defined(__AVX512VNNI__)
 constexpr bool kPanels = true;
 #else
@@ -119,9 +119,10 @@ struct QuantizedX {
   // 64 bytes [x_b[0:16], x_b+1[0:16], x_b[16:32], x_b+1[16:32]] and 8 floats [d_b x4, d_b+1 x4].
   int8_t* pq = nullptr;
   float* pd = nullptr;
-  // The panel layout (a prompt's rows for K-quants, with kPanels; null otherwise): per panel of
-  // kLanes rows, the quants [K/4][kLanes][4] (four consecutive elements of each row in turn),
-  // then in panel_f the super-block scales [K/256][kLanes] and the sums [K/32][kLanes] and [K/16][kLanes].
+  // The panel layout (a prompt's rows, with kPanels; null otherwise): per panel of kLanes rows,
+  // the quants [K/4][kLanes][4] (four consecutive elements of each row in turn), then in panel_f
+  // the scales [K/x_block][kLanes] and the sums [K/32][kLanes] and [K/16][kLanes], then, with
+  // sum32_q8_1, those sums [K/32][kLanes].
   int8_t* panel_q = nullptr;
   float* panel_f = nullptr;
 
@@ -138,12 +139,13 @@ struct QuantizedX {
   // The 32-element sums a 32-block weight type meets: its activation type's (Q8_0 or Q8_1).
   const float* block_sums(int64_t m, bool q8_1) const { return (q8_1 ? sum32_q8_1 : sum32) + m * padded_units(K / kBlock); }
   static int64_t panels(int64_t M) { return (M + kLanes - 1) / kLanes; }
-  int64_t panel_floats() const { return (K / kSuper + K / kBlock + K / 16) * kLanes; }
+  int64_t panel_floats() const { return (K / x_block + K / kBlock * (sum32_q8_1 ? 2 : 1) + K / 16) * kLanes; }
   const int8_t* panel_quants(int64_t p) const { return panel_q + p * K * kLanes; }
   const float* panel_d(int64_t p) const { return panel_f + p * panel_floats(); }
-  // Panel p's sums over units of `unit` (32 or 16) elements.
-  const float* panel_sums(int64_t p, int64_t unit) const {
-    return panel_d(p) + (K / kSuper + (unit == kBlock ? 0 : K / kBlock)) * kLanes;
+  // Panel p's sums over units of `unit` (32 or 16) elements (q8_1: the Q8_1 block sums).
+  const float* panel_sums(int64_t p, int64_t unit, bool q8_1) const {
+    const int64_t before = K / x_block + (unit == kBlock ? (q8_1 ? K / kBlock + K / 16 : 0) : K / kBlock);
+    return panel_d(p) + before * kLanes;
   }
 };
 
@@ -219,21 +221,23 @@ void pair_row(const QuantizedX& qx, int64_t m) {
   }
 }
 
-// Panel p of qx's rows (quantized, 256-element scales) into the panel layout; rows past the
-// quantized ones (M rounded up to kRowGroup) are zeros.
+// Panel p of qx's rows (quantized) into the panel layout; rows past the quantized ones (M
+// rounded up to kRowGroup) are zeros.
 void panel(const QuantizedX& qx, int64_t p, int64_t M) {
-  const int64_t K = qx.K, rows = QuantizedX::padded_rows(M);
+  const int64_t K = qx.K, rows = QuantizedX::padded_rows(M), n_scales = K / qx.x_block;
   int32_t* q = reinterpret_cast<int32_t*>(qx.panel_q + p * K * kLanes);
   float* d = qx.panel_f + p * qx.panel_floats();
-  float* sum32 = d + K / kSuper * kLanes;
+  float* sum32 = d + n_scales * kLanes;
   float* sum16 = sum32 + K / kBlock * kLanes;
+  float* sum32_q8_1 = qx.sum32_q8_1 ? sum16 + K / 16 * kLanes : nullptr;
   for (int64_t i = 0; i < kLanes; ++i) {
     const int64_t m = p * kLanes + i;
     if (m >= rows) {
       for (int64_t t = 0; t < K / 4; ++t) q[t * kLanes + i] = 0;
-      for (int64_t s = 0; s < K / kSuper; ++s) d[s * kLanes + i] = 0.0f;
+      for (int64_t s = 0; s < n_scales; ++s) d[s * kLanes + i] = 0.0f;
       for (int64_t b = 0; b < K / kBlock; ++b) sum32[b * kLanes + i] = 0.0f;
       for (int64_t b = 0; b < K / 16; ++b) sum16[b * kLanes + i] = 0.0f;
+      if (sum32_q8_1) for (int64_t b = 0; b < K / kBlock; ++b) sum32_q8_1[b * kLanes + i] = 0.0f;
       continue;
     }
     const int64_t m0 = m / kRowGroup * kRowGroup;
@@ -243,9 +247,10 @@ void panel(const QuantizedX& qx, int64_t p, int64_t M) {
       std::memcpy(quads, row + b * kRowGroup * kBlock, kBlock);
       for (int64_t t = 0; t < kBlock / 4; ++t) q[(b * kBlock / 4 + t) * kLanes + i] = quads[t];
     }
-    for (int64_t s = 0; s < K / kSuper; ++s) d[s * kLanes + i] = qx.d_group(m0)[s * kRowGroup + (m - m0)];
+    for (int64_t s = 0; s < n_scales; ++s) d[s * kLanes + i] = qx.d_group(m0)[s * kRowGroup + (m - m0)];
     for (int64_t b = 0; b < K / kBlock; ++b) sum32[b * kLanes + i] = qx.sums(m, kBlock)[b];
     for (int64_t b = 0; b < K / 16; ++b) sum16[b * kLanes + i] = qx.sums(m, 16)[b];
+    if (sum32_q8_1) for (int64_t b = 0; b < K / kBlock; ++b) sum32_q8_1[b * kLanes + i] = qx.block_sums(m, true)[b];
   }
 }
 
@@ -320,6 +325,7 @@ RZ_INLINE __m256 pair_scales(const uint16_t* d) {
 
 struct Q4_0W {
   static constexpr bool kSuperBlocks = false;
+  static constexpr int64_t kUnit = kBlock;  // per weight scale
   static constexpr bool kSigned = false;
   const uint8_t* qs;
   const uint16_t* d;
@@ -348,6 +354,7 @@ struct Q4_0W {
 
 struct Q4_1W {
   static constexpr bool kSuperBlocks = false;
+  static constexpr int64_t kUnit = kBlock;  // per weight scale
   static constexpr bool kSigned = false;
   const uint8_t* qs;
   const uint16_t* d;
@@ -379,6 +386,7 @@ struct Q4_1W {
 template <bool kMin>
 struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
   static constexpr bool kSuperBlocks = false;
+  static constexpr int64_t kUnit = kBlock;  // per weight scale
   static constexpr bool kSigned = false;
   const uint8_t* qs;
   const uint32_t* qh;
@@ -422,6 +430,7 @@ struct Q5W {  // Q5_0 (offset -16 d) and Q5_1 (offset m)
 
 struct Q8_0W {
   static constexpr bool kSuperBlocks = false;
+  static constexpr int64_t kUnit = kBlock;  // per weight scale
   static constexpr bool kSigned = true;
   const int8_t* qs;
   const uint16_t* d;
@@ -457,6 +466,7 @@ template <bool kFifthBit>
 struct QK_W {
   static constexpr bool kPaired = false;
   static constexpr bool kSuperBlocks = true;
+  static constexpr bool kQ8_1 = false;
   static constexpr int64_t kUnit = 32;
   const uint8_t* qs;      // K/2, nibble-planar in groups of 64
   const uint8_t* qh;      // K/8, bit-planar in groups of 256 (Q5_K only)
@@ -513,6 +523,7 @@ struct QK_W {
 struct Q6_KW {
   static constexpr bool kPaired = false;
   static constexpr bool kSuperBlocks = true;
+  static constexpr bool kQ8_1 = false;
   static constexpr int64_t kUnit = 16;
   const uint8_t* qs;     // K/2, nibble-planar in groups of 128
   const uint8_t* qh;     // K/4, 2-bit planes in groups of 128
@@ -1133,17 +1144,17 @@ RZ_INLINE void decode_row(const W& w, int64_t n, int64_t K, RowBuffers& rb) {
 }
 
 #if defined(__AVX512VNNI__)
-// K-quants in panels (kPanels): kPanelW weight rows against a panel's kLanes activation rows. Per
+// A prompt in panels (kPanels): kPanelW weight rows against a panel's kLanes activation rows. Per
 // four elements, one load of the panel's quants ([kLanes][4] bytes) meets each weight row's four
 // bytes broadcast in one vpdpbusd, whose int32 lanes are the panel's rows: no lane sums, and a
 // 64-element dot per instruction (the 256-bit tiles take a maddubs and a madd per 32). A unit's
-// int32 dots are converted and FMA'd with the weight's unit scale (super-block scale times integer
-// sub-scale), and a super-block's sums FMA'd with the activations' scales.
+// int32 dots are converted and FMA'd with the weight's unit scale: for K-quants the super-block
+// scale times the integer sub-scale, with a super-block's sums FMA'd with the activations'
+// scales; for 32-block types the block scale times the activation block's.
 constexpr int kPanelW = 8;  // 32 vector registers: 3 * 8 accumulators and the operands
 
 // kPanelW decoded weight rows, interleaved so that panel_tile reads them from one pointer: per
-// four elements, each row's four bytes in turn; per unit, each row's scale (super-block scale
-// times integer sub-scale) and offset in turn.
+// four elements, each row's four bytes in turn; per unit, each row's scale and offset in turn.
 struct PanelWeights {
   std::vector<int32_t> quads;  // [K/4][kPanelW]
   std::vector<float> scales, offsets;  // [K/unit][kPanelW]
@@ -1151,25 +1162,52 @@ struct PanelWeights {
   explicit PanelWeights(int64_t K) : quads(K / 4 * kPanelW), scales(K / 16 * kPanelW), offsets(K / 16 * kPanelW), row(K) {}
 };
 
-// Weight row n decoded into slot r of pw.
+// Weight row n decoded into slot r of pw: w = scale * u + offset per unit, u unsigned. Q8_0's
+// signed quants q go in as u = q + 128 with the offset -128 * scale (vpdpbusd's weight operand is
+// unsigned); the int32 dots stay exact, and the offset meets the activations' block sums.
 template <class W>
 RZ_INLINE void interleave_row(const W& w, int64_t n, int64_t K, int r, PanelWeights& pw) {
-  constexpr int64_t kUnits = kSuper / W::kUnit;  // per super-block
-  decode_row(w, n, K, pw.row);
-  const RowScales& rs = pw.row.scales;
-  for (int64_t t = 0; t < K / 4; ++t) std::memcpy(&pw.quads[t * kPanelW + r], pw.row.u.data() + 4 * t, 4);
-  for (int64_t unit = 0; unit < K / W::kUnit; ++unit) {
-    // words: the integer sub-scale as an int16, twice.
-    pw.scales[unit * kPanelW + r] = rs.super_d[unit / kUnits] * static_cast<float>(static_cast<int16_t>(rs.words[unit] & 0xFFFF));
-    pw.offsets[unit * kPanelW + r] = rs.offsets[unit];
+  RowScales& rs = pw.row.scales;
+  uint8_t* u = pw.row.u.data();
+  if constexpr (W::kSuperBlocks) {
+    constexpr int64_t kUnits = kSuper / W::kUnit;  // per super-block
+    decode_row(w, n, K, pw.row);
+    for (int64_t unit = 0; unit < K / W::kUnit; ++unit) {
+      // words: the integer sub-scale as an int16, twice.
+      pw.scales[unit * kPanelW + r] = rs.super_d[unit / kUnits] * static_cast<float>(static_cast<int16_t>(rs.words[unit] & 0xFFFF));
+      pw.offsets[unit * kPanelW + r] = rs.offsets[unit];
+    }
+  } else {
+    w.scales_row(n, rs.scales.data(), rs.offsets.data());
+    const __m256i to_unsigned = _mm256_set1_epi8(W::kSigned ? -128 : 0);
+    w.for_blocks(n, [&](int64_t b, __m256i v) __attribute__((always_inline)) { store(u + kBlock * b, _mm256_xor_si256(v, to_unsigned)); });
+    for (int64_t b = 0; b < K / kBlock; ++b) {
+      pw.scales[b * kPanelW + r] = rs.scales[b];
+      pw.offsets[b * kPanelW + r] = W::kSigned ? -128.0f * rs.scales[b] : rs.offsets[b];
+    }
+  }
+  for (int64_t t = 0; t < K / 4; ++t) std::memcpy(&pw.quads[t * kPanelW + r], u + 4 * t, 4);
+}
+
+// The int32 dots of the kPanelW weight rows with panel quants xq over one unit of kUnit elements
+// starting at quad `quad`.
+template <int64_t kUnit>
+RZ_INLINE void unit_dots(const int32_t* wq, const int8_t* xq, int64_t quad, __m512i (&dots)[kPanelW]) {
+#pragma GCC unroll 8
+  for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int64_t t = 0; t < kUnit / 4; ++t) {
+    const __m512i xv = _mm512_loadu_si512(xq + 64 * (quad + t));
+#pragma GCC unroll 8
+    for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_dpbusd_epi32(dots[r], _mm512_set1_epi32(wq[(quad + t) * kPanelW + r]), xv);
   }
 }
 
 // y at weight rows n + r (r < kPanelW, n + r < n1) and panel p's rows below M, from the rows'
 // dots plus their offsets met by the activations' sums.
-template <int64_t kUnit>
+template <class W>
 RZ_INLINE void panel_tile(const PanelWeights& pw, const QuantizedX& x, int64_t p, int64_t n, int64_t n1, int64_t M, float* y, int64_t N) {
-  constexpr int64_t kUnits = kSuper / kUnit;  // per super-block
+  constexpr int64_t kUnit = W::kUnit;
   const int8_t* xq = x.panel_quants(p);
   const float* xd = x.panel_d(p);
   const int32_t* wq = pw.quads.data();
@@ -1177,32 +1215,36 @@ RZ_INLINE void panel_tile(const PanelWeights& pw, const QuantizedX& x, int64_t p
   __m512 acc[kPanelW];
 #pragma GCC unroll 8
   for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_setzero_ps();
-  for (int64_t s = 0; s < x.K / kSuper; ++s) {
-    __m512 super_acc[kPanelW];
+  __m512i dots[kPanelW];
+  if constexpr (W::kSuperBlocks) {
+    constexpr int64_t kUnits = kSuper / kUnit;  // per super-block
+    for (int64_t s = 0; s < x.K / kSuper; ++s) {
+      __m512 super_acc[kPanelW];
 #pragma GCC unroll 8
-    for (int r = 0; r < kPanelW; ++r) super_acc[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < kUnits; ++j) {
-      const int64_t unit = s * kUnits + j;
-      __m512i dots[kPanelW];
+      for (int r = 0; r < kPanelW; ++r) super_acc[r] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < kUnits; ++j) {
+        const int64_t unit = s * kUnits + j;
+        unit_dots<kUnit>(wq, xq, unit * kUnit / 4, dots);
 #pragma GCC unroll 8
-      for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-      for (int64_t t = 0; t < kUnit / 4; ++t) {
-        const int64_t quad = unit * kUnit / 4 + t;
-        const __m512i xv = _mm512_loadu_si512(xq + 64 * quad);
-#pragma GCC unroll 8
-        for (int r = 0; r < kPanelW; ++r) dots[r] = _mm512_dpbusd_epi32(dots[r], _mm512_set1_epi32(wq[quad * kPanelW + r]), xv);
+        for (int r = 0; r < kPanelW; ++r) {
+          super_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_set1_ps(w_scales[unit * kPanelW + r]), super_acc[r]);
+        }
       }
+      const __m512 d = _mm512_loadu_ps(xd + s * kLanes);
+#pragma GCC unroll 8
+      for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_fmadd_ps(super_acc[r], d, acc[r]);
+    }
+  } else {
+    for (int64_t b = 0; b < x.K / kBlock; ++b) {
+      unit_dots<kBlock>(wq, xq, b * kBlock / 4, dots);
+      const __m512 d = _mm512_loadu_ps(xd + b * kLanes);
 #pragma GCC unroll 8
       for (int r = 0; r < kPanelW; ++r) {
-        super_acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots[r]), _mm512_set1_ps(w_scales[unit * kPanelW + r]), super_acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots[r]), d), _mm512_set1_ps(w_scales[b * kPanelW + r]), acc[r]);
       }
     }
-    const __m512 d = _mm512_loadu_ps(xd + s * kLanes);
-#pragma GCC unroll 8
-    for (int r = 0; r < kPanelW; ++r) acc[r] = _mm512_fmadd_ps(super_acc[r], d, acc[r]);
   }
-  const float* sums = x.panel_sums(p, kUnit);
+  const float* sums = x.panel_sums(p, kUnit, W::kQ8_1);
   for (int64_t unit = 0; unit < x.K / kUnit; ++unit) {
     const __m512 sum = _mm512_loadu_ps(sums + unit * kLanes);
 #pragma GCC unroll 8
@@ -1217,14 +1259,14 @@ RZ_INLINE void panel_tile(const PanelWeights& pw, const QuantizedX& x, int64_t p
   }
 }
 
-// Rows [n0, n1) of a K-quant W against activation rows [m0, m1) (m0 a multiple of kLanes), in
-// panels. A ragged last tile repeats a weight row; those outputs are not stored.
+// Rows [n0, n1) of W against activation rows [m0, m1) (m0 a multiple of kLanes), in panels. A
+// ragged last tile repeats a weight row; those outputs are not stored.
 template <class W>
 void panel_rows(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
   PanelWeights pw(x.K);
   for (int64_t n = n0; n < n1; n += kPanelW) {
     for (int r = 0; r < kPanelW; ++r) interleave_row(w, std::min(n + r, n1 - 1), x.K, r, pw);
-    for (int64_t p = m0 / kLanes; p * kLanes < m1; ++p) panel_tile<W::kUnit>(pw, x, p, n, n1, m1, y, N);
+    for (int64_t p = m0 / kLanes; p * kLanes < m1; ++p) panel_tile<W>(pw, x, p, n, n1, m1, y, N);
   }
 }
 #endif
@@ -1235,10 +1277,8 @@ void panel_rows(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t
 template <class W>
 void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t m0, int64_t m1, float* y, int64_t N) {
 #if defined(__AVX512VNNI__)
-  if constexpr (W::kSuperBlocks) {
-    panel_rows(w, x, n0, n1, m0, m1, y, N);
-    return;
-  }
+  panel_rows(w, x, n0, n1, m0, m1, y, N);
+  return;
 #endif
   std::vector<RowBuffers> rb(kTileW, RowBuffers(x.K));
   for (int64_t n = n0; n < n1; n += kTileW) {
@@ -1285,7 +1325,7 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   if (q8_1) qx.sum32_q8_1 = qx.sum16 + rows * QuantizedX::padded_units(K / 16);
   const int64_t x_threads = M * K >= (1 << 16) ? n_threads : 1;
   rz_cpu::parallel_for(pool, rows, x_threads, [&](int64_t m) { quantize_row(m < M ? x + m * K : nullptr, qx, m); });
-  if (kPanels && x_block == kSuper && M > kSmallM) {
+  if (kPanels && M > kSmallM) {
     const int64_t panels = QuantizedX::panels(M);
     scratch.panel_q.resize(panels * kLanes * K);
     scratch.panel_f.resize(panels * qx.panel_floats());

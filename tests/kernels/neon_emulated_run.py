@@ -18,7 +18,7 @@ import numpy as np
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensor
 from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul
-from rz_kernels.causal_attention import decode_attention_cpu
+from rz_kernels.causal_attention import DECODE_MAX_T, decode_attention_cpu, prompt_attention_cpu
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
 
 
@@ -64,7 +64,8 @@ def main(inputs_path: str, outputs_path: str) -> None:
         key = case["key"]
         q, k, v, q_positions, k_positions = (jnp.asarray(inputs[f"{key}.{name}"]) for name in ("q", "k", "v", "qp", "kp"))
         k, v = attention_kv.store(k, case["types"][0]), attention_kv.store(v, case["types"][1])
-        outputs[f"{key}.o"] = np.asarray(decode_attention_cpu(q, k, v, q_positions, k_positions, **case["options"]))
+        kernel = decode_attention_cpu if q.shape[2] <= DECODE_MAX_T else prompt_attention_cpu
+        outputs[f"{key}.o"] = np.asarray(kernel(q, k, v, q_positions, k_positions, **case["options"]))
         # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
         outputs[f"{key}.public"] = np.asarray(jax.jit(lambda *a: attention(*a, **case["options"]))(q, k, v, q_positions, k_positions))
     np.savez(outputs_path, **outputs)

@@ -6,14 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rz_kernels import attention_kv, attention_pallas, cpu_ffi
+from rz_kernels import attention_kv, attention_pallas
 from rz_kernels.attention_kv import CACHE_TYPES
 from support.kernels import nmse
 from rz_kernels.causal_attention import (
     attention,
     attention_cpu,
     attention_ref,
+    attention_xla_chunked,
     decode_attention_cpu,
+    prompt_attention_cpu,
 )
 
 # Pallas kernels run compiled on a GPU and in interpret mode elsewhere (CI's CPUs).
@@ -158,8 +160,9 @@ def test_cpu_formulation_matches_reference(case):
     inputs = [jnp.asarray(a) for a in make_inputs(2, *shape)]
     expected = attention_ref(*inputs, **options(shape[-1], window, softcap))
     np.testing.assert_allclose(
-        attention_cpu(*inputs, chunk=16, **options(shape[-1], window, softcap)), expected, atol=1e-5
+        attention_xla_chunked(*inputs, chunk=16, **options(shape[-1], window, softcap)), expected, atol=1e-5
     )
+    np.testing.assert_allclose(attention_cpu(*inputs, **options(shape[-1], window, softcap)), expected, atol=1e-5)
     np.testing.assert_allclose(attention(*inputs, **options(shape[-1], window, softcap)), expected, atol=1e-5)
 
 
@@ -178,6 +181,51 @@ def test_cpu_decode_kernel(k_type, v_type, cpu_variant):
         inputs = stored(make_inputs(6, batch, n_head, n_kv, min(length, 4), n_keys, head_dim), k_type, v_type)
         opts = options(head_dim, window, softcap)
         np.testing.assert_allclose(decode_attention_cpu(*inputs, **opts, variant=cpu_variant), attention_ref(*inputs, **opts), atol=1e-5)
+
+
+@pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
+def test_cpu_prompt_kernel(k_type, v_type, cpu_variant):
+    """The C++ prompt kernel against the reference: more query rows than a task's tile, softcap,
+    window, shuffled (ring) slots and slots in order, a cache with rows past the batch, grouped heads
+    with a partial last register tile (3 query heads per KV head), and head dims that take a
+    partial value pass (80, 48) or a wide one (256)."""
+    quantized = "q8_0" in (k_type, v_type)
+    cases = [  # batch, query heads, KV heads, queries, slots, head dim, window, softcap
+        (2, 6, 2, 70, 150, 64, 0, 0.0),
+        (1, 3, 1, 33, 90, 96 if quantized else 80, 40, 30.0),
+        (1, 4, 1, 20, 64, 256, 0, 50.0),
+        (1, 2, 2, 17, 40, 64 if quantized else 48, 16, 0.0),
+    ]
+    for case in cases:
+        *shape, window, softcap = case
+        inputs = stored(make_inputs(8, *shape), k_type, v_type)
+        opts = options(shape[5], window, softcap)
+        expected = attention_ref(*inputs, **opts)
+        assert nmse(prompt_attention_cpu(*inputs, **opts, variant=cpu_variant), expected) < 1e-10
+        # A cache holding a row past the batch: sequence b still reads row b.
+        extra = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:1]], axis=0), (inputs[1], inputs[2], inputs[4]))
+        got = prompt_attention_cpu(inputs[0], extra[0], extra[1], inputs[3], extra[2], **opts, variant=cpu_variant)
+        assert nmse(got, expected) < 1e-10
+
+
+def test_cpu_prompt_kernel_gives_each_query_the_same_bits_in_any_chunk(cpu_variant):
+    """Slots in order, keys_in_order: a prompt's queries attended in one call or in two chunks (each
+    over the history so far) get identical outputs, so reusing a cached prefix changes no bit."""
+    rng = np.random.default_rng(3)
+    n = 100
+    q = jnp.asarray(rng.standard_normal((1, 6, n, 64)), jnp.float32)
+    k, v = (attention_kv.store(jnp.asarray(rng.standard_normal((1, 2, 128, 64)), jnp.float32), "f16") for _ in range(2))
+    positions = np.arange(n, dtype=np.int32)[None]
+    k_positions = jnp.asarray(np.where(np.arange(128) < n, np.arange(128), -1).astype(np.int32)[None])
+
+    def run(first, last):
+        return prompt_attention_cpu(
+            q[:, :, first:last], k, v, jnp.asarray(positions[:, first:last]), k_positions,
+            scale=0.125, keys_in_order=True, variant=cpu_variant,
+        )
+
+    whole = run(0, n)
+    np.testing.assert_array_equal(jnp.concatenate([run(0, 37), run(37, n)], axis=2), whole)
 
 
 @pytest.mark.parametrize("case, blocks", [(CASES[0], (16, 32)), (CASES[1], (32, 16)), (CASES[3], (16, 64))])
@@ -244,3 +292,4 @@ def test_prompt_chunk_with_keys_in_order_reads_only_the_used_span(first):
     inputs = (q, k, v, jnp.asarray(q_positions), jnp.asarray(k_positions))
     expected = attention_ref(*inputs, scale=0.125)
     np.testing.assert_allclose(attention_cpu(*inputs, scale=0.125, keys_in_order=True), expected, atol=1e-5)
+    np.testing.assert_allclose(attention_xla_chunked(*inputs, scale=0.125, keys_in_order=True), expected, atol=1e-5)

@@ -19,6 +19,7 @@ from rz_kernels.build import variant_named
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
     K_QUANTS,
+    PANEL_VARIANTS,
     activation_block,
     qmatmul_cpu,
     q8_1_sum_correction,
@@ -36,6 +37,8 @@ PALLAS_NMSE = 1e-10 if INTERPRET else 5e-4
 TOLERANCE = 5e-4
 # Prompts of K-quants take the C++ kernel's int8 GEMM on x86 (quantized_matmul's cpu_ffi_prefill).
 X86_PREFILL = cpu_ffi.available() and cpu_ffi.selected().machine == "x86_64"
+# ... and every type's where the kernel has 512-bit panels (AVX-512 VNNI).
+PANEL_PREFILL = X86_PREFILL and cpu_ffi.selected().name in PANEL_VARIANTS
 TYPES = sorted(CPU_FFI_ARRAYS)
 needs_cpu_kernels = pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 
@@ -82,7 +85,7 @@ def test_cpu_kernel_matches_references(ggml_type, cpu_variant):
                 assert nmse(actual, reference) <= TOLERANCE, (n, k, m)
 
 
-@pytest.mark.parametrize("ggml_type", sorted(K_QUANTS), ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", TYPES, ids=lambda t: t.name)
 def test_cpu_prefill_crosses_tiles_of_x_rows(ggml_type, cpu_variant):
     """A prompt longer than a prefill task's tile of x rows (256 at this K), ending in a partial
     panel of 16 rows, against a weight whose rows end in a partial tile of 8."""
@@ -147,9 +150,10 @@ def test_cpu_kernel_against_ggml(model, name, cpu_variant):
         raw = np.array(f.tensor_bytes(name))
     n, k = qt.shape
     rng = np.random.default_rng(3)
-    # Decode rows, and for K-quants a prompt's (qmatmul's cpu_ffi_prefill path; the 32-block
-    # types' many-row path rounds the weight scales to 14-bit multipliers, 2^-15 of the row's largest).
-    for m in (1, 3, 8, 40) if qt.ggml_type in K_QUANTS else (1, 3, 8):
+    # Decode rows, and a prompt's (qmatmul's cpu_ffi_prefill path) for K-quants and in 512-bit
+    # panels (the 32-block types' 256-bit tiles round the weight scales to 14-bit multipliers,
+    # 2^-15 of the row's largest).
+    for m in (1, 3, 8, 40) if qt.ggml_type in K_QUANTS or cpu_variant.name in PANEL_VARIANTS else (1, 3, 8):
         x = activations(rng, m, k)
         theirs = ggml_oracle.GGMLMatmul(raw, int(qt.ggml_type), n, k, m, 2)(x)
         ours = np.asarray(qmatmul_cpu(jnp.asarray(x), qt, variant=cpu_variant))
@@ -201,8 +205,10 @@ def test_qmatmul_dispatch_shapes_and_paths():
 
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 def test_cpu_prefill_rows_are_exact_and_decode_rows_take_the_kernel(monkeypatch):
-    """Beyond 16 rows a 32-block type's activations are not rounded to int8: y is the f32
-    reference's; a K-quant's take the kernel's int8 prefill GEMM, as close as its decode rows."""
+    """Without 512-bit panels, beyond 16 rows a 32-block type's activations are not rounded to
+    int8: y is the f32 reference's; a K-quant's take the kernel's int8 prefill GEMM, as close as
+    its decode rows."""
+    monkeypatch.setattr(quantized_matmul, "PANEL_VARIANTS", frozenset())
     rng = np.random.default_rng(3)
     qts = [random_qtensor(rng, GGMLType.Q4_1, (64, 256)), random_qtensor(rng, GGMLType.Q6_K, (32, 256))]
     x = jnp.asarray(activations(rng, 40, 256))
@@ -232,7 +238,9 @@ def test_cpu_prefill_rows_are_exact_and_decode_rows_take_the_kernel(monkeypatch)
 
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 def test_cpu_large_weight_is_never_whole_in_f32(monkeypatch):
-    """A weight over CPU_F32_MAX_BYTES in f32 (an LM head) costs one tile's copy beyond its output."""
+    """A weight over CPU_F32_MAX_BYTES in f32 (an LM head) costs one tile's copy beyond its output
+    (where a 32-block type's prompt takes XLA: without 512-bit panels)."""
+    monkeypatch.setattr(quantized_matmul, "PANEL_VARIANTS", frozenset())
     monkeypatch.setattr(quantized_matmul, "CPU_F32_MAX_BYTES", 1 << 20)
     monkeypatch.setattr(quantized_matmul, "CPU_F32_TILE_BYTES", 1 << 18)
     rng = np.random.default_rng(9)
@@ -245,10 +253,11 @@ def test_cpu_large_weight_is_never_whole_in_f32(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
-def test_cpu_prefill_makes_each_f32_weight_where_it_is_used():
+def test_cpu_prefill_makes_each_f32_weight_where_it_is_used(monkeypatch):
     """A chain of prefill matmuls holds one dequantized weight at a time, not all of them: XLA's
     scheduler would otherwise dequantize every layer's weight up front (the step's temporaries
-    grew by the whole model in f32)."""
+    grew by the whole model in f32). Without 512-bit panels, where 32-block prompts take XLA."""
+    monkeypatch.setattr(quantized_matmul, "PANEL_VARIANTS", frozenset())
     rng = np.random.default_rng(5)
     weights = [random_qtensor(rng, GGMLType.Q4_1, (512, 512)) for _ in range(12)]
     x = jnp.asarray(activations(rng, 64, 512))
@@ -270,14 +279,15 @@ def test_describe_paths():
     if cpu_ffi.available():
         assert cpu[0]["path"] == "cpu_ffi" and "Q5_0" in cpu[0]["types"]
         assert select_path("cpu", GGMLType.Q6_K, 16) == "cpu_ffi"
-        # A prompt's rows: K-quants take the x86 kernel's int8 GEMM, the 32-block types (and
-        # every type on aarch64) XLA's f32 GEMM on the dequantized weight, unless that copy is large.
+        # A prompt's rows: K-quants take the x86 kernel's int8 GEMM, the 32-block types too with
+        # 512-bit panels, else (and every type on aarch64) XLA's f32 GEMM on the dequantized
+        # weight, unless that copy is large.
         prefill = "cpu_ffi_prefill" if X86_PREFILL else "xla_f32"
         assert select_path("cpu", GGMLType.Q6_K, 17) == prefill
         assert select_path("cpu", GGMLType.Q6_K, 512, (2048, 640)) == prefill
-        assert select_path("cpu", GGMLType.Q8_0, 17) == "xla_f32"
-        assert select_path("cpu", GGMLType.Q8_0, 512, (2048, 640)) == "xla_f32"
-        assert select_path("cpu", GGMLType.Q8_0, 512, (262144, 640)) == "xla_f32_tiled"
+        assert select_path("cpu", GGMLType.Q8_0, 17) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32")
+        assert select_path("cpu", GGMLType.Q8_0, 512, (2048, 640)) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32")
+        assert select_path("cpu", GGMLType.Q8_0, 512, (262144, 640)) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32_tiled")
     assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17

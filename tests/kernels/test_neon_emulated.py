@@ -91,7 +91,8 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
     add("mixed", mixed, activations(rng, max(ROWS), 512, outlier_every=64), tolerance=4 * TOLERANCE)
 
     # Decode attention (a few query rows): grouped heads, every cache type (K and V stored by the
-    # emulated run from the f32 arrays, as here), softcap, window, a long cache.
+    # emulated run from the f32 arrays, as here), softcap, window, a long cache. Then the prompt
+    # kernel (more than 16 query rows, the one source compiled for NEON as for x86).
     for key, (batch, n_head, n_kv, length, n_keys, head_dim, window, softcap, types) in {
         "attention_f32": (2, 4, 1, 1, 90, 32, 0, 0.0, ("f32", "f32")),
         "attention_f16_softcap_window": (1, 9, 3, 3, 70, 64, 16, 30.0, ("f16", "f16")),
@@ -99,6 +100,8 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
         "attention_split": (1, 2, 1, 1, 2100, 32, 0, 0.0, ("f16", "f16")),  # over 2048 slots: split over threads, merged
         "attention_q8_0_bf16": (1, 9, 3, 3, 70, 64, 16, 30.0, ("q8_0", "bf16")),
         "attention_bf16_q8_0": (2, 4, 1, 1, 90, 32, 0, 0.0, ("bf16", "q8_0")),
+        "attention_prompt_f16": (1, 6, 2, 20, 60, 32, 0, 0.0, ("f16", "f16")),
+        "attention_prompt_q8_0_bf16_softcap_window": (1, 4, 1, 24, 70, 64, 16, 30.0, ("q8_0", "bf16")),
     }.items():
         q, k, v, qp, kp = make_inputs(7, batch, n_head, n_kv, length, n_keys, head_dim)
         options = {"window": window, "scale": head_dim**-0.5, "softcap": softcap}

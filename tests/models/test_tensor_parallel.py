@@ -1,12 +1,13 @@
 """Tensor parallelism (rz.sharding): a model split over a mesh of forced CPU devices gives one
-device's logits and greedy tokens; a shape that does not divide is a clear error.
+device's logits, greedy tokens, decode log-probabilities and seeded top-k samples; a shape that
+does not divide is a clear error.
 
 The forced devices must exist before JAX starts, so the comparisons run in one subprocess (this
 file run as a script, XLA_FLAGS set), which loads each model once per tensor-parallel size and
 reports the logits' NMSE against one device and both token streams.
 
-The scored prompt is short enough (at most rz_kernels' CPU_KERNEL_MAX_M tokens) for every matmul
-to take the C++ kernels, which compute a weight row the same whatever rows a shard holds. A longer
+The prompts are cut to rz_kernels' CPU_KERNEL_MAX_M tokens, so that every matmul of their prefill
+takes the C++ kernels, which compute a weight row the same whatever rows a shard holds. A longer
 prompt's 32-block weights take XLA's f32 GEMM, whose summation order depends on the shard's width;
 on Gemma 3, whose K-quant matmuls round activations to int8, those last-bit differences grow (see
 benchmarks/README.md, "Several devices").
@@ -39,7 +40,11 @@ TINY_CASES = {
     # QK-norm, sliding-window layers, GeGLU, tied embeddings, one KV head copied.
     "tiny-gemma3": ("gemma3", {"n_head_kv": 1}, (2,)),
 }
-REAL_CASES = {"smollm2": ("smollm2_135m_path", (3,)), "gemma3-270m": ("gemma3_270m_path", (2,))}
+REAL_CASES = {"smollm2": ("smollm2_135m_path", (3,)), "gemma3-270m": ("gemma3_270m_path", (2, 4))}
+# Decode log-probabilities of one device's greedy tokens, and a seeded top-k run.
+MAX_LOGPROB_DIFF = 1e-5
+N_LOGPROBS = 3
+SAMPLING = {"temperature": 0.9, "top_k": 20, "seed": 7}
 
 
 def _run(cases: dict, tmp: Path) -> dict:
@@ -71,6 +76,18 @@ def test_greedy_tokens_match_one_device_in_a_batch(results, name, size):
     one = results[name]["1"]["tokens"]
     assert all(len(stream) > 0 for stream in one)
     assert results[name][str(size)]["tokens"] == one
+
+
+@pytest.mark.parametrize(("name", "size"), _each_size(TINY_CASES) + _each_size(REAL_CASES))
+def test_decode_logprobs_match_one_device(results, name, size):
+    one = np.asarray(results[name]["1"]["logprobs"])
+    assert one.size > 0
+    assert np.abs(np.asarray(results[name][str(size)]["logprobs"]) - one).max() <= MAX_LOGPROB_DIFF
+
+
+@pytest.mark.parametrize(("name", "size"), _each_size(TINY_CASES) + _each_size(REAL_CASES))
+def test_seeded_top_k_samples_match_one_device(results, name, size):
+    assert results[name][str(size)]["sampled"] == results[name]["1"]["sampled"]
 
 
 def _smollm2_config() -> ModelConfig:
@@ -132,9 +149,16 @@ def test_replicas_must_be_a_positive_integer(replicas):
         load_replicas(GGUFFile(smollm2_135m_path()), _smollm2_config(), 1, replicas)
 
 
-def _greedy(llm) -> list[list[int]]:
-    """Greedy tokens for PROMPTS, decoded together as one batch."""
-    return [c.token_ids for c in llm.generate(list(PROMPTS), max_tokens=8, temperature=0, ignore_eos=True)]
+def _decode(llm, prompts: list[list[int]]) -> dict:
+    """The prompts decoded together as one batch: greedy tokens, their log-probabilities and the
+    top N_LOGPROBS', and a seeded top-k run's tokens."""
+    greedy = llm.generate(prompts, max_tokens=8, temperature=0, ignore_eos=True, logprobs=N_LOGPROBS)
+    sampled = llm.generate(prompts, max_tokens=8, ignore_eos=True, **SAMPLING)
+    return {
+        "tokens": [c.token_ids for c in greedy],
+        "logprobs": [[[t["logprob"], *(p for _, p in t["top"])] for t in c.logprobs] for c in greedy],
+        "sampled": [c.token_ids for c in sampled],
+    }
 
 
 def _main(cases: dict, tmp: Path) -> None:
@@ -142,6 +166,7 @@ def _main(cases: dict, tmp: Path) -> None:
     import rz
     from rz import model_files
     from models.tiny_models import write_tiny_model
+    from rz_kernels.quantized_matmul import CPU_KERNEL_MAX_M
 
     paths = {name: (write_tiny_model(tmp / f"{name}.gguf", arch, "Q8_0", **overrides), sizes)
              for name, (arch, overrides, sizes) in cases["tiny"].items()}
@@ -149,14 +174,14 @@ def _main(cases: dict, tmp: Path) -> None:
     report = {}
     for name, (path, sizes) in paths.items():
         one = rz.LLM(path, n_ctx=128, max_batch=2, compilation_cache=False)
-        ids = one.tokenize(PROMPTS[0])
-        reference = one.score(ids)
-        report[name] = {"1": {"nmse": 0.0, "tokens": _greedy(one)}}
+        prompts = [one.tokenize(prompt)[:CPU_KERNEL_MAX_M] for prompt in PROMPTS]
+        reference = one.score(prompts[0])
+        report[name] = {"1": {"nmse": 0.0, **_decode(one, prompts)}}
         del one
         for size in sizes:
             split = rz.LLM(path, n_ctx=128, max_batch=2, compilation_cache=False, tensor_parallel=size)
-            nmse = float(np.sum((split.score(ids) - reference) ** 2) / np.sum(reference**2))
-            report[name][str(size)] = {"nmse": nmse, "tokens": _greedy(split)}
+            nmse = float(np.sum((split.score(prompts[0]) - reference) ** 2) / np.sum(reference**2))
+            report[name][str(size)] = {"nmse": nmse, **_decode(split, prompts)}
             del split
     print(json.dumps(report))
 

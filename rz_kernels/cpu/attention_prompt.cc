@@ -1,0 +1,430 @@
+// Prompt attention for every CPU: many queries per sequence over a KV cache, as a flash attention
+// whose scores stay in registers. Shapes, cache types and the mask contract as
+// rz_kernels/causal_attention.py and the decode kernel (attention.cc):
+//
+//   q [B, Hq, T, D] f32, k [B', Hkv, S, D] and v [B', Hkv, S, Dv] as one of the cache types (f32,
+//   f16, bf16, or q8_0: int8 quants with f16 scales [B', Hkv, S, D / 32]), K and V independently,
+//   q_positions [B, T] int32, k_positions [B', S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
+//   B' >= B: sequence b reads row b. Head dims must be multiples of 16.
+//
+// Two phases. First every used slot's K and V are converted to f32 once, K transposed in blocks
+// of 32 slots ([D][32] per block) so that a query row's 32 scores are an FMA chain per lane. Then
+// a task is one (sequence, KV head, tile of the group's query rows): it walks the blocks, scores a
+// few rows at a time against a block, and folds the scores into each row's online softmax and
+// unnormalized output. A block no row of a group sees is skipped, so causal chunks do half the
+// work of a square.
+//
+// A row's result does not depend on the other rows of the call: its scores are sums over the head
+// dim in order, and its softmax walks the same blocks of slots, so a query gets the same bits
+// whether its prompt ran in one chunk or several. Written with GCC/Clang vector extensions, so the
+// one source compiles to AVX-512 or AVX2 on x86-64 and to NEON on aarch64.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "attention_kv.h"
+#include "threads.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+using rz_cpu::Kv;
+using rz_cpu::kElemBytes;
+using rz_cpu::kQ8Block;
+using rz_cpu::Rows;
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float Vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Vi __attribute__((vector_size(kLanes * sizeof(float))));
+
+constexpr int64_t kBlock = 32;  // slots per block
+constexpr int kBlockVecs = kBlock / kLanes;
+// Rows scored together: their kRows * kBlockVecs score accumulators (8 vectors) are independent
+// FMA chains sharing each loaded K vector.
+constexpr int kRows = kLanes >= 8 ? kLanes / 4 : 1;
+// Output lanes per pass of the value accumulation: kRows rows x this many lanes of accumulators
+// (again 8 vectors) stay in registers while the block's V rows stream by.
+constexpr int kValueLanes = 32;
+constexpr int kValueVecs = kValueLanes / kLanes;
+// Query rows per task: enough to amortize a block's loads, few enough to give both threads work
+// when a chunk has one KV head.
+constexpr int64_t kRowTile = 64;
+
+inline Vf splat(float x) { return Vf{} + x; }
+inline Vf load(const float* p) {
+  Vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void store(float* p, Vf v) { std::memcpy(p, &v, sizeof v); }
+inline Vf select(Vi mask, Vf a, Vf b) { return (Vf)(((Vi)a & mask) | ((Vi)b & ~mask)); }
+inline float lane_max(Vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
+  return m;
+}
+inline float lane_sum(Vf v) {
+  float s = 0;
+  for (int i = 0; i < kLanes; ++i) s += v[i];
+  return s;
+}
+
+// exp(x) per lane: Cephes' range reduction and polynomial (relative error ~2e-7), as the decode
+// kernel's; x below -87.3 (and -inf) gives 0. The rounding to the nearest integer adds and
+// subtracts 1.5 * 2^23, which needs no ISA-specific instruction.
+inline Vf exp_lanes(Vf x) {
+  const Vi underflow = x < splat(-87.3f);
+  x = select(x > splat(88.3f), splat(88.3f), x);
+  x = select(underflow, splat(-87.3f), x);
+  const Vf magic = splat(12582912.0f);
+  const Vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+  Vf r = x - n * splat(0.693359375f);
+  r = r - n * splat(-2.12194440e-4f);
+  Vf p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * (r * r) + (r + splat(1.0f));
+  const Vi exponent = (__builtin_convertvector(n, Vi) + 127) << 23;
+  return select(underflow, splat(0.0f), p * (Vf)exponent);
+}
+
+inline float f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  __fp16 value;
+  std::memcpy(&value, &h, sizeof h);
+  return static_cast<float>(value);
+#endif
+}
+
+// Elements [0, width) of slot s's row as f32.
+template <Kv T>
+void row_f32(const Rows& rows, int64_t s, float* out) {
+  const int64_t first = s * rows.width;
+  const uint8_t* bytes = rows.data + first * kElemBytes<T>;
+  for (int64_t i = 0; i < rows.width; ++i) {
+    if constexpr (T == Kv::F32) {
+      std::memcpy(out + i, bytes + 4 * i, 4);
+    } else if constexpr (T == Kv::F16) {
+      uint16_t h;
+      std::memcpy(&h, bytes + 2 * i, 2);
+      out[i] = f16_to_f32(h);
+    } else if constexpr (T == Kv::BF16) {  // bf16 is an f32's upper half
+      uint16_t h;
+      std::memcpy(&h, bytes + 2 * i, 2);
+      const uint32_t bits = static_cast<uint32_t>(h) << 16;
+      std::memcpy(out + i, &bits, 4);
+    } else {
+      out[i] = static_cast<float>(static_cast<int8_t>(bytes[i])) * f16_to_f32(rows.scales[(first + i) / kQ8Block]);
+    }
+  }
+}
+
+struct Problem {
+  int64_t B, Hq, Hkv, T, S, D, Dv, G, R;  // R = G * T query rows per KV head
+  int64_t S_used;  // slots [S_used, S) are invisible to every query
+  int64_t n_blocks;  // ceil(S_used / kBlock)
+  const float* q;
+  const void* k;
+  const void* v;
+  const uint16_t* k_scales;  // q8_0 only
+  const uint16_t* v_scales;
+  Kv k_type, v_type;
+  const int32_t* q_positions;
+  const int32_t* k_positions;
+  int32_t window;
+  float scale, softcap;
+  // Phase one's output, per (sequence, KV head): K as [block][D][kBlock], V as [block * kBlock][Dv],
+  // slots past S_used zero.
+  float* keys;
+  float* values;
+  const float* head_keys(int64_t head) const { return keys + head * n_blocks * kBlock * D; }
+  const float* head_values(int64_t head) const { return values + head * n_blocks * kBlock * Dv; }
+};
+
+// Phase one for one block of one head: K transposed into [D][kBlock], V as rows.
+template <Kv KT, Kv VT>
+void convert_block(const Problem& p, int64_t head, int64_t block, float* row) {
+  const Rows keys = rz_cpu::head_rows<KT>(p.k, p.k_scales, head, p.S, p.D);
+  const Rows values = rz_cpu::head_rows<VT>(p.v, p.v_scales, head, p.S, p.Dv);
+  float* kt = p.keys + (head * p.n_blocks + block) * kBlock * p.D;
+  float* vb = p.values + (head * p.n_blocks + block) * kBlock * p.Dv;
+  for (int64_t j = 0; j < kBlock; ++j) {
+    const int64_t s = block * kBlock + j;
+    if (s < p.S_used) {
+      row_f32<KT>(keys, s, row);
+      for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = row[d];
+      row_f32<VT>(values, s, vb + j * p.Dv);
+    } else {
+      for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = 0.0f;
+      std::fill(vb + j * p.Dv, vb + (j + 1) * p.Dv, 0.0f);
+    }
+  }
+}
+
+// What a block's slots hold, so that most rows get their mask without a look at each slot.
+struct BlockKeys {
+  int32_t lowest, highest;  // over its slots, empty ones included
+  bool full;  // all kBlock slots used and none empty
+};
+
+inline BlockKeys block_keys(const Problem& p, const int32_t* k_pos, int64_t block) {
+  const int64_t first = block * kBlock, n = std::min<int64_t>(kBlock, p.S_used - first);
+  BlockKeys keys{k_pos[first], k_pos[first], n == kBlock};
+  for (int64_t j = 0; j < n; ++j) {
+    keys.lowest = std::min(keys.lowest, k_pos[first + j]);
+    keys.highest = std::max(keys.highest, k_pos[first + j]);
+  }
+  keys.full &= keys.lowest >= 0;
+  return keys;
+}
+
+// Which of block `block`'s slots a query at `position` sees: bit j for slot block * kBlock + j.
+inline uint32_t visible_mask(const Problem& p, const int32_t* k_pos, int64_t block, const BlockKeys& keys, int32_t position) {
+  const bool window_clear = p.window == 0 || keys.lowest > position - p.window;
+  if (keys.highest < 0 || keys.lowest > position || (p.window > 0 && keys.highest <= position - p.window)) return 0;
+  if (keys.full && keys.highest <= position && window_clear) return ~0u;
+  uint32_t mask = 0;
+  const int64_t first = block * kBlock, n = std::min<int64_t>(kBlock, p.S_used - first);
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t key = k_pos[first + j];
+    mask |= static_cast<uint32_t>(key >= 0 && key <= position && (p.window == 0 || key > position - p.window)) << j;
+  }
+  return mask;
+}
+
+// The online-softmax state of one task's rows.
+struct RowState {
+  std::vector<float> max, sum, out;  // [rows], [rows], [rows, Dv] (unnormalized)
+  std::vector<uint32_t> masks;  // [rows], this block's
+  std::vector<float> weights;  // [rows, kBlock], this block's softmax numerators
+  std::vector<float> correction;  // [rows]
+  void reset(int64_t rows, int64_t Dv) {
+    max.assign(rows, -INFINITY);
+    sum.assign(rows, 0.0f);
+    out.assign(rows * Dv, 0.0f);
+    masks.resize(rows);
+    weights.resize(rows * kBlock);
+    correction.resize(rows);
+  }
+};
+
+// Scores of rows [r, r + n) (n <= kRows) against one block, masked, then folded into their
+// softmax state: their block weights and corrections, for accumulate_values. The register tile
+// always holds kRows rows (the last one repeated when n is smaller), so that it stays in registers.
+void score_rows(const Problem& p, const float* const* q_rows, const float* kt, int64_t r, int n, RowState& st) {
+  const float* q[kRows];
+  for (int i = 0; i < kRows; ++i) q[i] = q_rows[r + std::min(i, n - 1)];
+  Vf acc[kRows][kBlockVecs];
+  for (int i = 0; i < kRows; ++i)
+    for (int u = 0; u < kBlockVecs; ++u) acc[i][u] = splat(0.0f);
+  for (int64_t d = 0; d < p.D; ++d) {
+    Vf k[kBlockVecs];
+    for (int u = 0; u < kBlockVecs; ++u) k[u] = load(kt + d * kBlock + u * kLanes);
+    for (int i = 0; i < kRows; ++i) {
+      const Vf qd = splat(q[i][d]);
+      for (int u = 0; u < kBlockVecs; ++u) acc[i][u] += qd * k[u];
+    }
+  }
+  Vi lane_bit;
+  for (int l = 0; l < kLanes; ++l) lane_bit[l] = 1 << l;
+  for (int i = 0; i < n; ++i) {
+    const int64_t row = r + i;
+    const uint32_t mask = st.masks[row];
+    float* w = st.weights.data() + row * kBlock;
+    if (!mask) {
+      std::fill(w, w + kBlock, 0.0f);
+      st.correction[row] = 1.0f;
+      continue;
+    }
+    Vf s[kBlockVecs];
+    Vf peak = splat(-INFINITY);
+    for (int u = 0; u < kBlockVecs; ++u) {
+      s[u] = acc[i][u] * splat(p.scale);
+      if (p.softcap > 0) {
+        // softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
+        const Vf e = exp_lanes(s[u] * splat(2.0f / p.softcap));
+        s[u] = (splat(1.0f) - splat(2.0f) / (e + splat(1.0f))) * splat(p.softcap);
+      }
+      if (mask != ~0u) {
+        const Vi seen = ((Vi{} + static_cast<int32_t>(mask >> (u * kLanes))) & lane_bit) != 0;
+        s[u] = select(seen, s[u], splat(-INFINITY));
+      }
+      peak = select(s[u] > peak, s[u], peak);
+    }
+    const float new_max = std::max(st.max[row], lane_max(peak));
+    st.correction[row] = std::exp(st.max[row] - new_max);
+    st.max[row] = new_max;
+    Vf total = splat(0.0f);
+    for (int u = 0; u < kBlockVecs; ++u) {
+      const Vf e = exp_lanes(s[u] - splat(new_max));
+      store(w + u * kLanes, e);
+      total += e;
+    }
+    st.sum[row] = st.sum[row] * st.correction[row] + lane_sum(total);
+  }
+}
+
+// out[row][lane, lane + VECS * kLanes) = out * correction[row] + sum_j weights[row, j] * v_j[...]
+// for rows [r, r + n), the first `n_keys` slots of the block; kRows rows in registers as in score_rows.
+template <int VECS>
+void accumulate_lanes(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, int64_t lane, RowState& st) {
+  int64_t rows[kRows];
+  for (int i = 0; i < kRows; ++i) rows[i] = r + std::min(i, n - 1);
+  Vf acc[kRows][VECS];
+  for (int i = 0; i < kRows; ++i) {
+    const Vf c = splat(st.correction[rows[i]]);
+    for (int u = 0; u < VECS; ++u) acc[i][u] = c * load(st.out.data() + rows[i] * p.Dv + lane + u * kLanes);
+  }
+  for (int64_t j = 0; j < n_keys; ++j) {
+    Vf v[VECS];
+    for (int u = 0; u < VECS; ++u) v[u] = load(vb + j * p.Dv + lane + u * kLanes);
+    for (int i = 0; i < kRows; ++i) {
+      const Vf w = splat(st.weights[rows[i] * kBlock + j]);
+      for (int u = 0; u < VECS; ++u) acc[i][u] += w * v[u];
+    }
+  }
+  for (int i = 0; i < n; ++i)
+    for (int u = 0; u < VECS; ++u) store(st.out.data() + rows[i] * p.Dv + lane + u * kLanes, acc[i][u]);
+}
+
+void accumulate_values(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, RowState& st) {
+  int64_t lane = 0;
+  for (; lane + kValueLanes <= p.Dv; lane += kValueLanes) accumulate_lanes<kValueVecs>(p, vb, n_keys, r, n, lane, st);
+  for (; lane < p.Dv; lane += kLanes) accumulate_lanes<1>(p, vb, n_keys, r, n, lane, st);
+}
+
+// Phase two for one task: query rows [r0, r1) of head (b, kv), written to o normalized.
+void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1, float* o) {
+  const int64_t head = b * p.Hkv + kv, rows = r1 - r0;
+  const int32_t* k_pos = p.k_positions + b * p.S;
+  const int32_t* q_pos = p.q_positions + b * p.T;
+  thread_local RowState st;
+  thread_local std::vector<const float*> q_rows;
+  st.reset(rows, p.Dv);
+  q_rows.resize(rows);
+  auto query_of = [&](int64_t r) { return ((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T; };
+  for (int64_t r = 0; r < rows; ++r) q_rows[r] = p.q + query_of(r0 + r) * p.D;
+  const float* keys = p.head_keys(head);
+  const float* values = p.head_values(head);
+  for (int64_t block = 0; block < p.n_blocks; ++block) {
+    const int64_t n_keys = std::min<int64_t>(kBlock, p.S_used - block * kBlock);
+    const BlockKeys keys_here = block_keys(p, k_pos, block);
+    for (int64_t r = 0; r < rows; ++r) st.masks[r] = visible_mask(p, k_pos, block, keys_here, q_pos[(r0 + r) % p.T]);
+    const float* kt = keys + block * kBlock * p.D;
+    const float* vb = values + block * kBlock * p.Dv;
+    for (int64_t r = 0; r < rows; r += kRows) {
+      const int n = static_cast<int>(std::min<int64_t>(kRows, rows - r));
+      bool any = false;
+      for (int i = 0; i < n; ++i) any |= st.masks[r + i] != 0;
+      if (!any) continue;
+      score_rows(p, q_rows.data(), kt, r, n, st);
+      accumulate_values(p, vb, n_keys, r, n, st);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = o + query_of(r0 + r) * p.Dv;
+    const float* src = st.out.data() + r * p.Dv;
+    const float inverse = st.sum[r] > 0 ? 1.0f / st.sum[r] : 0.0f;  // a row that saw nothing gets zeros
+    for (int64_t i = 0; i < p.Dv; ++i) dst[i] = src[i] * inverse;
+  }
+}
+
+ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales,
+                               ffi::AnyBuffer v, ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions,
+                               ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window,
+                               float scale, float softcap, bool keys_in_order) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4) return ffi::Error::InvalidArgument("rz_prompt_attention: q, k, v must be 4-D");
+  const std::optional<Kv> k_type = rz_cpu::kv_type(k.element_type()), v_type = rz_cpu::kv_type(v.element_type());
+  if (!k_type || !v_type) return ffi::Error::InvalidArgument("rz_prompt_attention: k and v must each be f32, f16, bf16 or q8_0 (s8 quants)");
+  if (!rz_cpu::scales_fit(*k_type, k, k_scales) || !rz_cpu::scales_fit(*v_type, v, v_scales)) {
+    return ffi::Error::InvalidArgument("rz_prompt_attention: q8_0 needs head dims that are multiples of 32 and f16 scales [B, Hkv, S, D / 32]");
+  }
+  Problem p{};
+  p.B = qd[0], p.Hq = qd[1], p.T = qd[2], p.D = qd[3], p.Hkv = kd[1], p.S = kd[2], p.Dv = vd[3];
+  if (kd[0] < p.B || vd[0] != kd[0] || kd[3] != p.D || vd[2] != p.S || p.Hq % p.Hkv || p.D % 16 || p.Dv % 16) {
+    return ffi::Error::InvalidArgument("rz_prompt_attention: shapes do not match (or head dims not multiples of 16)");
+  }
+  p.G = p.Hq / p.Hkv;
+  p.R = p.G * p.T;
+  p.q = q.typed_data();
+  p.k = k.untyped_data();
+  p.v = v.untyped_data();
+  p.k_scales = static_cast<const uint16_t*>(k_scales.untyped_data());
+  p.v_scales = static_cast<const uint16_t*>(v_scales.untyped_data());
+  p.k_type = *k_type;
+  p.v_type = *v_type;
+  p.q_positions = q_positions.typed_data();
+  p.k_positions = k_positions.typed_data();
+  p.window = window;
+  p.scale = scale;
+  p.softcap = softcap;
+  if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
+  p.S_used = p.S;
+  if (keys_in_order) {
+    // Slot s holds position s or nothing: no query sees a slot past the latest query position.
+    int64_t last = -1;
+    for (int64_t i = 0; i < p.B * p.T; ++i) last = std::max<int64_t>(last, p.q_positions[i]);
+    p.S_used = std::min<int64_t>(p.S, last + 1);
+  }
+  p.n_blocks = (p.S_used + kBlock - 1) / kBlock;
+  const int64_t heads = p.B * p.Hkv;
+  thread_local std::vector<float> converted;
+  converted.resize(heads * p.n_blocks * kBlock * (p.D + p.Dv));
+  p.keys = converted.data();
+  p.values = converted.data() + heads * p.n_blocks * kBlock * p.D;
+  const int64_t threads = rz_cpu::pool_threads(pool, 0);
+
+  rz_cpu::parallel_for(pool, heads * p.n_blocks, threads, [&](int64_t task) {
+    thread_local std::vector<float> row;
+    row.resize(p.D);
+    rz_cpu::with_kv_types(p.k_type, p.v_type, [&](auto kt, auto vt) {
+      convert_block<decltype(kt)::value, decltype(vt)::value>(p, task / p.n_blocks, task % p.n_blocks, row.data());
+    });
+  });
+  const int64_t tiles = (p.R + kRowTile - 1) / kRowTile;
+  float* out = o->typed_data();
+  rz_cpu::parallel_for(pool, heads * tiles, threads, [&](int64_t task) {
+    const int64_t head = task / tiles, tile = task % tiles;
+    attend_rows(p, head / p.Hkv, head % p.Hkv, tile * kRowTile, std::min(p.R, (tile + 1) * kRowTile), out);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RzPromptAttention, PromptAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("window")
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<bool>("keys_in_order"));
