@@ -240,32 +240,34 @@ CITY = {
 }
 
 
-def _runner_up_and_third(llm, prompt_ids) -> tuple[int, int, int]:
-    """The three likeliest next tokens; the second must lead the third by more than rounding moves."""
+def _clear_runner_up(llm, prompt_ids) -> tuple[list[int], int]:
+    """(banned, expected): the likeliest next tokens down to the first that leads the one after it
+    by more than rounding moves, and that token, which wins once the others are banned."""
     logits = llm.score(prompt_ids)[-1]
-    first, second, third = np.argsort(-logits)[:3].tolist()
-    assert logits[second] - logits[third] > 0.25
-    return first, second, third
+    order = np.argsort(-logits).tolist()
+    clear = next(i for i in range(1, 6) if logits[order[i]] - logits[order[i + 1]] > 0.25)
+    return order[:clear], order[clear]
 
 
 @pytest.mark.slow
 def test_logit_bias_over_openai_llama_server_pairs_and_grpc(server, client, llm):
     prompt = "The capital of France is"
-    first, second, _ = _runner_up_and_third(llm, llm.tokenize(prompt))
-    expected = llm.generate(prompt, max_tokens=1, temperature=0.0, logit_bias={first: -100})
+    banned, second = _clear_runner_up(llm, llm.tokenize(prompt))
+    expected = llm.generate(prompt, max_tokens=1, temperature=0.0, logit_bias={token: -100 for token in banned})
     assert expected.token_ids == [second]
-    reply = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0, logit_bias={str(first): -100})
+    reply = client.completions.create(model="any", prompt=prompt, max_tokens=1, temperature=0,
+                                      logit_bias={str(token): -100 for token in banned})
     assert reply.choices[0].text == expected.text
     # llama-server's list of pairs, with false banning the token.
     status, body = _post(f"{server.http_url}/v1/completions",
-                         {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logit_bias": [[first, False]]})
+                         {"prompt": prompt, "max_tokens": 1, "temperature": 0, "logit_bias": [[token, False] for token in banned]})
     assert status == 200 and json.loads(body)["choices"][0]["text"] == expected.text
     with server.client() as grpc_client:  # rz.v1's GenerationOptions.logit_bias
-        assert grpc_client.generate(prompt, 1, temperature=0.0, logit_bias={first: -100}).token_ids == [second]
+        assert grpc_client.generate(prompt, 1, temperature=0.0, logit_bias={token: -100 for token in banned}).token_ids == [second]
 
-    chat_first, chat_second, _ = _runner_up_and_third(llm, llm.chat_prompt_ids(MESSAGES))
+    chat_banned, chat_second = _clear_runner_up(llm, llm.chat_prompt_ids(MESSAGES))
     answer = client.chat.completions.create(model="any", messages=MESSAGES, max_tokens=1, temperature=0,
-                                            logit_bias={str(chat_first): -100})
+                                            logit_bias={str(token): -100 for token in chat_banned})
     assert answer.choices[0].message.content == llm.detokenize([chat_second])
     favoured = int(np.argsort(-llm.score(llm.tokenize(prompt))[-1])[50])  # one greedy decoding would not choose
     forced = client.completions.create(model="any", prompt=prompt, max_tokens=3, temperature=0, logit_bias={str(favoured): 100},
