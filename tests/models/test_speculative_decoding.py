@@ -1,5 +1,5 @@
-"""Speculative decoding end to end (rz.steps.verify driven by rz.engine): the tokens of plain decoding,
-greedy or seeded, on tiny and real models; the same output distribution; stop conditions where they
+"""Speculative decoding end to end (rz.steps.verify driven by rz.engine) on tiny models: the tokens of
+plain decoding, greedy or seeded; the same output distribution; stop conditions where they
 were; and a cache that holds only the kept tokens."""
 
 import math
@@ -13,67 +13,39 @@ from scipy import stats
 import rz
 from rz import kv_cache, steps
 from rz.engine import Engine
-from rz.generation import Generation, GenerationRequest
-from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.request import FinishReason, RequestOptions, SamplingParams
 from rz.sampling import SamplerState, SamplingTensors
-from rz.scheduler import Scheduler
 from rz import engine as engine_module
-from rz.speculative import CostModel, propose_ngram
+from rz.speculative import propose_ngram
 from rz.warm_up import warm_up
 from rz_kernels import attention_kv
-from rz.bench.passage import PASSAGE
+from support.speculation import DraftingAlwaysPays, assert_same_up_to_near_ties, drafting_engine, release_executables, run
 from test_kv_cache import QUANTIZED_NMSE
 from tiny_models import N_VOCAB, write_tiny_model
 
 N_CTX = 256
-# A verify call feeds a quantized matmul more rows than a decode step, and the CPU kernel's
-# accumulation order depends on the row count, as it does between batch sizes of plain decoding:
-# greedy output may part from plain decoding's where the two best logits are closer than the
-# kernels' disagreement, and only there. Measured on Gemma 3 (24 prompts, 32 tokens): plain decoding
-# at batch 1 and at batch 4 part on 6 prompts; speculation at batch 4 parts from plain at batch 4
-# on 7, the largest gap at a parting 3% of the best logit (SmolLM2: 0.4%).
-NEAR_TIE = 0.05
 SAMPLED = dict(
     temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repeat_penalty=1.3, frequency_penalty=0.2, presence_penalty=0.1,
 )
 
 
-class DraftingAlwaysPays(CostModel):
-    """Costs under which every draft pays, so that verify calls run whatever this machine's timings."""
-
-    def knows(self, rows: int) -> bool:
-        return True
-
-    def relative_verify_cost(self, rows: int, width: int, drafted_on_device: bool = False) -> float:
-        return 1.0
-
-
 def tiny_llm(request, tmp_path_factory):
+    """A tiny model for one parameter's tests; its executables are released when they end."""
     arch, weight_type = request.param
-    return rz.LLM(write_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type), n_ctx=N_CTX)
+    yield rz.LLM(write_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type), n_ctx=N_CTX)
+    release_executables()
 
 
 @pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "Q8_0")], ids="-".join)
 def tiny(request, tmp_path_factory):
     """Gemma 3 with a window of 8 (ring buffers that verify calls overwrite), and a quantized llama."""
-    return tiny_llm(request, tmp_path_factory)
+    yield from tiny_llm(request, tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "F32")], ids="-".join)
 def tiny_f32(request, tmp_path_factory):
     """Models whose verify and decode logits agree to the bit (f32 matmuls), for sampling's exactness."""
-    return tiny_llm(request, tmp_path_factory)
-
-
-def assert_same_up_to_near_ties(llm, prompts, got: list[Generation], want: list[Generation]) -> None:
-    """Each pair of outputs is equal, or parts where the plain run's two best logits were a near tie."""
-    for prompt, spec, plain in zip(prompts, got, want):
-        if spec.output_ids == plain.output_ids:
-            continue
-        at = next(i for i, (a, b) in enumerate(zip(spec.output_ids, plain.output_ids)) if a != b)
-        best_two = np.sort(llm.score(list(prompt) + plain.output_ids[:at])[-1])[-2:]
-        assert best_two[1] - best_two[0] < NEAR_TIE * abs(best_two[1]), f"output parts at token {at} without a near tie: {best_two}"
+    yield from tiny_llm(request, tmp_path_factory)
 
 
 @pytest.fixture
@@ -86,22 +58,6 @@ def spoiled_drafts(monkeypatch):
         return [(t + 1) % N_VOCAB if i == 2 else t for i, t in enumerate(drafts)]
 
     monkeypatch.setattr(engine_module, "draft", draft)
-
-
-def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None) -> Engine:
-    engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, self_draft_layers=self_draft_layers)
-    engine.costs = DraftingAlwaysPays()
-    return engine
-
-
-def run(engine: Engine, prompts, options) -> list[Generation]:
-    """Generate for every prompt in one batch; options: one RequestOptions for all, or one per prompt."""
-    options = options if isinstance(options, list) else [options] * len(prompts)
-    scheduler = Scheduler(engine)
-    sequences = [scheduler.add(GenerationRequest(tuple(p), o)) for p, o in zip(prompts, options)]
-    for _ in scheduler.drain():
-        pass
-    return sequences
 
 
 def repetitive_prompts(n: int) -> list[list[int]]:
@@ -320,26 +276,3 @@ def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_
         table = np.array([[np.sum(sample[:, column] == t) for t in tokens] for sample in (plain, speculative)])
         table = table[:, table.sum(axis=0) >= 5]
         assert stats.chi2_contingency(table)[1] > 0.01
-
-
-REAL_MODELS = {"smollm2": smollm2_135m_path, "gemma3": gemma3_270m_path}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("proposer", ["ngram", "self"])
-@pytest.mark.parametrize("name", REAL_MODELS)
-def test_greedy_speculative_decoding_is_exact_on_real_models(name, proposer):
-    """24 prompts, half asking to copy a passage (drafts mostly kept), half free (mostly rejected)."""
-    llm = rz.LLM(REAL_MODELS[name](), n_ctx=1024, max_batch=4)
-    paragraphs = [p for p in PASSAGE.split("\n\n") if p.strip()]
-    prompts = []
-    for i in range(12):
-        text = paragraphs[i % len(paragraphs)][(i // len(paragraphs)) * 80 :][:400]
-        prompts.append(llm.tokenize(f"Copy this text exactly.\n\n{text}\n\nCopy:\n{text[:40]}"))
-        prompts.append(llm.tokenize(f"Write a short story about {['a heron', 'bread', 'primes', 'a lighthouse'][i % 4]}, part {i}."))
-    options = RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0))
-    plain = run(Engine(llm.model, llm.tokenizer, llm.n_ctx, 4), prompts, options)
-    engine = drafting_engine(llm, 4)  # verify calls of 4 tokens a row
-    speculative = run(engine, prompts, RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0), speculative=proposer))
-    assert engine.n_accepted > 0
-    assert_same_up_to_near_ties(llm, prompts, speculative, plain)
