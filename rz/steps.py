@@ -133,14 +133,23 @@ def draft(weights, cache, tokens, positions, tensors, state, *, family, cfg, pla
     return drafts.T, jnp.swapaxes(probabilities, 0, 1), kv_cache.KVCache(tuple(layers))
 
 
+@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
+def feed(weights, cache, tokens, positions, tables, *, family, cfg, plan=None):
+    """Tokens into the cache, nothing read out: what a draft model has not seen of its streams'
+    text. tokens, positions int32 [rows, T] (position -1: nothing); tables: chunk_rope_tables of positions."""
+    return forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)[1]
+
+
 @jax.jit
-def with_model_drafts(tokens, drafted, probabilities, drafting):
+def with_model_drafts(tokens, drafted, probabilities, drafting, draft_probabilities=None):
     """A verify call's tokens [rows, W] with a model's drafts [rows, W - 1] in the drafting rows
-    (bool [rows]), and every row's draft distributions: the model's there, elsewhere a point mass
-    at each of the host's drafts."""
+    (bool [rows]), and every row's draft distributions: the model's there; elsewhere those of an
+    earlier model's drafts (draft_probabilities), or, without them, a point mass at each of the
+    host's drafts."""
+    if draft_probabilities is None:
+        draft_probabilities = jax.nn.one_hot(tokens[:, 1:], probabilities.shape[-1], dtype=probabilities.dtype)
     tokens = tokens.at[:, 1:].set(jnp.where(drafting[:, None], drafted, tokens[:, 1:]))
-    point_masses = jax.nn.one_hot(tokens[:, 1:], probabilities.shape[-1], dtype=probabilities.dtype)
-    return tokens, jnp.where(drafting[:, None, None], probabilities, point_masses)
+    return tokens, jnp.where(drafting[:, None, None], probabilities, draft_probabilities)
 
 
 # What a draft's keys are folded with (see draft).
@@ -274,7 +283,7 @@ def _restore(layer: kv_cache.LayerCache, old, positions, rejected) -> kv_cache.L
     )
 
 
-ALL = (prefill, score, chunk_rope_tables, insert, extract, join_row, first_token, decode, draft, with_model_drafts, verify)
+ALL = (prefill, score, chunk_rope_tables, insert, extract, join_row, first_token, decode, draft, feed, with_model_drafts, verify)
 
 
 def compiled_variants() -> int:

@@ -89,7 +89,11 @@ def add_commands(commands) -> None:
         "--speculative", choices=PROPOSERS, default=None,
         help="draft tokens with this proposer for requests that do not choose (their 'speculative' option): "
         "ngram is prompt lookup, fastest on output that quotes its input; self drafts with the model's own first "
-        "layers; the output is unchanged (default: off)",
+        "layers; draft with --draft-model; the output is unchanged (default: off)",
+    )
+    serve.add_argument(
+        "--draft-model", metavar="PATH", default=None,
+        help="a smaller GGUF with the model's vocabulary, for the 'draft' proposer (default: none)",
     )
     serve.add_argument(
         "--self-draft-layers", type=_at_least(1), default=None,
@@ -176,6 +180,7 @@ def run_serve(args) -> int:
         data_parallel=args.data_parallel,
         speculative=args.speculative,
         self_draft_layers=args.self_draft_layers,
+        draft_model=args.draft_model,
     ))
 
 

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import stats
 
 import rz
 from rz import kv_cache, steps
@@ -19,7 +18,10 @@ from rz import engine as engine_module
 from rz.speculative import propose_ngram
 from rz.warm_up import warm_up
 from rz_kernels import attention_kv
-from support.speculation import DraftingAlwaysPays, assert_same_up_to_near_ties, drafting_engine, release_executables, run
+from support.speculation import (
+    DraftingAlwaysPays, assert_same_distribution, assert_same_up_to_near_ties, drafting_engine, release_executables, repetitive_prompts,
+    run,
+)
 from test_kv_cache import QUANTIZED_NMSE
 from tiny_models import N_VOCAB, write_tiny_model
 
@@ -60,18 +62,8 @@ def spoiled_drafts(monkeypatch):
     monkeypatch.setattr(engine_module, "draft", draft)
 
 
-def repetitive_prompts(n: int) -> list[list[int]]:
-    """Prompts that repeat a phrase, so that prompt lookup has something to draft from."""
-    rng = np.random.default_rng(7)
-    prompts = []
-    for _ in range(n):
-        phrase = rng.integers(3, N_VOCAB, rng.integers(3, 7)).tolist()
-        prompts.append([1] + phrase * int(rng.integers(2, 5)) + rng.integers(3, N_VOCAB, 2).tolist())
-    return prompts
-
-
 def test_greedy_speculative_decoding_gives_the_tokens_of_plain_decoding(tiny, spoiled_drafts):
-    prompts = repetitive_prompts(8)
+    prompts = repetitive_prompts(8, N_VOCAB)
     options = RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0))
     plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 4), prompts, options)
     engine = drafting_engine(tiny, 4)
@@ -83,7 +75,7 @@ def test_greedy_speculative_decoding_gives_the_tokens_of_plain_decoding(tiny, sp
 def test_greedy_self_speculation_gives_the_tokens_of_plain_decoding(tiny):
     """The target's first layer drafts (on tiny Gemma 3 it agrees with the whole model's greedy loops;
     on tiny llama both kept and rejected drafts occur)."""
-    prompts = repetitive_prompts(8)
+    prompts = repetitive_prompts(8, N_VOCAB)
     options = RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0))
     plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 4), prompts, options)
     engine = drafting_engine(tiny, 4, self_draft_layers=1)
@@ -98,14 +90,14 @@ def test_after_the_warm_up_a_speculating_request_compiles_nothing(tiny):
     engine.costs = DraftingAlwaysPays()
     warm_up(engine)
     compiled = set(engine.compilations)
-    run(engine, repetitive_prompts(1), RequestOptions(max_tokens=24, sampling=SamplingParams(temperature=0)))
+    run(engine, repetitive_prompts(1, N_VOCAB), RequestOptions(max_tokens=24, sampling=SamplingParams(temperature=0)))
     assert engine.n_drafted > 0
     assert set(engine.compilations) == compiled
 
 
 @pytest.mark.parametrize("seed", [3, 11])
 def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seeded_plain_run(tiny_f32, seed, spoiled_drafts):
-    prompts = repetitive_prompts(4)
+    prompts = repetitive_prompts(4, N_VOCAB)
     plain_options = RequestOptions(max_tokens=32, sampling=SamplingParams(**SAMPLED, seed=seed, n_logprobs=3))
     plain = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts, plain_options)
     engine = drafting_engine(tiny_f32, 4)
@@ -121,7 +113,7 @@ def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seed
 
 def test_verify_calls_apply_logit_bias_as_plain_decoding_does(tiny_f32, spoiled_drafts):
     """A seeded, biased speculative run gives the biased plain run's tokens; the banned tokens never come."""
-    prompts = repetitive_prompts(4)
+    prompts = repetitive_prompts(4, N_VOCAB)
     unbiased = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts,
                    RequestOptions(max_tokens=24, sampling=SamplingParams(**SAMPLED, seed=5)))
     # Ban the two tokens the unbiased streams sampled most, and favour the third a little.
@@ -139,7 +131,7 @@ def test_verify_calls_apply_logit_bias_as_plain_decoding_does(tiny_f32, spoiled_
 def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts, proposers):
     """Two of each, the last two ending first: verify calls then run on the first rows of the cache;
     the speculating ones may draft with different proposers in one verify call."""
-    prompts = repetitive_prompts(4)
+    prompts = repetitive_prompts(4, N_VOCAB)
     greedy = SamplingParams(temperature=0)
     lengths = (24, 24, 6, 6)
     alone = [
@@ -156,7 +148,7 @@ def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts
 @pytest.mark.parametrize("proposer", ["ngram", "self"])
 def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(tiny_f32, spoiled_drafts, proposer):
     tiny = tiny_f32
-    prompt = repetitive_prompts(1)[0]
+    prompt = repetitive_prompts(1, N_VOCAB)[0]
     greedy = SamplingParams(temperature=0)
     reference = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [prompt], RequestOptions(max_tokens=30, sampling=greedy))[0]
     text = "".join(reference.text)
@@ -185,7 +177,7 @@ def test_rejected_drafts_leave_the_cache_as_a_prefill_of_the_kept_tokens(tiny, c
     model, weights, static = tiny.model, tiny.model.weights, {"family": tiny.model.family, "cfg": tiny.model.cfg}
     if cache_type == "q8_0" and model.cfg.head_dim % attention_kv.Q8_0_BLOCK:
         pytest.skip("q8_0 holds heads of whole 32-value blocks only, as llama.cpp's")
-    prompt = repetitive_prompts(3)[2][:20]
+    prompt = repetitive_prompts(3, N_VOCAB)[2][:20]
     greedy = tiny.generate(prompt, max_tokens=4, temperature=0).token_ids  # t0, then what greedy decoding follows it with
     wrong = (greedy[3] + 1) % N_VOCAB
     fed = [greedy[0], greedy[1], greedy[2], wrong, greedy[1], greedy[2], wrong, greedy[1]]
@@ -221,7 +213,7 @@ def test_a_self_draft_leaves_the_cache_as_it_found_it_but_for_stale_later_positi
     global layers keep its keys only at positions after the last token's, which attention never
     sees before the verify call overwrites them."""
     model, weights, static = tiny.model, tiny.model.weights, {"family": tiny.model.family, "cfg": tiny.model.cfg}
-    prompt = repetitive_prompts(3)[2][:20]
+    prompt = repetitive_prompts(3, N_VOCAB)[2][:20]
     positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
     tables = steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg)
     filled = steps.score(weights, kv_cache.init_cache(model.cfg, 1, 32), jnp.asarray([prompt], jnp.int32), positions, tables, **static)[1]
@@ -271,8 +263,4 @@ def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_
     plain, _ = tokens_at(None, 0)
     speculative, engine = tokens_at(proposer, 100_000)
     assert 0 < engine.n_accepted < engine.n_drafted
-    for column in (0, 4):
-        tokens = np.union1d(plain[:, column], speculative[:, column])
-        table = np.array([[np.sum(sample[:, column] == t) for t in tokens] for sample in (plain, speculative)])
-        table = table[:, table.sum(axis=0) >= 5]
-        assert stats.chi2_contingency(table)[1] > 0.01
+    assert_same_distribution(plain, speculative)

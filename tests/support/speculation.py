@@ -5,6 +5,7 @@ import gc
 
 import jax
 import numpy as np
+from scipy import stats
 
 from rz.engine import Engine
 from rz.generation import Generation, GenerationRequest
@@ -26,7 +27,7 @@ class DraftingAlwaysPays(CostModel):
     def knows(self, rows: int) -> bool:
         return True
 
-    def relative_verify_cost(self, rows: int, width: int, drafted_on_device: bool = False) -> float:
+    def relative_verify_cost(self, rows: int, width: int, drafter: str | None = None) -> float:
         return 1.0
 
 
@@ -38,8 +39,8 @@ def release_executables() -> None:
     jax.clear_caches()
 
 
-def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None) -> Engine:
-    engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, self_draft_layers=self_draft_layers)
+def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None, draft_model=None) -> Engine:
+    engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, self_draft_layers=self_draft_layers, draft_model=draft_model)
     engine.costs = DraftingAlwaysPays()
     return engine
 
@@ -62,3 +63,23 @@ def assert_same_up_to_near_ties(llm, prompts, got: list[Generation], want: list[
         at = next(i for i, (a, b) in enumerate(zip(spec.output_ids, plain.output_ids)) if a != b)
         best_two = np.sort(llm.score(list(prompt) + plain.output_ids[:at])[-1])[-2:]
         assert best_two[1] - best_two[0] < NEAR_TIE * abs(best_two[1]), f"output parts at token {at} without a near tie: {best_two}"
+
+
+def repetitive_prompts(n: int, n_vocab: int) -> list[list[int]]:
+    """Prompts that repeat a phrase, so that prompt lookup has something to draft from."""
+    rng = np.random.default_rng(7)
+    prompts = []
+    for _ in range(n):
+        phrase = rng.integers(3, n_vocab, rng.integers(3, 7)).tolist()
+        prompts.append([1] + phrase * int(rng.integers(2, 5)) + rng.integers(3, n_vocab, 2).tolist())
+    return prompts
+
+
+def assert_same_distribution(plain: np.ndarray, speculative: np.ndarray, columns=(0, 4)) -> None:
+    """Samples (token ids [samples, tokens]) of each column are alike by a chi-square test of
+    homogeneity (p > 0.01), on the tokens seen at least 5 times in all."""
+    for column in columns:
+        tokens = np.union1d(plain[:, column], speculative[:, column])
+        table = np.array([[np.sum(sample[:, column] == t) for t in tokens] for sample in (plain, speculative)])
+        table = table[:, table.sum(axis=0) >= 5]
+        assert stats.chi2_contingency(table)[1] > 0.01, f"token {column + 1}: {table}"
