@@ -435,18 +435,19 @@ class Engine:
                 self.costs.record_verify(rows, width, time.perf_counter() - started, drafter)
         return sampled, n_emitted
 
-    def compile_speculation(self, rows: int) -> None:
-        """Compile the verify calls (after the draft calls, if the default proposer is a model) of
-        the engine's default proposer at a batch bucket, on idle rows, which they leave as they
-        were: a warm-up (rz.warm_up) while no sequence runs."""
+    def compile_speculation(self, rows: int, proposer: str | None = None) -> None:
+        """Compile the verify calls (after the draft calls, if it is a model) of a proposer, by
+        default the engine's, at a batch bucket, on idle rows, which they leave as they were: a
+        warm-up (rz.warm_up) while no sequence runs."""
         if self.active():
             raise RuntimeError("speculation's steps are compiled on idle rows, while no sequence runs")
-        drafters = (self.speculative,) if self.speculative in MODEL_PROPOSERS else ()
+        proposer = proposer or self.speculative
+        drafters = (proposer,) if proposer in MODEL_PROPOSERS else ()
         for width in VERIFY_WIDTHS:
             if rows * width <= MAX_VERIFY_TOKENS:
                 idle = jnp.full((rows, width), -1, jnp.int32)
                 self._verify_call(rows, jnp.zeros((rows, width), jnp.int32), idle, {}, drafters)
-        if self.speculative == "draft":
+        if proposer == "draft":
             for width in DRAFT_FEED_WIDTHS:
                 self._feed_draft_model(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32))
 
