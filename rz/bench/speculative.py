@@ -30,7 +30,8 @@ LLAMACPP_LOOKUP_DRAFTS = 10
 
 
 def verify_costs(llm, depth: int = 512, reps: int = 20) -> dict[str, float]:
-    """Milliseconds (median) of one decode step and of a verify call of each width at batch 1, `depth` tokens in."""
+    """Milliseconds (median) of one decode step and of a verify call of each width at batch 1, `depth` tokens in,
+    and of the draft model's call of each width's drafts if llm has one."""
     from rz import steps
     from rz.buckets import VERIFY_WIDTHS
     from rz.request import SamplingParams
@@ -70,6 +71,18 @@ def verify_costs(llm, depth: int = 512, reps: int = 20) -> dict[str, float]:
             return out[2], out[3]
 
         clock(f"verify width {width}", verify)
+    if llm.draft_model is not None:
+        # The draft model's cache takes the target's place in clock's loop; the sampler state is read only.
+        draft = llm.draft_model
+        cache = draft.init_cache(1, 2 * depth)
+        for width in VERIFY_WIDTHS:
+            def drafting(cache, state, n_drafts=width - 1):
+                out = steps.draft(draft.weights, cache, jnp.asarray([1], jnp.int32), jnp.asarray([depth], jnp.int32), tensors,
+                                  state, family=draft.family, cfg=draft.cfg, n_ctx=2 * depth, n_drafts=n_drafts)
+                jax.device_get(out[0])
+                return out[2], state
+
+            clock(f"draft model, {width - 1} tokens", drafting)
     return {name: 1000 * float(np.median(values)) for name, values in times.items()}
 
 

@@ -12,15 +12,15 @@ import pytest
 import rz
 from rz import kv_cache, steps
 from rz.engine import Engine
-from rz.request import FinishReason, RequestOptions, SamplingParams
+from rz.request import RequestOptions, SamplingParams
 from rz.sampling import SamplerState, SamplingTensors
 from rz import engine as engine_module
 from rz.speculative import propose_ngram
 from rz.warm_up import warm_up
 from rz_kernels import attention_kv
 from support.speculation import (
-    DraftingAlwaysPays, assert_same_distribution, assert_same_up_to_near_ties, drafting_engine, release_executables, repetitive_prompts,
-    run,
+    DraftingAlwaysPays, assert_same_distribution, assert_same_up_to_near_ties, assert_stops_land_where_they_do_without_speculation,
+    drafting_engine, release_executables, repetitive_prompts, run,
 )
 from test_kv_cache import QUANTIZED_NMSE
 from tiny_models import N_VOCAB, write_tiny_model
@@ -147,24 +147,10 @@ def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts
 
 @pytest.mark.parametrize("proposer", ["ngram", "self"])
 def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(tiny_f32, spoiled_drafts, proposer):
-    tiny = tiny_f32
     prompt = repetitive_prompts(1, N_VOCAB)[0]
-    greedy = SamplingParams(temperature=0)
-    reference = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [prompt], RequestOptions(max_tokens=30, sampling=greedy))[0]
-    text = "".join(reference.text)
-    cases = [
-        RequestOptions(max_tokens=30, sampling=greedy, stop=(text[len(text) // 2 :][:3],)),
-        RequestOptions(max_tokens=30, sampling=greedy, stop_token_ids=frozenset({reference.output_ids[len(reference.output_ids) // 2]})),
-        RequestOptions(max_tokens=13, sampling=greedy),
-    ]
-    for options in cases:
-        plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [prompt], options)[0]
-        engine = drafting_engine(tiny, 1, self_draft_layers=1)
-        speculative = run(engine, [prompt], RequestOptions(**{**options.__dict__, "speculative": proposer}))[0]
-        assert (speculative.output_ids, "".join(speculative.text), speculative.finish_reason) == (
-            plain.output_ids, "".join(plain.text), plain.finish_reason
-        )
-    assert plain.finish_reason == FinishReason.LENGTH and len(plain.output_ids) == 13
+    assert_stops_land_where_they_do_without_speculation(
+        tiny_f32, prompt, lambda: drafting_engine(tiny_f32, 1, self_draft_layers=1), proposer
+    )
 
 
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0"])

@@ -12,11 +12,11 @@ from rz import steps
 from rz.engine import Engine
 from rz.errors import RequestError
 from rz.model_files import smollm2_135m_path
-from rz.request import FinishReason, RequestOptions, SamplingParams
+from rz.request import RequestOptions, SamplingParams
 from rz.warm_up import warm_up
 from support.speculation import (
-    DraftingAlwaysPays, assert_same_distribution, assert_same_up_to_near_ties, drafting_engine, release_executables,
-    repetitive_prompts, run,
+    DraftingAlwaysPays, assert_same_distribution, assert_same_up_to_near_ties, assert_stops_land_where_they_do_without_speculation,
+    drafting_engine, release_executables, repetitive_prompts, run,
 )
 from tiny_models import N_VOCAB, write_tiny_model
 
@@ -89,25 +89,13 @@ def test_after_rejected_drafts_the_draft_cache_holds_what_a_prefill_of_the_kept_
                 np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
 
 
-def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(target, drafts):
+@pytest.mark.parametrize("draft", ["copy", "unlike"])
+def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(target, drafts, draft):
     prompt = repetitive_prompts(1, N_VOCAB)[0]
-    reference = run(Engine(target.model, target.tokenizer, N_CTX, 1), [prompt], RequestOptions(max_tokens=30, sampling=GREEDY))[0]
-    text = "".join(reference.text)
-    cases = [
-        RequestOptions(max_tokens=30, sampling=GREEDY, stop=(text[len(text) // 2 :][:3],)),
-        RequestOptions(max_tokens=30, sampling=GREEDY, stop_token_ids=frozenset({reference.output_ids[len(reference.output_ids) // 2]})),
-        RequestOptions(max_tokens=13, sampling=GREEDY),
-    ]
-    for draft in ("copy", "unlike"):
-        for options in cases:
-            plain = run(Engine(target.model, target.tokenizer, N_CTX, 1), [prompt], options)[0]
-            engine = drafting_engine(target, 1, draft_model=drafts[draft])
-            speculative = run(engine, [prompt], RequestOptions(**{**options.__dict__, "speculative": "draft"}))[0]
-            assert engine.n_drafted > 0
-            assert (speculative.output_ids, "".join(speculative.text), speculative.finish_reason) == (
-                plain.output_ids, "".join(plain.text), plain.finish_reason
-            )
-    assert plain.finish_reason == FinishReason.LENGTH and len(plain.output_ids) == 13
+    drafted = assert_stops_land_where_they_do_without_speculation(
+        target, prompt, lambda: drafting_engine(target, 1, draft_model=drafts[draft]), "draft"
+    )
+    assert drafted > 0
 
 
 def test_sampling_with_a_draft_unlike_the_target_preserves_the_distribution_of_the_first_and_fifth_tokens(target, drafts):

@@ -9,6 +9,7 @@ from scipy import stats
 
 from rz.engine import Engine
 from rz.generation import Generation, GenerationRequest
+from rz.request import FinishReason, RequestOptions, SamplingParams
 from rz.scheduler import Scheduler
 from rz.speculative import CostModel
 
@@ -83,3 +84,29 @@ def assert_same_distribution(plain: np.ndarray, speculative: np.ndarray, columns
         table = np.array([[np.sum(sample[:, column] == t) for t in tokens] for sample in (plain, speculative)])
         table = table[:, table.sum(axis=0) >= 5]
         assert stats.chi2_contingency(table)[1] > 0.01, f"token {column + 1}: {table}"
+
+
+def assert_stops_land_where_they_do_without_speculation(llm, prompt, drafting_engine_for_one, proposer: str) -> int:
+    """A stop string and a stop token (each from the middle of the greedy output) and max_tokens end
+    a speculative run (on drafting_engine_for_one(), an engine of one slot) where they end a plain
+    one: the same tokens, text and finish reason. Returns how many tokens the runs drafted."""
+    greedy = SamplingParams(temperature=0)
+    plain_engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, 1)
+    reference = run(plain_engine, [prompt], RequestOptions(max_tokens=30, sampling=greedy))[0]
+    text = "".join(reference.text)
+    cases = [
+        RequestOptions(max_tokens=30, sampling=greedy, stop=(text[len(text) // 2 :][:3],)),
+        RequestOptions(max_tokens=30, sampling=greedy, stop_token_ids=frozenset({reference.output_ids[len(reference.output_ids) // 2]})),
+        RequestOptions(max_tokens=13, sampling=greedy),
+    ]
+    drafted = 0
+    for options in cases:
+        plain = run(plain_engine, [prompt], options)[0]
+        engine = drafting_engine_for_one()
+        speculative = run(engine, [prompt], RequestOptions(**{**options.__dict__, "speculative": proposer}))[0]
+        drafted += engine.n_drafted
+        assert (speculative.output_ids, "".join(speculative.text), speculative.finish_reason) == (
+            plain.output_ids, "".join(plain.text), plain.finish_reason
+        )
+    assert plain.finish_reason == FinishReason.LENGTH and len(plain.output_ids) == 13
+    return drafted
