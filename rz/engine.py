@@ -488,11 +488,16 @@ class Engine:
         tokens its target row holds (_fed_tokens: those after the longest prefix it holds), in calls
         of up to DRAFT_FEED_WIDTHS[-1] tokens a row."""
         pending = {}
+        rings = any(self.draft_model.cfg.sliding_layers)
         for sequence in sequences:
             text = np.asarray(_fed_tokens(sequence), np.int32)
-            held = self._draft_held[sequence.slot][: len(text)]
-            differs = np.flatnonzero(held != text[: len(held)])
-            start = int(differs[0]) if len(differs) else len(held)
+            held = self._draft_held[sequence.slot]
+            differs = np.flatnonzero(held[: len(text)] != text[: len(held)])
+            start = int(differs[0]) if len(differs) else min(len(held), len(text))
+            if rings and start < len(held):
+                # The row's ring slots hold the later positions of the text it held, and those hide
+                # the last window of what both share (rz.steps.draft restores only its drafts' slots).
+                start = max(0, start - self.draft_model.cfg.sliding_window)
             if start < len(text):
                 pending[sequence.slot] = (start, text[start:])
         while pending:

@@ -63,17 +63,24 @@ def test_greedy_drafting_with_a_draft_model_gives_the_tokens_of_plain_decoding(t
         assert 0 < engine.n_accepted < engine.n_drafted
 
 
-def test_after_rejected_drafts_the_draft_cache_holds_what_a_prefill_of_the_kept_text_holds(target, drafts):
+def test_after_rejected_drafts_and_in_reused_rows_the_draft_cache_holds_what_a_prefill_of_the_kept_text_holds(target, drafts):
     """Each row's draft cache, at the positions it is said to hold, is what feeding it the stream's
-    kept text from scratch gives: rejected drafts (and the tokens the draft never saw) do not stay."""
+    kept text from scratch gives: rejected drafts (and the tokens the draft never saw) do not stay;
+    nor does a row's earlier text after the prefix that a later stream shares with it (whose later
+    positions would otherwise hide the shared window from the unlike draft's ring-buffer layers)."""
     prompts = repetitive_prompts(2, N_VOCAB)
     engine = drafting_engine(target, 2, draft_model=drafts["unlike"])
-    run(engine, prompts, RequestOptions(max_tokens=30, sampling=GREEDY, speculative="draft"))
+    options = RequestOptions(max_tokens=30, sampling=GREEDY, speculative="draft")
+    run(engine, prompts, options)
     assert engine.n_accepted < engine.n_drafted
-    draft = drafts["unlike"]
-    for slot in range(2):
-        held = engine._draft_held[slot]
-        assert len(held) > len(prompts[slot])
+    assert_draft_rows_hold_their_text(engine, drafts["unlike"])
+    run(engine, [prompts[0][:6] + prompts[1][6:], prompts[1][:6] + prompts[0][6:]], options)
+    assert_draft_rows_hold_their_text(engine, drafts["unlike"])
+
+
+def assert_draft_rows_hold_their_text(engine, draft) -> None:
+    for slot, held in enumerate(engine._draft_held):
+        assert len(held) > 20
         fresh = draft.init_cache(1, N_CTX)
         positions = jnp.arange(len(held), dtype=jnp.int32)[None]
         tables = steps.chunk_rope_tables(draft.family.rope_freq_factors(draft.weights), positions, cfg=draft.cfg)
