@@ -401,7 +401,8 @@ class Engine:
             )
         for sequence in active:
             self.rows.wrote(sequence.slot, sequence.position + width)
-        drafters = tuple(p for p in MODEL_PROPOSERS if any(n and self.slots[slot].speculation.proposer == p for slot, n in model_drafts.items()))
+        drafting = {self.slots[slot].speculation.proposer for slot, n in model_drafts.items() if n}
+        drafters = tuple(p for p in MODEL_PROPOSERS if p in drafting)
         sampled, n_emitted = self._verify_call(rows, jnp.asarray(host_tokens), jnp.asarray(host_positions), model_drafts, drafters)
         for sequence in active:
             n_drafted, n_kept = n_drafts.get(sequence.slot, 0), int(n_emitted[sequence.slot]) - 1
@@ -423,7 +424,9 @@ class Engine:
         started, n_compiled = time.perf_counter(), len(self.compilations)
         draft_probabilities = None
         for drafter in drafters:
-            tokens, draft_probabilities = self._draft_on_device(drafter, rows, width, tokens, model_drafts, tensors, draft_probabilities)
+            tokens, draft_probabilities = self._draft_on_device(
+                drafter, rows, width, tokens, model_drafts, tensors, draft_probabilities
+            )
         name = f"verify[{rows}, width={width}, logprobs={n_top}, weighed={bool(drafters)}]"
         sampled, n_emitted, self.cache, self._sampler_state = self._timed(
             name, steps.verify, self.model.weights, self.cache, tokens, positions, self._chunk_tables(positions),

@@ -5,7 +5,8 @@ import pytest
 from rz.errors import RequestError
 from rz.request import RequestOptions
 from rz.speculative import (
-    MAX_PROBE_INTERVAL, OFF, PROBE_INTERVAL, CostModel, Speculation, check_draft_vocabulary, choose_self_draft_layers, chosen_proposer, propose_ngram,
+    MAX_PROBE_INTERVAL, OFF, PROBE_INTERVAL, CostModel, Speculation, check_draft_vocabulary, choose_self_draft_layers,
+    chosen_proposer, propose_ngram,
 )
 
 

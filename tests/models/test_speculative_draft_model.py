@@ -112,9 +112,15 @@ def test_sampling_with_a_draft_unlike_the_target_preserves_the_distribution_of_t
     n = 2000
 
     def tokens_at(speculative, first_seed):
-        engine = drafting_engine(target, 2, draft_model=drafts["unlike"]) if speculative else Engine(target.model, target.tokenizer, N_CTX, 16)
+        if speculative:
+            engine = drafting_engine(target, 2, draft_model=drafts["unlike"])
+        else:
+            engine = Engine(target.model, target.tokenizer, N_CTX, 16)
         options = [
-            RequestOptions(max_tokens=5, ignore_eos=True, speculative=speculative, sampling=SamplingParams(temperature=1.0, top_k=8, seed=first_seed + i))
+            RequestOptions(
+                max_tokens=5, ignore_eos=True, speculative=speculative,
+                sampling=SamplingParams(temperature=1.0, top_k=8, seed=first_seed + i),
+            )
             for i in range(n)
         ]
         return np.array([s.output_ids for s in run(engine, [prompt] * n, options)]), engine
