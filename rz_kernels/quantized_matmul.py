@@ -86,6 +86,12 @@ CPU_FFI_PATHS = frozenset({"cpu_ffi", "cpu_ffi_prefill"})
 # would be a transient of that size), but CPU_F32_TILE_BYTES of rows at a time.
 CPU_F32_MAX_BYTES = 64 << 20
 CPU_F32_TILE_BYTES = 32 << 20
+# XLA:CPU's f32 GEMM gives each output column the same bits whatever the weight's width and the
+# column's place, so long as the width is a whole number of 64-column panels; any other width
+# rounds every column differently (measured, jax 0.10.2). A tensor-parallel shard holds a slice of
+# a weight's rows, so XLA's paths pad a weight to whole panels, and a shard's columns then equal
+# one device's. The GEMM is jaxlib's precompiled code, the same on every x86 CPU it runs on.
+CPU_F32_PANEL_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -124,13 +130,15 @@ def _paths() -> tuple[Path, ...]:
     x86 = bool(cpu_types) and cpu_ffi.selected().machine == "x86_64"
     panels = x86 and cpu_ffi.selected().name in PANEL_VARIANTS
     prefill_types = (cpu_types if panels else tuple(t.name for t in sorted(K_QUANTS))) if x86 else ()
+    xla_types = tuple(t for t in cpu_types if t not in prefill_types)
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M, note=f"variant {cpu_ffi.selected().name}" if cpu_types else ""),
-        Path("cpu", "cpu_ffi_prefill", prefill_types, CPU_KERNEL_MAX_M + 1, None, note="int8 GEMM in register tiles"),
-        Path("cpu", "xla_f32", cpu_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
-        Path("cpu", "xla_f32_tiled", cpu_types, CPU_KERNEL_MAX_M + 1, None,
+        Path("cpu", "cpu_ffi_prefill", prefill_types, CPU_KERNEL_MAX_M + 1, None,
+             note="int8 GEMM in " + ("512-bit panels of 16 rows" if panels else "register tiles")),
+        Path("cpu", "xla_f32", xla_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
+        Path("cpu", "xla_f32_tiled", xla_types, CPU_KERNEL_MAX_M + 1, None,
              note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32, {CPU_F32_TILE_BYTES >> 20} MiB of rows at a time"),
         Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
         Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
@@ -266,7 +274,7 @@ def qmatmul_f32_tiled(x: jax.Array, qt: QTensor) -> jax.Array:
     that writes each tile's columns of y in place: a large weight (an LM head) is never whole in
     f32. Each tile depends on the loop index, so XLA cannot hoist the dequantization out of it."""
     n, k = qt.shape
-    rows = max(1, CPU_F32_TILE_BYTES // (4 * k))
+    rows = max(1, CPU_F32_TILE_BYTES // (4 * k * CPU_F32_PANEL_ROWS)) * CPU_F32_PANEL_ROWS
     n_tiles = n // rows
     if n_tiles <= 1:
         return qmatmul_f32_after(x, qt)
@@ -289,13 +297,26 @@ def qmatmul_f32_tiled(x: jax.Array, qt: QTensor) -> jax.Array:
     return y
 
 
+def whole_panels(qt: QTensor) -> QTensor:
+    """qt with zero rows appended up to a multiple of CPU_F32_PANEL_ROWS (itself if it has one)."""
+    n, k = qt.shape
+    pad = -n % CPU_F32_PANEL_ROWS
+    if not pad:
+        return qt
+    arrays = {name: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for name, a in qt.arrays.items()}
+    return QTensor(arrays, qt.ggml_type, (n + pad, k))
+
+
+def qmatmul_xla_cpu(x: jax.Array, qt: QTensor, path: str) -> jax.Array:
+    """x f32 [M, K] @ W.T by one of XLA's CPU paths (xla_f32, xla_f32_tiled, xla_reference), the
+    weight padded to whole GEMM panels so that each column's bits do not depend on W's width."""
+    xla = {"xla_f32": qmatmul_f32_after, "xla_f32_tiled": qmatmul_f32_tiled, "xla_reference": qmatmul_ref}[path]
+    return xla(x, whole_panels(qt))[:, : qt.shape[0]]
+
+
 def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
     path = select_path("cpu", qt.ggml_type, x.shape[0], qt.shape)
-    if path in CPU_FFI_PATHS:
-        return qmatmul_cpu(x, qt)
-    if path == "xla_f32":
-        return qmatmul_f32_after(x, qt)
-    return qmatmul_f32_tiled(x, qt) if path == "xla_f32_tiled" else qmatmul_ref(x, qt)
+    return qmatmul_cpu(x, qt) if path in CPU_FFI_PATHS else qmatmul_xla_cpu(x, qt, path)
 
 
 def _cuda(x: jax.Array, qt: QTensor) -> jax.Array:

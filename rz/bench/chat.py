@@ -6,6 +6,7 @@ of `answer_tokens` tokens, so that the next turn's prompt extends this one's. Bo
 the same token ids, rendered once by rz's chat template; engines are interleaved turn by turn.
 llama.cpp keeps its previous prompt's KV and decodes only what differs, as llama-cpp-python's
 Llama and llama-server's cache_prompt do (the C API, as rz.bench's llama.cpp engine calls it).
+With --servers the same chat goes through running servers' OpenAI APIs instead (measure_servers).
 """
 
 import time
@@ -15,6 +16,7 @@ from typing import Callable
 from rz.bench.engines.base import EngineSettings
 from rz.bench.engines.llamacpp import LlamaCppEngine
 from rz.bench.errors import BenchError
+from rz.bench.http import check_url, post_stream
 
 # Plain prose, cycled: each turn takes the next slice, so no two user messages are the same.
 _TEXT = (
@@ -47,6 +49,11 @@ def conversation(tokenize: Callable[[str], list[int]], render: Callable[[list[di
     return prompts
 
 
+def _prompts(llm, turns: int, user_tokens: int, answer_tokens: int) -> list[list[int]]:
+    """The conversation's prompts as `llm` tokenizes and renders them."""
+    return conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns, user_tokens, answer_tokens)
+
+
 def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, n_ctx: int, threads: int,
             engines: tuple[str, ...], progress: Callable[[str], None], warm: bool = False) -> dict:
     """Per engine, the TTFT of every turn (seconds) and the prompt lengths. warm: rz compiles
@@ -54,8 +61,7 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
     import rz
 
     llm = rz.LLM(model_path, n_ctx=n_ctx, max_batch=1)
-    prompts = conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, turns,
-                           user_tokens, answer_tokens)
+    prompts = _prompts(llm, turns, user_tokens, answer_tokens)
     if warm and "rz" in engines:
         llm.warm_up()
         progress(f"rz warmed up: {len(llm.compilations)} steps compiled")
@@ -87,6 +93,49 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
         if oracle is not None:
             oracle.engine.close()
     return result
+
+
+def measure_servers(model_path: Path, servers: dict[str, str], turns: int, user_tokens: int, answer_tokens: int,
+                    progress: Callable[[str], None], timeout_s: float = 600.0) -> dict:
+    """The same chat through running servers (name -> http URL): each turn one streamed, greedy
+    /v1/completions request of one token, its prompt as token ids (rz's server and llama-server
+    take them; both then see the same tokens), with cache_prompt on (llama-server's default).
+    TTFT is the arrival of the first streamed event that carries a choice, timed here."""
+    import rz
+
+    for name, url in servers.items():
+        check_url(url, name)
+    prompts = _prompts(rz.LLM(model_path, max_batch=1, compilation_cache=False), turns, user_tokens, answer_tokens)
+    result = {"model": model_path.name, "servers": dict(servers), "prompt_tokens": [len(p) for p in prompts],
+              "ttft_s": {name: [] for name in servers}, "cached_tokens": {name: [] for name in servers}}
+    for turn, ids in enumerate(prompts, 1):
+        for name, url in servers.items():
+            ttft, cached = _first_event(url, ids, timeout_s)
+            result["ttft_s"][name].append(ttft)
+            result["cached_tokens"][name].append(cached)
+        progress(f"turn {turn}: {len(ids)} tokens, " + ", ".join(
+            f"{name} {times[-1]:.3f} s" for name, times in result["ttft_s"].items()))
+    return result
+
+
+def _first_event(url: str, ids: list[int], timeout_s: float) -> tuple[float, int | None]:
+    """(seconds to the first event with a choice, the prompt tokens the server reports reusing:
+    rz's usage.prompt_tokens_details.cached_tokens, or llama-server's prompt length less
+    timings.prompt_n; None if it reports neither)."""
+    body = {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "stream": True, "cache_prompt": True,
+            "stream_options": {"include_usage": True}}
+    started, first, cached = time.perf_counter(), None, None
+    for arrived, event in post_stream(url + "/v1/completions", body, timeout=timeout_s):
+        if first is None and event.get("choices"):
+            first = arrived
+        details = (event.get("usage") or {}).get("prompt_tokens_details") or {}
+        if "cached_tokens" in details:
+            cached = details["cached_tokens"]
+        elif (event.get("timings") or {}).get("prompt_n") is not None:
+            cached = len(ids) - event["timings"]["prompt_n"]
+    if first is None:
+        raise BenchError(f"{url} streamed no choice for a {len(ids)}-token prompt")
+    return first - started, cached
 
 
 class _LlamaCppChat:

@@ -321,7 +321,7 @@ def cmd_parity(argv: list[str]) -> int:
 
 
 def cmd_chat(argv: list[str]) -> int:
-    from rz.bench.chat import measure, table
+    from rz.bench.chat import measure, measure_servers, table
     from rz.model_files import smollm2_135m_path
 
     parser = _Parser(prog="python -m rz.bench chat",
@@ -334,14 +334,22 @@ def cmd_chat(argv: list[str]) -> int:
     parser.add_argument("--n-ctx", type=int, default=4096, help="context positions (default: 4096)")
     parser.add_argument("--warm", action="store_true",
                         help="rz compiles every shape first, so no measured turn compiles (as a warmed-up server)")
+    parser.add_argument("--servers", metavar="NAME=URL,...",
+                        help="instead of --engines: running OpenAI-compatible servers, e.g. "
+                             "rz=http://127.0.0.1:8000,llama-server=http://127.0.0.1:8080 (each turn through /v1/completions)")
     _add_measurement_options(parser)
     args = parser.parse_args(argv)
-    engines = _comma_list(args.engines, ("rz", "llama.cpp"), "--engines")
     if args.turns < 1:
         raise BenchError(f"--turns must be at least 1, got {args.turns}")
     model_path = Path(args.model) if args.model else smollm2_135m_path()
     if not model_path.is_file():
         raise BenchError(f"--model {model_path}: no such file")
+    if args.servers:
+        servers = _servers(args.servers)
+        result = measure_servers(model_path, servers, args.turns, args.user_tokens, args.answer_tokens,
+                                 _progress("chat", args.quiet))
+        return _report_measurement(result, table, "chat", argv, args.json)
+    engines = _comma_list(args.engines, ("rz", "llama.cpp"), "--engines")
     result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines,
                      _progress("chat", args.quiet), warm=args.warm)
     return _report_measurement(result, table, "chat", argv, args.json)
@@ -394,6 +402,14 @@ def _comma_list(text: str, choices: tuple[str, ...], option: str) -> tuple[str, 
     if not names or set(names) - set(choices):
         raise BenchError(f"{option}: expected a comma list of {', '.join(choices)}, got {text!r}")
     return names
+
+
+def _servers(text: str) -> dict[str, str]:
+    """NAME=URL,... as {name: url}, else BenchError saying how to write it."""
+    pairs = [item.strip().partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not name or not url for name, _, url in pairs) or len({name for name, _, _ in pairs}) < len(pairs):
+        raise BenchError(f"--servers: expected distinct NAME=URL items separated by commas, got {text!r}")
+    return {name: url for name, _, url in pairs}
 
 
 def _progress(command: str, quiet: bool):

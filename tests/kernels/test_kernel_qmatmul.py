@@ -22,6 +22,7 @@ from rz_kernels.quantized_matmul import (
     PANEL_VARIANTS,
     activation_block,
     qmatmul_cpu,
+    qmatmul_xla_cpu,
     q8_1_sum_correction,
     quantize_activations_ref,
 )
@@ -252,6 +253,21 @@ def test_cpu_large_weight_is_never_whole_in_f32(monkeypatch):
     np.testing.assert_allclose(compiled(x, qt), qmatmul_ref(x, qt), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["xla_f32", "xla_f32_tiled", "xla_reference"])
+def test_xla_cpu_paths_give_a_slice_of_rows_the_whole_weights_bits(path, monkeypatch):
+    """A tensor-parallel shard holds a slice of a weight's rows (of any width, at any offset): XLA's
+    paths give its columns one device's bits, which its GEMM alone does not for every width."""
+    monkeypatch.setattr(quantized_matmul, "CPU_F32_TILE_BYTES", 1 << 18)  # xla_f32_tiled: tiles of 128 rows
+    rng = np.random.default_rng(12)
+    qt = random_qtensor(rng, GGMLType.Q8_0, (640, 512))
+    x = jnp.asarray(activations(rng, 56, 512))
+    product = jax.jit(qmatmul_xla_cpu, static_argnums=2)
+    whole = np.asarray(product(x, qt, path))
+    for start, width in ((0, 16), (16, 16), (40, 40), (160, 160), (320, 320)):
+        rows = QTensor({name: a[start : start + width] for name, a in qt.arrays.items()}, qt.ggml_type, (width, 512))
+        np.testing.assert_array_equal(product(x, rows, path), whole[:, start : start + width], err_msg=f"rows {start}+{width}")
+
+
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 def test_cpu_prefill_makes_each_f32_weight_where_it_is_used(monkeypatch):
     """A chain of prefill matmuls holds one dequantized weight at a time, not all of them: XLA's
@@ -288,6 +304,10 @@ def test_describe_paths():
         assert select_path("cpu", GGMLType.Q8_0, 17) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32")
         assert select_path("cpu", GGMLType.Q8_0, 512, (2048, 640)) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32")
         assert select_path("cpu", GGMLType.Q8_0, 512, (262144, 640)) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32_tiled")
+        # Each type's prompt rows are described by the one path that serves them.
+        prompt_rows = [(name, row["path"]) for row in cpu if row["path"] in ("cpu_ffi_prefill", "xla_f32") for name in row["types"]]
+        assert sorted(name for name, _ in prompt_rows) == sorted(t.name for t in TYPES)
+        assert all(select_path("cpu", GGMLType[name], 17) == path for name, path in prompt_rows)
     assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17

@@ -6,11 +6,10 @@ The forced devices must exist before JAX starts, so the comparisons run in one s
 file run as a script, XLA_FLAGS set), which loads each model once per tensor-parallel size and
 reports the logits' NMSE against one device and both token streams.
 
-The prompts are cut to rz_kernels' CPU_KERNEL_MAX_M tokens, so that every matmul of their prefill
-takes the C++ kernels, which compute a weight row the same whatever rows a shard holds. A longer
-prompt's 32-block weights take XLA's f32 GEMM, whose summation order depends on the shard's width;
-on Gemma 3, whose K-quant matmuls round activations to int8, those last-bit differences grow (see
-benchmarks/README.md, "Several devices").
+The prompts (up to PROMPT_TOKENS tokens) are longer than rz_kernels' CPU_KERNEL_MAX_M, so their
+prefill takes the prompt paths: the C++ kernels' int8 GEMM, which computes a weight row the same
+whatever rows a shard holds, or XLA's f32 GEMM on a weight padded to whole panels, which then does
+too (tests/kernels/test_kernel_qmatmul.py checks that path on its own, on any CPU).
 """
 
 import json
@@ -29,7 +28,13 @@ from rz.sharding import ShardingError, plan
 ROOT = Path(__file__).resolve().parents[2]
 N_DEVICES = 8
 MAX_NMSE = 1e-6
-PROMPTS = ("The history of the printing press begins", "A recipe for bread needs flour, water and")
+PROMPT_TOKENS = 40
+PROMPTS = (
+    "The history of the printing press begins in China, where woodblocks were carved for centuries before"
+    " movable type reached Europe and Gutenberg's workshop",
+    "A recipe for bread needs flour, water and salt; the yeast, the kneading and the long rise at a warm"
+    " temperature decide",
+)
 
 # (name, tiny-model overrides or a real model's path function, tensor-parallel sizes)
 TINY_CASES = {
@@ -166,7 +171,6 @@ def _main(cases: dict, tmp: Path) -> None:
     import rz
     from rz import model_files
     from models.tiny_models import write_tiny_model
-    from rz_kernels.quantized_matmul import CPU_KERNEL_MAX_M
 
     paths = {name: (write_tiny_model(tmp / f"{name}.gguf", arch, "Q8_0", **overrides), sizes)
              for name, (arch, overrides, sizes) in cases["tiny"].items()}
@@ -174,7 +178,7 @@ def _main(cases: dict, tmp: Path) -> None:
     report = {}
     for name, (path, sizes) in paths.items():
         one = rz.LLM(path, n_ctx=128, max_batch=2, compilation_cache=False)
-        prompts = [one.tokenize(prompt)[:CPU_KERNEL_MAX_M] for prompt in PROMPTS]
+        prompts = [one.tokenize(prompt)[:PROMPT_TOKENS] for prompt in PROMPTS]
         reference = one.score(prompts[0])
         report[name] = {"1": {"nmse": 0.0, **_decode(one, prompts)}}
         del one
