@@ -46,7 +46,7 @@ def _load(args):
     print(f"loading {args.model or 'the default model (Gemma 3 270M Q4_K_M)'} ...", file=sys.stderr, flush=True)
     llm = LLM(
         _model_path(args), n_ctx=args.n_ctx, cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
-        tensor_parallel=args.tensor_parallel,
+        tensor_parallel=args.tensor_parallel, draft_model=args.draft_model,
     )
     print(f"loaded in {llm.load_seconds:.1f} s", file=sys.stderr, flush=True)
     return llm
@@ -85,7 +85,9 @@ _FLAG_OPTIONS = {
     "frequency_penalty": None,
     "penalty_last_n": "recent tokens the penalties look at",
     "seed": "default: a fresh random seed",
-    "speculative": "draft tokens with this proposer (ngram: prompt lookup); the output is the same; default: off",
+    "speculative": "draft tokens with this proposer (ngram: prompt lookup; self: the model's first layers; "
+    "draft: --draft-model); "
+    "the output is the same; default: off",
 }
 # The flags whose default (None) does not give their type.
 _FLAG_TYPES = {"seed": int, "speculative": str}
@@ -131,6 +133,10 @@ def cmd_chat(args, llm) -> int:
 def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_argument(parser)
     parser.add_argument("--n-ctx", type=int, default=None, help="context size (default: min(4096, the model's))")
+    parser.add_argument(
+        "--draft-model", metavar="PATH", default=None,
+        help="a smaller GGUF with the model's vocabulary, for --speculative draft",
+    )
     add_cache_type_arguments(parser)
     add_parallel_arguments(parser)
     for name, help_text in _FLAG_OPTIONS.items():

@@ -27,7 +27,9 @@ from rz.generation import Generation, GenerationRequest, Timings
 from rz.prefix_rows import Placement, PrefixRows
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
-from rz.speculative import CostModel, Speculation, chosen_proposer, draft, validate_proposer
+from rz.speculative import (
+    MODEL_PROPOSERS, CostModel, Speculation, choose_self_draft_layers, chosen_proposer, draft, self_draft_model, validate_proposer,
+)
 from rz.stopping import StopStringMatcher
 from rz.tokenizer import IncrementalDecoder, Tokenizer
 from rz_kernels.quantized_matmul import CPU_KERNEL_MAX_M
@@ -40,6 +42,11 @@ DECODE_STEPS = 4
 # logits are a decode step's to the bit and speculation keeps greedy and seeded output exact.
 # Beyond, XLA's f32 GEMM rounds differently (and a batch that large gains little from drafts).
 MAX_VERIFY_TOKENS = CPU_KERNEL_MAX_M
+
+# Tokens a row per call that feeds a draft model's cache what it has not seen (rz.steps.feed): a
+# verify call's kept tokens fit the first; a prompt, or what a stream decoded plainly, is fed in
+# calls of the last.
+DRAFT_FEED_WIDTHS = (8, 128)
 
 # Idle slots run through the decode step like the others (the shape is fixed); position -1
 # keeps them from writing to the cache, and greedy sampling keeps their cost down.
@@ -63,6 +70,8 @@ class Engine:
         decode_steps: int = DECODE_STEPS,
         cache_types: kv_cache.CacheTypes = kv_cache.CacheTypes(),
         speculative: str | None = None,
+        self_draft_layers: int | None = None,
+        draft_model=None,
     ):
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
@@ -97,6 +106,20 @@ class Engine:
         # What decode steps and verify calls cost here, for the speculating streams' choices, and
         # how many tokens they drafted and kept (the spec_decode counters).
         self.costs = CostModel()
+        # The `self` proposer's draft: the model's first layers, drafting in the first layers of the
+        # cache (rz.speculative); a model of one layer has none.
+        self.self_draft = None
+        if model.cfg.n_layer > 1 or self_draft_layers is not None:
+            self.self_draft = self_draft_model(model, choose_self_draft_layers(model.cfg.n_layer, self_draft_layers))
+            self.costs.assumed_draft_token["self"] = self.self_draft.cfg.n_layer / model.cfg.n_layer
+        # The `draft` proposer's model (a second GGUF of the same vocabulary), drafting in a cache of
+        # its own, and which tokens each of that cache's rows holds from position 0 on: before it
+        # drafts, a row is fed what it lacks of its stream's text (rollback is these positions).
+        self.draft_model = draft_model
+        if draft_model is not None:
+            self.draft_cache = draft_model.init_cache(n_slots, n_ctx)
+            self._draft_held = [np.zeros(0, np.int32)] * n_slots
+            self.costs.assumed_draft_token["draft"] = _weight_bytes(draft_model) / _weight_bytes(model)
         self.n_drafted = 0
         self.n_accepted = 0
         self._vocabulary: Vocabulary | None = None  # for structured output, built by its first request
@@ -151,6 +174,11 @@ class Engine:
         constraint = request.options.constraint
         # A verify call samples without token masks, so a constrained sequence does not speculate.
         proposer = chosen_proposer(request.options.speculative, self.speculative) if constraint is None else None
+        if proposer == "self" and self.self_draft is None:
+            raise RequestError("speculative='self' needs a model of at least two layers to draft with its first ones; use 'ngram'")
+        if proposer == "draft" and self.draft_model is None:
+            raise RequestError("speculative='draft' needs a draft model: load one with rz.LLM(path, draft_model=PATH) "
+                               "or rz serve --draft-model PATH")
         return Generation(
             request=request,
             decoder=IncrementalDecoder(self.tokenizer),
@@ -272,9 +300,9 @@ class Engine:
         # A verify call samples without token masks: none while a constrained sequence runs.
         if call is None and self.active() and not any(s.constraint is not None for s in self.active()):
             rows = self._active_rows()
-            drafts = self._drafts(rows)
-            if any(drafts.values()):
-                return self._verify(rows, drafts)
+            drafts, model_drafts = self._drafts(rows)
+            if any(drafts.values()) or any(model_drafts.values()):
+                return self._verify(rows, drafts, model_drafts)
         if call is not None and call.assignment != self._assignment:
             # Slots changed hands since the call in flight was launched: read it back (its rows
             # are for the sequences still running) before launching from the host's view.
@@ -291,7 +319,7 @@ class Engine:
         )
         # A stream that may draft after this call must be looked at with its tokens on the host,
         # and a constrained sequence's next mask depends on the tokens this call samples.
-        look = any(s.speculation is not None and s.speculation.due() for s in call.sequences)
+        look = any(self._may_draft(s, call.rows) for s in call.sequences)
         if any(needs_more) and not look and call.allowed is None:
             # Some sequence will still need tokens after this call: queue the next one behind it.
             self._in_flight = self._launch(after=call)
@@ -309,50 +337,75 @@ class Engine:
         # on the smallest batch bucket that holds them.
         return self.batch_bucket(max(sequence.slot for sequence in self.active()) + 1)
 
-    def _drafts(self, rows: int) -> dict[int, list[int]]:
+    def _drafts(self, rows: int) -> tuple[dict[int, list[int]], dict[int, int]]:
         """Each speculating stream's drafts, by slot: as many as pay (see rz.speculative), none
-        past its max_tokens. None before a plain decode step at this batch has been timed, nor at
-        a batch too large to verify (MAX_VERIFY_TOKENS)."""
-        widest = max((w for w in VERIFY_WIDTHS if rows * w <= MAX_VERIFY_TOKENS), default=0)
-        if not widest or not self.costs.knows(rows):
-            return {}
-        drafts = {}
+        past its max_tokens; the drafts of a host proposer, and how many a model is to draft on the
+        device. None before a plain decode step at this batch has been timed, nor at a batch too
+        large to verify (MAX_VERIFY_TOKENS)."""
+        if not self._draft_limit(rows) or not self.costs.knows(rows):
+            return {}, {}
+        drafts, model_drafts = {}, {}
         for sequence in self.active():
-            if sequence.speculation is None:
+            speculation = sequence.speculation
+            if speculation is None:
                 continue
-            limit = min(widest - 1, sequence.request.options.max_tokens - len(sequence.output_ids) - 1)
-            proposed = draft(sequence.speculation, (*sequence.request.prompt_ids, *sequence.output_ids), limit)
-            drafts[sequence.slot] = proposed[: sequence.speculation.n_drafts(self.costs, rows, len(proposed))]
-            sequence.speculation.looked(drafting=bool(drafts[sequence.slot]))
-        return drafts
+            limit = self._draft_limit(rows, sequence)
+            if speculation.proposer in MODEL_PROPOSERS:
+                model_drafts[sequence.slot] = speculation.n_drafts(self.costs, rows, limit)
+                continue
+            proposed = draft(speculation, (*sequence.request.prompt_ids, *sequence.output_ids), limit)
+            drafts[sequence.slot] = proposed[: speculation.n_drafts(self.costs, rows, len(proposed))]
+        return drafts, model_drafts
 
-    def _verify(self, rows: int, drafts: dict[int, list[int]]) -> list[SampledRow]:
+    def _may_draft(self, sequence: Generation, rows: int) -> bool:
+        """Whether a stream may draft when looked at after the coming call, judged from the tokens
+        on the host (a chained call's behind): the coming call is then not chained, so that its
+        tokens are on the host for the look. A model proposer drafts when drafting pays or a probe
+        is due, a host proposer only if it has drafts too. Before a decode step at this batch has
+        been timed, a speculating stream may: an unchained call is what times it.
+
+        Judging so, a stream that does not draft keeps its decode calls chained, as plain decoding's
+        are; a host proposer's drafts are found at most one call late."""
+        speculation = sequence.speculation
+        if speculation is None or not self._draft_limit(rows):
+            return False
+        if not self.costs.knows(rows):
+            return True
+        n_drafts = speculation.n_drafts(self.costs, rows, self._draft_limit(rows, sequence))
+        if speculation.proposer in MODEL_PROPOSERS or not n_drafts:
+            return n_drafts > 0
+        return bool(draft(speculation, (*sequence.request.prompt_ids, *sequence.output_ids), n_drafts))
+
+    def _draft_limit(self, rows: int, sequence: Generation | None = None) -> int:
+        """The most tokens a stream may draft at this batch (verify calls hold MAX_VERIFY_TOKENS),
+        none past a sequence's max_tokens."""
+        widest = max((w for w in VERIFY_WIDTHS if rows * w <= MAX_VERIFY_TOKENS), default=1)
+        if sequence is None:
+            return widest - 1
+        return max(0, min(widest - 1, sequence.request.options.max_tokens - len(sequence.output_ids) - 1))
+
+    def _verify(self, rows: int, drafts: dict[int, list[int]], model_drafts: dict[int, int]) -> list[SampledRow]:
         """One verify call (rz.steps.verify) for every active slot, with the drafts of the speculating
-        ones: each sequence's kept drafts and next token, position by position."""
+        ones (a host proposer's, and those a model drafts on the device first: model_drafts says
+        how many): each sequence's kept drafts and next token, position by position."""
         active = self.active()
-        width = next(w for w in VERIFY_WIDTHS if w >= 1 + max(map(len, drafts.values())))
+        n_drafts = {slot: len(tokens) for slot, tokens in drafts.items()} | model_drafts
+        width = next(w for w in VERIFY_WIDTHS if w >= 1 + max(n_drafts.values()))
         host_tokens = np.zeros((rows, width), np.int32)
         host_positions = np.full((rows, width), -1, np.int32)
         for sequence in active:
             fed = [sequence.output_ids[-1], *drafts.get(sequence.slot, ())]
             host_tokens[sequence.slot, : len(fed)] = fed
-            host_positions[sequence.slot, : len(fed)] = sequence.position + np.arange(len(fed))
-        tokens, positions = jnp.asarray(host_tokens), jnp.asarray(host_positions)
+            host_positions[sequence.slot, : 1 + n_drafts.get(sequence.slot, 0)] = sequence.position + np.arange(
+                1 + n_drafts.get(sequence.slot, 0)
+            )
         for sequence in active:
             self.rows.wrote(sequence.slot, sequence.position + width)
-        tensors, n_top = self._batch_tensors(rows)
-        name = f"verify[{rows}, width={width}, logprobs={n_top}]"
-        timed = name in self.compilations
-        started = time.perf_counter()
-        sampled, n_emitted, self.cache, self._sampler_state = self._timed(
-            name, steps.verify, self.model.weights, self.cache, tokens, positions, self._chunk_tables(positions),
-            tensors, self._sampler_state, **self._model_static, n_top=n_top,
-        )
-        sampled, n_emitted = jax.device_get((sampled, n_emitted))
-        if timed:
-            self.costs.record_verify(rows, width, time.perf_counter() - started)
+        drafting = {self.slots[slot].speculation.proposer for slot, n in model_drafts.items() if n}
+        drafters = tuple(p for p in MODEL_PROPOSERS if p in drafting)
+        sampled, n_emitted = self._verify_call(rows, jnp.asarray(host_tokens), jnp.asarray(host_positions), model_drafts, drafters)
         for sequence in active:
-            n_drafted, n_kept = len(drafts.get(sequence.slot, ())), int(n_emitted[sequence.slot]) - 1
+            n_drafted, n_kept = n_drafts.get(sequence.slot, 0), int(n_emitted[sequence.slot]) - 1
             if sequence.speculation is not None:
                 sequence.speculation.record(n_drafted, n_kept)
             self.n_drafted += n_drafted
@@ -362,6 +415,115 @@ class Engine:
             at_step = jax.tree.map(lambda leaf: leaf[index], sampled)
             emitted.extend((s, at_step, s.slot) for s in active if index < n_emitted[s.slot])
         return emitted
+
+    def _verify_call(self, rows: int, tokens, positions, model_drafts: dict[int, int], drafters: tuple[str, ...]):
+        """A verify call of tokens, positions [rows, W], after the draft calls of the model proposers
+        in drafters; timed for the cost model. Returns its SampledTokens and n_emitted, on the host."""
+        width = tokens.shape[1]
+        tensors, n_top = self._batch_tensors(rows)
+        started, n_compiled = time.perf_counter(), len(self.compilations)
+        draft_probabilities = None
+        for drafter in drafters:
+            tokens, draft_probabilities = self._draft_on_device(
+                drafter, rows, width, tokens, model_drafts, tensors, draft_probabilities
+            )
+        name = f"verify[{rows}, width={width}, logprobs={n_top}, weighed={bool(drafters)}]"
+        sampled, n_emitted, self.cache, self._sampler_state = self._timed(
+            name, steps.verify, self.model.weights, self.cache, tokens, positions, self._chunk_tables(positions),
+            tensors, self._sampler_state, draft_probabilities, **self._model_static, n_top=n_top,
+        )
+        sampled, n_emitted = jax.device_get((sampled, n_emitted))
+        if len(self.compilations) == n_compiled:  # nothing compiled: a measurement of the calls
+            for drafter in drafters or (None,):
+                self.costs.record_verify(rows, width, time.perf_counter() - started, drafter)
+        return sampled, n_emitted
+
+    def compile_speculation(self, rows: int, proposer: str | None = None) -> None:
+        """Compile the verify calls (after the draft calls, if it is a model) of a proposer, by
+        default the engine's, at a batch bucket, on idle rows, which they leave as they were: a
+        warm-up (rz.warm_up) while no sequence runs."""
+        if self.active():
+            raise RuntimeError("speculation's steps are compiled on idle rows, while no sequence runs")
+        proposer = proposer or self.speculative
+        drafters = (proposer,) if proposer in MODEL_PROPOSERS else ()
+        for width in VERIFY_WIDTHS:
+            if rows * width <= MAX_VERIFY_TOKENS:
+                idle = jnp.full((rows, width), -1, jnp.int32)
+                self._verify_call(rows, jnp.zeros((rows, width), jnp.int32), idle, {}, drafters)
+        if proposer == "draft":
+            for width in DRAFT_FEED_WIDTHS:
+                self._feed_draft_model(np.zeros((rows, width), np.int32), np.full((rows, width), -1, np.int32))
+
+    def _draft_on_device(self, drafter: str, rows: int, width: int, tokens, model_drafts: dict[int, int], tensors,
+                         draft_probabilities):
+        """A model proposer's width - 1 drafts for its slots in model_drafts that draft, in place of
+        tokens[:, 1:] (int32 [rows, width]), and every row's draft distributions (f32 [rows, width - 1,
+        n_vocab]): the model's for those rows, elsewhere draft_probabilities (an earlier model's
+        drafts), or without them a point mass at each of the host's drafts."""
+        drafting = np.zeros(rows, bool)
+        last_positions = np.full(rows, -1, np.int32)
+        sequences = [s for s in self.active() if model_drafts.get(s.slot, 0) and s.speculation.proposer == drafter]
+        for sequence in sequences:
+            drafting[sequence.slot] = True
+            last_positions[sequence.slot] = sequence.position
+        if drafter == "self":
+            draft_model, n_layers = self.self_draft, self.self_draft.cfg.n_layer
+            cache = kv_cache.KVCache(self.cache.layers[:n_layers])
+        else:
+            draft_model, cache = self.draft_model, self._fed_draft_cache(rows, sequences)
+        drafted, probabilities, cache = self._timed(
+            f"{drafter}[{rows}, drafts={width - 1}]", steps.draft, draft_model.weights, cache,
+            tokens[:, 0], jnp.asarray(last_positions), tensors, self._sampler_state,
+            family=draft_model.family, cfg=draft_model.cfg, plan=draft_model.plan, n_ctx=self.n_ctx, n_drafts=width - 1,
+        )
+        if drafter == "self":
+            self.cache = kv_cache.KVCache(cache.layers + self.cache.layers[n_layers:])
+        else:
+            # Drafting writes each row's last token and drafts too, but a ring layer gets its slots
+            # back (rz.steps.draft): held from here on is what came before the last token.
+            self.draft_cache = cache
+            for sequence in sequences:
+                self._draft_held[sequence.slot] = np.asarray(_fed_tokens(sequence), np.int32)
+        return self.model.launch(steps.with_model_drafts, tokens, drafted, probabilities, jnp.asarray(drafting), draft_probabilities)
+
+    def _fed_draft_cache(self, rows: int, sequences: Sequence[Generation]) -> kv_cache.KVCache:
+        """The draft model's cache with each of sequences' rows fed what it does not hold of the
+        tokens its target row holds (_fed_tokens: those after the longest prefix it holds), in calls
+        of up to DRAFT_FEED_WIDTHS[-1] tokens a row."""
+        pending = {}
+        rings = any(self.draft_model.cfg.sliding_layers)
+        for sequence in sequences:
+            text = np.asarray(_fed_tokens(sequence), np.int32)
+            held = self._draft_held[sequence.slot]
+            differs = np.flatnonzero(held[: len(text)] != text[: len(held)])
+            start = int(differs[0]) if len(differs) else min(len(held), len(text))
+            if rings and start < len(held):
+                # The row's ring slots hold the later positions of the text it held, and those hide
+                # the last window of what both share (rz.steps.draft restores only its drafts' slots).
+                start = max(0, start - self.draft_model.cfg.sliding_window)
+            if start < len(text):
+                pending[sequence.slot] = (start, text[start:])
+        while pending:
+            longest = max(len(tokens) for _, tokens in pending.values())
+            width = next((w for w in DRAFT_FEED_WIDTHS if w >= longest), DRAFT_FEED_WIDTHS[-1])
+            host_tokens = np.zeros((rows, width), np.int32)
+            host_positions = np.full((rows, width), -1, np.int32)
+            for slot, (start, tokens) in pending.items():
+                piece = tokens[:width]
+                host_tokens[slot, : len(piece)] = piece
+                host_positions[slot, : len(piece)] = start + np.arange(len(piece))
+            self._feed_draft_model(host_tokens, host_positions)
+            pending = {slot: (start + width, tokens[width:]) for slot, (start, tokens) in pending.items() if len(tokens) > width}
+        return self.draft_cache
+
+    def _feed_draft_model(self, tokens: np.ndarray, positions: np.ndarray) -> None:
+        """One call of rz.steps.feed into the draft model's cache: tokens, positions int32 [rows, width]."""
+        draft, positions = self.draft_model, jnp.asarray(positions)
+        tables = steps.chunk_rope_tables(draft.family.rope_freq_factors(draft.weights), positions, cfg=draft.cfg)
+        self.draft_cache = self._timed(
+            f"draft feed[{tokens.shape[0]}, width={tokens.shape[1]}]", steps.feed, draft.weights, self.draft_cache,
+            jnp.asarray(tokens), positions, tables, family=draft.family, cfg=draft.cfg, plan=draft.plan,
+        )
 
     def _launch(self, after: "_DecodeCall | None" = None) -> "_DecodeCall | None":
         """Launch one decode call: from the host's view of the slots, or chained after a call."""
@@ -495,6 +657,10 @@ class _DecodeCall:
     next_positions: jax.Array
     timed: bool  # its shape was compiled before: its time is a measurement of the step
     allowed: jax.Array | None  # the token masks it ran with (None: unconstrained)
+
+
+def _weight_bytes(model) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(model.weights))
 
 
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:

@@ -17,6 +17,7 @@ from rz.kv_cache import CacheTypes
 from rz.model_files import default_model_path
 from rz.request import Completion, RequestOptions
 from rz.scheduler import Scheduler
+from rz.speculative import check_draft_vocabulary, choose_self_draft_layers
 
 DEFAULT_N_CTX = 4096
 DEFAULT_MAX_BATCH = 16
@@ -39,6 +40,8 @@ class LLM:
         cache_type_v: str = CacheTypes.v,
         tensor_parallel: int = 1,
         data_parallel: int = 1,
+        self_draft_layers: int | None = None,
+        draft_model: str | Path | None = None,
     ):
         started = time.perf_counter()
         # How the KV cache stores keys and values (llama.cpp's names: f32, f16, bf16, q8_0).
@@ -50,6 +53,13 @@ class LLM:
         if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise RequestError(f"n_ctx must be a positive integer, got {n_ctx!r}")
         self.n_ctx = min(n_ctx or DEFAULT_N_CTX, config.context_length)
+        # The layers speculative="self" drafts with (rz.speculative); None: its default share.
+        if self_draft_layers is not None:
+            try:
+                choose_self_draft_layers(config.n_layer, self_draft_layers)
+            except ValueError as error:
+                raise RequestError(str(error)) from None
+        self.self_draft_layers = self_draft_layers
         self.config = config.for_context(self.n_ctx)
         from rz.chat import chat_template_problem
         from rz.models import load_model, load_replicas
@@ -73,6 +83,8 @@ class LLM:
             self.replicas = (load_model(self.gguf, self.config, tensor_parallel),)
         self.model = self.replicas[0]
         self.gguf.release_pages()
+        # The `draft` proposer's model: a second GGUF with this one's vocabulary (rz.speculative).
+        self.draft_model = self._load_draft_model(Path(draft_model), tensor_parallel, data_parallel) if draft_model else None
         self.max_batch = max_batch
         # One engine at a time, sized for the largest batch asked for so far: each engine holds a
         # KV cache of n_slots x n_ctx and its own compiled steps, so keeping one per batch size
@@ -81,6 +93,26 @@ class LLM:
         self._current_scheduler: Scheduler | None = None
         self._retired_compilations: dict[str, float] = {}
         self.load_seconds = time.perf_counter() - started
+
+    def _load_draft_model(self, path: Path, tensor_parallel: int, data_parallel: int):
+        from rz.models import load_model
+        from rz.tokenizer import Tokenizer
+
+        if tensor_parallel != 1 or data_parallel != 1:
+            raise RequestError("a draft model runs on one device: load it without tensor_parallel or data_parallel")
+        gguf = GGUFFile(path)
+        try:
+            check_draft_vocabulary(self.tokenizer.vocab.tokens, Tokenizer.from_gguf_metadata(gguf.metadata).vocab.tokens)
+        except ValueError as error:
+            raise RequestError(f"{path}: {error}") from None
+        model = load_model(gguf, ModelConfig.from_gguf(gguf).for_context(self.n_ctx))
+        if model.cfg.n_vocab != self.model.cfg.n_vocab:
+            raise RequestError(
+                f"{path}: the draft model's output head scores {model.cfg.n_vocab:,} tokens, the model's "
+                f"{self.model.cfg.n_vocab:,}: a draft model must share the model's vocabulary"
+            )
+        gguf.release_pages()
+        return model
 
     # ----- tokens -----
 
@@ -110,8 +142,10 @@ class LLM:
         top_k, top_p, min_p, repeat_penalty, presence_penalty, frequency_penalty, penalty_last_n, seed,
         stop, stop_token_ids, ignore_eos, logprobs, logit_bias ({token id: bias}, added to the logits);
         they default to llama.cpp's, and temperature=0 is greedy.
-        speculative="ngram" drafts tokens by prompt lookup and verifies several in one step
-        (rz.speculative): the same output, sooner where it quotes the prompt.
+        speculative="ngram" drafts tokens by prompt lookup, "self" with the model's own first layers
+        (self_draft_layers), "draft" with a second model of the same vocabulary (draft_model), and
+        verifies several in one step (rz.speculative): the same output (greedy: the same tokens;
+        sampled: the same distribution), sooner where drafts are kept.
         """
         prompts, single = _as_prompt_list(prompt)
         request_options = RequestOptions.from_flat(max_tokens=max_tokens, **options)
@@ -271,7 +305,10 @@ class LLM:
                 self._retired_compilations.update(self._current.compilations)
                 # Dropped (and so freed, cache and all) before the larger cache is allocated.
                 self._current = self._current_scheduler = None
-            self._current = Engine(self.model, self.tokenizer, self.n_ctx, n_slots, cache_types=self.cache_types)
+            self._current = Engine(
+                self.model, self.tokenizer, self.n_ctx, n_slots, cache_types=self.cache_types,
+                self_draft_layers=self.self_draft_layers, draft_model=self.draft_model,
+            )
             self._current_scheduler = Scheduler(self._current)
         return self._current_scheduler
 

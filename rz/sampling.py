@@ -187,25 +187,7 @@ class Sampler:
         """
         with jax.named_scope("sampler"):
             logits = logits.astype(jnp.float32)
-            # Each pass over the vocabulary costs (8 rows of Gemma's 262,144 logits are 8 MiB):
-            # a batch that asks for no bias, no penalty, or no draw, skips that work. The skips are
-            # exact: biases and penalties that are off leave every logit as it is, and a greedy row
-            # ignores its key.
-            biased = jax.lax.cond(
-                jnp.any(params.bias_ids >= 0),
-                lambda: apply_logit_bias(logits, params.bias_ids, params.bias_values),
-                lambda: logits,
-            )
-            penalties_on = (params.penalty_last_n > 0) & (
-                (params.repeat_penalty != 1) | (params.frequency_penalty != 0) | (params.presence_penalty != 0)
-            )
-            penalized = jax.lax.cond(
-                jnp.any(penalties_on),
-                lambda: apply_penalties(biased, state.recent_tokens, params),
-                lambda: biased,
-            )
-            if allowed is not None:
-                penalized = apply_token_mask(penalized, allowed)
+            penalized = _penalized(logits, params, state, allowed)
             greedy = first_argmax(penalized)
             sampling = params.temperature > 0
 
@@ -218,9 +200,40 @@ class Sampler:
 
             # An all-greedy batch (the common case when matching llama.cpp) skips the draw.
             tokens, next_keys = jax.lax.cond(jnp.any(sampling), draw, lambda: (greedy, state.keys))
-            sampled = _with_logprobs(logits, tokens, self.n_top_logprobs)
+            sampled = self.chosen(logits, tokens)
             recent = jnp.concatenate([state.recent_tokens[:, 1:], tokens[:, None]], axis=1)
             return sampled, SamplerState(keys=next_keys, recent_tokens=recent)
+
+    def chosen(self, logits: jax.Array, tokens: jax.Array) -> SampledTokens:
+        """Tokens i32[B] chosen at raw logits f32[B, V], with their log-probabilities (see the class)."""
+        return _with_logprobs(logits.astype(jnp.float32), tokens, self.n_top_logprobs)
+
+    def probabilities(self, logits: jax.Array, params: SamplingTensors, state: SamplerState) -> jax.Array:
+        """The distribution __call__ draws each row's token from, f32[B, V]: the softmax at the
+        row's temperature of what bias, penalties and truncation leave; one-hot at the greedy
+        token for a greedy row. Speculative sampling weighs drafts by it (rz.speculative)."""
+        with jax.named_scope("sampler_probabilities"):
+            penalized = _penalized(logits.astype(jnp.float32), params, state, None)
+            batch, vocab_size = penalized.shape
+            rows = jnp.arange(batch)[:, None]
+            full_lse = jax.nn.logsumexp(penalized, axis=-1)
+            candidate_logits, candidate_ids = _top_k(penalized, min(self.candidate_count, vocab_size))
+            keep_count, resolved = _truncation(candidate_logits, full_lse, params, vocab_size)
+            framed = _kept_weights(candidate_logits, _prefix_mask(keep_count, candidate_logits), params)
+            weights = jnp.zeros_like(penalized).at[rows, candidate_ids].set(framed)
+            sampling = params.temperature > 0
+
+            # The rows whose kept set reaches beyond the frame, over the whole vocabulary (as _draw redoes them).
+            def redo(weights):
+                sorted_logits, sorted_ids = jax.lax.top_k(penalized, vocab_size)
+                keep_all, _ = _truncation(sorted_logits, full_lse, params, vocab_size)
+                redone = _kept_weights(sorted_logits, _prefix_mask(keep_all, sorted_logits), params)
+                return jnp.where((sampling & ~resolved)[:, None], jnp.zeros_like(weights).at[rows, sorted_ids].set(redone), weights)
+
+            weights = jax.lax.cond(jnp.any(sampling & ~resolved), redo, lambda w: w, weights)
+            greedy = jax.nn.one_hot(first_argmax(penalized), vocab_size, dtype=jnp.float32)
+            return jnp.where(sampling[:, None], weights / jnp.sum(weights, axis=-1, keepdims=True), greedy)
+
 
     def _draw(self, penalized: jax.Array, params: SamplingTensors, uniforms: jax.Array) -> jax.Array:
         """Truncate and draw for every row, using the cheapest frame that is exact for that row."""
@@ -252,6 +265,27 @@ class Sampler:
 
         tokens = jax.lax.cond(jnp.any(min_p_only), redo_unsorted, lambda t: t, tokens)
         return jax.lax.cond(jnp.any(needs_sort), redo_sorted, lambda t: t, tokens)
+
+
+def _penalized(logits: jax.Array, params: SamplingTensors, state: SamplerState, allowed: jax.Array | None) -> jax.Array:
+    """The logits after bias, penalties and the token mask: what greedy picks from and truncation cuts."""
+    # Each pass over the vocabulary costs (8 rows of Gemma's 262,144 logits are 8 MiB): a batch
+    # that asks for no bias, no penalty, or no draw, skips that work. The skips are exact: biases
+    # and penalties that are off leave every logit as it is, and a greedy row ignores its key.
+    biased = jax.lax.cond(
+        jnp.any(params.bias_ids >= 0),
+        lambda: apply_logit_bias(logits, params.bias_ids, params.bias_values),
+        lambda: logits,
+    )
+    penalties_on = (params.penalty_last_n > 0) & (
+        (params.repeat_penalty != 1) | (params.frequency_penalty != 0) | (params.presence_penalty != 0)
+    )
+    penalized = jax.lax.cond(
+        jnp.any(penalties_on),
+        lambda: apply_penalties(biased, state.recent_tokens, params),
+        lambda: biased,
+    )
+    return penalized if allowed is None else apply_token_mask(penalized, allowed)
 
 
 # first_argmax reads the vocabulary in tiles of this many logits.
@@ -384,15 +418,19 @@ def _inverse_cdf_draw(
     frame_logits f32[B, W], frame_ids i32[B, W], kept bool[B, W] (at least the maximum is kept),
     uniforms f32[B] in [0, 1) -> token ids i32[B].
     """
-    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
-    top = jnp.max(jnp.where(kept, frame_logits, -jnp.inf), axis=-1, keepdims=True)
-    weights = jnp.where(kept, jnp.exp((frame_logits - top) / temperature), 0.0)
-    cdf = jnp.cumsum(weights, axis=-1)
+    cdf = jnp.cumsum(_kept_weights(frame_logits, kept, params), axis=-1)
     target = uniforms[:, None] * cdf[:, -1:]
     # u < 1, so the last kept candidate always qualifies; asking for `kept` too keeps u = 0
     # off a leading dropped candidate, whose running mass is also 0.
     index = jnp.argmax(kept & (cdf >= target), axis=-1)
     return jnp.take_along_axis(frame_ids, index[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _kept_weights(frame_logits: jax.Array, kept: jax.Array, params: SamplingTensors) -> jax.Array:
+    """Unnormalized probabilities f32[B, W] of the kept candidates at each row's temperature; 0 elsewhere."""
+    temperature = jnp.where(params.temperature > 0, params.temperature, 1.0)[:, None]
+    top = jnp.max(jnp.where(kept, frame_logits, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(kept, jnp.exp((frame_logits - top) / temperature), 0.0)
 
 
 def _with_logprobs(raw_logits: jax.Array, tokens: jax.Array, n_top: int) -> SampledTokens:

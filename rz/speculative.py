@@ -11,13 +11,21 @@ sampler draws at each position with the key plain decoding would use there, a se
 speculative run gives the very tokens of the same seeded run without speculation; greedy
 decoding is the case of a point-mass p.
 
+The `self` proposer drafts with the target's own first layers, its final norm and its output head
+(self_draft_model): a model whose drafts are sampled from a distribution q, on the device
+(rz.steps.draft), so the verify call keeps them by the general rule instead, min(1, p/q) and
+norm(max(p - q, 0)) (rz.steps.verify): the output distribution is plain decoding's, greedy output
+its very tokens, but a seeded sampled run draws other tokens than the same seeded plain run. Its
+layers' keys and values for a kept token are the target's, so it drafts in the target's cache,
+whose first layers the verify call then writes as it always does.
+
 Whether drafting pays is judged per stream from its acceptance rate and from what verify calls
 and plain decode steps have been measured to cost on this engine (CostModel): a stream drafts the
 number of tokens that maximizes expected tokens per second, and none (plain decode) when plain
 decoding is faster.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -25,7 +33,9 @@ import numpy as np
 from rz.buckets import VERIFY_WIDTHS
 from rz.errors import RequestError
 
-PROPOSERS = ("ngram",)
+PROPOSERS = ("ngram", "self", "draft")
+# The proposers that draft with a model on the device (rz.steps.draft), from a distribution q.
+MODEL_PROPOSERS = ("self", "draft")
 # A request's `speculative` that turns speculation off where the engine's default would turn it on.
 OFF = "off"
 
@@ -36,16 +46,20 @@ _PRIOR_DRAFTS = 4.0
 # Acceptance is a decayed average: each verify call's counts weigh this much against the past.
 _DECAY = 0.8
 # A stream that falls back to plain decoding (its drafts are not kept often enough to pay) tries
-# drafting again after this many tokens, so that a change of its text (a quote begins) is noticed.
+# drafting again after this many tokens, so that a change of its text (a quote begins) is noticed;
+# each probe that keeps nothing doubles the wait, up to MAX_PROBE_INTERVAL, so that a stream whose
+# text never changes pays for few probes (each one is a verify call, and a model's draft call).
 PROBE_INTERVAL = 32
-# A stream with nothing to draft is looked at again after this many tokens; in between, its decode
-# calls are chained as plain decoding's are (a look needs the last call's tokens on the host).
-LOOK_INTERVAL = 8
+MAX_PROBE_INTERVAL = 512
 # Until a call of a shape has been timed, the cost model assumes these costs relative to one plain
 # decode step at the same batch: a W-token verify call reads the weights once, as a decode step
 # does, and computes W rows (about what both real models measure at batch 1, in
 # benchmarks/results/speculative-session12.md).
 _ASSUMED_VERIFY_COST = {2: 1.25, 4: 1.5, 8: 1.9}
+# The fraction of the target's layers a `self` draft runs by default. A draft's acceptance falls as
+# it loses layers, its cost grows with the layers it keeps; on models not trained for an early exit
+# no depth was measured to pay (benchmarks/results/speculative-session13.md), so this is a middle.
+SELF_DRAFT_FRACTION = 0.5
 # Each timing weighs this much against the average of those before it.
 _TIMING_WEIGHT = 0.2
 
@@ -62,6 +76,38 @@ def chosen_proposer(requested: str | None, default: str | None) -> str | None:
     """The proposer a request speculates with: its own, else the engine's default; None: none."""
     proposer = requested if requested is not None else default
     return None if proposer == OFF else proposer
+
+
+def choose_self_draft_layers(n_layer: int, requested: int | None) -> int:
+    """The layers a `self` draft runs: requested, else SELF_DRAFT_FRACTION of n_layer; at least 1, fewer than n_layer."""
+    layers = requested if requested is not None else max(1, round(SELF_DRAFT_FRACTION * n_layer))
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers < n_layer:
+        raise ValueError(f"self_draft_layers must be an integer from 1 to {n_layer - 1} (the model has {n_layer} layers), got {requested!r}")
+    return layers
+
+
+def self_draft_model(model, n_layers: int):
+    """The `self` proposer's draft: model (an rz.models.Model) cut to its first n_layers, with its own
+    final norm and output head, its weights shared."""
+    cfg = model.cfg
+    cfg = replace(cfg, n_layer=n_layers, sliding_layers=cfg.sliding_layers[:n_layers], rope_layers=cfg.rope_layers[:n_layers])
+    return replace(model, cfg=cfg, weights=replace(model.weights, layers=model.weights.layers[:n_layers]))
+
+
+def check_draft_vocabulary(target_tokens: Sequence[str], draft_tokens: Sequence[str]) -> None:
+    """Raise ValueError unless a draft model's vocabulary (its token texts, by id) is the target's:
+    the verify call reads the draft's token ids as the target's."""
+    if len(draft_tokens) != len(target_tokens):
+        raise ValueError(
+            f"the draft model's vocabulary has {len(draft_tokens):,} tokens, the model's {len(target_tokens):,}: "
+            "a draft model must share the model's vocabulary (a smaller model of the same family)"
+        )
+    for token_id, (ours, theirs) in enumerate(zip(target_tokens, draft_tokens)):
+        if ours != theirs:
+            raise ValueError(
+                f"the draft model's token {token_id} is {theirs!r}, the model's {ours!r}: "
+                "a draft model must share the model's vocabulary (a smaller model of the same family)"
+            )
 
 
 def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = NGRAM_SIZES) -> list[int]:
@@ -91,23 +137,39 @@ class CostModel:
 
     decode_step: dict[int, float] = field(default_factory=dict)  # rows -> seconds per step
     verify_call: dict[tuple[int, int], float] = field(default_factory=dict)  # (rows, width) -> seconds
+    # A model's draft call of width - 1 tokens and the verify call of its drafts:
+    # (model proposer, rows, width) -> seconds.
+    drafted_call: dict[tuple[str, int, int], float] = field(default_factory=dict)
+    # Until such a call has been timed: what one draft token of each model proposer costs, in plain
+    # decode steps (about its share of the target's weights); 1 for one not given.
+    assumed_draft_token: dict[str, float] = field(default_factory=dict)
 
     def record_decode(self, rows: int, seconds_per_step: float) -> None:
         self.decode_step[rows] = _average(self.decode_step.get(rows), seconds_per_step)
 
-    def record_verify(self, rows: int, width: int, seconds: float) -> None:
-        self.verify_call[rows, width] = _average(self.verify_call.get((rows, width)), seconds)
+    def record_verify(self, rows: int, width: int, seconds: float, drafter: str | None = None) -> None:
+        """Time a verify call; drafter: the model proposer whose draft call it includes, if any."""
+        calls, key = self._calls(rows, width, drafter)
+        calls[key] = _average(calls.get(key), seconds)
 
     def knows(self, rows: int) -> bool:
         """Whether a plain decode step at this batch has been timed: the baseline drafting must beat."""
         return rows in self.decode_step
 
-    def relative_verify_cost(self, rows: int, width: int) -> float:
-        """A verify call of `width` tokens per row, in plain decode steps at the same batch."""
-        step, call = self.decode_step.get(rows), self.verify_call.get((rows, width))
+    def relative_verify_cost(self, rows: int, width: int, drafter: str | None = None) -> float:
+        """A verify call of `width` tokens per row, after the draft call of a model proposer
+        (drafter) if given, in plain decode steps at the same batch."""
+        calls, key = self._calls(rows, width, drafter)
+        step, call = self.decode_step.get(rows), calls.get(key)
         if step is None or call is None:
-            return _ASSUMED_VERIFY_COST[width]
+            drafting = 0.0 if drafter is None else (width - 1) * self.assumed_draft_token.get(drafter, 1.0)
+            return _ASSUMED_VERIFY_COST[width] + drafting
         return call / step
+
+    def _calls(self, rows: int, width: int, drafter: str | None):
+        if drafter is None:
+            return self.verify_call, (rows, width)
+        return self.drafted_call, (drafter, rows, width)
 
 
 @dataclass
@@ -118,8 +180,7 @@ class Speculation:
     drafted: float = _PRIOR_DRAFTS
     kept: float = _PRIOR_DRAFTS / 2
     plain_tokens: int = 0  # tokens decoded plainly since the stream last drafted
-    unlooked: int = 0  # tokens decoded plainly since its drafts were last looked for
-    drafting: bool = True  # whether it drafted when last looked at
+    probe_interval: int = PROBE_INTERVAL  # plain tokens before a stream that falls back drafts again
 
     @property
     def acceptance(self) -> float:
@@ -132,18 +193,10 @@ class Speculation:
             self.drafted = _DECAY * self.drafted + n_drafted
             self.kept = _DECAY * self.kept + n_kept
             self.plain_tokens = 0
+            self.probe_interval = PROBE_INTERVAL if n_kept else min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
 
     def record_plain(self, n_tokens: int) -> None:
         self.plain_tokens += n_tokens
-        self.unlooked += n_tokens
-
-    def looked(self, drafting: bool) -> None:
-        """Note that its drafts were looked for, and whether it drafted."""
-        self.drafting, self.unlooked = drafting, 0
-
-    def due(self) -> bool:
-        """Whether to look for its drafts after the coming decode call (else that call may be chained)."""
-        return self.drafting or self.unlooked >= LOOK_INTERVAL
 
     def n_drafts(self, costs: CostModel, rows: int, limit: int) -> int:
         """How many tokens to draft now (0: decode plainly), at most limit."""
@@ -153,16 +206,17 @@ class Speculation:
             k = min(width - 1, limit)
             # Each draft is kept with chance alpha once the ones before it are: 1 + a + ... + a^k tokens.
             expected = (1 - alpha ** (k + 1)) / (1 - alpha)
-            rate = expected / costs.relative_verify_cost(rows, width)
+            drafter = self.proposer if self.proposer in MODEL_PROPOSERS else None
+            rate = expected / costs.relative_verify_cost(rows, width, drafter)
             if k >= 1 and rate > best_rate:
                 best_rate, best = rate, k
-        if best == 0 and limit >= 1 and self.plain_tokens >= PROBE_INTERVAL:
+        if best == 0 and limit >= 1 and self.plain_tokens >= self.probe_interval:
             return min(VERIFY_WIDTHS[0] - 1, limit)
         return best
 
 
 def draft(speculation: Speculation, history: Sequence[int], n_drafts: int) -> list[int]:
-    """The proposer's drafts to follow history, at most n_drafts."""
+    """A host proposer's drafts to follow history, at most n_drafts (a model drafts on the device)."""
     if speculation.proposer == "ngram":
         return propose_ngram(history, n_drafts)
     raise ValueError(f"unknown proposer {speculation.proposer!r}")

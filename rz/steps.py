@@ -7,6 +7,7 @@ module-level functions, the steps are keyed by (family, config, shapes) and hold
 engine that is dropped is freed at once, with its KV cache.
 """
 
+from dataclasses import replace
 from functools import partial
 
 import jax
@@ -89,8 +90,80 @@ def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family
     return sampled, cache, state, tokens, positions
 
 
+@partial(jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_drafts"), donate_argnames=("cache",))
+def draft(weights, cache, tokens, positions, tensors, state, *, family, cfg, plan=None, n_ctx, n_drafts):
+    """A draft model's n_drafts tokens after each row's last one, sampled one by one as decode steps would.
+
+    tokens, positions int32 [rows]: each row's last sampled token and its position (-1: a row that
+    does not draft). Returns the drafts int32 [rows, n_drafts], the distribution each was drawn from
+    f32 [rows, n_drafts, n_vocab] (one-hot for a greedy row: Sampler.probabilities), and the cache.
+    The sampler state is the target's, read only: the draft draws with keys of its own, derived from
+    the row's, so that the verify call's draws are independent of the draft's.
+
+    The cache keeps what the draft wrote at global layers, stale later positions that the verify
+    call overwrites or causality hides (see verify); a ring layer gets back the slots the draft
+    overwrote, whose keys may still be inside the window.
+    """
+    sampler = Sampler()
+    rows = tokens.shape[0]
+    state = jax.tree.map(lambda leaf: leaf[:rows], state)
+    state = replace(state, keys=jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, _DRAFT_STREAM))
+    fed = jnp.where(positions[None, :] >= 0, positions[None, :] + jnp.arange(n_drafts, dtype=positions.dtype)[:, None], -1)
+    fed = jnp.where(fed < n_ctx, fed, -1)  # [n_drafts, rows]: the positions of the tokens fed at each step
+    rings = [index for index, sliding in enumerate(cfg.sliding_layers) if sliding]
+    overwritten = [_slots_at(cache.layers[index], fed.T) for index in rings]
+    step_tables = rope_tables(weights, jnp.maximum(fed, 0)[:, :, None], family=family, cfg=cfg)
+
+    def one(carry, step):
+        cache, tokens, state = carry
+        positions, tables = step
+        hidden, cache = forward(weights, cache, tokens[:, None], positions[:, None], tables, family=family, cfg=cfg, plan=plan)
+        logits = lm_head(weights, hidden[:, 0], family=family, cfg=cfg, plan=plan)
+        probabilities = sampler.probabilities(logits, tensors, state)
+        split = jax.vmap(jax.random.split)(state.keys)
+        uniforms = jax.vmap(jax.random.uniform)(split[:, 1])
+        drafted = _inverse_cdf(probabilities, uniforms)
+        recent = jnp.concatenate([state.recent_tokens[:, 1:], drafted[:, None]], axis=1)
+        return (cache, drafted, SamplerState(keys=split[:, 0], recent_tokens=recent)), (drafted, probabilities)
+
+    (cache, _, _), (drafts, probabilities) = jax.lax.scan(one, (cache, tokens, state), (fed, step_tables))
+    layers = list(cache.layers)
+    for index, old in zip(rings, overwritten):
+        layers[index] = _restore(layers[index], old, fed.T, jnp.ones(fed.T.shape, bool))
+    return drafts.T, jnp.swapaxes(probabilities, 0, 1), kv_cache.KVCache(tuple(layers))
+
+
+@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
+def feed(weights, cache, tokens, positions, tables, *, family, cfg, plan=None):
+    """Tokens into the cache, nothing read out: what a draft model has not seen of its streams'
+    text. tokens, positions int32 [rows, T] (position -1: nothing); tables: chunk_rope_tables of positions."""
+    return forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)[1]
+
+
+@jax.jit
+def with_model_drafts(tokens, drafted, probabilities, drafting, draft_probabilities=None):
+    """A verify call's tokens [rows, W] with a model's drafts [rows, W - 1] in the drafting rows
+    (bool [rows]), and every row's draft distributions: the model's there; elsewhere those of an
+    earlier model's drafts (draft_probabilities), or, without them, a point mass at each of the
+    host's drafts."""
+    if draft_probabilities is None:
+        draft_probabilities = jax.nn.one_hot(tokens[:, 1:], probabilities.shape[-1], dtype=probabilities.dtype)
+    tokens = tokens.at[:, 1:].set(jnp.where(drafting[:, None], drafted, tokens[:, 1:]))
+    return tokens, jnp.where(drafting[:, None, None], probabilities, draft_probabilities)
+
+
+# What a draft's keys are folded with (see draft).
+_DRAFT_STREAM = 0x5EED
+
+
+def _inverse_cdf(probabilities, uniforms):
+    """The first token whose running probability passes uniforms [rows] in probabilities f32 [rows, V]."""
+    cdf = jnp.cumsum(probabilities, axis=-1)
+    return jnp.argmax(cdf > uniforms[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)
+
+
 @partial(jax.jit, static_argnames=("family", "cfg", "plan", "n_top"), donate_argnames=("cache", "state"))
-def verify(weights, cache, tokens, positions, tables, tensors, state, *, family, cfg, plan=None, n_top):
+def verify(weights, cache, tokens, positions, tables, tensors, state, draft_probabilities=None, *, family, cfg, plan=None, n_top):
     """Score each row's last token and the drafts after it in one pass, and keep what the sampler agrees with.
 
     tokens, positions int32 [rows, W]: per row its last sampled token, then up to W - 1 drafted
@@ -99,6 +172,12 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, *, family,
     token at position j is the one plain decoding would sample there given the drafts before j:
     a row keeps its drafts while they equal the sampler's tokens, then the sampler's next token
     (rz.speculative says why that is the speculative-sampling rule for a drafted token).
+
+    draft_probabilities f32 [rows, W - 1, n_vocab]: the distribution q each draft was drawn from, for
+    drafts of a model (rz.steps.draft); a one-hot row for a point-mass draft. With them, a draft d is
+    kept with probability min(1, p(d)/q(d)), p being Sampler.probabilities, and the token after the
+    kept ones is drawn from norm(max(p - q, 0)) at the first rejected draft, from p after the last
+    draft: speculative sampling (Leviathan et al.). Without them (None), as above.
 
     tables: chunk_rope_tables of positions. Returns the SampledTokens at every position (leaves [W, rows, ...]), how many of them each row
     emits (int32 [rows], at least 1 for a live row), the cache, and the sampler state as it stands
@@ -117,14 +196,17 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, *, family,
     hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
     logits = lm_head(weights, hidden, family=family, cfg=cfg, plan=plan)
 
-    def one(state, logits_at):
-        sampled, state = sampler(logits_at, tensors, state)
-        return state, (sampled, state)
+    if draft_probabilities is None:
+        def one(state, logits_at):
+            sampled, state = sampler(logits_at, tensors, state)
+            return state, (sampled, state)
 
-    _, (sampled, states) = jax.lax.scan(one, state, jnp.swapaxes(logits, 0, 1))
-    # Draft j + 1 is kept while it, and every draft before it, is the token sampled at position j.
-    agrees = (sampled.tokens[:-1].T == tokens[:, 1:]) & (positions[:, 1:] >= 0)
-    n_kept = jnp.sum(jnp.cumprod(agrees, axis=1), axis=1)
+        _, (sampled, states) = jax.lax.scan(one, state, jnp.swapaxes(logits, 0, 1))
+        # Draft j + 1 is kept while it, and every draft before it, is the token sampled at position j.
+        kept = sampled.tokens[:-1].T == tokens[:, 1:]
+    else:
+        sampled, states, kept = _weigh_drafts(sampler, logits, tokens, positions, draft_probabilities, tensors, state)
+    n_kept = jnp.sum(jnp.cumprod(kept & (positions[:, 1:] >= 0), axis=1), axis=1)
     n_emitted = jnp.where(positions[:, 0] >= 0, n_kept + 1, 0).astype(jnp.int32)
     last = jnp.maximum(n_emitted - 1, 0)
     state = jax.tree.map(lambda leaf: leaf[last, jnp.arange(rows)], states)
@@ -135,6 +217,42 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, *, family,
         layers[index] = _restore(layers[index], old, positions, rejected)
     cache = kv_cache.KVCache(tuple(layers))
     return sampled, n_emitted, cache, state
+
+
+def _weigh_drafts(sampler, logits, tokens, positions, draft_probabilities, tensors, state):
+    """Speculative sampling over a verify call's logits [rows, W, V] (see verify): at each position,
+    whether its draft is kept, and the token emitted there if it is the first not kept (the
+    residual's draw), or the sampler's own where the row has no draft (after its last one).
+
+    Returns the SampledTokens emitted at each position and the sampler state after each
+    (leaves [W, rows, ...]), and which drafts are kept, bool [rows, W - 1]. The penalty window sees
+    the emitted tokens, which are the drafts up to the first one rejected.
+    """
+    rows, width, vocab = logits.shape
+    # Position j weighs draft j + 1 by q_j; the last position has no draft (its q is never read).
+    drafts = jnp.concatenate([tokens[:, 1:], jnp.zeros((rows, 1), tokens.dtype)], axis=1)
+    has_draft = jnp.concatenate([positions[:, 1:] >= 0, jnp.zeros((rows, 1), bool)], axis=1)
+    q = jnp.concatenate([draft_probabilities, jnp.zeros((rows, 1, vocab), draft_probabilities.dtype)], axis=1)
+
+    def one(state, at):
+        logits_at, draft_at, has_draft_at, q_at = at
+        p = sampler.probabilities(logits_at, tensors, state)
+        own, next_state = sampler(logits_at, tensors, state)
+        accept_key, residual_key = (jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, n) for n in (1, 2))
+        p_draft, q_draft = (jnp.take_along_axis(probs, draft_at[:, None], axis=1)[:, 0] for probs in (p, q_at))
+        kept = jax.vmap(jax.random.uniform)(accept_key) * q_draft < p_draft
+        residual = jnp.maximum(p - q_at, 0.0)
+        # p == q leaves no residual, and rejects nothing.
+        residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p)
+        redrawn = _inverse_cdf(residual, jax.vmap(jax.random.uniform)(residual_key))
+        emitted = jnp.where(has_draft_at, jnp.where(kept, draft_at, redrawn), own.tokens)
+        recent = jnp.concatenate([state.recent_tokens[:, 1:], emitted[:, None]], axis=1)
+        next_state = SamplerState(keys=next_state.keys, recent_tokens=recent)
+        return next_state, (sampler.chosen(logits_at, emitted), next_state, kept)
+
+    at = (jnp.swapaxes(logits, 0, 1), drafts.T, has_draft.T, jnp.swapaxes(q, 0, 1))
+    _, (sampled, states, kept) = jax.lax.scan(one, state, at)
+    return sampled, states, kept[:-1].T
 
 
 def _slots_at(layer: kv_cache.LayerCache, positions):
@@ -165,7 +283,7 @@ def _restore(layer: kv_cache.LayerCache, old, positions, rejected) -> kv_cache.L
     )
 
 
-ALL = (prefill, score, chunk_rope_tables, insert, extract, join_row, first_token, decode, verify)
+ALL = (prefill, score, chunk_rope_tables, insert, extract, join_row, first_token, decode, draft, feed, with_model_drafts, verify)
 
 
 def compiled_variants() -> int:

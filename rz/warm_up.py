@@ -35,7 +35,8 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     The units cover the prefill (a chunk, the first token, the insertion) of each context bucket,
     with and without a reused prefix, and the decode step of each batch bucket with and without
     top log-probabilities, and with a token mask (structured output: its first constrained request
-    would otherwise also build the vocabulary llguidance compiles against).
+    would otherwise also build the vocabulary llguidance compiles against); and with a default
+    proposer (rz serve --speculative), its verify calls of each width, greedy.
 
     Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
     `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
@@ -74,7 +75,16 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     units += [unit for context in larger for unit in prefills(context)]
     units += [decode(rows, options(SamplingParams(temperature=0.0, n_logprobs=1))) for rows in engine.batch_sizes]
     units += [decode(rows, options(greedy, _ANY_LETTERS)) for rows in engine.batch_sizes]
+    if engine.speculative is not None:
+        units += [speculation(rows) for rows in engine.batch_sizes]
     return units
+
+
+def speculation(rows: int) -> WarmUpUnit:
+    """The verify calls (and draft calls) a batch of `rows` speculating with the engine's default proposer runs."""
+    def run(scheduler: Scheduler) -> None:
+        scheduler.engine.compile_speculation(rows)
+    return run
 
 
 # warm_up_units' first units: a short greedy request's prefill and its one-row decode.

@@ -161,6 +161,20 @@ def test_empirical_distribution_matches_llama_cpp_chain(name, candidate_count):
     np.testing.assert_array_less(np.abs(counts - n * expected), tolerance)
 
 
+@pytest.mark.parametrize("candidate_count", [256, 4], ids=["all_candidates", "redo_paths"])
+@pytest.mark.parametrize("name", list(CHAINS))
+def test_probabilities_are_the_distribution_the_sampler_draws_from(name, candidate_count):
+    """Sampler.probabilities (speculative sampling's p) is llama.cpp's chain's distribution; one-hot when greedy."""
+    params = CHAINS[name]
+    history = [3, 3, 6, 0] if params.repeat_penalty != 1.0 else []
+    rows = [params, GREEDY]
+    state = SamplerState.create(rows, [history] * 2, window=TEST_WINDOW)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS), (2, len(LOGITS)))
+    probabilities = compiled(Sampler(candidate_count=candidate_count).probabilities)(logits, SamplingTensors.from_params(rows), state)
+    np.testing.assert_allclose(np.asarray(probabilities[0]), reference_distribution(LOGITS, params, history), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(probabilities[1]), np.eye(len(LOGITS))[np.argmax(LOGITS)])
+
+
 def test_large_vocabulary_uses_the_candidate_frame_exactly():
     vocab = jax.random.normal(jax.random.key(7), (262_144,)) * 4
     rows = seeded(SamplingParams(), 4)

@@ -4,7 +4,10 @@ import pytest
 
 from rz.errors import RequestError
 from rz.request import RequestOptions
-from rz.speculative import OFF, PROBE_INTERVAL, CostModel, Speculation, chosen_proposer, propose_ngram
+from rz.speculative import (
+    MAX_PROBE_INTERVAL, OFF, PROBE_INTERVAL, CostModel, Speculation, check_draft_vocabulary, choose_self_draft_layers,
+    chosen_proposer, propose_ngram,
+)
 
 
 def test_prompt_lookup_continues_the_latest_earlier_occurrence_of_the_longest_recurring_suffix():
@@ -45,7 +48,7 @@ def test_a_stream_whose_drafts_are_kept_drafts_the_most_that_pays():
     assert speculation.n_drafts(cheap, rows=1, limit=2) == 2
 
 
-def test_a_stream_whose_drafts_are_rejected_falls_back_to_plain_decoding_then_probes_again():
+def test_a_stream_whose_drafts_are_rejected_falls_back_to_plain_decoding_then_probes_ever_less_often():
     speculation = Speculation("ngram")
     speculation.record(n_drafted=40, n_kept=1)
     costs = CostModel(decode_step={1: 1.0}, verify_call={(1, 2): 1.3, (1, 4): 1.8, (1, 8): 3.0})
@@ -54,6 +57,20 @@ def test_a_stream_whose_drafts_are_rejected_falls_back_to_plain_decoding_then_pr
     assert speculation.n_drafts(costs, rows=1, limit=7) == 1
     speculation.record(n_drafted=1, n_kept=0)
     assert speculation.n_drafts(costs, rows=1, limit=7) == 0
+    # A probe that kept nothing doubles the wait for the next one.
+    speculation.record_plain(PROBE_INTERVAL)
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 0
+    speculation.record_plain(PROBE_INTERVAL)
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 1
+    for _ in range(10):
+        speculation.record(n_drafted=1, n_kept=0)
+    speculation.record_plain(MAX_PROBE_INTERVAL)
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 1
+    # A probe that kept a draft brings the first wait back.
+    speculation.record(n_drafted=1, n_kept=1)
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 0
+    speculation.record_plain(PROBE_INTERVAL)
+    assert speculation.n_drafts(costs, rows=1, limit=7) == 1
 
 
 def test_the_cost_model_uses_measured_costs_once_both_calls_are_timed():
@@ -75,3 +92,30 @@ def test_a_request_that_names_no_proposer_takes_the_engines_default_and_off_turn
     assert chosen_proposer("ngram", None) == "ngram"
     assert chosen_proposer(None, None) is None
     RequestOptions.from_flat(speculative=OFF).validate()
+
+
+def test_a_model_proposer_pays_for_its_draft_calls_as_well_as_the_verify_call():
+    """Drafts kept 3 times in 4: worth verifying when they come free (prompt lookup), not when each
+    costs 0.9 of a decode step (a self draft of most of the layers, before its calls are timed)."""
+    costs = CostModel(decode_step={1: 1.0}, verify_call={(1, 2): 1.1, (1, 4): 1.2, (1, 8): 1.5}, assumed_draft_token={"self": 0.9})
+    for proposer, pays in (("ngram", True), ("self", False)):
+        speculation = Speculation(proposer)
+        speculation.record(n_drafted=40, n_kept=30)
+        assert (speculation.n_drafts(costs, rows=1, limit=7) > 0) == pays
+
+
+def test_a_self_draft_runs_half_the_layers_unless_told_and_always_fewer_than_all():
+    assert choose_self_draft_layers(30, None) == 15
+    assert choose_self_draft_layers(30, 28) == 28
+    assert choose_self_draft_layers(2, None) == 1
+    for bad in (0, 30, 2.5, True):
+        with pytest.raises(ValueError, match="from 1 to 29"):
+            choose_self_draft_layers(30, bad)
+
+
+def test_a_draft_vocabulary_unlike_the_models_is_refused_naming_the_sizes_or_the_first_differing_token():
+    check_draft_vocabulary(["<s>", "a", "b"], ["<s>", "a", "b"])
+    with pytest.raises(ValueError, match="vocabulary has 2 tokens, the model's 3"):
+        check_draft_vocabulary(["<s>", "a", "b"], ["<s>", "a"])
+    with pytest.raises(ValueError, match="token 1 is 'x', the model's 'a'"):
+        check_draft_vocabulary(["<s>", "a", "b"], ["<s>", "x", "y"])

@@ -5,7 +5,7 @@
     python -m rz.bench report [--history benchmarks/results/history.jsonl]
     python -m rz.bench parity [--model M.gguf] [--prompts 48] [--tokens 48]
     python -m rz.bench chat [--model M.gguf] [--turns 10] [--engines rz,llama.cpp]
-    python -m rz.bench speculative [--model M.gguf ...] [--proposers ngram] [--reps 2] [--max-tokens 128]
+    python -m rz.bench speculative [--model M.gguf ...] [--proposers ngram] [--draft-model D.gguf] [--reps 2] [--max-tokens 128]
     python -m rz.bench schema
 
 Exit status: 0 done; 1 a test failed while timing (the rest is still reported); 2 bad input or
@@ -368,9 +368,16 @@ def cmd_speculative(argv: list[str]) -> int:
     parser.add_argument("--proposers", default=",".join(PROPOSERS), help=f"comma list of {', '.join(PROPOSERS)} (default: all)")
     parser.add_argument("--reps", type=int, default=2, help="runs of each engine per workload; medians are reported (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    parser.add_argument("--draft-model", metavar="GGUF",
+                        help="the draft proposer's model, with every --model's vocabulary (without it, draft is left out)")
     _add_measurement_options(parser)
     args = parser.parse_args(argv)
     proposers = _comma_list(args.proposers, PROPOSERS, "--proposers")
+    draft_model = Path(args.draft_model) if args.draft_model else None
+    if draft_model is None:
+        proposers = tuple(p for p in proposers if p != "draft")
+    elif not draft_model.is_file():
+        raise BenchError(f"--draft-model {draft_model}: no such file")
     if args.reps < 1 or args.max_tokens < 2:
         raise BenchError(f"--reps must be at least 1 and --max-tokens at least 2, got {args.reps} and {args.max_tokens}")
     paths = [Path(p) for p in args.model] if args.model else [smollm2_135m_path(), gemma3_270m_path()]
@@ -378,7 +385,7 @@ def cmd_speculative(argv: list[str]) -> int:
         if not path.is_file():
             raise BenchError(f"--model {path}: no such file")
     result = measure({path.name: path for path in paths}, proposers, args.reps, args.max_tokens, args.threads,
-                     _progress("speculative", args.quiet))
+                     _progress("speculative", args.quiet), draft_model)
     return _report_measurement(result, table, "speculative", argv, args.json)
 
 

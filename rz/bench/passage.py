@@ -75,3 +75,50 @@ been lit every night," she concluded, "and that is the whole of the work." Visit
 spiral staircase today can read those words on a brass plate fixed beside the lantern, polished \
 by more than a century of curious hands.
 """
+
+
+# A Python function of about 500 tokens: the input of the code-edit workload (rz.bench.speculative),
+# which asks for it back with one change.
+CODE = '''\
+def schedule_deliveries(orders, vehicles, depot, max_stops=12, max_minutes=480):
+    """Assign each order to a vehicle and order each vehicle's stops.
+
+    orders: a list of dicts with "id", "location" (x, y), "weight" and "deadline" (minutes).
+    vehicles: a list of dicts with "id" and "capacity". depot: the (x, y) every route starts at.
+    Returns {vehicle id: [order ids in the order they are delivered]} and the orders left over.
+    """
+    def distance(a, b):
+        return ((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5
+
+    def travel_minutes(a, b, speed=0.5):
+        return distance(a, b) / speed
+
+    pending = sorted(orders, key=lambda order: (order["deadline"], -order["weight"]))
+    routes = {vehicle["id"]: [] for vehicle in vehicles}
+    loads = {vehicle["id"]: 0.0 for vehicle in vehicles}
+    clocks = {vehicle["id"]: 0.0 for vehicle in vehicles}
+    positions = {vehicle["id"]: depot for vehicle in vehicles}
+    capacities = {vehicle["id"]: vehicle["capacity"] for vehicle in vehicles}
+    left_over = []
+    for order in pending:
+        best, best_arrival = None, None
+        for vehicle_id, route in routes.items():
+            if len(route) >= max_stops:
+                continue
+            if loads[vehicle_id] + order["weight"] > capacities[vehicle_id]:
+                continue
+            arrival = clocks[vehicle_id] + travel_minutes(positions[vehicle_id], order["location"])
+            back = arrival + travel_minutes(order["location"], depot)
+            if arrival > order["deadline"] or back > max_minutes:
+                continue
+            if best is None or arrival < best_arrival:
+                best, best_arrival = vehicle_id, arrival
+        if best is None:
+            left_over.append(order["id"])
+            continue
+        routes[best].append(order["id"])
+        loads[best] += order["weight"]
+        clocks[best] = best_arrival
+        positions[best] = order["location"]
+    return routes, left_over
+'''

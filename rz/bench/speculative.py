@@ -2,9 +2,11 @@
 decode tok/s of rz plain, rz with each proposer, llama.cpp plain and llama.cpp's prompt lookup
 (llama-cpp-python's LlamaPromptLookupDecoding), engines interleaved on the same token ids.
 
-Workloads: input-grounded (rewrite a ~500-token passage word for word) and free generation (a
-story). Greedy, chat-formatted; tok/s counts the tokens after the first over the time after the
-first. llama.cpp runs without its extra (REPACK/AMX) buffer types (rz.bench.llamacpp_setup).
+Workloads: two input-grounded ones (rewrite a ~500-token passage word for word; return a ~500-token
+Python function with one change) and free generation (a story). Greedy, chat-formatted; tok/s
+counts the tokens after the first over the time after the first. Every verify and draft shape is
+compiled before the first round, which is not counted either. llama.cpp runs without its extra
+(REPACK/AMX) buffer types (rz.bench.llamacpp_setup).
 """
 
 import time
@@ -15,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz.bench.passage import PASSAGE
+from rz.bench.passage import CODE, PASSAGE
 
 WORKLOADS = {
     "input-grounded": "Rewrite the following passage exactly as it is, word for word:\n\n" + PASSAGE[:2400],
+    "code edit": "Return this Python function with one change: rename the parameter `max_stops` to `stop_limit` "
+    "everywhere. Reply with the whole function and nothing else.\n\n```python\n" + CODE + "```",
     "free": "Write a long story about a lighthouse keeper who finds a message in a bottle.",
 }
 # Draft tokens per llama.cpp prompt-lookup call: llama-cpp-python's default.
@@ -26,7 +30,8 @@ LLAMACPP_LOOKUP_DRAFTS = 10
 
 
 def verify_costs(llm, depth: int = 512, reps: int = 20) -> dict[str, float]:
-    """Milliseconds (median) of one decode step and of a verify call of each width at batch 1, `depth` tokens in."""
+    """Milliseconds (median) of one decode step and of a verify call of each width at batch 1, `depth` tokens in,
+    and of the draft model's call of each width's drafts if llm has one."""
     from rz import steps
     from rz.buckets import VERIFY_WIDTHS
     from rz.request import SamplingParams
@@ -66,6 +71,18 @@ def verify_costs(llm, depth: int = 512, reps: int = 20) -> dict[str, float]:
             return out[2], out[3]
 
         clock(f"verify width {width}", verify)
+    if llm.draft_model is not None:
+        # The draft model's cache takes the target's place in clock's loop; the sampler state is read only.
+        draft = llm.draft_model
+        cache = draft.init_cache(1, 2 * depth)
+        for width in VERIFY_WIDTHS:
+            def drafting(cache, state, n_drafts=width - 1):
+                out = steps.draft(draft.weights, cache, jnp.asarray([1], jnp.int32), jnp.asarray([depth], jnp.int32), tensors,
+                                  state, family=draft.family, cfg=draft.cfg, n_ctx=2 * depth, n_drafts=n_drafts)
+                jax.device_get(out[0])
+                return out[2], state
+
+            clock(f"draft model, {width - 1} tokens", drafting)
     return {name: 1000 * float(np.median(values)) for name, values in times.items()}
 
 
@@ -93,8 +110,9 @@ def _llamacpp_run(model, prompt_ids, max_tokens, eos):
 
 
 def measure(models: dict[str, Path], proposers: tuple[str, ...], reps: int, max_tokens: int, threads: int,
-            progress: Callable[[str], None]) -> dict:
-    """Every model's verify costs and, per workload, each engine's median tok/s and rz's acceptance."""
+            progress: Callable[[str], None], draft_model: Path | None = None) -> dict:
+    """Every model's verify costs and, per workload, each engine's median tok/s and rz's acceptance;
+    the `draft` proposer drafts with draft_model (left out without one)."""
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -105,8 +123,13 @@ def measure(models: dict[str, Path], proposers: tuple[str, ...], reps: int, max_
     result = {"models": []}
     for name, path in models.items():
         progress(f"{name}: verify costs")
-        llm = rz.LLM(path, n_ctx=2048, max_batch=1)
+        llm = rz.LLM(path, n_ctx=2048, max_batch=1, draft_model=draft_model)
         entry = {"model": name, "path": str(path), "verify_ms": verify_costs(llm), "workloads": []}
+        if draft_model is not None:
+            entry["draft_model"] = str(draft_model)
+        _rz_run(llm, llm.tokenize("Hello"), 2, "off")  # the engine, whose speculation shapes compile now
+        for proposer in proposers:
+            llm._current.compile_speculation(1, proposer)
         common = dict(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
         plain_cpp = llama_cpp.Llama(**common)
         # Its draft verification reads the logits of every position fed.
@@ -149,7 +172,10 @@ def table(result: dict) -> str:
     for entry in result["models"]:
         costs = entry["verify_ms"]
         base = costs["decode step"]
-        lines += [f"## {entry['model']}", "", "| call (batch 1, depth 512) | ms | × decode step |", "|---|---:|---:|"]
+        lines += [f"## {entry['model']}", ""]
+        if "draft_model" in entry:
+            lines += [f"Draft model (the draft proposer): {Path(entry['draft_model']).name}", ""]
+        lines += ["| call (batch 1, depth 512) | ms | × decode step |", "|---|---:|---:|"]
         lines += [f"| {call} | {ms:.2f} | {ms / base:.2f} |" for call, ms in costs.items()]
         for work in entry["workloads"]:
             rates = work["tok_per_s"]

@@ -88,7 +88,16 @@ def add_commands(commands) -> None:
     serve.add_argument(
         "--speculative", choices=PROPOSERS, default=None,
         help="draft tokens with this proposer for requests that do not choose (their 'speculative' option): "
-        "ngram is prompt lookup, fastest on output that quotes its input; the output is unchanged (default: off)",
+        "ngram is prompt lookup, fastest on output that quotes its input; self drafts with the model's own first "
+        "layers; draft with --draft-model; the output is unchanged (default: off)",
+    )
+    serve.add_argument(
+        "--draft-model", metavar="PATH", default=None,
+        help="a smaller GGUF with the model's vocabulary, for the 'draft' proposer (default: none)",
+    )
+    serve.add_argument(
+        "--self-draft-layers", type=_at_least(1), default=None,
+        help="layers the 'self' proposer drafts with (default: half the model's)",
     )
     serve.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on SIGTERM (default: 10)")
     serve.add_argument("--max-request-bytes", type=_at_least(1), default=1 << 20, help="largest request accepted (default: 1 MiB)")
@@ -170,6 +179,8 @@ def run_serve(args) -> int:
         tensor_parallel=args.tensor_parallel,
         data_parallel=args.data_parallel,
         speculative=args.speculative,
+        self_draft_layers=args.self_draft_layers,
+        draft_model=args.draft_model,
     ))
 
 

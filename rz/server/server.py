@@ -71,6 +71,8 @@ class ServerConfig:
     tensor_parallel: int = 1  # devices the model is split over (rz.sharding)
     data_parallel: int = 1  # engine replicas, each with max_batch slots on tensor_parallel devices of its own
     speculative: str | None = None  # the proposer of requests that name none (rz.speculative); None: off
+    self_draft_layers: int | None = None  # the layers speculative="self" drafts with; None: its default
+    draft_model: str | None = None  # the GGUF speculative="draft" drafts with (the model's vocabulary); None: none
 
 
 class ServerStartError(RzError):
@@ -153,7 +155,8 @@ class Server:
         engines = [
             Engine(
                 model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
-                speculative=self.config.speculative,
+                speculative=self.config.speculative, self_draft_layers=self.config.self_draft_layers,
+                draft_model=llm.draft_model,
             )
             for model in llm.replicas
         ]
@@ -355,6 +358,7 @@ def _load_llm(config: ServerConfig):
     return LLM(
         config.model, n_ctx=config.n_ctx, max_batch=config.max_batch, cache_type_k=config.cache_type_k,
         cache_type_v=config.cache_type_v, tensor_parallel=config.tensor_parallel, data_parallel=config.data_parallel,
+        self_draft_layers=config.self_draft_layers, draft_model=config.draft_model,
     )
 
 
