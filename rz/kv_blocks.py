@@ -103,34 +103,37 @@ class BlockPlan:
         ring = min(_blocks(cfg.sliding_window + max_write, block_size) + 1, global_table)
         layers = {kind: cfg.sliding_layers.count(kind) for kind in (False, True) if kind in cfg.sliding_layers}
         layer_bytes = _layer_block_bytes(cfg, block_size, cache_type_k, cache_type_v)
-        block_bytes = {kind: n * layer_bytes for kind, n in layers.items()}
-        tables = {False: global_table, True: ring}
-        one_sequence = global_table if False in layers else ring
-
-        def blocks_for(budget: int) -> dict[bool, int]:
-            # A budget of global blocks; the sliding pool gets as many positions, in whole rings
-            # for between one and n_slots sequences.
-            return {kind: budget if not kind else min(n_slots * ring, max(ring, budget)) for kind in layers}
-
-        def bytes_for(budget: int) -> int:
-            return sum(n * block_bytes[kind] for kind, n in blocks_for(budget).items())
-
-        budget = n_slots * one_sequence if kv_cache_tokens is None else _blocks(kv_cache_tokens, block_size)
-        if memory_bytes is not None and bytes_for(budget) > memory_bytes:
-            types = f"cache types K {cache_type_k}, V {cache_type_v}"
-            if kv_cache_tokens is not None:
+        block_bytes = {kind: layers.get(kind, 0) * layer_bytes for kind in (False, True)}
+        types = f"cache types K {cache_type_k}, V {cache_type_v}"
+        if kv_cache_tokens is not None:
+            n_global = _blocks(kv_cache_tokens, block_size)
+            # A sequence holds no more sliding blocks than global ones, so as many as the global
+            # pool's never make the sliding pool the tighter (with between one and n_slots rings).
+            n_sliding = min(n_slots * ring, max(ring, n_global))
+            needed = n_global * block_bytes[False] + n_sliding * block_bytes[True]
+            if memory_bytes is not None and needed > memory_bytes:
                 raise RequestError(
-                    f"kv_cache_tokens={kv_cache_tokens} needs {bytes_for(budget) / _MiB:.1f} MiB of KV cache ({types}), "
+                    f"kv_cache_tokens={kv_cache_tokens} needs {needed / _MiB:.1f} MiB of KV cache ({types}), "
                     f"more than the {memory_bytes / _MiB:.1f} MiB available: lower kv_cache_tokens, or use q8_0 cache types"
                 )
-            if bytes_for(one_sequence) > memory_bytes:
+        else:
+            # As many sequences of n_ctx as memory holds, at most n_slots; the rest in global blocks.
+            per_sequence = global_table * block_bytes[False] + ring * block_bytes[True]
+            n_sequences = n_slots if memory_bytes is None else min(n_slots, memory_bytes // per_sequence)
+            if n_sequences == 0:
                 raise RequestError(
-                    f"one sequence of n_ctx={n_ctx} needs {bytes_for(one_sequence) / _MiB:.1f} MiB of KV cache ({types}), "
+                    f"one sequence of n_ctx={n_ctx} needs {per_sequence / _MiB:.1f} MiB of KV cache ({types}), "
                     f"more than the {memory_bytes / _MiB:.1f} MiB available: lower n_ctx, or use q8_0 cache types"
                 )
-            budget = _largest(one_sequence, budget, lambda b: bytes_for(b) <= memory_bytes)
+            n_sliding = n_sequences * ring
+            n_global = n_slots * global_table
+            if memory_bytes is not None and block_bytes[False]:
+                n_global = min(n_global, (memory_bytes - n_sliding * block_bytes[True]) // block_bytes[False])
+        counts = {False: n_global, True: n_sliding}
         pools = tuple(
-            PoolPlan(kind, layers[kind], n_blocks, tables[kind], block_bytes[kind]) for kind, n_blocks in blocks_for(budget).items()
+            PoolPlan(kind, layers[kind], counts[kind], table, block_bytes[kind])
+            for kind, table in ((False, global_table), (True, ring))
+            if kind in layers
         )
         return cls(block_size, n_ctx, max_write, cfg.sliding_window if True in layers else 0, cache_type_k, cache_type_v, pools)
 
@@ -180,7 +183,7 @@ class SequenceBlocks:
     peaks: dict[bool, int]  # blocks reserved per kind
     hashes: list[bytes]  # the chain hash of each full block of `tokens` hashed so far
     logical: dict[bool, list[int]]  # per kind and entry, the logical block (p // block_size) it holds, -1 if none
-    registered: dict[bool, set[int]]  # per kind, the blocks this sequence put in the cache and still holds
+    registered: dict[bool, dict[int, bytes]]  # per kind, the blocks this sequence put in the cache, and their hashes
     released: bool = False
 
 
@@ -244,11 +247,9 @@ class BlockPool:
 
     def take(self) -> int:
         """A block for one table: a free one, else the least recently used cached one."""
-        if self.free:
-            block = self.free.popleft()
-        else:
-            block, _ = self.evictable.popitem(last=False)
-            self.forget(block)
+        if not self.free:
+            self.forget(next(iter(self.evictable)))
+        block = self.free.popleft()
         self.refs[block] = 1
         self.held += 1
         return block
@@ -347,7 +348,7 @@ class KVBlocks:
             peaks=peaks,
             hashes=hashes[:n_hit],
             logical={pool.sliding: [-1] * pool.table_length for pool in self.plan.pools},
-            registered={kind: set() for kind in self.pools},
+            registered={kind: {} for kind in self.pools},
         )
         for kind, pool in self.pools.items():
             pool.reserved += peaks[kind]
@@ -382,7 +383,6 @@ class KVBlocks:
                 if logical[entry] > j:
                     raise RuntimeError(f"logical block {j} was recycled by block {logical[entry]}: a rollback past max_write")
                 if table[entry] != NO_BLOCK:
-                    seq.registered[kind].discard(table[entry])
                     pool.drop(table[entry])
                 table[entry], logical[entry] = pool.take(), j
                 changed = True
@@ -393,42 +393,46 @@ class KVBlocks:
         (speculation commits only the accepted ones); blocks that became full are hashed and
         cached, so that other prompts can map them at once."""
         self._check_live(seq)
-        seq.tokens.extend(new_tokens)
-        if not seq.n_committed <= n_written <= len(seq.tokens):
-            raise ValueError(f"cannot commit {n_written} positions: {seq.n_committed} are committed, {len(seq.tokens)} tokens known")
-        if n_written == seq.n_committed:
-            return
+        if not seq.n_committed <= n_written <= len(seq.tokens) + len(new_tokens):
+            raise ValueError(
+                f"cannot commit {n_written} positions: {seq.n_committed} are committed, "
+                f"{len(seq.tokens) + len(new_tokens)} tokens known"
+            )
         bs = self.plan.block_size
         last = (n_written - 1) // bs
-        if any(seq.logical[kind][last % len(seq.logical[kind])] != last for kind in self.pools):
+        if n_written > seq.n_committed and any(logical[last % len(logical)] != last for logical in seq.logical.values()):
             raise ValueError(f"cannot commit {n_written} positions: position {n_written - 1} has no block (grow first)")
+        seq.tokens.extend(new_tokens)
         full = n_written // bs
-        seq.hashes.extend(_chain_hashes(seq.hashes[-1] if seq.hashes else b"", seq.tokens[len(seq.hashes) * bs : full * bs], bs))
+        previous = seq.hashes[-1] if seq.hashes else b""
+        seq.hashes.extend(_chain_hashes(previous, seq.tokens[len(seq.hashes) * bs : full * bs], bs))
         for j in range(seq.n_committed // bs, full):
             for kind, pool in self.pools.items():
                 entry = j % len(seq.tables[kind])
+                block = seq.tables[kind][entry]
                 # A block that a ring has already recycled (a late commit) is not cached.
-                if seq.logical[kind][entry] == j and pool.register(seq.tables[kind][entry], seq.hashes[j]):
-                    seq.registered[kind].add(seq.tables[kind][entry])
+                if seq.logical[kind][entry] == j and pool.register(block, seq.hashes[j]):
+                    seq.registered[kind][block] = seq.hashes[j]
         seq.n_committed = n_written
 
     def release(self, seq: SequenceBlocks, failed: bool = False) -> None:
         """The sequence leaves: its blocks go back, full hashed ones to the cache, and its
         reservation with them. failed (cancelled mid-step, or an engine error): its KV may be
-        incomplete, so the blocks it hashed itself and alone holds are not kept."""
+        incomplete, so nothing it cached stays cached, unless another sequence maps it now."""
         self._check_live(seq)
         seq.released = True
         for kind, pool in self.pools.items():
             table, logical = seq.tables[kind], seq.logical[kind]
             # The last blocks first, so the first of a chain (which serve more prompts) are evicted last.
             for entry in sorted(range(len(table)), key=logical.__getitem__, reverse=True):
-                block = table[entry]
-                if block == NO_BLOCK:
-                    continue
-                if failed and block in seq.registered[kind] and pool.refs[block] == 1:
-                    pool.forget(block)
-                pool.drop(block)
+                if table[entry] != NO_BLOCK:
+                    pool.drop(table[entry])
                 table[entry], logical[entry] = NO_BLOCK, -1
+            if failed:
+                for block, block_hash in seq.registered[kind].items():
+                    # Unless evicted since (and maybe taken by another sequence).
+                    if pool.refs[block] == 0 and pool.hash_of[block] == block_hash:
+                        pool.forget(block)
             seq.registered[kind].clear()
             pool.reserved -= seq.peaks[kind]
 
@@ -497,14 +501,6 @@ def _layer_block_bytes(cfg: ModelConfig, block_size: int, cache_type_k: str, cac
 
 def _blocks(n_positions: int, block_size: int) -> int:
     return -(-n_positions // block_size)
-
-
-def _largest(low: int, high: int, fits) -> int:
-    """The largest n in [low, high] with fits(n), fits being monotone and true at low."""
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle - 1)
-    return low
 
 
 def _check_positive(name: str, value) -> None:
