@@ -337,6 +337,26 @@ def test_a_shared_prefix_in_use_counts_once_against_the_global_pool():
     check_invariants(kv, [first, second])
 
 
+def test_a_sliding_pool_promises_every_sequence_its_whole_ring_even_one_that_maps_shared_blocks():
+    # A ring drops blocks as it goes; one that another sequence still maps stays in use, and a
+    # fresh block takes its entry: sharing saves a ring no blocks.
+    kv = KVBlocks(small_plan(SLIDING_ONLY, n_ctx=64, n_slots=3, max_write=4, kv_cache_tokens=40))
+    assert (kv.plan.pool(SLIDING).table_length, kv.plan.pool(SLIDING).n_blocks) == (4, 10)
+    device = Device(kv.plan)
+    prompt = list(range(16))
+    first = admitted(kv, prompt, max_tokens=20)
+    prefill(kv, device, first)
+    second = admitted(kv, prompt, max_tokens=20)
+    assert second.n_cached == 12  # its window's blocks, 1 and 2, which the first holds too
+    assert kv.admit([99] * 10, 1) is None  # 4 more blocks would fit the blocks in use, not the two rings
+    prefill(kv, device, second)
+    for token in range(20):
+        for seq in (first, second):
+            decode(kv, device, seq, [token])
+            assert device.holds_history(seq, seq.n_committed)
+    check_invariants(kv, [first, second])
+
+
 def test_an_admitted_sequence_grows_to_its_whole_reservation_whatever_the_others_do():
     kv = KVBlocks(small_plan(MIXED, n_ctx=64, kv_cache_tokens=48, max_write=4))
     device = Device(kv.plan)
