@@ -94,6 +94,17 @@ def admitted(kv: KVBlocks, prompt, max_tokens: int = 4, cache_prompt: bool = Tru
     return seq
 
 
+def cached(prompt, cfg=GLOBAL_ONLY) -> tuple[KVBlocks, Device, SequenceBlocks]:
+    """An allocator whose cache holds a prompt's blocks (a sequence prefilled and released), its
+    device, and that sequence."""
+    kv = KVBlocks(small_plan(cfg))
+    device = Device(kv.plan)
+    seq = admitted(kv, prompt)
+    prefill(kv, device, seq)
+    kv.release(seq)
+    return kv, device, seq
+
+
 def check_invariants(kv: KVBlocks, live: list[SequenceBlocks]) -> None:
     """Every block is free, cached or in use, its count of references that of the live tables that hold it."""
     for kind, pool in kv.pools.items():
@@ -239,11 +250,7 @@ def test_a_second_request_maps_the_full_blocks_of_the_first():
 
 
 def test_the_last_prompt_token_is_computed_again_even_if_every_block_is_cached():
-    kv = KVBlocks(small_plan(GLOBAL_ONLY))
-    device = Device(kv.plan)
-    first = admitted(kv, list(range(8)))
-    prefill(kv, device, first)
-    kv.release(first)
+    kv, _, _ = cached(list(range(8)))
     assert admitted(kv, list(range(8))).n_cached == 4
     assert admitted(kv, list(range(9))).n_cached == 8
 
@@ -278,36 +285,28 @@ def test_released_blocks_stay_cached_until_cleared():
 
 
 def test_a_sliding_prefix_needs_only_the_blocks_its_first_query_sees():
-    kv = KVBlocks(small_plan(MIXED, n_ctx=64, block_size=4, max_write=8))
-    device = Device(kv.plan)
     prompt = list(range(40))
-    seq = admitted(kv, prompt)
-    prefill(kv, device, seq)
-    kv.release(seq)
+    kv, device, seq = cached(prompt, MIXED)  # in rings of 5 blocks of 4, a window of 8
     sliding = kv.pools[SLIDING]
-    cached = {j: sliding.by_hash[h] for j, h in enumerate(seq.hashes)}
+    block_of = {j: sliding.by_hash[h] for j, h in enumerate(seq.hashes)}
     # Every full block passed through the ring and was cached as it left it: 10 blocks.
-    assert sorted(cached) == list(range(10))
+    assert sorted(block_of) == list(range(10))
     # 39 tokens may come from the cache: 9 blocks, whose first recomputed query (position 36)
     # sees keys 29..35, in blocks 7 and 8. A hole before them does not matter ...
-    sliding.forget(cached[5])
+    sliding.forget(block_of[5])
     again = admitted(kv, prompt)
     assert again.n_cached == 36
-    assert {block for block in again.tables[SLIDING] if block != NO_BLOCK} == {cached[7], cached[8]}
+    assert {block for block in again.tables[SLIDING] if block != NO_BLOCK} == {block_of[7], block_of[8]}
     assert device.holds_history(again, 36)
     kv.release(again)
     # ... one within them does: the longest prefix whose window is whole is 8 blocks (keys 25..31).
-    sliding.forget(cached[8])
+    sliding.forget(block_of[8])
     assert admitted(kv, prompt).n_cached == 32
 
 
 def test_the_prefix_is_the_shortest_that_every_pool_serves():
-    kv = KVBlocks(small_plan(MIXED))
-    device = Device(kv.plan)
     prompt = list(range(40))
-    seq = admitted(kv, prompt)
-    prefill(kv, device, seq)
-    kv.release(seq)
+    kv, device, seq = cached(prompt, MIXED)
     kv.pools[GLOBAL].forget(kv.pools[GLOBAL].by_hash[seq.hashes[3]])
     again = admitted(kv, prompt)
     assert again.n_cached == 12
@@ -394,11 +393,7 @@ def test_the_least_recently_used_cached_blocks_are_evicted_first_from_a_chain_s_
 
 
 def test_a_failed_sequence_leaves_the_pools_as_they_were():
-    kv = KVBlocks(small_plan(MIXED))
-    device = Device(kv.plan)
-    first = admitted(kv, list(range(12)))
-    prefill(kv, device, first)
-    kv.release(first)
+    kv, device, _ = cached(list(range(12)), MIXED)
     baseline = kv.stats()
     hashes = {kind: dict(pool.by_hash) for kind, pool in kv.pools.items()}
     seq = admitted(kv, list(range(30)), max_tokens=8)
