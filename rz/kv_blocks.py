@@ -160,9 +160,9 @@ class BlockPlan:
         kinds = []
         for pool in self.pools:
             if pool.sliding:
-                shape = f"{pool.n_blocks // pool.table_length} rings of {pool.table_length} blocks (window {self.window})"
+                shape = f"{pool.n_blocks / pool.table_length:g} rings of {pool.table_length} (window {self.window})"
             else:
-                shape = f"{pool.n_blocks * self.block_size} tokens"
+                shape = f"{pool.n_blocks * self.block_size} tokens ({pool.n_blocks / pool.table_length:g} x n_ctx {self.n_ctx})"
             kinds.append(f"{'sliding' if pool.sliding else 'global'} {pool.n_blocks} blocks = {shape}, {pool.total_bytes / _MiB:.1f} MiB")
         return (
             f"KV cache: blocks of {self.block_size} positions, K {self.cache_type_k}, V {self.cache_type_v}; "
@@ -454,9 +454,13 @@ class KVBlocks:
             n_blocks = next((j for j, block_hash in enumerate(hashes) if block_hash not in by_hash), n_blocks)
         if True in self.pools:
             by_hash = self.pools[True].by_hash
-            n_blocks = next(
-                (k for k in range(n_blocks, 0, -1) if all(hashes[j] in by_hash for j in range(self._first_seen(k), k))), 0
-            )
+            longest, last_missing = 0, -1
+            for k in range(1, n_blocks + 1):
+                if hashes[k - 1] not in by_hash:
+                    last_missing = k - 1
+                if last_missing < self._first_seen(k):
+                    longest = k
+            n_blocks = longest
         return n_blocks
 
     def _first_seen(self, n_blocks: int) -> int:

@@ -214,7 +214,7 @@ def test_a_q8_0_cache_needs_head_dims_of_whole_blocks():
 def test_the_summary_names_blocks_bytes_and_types():
     line = small_plan(MIXED, n_slots=3, cache_type_k="q8_0").summary()
     assert line.startswith("KV cache: blocks of 4 positions, K q8_0, V f16;")
-    assert "global 48 blocks = 192 tokens" in line and "sliding 15 blocks = 3 rings of 5 blocks (window 8)" in line
+    assert "global 48 blocks = 192 tokens (3 x n_ctx 64)" in line and "sliding 15 blocks = 3 rings of 5 (window 8)" in line
     assert line.endswith("MiB in all")
 
 
