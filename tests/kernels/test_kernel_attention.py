@@ -262,19 +262,27 @@ def test_merge_splits_of_empty_and_full_splits():
     np.testing.assert_allclose(merged, [[(1.0 + 2 * 6.0) / (1.0 + 2 * 3.0)], [0.0]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["slab", "pool"])
 @pytest.mark.parametrize(
     "kernel, length", [(attention_pallas.flash_attention, 128), (attention_pallas.decode_attention, 1)]
 )
-def test_attention_kernels_lower_to_triton(kernel, length):
+def test_attention_kernels_lower_to_triton(kernel, length, paged):
+    """Both kernels, on a slab and on a pool of 37 blocks of 64 slots read through a 16-entry table."""
     spec = jax.ShapeDtypeStruct
+    kv = spec((37, 1, 64, 256), jnp.float16) if paged else spec((2, 1, 1024, 256), jnp.float32)
     args = (
         spec((2, 4, length, 256), jnp.float32),
-        spec((2, 1, 1024, 256), jnp.float32),
-        spec((2, 1, 1024, 256), jnp.float32),
+        kv,
+        kv,
         spec((2, length), jnp.int32),
-        spec((2, 1024), jnp.int32),
+        spec((37, 64) if paged else (2, 1024), jnp.int32),
+        spec((2, 16), jnp.int32) if paged else None,
     )
-    traced = jax.jit(lambda *a: kernel(*a, window=512, scale=0.0625, softcap=50.0)).trace(*args)
+
+    def run(q, k, v, q_positions, k_positions, block_table):
+        return kernel(q, k, v, q_positions, k_positions, block_table=block_table, window=512, scale=0.0625, softcap=50.0)
+
+    traced = jax.jit(run).trace(*args)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -467,24 +475,3 @@ def test_pallas_kernels_take_power_of_two_blocks_of_16_or_more():
     q, k, v, q_positions, positions, table = inputs
     with pytest.raises(ValueError, match="power of two"):
         attention_pallas.decode_attention(q, k[:, :, :8], v[:, :, :8], q_positions, positions[:, :8], block_table=table, interpret=True)
-
-
-@pytest.mark.parametrize(
-    "kernel, length", [(attention_pallas.flash_attention, 128), (attention_pallas.decode_attention, 1)]
-)
-def test_paged_attention_kernels_lower_to_triton(kernel, length):
-    spec = jax.ShapeDtypeStruct
-    args = (
-        spec((2, 4, length, 256), jnp.float32),
-        spec((37, 1, 64, 256), jnp.float16),
-        spec((37, 1, 64, 256), jnp.float16),
-        spec((2, length), jnp.int32),
-        spec((37, 64), jnp.int32),
-        spec((2, 16), jnp.int32),
-    )
-
-    def run(q, k, v, q_positions, positions, table):
-        return kernel(q, k, v, q_positions, positions, block_table=table, window=512, scale=0.0625, softcap=50.0)
-
-    traced = jax.jit(run).trace(*args)
-    assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
