@@ -132,20 +132,23 @@ inline void slot_positions(const Operands& p, int64_t b, int64_t start, int64_t 
 template <Kv T>
 inline void slot_rows(const Operands& p, const void* data, const uint16_t* scales, int64_t width, int64_t b, int64_t kv,
                       int64_t start, int64_t count, Rows& out) {
+  // A float type's scales are never read: only q8_0 fills them (this runs once per 32 slots).
+  constexpr bool kScales = T == Kv::Q8_0;
   const auto* bytes = static_cast<const uint8_t*>(data);
   const auto* zero_scales = reinterpret_cast<const uint16_t*>(kZeroRow);
-  std::fill(out.data + count, out.data + kRun, kZeroRow);
-  std::fill(out.scales + count, out.scales + kRun, zero_scales);
+  auto zero = [&](int64_t j, int64_t n) {
+    std::fill(out.data + j, out.data + j + n, kZeroRow);
+    if constexpr (kScales) std::fill(out.scales + j, out.scales + j + n, zero_scales);
+  };
+  if (count < kRun) zero(count, kRun - count);
   for_each_piece(p, b, start, count, [&](int64_t j, int64_t block, int64_t offset, int64_t n) {
-    if (block < 0) {
-      std::fill(out.data + j, out.data + j + n, kZeroRow);
-      std::fill(out.scales + j, out.scales + j + n, zero_scales);
-      return;
-    }
+    if (block < 0) return zero(j, n);
     const int64_t first = ((block * p.Hkv + kv) * p.block_size + offset) * width;
-    for (int64_t i = 0; i < n; ++i) {
-      out.data[j + i] = bytes + (first + i * width) * kElemBytes<T>;
-      out.scales[j + i] = T == Kv::Q8_0 ? scales + (first + i * width) / kQ8Block : nullptr;
+    const uint8_t* row = bytes + first * kElemBytes<T>;
+    for (int64_t i = 0; i < n; ++i, row += width * kElemBytes<T>) out.data[j + i] = row;
+    if constexpr (kScales) {
+      const uint16_t* row_scales = scales + first / kQ8Block;
+      for (int64_t i = 0; i < n; ++i, row_scales += width / kQ8Block) out.scales[j + i] = row_scales;
     }
   });
 }
