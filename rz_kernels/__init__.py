@@ -3,6 +3,8 @@
     y = qmatmul(x, qt)                      # x [..., K] @ dequantize(qt).T, by the fastest path here
     q, k, v = qmatmul_many(x, (wq, wk, wv)) # several weights on one input, one kernel call on CPU
     o = attention(q, k, v, q_positions, k_positions, window=..., scale=..., softcap=...)
+    o = attention(q, k_pool, v_pool, q_positions, pool_positions, block_table=...)  # a paged cache
+    k, v, positions = paged_as_slab(k_pool, v_pool, pool_positions, block_table)
     describe_paths()                        # which implementation serves which (op, type, size)
 
 References: rz_kernels.quants.qmatmul_ref, rz_kernels.causal_attention.attention_ref. Modules: quantized_matmul
@@ -13,6 +15,7 @@ experts' rows), qmatmul_pallas, causal_attention, attention_pallas, cpu_ffi.
 import jax
 
 from rz_kernels import causal_attention, quantized_matmul
+from rz_kernels.attention_kv import paged_as_slab
 from rz_kernels.causal_attention import attention, attention_ref, attention_weights
 from rz_kernels.quantized_matmul import qmatmul, qmatmul_many, select_path
 
@@ -23,4 +26,13 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     return quantized_matmul.describe_paths(backend) + causal_attention.describe_paths(backend)
 
 
-__all__ = ["attention", "attention_ref", "attention_weights", "describe_paths", "qmatmul", "qmatmul_many", "select_path"]
+__all__ = [
+    "attention",
+    "attention_ref",
+    "attention_weights",
+    "describe_paths",
+    "paged_as_slab",
+    "qmatmul",
+    "qmatmul_many",
+    "select_path",
+]

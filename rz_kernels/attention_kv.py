@@ -7,6 +7,9 @@
 
 Every leaf of a stored tensor has its slot axis second from the end, so the cache slices and
 scatters slots with one jax.tree.map whatever the type.
+
+Two layouts hold a cache's K and V: a slab [B, Hkv, S, D] (row b is sequence b), or a paged pool
+[N, Hkv, block_size, D] whose blocks a block table maps to sequences (paged_as_slab says how).
 """
 
 from dataclasses import dataclass
@@ -84,6 +87,30 @@ def to_f32(stored: Stored) -> jax.Array:
     quants = stored.quants.astype(jnp.float32)
     blocks = quants.reshape(*quants.shape[:-1], quants.shape[-1] // Q8_0_BLOCK, Q8_0_BLOCK)
     return (blocks * stored.scales.astype(jnp.float32)[..., None]).reshape(quants.shape)
+
+
+def paged_as_slab(k_pool: Stored, v_pool: Stored, pool_positions: jax.Array, block_table: jax.Array) -> tuple[Stored, Stored, jax.Array]:
+    """The slots a block table maps, gathered into the slab layout (for the XLA paths and as the
+    paged kernels' reference).
+
+        k_pool, v_pool   [N, Hkv, block_size, D or Dv], any cache type
+        pool_positions   int32 [N, block_size]: the position each pool slot holds, -1: empty
+        block_table      int32 [B, n_table]: sequence b's slot i lives in pool block
+                         block_table[b, i // block_size] at i % block_size; -1: absent
+        -> k, v [B, Hkv, n_table * block_size, D or Dv] and positions int32 [B, n_table * block_size],
+           an absent entry's slots empty (position -1, K and V zero)
+    """
+    present = block_table >= 0
+    blocks = jnp.where(present, block_table, 0)
+    batch, n_table = block_table.shape
+
+    def gather(leaf):
+        taken = jnp.where(present[:, :, None, None, None], leaf[blocks], jnp.zeros((), leaf.dtype))
+        _, _, n_kv, block_size, width = taken.shape
+        return taken.transpose(0, 2, 1, 3, 4).reshape(batch, n_kv, n_table * block_size, width)
+
+    positions = jnp.where(present[:, :, None], pool_positions[blocks], -1).reshape(batch, -1)
+    return jax.tree.map(gather, k_pool), jax.tree.map(gather, v_pool), positions.astype(jnp.int32)
 
 
 def _check_q8_0_width(width: int) -> None:

@@ -11,6 +11,16 @@
     k_positions  int32 [B', S]   absolute position held by each key slot; -1: an empty slot
     -> o         f32 [B, Hq, T, Dv]
 
+or, with block_table, K/V in a paged pool (rz_kernels.attention_kv.paged_as_slab):
+
+    k, v         [N, Hkv, block_size, D], [N, Hkv, block_size, Dv]: the pool's blocks
+    k_positions  int32 [N, block_size]   the position each pool slot holds; -1: empty
+    block_table  int32 [B', n_table]     sequence b's slot i lives in block block_table[b, i // block_size]
+                 at i % block_size; -1: absent (never read). S = n_table * block_size slots, as in a slab.
+
+Every implementation computes on a pool what it computes on the slab paged_as_slab gathers from it
+(the C++ kernels bit for bit); the C++ and Pallas kernels read the pool in place.
+
 A query at position p sees the key at position k iff 0 <= k <= p and, with window > 0, k > p -
 window (llama.cpp's masks; rz.kv_cache keeps one position per slot, ring buffers included, so
 the slots' order does not matter). Scores are q.k * scale, then softcap * tanh(s / softcap) if
@@ -32,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz_kernels import attention_kv, attention_pallas, cpu_ffi, quantized_matmul
-from rz_kernels.attention_kv import Q8_0Rows
+from rz_kernels.attention_kv import Q8_0Rows, paged_as_slab
 from rz_kernels.attention_scores import capped, visible
 
 log = logging.getLogger("rz_kernels")
@@ -72,16 +82,23 @@ def _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap
     return out.reshape(batch, n_head, length, v.shape[-1])
 
 
-def attention_weights(q, k, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
+def attention_weights(
+    q, k, q_positions, k_positions, *, block_table=None, window: int = 0, scale: float = 1.0, softcap: float = 0.0
+):
     """The reference's softmax weights f32 [B, Hq, T, S] (an attention map); shapes as attention_ref."""
+    k, _, k_positions = _as_slab(q, k, k, k_positions, block_table)
     batch, n_head, length, _ = q.shape
     weights = _grouped_softmax(q, k, q_positions, k_positions, window, scale, softcap, jax.lax.Precision.HIGHEST)
     return weights.reshape(batch, n_head, length, k.shape[2])
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale", "softcap"))
-def attention_ref(q, k, v, q_positions, k_positions, *, window: int = 0, scale: float = 1.0, softcap: float = 0.0):
-    """The reference: every score materialized, f32 at HIGHEST precision. Shapes in the module docstring."""
+def attention_ref(
+    q, k, v, q_positions, k_positions, *, block_table=None, window: int = 0, scale: float = 1.0, softcap: float = 0.0
+):
+    """The reference: every score materialized, f32 at HIGHEST precision. Shapes in the module docstring
+    (a pool is first gathered into a slab)."""
+    k, v, k_positions = _as_slab(q, k, v, k_positions, block_table)
     return _grouped_attention(q, k, v, q_positions, k_positions, window, scale, softcap, jax.lax.Precision.HIGHEST)
 
 
@@ -92,6 +109,7 @@ def decode_attention_cpu(
     q_positions,
     k_positions,
     *,
+    block_table=None,
     window: int = 0,
     scale: float = 1.0,
     softcap: float = 0.0,
@@ -101,12 +119,14 @@ def decode_attention_cpu(
     """The C++ decode kernel (rz_kernels/cpu/attention.cc): K/V (any cache type) streamed once, split
     over the sequence across threads. Shapes as attention_ref; head dims multiples of 8.
 
-    keys_in_order promises that slot s holds position s or is empty (a KV cache that never wraps),
-    so the kernel stops at the latest query position instead of scanning every slot. variant picks
-    a build of the kernel (default: the one this CPU runs)."""
+    keys_in_order promises that slot s holds position s or is empty (a KV cache that never wraps;
+    with a block table, logical slot s: a table whose entry j holds positions j * block_size on),
+    so the kernel stops at the latest query position instead of scanning every slot. block_table:
+    K/V are a paged pool, read in place through it. variant picks a build of the kernel (default:
+    the one this CPU runs)."""
     variant = cpu_ffi.active(variant)
     return _ffi_attention(
-        cpu_ffi.attention_target(variant), q, k, v, q_positions, k_positions,
+        cpu_ffi.attention_target(variant), q, k, v, q_positions, k_positions, block_table,
         window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order,
     )
 
@@ -118,6 +138,7 @@ def prompt_attention_cpu(
     q_positions,
     k_positions,
     *,
+    block_table=None,
     window: int = 0,
     scale: float = 1.0,
     softcap: float = 0.0,
@@ -129,13 +150,14 @@ def prompt_attention_cpu(
     the call. Shapes and keys_in_order as decode_attention_cpu; head dims multiples of 16."""
     variant = cpu_ffi.active(variant)
     return _ffi_attention(
-        cpu_ffi.prompt_attention_target(variant), q, k, v, q_positions, k_positions,
+        cpu_ffi.prompt_attention_target(variant), q, k, v, q_positions, k_positions, block_table,
         window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order,
     )
 
 
-def _ffi_attention(target: str, q, k, v, q_positions, k_positions, *, window, scale, softcap, keys_in_order):
-    """One call of a C++ attention kernel: both take the same operands and attributes."""
+def _ffi_attention(target: str, q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap, keys_in_order):
+    """One call of a C++ attention kernel: both take the same operands and attributes (a slab's
+    block table is an empty array)."""
     batch, n_head, length, _ = q.shape
     out = jax.ShapeDtypeStruct((batch, n_head, length, v.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
@@ -145,6 +167,7 @@ def _ffi_attention(target: str, q, k, v, q_positions, k_positions, *, window, sc
         *_ffi_operands(v),
         q_positions.astype(jnp.int32),
         k_positions.astype(jnp.int32),
+        jnp.zeros((0,), jnp.int32) if block_table is None else block_table.astype(jnp.int32),
         window=np.int32(window),
         scale=np.float32(scale),
         softcap=np.float32(softcap),
@@ -160,9 +183,17 @@ def _ffi_operands(stored) -> tuple[jax.Array, jax.Array]:
     return stored, jnp.zeros((0,), jnp.float16)
 
 
+def _as_slab(q, k, v, k_positions, block_table):
+    """K/V and their positions as a slab of q's batch: a pool gathered through the table's first rows
+    (paged_as_slab), a slab as it is (_first_rows)."""
+    if block_table is None:
+        return _first_rows(q, k, v, k_positions)
+    return paged_as_slab(k, v, k_positions, block_table[: q.shape[0]])
+
+
 def _first_rows(q, k, v, k_positions):
     """K/V and their positions cut to q's batch: a cache may hold rows past the batch in use, which
-    only the C++ decode kernel reads in place."""
+    only the C++ kernels read in place."""
     batch = q.shape[0]
     if k.shape[0] == batch:
         return k, v, k_positions
@@ -215,6 +246,7 @@ def attention_cpu(
     q_positions,
     k_positions,
     *,
+    block_table=None,
     window: int = 0,
     scale: float = 1.0,
     softcap: float = 0.0,
@@ -222,7 +254,7 @@ def attention_cpu(
 ):
     """The CPU formulation: decode steps (T <= 16) and prompts by their C++ kernels; without them
     (no build, or head dims they do not take), attention_xla_chunked."""
-    options = {"window": window, "scale": scale, "softcap": softcap, "keys_in_order": keys_in_order}
+    options = {"block_table": block_table, "window": window, "scale": scale, "softcap": softcap, "keys_in_order": keys_in_order}
     path = _cpu_path(q.shape[2], _head_dims(q, v))
     if path == "cpu_ffi_decode":
         return decode_attention_cpu(q, k, v, q_positions, k_positions, **options)
@@ -239,6 +271,7 @@ def attention_xla_chunked(
     q_positions,
     k_positions,
     *,
+    block_table=None,
     window: int = 0,
     scale: float = 1.0,
     softcap: float = 0.0,
@@ -247,8 +280,8 @@ def attention_xla_chunked(
 ):
     """The reference's grouped einsums, queries in chunks of `chunk` so that a long prompt never
     materializes more than [B, Hq, chunk, S] scores. With keys_in_order, each query chunk reads
-    only the slots up to its latest position (_used_span)."""
-    k, v, k_positions = _first_rows(q, k, v, k_positions)
+    only the slots up to its latest position (_used_span). A pool is gathered into a slab first."""
+    k, v, k_positions = _as_slab(q, k, v, k_positions, block_table)
     length = q.shape[2]
 
     def attend(q_chunk, p_chunk):
@@ -314,8 +347,8 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     return rows
 
 
-def _reference(q, k, v, q_positions, k_positions, *, window, scale, softcap):
-    k, v, k_positions = _first_rows(q, k, v, k_positions)
+def _reference(q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap):
+    k, v, k_positions = _as_slab(q, k, v, k_positions, block_table)
     return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
 
 
@@ -326,10 +359,23 @@ _CUDA_KERNELS = {
 }
 
 
-def _cuda(q, k, v, q_positions, k_positions, *, window, scale, softcap):
-    k, v, k_positions = _first_rows(q, k, v, k_positions)
+def _cuda(q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap):
     kernel = _CUDA_KERNELS[_cuda_path(q.shape[2])]
-    return kernel(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
+    if block_table is None:
+        k, v, k_positions = _first_rows(q, k, v, k_positions)
+    else:
+        block_table = block_table[: q.shape[0]]
+    return kernel(q, k, v, q_positions, k_positions, block_table=block_table, window=window, scale=scale, softcap=softcap)
+
+
+def _cpu_with(**options):
+    """attention_cpu with its options, taking the block table as a positional operand (as
+    platform_dependent passes it)."""
+
+    def run(q, k, v, q_positions, k_positions, block_table):
+        return attention_cpu(q, k, v, q_positions, k_positions, block_table=block_table, **options)
+
+    return run
 
 
 _logged: set[tuple] = set()
@@ -342,6 +388,7 @@ def attention(
     q_positions,
     k_positions,
     *,
+    block_table=None,
     window: int = 0,
     scale: float = 1.0,
     softcap: float = 0.0,
@@ -349,18 +396,20 @@ def attention(
 ):
     """Attention by the backend's implementation: attention_cpu on CPU, the Pallas kernels on CUDA.
 
-    keys_in_order (slot s holds position s or is empty) lets the CPU decode kernel skip the slots
-    past the latest query; it never changes the result."""
+    block_table: K/V are a paged pool (module docstring). keys_in_order (slot s holds position s or
+    is empty) lets the CPU kernels skip the slots past the latest query; it never changes the result."""
     types = f"{attention_kv.cache_type_of(k)}/{attention_kv.cache_type_of(v)}"
-    key = (q.shape, k.shape, types, window)
+    layout = "slab" if block_table is None else f"pool, table {block_table.shape}"
+    key = (q.shape, k.shape, types, window, layout)
     if key not in _logged:
         _logged.add(key)
         cpu = _cpu_path(q.shape[2], _head_dims(q, v))
         cuda = _cuda_path(q.shape[2])
         log.info(
-            "rz_kernels.attention q %s, k %s, K/V %s, window %d -> cpu: %s, cuda: %s",
+            "rz_kernels.attention q %s, k %s (%s), K/V %s, window %d -> cpu: %s, cuda: %s",
             q.shape,
             k.shape,
+            layout,
             types,
             window,
             cpu,
@@ -373,7 +422,8 @@ def attention(
         v,
         q_positions,
         k_positions,
-        cpu=functools.partial(attention_cpu, keys_in_order=keys_in_order, **options),
+        block_table,
+        cpu=_cpu_with(keys_in_order=keys_in_order, **options),
         cuda=functools.partial(_cuda, **options),
         default=functools.partial(_reference, **options),
     )

@@ -4,7 +4,8 @@
 //   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] as one of the cache types
 //   (f32, f16, bf16, or q8_0: int8 quants with k_scales [B, Hkv, S, D / 32] f16, one scale per 32
 //   elements; a float type's scales buffer is empty), K and V independently,
-//   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
+//   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32;
+//   or K/V a paged pool read in place through a block table (attention_kv.h's Operands).
 //
 // A task is one (sequence, KV head, split of the slots): it holds the G * T query rows of the
 // KV head's group (query head h reads KV head h / G) and walks its slots in blocks of 32 with an
@@ -64,11 +65,10 @@ RZ_INLINE __m256 exp_ps(__m256 x) {
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(exponent)));
 }
 
-// Elements i..i+7 of slot s's row as f32.
+// Elements i..i+7 of the run's slot j's row as f32.
 template <Kv T>
-RZ_INLINE __m256 load8(const Rows& rows, int64_t s, int64_t i) {
-  const int64_t at = s * rows.width + i;
-  const auto* bytes = rows.data + at * kElemBytes<T>;
+RZ_INLINE __m256 load8(const Rows& rows, int64_t j, int64_t i) {
+  const auto* bytes = rows.data[j] + i * kElemBytes<T>;
   if constexpr (T == Kv::F32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(bytes));
   } else if constexpr (T == Kv::F16) {
@@ -77,7 +77,7 @@ RZ_INLINE __m256 load8(const Rows& rows, int64_t s, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))), 16));
   } else {
     const __m256 quants = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
-    return _mm256_mul_ps(quants, _mm256_set1_ps(_cvtsh_ss(rows.scales[at / kQ8Block])));
+    return _mm256_mul_ps(quants, _mm256_set1_ps(_cvtsh_ss(rows.scales[j][i / kQ8Block])));
   }
 }
 
@@ -103,9 +103,9 @@ RZ_INLINE __m256 hsum8(const __m256 (&a)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// The scores of query row q against the 32 keys from slot `start`, -inf where masked (mask bit j: visible).
+// The scores of query row q against the run's 32 keys, -inf where masked (mask bit j: visible).
 template <Kv KT>
-RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, int64_t start, uint32_t mask, float* scores) {
+RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, uint32_t mask, float* scores) {
   for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 8) {
     const uint32_t group_mask = (mask >> j0) & 0xFF;
     if (!group_mask) {
@@ -117,7 +117,7 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, 
     for (int64_t i = 0; i < p.D; i += 8) {
       const __m256 qv = _mm256_loadu_ps(q + i);
 #pragma GCC unroll 8
-      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, load8<KT>(keys, start + j0 + jj, i), acc[jj]);
+      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, load8<KT>(keys, j0 + jj, i), acc[jj]);
     }
     __m256 s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(p.scale));
     if (p.softcap > 0) {
@@ -137,7 +137,7 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, 
 // accumulator is an FMA chain over the keys: RG * NV = 8 chains keep both FMA units busy (with
 // fewer, every key waits on the FMA latency).
 template <int RG, int NV, Kv VT>
-RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, const float* correction, float* out, int64_t i) {
+RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t n, const float* weights, const float* correction, float* out, int64_t i) {
   __m256 acc[RG][NV];
 #pragma GCC unroll 2
   for (int r = 0; r < RG; ++r) {
@@ -148,7 +148,7 @@ RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t start, i
   for (int64_t j = 0; j < n; ++j) {
     __m256 vv[NV];
 #pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) vv[u] = load8<VT>(values, start + j, i + 8 * u);
+    for (int u = 0; u < NV; ++u) vv[u] = load8<VT>(values, j, i + 8 * u);
 #pragma GCC unroll 2
     for (int r = 0; r < RG; ++r) {
       const __m256 w = _mm256_broadcast_ss(weights + r * kKeyBlock + j);
@@ -166,19 +166,19 @@ RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t start, i
 // value_tile over all rows and lanes: rows in pairs, 32 lanes at a time; an odd last row 64 lanes
 // at a time; head dims that are not multiples of those finish 8 lanes at a time.
 template <Kv VT>
-RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, const float* correction, float* out) {
+RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t n, const float* weights, const float* correction, float* out) {
   int64_t r = 0;
   for (; r + 2 <= p.R; r += 2) {
     const float* w = weights + r * kKeyBlock;
     int64_t i = 0;
-    for (; i + 32 <= p.Dv; i += 32) value_tile<2, 4, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
-    for (; i < p.Dv; i += 8) value_tile<2, 1, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
+    for (; i + 32 <= p.Dv; i += 32) value_tile<2, 4, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<2, 1, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
   }
   if (r < p.R) {
     const float* w = weights + r * kKeyBlock;
     int64_t i = 0;
-    for (; i + 64 <= p.Dv; i += 64) value_tile<1, 8, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
-    for (; i < p.Dv; i += 8) value_tile<1, 1, VT>(p, values, start, n, w, correction + r, out + r * p.Dv, i);
+    for (; i + 64 <= p.Dv; i += 64) value_tile<1, 8, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<1, 1, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
   }
 }
 
@@ -192,9 +192,6 @@ struct TaskScratch {
 
 template <Kv KT, Kv VT>
 void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
-  const Rows keys = rz_cpu::head_rows<KT>(p.k, p.k_scales, b * p.Hkv + kv, p.S, p.D);
-  const Rows values = rz_cpu::head_rows<VT>(p.v, p.v_scales, b * p.Hkv + kv, p.S, p.Dv);
-  const int32_t* k_pos = p.k_positions + b * p.S;
   const int32_t* q_pos = p.q_positions + b * p.T;
   thread_local TaskScratch scratch;
   auto& q_rows = scratch.q_rows;
@@ -207,23 +204,28 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
   masks.resize(p.T);
   for (int64_t r = 0; r < p.R; ++r) q_rows[r] = p.q + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.D;
   alignas(32) float scores[kKeyBlock];
+  int32_t k_pos[kKeyBlock];
+  Rows keys, values;
   for (int64_t start = s0; start < s1; start += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, s1 - start);
+    rz_cpu::slot_positions(p, b, start, n, k_pos);
     // Which of the block's keys each query step sees: bit j of masks[t].
     uint32_t any = 0;
     for (int64_t t = 0; t < p.T; ++t) {
       const int32_t position = q_pos[t];
       uint32_t mask = 0;
       for (int64_t j = 0; j < n; ++j) {
-        const int32_t key = k_pos[start + j];
+        const int32_t key = k_pos[j];
         mask |= static_cast<uint32_t>(key >= 0 && key <= position && (p.window == 0 || key > position - p.window)) << j;
       }
       masks[t] = mask;
       any |= mask;
     }
     if (!any) continue;
+    rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, start, n, keys);
+    rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, start, n, values);
     for (int64_t r = 0; r < p.R; ++r) {
-      block_scores<KT>(p, q_rows[r], keys, start, masks[r % p.T], scores);
+      block_scores<KT>(p, q_rows[r], keys, masks[r % p.T], scores);
       // Online softmax: the row's state moves to the new running max, then takes the block.
       __m256 block_max = _mm256_set1_ps(-INFINITY);
       for (int64_t j = 0; j < kKeyBlock; j += 8) block_max = _mm256_max_ps(block_max, _mm256_load_ps(scores + j));
@@ -244,16 +246,16 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       }
       part.sum[r] = part.sum[r] * correction[r] + hsum(total);
     }
-    block_values<VT>(p, values, start, n, weights.data(), correction.data(), part.out);
+    block_values<VT>(p, values, n, weights.data(), correction.data(), part.out);
   }
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales, ffi::AnyBuffer v,
                          ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> k_positions,
-                         ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
+                         ffi::Buffer<ffi::S32> block_table, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
   Problem p{};
-  if (ffi::Error error = rz_cpu::read_operands("rz_attention", 8, q, k, k_scales, v, v_scales, q_positions, k_positions, window,
-                                                scale, softcap, keys_in_order, p);
+  if (ffi::Error error = rz_cpu::read_operands("rz_attention", 8, q, k, k_scales, v, v_scales, q_positions, k_positions, block_table,
+                                                window, scale, softcap, keys_in_order, p);
       error.failure()) {
     return error;
   }
@@ -316,6 +318,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzAttention, AttentionImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

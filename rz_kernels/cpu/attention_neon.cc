@@ -4,7 +4,8 @@
 //
 //   q [B, Hq, T, D] f32, k [B, Hkv, S, D] and v [B, Hkv, S, Dv] as one of the cache types
 //   (f32, f16, bf16, or q8_0 with f16 scales [B, Hkv, S, D / 32]), K and V independently,
-//   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
+//   q_positions [B, T] int32, k_positions [B, S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32;
+//   or K/V a paged pool read in place through a block table (attention_kv.h's Operands).
 //
 // A task is one (sequence, KV head, split of the slots): it holds the G * T query rows of the KV
 // head's group and walks its slots in blocks of 32 with an online softmax (running max, running
@@ -57,11 +58,10 @@ RZ_INLINE float32x4_t exp_f32x4(float32x4_t x) {
   return vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(e), underflow));
 }
 
-// Elements i..i+3 of slot s's row as f32.
+// Elements i..i+3 of the run's slot j's row as f32.
 template <Kv T>
-RZ_INLINE float32x4_t load4(const Rows& rows, int64_t s, int64_t i) {
-  const int64_t at = s * rows.width + i;
-  const auto* bytes = rows.data + at * kElemBytes<T>;
+RZ_INLINE float32x4_t load4(const Rows& rows, int64_t j, int64_t i) {
+  const auto* bytes = rows.data[j] + i * kElemBytes<T>;
   if constexpr (T == Kv::F32) {
     return vld1q_f32(reinterpret_cast<const float*>(bytes));
   } else if constexpr (T == Kv::F16) {
@@ -72,7 +72,7 @@ RZ_INLINE float32x4_t load4(const Rows& rows, int64_t s, int64_t i) {
     int32_t four;  // 4 quants: a wider load could pass the buffer's end
     std::memcpy(&four, bytes, 4);
     const int16x4_t quants = vget_low_s16(vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(four))));
-    const float16x4_t scale = vreinterpret_f16_u16(vdup_n_u16(rows.scales[at / kQ8Block]));
+    const float16x4_t scale = vreinterpret_f16_u16(vdup_n_u16(rows.scales[j][i / kQ8Block]));
     return vmulq_f32(vcvtq_f32_s32(vmovl_s16(quants)), vcvt_f32_f16(scale));
   }
 }
@@ -91,9 +91,9 @@ struct Partial {
   }
 };
 
-// The scores of query row q against the 32 keys from slot `start`, -inf where masked (mask bit j: visible).
+// The scores of query row q against the run's 32 keys, -inf where masked (mask bit j: visible).
 template <Kv KT>
-RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, int64_t start, uint32_t mask, float* scores) {
+RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, uint32_t mask, float* scores) {
   for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 4) {
     const uint32_t group_mask = (mask >> j0) & 0xF;
     if (!group_mask) {
@@ -105,7 +105,7 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, 
     for (int64_t i = 0; i < p.D; i += 4) {
       const float32x4_t qv = vld1q_f32(q + i);
 #pragma GCC unroll 4
-      for (int jj = 0; jj < 4; ++jj) acc[jj] = vfmaq_f32(acc[jj], qv, load4<KT>(keys, start + j0 + jj, i));
+      for (int jj = 0; jj < 4; ++jj) acc[jj] = vfmaq_f32(acc[jj], qv, load4<KT>(keys, j0 + jj, i));
     }
     float32x4_t s = vmulq_n_f32(vpaddq_f32(vpaddq_f32(acc[0], acc[1]), vpaddq_f32(acc[2], acc[3])), p.scale);
     if (p.softcap > 0) {
@@ -123,13 +123,13 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, 
 // out[r] = out[r] * correction[r] + sum_j weights[r, j] v_j for one row and NV * 4 output lanes
 // at lane i, the accumulators kept in registers while the block's V rows stream by.
 template <int NV, Kv VT>
-RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, float correction, float* out, int64_t i) {
+RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t n, const float* weights, float correction, float* out, int64_t i) {
   float32x4_t acc[NV];
 #pragma GCC unroll 8
   for (int u = 0; u < NV; ++u) acc[u] = vmulq_n_f32(vld1q_f32(out + i + 4 * u), correction);
   for (int64_t j = 0; j < n; ++j) {
 #pragma GCC unroll 8
-    for (int u = 0; u < NV; ++u) acc[u] = vfmaq_n_f32(acc[u], load4<VT>(values, start + j, i + 4 * u), weights[j]);
+    for (int u = 0; u < NV; ++u) acc[u] = vfmaq_n_f32(acc[u], load4<VT>(values, j, i + 4 * u), weights[j]);
   }
 #pragma GCC unroll 8
   for (int u = 0; u < NV; ++u) vst1q_f32(out + i + 4 * u, acc[u]);
@@ -138,11 +138,11 @@ RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t start, i
 // value_tile over all rows and lanes: 32 lanes at a time, head dims that are not multiples of 32
 // finish 8 at a time.
 template <Kv VT>
-RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t start, int64_t n, const float* weights, const float* correction, float* out) {
+RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t n, const float* weights, const float* correction, float* out) {
   for (int64_t r = 0; r < p.R; ++r) {
     int64_t i = 0;
-    for (; i + 32 <= p.Dv; i += 32) value_tile<8, VT>(p, values, start, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
-    for (; i < p.Dv; i += 8) value_tile<2, VT>(p, values, start, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
+    for (; i + 32 <= p.Dv; i += 32) value_tile<8, VT>(p, values, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<2, VT>(p, values, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
   }
 }
 
@@ -156,9 +156,6 @@ struct TaskScratch {
 
 template <Kv KT, Kv VT>
 void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
-  const Rows keys = rz_cpu::head_rows<KT>(p.k, p.k_scales, b * p.Hkv + kv, p.S, p.D);
-  const Rows values = rz_cpu::head_rows<VT>(p.v, p.v_scales, b * p.Hkv + kv, p.S, p.Dv);
-  const int32_t* k_pos = p.k_positions + b * p.S;
   const int32_t* q_pos = p.q_positions + b * p.T;
   thread_local TaskScratch scratch;
   auto& q_rows = scratch.q_rows;
@@ -171,23 +168,28 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
   masks.resize(p.T);
   for (int64_t r = 0; r < p.R; ++r) q_rows[r] = p.q + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.D;
   alignas(16) float scores[kKeyBlock];
+  int32_t k_pos[kKeyBlock];
+  Rows keys, values;
   for (int64_t start = s0; start < s1; start += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, s1 - start);
+    rz_cpu::slot_positions(p, b, start, n, k_pos);
     // Which of the block's keys each query step sees: bit j of masks[t].
     uint32_t any = 0;
     for (int64_t t = 0; t < p.T; ++t) {
       const int32_t position = q_pos[t];
       uint32_t mask = 0;
       for (int64_t j = 0; j < n; ++j) {
-        const int32_t key = k_pos[start + j];
+        const int32_t key = k_pos[j];
         mask |= static_cast<uint32_t>(key >= 0 && key <= position && (p.window == 0 || key > position - p.window)) << j;
       }
       masks[t] = mask;
       any |= mask;
     }
     if (!any) continue;
+    rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, start, n, keys);
+    rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, start, n, values);
     for (int64_t r = 0; r < p.R; ++r) {
-      block_scores<KT>(p, q_rows[r], keys, start, masks[r % p.T], scores);
+      block_scores<KT>(p, q_rows[r], keys, masks[r % p.T], scores);
       // Online softmax: the row's state moves to the new running max, then takes the block.
       float32x4_t block_max = vdupq_n_f32(-INFINITY);
       for (int64_t j = 0; j < kKeyBlock; j += 4) block_max = vmaxq_f32(block_max, vld1q_f32(scores + j));
@@ -208,16 +210,16 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       }
       part.sum[r] = part.sum[r] * correction[r] + vaddvq_f32(total);
     }
-    block_values<VT>(p, values, start, n, weights.data(), correction.data(), part.out);
+    block_values<VT>(p, values, n, weights.data(), correction.data(), part.out);
   }
 }
 
 ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales, ffi::AnyBuffer v,
                          ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions, ffi::Buffer<ffi::S32> k_positions,
-                         ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
+                         ffi::Buffer<ffi::S32> block_table, ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
   Problem p{};
-  if (ffi::Error error = rz_cpu::read_operands("rz_attention", 8, q, k, k_scales, v, v_scales, q_positions, k_positions, window,
-                                                scale, softcap, keys_in_order, p);
+  if (ffi::Error error = rz_cpu::read_operands("rz_attention", 8, q, k, k_scales, v, v_scales, q_positions, k_positions, block_table,
+                                                window, scale, softcap, keys_in_order, p);
       error.failure()) {
     return error;
   }
@@ -278,6 +280,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzAttention, AttentionImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

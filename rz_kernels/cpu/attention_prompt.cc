@@ -5,9 +5,10 @@
 //   q [B, Hq, T, D] f32, k [B', Hkv, S, D] and v [B', Hkv, S, Dv] as one of the cache types (f32,
 //   f16, bf16, or q8_0: int8 quants with f16 scales [B', Hkv, S, D / 32]), K and V independently,
 //   q_positions [B, T] int32, k_positions [B', S] int32 (-1: empty) -> o [B, Hq, T, Dv] f32.
-//   B' >= B: sequence b reads row b. Head dims must be multiples of 16.
+//   B' >= B: sequence b reads row b. Or K/V a paged pool read in place through a block table
+//   (attention_kv.h's Operands). Head dims must be multiples of 16.
 //
-// Two phases. First every used slot's K and V are converted to f32 once, K transposed in blocks
+// Two phases. First every used slot's K and V are converted to f32 once (and its position copied), K transposed in blocks
 // of 32 slots ([D][32] per block) so that a query row's 32 scores are an FMA chain per lane. Then
 // a task is one (sequence, KV head, tile of the group's query rows): it walks the blocks, scores a
 // few rows at a time against a block, and folds the scores into each row's online softmax and
@@ -52,7 +53,7 @@ constexpr int kLanes = 4;
 typedef float Vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t Vi __attribute__((vector_size(kLanes * sizeof(float))));
 
-constexpr int64_t kBlock = 32;  // slots per block
+constexpr int64_t kBlock = rz_cpu::kRun;  // slots per block
 constexpr int kBlockVecs = kBlock / kLanes;
 // Rows scored together: their kRows * kBlockVecs score accumulators are independent FMA chains
 // sharing each loaded K vector (16 of AVX-512's 32 registers, 8 of AVX2's 16).
@@ -131,12 +132,11 @@ inline float f16_to_f32(uint16_t h) {
 #endif
 }
 
-// Elements [0, width) of slot s's row as f32.
+// Elements [0, width) of the run's slot j's row as f32.
 template <Kv T>
-void row_f32(const Rows& rows, int64_t s, float* out) {
-  const int64_t first = s * rows.width;
-  const uint8_t* bytes = rows.data + first * kElemBytes<T>;
-  for (int64_t i = 0; i < rows.width; ++i) {
+void row_f32(const Rows& rows, int64_t j, int64_t width, float* out) {
+  const uint8_t* bytes = rows.data[j];
+  for (int64_t i = 0; i < width; ++i) {
     if constexpr (T == Kv::F32) {
       std::memcpy(out + i, bytes + 4 * i, 4);
     } else if constexpr (T == Kv::F16) {
@@ -149,7 +149,7 @@ void row_f32(const Rows& rows, int64_t s, float* out) {
       const uint32_t bits = static_cast<uint32_t>(h) << 16;
       std::memcpy(out + i, &bits, 4);
     } else {
-      out[i] = static_cast<float>(static_cast<int8_t>(bytes[i])) * f16_to_f32(rows.scales[(first + i) / kQ8Block]);
+      out[i] = static_cast<float>(static_cast<int8_t>(bytes[i])) * f16_to_f32(rows.scales[j][i / kQ8Block]);
     }
   }
 }
@@ -157,26 +157,35 @@ void row_f32(const Rows& rows, int64_t s, float* out) {
 struct Problem : rz_cpu::Operands {
   int64_t n_blocks;  // ceil(S_used / kBlock)
   // Phase one's output, per (sequence, KV head): K as [block][D][kBlock], V as [block * kBlock][Dv],
-  // slots past S_used zero.
+  // slots past S_used zero; per sequence, each slot's position [n_blocks * kBlock] (-1 past S_used).
   float* keys;
   float* values;
+  int32_t* positions;
   const float* head_keys(int64_t head) const { return keys + head * n_blocks * kBlock * D; }
   const float* head_values(int64_t head) const { return values + head * n_blocks * kBlock * Dv; }
 };
 
-// Phase one for one block of one head: K transposed into [D][kBlock], V as rows.
+// Phase one for one block of one head: K transposed into [D][kBlock], V as rows (read through
+// the block table where there is one), and with the first KV head the block's positions.
 template <Kv KT, Kv VT>
 void convert_block(const Problem& p, int64_t head, int64_t block, float* row) {
-  const Rows keys = rz_cpu::head_rows<KT>(p.k, p.k_scales, head, p.S, p.D);
-  const Rows values = rz_cpu::head_rows<VT>(p.v, p.v_scales, head, p.S, p.Dv);
+  const int64_t b = head / p.Hkv, kv = head % p.Hkv, first = block * kBlock;
+  const int64_t n = std::min(kBlock, p.S_used - first);
+  Rows keys, values;
+  rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, first, n, keys);
+  rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, first, n, values);
+  if (kv == 0) {
+    int32_t* positions = p.positions + b * p.n_blocks * kBlock + first;
+    rz_cpu::slot_positions(p, b, first, n, positions);
+    std::fill(positions + n, positions + kBlock, -1);
+  }
   float* kt = p.keys + (head * p.n_blocks + block) * kBlock * p.D;
   float* vb = p.values + (head * p.n_blocks + block) * kBlock * p.Dv;
   for (int64_t j = 0; j < kBlock; ++j) {
-    const int64_t s = block * kBlock + j;
-    if (s < p.S_used) {
-      row_f32<KT>(keys, s, row);
+    if (j < n) {
+      row_f32<KT>(keys, j, p.D, row);
       for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = row[d];
-      row_f32<VT>(values, s, vb + j * p.Dv);
+      row_f32<VT>(values, j, p.Dv, vb + j * p.Dv);
     } else {
       for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = 0.0f;
       std::fill(vb + j * p.Dv, vb + (j + 1) * p.Dv, 0.0f);
@@ -319,7 +328,7 @@ void accumulate_values(const Problem& p, const float* vb, int64_t n_keys, int64_
 // Phase two for one task: query rows [r0, r1) of head (b, kv), written to o normalized.
 void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1, float* o) {
   const int64_t head = b * p.Hkv + kv, rows = r1 - r0;
-  const int32_t* k_pos = p.k_positions + b * p.S;
+  const int32_t* k_pos = p.positions + b * p.n_blocks * kBlock;
   const int32_t* q_pos = p.q_positions + b * p.T;
   thread_local RowState st;
   thread_local std::vector<const float*> q_rows;
@@ -354,11 +363,11 @@ void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1
 
 ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales,
                                ffi::AnyBuffer v, ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions,
-                               ffi::Buffer<ffi::S32> k_positions, ffi::ResultBuffer<ffi::F32> o, int32_t window,
-                               float scale, float softcap, bool keys_in_order) {
+                               ffi::Buffer<ffi::S32> k_positions, ffi::Buffer<ffi::S32> block_table,
+                               ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order) {
   Problem p{};
-  if (ffi::Error error = rz_cpu::read_operands("rz_prompt_attention", 16, q, k, k_scales, v, v_scales, q_positions, k_positions, window,
-                                                scale, softcap, keys_in_order, p);
+  if (ffi::Error error = rz_cpu::read_operands("rz_prompt_attention", 16, q, k, k_scales, v, v_scales, q_positions, k_positions, block_table,
+                                                window, scale, softcap, keys_in_order, p);
       error.failure()) {
     return error;
   }
@@ -366,9 +375,12 @@ ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   p.n_blocks = (p.S_used + kBlock - 1) / kBlock;
   const int64_t heads = p.B * p.Hkv;
   thread_local std::vector<float> converted;
+  thread_local std::vector<int32_t> positions;
   converted.resize(heads * p.n_blocks * kBlock * (p.D + p.Dv));
+  positions.resize(p.B * p.n_blocks * kBlock);
   p.keys = converted.data();
   p.values = converted.data() + heads * p.n_blocks * kBlock * p.D;
+  p.positions = positions.data();
   const int64_t threads = rz_cpu::pool_threads(pool, 0);
 
   rz_cpu::parallel_for(pool, heads * p.n_blocks, threads, [&](int64_t task) {
@@ -397,6 +409,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzPromptAttention, PromptAttentionImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

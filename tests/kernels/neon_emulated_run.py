@@ -65,9 +65,14 @@ def main(inputs_path: str, outputs_path: str) -> None:
         q, k, v, q_positions, k_positions = (jnp.asarray(inputs[f"{key}.{name}"]) for name in ("q", "k", "v", "qp", "kp"))
         k, v = attention_kv.store(k, case["types"][0]), attention_kv.store(v, case["types"][1])
         kernel = decode_attention_cpu if q.shape[2] <= DECODE_MAX_T else prompt_attention_cpu
-        outputs[f"{key}.o"] = np.asarray(kernel(q, k, v, q_positions, k_positions, **case["options"]))
+        table = jnp.asarray(inputs[f"{key}.table"]) if f"{key}.table" in inputs else None
+        options = {**case["options"], "block_table": table}
+        outputs[f"{key}.o"] = np.asarray(kernel(q, k, v, q_positions, k_positions, **options))
+        if table is not None:  # a paged pool: the slab of the same slots
+            k_slab, v_slab, slab_positions = attention_kv.paged_as_slab(k, v, k_positions, table)
+            outputs[f"{key}.slab"] = np.asarray(kernel(q, k_slab, v_slab, q_positions, slab_positions, **case["options"]))
         # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
-        outputs[f"{key}.public"] = np.asarray(jax.jit(lambda *a: attention(*a, **case["options"]))(q, k, v, q_positions, k_positions))
+        outputs[f"{key}.public"] = np.asarray(jax.jit(lambda *a: attention(*a, **options))(q, k, v, q_positions, k_positions))
     np.savez(outputs_path, **outputs)
 
 

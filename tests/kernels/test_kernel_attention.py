@@ -1,6 +1,8 @@
 """rz_kernels.causal_attention: the reference against a direct NumPy loop, and every implementation
 (CPU chunked formulation, Pallas flash and decode kernels in interpret mode) against the reference."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -260,19 +262,27 @@ def test_merge_splits_of_empty_and_full_splits():
     np.testing.assert_allclose(merged, [[(1.0 + 2 * 6.0) / (1.0 + 2 * 3.0)], [0.0]], rtol=1e-6)
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["slab", "pool"])
 @pytest.mark.parametrize(
     "kernel, length", [(attention_pallas.flash_attention, 128), (attention_pallas.decode_attention, 1)]
 )
-def test_attention_kernels_lower_to_triton(kernel, length):
+def test_attention_kernels_lower_to_triton(kernel, length, paged):
+    """Both kernels, on a slab and on a pool of 37 blocks of 64 slots read through a 16-entry table."""
     spec = jax.ShapeDtypeStruct
+    kv = spec((37, 1, 64, 256), jnp.float16) if paged else spec((2, 1, 1024, 256), jnp.float32)
     args = (
         spec((2, 4, length, 256), jnp.float32),
-        spec((2, 1, 1024, 256), jnp.float32),
-        spec((2, 1, 1024, 256), jnp.float32),
+        kv,
+        kv,
         spec((2, length), jnp.int32),
-        spec((2, 1024), jnp.int32),
+        spec((37, 64) if paged else (2, 1024), jnp.int32),
+        spec((2, 16), jnp.int32) if paged else None,
     )
-    traced = jax.jit(lambda *a: kernel(*a, window=512, scale=0.0625, softcap=50.0)).trace(*args)
+
+    def run(q, k, v, q_positions, k_positions, block_table):
+        return kernel(q, k, v, q_positions, k_positions, block_table=block_table, window=512, scale=0.0625, softcap=50.0)
+
+    traced = jax.jit(run).trace(*args)
     assert "xla.gpu.triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -293,3 +303,175 @@ def test_prompt_chunk_with_keys_in_order_reads_only_the_used_span(first):
     expected = attention_ref(*inputs, scale=0.125)
     np.testing.assert_allclose(attention_cpu(*inputs, scale=0.125, keys_in_order=True), expected, atol=1e-5)
     np.testing.assert_allclose(attention_xla_chunked(*inputs, scale=0.125, keys_in_order=True), expected, atol=1e-5)
+
+
+# ----- a paged pool read through a block table: every implementation against the slab paged_as_slab gathers -----
+
+
+def make_paged(seed, batch, n_head, n_kv, length, n_table, block_size, head_dim, *, in_order=False, extra_rows=0):
+    """Queries, a pool and a block table [batch + extra_rows, n_table] over it.
+
+    Each row's table names distinct pool blocks in a random order, some entries absent (-1); rows 0
+    and 1 share a block (a shared prefix), and the pool holds blocks no row names, filled with NaN
+    (which must not reach any result). in_order: entry j holds positions j * block_size on
+    (keys_in_order's contract), the entries past the latest query absent; otherwise each row's
+    blocks hold a shuffled run of positions with a few empty slots (a ring of blocks)."""
+    rng = np.random.default_rng(seed)
+    rows = batch + extra_rows
+    n_pool = rows * n_table + 5
+    table = rng.permutation(n_pool)[: rows * n_table].reshape(rows, n_table).astype(np.int32)
+    if rows > 1:
+        table[1, 0] = table[0, 0]
+    positions = np.full((n_pool, block_size), -1, np.int32)
+    n_slots = n_table * block_size
+    # The latest query's position: in order, the last entry's block and half the one before are past it.
+    last = n_slots - block_size - block_size // 2 - 1 if in_order else n_slots + 6
+    for row in range(rows):
+        logical = np.arange(n_slots) if in_order else rng.permutation(np.arange(last + 1 - n_slots, last + 1))
+        logical = np.where(logical <= last, logical, -1)
+        if not in_order:
+            logical[rng.choice(n_slots, 3, replace=False)] = -1
+        for entry, block in enumerate(table[row]):
+            if row == 1 and entry == 0:
+                continue  # row 0's block, as row 0 wrote it
+            positions[block] = logical[entry * block_size : (entry + 1) * block_size]
+    q_positions = np.tile(np.arange(last + 1 - length, last + 1), (batch, 1)).astype(np.int32)
+    if in_order:  # the entries past the latest position hold nothing
+        table[:, -(-(last + 1) // block_size) :] = -1
+        table[batch - 1, 1] = -1  # and one before it: a hole
+    else:
+        table[batch - 1, rng.choice(n_table, max(1, n_table // 4), replace=False)] = -1
+    q_positions[-1, -1] = -1  # a padding query
+    unused = np.setdiff1d(np.arange(n_pool), table[table >= 0])
+    q = rng.standard_normal((batch, n_head, length, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((n_pool, n_kv, block_size, head_dim)).astype(np.float32) for _ in range(2))
+    return q, k, v, q_positions, positions, table, unused
+
+
+def stored_paged(paged, k_type, v_type):
+    """make_paged's arrays with K and V stored as the cache types, and the unused blocks' K and V
+    garbage (NaN, or q8_0 scales NaN)."""
+    q, k, v, q_positions, positions, table, unused = paged
+
+    def garbage(leaf):
+        value = jnp.nan if jnp.issubdtype(leaf.dtype, jnp.floating) else 77
+        return leaf.at[unused].set(value)
+
+    k, v = (jax.tree.map(garbage, attention_kv.store(jnp.asarray(x), t)) for x, t in ((k, k_type), (v, v_type)))
+    return jnp.asarray(q), k, v, jnp.asarray(q_positions), jnp.asarray(positions), jnp.asarray(table)
+
+
+def as_slab(inputs):
+    """Paged inputs (q, pools, q positions, pool positions, table) as the slab inputs paged_as_slab gives."""
+    q, k, v, q_positions, positions, table = inputs
+    k, v, k_positions = attention_kv.paged_as_slab(k, v, positions, table[: q.shape[0]])
+    return q, k, v, q_positions, k_positions
+
+
+def paged_call(kernel, inputs, **options):
+    q, k, v, q_positions, positions, table = inputs
+    return kernel(q, k, v, q_positions, positions, block_table=table, **options)
+
+
+def test_paged_as_slab_gathers_each_rows_blocks_in_table_order():
+    """Slot i of row b is pool block table[b, i // block_size]'s slot i % block_size; an absent
+    entry gives empty slots (position -1) with zero K and V, whatever the pool holds."""
+    pool = jnp.arange(5 * 2 * 4 * 3, dtype=jnp.float32).reshape(5, 2, 4, 3)
+    positions = jnp.arange(20, dtype=jnp.int32).reshape(5, 4)
+    table = jnp.asarray([[3, -1, 0], [0, 4, 4]], jnp.int32)
+    k, v, slab_positions = attention_kv.paged_as_slab(pool, pool, positions, table)
+    expected = np.stack(
+        [np.concatenate([np.asarray(pool[e]) if e >= 0 else np.zeros((2, 4, 3)) for e in row], axis=1) for row in np.asarray(table)]
+    )
+    np.testing.assert_array_equal(k, expected)
+    np.testing.assert_array_equal(v, expected)
+    np.testing.assert_array_equal(slab_positions, [[12, 13, 14, 15, -1, -1, -1, -1, 0, 1, 2, 3], [0, 1, 2, 3, 16, 17, 18, 19, 16, 17, 18, 19]])
+    q8 = attention_kv.paged_as_slab(attention_kv.store(pool.reshape(5, 2, 4, 3)[..., :1].repeat(32, -1), "q8_0"), pool, positions, table)[0]
+    assert isinstance(q8, attention_kv.Q8_0Rows) and q8.shape == (2, 2, 12, 32)
+    assert not np.asarray(q8.quants)[0, :, 4:8].any() and not np.asarray(q8.scales)[0, :, 4:8].any()
+
+
+# (batch, query heads, KV heads, queries, table entries, block size, head dim, window, softcap, in order)
+PAGED_CASES = [
+    (2, 9, 3, 1, 9, 16, 64, 0, 0.0, False),  # SmolLM2-like, a ring of 16-slot blocks
+    (2, 4, 1, 3, 5, 32, 64, 24, 30.0, False),  # Gemma-like: window, softcap
+    (1, 6, 2, 2, 40, 64, 32, 0, 0.0, True),  # 2,560 slots: several splits, keys in order
+    (3, 4, 2, 1, 3, 128, 32, 100, 0.0, True),
+]
+
+
+@pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
+def test_cpu_decode_kernel_reads_a_pool_in_place_as_its_slab(k_type, v_type, cpu_variant):
+    """The C++ decode kernel through a block table gives the bits it gives on the slab paged_as_slab
+    gathers (and the reference's result): permuted and shared blocks, absent entries, NaN in blocks
+    no row names, windows, softcap, keys in order, a table with rows past the batch."""
+    for case in PAGED_CASES:
+        batch, n_head, n_kv, length, n_table, block_size, head_dim, window, softcap, in_order = case
+        if "q8_0" in (k_type, v_type) and head_dim % 32:
+            continue
+        inputs = stored_paged(
+            make_paged(10, batch, n_head, n_kv, length, n_table, block_size, head_dim, in_order=in_order, extra_rows=1), k_type, v_type
+        )
+        opts = {**options(head_dim, window, softcap), "keys_in_order": in_order, "variant": cpu_variant}
+        paged = paged_call(decode_attention_cpu, inputs, **opts)
+        np.testing.assert_array_equal(paged, decode_attention_cpu(*as_slab(inputs), **opts), err_msg=str(case))
+        assert np.isfinite(paged).all()
+        np.testing.assert_allclose(paged, paged_call(attention_ref, inputs, **options(head_dim, window, softcap)), atol=1e-5)
+
+
+@pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
+def test_cpu_prompt_kernel_reads_a_pool_in_place_as_its_slab(k_type, v_type, cpu_variant):
+    """The C++ prompt kernel through a block table: the slab's bits, as the decode kernel."""
+    for case in [(2, 6, 2, 40, 6, 16, 64, 0, 0.0, False), (1, 4, 1, 33, 4, 32, 64, 20, 30.0, False), (2, 3, 1, 70, 5, 32, 32, 0, 0.0, True)]:
+        batch, n_head, n_kv, length, n_table, block_size, head_dim, window, softcap, in_order = case
+        if "q8_0" in (k_type, v_type) and head_dim % 32:
+            continue
+        inputs = stored_paged(make_paged(11, batch, n_head, n_kv, length, n_table, block_size, head_dim, in_order=in_order), k_type, v_type)
+        opts = {**options(head_dim, window, softcap), "keys_in_order": in_order, "variant": cpu_variant}
+        paged = paged_call(prompt_attention_cpu, inputs, **opts)
+        np.testing.assert_array_equal(paged, prompt_attention_cpu(*as_slab(inputs), **opts), err_msg=str(case))
+        assert nmse(paged, paged_call(attention_ref, inputs, **options(head_dim, window, softcap))) < 1e-10
+
+
+def test_cpu_kernels_reject_a_table_entry_outside_the_pool(cpu_variant):
+    q, k, v, q_positions, positions, table = stored_paged(make_paged(12, 1, 2, 1, 1, 3, 16, 32), "f16", "f16")
+    with pytest.raises(Exception, match="outside the pool"):
+        decode_attention_cpu(q, k, v, q_positions, positions, block_table=table.at[0, 1].set(k.shape[0]), variant=cpu_variant)
+
+
+@pytest.mark.parametrize("case", PAGED_CASES)
+def test_xla_paths_and_dispatch_read_a_pool_as_its_slab(case):
+    """The chunked XLA formulation (keys in order: the used span of the logical slots), attention_cpu
+    and the public attention on a pool against the same on its slab."""
+    batch, n_head, n_kv, length, n_table, block_size, head_dim, window, softcap, in_order = case
+    inputs = stored_paged(make_paged(13, batch, n_head, n_kv, length + 20, n_table, block_size, head_dim, in_order=in_order), "f16", "q8_0")
+    opts = {**options(head_dim, window, softcap), "keys_in_order": in_order}
+    slab = as_slab(inputs)
+    expected = attention_ref(*slab, **options(head_dim, window, softcap))
+    np.testing.assert_allclose(paged_call(attention_xla_chunked, inputs, chunk=16, **opts), expected, atol=1e-5)
+    np.testing.assert_allclose(paged_call(attention_cpu, inputs, **opts), expected, atol=1e-5)
+    np.testing.assert_allclose(paged_call(jax.jit(functools.partial(attention, **opts)), inputs), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("k_type, v_type", [("f32", "f32"), ("q8_0", "bf16")])
+@pytest.mark.parametrize("case", PAGED_CASES[:3])
+def test_pallas_kernels_read_a_pool_through_the_table(case, k_type, v_type):
+    """Both Pallas kernels read a pool block per table entry (absent ones skipped, NaN blocks never
+    touched) and agree with the reference on the slab."""
+    batch, n_head, n_kv, length, n_table, block_size, head_dim, window, softcap, in_order = case
+    if "q8_0" in (k_type, v_type) and head_dim % 32:
+        pytest.skip("q8_0 needs head dims of whole 32-blocks")
+    inputs = stored_paged(make_paged(14, batch, n_head, n_kv, length, n_table, block_size, head_dim, in_order=in_order), k_type, v_type)
+    opts = options(head_dim, window, softcap)
+    expected = attention_ref(*as_slab(inputs), **opts)
+    decode = paged_call(attention_pallas.decode_attention, inputs, split_k=3, interpret=INTERPRET, **opts)
+    assert_pallas_close(decode, expected)
+    flash = paged_call(attention_pallas.flash_attention, inputs, block_q=16, interpret=INTERPRET, **opts)
+    assert_pallas_close(flash, expected)
+
+
+def test_pallas_kernels_take_power_of_two_blocks_of_16_or_more():
+    inputs = stored_paged(make_paged(15, 1, 2, 1, 1, 3, 16, 32), "f32", "f32")
+    q, k, v, q_positions, positions, table = inputs
+    with pytest.raises(ValueError, match="power of two"):
+        attention_pallas.decode_attention(q, k[:, :, :8], v[:, :, :8], q_positions, positions[:, :8], block_table=table, interpret=True)

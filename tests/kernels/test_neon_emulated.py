@@ -30,7 +30,7 @@ from rz_kernels import attention_kv, build, cpu_ffi
 from rz_kernels.causal_attention import attention_ref
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, activation_block, q8_1_sum_correction, quantize_activations_ref
 from support.kernels import activations, nmse, random_qtensor
-from test_kernel_attention import make_inputs
+from test_kernel_attention import make_inputs, make_paged
 
 REPO = Path(__file__).resolve().parents[2]
 EMULATION = os.environ.get("RZ_AARCH64_EMULATION")
@@ -107,7 +107,18 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
         options = {"window": window, "scale": head_dim**-0.5, "softcap": softcap}
         arrays.update({f"{key}.q": q, f"{key}.k": k, f"{key}.v": v, f"{key}.qp": qp, f"{key}.kp": kp})
         plan["attention"].append({"key": key, "options": options, "types": types})
-        expected[key] = (q, attention_kv.store(jnp.asarray(k), types[0]), attention_kv.store(jnp.asarray(v), types[1]), qp, kp, options)
+        expected[key] = (q, attention_kv.store(jnp.asarray(k), types[0]), attention_kv.store(jnp.asarray(v), types[1]), qp, kp, options, None)
+    # Both kernels on a paged pool through a block table (shuffled and shared blocks, absent
+    # entries): the emulated run also computes the slab paged_as_slab gathers, which must give the same bits.
+    for key, (batch, n_head, n_kv, length, n_table, block_size, head_dim, window, softcap, types) in {
+        "attention_paged_f16": (2, 6, 2, 1, 5, 16, 32, 0, 0.0, ("f16", "f16")),
+        "attention_paged_prompt_q8_0_bf16_window": (1, 4, 1, 20, 3, 32, 64, 24, 30.0, ("q8_0", "bf16")),
+    }.items():
+        q, k, v, qp, kp, table, _ = make_paged(7, batch, n_head, n_kv, length, n_table, block_size, head_dim)
+        options = {"window": window, "scale": head_dim**-0.5, "softcap": softcap}
+        arrays.update({f"{key}.q": q, f"{key}.k": k, f"{key}.v": v, f"{key}.qp": qp, f"{key}.kp": kp, f"{key}.table": table})
+        plan["attention"].append({"key": key, "options": options, "types": types})
+        expected[key] = (q, attention_kv.store(jnp.asarray(k), types[0]), attention_kv.store(jnp.asarray(v), types[1]), qp, kp, options, table)
     arrays["plan"] = np.asarray(json.dumps(plan))
     return plan, arrays, expected
 
@@ -192,9 +203,12 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
             if m <= case["alone"]:
                 np.testing.assert_array_equal(outputs[f"{key}.y{m}"], alone[:m], err_msg=f"{key}: M={m} against rows alone")
     for case in plan["attention"]:
-        q, k, v, qp, kp, options = expected[case["key"]]
-        reference = attention_ref(jnp.asarray(q), k, v, jnp.asarray(qp), jnp.asarray(kp), **options)
+        q, k, v, qp, kp, options, table = expected[case["key"]]
+        table = None if table is None else jnp.asarray(table)
+        reference = attention_ref(jnp.asarray(q), k, v, jnp.asarray(qp), jnp.asarray(kp), block_table=table, **options)
         np.testing.assert_allclose(outputs[f"{case['key']}.o"], reference, atol=1e-5, err_msg=case["key"])
+        if table is not None:
+            np.testing.assert_array_equal(outputs[f"{case['key']}.o"], outputs[f"{case['key']}.slab"], err_msg=f"{case['key']}: pool against slab")
         np.testing.assert_array_equal(outputs[f"{case['key']}.public"], outputs[f"{case['key']}.o"], err_msg=f"{case['key']}: attention")
 
 
