@@ -110,9 +110,10 @@ def _llamacpp_run(model, prompt_ids, max_tokens, eos):
 
 
 def measure(models: dict[str, Path], proposers: tuple[str, ...], reps: int, max_tokens: int, threads: int,
-            progress: Callable[[str], None], draft_model: Path | None = None) -> dict:
-    """Every model's verify costs and, per workload, each engine's median tok/s and rz's acceptance;
-    the `draft` proposer drafts with draft_model (left out without one)."""
+            progress: Callable[[str], None], draft_model: Path | None = None,
+            workloads: tuple[str, ...] = tuple(WORKLOADS)) -> dict:
+    """Every model's verify costs and, per workload (of WORKLOADS), each engine's median tok/s and
+    rz's acceptance; the `draft` proposer drafts with draft_model (left out without one)."""
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -135,7 +136,8 @@ def measure(models: dict[str, Path], proposers: tuple[str, ...], reps: int, max_
         # Its draft verification reads the logits of every position fed.
         lookup_cpp = llama_cpp.Llama(**common, logits_all=True,
                                      draft_model=LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_LOOKUP_DRAFTS))
-        for workload, text in WORKLOADS.items():
+        for workload in workloads:
+            text = WORKLOADS[workload]
             progress(f"{name}: {workload}")
             ids = llm.chat_prompt_ids([{"role": "user", "content": text}])
             runs = {"rz plain": [], **{f"rz {p}": [] for p in proposers}, "llama.cpp plain": [], "llama.cpp prompt lookup": []}
