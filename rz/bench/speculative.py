@@ -2,8 +2,8 @@
 decode tok/s of rz plain, rz with each proposer, llama.cpp plain and llama.cpp's prompt lookup
 (llama-cpp-python's LlamaPromptLookupDecoding), engines interleaved on the same token ids.
 
-Workloads: two input-grounded ones (rewrite a ~500-token passage word for word; return a ~500-token
-Python function with one change) and free generation (a story). Greedy, chat-formatted; tok/s
+Workloads: three input-grounded ones (rewrite a ~500-token passage word for word, asked before it
+or after it; return a ~500-token Python function with one change) and free generation (a story). Greedy, chat-formatted; tok/s
 counts the tokens after the first over the time after the first. Every verify and draft shape is
 compiled before the first round, which is not counted either. llama.cpp runs without its extra
 (REPACK/AMX) buffer types (rz.bench.llamacpp_setup).
@@ -21,6 +21,8 @@ from rz.bench.passage import CODE, PASSAGE
 
 WORKLOADS = {
     "input-grounded": "Rewrite the following passage exactly as it is, word for word:\n\n" + PASSAGE[:2400],
+    # The passage, then the request: SmolLM2 copies it so (asked first, it rewrites it).
+    "passage first": PASSAGE[:2400] + "\n\nRepeat the passage above word for word.",
     "code edit": "Return this Python function with one change: rename the parameter `max_stops` to `stop_limit` "
     "everywhere. Reply with the whole function and nothing else.\n\n```python\n" + CODE + "```",
     "free": "Write a long story about a lighthouse keeper who finds a message in a bottle.",
