@@ -184,7 +184,7 @@ class Engine:
             decoder=IncrementalDecoder(self.tokenizer),
             matcher=StopStringMatcher(request.options.stop),
             timings=Timings(queued_at=queued_at or time.perf_counter()),
-            speculation=Speculation(proposer) if proposer is not None else None,
+            speculation=Speculation(proposer, judged_from=len(request.prompt_ids)) if proposer is not None else None,
             constraint=self.vocabulary.matcher(constraint) if constraint is not None else None,
         )
 
@@ -369,12 +369,16 @@ class Engine:
         speculation = sequence.speculation
         if speculation is None or not self._draft_limit(rows):
             return False
+        limit = self._draft_limit(rows, sequence)
+        history = (*sequence.request.prompt_ids, *sequence.output_ids)
+        if speculation.proposer not in MODEL_PROPOSERS:
+            speculation.follow(history, limit)  # its drafts judged in hindsight decide whether it drafts
         if not self.costs.knows(rows):
             return True
-        n_drafts = speculation.n_drafts(self.costs, rows, self._draft_limit(rows, sequence))
+        n_drafts = speculation.n_drafts(self.costs, rows, limit)
         if speculation.proposer in MODEL_PROPOSERS or not n_drafts:
             return n_drafts > 0
-        return bool(draft(speculation, (*sequence.request.prompt_ids, *sequence.output_ids), n_drafts))
+        return bool(draft(speculation, history, n_drafts))
 
     def _draft_limit(self, rows: int, sequence: Generation | None = None) -> int:
         """The most tokens a stream may draft at this batch (verify calls hold MAX_VERIFY_TOKENS),

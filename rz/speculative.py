@@ -22,13 +22,15 @@ whose first layers the verify call then writes as it always does.
 Whether drafting pays is judged per stream from its acceptance rate and from what verify calls
 and plain decode steps have been measured to cost on this engine (CostModel): a stream drafts the
 number of tokens that maximizes expected tokens per second, and none (plain decode) when plain
-decoding is faster.
+decoding is faster. A stream that has fallen back learns when drafting would pay again: prompt
+lookup judges its drafts in hindsight (Speculation.follow: would the proposal at each plain step
+have matched the tokens the model then produced?), on the host, for no verify call; a model
+proposer, whose drafts cost a call of their own, probes (drafts now and then, ever less often).
 """
 
+from bisect import bisect_right
 from dataclasses import dataclass, field, replace
 from typing import Sequence
-
-import numpy as np
 
 from rz.buckets import VERIFY_WIDTHS
 from rz.errors import RequestError
@@ -45,10 +47,11 @@ NGRAM_SIZES = (4, 3, 2)
 _PRIOR_DRAFTS = 4.0
 # Acceptance is a decayed average: each verify call's counts weigh this much against the past.
 _DECAY = 0.8
-# A stream that falls back to plain decoding (its drafts are not kept often enough to pay) tries
-# drafting again after this many tokens, so that a change of its text (a quote begins) is noticed;
-# each probe that keeps nothing doubles the wait, up to MAX_PROBE_INTERVAL, so that a stream whose
-# text never changes pays for few probes (each one is a verify call, and a model's draft call).
+# A model proposer's stream that falls back to plain decoding (its drafts are not kept often enough
+# to pay) tries drafting again after this many tokens, so that a change of its text (a quote begins)
+# is noticed; each probe that keeps nothing doubles the wait, up to MAX_PROBE_INTERVAL, so that a
+# stream whose text never changes pays for few probes (each one is a draft call and a verify call).
+# Prompt lookup needs no probes: it judges its drafts in hindsight (Speculation.follow).
 PROBE_INTERVAL = 32
 MAX_PROBE_INTERVAL = 512
 # Until a call of a shape has been timed, the cost model assumes these costs relative to one plain
@@ -110,24 +113,48 @@ def check_draft_vocabulary(target_tokens: Sequence[str], draft_tokens: Sequence[
             )
 
 
-def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = NGRAM_SIZES) -> list[int]:
-    """Prompt lookup: the tokens that followed an earlier occurrence of the longest suffix n-gram of
-    history (prompt plus output), at most n_drafts of them; [] if no suffix recurs.
+class NgramIndex:
+    """Prompt lookup over a growing token sequence: where each n-gram of NGRAM_SIZES starts, updated
+    per token appended, so that a lookup reads one list instead of scanning the sequence."""
 
-    The occurrence is the latest one followed by n_drafts tokens, else the earliest (the one
-    followed by the most): in a loop, the latest would leave a single token to draft."""
-    tokens = np.asarray(history, np.int64)
-    for n in sizes:
-        if n_drafts < 1 or len(tokens) <= n:
-            continue
-        # Every n-gram that ends before the last token, so at least one token follows it.
-        windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
-        starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-        if len(starts):
-            full = starts[starts + n + n_drafts <= len(tokens)]
-            follows = (full[-1] if len(full) else starts[0]) + n
-            return tokens[follows : follows + n_drafts].tolist()
-    return []
+    def __init__(self, sizes: Sequence[int] = NGRAM_SIZES):
+        self.sizes = tuple(sizes)
+        self.tokens: list[int] = []
+        self._starts: dict[tuple[int, ...], list[int]] = {}  # n-gram -> its start positions, ascending
+
+    def extend(self, tokens: Sequence[int]) -> "NgramIndex":
+        for token in tokens:
+            self.tokens.append(int(token))
+            end = len(self.tokens)
+            for n in self.sizes:
+                if end >= n:
+                    self._starts.setdefault(tuple(self.tokens[end - n :]), []).append(end - n)
+        return self
+
+    def propose(self, n_drafts: int) -> list[int]:
+        """The tokens that followed an earlier occurrence of the longest suffix n-gram, at most
+        n_drafts of them; [] if no suffix recurs.
+
+        The occurrence is the latest one followed by n_drafts tokens, else the earliest (the one
+        followed by the most): in a loop, the latest would leave a single token to draft."""
+        tokens, length = self.tokens, len(self.tokens)
+        if n_drafts < 1:
+            return []
+        for n in self.sizes:
+            if length <= n:
+                continue
+            # The last start is the suffix itself; every earlier one is followed by a token at least.
+            starts = self._starts[tuple(tokens[-n:])]
+            if len(starts) > 1:
+                full = bisect_right(starts, length - n - n_drafts, hi=len(starts) - 1)
+                follows = (starts[full - 1] if full else starts[0]) + n
+                return tokens[follows : follows + n_drafts]
+        return []
+
+
+def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = NGRAM_SIZES) -> list[int]:
+    """Prompt lookup's drafts to follow history (prompt plus output): NgramIndex.propose."""
+    return NgramIndex(sizes).extend(history).propose(n_drafts)
 
 
 @dataclass
@@ -177,10 +204,16 @@ class Speculation:
     """A speculating stream's proposer and its record of kept drafts."""
 
     proposer: str
+    # Prompt lookup's hindsight judges the proposals made at this length of the stream's text and
+    # after: its prompt's own repeats say nothing about what the model will write.
+    judged_from: int = 0
     drafted: float = _PRIOR_DRAFTS
     kept: float = _PRIOR_DRAFTS / 2
     plain_tokens: int = 0  # tokens decoded plainly since the stream last drafted
-    probe_interval: int = PROBE_INTERVAL  # plain tokens before a stream that falls back drafts again
+    probe_interval: int = PROBE_INTERVAL  # plain tokens before a model proposer that falls back drafts again
+    lookup: NgramIndex = field(default_factory=NgramIndex)  # prompt lookup's index of the text followed so far
+    # Hindsight proposals not judged yet: (the text's length when proposed, the drafts).
+    _pending: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @property
     def acceptance(self) -> float:
@@ -190,27 +223,55 @@ class Speculation:
     def record(self, n_drafted: int, n_kept: int) -> None:
         """Count a verify call's drafts; n_kept of them were kept."""
         if n_drafted:
-            self.drafted = _DECAY * self.drafted + n_drafted
-            self.kept = _DECAY * self.kept + n_kept
+            self._count(n_drafted, n_kept)
             self.plain_tokens = 0
             self.probe_interval = PROBE_INTERVAL if n_kept else min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
+            # The verify call emits its kept drafts and a token of its own: they were judged there.
+            self.judged_from = len(self.lookup.tokens) + n_kept + 1
 
     def record_plain(self, n_tokens: int) -> None:
         self.plain_tokens += n_tokens
+
+    def follow(self, history: Sequence[int], n_drafts: int) -> None:
+        """Index the tokens of history (the stream's prompt and output) not followed yet, judging in
+        hindsight the proposal of n_drafts tokens prompt lookup would have made at each of them:
+        its kept drafts are those that match what the model produced. A stream that does not draft
+        so learns when drafting would pay, for no verify call."""
+        for length in range(len(self.lookup.tokens), len(history)):
+            if length >= self.judged_from:
+                proposal = self.lookup.propose(n_drafts)
+                if proposal:
+                    self._pending.append((length, proposal))
+            self.lookup.extend(history[length : length + 1])
+        waiting = []
+        for length, proposal in self._pending:
+            produced = history[length : length + len(proposal)]
+            n_kept = next((i for i, (a, b) in enumerate(zip(proposal, produced)) if a != b), len(produced))
+            if n_kept < len(produced) or len(produced) == len(proposal):  # a rejection seen, or every draft kept
+                self._count(len(proposal), n_kept)
+            else:
+                waiting.append((length, proposal))
+        self._pending = waiting
+
+    def _count(self, n_drafted: int, n_kept: int) -> None:
+        # The drafts after a rejected one were never tried: acceptance is the chance that a draft is
+        # kept once the ones before it are, and n_kept of the tried ones were.
+        self.drafted = _DECAY * self.drafted + n_kept + (n_kept < n_drafted)
+        self.kept = _DECAY * self.kept + n_kept
 
     def n_drafts(self, costs: CostModel, rows: int, limit: int) -> int:
         """How many tokens to draft now (0: decode plainly), at most limit."""
         alpha = min(self.acceptance, 0.999)
         best_rate, best = 1.0, 0  # plain decoding: one token per decode step
+        drafter = self.proposer if self.proposer in MODEL_PROPOSERS else None
         for width in VERIFY_WIDTHS:
             k = min(width - 1, limit)
             # Each draft is kept with chance alpha once the ones before it are: 1 + a + ... + a^k tokens.
             expected = (1 - alpha ** (k + 1)) / (1 - alpha)
-            drafter = self.proposer if self.proposer in MODEL_PROPOSERS else None
             rate = expected / costs.relative_verify_cost(rows, width, drafter)
             if k >= 1 and rate > best_rate:
                 best_rate, best = rate, k
-        if best == 0 and limit >= 1 and self.plain_tokens >= self.probe_interval:
+        if best == 0 and drafter is not None and limit >= 1 and self.plain_tokens >= self.probe_interval:
             return min(VERIFY_WIDTHS[0] - 1, limit)
         return best
 
@@ -218,7 +279,8 @@ class Speculation:
 def draft(speculation: Speculation, history: Sequence[int], n_drafts: int) -> list[int]:
     """A host proposer's drafts to follow history, at most n_drafts (a model drafts on the device)."""
     if speculation.proposer == "ngram":
-        return propose_ngram(history, n_drafts)
+        speculation.follow(history, n_drafts)
+        return speculation.lookup.propose(n_drafts)
     raise ValueError(f"unknown proposer {speculation.proposer!r}")
 
 

@@ -1,13 +1,17 @@
 """rz.speculative on the host: prompt lookup's drafts, and how many drafts a stream's record says pay."""
 
+import numpy as np
 import pytest
 
 from rz.errors import RequestError
 from rz.request import RequestOptions
 from rz.speculative import (
     MAX_PROBE_INTERVAL, OFF, PROBE_INTERVAL, CostModel, Speculation, check_draft_vocabulary, choose_self_draft_layers,
-    chosen_proposer, propose_ngram,
+    chosen_proposer, NgramIndex, propose_ngram,
 )
+
+# Verify calls that pay at a per-draft acceptance above about a half, as on the real models.
+COSTS = CostModel(decode_step={1: 1.0}, verify_call={(1, 2): 1.3, (1, 4): 1.8, (1, 8): 3.0})
 
 
 def test_prompt_lookup_continues_the_latest_earlier_occurrence_of_the_longest_recurring_suffix():
@@ -40,6 +44,30 @@ def test_prompt_lookup_drafts_nothing_when_no_suffix_recurs_or_none_is_asked_for
     assert propose_ngram([1, 2, 1, 2], 0) == []
 
 
+def scanned_proposal(history, n_drafts, sizes=(4, 3, 2)):
+    """Prompt lookup by scanning the whole history: the reference NgramIndex must agree with."""
+    for n in sizes:
+        if n_drafts < 1 or len(history) <= n:
+            continue
+        starts = [s for s in range(len(history) - n) if history[s : s + n] == history[-n:]]
+        if starts:
+            full = [s for s in starts if s + n + n_drafts <= len(history)]
+            follows = (full[-1] if full else starts[0]) + n
+            return history[follows : follows + n_drafts]
+    return []
+
+
+def test_the_incremental_ngram_index_proposes_what_a_scan_of_the_whole_history_does():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        history = rng.integers(0, 4, int(rng.integers(1, 60))).tolist()
+        index = NgramIndex()
+        for length in range(1, len(history) + 1):
+            index.extend(history[length - 1 : length])
+            for n_drafts in (0, 1, 3, 7):
+                assert index.propose(n_drafts) == scanned_proposal(history[:length], n_drafts)
+
+
 def test_a_stream_whose_drafts_are_kept_drafts_the_most_that_pays():
     speculation = Speculation("ngram")
     speculation.record(n_drafted=40, n_kept=39)
@@ -48,10 +76,19 @@ def test_a_stream_whose_drafts_are_kept_drafts_the_most_that_pays():
     assert speculation.n_drafts(cheap, rows=1, limit=2) == 2
 
 
-def test_a_stream_whose_drafts_are_rejected_falls_back_to_plain_decoding_then_probes_ever_less_often():
-    speculation = Speculation("ngram")
-    speculation.record(n_drafted=40, n_kept=1)
-    costs = CostModel(decode_step={1: 1.0}, verify_call={(1, 2): 1.3, (1, 4): 1.8, (1, 8): 3.0})
+def test_acceptance_counts_the_drafts_tried_up_to_the_first_rejection():
+    """Drafts after a rejected one were never tried: 3 kept of 7 is 3 kept of 4 tried."""
+    speculation = Speculation("ngram", drafted=1e-9, kept=0.0)
+    speculation.record(n_drafted=7, n_kept=3)
+    assert speculation.acceptance == pytest.approx(0.75)
+    speculation = Speculation("ngram", drafted=1e-9, kept=0.0)
+    speculation.record(n_drafted=7, n_kept=7)
+    assert speculation.acceptance == pytest.approx(1.0)
+
+
+def test_a_model_proposers_stream_that_falls_back_probes_ever_less_often():
+    speculation = Speculation("self", drafted=20.0, kept=1.0)  # a record of drafts seldom kept
+    costs = CostModel(decode_step={1: 1.0}, drafted_call={("self", 1, 2): 1.6, ("self", 1, 4): 2.8, ("self", 1, 8): 5.0})
     assert speculation.n_drafts(costs, rows=1, limit=7) == 0
     speculation.record_plain(PROBE_INTERVAL)
     assert speculation.n_drafts(costs, rows=1, limit=7) == 1
@@ -68,9 +105,36 @@ def test_a_stream_whose_drafts_are_rejected_falls_back_to_plain_decoding_then_pr
     assert speculation.n_drafts(costs, rows=1, limit=7) == 1
     # A probe that kept a draft brings the first wait back.
     speculation.record(n_drafted=1, n_kept=1)
+    speculation.drafted, speculation.kept = 20.0, 1.0
     assert speculation.n_drafts(costs, rows=1, limit=7) == 0
     speculation.record_plain(PROBE_INTERVAL)
     assert speculation.n_drafts(costs, rows=1, limit=7) == 1
+
+
+def test_prompt_lookup_that_falls_back_never_probes_but_drafts_again_once_hindsight_says_it_would_be_kept():
+    """While it decodes plainly, the stream judges the proposal it would have made at each step
+    against the tokens the model produced: free text (no proposal matches) keeps it plain, for no
+    verify call however long; once the model copies its prompt, it drafts again."""
+    prompt = list(range(100, 140))
+    speculation = Speculation("ngram", judged_from=len(prompt), drafted=20.0, kept=1.0)
+    history = list(prompt)
+    rng = np.random.default_rng(1)
+    for token in rng.integers(0, 100, 200).tolist():  # free text: it never repeats a 2-gram of the prompt
+        history.append(token)
+        speculation.follow(history, 7)
+        speculation.record_plain(1)
+        assert speculation.n_drafts(COSTS, rows=1, limit=7) == 0
+    for token in prompt[:12]:  # the model starts copying its prompt
+        history.append(token)
+        speculation.follow(history, 7)
+    assert speculation.n_drafts(COSTS, rows=1, limit=7) > 0
+
+
+def test_hindsight_does_not_judge_the_prompts_own_repeats():
+    prompt = [5, 6, 7, 8] * 10
+    speculation = Speculation("ngram", judged_from=len(prompt), drafted=1.0, kept=0.0)
+    speculation.follow(prompt, 7)
+    assert speculation.acceptance == 0.0
 
 
 def test_the_cost_model_uses_measured_costs_once_both_calls_are_timed():

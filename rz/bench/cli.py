@@ -5,7 +5,7 @@
     python -m rz.bench report [--history benchmarks/results/history.jsonl]
     python -m rz.bench parity [--model M.gguf] [--prompts 48] [--tokens 48]
     python -m rz.bench chat [--model M.gguf] [--turns 10] [--engines rz,llama.cpp]
-    python -m rz.bench speculative [--model M.gguf ...] [--proposers ngram] [--draft-model D.gguf] [--reps 2] [--max-tokens 128]
+    python -m rz.bench speculative [--model M.gguf ...] [--proposers ngram] [--workloads free] [--draft-model D.gguf] [--reps 2] [--max-tokens 128]
     python -m rz.bench schema
 
 Exit status: 0 done; 1 a test failed while timing (the rest is still reported); 2 bad input or
@@ -356,7 +356,7 @@ def cmd_chat(argv: list[str]) -> int:
 
 
 def cmd_speculative(argv: list[str]) -> int:
-    from rz.bench.speculative import measure, table
+    from rz.bench.speculative import WORKLOADS, measure, table
     from rz.model_files import gemma3_270m_path, smollm2_135m_path
     from rz.speculative import PROPOSERS
 
@@ -368,11 +368,13 @@ def cmd_speculative(argv: list[str]) -> int:
     parser.add_argument("--proposers", default=",".join(PROPOSERS), help=f"comma list of {', '.join(PROPOSERS)} (default: all)")
     parser.add_argument("--reps", type=int, default=2, help="runs of each engine per workload; medians are reported (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens generated per run (default: 128)")
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)} (default: all)")
     parser.add_argument("--draft-model", metavar="GGUF",
                         help="the draft proposer's model, with every --model's vocabulary (without it, draft is left out)")
     _add_measurement_options(parser)
     args = parser.parse_args(argv)
     proposers = _comma_list(args.proposers, PROPOSERS, "--proposers")
+    workloads = _comma_list(args.workloads, tuple(WORKLOADS), "--workloads")
     draft_model = Path(args.draft_model) if args.draft_model else None
     if draft_model is None:
         proposers = tuple(p for p in proposers if p != "draft")
@@ -385,7 +387,7 @@ def cmd_speculative(argv: list[str]) -> int:
         if not path.is_file():
             raise BenchError(f"--model {path}: no such file")
     result = measure({path.name: path for path in paths}, proposers, args.reps, args.max_tokens, args.threads,
-                     _progress("speculative", args.quiet), draft_model)
+                     _progress("speculative", args.quiet), draft_model, workloads)
     return _report_measurement(result, table, "speculative", argv, args.json)
 
 

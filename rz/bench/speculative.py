@@ -2,8 +2,8 @@
 decode tok/s of rz plain, rz with each proposer, llama.cpp plain and llama.cpp's prompt lookup
 (llama-cpp-python's LlamaPromptLookupDecoding), engines interleaved on the same token ids.
 
-Workloads: two input-grounded ones (rewrite a ~500-token passage word for word; return a ~500-token
-Python function with one change) and free generation (a story). Greedy, chat-formatted; tok/s
+Workloads: three input-grounded ones (rewrite a ~500-token passage word for word, asked before it
+or after it; return a ~500-token Python function with one change) and free generation (a story). Greedy, chat-formatted; tok/s
 counts the tokens after the first over the time after the first. Every verify and draft shape is
 compiled before the first round, which is not counted either. llama.cpp runs without its extra
 (REPACK/AMX) buffer types (rz.bench.llamacpp_setup).
@@ -21,6 +21,8 @@ from rz.bench.passage import CODE, PASSAGE
 
 WORKLOADS = {
     "input-grounded": "Rewrite the following passage exactly as it is, word for word:\n\n" + PASSAGE[:2400],
+    # The passage, then the request: SmolLM2 copies it so (asked first, it rewrites it).
+    "passage first": PASSAGE[:2400] + "\n\nRepeat the passage above word for word.",
     "code edit": "Return this Python function with one change: rename the parameter `max_stops` to `stop_limit` "
     "everywhere. Reply with the whole function and nothing else.\n\n```python\n" + CODE + "```",
     "free": "Write a long story about a lighthouse keeper who finds a message in a bottle.",
@@ -110,9 +112,10 @@ def _llamacpp_run(model, prompt_ids, max_tokens, eos):
 
 
 def measure(models: dict[str, Path], proposers: tuple[str, ...], reps: int, max_tokens: int, threads: int,
-            progress: Callable[[str], None], draft_model: Path | None = None) -> dict:
-    """Every model's verify costs and, per workload, each engine's median tok/s and rz's acceptance;
-    the `draft` proposer drafts with draft_model (left out without one)."""
+            progress: Callable[[str], None], draft_model: Path | None = None,
+            workloads: tuple[str, ...] = tuple(WORKLOADS)) -> dict:
+    """Every model's verify costs and, per workload (of WORKLOADS), each engine's median tok/s and
+    rz's acceptance; the `draft` proposer drafts with draft_model (left out without one)."""
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
@@ -135,7 +138,8 @@ def measure(models: dict[str, Path], proposers: tuple[str, ...], reps: int, max_
         # Its draft verification reads the logits of every position fed.
         lookup_cpp = llama_cpp.Llama(**common, logits_all=True,
                                      draft_model=LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_LOOKUP_DRAFTS))
-        for workload, text in WORKLOADS.items():
+        for workload in workloads:
+            text = WORKLOADS[workload]
             progress(f"{name}: {workload}")
             ids = llm.chat_prompt_ids([{"role": "user", "content": text}])
             runs = {"rz plain": [], **{f"rz {p}": [] for p in proposers}, "llama.cpp plain": [], "llama.cpp prompt lookup": []}

@@ -128,6 +128,7 @@ def test_percentages(text, fraction):
 
 @pytest.mark.parametrize("args, message", [
     (["--proposers", "ngram,eagle"], "--proposers: expected a comma list of"),
+    (["--workloads", "free,poetry"], "--workloads: expected a comma list of"),
     (["--reps", "0"], "--reps must be at least 1"),
     (["--model", "missing.gguf"], "--model missing.gguf: no such file"),
 ])
