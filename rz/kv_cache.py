@@ -102,8 +102,9 @@ class KVCache:
         return replace(self, layers=self.layers[:n_layers])
 
     def with_first_layers(self, part: "KVCache") -> "KVCache":
-        """This cache with its first layers replaced by part's (first_layers' inverse)."""
-        return replace(self, layers=part.layers + self.layers[len(part.layers) :])
+        """This cache with its first layers replaced by part's, and its tables (first_layers' inverse:
+        a step that took part donated the tables they share)."""
+        return KVCache(part.layers + self.layers[len(part.layers) :], part.tables)
 
 
 def table_lengths(cfg: ModelConfig, n_ctx: int, block_size: int, max_write: int) -> tuple[int, int]:
