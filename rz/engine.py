@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz import kv_cache, steps
-from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
+from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder, ladder
 from rz.constraints import Vocabulary
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
@@ -220,9 +220,10 @@ class Engine:
             if placement.source != placement.row:
                 # The copy of the prefix: the source row's blocks into the slot's (its later,
                 # stale positions are hidden from the tail, as in any reused row).
+                sources, destinations = (self._prefix_blocks(row, placement.n_cached) for row in (placement.source, placement.row))
                 self.cache = self._timed(
-                    "copy_blocks", steps.copy_blocks, self.cache, self._row_tables(placement.source, flat=True),
-                    self._row_tables(placement.row, flat=True), sliding_layers=self.model.cfg.sliding_layers,
+                    f"copy_blocks[{len(sources[0])}]", steps.copy_blocks, self.cache, sources, destinations,
+                    sliding_layers=self.model.cfg.sliding_layers,
                 )
             chunks = self.buckets.tail_chunks(placement.n_cached, len(prompt), bucket)
         else:
@@ -260,13 +261,27 @@ class Engine:
         self.cache = cache.with_tables(tables)
         return out
 
-    def _row_tables(self, row: int, flat: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Row `row`'s block tables of each kind, int32 [1, length] ([length] if flat), made afresh
-        (a step donates the cache, tables included)."""
-        return tuple(jnp.asarray(table[row] if flat else table[row : row + 1]) for table in self._host_tables)
+    def _row_tables(self, row: int) -> tuple[jax.Array, jax.Array]:
+        """Row `row`'s block tables of each kind, int32 [1, length], made afresh (a step donates the
+        cache, tables included)."""
+        return tuple(jnp.asarray(table[row : row + 1]) for table in self._host_tables)
+
+    def _prefix_blocks(self, row: int, n_positions: int) -> tuple[jax.Array, jax.Array]:
+        """The blocks of row's tables that hold its positions below n_positions (a ring: all its
+        blocks once they wrap), int32 per kind, padded with -1 (nothing) to a power of two: a copy
+        compiled per rung of that ladder reads only the prefix's blocks."""
+        n_blocks = -(-n_positions // self.block_size)
+        padded = next(size for size in ladder(1, self._host_tables[0].shape[1]) if size >= n_blocks)
+        blocks = []
+        for table in self._host_tables:
+            length = min(padded, table.shape[1])
+            ids = np.full(length, -1, np.int32)
+            ids[: min(n_blocks, length)] = table[row, : min(n_blocks, length)]
+            blocks.append(jnp.asarray(ids))
+        return tuple(blocks)
 
     def complete_admission(self, admission: "Admission") -> SampledRow:
-        """Sample a prefilled admission's first token and insert its cache into a free slot."""
+        """Sample a prefilled admission's first token; its slot, whose blocks hold the prompt, is now its."""
         if not admission.prefilled:
             raise RuntimeError(f"the prompt is prefilled up to chunk {admission.n_done} of {len(admission.chunks)}")
         sequence, request, slot = admission.sequence, admission.sequence.request, admission.slot
