@@ -1,10 +1,10 @@
 """Shape buckets: the explicit ladders the compiled steps are built for.
 
-Every compiled step has a fixed shape. A prompt of n tokens is prefilled into a one-row cache of
-the smallest context bucket that holds it (powers of two from 8, the last one the context
-size), in chunks of that bucket's length, at most MAX_PREFILL_BUCKET: one prefill shape per
-context bucket, so a short prompt neither allocates nor attends over the whole context and the
-set of shapes stays small. Decode steps run on the first rows of the slots, in powers of two
+Every compiled step has a fixed shape. A prompt of n tokens is prefilled straight into its slot's
+blocks of the KV cache, in chunks of the length of the smallest context bucket that holds it
+(powers of two from 8, the last one the context size), at most MAX_PREFILL_BUCKET: one prefill
+shape per chunk length, so a short prompt does not run a chunk mostly of padding, and the set of
+shapes stays small. Decode steps run on the first rows of the slots, in powers of two
 (batch_ladder). After each bucket has been seen once, a session never compiles again.
 """
 

@@ -1,10 +1,11 @@
 """The engine: a KV cache of `n_slots` rows and the compiled steps (rz.steps) that run on it.
 
-A request joins by being prefilled into a one-row cache (in chunks, each compiled per
-prompt-length bucket) that is then inserted into a free slot. A slot keeps the KV of its last
-sequence after it leaves: a request starts from a copy of the row (free or running) that holds
-the longest prefix of its prompt, and prefills only the rest (rz.prefix_rows chooses the rows,
-evicting the least recently used). One compiled decode call advances
+The cache is a pool of blocks per layer, each row owning its blocks through block tables
+(rz.kv_cache). A request joins by being prefilled straight into a free slot's blocks (in chunks,
+compiled once per chunk length). A slot keeps the KV of its last sequence after it leaves: a
+request starts from a copy of the blocks of the row (free or running) that holds the longest
+prefix of its prompt, and prefills only the rest (rz.prefix_rows chooses the rows, evicting the
+least recently used). One compiled decode call advances
 every slot at once; a request leaves when it stops, and its slot is free for the next between
 two calls. The engine returns sampled tokens; which request runs when, and what its tokens mean,
 is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz import kv_cache, steps
-from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
+from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder, ladder
 from rz.constraints import Vocabulary
 from rz.errors import ContextOverflowError, RequestError
 from rz.generation import Generation, GenerationRequest, Timings
@@ -72,6 +73,7 @@ class Engine:
         speculative: str | None = None,
         self_draft_layers: int | None = None,
         draft_model=None,
+        block_size: int = kv_cache.BLOCK_SIZE,
     ):
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
@@ -87,11 +89,18 @@ class Engine:
         self.compilations: dict[str, float] = {}
         self._model_static = {"family": model.family, "cfg": model.cfg, "plan": model.plan}
         self._rope_freq_factors = model.family.rope_freq_factors(model.weights)
-        self.cache = self._empty_cache(n_slots, n_ctx)
+        # The longest chunk a step writes at once, which a sliding layer's ring of blocks must hold
+        # with the window (kv_cache.table_lengths): a prefill chunk or a verify call.
+        self.max_write = max(self.buckets.max_chunk, *VERIFY_WIDTHS)
+        self.block_size = block_size
+        self.cache = self.model.launch(
+            self.model.init_cache, n_slots, n_ctx, cache_types, block_size=block_size, max_write=self.max_write
+        )
+        # Each row's block tables on the host, for the steps that run on one row (prefill, score).
+        self._host_tables = tuple(np.asarray(table) for table in self.cache.tables)
         self.slots: list[Generation | None] = [None] * n_slots
-        # What each row's KV holds, for prefix reuse; a ring buffer has the window's slots (or the context's).
-        ring_slots = min(model.cfg.sliding_window, n_ctx) if any(model.cfg.sliding_layers) else 0
-        self.rows = PrefixRows(n_slots, ring_slots)
+        # What each row's KV holds, for prefix reuse.
+        self.rows = PrefixRows(n_slots, kv_cache.ring(model.cfg, n_ctx, block_size, self.max_write))
         self.prompt_tokens_computed = 0  # prompt tokens run through prefill chunks (reused ones are not)
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
         self._tensors_dirty = True
@@ -117,7 +126,8 @@ class Engine:
         # drafts, a row is fed what it lacks of its stream's text (rollback is these positions).
         self.draft_model = draft_model
         if draft_model is not None:
-            self.draft_cache = draft_model.init_cache(n_slots, n_ctx)
+            self._draft_max_write = max(DRAFT_FEED_WIDTHS[-1], *VERIFY_WIDTHS)
+            self.draft_cache = draft_model.init_cache(n_slots, n_ctx, block_size=block_size, max_write=self._draft_max_write)
             self._draft_held = [np.zeros(0, np.int32)] * n_slots
             self.costs.assumed_draft_token["draft"] = _weight_bytes(draft_model) / _weight_bytes(model)
         self.n_drafted = 0
@@ -192,11 +202,12 @@ class Engine:
     # already in slots between the chunks of a long prompt.
 
     def begin_admission(self, sequence: Generation, context: int | None = None) -> "Admission":
-        """Set up a sequence's prompt prefill: a fresh one-row cache of its context bucket, to be
-        filled chunk by chunk. It takes no slot until complete_admission.
+        """Set up a sequence's prompt prefill into a free slot's blocks, after the prefix copied from
+        the row that holds the longest one, to be run chunk by chunk. The slot is its only at
+        complete_admission (one admission runs at a time).
 
-        `context` asks for the bucket of at least that many positions even for a shorter prompt,
-        in that bucket's chunks: a warm-up compiles a bucket's steps with a one-token prompt.
+        `context` asks for the chunks of a prompt of at least that many positions even for a
+        shorter prompt: a warm-up compiles a context bucket's chunk length with a one-token prompt.
         """
         if not self.free_slots():
             raise RuntimeError("no free slot: a request is admitted only when a slot is free")
@@ -206,15 +217,21 @@ class Engine:
         placement = self.rows.place(prompt, sequence.request.options.cache_prompt, free, self._held_tokens())
         bucket = self.buckets.context_bucket(max(len(prompt), context or 0))
         if placement.n_cached:
-            # The copy of the prefix: the source row as a one-row cache, prefilled from there on.
-            source = jnp.int32(placement.source)
-            cache = self._timed(f"extract[{bucket}]", steps.extract, self.cache, source, size=bucket)
+            if placement.source != placement.row:
+                # The copy of the prefix: the source row's blocks into the slot's (its later,
+                # stale positions are hidden from the tail, as in any reused row).
+                sources, destinations = (self._prefix_blocks(row, placement.n_cached) for row in (placement.source, placement.row))
+                self.cache = self._timed(
+                    f"copy_blocks[{len(sources[0])}]", steps.copy_blocks, self.cache, sources, destinations,
+                    sliding_layers=self.model.cfg.sliding_layers,
+                )
             chunks = self.buckets.tail_chunks(placement.n_cached, len(prompt), bucket)
         else:
-            cache = self._empty_cache(1, bucket)
             chunks = tuple(self.buckets.chunks(len(prompt), bucket))
+        # From here on the slot's blocks hold what the prefill writes, whatever becomes of it.
+        self.rows.filled(placement, len(prompt))
         sequence.n_cached = placement.n_cached
-        return Admission(sequence, cache, chunks, placement, bucket)
+        return Admission(sequence, chunks, placement)
 
     def _held_tokens(self) -> list[tuple[int, ...]]:
         """Per row, the tokens whose KV it holds at positions 0..: a running sequence's every token
@@ -229,17 +246,45 @@ class Engine:
         start, chunk = admission.chunks[admission.n_done]
         tokens, positions, last = _padded_chunk(admission.sequence.request.prompt_ids, start, chunk)
         self.prompt_tokens_computed += int(last[0]) + 1
-        admission.logits, admission.cache = self._timed(
-            f"prefill[{chunk}, context={admission.context}]", steps.prefill, self.model.weights, admission.cache, tokens,
-            positions, self._chunk_tables(positions), last, **self._model_static,
+        admission.logits = self._on_row(
+            admission.slot, f"prefill[{chunk}]", steps.prefill, tokens, positions, self._chunk_tables(positions), last
         )
         admission.n_done += 1
 
+    def _on_row(self, row: int, name: str, step: Callable, *args):
+        """A step (prefill, score) run on one row of the whole cache, through that row's block tables
+        alone; returns what the step returns before the cache."""
+        tables = self.cache.tables
+        out, cache = self._timed(
+            name, step, self.model.weights, self.cache.with_tables(self._row_tables(row)), *args, **self._model_static
+        )
+        self.cache = cache.with_tables(tables)
+        return out
+
+    def _row_tables(self, row: int) -> tuple[jax.Array, jax.Array]:
+        """Row `row`'s block tables of each kind, int32 [1, length], made afresh (a step donates the
+        cache, tables included)."""
+        return tuple(jnp.asarray(table[row : row + 1]) for table in self._host_tables)
+
+    def _prefix_blocks(self, row: int, n_positions: int) -> tuple[jax.Array, jax.Array]:
+        """The blocks of row's tables that hold its positions below n_positions (a ring: all its
+        blocks once they wrap), int32 per kind, padded with -1 (nothing) to a power of two: a copy
+        compiled per rung of that ladder reads only the prefix's blocks."""
+        n_blocks = -(-n_positions // self.block_size)
+        padded = next(size for size in ladder(1, self._host_tables[0].shape[1]) if size >= n_blocks)
+        blocks = []
+        for table in self._host_tables:
+            length = min(padded, table.shape[1])
+            ids = np.full(length, -1, np.int32)
+            ids[: min(n_blocks, length)] = table[row, : min(n_blocks, length)]
+            blocks.append(jnp.asarray(ids))
+        return tuple(blocks)
+
     def complete_admission(self, admission: "Admission") -> SampledRow:
-        """Sample a prefilled admission's first token and insert its cache into a free slot."""
+        """Sample a prefilled admission's first token; its slot, whose blocks hold the prompt, is now its."""
         if not admission.prefilled:
             raise RuntimeError(f"the prompt is prefilled up to chunk {admission.n_done} of {len(admission.chunks)}")
-        sequence, request, row_cache, slot = admission.sequence, admission.sequence.request, admission.cache, admission.slot
+        sequence, request, slot = admission.sequence, admission.sequence.request, admission.slot
         if self.slots[slot] is not None:
             raise RuntimeError(f"slot {slot}, chosen when the admission began, is taken")
         params = request.options.sampling
@@ -250,10 +295,6 @@ class Engine:
             f"first_token[logprobs={n_top}, masked={allowed is not None}]", steps.first_token, admission.logits,
             SamplingTensors.from_params([params]), row_state, allowed, n_top=n_top,
         )
-        self.cache = self._timed(
-            f"insert[{row_cache.layers[0].n_slots}]", steps.insert, self.cache, row_cache, jnp.int32(slot)
-        )
-        self.rows.filled(admission.placement, len(request.prompt_ids))
         self._sampler_state = self.model.launch(steps.join_row, self._sampler_state, jnp.int32(slot), row_state)
         sequence.slot = slot
         self.slots[slot] = sequence
@@ -270,15 +311,16 @@ class Engine:
             raise RequestError("cannot score an empty sequence of token ids")
         if len(ids) > self.n_ctx:
             raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context size {self.n_ctx}")
-        context = self.buckets.context_bucket(len(ids))
-        cache = self._empty_cache(1, context)
+        free = [slot for slot, running in enumerate(self.slots) if running is None]
+        if not free:
+            raise RuntimeError("scoring runs in a free slot's blocks: score while fewer sequences run than there are slots")
+        # The least recently used free row (an empty prompt makes no row's contents redundant).
+        placement = self.rows.place((), False, free, self._held_tokens())
+        self.rows.filled(placement, len(ids))
         pieces = []
         for start, chunk in self.buckets.chunks(len(ids)):
             tokens, positions, last = _padded_chunk(ids, start, chunk)
-            logits, cache = self._timed(
-                f"score[{chunk}, context={context}]", steps.score, self.model.weights, cache, tokens, positions,
-                self._chunk_tables(positions), **self._model_static,
-            )
+            logits = self._on_row(placement.row, f"score[{chunk}]", steps.score, tokens, positions, self._chunk_tables(positions))
             pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
         return np.concatenate(pieces)
 
@@ -472,7 +514,7 @@ class Engine:
             last_positions[sequence.slot] = sequence.position
         if drafter == "self":
             draft_model, n_layers = self.self_draft, self.self_draft.cfg.n_layer
-            cache = kv_cache.KVCache(self.cache.layers[:n_layers])
+            cache = self.cache.first_layers(n_layers)
         else:
             draft_model, cache = self.draft_model, self._fed_draft_cache(rows, sequences)
         drafted, probabilities, cache = self._timed(
@@ -481,7 +523,7 @@ class Engine:
             family=draft_model.family, cfg=draft_model.cfg, plan=draft_model.plan, n_ctx=self.n_ctx, n_drafts=width - 1,
         )
         if drafter == "self":
-            self.cache = kv_cache.KVCache(cache.layers + self.cache.layers[n_layers:])
+            self.cache = self.cache.with_first_layers(cache)
         else:
             # Drafting writes each row's last token and drafts too, but a ring layer gets its slots
             # back (rz.steps.draft): held from here on is what came before the last token.
@@ -495,16 +537,16 @@ class Engine:
         tokens its target row holds (_fed_tokens: those after the longest prefix it holds), in calls
         of up to DRAFT_FEED_WIDTHS[-1] tokens a row."""
         pending = {}
-        rings = any(self.draft_model.cfg.sliding_layers)
+        ring_slots, ring_reach = kv_cache.ring(self.draft_model.cfg, self.n_ctx, self.block_size, self._draft_max_write)
         for sequence in sequences:
             text = np.asarray(_fed_tokens(sequence), np.int32)
             held = self._draft_held[sequence.slot]
             differs = np.flatnonzero(held[: len(text)] != text[: len(held)])
             start = int(differs[0]) if len(differs) else min(len(held), len(text))
-            if rings and start < len(held):
-                # The row's ring slots hold the later positions of the text it held, and those hide
-                # the last window of what both share (rz.steps.draft restores only its drafts' slots).
-                start = max(0, start - self.draft_model.cfg.sliding_window)
+            # Drafting wrote up to a verify call's width past what the row held: a ring that may
+            # have lost keys the feed from `start` needs (kv_cache.ring) is fed from the start.
+            if ring_slots and len(held) + max(VERIFY_WIDTHS) > max(ring_slots, start + ring_reach):
+                start = 0
             if start < len(text):
                 pending[sequence.slot] = (start, text[start:])
         while pending:
@@ -601,9 +643,6 @@ class Engine:
             self._tensors_dirty = True
             self._assignment += 1
 
-    def _empty_cache(self, n_rows: int, n_positions: int) -> kv_cache.KVCache:
-        return self.model.launch(self.model.init_cache, n_rows, n_positions, self.cache_types)
-
     def _chunk_tables(self, positions):
         return self._timed(
             f"rope_tables[{positions.shape[1]}]", steps.chunk_rope_tables, self._rope_freq_factors, positions,
@@ -625,13 +664,11 @@ class Engine:
 
 @dataclass(eq=False)
 class Admission:
-    """A request on its way into a slot: its prompt prefilled chunk by chunk into a one-row cache."""
+    """A request on its way into a slot: its prompt prefilled chunk by chunk into the slot's blocks."""
 
     sequence: Generation  # slot -1 until complete_admission
-    cache: kv_cache.KVCache  # the one-row cache, on the device
     chunks: tuple[tuple[int, int], ...]  # (start, padded length) of each prompt chunk after the cached prefix
     placement: Placement = Placement(-1)  # the free slot it will take, and the row its reused prefix comes from
-    context: int = 0  # the positions its cache holds (a context bucket)
     n_done: int = 0
     logits: jax.Array | None = None  # of the last position prefilled so far
 

@@ -1,10 +1,18 @@
-"""The KV cache: per layer, the keys and values of past positions, passed into and out of forward.
+"""The KV cache: per layer, a pool of blocks of keys and values, read and written through block tables.
 
-A layer's buffer has S slots, and position p lives in slot p % S. Global layers get S =
-max_seq_len, so the modulo never wraps; sliding-window layers get S = sliding_window, a ring
-buffer that keeps exactly the window. Each slot records the absolute position it holds (-1:
-empty), and attention masks are built from those positions alone, so the cache needs no write
-pointer and a batch row can hold a sequence at any length.
+A layer's keys and values are a pool of N blocks of `block_size` slots each. Each batch row has a
+block table per kind of layer (global, sliding): position p of row b lives in block
+tables[kind][b, (p // block_size) % table_length], slot p % block_size. A global layer's table
+covers the context, so it never wraps; a sliding-window layer's is a ring of blocks just longer
+than the window plus the longest chunk written at once (table_lengths), so that a chunk is written
+first and then attended over with its whole window still in place, and sliding layers hold about
+their window, not the context. Each slot records the absolute position it holds (-1: empty), and
+attention masks are built from those positions alone, so the cache needs no write pointer and a
+row can hold a sequence at any length.
+
+Tables are plain data: an allocator (or, here, init_cache's identity tables: row r owns blocks
+r * table_length onward) decides which blocks a row reads and writes; table entries of -1 are
+absent, never read and never written.
 
 Keys and values are stored as llama.cpp's cache types (rz_kernels.attention_kv: f32, f16, bf16,
 q8_0), chosen separately, and the attention kernels read them as stored.
@@ -21,7 +29,8 @@ from rz.errors import RequestError
 from rz_kernels import attention_kv
 from rz_kernels.attention_kv import Stored
 
-EMPTY = -1  # the position of an empty slot, and of a padding token
+EMPTY = -1  # the position of an empty slot, and of a padding token; an absent table entry
+BLOCK_SIZE = 128  # slots per block
 
 
 @dataclass(frozen=True)
@@ -45,114 +54,183 @@ class CacheTypes:
 @partial(jax.tree_util.register_dataclass, data_fields=("keys", "values", "positions"), meta_fields=())
 @dataclass(frozen=True)
 class LayerCache:
-    """One layer's keys and values, laid out for attention: heads before slots."""
+    """One layer's pool of blocks, laid out for attention: heads before slots."""
 
-    keys: Stored  # [B, n_kv_heads, S, head_dim], as CacheTypes.k
-    values: Stored  # [B, n_kv_heads, S, head_dim_v], as CacheTypes.v
-    positions: jax.Array  # int32 [B, S]: the absolute position in each slot, EMPTY if none
+    keys: Stored  # [N_blocks, n_kv_heads, block_size, head_dim], as CacheTypes.k
+    values: Stored  # [N_blocks, n_kv_heads, block_size, head_dim_v], as CacheTypes.v
+    positions: jax.Array  # int32 [N_blocks, block_size]: the absolute position in each slot, EMPTY if none
 
     @property
-    def n_slots(self) -> int:
-        return self.keys.shape[2]
+    def n_blocks(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.positions.shape[1]
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=("layers",), meta_fields=())
+@partial(jax.tree_util.register_dataclass, data_fields=("layer", "table"), meta_fields=())
+@dataclass(frozen=True)
+class LayerView:
+    """What one layer's attention reads and writes: the layer's pool, and the block table of its
+    kind for the rows of the chunk, int32 [B, table_length]."""
+
+    layer: LayerCache
+    table: jax.Array
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=("layers", "tables"), meta_fields=())
 @dataclass(frozen=True)
 class KVCache:
+    """Every layer's pool, and the block tables of the rows that run on it: tables[sliding], the
+    global layers' int32 [B, global length] first, then the sliding layers' [B, sliding length]
+    (length 0 for a model without them). A step for fewer rows than the tables have uses the first."""
+
     layers: tuple[LayerCache, ...]
+    tables: tuple[jax.Array, jax.Array]
+
+    def view(self, layer: int, sliding: bool, n_rows: int) -> LayerView:
+        """Layer `layer` (of kind `sliding`) with its kind's table for the first n_rows rows."""
+        return LayerView(self.layers[layer], self.tables[sliding][:n_rows])
+
+    def with_tables(self, tables: tuple[jax.Array, jax.Array]) -> "KVCache":
+        """The same pools read through other tables (a prefill runs on its row's tables alone)."""
+        return replace(self, tables=tuple(tables))
+
+    def first_layers(self, n_layers: int) -> "KVCache":
+        """The cache of the first n_layers layers, with the tables (the `self` proposer drafts in them)."""
+        return replace(self, layers=self.layers[:n_layers])
+
+    def with_first_layers(self, part: "KVCache") -> "KVCache":
+        """This cache with its first layers replaced by part's, and its tables (first_layers' inverse:
+        a step that took part donated the tables they share)."""
+        return KVCache(part.layers + self.layers[len(part.layers) :], part.tables)
 
 
-def init_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, types: CacheTypes = CacheTypes()) -> KVCache:
-    """An empty cache for batch_size sequences of up to max_seq_len positions each."""
-    return _empty_cache(cfg, batch_size, max_seq_len, types)
+def table_lengths(cfg: ModelConfig, n_ctx: int, block_size: int, max_write: int) -> tuple[int, int]:
+    """Blocks per table of each kind (global, sliding), for a context of n_ctx positions and chunks
+    of at most max_write tokens.
+
+    A global table covers the context. A sliding ring holds the window and the chunk being
+    written, and one block more, since a chunk may start mid-block: every key a query of the chunk
+    may see is still there after the chunk is written (the ring is never wider than the context's).
+    """
+    global_length = -(-n_ctx // block_size)
+    if not any(cfg.sliding_layers):
+        return global_length, 0
+    ring = -(-(cfg.sliding_window + max_write) // block_size) + 1
+    return global_length, min(ring, global_length)
+
+
+def ring(cfg: ModelConfig, n_ctx: int, block_size: int, max_write: int) -> tuple[int, int]:
+    """A row's sliding-layer ring as (slots, reach); (0, 0) for a model without sliding layers.
+
+    To write a chunk from position n on, a ring must still hold the keys at n - window .. n - 1. A
+    row that has written no position past max(slots, n + reach) does: a write at w evicts the
+    position w - slots and, at a block's first slot, clears the rest of that block's previous lap.
+    """
+    _, length = table_lengths(cfg, n_ctx, block_size, max_write)
+    slots = length * block_size
+    return (slots, slots - block_size - cfg.sliding_window) if length else (0, 0)
+
+
+def identity_tables(n_rows: int, lengths: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
+    """Tables giving row r the blocks r * length .. (r + 1) * length - 1 of each kind's pool."""
+    return tuple(jnp.arange(n_rows * length, dtype=jnp.int32).reshape(n_rows, length) for length in lengths)
+
+
+def init_cache(
+    cfg: ModelConfig,
+    n_rows: int,
+    n_ctx: int,
+    types: CacheTypes = CacheTypes(),
+    *,
+    block_size: int = BLOCK_SIZE,
+    max_write: int | None = None,
+) -> KVCache:
+    """An empty cache for n_rows sequences of up to n_ctx positions each, with identity tables.
+
+    max_write: the longest chunk written at once (by default n_ctx: any chunk)."""
+    return _empty_cache(cfg, n_rows, n_ctx, types, block_size, n_ctx if max_write is None else max_write)
 
 
 # Compiled once per shape: built op by op, the three arrays per layer cost ~1 ms of dispatch each
 # (measured 28 ms for SmolLM2's 30 layers), paid by every prefill before its first token.
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _empty_cache(cfg: ModelConfig, batch_size: int, max_seq_len: int, types: CacheTypes) -> KVCache:
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _empty_cache(cfg: ModelConfig, n_rows: int, n_ctx: int, types: CacheTypes, block_size: int, max_write: int) -> KVCache:
+    lengths = table_lengths(cfg, n_ctx, block_size, max_write)
 
     def layer(sliding: bool) -> LayerCache:
-        n_slots = min(cfg.sliding_window, max_seq_len) if sliding else max_seq_len
+        n_blocks = n_rows * lengths[sliding]
         return LayerCache(
-            keys=attention_kv.empty(types.k, (batch_size, cfg.n_head_kv, n_slots, cfg.head_dim)),
-            values=attention_kv.empty(types.v, (batch_size, cfg.n_head_kv, n_slots, cfg.head_dim_v)),
-            positions=jnp.full((batch_size, n_slots), EMPTY, jnp.int32),
+            keys=attention_kv.empty(types.k, (n_blocks, cfg.n_head_kv, block_size, cfg.head_dim)),
+            values=attention_kv.empty(types.v, (n_blocks, cfg.n_head_kv, block_size, cfg.head_dim_v)),
+            positions=jnp.full((n_blocks, block_size), EMPTY, jnp.int32),
         )
 
-    return KVCache(tuple(layer(sliding) for sliding in cfg.sliding_layers))
+    return KVCache(tuple(layer(sliding) for sliding in cfg.sliding_layers), identity_tables(n_rows, lengths))
 
 
-def history_positions(cache: LayerCache, positions: jax.Array) -> jax.Array:
-    """The positions of the cached keys a chunk may attend to [B, S]; EMPTY where it may not.
+def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Array) -> LayerCache:
+    """Store a chunk's keys [B, T, n_kv, D] and values at their positions [B, T] through the view's
+    table; padding (position -1) and absent table entries are dropped. Returns the layer's pool.
 
-    The cache is the history before the chunk: a slot holding a position at or after the chunk's
-    first position is stale (a reused batch row, or a sequence rewound), so it is hidden.
+    A block whose first slot the chunk writes has its other slots' positions cleared first: what
+    they held (a ring's previous lap, a reused row's or block's previous sequence) is stale, and
+    the slots the chunk writes after the first are written after the clearing. A chunk starting
+    mid-block clears nothing: the block's earlier slots are its sequence's history, written with
+    the block's first slot. When a chunk is longer than a ring, only its last positions that fit
+    are stored: the earlier ones would share their slots, and a scatter with duplicate indices has
+    no defined winner.
     """
-    first = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max), axis=1, keepdims=True)
-    return jnp.where(cache.positions < first, cache.positions, EMPTY)
-
-
-def write(cache: LayerCache, keys: jax.Array, values: jax.Array, positions: jax.Array) -> LayerCache:
-    """Store a chunk's keys [B, T, n_kv, D] and values at their positions [B, T]; padding is dropped.
-
-    When the chunk is longer than a ring buffer, only its last S positions are stored: the
-    earlier ones would share their slots, and a scatter with duplicate indices has no defined winner.
-    """
-    n_slots = cache.n_slots
+    layer, table = view.layer, view.table
+    block_size, length = layer.block_size, table.shape[1]
     last = jnp.max(positions, axis=1, keepdims=True)
-    kept = (positions >= 0) & (positions > last - n_slots)
-    slots = jnp.where(kept, positions % n_slots, n_slots)  # n_slots is out of range: dropped
-    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
+    kept = (positions >= 0) & (positions > last - length * block_size)
+    logical = jnp.where(kept, (positions // block_size) % max(length, 1), 0)
+    blocks = jnp.take_along_axis(table, logical, axis=1)
+    blocks = jnp.where(kept & (blocks >= 0), blocks, layer.n_blocks)  # n_blocks is out of range: dropped
+    slots = jnp.maximum(positions, 0) % block_size
+    started = jnp.where(slots == 0, blocks, layer.n_blocks)
 
     def scatter(whole: jax.Array, chunk: jax.Array) -> jax.Array:
-        return whole.at[rows, :, slots].set(chunk, mode="drop")
+        return whole.at[blocks, :, slots].set(chunk, mode="drop")
 
-    return replace(
-        cache,
-        keys=jax.tree.map(scatter, cache.keys, attention_kv.like(keys, cache.keys)),
-        values=jax.tree.map(scatter, cache.values, attention_kv.like(values, cache.values)),
-        positions=cache.positions.at[rows, slots].set(positions, mode="drop"),
+    cleared = layer.positions.at[started].set(EMPTY, mode="drop")
+    return LayerCache(
+        keys=jax.tree.map(scatter, layer.keys, attention_kv.like(keys, layer.keys)),
+        values=jax.tree.map(scatter, layer.values, attention_kv.like(values, layer.values)),
+        positions=cleared.at[blocks, slots].set(positions, mode="drop"),
     )
 
 
-def extract_row(cache: KVCache, slot: jax.Array, size: int) -> KVCache:
-    """Batch row `slot` of cache as a one-row cache of `size` positions (insert_row's inverse): the
-    first min(S, size) slots of each layer, where the positions below `size` live."""
+def through_table(view: LayerView) -> tuple[Stored, Stored, jax.Array]:
+    """The view's rows as contiguous keys, values [B, n_kv, table_length * block_size, D] and
+    positions [B, table_length * block_size], logical slot i holding what the table puts there
+    (absent entries: EMPTY positions).
 
-    def layer(whole: LayerCache) -> LayerCache:
-        n_slots = min(whole.n_slots, size)
+    A gather into a copy per call, until the attention kernels read through the table themselves."""
+    layer, table = view.layer, view.table
+    n_rows, length = table.shape
+    blocks = jnp.maximum(table, 0)
 
-        def row(leaf: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_slice(leaf, (slot, 0, 0, 0), (1, leaf.shape[1], n_slots, leaf.shape[3]))
+    def gather(leaf: jax.Array) -> jax.Array:
+        rows = leaf[blocks]  # [B, L, n_kv, bs, D]
+        return rows.transpose(0, 2, 1, 3, 4).reshape(n_rows, leaf.shape[1], length * leaf.shape[2], leaf.shape[3])
 
-        return LayerCache(
-            keys=jax.tree.map(row, whole.keys),
-            values=jax.tree.map(row, whole.values),
-            positions=jax.lax.dynamic_slice(whole.positions, (slot, 0), (1, n_slots)),
-        )
-
-    return KVCache(tuple(layer(whole) for whole in cache.layers))
+    positions = jnp.where(table[:, :, None] >= 0, layer.positions[blocks], EMPTY).reshape(n_rows, -1)
+    return jax.tree.map(gather, layer.keys), jax.tree.map(gather, layer.values), positions
 
 
-def insert_row(cache: KVCache, row: KVCache, slot: jax.Array) -> KVCache:
-    """cache with batch row `slot` replaced by the one-row cache `row`, which may hold fewer slots
-    per layer (a prompt prefilled into a cache of its own size): its slots go first, and the row's
-    other slots become empty. Position p sits in slot p % S in both, since a row cache with fewer
-    slots than the whole never holds a position past its size."""
+def copy_blocks(
+    cache: KVCache, sources: tuple[jax.Array, jax.Array], destinations: tuple[jax.Array, jax.Array], sliding_layers: tuple[bool, ...]
+) -> KVCache:
+    """cache with blocks destinations[sliding] int32 [n] of every layer of that kind (sliding_layers:
+    ModelConfig's) set to what blocks sources[sliding] hold; a destination of -1 gets nothing."""
 
-    def layer(whole: LayerCache, part: LayerCache) -> LayerCache:
-        positions = jax.lax.dynamic_update_slice(
-            whole.positions, jnp.full((1, whole.n_slots), EMPTY, jnp.int32), (slot, 0)
-        )
+    def layer(pool: LayerCache, sliding: bool) -> LayerCache:
+        source = jnp.maximum(sources[sliding], 0)
+        destination = jnp.where(destinations[sliding] >= 0, destinations[sliding], pool.n_blocks)
+        return jax.tree.map(lambda leaf: leaf.at[destination].set(leaf[source], mode="drop"), pool)
 
-        def put(whole_leaf: jax.Array, part_leaf: jax.Array) -> jax.Array:
-            return jax.lax.dynamic_update_slice(whole_leaf, part_leaf, (slot, 0, 0, 0))
-
-        return LayerCache(
-            keys=jax.tree.map(put, whole.keys, part.keys),
-            values=jax.tree.map(put, whole.values, part.values),
-            positions=jax.lax.dynamic_update_slice(positions, part.positions, (slot, 0)),
-        )
-
-    return KVCache(tuple(layer(whole, part) for whole, part in zip(cache.layers, row.layers)))
+    return replace(cache, layers=tuple(layer(pool, sliding) for pool, sliding in zip(cache.layers, sliding_layers)))

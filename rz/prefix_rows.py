@@ -8,9 +8,8 @@ the same system prompt) and prefills only the rest. It takes a free row whose co
 row makes redundant (an empty row, or one whose tokens the prompt starts with), else the least
 recently used free row.
 
-This is host-side bookkeeping only, a pure function of what the engine tells it; a pool of KV
-blocks with a block table per sequence would replace it, the choice keeping its shape (a
-prefix to map, the rest to prefill).
+This is host-side bookkeeping only, a pure function of what the engine tells it: each row owns its
+blocks of the cache's pools (kv_cache.identity_tables), and a copied prefix is a copy of blocks.
 """
 
 from dataclasses import dataclass
@@ -28,17 +27,17 @@ class Placement:
 
 
 class PrefixRows:
-    """What each row of a cache holds, how far its ring buffers may have been written, and when it was last used.
+    """What each row of a cache holds, how far its rings of blocks may have been written, and when it was last used.
 
-    ring_slots: the slots of the cache's sliding-window layers (ring buffers), or 0 if it has none.
-    A ring of S slots keeps only the last S positions written: to prefill a tail from position n
-    on, the query at n needs the keys at n - S + 1 .. n - 1. A row whose writes never passed S
-    still has them all; one that wrapped has them only if nothing past n was written (position n
-    itself is stale, hidden from the tail, and overwritten by it).
+    ring: kv_cache.ring of the cache, (slots, reach) of its sliding layers' rings ((0, 0): none). A
+    ring keeps only its last `slots` positions written: to prefill a tail from position n on, the
+    query at n needs the keys at n - window .. n - 1, which a row holds while its writes have not
+    passed max(slots, n + reach) (positions from n on are stale, hidden from the tail, and
+    overwritten by it).
     """
 
-    def __init__(self, n_rows: int, ring_slots: int):
-        self.ring_slots = ring_slots
+    def __init__(self, n_rows: int, ring: tuple[int, int] = (0, 0)):
+        self.ring_slots, self.ring_reach = ring
         # Per free row, the tokens whose KV it holds at positions 0.. (a running row's are its sequence's).
         self.kept: list[tuple[int, ...]] = [()] * n_rows
         # Per row, a bound on the positions its cache has been written at (the highest plus one),
@@ -51,7 +50,7 @@ class PrefixRows:
         """How many of the prompt's first tokens row `row`, holding `held`, can serve. The last prompt
         token is always run again, for its logits."""
         n = _common_prefix(held, prompt[:-1])
-        if self.ring_slots and self.written[row] > max(self.ring_slots, n + 1):
+        if self.ring_slots and self.written[row] > max(self.ring_slots, n + self.ring_reach):
             return 0
         return n
 

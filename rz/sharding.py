@@ -264,7 +264,7 @@ def _localize(weights: Any, size: int) -> Any:
 
 
 def _cache_specs(cache: kv_cache.KVCache) -> kv_cache.KVCache:
-    """Keys and values split over their KV heads (axis 1); slot positions replicated."""
+    """Keys and values split over their KV heads (axis 1 of a pool); slot positions and block tables replicated."""
 
     def layer(one: kv_cache.LayerCache) -> kv_cache.LayerCache:
         heads = P(None, AXIS)
@@ -272,13 +272,15 @@ def _cache_specs(cache: kv_cache.KVCache) -> kv_cache.KVCache:
             keys=jax.tree.map(lambda _: heads, one.keys), values=jax.tree.map(lambda _: heads, one.values), positions=P()
         )
 
-    return kv_cache.KVCache(tuple(layer(one) for one in cache.layers))
+    return kv_cache.KVCache(tuple(layer(one) for one in cache.layers), tuple(P() for _ in cache.tables))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def init_cache(plan: Plan, cfg: ModelConfig, batch_size: int, max_seq_len: int, types: kv_cache.CacheTypes) -> kv_cache.KVCache:
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def init_cache(
+    plan: Plan, cfg: ModelConfig, n_rows: int, n_ctx: int, types: kv_cache.CacheTypes, block_size: int, max_write: int | None
+) -> kv_cache.KVCache:
     """An empty KV cache split over the plan's mesh by KV heads (each head's copies included)."""
-    cache = kv_cache.init_cache(plan.cache_config(cfg), batch_size, max_seq_len, types)
+    cache = kv_cache.init_cache(plan.cache_config(cfg), n_rows, n_ctx, types, block_size=block_size, max_write=max_write)
     shardings = jax.tree.map(lambda spec: NamedSharding(plan.mesh, spec), _cache_specs(cache))
     return jax.lax.with_sharding_constraint(cache, shardings)
 

@@ -36,12 +36,8 @@ def score(weights, cache, tokens, positions, tables, *, family, cfg, plan=None):
 # A chunk's RoPE tables, made outside its step (see rz.models.rope_tables).
 chunk_rope_tables = jax.jit(rope_tables_for, static_argnames=("cfg",))
 
-# A prefilled one-row cache into a batch row of the engine's cache.
-insert = jax.jit(kv_cache.insert_row, donate_argnums=(0,))
-
-# A batch row of the engine's cache as a one-row cache of a context bucket, to prefill a prompt's
-# tail after the prefix the row already holds.
-extract = jax.jit(kv_cache.extract_row, static_argnames=("size",))
+# A prefix's blocks copied from the row that holds it into the row a prompt takes (kv_cache.copy_blocks).
+copy_blocks = jax.jit(kv_cache.copy_blocks, static_argnames=("sliding_layers",), donate_argnums=(0,))
 
 
 # A joining request's sampler state into its slot's row of the batch's.
@@ -100,9 +96,8 @@ def draft(weights, cache, tokens, positions, tensors, state, *, family, cfg, pla
     The sampler state is the target's, read only: the draft draws with keys of its own, derived from
     the row's, so that the verify call's draws are independent of the draft's.
 
-    The cache keeps what the draft wrote at global layers, stale later positions that the verify
-    call overwrites or causality hides (see verify); a ring layer gets back the slots the draft
-    overwrote, whose keys may still be inside the window.
+    The cache keeps what the draft wrote, stale later positions that the verify call overwrites
+    or causality hides (see verify).
     """
     sampler = Sampler()
     rows = tokens.shape[0]
@@ -110,8 +105,6 @@ def draft(weights, cache, tokens, positions, tensors, state, *, family, cfg, pla
     state = replace(state, keys=jax.vmap(jax.random.fold_in, in_axes=(0, None))(state.keys, _DRAFT_STREAM))
     fed = jnp.where(positions[None, :] >= 0, positions[None, :] + jnp.arange(n_drafts, dtype=positions.dtype)[:, None], -1)
     fed = jnp.where(fed < n_ctx, fed, -1)  # [n_drafts, rows]: the positions of the tokens fed at each step
-    rings = [index for index, sliding in enumerate(cfg.sliding_layers) if sliding]
-    overwritten = [_slots_at(cache.layers[index], fed.T) for index in rings]
     step_tables = rope_tables(weights, jnp.maximum(fed, 0)[:, :, None], family=family, cfg=cfg)
 
     def one(carry, step):
@@ -127,10 +120,7 @@ def draft(weights, cache, tokens, positions, tensors, state, *, family, cfg, pla
         return (cache, drafted, SamplerState(keys=split[:, 0], recent_tokens=recent)), (drafted, probabilities)
 
     (cache, _, _), (drafts, probabilities) = jax.lax.scan(one, (cache, tokens, state), (fed, step_tables))
-    layers = list(cache.layers)
-    for index, old in zip(rings, overwritten):
-        layers[index] = _restore(layers[index], old, fed.T, jnp.ones(fed.T.shape, bool))
-    return drafts.T, jnp.swapaxes(probabilities, 0, 1), kv_cache.KVCache(tuple(layers))
+    return drafts.T, jnp.swapaxes(probabilities, 0, 1), cache
 
 
 @partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
@@ -182,17 +172,14 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, draft_prob
     tables: chunk_rope_tables of positions. Returns the SampledTokens at every position (leaves [W, rows, ...]), how many of them each row
     emits (int32 [rows], at least 1 for a live row), the cache, and the sampler state as it stands
     after each row's last emitted token. The cache holds only what was kept, as attention sees it.
-    A global layer's rejected drafts stay in their slots as stale later positions, which causality
-    hides until the tokens at those positions overwrite them (the cache already holds such slots
-    when a batch row is reused). A ring buffer's rejected drafts overwrote keys still inside the
-    window, so their slots get their previous keys, values and positions back; only ring layers
-    save them, since reading a layer before its in-place write makes XLA copy the whole layer.
+    Rejected drafts stay in their slots as stale later positions, which causality hides until the
+    tokens at those positions overwrite them (the cache already holds such slots when a row is
+    reused); a sliding layer's ring holds the window and the whole verify chunk
+    (kv_cache.table_lengths), so what the drafts overwrote there is outside every later query's window.
     """
     sampler = Sampler(n_top_logprobs=n_top)
-    rows, width = tokens.shape
+    rows = tokens.shape[0]
     whole_state, state = state, jax.tree.map(lambda leaf: leaf[:rows], state)
-    rings = [index for index, sliding in enumerate(cfg.sliding_layers) if sliding]
-    overwritten = [_slots_at(cache.layers[index], positions) for index in rings]
     hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
     logits = lm_head(weights, hidden, family=family, cfg=cfg, plan=plan)
 
@@ -211,11 +198,6 @@ def verify(weights, cache, tokens, positions, tables, tensors, state, draft_prob
     last = jnp.maximum(n_emitted - 1, 0)
     state = jax.tree.map(lambda leaf: leaf[last, jnp.arange(rows)], states)
     state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
-    rejected = jnp.arange(width)[None, :] > n_kept[:, None]
-    layers = list(cache.layers)
-    for index, old in zip(rings, overwritten):
-        layers[index] = _restore(layers[index], old, positions, rejected)
-    cache = kv_cache.KVCache(tuple(layers))
     return sampled, n_emitted, cache, state
 
 
@@ -255,35 +237,7 @@ def _weigh_drafts(sampler, logits, tokens, positions, draft_probabilities, tenso
     return sampled, states, kept[:-1].T
 
 
-def _slots_at(layer: kv_cache.LayerCache, positions):
-    """What a layer's cache holds in the slots a chunk at positions [rows, W] will write."""
-    rows = jnp.arange(positions.shape[0])[:, None]
-    slots = jnp.maximum(positions, 0) % layer.n_slots
-    # jax.tree.map: keys and values are arrays or, in a q8_0 cache, quants with their scales.
-    def at_slots(stored):
-        return jax.tree.map(lambda leaf: leaf[rows, :, slots], stored)
-
-    return at_slots(layer.keys), at_slots(layer.values), layer.positions[rows, slots]
-
-
-def _restore(layer: kv_cache.LayerCache, old, positions, rejected) -> kv_cache.LayerCache:
-    """The layer with the slots of the rejected chunk positions put back as _slots_at found them."""
-    old_keys, old_values, old_positions = old
-    n_slots = layer.n_slots
-    rows = jnp.broadcast_to(jnp.arange(positions.shape[0])[:, None], positions.shape)
-    slots = jnp.where(rejected & (positions >= 0), positions % n_slots, n_slots)  # n_slots: dropped
-
-    def put_back(stored, old_stored):
-        return jax.tree.map(lambda leaf, old: leaf.at[rows, :, slots].set(old, mode="drop"), stored, old_stored)
-
-    return kv_cache.LayerCache(
-        keys=put_back(layer.keys, old_keys),
-        values=put_back(layer.values, old_values),
-        positions=layer.positions.at[rows, slots].set(old_positions, mode="drop"),
-    )
-
-
-ALL = (prefill, score, chunk_rope_tables, insert, extract, join_row, first_token, decode, draft, feed, with_model_drafts, verify)
+ALL = (prefill, score, chunk_rope_tables, copy_blocks, join_row, first_token, decode, draft, feed, with_model_drafts, verify)
 
 
 def compiled_variants() -> int:

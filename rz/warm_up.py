@@ -32,13 +32,13 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     a short greedy request needs; a server runs those before it reports SERVING and the rest while
     it is idle (EngineLoop), so it starts in seconds rather than after every shape.
 
-    The units cover the prefill (a chunk, the first token, the insertion) of each context bucket,
+    The units cover the prefill (a chunk, the first token) of each context bucket's chunk length,
     with and without a reused prefix, and the decode step of each batch bucket with and without
     top log-probabilities, and with a token mask (structured output: its first constrained request
     would otherwise also build the vocabulary llguidance compiles against); and with a default
     proposer (rz serve --speculative), its verify calls of each width, greedy.
 
-    Each bucket is compiled with a one-token prompt in a cache of that bucket (the scheduler's
+    Each bucket is compiled with a one-token prompt in that bucket's chunks (the scheduler's
     `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
     prefilling prompts nobody asked for.
     """

@@ -68,19 +68,20 @@ def forward(
         if tables is None:
             tables = rope_tables(weights, positions, family=family, cfg=cfg)
     layer_caches = []
-    for layer, (layer_weights, layer_cache) in enumerate(zip(weights.layers, cache.layers)):
+    for layer, layer_weights in enumerate(weights.layers):
         # A block depends on its index only through its kind (see ModelConfig.layer_kind): the first
         # layer of that kind stands for it, so that the layers of a kind share one trace (see _block).
         sliding = cfg.sliding_layers[layer]
         kind = cfg.layer_kind(layer)
         with jax.named_scope(f"block_{layer}"):
-            x, layer_cache = _block(
-                layer_weights, layer_cache, x, positions, tables[sliding], layer=kind, family=family, cfg=cfg
+            x, view = _block(
+                layer_weights, cache.view(layer, sliding, tokens.shape[0]), x, positions, tables[sliding],
+                layer=kind, family=family, cfg=cfg,
             )
-        layer_caches.append(layer_cache)
+        layer_caches.append(view.layer)
     with jax.named_scope("final_norm"):
         hidden = family.final_norm(weights, x, cfg)
-    return hidden, KVCache(tuple(layer_caches))
+    return hidden, replace(cache, layers=tuple(layer_caches))
 
 
 # One block, jitted: JAX traces and lowers it once per kind of layer (and per weight types) and
@@ -126,8 +127,8 @@ def attention_probs(weights: Any, tokens: jax.Array, layer: int, *, family: Fami
     x = family.embed(weights, tokens, cfg)
     tables = rope_tables(weights, positions, family=family, cfg=cfg)
     for below in range(layer):
-        table = tables[cfg.sliding_layers[below]]
-        x, _ = family.block(weights.layers[below], cache.layers[below], x, positions, table, below, cfg)
+        sliding = cfg.sliding_layers[below]
+        x, _ = family.block(weights.layers[below], cache.view(below, sliding, 1), x, positions, tables[sliding], below, cfg)
     queries, keys, _, scale = family.attention_inputs(weights.layers[layer], x, tables[cfg.sliding_layers[layer]], layer, cfg)
     probs = rz_kernels.attention_weights(
         queries.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3), positions, positions,
@@ -163,11 +164,14 @@ class Model:
         """attention_probs() of this model: f32 [n_head, T, T] for a prompt tokens [T]."""
         return attention_probs(weights, tokens, layer, family=self.family, cfg=self.cfg)
 
-    def init_cache(self, batch_size: int, max_seq_len: int, types: kv_cache.CacheTypes = kv_cache.CacheTypes()) -> KVCache:
-        """An empty KV cache for batch_size sequences of up to max_seq_len positions (split as the plan says)."""
+    def init_cache(
+        self, n_rows: int, n_ctx: int, types: kv_cache.CacheTypes = kv_cache.CacheTypes(), *,
+        block_size: int = kv_cache.BLOCK_SIZE, max_write: int | None = None,
+    ) -> KVCache:
+        """kv_cache.init_cache for this model: n_rows sequences of up to n_ctx positions (split as the plan says)."""
         if self.plan is not None:
-            return sharding.init_cache(self.plan, self.cfg, batch_size, max_seq_len, types)
-        return kv_cache.init_cache(self.cfg, batch_size, max_seq_len, types)
+            return sharding.init_cache(self.plan, self.cfg, n_rows, n_ctx, types, block_size, max_write)
+        return kv_cache.init_cache(self.cfg, n_rows, n_ctx, types, block_size=block_size, max_write=max_write)
 
 
 def load_model(gguf: GGUFFile, cfg: ModelConfig, tensor_parallel: int = 1) -> Model:

@@ -6,15 +6,14 @@ rz_kernels.attention (a kernel per backend and shape); its masks, soft cap and s
 rz_kernels' too, and so are the attention maps of the look-inside API (rz_kernels.attention_weights).
 """
 
+from dataclasses import replace
+
 import jax
-import jax.numpy as jnp
 
 import rz_kernels
-from rz_kernels import attention_kv
-from rz_kernels.attention_kv import Stored
 from rz import kv_cache
 from rz.config import ModelConfig
-from rz.kv_cache import LayerCache
+from rz.kv_cache import LayerView
 from rz.models.layers import Rope, RopeTable, apply_rope, linear_many, rms_norm
 from rz.weights import AttentionProjections
 
@@ -60,7 +59,7 @@ def rotate(queries: jax.Array, keys: jax.Array, rope_table: RopeTable, layer: in
 
 
 def self_attention(
-    cache: LayerCache,
+    cache: LayerView,
     queries: jax.Array,
     keys: jax.Array,
     values: jax.Array,
@@ -69,39 +68,29 @@ def self_attention(
     *,
     layer: int,
     cfg: ModelConfig,
-) -> tuple[jax.Array, LayerCache]:
-    """Attend a chunk's queries [B, T, H, D] over the cached history and the chunk's own keys/values
-    [B, T, n_kv, D], with the layer's window and the model's attention soft cap; then store the
-    chunk in the cache. Returns (f32 [B, T, H * Dv], cache).
+) -> tuple[jax.Array, LayerView]:
+    """Store a chunk's keys/values [B, T, n_kv, D] in the cache through its block table, then attend
+    the chunk's queries [B, T, H, D] over the cache, with the layer's window and the model's
+    attention soft cap. Returns (f32 [B, T, H * Dv], cache).
 
-    A decode step (T = 1), and any chunk on a global layer, stores its keys first and attends over
-    the cache in place: nothing is copied. That is exact: a global layer's slot is its position
-    (stale slots hold later positions, hidden by causality), and the only key a ring buffer
-    evicts for a single query at p is p - S, outside the window. A longer chunk on a ring buffer
-    attends over the history and itself before storing, so that it still sees all of its own
-    keys when it is longer than the window.
+    Writing first is exact: a chunk's positions are contiguous, so every position up to a query's
+    holds the sequence's own key once the chunk is written, later (stale) positions are hidden by
+    causality, and a sliding layer's ring of blocks holds the window and a whole chunk
+    (kv_cache.table_lengths), so the chunk evicts no key a query of it may see.
     """
     batch, length = queries.shape[:2]
     window = layer_window(cfg, layer)
-    q = queries.transpose(0, 2, 1, 3)
-    options = {"window": window, "scale": scale, "softcap": cfg.attn_logit_softcap}
-    if length == 1 or window == 0:
-        cache = kv_cache.write(cache, keys, values, positions)
-        out = rz_kernels.attention(
-            q, cache.keys, cache.values, positions, cache.positions, keys_in_order=window == 0, **options
-        )
-    else:
-        # The chunk's rows are the cache's first (a verify step runs on a batch bucket of them).
-        history = jax.tree.map(lambda leaf: leaf[:batch], cache)
-        all_keys = _with_chunk(history.keys, keys)
-        all_values = _with_chunk(history.values, values)
-        key_positions = jnp.concatenate([kv_cache.history_positions(history, positions), positions], axis=1)
-        out = rz_kernels.attention(q, all_keys, all_values, positions, key_positions, **options)
-        cache = kv_cache.write(cache, keys, values, positions)
+    cache = replace(cache, layer=kv_cache.write(cache, keys, values, positions))
+    out = _attend_through_table(queries.transpose(0, 2, 1, 3), cache, positions, window=window, scale=scale,
+                                softcap=cfg.attn_logit_softcap)
     return out.transpose(0, 2, 1, 3).reshape(batch, length, -1), cache
 
 
-def _with_chunk(stored: Stored, chunk: jax.Array) -> Stored:
-    """The cache's keys or values [B, n_kv, S, D] followed by a chunk's [B, T, n_kv, D], stored alike."""
-    chunk = attention_kv.like(chunk.transpose(0, 2, 1, 3), stored)
-    return jax.tree.map(lambda cached, new: jnp.concatenate([cached, new], axis=2), stored, chunk)
+def _attend_through_table(q: jax.Array, cache: LayerView, positions: jax.Array, *, window: int, scale: float,
+                          softcap: float) -> jax.Array:
+    """rz_kernels.attention of q [B, H, T, D] at positions [B, T] over the cache's rows, read
+    through their table (a global table's logical slot i holds position i or is empty)."""
+    keys, values, key_positions = kv_cache.through_table(cache)
+    return rz_kernels.attention(
+        q, keys, values, positions, key_positions, window=window, scale=scale, softcap=softcap, keys_in_order=window == 0
+    )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import jax
 
 from rz.config import ModelConfig
-from rz.kv_cache import LayerCache
+from rz.kv_cache import LayerView
 from rz.models import attention
 from rz.models.family import Family
 from rz.models.layers import RopeTable, no_rope_freq_factors, embed as embed_rows, gelu, layer_norm, linear
@@ -88,7 +88,7 @@ def attention_inputs(w: LayerWeights, x: jax.Array, rope_table: RopeTable, layer
 
 
 def block(
-    w: LayerWeights, cache: LayerCache, x: jax.Array, positions: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig
+    w: LayerWeights, cache: LayerView, x: jax.Array, positions: jax.Array, rope_table: RopeTable, layer: int, cfg: ModelConfig
 ):
     with jax.named_scope("attention"):
         queries, keys, values, scale = attention_inputs(w, x, rope_table, layer, cfg)

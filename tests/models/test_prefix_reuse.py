@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import rz
+from rz import kv_cache
 from rz.buckets import Buckets
 from rz.engine import Engine
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
@@ -24,8 +25,9 @@ def llm(request):
 
 @pytest.fixture
 def engine(llm):
-    # Chunks of at least 32 tokens, so that both prefills take the same matmul paths.
-    return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=Buckets.for_context(N_CTX, smallest=32))
+    # Chunks of at least 32 tokens, so that both prefills take the same matmul paths, and at most 128,
+    # so that Gemma 3's rings (its window: 512) hold 768 positions, fewer than the context.
+    return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=Buckets.for_context(N_CTX, smallest=32, largest=128))
 
 
 def text_ids(llm, n_tokens: int, seed: int) -> list[int]:
@@ -124,13 +126,21 @@ def test_cache_prompt_false_prefills_the_whole_prompt(llm, engine):
     assert admit(engine, prompt, cache_prompt=False)[1] == 0
 
 
-def test_a_sliding_window_model_refuses_a_prefix_whose_ring_has_wrapped_past_it(llm, engine):
-    """A prompt that leaves a wrapped ring's tokens before its end needs keys the ring overwrote."""
+def test_a_sliding_window_model_reuses_a_prefix_past_its_window_while_its_ring_holds_it(llm, engine):
+    """A ring that has wrapped still holds the window before what it was last written at: a prompt
+    continuing its tokens reuses them all; one that leaves them too far before its end needs keys
+    the ring has overwritten, and is prefilled whole."""
     window = llm.config.sliding_window
     if not window:
-        pytest.skip("a model without sliding-window layers never wraps a ring buffer")
-    held = [llm.tokenizer.bos_id] + text_ids(llm, window + 40, seed=8)
+        pytest.skip("a model without sliding-window layers never wraps a ring of blocks")
+    held = [llm.tokenizer.bos_id] + text_ids(llm, 850, seed=8)
+    slots, reach = kv_cache.ring(llm.config, N_CTX, engine.block_size, engine.max_write)
+    assert slots < len(held) and window + 10 + reach < len(held)
     admit(engine, held)
+    continued = held + text_ids(llm, 10, seed=9)
+    logits, n_cached = admit(engine, continued)
+    assert n_cached == len(held)
+    assert_same_logits(engine, continued, logits)
     prompt = held[: window + 10] + text_ids(llm, 10, seed=9)
     logits, n_cached = admit(engine, prompt)
     assert n_cached == 0

@@ -1,6 +1,6 @@
 """Prefix reuse across the rows of the KV cache, on tiny models whose F16 weights take the f32
 XLA path: a reused prefix gives the logits a whole prefill gives, to float rounding, for each
-cache type and through a tiny Gemma 3's ring buffers (its window: 48 positions), and generation
+cache type and through a tiny Gemma 3's rings of blocks (its window: 48 positions), and generation
 with reuse gives the tokens generation without it gives, under eviction and 16 streams at once."""
 
 import numpy as np
@@ -46,7 +46,9 @@ def engine(llm, request):
     if request.param == "q8_0" and llm.config.head_dim % 32:
         pytest.skip("a q8_0 cache needs heads of a multiple of 32 (the tiny Gemma 3's)")
     types = CacheTypes(request.param, request.param)
-    return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=Buckets.for_context(N_CTX, smallest=16), cache_types=types)
+    # Blocks and chunks of 16: the tiny Gemma 3's rings hold 80 positions (kv_cache.ring), fewer than the context.
+    buckets = Buckets.for_context(N_CTX, smallest=16, largest=16)
+    return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=buckets, cache_types=types, block_size=16)
 
 
 def prompt_of(llm, *pieces: list[int]) -> list[int]:
@@ -60,8 +62,8 @@ def assert_as_prefilled_whole(engine: Engine, ids: list[int], reused: np.ndarray
 
 
 def test_a_prompt_continuing_a_row_reuses_it_exactly(llm, engine):
-    """On a ring buffer that has wrapped, too: it still holds the window before its last position."""
-    held = prompt_of(llm, words(WINDOW + 12, seed=1))
+    """On a ring that has wrapped, too: it still holds the window before its last position."""
+    held = prompt_of(llm, words(WINDOW + 52, seed=1))
     admit(engine, held)
     prompt = held + words(5, seed=2)
     logits, n_cached = admit(engine, prompt)
@@ -69,15 +71,16 @@ def test_a_prompt_continuing_a_row_reuses_it_exactly(llm, engine):
     assert_as_prefilled_whole(engine, prompt, logits)
 
 
-@pytest.mark.parametrize("n_system", [20, WINDOW + 4])
-def test_a_shared_prefix_is_copied_from_another_row_exactly(llm, engine, n_system):
-    """Unless the row's rings wrapped past the shared part: their keys there are gone."""
+@pytest.mark.parametrize("n_system, n_after", [(20, 8), (WINDOW + 4, 8), (WINDOW + 4, 40)])
+def test_a_shared_prefix_is_copied_from_another_row_exactly(llm, engine, n_system, n_after):
+    """Past the window, too, unless the row's rings wrapped too far past the shared part (80
+    positions, 16 past it: kv_cache.ring): their keys there are gone."""
     system = prompt_of(llm, words(n_system, seed=3))
-    admit(engine, system + words(8, seed=4))
+    admit(engine, system + words(n_after, seed=4))
     question = system + words(6, seed=5)
     logits, sequence = start(engine, question)
     end(engine, sequence)
-    assert sequence.n_cached == (0 if has_rings(llm) and n_system > WINDOW else len(system))
+    assert sequence.n_cached == (0 if has_rings(llm) and n_after > 16 else len(system))
     assert_as_prefilled_whole(engine, question, logits)
 
 

@@ -153,13 +153,46 @@ def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_spec
     )
 
 
+# Blocks of 4 slots and chunks of at most 8 tokens: Gemma 3's rings (window 8) hold 20 slots, which
+# a 20-token prompt and its drafts wrap.
+BLOCK_SIZE = 4
+MAX_WRITE = 8
+
+
+def filled(model, ids, types: kv_cache.CacheTypes = kv_cache.CacheTypes()) -> kv_cache.KVCache:
+    """A one-row cache of small blocks filled with ids, in chunks of MAX_WRITE."""
+    weights, static = model.weights, {"family": model.family, "cfg": model.cfg}
+    cache = kv_cache.init_cache(model.cfg, 1, 64, types, block_size=BLOCK_SIZE, max_write=MAX_WRITE)
+    for start in range(0, len(ids), MAX_WRITE):
+        positions = jnp.arange(start, min(start + MAX_WRITE, len(ids)), dtype=jnp.int32)[None]
+        tables = steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg)
+        cache = steps.score(weights, cache, jnp.asarray([ids[start : start + MAX_WRITE]], jnp.int32), positions, tables, **static)[1]
+    return cache
+
+
+def assert_holds_what_the_next_query_sees(cache: kv_cache.KVCache, expected: kv_cache.KVCache, cfg, next_position: int):
+    """cache holds expected's keys, values and positions wherever expected holds a position that a
+    query at next_position may see (below it; a sliding layer: within its window), read through the
+    tables. The rest (stale later positions, a ring's older laps) attention never sees."""
+    for index, sliding in enumerate(cfg.sliding_layers):
+        got_keys, got_values, got_positions = kv_cache.through_table(cache.view(index, sliding, 1))
+        want_keys, want_values, want_positions = kv_cache.through_table(expected.view(index, sliding, 1))
+        want_positions = np.asarray(want_positions)
+        lowest = next_position - cfg.sliding_window if sliding else 0
+        seen = (want_positions >= lowest) & (want_positions < next_position)
+        np.testing.assert_array_equal(np.asarray(got_positions)[seen], want_positions[seen])
+        held = seen[:, None, :, None]
+        for got, ref in ((got_keys, want_keys), (got_values, want_values)):
+            got, ref = np.asarray(attention_kv.to_f32(got)) * held, np.asarray(attention_kv.to_f32(ref)) * held
+            assert np.sum((got - ref) ** 2) <= QUANTIZED_NMSE * np.sum(ref**2)
+
+
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
 def test_rejected_drafts_leave_the_cache_as_a_prefill_of_the_kept_tokens(tiny, cache_type):
-    """A verify call whose third draft is wrong: the cache afterwards (ring buffers included, whose
-    slots the rejected drafts overwrote) holds what one filled with the prompt and the kept tokens
-    holds, in the default cache type and in q8_0, whose quants and scales are put back alike. A
-    global layer may keep rejected drafts as stale positions after the kept ones, which attention
-    never sees (see rz.steps.verify); every other slot is the prefill's."""
+    """A verify call whose third draft is wrong: the cache afterwards holds, wherever the next query
+    looks, what one filled with the prompt and the kept tokens holds, in the default cache type and
+    in q8_0. Rejected drafts stay as stale later positions, which attention never sees (see
+    rz.steps.verify), and what they overwrote in a ring (its blocks wrap here) is outside the window."""
     model, weights, static = tiny.model, tiny.model.weights, {"family": tiny.model.family, "cfg": tiny.model.cfg}
     if cache_type == "q8_0" and model.cfg.head_dim % attention_kv.Q8_0_BLOCK:
         pytest.skip("q8_0 holds heads of whole 32-value blocks only, as llama.cpp's")
@@ -167,60 +200,40 @@ def test_rejected_drafts_leave_the_cache_as_a_prefill_of_the_kept_tokens(tiny, c
     greedy = tiny.generate(prompt, max_tokens=4, temperature=0).token_ids  # t0, then what greedy decoding follows it with
     wrong = (greedy[3] + 1) % N_VOCAB
     fed = [greedy[0], greedy[1], greedy[2], wrong, greedy[1], greedy[2], wrong, greedy[1]]
-
-    def filled(ids):
-        positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
-        tables = steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg)
-        cache = kv_cache.init_cache(model.cfg, 1, 32, kv_cache.CacheTypes(cache_type, cache_type))
-        return steps.score(weights, cache, jnp.asarray([ids], jnp.int32), positions, tables, **static)[1]
+    types = kv_cache.CacheTypes(cache_type, cache_type)
 
     positions = jnp.arange(len(prompt), len(prompt) + len(fed), dtype=jnp.int32)[None]
     params = SamplingParams(temperature=0)
     sampled, n_emitted, cache, _ = steps.verify(
-        weights, filled(prompt), jnp.asarray([fed], jnp.int32), positions,
+        weights, filled(model, prompt, types), jnp.asarray([fed], jnp.int32), positions,
         steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg),
         SamplingTensors.from_params([params]), SamplerState.create([params], [prompt]), **static, n_top=0,
     )
     assert int(n_emitted[0]) == 3
     assert np.asarray(sampled.tokens[:3, 0]).tolist() == greedy[1:4]
     kept = prompt + greedy[:3]
-    expected = filled(kept)
-    for layer, want in zip(cache.layers, expected.layers):
-        positions = np.asarray(layer.positions)
-        np.testing.assert_array_equal(np.where(positions >= len(kept), kv_cache.EMPTY, positions), np.asarray(want.positions))
-        held = np.asarray(want.positions)[:, None, :, None] != kv_cache.EMPTY
-        for got, ref in ((layer.keys, want.keys), (layer.values, want.values)):
-            got, ref = np.asarray(attention_kv.to_f32(got)) * held, np.asarray(attention_kv.to_f32(ref)) * held
-            assert np.sum((got - ref) ** 2) <= QUANTIZED_NMSE * np.sum(ref**2)
+    assert_holds_what_the_next_query_sees(cache, filled(model, kept, types), model.cfg, len(kept))
 
 
-def test_a_self_draft_leaves_the_cache_as_it_found_it_but_for_stale_later_positions(tiny):
-    """Ring layers get back the slots the draft overwrote (their keys may still be in the window);
-    global layers keep its keys only at positions after the last token's, which attention never
-    sees before the verify call overwrites them."""
-    model, weights, static = tiny.model, tiny.model.weights, {"family": tiny.model.family, "cfg": tiny.model.cfg}
+def test_a_self_draft_leaves_the_cache_as_it_found_it_where_the_next_query_looks(tiny):
+    """The draft writes the last token and its drafts into the first layers, at positions from the
+    last token's on, which the verify call overwrites; every key the last token's query may see stays
+    (a ring's blocks wrap here: it holds the window and a whole chunk)."""
+    model = tiny.model
     prompt = repetitive_prompts(3, N_VOCAB)[2][:20]
-    positions = jnp.arange(len(prompt), dtype=jnp.int32)[None]
-    tables = steps.chunk_rope_tables(model.family.rope_freq_factors(weights), positions, cfg=model.cfg)
-    filled = steps.score(weights, kv_cache.init_cache(model.cfg, 1, 32), jnp.asarray([prompt], jnp.int32), positions, tables, **static)[1]
-    before = jax.tree.map(np.array, filled)  # a copy: the draft updates the cache in place
+    cache = filled(model, prompt)
+    before = jax.tree.map(np.array, cache)  # a copy: the draft updates the cache in place
     engine = Engine(model, tiny.tokenizer, N_CTX, 1, self_draft_layers=model.cfg.n_layer - 1)
     draft_model = engine.self_draft
     params = SamplingParams(temperature=0)
     drafts, probabilities, cache = steps.draft(
-        draft_model.weights, kv_cache.KVCache(filled.layers[: draft_model.cfg.n_layer]), jnp.asarray([prompt[-1]], jnp.int32),
+        draft_model.weights, cache.first_layers(draft_model.cfg.n_layer), jnp.asarray([prompt[-1]], jnp.int32),
         jnp.asarray([len(prompt) - 1], jnp.int32), SamplingTensors.from_params([params]), SamplerState.create([params], [prompt]),
-        family=draft_model.family, cfg=draft_model.cfg, n_ctx=32, n_drafts=7,
+        family=draft_model.family, cfg=draft_model.cfg, n_ctx=64, n_drafts=7,
     )
     assert drafts.shape == (1, 7) and np.asarray(probabilities).sum(axis=-1) == pytest.approx(1.0)
-    for layer, (got, want) in enumerate(zip(cache.layers, before.layers)):
-        held = (want.positions != kv_cache.EMPTY) & (want.positions < len(prompt) - 1)
-        if model.cfg.sliding_layers[layer]:
-            held = np.ones_like(held)
-        np.testing.assert_array_equal(np.asarray(got.positions)[held], want.positions[held])
-        held = held[:, None, :, None]
-        for got_part, want_part in ((got.keys, want.keys), (got.values, want.values)):
-            np.testing.assert_array_equal(np.asarray(got_part) * held, np.asarray(want_part) * held)
+    before = before.first_layers(draft_model.cfg.n_layer)
+    assert_holds_what_the_next_query_sees(cache, before, draft_model.cfg, len(prompt) - 1)
 
 
 @pytest.mark.parametrize("proposer", ["ngram", "self"])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import rz
-from rz import steps
+from rz import kv_cache, steps
 from rz.engine import Engine
 from rz.errors import RequestError
 from rz.model_files import smollm2_135m_path
@@ -79,20 +79,28 @@ def test_after_rejected_drafts_and_in_reused_rows_the_draft_cache_holds_what_a_p
 
 
 def assert_draft_rows_hold_their_text(engine, draft) -> None:
+    """Through each row's tables, the draft cache holds what feeding the row's text from scratch
+    gives, wherever the next query may look (below its position; a sliding layer: within its window)."""
+    chunk = 8
     for slot, held in enumerate(engine._draft_held):
         assert len(held) > 20
-        fresh = draft.init_cache(1, N_CTX)
-        positions = jnp.arange(len(held), dtype=jnp.int32)[None]
-        tables = steps.chunk_rope_tables(draft.family.rope_freq_factors(draft.weights), positions, cfg=draft.cfg)
-        fresh = steps.feed(draft.weights, fresh, jnp.asarray(held)[None], positions, tables, family=draft.family, cfg=draft.cfg)
-        for layer, want in zip(engine.draft_cache.layers, fresh.layers):
-            want_positions = np.asarray(want.positions[0])
-            got_positions = np.asarray(layer.positions[slot])
+        fresh = draft.init_cache(1, N_CTX, block_size=engine.block_size, max_write=engine._draft_max_write)
+        for start in range(0, len(held), chunk):
+            positions = jnp.arange(start, min(start + chunk, len(held)), dtype=jnp.int32)[None]
+            tables = steps.chunk_rope_tables(draft.family.rope_freq_factors(draft.weights), positions, cfg=draft.cfg)
+            fresh = steps.feed(draft.weights, fresh, jnp.asarray(held[start : start + chunk])[None], positions, tables,
+                               family=draft.family, cfg=draft.cfg)
+        row = engine.draft_cache.with_tables(tuple(table[slot : slot + 1] for table in engine.draft_cache.tables))
+        for index, sliding in enumerate(draft.cfg.sliding_layers):
+            got_keys, got_values, got_positions = kv_cache.through_table(row.view(index, sliding, 1))
+            want_keys, want_values, want_positions = kv_cache.through_table(fresh.view(index, sliding, 1))
+            want_positions = np.asarray(want_positions)
+            lowest = len(held) - draft.cfg.sliding_window if sliding else 0
             # Slots at later positions (stale drafts) are hidden by causality; the rest are the prefill's.
-            held_slots = (want_positions != -1) & (want_positions < len(held))
-            np.testing.assert_array_equal(got_positions[held_slots], want_positions[held_slots])
-            for got, ref in ((layer.keys, want.keys), (layer.values, want.values)):
-                got, ref = np.asarray(got[slot], np.float32)[:, held_slots], np.asarray(ref[0], np.float32)[:, held_slots]
+            seen = (want_positions >= lowest) & (want_positions < len(held))
+            np.testing.assert_array_equal(np.asarray(got_positions)[seen], want_positions[seen])
+            for got, ref in ((got_keys, want_keys), (got_values, want_values)):
+                got, ref = np.asarray(got[0], np.float32)[:, seen[0]], np.asarray(ref[0], np.float32)[:, seen[0]]
                 np.testing.assert_allclose(got, ref, rtol=1e-2, atol=1e-2)
 
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from scipy import stats
 
+from rz.buckets import Buckets
 from rz.engine import Engine
 from rz.generation import Generation, GenerationRequest
 from rz.request import FinishReason, RequestOptions, SamplingParams
@@ -41,7 +42,11 @@ def release_executables() -> None:
 
 
 def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None, draft_model=None) -> Engine:
-    engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, self_draft_layers=self_draft_layers, draft_model=draft_model)
+    # Small blocks and chunks: a tiny Gemma 3's rings (window 8) hold 32 slots, which its streams wrap.
+    engine = Engine(
+        llm.model, llm.tokenizer, llm.n_ctx, n_slots, buckets=Buckets.for_context(llm.n_ctx, largest=16),
+        self_draft_layers=self_draft_layers, draft_model=draft_model, block_size=8,
+    )
     engine.costs = DraftingAlwaysPays()
     return engine
 
