@@ -30,7 +30,7 @@ from rz_kernels import attention_kv
 from rz_kernels.attention_kv import Stored
 
 EMPTY = -1  # the position of an empty slot, and of a padding token; an absent table entry
-BLOCK_SIZE = 128  # slots per block
+BLOCK_SIZE = 64  # slots per block (benchmarks/results/paged-attention-session16.md)
 
 
 @dataclass(frozen=True)
@@ -207,19 +207,8 @@ def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Ar
 def through_table(view: LayerView) -> tuple[Stored, Stored, jax.Array]:
     """The view's rows as contiguous keys, values [B, n_kv, table_length * block_size, D] and
     positions [B, table_length * block_size], logical slot i holding what the table puts there
-    (absent entries: EMPTY positions).
-
-    A gather into a copy per call, until the attention kernels read through the table themselves."""
-    layer, table = view.layer, view.table
-    n_rows, length = table.shape
-    blocks = jnp.maximum(table, 0)
-
-    def gather(leaf: jax.Array) -> jax.Array:
-        rows = leaf[blocks]  # [B, L, n_kv, bs, D]
-        return rows.transpose(0, 2, 1, 3, 4).reshape(n_rows, leaf.shape[1], length * leaf.shape[2], leaf.shape[3])
-
-    positions = jnp.where(table[:, :, None] >= 0, layer.positions[blocks], EMPTY).reshape(n_rows, -1)
-    return jax.tree.map(gather, layer.keys), jax.tree.map(gather, layer.values), positions
+    (absent entries: EMPTY positions). A copy, for tests and analysis: attention reads the pool in place."""
+    return attention_kv.paged_as_slab(view.layer.keys, view.layer.values, view.layer.positions, view.table)
 
 
 def copy_blocks(

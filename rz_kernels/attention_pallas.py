@@ -137,8 +137,13 @@ def _kernel_refs(refs, n_k, n_v, paged):
     return q_ref, k_refs, v_refs, q_pos_ref, k_pos_ref, table_ref, rest[3 if paged else 2 :]
 
 
+def reads_blocks_of(block_size: int) -> bool:
+    """Whether the kernels can read a paged pool of blocks of block_size slots (a power of two, a whole dot tile)."""
+    return block_size >= DOT_MIN_ROWS and not block_size & (block_size - 1)
+
+
 def _check_block_size(block_size: int) -> None:
-    if block_size < DOT_MIN_ROWS or block_size & (block_size - 1):
+    if not reads_blocks_of(block_size):
         raise ValueError(f"the Pallas kernels read pool blocks of a power of two >= {DOT_MIN_ROWS} slots, got {block_size}")
 
 

@@ -217,10 +217,14 @@ def _cpu_path(t: int, head_dims: tuple[int, int] = (64, 64)) -> str:
     return "xla_grouped_chunked"
 
 
-def _cuda_path(t: int) -> str:
+def _cuda_path(t: int, pool_block: int | None = None) -> str:
     """Prompts take the flash kernel; decode steps take XLA unless RZ_PALLAS_DECODE=1 (see
-    rz_kernels.quantized_matmul's docstring); RZ_PALLAS=0 sends everything to XLA."""
+    rz_kernels.quantized_matmul's docstring); RZ_PALLAS=0 sends everything to XLA, and so does a
+    paged pool of blocks (pool_block slots each) that the Pallas kernels cannot read (a tiny test
+    model's small blocks)."""
     if not quantized_matmul.pallas_enabled():
+        return "xla_reference"
+    if pool_block is not None and not attention_pallas.reads_blocks_of(pool_block):
         return "xla_reference"
     if t <= DECODE_MAX_T:
         return "pallas_decode_attention" if quantized_matmul.pallas_decode_enabled() else "xla_reference"
@@ -360,7 +364,7 @@ _CUDA_KERNELS = {
 
 
 def _cuda(q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap):
-    kernel = _CUDA_KERNELS[_cuda_path(q.shape[2])]
+    kernel = _CUDA_KERNELS[_cuda_path(q.shape[2], None if block_table is None else k_positions.shape[1])]
     if block_table is None:
         k, v, k_positions = _first_rows(q, k, v, k_positions)
     else:
@@ -404,7 +408,7 @@ def attention(
     if key not in _logged:
         _logged.add(key)
         cpu = _cpu_path(q.shape[2], _head_dims(q, v))
-        cuda = _cuda_path(q.shape[2])
+        cuda = _cuda_path(q.shape[2], None if block_table is None else k_positions.shape[1])
         log.info(
             "rz_kernels.attention q %s, k %s (%s), K/V %s, window %d -> cpu: %s, cuda: %s",
             q.shape,

@@ -88,9 +88,10 @@ def self_attention(
 
 def _attend_through_table(q: jax.Array, cache: LayerView, positions: jax.Array, *, window: int, scale: float,
                           softcap: float) -> jax.Array:
-    """rz_kernels.attention of q [B, H, T, D] at positions [B, T] over the cache's rows, read
-    through their table (a global table's logical slot i holds position i or is empty)."""
-    keys, values, key_positions = kv_cache.through_table(cache)
+    """rz_kernels.attention of q [B, H, T, D] at positions [B, T] over the cache's rows, read in
+    place through their block table (a global table's logical slot i holds position i or is empty)."""
+    layer = cache.layer
     return rz_kernels.attention(
-        q, keys, values, positions, key_positions, window=window, scale=scale, softcap=softcap, keys_in_order=window == 0
+        q, layer.keys, layer.values, positions, layer.positions, block_table=cache.table,
+        window=window, scale=scale, softcap=softcap, keys_in_order=window == 0,
     )
