@@ -51,7 +51,7 @@ class FakeEngine:
 
     def begin_admission(self, sequence: Generation, context: int | None = None) -> Admission:
         n_chunks = max(1, len(sequence.request.prompt_ids) // CHUNK)
-        return Admission(sequence, cache=None, chunks=tuple((CHUNK * i, CHUNK) for i in range(n_chunks)), logits=0)
+        return Admission(sequence, chunks=tuple((CHUNK * i, CHUNK) for i in range(n_chunks)), logits=0)
 
     def prefill_chunk(self, admission: Admission) -> None:
         time.sleep(self.prefill_seconds)
