@@ -24,7 +24,6 @@ def timed_turn(engine: Engine, ids: list[int], cache_prompt: bool = True) -> dic
     sequence = engine.new_sequence(GenerationRequest(tuple(ids), RequestOptions(max_tokens=1, cache_prompt=cache_prompt)))
     started = time.perf_counter()
     admission = engine.begin_admission(sequence)
-    jax.block_until_ready(admission.cache)
     copied = time.perf_counter()
     while not admission.prefilled:
         engine.prefill_chunk(admission)
@@ -36,7 +35,7 @@ def timed_turn(engine: Engine, ids: list[int], cache_prompt: bool = True) -> dic
     sequence.finish(FinishReason.LENGTH)
     engine.release(sequence)
     return {
-        "n": len(ids), "cached": sequence.n_cached, "chunks": len(admission.chunks), "context": admission.context,
+        "n": len(ids), "cached": sequence.n_cached, "chunks": len(admission.chunks),
         "begin_s": round(copied - started, 3), "prefill_s": round(prefilled - copied, 3),
         "first_token_and_insert_s": round(done - prefilled, 3), "total_s": round(done - started, 3),
     }
@@ -47,7 +46,7 @@ def main() -> None:
     prompts = conversation(lambda text: llm.tokenize(text, add_bos=False), llm.chat_prompt_ids, 10, 100, 16)
     engine = Engine(llm.model, llm.tokenizer, N_CTX, 1)
     for _ in range(2):
-        engine.rows.released(0, ())  # each pass starts from an empty cache
+        engine.blocks.clear_cache()  # each pass starts from an empty cache
         rows = [timed_turn(engine, ids) for ids in prompts]
     for row in rows:
         print(row)

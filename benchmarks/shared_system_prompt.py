@@ -39,8 +39,7 @@ def prompts(llm) -> list[list[int]]:
 
 def run(llm, ids: list[list[int]], cache_prompt: bool) -> dict:
     engine = llm._scheduler(len(ids)).engine
-    for row in range(engine.n_slots):  # each pass starts from an empty cache
-        engine.rows.released(row, ())
+    engine.blocks.clear_cache()  # each pass starts from an empty cache
     computed = engine.prompt_tokens_computed
     started = time.perf_counter()
     completions = llm.generate(ids, max_tokens=8, temperature=0.0, ignore_eos=True, cache_prompt=cache_prompt)

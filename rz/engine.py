@@ -1,13 +1,13 @@
-"""The engine: a KV cache of `n_slots` rows and the compiled steps (rz.steps) that run on it.
+"""The engine: a KV cache of pooled blocks, `n_slots` rows that run on it, and the compiled steps (rz.steps).
 
-The cache is a pool of blocks per layer, each row owning its blocks through block tables
-(rz.kv_cache). A request joins by being prefilled straight into a free slot's blocks (in chunks,
-compiled once per chunk length). A slot keeps the KV of its last sequence after it leaves: a
-request starts from a copy of the blocks of the row (free or running) that holds the longest
-prefix of its prompt, and prefills only the rest (rz.prefix_rows chooses the rows, evicting the
-least recently used). One compiled decode call advances
-every slot at once; a request leaves when it stops, and its slot is free for the next between
-two calls. The engine returns sampled tokens; which request runs when, and what its tokens mean,
+The cache is a pool of blocks per layer, each sequence reading and writing its blocks through
+block tables (rz.kv_cache); the allocator (rz.kv_blocks) hands blocks out as writes reach them
+and keeps the full blocks of finished sequences, hashed by their tokens, until it needs them
+back. A request joins by mapping the cached blocks that hold the longest prefix of its prompt and
+prefilling the rest straight into blocks of its own (in chunks, compiled once per chunk length);
+it waits while the pools cannot promise the blocks it may need. One compiled decode call
+advances every slot at once; a request leaves when it stops, and its slot is free for the next
+between two calls. The engine returns sampled tokens; which request runs when, and what its tokens mean,
 is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
 """
 
@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz import kv_cache, steps
-from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder, ladder
+from rz import kv_blocks, kv_cache, steps
+from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
 from rz.constraints import Vocabulary
-from rz.errors import ContextOverflowError, RequestError
+from rz.errors import RequestError
 from rz.generation import Generation, GenerationRequest, Timings
-from rz.prefix_rows import Placement, PrefixRows
+from rz.kv_blocks import NO_BLOCK, BlockPlan, KVBlocks, SequenceBlocks
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
 from rz.speculative import (
@@ -74,7 +74,11 @@ class Engine:
         self_draft_layers: int | None = None,
         draft_model=None,
         block_size: int = kv_cache.BLOCK_SIZE,
+        kv_cache_tokens: int | None = None,
+        memory_bytes: int | None = None,
     ):
+        """kv_cache_tokens: the global layers' pool in positions (rz.kv_blocks.BlockPlan); by default
+        n_slots full contexts, or as many as memory_bytes holds (by default kv_blocks.memory_budget())."""
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be at least 1, got {decode_steps}")
         validate_proposer(speculative)
@@ -93,14 +97,24 @@ class Engine:
         # with the window (kv_cache.table_lengths): a prefill chunk or a verify call.
         self.max_write = max(self.buckets.max_chunk, *VERIFY_WIDTHS)
         self.block_size = block_size
-        self.cache = self.model.launch(
-            self.model.init_cache, n_slots, n_ctx, cache_types, block_size=block_size, max_write=self.max_write
+        self.plan = BlockPlan.for_model(
+            model.cfg, n_ctx=n_ctx, n_slots=n_slots, block_size=block_size, max_write=self.max_write,
+            cache_type_k=cache_types.k, cache_type_v=cache_types.v, kv_cache_tokens=kv_cache_tokens,
+            memory_bytes=kv_blocks.memory_budget() if memory_bytes is None and kv_cache_tokens is None else memory_bytes,
         )
-        # Each row's block tables on the host, for the steps that run on one row (prefill, score).
-        self._host_tables = tuple(np.asarray(table) for table in self.cache.tables)
+        self.blocks = KVBlocks(self.plan)
+        # No write reaches past the positions the pools can hold (a decode step drops them).
+        self.capacity = self.plan.capacity
+        n_blocks = tuple(self.plan.pool(kind).n_blocks if kind in model.cfg.sliding_layers else 0 for kind in (False, True))
+        self.cache = self.model.launch(
+            self.model.init_cache, n_slots, n_ctx, cache_types, block_size=block_size, max_write=self.max_write,
+            n_blocks=n_blocks,
+        )
+        # Each slot's block tables on the host (every entry NO_BLOCK while the slot is free), put
+        # on the device before a call when they changed.
+        self._host_tables = tuple(np.array(table) for table in self.cache.tables)
+        self._sequence_blocks: dict[Generation, SequenceBlocks] = {}  # every sequence admitted and not released
         self.slots: list[Generation | None] = [None] * n_slots
-        # What each row's KV holds, for prefix reuse.
-        self.rows = PrefixRows(n_slots, kv_cache.ring(model.cfg, n_ctx, block_size, self.max_write))
         self.prompt_tokens_computed = 0  # prompt tokens run through prefill chunks (reused ones are not)
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
         self._tensors_dirty = True
@@ -146,14 +160,7 @@ class Engine:
         check_token_ids([token for token, _ in request.options.sampling.logit_bias], self.model.cfg.n_vocab, "logit_bias token ids")
         if request.options.constraint is not None:
             self.vocabulary.matcher(request.options.constraint)
-        max_tokens = request.options.max_tokens
-        needed = len(request.prompt_ids) + max_tokens
-        if needed > self.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
-                f"needs {needed} positions, more than the context size {self.n_ctx}; "
-                "shorten the prompt, lower max_tokens, or load the model with a larger n_ctx"
-            )
+        self.blocks.check_fits(len(request.prompt_ids), request.options.max_tokens)
 
     @property
     def vocabulary(self) -> Vocabulary:
@@ -201,92 +208,63 @@ class Engine:
     # A sequence joins in three parts, so that a scheduler can run decode calls for the sequences
     # already in slots between the chunks of a long prompt.
 
-    def begin_admission(self, sequence: Generation, context: int | None = None) -> "Admission":
-        """Set up a sequence's prompt prefill into a free slot's blocks, after the prefix copied from
-        the row that holds the longest one, to be run chunk by chunk. The slot is its only at
-        complete_admission (one admission runs at a time).
+    def begin_admission(self, sequence: Generation, context: int | None = None) -> "Admission | None":
+        """Set up a sequence's prompt prefill, after the longest prefix the cache holds, into blocks
+        of its own, to be run chunk by chunk; None while the pools cannot promise the blocks it
+        may need (it waits for sequences to leave). It takes a free slot at complete_admission
+        (one admission runs at a time).
 
         `context` asks for the chunks of a prompt of at least that many positions even for a
         shorter prompt: a warm-up compiles a context bucket's chunk length with a one-token prompt.
         """
         if not self.free_slots():
             raise RuntimeError("no free slot: a request is admitted only when a slot is free")
+        prompt, options = sequence.request.prompt_ids, sequence.request.options
+        blocks = self.blocks.admit(prompt, options.max_tokens, options.cache_prompt)
+        if blocks is None:
+            return None
+        self._sequence_blocks[sequence] = blocks
         sequence.timings.started_at = time.perf_counter()
-        prompt = sequence.request.prompt_ids
-        free = [slot for slot, running in enumerate(self.slots) if running is None]
-        placement = self.rows.place(prompt, sequence.request.options.cache_prompt, free, self._held_tokens())
         bucket = self.buckets.context_bucket(max(len(prompt), context or 0))
-        if placement.n_cached:
-            if placement.source != placement.row:
-                # The copy of the prefix: the source row's blocks into the slot's (its later,
-                # stale positions are hidden from the tail, as in any reused row).
-                sources, destinations = (self._prefix_blocks(row, placement.n_cached) for row in (placement.source, placement.row))
-                self.cache = self._timed(
-                    f"copy_blocks[{len(sources[0])}]", steps.copy_blocks, self.cache, sources, destinations,
-                    sliding_layers=self.model.cfg.sliding_layers,
-                )
-            chunks = self.buckets.tail_chunks(placement.n_cached, len(prompt), bucket)
+        if blocks.n_cached:
+            chunks = self.buckets.tail_chunks(blocks.n_cached, len(prompt), bucket)
         else:
             chunks = tuple(self.buckets.chunks(len(prompt), bucket))
-        # From here on the slot's blocks hold what the prefill writes, whatever becomes of it.
-        self.rows.filled(placement, len(prompt))
-        sequence.n_cached = placement.n_cached
-        return Admission(sequence, chunks, placement)
-
-    def _held_tokens(self) -> list[tuple[int, ...]]:
-        """Per row, the tokens whose KV it holds at positions 0..: a running sequence's every token
-        but its last sampled one (not fed yet), a free row's what its last sequence left."""
-        return [
-            kept if sequence is None else _fed_tokens(sequence)
-            for sequence, kept in zip(self.slots, self.rows.kept)
-        ]
+        sequence.n_cached = blocks.n_cached
+        return Admission(sequence, chunks, blocks)
 
     def prefill_chunk(self, admission: "Admission") -> None:
-        """Run the admission's next prompt chunk through the model."""
+        """Run the admission's next prompt chunk through the model, into the sequence's blocks."""
         start, chunk = admission.chunks[admission.n_done]
-        tokens, positions, last = _padded_chunk(admission.sequence.request.prompt_ids, start, chunk)
-        self.prompt_tokens_computed += int(last[0]) + 1
-        admission.logits = self._on_row(
-            admission.slot, f"prefill[{chunk}]", steps.prefill, tokens, positions, self._chunk_tables(positions), last
+        prompt = admission.sequence.request.prompt_ids
+        end = min(start + chunk, len(prompt))
+        self.blocks.grow(admission.blocks, start, end)
+        tokens, positions, last = _padded_chunk(prompt, start, chunk)
+        self.prompt_tokens_computed += end - start
+        admission.logits = self._on_blocks(
+            admission.blocks, f"prefill[{chunk}]", steps.prefill, tokens, positions, self._chunk_tables(positions), last
         )
+        # Committed now, so that a prompt admitted next maps these blocks (the device runs the
+        # calls in order: this chunk is written before any later call reads it).
+        self.blocks.commit(admission.blocks, end)
         admission.n_done += 1
 
-    def _on_row(self, row: int, name: str, step: Callable, *args):
-        """A step (prefill, score) run on one row of the whole cache, through that row's block tables
-        alone; returns what the step returns before the cache."""
+    def _on_blocks(self, blocks: SequenceBlocks, name: str, step: Callable, *args):
+        """A step (prefill, score) run on one sequence's blocks, through its block tables alone;
+        returns what the step returns before the cache."""
         tables = self.cache.tables
-        out, cache = self._timed(
-            name, step, self.model.weights, self.cache.with_tables(self._row_tables(row)), *args, **self._model_static
-        )
+        one_row = tuple(jnp.asarray(np.asarray(blocks.tables.get(kind, []), np.int32)[None]) for kind in (False, True))
+        out, cache = self._timed(name, step, self.model.weights, self.cache.with_tables(one_row), *args, **self._model_static)
         self.cache = cache.with_tables(tables)
         return out
 
-    def _row_tables(self, row: int) -> tuple[jax.Array, jax.Array]:
-        """Row `row`'s block tables of each kind, int32 [1, length], made afresh (a step donates the
-        cache, tables included)."""
-        return tuple(jnp.asarray(table[row : row + 1]) for table in self._host_tables)
-
-    def _prefix_blocks(self, row: int, n_positions: int) -> tuple[jax.Array, jax.Array]:
-        """The blocks of row's tables that hold its positions below n_positions (a ring: all its
-        blocks once they wrap), int32 per kind, padded with -1 (nothing) to a power of two: a copy
-        compiled per rung of that ladder reads only the prefix's blocks."""
-        n_blocks = -(-n_positions // self.block_size)
-        padded = next(size for size in ladder(1, self._host_tables[0].shape[1]) if size >= n_blocks)
-        blocks = []
-        for table in self._host_tables:
-            length = min(padded, table.shape[1])
-            ids = np.full(length, -1, np.int32)
-            ids[: min(n_blocks, length)] = table[row, : min(n_blocks, length)]
-            blocks.append(jnp.asarray(ids))
-        return tuple(blocks)
-
     def complete_admission(self, admission: "Admission") -> SampledRow:
-        """Sample a prefilled admission's first token; its slot, whose blocks hold the prompt, is now its."""
+        """Sample a prefilled admission's first token; it takes the lowest free slot (decode runs on
+        the smallest batch bucket that holds the slots in use), with its blocks."""
         if not admission.prefilled:
             raise RuntimeError(f"the prompt is prefilled up to chunk {admission.n_done} of {len(admission.chunks)}")
-        sequence, request, slot = admission.sequence, admission.sequence.request, admission.slot
-        if self.slots[slot] is not None:
-            raise RuntimeError(f"slot {slot}, chosen when the admission began, is taken")
+        sequence, request = admission.sequence, admission.sequence.request
+        slot = self.slots.index(None)
         params = request.options.sampling
         row_state = SamplerState.create([params], [request.prompt_ids])
         n_top = _logprob_width([params])
@@ -298,6 +276,7 @@ class Engine:
         self._sampler_state = self.model.launch(steps.join_row, self._sampler_state, jnp.int32(slot), row_state)
         sequence.slot = slot
         self.slots[slot] = sequence
+        self._set_tables(slot, admission.blocks)
         self._tensors_dirty = True
         self._assignment += 1
         # Steps run asynchronously: the first token exists once it has been read back.
@@ -306,22 +285,27 @@ class Engine:
         return sequence, sampled, 0
 
     def score(self, ids: Sequence[int]) -> np.ndarray:
-        """Teacher-forced next-token logits at every position: f32 [len(ids), vocab]."""
+        """Teacher-forced next-token logits at every position: f32 [len(ids), vocab]. Every position
+        is computed (its logits are wanted), in blocks of its own; they stay cached for the prompts
+        that follow (a chat's first turn after scoring its text)."""
         if not ids:
             raise RequestError("cannot score an empty sequence of token ids")
-        if len(ids) > self.n_ctx:
-            raise ContextOverflowError(f"{len(ids)} tokens do not fit in the context size {self.n_ctx}")
-        free = [slot for slot, running in enumerate(self.slots) if running is None]
-        if not free:
-            raise RuntimeError("scoring runs in a free slot's blocks: score while fewer sequences run than there are slots")
-        # The least recently used free row (an empty prompt makes no row's contents redundant).
-        placement = self.rows.place((), False, free, self._held_tokens())
-        self.rows.filled(placement, len(ids))
-        pieces = []
-        for start, chunk in self.buckets.chunks(len(ids)):
-            tokens, positions, last = _padded_chunk(ids, start, chunk)
-            logits = self._on_row(placement.row, f"score[{chunk}]", steps.score, tokens, positions, self._chunk_tables(positions))
-            pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
+        blocks = self.blocks.admit(ids, 0, cache_prompt=False)
+        if blocks is None:
+            raise RuntimeError("the KV cache's blocks are promised to the running sequences: score when fewer run")
+        failed = True
+        try:
+            pieces = []
+            for start, chunk in self.buckets.chunks(len(ids)):
+                end = min(start + chunk, len(ids))
+                self.blocks.grow(blocks, start, end)
+                tokens, positions, last = _padded_chunk(ids, start, chunk)
+                logits = self._on_blocks(blocks, f"score[{chunk}]", steps.score, tokens, positions, self._chunk_tables(positions))
+                self.blocks.commit(blocks, end)
+                pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
+            failed = False
+        finally:
+            self.blocks.release(blocks, failed=failed)
         return np.concatenate(pieces)
 
     def decode(self) -> list[SampledRow]:
@@ -446,7 +430,7 @@ class Engine:
                 1 + n_drafts.get(sequence.slot, 0)
             )
         for sequence in active:
-            self.rows.wrote(sequence.slot, sequence.position + width)
+            self._prepare_writes(sequence, sequence.position, width)
         drafting = {self.slots[slot].speculation.proposer for slot, n in model_drafts.items() if n}
         drafters = tuple(p for p in MODEL_PROPOSERS if p in drafting)
         sampled, n_emitted = self._verify_call(rows, jnp.asarray(host_tokens), jnp.asarray(host_positions), model_drafts, drafters)
@@ -473,6 +457,7 @@ class Engine:
             tokens, draft_probabilities = self._draft_on_device(
                 drafter, rows, width, tokens, model_drafts, tensors, draft_probabilities
             )
+        self._put_tables()
         name = f"verify[{rows}, width={width}, logprobs={n_top}, weighed={bool(drafters)}]"
         sampled, n_emitted, self.cache, self._sampler_state = self._timed(
             name, steps.verify, self.model.weights, self.cache, tokens, positions, self._chunk_tables(positions),
@@ -514,13 +499,14 @@ class Engine:
             last_positions[sequence.slot] = sequence.position
         if drafter == "self":
             draft_model, n_layers = self.self_draft, self.self_draft.cfg.n_layer
+            self._put_tables()
             cache = self.cache.first_layers(n_layers)
         else:
             draft_model, cache = self.draft_model, self._fed_draft_cache(rows, sequences)
         drafted, probabilities, cache = self._timed(
             f"{drafter}[{rows}, drafts={width - 1}]", steps.draft, draft_model.weights, cache,
             tokens[:, 0], jnp.asarray(last_positions), tensors, self._sampler_state,
-            family=draft_model.family, cfg=draft_model.cfg, plan=draft_model.plan, n_ctx=self.n_ctx, n_drafts=width - 1,
+            family=draft_model.family, cfg=draft_model.cfg, plan=draft_model.plan, n_ctx=self.capacity, n_drafts=width - 1,
         )
         if drafter == "self":
             self.cache = self.cache.with_first_layers(cache)
@@ -592,12 +578,13 @@ class Engine:
         n_steps = self.decode_steps if allowed is None else 1
         # The host's positions are a call behind a chained call's.
         for sequence in sequences:
-            self.rows.wrote(sequence.slot, sequence.position + n_steps + (after.n_steps if after is not None else 0))
+            self._prepare_writes(sequence, sequence.position + (after.n_steps if after is not None else 0), n_steps)
+        self._put_tables()
         name = f"decode[{rows}, logprobs={n_top}, steps={n_steps}, masked={allowed is not None}]"
         timed = name in self.compilations
         sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
             name, steps.decode, self.model.weights, self.cache, tokens, positions, tensors, self._sampler_state, allowed,
-            **self._model_static, n_ctx=self.n_ctx, n_top=n_top, n_steps=n_steps,
+            **self._model_static, n_ctx=self.capacity, n_top=n_top, n_steps=n_steps,
         )
         return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions, timed, allowed)
 
@@ -633,15 +620,55 @@ class Engine:
         return rows
 
     def release(self, sequence: Generation) -> None:
-        """Free the slot a sequence holds, if it holds one, before the next call."""
-        if 0 <= sequence.slot < self.n_slots and self.slots[sequence.slot] is sequence:
+        """Give back the blocks a sequence holds and the slot, if it holds one, before the next call.
+
+        Its full blocks stay cached for the prompts that start with its tokens: every token but
+        the last sampled one has been fed to the model (a call still in flight writes them before
+        any later call reads them). After a failure, what its blocks hold is unknown: none stays."""
+        holds_slot = 0 <= sequence.slot < self.n_slots and self.slots[sequence.slot] is sequence
+        failed = sequence.finish_reason is FinishReason.ERROR
+        blocks = self._sequence_blocks.pop(sequence, None)
+        if blocks is not None:
+            if holds_slot and not failed:
+                self._commit(sequence, blocks)
+            self.blocks.release(blocks, failed=failed)
+        if holds_slot:
             self.slots[sequence.slot] = None
-            # Every token but the last sampled one has been fed to the model; after a failed
-            # call, what the row holds is unknown.
-            failed = sequence.finish_reason is FinishReason.ERROR
-            self.rows.released(sequence.slot, () if failed else _fed_tokens(sequence))
+            for table in self._host_tables:
+                table[sequence.slot] = NO_BLOCK
             self._tensors_dirty = True
             self._assignment += 1
+
+    # ----- blocks -----
+
+    def _commit(self, sequence: Generation, blocks: SequenceBlocks) -> None:
+        """Record the tokens the sequence has fed so far (their blocks become mappable once full)."""
+        fed = _fed_tokens(sequence)
+        if len(fed) > blocks.n_committed:
+            self.blocks.commit(blocks, len(fed), fed[len(blocks.tokens) :])
+
+    def _prepare_writes(self, sequence: Generation, start: int, n_positions: int) -> None:
+        """Before a call that writes a running sequence's positions [start, start + n_positions):
+        what it fed is committed, and those positions have blocks (none past its reservation: a
+        call launched ahead runs past a sequence's end, and writes there are dropped)."""
+        blocks = self._sequence_blocks.get(sequence)
+        if blocks is None:
+            return
+        self._commit(sequence, blocks)
+        end = min(start + n_positions, blocks.span)
+        if start < end and self.blocks.grow(blocks, start, end):
+            self._set_tables(sequence.slot, blocks)
+
+    def _set_tables(self, slot: int, blocks: SequenceBlocks) -> None:
+        for kind, table in zip((False, True), self._host_tables):
+            if kind in blocks.tables:
+                table[slot] = blocks.tables[kind]
+
+    def _put_tables(self) -> None:
+        """The slots' block tables onto the device, for the call about to run. Put there before every
+        call, not only after a change, so that every call takes tables placed alike (a call's own
+        output tables may be placed otherwise, and would compile the next call once more)."""
+        self.cache = self.cache.with_tables(tuple(jnp.asarray(table) for table in self._host_tables))
 
     def _chunk_tables(self, positions):
         return self._timed(
@@ -664,21 +691,17 @@ class Engine:
 
 @dataclass(eq=False)
 class Admission:
-    """A request on its way into a slot: its prompt prefilled chunk by chunk into the slot's blocks."""
+    """A request on its way into a slot: its prompt prefilled chunk by chunk into its blocks."""
 
     sequence: Generation  # slot -1 until complete_admission
     chunks: tuple[tuple[int, int], ...]  # (start, padded length) of each prompt chunk after the cached prefix
-    placement: Placement = Placement(-1)  # the free slot it will take, and the row its reused prefix comes from
+    blocks: SequenceBlocks | None = None  # its block tables (rz.kv_blocks)
     n_done: int = 0
     logits: jax.Array | None = None  # of the last position prefilled so far
 
     @property
     def prefilled(self) -> bool:
         return self.n_done == len(self.chunks)
-
-    @property
-    def slot(self) -> int:
-        return self.placement.row
 
     def wait(self) -> None:
         """Block until the chunks launched so far have run (steps are dispatched asynchronously)."""

@@ -21,6 +21,7 @@ of blocks (nothing is preempted); the blocks themselves are taken as writes reac
 """
 
 import hashlib
+import os
 from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -39,8 +40,9 @@ _MiB = 2**20
 
 
 class KVCacheCapacityError(ContextOverflowError):
-    """A request needs more KV cache than the whole pool holds: it could never run, however long
-    it waited (shorten the prompt, lower max_tokens, or start with a larger kv_cache_tokens)."""
+    """A request fits the context but needs more KV cache than the whole pool holds: it could never
+    run, however long it waited (shorten the prompt, lower max_tokens, or start with a larger
+    kv_cache_tokens). gRPC's RESOURCE_EXHAUSTED; HTTP 400, as a context overflow (not worth retrying)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,11 @@ class BlockPlan:
     @property
     def total_bytes(self) -> int:
         return sum(pool.total_bytes for pool in self.pools)
+
+    @property
+    def pool_tokens(self) -> int:
+        """The positions the pools hold in all: the global pool's (without global layers, the sliding one's)."""
+        return self.pools[0].n_blocks * self.block_size
 
     @property
     def capacity(self) -> int:
@@ -305,10 +312,11 @@ class KVBlocks:
         self.prompt_tokens = 0
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
-        """KVCacheCapacityError if a request could not run even alone in an empty pool."""
+        """ContextOverflowError if a request does not fit the context, KVCacheCapacityError if it
+        could not run even alone in an empty pool."""
         needed = n_prompt + max_tokens
         if needed > self.plan.n_ctx:
-            raise KVCacheCapacityError(
+            raise ContextOverflowError(
                 f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) needs {needed} positions, "
                 f"more than the context size {self.plan.n_ctx}; shorten the prompt, lower max_tokens, "
                 "or load the model with a larger n_ctx"
@@ -476,6 +484,15 @@ class KVBlocks:
     def _check_live(seq: SequenceBlocks) -> None:
         if seq.released:
             raise RuntimeError("the sequence's blocks were released")
+
+
+def memory_budget(share: float = 0.5) -> int:
+    """Bytes a KV cache may take by default: a share of the memory free now, on the accelerator
+    where there is one (what it reports free), else on the host."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(share * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+    return int(share * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
 def _chain_hashes(previous: bytes, tokens: Sequence[int], block_size: int) -> list[bytes]:

@@ -10,9 +10,9 @@ their window, not the context. Each slot records the absolute position it holds 
 attention masks are built from those positions alone, so the cache needs no write pointer and a
 row can hold a sequence at any length.
 
-Tables are plain data: an allocator (or, here, init_cache's identity tables: row r owns blocks
-r * table_length onward) decides which blocks a row reads and writes; table entries of -1 are
-absent, never read and never written.
+Tables are plain data: an allocator (rz.kv_blocks, in the engine; init_cache's identity tables,
+row r owning blocks r * table_length onward, elsewhere) decides which blocks a row reads and
+writes; table entries of -1 are absent, never read and never written.
 
 Keys and values are stored as llama.cpp's cache types (rz_kernels.attention_kv: f32, f16, bf16,
 q8_0), chosen separately, and the attention kernels read them as stored.
@@ -147,28 +147,36 @@ def init_cache(
     *,
     block_size: int = BLOCK_SIZE,
     max_write: int | None = None,
+    n_blocks: tuple[int, int] | None = None,
 ) -> KVCache:
-    """An empty cache for n_rows sequences of up to n_ctx positions each, with identity tables.
+    """An empty cache for n_rows sequences of up to n_ctx positions each, with identity tables; or,
+    given n_blocks (per kind, global then sliding: an allocator's pools), pools of that many blocks
+    and tables of n_rows rows with no block in them.
 
     max_write: the longest chunk written at once (by default n_ctx: any chunk)."""
-    return _empty_cache(cfg, n_rows, n_ctx, types, block_size, n_ctx if max_write is None else max_write)
+    return _empty_cache(cfg, n_rows, n_ctx, types, block_size, n_ctx if max_write is None else max_write, n_blocks)
 
 
 # Compiled once per shape: built op by op, the three arrays per layer cost ~1 ms of dispatch each
 # (measured 28 ms for SmolLM2's 30 layers), paid by every prefill before its first token.
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _empty_cache(cfg: ModelConfig, n_rows: int, n_ctx: int, types: CacheTypes, block_size: int, max_write: int) -> KVCache:
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+def _empty_cache(
+    cfg: ModelConfig, n_rows: int, n_ctx: int, types: CacheTypes, block_size: int, max_write: int, n_blocks: tuple[int, int] | None
+) -> KVCache:
     lengths = table_lengths(cfg, n_ctx, block_size, max_write)
+    if n_blocks is None:
+        n_blocks, tables = tuple(n_rows * length for length in lengths), identity_tables(n_rows, lengths)
+    else:
+        tables = tuple(jnp.full((n_rows, length), EMPTY, jnp.int32) for length in lengths)
 
     def layer(sliding: bool) -> LayerCache:
-        n_blocks = n_rows * lengths[sliding]
         return LayerCache(
-            keys=attention_kv.empty(types.k, (n_blocks, cfg.n_head_kv, block_size, cfg.head_dim)),
-            values=attention_kv.empty(types.v, (n_blocks, cfg.n_head_kv, block_size, cfg.head_dim_v)),
-            positions=jnp.full((n_blocks, block_size), EMPTY, jnp.int32),
+            keys=attention_kv.empty(types.k, (n_blocks[sliding], cfg.n_head_kv, block_size, cfg.head_dim)),
+            values=attention_kv.empty(types.v, (n_blocks[sliding], cfg.n_head_kv, block_size, cfg.head_dim_v)),
+            positions=jnp.full((n_blocks[sliding], block_size), EMPTY, jnp.int32),
         )
 
-    return KVCache(tuple(layer(sliding) for sliding in cfg.sliding_layers), identity_tables(n_rows, lengths))
+    return KVCache(tuple(layer(sliding) for sliding in cfg.sliding_layers), tables)
 
 
 def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Array) -> LayerCache:

@@ -42,10 +42,14 @@ class LLM:
         data_parallel: int = 1,
         self_draft_layers: int | None = None,
         draft_model: str | Path | None = None,
+        kv_cache_tokens: int | None = None,
     ):
         started = time.perf_counter()
         # How the KV cache stores keys and values (llama.cpp's names: f32, f16, bf16, q8_0).
         self.cache_types = CacheTypes(cache_type_k, cache_type_v)
+        # The KV cache's pool of positions, shared by the sequences running at once (rz.kv_blocks);
+        # None: max_batch full contexts, or what half the free memory holds.
+        self.kv_cache_tokens = kv_cache_tokens
         enable_compilation_cache(compilation_cache)
         self.path = Path(path) if path is not None else default_model_path()
         self.gguf = GGUFFile(self.path)
@@ -306,7 +310,7 @@ class LLM:
                 # Dropped (and so freed, cache and all) before the larger cache is allocated.
                 self._current = self._current_scheduler = None
             self._current = Engine(
-                self.model, self.tokenizer, self.n_ctx, n_slots, cache_types=self.cache_types,
+                self.model, self.tokenizer, self.n_ctx, n_slots, cache_types=self.cache_types, kv_cache_tokens=self.kv_cache_tokens,
                 self_draft_layers=self.self_draft_layers, draft_model=self.draft_model,
             )
             self._current_scheduler = Scheduler(self._current)

@@ -96,8 +96,9 @@ class RequestOptions:
     stop: tuple[str, ...] = ()  # stop strings, never part of the returned text
     stop_token_ids: frozenset[int] = frozenset()  # tokens that end the generation, besides end-of-generation
     ignore_eos: bool = False  # keep going past end-of-generation tokens
-    # Start from the longest prefix of the prompt whose KV a row of the cache holds, a free or a
-    # running one's (llama.cpp's server option of the same name); False prefills the whole prompt.
+    # Map the full blocks of the KV cache that hold the longest prefix of the prompt, a finished or
+    # a running sequence's (rz.kv_blocks; llama.cpp's server option of the same name), and
+    # prefill only the rest; False prefills the whole prompt.
     cache_prompt: bool = True
     # Draft tokens with this proposer (rz.speculative.PROPOSERS) and verify them in one step;
     # "off" decodes one token per step; None takes the engine's default (rz serve --speculative;

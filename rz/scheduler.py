@@ -2,7 +2,8 @@
 
 Each step() first frees the requests asked to stop, then either admits waiting requests
 (prefilling their prompts chunk by chunk into free slots, up to a time budget while other
-sequences wait for tokens) or runs one decode call for every sequence in a slot, never both, so
+sequences wait for tokens; in order of arrival, the first waiting while the KV cache cannot
+promise it its blocks) or runs one decode call for every sequence in a slot, never both, so
 a prompt's first token is out before the decode calls that follow it; then it turns the sampled
 tokens into events (rz.generation.accept). rz.LLM's generate, stream and chat, the server's
 warm-up and the server's engine loop all drive this one step (nano-vllm's LLMEngine.step is the
@@ -61,8 +62,9 @@ class Scheduler:
         events = self.free_stopped()
         can_admit = self._admission is not None or (self._waiting and self.engine.free_slots())
         if can_admit and not (self._prefilled_last and self.engine.active()):
-            self._prefilled_last = True
-            return events + self._admit()
+            events += self._admit()
+            if self._prefilled_last:
+                return events
         self._prefilled_last = False
         if self.engine.active():
             events += self._decode()
@@ -85,9 +87,12 @@ class Scheduler:
     # ----- the two kinds of step -----
 
     def _admit(self) -> list[StepEvent]:
+        """Prompt chunks, up to the budget; _prefilled_last says whether any ran."""
         events = []
         started = time.perf_counter()
+        self._prefilled_last = False
         while self._admission is not None or self._begin_next(events):
+            self._prefilled_last = True
             self._prefill_next_chunk(events)
             over_budget = self.prefill_budget_s is not None and time.perf_counter() - started >= self.prefill_budget_s
             if over_budget and self.engine.active():
@@ -95,7 +100,8 @@ class Scheduler:
         return events
 
     def _begin_next(self, events: list[StepEvent]) -> bool:
-        """Start admitting the next waiting request, if a slot is free; False if none can start."""
+        """Start admitting the next waiting request, if a slot is free and the KV cache can promise
+        its blocks; False if none can start."""
         while self._waiting and self.engine.free_slots():
             sequence, context = self._waiting.popleft()
             if sequence.stop_requested:
@@ -106,6 +112,10 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - one request's failure must not stop the others
                 events.append(self._fail(sequence, error))
                 continue
+            if self._admission is None:
+                # First come, first served: the next ones wait behind it, until sequences leave.
+                self._waiting.appendleft((sequence, context))
+                return False
             return True
         return False
 

@@ -277,10 +277,13 @@ def _cache_specs(cache: kv_cache.KVCache) -> kv_cache.KVCache:
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
 def init_cache(
-    plan: Plan, cfg: ModelConfig, n_rows: int, n_ctx: int, types: kv_cache.CacheTypes, block_size: int, max_write: int | None
+    plan: Plan, cfg: ModelConfig, n_rows: int, n_ctx: int, types: kv_cache.CacheTypes, block_size: int, max_write: int | None,
+    n_blocks: tuple[int, int] | None = None,
 ) -> kv_cache.KVCache:
     """An empty KV cache split over the plan's mesh by KV heads (each head's copies included)."""
-    cache = kv_cache.init_cache(plan.cache_config(cfg), n_rows, n_ctx, types, block_size=block_size, max_write=max_write)
+    cache = kv_cache.init_cache(
+        plan.cache_config(cfg), n_rows, n_ctx, types, block_size=block_size, max_write=max_write, n_blocks=n_blocks
+    )
     shardings = jax.tree.map(lambda spec: NamedSharding(plan.mesh, spec), _cache_specs(cache))
     return jax.lax.with_sharding_constraint(cache, shardings)
 

@@ -166,12 +166,12 @@ class Model:
 
     def init_cache(
         self, n_rows: int, n_ctx: int, types: kv_cache.CacheTypes = kv_cache.CacheTypes(), *,
-        block_size: int = kv_cache.BLOCK_SIZE, max_write: int | None = None,
+        block_size: int = kv_cache.BLOCK_SIZE, max_write: int | None = None, n_blocks: tuple[int, int] | None = None,
     ) -> KVCache:
         """kv_cache.init_cache for this model: n_rows sequences of up to n_ctx positions (split as the plan says)."""
         if self.plan is not None:
-            return sharding.init_cache(self.plan, self.cfg, n_rows, n_ctx, types, block_size, max_write)
-        return kv_cache.init_cache(self.cfg, n_rows, n_ctx, types, block_size=block_size, max_write=max_write)
+            return sharding.init_cache(self.plan, self.cfg, n_rows, n_ctx, types, block_size, max_write, n_blocks)
+        return kv_cache.init_cache(self.cfg, n_rows, n_ctx, types, block_size=block_size, max_write=max_write, n_blocks=n_blocks)
 
 
 def load_model(gguf: GGUFFile, cfg: ModelConfig, tensor_parallel: int = 1) -> Model:

@@ -63,6 +63,12 @@ def add_commands(commands) -> None:
     serve.add_argument("--model", metavar="PATH", help="GGUF file (default: Gemma 3 270M Q4_K_M)")
     serve.add_argument("--n-ctx", type=int, default=None, help="context size per slot (default: min(4096, the model's))")
     add_cache_type_arguments(serve)
+    serve.add_argument(
+        "--kv-cache-tokens", type=_at_least(1), default=None, metavar="N",
+        help="the KV cache's pool in positions, shared by the requests running at once (blocks of 64); a request waits "
+        "while the pool cannot promise it the blocks it may need (default: --max-batch x --n-ctx, or what half the "
+        "free memory holds)",
+    )
     add_parallel_arguments(serve)
     serve.add_argument(
         "--data-parallel", type=_at_least(1), default=1, metavar="M",
@@ -176,6 +182,7 @@ def run_serve(args) -> int:
         http_port=args.http_port,
         cache_type_k=args.cache_type_k,
         cache_type_v=args.cache_type_v,
+        kv_cache_tokens=args.kv_cache_tokens,
         tensor_parallel=args.tensor_parallel,
         data_parallel=args.data_parallel,
         speculative=args.speculative,

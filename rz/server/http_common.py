@@ -20,6 +20,7 @@ import grpc
 
 from rz.errors import RzError
 from rz.generation import Generation, GenerationRequest, StepEvent
+from rz.kv_blocks import KVCacheCapacityError
 from rz.request import FinishReason, RequestOptions
 from rz.server.metrics import Metrics
 from rz.server.scheduler import CLIENT_CANCELLED, EngineLoop, Ticket
@@ -66,6 +67,8 @@ def http_status(error: Exception, call: str) -> int:
     """The HTTP status of a failure (server failures are logged by status_of)."""
     if isinstance(error, HttpError):
         return error.status
+    if isinstance(error, KVCacheCapacityError):
+        return 400  # as a context overflow: retrying cannot help, unlike gRPC's RESOURCE_EXHAUSTED elsewhere
     return HTTP_STATUS[status_of(error, call)]
 
 

@@ -68,6 +68,7 @@ class ServerConfig:
     http_port: int = 8080  # the OpenAI/Ollama HTTP API; 0: any free port; -1: none
     cache_type_k: str = "f16"  # how the KV cache stores keys and values: llama.cpp's names
     cache_type_v: str = "f16"
+    kv_cache_tokens: int | None = None  # the KV cache's pool in positions; None: max_batch x n_ctx (rz.kv_blocks)
     tensor_parallel: int = 1  # devices the model is split over (rz.sharding)
     data_parallel: int = 1  # engine replicas, each with max_batch slots on tensor_parallel devices of its own
     speculative: str | None = None  # the proposer of requests that name none (rz.speculative); None: off
@@ -156,11 +157,12 @@ class Server:
             Engine(
                 model, llm.tokenizer, llm.n_ctx, self.config.max_batch, buckets=buckets, cache_types=llm.cache_types,
                 speculative=self.config.speculative, self_draft_layers=self.config.self_draft_layers,
-                draft_model=llm.draft_model,
+                draft_model=llm.draft_model, kv_cache_tokens=self.config.kv_cache_tokens,
             )
             for model in llm.replicas
         ]
         engine = engines[0]
+        log.info("%s", engine.plan.summary())
         # What a first short request needs compiles now; the rest while the server is idle.
         units = warm_up_units(engine)
         scheduler = Scheduler(engine)

@@ -19,6 +19,7 @@ from rz.errors import (
     TokenizerError,
 )
 from rz.generation import GenerationRequest, StepEvent
+from rz.kv_blocks import KVCacheCapacityError
 from rz.request import FinishReason, RequestOptions, check_token_ids
 from rz.server.metrics import Metrics
 from rz.tokenizer import long_texts
@@ -183,6 +184,8 @@ def _termination_reason(context) -> str:
 
 def status_of(error: Exception, call: str) -> grpc.StatusCode:
     """The status code for a failure; failures of the server, not of the request, are logged."""
+    if isinstance(error, KVCacheCapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, (RequestError, TokenizerError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, ChatTemplateError):

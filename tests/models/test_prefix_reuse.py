@@ -1,13 +1,12 @@
-"""Automatic prefix reuse: a request that starts with tokens a row of the KV cache holds (a free
-row's, or a running sequence's) prefills only the rest, and its logits equal those of prefilling
-the whole prompt within llama.cpp's own noise (the teacher-forced bound: KL <= 0.01), with the
-same argmax."""
+"""Automatic prefix reuse: a request whose prompt starts with the tokens of full blocks the KV
+cache holds (a finished sequence's, or a running one's) maps them and prefills only the rest,
+and its logits equal those of prefilling the whole prompt within llama.cpp's own noise (the
+teacher-forced bound: KL <= 0.01), with the same argmax."""
 
 import numpy as np
 import pytest
 
 import rz
-from rz import kv_cache
 from rz.buckets import Buckets
 from rz.engine import Engine
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
@@ -51,54 +50,42 @@ def assert_same_logits(engine: Engine, ids: list[int], reused: np.ndarray) -> No
     assert np.argmax(reused) == np.argmax(fresh)
 
 
-def test_a_chat_turn_prefills_only_what_follows_the_previous_prompt(llm, engine):
-    first = [llm.tokenizer.bos_id] + text_ids(llm, 60, seed=1)
+def full_blocks(engine: Engine, n_tokens: int) -> int:
+    """The positions of the full blocks before a prompt's last token: what a prompt can map."""
+    return (n_tokens - 1) // engine.block_size * engine.block_size
+
+
+def test_a_chat_turn_prefills_only_what_follows_the_previous_prompts_full_blocks(llm, engine):
+    first = [llm.tokenizer.bos_id] + text_ids(llm, 140, seed=1)
     second = first + text_ids(llm, 40, seed=2)
     admit(engine, first)
     logits, n_cached = admit(engine, second)
-    assert n_cached == len(first)
+    assert n_cached == len(first) // engine.block_size * engine.block_size == 128
     assert_same_logits(engine, second, logits)
 
 
 def test_requests_sharing_a_system_prompt_reuse_it(llm, engine):
-    system = [llm.tokenizer.bos_id] + text_ids(llm, 50, seed=3)
+    system = [llm.tokenizer.bos_id] + text_ids(llm, 70, seed=3)
     admit(engine, system + text_ids(llm, 20, seed=4))
     question = system + text_ids(llm, 30, seed=5)
     logits, n_cached = admit(engine, question)
-    assert len(system) <= n_cached < len(question)
+    assert n_cached == 64
     assert_same_logits(engine, question, logits)
 
 
 def test_a_prompt_that_is_a_strict_prefix_of_the_cached_tokens_recomputes_its_last_token(llm, engine):
-    held = [llm.tokenizer.bos_id] + text_ids(llm, 80, seed=6)
+    held = [llm.tokenizer.bos_id] + text_ids(llm, 160, seed=6)
     admit(engine, held)
-    prompt = held[:33]
+    prompt = held[:129]
     logits, n_cached = admit(engine, prompt)
-    assert n_cached == len(prompt) - 1
+    assert n_cached == len(prompt) - 1 == full_blocks(engine, len(prompt))
     assert_same_logits(engine, prompt, logits)
 
 
-def test_a_request_copies_the_prefix_another_row_holds_and_that_row_keeps_its_own(llm, engine):
-    system = [llm.tokenizer.bos_id] + text_ids(llm, 50, seed=10)
-    first = system + text_ids(llm, 20, seed=11)
-    admit(engine, first)
-    question = system + text_ids(llm, 30, seed=12)
-    logits, sequence = start(engine, question)
-    assert len(system) <= sequence.n_cached < len(question)
-    end(engine, sequence)
-    assert_same_logits(engine, question, logits)
-    # The question went into the empty row, and so did the whole prefill that checked it (it
-    # repeats that row's tokens): the first prompt's row was not evicted.
-    continued = first + text_ids(llm, 10, seed=13)
-    logits, n_cached = admit(engine, continued)
-    assert n_cached == len(first)
-    assert_same_logits(engine, continued, logits)
-
-
 def test_the_choices_of_one_request_share_its_prompt_prefill(llm, engine):
-    """n = 2: the second copy of a prompt, admitted while the first runs, copies the first's row
-    and computes only the last prompt token again."""
-    prompt = [llm.tokenizer.bos_id] + text_ids(llm, 70, seed=14)
+    """n = 2: the second copy of a prompt, admitted while the first runs, maps the first's full
+    blocks and computes only the rest."""
+    prompt = [llm.tokenizer.bos_id] + text_ids(llm, 128, seed=14)
     computed = engine.prompt_tokens_computed
     _, first = start(engine, prompt)
     logits, second = start(engine, prompt)
@@ -110,47 +97,51 @@ def test_the_choices_of_one_request_share_its_prompt_prefill(llm, engine):
     assert_same_logits(engine, prompt, logits)
 
 
-def test_the_least_recently_used_row_is_evicted(llm, engine):
-    prompts = [[llm.tokenizer.bos_id] + text_ids(llm, 40, seed=seed) for seed in (15, 16, 17)]
-    admit(engine, prompts[0])
-    admit(engine, prompts[1])
-    assert admit(engine, prompts[0] + [prompts[1][5]])[1] == len(prompts[0])  # prompts[0]'s row is used again
-    admit(engine, prompts[2])  # takes the least recently used row: prompts[1]'s
-    assert admit(engine, prompts[1])[1] < len(prompts[1]) - 1  # its row is gone (but for a shared BOS)
-    assert admit(engine, prompts[2])[1] == len(prompts[2]) - 1
+def test_the_least_recently_used_blocks_are_evicted(llm):
+    """A pool of four blocks, one request at a time, each reserving all four: a prompt's cached
+    blocks serve the next prompt that starts with them until newer prompts have needed them."""
+    engine = Engine(llm.model, llm.tokenizer, N_CTX, n_slots=1, kv_cache_tokens=256,
+                    buckets=Buckets.for_context(N_CTX, smallest=32, largest=128))
+    prompts = [[llm.tokenizer.bos_id] + text_ids(llm, 129, seed=seed) for seed in (15, 16, 17)]
+    admit(engine, prompts[0])  # caches its two full blocks
+    assert admit(engine, prompts[0] + [prompts[1][5]])[1] == 128
+    admit(engine, prompts[1])  # takes the two free blocks and then prompts[0]'s last block
+    assert admit(engine, prompts[0] + [prompts[1][5]])[1] == 64  # its first block is still cached
+    admit(engine, prompts[2])
+    assert admit(engine, prompts[2] + [5])[1] == 128
+    assert admit(engine, prompts[1] + [5])[1] == 0  # evicted
 
 
 def test_cache_prompt_false_prefills_the_whole_prompt(llm, engine):
-    prompt = [llm.tokenizer.bos_id] + text_ids(llm, 20, seed=7)
+    prompt = [llm.tokenizer.bos_id] + text_ids(llm, 80, seed=7)
     admit(engine, prompt)
     assert admit(engine, prompt, cache_prompt=False)[1] == 0
+    assert admit(engine, prompt)[1] == 64
 
 
-def test_a_sliding_window_model_reuses_a_prefix_past_its_window_while_its_ring_holds_it(llm, engine):
-    """A ring that has wrapped still holds the window before what it was last written at: a prompt
-    continuing its tokens reuses them all; one that leaves them too far before its end needs keys
-    the ring has overwritten, and is prefilled whole."""
+def test_a_sliding_window_model_reuses_a_prefix_past_its_window(llm, engine):
+    """Blocks a sliding layer's ring has moved past stay cached: a prompt continuing a long text
+    maps them, and so does one that shares only the text's first part (it needs the ring's first
+    blocks, long overwritten in the ring of the sequence that wrote them)."""
     window = llm.config.sliding_window
     if not window:
         pytest.skip("a model without sliding-window layers never wraps a ring of blocks")
     held = [llm.tokenizer.bos_id] + text_ids(llm, 850, seed=8)
-    slots, reach = kv_cache.ring(llm.config, N_CTX, engine.block_size, engine.max_write)
-    assert slots < len(held) and window + 10 + reach < len(held)
     admit(engine, held)
+    # Both mapped before any fresh prefill for comparison: a pool of two rings evicts under those.
+    prompt = held[: window + 10] + text_ids(llm, 10, seed=9)
+    prompt_logits, n_cached = admit(engine, prompt)
+    assert n_cached == full_blocks(engine, window + 10) == 512
     continued = held + text_ids(llm, 10, seed=9)
     logits, n_cached = admit(engine, continued)
-    assert n_cached == len(held)
+    assert n_cached == full_blocks(engine, len(continued)) == 832
     assert_same_logits(engine, continued, logits)
-    prompt = held[: window + 10] + text_ids(llm, 10, seed=9)
-    logits, n_cached = admit(engine, prompt)
-    assert n_cached == 0
-    assert_same_logits(engine, prompt, logits)
+    assert_same_logits(engine, prompt, prompt_logits)
 
 
 def test_a_second_chat_turn_in_llm_reports_its_cached_tokens(llm):
-    messages = [{"role": "user", "content": "Name a river."}]
+    messages = [{"role": "user", "content": "Name a river. " + llm.detokenize(text_ids(llm, 80, seed=11))}]
     first = llm.chat(messages, max_tokens=4, temperature=0.0)
-    assert first.usage["cached_tokens"] == 0
     messages += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a mountain?"}]
     second = llm.chat(messages, max_tokens=4, temperature=0.0)
-    assert 0 < second.usage["cached_tokens"] < second.usage["prompt_tokens"]
+    assert 64 <= second.usage["cached_tokens"] < second.usage["prompt_tokens"]

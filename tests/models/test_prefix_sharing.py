@@ -1,7 +1,8 @@
-"""Prefix reuse across the rows of the KV cache, on tiny models whose F16 weights take the f32
-XLA path: a reused prefix gives the logits a whole prefill gives, to float rounding, for each
-cache type and through a tiny Gemma 3's rings of blocks (its window: 48 positions), and generation
-with reuse gives the tokens generation without it gives, under eviction and 16 streams at once."""
+"""Prefix reuse through the KV cache's blocks, on tiny models whose F16 weights take the f32 XLA
+path: mapping a prefix's cached full blocks gives the logits a whole prefill gives, to float
+rounding, for each cache type and through a tiny Gemma 3's rings of blocks (its window: 48
+positions), and generation with reuse gives the tokens generation without it gives, under
+eviction and 16 streams at once."""
 
 import numpy as np
 import pytest
@@ -37,16 +38,12 @@ def llm(path):
     return rz.LLM(path, n_ctx=N_CTX, max_batch=16, compilation_cache=False)
 
 
-def has_rings(llm) -> bool:
-    return any(llm.config.sliding_layers)
-
-
 @pytest.fixture(params=["f32", "q8_0"])
 def engine(llm, request):
     if request.param == "q8_0" and llm.config.head_dim % 32:
         pytest.skip("a q8_0 cache needs heads of a multiple of 32 (the tiny Gemma 3's)")
     types = CacheTypes(request.param, request.param)
-    # Blocks and chunks of 16: the tiny Gemma 3's rings hold 80 positions (kv_cache.ring), fewer than the context.
+    # Blocks and chunks of 16: the tiny Gemma 3's rings hold 80 positions (five blocks), fewer than the context.
     buckets = Buckets.for_context(N_CTX, smallest=16, largest=16)
     return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=buckets, cache_types=types, block_size=16)
 
@@ -61,31 +58,30 @@ def assert_as_prefilled_whole(engine: Engine, ids: list[int], reused: np.ndarray
     np.testing.assert_allclose(reused, fresh, atol=ATOL, rtol=0)
 
 
-def test_a_prompt_continuing_a_row_reuses_it_exactly(llm, engine):
-    """On a ring that has wrapped, too: it still holds the window before its last position."""
+def test_a_prompt_continuing_a_sequence_reuses_it_exactly(llm, engine):
+    """Past a ring that has wrapped, too: the blocks it moved past stay cached."""
     held = prompt_of(llm, words(WINDOW + 52, seed=1))
     admit(engine, held)
     prompt = held + words(5, seed=2)
     logits, n_cached = admit(engine, prompt)
-    assert n_cached == len(held)
+    assert n_cached == (len(prompt) - 1) // 16 * 16 == 96
     assert_as_prefilled_whole(engine, prompt, logits)
 
 
 @pytest.mark.parametrize("n_system, n_after", [(20, 8), (WINDOW + 4, 8), (WINDOW + 4, 40)])
-def test_a_shared_prefix_is_copied_from_another_row_exactly(llm, engine, n_system, n_after):
-    """Past the window, too, unless the row's rings wrapped too far past the shared part (80
-    positions, 16 past it: kv_cache.ring): their keys there are gone."""
+def test_a_shared_prefix_is_mapped_from_another_sequence_exactly(llm, engine, n_system, n_after):
+    """Past the window, too, and after the other sequence's rings wrapped past the shared part."""
     system = prompt_of(llm, words(n_system, seed=3))
     admit(engine, system + words(n_after, seed=4))
     question = system + words(6, seed=5)
     logits, sequence = start(engine, question)
     end(engine, sequence)
-    assert sequence.n_cached == (0 if has_rings(llm) and n_after > 16 else len(system))
+    assert sequence.n_cached == len(system) // 16 * 16
     assert_as_prefilled_whole(engine, question, logits)
 
 
-def test_the_second_choice_of_a_prompt_copies_the_first_while_it_runs(llm, engine):
-    prompt = prompt_of(llm, words(50, seed=6))
+def test_the_second_choice_of_a_prompt_maps_the_first_while_it_runs(llm, engine):
+    prompt = prompt_of(llm, words(48, seed=6))
     computed = engine.prompt_tokens_computed
     first_logits, first = start(engine, prompt)
     logits, second = start(engine, prompt)
@@ -99,20 +95,23 @@ def generate(llm, prompts: list[list[int]], cache_prompt: bool) -> list:
 
 
 def test_under_eviction_every_output_is_the_one_without_reuse(path):
-    """Three system prompts, twelve questions, one request at a time through two slots: rows are
-    reused, copied and evicted, and no output changes."""
+    """Three system prompts of more than a block (64 positions), two questions each in turn, one
+    request at a time through pools of two blocks per kind (one slot of a context of two blocks):
+    a question maps its system prompt's block cached by the one before, which the next system
+    prompt evicts, and no output changes."""
     llm = rz.LLM(path, n_ctx=N_CTX, max_batch=2, compilation_cache=False)
-    systems = [words(20, seed=10 + i) for i in range(3)]
-    prompts = [prompt_of(llm, systems[i % 3], words(4 + i % 5, seed=20 + i)) for i in range(12)]
+    systems = [words(70, seed=10 + i) for i in range(3)]
+    prompts = [prompt_of(llm, systems[i // 2 % 3], words(4 + i % 5, seed=20 + i)) for i in range(12)]
     reused = [generate(llm, [p], cache_prompt=True)[0] for p in prompts]
     alone = [generate(llm, [p], cache_prompt=False)[0] for p in prompts]
     assert [c.token_ids for c in reused] == [c.token_ids for c in alone]
-    assert sum(c.usage["cached_tokens"] for c in reused) > 0
+    assert [c.usage["cached_tokens"] for c in reused] == [0, 64] * 6
 
 
 def test_sixteen_streams_with_overlapping_prefixes_generate_as_each_alone(llm):
-    system = words(24, seed=30)
-    prompts = [prompt_of(llm, system[: 8 + 4 * (i % 4)], words(3 + i % 5, seed=40 + i % 6)) for i in range(16)]
+    """Prompts sharing one, two or no blocks of 64 positions."""
+    system = words(120, seed=30)
+    prompts = [prompt_of(llm, system[: 40 + 24 * (i % 4)], words(3 + i % 5, seed=40 + i % 6)) for i in range(16)]
     together = generate(llm, prompts, cache_prompt=True)
     alone = generate(llm, prompts, cache_prompt=False)
     assert [c.token_ids for c in together] == [c.token_ids for c in alone]

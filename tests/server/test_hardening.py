@@ -210,6 +210,17 @@ def test_a_template_renderer_too_busy_is_resource_exhausted():
     assert status_of(TemplateBusyError("8 chat templates are already waiting"), "Chat") == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_a_request_larger_than_the_whole_kv_cache_is_resource_exhausted_in_grpc_and_400_in_http():
+    """It could never run on this server (unlike a full queue, retrying cannot help over HTTP)."""
+    from rz.kv_blocks import KVCacheCapacityError
+    from rz.server.http_common import http_status
+    from rz.server.service import status_of
+
+    error = KVCacheCapacityError("needs 5000 positions of KV cache, more than the 4096 the whole cache holds")
+    assert status_of(error, "Generate") == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert http_status(error, "POST /v1/completions") == 400
+
+
 def test_a_working_chat_template_is_not_reported(caplog):
     from rz.server.server import _report_chat_template
 
