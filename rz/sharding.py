@@ -275,7 +275,7 @@ def _cache_specs(cache: kv_cache.KVCache) -> kv_cache.KVCache:
     return kv_cache.KVCache(tuple(layer(one) for one in cache.layers), tuple(P() for _ in cache.tables))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
 def init_cache(
     plan: Plan, cfg: ModelConfig, n_rows: int, n_ctx: int, types: kv_cache.CacheTypes, block_size: int, max_write: int | None,
     n_blocks: tuple[int, int] | None = None,

@@ -83,7 +83,6 @@ class EngineLoop:
         self.engine = engine  # validates requests; the replicas run the same model
         self.engines = (engine, *replicas)
         self.n_slots = sum(each.n_slots for each in self.engines)
-        self._kv_cache_tokens = sum(each.plan.pool_tokens for each in self.engines)
         self.max_queue = max_queue
         self._warm_up = collections.deque(warm_up)
         self.warm_up_started = time.perf_counter()
@@ -162,7 +161,7 @@ class EngineLoop:
             waiting = len(self._waiting)
         running = [ticket.sequence for ticket in handed if ticket.sequence is not None]
         used = sum(len(sequence.request.prompt_ids) + len(sequence.output_ids) for sequence in running)
-        return len(running), waiting + len(handed) - len(running), min(1.0, used / self._kv_cache_tokens)
+        return len(running), waiting + len(handed) - len(running), min(1.0, used / sum(each.plan.pool_tokens for each in self.engines))
 
     def warm_up_pending(self) -> int:
         """Warm-up units not yet finished."""

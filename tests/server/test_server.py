@@ -237,7 +237,8 @@ def test_metrics_count_the_traffic(server):
 
 
 def test_requests_sharing_a_prefix_report_their_cached_tokens(server):
-    system = "You are a careful assistant who answers in one short sentence about rivers and mills. "
+    # Longer than a block of the KV cache (64 positions): prefix reuse maps whole blocks.
+    system = "You are a careful assistant who answers in one short sentence about rivers and mills. " * 5
     before = server.metrics()
     with server.client() as client:
         first = client.generate(system + "Where is the mill?", 2, temperature=0.0)

@@ -3,6 +3,7 @@ step; decode calls wait for `go`, prompt chunks take `prefill_seconds`, and a lo
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class FakeEngine:
 
     def __init__(self, n_slots: int):
         self.n_slots, self.n_ctx = n_slots, 64
+        self.plan = SimpleNamespace(pool_tokens=n_slots * self.n_ctx)  # rz.kv_blocks.BlockPlan's
         self.slots: list[Generation | None] = [None] * n_slots
         self.go = threading.Semaphore(0)  # one release per step allowed to run
         self.fail_next_step = False
