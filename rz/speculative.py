@@ -42,9 +42,17 @@ MODEL_PROPOSERS = ("self", "draft")
 OFF = "off"
 
 # The n-gram sizes prompt lookup tries, longest first: a single repeated token says too little.
-NGRAM_SIZES = (4, 3, 2)
-# A stream starts as if this many of its drafts had been tried, half of them kept.
+NGRAM_SIZES = (5, 4, 3, 2)
+# A stream starts as if this many of its drafts had been tried, half of them kept; of its copies
+# (COPY_NGRAM), nine in ten, about what both real models keep of those (session 17), so that a copy
+# is drafted at the widest verify from its start.
 _PRIOR_DRAFTS = 4.0
+_PRIOR_COPY_ACCEPTANCE = 0.9
+# Prompt-lookup drafts found by a suffix n-gram at least this long are a copy under way, and keep a
+# record of their own: when a model rewrites its input, drafts found by a 2- or 3-gram alone are
+# kept far less often than those found by the last 5 tokens (SmolLM2,
+# benchmarks/results/speculative-session17.md), and one record of both drafted a copy too little.
+COPY_NGRAM = 5
 # Acceptance is a decayed average: each verify call's counts weigh this much against the past.
 _DECAY = 0.8
 # A model proposer's stream that falls back to plain decoding (its drafts are not kept often enough
@@ -137,19 +145,23 @@ class NgramIndex:
 
         The occurrence is the latest one followed by n_drafts tokens, else the earliest (the one
         followed by the most): in a loop, the latest would leave a single token to draft."""
-        tokens, length = self.tokens, len(self.tokens)
-        if n_drafts < 1:
-            return []
-        for n in self.sizes:
-            if length <= n:
-                continue
-            # The last start is the suffix itself; every earlier one is followed by a token at least.
-            starts = self._starts[tuple(tokens[-n:])]
-            if len(starts) > 1:
-                full = bisect_right(starts, length - n - n_drafts, hi=len(starts) - 1)
-                follows = (starts[full - 1] if full else starts[0]) + n
-                return tokens[follows : follows + n_drafts]
-        return []
+        source = self._source(n_drafts)
+        return [] if source is None else self.tokens[source : source + n_drafts]
+
+    def found_by(self) -> int:
+        """The length of the suffix n-gram propose's drafts are found by; 0 if no suffix recurs."""
+        length = len(self.tokens)
+        return next((n for n in self.sizes if length > n and len(self._starts[tuple(self.tokens[-n:])]) > 1), 0)
+
+    def _source(self, n_drafts: int) -> int | None:
+        """Where propose's drafts start in tokens; None if it drafts nothing."""
+        n, length = self.found_by(), len(self.tokens)
+        if n_drafts < 1 or not n:
+            return None
+        # The last start is the suffix itself; every earlier one is followed by a token at least.
+        starts = self._starts[tuple(self.tokens[-n:])]
+        full = bisect_right(starts, length - n - n_drafts, hi=len(starts) - 1)
+        return (starts[full - 1] if full else starts[0]) + n
 
 
 def propose_ngram(history: Sequence[int], n_drafts: int, sizes: Sequence[int] = NGRAM_SIZES) -> list[int]:
@@ -200,30 +212,57 @@ class CostModel:
 
 
 @dataclass
-class Speculation:
-    """A speculating stream's proposer and its record of kept drafts."""
+class DraftRecord:
+    """Drafts tried and kept, each verify call's counts weighing _DECAY against those before."""
 
-    proposer: str
-    # Prompt lookup's hindsight judges the proposals made at this length of the stream's text and
-    # after: its prompt's own repeats say nothing about what the model will write.
-    judged_from: int = 0
     drafted: float = _PRIOR_DRAFTS
     kept: float = _PRIOR_DRAFTS / 2
-    plain_tokens: int = 0  # tokens decoded plainly since the stream last drafted
-    probe_interval: int = PROBE_INTERVAL  # plain tokens before a model proposer that falls back drafts again
-    lookup: NgramIndex = field(default_factory=NgramIndex)  # prompt lookup's index of the text followed so far
-    # Hindsight proposals not judged yet: (the text's length when proposed, the drafts).
-    _pending: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @property
     def acceptance(self) -> float:
         """The estimated chance that a draft is kept, given that the ones before it were."""
         return self.kept / self.drafted
 
+    def count(self, n_drafted: int, n_kept: int) -> None:
+        # The drafts after a rejected one were never tried: acceptance is the chance that a draft is
+        # kept once the ones before it are, and n_kept of the tried ones were.
+        self.drafted = _DECAY * self.drafted + n_kept + (n_kept < n_drafted)
+        self.kept = _DECAY * self.kept + n_kept
+
+
+@dataclass
+class Speculation:
+    """A speculating stream's proposer and its records of kept drafts."""
+
+    proposer: str
+    # Prompt lookup's hindsight judges the proposals made at this length of the stream's text and
+    # after: its prompt's own repeats say nothing about what the model will write.
+    judged_from: int = 0
+    # A model's drafts, and prompt lookup's found by an n-gram shorter than COPY_NGRAM; prompt
+    # lookup's copies, found by a longer one.
+    drafts: DraftRecord = field(default_factory=DraftRecord)
+    copies: DraftRecord = field(default_factory=lambda: DraftRecord(kept=_PRIOR_COPY_ACCEPTANCE * _PRIOR_DRAFTS))
+    plain_tokens: int = 0  # tokens decoded plainly since the stream last drafted
+    probe_interval: int = PROBE_INTERVAL  # plain tokens before a model proposer that falls back drafts again
+    lookup: NgramIndex = field(default_factory=NgramIndex)  # prompt lookup's index of the text followed so far
+    # Hindsight proposals not judged yet: (the text's length when proposed, the drafts, their record).
+    _pending: list[tuple[int, list[int], DraftRecord]] = field(default_factory=list)
+
+    @property
+    def acceptance(self) -> float:
+        """The estimated chance that a draft made now is kept, given that the ones before it were."""
+        return self._record().acceptance
+
+    def _record(self) -> DraftRecord:
+        """The record of the drafts a stream would make now: prompt lookup's, of the text followed so far."""
+        copying = self.proposer not in MODEL_PROPOSERS and self.lookup.found_by() >= COPY_NGRAM
+        return self.copies if copying else self.drafts
+
     def record(self, n_drafted: int, n_kept: int) -> None:
-        """Count a verify call's drafts; n_kept of them were kept."""
+        """Count a verify call's drafts; n_kept of them were kept. Prompt lookup has not followed the
+        call's tokens yet: the text it follows is the one the drafts were proposed for."""
         if n_drafted:
-            self._count(n_drafted, n_kept)
+            self._record().count(n_drafted, n_kept)
             self.plain_tokens = 0
             self.probe_interval = PROBE_INTERVAL if n_kept else min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
             # The verify call emits its kept drafts and a token of its own: they were judged there.
@@ -241,23 +280,17 @@ class Speculation:
             if length >= self.judged_from:
                 proposal = self.lookup.propose(n_drafts)
                 if proposal:
-                    self._pending.append((length, proposal))
+                    self._pending.append((length, proposal, self._record()))
             self.lookup.extend(history[length : length + 1])
         waiting = []
-        for length, proposal in self._pending:
+        for length, proposal, record in self._pending:
             produced = history[length : length + len(proposal)]
             n_kept = next((i for i, (a, b) in enumerate(zip(proposal, produced)) if a != b), len(produced))
             if n_kept < len(produced) or len(produced) == len(proposal):  # a rejection seen, or every draft kept
-                self._count(len(proposal), n_kept)
+                record.count(len(proposal), n_kept)
             else:
-                waiting.append((length, proposal))
+                waiting.append((length, proposal, record))
         self._pending = waiting
-
-    def _count(self, n_drafted: int, n_kept: int) -> None:
-        # The drafts after a rejected one were never tried: acceptance is the chance that a draft is
-        # kept once the ones before it are, and n_kept of the tried ones were.
-        self.drafted = _DECAY * self.drafted + n_kept + (n_kept < n_drafted)
-        self.kept = _DECAY * self.kept + n_kept
 
     def n_drafts(self, costs: CostModel, rows: int, limit: int) -> int:
         """How many tokens to draft now (0: decode plainly), at most limit."""

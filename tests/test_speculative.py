@@ -6,7 +6,7 @@ import pytest
 from rz.errors import RequestError
 from rz.request import RequestOptions
 from rz.speculative import (
-    MAX_PROBE_INTERVAL, OFF, PROBE_INTERVAL, CostModel, Speculation, check_draft_vocabulary, choose_self_draft_layers,
+    MAX_PROBE_INTERVAL, NGRAM_SIZES, OFF, PROBE_INTERVAL, CostModel, DraftRecord, Speculation, check_draft_vocabulary, choose_self_draft_layers,
     chosen_proposer, NgramIndex, propose_ngram,
 )
 
@@ -35,7 +35,7 @@ def test_prompt_lookup_drafts_only_the_tokens_there_are():
 def test_prompt_lookup_in_a_loop_drafts_from_the_occurrence_that_leaves_enough_tokens():
     loop = [5] + [9] * 9
     assert propose_ngram(loop, 3) == [9, 9, 9]
-    assert propose_ngram(loop, 8) == [9] * 5  # the earliest, followed by the most (the latest: by one)
+    assert propose_ngram(loop, 8) == [9] * 4  # the earliest 5-gram, followed by the most (the latest: by one)
 
 
 def test_prompt_lookup_drafts_nothing_when_no_suffix_recurs_or_none_is_asked_for():
@@ -44,7 +44,7 @@ def test_prompt_lookup_drafts_nothing_when_no_suffix_recurs_or_none_is_asked_for
     assert propose_ngram([1, 2, 1, 2], 0) == []
 
 
-def scanned_proposal(history, n_drafts, sizes=(4, 3, 2)):
+def scanned_proposal(history, n_drafts, sizes=NGRAM_SIZES):
     """Prompt lookup by scanning the whole history: the reference NgramIndex must agree with."""
     for n in sizes:
         if n_drafts < 1 or len(history) <= n:
@@ -78,16 +78,45 @@ def test_a_stream_whose_drafts_are_kept_drafts_the_most_that_pays():
 
 def test_acceptance_counts_the_drafts_tried_up_to_the_first_rejection():
     """Drafts after a rejected one were never tried: 3 kept of 7 is 3 kept of 4 tried."""
-    speculation = Speculation("ngram", drafted=1e-9, kept=0.0)
+    speculation = Speculation("ngram", drafts=DraftRecord(1e-9, 0.0))
     speculation.record(n_drafted=7, n_kept=3)
     assert speculation.acceptance == pytest.approx(0.75)
-    speculation = Speculation("ngram", drafted=1e-9, kept=0.0)
+    speculation = Speculation("ngram", drafts=DraftRecord(1e-9, 0.0))
     speculation.record(n_drafted=7, n_kept=7)
     assert speculation.acceptance == pytest.approx(1.0)
 
 
+def test_the_index_says_how_long_the_recurring_suffix_its_drafts_are_found_by_is():
+    assert NgramIndex().extend([1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5]).found_by() == 5
+    assert NgramIndex().extend([1, 2, 3, 4, 5, 6, 9, 3, 4, 5]).found_by() == 3
+    assert NgramIndex().extend([1, 2, 3, 4, 5]).found_by() == 0
+
+
+def test_prompt_lookup_drafts_a_copy_by_its_own_record_not_by_that_of_chance_ngrams():
+    """A model that rewrites its input keeps few drafts found by a 2-gram, yet keeps copies found
+    by the last 5 tokens: a record of the former must not hold back the latter."""
+    speculation = Speculation("ngram", drafts=DraftRecord(20.0, 1.0))
+    speculation.lookup.extend([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 20, 21, 4, 5])  # a 2-gram recurs
+    assert speculation.n_drafts(COSTS, rows=1, limit=7) == 0
+    speculation.lookup.extend([6, 7, 8])  # the last 5 tokens recur: a copy
+    assert speculation.n_drafts(COSTS, rows=1, limit=7) > 0
+    speculation.record(n_drafted=7, n_kept=1)  # counted against copies, as the lookup still stands where it drafted
+    assert speculation.drafts == DraftRecord(20.0, 1.0)
+    assert speculation.copies.acceptance < 0.9
+
+
+def test_hindsight_judges_copies_and_chance_ngrams_apart():
+    prompt = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    speculation = Speculation("ngram", judged_from=len(prompt), drafts=DraftRecord(1.0, 0.0), copies=DraftRecord(1.0, 0.0))
+    speculation.follow(prompt + [30, 31, 3, 4, 50, 51, 52], 3)  # a 2-gram of the prompt, not followed as there
+    assert speculation.copies == DraftRecord(1.0, 0.0)
+    assert speculation.drafts.acceptance < 0.1
+    speculation.follow(prompt + [30, 31, 3, 4, 50, 51, 52, 5, 6, 7, 8, 9, 10, 11, 12], 3)  # a copy of the prompt
+    assert speculation.copies.acceptance > 0.5
+
+
 def test_a_model_proposers_stream_that_falls_back_probes_ever_less_often():
-    speculation = Speculation("self", drafted=20.0, kept=1.0)  # a record of drafts seldom kept
+    speculation = Speculation("self", drafts=DraftRecord(20.0, 1.0))  # a record of drafts seldom kept
     costs = CostModel(decode_step={1: 1.0}, drafted_call={("self", 1, 2): 1.6, ("self", 1, 4): 2.8, ("self", 1, 8): 5.0})
     assert speculation.n_drafts(costs, rows=1, limit=7) == 0
     speculation.record_plain(PROBE_INTERVAL)
@@ -105,7 +134,7 @@ def test_a_model_proposers_stream_that_falls_back_probes_ever_less_often():
     assert speculation.n_drafts(costs, rows=1, limit=7) == 1
     # A probe that kept a draft brings the first wait back.
     speculation.record(n_drafted=1, n_kept=1)
-    speculation.drafted, speculation.kept = 20.0, 1.0
+    speculation.drafts = DraftRecord(20.0, 1.0)
     assert speculation.n_drafts(costs, rows=1, limit=7) == 0
     speculation.record_plain(PROBE_INTERVAL)
     assert speculation.n_drafts(costs, rows=1, limit=7) == 1
@@ -116,7 +145,8 @@ def test_prompt_lookup_that_falls_back_never_probes_but_drafts_again_once_hindsi
     against the tokens the model produced: free text (no proposal matches) keeps it plain, for no
     verify call however long; once the model copies its prompt, it drafts again."""
     prompt = list(range(100, 140))
-    speculation = Speculation("ngram", judged_from=len(prompt), drafted=20.0, kept=1.0)
+    speculation = Speculation("ngram", judged_from=len(prompt), drafts=DraftRecord(20.0, 1.0),
+                              copies=DraftRecord(20.0, 1.0))
     history = list(prompt)
     rng = np.random.default_rng(1)
     for token in rng.integers(0, 100, 200).tolist():  # free text: it never repeats a 2-gram of the prompt
@@ -132,7 +162,8 @@ def test_prompt_lookup_that_falls_back_never_probes_but_drafts_again_once_hindsi
 
 def test_hindsight_does_not_judge_the_prompts_own_repeats():
     prompt = [5, 6, 7, 8] * 10
-    speculation = Speculation("ngram", judged_from=len(prompt), drafted=1.0, kept=0.0)
+    speculation = Speculation("ngram", judged_from=len(prompt), drafts=DraftRecord(1.0, 0.0),
+                              copies=DraftRecord(1.0, 0.0))
     speculation.follow(prompt, 7)
     assert speculation.acceptance == 0.0
 
