@@ -20,7 +20,7 @@ from rz.warm_up import warm_up
 from rz_kernels import attention_kv
 from support.speculation import (
     DraftingAlwaysPays, assert_same_distribution, assert_same_up_to_near_ties, assert_stops_land_where_they_do_without_speculation,
-    drafting_engine, release_executables, repetitive_prompts, run,
+    DISTRIBUTION_SLOTS, drafting_engine, first_five_tokens, plain_engine, release_executables, repetitive_prompts, run, small_blocks_and_chunks,
 )
 from test_kv_cache import QUANTIZED_NMSE
 from tiny_models import N_VOCAB, write_tiny_model
@@ -31,23 +31,20 @@ SAMPLED = dict(
 )
 
 
-def tiny_llm(request, tmp_path_factory):
-    """A tiny model for one parameter's tests; its executables are released when they end."""
+@pytest.fixture(scope="module")
+def tiny(request, tmp_path_factory):
+    """A tiny model of one (architecture, weight type), parametrized per test (ON_TINY, ON_TINY_F32):
+    pytest groups the module's tests by model, so a model both lists name (Gemma 3 F32) loads and
+    compiles once. Its executables are released when its tests end."""
     arch, weight_type = request.param
     yield rz.LLM(write_tiny_model(tmp_path_factory.mktemp(arch) / "model.gguf", arch, weight_type), n_ctx=N_CTX)
     release_executables()
 
 
-@pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "Q8_0")], ids="-".join)
-def tiny(request, tmp_path_factory):
-    """Gemma 3 with a window of 8 (ring buffers that verify calls overwrite), and a quantized llama."""
-    yield from tiny_llm(request, tmp_path_factory)
-
-
-@pytest.fixture(scope="module", params=[("gemma3", "F32"), ("llama", "F32")], ids="-".join)
-def tiny_f32(request, tmp_path_factory):
-    """Models whose verify and decode logits agree to the bit (f32 matmuls), for sampling's exactness."""
-    yield from tiny_llm(request, tmp_path_factory)
+# Gemma 3 with a window of 8 (ring buffers that verify calls overwrite), and a quantized llama.
+ON_TINY = pytest.mark.parametrize("tiny", [("gemma3", "F32"), ("llama", "Q8_0")], ids="-".join, indirect=True)
+# Models whose verify and decode logits agree to the bit (f32 matmuls), for sampling's exactness.
+ON_TINY_F32 = pytest.mark.parametrize("tiny", [("gemma3", "F32"), ("llama", "F32")], ids="-".join, indirect=True)
 
 
 @pytest.fixture
@@ -62,31 +59,36 @@ def spoiled_drafts(monkeypatch):
     monkeypatch.setattr(engine_module, "draft", draft)
 
 
+@ON_TINY
 def test_greedy_speculative_decoding_gives_the_tokens_of_plain_decoding(tiny, spoiled_drafts):
     prompts = repetitive_prompts(8, N_VOCAB)
     options = RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0))
-    plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 4), prompts, options)
+    plain = run(plain_engine(tiny, 4), prompts, options)
     engine = drafting_engine(tiny, 4)
     speculative = run(engine, prompts, RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0), speculative="ngram"))
     assert_same_up_to_near_ties(tiny, prompts, speculative, plain)
     assert 0 < engine.n_accepted < engine.n_drafted  # drafts were both kept and rejected
 
 
+@ON_TINY
 def test_greedy_self_speculation_gives_the_tokens_of_plain_decoding(tiny):
     """The target's first layer drafts (on tiny Gemma 3 it agrees with the whole model's greedy loops;
     on tiny llama both kept and rejected drafts occur)."""
     prompts = repetitive_prompts(8, N_VOCAB)
     options = RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0))
-    plain = run(Engine(tiny.model, tiny.tokenizer, N_CTX, 4), prompts, options)
+    plain = run(plain_engine(tiny, 4), prompts, options)
     engine = drafting_engine(tiny, 4, self_draft_layers=1)
     speculative = run(engine, prompts, RequestOptions(max_tokens=40, sampling=SamplingParams(temperature=0), speculative="self"))
     assert_same_up_to_near_ties(tiny, prompts, speculative, plain)
     assert 0 < engine.n_accepted <= engine.n_drafted
 
 
+@ON_TINY
 def test_after_the_warm_up_a_speculating_request_compiles_nothing(tiny):
     """With speculative='self' the default: the draft calls and the verify calls that weigh its drafts."""
-    engine = Engine(tiny.model, tiny.tokenizer, N_CTX, 1, speculative="self", self_draft_layers=1)
+    engine = Engine(
+        tiny.model, tiny.tokenizer, N_CTX, 1, speculative="self", self_draft_layers=1, **small_blocks_and_chunks(N_CTX)
+    )
     engine.costs = DraftingAlwaysPays()
     warm_up(engine)
     compiled = set(engine.compilations)
@@ -95,12 +97,13 @@ def test_after_the_warm_up_a_speculating_request_compiles_nothing(tiny):
     assert set(engine.compilations) == compiled
 
 
+@ON_TINY_F32
 @pytest.mark.parametrize("seed", [3, 11])
-def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seeded_plain_run(tiny_f32, seed, spoiled_drafts):
+def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seeded_plain_run(tiny, seed, spoiled_drafts):
     prompts = repetitive_prompts(4, N_VOCAB)
     plain_options = RequestOptions(max_tokens=32, sampling=SamplingParams(**SAMPLED, seed=seed, n_logprobs=3))
-    plain = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts, plain_options)
-    engine = drafting_engine(tiny_f32, 4)
+    plain = run(plain_engine(tiny, 4), prompts, plain_options)
+    engine = drafting_engine(tiny, 4)
     speculative = run(engine, prompts, RequestOptions(**{**plain_options.__dict__, "speculative": "ngram"}))
     assert engine.n_drafted > 0
     assert [s.output_ids for s in speculative] == [s.output_ids for s in plain]
@@ -111,22 +114,24 @@ def test_a_seeded_speculative_run_gives_the_tokens_and_logprobs_of_the_same_seed
         )
 
 
-def test_verify_calls_apply_logit_bias_as_plain_decoding_does(tiny_f32, spoiled_drafts):
+@ON_TINY_F32
+def test_verify_calls_apply_logit_bias_as_plain_decoding_does(tiny, spoiled_drafts):
     """A seeded, biased speculative run gives the biased plain run's tokens; the banned tokens never come."""
     prompts = repetitive_prompts(4, N_VOCAB)
-    unbiased = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts,
+    unbiased = run(plain_engine(tiny, 4), prompts,
                    RequestOptions(max_tokens=24, sampling=SamplingParams(**SAMPLED, seed=5)))
     # Ban the two tokens the unbiased streams sampled most, and favour the third a little.
     frequent = np.bincount(np.concatenate([s.output_ids for s in unbiased]), minlength=N_VOCAB).argsort()[::-1][:3].tolist()
     biased = SamplingParams(**SAMPLED, seed=5, logit_bias=((frequent[0], -math.inf), (frequent[1], -100.0), (frequent[2], 2.0)))
-    plain = run(Engine(tiny_f32.model, tiny_f32.tokenizer, N_CTX, 4), prompts, RequestOptions(max_tokens=24, sampling=biased))
-    engine = drafting_engine(tiny_f32, 4)
+    plain = run(plain_engine(tiny, 4), prompts, RequestOptions(max_tokens=24, sampling=biased))
+    engine = drafting_engine(tiny, 4)
     speculative = run(engine, prompts, RequestOptions(max_tokens=24, sampling=biased, speculative="ngram"))
     assert engine.n_drafted > 0
     assert [s.output_ids for s in speculative] == [s.output_ids for s in plain]
     assert not {frequent[0], frequent[1]} & set(np.concatenate([s.output_ids for s in speculative]).tolist())
 
 
+@ON_TINY
 @pytest.mark.parametrize("proposers", [("ngram", "ngram"), ("self", "ngram")], ids="+".join)
 def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts, proposers):
     """Two of each, the last two ending first: verify calls then run on the first rows of the cache;
@@ -135,7 +140,7 @@ def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts
     greedy = SamplingParams(temperature=0)
     lengths = (24, 24, 6, 6)
     alone = [
-        run(Engine(tiny.model, tiny.tokenizer, N_CTX, 1), [p], RequestOptions(max_tokens=n, sampling=greedy))[0]
+        run(plain_engine(tiny, 1), [p], RequestOptions(max_tokens=n, sampling=greedy))[0]
         for p, n in zip(prompts, lengths)
     ]
     mixed = [RequestOptions(max_tokens=n, sampling=greedy, speculative=proposers[i // 2] if i % 2 else None) for i, n in enumerate(lengths)]
@@ -145,11 +150,12 @@ def test_a_speculating_stream_and_plain_ones_batch_together(tiny, spoiled_drafts
     assert_same_up_to_near_ties(tiny, prompts, together, alone)
 
 
+@ON_TINY_F32
 @pytest.mark.parametrize("proposer", ["ngram", "self"])
-def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(tiny_f32, spoiled_drafts, proposer):
+def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_speculation(tiny, spoiled_drafts, proposer):
     prompt = repetitive_prompts(1, N_VOCAB)[0]
     assert_stops_land_where_they_do_without_speculation(
-        tiny_f32, prompt, lambda: drafting_engine(tiny_f32, 1, self_draft_layers=1), proposer
+        tiny, prompt, lambda: drafting_engine(tiny, 1, self_draft_layers=1), proposer
     )
 
 
@@ -187,6 +193,7 @@ def assert_holds_what_the_next_query_sees(cache: kv_cache.KVCache, expected: kv_
             assert np.sum((got - ref) ** 2) <= QUANTIZED_NMSE * np.sum(ref**2)
 
 
+@ON_TINY
 @pytest.mark.parametrize("cache_type", ["f16", "q8_0"])
 def test_rejected_drafts_leave_the_cache_as_a_prefill_of_the_kept_tokens(tiny, cache_type):
     """A verify call whose third draft is wrong: the cache afterwards holds, wherever the next query
@@ -215,6 +222,7 @@ def test_rejected_drafts_leave_the_cache_as_a_prefill_of_the_kept_tokens(tiny, c
     assert_holds_what_the_next_query_sees(cache, filled(model, kept, types), model.cfg, len(kept))
 
 
+@ON_TINY
 def test_a_self_draft_leaves_the_cache_as_it_found_it_where_the_next_query_looks(tiny):
     """The draft writes the last token and its drafts into the first layers, at positions from the
     last token's on, which the verify call overwrites; every key the last token's query may see stays
@@ -223,7 +231,7 @@ def test_a_self_draft_leaves_the_cache_as_it_found_it_where_the_next_query_looks
     prompt = repetitive_prompts(3, N_VOCAB)[2][:20]
     cache = filled(model, prompt)
     before = jax.tree.map(np.array, cache)  # a copy: the draft updates the cache in place
-    engine = Engine(model, tiny.tokenizer, N_CTX, 1, self_draft_layers=model.cfg.n_layer - 1)
+    engine = Engine(model, tiny.tokenizer, N_CTX, 1, self_draft_layers=model.cfg.n_layer - 1, **small_blocks_and_chunks(N_CTX))
     draft_model = engine.self_draft
     params = SamplingParams(temperature=0)
     drafts, probabilities, cache = steps.draft(
@@ -236,30 +244,21 @@ def test_a_self_draft_leaves_the_cache_as_it_found_it_where_the_next_query_looks
     assert_holds_what_the_next_query_sees(cache, before, draft_model.cfg, len(prompt) - 1)
 
 
+@pytest.fixture(scope="module")
+def sampled_model(tmp_path_factory):
+    """A tiny llama (n_ctx 64) and N_SAMPLES plain samples of it, which both proposers' runs are compared with."""
+    llm = rz.LLM(write_tiny_model(tmp_path_factory.mktemp("sampled") / "model.gguf", "llama", "F32", seed=5), n_ctx=64)
+    return llm, first_five_tokens(Engine(llm.model, llm.tokenizer, 64, 16), None, 0)
+
+
 @pytest.mark.parametrize("proposer", ["ngram", "self"])
-def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_tokens(tmp_path, spoiled_drafts, proposer):
+def test_speculative_sampling_preserves_the_distribution_of_the_first_and_fifth_tokens(sampled_model, spoiled_drafts, proposer):
     """2,000 samples with speculation and 2,000 without (other seeds), compared by a chi-square test
     of homogeneity (p > 0.01) on the tokens seen at least 5 times in all; the drafts are mostly unlike
     what the model samples: spoiled prompt lookup, a point mass, or the first of the model's three
     layers, a distribution q weighed against the model's p."""
-    llm = rz.LLM(write_tiny_model(tmp_path / "model.gguf", "llama", "F32", seed=5), n_ctx=64)
-    prompt = [1] + [40, 41, 42] * 6
-    n = 2000
-
-    def tokens_at(speculative, first_seed):
-        # Two slots: verify calls of up to 8 tokens a row (see rz.engine.MAX_VERIFY_TOKENS).
-        engine = drafting_engine(llm, 2, self_draft_layers=1) if speculative else Engine(llm.model, llm.tokenizer, 64, 16)
-        options = [
-            RequestOptions(
-                max_tokens=5, ignore_eos=True, speculative=speculative,
-                sampling=SamplingParams(temperature=1.0, top_k=8, seed=first_seed + i),
-            )
-            for i in range(n)
-        ]
-        sequences = run(engine, [prompt] * n, options)
-        return np.array([s.output_ids for s in sequences]), engine
-
-    plain, _ = tokens_at(None, 0)
-    speculative, engine = tokens_at(proposer, 100_000)
+    llm, plain = sampled_model
+    engine = drafting_engine(llm, DISTRIBUTION_SLOTS, self_draft_layers=1)
+    speculative = first_five_tokens(engine, proposer, 100_000)
     assert 0 < engine.n_accepted < engine.n_drafted
     assert_same_distribution(plain, speculative)

@@ -16,7 +16,7 @@ from rz.request import RequestOptions, SamplingParams
 from rz.warm_up import warm_up
 from support.speculation import (
     DraftingAlwaysPays, assert_same_distribution, assert_same_up_to_near_ties, assert_stops_land_where_they_do_without_speculation,
-    drafting_engine, release_executables, repetitive_prompts, run,
+    DISTRIBUTION_SLOTS, drafting_engine, first_five_tokens, plain_engine, release_executables, repetitive_prompts, run,
 )
 from tiny_models import N_VOCAB, write_tiny_model
 
@@ -53,7 +53,7 @@ def drafts(models, target):
 def test_greedy_drafting_with_a_draft_model_gives_the_tokens_of_plain_decoding(target, drafts, draft):
     prompts = repetitive_prompts(8, N_VOCAB)
     options = RequestOptions(max_tokens=32, sampling=GREEDY)
-    plain = run(Engine(target.model, target.tokenizer, N_CTX, 4), prompts, options)
+    plain = run(plain_engine(target, 4), prompts, options)
     engine = drafting_engine(target, 4, draft_model=drafts[draft])
     speculative = run(engine, prompts, RequestOptions(max_tokens=32, sampling=GREEDY, speculative="draft"))
     assert_same_up_to_near_ties(target, prompts, speculative, plain)
@@ -116,25 +116,9 @@ def test_stop_strings_stop_tokens_and_max_tokens_land_where_they_do_without_spec
 def test_sampling_with_a_draft_unlike_the_target_preserves_the_distribution_of_the_first_and_fifth_tokens(target, drafts):
     """2,000 seeded samples with the unlike draft and 2,000 without (other seeds), chi-square (p > 0.01):
     its drafts are drawn from its own distribution q and weighed against the target's p."""
-    prompt = [1] + [40, 41, 42] * 6
-    n = 2000
-
-    def tokens_at(speculative, first_seed):
-        if speculative:
-            engine = drafting_engine(target, 2, draft_model=drafts["unlike"])
-        else:
-            engine = Engine(target.model, target.tokenizer, N_CTX, 16)
-        options = [
-            RequestOptions(
-                max_tokens=5, ignore_eos=True, speculative=speculative,
-                sampling=SamplingParams(temperature=1.0, top_k=8, seed=first_seed + i),
-            )
-            for i in range(n)
-        ]
-        return np.array([s.output_ids for s in run(engine, [prompt] * n, options)]), engine
-
-    plain, _ = tokens_at(None, 0)
-    speculative, engine = tokens_at("draft", 100_000)
+    plain = first_five_tokens(Engine(target.model, target.tokenizer, N_CTX, 16), None, 0)
+    engine = drafting_engine(target, DISTRIBUTION_SLOTS, draft_model=drafts["unlike"])
+    speculative = first_five_tokens(engine, "draft", 100_000)
     assert 0 < engine.n_accepted < engine.n_drafted
     assert_same_distribution(plain, speculative)
 

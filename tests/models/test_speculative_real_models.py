@@ -9,10 +9,9 @@ import pytest
 
 import rz
 from rz.bench.passage import PASSAGE
-from rz.engine import Engine
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
 from rz.request import RequestOptions, SamplingParams
-from support.speculation import assert_same_up_to_near_ties, drafting_engine, release_executables, run
+from support.speculation import assert_same_up_to_near_ties, drafting_engine, plain_engine, release_executables, run
 
 REAL_MODELS = {"smollm2": smollm2_135m_path, "gemma3": gemma3_270m_path}
 GREEDY = RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0))
@@ -21,7 +20,7 @@ GREEDY = RequestOptions(max_tokens=32, sampling=SamplingParams(temperature=0))
 @pytest.fixture(scope="module", params=list(REAL_MODELS))
 def real(request):
     """A real model, 24 prompts (half asking to copy a passage: drafts mostly kept; half free: mostly
-    rejected), and its plain greedy outputs at batch 4."""
+    rejected), and its plain greedy outputs at batch 4, of the drafting engines' blocks and chunks."""
     llm = rz.LLM(REAL_MODELS[request.param](), n_ctx=1024, max_batch=4)
     paragraphs = [p for p in PASSAGE.split("\n\n") if p.strip()]
     prompts = []
@@ -29,7 +28,7 @@ def real(request):
         text = paragraphs[i % len(paragraphs)][(i // len(paragraphs)) * 80 :][:400]
         prompts.append(llm.tokenize(f"Copy this text exactly.\n\n{text}\n\nCopy:\n{text[:40]}"))
         prompts.append(llm.tokenize(f"Write a short story about {['a heron', 'bread', 'primes', 'a lighthouse'][i % 4]}, part {i}."))
-    plain = run(Engine(llm.model, llm.tokenizer, llm.n_ctx, 4), prompts, GREEDY)
+    plain = run(plain_engine(llm, 4), prompts, GREEDY)
     yield llm, prompts, plain
     release_executables()
 

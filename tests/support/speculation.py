@@ -41,14 +41,26 @@ def release_executables() -> None:
     jax.clear_caches()
 
 
+def small_blocks_and_chunks(n_ctx: int) -> dict:
+    """Engine arguments for blocks of 8 slots and chunks of at most 16 tokens: a tiny Gemma 3's rings
+    (window 8) hold 32 slots, which its streams wrap."""
+    return {"buckets": Buckets.for_context(n_ctx, largest=16), "block_size": 8}
+
+
 def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None, draft_model=None) -> Engine:
-    # Small blocks and chunks: a tiny Gemma 3's rings (window 8) hold 32 slots, which its streams wrap.
     engine = Engine(
-        llm.model, llm.tokenizer, llm.n_ctx, n_slots, buckets=Buckets.for_context(llm.n_ctx, largest=16),
-        self_draft_layers=self_draft_layers, draft_model=draft_model, block_size=8,
+        llm.model, llm.tokenizer, llm.n_ctx, n_slots, self_draft_layers=self_draft_layers, draft_model=draft_model,
+        **small_blocks_and_chunks(llm.n_ctx),
     )
     engine.costs = DraftingAlwaysPays()
     return engine
+
+
+def plain_engine(llm, n_slots: int) -> Engine:
+    """A plainly decoding engine of drafting_engine's cache layout: the plain runs that speculative
+    ones are compared with share their prefill and decode executables (each cache shape compiles its
+    own), and differ from them in speculation only."""
+    return Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, **small_blocks_and_chunks(llm.n_ctx))
 
 
 def run(engine: Engine, prompts, options) -> list[Generation]:
@@ -81,6 +93,28 @@ def repetitive_prompts(n: int, n_vocab: int) -> list[list[int]]:
     return prompts
 
 
+# The distribution tests' prompt and sample count: the tokens sampled after a repeated phrase.
+DISTRIBUTION_PROMPT = (1,) + (40, 41, 42) * 6
+N_SAMPLES = 2000
+# Their speculating engines' slots: four rows verify 4 tokens each (rz.engine.MAX_VERIFY_TOKENS),
+# the last token and 3 drafts, which is all that max_tokens=5 leaves after the prefill's token
+# (rz.engine drafts none past max_tokens): as many drafts a call as two rows of 8 would verify.
+DISTRIBUTION_SLOTS = 4
+
+
+def first_five_tokens(engine: Engine, speculative: str | None, first_seed: int) -> np.ndarray:
+    """N_SAMPLES seeded top-k samples (seeds from first_seed on) of the first five tokens after
+    DISTRIBUTION_PROMPT, drafting with the proposer `speculative` (None: plain): [samples, 5]."""
+    options = [
+        RequestOptions(
+            max_tokens=5, ignore_eos=True, speculative=speculative,
+            sampling=SamplingParams(temperature=1.0, top_k=8, seed=first_seed + i),
+        )
+        for i in range(N_SAMPLES)
+    ]
+    return np.array([s.output_ids for s in run(engine, [DISTRIBUTION_PROMPT] * N_SAMPLES, options)])
+
+
 def assert_same_distribution(plain: np.ndarray, speculative: np.ndarray, columns=(0, 4)) -> None:
     """Samples (token ids [samples, tokens]) of each column are alike by a chi-square test of
     homogeneity (p > 0.01), on the tokens seen at least 5 times in all."""
@@ -96,8 +130,8 @@ def assert_stops_land_where_they_do_without_speculation(llm, prompt, drafting_en
     a speculative run (on drafting_engine_for_one(), an engine of one slot) where they end a plain
     one: the same tokens, text and finish reason. Returns how many tokens the runs drafted."""
     greedy = SamplingParams(temperature=0)
-    plain_engine = Engine(llm.model, llm.tokenizer, llm.n_ctx, 1)
-    reference = run(plain_engine, [prompt], RequestOptions(max_tokens=30, sampling=greedy))[0]
+    plain_one = plain_engine(llm, 1)
+    reference = run(plain_one, [prompt], RequestOptions(max_tokens=30, sampling=greedy))[0]
     text = "".join(reference.text)
     cases = [
         RequestOptions(max_tokens=30, sampling=greedy, stop=(text[len(text) // 2 :][:3],)),
@@ -106,7 +140,7 @@ def assert_stops_land_where_they_do_without_speculation(llm, prompt, drafting_en
     ]
     drafted = 0
     for options in cases:
-        plain = run(plain_engine, [prompt], options)[0]
+        plain = run(plain_one, [prompt], options)[0]
         engine = drafting_engine_for_one()
         speculative = run(engine, [prompt], RequestOptions(**{**options.__dict__, "speculative": proposer}))[0]
         drafted += engine.n_drafted
