@@ -7,7 +7,8 @@ engine loop: admitted one after another, each mapping the cached blocks of the s
 that an earlier one committed (whole blocks only: the rest of a block is computed again), with
 prefix reuse on and, as the reference, off (cache_prompt=False). llama.cpp serves them one after
 another on one sequence, reusing the prefix each prompt shares with the previous one, as
-llama-cpp-python's Llama and a one-slot llama-server do; a client's time to its first token
+llama-cpp-python's Llama and a one-slot llama-server do (its context's default full-size
+sliding-window cache keeps Gemma 3's whole prefix reusable); a client's time to its first token
 there includes the clients served before it. Every engine starts each round from an empty
 cache; rounds interleave the engines, and the first round (compilation) is not counted.
 """
