@@ -75,7 +75,7 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
         runners["rz"] = run_rz
     oracle = None
     if "llama.cpp" in engines:
-        oracle = _LlamaCppChat(EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx))
+        oracle = LlamaCppChat(EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx))
         runners["llama.cpp"] = oracle.first_token
     result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "warm": warm,
               "prompt_tokens": [len(p) for p in prompts],
@@ -138,7 +138,7 @@ def _first_event(url: str, ids: list[int], timeout_s: float) -> tuple[float, int
     return first - started, cached
 
 
-class _LlamaCppChat:
+class LlamaCppChat:
     """llama.cpp's first token for a prompt, reusing the KV of the prefix it shares with the last one."""
 
     def __init__(self, settings: EngineSettings):

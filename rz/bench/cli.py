@@ -6,6 +6,8 @@
     python -m rz.bench parity [--model M.gguf] [--prompts 48] [--tokens 48]
     python -m rz.bench chat [--model M.gguf] [--turns 10] [--engines rz,llama.cpp]
     python -m rz.bench speculative [--model M.gguf ...] [--proposers ngram] [--workloads free] [--draft-model D.gguf] [--reps 2] [--max-tokens 128]
+    python -m rz.bench shared-prompt [--model M.gguf ...] [--clients 8] [--system-tokens 1000] [--engines rz,llama.cpp]
+    python -m rz.bench score [--model M.gguf ...] [--tokens 1100] [--reps 3]
     python -m rz.bench schema
 
 Exit status: 0 done; 1 a test failed while timing (the rest is still reported); 2 bad input or
@@ -25,7 +27,7 @@ from rz.bench.history import DEFAULT_HISTORY
 from rz.server.cli import add_cache_type_arguments
 
 EXIT_FAILED_TEST, EXIT_BAD_INPUT, EXIT_REGRESSION = 1, 2, 3
-_COMMANDS = ("run", "serve", "report", "parity", "chat", "schema", "speculative")
+_COMMANDS = ("run", "serve", "report", "parity", "chat", "schema", "speculative", "shared-prompt", "score")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in _COMMANDS else "run"
     try:
         commands = {"run": cmd_run, "serve": cmd_serve, "report": cmd_report, "parity": cmd_parity, "chat": cmd_chat,
-                    "schema": cmd_schema, "speculative": cmd_speculative}
+                    "schema": cmd_schema, "speculative": cmd_speculative, "shared-prompt": cmd_shared_prompt,
+                    "score": cmd_score}
         return commands[command](argv)
     except RzError as error:
         print(f"rz.bench: error: {error}", file=sys.stderr)
@@ -389,6 +392,76 @@ def cmd_speculative(argv: list[str]) -> int:
     result = measure({path.name: path for path in paths}, proposers, args.reps, args.max_tokens, args.threads,
                      _progress("speculative", args.quiet), draft_model, workloads)
     return _report_measurement(result, table, "speculative", argv, args.json)
+
+
+def cmd_shared_prompt(argv: list[str]) -> int:
+    from rz.bench.shared_prompt import measure, table
+
+    parser = _Parser(prog="python -m rz.bench shared-prompt",
+                     description="Clients sending one system prompt with different questions: prompt tokens computed "
+                                 "against the shared prefix once plus the unique parts, rz with and without prefix reuse "
+                                 "beside llama.cpp reusing its previous prompt's prefix.")
+    _add_models_option(parser)
+    parser.add_argument("--engines", default="rz,llama.cpp", help="comma list of rz, llama.cpp (default: both)")
+    parser.add_argument("--clients", type=int, default=8, help="clients, each with its own question (default: 8)")
+    parser.add_argument("--system-tokens", type=int, default=1000, help="tokens of the shared system prompt (default: 1000)")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="context positions per client (default: 2048)")
+    parser.add_argument("--reps", type=int, default=1, help="counted rounds after the first; times are medians (default: 1)")
+    _add_measurement_options(parser)
+    args = parser.parse_args(argv)
+    engines = _comma_list(args.engines, ("rz", "llama.cpp"), "--engines")
+    if args.reps < 1 or args.system_tokens < 1:
+        raise BenchError(f"--reps and --system-tokens must be at least 1, got {args.reps} and {args.system_tokens}")
+    models = _model_files(args.model)
+    result = _on_this_machine(lambda: measure(models, args.clients, args.system_tokens, args.n_ctx, args.threads, engines,
+                                              args.reps, _progress("shared-prompt", args.quiet)))
+    return _report_measurement(result, table, "shared-prompt", argv, args.json)
+
+
+def cmd_score(argv: list[str]) -> int:
+    from rz.bench.score import measure, table
+
+    parser = _Parser(prog="python -m rz.bench score",
+                     description="rz.LLM.score against llama.cpp evaluating the same tokens with all logits, interleaved.")
+    _add_models_option(parser)
+    parser.add_argument("--tokens", type=int, default=1100, help="tokens scored, from the start of a passage (default: 1100)")
+    parser.add_argument("--n-ctx", type=int, default=2048, help="both engines' context positions (default: 2048)")
+    parser.add_argument("--reps", type=int, default=3, help="counted rounds after the first; the best is compared (default: 3)")
+    _add_measurement_options(parser)
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        raise BenchError(f"--reps must be at least 1, got {args.reps}")
+    models = _model_files(args.model)
+    result = _on_this_machine(lambda: measure(models, args.tokens, args.n_ctx, args.reps, args.threads,
+                                              _progress("score", args.quiet)))
+    return _report_measurement(result, table, "score", argv, args.json)
+
+
+def _add_models_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="GGUF", action="append",
+                        help="a GGUF file, repeatable (default: SmolLM2 135M and Gemma 3 270M)")
+
+
+def _model_files(paths: list[str] | None) -> dict[str, Path]:
+    """The --model files by name (default: both real models), else BenchError naming a missing one."""
+    from rz.model_files import gemma3_270m_path, smollm2_135m_path
+
+    files = [Path(p) for p in paths] if paths else [smollm2_135m_path(), gemma3_270m_path()]
+    for path in files:
+        if not path.is_file():
+            raise BenchError(f"--model {path}: no such file")
+    return {path.name: path for path in files}
+
+
+def _on_this_machine(measure) -> dict:
+    """measure()'s result with the CPU it ran on and the load averages before and after (the machine may be shared)."""
+    import os
+
+    from rz.bench.environment import cpu_info
+
+    before = os.getloadavg()
+    result = measure()
+    return result | {"cpu": cpu_info(), "load_average": {"before": list(before), "after": list(os.getloadavg())}}
 
 
 def _add_measurement_options(parser: argparse.ArgumentParser) -> None:

@@ -136,3 +136,17 @@ def test_speculative_bench_refuses_bad_input_in_one_line(args, message, capsys):
     code, out, err = bench(["speculative", *args], capsys)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["shared-prompt", "--engines", "rz,vllm"], "--engines: expected a comma list of"),
+    (["shared-prompt", "--clients", "0", "--model", __file__], "--clients must be between 1 and"),
+    (["shared-prompt", "--reps", "0"], "--reps and --system-tokens must be at least 1"),
+    (["score", "--reps", "0"], "--reps must be at least 1"),
+    (["score", "--model", "missing.gguf"], "--model missing.gguf: no such file"),
+    (["score", "--tokens", "4096", "--model", __file__], "--tokens must be between 1 and --n-ctx (2048)"),
+])
+def test_shared_prompt_and_score_benches_refuse_bad_input_in_one_line(args, message, capsys):
+    code, out, err = bench(args, capsys)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err
