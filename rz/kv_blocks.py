@@ -489,7 +489,7 @@ class KVBlocks:
 def memory_budget(share: float = 0.5) -> int:
     """Bytes a KV cache may take by default: a share of the memory free now, on the accelerator
     where there is one (what it reports free), else on the host."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(share * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
     return int(share * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
