@@ -111,7 +111,7 @@ class Engine:
             n_blocks=n_blocks,
         )
         # Each slot's block tables on the host (every entry NO_BLOCK while the slot is free), put
-        # on the device before a call when they changed.
+        # on the device before every call (_put_tables).
         self._host_tables = tuple(np.array(table) for table in self.cache.tables)
         self._sequence_blocks: dict[Generation, SequenceBlocks] = {}  # every sequence admitted and not released
         self.slots: list[Generation | None] = [None] * n_slots
