@@ -269,6 +269,17 @@ class GGUFFile:
     def file_size(self) -> int:
         return len(self._map)
 
+    def release_tensor_pages(self, name: str) -> None:
+        """release_pages for the whole pages inside one tensor's bytes: the loader calls it once it
+        has copied the tensor, so that the file's pages and the loaded weights are never both
+        resident for the whole model (a load's peak would be twice the weights)."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page
+        stop = (info.offset + info.nbytes) // page * page
+        if hasattr(mmap, "MADV_DONTNEED") and not self._map.closed and stop > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def release_pages(self) -> None:
         """Drop the mapping's pages from this process's resident memory (they stay in the page
         cache, and any view still in use reads them back on its next access).

@@ -21,3 +21,24 @@ def return_free_pages() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+# The events JAX reports when it has compiled a program or loaded one from its persistent cache.
+_COMPILE_EVENTS = ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec")
+
+
+@functools.cache
+def return_free_pages_after_compiles() -> None:
+    """From now on, return_free_pages after every compilation in this process.
+
+    XLA frees most of what a compilation allocates, but glibc keeps the freed pages in its arenas,
+    so without this an engine's resident memory grows by each compilation's peak working set
+    rather than by what the executable keeps, and the next compilation's peak starts from there.
+    """
+    import jax.monitoring
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event in _COMPILE_EVENTS:
+            return_free_pages()
+
+    jax.monitoring.register_event_duration_secs_listener(listener)

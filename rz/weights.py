@@ -147,8 +147,12 @@ def _load_tensor(gguf: GGUFFile, tensor: Tensor):
         shape = (stop - start, *shape[1:])
     try:
         if tensor.quantized:
-            return pack(raw, info.ggml_type, shape)
-        return jnp.asarray(dequantize_raw(raw, info.ggml_type, shape))
+            loaded = pack(raw, info.ggml_type, shape)
+        else:
+            loaded = jnp.asarray(dequantize_raw(raw, info.ggml_type, shape))
     except (UnsupportedModelError, GGUFError) as error:
         raise type(error)(f"{gguf.path}: tensor {tensor.name!r}: {error}") from None
+    del raw
+    gguf.release_tensor_pages(tensor.name)
+    return loaded
 

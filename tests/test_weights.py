@@ -1,5 +1,7 @@
 """rz.weights: each weight declared once, and the file checked against that declaration."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -53,3 +55,30 @@ def test_attention_projections_load_with_their_declared_shapes(gguf, cfg):
 def test_vectors_load_as_f32(gguf, cfg):
     norm = load_weights(gguf, vector("output_norm.weight", cfg.n_embd))
     assert norm.dtype == np.float32 and norm.shape == (cfg.n_embd,)
+
+
+def _resident_bytes_of_mapping(path) -> int:
+    """Resident bytes of this process's mappings of the file at path (/proc/self/smaps)."""
+    resident, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            resident += int(fields[1]) * 1024
+    return resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's /proc/self/smaps")
+def test_loading_gives_back_each_tensors_file_pages_as_it_goes():
+    """While a model loads, the file's pages do not pile up next to the loaded weights."""
+    from rz.models import load_model
+
+    path = smollm2_135m_path().resolve()
+    with GGUFFile(path) as gguf:
+        model = load_model(gguf, ModelConfig.from_gguf(gguf))
+        assert _resident_bytes_of_mapping(path) < gguf.file_size // 10
+        # The bytes are still there to read: the pages come back from the file.
+        name = "token_embd.weight"
+        assert gguf.tensor_bytes(name)[:64].tobytes() == open(path, "rb").read()[gguf.tensors[name].offset :][:64]
+    del model

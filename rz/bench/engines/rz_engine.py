@@ -12,7 +12,9 @@ from rz.bench.engines.base import Engine, Sample, pin_threads, usable_cores
 from rz.bench.errors import BenchError, PreflightError
 from rz.bench.workloads import Prompt, Workload
 
-_GREEDY = {"temperature": 0.0, "ignore_eos": True, "seed": 0}
+# cache_prompt off: a test times the prompt's computation (a depth test's prefix request would
+# otherwise find the prefix in the cache); llama.cpp's engines start each request from an empty cache too.
+_GREEDY = {"temperature": 0.0, "ignore_eos": True, "seed": 0, "cache_prompt": False}
 
 
 class RzEngine(Engine):
