@@ -12,10 +12,19 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 
 from rz import kv_cache
 from rz.models import forward, lm_head, rope_tables, rope_tables_for
 from rz.sampling import Sampler, SamplerState
+
+
+# The steps that end in the sampler are compiled with XLA:CPU's classic fusion emitters: its MLIR
+# emitters need ~140 MiB of working memory for the sampler's ~1,000 small ops (the classic ones
+# ~20 MiB), and compiling the decode step is the peak of an engine's memory. The transformer steps
+# keep the MLIR emitters, which compile them 2-3x faster (benchmarks/results/memory-session18.md).
+# Only on the jaxlib this was measured with: an XLA without the option refuses it when compiling.
+SAMPLING_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False} if jaxlib.__version__.startswith("0.10.") else {}
 
 
 @partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
@@ -44,13 +53,16 @@ copy_blocks = jax.jit(kv_cache.copy_blocks, static_argnames=("sliding_layers",),
 join_row = jax.jit(SamplerState.with_row)
 
 
-@partial(jax.jit, static_argnames=("n_top",))
+@partial(jax.jit, static_argnames=("n_top",), compiler_options=SAMPLING_COMPILER_OPTIONS)
 def first_token(logits, tensors, state, allowed, *, n_top):
     """A prefilled prompt's first token, sampled from its last logits (allowed: see Sampler)."""
     return Sampler(n_top_logprobs=n_top)(logits, tensors, state, allowed)
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"))
+@partial(
+    jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"),
+    compiler_options=SAMPLING_COMPILER_OPTIONS,
+)
 def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family, cfg, plan=None, n_ctx, n_top, n_steps):
     """n_steps decode steps in one call, each feeding its sampled tokens to the next.
 
