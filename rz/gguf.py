@@ -276,9 +276,7 @@ class GGUFFile:
         info = self.tensors[name]
         page = mmap.PAGESIZE
         start = -(-info.offset // page) * page
-        stop = (info.offset + info.nbytes) // page * page
-        if hasattr(mmap, "MADV_DONTNEED") and not self._map.closed and stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        self._release(start, (info.offset + info.nbytes) // page * page - start)
 
     def release_pages(self) -> None:
         """Drop the mapping's pages from this process's resident memory (they stay in the page
@@ -287,8 +285,12 @@ class GGUFFile:
         Loading copies every tensor into the layout the kernels read, after which the mapped
         pages are a second copy of the weights counted against the process.
         """
-        if hasattr(mmap, "MADV_DONTNEED") and not self._map.closed:
-            self._map.madvise(mmap.MADV_DONTNEED)
+        self._release(0, len(self._map) if not self._map.closed else 0)
+
+    def _release(self, start: int, length: int) -> None:
+        """MADV_DONTNEED on [start, start + length) of the mapping, page-aligned, where the OS has it."""
+        if hasattr(mmap, "MADV_DONTNEED") and not self._map.closed and length > 0:
+            self._map.madvise(mmap.MADV_DONTNEED, start, length)
 
     def close(self) -> None:
         # Views returned by tensor_bytes keep the mapping alive; closing then would fail, and

@@ -152,7 +152,6 @@ def _load_tensor(gguf: GGUFFile, tensor: Tensor):
             loaded = jnp.asarray(dequantize_raw(raw, info.ggml_type, shape))
     except (UnsupportedModelError, GGUFError) as error:
         raise type(error)(f"{gguf.path}: tensor {tensor.name!r}: {error}") from None
-    del raw
     gguf.release_tensor_pages(tensor.name)
     return loaded
 
