@@ -25,6 +25,7 @@ from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
 from rz.constraints import Vocabulary
 from rz.errors import RequestError
 from rz.generation import Generation, GenerationRequest, Timings
+from rz.host_memory import fresh_array
 from rz.kv_blocks import NO_BLOCK, BlockPlan, KVBlocks, SequenceBlocks
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
@@ -293,20 +294,23 @@ class Engine:
         blocks = self.blocks.admit(ids, 0, cache_prompt=False)
         if blocks is None:
             raise RuntimeError("the KV cache's blocks are promised to the running sequences: score when fewer run")
-        failed = True
+        failed, logits = True, None
         try:
-            pieces = []
             for start, chunk in self.buckets.chunks(len(ids)):
                 end = min(start + chunk, len(ids))
                 self.blocks.grow(blocks, start, end)
-                tokens, positions, last = _padded_chunk(ids, start, chunk)
-                logits = self._on_blocks(blocks, f"score[{chunk}]", steps.score, tokens, positions, self._chunk_tables(positions))
+                tokens, positions, _ = _padded_chunk(ids, start, chunk)
+                chunk_logits = self._on_blocks(blocks, f"score[{chunk}]", steps.score, tokens, positions, self._chunk_tables(positions))
                 self.blocks.commit(blocks, end)
-                pieces.append(np.asarray(logits[0, : int(last[0]) + 1]))
+                if logits is None:
+                    logits = fresh_array((len(ids), chunk_logits.shape[-1]), np.float32)
+                # A view of the step's result on the host (no copy on the CPU backend), copied once,
+                # into the one array returned: slicing it as a device array first would be a second copy.
+                logits[start:end] = np.asarray(chunk_logits)[0, : end - start]
             failed = False
         finally:
             self.blocks.release(blocks, failed=failed)
-        return np.concatenate(pieces)
+        return logits
 
     def decode(self) -> list[SampledRow]:
         """Decode steps for every active slot: `decode_steps` tokens per sequence in one compiled call,

@@ -1,8 +1,12 @@
-"""Giving the C allocator's free pages back to the system after one-off large work."""
+"""Host memory: the C allocator's free pages given back to the system after one-off large work,
+and large result arrays in pages of their own."""
 
 import ctypes
 import ctypes.util
 import functools
+import mmap
+
+import numpy as np
 
 
 @functools.cache
@@ -42,3 +46,16 @@ def return_free_pages_after_compiles() -> None:
             return_free_pages()
 
     jax.monitoring.register_event_duration_secs_listener(listener)
+
+
+def fresh_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A zeroed array in an anonymous mapping of its own, unmapped when the array is collected.
+
+    numpy asks the kernel for transparent huge pages for every large array, and where the THP
+    defrag setting is `madvise` (a common default) the first touch of that memory stalls in direct
+    compaction: filling a scoring pass's logits, a few GB, then takes several times the copy
+    itself. A plain mapping gets ordinary pages, or huge pages without the stall where THP is `always`.
+    """
+    count = int(np.prod(shape))
+    buffer = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1))
+    return np.frombuffer(buffer, dtype, count=count).reshape(shape)
