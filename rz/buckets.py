@@ -56,24 +56,28 @@ class Buckets:
     def tail_chunks(self, start: int, n_tokens: int, context: int) -> tuple[tuple[int, int], ...]:
         """(start, padded length) of each chunk of a prompt's tokens [start, n_tokens) after a
         reused prefix, in a cache of `context` positions: in TAIL_CHUNK-long chunks when they pad
-        fewer tokens than the context's own chunks would (a 132-token chat turn: two of 128, not
-        one of 512), else in the context's."""
-        n_tail = n_tokens - start
-        length = self.chunk_length(context)
-        tail = min(TAIL_CHUNK, length)
-        if _padded(n_tail, tail) < _padded(n_tail, length):
-            length = tail
-        return tuple((chunk, length) for chunk in range(start, n_tokens, length))
+        fewer tokens than the context's own chunks would (a 300-token chat turn: 128, 128 and 64,
+        not 512), else in the context's; the last chunk in the smallest bucket that holds its tokens."""
+        own = self.chunk_length(context)
+        candidates = (self._chunked(start, n_tokens, own), self._chunked(start, n_tokens, min(TAIL_CHUNK, own)))
+        # Fewest positions run through the model; on a tie, fewer (larger) calls.
+        return min(candidates, key=lambda chunks: (sum(length for _, length in chunks), len(chunks)))
 
-    def chunks(self, n_tokens: int, context: int = 0):
+    def chunks(self, n_tokens: int, context: int = 0) -> tuple[tuple[int, int], ...]:
         """(start, padded length) of each chunk covering n_tokens tokens, in the chunks of the
-        bucket for max(n_tokens, context) positions; the last of several chunks, when its tokens
-        fit TAIL_CHUNK, in a chunk of that length (the reused-prefix tail's shape) rather than
-        one mostly padding (scoring 1,100 tokens ran 1,536 through the model)."""
-        length = self.chunk_length(max(n_tokens, context))
-        tail = min(TAIL_CHUNK, length)
-        for start in range(0, n_tokens, length):
-            yield start, tail if start and n_tokens - start <= tail else length
+        bucket for max(n_tokens, context) positions, the last of several in the smallest bucket
+        that holds its tokens (scoring 1,100 tokens: 512, 512 and 128, not a third 512). A single
+        chunk keeps the context's length: that is how the warm-up compiles each bucket's shape."""
+        return self._chunked(0, n_tokens, self.chunk_length(max(n_tokens, context)))
+
+    def _chunked(self, start: int, n_tokens: int, length: int) -> tuple[tuple[int, int], ...]:
+        """Chunks of `length` from start, the last of several shrunk to the smallest bucket that
+        holds its tokens: every bucket's chunk length is a compiled prefill shape, so this
+        compiles nothing more, and a chat turn's 15 tokens past a chunk run as 16, not 128."""
+        starts = range(start, n_tokens, length)
+        return tuple(
+            (chunk, min(length, self.chunk_length(n_tokens - chunk)) if chunk else length) for chunk in starts
+        )
 
 
 def _padded(n_tokens: int, chunk: int) -> int:

@@ -12,45 +12,56 @@ def test_context_ladder_ends_at_the_context_size():
     assert Buckets.for_context(5).context == (5,)
 
 
+def _covers(chunks, start, n):
+    """The chunks start at `start`, follow each other, and hold every token up to n."""
+    assert chunks[0][0] == start and chunks[-1][0] + chunks[-1][1] >= n > chunks[-1][0]
+    assert all(b[0] == a[0] + a[1] for a, b in zip(chunks, chunks[1:]))
+
+
 @pytest.mark.parametrize("n_ctx", [8, 300, 4096])
-def test_chunks_cover_every_prompt_with_one_shape_per_context_bucket_and_its_tail(n_ctx):
-    """One chunk length per context bucket, and for a last chunk of at most TAIL_CHUNK tokens
-    after others, the reused-prefix tail's shape (which a bucket compiles anyway)."""
+def test_chunks_cover_every_prompt_in_compiled_shapes_and_pad_the_last_chunk_least(n_ctx):
+    """One chunk length per context bucket; the last of several chunks in the smallest bucket
+    that holds its tokens (each bucket's chunk length is a shape the warm-up compiles)."""
     buckets = Buckets.for_context(n_ctx)
+    compiled = {buckets.chunk_length(context) for context in buckets.context}
     shapes = set()
     for n in range(1, n_ctx + 1):
         context = buckets.context_bucket(n)
-        chunks = list(buckets.chunks(n))
+        chunks = buckets.chunks(n)
         assert context >= n
-        assert chunks[0][0] == 0 and chunks[-1][0] + chunks[-1][1] >= n
-        assert all(b[0] == a[0] + a[1] for a, b in zip(chunks, chunks[1:]))
+        _covers(chunks, 0, n)
         shapes.add((context, chunks[0][1]))
         assert {length for _, length in chunks[:-1]} <= {chunks[0][1]}
+        assert {length for _, length in chunks} <= compiled
         last_start, last_length = chunks[-1]
-        if last_start and n - last_start <= TAIL_CHUNK:
-            assert last_length == min(TAIL_CHUNK, chunks[0][1])
-        else:
-            assert last_length == chunks[0][1]
+        assert last_length == (buckets.chunk_length(n - last_start) if last_start else chunks[0][1])
     assert len(shapes) == len(buckets.context)
+    large = Buckets.for_context(4096)
+    assert large.chunks(1100) == ((0, 512), (512, 512), (1024, 128))
+    assert large.chunks(700) == ((0, 512), (512, 256))
+    assert large.chunks(1, 4096) == ((0, 512),)  # a single chunk keeps its context's length
 
 
 @pytest.mark.parametrize("n_ctx", [300, 4096])
-def test_a_tail_after_a_reused_prefix_runs_in_the_shape_that_pads_least(n_ctx):
+def test_a_tail_after_a_reused_prefix_runs_in_the_shapes_that_pad_least(n_ctx):
     """A chat turn's new tokens: TAIL_CHUNK-long chunks when they pad less than the context's
-    chunks, so 132 tokens take 2 x 128 positions, not 512; never more padding than before."""
+    chunks, the last in the smallest compiled shape that holds its tokens, so 143 tokens run as
+    128 + 16 positions, not 2 x 128 or 512; never more padding than the context's own chunks."""
     buckets = Buckets.for_context(n_ctx)
+    compiled = {buckets.chunk_length(context) for context in buckets.context}
     for start in (1, 100, 250):
         for n in range(start + 1, n_ctx + 1, 7):
             context = buckets.context_bucket(n)
             chunks = buckets.tail_chunks(start, n, context)
             own = buckets.chunk_length(context)
-            lengths = {length for _, length in chunks}
-            assert len(lengths) == 1 and lengths <= {min(TAIL_CHUNK, own), own}
-            assert chunks[0][0] == start and chunks[-1][0] + chunks[-1][1] >= n
-            assert all(b[0] == a[0] + a[1] for a, b in zip(chunks, chunks[1:]))
-            assert len(chunks) * chunks[0][1] <= -(-(n - start) // own) * own
-    context = buckets.context_bucket(266)
-    assert buckets.tail_chunks(134, 266, context) == ((134, 128), (262, 128))
+            _covers(chunks, start, n)
+            assert {length for _, length in chunks} <= compiled
+            assert {length for _, length in chunks[:-1]} <= {min(TAIL_CHUNK, own), own}
+            assert chunks[-1][1] == buckets.chunk_length(n - chunks[-1][0])
+            assert sum(length for _, length in chunks) <= -(-(n - start) // own) * own
+    context = buckets.context_bucket(527)
+    assert buckets.tail_chunks(384, 527, context) == ((384, 128), (512, 16))
+    assert buckets.tail_chunks(128, 140, context) == ((128, 16),)
 
 
 def test_batch_ladder():
