@@ -8,7 +8,8 @@ Paths (see `describe_paths()`; the reference twin is `rz_kernels.quants.qmatmul_
     cpu      Q4_K Q5_K Q6_K             > 16                  cpu_ffi_prefill (x86): the same kernel's register-
              (and the 32-block types                          tiled int8 GEMM (panels of 16 rows with
              with AVX-512 VNNI)                               512-bit vpdpbusd on AVX-512 VNNI)
-    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   > 16                  xla_f32: dequantize, then XLA's f32 GEMM
+    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   17-64 (x86)           cpu_ffi_prefill: the register-tiled int8 GEMM
+    cpu      Q4_0 Q4_1 Q5_0 Q5_1 Q8_0   > 64 (> 16 off x86)   xla_f32: dequantize, then XLA's f32 GEMM
              (without AVX-512 VNNI)                           (weights up to 64 MiB in f32; larger
                                                               ones, LM heads, xla_f32_tiled: 32 MiB
                                                               of rows dequantized at a time)
@@ -31,8 +32,10 @@ XLA's f32 GEMM on the dequantized weight (benchmarks/kernels/bench_prefill.py). 
 types take it too where the kernel has 512-bit panels (PANEL_VARIANTS): a block's 16 rows x 8
 weight rows of dots cost a convert, a multiply and an FMA per vector, and beat XLA's f32 GEMM.
 In the 256-bit tiles that overhead falls on every 32 products of one row pair, which did not
-beat XLA, so there they keep XLA's f32 GEMM, whose f32 activations are exact (rz's logits closer
-to a float64 forward pass than llama.cpp's). A weight over 64 MiB in f32 (an LM head) is
+beat XLA at a long prompt's chunks, so beyond CPU_TILES_MAX_M rows they keep XLA's f32 GEMM, whose
+f32 activations are exact (rz's logits closer to a float64 forward pass than llama.cpp's). Up to
+that many rows (a chat turn's tail, a short prompt's chunk) dequantizing the whole weight on every
+call costs XLA more than the tiles lose, so the int8 GEMM takes those too. A weight over 64 MiB in f32 (an LM head) is
 dequantized and multiplied 32 MiB of rows at a time (xla_f32_tiled), so scoring's logits are
 exact too. Where the kernel cannot be
 built (no compiler, no AVX2) the CPU takes xla_reference, logged once.
@@ -77,6 +80,9 @@ GPU_DECODE_MAX_M = 16
 # Up to this many rows of x a CPU matmul takes the C++ kernel's decode path; beyond, its int8
 # prefill GEMM (cpu_ffi_prefill) or XLA's f32 GEMM on the dequantized weight (see the module docstring).
 CPU_KERNEL_MAX_M = 16
+# Up to this many rows of x the 32-block types take the int8 GEMM in 256-bit tiles too (cpu_ffi_prefill):
+# beyond, XLA's f32 GEMM on the dequantized weight is as fast or faster (see the module docstring).
+CPU_TILES_MAX_M = 64
 # The kernel variants whose prompts meet in 512-bit panels (qmatmul.cc's kPanels), where every
 # type's int8 GEMM beats XLA's f32 GEMM; the others' 256-bit tiles beat it for K-quants only.
 PANEL_VARIANTS = frozenset({"avx512vnni"})
@@ -131,12 +137,14 @@ def _paths() -> tuple[Path, ...]:
     panels = x86 and cpu_ffi.selected().name in PANEL_VARIANTS
     prefill_types = (cpu_types if panels else tuple(t.name for t in sorted(K_QUANTS))) if x86 else ()
     xla_types = tuple(t for t in cpu_types if t not in prefill_types)
+    tiled_types = xla_types if x86 else ()
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M, note=f"variant {cpu_ffi.selected().name}" if cpu_types else ""),
         Path("cpu", "cpu_ffi_prefill", prefill_types, CPU_KERNEL_MAX_M + 1, None,
              note="int8 GEMM in " + ("512-bit panels of 16 rows" if panels else "register tiles")),
+        Path("cpu", "cpu_ffi_prefill", tiled_types, CPU_KERNEL_MAX_M + 1, CPU_TILES_MAX_M, note="int8 GEMM in register tiles"),
         Path("cpu", "xla_f32", xla_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
         Path("cpu", "xla_f32_tiled", xla_types, CPU_KERNEL_MAX_M + 1, None,
              note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32, {CPU_F32_TILE_BYTES >> 20} MiB of rows at a time"),

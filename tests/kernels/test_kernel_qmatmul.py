@@ -18,6 +18,7 @@ from rz_kernels import cpu_ffi, describe_paths, qmatmul, qmatmul_many, qmatmul_p
 from rz_kernels.build import variant_named
 from rz_kernels.quantized_matmul import (
     CPU_FFI_ARRAYS,
+    CPU_TILES_MAX_M,
     K_QUANTS,
     PANEL_VARIANTS,
     activation_block,
@@ -206,18 +207,26 @@ def test_qmatmul_dispatch_shapes_and_paths():
 
 @pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
 def test_cpu_prefill_rows_are_exact_and_decode_rows_take_the_kernel(monkeypatch):
-    """Without 512-bit panels, beyond 16 rows a 32-block type's activations are not rounded to
-    int8: y is the f32 reference's; a K-quant's take the kernel's int8 prefill GEMM, as close as
-    its decode rows."""
+    """Without 512-bit panels, beyond CPU_TILES_MAX_M rows a 32-block type's activations are not
+    rounded to int8: y is the f32 reference's; a K-quant's take the kernel's int8 prefill GEMM, as
+    close as its decode rows, and so do a 32-block type's up to CPU_TILES_MAX_M rows on x86."""
     monkeypatch.setattr(quantized_matmul, "PANEL_VARIANTS", frozenset())
     rng = np.random.default_rng(3)
     qts = [random_qtensor(rng, GGMLType.Q4_1, (64, 256)), random_qtensor(rng, GGMLType.Q6_K, (32, 256))]
-    x = jnp.asarray(activations(rng, 40, 256))
+    n_rows = CPU_TILES_MAX_M + 8
+    x = jnp.asarray(activations(rng, n_rows, 256))
     many = jax.jit(qmatmul_many)
     exact, prefill = many(x, qts)
     np.testing.assert_allclose(exact, qmatmul_ref(x, qts[0]), rtol=1e-5, atol=1e-5)
+    short = x[:40]
     if X86_PREFILL:
-        assert select_path("cpu", GGMLType.Q6_K, 40, qts[1].shape) == "cpu_ffi_prefill"
+        assert select_path("cpu", GGMLType.Q4_1, 40, qts[0].shape) == "cpu_ffi_prefill"
+        np.testing.assert_array_equal(many(short, qts)[0], qmatmul_cpu(short, qts[0]))
+        assert nmse(many(short, qts)[0], qmatmul_ref(short, qts[0])) <= TOLERANCE
+    else:
+        np.testing.assert_allclose(many(short, qts)[0], qmatmul_ref(short, qts[0]), rtol=1e-5, atol=1e-5)
+    if X86_PREFILL:
+        assert select_path("cpu", GGMLType.Q6_K, n_rows, qts[1].shape) == "cpu_ffi_prefill"
         np.testing.assert_array_equal(prefill, qmatmul_cpu(x, qts[1]))
         assert nmse(prefill, qmatmul_ref(x, qts[1])) <= TOLERANCE
     else:
@@ -230,7 +239,7 @@ def test_cpu_prefill_rows_are_exact_and_decode_rows_take_the_kernel(monkeypatch)
     # 64 rows of 256 in tiles of 24 rows, so two whole tiles and a remainder of 16.
     monkeypatch.setattr(quantized_matmul, "CPU_F32_MAX_BYTES", 4 * 64 * 256 - 1)
     monkeypatch.setattr(quantized_matmul, "CPU_F32_TILE_BYTES", 4 * 24 * 256)
-    assert select_path("cpu", GGMLType.Q4_1, 40, qts[0].shape) == "xla_f32_tiled"
+    assert select_path("cpu", GGMLType.Q4_1, n_rows, qts[0].shape) == "xla_f32_tiled"
     y = jax.jit(qmatmul)(x, qts[0])
     np.testing.assert_allclose(y, qmatmul_ref(x, qts[0]), rtol=1e-5, atol=1e-5)
     # ... and stays on the kernel for a decode step.
@@ -246,9 +255,10 @@ def test_cpu_large_weight_is_never_whole_in_f32(monkeypatch):
     monkeypatch.setattr(quantized_matmul, "CPU_F32_TILE_BYTES", 1 << 18)
     rng = np.random.default_rng(9)
     qt = random_qtensor(rng, GGMLType.Q8_0, (2048, 512))  # 4 MiB in f32, tiles of 128 rows
-    x = jnp.asarray(activations(rng, 32, 512))
+    n_rows = CPU_TILES_MAX_M + 8  # a prompt chunk that takes XLA
+    x = jnp.asarray(activations(rng, n_rows, 512))
     compiled = jax.jit(qmatmul).lower(x, qt).compile()
-    output = 4 * 32 * 2048
+    output = 4 * n_rows * 2048
     assert compiled.memory_analysis().temp_size_in_bytes <= output + 3 * (1 << 18)
     np.testing.assert_allclose(compiled(x, qt), qmatmul_ref(x, qt), rtol=1e-5, atol=1e-5)
 
@@ -276,7 +286,7 @@ def test_cpu_prefill_makes_each_f32_weight_where_it_is_used(monkeypatch):
     monkeypatch.setattr(quantized_matmul, "PANEL_VARIANTS", frozenset())
     rng = np.random.default_rng(5)
     weights = [random_qtensor(rng, GGMLType.Q4_1, (512, 512)) for _ in range(12)]
-    x = jnp.asarray(activations(rng, 64, 512))
+    x = jnp.asarray(activations(rng, CPU_TILES_MAX_M + 8, 512))
 
     def chain(x, weights):
         for qt in weights:
@@ -296,18 +306,22 @@ def test_describe_paths():
         assert cpu[0]["path"] == "cpu_ffi" and "Q5_0" in cpu[0]["types"]
         assert select_path("cpu", GGMLType.Q6_K, 16) == "cpu_ffi"
         # A prompt's rows: K-quants take the x86 kernel's int8 GEMM, the 32-block types too with
-        # 512-bit panels, else (and every type on aarch64) XLA's f32 GEMM on the dequantized
-        # weight, unless that copy is large.
+        # 512-bit panels, and up to CPU_TILES_MAX_M rows in 256-bit tiles; else (and every type on
+        # aarch64) XLA's f32 GEMM on the dequantized weight, unless that copy is large.
         prefill = "cpu_ffi_prefill" if X86_PREFILL else "xla_f32"
         assert select_path("cpu", GGMLType.Q6_K, 17) == prefill
         assert select_path("cpu", GGMLType.Q6_K, 512, (2048, 640)) == prefill
-        assert select_path("cpu", GGMLType.Q8_0, 17) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32")
-        assert select_path("cpu", GGMLType.Q8_0, 512, (2048, 640)) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32")
+        assert select_path("cpu", GGMLType.Q8_0, 17) == prefill
+        assert select_path("cpu", GGMLType.Q8_0, CPU_TILES_MAX_M, (2048, 640)) == prefill
+        long_prompt = "cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32"
+        assert select_path("cpu", GGMLType.Q8_0, CPU_TILES_MAX_M + 1, (2048, 640)) == long_prompt
+        assert select_path("cpu", GGMLType.Q8_0, 512, (2048, 640)) == long_prompt
         assert select_path("cpu", GGMLType.Q8_0, 512, (262144, 640)) == ("cpu_ffi_prefill" if PANEL_PREFILL else "xla_f32_tiled")
-        # Each type's prompt rows are described by the one path that serves them.
-        prompt_rows = [(name, row["path"]) for row in cpu if row["path"] in ("cpu_ffi_prefill", "xla_f32") for name in row["types"]]
-        assert sorted(name for name, _ in prompt_rows) == sorted(t.name for t in TYPES)
-        assert all(select_path("cpu", GGMLType[name], 17) == path for name, path in prompt_rows)
+        # Every type's prompt rows are described, by the first row that holds them.
+        for qtype in TYPES:
+            for m in (17, CPU_TILES_MAX_M, CPU_TILES_MAX_M + 1, 512):
+                rows = [row for row in cpu if qtype.name in row["types"] and row["m_min"] <= m <= (row["m_max"] or m)]
+                assert rows and rows[0]["path"] == select_path("cpu", qtype, m, (2048, 640))
     assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17

@@ -10,6 +10,7 @@ import rz
 from rz.buckets import Buckets
 from rz.engine import Engine
 from rz.model_files import gemma3_270m_path, smollm2_135m_path
+from rz_kernels.quantized_matmul import CPU_TILES_MAX_M
 from oracle import MAX_MEAN_KL, kl_divergence
 from support.admission import admit, end, start
 
@@ -24,9 +25,11 @@ def llm(request):
 
 @pytest.fixture
 def engine(llm):
-    # Chunks of at least 32 tokens, so that both prefills take the same matmul paths, and at most 128,
-    # so that Gemma 3's rings (its window: 512) hold 768 positions, fewer than the context.
-    return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=Buckets.for_context(N_CTX, smallest=32, largest=128))
+    # Every chunk 128 tokens, more than CPU_TILES_MAX_M, so that a reused prefix's short tail and a
+    # whole prompt take the same matmul paths (this tests the blocks, not the kernels' roundings),
+    # and Gemma 3's rings (its window: 512) hold 768 positions, fewer than the context.
+    assert CPU_TILES_MAX_M < 128
+    return Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2, buckets=Buckets.for_context(N_CTX, smallest=128, largest=128))
 
 
 def text_ids(llm, n_tokens: int, seed: int) -> list[int]:
