@@ -55,20 +55,26 @@ class Buckets:
 
     def tail_chunks(self, start: int, n_tokens: int, context: int) -> tuple[tuple[int, int], ...]:
         """(start, padded length) of each chunk of a prompt's tokens [start, n_tokens) after a
-        reused prefix, in a cache of `context` positions: in TAIL_CHUNK-long chunks when they pad
-        fewer tokens than the context's own chunks would (a 300-token chat turn: 128, 128 and 64,
-        not 512), else in the context's; the last chunk in the smallest bucket that holds its tokens."""
+        reused prefix, in a cache of `context` positions: in the context's own chunks, TAIL_CHUNK-long
+        ones or the bucket below the context's, whichever runs the fewest positions (a 300-token chat
+        turn: 256 and 64, not 512), the last chunk in the smallest bucket that holds its tokens."""
         own = self.chunk_length(context)
-        candidates = (self._chunked(start, n_tokens, own), self._chunked(start, n_tokens, min(TAIL_CHUNK, own)))
-        # Fewest positions run through the model; on a tie, fewer (larger) calls.
-        return min(candidates, key=lambda chunks: (sum(length for _, length in chunks), len(chunks)))
+        return _fewest_positions(self._chunked(start, n_tokens, length) for length in (own, self._below(own), min(TAIL_CHUNK, own)))
 
     def chunks(self, n_tokens: int, context: int = 0) -> tuple[tuple[int, int], ...]:
-        """(start, padded length) of each chunk covering n_tokens tokens, in the chunks of the
-        bucket for max(n_tokens, context) positions, the last of several in the smallest bucket
-        that holds its tokens (scoring 1,100 tokens: 512, 512 and 128, not a third 512). A single
-        chunk keeps the context's length: that is how the warm-up compiles each bucket's shape."""
-        return self._chunked(0, n_tokens, self.chunk_length(max(n_tokens, context)))
+        """(start, padded length) of each chunk covering n_tokens tokens: in their bucket's chunks or
+        the bucket's below, whichever runs fewer positions, the last of several in the smallest bucket
+        that holds its tokens (a 134-token prompt: 128 and 8, not 256; scoring 1,100 tokens: 512, 512
+        and 128). Given a larger context, one chunk of that context's length: that is how the warm-up
+        compiles each bucket's shape with a one-token prompt."""
+        if context > n_tokens:
+            return self._chunked(0, n_tokens, self.chunk_length(context))
+        own = self.chunk_length(n_tokens)
+        return _fewest_positions(self._chunked(0, n_tokens, length) for length in (own, self._below(own)))
+
+    def _below(self, length: int) -> int:
+        """The chunk length of the context bucket below the one whose chunks are `length` long (itself if none)."""
+        return max((self.chunk_length(size) for size in self.context if self.chunk_length(size) < length), default=length)
 
     def _chunked(self, start: int, n_tokens: int, length: int) -> tuple[tuple[int, int], ...]:
         """Chunks of `length` from start, the last of several shrunk to the smallest bucket that
@@ -80,9 +86,11 @@ class Buckets:
         )
 
 
-def _padded(n_tokens: int, chunk: int) -> int:
-    """The tokens n_tokens take in chunks of `chunk`, padding included."""
-    return -(-n_tokens // chunk) * chunk
+def _fewest_positions(candidates) -> tuple[tuple[int, int], ...]:
+    """The chunking that runs the fewest positions through the model; on a tie, the one of fewer
+    (larger) calls, the first given on a full tie: a call's fixed cost and a small chunk's lower
+    throughput are why padding is not all that counts."""
+    return min(candidates, key=lambda chunks: (sum(length for _, length in chunks), len(chunks)))
 
 
 def batch_ladder(n_slots: int) -> tuple[int, ...]:

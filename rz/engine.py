@@ -230,7 +230,7 @@ class Engine:
         if blocks.n_cached:
             chunks = self.buckets.tail_chunks(blocks.n_cached, len(prompt), bucket)
         else:
-            chunks = tuple(self.buckets.chunks(len(prompt), bucket))
+            chunks = self.buckets.chunks(len(prompt), context or 0)
         sequence.n_cached = blocks.n_cached
         return Admission(sequence, chunks, blocks)
 

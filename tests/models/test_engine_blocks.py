@@ -106,6 +106,27 @@ def test_score_leaves_its_blocks_cached_for_the_prompt_that_follows(llm):
     assert sequence.n_cached == 128
 
 
+def test_a_prompt_is_admitted_in_the_chunks_that_pad_least(llm):
+    """A 134-token prompt runs as 128 + 8 positions, not one chunk of its 256-position bucket; a
+    warm-up's context still asks for that context's chunk; a reused prefix's tail shrinks too."""
+    engine = Engine(llm.model, llm.tokenizer, N_CTX, n_slots=2)
+    ids = words(134, seed=12)
+    admission = engine.begin_admission(engine.new_sequence(request(ids, 2)))
+    assert admission.chunks == ((0, 128), (128, 8))
+    while not admission.prefilled:
+        engine.prefill_chunk(admission)
+    engine.complete_admission(admission)
+    warm_up = engine.begin_admission(engine.new_sequence(request((5,), 2)), context=N_CTX)
+    assert warm_up.chunks == ((0, N_CTX),)
+    engine.prefill_chunk(warm_up)
+    engine.complete_admission(warm_up)
+    for sequence in list(engine.active()):
+        sequence.finish(FinishReason.LENGTH)
+        engine.release(sequence)
+    tail = engine.begin_admission(engine.new_sequence(request(ids + words(10, seed=13), 2)))
+    assert tail.chunks == ((128, 16),)
+
+
 def test_llm_takes_kv_cache_tokens_and_reports_the_pool(tmp_path):
     path = write_tiny_model(tmp_path / "model.gguf", "llama", "F16")
     llm = rz.LLM(path, n_ctx=N_CTX, max_batch=2, compilation_cache=False, kv_cache_tokens=192)
