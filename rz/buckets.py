@@ -2,9 +2,10 @@
 
 Every compiled step has a fixed shape. A prompt of n tokens is prefilled straight into its slot's
 blocks of the KV cache, in chunks of the length of the smallest context bucket that holds it
-(powers of two from 8, the last one the context size), at most MAX_PREFILL_BUCKET: one prefill
-shape per chunk length, so a short prompt does not run a chunk mostly of padding, and the set of
-shapes stays small. Decode steps run on the first rows of the slots, in powers of two
+(powers of two from 8, the last one the context size), at most MAX_PREFILL_BUCKET, or of the
+bucket's below when that runs fewer positions, the last chunk in the smallest bucket that holds
+its tokens: one prefill shape per bucket, so a prompt does not run a chunk mostly of padding, and
+the set of shapes stays small. Decode steps run on the first rows of the slots, in powers of two
 (batch_ladder). After each bucket has been seen once, a session never compiles again.
 """
 
