@@ -35,9 +35,9 @@ In the 256-bit tiles that overhead falls on every 32 products of one row pair, w
 beat XLA at a long prompt's chunks, so beyond CPU_TILES_MAX_M rows they keep XLA's f32 GEMM, whose
 f32 activations are exact (rz's logits closer to a float64 forward pass than llama.cpp's). Up to
 that many rows (a chat turn's tail, a short prompt's chunk) dequantizing the whole weight on every
-call costs XLA more than the tiles lose, so the int8 GEMM takes those too. A weight over 64 MiB in f32 (an LM head) is
-dequantized and multiplied 32 MiB of rows at a time (xla_f32_tiled), so scoring's logits are
-exact too. Where the kernel cannot be
+call costs XLA more than the tiles lose, so the int8 GEMM takes those too. A weight over 64 MiB in
+f32 (an LM head) is dequantized and multiplied 32 MiB of rows at a time (xla_f32_tiled), so a long
+prompt's logits are exact too. Where the kernel cannot be
 built (no compiler, no AVX2) the CPU takes xla_reference, logged once.
 
 Why XLA for decode on a GPU: a decode step of these small models is bound by kernel launches,
@@ -84,7 +84,8 @@ CPU_KERNEL_MAX_M = 16
 # beyond, XLA's f32 GEMM on the dequantized weight is as fast or faster (see the module docstring).
 CPU_TILES_MAX_M = 64
 # The kernel variants whose prompts meet in 512-bit panels (qmatmul.cc's kPanels), where every
-# type's int8 GEMM beats XLA's f32 GEMM; the others' 256-bit tiles beat it for K-quants only.
+# type's int8 GEMM beats XLA's f32 GEMM; the others' 256-bit tiles beat it for K-quants, and for the
+# 32-block types only up to CPU_TILES_MAX_M rows.
 PANEL_VARIANTS = frozenset({"avx512vnni"})
 # The CPU paths that call the C++ kernel (one call may then take several weights).
 CPU_FFI_PATHS = frozenset({"cpu_ffi", "cpu_ffi_prefill"})
