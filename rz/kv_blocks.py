@@ -16,6 +16,14 @@ free list runs dry and it is evicted, least recently used first. A prompt maps t
 chain of full blocks its pools hold, never its last token (whose logits are needed); a sliding
 pool needs only the blocks the first recomputed query sees.
 
+A sequence's last, partly written block is kept too when it leaves, keyed by the hash of the
+chain before it and by its tokens, as llama.cpp's server keeps a slot's whole prompt: a prompt
+that continues the chain and starts with at least half of those tokens takes the block over (it
+is unreferenced, so nothing is copied; it serves one prompt) and computes only from the first
+token that differs. Without it a chat's next turn recomputes up to a block less one of the turn
+before. Slots past the matched tokens hold the old sequence's later positions; attention masks
+them as it masks any future position, and the new prompt's writes replace them.
+
 Admission reserves a sequence's peak block count, so that an admitted sequence never runs out
 of blocks (nothing is preempted); the blocks themselves are taken as writes reach them.
 """
@@ -183,7 +191,7 @@ class SequenceBlocks:
     them when grow says they changed) and `n_cached`; the rest is the allocator's."""
 
     tables: dict[bool, list[int]]  # per kind (sliding?), the block id in each entry, NO_BLOCK if none
-    n_cached: int  # prompt tokens mapped from the cache (whole blocks, fewer than the prompt)
+    n_cached: int  # prompt tokens mapped from the cache (full blocks and a partial one's first tokens; fewer than the prompt)
     tokens: list[int]  # the prompt, then the tokens committed since
     n_committed: int  # positions whose KV is written and recorded (commit)
     span: int  # the positions [0, span) the reservation covers: no write reaches past them
@@ -225,6 +233,10 @@ class BlockPool:
         self.by_hash: dict[bytes, int] = {}
         self.free: deque[int] = deque(range(plan.n_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()
+        # Unreferenced partly written blocks: each one's chain hash before it and its tokens, and
+        # by that hash, the blocks that follow it (rz.kv_blocks' docstring).
+        self.partial_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        self.partials: dict[bytes, dict[int, None]] = {}
         self.reserved = 0  # the peaks of the admitted sequences, summed
         self.held = 0  # the blocks in the admitted sequences' tables, summed (a shared block once per table)
 
@@ -269,11 +281,12 @@ class BlockPool:
         self.held += 1
 
     def drop(self, block: int) -> None:
-        """A block out of one table: unreferenced, it is cached (the most recently used) if hashed, else free."""
+        """A block out of one table: unreferenced, it is cached (the most recently used) if hashed or
+        kept as a partial block, else free."""
         self.refs[block] -= 1
         self.held -= 1
         if self.refs[block] == 0:
-            if self.hash_of[block] is not None:
+            if self.hash_of[block] is not None or block in self.partial_of:
                 self.evictable[block] = None
             else:
                 self.free.append(block)
@@ -286,13 +299,51 @@ class BlockPool:
         self.hash_of[block] = block_hash
         return True
 
+    def keep_partial(self, block: int, prefix_hash: bytes, tokens: Sequence[int]) -> None:
+        """Keep a leaving sequence's partly written block (still in its table: drop it next) for a
+        prompt that continues the chain `prefix_hash` with the same first tokens."""
+        self.partial_of[block] = (prefix_hash, tuple(tokens))
+        self.partials.setdefault(prefix_hash, {})[block] = None
+
+    def longest_partial(self, prefix_hash: bytes, tokens: Sequence[int], worth_taking: bool = False) -> tuple[int, int]:
+        """(block, n): the kept partial block after the chain prefix_hash whose tokens start with the
+        longest run of `tokens`, and that run's length; (NO_BLOCK, 0) if none starts with tokens[0].
+
+        worth_taking: only blocks whose tokens the run covers at least half of. Taken over, a block
+        no longer serves the prompt that continues all of it (a chat's next turn), so a prompt
+        that shares only its first few tokens (a BOS token) leaves it kept and computes them."""
+        best = (NO_BLOCK, 0)
+        for block in self.partials.get(prefix_hash, ()):
+            kept = self.partial_of[block][1]
+            n = next((i for i, (a, b) in enumerate(zip(kept, tokens)) if a != b), min(len(kept), len(tokens)))
+            if n > best[1] and (2 * n >= len(kept) or not worth_taking):
+                best = (block, n)
+        return best
+
+    def adopt(self, block: int) -> None:
+        """A kept (unreferenced) partial block into one table, as the table's own writable block."""
+        self._unkeep(block)
+        del self.evictable[block]
+        self.refs[block] = 1
+        self.held += 1
+
+    def _unkeep(self, block: int) -> None:
+        prefix_hash, _ = self.partial_of.pop(block)
+        del self.partials[prefix_hash][block]
+        if not self.partials[prefix_hash]:
+            del self.partials[prefix_hash]
+
     def forget(self, block: int) -> None:
-        """Unhash a block (nothing maps it any more); an unreferenced one goes to the free list."""
+        """Unhash a block, or stop keeping a partial one (nothing maps it any more); an unreferenced
+        one goes to the free list."""
         block_hash = self.hash_of[block]
-        if block_hash is None:
+        if block in self.partial_of:
+            self._unkeep(block)
+        elif block_hash is None:
             return
-        del self.by_hash[block_hash]
-        self.hash_of[block] = None
+        else:
+            del self.by_hash[block_hash]
+            self.hash_of[block] = None
         if self.refs[block] == 0:
             del self.evictable[block]
             self.free.append(block)
@@ -345,13 +396,16 @@ class KVBlocks:
         hashes = _chain_hashes(b"", tokens[: (len(tokens) - 1) // bs * bs], bs) if cache_prompt else []
         n_hit = self._longest_hit(hashes)
         hits = {kind: self._hit_blocks(kind, hashes, n_hit) for kind in self.pools}
+        partials, n_partial = self._partial_hit(tokens, hashes, n_hit) if cache_prompt else ({}, 0)
+        for kind, block in partials.items():
+            hits[kind].append((n_hit, block))
         if not all(pool.can_reserve(peaks[kind], [block for _, block in hits[kind]]) for kind, pool in self.pools.items()):
             return None
         seq = SequenceBlocks(
             tables={pool.sliding: [NO_BLOCK] * pool.table_length for pool in self.plan.pools},
-            n_cached=n_hit * bs,
+            n_cached=n_hit * bs + n_partial,
             tokens=tokens,
-            n_committed=n_hit * bs,
+            n_committed=n_hit * bs + n_partial,
             span=span,
             peaks=peaks,
             hashes=hashes[:n_hit],
@@ -362,7 +416,10 @@ class KVBlocks:
             pool.reserved += peaks[kind]
             table, logical = seq.tables[kind], seq.logical[kind]
             for j, block in hits[kind]:
-                pool.map(block)
+                if block in pool.partial_of:
+                    pool.adopt(block)
+                else:
+                    pool.map(block)
                 table[j % len(table)], logical[j % len(table)] = block, j
         self.hit_tokens += seq.n_cached
         self.prompt_tokens += len(tokens)
@@ -429,8 +486,14 @@ class KVBlocks:
         incomplete, so nothing it cached stays cached, unless another sequence maps it now."""
         self._check_live(seq)
         seq.released = True
+        bs, last = self.plan.block_size, seq.n_committed // self.plan.block_size
         for kind, pool in self.pools.items():
             table, logical = seq.tables[kind], seq.logical[kind]
+            entry, kept = last % len(table), seq.tokens[last * bs : seq.n_committed]
+            prefix_hash = seq.hashes[last - 1] if last else b""
+            # Its last block, if partly written, unless another kept block holds its tokens already.
+            if kept and not failed and logical[entry] == last and pool.longest_partial(prefix_hash, kept)[1] < len(kept):
+                pool.keep_partial(table[entry], prefix_hash, kept)
             # The last blocks first, so the first of a chain (which serve more prompts) are evicted last.
             for entry in sorted(range(len(table)), key=logical.__getitem__, reverse=True):
                 if table[entry] != NO_BLOCK:
@@ -450,7 +513,7 @@ class KVBlocks:
     def clear_cache(self) -> None:
         """Forget every cached block: no prompt maps one until new blocks are committed."""
         for pool in self.pools.values():
-            for block in list(pool.by_hash.values()):
+            for block in list(pool.by_hash.values()) + list(pool.partial_of):
                 pool.forget(block)
 
     def _longest_hit(self, hashes: Sequence[bytes]) -> int:
@@ -470,6 +533,18 @@ class KVBlocks:
                     longest = k
             n_blocks = longest
         return n_blocks
+
+    def _partial_hit(self, tokens: Sequence[int], hashes: Sequence[bytes], n_hit: int) -> tuple[dict[bool, int], int]:
+        """The kept partial block of each kind that continues a prompt's n_hit cached blocks, and
+        how many of its tokens every kind's serves (at most up to the prompt's last token); ({}, 0) if none."""
+        start = n_hit * self.plan.block_size
+        following = tokens[start : min(start + self.plan.block_size, len(tokens) - 1)]
+        if not following:
+            return {}, 0
+        prefix_hash = hashes[n_hit - 1] if n_hit else b""
+        found = {kind: pool.longest_partial(prefix_hash, following, worth_taking=True) for kind, pool in self.pools.items()}
+        n = min(n for _, n in found.values())
+        return ({kind: block for kind, (block, _) in found.items()}, n) if n else ({}, 0)
 
     def _first_seen(self, n_blocks: int) -> int:
         """The first logical block a sliding query at position n_blocks * block_size sees (keys above p - window)."""

@@ -118,7 +118,9 @@ def check_invariants(kv: KVBlocks, live: list[SequenceBlocks]) -> None:
                 refs[block] += 1
         assert refs == pool.refs
         assert all(refs[block] == 0 and pool.hash_of[block] is None for block in pool.free)
-        assert all(refs[block] == 0 and pool.hash_of[block] is not None for block in pool.evictable)
+        assert all(refs[block] == 0 and (pool.hash_of[block] is not None) != (block in pool.partial_of) for block in pool.evictable)
+        assert set(pool.partial_of) <= set(pool.evictable)
+        assert {(h, block) for block, (h, _) in pool.partial_of.items()} == {(h, b) for h, blocks in pool.partials.items() for b in blocks}
         assert {block: h for h, block in pool.by_hash.items()} == {b: h for b, h in enumerate(pool.hash_of) if h is not None}
         assert pool.promised <= pool.plan.n_blocks
         assert pool.reserved == sum(seq.peaks[kind] for seq in live)
@@ -266,8 +268,9 @@ def test_without_cache_prompt_nothing_is_mapped_but_its_blocks_are_cached_for_ot
     kv.release(first)
     prefill(kv, device, private)
     kv.release(private)
-    # The same tokens twice: the second copy is not cached (the first's blocks already are).
-    assert kv.stats().pools[GLOBAL].cached == 2
+    # The same tokens twice: the second copy is not cached (the first's two full blocks and its
+    # partly written last one already are).
+    assert kv.stats().pools[GLOBAL].cached == 3
 
 
 def test_released_blocks_stay_cached_until_cleared():
@@ -278,11 +281,61 @@ def test_released_blocks_stay_cached_until_cleared():
     decode(kv, device, seq, [70, 71, 72])
     kv.release(seq)
     stats = kv.stats().pools[GLOBAL]
-    # 13 positions written: 3 full blocks cached, the partial fourth freed.
-    assert (stats.cached, stats.in_use, stats.free) == (3, 0, stats.total - 3)
+    # 13 positions written: 3 full blocks cached, and the partly written fourth kept.
+    assert (stats.cached, stats.in_use, stats.free) == (4, 0, stats.total - 4)
     kv.clear_cache()
     assert kv.stats().pools[GLOBAL].free == stats.total
     assert admitted(kv, list(range(10))).n_cached == 0
+
+
+@pytest.mark.parametrize("cfg", [GLOBAL_ONLY, MIXED], ids=["global", "mixed"])
+def test_a_chat_s_next_turn_takes_over_the_last_turn_s_partly_written_block(cfg):
+    kv = KVBlocks(small_plan(cfg))
+    device = Device(kv.plan)
+    turn = admitted(kv, list(range(10)))
+    prefill(kv, device, turn)
+    decode(kv, device, turn, [70])  # 11 positions written
+    kv.release(turn)
+    following = turn.tokens + [80, 81, 82]
+    seq = admitted(kv, following)
+    # Two full blocks mapped, and the third (positions 8..10 written) taken over as it is.
+    assert seq.n_cached == seq.n_committed == 11
+    assert all(kv.pools[kind].refs[table[2]] == 1 for kind, table in seq.tables.items())
+    assert device.holds_history(seq, 11)
+    prefill(kv, device, seq)
+    assert device.holds_history(seq, len(following))
+    check_invariants(kv, [seq])
+    assert kv.stats().hit_tokens == 11
+
+
+def test_a_partly_written_block_serves_once_a_prompt_sharing_at_least_half_its_tokens():
+    kv, device, _ = cached(list(range(11)))  # positions 8..10 of the third block written
+    # Sharing one of its three tokens: the block stays kept for a better match.
+    sharing_less = admitted(kv, list(range(9)) + [60, 61])
+    assert sharing_less.n_cached == 8
+    prefill(kv, device, sharing_less)
+    kv.release(sharing_less)
+    diverging = list(range(10)) + [50, 51, 52]
+    seq = admitted(kv, diverging)
+    assert seq.n_cached == 10  # positions 8 and 9 match, 10 does not
+    prefill(kv, device, seq)  # position 10 onward written again: the old 10 is replaced
+    assert device.holds_history(seq, len(diverging))
+    # Taken over, the block is no longer kept: a second continuation maps only the full blocks.
+    other = admitted(kv, list(range(11)) + [60])
+    assert other.n_cached == 8
+    check_invariants(kv, [seq, other])
+
+
+def test_a_failed_or_cleared_sequence_keeps_no_partly_written_block():
+    kv = KVBlocks(small_plan(GLOBAL_ONLY))
+    device = Device(kv.plan)
+    seq = admitted(kv, list(range(10)))
+    prefill(kv, device, seq)
+    kv.release(seq, failed=True)
+    assert admitted(kv, list(range(12))).n_cached == 0  # nor its full blocks
+    kv, _, _ = cached(list(range(10)))
+    kv.clear_cache()
+    assert admitted(kv, list(range(12))).n_cached == 0
 
 
 def test_a_sliding_prefix_needs_only_the_blocks_its_first_query_sees():
@@ -382,9 +435,9 @@ def test_the_least_recently_used_cached_blocks_are_evicted_first_from_a_chain_s_
         seq = admitted(kv, prompt, max_tokens=1)
         prefill(kv, device, seq)
         kv.release(seq)
-    assert kv.stats().pools[GLOBAL].cached == 4  # 2 full blocks each; the partial third freed
-    # 3 blocks: the 2 free ones, then the least recently used cached one, the old prompt's last.
-    filler = admitted(kv, [3] * 12, max_tokens=1)
+    assert kv.stats().pools[GLOBAL].cached == 6  # 2 full blocks each, and the partly written third
+    # 2 blocks, the least recently used cached ones: the old prompt's last two.
+    filler = admitted(kv, [3] * 8, max_tokens=1)
     prefill(kv, device, filler)
     kv.release(filler)
     for prompt, n_cached in ((old, 4), (recent, 8)):
@@ -495,7 +548,7 @@ def test_random_traffic_keeps_every_invariant(cfg):
     stems = [[rng.randrange(3) for _ in range(30)] for _ in range(3)]
     prefix_of: dict[bytes, tuple[int, ...]] = {}  # every block hash seen, and the tokens up to its block's end
     live: list[tuple[SequenceBlocks, int]] = []  # (sequence, prompt + max_tokens)
-    admitted_count = 0
+    admitted_count = partly = 0
     for _ in range(3000):
         action = rng.random()
         if action < 0.2 or not live:
@@ -509,7 +562,8 @@ def test_random_traffic_keeps_every_invariant(cfg):
                 assert live, "an empty pool must admit any request that fits"
                 continue
             admitted_count += 1
-            assert seq.n_cached % 4 == 0 and seq.n_cached < len(prompt)
+            assert seq.n_cached < len(prompt)
+            partly += seq.n_cached % 4 != 0
             assert device.holds_history(seq, seq.n_cached)
             live.append((seq, len(prompt) + max_tokens))
         elif action < 0.85:
@@ -544,8 +598,11 @@ def test_random_traffic_keeps_every_invariant(cfg):
                 prefix = prefix_of[block_hash]
                 start = len(prefix) - 4
                 assert device.slots[kind][block] == [(p, prefix[p]) for p in range(start, len(prefix))]
+            for block, (prefix_hash, tokens) in pool.partial_of.items():
+                start = len(prefix_of[prefix_hash]) if prefix_hash else 0
+                assert device.slots[kind][block][: len(tokens)] == [(start + i, token) for i, token in enumerate(tokens)]
     for seq, _ in live:
         kv.release(seq)
     check_invariants(kv, [])
     assert all(stats.in_use == 0 and stats.reserved == 0 for stats in kv.stats().pools.values())
-    assert admitted_count > 100 and kv.stats().hit_tokens > 0
+    assert admitted_count > 100 and kv.stats().hit_tokens > 0 and partly > 10

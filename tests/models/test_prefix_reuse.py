@@ -1,5 +1,6 @@
 """Automatic prefix reuse: a request whose prompt starts with the tokens of full blocks the KV
-cache holds (a finished sequence's, or a running one's) maps them and prefills only the rest,
+cache holds (a finished sequence's, or a running one's) maps them, takes over a finished
+sequence's partly written block after them as far as its tokens match, and prefills only the rest,
 and its logits equal those of prefilling the whole prompt within llama.cpp's own noise (the
 teacher-forced bound: KL <= 0.01), with the same argmax."""
 
@@ -58,12 +59,13 @@ def full_blocks(engine: Engine, n_tokens: int) -> int:
     return (n_tokens - 1) // engine.block_size * engine.block_size
 
 
-def test_a_chat_turn_prefills_only_what_follows_the_previous_prompts_full_blocks(llm, engine):
+def test_a_chat_turn_prefills_only_what_follows_the_previous_prompt(llm, engine):
+    """Its full blocks are mapped, and its partly written last block (positions 128..140) is taken over."""
     first = [llm.tokenizer.bos_id] + text_ids(llm, 140, seed=1)
     second = first + text_ids(llm, 40, seed=2)
     admit(engine, first)
     logits, n_cached = admit(engine, second)
-    assert n_cached == len(first) // engine.block_size * engine.block_size == 128
+    assert n_cached == len(first) == 141
     assert_same_logits(engine, second, logits)
 
 
@@ -72,6 +74,8 @@ def test_requests_sharing_a_system_prompt_reuse_it(llm, engine):
     admit(engine, system + text_ids(llm, 20, seed=4))
     question = system + text_ids(llm, 30, seed=5)
     logits, n_cached = admit(engine, question)
+    # A full block; the first request's partly written block holds the system prompt's last 7
+    # tokens, too few of its 27 to take it over.
     assert n_cached == 64
     assert_same_logits(engine, question, logits)
 
@@ -106,12 +110,12 @@ def test_the_least_recently_used_blocks_are_evicted(llm):
     engine = Engine(llm.model, llm.tokenizer, N_CTX, n_slots=1, kv_cache_tokens=256,
                     buckets=Buckets.for_context(N_CTX, smallest=32, largest=128))
     prompts = [[llm.tokenizer.bos_id] + text_ids(llm, 129, seed=seed) for seed in (15, 16, 17)]
-    admit(engine, prompts[0])  # caches its two full blocks
-    assert admit(engine, prompts[0] + [prompts[1][5]])[1] == 128
-    admit(engine, prompts[1])  # takes the two free blocks and then prompts[0]'s last block
+    admit(engine, prompts[0])  # caches its two full blocks and keeps its partly written third
+    assert admit(engine, prompts[0] + [prompts[1][5]])[1] == 130
+    admit(engine, prompts[1])  # takes the free block, then prompts[0]'s third and second
     assert admit(engine, prompts[0] + [prompts[1][5]])[1] == 64  # its first block is still cached
     admit(engine, prompts[2])
-    assert admit(engine, prompts[2] + [5])[1] == 128
+    assert admit(engine, prompts[2] + [5])[1] == 130
     assert admit(engine, prompts[1] + [5])[1] == 0  # evicted
 
 
@@ -119,7 +123,7 @@ def test_cache_prompt_false_prefills_the_whole_prompt(llm, engine):
     prompt = [llm.tokenizer.bos_id] + text_ids(llm, 80, seed=7)
     admit(engine, prompt)
     assert admit(engine, prompt, cache_prompt=False)[1] == 0
-    assert admit(engine, prompt)[1] == 64
+    assert admit(engine, prompt)[1] == len(prompt) - 1
 
 
 def test_a_sliding_window_model_reuses_a_prefix_past_its_window(llm, engine):
@@ -137,7 +141,7 @@ def test_a_sliding_window_model_reuses_a_prefix_past_its_window(llm, engine):
     assert n_cached == full_blocks(engine, window + 10) == 512
     continued = held + text_ids(llm, 10, seed=9)
     logits, n_cached = admit(engine, continued)
-    assert n_cached == full_blocks(engine, len(continued)) == 832
+    assert n_cached == len(held) == 851  # 13 full blocks and the partly written 14th
     assert_same_logits(engine, continued, logits)
     assert_same_logits(engine, prompt, prompt_logits)
 

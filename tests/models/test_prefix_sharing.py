@@ -1,5 +1,5 @@
 """Prefix reuse through the KV cache's blocks, on tiny models whose F16 weights take the f32 XLA
-path: mapping a prefix's cached full blocks gives the logits a whole prefill gives, to float
+path: mapping a prefix's cached blocks gives the logits a whole prefill gives, to float
 rounding, for each cache type and through a tiny Gemma 3's rings of blocks (its window: 48
 positions), and generation with reuse gives the tokens generation without it gives, under
 eviction and 16 streams at once."""
@@ -64,7 +64,19 @@ def test_a_prompt_continuing_a_sequence_reuses_it_exactly(llm, engine):
     admit(engine, held)
     prompt = held + words(5, seed=2)
     logits, n_cached = admit(engine, prompt)
-    assert n_cached == (len(prompt) - 1) // 16 * 16 == 96
+    assert n_cached == len(held) == 101  # six full blocks of 16, and the partly written seventh
+    assert_as_prefilled_whole(engine, prompt, logits)
+
+
+def test_a_prompt_diverging_in_a_partly_written_block_reuses_the_tokens_it_shares_exactly(llm, engine):
+    """The block's slots past the shared tokens hold the other sequence's later positions (here
+    104..106): the prompt's chunk writes over those it reaches, and attention masks the rest."""
+    held = prompt_of(llm, words(WINDOW + 52, seed=1))
+    tail = words(6, seed=6)
+    admit(engine, held + tail)  # its seventh block holds positions 96..106
+    prompt = held + tail[:3] + [t for t in words(3, seed=7) if t != tail[3]][:2]
+    logits, n_cached = admit(engine, prompt)
+    assert n_cached == len(held) + 3 == 104
     assert_as_prefilled_whole(engine, prompt, logits)
 
 
@@ -76,6 +88,8 @@ def test_a_shared_prefix_is_mapped_from_another_sequence_exactly(llm, engine, n_
     question = system + words(6, seed=5)
     logits, sequence = start(engine, question)
     end(engine, sequence)
+    # The system prompt's full blocks: in the other sequence's partly written block after them,
+    # its 5 last tokens are fewer than half of those the block holds.
     assert sequence.n_cached == len(system) // 16 * 16
     assert_as_prefilled_whole(engine, question, logits)
 
