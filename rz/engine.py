@@ -225,6 +225,9 @@ class Engine:
         if blocks is None:
             return None
         self._sequence_blocks[sequence] = blocks
+        if blocks.copies:
+            self._copy_blocks(blocks.copies)
+            self.blocks.copied(blocks)
         sequence.timings.started_at = time.perf_counter()
         bucket = self.buckets.context_bucket(max(len(prompt), context or 0))
         if blocks.n_cached:
@@ -662,6 +665,19 @@ class Engine:
         end = min(start + n_positions, blocks.span)
         if start < end and self.blocks.grow(blocks, start, end):
             self._set_tables(sequence.slot, blocks)
+
+    def compile_block_copy(self) -> None:
+        """Compile the copy an admission may ask for (a warm-up, rz.warm_up), with no block to copy."""
+        self._copy_blocks({})
+
+    def _copy_blocks(self, copies: dict[bool, tuple[int, int]]) -> None:
+        """Launch the block copies (per kind, source and destination) an admission asks for: a
+        block that holds the prompt's next tokens among others' (rz.kv_blocks), before any chunk."""
+        pairs = [copies.get(kind, (NO_BLOCK, NO_BLOCK)) for kind in (False, True)]
+        sources, destinations = (tuple(jnp.asarray([pair[i]], jnp.int32) for pair in pairs) for i in (0, 1))
+        self.cache = self._timed(
+            "copy_blocks", steps.copy_blocks, self.cache, sources, destinations, sliding_layers=self.model.cfg.sliding_layers
+        )
 
     def _set_tables(self, slot: int, blocks: SequenceBlocks) -> None:
         for kind, table in zip((False, True), self._host_tables):

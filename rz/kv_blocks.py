@@ -32,7 +32,7 @@ import hashlib
 import os
 from array import array
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Sequence
 
@@ -199,6 +199,10 @@ class SequenceBlocks:
     hashes: list[bytes]  # the chain hash of each full block of `tokens` hashed so far
     logical: dict[bool, list[int]]  # per kind and entry, the logical block (p // block_size) it holds, -1 if none
     registered: dict[bool, dict[int, bytes]]  # per kind, the blocks this sequence put in the cache, and their hashes
+    # Per kind, (source, destination): blocks the device must copy before the first prefill chunk
+    # (a running sequence's block holds the prompt's first tokens past the mapped ones; the engine
+    # copies and clears it).
+    copies: dict[bool, tuple[int, int]] = field(default_factory=dict)
     released: bool = False
 
 
@@ -237,6 +241,9 @@ class BlockPool:
         # by that hash, the blocks that follow it (rz.kv_blocks' docstring).
         self.partial_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}
         self.partials: dict[bytes, dict[int, None]] = {}
+        # The same of the hashed full blocks: a prompt that shares their first tokens only copies them.
+        self.full_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}
+        self.fulls: dict[bytes, dict[int, None]] = {}
         self.reserved = 0  # the peaks of the admitted sequences, summed
         self.held = 0  # the blocks in the admitted sequences' tables, summed (a shared block once per table)
 
@@ -291,13 +298,22 @@ class BlockPool:
             else:
                 self.free.append(block)
 
-    def register(self, block: int, block_hash: bytes) -> bool:
-        """Make a full block mappable by its hash; False if another block already holds the same tokens."""
+    def register(self, block: int, block_hash: bytes, parent_hash: bytes, tokens: Sequence[int]) -> bool:
+        """Make a full block mappable by its hash, and findable by the chain before it (parent_hash)
+        and its tokens; False if another block already holds the same tokens."""
         if block_hash in self.by_hash:
             return False
         self.by_hash[block_hash] = block
         self.hash_of[block] = block_hash
+        self.full_of[block] = (parent_hash, tuple(tokens))
+        self.fulls.setdefault(parent_hash, {})[block] = None
         return True
+
+    def following(self, prefix_hash: bytes) -> list[tuple[int, tuple[int, ...]]]:
+        """(block, tokens) of every cached full or kept partial block after the chain prefix_hash."""
+        return [(block, self.full_of[block][1]) for block in self.fulls.get(prefix_hash, ())] + [
+            (block, self.partial_of[block][1]) for block in self.partials.get(prefix_hash, ())
+        ]
 
     def keep_partial(self, block: int, prefix_hash: bytes, tokens: Sequence[int]) -> None:
         """Keep a leaving sequence's partly written block (still in its table: drop it next) for a
@@ -315,7 +331,7 @@ class BlockPool:
         best = (NO_BLOCK, 0)
         for block in self.partials.get(prefix_hash, ()):
             kept = self.partial_of[block][1]
-            n = next((i for i, (a, b) in enumerate(zip(kept, tokens)) if a != b), min(len(kept), len(tokens)))
+            n = _common(kept, tokens)
             if n > best[1] and (2 * n >= len(kept) or not worth_taking):
                 best = (block, n)
         return best
@@ -344,6 +360,10 @@ class BlockPool:
         else:
             del self.by_hash[block_hash]
             self.hash_of[block] = None
+            parent_hash, _ = self.full_of.pop(block)
+            del self.fulls[parent_hash][block]
+            if not self.fulls[parent_hash]:
+                del self.fulls[parent_hash]
         if self.refs[block] == 0:
             del self.evictable[block]
             self.free.append(block)
@@ -361,6 +381,7 @@ class KVBlocks:
         self.pools = {pool.sliding: BlockPool(pool) for pool in plan.pools}
         self.hit_tokens = 0
         self.prompt_tokens = 0
+        self.live: dict[int, SequenceBlocks] = {}  # the admitted sequences, by id, in admission order
 
     def check_fits(self, n_prompt: int, max_tokens: int) -> None:
         """ContextOverflowError if a request does not fit the context, KVCacheCapacityError if it
@@ -397,6 +418,16 @@ class KVBlocks:
         n_hit = self._longest_hit(hashes)
         hits = {kind: self._hit_blocks(kind, hashes, n_hit) for kind in self.pools}
         partials, n_partial = self._partial_hit(tokens, hashes, n_hit) if cache_prompt else ({}, 0)
+        sources, n_copied = self._copy_hit(tokens, hashes, n_hit) if cache_prompt else ({}, 0)
+        # A copy needs a block to copy into besides its source and the hits (which taking one must not evict).
+        spare = all(
+            len(pool.free) + len(pool.evictable) > sum(block in pool.evictable for _, block in hits[kind]) + (sources[kind] in pool.evictable)
+            for kind, pool in self.pools.items() if kind in sources
+        )
+        if n_copied > n_partial and spare:
+            partials, n_partial = {}, n_copied
+        else:
+            sources = {}
         for kind, block in partials.items():
             hits[kind].append((n_hit, block))
         if not all(pool.can_reserve(peaks[kind], [block for _, block in hits[kind]]) for kind, pool in self.pools.items()):
@@ -421,6 +452,15 @@ class KVBlocks:
                 else:
                     pool.map(block)
                 table[j % len(table)], logical[j % len(table)] = block, j
+            if kind in sources:
+                # Within the reservation: the peak counts every block the table will hold. The
+                # source, if unreferenced, is mapped meanwhile, so that taking a block never evicts it.
+                entry, source = n_hit % len(table), sources[kind]
+                pool.map(source)
+                table[entry], logical[entry] = pool.take(), n_hit
+                pool.drop(source)
+                seq.copies[kind] = (source, table[entry])
+        self.live[id(seq)] = seq
         self.hit_tokens += seq.n_cached
         self.prompt_tokens += len(tokens)
         return seq
@@ -476,7 +516,8 @@ class KVBlocks:
                 entry = j % len(seq.tables[kind])
                 block = seq.tables[kind][entry]
                 # A block that a ring has already recycled (a late commit) is not cached.
-                if seq.logical[kind][entry] == j and pool.register(block, seq.hashes[j]):
+                parent_hash = seq.hashes[j - 1] if j else b""
+                if seq.logical[kind][entry] == j and pool.register(block, seq.hashes[j], parent_hash, seq.tokens[j * bs : (j + 1) * bs]):
                     seq.registered[kind][block] = seq.hashes[j]
         seq.n_committed = n_written
 
@@ -486,6 +527,7 @@ class KVBlocks:
         incomplete, so nothing it cached stays cached, unless another sequence maps it now."""
         self._check_live(seq)
         seq.released = True
+        del self.live[id(seq)]
         bs, last = self.plan.block_size, seq.n_committed // self.plan.block_size
         for kind, pool in self.pools.items():
             table, logical = seq.tables[kind], seq.logical[kind]
@@ -546,6 +588,34 @@ class KVBlocks:
         n = min(n for _, n in found.values())
         return ({kind: block for kind, (block, _) in found.items()}, n) if n else ({}, 0)
 
+    def _copy_hit(self, tokens: Sequence[int], hashes: Sequence[bytes], n_hit: int) -> tuple[dict[bool, int], int]:
+        """The block of each kind, after the prompt's n_hit cached blocks, whose tokens start with the
+        longest run of the prompt's next tokens (fewer than a block, and not its last token): a
+        running sequence's, a cached full one's (the chain diverges inside it) or a kept partial
+        one's; and how many of its tokens every kind's serves; ({}, 0) if none. Its first slots
+        are copied: the block may be written on, and serves others as it is."""
+        bs = self.plan.block_size
+        start = n_hit * bs
+        following = tokens[start : min(start + bs - 1, len(tokens) - 1)]
+        if not following:
+            return {}, 0
+        prefix_hash = hashes[n_hit - 1] if n_hit else b""
+        candidates = {kind: pool.following(prefix_hash) for kind, pool in self.pools.items()}
+        for seq in self.live.values():
+            if seq.n_committed > start and (not n_hit or seq.hashes[n_hit - 1 : n_hit] == [prefix_hash]):
+                held = tuple(seq.tokens[start : min(start + bs, seq.n_committed)])
+                for kind, table in seq.tables.items():
+                    if seq.logical[kind][n_hit % len(table)] == n_hit:
+                        candidates[kind].append((table[n_hit % len(table)], held))
+        found = {kind: max(((block, _common(held, following)) for block, held in blocks), key=lambda c: c[1], default=(NO_BLOCK, 0))
+                 for kind, blocks in candidates.items()}
+        n = min(n for _, n in found.values())
+        return ({kind: block for kind, (block, _) in found.items()}, n) if n else ({}, 0)
+
+    def copied(self, seq: SequenceBlocks) -> None:
+        """The engine has launched the sequence's block copies (the device runs them before any later call)."""
+        seq.copies.clear()
+
     def _first_seen(self, n_blocks: int) -> int:
         """The first logical block a sliding query at position n_blocks * block_size sees (keys above p - window)."""
         return max(0, n_blocks * self.plan.block_size - self.plan.window + 1) // self.plan.block_size
@@ -593,6 +663,11 @@ def _layer_block_bytes(cfg: ModelConfig, block_size: int, cache_type_k: str, cac
 
     keys = stored_bytes(cache_type_k, cfg.head_dim, "cache_type_k")
     return keys + stored_bytes(cache_type_v, cfg.head_dim_v, "cache_type_v") + block_size * POSITION_BYTES
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token runs."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _blocks(n_positions: int, block_size: int) -> int:

@@ -33,7 +33,8 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     it is idle (EngineLoop), so it starts in seconds rather than after every shape.
 
     The units cover the prefill (a chunk, the first token) of each context bucket's chunk length,
-    with and without a reused prefix, and the decode step of each batch bucket with and without
+    with and without a reused prefix, the copy of a block that holds a prompt's next tokens
+    among others', and the decode step of each batch bucket with and without
     top log-probabilities, and with a token mask (structured output: its first constrained request
     would otherwise also build the vocabulary llguidance compiles against); and with a default
     proposer (rz serve --speculative), its verify calls of each width, greedy.
@@ -73,6 +74,7 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     units = [fresh, decode(first, options(greedy)), reused]
     units += [decode(rows, options(greedy)) for rows in more_rows]
     units += [unit for context in larger for unit in prefills(context)]
+    units.append(lambda scheduler: scheduler.engine.compile_block_copy())
     units += [decode(rows, options(SamplingParams(temperature=0.0, n_logprobs=1))) for rows in engine.batch_sizes]
     units += [decode(rows, options(greedy, _ANY_LETTERS)) for rows in engine.batch_sizes]
     if engine.speculative is not None:

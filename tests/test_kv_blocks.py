@@ -52,6 +52,12 @@ class Device:
                 assert block != NO_BLOCK, f"position {position} has no block"
                 self.slots[kind][block][position % self.block_size] = (position, token)
 
+    def copy(self, kv: KVBlocks, seq: SequenceBlocks) -> None:
+        """What the engine does after an admission: copy the blocks it asks for."""
+        for kind, (source, destination) in seq.copies.items():
+            self.slots[kind][destination] = list(self.slots[kind][source])
+        kv.copied(seq)
+
     def holds(self, seq: SequenceBlocks, kind: bool, start: int, end: int) -> bool:
         """Whether the sequence's table maps positions [start, end) to slots holding its tokens."""
         table = seq.tables[kind]
@@ -88,9 +94,12 @@ def decode(kv: KVBlocks, device: Device, seq: SequenceBlocks, new_tokens) -> Non
         kv.commit(seq, position + 1)
 
 
-def admitted(kv: KVBlocks, prompt, max_tokens: int = 4, cache_prompt: bool = True) -> SequenceBlocks:
+def admitted(kv: KVBlocks, prompt, max_tokens: int = 4, cache_prompt: bool = True, device: Device | None = None) -> SequenceBlocks:
     seq = kv.admit(prompt, max_tokens, cache_prompt)
     assert seq is not None
+    if device is not None:
+        device.copy(kv, seq)
+    assert not seq.copies, "the admission asks for a copy: give the device"
     return seq
 
 
@@ -120,6 +129,8 @@ def check_invariants(kv: KVBlocks, live: list[SequenceBlocks]) -> None:
         assert all(refs[block] == 0 and pool.hash_of[block] is None for block in pool.free)
         assert all(refs[block] == 0 and (pool.hash_of[block] is not None) != (block in pool.partial_of) for block in pool.evictable)
         assert set(pool.partial_of) <= set(pool.evictable)
+        assert set(pool.full_of) == set(pool.by_hash.values())
+        assert {(h, block) for block, (h, _) in pool.full_of.items()} == {(h, b) for h, blocks in pool.fulls.items() for b in blocks}
         assert {(h, block) for block, (h, _) in pool.partial_of.items()} == {(h, b) for h, blocks in pool.partials.items() for b in blocks}
         assert {block: h for h, block in pool.by_hash.items()} == {b: h for b, h in enumerate(pool.hash_of) if h is not None}
         assert pool.promised <= pool.plan.n_blocks
@@ -234,28 +245,32 @@ def test_a_request_beyond_the_context_or_the_whole_pool_can_never_fit():
     kv.check_fits(30, 2)
 
 
-def test_a_second_request_maps_the_full_blocks_of_the_first():
+def test_a_second_request_maps_the_full_blocks_of_the_first_and_copies_its_next_tokens():
     kv = KVBlocks(small_plan(GLOBAL_ONLY))
     device = Device(kv.plan)
     first = admitted(kv, list(range(10)))
     prefill(kv, device, first)
-    second = admitted(kv, list(range(9)) + [50, 51])
-    # 9 shared tokens: 2 full blocks, mapped while the first sequence still runs.
-    assert second.n_cached == 8 and second.n_committed == 8
+    second = kv.admit(list(range(9)) + [50, 51], 4)
+    # 9 shared tokens, while the first sequence still runs: 2 full blocks mapped, and the first
+    # slot of its third block (which it goes on writing) copied into a block of the second's own.
+    assert second.n_cached == 9 and second.n_committed == 9
     assert second.tables[GLOBAL][:2] == first.tables[GLOBAL][:2]
-    assert second.tables[GLOBAL][2:] == [NO_BLOCK] * 14
+    assert second.copies == {GLOBAL: (first.tables[GLOBAL][2], second.tables[GLOBAL][2])}
+    assert second.tables[GLOBAL][3:] == [NO_BLOCK] * 13
     assert [kv.pools[GLOBAL].refs[block] for block in first.tables[GLOBAL][:3]] == [2, 2, 1]
-    assert device.holds_history(second, 8)
+    device.copy(kv, second)
+    assert not second.copies and device.holds_history(second, 9)
     prefill(kv, device, second)
     assert second.tables[GLOBAL][2] != first.tables[GLOBAL][2]
     check_invariants(kv, [first, second])
-    assert kv.stats().hit_tokens == 8 and kv.stats().prompt_tokens == 21
+    assert kv.stats().hit_tokens == 9 and kv.stats().prompt_tokens == 21
 
 
 def test_the_last_prompt_token_is_computed_again_even_if_every_block_is_cached():
-    kv, _, _ = cached(list(range(8)))
-    assert admitted(kv, list(range(8))).n_cached == 4
-    assert admitted(kv, list(range(9))).n_cached == 8
+    kv, device, _ = cached(list(range(8)))
+    # One block mapped, and 3 tokens of the second copied.
+    assert admitted(kv, list(range(8)), device=device).n_cached == 7
+    assert admitted(kv, list(range(9)), device=device).n_cached == 8
 
 
 def test_without_cache_prompt_nothing_is_mapped_but_its_blocks_are_cached_for_others():
@@ -311,19 +326,22 @@ def test_a_chat_s_next_turn_takes_over_the_last_turn_s_partly_written_block(cfg)
 def test_a_partly_written_block_serves_once_a_prompt_sharing_at_least_half_its_tokens():
     kv, device, _ = cached(list(range(11)))  # positions 8..10 of the third block written
     # Sharing one of its three tokens: the block stays kept for a better match.
-    sharing_less = admitted(kv, list(range(9)) + [60, 61])
-    assert sharing_less.n_cached == 8
+    sharing_less = admitted(kv, list(range(9)) + [60, 61], device=device)
+    assert sharing_less.n_cached == 9  # the token it shares is copied
     prefill(kv, device, sharing_less)
     kv.release(sharing_less)
     diverging = list(range(10)) + [50, 51, 52]
-    seq = admitted(kv, diverging)
+    seq = admitted(kv, diverging, device=device)
     assert seq.n_cached == 10  # positions 8 and 9 match, 10 does not
     prefill(kv, device, seq)  # position 10 onward written again: the old 10 is replaced
     assert device.holds_history(seq, len(diverging))
-    # Taken over, the block is no longer kept: a second continuation maps only the full blocks.
-    other = admitted(kv, list(range(11)) + [60])
-    assert other.n_cached == 8
-    check_invariants(kv, [seq, other])
+    # Taken over, the block is no longer kept: once that prompt is done, its third block is full of
+    # its own tokens, and a second continuation copies the two it shares.
+    kv.release(seq)
+    other = admitted(kv, list(range(11)) + [60], device=device)
+    assert other.n_cached == 10
+    assert device.holds_history(other, 10)
+    check_invariants(kv, [other])
 
 
 def test_a_failed_or_cleared_sequence_keeps_no_partly_written_block():
@@ -348,10 +366,12 @@ def test_a_sliding_prefix_needs_only_the_blocks_its_first_query_sees():
     # 39 tokens may come from the cache: 9 blocks, whose first recomputed query (position 36)
     # sees keys 29..35, in blocks 7 and 8. A hole before them does not matter ...
     sliding.forget(block_of[5])
-    again = admitted(kv, prompt)
-    assert again.n_cached == 36
-    assert {block for block in again.tables[SLIDING] if block != NO_BLOCK} == {block_of[7], block_of[8]}
-    assert device.holds_history(again, 36)
+    again = admitted(kv, prompt, device=device)
+    # (and 3 tokens of the tenth block, copied)
+    assert again.n_cached == 39
+    mapped = {block for block in again.tables[SLIDING] if block != NO_BLOCK}
+    assert mapped - {again.tables[SLIDING][9 % 5]} == {block_of[7], block_of[8]}
+    assert device.holds_history(again, 39)
     kv.release(again)
     # ... one within them does: the longest prefix whose window is whole is 8 blocks (keys 25..31).
     sliding.forget(block_of[8])
@@ -399,8 +419,9 @@ def test_a_sliding_pool_promises_every_sequence_its_whole_ring_even_one_that_map
     prompt = list(range(16))
     first = admitted(kv, prompt, max_tokens=20)
     prefill(kv, device, first)
-    second = admitted(kv, prompt, max_tokens=20)
-    assert second.n_cached == 12  # its window's blocks, 1 and 2, which the first holds too
+    second = admitted(kv, prompt, max_tokens=20, device=device)
+    # Its window's blocks, 1 and 2, which the first holds too, and 3 tokens copied from the first's fourth.
+    assert second.n_cached == 15
     assert kv.admit([99] * 10, 1) is None  # 4 more blocks would fit the blocks in use, not the two rings
     prefill(kv, device, second)
     for token in range(20):
@@ -465,11 +486,12 @@ def test_a_failed_sequence_keeps_the_blocks_another_one_maps():
     device = Device(kv.plan)
     first = admitted(kv, list(range(12)))
     prefill(kv, device, first)
-    second = admitted(kv, list(range(12)))
+    second = admitted(kv, list(range(12)), device=device)
     kv.release(first, failed=True)
     assert kv.stats().pools[GLOBAL].cached == 0
     kv.release(second)
-    assert kv.stats().pools[GLOBAL].cached == 2
+    # The two blocks it mapped, and its own third (3 tokens copied from the first's), partly written.
+    assert kv.stats().pools[GLOBAL].cached == 3
 
 
 def test_a_ring_recycles_its_blocks_and_holds_the_window():
@@ -548,7 +570,7 @@ def test_random_traffic_keeps_every_invariant(cfg):
     stems = [[rng.randrange(3) for _ in range(30)] for _ in range(3)]
     prefix_of: dict[bytes, tuple[int, ...]] = {}  # every block hash seen, and the tokens up to its block's end
     live: list[tuple[SequenceBlocks, int]] = []  # (sequence, prompt + max_tokens)
-    admitted_count = partly = 0
+    admitted_count = partly = copied = 0
     for _ in range(3000):
         action = rng.random()
         if action < 0.2 or not live:
@@ -561,6 +583,8 @@ def test_random_traffic_keeps_every_invariant(cfg):
             if seq is None:
                 assert live, "an empty pool must admit any request that fits"
                 continue
+            copied += bool(seq.copies)
+            device.copy(kv, seq)
             admitted_count += 1
             assert seq.n_cached < len(prompt)
             partly += seq.n_cached % 4 != 0
@@ -605,4 +629,4 @@ def test_random_traffic_keeps_every_invariant(cfg):
         kv.release(seq)
     check_invariants(kv, [])
     assert all(stats.in_use == 0 and stats.reserved == 0 for stats in kv.stats().pools.values())
-    assert admitted_count > 100 and kv.stats().hit_tokens > 0 and partly > 10
+    assert admitted_count > 100 and kv.stats().hit_tokens > 0 and partly > 10 and copied > 10
