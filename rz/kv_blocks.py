@@ -21,8 +21,13 @@ chain before it and by its tokens, as llama.cpp's server keeps a slot's whole pr
 that continues the chain and starts with at least half of those tokens takes the block over (it
 is unreferenced, so nothing is copied; it serves one prompt) and computes only from the first
 token that differs. Without it a chat's next turn recomputes up to a block less one of the turn
-before. Slots past the matched tokens hold the old sequence's later positions; attention masks
-them as it masks any future position, and the new prompt's writes replace them.
+before. A block that serves others as it is (a running sequence's, a cached full one whose chain
+diverges from the prompt's inside it, a kept one the prompt shares less than half of) is copied
+instead, when it holds more of the prompt's next tokens: the allocator takes a fresh block and
+the engine copies the source into it before the prompt's first chunk (SequenceBlocks.copies);
+eight clients sending one system prompt then compute it once. Either way, slots past the matched
+tokens hold another sequence's later positions; attention masks them as it masks any future
+position, and the new prompt's writes replace them.
 
 Admission reserves a sequence's peak block count, so that an admitted sequence never runs out
 of blocks (nothing is preempted); the blocks themselves are taken as writes reach them.

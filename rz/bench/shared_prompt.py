@@ -4,8 +4,8 @@ plus every client's unique part (the target), and each client's time to its firs
 
 rz gets every client's prompt in one rz.LLM.generate call, as clients arriving at once reach its
 engine loop: admitted one after another, each mapping the cached blocks of the system prompt
-that an earlier one committed (full blocks, and the partly written last block of one that has
-finished, when the two share at least half of the tokens it holds: rz.kv_blocks), with
+that an earlier one committed (full blocks, and a copy of the block after them that holds the
+system prompt's last tokens and an earlier client's question: rz.kv_blocks), with
 prefix reuse on and, as the reference, off (cache_prompt=False). llama.cpp serves them one after
 another on one sequence, reusing the prefix each prompt shares with the previous one, as
 llama-cpp-python's Llama and a one-slot llama-server do (its context's default full-size
