@@ -1,5 +1,5 @@
 // Prompt attention for every CPU: many queries per sequence over a KV cache, as a flash attention
-// whose scores stay in registers. Shapes, cache types and the mask contract as
+// whose scores never leave a block-sized buffer. Shapes, cache types and the mask contract as
 // rz_kernels/causal_attention.py and the decode kernel (attention.cc):
 //
 //   q [B, Hq, T, D] f32, k [B', Hkv, S, D] and v [B', Hkv, S, Dv] as one of the cache types (f32,
@@ -11,8 +11,8 @@
 // Two phases. First every used slot's K and V are converted to f32 once (and its position copied), K transposed in blocks
 // of 32 slots ([D][32] per block) so that a query row's 32 scores are an FMA chain per lane. Then
 // a task is one (sequence, KV head, tile of the group's query rows): it walks the blocks, scores a
-// few rows at a time against a block, and folds the scores into each row's online softmax and
-// unnormalized output. A block no row of a group sees is skipped, so causal chunks do half the
+// few rows at a time against a block as a register-tiled matrix product, and folds the scores into
+// each row's online softmax and unnormalized output (again a register-tiled product). A block no row of a group sees is skipped, so causal chunks do half the
 // work of a square.
 //
 // A row's result does not depend on the other rows of the call: its scores are sums over the head
@@ -26,7 +26,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__F16C__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -55,18 +55,29 @@ typedef int32_t Vi __attribute__((vector_size(kLanes * sizeof(float))));
 
 constexpr int64_t kBlock = rz_cpu::kRun;  // slots per block
 constexpr int kBlockVecs = kBlock / kLanes;
-// Rows scored together: their kRows * kBlockVecs score accumulators are independent FMA chains
-// sharing each loaded K vector (16 of AVX-512's 32 registers, 8 of AVX2's 16).
-constexpr int kRows = kLanes == 16 ? 8 : kLanes == 8 ? 2 : 1;
-// Output lanes per pass of the value accumulation: kRows rows x this many lanes of accumulators
-// (again 8 vectors) stay in registers while the block's V rows stream by.
-constexpr int kValueLanes = 32;
-constexpr int kValueVecs = kValueLanes / kLanes;
+// Rows scored together, and key (or value) lanes per register tile: kRows * kTileVecs accumulators
+// are independent FMA chains, each loaded K or V vector shared by kRows rows and each broadcast query
+// or weight by kTileVecs vectors (16 of AVX-512's 32 registers, 12 of AVX2's 16, 8 of NEON's 32). On
+// AVX2, 6 rows of 16 lanes load 8 operands per 12 FMAs where 2 rows of 32 loaded 10 per 8: the
+// kernel was bound by its loads (benchmarks/results/prompt-attention-session21.md).
+constexpr int kRows = kLanes == 16 ? 8 : kLanes == 8 ? 6 : 1;
+constexpr int kTileVecs = kLanes == 4 ? 8 : 2;
+constexpr int kTileLanes = kTileVecs * kLanes;
+static_assert(kBlock % kTileLanes == 0, "a block is a whole number of score tiles");
 // Query rows per task: enough to amortize a block's loads, few enough to give both threads work
-// when a chunk has one KV head.
-constexpr int64_t kRowTile = 64;
+// when a chunk has one KV head; a whole number of register tiles.
+constexpr int64_t kRowTile = 64 / kRows * kRows;
 
-inline Vf splat(float x) { return Vf{} + x; }
+// A broadcast. Vf{} + x costs a scalar add before it, in the loops that broadcast once per FMA pair.
+inline Vf splat(float x) {
+#if defined(__AVX512F__)
+  return (Vf)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (Vf)_mm256_set1_ps(x);
+#else
+  return Vf{} + x;
+#endif
+}
 inline Vf load(const float* p) {
   Vf v;
   std::memcpy(&v, p, sizeof v);
@@ -96,16 +107,29 @@ inline float fold_lanes(Vf v, Fold fold) {
 inline float lane_max(Vf v) {
   return fold_lanes(v, [](Vf a, Vf b) { return select(a > b, a, b); });
 }
+inline bool any_lane(Vi mask) {
+#if defined(__AVX512F__)
+  return _mm512_test_epi32_mask((__m512i)mask, (__m512i)mask) != 0;
+#elif defined(__AVX__)
+  return _mm256_movemask_ps((__m256)mask) != 0;
+#else
+  bool any = false;
+  for (int l = 0; l < kLanes; ++l) any |= mask[l] != 0;
+  return any;
+#endif
+}
 inline float lane_sum(Vf v) {
   return fold_lanes(v, [](Vf a, Vf b) { return a + b; });
 }
 
 // exp(x) per lane: Cephes' range reduction and polynomial (relative error ~2e-7), as the decode
 // kernel's; x below -87.3 (and -inf) gives 0. The rounding to the nearest integer adds and
-// subtracts 1.5 * 2^23, which needs no ISA-specific instruction.
+// subtracts 1.5 * 2^23, which needs no ISA-specific instruction. Softmax numerators (x <= 0) skip
+// the clamp above, which no such x reaches.
+template <bool kPositive = true>
 inline Vf exp_lanes(Vf x) {
   const Vi underflow = x < splat(-87.3f);
-  x = select(x > splat(88.3f), splat(88.3f), x);
+  if constexpr (kPositive) x = select(x > splat(88.3f), splat(88.3f), x);
   x = select(underflow, splat(-87.3f), x);
   const Vf magic = splat(12582912.0f);
   const Vf n = (x * splat(1.44269504088896341f) + magic) - magic;
@@ -228,7 +252,7 @@ inline uint32_t visible_mask(const Problem& p, const int32_t* k_pos, int64_t blo
 struct RowState {
   std::vector<float> max, sum, out;  // [rows], [rows], [rows, Dv] (unnormalized)
   std::vector<uint32_t> masks;  // [rows], this block's
-  std::vector<float> weights;  // [rows, kBlock], this block's softmax numerators
+  std::vector<float> weights;  // [rows, kBlock], this block's scores, then its softmax numerators
   std::vector<float> correction;  // [rows]
   void reset(int64_t rows, int64_t Dv) {
     max.assign(rows, -INFINITY);
@@ -240,23 +264,33 @@ struct RowState {
   }
 };
 
-// Scores of rows [r, r + n) (n <= kRows) against one block, masked, then folded into their
-// softmax state: their block weights and corrections, for accumulate_values. The register tile
-// always holds kRows rows (the last one repeated when n is smaller), so that it stays in registers.
-void score_rows(const Problem& p, const float* const* q_rows, const float* kt, int64_t r, int n, RowState& st) {
+// Scores of rows [r, r + n) (n <= kRows) against one block, scaled, into their rows of st.weights:
+// each a chain of FMAs over the head dim in order, so a row's scores do not depend on its tile. The
+// register tile always holds kRows rows (the last one repeated when n is smaller).
+void score_block(const Problem& p, const float* const* q_rows, const float* kt, int64_t r, int n, RowState& st) {
   const float* q[kRows];
   for (int i = 0; i < kRows; ++i) q[i] = q_rows[r + std::min(i, n - 1)];
-  Vf acc[kRows][kBlockVecs];
-  for (int i = 0; i < kRows; ++i)
-    for (int u = 0; u < kBlockVecs; ++u) acc[i][u] = splat(0.0f);
-  for (int64_t d = 0; d < p.D; ++d) {
-    Vf k[kBlockVecs];
-    for (int u = 0; u < kBlockVecs; ++u) k[u] = load(kt + d * kBlock + u * kLanes);
-    for (int i = 0; i < kRows; ++i) {
-      const Vf qd = splat(q[i][d]);
-      for (int u = 0; u < kBlockVecs; ++u) acc[i][u] += qd * k[u];
+  for (int key = 0; key < kBlock; key += kTileLanes) {
+    Vf acc[kRows][kTileVecs];
+    for (int i = 0; i < kRows; ++i)
+      for (int u = 0; u < kTileVecs; ++u) acc[i][u] = splat(0.0f);
+    for (int64_t d = 0; d < p.D; ++d) {
+      Vf k[kTileVecs];
+      for (int u = 0; u < kTileVecs; ++u) k[u] = load(kt + d * kBlock + key + u * kLanes);
+      for (int i = 0; i < kRows; ++i) {
+        const Vf qd = splat(q[i][d]);
+        for (int u = 0; u < kTileVecs; ++u) acc[i][u] += qd * k[u];
+      }
     }
+    for (int i = 0; i < n; ++i)
+      for (int u = 0; u < kTileVecs; ++u) store(st.weights.data() + (r + i) * kBlock + key + u * kLanes, acc[i][u] * splat(p.scale));
   }
+}
+
+// Rows [r, r + n)'s block scores (st.weights) capped, masked and folded into their online softmax:
+// st.weights becomes the block's softmax numerators, st.correction what the earlier blocks' sums
+// and outputs are scaled by, for accumulate_values.
+void softmax_rows(const Problem& p, int64_t r, int n, RowState& st) {
   Vi lane_bit;
   for (int l = 0; l < kLanes; ++l) lane_bit[l] = 1 << l;
   for (int i = 0; i < n; ++i) {
@@ -271,7 +305,7 @@ void score_rows(const Problem& p, const float* const* q_rows, const float* kt, i
     Vf s[kBlockVecs];
     Vf peak = splat(-INFINITY);
     for (int u = 0; u < kBlockVecs; ++u) {
-      s[u] = acc[i][u] * splat(p.scale);
+      s[u] = load(w + u * kLanes);
       if (p.softcap > 0) {
         // softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
         const Vf e = exp_lanes(s[u] * splat(2.0f / p.softcap));
@@ -283,12 +317,14 @@ void score_rows(const Problem& p, const float* const* q_rows, const float* kt, i
       }
       peak = select(s[u] > peak, s[u], peak);
     }
-    const float new_max = std::max(st.max[row], lane_max(peak));
-    st.correction[row] = std::exp(st.max[row] - new_max);
+    // The lanes' max (a fold of shuffles) only when some score passes the row's max; at depth most
+    // blocks do not move it.
+    const float new_max = any_lane(peak > splat(st.max[row])) ? std::max(st.max[row], lane_max(peak)) : st.max[row];
+    st.correction[row] = new_max == st.max[row] ? 1.0f : std::exp(st.max[row] - new_max);
     st.max[row] = new_max;
     Vf total = splat(0.0f);
     for (int u = 0; u < kBlockVecs; ++u) {
-      const Vf e = exp_lanes(s[u] - splat(new_max));
+      const Vf e = exp_lanes<false>(s[u] - splat(new_max));
       store(w + u * kLanes, e);
       total += e;
     }
@@ -297,7 +333,7 @@ void score_rows(const Problem& p, const float* const* q_rows, const float* kt, i
 }
 
 // out[row][lane, lane + VECS * kLanes) = out * correction[row] + sum_j weights[row, j] * v_j[...]
-// for rows [r, r + n), the first `n_keys` slots of the block; kRows rows in registers as in score_rows.
+// for rows [r, r + n), the first `n_keys` slots of the block; kRows rows in registers as in score_block.
 template <int VECS>
 void accumulate_lanes(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, int64_t lane, RowState& st) {
   int64_t rows[kRows];
@@ -321,7 +357,7 @@ void accumulate_lanes(const Problem& p, const float* vb, int64_t n_keys, int64_t
 
 void accumulate_values(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, RowState& st) {
   int64_t lane = 0;
-  for (; lane + kValueLanes <= p.Dv; lane += kValueLanes) accumulate_lanes<kValueVecs>(p, vb, n_keys, r, n, lane, st);
+  for (; lane + kTileLanes <= p.Dv; lane += kTileLanes) accumulate_lanes<kTileVecs>(p, vb, n_keys, r, n, lane, st);
   for (; lane < p.Dv; lane += kLanes) accumulate_lanes<1>(p, vb, n_keys, r, n, lane, st);
 }
 
@@ -349,7 +385,8 @@ void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1
       bool any = false;
       for (int i = 0; i < n; ++i) any |= st.masks[r + i] != 0;
       if (!any) continue;
-      score_rows(p, q_rows.data(), kt, r, n, st);
+      score_block(p, q_rows.data(), kt, r, n, st);
+      softmax_rows(p, r, n, st);
       accumulate_values(p, vb, n_keys, r, n, st);
     }
   }
