@@ -205,8 +205,8 @@ class SequenceBlocks:
     logical: dict[bool, list[int]]  # per kind and entry, the logical block (p // block_size) it holds, -1 if none
     registered: dict[bool, dict[int, bytes]]  # per kind, the blocks this sequence put in the cache, and their hashes
     # Per kind, (source, destination): blocks the device must copy before the first prefill chunk
-    # (a running sequence's block holds the prompt's first tokens past the mapped ones; the engine
-    # copies and clears it).
+    # (a running sequence's, a cached full or a kept partly written block holds the prompt's next
+    # tokens past the mapped ones, as _copy_hit finds them; the engine copies and clears it).
     copies: dict[bool, tuple[int, int]] = field(default_factory=dict)
     released: bool = False
 
@@ -584,14 +584,10 @@ class KVBlocks:
     def _partial_hit(self, tokens: Sequence[int], hashes: Sequence[bytes], n_hit: int) -> tuple[dict[bool, int], int]:
         """The kept partial block of each kind that continues a prompt's n_hit cached blocks, and
         how many of its tokens every kind's serves (at most up to the prompt's last token); ({}, 0) if none."""
-        start = n_hit * self.plan.block_size
-        following = tokens[start : min(start + self.plan.block_size, len(tokens) - 1)]
+        following, prefix_hash = self._after_chain(tokens, hashes, n_hit, self.plan.block_size)
         if not following:
             return {}, 0
-        prefix_hash = hashes[n_hit - 1] if n_hit else b""
-        found = {kind: pool.longest_partial(prefix_hash, following, worth_taking=True) for kind, pool in self.pools.items()}
-        n = min(n for _, n in found.values())
-        return ({kind: block for kind, (block, _) in found.items()}, n) if n else ({}, 0)
+        return _served({kind: pool.longest_partial(prefix_hash, following, worth_taking=True) for kind, pool in self.pools.items()})
 
     def _copy_hit(self, tokens: Sequence[int], hashes: Sequence[bytes], n_hit: int) -> tuple[dict[bool, int], int]:
         """The block of each kind, after the prompt's n_hit cached blocks, whose tokens start with the
@@ -601,10 +597,9 @@ class KVBlocks:
         are copied: the block may be written on, and serves others as it is."""
         bs = self.plan.block_size
         start = n_hit * bs
-        following = tokens[start : min(start + bs - 1, len(tokens) - 1)]
+        following, prefix_hash = self._after_chain(tokens, hashes, n_hit, bs - 1)
         if not following:
             return {}, 0
-        prefix_hash = hashes[n_hit - 1] if n_hit else b""
         candidates = {kind: pool.following(prefix_hash) for kind, pool in self.pools.items()}
         for seq in self.live.values():
             if seq.n_committed > start and (not n_hit or seq.hashes[n_hit - 1 : n_hit] == [prefix_hash]):
@@ -612,10 +607,14 @@ class KVBlocks:
                 for kind, table in seq.tables.items():
                     if seq.logical[kind][n_hit % len(table)] == n_hit:
                         candidates[kind].append((table[n_hit % len(table)], held))
-        found = {kind: max(((block, _common(held, following)) for block, held in blocks), key=lambda c: c[1], default=(NO_BLOCK, 0))
-                 for kind, blocks in candidates.items()}
-        n = min(n for _, n in found.values())
-        return ({kind: block for kind, (block, _) in found.items()}, n) if n else ({}, 0)
+        return _served({kind: max(((block, _common(held, following)) for block, held in blocks), key=lambda c: c[1], default=(NO_BLOCK, 0))
+                        for kind, blocks in candidates.items()})
+
+    def _after_chain(self, tokens: Sequence[int], hashes: Sequence[bytes], n_hit: int, length: int) -> tuple[Sequence[int], bytes]:
+        """The prompt's next tokens after its n_hit cached blocks (at most `length`, never its last
+        token, which is always computed), and the chain hash they continue."""
+        start = n_hit * self.plan.block_size
+        return tokens[start : min(start + length, len(tokens) - 1)], (hashes[n_hit - 1] if n_hit else b"")
 
     def copied(self, seq: SequenceBlocks) -> None:
         """The engine has launched the sequence's block copies (the device runs them before any later call)."""
@@ -673,6 +672,13 @@ def _layer_block_bytes(cfg: ModelConfig, block_size: int, cache_type_k: str, cac
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
     """The length of the longest common prefix of two token runs."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _served(found: dict[bool, tuple[int, int]]) -> tuple[dict[bool, int], int]:
+    """Per kind, (a block, how many of the prompt's next tokens it holds) -> the blocks and the
+    tokens every kind's serves; ({}, 0) if some kind's serves none."""
+    n = min(n for _, n in found.values())
+    return ({kind: block for kind, (block, _) in found.items()}, n) if n else ({}, 0)
 
 
 def _blocks(n_positions: int, block_size: int) -> int:

@@ -141,13 +141,15 @@ def _paths() -> tuple[Path, ...]:
     tiled_types = xla_types if x86 else ()
     gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
     decode_types = gpu_types if pallas_decode_enabled() else ()
+    # On x86 the register tiles take the XLA types' prompts up to CPU_TILES_MAX_M rows first.
+    xla_m_min = (CPU_TILES_MAX_M if x86 else CPU_KERNEL_MAX_M) + 1
     return (
         Path("cpu", "cpu_ffi", cpu_types, 1, CPU_KERNEL_MAX_M, note=f"variant {cpu_ffi.selected().name}" if cpu_types else ""),
         Path("cpu", "cpu_ffi_prefill", prefill_types, CPU_KERNEL_MAX_M + 1, None,
              note="int8 GEMM in " + ("512-bit panels of 16 rows" if panels else "register tiles")),
         Path("cpu", "cpu_ffi_prefill", tiled_types, CPU_KERNEL_MAX_M + 1, CPU_TILES_MAX_M, note="int8 GEMM in register tiles"),
-        Path("cpu", "xla_f32", xla_types, CPU_KERNEL_MAX_M + 1, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
-        Path("cpu", "xla_f32_tiled", xla_types, CPU_KERNEL_MAX_M + 1, None,
+        Path("cpu", "xla_f32", xla_types, xla_m_min, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
+        Path("cpu", "xla_f32_tiled", xla_types, xla_m_min, None,
              note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32, {CPU_F32_TILE_BYTES >> 20} MiB of rows at a time"),
         Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
         Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),

@@ -322,6 +322,11 @@ def test_describe_paths():
             for m in (17, CPU_TILES_MAX_M, CPU_TILES_MAX_M + 1, 512):
                 rows = [row for row in cpu if qtype.name in row["types"] and row["m_min"] <= m <= (row["m_max"] or m)]
                 assert rows and rows[0]["path"] == select_path("cpu", qtype, m, (2048, 640))
+        # ... and each row's first M is served by that row (no row claims rows an earlier one takes).
+        for row in cpu[:-1]:
+            shape = (262144, 640) if row["path"] == "xla_f32_tiled" else (2048, 640)
+            for name in row["types"]:
+                assert select_path("cpu", GGMLType[name], row["m_min"], shape) == row["path"], (row, name)
     assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17
