@@ -12,8 +12,8 @@
 // of 32 slots ([D][32] per block) so that a query row's 32 scores are an FMA chain per lane. Then
 // a task is one (sequence, KV head, tile of the group's query rows): it walks the blocks, scores a
 // few rows at a time against a block as a register-tiled matrix product, and folds the scores into
-// each row's online softmax and unnormalized output (again a register-tiled product). A block no row of a group sees is skipped, so causal chunks do half the
-// work of a square.
+// each row's online softmax and unnormalized output (again a register-tiled product). A block no
+// row of a group sees is skipped, so causal chunks do half the work of a square.
 //
 // A row's result does not depend on the other rows of the call: its scores are sums over the head
 // dim in order, and its softmax walks the same blocks of slots, so a query gets the same bits
@@ -124,12 +124,12 @@ inline float lane_sum(Vf v) {
 
 // exp(x) per lane: Cephes' range reduction and polynomial (relative error ~2e-7), as the decode
 // kernel's; x below -87.3 (and -inf) gives 0. The rounding to the nearest integer adds and
-// subtracts 1.5 * 2^23, which needs no ISA-specific instruction. Softmax numerators (x <= 0) skip
-// the clamp above, which no such x reaches.
-template <bool kPositive = true>
+// subtracts 1.5 * 2^23, which needs no ISA-specific instruction. The softmax's numerators pass
+// kMayOverflow false: their x <= 0 never needs the clamp at 88.3.
+template <bool kMayOverflow = true>
 inline Vf exp_lanes(Vf x) {
   const Vi underflow = x < splat(-87.3f);
-  if constexpr (kPositive) x = select(x > splat(88.3f), splat(88.3f), x);
+  if constexpr (kMayOverflow) x = select(x > splat(88.3f), splat(88.3f), x);
   x = select(underflow, splat(-87.3f), x);
   const Vf magic = splat(12582912.0f);
   const Vf n = (x * splat(1.44269504088896341f) + magic) - magic;
