@@ -69,14 +69,28 @@ class LayerCache:
         return self.positions.shape[1]
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=("layer", "table"), meta_fields=())
+@partial(jax.tree_util.register_dataclass, data_fields=("blocks", "slots", "started"), meta_fields=())
+@dataclass(frozen=True)
+class WriteSlots:
+    """Where a chunk's positions [B, T] land in the pools of one kind of layer (write_slots): the
+    same for every layer of the kind, so a step computes them once, not once per layer. A pool's
+    n_blocks stands for "dropped" (out of range)."""
+
+    blocks: jax.Array  # int32 [B, T]: the block of each position
+    slots: jax.Array  # int32 [B, T]: its slot in the block
+    started: jax.Array  # int32 [B, T]: the block again where the position is its first slot, to clear
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=("layer", "table", "writes"), meta_fields=())
 @dataclass(frozen=True)
 class LayerView:
-    """What one layer's attention reads and writes: the layer's pool, and the block table of its
-    kind for the rows of the chunk, int32 [B, table_length]."""
+    """What one layer's attention reads and writes: the layer's pool, the block table of its kind
+    for the rows of the chunk, int32 [B, table_length], and where the chunk's positions go in it
+    (None: write computes them)."""
 
     layer: LayerCache
     table: jax.Array
+    writes: WriteSlots | None = None
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=("layers", "tables"), meta_fields=())
@@ -89,9 +103,10 @@ class KVCache:
     layers: tuple[LayerCache, ...]
     tables: tuple[jax.Array, jax.Array]
 
-    def view(self, layer: int, sliding: bool, n_rows: int) -> LayerView:
-        """Layer `layer` (of kind `sliding`) with its kind's table for the first n_rows rows."""
-        return LayerView(self.layers[layer], self.tables[sliding][:n_rows])
+    def view(self, layer: int, sliding: bool, n_rows: int, writes: WriteSlots | None = None) -> LayerView:
+        """Layer `layer` (of kind `sliding`) with its kind's table for the first n_rows rows, and
+        where a chunk goes in it (write_slots of that table), if the caller computed it."""
+        return LayerView(self.layers[layer], self.tables[sliding][:n_rows], writes)
 
     def with_tables(self, tables: tuple[jax.Array, jax.Array]) -> "KVCache":
         """The same pools read through other tables (a prefill runs on its row's tables alone)."""
@@ -179,32 +194,40 @@ def _empty_cache(
     return KVCache(tuple(layer(sliding) for sliding in cfg.sliding_layers), tables)
 
 
+def write_slots(table: jax.Array, positions: jax.Array, n_blocks: int, block_size: int) -> WriteSlots:
+    """Where positions [B, T] go through a table int32 [B, length] into a pool of n_blocks blocks
+    (see write). Padding (position -1) and absent table entries are dropped (block n_blocks). When
+    a chunk is longer than a ring, only its last positions that fit are kept: the earlier ones
+    would share their slots, and a scatter with duplicate indices has no defined winner."""
+    length = table.shape[1]
+    last = jnp.max(positions, axis=1, keepdims=True)
+    kept = (positions >= 0) & (positions > last - length * block_size)
+    logical = jnp.where(kept, (positions // block_size) % max(length, 1), 0)
+    blocks = jnp.take_along_axis(table, logical, axis=1)
+    blocks = jnp.where(kept & (blocks >= 0), blocks, n_blocks)
+    slots = jnp.maximum(positions, 0) % block_size
+    return WriteSlots(blocks, slots, jnp.where(slots == 0, blocks, n_blocks))
+
+
 def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Array) -> LayerCache:
     """Store a chunk's keys [B, T, n_kv, D] and values at their positions [B, T] through the view's
-    table; padding (position -1) and absent table entries are dropped. Returns the layer's pool.
+    table (at view.writes, or write_slots computed here); padding and absent table entries are
+    dropped. Returns the layer's pool.
 
     A block whose first slot the chunk writes has its other slots' positions cleared first: what
     they held (a ring's previous lap, a reused row's or block's previous sequence) is stale, and
     the slots the chunk writes after the first are written after the clearing. A chunk starting
     mid-block clears nothing: the block's earlier slots are its sequence's history, written with
-    the block's first slot. When a chunk is longer than a ring, only its last positions that fit
-    are stored: the earlier ones would share their slots, and a scatter with duplicate indices has
-    no defined winner.
+    the block's first slot.
     """
-    layer, table = view.layer, view.table
-    block_size, length = layer.block_size, table.shape[1]
-    last = jnp.max(positions, axis=1, keepdims=True)
-    kept = (positions >= 0) & (positions > last - length * block_size)
-    logical = jnp.where(kept, (positions // block_size) % max(length, 1), 0)
-    blocks = jnp.take_along_axis(table, logical, axis=1)
-    blocks = jnp.where(kept & (blocks >= 0), blocks, layer.n_blocks)  # n_blocks is out of range: dropped
-    slots = jnp.maximum(positions, 0) % block_size
-    started = jnp.where(slots == 0, blocks, layer.n_blocks)
+    layer = view.layer
+    writes = view.writes or write_slots(view.table, positions, layer.n_blocks, layer.block_size)
+    blocks, slots = writes.blocks, writes.slots
 
     def scatter(whole: jax.Array, chunk: jax.Array) -> jax.Array:
         return whole.at[blocks, :, slots].set(chunk, mode="drop")
 
-    cleared = layer.positions.at[started].set(EMPTY, mode="drop")
+    cleared = layer.positions.at[writes.started].set(EMPTY, mode="drop")
     return LayerCache(
         keys=jax.tree.map(scatter, layer.keys, attention_kv.like(keys, layer.keys)),
         values=jax.tree.map(scatter, layer.values, attention_kv.like(values, layer.values)),
