@@ -221,7 +221,7 @@ def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Ar
     the block's first slot.
     """
     layer = view.layer
-    writes = view.writes or write_slots(view.table, positions, layer.n_blocks, layer.block_size)
+    writes = view.writes if view.writes is not None else write_slots(view.table, positions, layer.n_blocks, layer.block_size)
     blocks, slots = writes.blocks, writes.slots
 
     def scatter(whole: jax.Array, chunk: jax.Array) -> jax.Array:

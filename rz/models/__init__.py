@@ -90,9 +90,9 @@ def write_slots(cache: KVCache, positions: jax.Array, cfg: ModelConfig) -> dict[
     False), computed once for all the layers of a kind.
 
     Behind an optimization barrier: XLA would otherwise copy the index arithmetic into every
-    layer's scatter fusions (about 250 of a layer's ~550 instructions in a decode step), and each
-    instruction of a compiled step stays resident with its executable (its HLO, kept twice when
-    loaded from the compilation cache)."""
+    layer's scatter fusions, and each instruction of a compiled step stays resident with its
+    executable (its HLO, kept twice when loaded from the compilation cache; the measurements are
+    in benchmarks/results/memory-session22.md)."""
     first_of_kind = {sliding: cfg.sliding_layers.index(sliding) for sliding in set(cfg.sliding_layers)}
     return jax.lax.optimization_barrier({
         sliding: kv_cache.write_slots(
