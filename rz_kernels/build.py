@@ -4,9 +4,9 @@
 
 A variant is one shared library built from its sources with its own flags; the SIMD code picks its
 instructions at compile time from the compiler's macros (`__AVX512VNNI__`, `__AVXVNNI__`,
-`__ARM_FEATURE_DOTPROD`, ...). Every variant exports the same symbols: the FFI handlers RzQMatmul
-and RzAttention, and the machine probes rz_stream_read_gbps and rz_int8_dot_peak_gmacs; the x86-64
-ones also RzQMatmulExperts (a mixture of experts' matmul; aarch64 takes XLA's paths there). At run time
+`__ARM_FEATURE_DOTPROD`, ...). Every variant exports the same symbols: the FFI handlers RzQMatmul,
+RzQMatmulLayer (one layer's weights, picked at run time), RzAttention and RzPromptAttention, and
+the machine probes rz_stream_read_gbps and rz_int8_dot_peak_gmacs; the x86-64 ones also RzQMatmulExperts (a mixture of experts' matmul; aarch64 takes XLA's paths there). At run time
 rz_kernels.cpu_ffi loads the first variant in VARIANTS that the CPU can run.
 
 This module uses the standard library only: setup.py loads it by path, before jax or rz exist in

@@ -10,8 +10,8 @@ aarch64 CPU without the dot-product instructions, an install with RZ_BUILD_CPU_K
 CPU lacks kills the process with SIGILL.
 
 Each loaded variant's handlers are registered under their own names (`rz_qmatmul_<variant>`,
-`rz_qmatmul_experts_<variant>` on x86-64, ...), so tests can run every variant the CPU has side by
-side in one process.
+`rz_qmatmul_layer_<variant>`, `rz_qmatmul_experts_<variant>` on x86-64, ...), so tests can run every
+variant the CPU has side by side in one process.
 """
 
 import ctypes
@@ -158,6 +158,10 @@ def qmatmul_target(variant: Variant) -> str:
     return f"rz_qmatmul_{variant.name}"
 
 
+def qmatmul_layer_target(variant: Variant) -> str:
+    return f"rz_qmatmul_layer_{variant.name}"
+
+
 def attention_target(variant: Variant) -> str:
     return f"rz_attention_{variant.name}"
 
@@ -186,6 +190,7 @@ def load(variant: Variant) -> ctypes.CDLL:
     lib.rz_int8_dot_peak_gmacs.restype = ctypes.c_double
     lib.rz_int8_dot_peak_gmacs.argtypes = (ctypes.c_int32, ctypes.c_int32)
     jax.ffi.register_ffi_target(qmatmul_target(variant), jax.ffi.pycapsule(lib.RzQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(qmatmul_layer_target(variant), jax.ffi.pycapsule(lib.RzQMatmulLayer), platform="cpu")
     jax.ffi.register_ffi_target(attention_target(variant), jax.ffi.pycapsule(lib.RzAttention), platform="cpu")
     jax.ffi.register_ffi_target(prompt_attention_target(variant), jax.ffi.pycapsule(lib.RzPromptAttention), platform="cpu")
     if has_experts_kernel(variant):

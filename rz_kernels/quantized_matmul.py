@@ -40,6 +40,11 @@ f32 (an LM head) is dequantized and multiplied 32 MiB of rows at a time (xla_f32
 prompt's logits are exact too. Where the kernel cannot be
 built (no compiler, no AVX2) the CPU takes xla_reference, logged once.
 
+qmatmul_by_layer takes one layer's weights of many, the layer's index known at run time, so that a
+model's layers can run in one scan: one compiled layer body instead of one per layer (a compiled
+step's memory grows with its instructions). On CPU the kernel picks that layer's arrays from all
+layers' in one call (nothing sliced or copied); elsewhere it is a switch with a branch per layer.
+
 Why XLA for decode on a GPU: a decode step of these small models is bound by kernel launches,
 not bandwidth, and XLA fuses the dequantization into fewer of them, so decode takes XLA and
 prefill Pallas; RZ_PALLAS_DECODE=1 brings the split-K decode kernel back (its tests run either way).
@@ -207,10 +212,37 @@ def qmatmul_cpu(x: jax.Array, qt: QTensor | Sequence[QTensor], max_threads: int 
     variant = cpu_ffi.active(variant)
     weights = [qt] if isinstance(qt, QTensor) else list(qt)
     m, n = x.shape[0], sum(w.shape[0] for w in weights)
-    arrays = [w.arrays[name] for w in weights for name in CPU_FFI_ARRAYS[w.ggml_type]]
+    arrays, types = _kernel_operands(weights)
     call = jax.ffi.ffi_call(cpu_ffi.qmatmul_target(variant), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
-    types = np.asarray([int(w.ggml_type) for w in weights], np.int32)
     return call(x.astype(jnp.float32), *arrays, ggml_types=types, max_threads=np.int32(max_threads))
+
+
+def qmatmul_layer_cpu(
+    x: jax.Array, layer: jax.Array, weights_by_layer: Sequence[Sequence[QTensor]], max_threads: int = 0, variant: cpu_ffi.Variant | None = None
+) -> jax.Array:
+    """The C++ kernel on layer `layer`'s weights, the index an int32 scalar known at run time:
+    x f32 [M, K] -> f32 [M, sum of a layer's N], qmatmul_cpu(x, weights_by_layer[layer]) bit for bit.
+    Every layer's arrays are operands of the one call and the kernel reads only that layer's, so no
+    weight is sliced or copied (as indexing stacked weights in a scan would)."""
+    variant = cpu_ffi.active(variant)
+    m, n = x.shape[0], sum(w.shape[0] for w in weights_by_layer[0])
+    arrays, types = _kernel_operands([w for weights in weights_by_layer for w in weights])
+    call = jax.ffi.ffi_call(cpu_ffi.qmatmul_layer_target(variant), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(
+        x.astype(jnp.float32), jnp.asarray(layer, jnp.int32), *arrays,
+        ggml_types=types, weights_per_layer=np.int32(len(weights_by_layer[0])), max_threads=np.int32(max_threads),
+    )
+
+
+def _kernel_operands(weights: Sequence[QTensor]) -> tuple[list[jax.Array], np.ndarray]:
+    """The C++ kernel's operands for weights in turn: their arrays in CPU_FFI_ARRAYS order, and their types."""
+    arrays = [w.arrays[name] for w in weights for name in CPU_FFI_ARRAYS[w.ggml_type]]
+    return arrays, np.asarray([int(w.ggml_type) for w in weights], np.int32)
+
+
+def _side_by_side(y: jax.Array, weights: Sequence[QTensor]) -> tuple[jax.Array, ...]:
+    """The outputs of one kernel call on several weights, [M, sum of N], split into each weight's [M, N]."""
+    return tuple(jnp.split(y, np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1))
 
 
 # The C++ kernel quantizes activations per 32 elements for 32-block weights (llama.cpp's Q8_0) and
@@ -362,9 +394,8 @@ def qmatmul_many(x: jax.Array, weights: Sequence[QTensor]) -> list[jax.Array]:
         _log_first_use(qt.ggml_type, *qt.shape, m)
 
     def cpu(rows, *weights):
-        if all(select_path("cpu", qt.ggml_type, m, qt.shape) in CPU_FFI_PATHS for qt in weights):
-            together = qmatmul_cpu(rows, weights)
-            return tuple(jnp.split(together, np.cumsum([qt.shape[0] for qt in weights])[:-1], axis=1))
+        if _in_one_call((weights,), m):
+            return _side_by_side(qmatmul_cpu(rows, weights), weights)
         return tuple(_cpu(rows, qt) for qt in weights)
 
     def cuda(rows, *weights):
@@ -375,3 +406,70 @@ def qmatmul_many(x: jax.Array, weights: Sequence[QTensor]) -> list[jax.Array]:
 
     outputs = jax.lax.platform_dependent(rows, *weights, cpu=cpu, cuda=cuda, default=reference)
     return [y.reshape(*lead, qt.shape[0]) for y, qt in zip(outputs, weights)]
+
+
+def _in_one_call(weights_by_layer: Sequence[Sequence[QTensor]], m: int) -> bool:
+    """Whether the C++ kernel takes every weight at M = m rows (so one call can take them all)."""
+    return all(select_path("cpu", qt.ggml_type, m, qt.shape) in CPU_FFI_PATHS for weights in weights_by_layer for qt in weights)
+
+
+def by_layer_in_one_call(weights_by_layer: Sequence[Sequence[QTensor]], m: int) -> bool:
+    """Whether qmatmul_by_layer at M = m rows is one C++ kernel call on this process's default
+    backend; where it is not, it compiles a branch per layer, and scanning the layers saves nothing."""
+    return jax.default_backend() == "cpu" and _in_one_call(weights_by_layer, m)
+
+
+def _check_layers(x: jax.Array, weights_by_layer: Sequence[Sequence[QTensor]]) -> tuple[tuple[QTensor, ...], ...]:
+    """weights_by_layer as tuples, checked: layers of the same number of weights, the j-th weight of
+    every layer of one shape [N_j, K] (types may differ), K that of x."""
+    by_layer = tuple(tuple(weights) for weights in weights_by_layer)
+    if not by_layer or not by_layer[0]:
+        raise ValueError("qmatmul_by_layer: weights_by_layer needs at least one layer of at least one weight")
+    first = by_layer[0]
+    for qt in first:
+        if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
+            raise ValueError(f"qmatmul_by_layer: x {x.shape} does not contract with a weight of shape {qt.shape}")
+    for layer, weights in enumerate(by_layer):
+        shapes = [qt.shape for qt in weights]
+        if shapes != [qt.shape for qt in first]:
+            raise ValueError(
+                f"qmatmul_by_layer: layer {layer}'s weights have shapes {shapes}, layer 0's {[qt.shape for qt in first]}: "
+                "every layer must have the same number of weights, of the same shapes"
+            )
+    return by_layer
+
+
+def _layer_matmuls(index: int, rows: jax.Array, by_layer: tuple[tuple[QTensor, ...], ...]) -> tuple[jax.Array, ...]:
+    return tuple(qmatmul_many(rows, by_layer[index]))
+
+
+def qmatmul_by_layer(x: jax.Array, layer: jax.Array, weights_by_layer: Sequence[Sequence[QTensor]]) -> list[jax.Array]:
+    """qmatmul_many(x, weights_by_layer[layer]) for an int32 scalar layer known at run time (a scan's
+    index over a model's layers): each f32 [..., N_j]. Every layer has the same number of weights, the
+    j-th of one shape [N_j, K] in every layer; their types may differ.
+
+    Where by_layer_in_one_call, one C++ kernel call picks the layer's arrays, so a scan compiles one
+    layer body; elsewhere a lax.switch over the layers, as exact but with every layer's matmuls
+    compiled. The kernel rejects a layer out of range (an error at run time); the switch clamps it.
+    """
+    by_layer = _check_layers(x, weights_by_layer)
+    layer = jnp.asarray(layer, jnp.int32)
+    if layer.shape != ():
+        raise ValueError(f"qmatmul_by_layer: the layer must be a scalar, got shape {layer.shape}")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    m = rows.shape[0]
+    if m == 0:
+        return [jnp.zeros((*lead, qt.shape[0]), jnp.float32) for qt in by_layer[0]]
+
+    def switch(rows, layer, by_layer):
+        branches = [functools.partial(_layer_matmuls, index) for index in range(len(by_layer))]
+        return jax.lax.switch(layer, branches, rows, by_layer)
+
+    def cpu(rows, layer, by_layer):
+        if _in_one_call(by_layer, m):
+            return _side_by_side(qmatmul_layer_cpu(rows, layer, by_layer), by_layer[0])
+        return switch(rows, layer, by_layer)
+
+    outputs = jax.lax.platform_dependent(rows, layer, by_layer, cpu=cpu, default=switch)
+    return [y.reshape(*lead, qt.shape[0]) for y, qt in zip(outputs, by_layer[0])]

@@ -39,6 +39,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "qmatmul.h"
@@ -1512,10 +1513,10 @@ Part part_of(int32_t ggml_type, const void* const* a, int64_t N, int64_t K, doub
   return Part{};
 }
 
-// x f32 [M, K], then the arrays of each weight in turn -> y f32 [M, sum of N]: the weights'
-// outputs side by side. Attributes: each weight's GGML type, and a cap on the threads (0: all).
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
-                       ffi::Span<const int32_t> ggml_types, int32_t max_threads) {
+// y f32 [M, sum of N] = x f32 [M, K] @ [W_0; W_1; ...].T, the weights' outputs side by side: weight i
+// of type ggml_types[i], their arrays the call's arrays [first, end) in turn. Both handlers' body.
+ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const ffi::RemainingArgs& weights, size_t first, size_t end,
+                          ffi::Span<const int32_t> ggml_types, ffi::ResultBuffer<ffi::F32> y, int32_t max_threads) {
   const auto x_dims = x.dimensions();
   const auto y_dims = y->dimensions();
   if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[0] != y_dims[0]) {
@@ -1523,7 +1524,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   }
   const int64_t M = x_dims[0], K = x_dims[1], ld = y_dims[1];
   std::vector<ffi::AnyBuffer> arrays;
-  for (size_t i = 0; i < weights.size(); ++i) {
+  for (size_t i = first; i < end; ++i) {
     auto array = weights.get<ffi::AnyBuffer>(i);
     if (!array.has_value()) return array.error();
     if (array->dimensions().size() != 2) return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
@@ -1555,6 +1556,44 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   return ffi::Error::Success();
 }
 
+// x f32 [M, K], then the arrays of each weight in turn -> y f32 [M, sum of N]: the weights'
+// outputs side by side. Attributes: each weight's GGML type, and a cap on the threads (0: all).
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::Span<const int32_t> ggml_types, int32_t max_threads) {
+  return matmul_weights(pool, x, weights, 0, weights.size(), ggml_types, y, max_threads);
+}
+
+// QMatmulImpl on one layer's weights, chosen at run time: x, the layer's index (an int32 scalar),
+// then every layer's weights' arrays, layer-major -> y [M, sum of one layer's N]. So a model's
+// layers run in one scan (one compiled layer body) while each weight stays its own array: nothing is
+// sliced or copied. Attributes: every layer's types, layer-major (they may differ between layers),
+// how many weights a layer has, and the cap on the threads.
+ffi::Error QMatmulLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::BufferR0<ffi::S32> layer, ffi::RemainingArgs weights,
+                            ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int32_t> ggml_types, int32_t weights_per_layer,
+                            int32_t max_threads) {
+  if (weights_per_layer <= 0 || ggml_types.size() % weights_per_layer) {
+    return ffi::Error::InvalidArgument("rz_qmatmul_layer: ggml_types must hold weights_per_layer types for each layer");
+  }
+  const size_t per_layer = weights_per_layer, n_layers = ggml_types.size() / per_layer;
+  const int64_t l = *layer.typed_data();
+  if (l < 0 || static_cast<size_t>(l) >= n_layers) {
+    return ffi::Error::InvalidArgument("rz_qmatmul_layer: layer " + std::to_string(l) + " is outside the " +
+                                       std::to_string(n_layers) + " layers [0, " + std::to_string(n_layers) + ")");
+  }
+  // Layer l's weights are types [from, to); their arrays [first, end) follow those of the weights before them.
+  const size_t from = static_cast<size_t>(l) * per_layer, to = from + per_layer;
+  size_t first = 0, end = 0, total = 0;
+  for (size_t i = 0; i < ggml_types.size(); ++i) {
+    if (i == from) first = total;
+    const int n_arrays = arrays_of(ggml_types[i]);
+    if (n_arrays == 0) return ffi::Error::InvalidArgument("rz_qmatmul_layer: unsupported ggml_type");
+    total += n_arrays;
+    if (i + 1 == to) end = total;
+  }
+  if (total != weights.size()) return ffi::Error::InvalidArgument("rz_qmatmul_layer: the weight arrays do not match the layers' types");
+  return matmul_weights(pool, x, weights, first, end, ffi::Span<const int32_t>(ggml_types.begin() + from, per_layer), y, max_threads);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmul, QMatmulImpl,
@@ -1564,6 +1603,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmul, QMatmulImpl,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int32_t>>("ggml_types")
+                                  .Attr<int32_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmulLayer, QMatmulLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int32_t>>("ggml_types")
+                                  .Attr<int32_t>("weights_per_layer")
                                   .Attr<int32_t>("max_threads"));
 
 namespace rz_cpu {

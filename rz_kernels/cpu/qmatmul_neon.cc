@@ -1,7 +1,8 @@
 // Quantized matmul for aarch64 CPUs with NEON and the dot-product extension, plus i8mm where the
 // variant is built with it: y[M, N] = x[M, K] @ W[N, K].T with W kept quantized. The FFI handler
 // RzQMatmul takes what qmatmul.cc's takes (x, then each weight's arrays in the order of
-// rz_kernels.quantized_matmul.CPU_FFI_ARRAYS; attributes ggml_types and max_threads).
+// rz_kernels.quantized_matmul.CPU_FFI_ARRAYS; attributes ggml_types and max_threads), and so does
+// RzQMatmulLayer (one layer's weights of many, picked by a run-time index).
 //
 // As on x86 (and in llama.cpp), the activations are quantized once per call to int8, rounded as
 // llama.cpp's quantize_row_q8_0 / q8_1 / q8_K: per 32 elements for 32-block weights (the scale
@@ -26,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -667,10 +669,10 @@ Part part_of(int32_t ggml_type, const ffi::AnyBuffer* a, int64_t N, int64_t K, d
   }
 }
 
-// x f32 [M, K], then the arrays of each weight in turn -> y f32 [M, sum of N]: the weights'
-// outputs side by side. Attributes: each weight's GGML type, and a cap on the threads (0: all).
-ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
-                       ffi::Span<const int32_t> ggml_types, int32_t max_threads) {
+// y f32 [M, sum of N] = x f32 [M, K] @ [W_0; W_1; ...].T, the weights' outputs side by side: weight i
+// of type ggml_types[i], their arrays the call's arrays [first, end) in turn. Both handlers' body.
+ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const ffi::RemainingArgs& weights, size_t first, size_t end,
+                          ffi::Span<const int32_t> ggml_types, ffi::ResultBuffer<ffi::F32> y, int32_t max_threads) {
   const auto x_dims = x.dimensions();
   const auto y_dims = y->dimensions();
   if (x_dims.size() != 2 || y_dims.size() != 2 || x_dims[0] != y_dims[0]) {
@@ -678,7 +680,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   }
   const int64_t M = x_dims[0], K = x_dims[1], ld = y_dims[1];
   std::vector<ffi::AnyBuffer> arrays;
-  for (size_t i = 0; i < weights.size(); ++i) {
+  for (size_t i = first; i < end; ++i) {
     auto array = weights.get<ffi::AnyBuffer>(i);
     if (!array.has_value()) return array.error();
     if (array->dimensions().size() != 2) return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
@@ -710,6 +712,43 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
   return ffi::Error::Success();
 }
 
+// x f32 [M, K], then the arrays of each weight in turn -> y f32 [M, sum of N]: the weights'
+// outputs side by side. Attributes: each weight's GGML type, and a cap on the threads (0: all).
+ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
+                       ffi::Span<const int32_t> ggml_types, int32_t max_threads) {
+  return matmul_weights(pool, x, weights, 0, weights.size(), ggml_types, y, max_threads);
+}
+
+// QMatmulImpl on one layer's weights, chosen at run time (qmatmul.cc's RzQMatmulLayer): x, the
+// layer's index (an int32 scalar), then every layer's weights' arrays, layer-major -> y [M, sum of
+// one layer's N], so a model's layers run in one scan while each weight stays its own array.
+// Attributes: every layer's types, layer-major, how many weights a layer has, the cap on the threads.
+ffi::Error QMatmulLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::BufferR0<ffi::S32> layer, ffi::RemainingArgs weights,
+                            ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int32_t> ggml_types, int32_t weights_per_layer,
+                            int32_t max_threads) {
+  if (weights_per_layer <= 0 || ggml_types.size() % weights_per_layer) {
+    return ffi::Error::InvalidArgument("rz_qmatmul_layer: ggml_types must hold weights_per_layer types for each layer");
+  }
+  const size_t per_layer = weights_per_layer, n_layers = ggml_types.size() / per_layer;
+  const int64_t l = *layer.typed_data();
+  if (l < 0 || static_cast<size_t>(l) >= n_layers) {
+    return ffi::Error::InvalidArgument("rz_qmatmul_layer: layer " + std::to_string(l) + " is outside the " +
+                                       std::to_string(n_layers) + " layers [0, " + std::to_string(n_layers) + ")");
+  }
+  // Layer l's weights are types [from, to); their arrays [first, end) follow those of the weights before them.
+  const size_t from = static_cast<size_t>(l) * per_layer, to = from + per_layer;
+  size_t first = 0, end = 0, total = 0;
+  for (size_t i = 0; i < ggml_types.size(); ++i) {
+    if (i == from) first = total;
+    const int n_arrays = arrays_of(ggml_types[i]);
+    if (n_arrays == 0) return ffi::Error::InvalidArgument("rz_qmatmul_layer: unsupported ggml_type");
+    total += n_arrays;
+    if (i + 1 == to) end = total;
+  }
+  if (total != weights.size()) return ffi::Error::InvalidArgument("rz_qmatmul_layer: the weight arrays do not match the layers' types");
+  return matmul_weights(pool, x, weights, first, end, ffi::Span<const int32_t>(ggml_types.begin() + from, per_layer), y, max_threads);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmul, QMatmulImpl,
@@ -719,4 +758,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmul, QMatmulImpl,
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<ffi::Span<const int32_t>>("ggml_types")
+                                  .Attr<int32_t>("max_threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RzQMatmulLayer, QMatmulLayerImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::BufferR0<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int32_t>>("ggml_types")
+                                  .Attr<int32_t>("weights_per_layer")
                                   .Attr<int32_t>("max_threads"));

@@ -19,7 +19,7 @@ from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensor
 from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul
 from rz_kernels.causal_attention import DECODE_MAX_T, decode_attention_cpu, prompt_attention_cpu
-from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu
+from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu, qmatmul_layer_cpu
 
 
 def weight(inputs, key: str, ggml_type: int, shape) -> QTensor:
@@ -45,9 +45,11 @@ def main(inputs_path: str, outputs_path: str) -> None:
         )
     }
     # Without the kernels, one case through the public entry point shows the fallback works.
+    weights_of = {}
     for case in plan["qmatmul"] if cpu_ffi.available() else plan["qmatmul"][:1]:
         key = case["key"]
         weights = [weight(inputs, f"{key}.w{i}", t, s) for i, (t, s) in enumerate(zip(case["types"], case["shapes"]))]
+        weights_of[key] = weights
         x = inputs[f"{key}.x"]
         for m in case["rows"]:
             if cpu_ffi.available():
@@ -60,6 +62,19 @@ def main(inputs_path: str, outputs_path: str) -> None:
         if cpu_ffi.available() and len(weights) == 1:
             # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
             outputs[f"{key}.public"] = np.asarray(jax.jit(qmatmul)(jnp.asarray(x[:4]), weights[0]))
+    if cpu_ffi.available():  # the layer-indexed kernel on each layer, and that layer's own call
+        by_layer = [weights_of[key] for key in plan["layers"]["cases"]]
+        x = inputs[f"{plan['layers']['cases'][0]}.x"]
+        by_index = jax.jit(qmatmul_layer_cpu)
+        for layer, weights in enumerate(by_layer):
+            for m in plan["layers"]["rows"]:
+                outputs[f"layers.{layer}.y{m}"] = np.asarray(by_index(jnp.asarray(x[:m]), jnp.int32(layer), by_layer))
+                outputs[f"layers.{layer}.own{m}"] = np.asarray(qmatmul_cpu(jnp.asarray(x[:m]), weights))
+        try:
+            by_index(jnp.asarray(x[:1]), jnp.int32(len(by_layer)), by_layer).block_until_ready()
+            outputs["layers.out_of_range"] = np.asarray("no error")
+        except Exception as error:  # the kernel's InvalidArgument, as whichever exception jax raises it
+            outputs["layers.out_of_range"] = np.asarray(str(error))
     for case in plan["attention"] if cpu_ffi.available() else ():
         key = case["key"]
         q, k, v, q_positions, k_positions = (jnp.asarray(inputs[f"{key}.{name}"]) for name in ("q", "k", "v", "qp", "kp"))

@@ -89,6 +89,11 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
     mixed = [random_qtensor(rng, t, (n, 512)) for t, n in ((GGMLType.Q4_K, 12), (GGMLType.Q6_K, 5), (GGMLType.Q5_1, 7), (GGMLType.Q8_0, 9))]
     # Its x has 20x outlier channels, which coarsen their blocks' int8 grid: x86's bound for them, 4x.
     add("mixed", mixed, activations(rng, max(ROWS), 512, outlier_every=64), tolerance=4 * TOLERANCE)
+    # A second layer of mixed's shapes, its types swapped around: the emulated run calls the layer-indexed
+    # kernel (RzQMatmulLayer) on [mixed, mixed_layer] with mixed's x, for each layer.
+    mixed_layer = [random_qtensor(rng, t, (n, 512)) for t, n in ((GGMLType.Q6_K, 12), (GGMLType.Q4_0, 5), (GGMLType.Q4_K, 7), (GGMLType.Q5_1, 9))]
+    add("mixed_layer", mixed_layer, activations(rng, max(ROWS), 512))
+    plan["layers"] = {"cases": ["mixed", "mixed_layer"], "rows": [1, 5, 17]}
 
     # Decode attention (a few query rows): grouped heads, every cache type (K and V stored by the
     # emulated run from the f32 arrays, as here), softcap, window, a long cache. Then the prompt
@@ -202,6 +207,10 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
         for m in case["rows"]:
             if m <= case["alone"]:
                 np.testing.assert_array_equal(outputs[f"{key}.y{m}"], alone[:m], err_msg=f"{key}: M={m} against rows alone")
+    for layer in range(len(plan["layers"]["cases"])):  # the layer-indexed kernel: the layer's own call, bit for bit
+        for m in plan["layers"]["rows"]:
+            np.testing.assert_array_equal(outputs[f"layers.{layer}.y{m}"], outputs[f"layers.{layer}.own{m}"], err_msg=f"layer {layer}, M={m}")
+    assert "layer 2 is outside the 2 layers" in str(outputs["layers.out_of_range"])
     for case in plan["attention"]:
         q, k, v, qp, kp, options, table = expected[case["key"]]
         table = None if table is None else jnp.asarray(table)
