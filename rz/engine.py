@@ -675,9 +675,7 @@ class Engine:
         block that holds the prompt's next tokens among others' (rz.kv_blocks), before any chunk."""
         pairs = [copies.get(kind, (NO_BLOCK, NO_BLOCK)) for kind in (False, True)]
         sources, destinations = (tuple(jnp.asarray([pair[i]], jnp.int32) for pair in pairs) for i in (0, 1))
-        self.cache = self._timed(
-            "copy_blocks", steps.copy_blocks, self.cache, sources, destinations, sliding_layers=self.model.cfg.sliding_layers
-        )
+        self.cache = self._timed("copy_blocks", steps.copy_blocks, self.cache, sources, destinations)
 
     def _set_tables(self, slot: int, blocks: SequenceBlocks) -> None:
         for kind, table in zip((False, True), self._host_tables):

@@ -1,14 +1,18 @@
-"""The KV cache: per layer, a pool of blocks of keys and values, read and written through block tables.
+"""The KV cache: for each kind of layer (global, sliding), one pool of blocks of keys and values
+holding every layer of that kind, read and written through block tables.
 
-A layer's keys and values are a pool of N blocks of `block_size` slots each. Each batch row has a
-block table per kind of layer (global, sliding): position p of row b lives in block
-tables[kind][b, (p // block_size) % table_length], slot p % block_size. A global layer's table
-covers the context, so it never wraps; a sliding-window layer's is a ring of blocks just longer
-than the window plus the longest chunk written at once (table_lengths), so that a chunk is written
-first and then attended over with its whole window still in place, and sliding layers hold about
-their window, not the context. Each slot records the absolute position it holds (-1: empty), and
-attention masks are built from those positions alone, so the cache needs no write pointer and a
-row can hold a sequence at any length.
+A layer's keys and values are N blocks of `block_size` slots each; the layers of a kind lie one
+after another in their kind's pool, the i-th layer of the kind at blocks i * N .. (i + 1) * N - 1,
+so that a compiled step can run its layers as one loop over a layer index (rz.models.forward) and
+reach layer i's blocks through its table plus i * N, with nothing copied. Each batch row has a
+block table per kind: position p of row b lives in block tables[kind][b, (p // block_size) %
+table_length] of each layer's N, slot p % block_size. A global layer's table covers the context,
+so it never wraps; a sliding-window layer's is a ring of blocks just longer than the window plus
+the longest chunk written at once (table_lengths), so that a chunk is written first and then
+attended over with its whole window still in place, and sliding layers hold about their window,
+not the context. Each slot records the absolute position it holds (-1: empty), and attention masks
+are built from those positions alone, so the cache needs no write pointer and a row can hold a
+sequence at any length.
 
 Tables are plain data: an allocator (rz.kv_blocks, in the engine; init_cache's identity tables,
 row r owning blocks r * table_length onward, elsewhere) decides which blocks a row reads and
@@ -30,6 +34,9 @@ from rz_kernels import attention_kv
 from rz_kernels.attention_kv import Stored
 
 EMPTY = -1  # the position of an empty slot, and of a padding token; an absent table entry
+# The block a dropped write goes to: beyond any pool (scatters drop it), and still beyond after a
+# layer's offset into its kind's pool is added (WriteSlots.of_layer).
+DROPPED = 1 << 30
 BLOCK_SIZE = 64  # slots per block (benchmarks/results/paged-attention-session16.md)
 
 
@@ -54,7 +61,7 @@ class CacheTypes:
 @partial(jax.tree_util.register_dataclass, data_fields=("keys", "values", "positions"), meta_fields=())
 @dataclass(frozen=True)
 class LayerCache:
-    """One layer's pool of blocks, laid out for attention: heads before slots."""
+    """A pool of blocks, laid out for attention: heads before slots (a kind's layers one after another, KVCache)."""
 
     keys: Stored  # [N_blocks, n_kv_heads, block_size, head_dim], as CacheTypes.k
     values: Stored  # [N_blocks, n_kv_heads, block_size, head_dim_v], as CacheTypes.v
@@ -72,54 +79,82 @@ class LayerCache:
 @partial(jax.tree_util.register_dataclass, data_fields=("blocks", "slots", "started"), meta_fields=())
 @dataclass(frozen=True)
 class WriteSlots:
-    """Where a chunk's positions [B, T] land in the pools of one kind of layer (write_slots): the
-    same for every layer of the kind, so a step computes them once, not once per layer. A pool's
-    n_blocks stands for "dropped" (out of range)."""
+    """Where a chunk's positions [B, T] land in one layer's blocks (write_slots): the same for every
+    layer of a kind up to the layer's offset in the pool, so a step computes them once per kind,
+    not once per layer. DROPPED stands for "not written"."""
 
     blocks: jax.Array  # int32 [B, T]: the block of each position
     slots: jax.Array  # int32 [B, T]: its slot in the block
     started: jax.Array  # int32 [B, T]: the block again where the position is its first slot, to clear
 
+    def of_layer(self, first_block: jax.Array | int) -> "WriteSlots":
+        """These writes in the layer whose blocks start at first_block of the pool."""
+        return WriteSlots(self.blocks + first_block, self.slots, self.started + first_block)
+
 
 @partial(jax.tree_util.register_dataclass, data_fields=("layer", "table", "writes"), meta_fields=())
 @dataclass(frozen=True)
 class LayerView:
-    """What one layer's attention reads and writes: the layer's pool, the block table of its kind
-    for the rows of the chunk, int32 [B, table_length], and where the chunk's positions go in it
-    (None: write computes them)."""
+    """What one layer's attention reads and writes: its kind's pool, the layer's block table for
+    the rows of the chunk, int32 [B, table_length] (its kind's, offset to the layer's blocks), and
+    where the chunk's positions go in it (None: write computes them)."""
 
     layer: LayerCache
     table: jax.Array
     writes: WriteSlots | None = None
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=("layers", "tables"), meta_fields=())
+@partial(jax.tree_util.register_dataclass, data_fields=("pools", "tables"), meta_fields=("kinds", "layer_blocks"))
 @dataclass(frozen=True)
 class KVCache:
-    """Every layer's pool, and the block tables of the rows that run on it: tables[sliding], the
-    global layers' int32 [B, global length] first, then the sliding layers' [B, sliding length]
-    (length 0 for a model without them). A step for fewer rows than the tables have uses the first."""
+    """Each kind's pool of every layer of that kind (pools[sliding]; a kind without layers has
+    none), and the block tables of the rows that run on it: tables[sliding], the global layers'
+    int32 [B, global length] first, then the sliding layers' [B, sliding length] (length 0 for a
+    model without them). A step for fewer rows than the tables have uses the first.
 
-    layers: tuple[LayerCache, ...]
+    kinds: the kind of each layer the cache serves (ModelConfig.sliding_layers, or its first layers');
+    layer_blocks: the blocks each layer of a kind has in its pool (global, sliding)."""
+
+    pools: tuple[LayerCache, LayerCache]
     tables: tuple[jax.Array, jax.Array]
+    kinds: tuple[bool, ...]
+    layer_blocks: tuple[int, int]
 
-    def view(self, layer: int, sliding: bool, n_rows: int, writes: WriteSlots | None = None) -> LayerView:
-        """Layer `layer` (of kind `sliding`) with its kind's table for the first n_rows rows, and
-        where a chunk goes in it (write_slots of that table), if the caller computed it."""
-        return LayerView(self.layers[layer], self.tables[sliding][:n_rows], writes)
+    def first_block(self, layer: int) -> int:
+        """Where layer `layer`'s blocks start in its kind's pool."""
+        sliding = self.kinds[layer]
+        return self.kinds[:layer].count(sliding) * self.layer_blocks[sliding]
+
+    def view(self, layer: int, n_rows: int, writes: WriteSlots | None = None) -> LayerView:
+        """Layer `layer` with its kind's table for the first n_rows rows, and where a chunk goes in it
+        (write_slots of its kind's table, which the caller may have computed)."""
+        sliding = self.kinds[layer]
+        return layer_view(self.pools[sliding], self.tables[sliding][:n_rows], self.first_block(layer), writes)
+
+    def layer(self, layer: int) -> LayerCache:
+        """Layer `layer`'s blocks, a copy (for tests and analysis: steps read the pools in place)."""
+        start, count = self.first_block(layer), self.layer_blocks[self.kinds[layer]]
+        return jax.tree.map(lambda leaf: leaf[start : start + count], self.pools[self.kinds[layer]])
 
     def with_tables(self, tables: tuple[jax.Array, jax.Array]) -> "KVCache":
         """The same pools read through other tables (a prefill runs on its row's tables alone)."""
         return replace(self, tables=tuple(tables))
 
     def first_layers(self, n_layers: int) -> "KVCache":
-        """The cache of the first n_layers layers, with the tables (the `self` proposer drafts in them)."""
-        return replace(self, layers=self.layers[:n_layers])
+        """The cache as its first n_layers layers see it (the `self` proposer drafts in them): the
+        same pools, the later layers' blocks untouched by a step that runs only the first."""
+        return replace(self, kinds=self.kinds[:n_layers])
 
     def with_first_layers(self, part: "KVCache") -> "KVCache":
-        """This cache with its first layers replaced by part's, and its tables (first_layers' inverse:
-        a step that took part donated the tables they share)."""
-        return KVCache(part.layers + self.layers[len(part.layers) :], part.tables)
+        """first_layers' inverse: part's pools and tables (a step that took part donated them) for all of this cache's layers."""
+        return replace(part, kinds=self.kinds)
+
+
+def layer_view(pool: LayerCache, table: jax.Array, first_block: jax.Array | int, writes: WriteSlots | None) -> LayerView:
+    """The view of the layer whose blocks start at first_block of its kind's pool (an index traced
+    in a loop over layers, or known): its kind's table, offset there (absent entries stay absent),
+    and its kind's writes (write_slots of that table), offset too."""
+    return LayerView(pool, jnp.where(table >= 0, table + first_block, EMPTY), None if writes is None else writes.of_layer(first_block))
 
 
 def table_lengths(cfg: ModelConfig, n_ctx: int, block_size: int, max_write: int) -> tuple[int, int]:
@@ -165,8 +200,8 @@ def init_cache(
     n_blocks: tuple[int, int] | None = None,
 ) -> KVCache:
     """An empty cache for n_rows sequences of up to n_ctx positions each, with identity tables; or,
-    given n_blocks (per kind, global then sliding: an allocator's pools), pools of that many blocks
-    and tables of n_rows rows with no block in them.
+    given n_blocks (per kind, global then sliding: an allocator's blocks), pools of that many blocks
+    per layer and tables of n_rows rows with no block in them.
 
     max_write: the longest chunk written at once (by default n_ctx: any chunk)."""
     return _empty_cache(cfg, n_rows, n_ctx, types, block_size, n_ctx if max_write is None else max_write, n_blocks)
@@ -184,19 +219,21 @@ def _empty_cache(
     else:
         tables = tuple(jnp.full((n_rows, length), EMPTY, jnp.int32) for length in lengths)
 
-    def layer(sliding: bool) -> LayerCache:
+    def pool(sliding: bool) -> LayerCache:
+        blocks = n_blocks[sliding] * cfg.sliding_layers.count(sliding)
         return LayerCache(
-            keys=attention_kv.empty(types.k, (n_blocks[sliding], cfg.n_head_kv, block_size, cfg.head_dim)),
-            values=attention_kv.empty(types.v, (n_blocks[sliding], cfg.n_head_kv, block_size, cfg.head_dim_v)),
-            positions=jnp.full((n_blocks[sliding], block_size), EMPTY, jnp.int32),
+            keys=attention_kv.empty(types.k, (blocks, cfg.n_head_kv, block_size, cfg.head_dim)),
+            values=attention_kv.empty(types.v, (blocks, cfg.n_head_kv, block_size, cfg.head_dim_v)),
+            positions=jnp.full((blocks, block_size), EMPTY, jnp.int32),
         )
 
-    return KVCache(tuple(layer(sliding) for sliding in cfg.sliding_layers), tables)
+    return KVCache((pool(False), pool(True)), tables, tuple(cfg.sliding_layers), tuple(n_blocks))
 
 
-def write_slots(table: jax.Array, positions: jax.Array, n_blocks: int, block_size: int) -> WriteSlots:
-    """Where positions [B, T] go through a table int32 [B, length] into a pool of n_blocks blocks
-    (see write). Padding (position -1) and absent table entries are dropped (block n_blocks). When
+def write_slots(table: jax.Array, positions: jax.Array, block_size: int) -> WriteSlots:
+    """Where positions [B, T] go through a table int32 [B, length] into a pool of blocks of
+    block_size slots (see write). Padding (position -1) and absent table entries are dropped
+    (block DROPPED). When
     a chunk is longer than a ring, only its last positions that fit are kept: the earlier ones
     would share their slots, and a scatter with duplicate indices has no defined winner."""
     length = table.shape[1]
@@ -204,15 +241,15 @@ def write_slots(table: jax.Array, positions: jax.Array, n_blocks: int, block_siz
     kept = (positions >= 0) & (positions > last - length * block_size)
     logical = jnp.where(kept, (positions // block_size) % max(length, 1), 0)
     blocks = jnp.take_along_axis(table, logical, axis=1)
-    blocks = jnp.where(kept & (blocks >= 0), blocks, n_blocks)
+    blocks = jnp.where(kept & (blocks >= 0), blocks, DROPPED)
     slots = jnp.maximum(positions, 0) % block_size
-    return WriteSlots(blocks, slots, jnp.where(slots == 0, blocks, n_blocks))
+    return WriteSlots(blocks, slots, jnp.where(slots == 0, blocks, DROPPED))
 
 
 def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Array) -> LayerCache:
     """Store a chunk's keys [B, T, n_kv, D] and values at their positions [B, T] through the view's
     table (at view.writes, or write_slots computed here); padding and absent table entries are
-    dropped. Returns the layer's pool.
+    dropped. Returns the pool.
 
     A block whose first slot the chunk writes has its other slots' positions cleared first: what
     they held (a ring's previous lap, a reused row's or block's previous sequence) is stale, and
@@ -221,7 +258,7 @@ def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Ar
     the block's first slot.
     """
     layer = view.layer
-    writes = view.writes if view.writes is not None else write_slots(view.table, positions, layer.n_blocks, layer.block_size)
+    writes = view.writes if view.writes is not None else write_slots(view.table, positions, layer.block_size)
     blocks, slots = writes.blocks, writes.slots
 
     def scatter(whole: jax.Array, chunk: jax.Array) -> jax.Array:
@@ -242,15 +279,14 @@ def through_table(view: LayerView) -> tuple[Stored, Stored, jax.Array]:
     return attention_kv.paged_as_slab(view.layer.keys, view.layer.values, view.layer.positions, view.table)
 
 
-def copy_blocks(
-    cache: KVCache, sources: tuple[jax.Array, jax.Array], destinations: tuple[jax.Array, jax.Array], sliding_layers: tuple[bool, ...]
-) -> KVCache:
-    """cache with blocks destinations[sliding] int32 [n] of every layer of that kind (sliding_layers:
-    ModelConfig's) set to what blocks sources[sliding] hold; a destination of -1 gets nothing."""
+def copy_blocks(cache: KVCache, sources: tuple[jax.Array, jax.Array], destinations: tuple[jax.Array, jax.Array]) -> KVCache:
+    """cache with blocks destinations[sliding] int32 [n] of every layer of that kind set to what
+    that layer's blocks sources[sliding] hold; a destination of -1 gets nothing."""
 
-    def layer(pool: LayerCache, sliding: bool) -> LayerCache:
-        source = jnp.maximum(sources[sliding], 0)
-        destination = jnp.where(destinations[sliding] >= 0, destinations[sliding], pool.n_blocks)
-        return jax.tree.map(lambda leaf: leaf.at[destination].set(leaf[source], mode="drop"), pool)
+    def pool(sliding: bool) -> LayerCache:
+        first_blocks = jnp.arange(cache.kinds.count(sliding), dtype=jnp.int32)[:, None] * cache.layer_blocks[sliding]
+        source = (jnp.maximum(sources[sliding], 0) + first_blocks).reshape(-1)
+        destination = jnp.where(destinations[sliding] >= 0, destinations[sliding] + first_blocks, DROPPED).reshape(-1)
+        return jax.tree.map(lambda leaf: leaf.at[destination].set(leaf[source], mode="drop"), cache.pools[sliding])
 
-    return replace(cache, layers=tuple(layer(pool, sliding) for pool, sliding in zip(cache.layers, sliding_layers)))
+    return replace(cache, pools=(pool(False), pool(True)))

@@ -266,13 +266,13 @@ def _localize(weights: Any, size: int) -> Any:
 def _cache_specs(cache: kv_cache.KVCache) -> kv_cache.KVCache:
     """Keys and values split over their KV heads (axis 1 of a pool); slot positions and block tables replicated."""
 
-    def layer(one: kv_cache.LayerCache) -> kv_cache.LayerCache:
+    def pool(one: kv_cache.LayerCache) -> kv_cache.LayerCache:
         heads = P(None, AXIS)
         return kv_cache.LayerCache(
             keys=jax.tree.map(lambda _: heads, one.keys), values=jax.tree.map(lambda _: heads, one.values), positions=P()
         )
 
-    return kv_cache.KVCache(tuple(layer(one) for one in cache.layers), tuple(P() for _ in cache.tables))
+    return replace(cache, pools=tuple(pool(one) for one in cache.pools), tables=tuple(P() for _ in cache.tables))
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))

@@ -46,7 +46,7 @@ def score(weights, cache, tokens, positions, tables, *, family, cfg, plan=None):
 chunk_rope_tables = jax.jit(rope_tables_for, static_argnames=("cfg",))
 
 # A prefix's blocks copied from the row that holds it into the row a prompt takes (kv_cache.copy_blocks).
-copy_blocks = jax.jit(kv_cache.copy_blocks, static_argnames=("sliding_layers",), donate_argnums=(0,))
+copy_blocks = jax.jit(kv_cache.copy_blocks, donate_argnums=(0,))
 
 
 # A joining request's sampler state into its slot's row of the batch's.

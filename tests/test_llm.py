@@ -266,7 +266,7 @@ def test_a_prompt_admitted_chunk_by_chunk_between_decode_steps_gets_what_it_gets
 
 def test_cache_types_default_to_f16_and_a_bad_name_lists_the_valid_ones(llm):
     llm.generate("a b", max_tokens=2, temperature=0.0)
-    layer = llm._current.cache.layers[0]
+    layer = llm._current.cache.layer(0)
     assert layer.keys.dtype == layer.values.dtype == np.float16
     with pytest.raises(RequestError, match="cache_type_v 'q4_0'.*f32, f16, bf16, q8_0"):
         rz.LLM(smollm2_135m_path(), cache_type_v="q4_0")
@@ -279,7 +279,7 @@ def test_keys_and_values_are_stored_as_asked():
 
     mixed = rz.LLM(smollm2_135m_path(), n_ctx=64, max_batch=1, cache_type_k="q8_0", cache_type_v="bf16")
     out = mixed.generate("The capital of France is", max_tokens=4, temperature=0.0, ignore_eos=True)
-    layer = mixed._current.cache.layers[0]
+    layer = mixed._current.cache.layer(0)
     assert isinstance(layer.keys, Q8_0Rows) and layer.values.dtype == jnp.bfloat16
     exact = rz.LLM(smollm2_135m_path(), n_ctx=64, max_batch=1, cache_type_k="f32", cache_type_v="f32")
     assert out.token_ids == exact.generate("The capital of France is", max_tokens=4, temperature=0.0, ignore_eos=True).token_ids

@@ -5,6 +5,7 @@ rz.models.family): its weights, embedding, transformer block and head. The stack
 the KV cache is driven from here, once for all families.
 """
 
+import os
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable
@@ -20,8 +21,10 @@ from rz.kv_cache import KVCache
 import rz_kernels
 from rz.models import attention, gemma2, gemma3, llama, phi2, phi3, qwen3
 from rz.models.family import Family
-from rz.models.layers import Rope, RopeTable, rope_table
+from rz.models.layers import ByLayer, Rope, RopeTable, rope_table
 from rz.weights import load_weights
+from rz_kernels.quantized_matmul import by_layer_in_one_call
+from rz_kernels.quants import QTensor
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model", "load_replicas"]
 
@@ -67,38 +70,115 @@ def forward(
         x = family.embed(weights, tokens, cfg)
         if tables is None:
             tables = rope_tables(weights, positions, family=family, cfg=cfg)
-        writes = write_slots(cache, positions, cfg)
-    layer_caches = []
-    for layer, layer_weights in enumerate(weights.layers):
-        # A block depends on its index only through its kind (see ModelConfig.layer_kind): the first
-        # layer of that kind stands for it, so that the layers of a kind share one trace (see _block).
-        sliding = cfg.sliding_layers[layer]
-        kind = cfg.layer_kind(layer)
-        with jax.named_scope(f"block_{layer}"):
-            x, view = _block(
-                layer_weights, cache.view(layer, sliding, tokens.shape[0], writes[sliding]), x, positions, tables[sliding],
-                layer=kind, family=family, cfg=cfg,
-            )
-        layer_caches.append(view.layer)
+        writes = write_slots(cache, positions)
+    period = loop_period(weights, cfg, tokens.size)
+    run = _unrolled if period is None else partial(_looped, period=period)
+    x, pools = run(weights, cache, x, positions, tables, writes, family=family, cfg=cfg)
     with jax.named_scope("final_norm"):
         hidden = family.final_norm(weights, x, cfg)
-    return hidden, replace(cache, layers=tuple(layer_caches))
+    return hidden, replace(cache, pools=pools)
 
 
-def write_slots(cache: KVCache, positions: jax.Array, cfg: ModelConfig) -> dict[bool, kv_cache.WriteSlots]:
-    """Where a chunk at positions [B, T] goes in each kind of layer's pools (sliding: True, global:
-    False), computed once for all the layers of a kind.
+def _unrolled(weights, cache: KVCache, x, positions, tables, writes, *, family: Family, cfg: ModelConfig):
+    """The layers one after another in the step's graph: (x, the cache's pools)."""
+    pools = list(cache.pools)
+    for layer, layer_weights in enumerate(weights.layers):
+        sliding = cfg.sliding_layers[layer]
+        view = kv_cache.layer_view(pools[sliding], cache.tables[sliding][: x.shape[0]], cache.first_block(layer), writes[sliding])
+        with jax.named_scope(f"block_{layer}"):
+            # A block depends on its index only through its kind (see ModelConfig.layer_kind): the first
+            # layer of that kind stands for it, so that the layers of a kind share one trace (see _block).
+            x, view = _block(layer_weights, view, x, positions, tables[sliding], layer=cfg.layer_kind(layer), family=family, cfg=cfg)
+        pools[sliding] = view.layer
+    return x, tuple(pools)
+
+
+def _looped(weights, cache: KVCache, x, positions, tables, writes, *, period: int, family: Family, cfg: ModelConfig):
+    """The layers as a loop over groups of `period` layers (loop_period), whose body is one group:
+    (x, the cache's pools). Each matmul takes its layer's weight by the loop's index (ByLayer), and
+    each layer its blocks of its kind's pool by offset, so the loop copies neither; the small
+    vectors (norms, biases) are stacked and sliced per iteration."""
+    n_groups = len(weights.layers) // period
+    groups = [_stacked(weights.layers[j::period]) for j in range(period)]
+
+    def group(carry, xs):
+        x, pools = carry
+        index, vectors = xs
+        pools = list(pools)
+        for j, ((treedef, matrices, _), stacked) in enumerate(zip(groups, vectors)):
+            sliding = cfg.sliding_layers[j]
+            leaves = [vector if matrix is None else ByLayer(matrix, index) for matrix, vector in zip(matrices, stacked)]
+            layer_of_kind = index * cfg.sliding_layers[:period].count(sliding) + cfg.sliding_layers[:j].count(sliding)
+            view = kv_cache.layer_view(
+                pools[sliding], cache.tables[sliding][: x.shape[0]], layer_of_kind * cache.layer_blocks[sliding], writes[sliding]
+            )
+            with jax.named_scope(f"block_{j}"):
+                x, view = _block(
+                    jax.tree.unflatten(treedef, leaves), view, x, positions, tables[sliding], layer=cfg.layer_kind(j), family=family, cfg=cfg
+                )
+            pools[sliding] = view.layer
+        return (x, tuple(pools)), None
+
+    xs = (jnp.arange(n_groups, dtype=jnp.int32), [vectors for _, _, vectors in groups])
+    (x, pools), _ = jax.lax.scan(group, (x, cache.pools), xs)
+    return x, pools
+
+
+def _is_matrix(leaf) -> bool:
+    return isinstance(leaf, QTensor)
+
+
+def _stacked(layers: tuple) -> tuple[Any, list[tuple[QTensor, ...] | None], list[jax.Array | None]]:
+    """The layers' common tree (QTensors as leaves) and, per leaf position, the QTensors across the
+    layers (None where the leaf is an array) and the arrays stacked (None where it is a QTensor)."""
+    flat = [jax.tree.flatten(layer, is_leaf=_is_matrix) for layer in layers]
+    columns = list(zip(*(leaves for leaves, _ in flat)))
+    matrices = [tuple(column) if _is_matrix(column[0]) else None for column in columns]
+    vectors = [None if _is_matrix(column[0]) else jnp.stack(column) for column in columns]
+    return flat[0][1], matrices, vectors
+
+
+def loop_period(weights: Any, cfg: ModelConfig, rows: int) -> int | None:
+    """The shortest run of layers whose repeats make up the model (same kinds, same weight shapes),
+    when the step can loop over it: None where it cannot, and the layers are unrolled.
+
+    A loop needs the layer-indexed matmul to be one kernel call (rz_kernels.quantized_matmul.by_layer_in_one_call:
+    the C++ CPU kernel at this many rows); an XLA path would pick a layer's weight by a switch over
+    all of them. A mixture of experts stays unrolled.
+    RZ_LAYER_LOOP=0 unrolls every step (to compare)."""
+    layers = weights.layers
+    if os.environ.get("RZ_LAYER_LOOP", "1") == "0" or cfg.n_expert or len(layers) < 2:
+        return None
+    flat = [jax.tree.flatten(layer, is_leaf=_is_matrix) for layer in layers]
+    if any(not isinstance(leaf, (QTensor, jax.Array)) for leaves, _ in flat for leaf in leaves):
+        return None
+
+    def signature(layer: int):
+        leaves, treedef = flat[layer]
+        shapes = tuple((type(leaf), leaf.shape, getattr(leaf, "dtype", None)) for leaf in leaves)
+        return treedef, shapes, cfg.sliding_layers[layer], cfg.rope_layers[layer]
+
+    n = len(layers)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and all(signature(l) == signature(l % p) for l in range(n)))
+    if period == n:
+        return None
+    matrices = [[leaf for leaf in leaves if _is_matrix(leaf)] for leaves, _ in flat]
+    if not all(by_layer_in_one_call([(w,) for w in column], rows) for column in zip(*matrices)):
+        return None
+    return period
+
+
+def write_slots(cache: KVCache, positions: jax.Array) -> dict[bool, kv_cache.WriteSlots]:
+    """Where a chunk at positions [B, T] goes in each kind of layer's blocks (sliding: True, global:
+    False), computed once for all the layers of a kind (each layer adds its offset in the pool).
 
     Behind an optimization barrier: XLA would otherwise copy the index arithmetic into every
     layer's scatter fusions, and each instruction of a compiled step stays resident with its
     executable (its HLO, kept twice when loaded from the compilation cache; the measurements are
     in benchmarks/results/memory-session22.md)."""
-    first_of_kind = {sliding: cfg.sliding_layers.index(sliding) for sliding in set(cfg.sliding_layers)}
     return jax.lax.optimization_barrier({
-        sliding: kv_cache.write_slots(
-            cache.tables[sliding][: positions.shape[0]], positions, cache.layers[layer].n_blocks, cache.layers[layer].block_size
-        )
-        for sliding, layer in first_of_kind.items()
+        sliding: kv_cache.write_slots(cache.tables[sliding][: positions.shape[0]], positions, cache.pools[sliding].block_size)
+        for sliding in set(cache.kinds)
     })
 
 
@@ -146,7 +226,7 @@ def attention_probs(weights: Any, tokens: jax.Array, layer: int, *, family: Fami
     tables = rope_tables(weights, positions, family=family, cfg=cfg)
     for below in range(layer):
         sliding = cfg.sliding_layers[below]
-        x, _ = family.block(weights.layers[below], cache.view(below, sliding, 1), x, positions, tables[sliding], below, cfg)
+        x, _ = family.block(weights.layers[below], cache.view(below, 1), x, positions, tables[sliding], below, cfg)
     queries, keys, _, scale = family.attention_inputs(weights.layers[layer], x, tables[cfg.sliding_layers[layer]], layer, cfg)
     probs = rz_kernels.attention_weights(
         queries.transpose(0, 2, 1, 3), keys.transpose(0, 2, 1, 3), positions, positions,

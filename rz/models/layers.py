@@ -5,6 +5,7 @@ Each follows the ggml op llama.cpp's graph builders use for it, in f32.
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import numpy as np
 from rz.config import ModelConfig
 from rz.sharding import Gathered, gather_last
 from rz_kernels.quants import QTensor, dequantize
-from rz_kernels import qmatmul, qmatmul_many
+from rz_kernels import qmatmul, qmatmul_by_layer, qmatmul_many
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, fixed_order: bool = False) -> jax.Array:
@@ -51,24 +52,49 @@ def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float) -> 
     return centered * jax.lax.rsqrt(variance + eps) * weight + bias
 
 
-def linear(x: jax.Array, weight: QTensor | Gathered, bias: jax.Array | None = None) -> jax.Array:
+@partial(jax.tree_util.register_dataclass, data_fields=("weights", "layer"), meta_fields=())
+@dataclass(frozen=True)
+class ByLayer:
+    """The same weight of every layer of a stack, of which the layer `layer` (int32 [], known when
+    the step runs: a loop's index over layers, rz.models.forward) is the one a matmul takes.
+    The kernel reads that layer's arrays in place; nothing is sliced or copied."""
+
+    weights: tuple[QTensor, ...]
+    layer: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weights[0].shape
+
+
+def linear(x: jax.Array, weight: QTensor | ByLayer | Gathered, bias: jax.Array | None = None) -> jax.Array:
     """x [..., K] @ weight[N, K].T (+ bias) -> f32 [..., N]: the one place matmuls on weights go through.
 
     rz_kernels.qmatmul picks the path per backend and shape (on CPU the C++ kernel, which rounds
     the activations to int8 per block as llama.cpp does; rz_kernels.quants.qmatmul_ref is the reference).
     A tensor-parallel shard's rows of a weight whose input is split (rz.sharding.Gathered) take
-    the whole input, gathered, and give their rows of y, gathered.
+    the whole input, gathered, and give their rows of y, gathered. In a loop over layers
+    (rz.models.forward) the weight is the loop's layer's (ByLayer).
     """
     if isinstance(weight, Gathered):
-        y = gather_last(qmatmul(gather_last(x, weight.axis), weight.weight), weight.axis)
+        y = gather_last(_matmul(gather_last(x, weight.axis), weight.weight), weight.axis)
     else:
-        y = qmatmul(x, weight)
+        y = _matmul(x, weight)
     return y if bias is None else y + bias
 
 
-def linear_many(x: jax.Array, weights: tuple[QTensor, ...], biases: tuple[jax.Array | None, ...]) -> list[jax.Array]:
+def _matmul(x: jax.Array, weight: QTensor | ByLayer) -> jax.Array:
+    if isinstance(weight, ByLayer):
+        return qmatmul_by_layer(x, weight.layer, [(w,) for w in weight.weights])[0]
+    return qmatmul(x, weight)
+
+
+def linear_many(x: jax.Array, weights: tuple[QTensor, ...] | tuple[ByLayer, ...], biases: tuple[jax.Array | None, ...]) -> list[jax.Array]:
     """[linear(x, w, b) for each pair], computed together: one kernel call on CPU (q/k/v, gate/up)."""
-    outputs = qmatmul_many(x, weights)
+    if isinstance(weights[0], ByLayer):
+        outputs = qmatmul_by_layer(x, weights[0].layer, list(zip(*(w.weights for w in weights))))
+    else:
+        outputs = qmatmul_many(x, weights)
     return [y if b is None else y + b for y, b in zip(outputs, biases)]
 
 

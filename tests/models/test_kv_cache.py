@@ -174,7 +174,8 @@ def test_caches_hold_their_tables_blocks(model):
     assert lengths[0] == MAX_SEQ_LEN // BLOCK_SIZE
     for sliding, table in enumerate(cache.tables):
         np.testing.assert_array_equal(np.asarray(table), np.arange(2 * lengths[sliding]).reshape(2, lengths[sliding]))
-    for sliding, layer in zip(cfg.sliding_layers, cache.layers):
+    for index, sliding in enumerate(cfg.sliding_layers):
+        layer = cache.layer(index)
         n_blocks = 2 * lengths[sliding]
         assert layer.keys.shape == (n_blocks, cfg.n_head_kv, BLOCK_SIZE, cfg.head_dim)
         assert layer.values.shape == (n_blocks, cfg.n_head_kv, BLOCK_SIZE, cfg.head_dim_v)
@@ -249,11 +250,11 @@ def test_through_table_lays_a_rows_blocks_out_in_logical_order():
 
 
 def test_copy_blocks_copies_every_layer_of_a_kind():
+    """Two global layers and a sliding one, three blocks each: each layer's blocks copied within it."""
     E = kv_cache.EMPTY
-    layer = layer_of([[0, 1], [E, E], [7, 7]])
-    cache = kv_cache.KVCache((layer, layer), kv_cache.identity_tables(1, (3, 3)))
-    copied = kv_cache.copy_blocks(
-        cache, (jnp.asarray([0, 2]), jnp.asarray([0, 0])), (jnp.asarray([1, -1]), jnp.asarray([2, 1])), (False, True)
-    )
-    np.testing.assert_array_equal(np.asarray(copied.layers[0].positions), [[0, 1], [0, 1], [7, 7]])
-    np.testing.assert_array_equal(np.asarray(copied.layers[1].positions), [[0, 1], [0, 1], [0, 1]])
+    global_pool = layer_of([[0, 1], [E, E], [7, 7], [2, 3], [E, E], [8, 8]])
+    cache = kv_cache.KVCache((global_pool, layer_of([[0, 1], [E, E], [7, 7]])), kv_cache.identity_tables(1, (3, 3)), (False, True, False), (3, 3))
+    copied = kv_cache.copy_blocks(cache, (jnp.asarray([0, 2]), jnp.asarray([0, 0])), (jnp.asarray([1, -1]), jnp.asarray([2, 1])))
+    np.testing.assert_array_equal(np.asarray(copied.layer(0).positions), [[0, 1], [0, 1], [7, 7]])
+    np.testing.assert_array_equal(np.asarray(copied.layer(2).positions), [[2, 3], [2, 3], [8, 8]])
+    np.testing.assert_array_equal(np.asarray(copied.layer(1).positions), [[0, 1], [0, 1], [0, 1]])

@@ -181,8 +181,8 @@ def assert_holds_what_the_next_query_sees(cache: kv_cache.KVCache, expected: kv_
     query at next_position may see (below it; a sliding layer: within its window), read through the
     tables. The rest (stale later positions, a ring's older laps) attention never sees."""
     for index, sliding in enumerate(cfg.sliding_layers):
-        got_keys, got_values, got_positions = kv_cache.through_table(cache.view(index, sliding, 1))
-        want_keys, want_values, want_positions = kv_cache.through_table(expected.view(index, sliding, 1))
+        got_keys, got_values, got_positions = kv_cache.through_table(cache.view(index, 1))
+        want_keys, want_values, want_positions = kv_cache.through_table(expected.view(index, 1))
         want_positions = np.asarray(want_positions)
         lowest = next_position - cfg.sliding_window if sliding else 0
         seen = (want_positions >= lowest) & (want_positions < next_position)

@@ -92,8 +92,8 @@ def assert_draft_rows_hold_their_text(engine, draft) -> None:
                                family=draft.family, cfg=draft.cfg)
         row = engine.draft_cache.with_tables(tuple(table[slot : slot + 1] for table in engine.draft_cache.tables))
         for index, sliding in enumerate(draft.cfg.sliding_layers):
-            got_keys, got_values, got_positions = kv_cache.through_table(row.view(index, sliding, 1))
-            want_keys, want_values, want_positions = kv_cache.through_table(fresh.view(index, sliding, 1))
+            got_keys, got_values, got_positions = kv_cache.through_table(row.view(index, 1))
+            want_keys, want_values, want_positions = kv_cache.through_table(fresh.view(index, 1))
             want_positions = np.asarray(want_positions)
             lowest = len(held) - draft.cfg.sliding_window if sliding else 0
             # Slots at later positions (stale drafts) are hidden by causality; the rest are the prefill's.
