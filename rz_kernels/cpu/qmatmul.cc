@@ -39,9 +39,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <string>
 #include <vector>
 
+#include "layer_weights.h"
 #include "qmatmul.h"
 #include "simd.h"
 #include "threads.h"
@@ -1571,27 +1571,13 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Remai
 ffi::Error QMatmulLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::BufferR0<ffi::S32> layer, ffi::RemainingArgs weights,
                             ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int32_t> ggml_types, int32_t weights_per_layer,
                             int32_t max_threads) {
-  if (weights_per_layer <= 0 || ggml_types.size() % weights_per_layer) {
-    return ffi::Error::InvalidArgument("rz_qmatmul_layer: ggml_types must hold weights_per_layer types for each layer");
+  rz_cpu::LayerWeights found;
+  if (ffi::Error error = rz_cpu::find_layer(ggml_types, weights_per_layer, *layer.typed_data(), weights.size(), arrays_of, found);
+      error.failure()) {
+    return error;
   }
-  const size_t per_layer = weights_per_layer, n_layers = ggml_types.size() / per_layer;
-  const int64_t l = *layer.typed_data();
-  if (l < 0 || static_cast<size_t>(l) >= n_layers) {
-    return ffi::Error::InvalidArgument("rz_qmatmul_layer: layer " + std::to_string(l) + " is outside the " +
-                                       std::to_string(n_layers) + " layers [0, " + std::to_string(n_layers) + ")");
-  }
-  // Layer l's weights are types [from, to); their arrays [first, end) follow those of the weights before them.
-  const size_t from = static_cast<size_t>(l) * per_layer, to = from + per_layer;
-  size_t first = 0, end = 0, total = 0;
-  for (size_t i = 0; i < ggml_types.size(); ++i) {
-    if (i == from) first = total;
-    const int n_arrays = arrays_of(ggml_types[i]);
-    if (n_arrays == 0) return ffi::Error::InvalidArgument("rz_qmatmul_layer: unsupported ggml_type");
-    total += n_arrays;
-    if (i + 1 == to) end = total;
-  }
-  if (total != weights.size()) return ffi::Error::InvalidArgument("rz_qmatmul_layer: the weight arrays do not match the layers' types");
-  return matmul_weights(pool, x, weights, first, end, ffi::Span<const int32_t>(ggml_types.begin() + from, per_layer), y, max_threads);
+  return matmul_weights(pool, x, weights, found.first_array, found.end_array,
+                        ffi::Span<const int32_t>(ggml_types.begin() + found.first_type, weights_per_layer), y, max_threads);
 }
 
 }  // namespace
