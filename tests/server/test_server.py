@@ -67,10 +67,14 @@ def test_token_id_prompts_stop_strings_and_logprobs(server, llm):
 
 
 def test_chat_equals_llm_chat(server, llm):
+    """Both prefill the whole prompt (cache_prompt=False): a reused prefix equals a fresh prefill only
+    to the prefill/decode consistency tolerance, which prefix each side holds depends on the tests
+    run before, and this prompt's third token is a near-tie on the AVX-512 VNNI kernels ("is" and
+    "to" swapped places after test_http's requests, at d7ea23f as since)."""
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
-    expected = llm.chat(messages, max_tokens=6, temperature=0.0)
+    expected = llm.chat(messages, max_tokens=6, temperature=0.0, cache_prompt=False)
     with server.client() as client:
-        out = client.chat(messages, 6, temperature=0.0)
+        out = client.chat(messages, 6, temperature=0.0, cache_prompt=False)
     assert (out.text, out.token_ids) == (expected.text, expected.token_ids)
 
 
