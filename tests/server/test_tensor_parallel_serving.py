@@ -87,10 +87,13 @@ def test_a_stream_is_what_one_device_generates(server, one_device):
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, one_device):
-    """More clients than slots: requests join and leave the batch between steps."""
-    expected = [one_device.generate(p, max_tokens=6, temperature=0.0, ignore_eos=True).token_ids for p in PROMPTS]
+    """More clients than slots: requests join and leave the batch between steps. Whole prefills on
+    both sides (cache_prompt=False): which prefixes each replica holds depends on the order requests
+    land, and a reused prefix equals a fresh prefill only to the consistency tolerance, which flips
+    a near-tie first token here on the AVX-512 VNNI kernels."""
+    expected = [one_device.generate(p, max_tokens=6, temperature=0.0, ignore_eos=True, cache_prompt=False).token_ids for p in PROMPTS]
     lengths = [6 - index % 3 for index in range(len(PROMPTS))]
-    results = generate_concurrently(server, PROMPTS, lengths, temperature=0.0, ignore_eos=True)
+    results = generate_concurrently(server, PROMPTS, lengths, temperature=0.0, ignore_eos=True, cache_prompt=False)
     for prompt, got, want, n in zip(PROMPTS, results, expected, lengths):
         assert got.token_ids == want[:n], prompt
 
