@@ -68,10 +68,6 @@ class LayerCache:
     positions: jax.Array  # int32 [N_blocks, block_size]: the absolute position in each slot, EMPTY if none
 
     @property
-    def n_blocks(self) -> int:
-        return self.positions.shape[0]
-
-    @property
     def block_size(self) -> int:
         return self.positions.shape[1]
 
