@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.bench.passage import CODE, PASSAGE
+from rz.buckets import VERIFY_WIDTHS
 
 WORKLOADS = {
     "input-grounded": "Rewrite the following passage exactly as it is, word for word:\n\n" + PASSAGE[:2400],
@@ -35,7 +36,6 @@ def verify_costs(llm, depth: int = 512, reps: int = 20) -> dict[str, float]:
     """Milliseconds (median) of one decode step and of a verify call of each width at batch 1, `depth` tokens in,
     and of the draft model's call of each width's drafts if llm has one."""
     from rz import steps
-    from rz.buckets import VERIFY_WIDTHS
     from rz.request import SamplingParams
     from rz.sampling import SamplerState, SamplingTensors
 
@@ -45,6 +45,12 @@ def verify_costs(llm, depth: int = 512, reps: int = 20) -> dict[str, float]:
     tensors = SamplingTensors.from_params([params])
     state = SamplerState.create([params], [[1]])
     cache = model.init_cache(1, 2 * depth)
+    # The cache holds `depth` tokens, so that each call attends over them as a stream's would: over
+    # an empty cache the attention kernels skip every slot, and a call costs its matmuls alone.
+    prompt_positions = jnp.arange(depth, dtype=jnp.int32)[None]
+    _, cache = steps.prefill(model.weights, cache, jnp.ones((1, depth), jnp.int32), prompt_positions,
+                             steps.chunk_rope_tables(freq, prompt_positions, cfg=model.cfg),
+                             jnp.asarray([depth - 1], jnp.int32), **static)
     times: dict[str, list[float]] = {}
 
     def clock(name, call):
@@ -88,11 +94,41 @@ def verify_costs(llm, depth: int = 512, reps: int = 20) -> dict[str, float]:
     return {name: 1000 * float(np.median(values)) for name, values in times.items()}
 
 
+def hindsight_bound(prompt_ids, output_ids, relative_cost: dict[int, float]) -> float:
+    """The most prompt lookup could speed up plain decoding of output_ids, judged in hindsight: tokens
+    after the first per decode step, on the cheapest schedule that produces them from plain decode
+    steps (cost 1 a token) and verify calls (relative_cost[width] each, in decode steps) that keep
+    the drafts rz.speculative.NgramIndex proposes there while they match what followed. No policy
+    for when and how much to draft gains more from these drafts at these costs: when it falls
+    short of a target, the text (how much of it repeats its context) is what limits."""
+    from rz.speculative import NgramIndex
+
+    n = len(output_ids)
+    if n < 2:
+        return 1.0
+    index = NgramIndex().extend([*prompt_ids, output_ids[0]])
+    best = [float("inf")] * (n + 1)  # best[i]: the cheapest schedule that has produced output_ids[:i]
+    best[1] = 0.0
+    for i in range(1, n):
+        best[i + 1] = min(best[i + 1], best[i] + 1)
+        for width, cost in relative_cost.items():
+            drafts = index.propose(width - 1)
+            if drafts:
+                kept = next((k for k, d in enumerate(drafts) if i + k >= n or d != output_ids[i + k]), len(drafts))
+                end = min(n, i + 1 + kept)
+                best[end] = min(best[end], best[i] + cost)
+        index.extend(output_ids[i : i + 1])
+    return (n - 1) / best[n]
+
+
 def _rz_run(llm, prompt_ids, max_tokens, speculative):
     """(tok/s, token ids, drafted, accepted) of one greedy generation."""
     before = llm._current
     drafted, accepted = (before.n_drafted, before.n_accepted) if before else (0, 0)
-    done = llm.generate(prompt_ids, max_tokens=max_tokens, temperature=0, speculative=speculative)
+    # Every run prefills its whole prompt, as llama.cpp's do: a prefix reused from the run before
+    # equals a fresh prefill only to the prefill/decode tolerance, and near ties then part the
+    # texts, so that runs with and without speculation would not be comparing the same tokens.
+    done = llm.generate(prompt_ids, max_tokens=max_tokens, temperature=0, speculative=speculative, cache_prompt=False)
     engine = llm._current
     rate = (len(done.token_ids) - 1) / done.timings["decode_seconds"]
     return rate, list(done.token_ids), engine.n_drafted - drafted, engine.n_accepted - accepted
@@ -164,6 +200,10 @@ def measure(models: dict[str, Path], proposers: tuple[str, ...], reps: int, max_
                 "tok_per_s": {key: float(np.median(values)) for key, values in runs.items()},
                 "drafted": {p: c[0] for p, c in counts.items()}, "accepted": {p: c[1] for p, c in counts.items()},
                 "same_tokens_as_plain": same,
+                "ngram_hindsight_bound": hindsight_bound(ids, plain_ids, {
+                    width: entry["verify_ms"][f"verify width {width}"] / entry["verify_ms"]["decode step"]
+                    for width in VERIFY_WIDTHS
+                }),
             })
         del plain_cpp, lookup_cpp, llm
         result["models"].append(entry)
@@ -194,5 +234,8 @@ def table(result: dict) -> str:
                     kept = f"{accepted}/{drafted} ({accepted / max(drafted, 1):.0%})"
                     same = "yes" if work["same_tokens_as_plain"][proposer] else "no"
                 lines.append(f"| {engine} | {rate:.1f} | {rate / plain:.2f} | {kept} | {same} |")
+            if "ngram_hindsight_bound" in work:
+                lines += ["", f"Prompt lookup's hindsight bound on rz plain's text: {work['ngram_hindsight_bound']:.2f}× "
+                          "(its drafts on the best schedule, at the verify costs above)"]
         lines.append("")
     return "\n".join(lines)
