@@ -103,32 +103,61 @@ RZ_INLINE __m256 hsum8(const __m256 (&a)[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// The scores of query row q against the run's 32 keys, -inf where masked (mask bit j: visible).
-template <Kv KT>
-RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, uint32_t mask, float* scores) {
+// Query rows that share each K and V row loaded (and converted from the cache type): with
+// AVX-512's 32 registers, 3 rows' 8 score chains (24) or 3 rows x 32 value lanes (12) stay in
+// registers; AVX2's 16 hold one row's scores and two rows' values. A row's arithmetic is the same
+// in any group, so its result is too.
+#if defined(__AVX512F__)
+constexpr int kScoreRows = 3;
+constexpr int kValueRows = 3;
+#else
+constexpr int kScoreRows = 1;
+constexpr int kValueRows = 2;
+#endif
+
+// The scores of RG query rows against the run's 32 keys, -inf where masked (bit j of row r's mask:
+// key j visible), row r's into scores + r * kKeyBlock.
+template <int RG, Kv KT>
+RZ_INLINE void block_scores(const Problem& p, const float* const* q, const Rows& keys, const uint32_t* masks, float* scores) {
   for (int64_t j0 = 0; j0 < kKeyBlock; j0 += 8) {
-    const uint32_t group_mask = (mask >> j0) & 0xFF;
-    if (!group_mask) {
-      _mm256_store_ps(scores + j0, _mm256_set1_ps(-INFINITY));
+    uint32_t group_masks[RG], any = 0;
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) any |= group_masks[r] = (masks[r] >> j0) & 0xFF;
+    if (!any) {
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r) _mm256_storeu_ps(scores + r * kKeyBlock + j0, _mm256_set1_ps(-INFINITY));
       continue;
     }
-    __m256 acc[8];
-    for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < p.D; i += 8) {
-      const __m256 qv = _mm256_loadu_ps(q + i);
+    __m256 acc[RG][8];
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) {
 #pragma GCC unroll 8
-      for (int jj = 0; jj < 8; ++jj) acc[jj] = _mm256_fmadd_ps(qv, load8<KT>(keys, j0 + jj, i), acc[jj]);
+      for (int jj = 0; jj < 8; ++jj) acc[r][jj] = _mm256_setzero_ps();
     }
-    __m256 s = _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(p.scale));
-    if (p.softcap > 0) {
-      // softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
-      const __m256 e = exp_ps(_mm256_mul_ps(s, _mm256_set1_ps(2.0f / p.softcap)));
-      const __m256 tanh = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
-      s = _mm256_mul_ps(tanh, _mm256_set1_ps(p.softcap));
+    for (int64_t i = 0; i < p.D; i += 8) {
+      __m256 qv[RG];
+#pragma GCC unroll 4
+      for (int r = 0; r < RG; ++r) qv[r] = _mm256_loadu_ps(q[r] + i);
+#pragma GCC unroll 8
+      for (int jj = 0; jj < 8; ++jj) {
+        const __m256 kv = load8<KT>(keys, j0 + jj, i);
+#pragma GCC unroll 4
+        for (int r = 0; r < RG; ++r) acc[r][jj] = _mm256_fmadd_ps(qv[r], kv, acc[r][jj]);
+      }
     }
-    const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int32_t>(group_mask)), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
-    const __m256 seen = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)));
-    _mm256_store_ps(scores + j0, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, seen));
+#pragma GCC unroll 4
+    for (int r = 0; r < RG; ++r) {
+      __m256 s = _mm256_mul_ps(hsum8(acc[r]), _mm256_set1_ps(p.scale));
+      if (p.softcap > 0) {
+        // softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
+        const __m256 e = exp_ps(_mm256_mul_ps(s, _mm256_set1_ps(2.0f / p.softcap)));
+        const __m256 tanh = _mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+        s = _mm256_mul_ps(tanh, _mm256_set1_ps(p.softcap));
+      }
+      const __m256i bits = _mm256_and_si256(_mm256_set1_epi32(static_cast<int32_t>(group_masks[r])), _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128));
+      const __m256 seen = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bits, _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)));
+      _mm256_storeu_ps(scores + r * kKeyBlock + j0, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), s, seen));
+    }
   }
 }
 
@@ -139,7 +168,7 @@ RZ_INLINE void block_scores(const Problem& p, const float* q, const Rows& keys, 
 template <int RG, int NV, Kv VT>
 RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t n, const float* weights, const float* correction, float* out, int64_t i) {
   __m256 acc[RG][NV];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
   for (int r = 0; r < RG; ++r) {
     const __m256 c = _mm256_set1_ps(correction[r]);
 #pragma GCC unroll 8
@@ -149,32 +178,33 @@ RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t n, const
     __m256 vv[NV];
 #pragma GCC unroll 8
     for (int u = 0; u < NV; ++u) vv[u] = load8<VT>(values, j, i + 8 * u);
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int r = 0; r < RG; ++r) {
       const __m256 w = _mm256_broadcast_ss(weights + r * kKeyBlock + j);
 #pragma GCC unroll 8
       for (int u = 0; u < NV; ++u) acc[r][u] = _mm256_fmadd_ps(w, vv[u], acc[r][u]);
     }
   }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
   for (int r = 0; r < RG; ++r) {
 #pragma GCC unroll 8
     for (int u = 0; u < NV; ++u) _mm256_storeu_ps(out + r * p.Dv + i + 8 * u, acc[r][u]);
   }
 }
 
-// value_tile over all rows and lanes: rows in pairs, 32 lanes at a time; an odd last row 64 lanes
-// at a time; head dims that are not multiples of those finish 8 lanes at a time.
+// value_tile over all rows and lanes: rows in groups of kValueRows, 32 lanes at a time; the rows
+// left 64 lanes at a time, one by one; head dims that are not multiples of those finish 8 lanes at
+// a time.
 template <Kv VT>
 RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t n, const float* weights, const float* correction, float* out) {
   int64_t r = 0;
-  for (; r + 2 <= p.R; r += 2) {
+  for (; r + kValueRows <= p.R; r += kValueRows) {
     const float* w = weights + r * kKeyBlock;
     int64_t i = 0;
-    for (; i + 32 <= p.Dv; i += 32) value_tile<2, 4, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
-    for (; i < p.Dv; i += 8) value_tile<2, 1, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
+    for (; i + 32 <= p.Dv; i += 32) value_tile<kValueRows, 4, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
+    for (; i < p.Dv; i += 8) value_tile<kValueRows, 1, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
   }
-  if (r < p.R) {
+  for (; r < p.R; ++r) {
     const float* w = weights + r * kKeyBlock;
     int64_t i = 0;
     for (; i + 64 <= p.Dv; i += 64) value_tile<1, 8, VT>(p, values, n, w, correction + r, out + r * p.Dv, i);
@@ -187,7 +217,8 @@ RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t n, con
 struct TaskScratch {
   std::vector<const float*> q_rows;
   std::vector<float> weights, correction;
-  std::vector<uint32_t> masks;
+  std::vector<uint32_t> masks, row_masks;
+  std::vector<float> scores;  // [R][kKeyBlock]
 };
 
 template <Kv KT, Kv VT>
@@ -198,12 +229,15 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
   auto& weights = scratch.weights;
   auto& correction = scratch.correction;
   auto& masks = scratch.masks;
+  auto& row_masks = scratch.row_masks;
+  auto& scores = scratch.scores;
   q_rows.resize(p.R);
+  row_masks.resize(p.R);
+  scores.resize(p.R * kKeyBlock);
   weights.resize(p.R * kKeyBlock);
   correction.resize(p.R);
   masks.resize(p.T);
   for (int64_t r = 0; r < p.R; ++r) q_rows[r] = p.q + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.D;
-  alignas(32) float scores[kKeyBlock];
   int32_t k_pos[kKeyBlock];
   Rows keys, values;
   for (int64_t start = s0; start < s1; start += kKeyBlock) {
@@ -224,11 +258,18 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
     if (!any) continue;
     rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, start, n, keys);
     rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, start, n, values);
+    // Row r's mask is its time step's; its scores go to scores[r].
+    for (int64_t r = 0; r < p.R; ++r) row_masks[r] = masks[r % p.T];
+    int64_t g = 0;
+    for (; g + kScoreRows <= p.R; g += kScoreRows) {
+      block_scores<kScoreRows, KT>(p, q_rows.data() + g, keys, row_masks.data() + g, scores.data() + g * kKeyBlock);
+    }
+    for (; g < p.R; ++g) block_scores<1, KT>(p, q_rows.data() + g, keys, row_masks.data() + g, scores.data() + g * kKeyBlock);
     for (int64_t r = 0; r < p.R; ++r) {
-      block_scores<KT>(p, q_rows[r], keys, masks[r % p.T], scores);
+      const float* row_scores = scores.data() + r * kKeyBlock;
       // Online softmax: the row's state moves to the new running max, then takes the block.
       __m256 block_max = _mm256_set1_ps(-INFINITY);
-      for (int64_t j = 0; j < kKeyBlock; j += 8) block_max = _mm256_max_ps(block_max, _mm256_load_ps(scores + j));
+      for (int64_t j = 0; j < kKeyBlock; j += 8) block_max = _mm256_max_ps(block_max, _mm256_loadu_ps(row_scores + j));
       const float new_max = std::max(part.max[r], hmax(block_max));
       float* w = weights.data() + r * kKeyBlock;
       if (new_max == -INFINITY) {
@@ -240,7 +281,7 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       part.max[r] = new_max;
       __m256 total = _mm256_setzero_ps();
       for (int64_t j = 0; j < kKeyBlock; j += 8) {
-        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_load_ps(scores + j), _mm256_set1_ps(new_max)));
+        const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(row_scores + j), _mm256_set1_ps(new_max)));
         _mm256_storeu_ps(w + j, e);
         total = _mm256_add_ps(total, e);
       }
