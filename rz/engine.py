@@ -25,7 +25,7 @@ from rz.buckets import VERIFY_WIDTHS, Buckets, batch_ladder
 from rz.constraints import Vocabulary
 from rz.errors import RequestError
 from rz.generation import Generation, GenerationRequest, Timings
-from rz.host_memory import fresh_array
+from rz.host_memory import device_copy, drop_tracing_caches, fresh_array
 from rz.kv_blocks import NO_BLOCK, BlockPlan, KVBlocks, SequenceBlocks
 from rz.request import MAX_N_LOGPROBS, FinishReason, SamplingParams, check_token_ids
 from rz.sampling import SampledTokens, SamplerState, SamplingTensors
@@ -257,7 +257,7 @@ class Engine:
         """A step (prefill, score) run on one sequence's blocks, through its block tables alone;
         returns what the step returns before the cache."""
         tables = self.cache.tables
-        one_row = tuple(jnp.asarray(np.asarray(blocks.tables.get(kind, []), np.int32)[None]) for kind in (False, True))
+        one_row = tuple(device_copy([blocks.tables.get(kind, [])], np.int32) for kind in (False, True))
         out, cache = self._timed(name, step, self.model.weights, self.cache.with_tables(one_row), *args, **self._model_static)
         self.cache = cache.with_tables(tables)
         return out
@@ -440,7 +440,7 @@ class Engine:
             self._prepare_writes(sequence, sequence.position, width)
         drafting = {self.slots[slot].speculation.proposer for slot, n in model_drafts.items() if n}
         drafters = tuple(p for p in MODEL_PROPOSERS if p in drafting)
-        sampled, n_emitted = self._verify_call(rows, jnp.asarray(host_tokens), jnp.asarray(host_positions), model_drafts, drafters)
+        sampled, n_emitted = self._verify_call(rows, device_copy(host_tokens), device_copy(host_positions), model_drafts, drafters)
         for sequence in active:
             n_drafted, n_kept = n_drafts.get(sequence.slot, 0), int(n_emitted[sequence.slot]) - 1
             if sequence.speculation is not None:
@@ -512,7 +512,7 @@ class Engine:
             draft_model, cache = self.draft_model, self._fed_draft_cache(rows, sequences)
         drafted, probabilities, cache = self._timed(
             f"{drafter}[{rows}, drafts={width - 1}]", steps.draft, draft_model.weights, cache,
-            tokens[:, 0], jnp.asarray(last_positions), tensors, self._sampler_state,
+            tokens[:, 0], device_copy(last_positions), tensors, self._sampler_state,
             family=draft_model.family, cfg=draft_model.cfg, plan=draft_model.plan, n_ctx=self.capacity, n_drafts=width - 1,
         )
         if drafter == "self":
@@ -523,7 +523,7 @@ class Engine:
             self.draft_cache = cache
             for sequence in sequences:
                 self._draft_held[sequence.slot] = np.asarray(_fed_tokens(sequence), np.int32)
-        return self.model.launch(steps.with_model_drafts, tokens, drafted, probabilities, jnp.asarray(drafting), draft_probabilities)
+        return self.model.launch(steps.with_model_drafts, tokens, drafted, probabilities, device_copy(drafting), draft_probabilities)
 
     def _fed_draft_cache(self, rows: int, sequences: Sequence[Generation]) -> kv_cache.KVCache:
         """The draft model's cache with each of sequences' rows fed what it does not hold of the
@@ -557,11 +557,11 @@ class Engine:
 
     def _feed_draft_model(self, tokens: np.ndarray, positions: np.ndarray) -> None:
         """One call of rz.steps.feed into the draft model's cache: tokens, positions int32 [rows, width]."""
-        draft, positions = self.draft_model, jnp.asarray(positions)
+        draft, positions = self.draft_model, device_copy(positions)
         tables = steps.chunk_rope_tables(draft.family.rope_freq_factors(draft.weights), positions, cfg=draft.cfg)
         self.draft_cache = self._timed(
             f"draft feed[{tokens.shape[0]}, width={tokens.shape[1]}]", steps.feed, draft.weights, self.draft_cache,
-            jnp.asarray(tokens), positions, tables, family=draft.family, cfg=draft.cfg, plan=draft.plan,
+            device_copy(tokens), positions, tables, family=draft.family, cfg=draft.cfg, plan=draft.plan,
         )
 
     def _launch(self, after: "_DecodeCall | None" = None) -> "_DecodeCall | None":
@@ -578,7 +578,7 @@ class Engine:
             for sequence in active:
                 host_tokens[sequence.slot] = sequence.output_ids[-1]
                 host_positions[sequence.slot] = sequence.position
-            sequences, tokens, positions = tuple(active), jnp.asarray(host_tokens), jnp.asarray(host_positions)
+            sequences, tokens, positions = tuple(active), device_copy(host_tokens), device_copy(host_positions)
         tensors, n_top = self._batch_tensors(rows)
         allowed = None if after is not None else self._token_masks(self.slots[:rows])
         # Each mask holds for one token only: a batch with a constrained row runs one step per call.
@@ -611,7 +611,7 @@ class Engine:
         matchers = [row.constraint if row is not None else None for row in rows]
         if all(matcher is None for matcher in matchers):
             return None
-        return jnp.asarray(self.vocabulary.masks(matchers))
+        return device_copy(self.vocabulary.masks(matchers))
 
     def _collect(self, call: "_DecodeCall") -> list[SampledRow]:
         """Read a call's tokens back: each step's row of every sequence it ran for, step by step."""
@@ -674,7 +674,7 @@ class Engine:
         """Launch the block copies (per kind, source and destination) an admission asks for: a
         block that holds the prompt's next tokens among others' (rz.kv_blocks), before any chunk."""
         pairs = [copies.get(kind, (NO_BLOCK, NO_BLOCK)) for kind in (False, True)]
-        sources, destinations = (tuple(jnp.asarray([pair[i]], jnp.int32) for pair in pairs) for i in (0, 1))
+        sources, destinations = (tuple(device_copy([pair[i]], np.int32) for pair in pairs) for i in (0, 1))
         self.cache = self._timed("copy_blocks", steps.copy_blocks, self.cache, sources, destinations)
 
     def _set_tables(self, slot: int, blocks: SequenceBlocks) -> None:
@@ -686,7 +686,7 @@ class Engine:
         """The slots' block tables onto the device, for the call about to run. Put there before every
         call, not only after a change, so that every call takes tables placed alike (a call's own
         output tables may be placed otherwise, and would compile the next call once more)."""
-        self.cache = self.cache.with_tables(tuple(jnp.asarray(table) for table in self._host_tables))
+        self.cache = self.cache.with_tables(tuple(device_copy(table) for table in self._host_tables))
 
     def _chunk_tables(self, positions):
         return self._timed(
@@ -704,6 +704,7 @@ class Engine:
         start = time.perf_counter()
         result = jax.block_until_ready(self.model.launch(step, *args, **static))
         self.compilations[name] = time.perf_counter() - start
+        drop_tracing_caches()
         return result
 
 
@@ -762,4 +763,4 @@ def _padded_chunk(ids: Sequence[int], start: int, bucket: int):
     positions = np.full((1, bucket), -1, np.int32)
     tokens[0, : len(piece)] = piece
     positions[0, : len(piece)] = np.arange(start, start + len(piece))
-    return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray([len(piece) - 1], jnp.int32)
+    return device_copy(tokens), device_copy(positions), device_copy([len(piece) - 1], np.int32)

@@ -48,6 +48,45 @@ def return_free_pages_after_compiles() -> None:
     jax.monitoring.register_event_duration_secs_listener(listener)
 
 
+# Kept by drop_tracing_caches: eager operations' compiled callables. Dropped, each would compile
+# again on its next use (~5 ms, and ~1 MiB held).
+_KEPT_CACHES = frozenset({"xla_primitive_callable"})
+
+
+def drop_tracing_caches() -> None:
+    """Drop what JAX kept from tracing and lowering steps (jaxprs, lowered modules), then return
+    the freed pages.
+
+    A compiled step stays in jit's C++ dispatch cache, which is all its later calls with the same
+    shapes use; what tracing kept is needed only to trace the same function at the same shapes
+    again. For SmolLM2's pp512 and tg128 steps that is ~50 MiB, a tenth of the process
+    (benchmarks/results/memory-session25.md). A later call that misses the dispatch cache traces
+    again, as a new shape would. `jax.clear_caches` would drop the compiled steps too.
+    """
+    try:
+        from jax._src import util
+
+        caches = list(util._caches)
+    except (ImportError, AttributeError):  # a JAX without them keeps its caches: more memory, the same results
+        return
+    for cache in caches:
+        if getattr(getattr(cache, "__wrapped__", None), "__name__", None) not in _KEPT_CACHES:
+            cache.cache_clear()
+    return_free_pages()
+
+
+def device_copy(values, dtype=None):
+    """A copy of host values (a NumPy array, a list, a scalar) on the default device, uncommitted, as
+    jnp.asarray gives it, but with nothing compiled: jnp.asarray of a NumPy array runs an identity
+    computation compiled once per shape, and an engine's per-request shapes (block tables, prompt
+    chunks) would keep compiling them, each held at ~0.5 MiB. The copy is taken first because on
+    CPU the device array may share the host buffer, which callers go on to change.
+    """
+    import jax
+
+    return jax.device_put(np.array(values, dtype=dtype))
+
+
 def fresh_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     """A zeroed array in an anonymous mapping of its own, unmapped when the array is collected.
 

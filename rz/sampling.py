@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rz.host_memory import device_copy
 from rz.request import MAX_LOGIT_BIAS, MAX_N_LOGPROBS, MAX_PENALTY_LAST_N, SamplingParams
 
 __all__ = [
@@ -86,7 +87,7 @@ class SamplingTensors:
             params.validate()
 
         def column(name, dtype):
-            return jnp.asarray(np.array([getattr(p, name) for p in rows], dtype=dtype))
+            return device_copy([getattr(p, name) for p in rows], dtype)
 
         bias_ids = np.full((len(rows), MAX_LOGIT_BIAS), -1, np.int32)
         bias_values = np.zeros((len(rows), MAX_LOGIT_BIAS), np.float32)
@@ -96,15 +97,15 @@ class SamplingTensors:
 
         return cls(
             temperature=column("temperature", np.float32),
-            top_k=jnp.asarray(np.array([min(p.top_k, _INT32_MAX) for p in rows], dtype=np.int32)),
+            top_k=device_copy([min(p.top_k, _INT32_MAX) for p in rows], np.int32),
             top_p=column("top_p", np.float32),
             min_p=column("min_p", np.float32),
             repeat_penalty=column("repeat_penalty", np.float32),
             presence_penalty=column("presence_penalty", np.float32),
             frequency_penalty=column("frequency_penalty", np.float32),
             penalty_last_n=column("penalty_last_n", np.int32),
-            bias_ids=jnp.asarray(bias_ids),
-            bias_values=jnp.asarray(bias_values),
+            bias_ids=device_copy(bias_ids),
+            bias_values=device_copy(bias_values),
         )
 
 
@@ -128,9 +129,9 @@ class SamplerState:
             raise ValueError(f"the penalty window must hold at least one token, got {window}")
         if len(rows) != len(histories):
             raise ValueError(f"{len(rows)} rows of params but {len(histories)} histories")
-        seeds = jnp.asarray(np.array([_resolve_seed(p) for p in rows], dtype=np.uint32))
+        seeds = device_copy([_resolve_seed(p) for p in rows], np.uint32)
         windows = np.stack([_window_of(history, window) for history in histories])
-        return cls(keys=jax.vmap(jax.random.key)(seeds), recent_tokens=jnp.asarray(windows))
+        return cls(keys=jax.vmap(jax.random.key)(seeds), recent_tokens=device_copy(windows))
 
     def with_row(self, row: int, joining: "SamplerState") -> "SamplerState":
         """This state with row `row` replaced by a one-row state's (a request joining its slot)."""

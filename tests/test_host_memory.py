@@ -1,9 +1,31 @@
-"""rz.host_memory: the C allocator's free pages go back to the system after every compilation."""
+"""rz.host_memory: the C allocator's free pages go back to the system after every compilation; what
+tracing kept goes after a step compiles; host values reach the device without compiling."""
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rz import host_memory
+
+_TRACED = "/jax/core/compile/jaxpr_trace_duration"
+_COMPILED = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def jax_events():
+    """The names of the duration events JAX records inside the block (tracing, compiling)."""
+    events = []
+
+    def listener(event, duration, **kwargs):
+        events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def test_every_compilation_returns_the_free_pages(monkeypatch):
@@ -42,3 +64,37 @@ def test_a_fresh_array_is_zeroed_writable_and_in_a_mapping_of_its_own():
     del array
     assert mapping() is None
     assert host_memory.fresh_array((0, 4), np.float32).shape == (0, 4)
+
+
+def test_dropping_what_tracing_kept_keeps_the_compiled_steps_and_eager_operations():
+    from jax._src import util
+
+    step = jax.jit(lambda x: jnp.cumsum(x * 3.25))
+    x = jnp.ones(7907)
+    expected = np.asarray(step(x))
+    (x + 1.5).block_until_ready()  # an eager operation, compiled once
+    host_memory.drop_tracing_caches()
+    holding = {
+        getattr(getattr(cache, "__wrapped__", None), "__name__", None)
+        for cache in util._caches
+        if hasattr(cache, "cache_info") and cache.cache_info().currsize
+    }
+    assert holding <= host_memory._KEPT_CACHES
+    with jax_events() as events:
+        again = np.asarray(step(x))
+        (x + 1.5).block_until_ready()
+    assert _TRACED not in events and _COMPILED not in events
+    np.testing.assert_array_equal(again, expected)
+
+
+def test_a_device_copy_compiles_nothing_and_is_a_copy():
+    host = np.arange(7919, dtype=np.int64)[None]  # a shape nothing has compiled for
+    with jax_events() as events:
+        on_device = host_memory.device_copy(host, np.int32)
+    assert _COMPILED not in events
+    assert on_device.dtype == jnp.int32 and on_device.shape == (1, 7919)
+    assert not on_device.committed  # placed as jnp.asarray places it
+    host[0, :3] = -7  # the caller's buffer changes; the device's copy does not
+    np.testing.assert_array_equal(np.asarray(on_device), np.arange(7919)[None])
+    assert host_memory.device_copy([[], []], np.int32).shape == (2, 0)
+    assert host_memory.device_copy(3.5).dtype == jnp.float32
