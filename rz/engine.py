@@ -13,7 +13,7 @@ is the scheduler's (rz.scheduler), which rz.LLM and the gRPC server both drive.
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import jax
@@ -743,7 +743,8 @@ class _DecodeCall:
 
 
 def _weight_bytes(model) -> int:
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(model.weights))
+    # Layers' stacks (rz.models.layer_stacks) hold the layers' own bytes again: counted once.
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(replace(model.weights, layers=tuple(model.weights.layers))))
 
 
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:

@@ -3,6 +3,7 @@
     y = qmatmul(x, qt)                      # x [..., K] @ dequantize(qt).T, by the fastest path here
     q, k, v = qmatmul_many(x, (wq, wk, wv)) # several weights on one input, one kernel call on CPU
     q, k, v = qmatmul_by_layer(x, l, qkv_by_layer)  # layer l's (wq, wk, wv), l traced (a scan's index)
+    q, k, v = qmatmul_stacked(x, l, (wq_stack, wk_stack, wv_stack))  # the same, weights stacked per layer
     o = attention(q, k, v, q_positions, k_positions, window=..., scale=..., softcap=...)
     o = attention(q, k_pool, v_pool, q_positions, pool_positions, block_table=...)  # a paged cache
     k, v, positions = paged_as_slab(k_pool, v_pool, pool_positions, block_table)
@@ -18,7 +19,7 @@ import jax
 from rz_kernels import causal_attention, quantized_matmul
 from rz_kernels.attention_kv import paged_as_slab
 from rz_kernels.causal_attention import attention, attention_ref, attention_weights
-from rz_kernels.quantized_matmul import qmatmul, qmatmul_by_layer, qmatmul_many, select_path
+from rz_kernels.quantized_matmul import qmatmul, qmatmul_by_layer, qmatmul_many, qmatmul_stacked, select_path
 
 
 def describe_paths(backend: str | None = None) -> list[dict]:
@@ -36,5 +37,6 @@ __all__ = [
     "qmatmul",
     "qmatmul_by_layer",
     "qmatmul_many",
+    "qmatmul_stacked",
     "select_path",
 ]

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz_kernels.ggml_types import GGMLType
-from rz_kernels.quants import QTensor, qmatmul_ref
+from rz_kernels.quants import QTensor, QTensorStack, qmatmul_ref
 from rz_kernels import cpu_ffi, qmatmul_pallas
 
 log = logging.getLogger("rz_kernels")
@@ -223,7 +223,7 @@ def qmatmul_layer_cpu(
     """The C++ kernel on layer `layer`'s weights, the index an int32 scalar known at run time:
     x f32 [M, K] -> f32 [M, sum of a layer's N], qmatmul_cpu(x, weights_by_layer[layer]) bit for bit.
     Every layer's arrays are operands of the one call and the kernel reads only that layer's, so no
-    weight is sliced or copied (as indexing stacked weights in a scan would)."""
+    weight is sliced or copied (as indexing stacked weights in XLA would)."""
     variant = cpu_ffi.active(variant)
     m, n = x.shape[0], sum(w.shape[0] for w in weights_by_layer[0])
     arrays, types = _kernel_operands([w for weights in weights_by_layer for w in weights])
@@ -441,6 +441,51 @@ def _check_layers(x: jax.Array, weights_by_layer: Sequence[Sequence[QTensor]]) -
 
 def _layer_matmuls(index: int, rows: jax.Array, by_layer: tuple[tuple[QTensor, ...], ...]) -> tuple[jax.Array, ...]:
     return tuple(qmatmul_many(rows, by_layer[index]))
+
+
+def qmatmul_stacked_cpu(
+    x: jax.Array, layer: jax.Array, stacks: Sequence[QTensorStack], max_threads: int = 0, variant: cpu_ffi.Variant | None = None
+) -> jax.Array:
+    """qmatmul_layer_cpu on weights stacked per layer: x f32 [M, K] -> f32 [M, sum of N], layer
+    `layer`'s slice of each stack read in place, bit for bit qmatmul_cpu(x, that layer's weights).
+    The call's operands are one array per stack and name, however many layers there are."""
+    variant = cpu_ffi.active(variant)
+    m, n = x.shape[0], sum(s.shape[0] for s in stacks)
+    arrays, types = _kernel_operands(stacks)
+    call = jax.ffi.ffi_call(cpu_ffi.qmatmul_layer_target(variant), jax.ShapeDtypeStruct((m, n), jnp.float32), vmap_method="sequential")
+    return call(
+        x.astype(jnp.float32), jnp.asarray(layer, jnp.int32), *arrays,
+        ggml_types=types, weights_per_layer=np.int32(len(stacks)), max_threads=np.int32(max_threads),
+    )
+
+
+def qmatmul_stacked(x: jax.Array, layer: jax.Array, stacks: Sequence[QTensorStack]) -> list[jax.Array]:
+    """qmatmul_by_layer for weights stacked per layer (rz_kernels.quants.QTensorStack, all of as
+    many layers): each f32 [..., N_j] of layer `layer`'s weights. Where by_layer_in_one_call, one
+    C++ kernel call reads the layer's slices in place; elsewhere a lax.switch over the layers."""
+    stacks = tuple(stacks)
+    if not stacks or any(s.n_layers != stacks[0].n_layers or s.shape[-1] != x.shape[-1] for s in stacks):
+        raise ValueError("qmatmul_stacked: needs stacks of as many layers, each [L, N, K] with the K of x")
+    lead = x.shape[:-1]
+    rows = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    m = rows.shape[0]
+    if m == 0:
+        return [jnp.zeros((*lead, s.shape[0]), jnp.float32) for s in stacks]
+
+    def switch(rows, layer, stacks):
+        def one(index, rows, stacks):
+            return tuple(qmatmul_many(rows, [s.layer(index) for s in stacks]))
+
+        return jax.lax.switch(layer, [functools.partial(one, index) for index in range(stacks[0].n_layers)], rows, stacks)
+
+    def cpu(rows, layer, stacks):
+        if _in_one_call([stacks], m):
+            return _side_by_side(qmatmul_stacked_cpu(rows, layer, stacks), stacks)
+        return switch(rows, layer, stacks)
+
+    layer = jnp.asarray(layer, jnp.int32)
+    outputs = jax.lax.platform_dependent(rows, layer, stacks, cpu=cpu, default=switch)
+    return [y.reshape(*lead, s.shape[0]) for y, s in zip(outputs, stacks)]
 
 
 def qmatmul_by_layer(x: jax.Array, layer: jax.Array, weights_by_layer: Sequence[Sequence[QTensor]]) -> list[jax.Array]:

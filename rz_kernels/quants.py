@@ -67,7 +67,7 @@ FMA contraction XLA applies on CPU and GPU cannot change a result.
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +94,53 @@ class QTensor:
     def nbytes(self) -> int:
         """Bytes held by the arrays: about the GGUF size of the tensor."""
         return sum(array.nbytes for array in self.arrays.values())
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=("arrays",), meta_fields=("ggml_type", "shape"))
+@dataclass(frozen=True)
+class QTensorStack:
+    """One weight of several layers, stacked: each array of a QTensor's layout with a leading
+    layer axis [L, ...]; `shape` is one layer's. A layer-indexed matmul
+    (rz_kernels.quantized_matmul.qmatmul_stacked) reads its layer's slice in place."""
+
+    arrays: dict[str, jax.Array]
+    ggml_type: GGMLType
+    shape: tuple[int, ...]
+
+    @property
+    def n_layers(self) -> int:
+        return next(iter(self.arrays.values())).shape[0]
+
+    def layer(self, index: int) -> QTensor:
+        """Layer `index`'s weight: a slice of every array (under jit a copy, unless it fuses)."""
+        return QTensor({name: array[index] for name, array in self.arrays.items()}, self.ggml_type, self.shape)
+
+
+def stack_in_place(weights: Sequence[QTensor]) -> tuple[QTensorStack, tuple[QTensor, ...]] | None:
+    """The weights stacked into one buffer per array, and each weight again as views of its slice:
+    the same bytes held once, reachable both ways. None where they cannot share it: their types or
+    shapes differ, a layer's slice would not start on an _ALIGNMENT boundary, or the device does
+    not adopt host buffers (JAX copies them to an accelerator)."""
+    first = weights[0]
+    if any(w.ggml_type != first.ggml_type or w.shape != first.shape or w.arrays.keys() != first.arrays.keys() for w in weights):
+        return None
+    stacked, views = {}, [{} for _ in weights]
+    for name, array in first.arrays.items():
+        if any(w.arrays[name].shape != array.shape or w.arrays[name].dtype != array.dtype for w in weights):
+            return None
+        if array.nbytes % _ALIGNMENT:
+            return None
+        host = aligned_empty((len(weights), *array.shape), np.dtype(array.dtype))
+        for index, weight in enumerate(weights):
+            host[index] = np.asarray(weight.arrays[name])
+        stacked[name] = jax.device_put(host)
+        for index in range(len(weights)):
+            views[index][name] = jax.device_put(host[index])
+        pointers = [view[name].unsafe_buffer_pointer() for view in views]
+        if stacked[name].unsafe_buffer_pointer() != host.ctypes.data or pointers != [host[i].ctypes.data for i in range(len(weights))]:
+            return None
+    stack = QTensorStack(stacked, first.ggml_type, first.shape)
+    return stack, tuple(QTensor(view, first.ggml_type, first.shape) for view in views)
 
 
 # ---------------------------------------------------------------------------------------------

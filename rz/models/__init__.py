@@ -5,7 +5,6 @@ rz.models.family): its weights, embedding, transformer block and head. The stack
 the KV cache is driven from here, once for all families.
 """
 
-import os
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Callable
@@ -21,10 +20,10 @@ from rz.kv_cache import KVCache
 import rz_kernels
 from rz.models import attention, gemma2, gemma3, llama, phi2, phi3, qwen3
 from rz.models.family import Family
+from rz.models.layer_stacks import is_matrix, position_stacks, repeat_period, stack_layers
 from rz.models.layers import ByLayer, Rope, RopeTable, rope_table
 from rz.weights import load_weights
 from rz_kernels.quantized_matmul import by_layer_in_one_call
-from rz_kernels.quants import QTensor
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "Family", "Model", "load_model", "load_replicas"]
 
@@ -96,10 +95,15 @@ def _unrolled(weights, cache: KVCache, x, positions, tables, writes, *, family: 
 def _looped(weights, cache: KVCache, x, positions, tables, writes, *, period: int, family: Family, cfg: ModelConfig):
     """The layers as a loop over groups of `period` layers (loop_period), whose body is one group:
     (x, the cache's pools). Each matmul takes its layer's weight by the loop's index (ByLayer), and
-    each layer its blocks of its kind's pool by offset, so the loop copies neither; the small
-    vectors (norms, biases) are stacked and sliced per iteration."""
+    each layer its blocks of its kind's pool by offset, so the loop copies neither. The weights come
+    stacked per position of the group (rz.models.layer_stacks: at load, or here in the graph where
+    the model was not stacked), the small vectors (norms, biases) sliced per iteration."""
     n_groups = len(weights.layers) // period
-    groups = [_stacked(weights.layers[j::period]) for j in range(period)]
+    stacks = getattr(weights.layers, "stacks", None)
+    if stacks is not None and len(stacks) == period:
+        groups = [(stack.treedef, list(stack.matrices), list(stack.vectors)) for stack in stacks]
+    else:
+        groups = [position_stacks(weights.layers[j::period]) for j in range(period)]
 
     def group(carry, xs):
         x, pools = carry
@@ -124,45 +128,17 @@ def _looped(weights, cache: KVCache, x, positions, tables, writes, *, period: in
     return x, pools
 
 
-def _is_matrix(leaf) -> bool:
-    return isinstance(leaf, QTensor)
-
-
-def _stacked(layers: tuple) -> tuple[Any, list[tuple[QTensor, ...] | None], list[jax.Array | None]]:
-    """The layers' common tree (QTensors as leaves) and, per leaf position, the QTensors across the
-    layers (None where the leaf is an array) and the arrays stacked (None where it is a QTensor)."""
-    flat = [jax.tree.flatten(layer, is_leaf=_is_matrix) for layer in layers]
-    columns = list(zip(*(leaves for leaves, _ in flat)))
-    matrices = [tuple(column) if _is_matrix(column[0]) else None for column in columns]
-    vectors = [None if _is_matrix(column[0]) else jnp.stack(column) for column in columns]
-    return flat[0][1], matrices, vectors
-
-
 def loop_period(weights: Any, cfg: ModelConfig, rows: int) -> int | None:
-    """The shortest run of layers whose repeats make up the model (same kinds, same weight shapes),
-    when the step can loop over it: None where it cannot, and the layers are unrolled.
+    """The run of layers a step of `rows` rows loops over (layer_stacks.repeat_period), or None
+    where the layers are unrolled.
 
     A loop needs the layer-indexed matmul to be one kernel call (rz_kernels.quantized_matmul.by_layer_in_one_call:
     the C++ CPU kernel at this many rows); an XLA path would pick a layer's weight by a switch over
-    all of them. A mixture of experts stays unrolled.
-    RZ_LAYER_LOOP=0 unrolls every step (to compare)."""
-    layers = weights.layers
-    if os.environ.get("RZ_LAYER_LOOP", "1") == "0" or cfg.n_expert or len(layers) < 2:
+    all of them. A mixture of experts stays unrolled. RZ_LAYER_LOOP=0 unrolls every step (to compare)."""
+    period = repeat_period(weights, cfg)
+    if period is None:
         return None
-    flat = [jax.tree.flatten(layer, is_leaf=_is_matrix) for layer in layers]
-    if any(not isinstance(leaf, (QTensor, jax.Array)) for leaves, _ in flat for leaf in leaves):
-        return None
-
-    def signature(layer: int):
-        leaves, treedef = flat[layer]
-        shapes = tuple((type(leaf), leaf.shape, getattr(leaf, "dtype", None)) for leaf in leaves)
-        return treedef, shapes, cfg.sliding_layers[layer], cfg.rope_layers[layer]
-
-    n = len(layers)
-    period = next(p for p in range(1, n + 1) if n % p == 0 and all(signature(l) == signature(l % p) for l in range(n)))
-    if period == n:
-        return None
-    matrices = [[leaf for leaf in leaves if _is_matrix(leaf)] for leaves, _ in flat]
+    matrices = [[leaf for leaf in jax.tree.leaves(layer, is_leaf=is_matrix) if is_matrix(leaf)] for layer in weights.layers]
     if not all(by_layer_in_one_call([(w,) for w in column], rows) for column in zip(*matrices)):
         return None
     return period
@@ -277,7 +253,7 @@ def load_model(gguf: GGUFFile, cfg: ModelConfig, tensor_parallel: int = 1) -> Mo
     over `tensor_parallel` devices (rz.sharding; checked to divide before anything is read)."""
     family = _family(gguf, cfg)
     if tensor_parallel == 1:
-        return Model(cfg, load_weights(gguf, family.tensor_specs(cfg)), family)
+        return Model(cfg, stack_layers(load_weights(gguf, family.tensor_specs(cfg)), cfg), family)
     plan = sharding.plan(cfg, tensor_parallel)
     multihost.check_mesh(plan.mesh)
     model = Model(cfg, sharding.place(load_weights(gguf, family.tensor_specs(cfg)), plan, cfg), family, plan)

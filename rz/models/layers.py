@@ -13,8 +13,8 @@ import numpy as np
 
 from rz.config import ModelConfig
 from rz.sharding import Gathered, gather_last
-from rz_kernels.quants import QTensor, dequantize
-from rz_kernels import qmatmul, qmatmul_by_layer, qmatmul_many
+from rz_kernels.quants import QTensor, QTensorStack, dequantize
+from rz_kernels import qmatmul, qmatmul_by_layer, qmatmul_many, qmatmul_stacked
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, *, fixed_order: bool = False) -> jax.Array:
@@ -59,12 +59,12 @@ class ByLayer:
     the step runs: a loop's index over layers, rz.models.forward) is the one a matmul takes.
     The kernel reads that layer's arrays in place; nothing is sliced or copied."""
 
-    weights: tuple[QTensor, ...]
+    weights: tuple[QTensor, ...] | QTensorStack  # every layer's QTensor, or all of them stacked
     layer: jax.Array
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.weights[0].shape
+        return self.weights.shape if isinstance(self.weights, QTensorStack) else self.weights[0].shape
 
 
 def linear(x: jax.Array, weight: QTensor | ByLayer | Gathered, bias: jax.Array | None = None) -> jax.Array:
@@ -85,14 +85,30 @@ def linear(x: jax.Array, weight: QTensor | ByLayer | Gathered, bias: jax.Array |
 
 def _matmul(x: jax.Array, weight: QTensor | ByLayer) -> jax.Array:
     if isinstance(weight, ByLayer):
-        return qmatmul_by_layer(x, weight.layer, [(w,) for w in weight.weights])[0]
+        return _by_layer(x, (weight,))[0]
     return qmatmul(x, weight)
+
+
+def _by_layer(x: jax.Array, weights: tuple[ByLayer, ...]) -> list[jax.Array]:
+    """The loop layer's matmuls: the stacked weights in one kernel call, the per-layer ones in
+    another (a matrix whose type differs between layers is not stacked; rz.models.layer_stacks)."""
+    layer = weights[0].layer
+    stacked = [i for i, w in enumerate(weights) if isinstance(w.weights, QTensorStack)]
+    apart = [i for i, w in enumerate(weights) if not isinstance(w.weights, QTensorStack)]
+    outputs = [None] * len(weights)
+    if stacked:
+        for i, y in zip(stacked, qmatmul_stacked(x, layer, [weights[i].weights for i in stacked])):
+            outputs[i] = y
+    if apart:
+        for i, y in zip(apart, qmatmul_by_layer(x, layer, list(zip(*(weights[i].weights for i in apart))))):
+            outputs[i] = y
+    return outputs
 
 
 def linear_many(x: jax.Array, weights: tuple[QTensor, ...] | tuple[ByLayer, ...], biases: tuple[jax.Array | None, ...]) -> list[jax.Array]:
     """[linear(x, w, b) for each pair], computed together: one kernel call on CPU (q/k/v, gate/up)."""
     if isinstance(weights[0], ByLayer):
-        outputs = qmatmul_by_layer(x, weights[0].layer, list(zip(*(w.weights for w in weights))))
+        outputs = _by_layer(x, weights)
     else:
         outputs = qmatmul_many(x, weights)
     return [y if b is None else y + b for y, b in zip(outputs, biases)]

@@ -1,12 +1,15 @@
 // Where one layer's weights lie among the operands of a layer-indexed matmul (RzQMatmulLayer, in
-// qmatmul.cc and qmatmul_neon.cc): the call holds every layer's weights, layer-major, weight i of
-// type ggml_types[i] with as many arrays as that type has, and multiplies by layer l's only.
+// qmatmul.cc and qmatmul_neon.cc). Either the call holds every layer's weights, layer-major, weight i
+// of type ggml_types[i] with as many arrays as that type has, and multiplies by layer l's only; or
+// it holds one layer's worth of arrays, each stacked over the layers ([L, N, items]), and reads
+// layer l's slice of each in place.
 
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -44,6 +47,48 @@ xla::ffi::Error find_layer(xla::ffi::Span<const int32_t> ggml_types, int32_t wei
   }
   if (total != n_arrays) return Error::InvalidArgument("rz_qmatmul_layer: the weight arrays do not match the layers' types");
   return Error::Success();
+}
+
+// One weight array as a kernel reads it: where its data starts, its rows (N) and its bytes.
+struct WeightArray {
+  const void* data = nullptr;
+  int64_t rows = 0;
+  double bytes = 0;
+};
+
+// The call's arrays [first, end). Each is [N, K/block * items]; or, with `stacked`, each is every
+// layer's stacked [L, N, K/block * items], and `layer`'s slice is the array.
+inline xla::ffi::Error weight_arrays(const xla::ffi::RemainingArgs& weights, size_t first, size_t end, bool stacked, int64_t layer,
+                                     std::vector<WeightArray>& out) {
+  using xla::ffi::Error;
+  for (size_t i = first; i < end; ++i) {
+    auto array = weights.get<xla::ffi::AnyBuffer>(i);
+    if (!array.has_value()) return array.error();
+    const auto dims = array->dimensions();
+    if (dims.size() != (stacked ? 3u : 2u)) {
+      return Error::InvalidArgument(stacked ? "rz_qmatmul_layer: every stacked weight array must be [L, N, K/block * items]"
+                                            : "rz_qmatmul: every weight array must be [N, K/block * items]");
+    }
+    WeightArray view{array->untyped_data(), dims[stacked ? 1 : 0], static_cast<double>(array->size_bytes())};
+    if (stacked) {
+      if (layer < 0 || layer >= dims[0]) {
+        return Error::InvalidArgument("rz_qmatmul_layer: layer " + std::to_string(layer) + " is outside the " + std::to_string(dims[0]) +
+                                      " stacked layers");
+      }
+      const size_t layer_bytes = array->size_bytes() / dims[0];
+      view.data = static_cast<const char*>(view.data) + layer * layer_bytes;
+      view.bytes = static_cast<double>(layer_bytes);
+    }
+    out.push_back(view);
+  }
+  return Error::Success();
+}
+
+// Whether a layer-indexed call holds its weights stacked: one layer's types, and arrays of rank 3.
+inline bool stacked_call(const xla::ffi::RemainingArgs& weights, xla::ffi::Span<const int32_t> ggml_types, int32_t weights_per_layer) {
+  if (weights.size() == 0 || static_cast<int64_t>(ggml_types.size()) != weights_per_layer) return false;
+  auto array = weights.get<xla::ffi::AnyBuffer>(0);
+  return array.has_value() && array->dimensions().size() == 3;
 }
 
 }  // namespace rz_cpu

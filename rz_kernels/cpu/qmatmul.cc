@@ -1514,8 +1514,8 @@ Part part_of(int32_t ggml_type, const void* const* a, int64_t N, int64_t K, doub
 }
 
 // y f32 [M, sum of N] = x f32 [M, K] @ [W_0; W_1; ...].T, the weights' outputs side by side: weight i
-// of type ggml_types[i], their arrays the call's arrays [first, end) in turn. Both handlers' body.
-ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const ffi::RemainingArgs& weights, size_t first, size_t end,
+// of type ggml_types[i], their arrays `arrays` in turn (rz_cpu::weight_arrays). Both handlers' body.
+ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const std::vector<rz_cpu::WeightArray>& arrays,
                           ffi::Span<const int32_t> ggml_types, ffi::ResultBuffer<ffi::F32> y, int32_t max_threads) {
   const auto x_dims = x.dimensions();
   const auto y_dims = y->dimensions();
@@ -1523,13 +1523,6 @@ ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const 
     return ffi::Error::InvalidArgument("rz_qmatmul: expected x [M, K] and y [M, N]");
   }
   const int64_t M = x_dims[0], K = x_dims[1], ld = y_dims[1];
-  std::vector<ffi::AnyBuffer> arrays;
-  for (size_t i = first; i < end; ++i) {
-    auto array = weights.get<ffi::AnyBuffer>(i);
-    if (!array.has_value()) return array.error();
-    if (array->dimensions().size() != 2) return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
-    arrays.push_back(*array);
-  }
   std::vector<rz_cpu::QuantizedWeight> parts;
   size_t next = 0;
   int64_t column = 0;
@@ -1539,11 +1532,11 @@ ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const 
     if (next + n_arrays > arrays.size()) return ffi::Error::InvalidArgument("rz_qmatmul: fewer weight arrays than the types need");
     rz_cpu::QuantizedWeight weight;
     weight.ggml_type = ggml_type;
-    weight.N = arrays[next].dimensions()[0];
+    weight.N = arrays[next].rows;
     for (int i = 0; i < n_arrays; ++i) {
-      if (arrays[next + i].dimensions()[0] != weight.N) return ffi::Error::InvalidArgument("rz_qmatmul: a weight's arrays disagree on N");
-      weight.arrays.push_back(arrays[next + i].untyped_data());
-      weight.bytes += static_cast<double>(arrays[next + i].size_bytes());
+      if (arrays[next + i].rows != weight.N) return ffi::Error::InvalidArgument("rz_qmatmul: a weight's arrays disagree on N");
+      weight.arrays.push_back(arrays[next + i].data);
+      weight.bytes += arrays[next + i].bytes;
     }
     column += weight.N;
     next += n_arrays;
@@ -1560,24 +1553,32 @@ ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const 
 // outputs side by side. Attributes: each weight's GGML type, and a cap on the threads (0: all).
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
                        ffi::Span<const int32_t> ggml_types, int32_t max_threads) {
-  return matmul_weights(pool, x, weights, 0, weights.size(), ggml_types, y, max_threads);
+  std::vector<rz_cpu::WeightArray> arrays;
+  if (ffi::Error error = rz_cpu::weight_arrays(weights, 0, weights.size(), false, 0, arrays); error.failure()) return error;
+  return matmul_weights(pool, x, arrays, ggml_types, y, max_threads);
 }
 
 // QMatmulImpl on one layer's weights, chosen at run time: x, the layer's index (an int32 scalar),
-// then every layer's weights' arrays, layer-major -> y [M, sum of one layer's N]. So a model's
-// layers run in one scan (one compiled layer body) while each weight stays its own array: nothing is
-// sliced or copied. Attributes: every layer's types, layer-major (they may differ between layers),
-// how many weights a layer has, and the cap on the threads.
+// then every layer's weights' arrays, layer-major, or one layer's worth of arrays each stacked over
+// the layers [L, N, items] -> y [M, sum of one layer's N]. So a model's layers run in one scan (one
+// compiled layer body): nothing is sliced or copied. Attributes: the types (every layer's,
+// layer-major, which may differ between layers; or, stacked, one layer's), how many weights a layer
+// has, and the cap on the threads.
 ffi::Error QMatmulLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::BufferR0<ffi::S32> layer, ffi::RemainingArgs weights,
                             ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int32_t> ggml_types, int32_t weights_per_layer,
                             int32_t max_threads) {
+  std::vector<rz_cpu::WeightArray> arrays;
+  if (rz_cpu::stacked_call(weights, ggml_types, weights_per_layer)) {
+    if (ffi::Error error = rz_cpu::weight_arrays(weights, 0, weights.size(), true, *layer.typed_data(), arrays); error.failure()) return error;
+    return matmul_weights(pool, x, arrays, ggml_types, y, max_threads);
+  }
   rz_cpu::LayerWeights found;
   if (ffi::Error error = rz_cpu::find_layer(ggml_types, weights_per_layer, *layer.typed_data(), weights.size(), arrays_of, found);
       error.failure()) {
     return error;
   }
-  return matmul_weights(pool, x, weights, found.first_array, found.end_array,
-                        ffi::Span<const int32_t>(ggml_types.begin() + found.first_type, weights_per_layer), y, max_threads);
+  if (ffi::Error error = rz_cpu::weight_arrays(weights, found.first_array, found.end_array, false, 0, arrays); error.failure()) return error;
+  return matmul_weights(pool, x, arrays, ffi::Span<const int32_t>(ggml_types.begin() + found.first_type, weights_per_layer), y, max_threads);
 }
 
 }  // namespace

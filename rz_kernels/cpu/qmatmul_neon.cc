@@ -627,8 +627,8 @@ void matmul(ffi::ThreadPool& pool, int64_t threads, const std::vector<Part>& par
 // The XLA FFI handler.
 
 template <class T>
-const T* data(const ffi::AnyBuffer& buffer) {
-  return static_cast<const T*>(buffer.untyped_data());
+const T* data(const void* array) {
+  return static_cast<const T*>(array);
 }
 
 // The arrays each type takes, in order (rz_kernels.quantized_matmul.CPU_FFI_ARRAYS).
@@ -644,7 +644,7 @@ int arrays_of(int32_t ggml_type) {
 }
 
 // The part for one weight from its arrays; an empty one when K does not fit the type's block.
-Part part_of(int32_t ggml_type, const ffi::AnyBuffer* a, int64_t N, int64_t K, double bytes) {
+Part part_of(int32_t ggml_type, const void* const* a, int64_t N, int64_t K, double bytes) {
   const bool k_quant = ggml_type == Q4_K || ggml_type == Q5_K || ggml_type == Q6_K;
   if (K % (k_quant ? kSuper : kBlock)) return Part{};
   switch (ggml_type) {
@@ -670,8 +670,8 @@ Part part_of(int32_t ggml_type, const ffi::AnyBuffer* a, int64_t N, int64_t K, d
 }
 
 // y f32 [M, sum of N] = x f32 [M, K] @ [W_0; W_1; ...].T, the weights' outputs side by side: weight i
-// of type ggml_types[i], their arrays the call's arrays [first, end) in turn. Both handlers' body.
-ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const ffi::RemainingArgs& weights, size_t first, size_t end,
+// of type ggml_types[i], their arrays `arrays` in turn (rz_cpu::weight_arrays). Both handlers' body.
+ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const std::vector<rz_cpu::WeightArray>& arrays,
                           ffi::Span<const int32_t> ggml_types, ffi::ResultBuffer<ffi::F32> y, int32_t max_threads) {
   const auto x_dims = x.dimensions();
   const auto y_dims = y->dimensions();
@@ -679,13 +679,6 @@ ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const 
     return ffi::Error::InvalidArgument("rz_qmatmul: expected x [M, K] and y [M, N]");
   }
   const int64_t M = x_dims[0], K = x_dims[1], ld = y_dims[1];
-  std::vector<ffi::AnyBuffer> arrays;
-  for (size_t i = first; i < end; ++i) {
-    auto array = weights.get<ffi::AnyBuffer>(i);
-    if (!array.has_value()) return array.error();
-    if (array->dimensions().size() != 2) return ffi::Error::InvalidArgument("rz_qmatmul: every weight array must be [N, K/block * items]");
-    arrays.push_back(*array);
-  }
   std::vector<Part> parts;
   size_t next = 0;
   int64_t column = 0;
@@ -693,13 +686,15 @@ ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const 
     const int n_arrays = arrays_of(ggml_type);
     if (n_arrays == 0) return ffi::Error::InvalidArgument("rz_qmatmul: unsupported ggml_type");
     if (next + n_arrays > arrays.size()) return ffi::Error::InvalidArgument("rz_qmatmul: fewer weight arrays than the types need");
-    const int64_t N = arrays[next].dimensions()[0];
+    const int64_t N = arrays[next].rows;
     double bytes = 0;
+    const void* data[6];
     for (int i = 0; i < n_arrays; ++i) {
-      if (arrays[next + i].dimensions()[0] != N) return ffi::Error::InvalidArgument("rz_qmatmul: a weight's arrays disagree on N");
-      bytes += static_cast<double>(arrays[next + i].size_bytes());
+      if (arrays[next + i].rows != N) return ffi::Error::InvalidArgument("rz_qmatmul: a weight's arrays disagree on N");
+      bytes += arrays[next + i].bytes;
+      data[i] = arrays[next + i].data;
     }
-    Part part = part_of(ggml_type, arrays.data() + next, N, K, bytes);
+    Part part = part_of(ggml_type, data, N, K, bytes);
     if (!part.rows) return ffi::Error::InvalidArgument("rz_qmatmul: K is not a multiple of a weight's block");
     part.column = column;
     column += N;
@@ -716,23 +711,31 @@ ffi::Error matmul_weights(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, const 
 // outputs side by side. Attributes: each weight's GGML type, and a cap on the threads (0: all).
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights, ffi::ResultBuffer<ffi::F32> y,
                        ffi::Span<const int32_t> ggml_types, int32_t max_threads) {
-  return matmul_weights(pool, x, weights, 0, weights.size(), ggml_types, y, max_threads);
+  std::vector<rz_cpu::WeightArray> arrays;
+  if (ffi::Error error = rz_cpu::weight_arrays(weights, 0, weights.size(), false, 0, arrays); error.failure()) return error;
+  return matmul_weights(pool, x, arrays, ggml_types, y, max_threads);
 }
 
 // QMatmulImpl on one layer's weights, chosen at run time (qmatmul.cc's RzQMatmulLayer): x, the
-// layer's index (an int32 scalar), then every layer's weights' arrays, layer-major -> y [M, sum of
-// one layer's N], so a model's layers run in one scan while each weight stays its own array.
-// Attributes: every layer's types, layer-major, how many weights a layer has, the cap on the threads.
+// layer's index (an int32 scalar), then every layer's weights' arrays, layer-major, or one layer's
+// worth of arrays each stacked over the layers -> y [M, sum of one layer's N], so a model's layers
+// run in one scan. Attributes: the types (every layer's, or stacked one layer's), how many weights a
+// layer has, the cap on the threads.
 ffi::Error QMatmulLayerImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::BufferR0<ffi::S32> layer, ffi::RemainingArgs weights,
                             ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int32_t> ggml_types, int32_t weights_per_layer,
                             int32_t max_threads) {
+  std::vector<rz_cpu::WeightArray> arrays;
+  if (rz_cpu::stacked_call(weights, ggml_types, weights_per_layer)) {
+    if (ffi::Error error = rz_cpu::weight_arrays(weights, 0, weights.size(), true, *layer.typed_data(), arrays); error.failure()) return error;
+    return matmul_weights(pool, x, arrays, ggml_types, y, max_threads);
+  }
   rz_cpu::LayerWeights found;
   if (ffi::Error error = rz_cpu::find_layer(ggml_types, weights_per_layer, *layer.typed_data(), weights.size(), arrays_of, found);
       error.failure()) {
     return error;
   }
-  return matmul_weights(pool, x, weights, found.first_array, found.end_array,
-                        ffi::Span<const int32_t>(ggml_types.begin() + found.first_type, weights_per_layer), y, max_threads);
+  if (ffi::Error error = rz_cpu::weight_arrays(weights, found.first_array, found.end_array, false, 0, arrays); error.failure()) return error;
+  return matmul_weights(pool, x, arrays, ffi::Span<const int32_t>(ggml_types.begin() + found.first_type, weights_per_layer), y, max_threads);
 }
 
 }  // namespace

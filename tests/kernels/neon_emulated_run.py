@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz_kernels.ggml_types import GGMLType
-from rz_kernels.quants import QTensor
+from rz_kernels.quants import QTensor, QTensorStack
 from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul
 from rz_kernels.causal_attention import DECODE_MAX_T, decode_attention_cpu, prompt_attention_cpu
-from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu, qmatmul_layer_cpu
+from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu, qmatmul_layer_cpu, qmatmul_stacked_cpu
 
 
 def weight(inputs, key: str, ggml_type: int, shape) -> QTensor:
@@ -75,6 +75,15 @@ def main(inputs_path: str, outputs_path: str) -> None:
             outputs["layers.out_of_range"] = np.asarray("no error")
         except Exception as error:  # the kernel's InvalidArgument, as whichever exception jax raises it
             outputs["layers.out_of_range"] = np.asarray(str(error))
+        # The same kernel on weights stacked per layer: the first case's, and its rows reversed.
+        first = by_layer[0]
+        second = [QTensor({name: jnp.asarray(np.ascontiguousarray(np.asarray(a)[::-1])) for name, a in w.arrays.items()}, w.ggml_type, w.shape) for w in first]
+        stacks = [QTensorStack({name: jnp.stack([a.arrays[name], b.arrays[name]]) for name in a.arrays}, a.ggml_type, a.shape) for a, b in zip(first, second)]
+        stacked = jax.jit(qmatmul_stacked_cpu)
+        for layer, weights in enumerate((first, second)):
+            for m in plan["layers"]["rows"]:
+                outputs[f"stacked.{layer}.y{m}"] = np.asarray(stacked(jnp.asarray(x[:m]), jnp.int32(layer), stacks))
+                outputs[f"stacked.{layer}.own{m}"] = np.asarray(qmatmul_cpu(jnp.asarray(x[:m]), weights))
     for case in plan["attention"] if cpu_ffi.available() else ():
         key = case["key"]
         q, k, v, q_positions, k_positions = (jnp.asarray(inputs[f"{key}.{name}"]) for name in ("q", "k", "v", "qp", "kp"))

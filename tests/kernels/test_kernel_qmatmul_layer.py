@@ -1,5 +1,6 @@
-"""rz_kernels.qmatmul_by_layer: one layer's weights of many, picked by a run-time index, so that a
-model's layers can run in one scan. The C++ kernel is qmatmul_many's, so the outputs are its bits."""
+"""rz_kernels.qmatmul_by_layer and qmatmul_stacked: one layer's weights of many (each layer's own
+arrays, or stacked per layer), picked by a run-time index, so that a model's layers can run in one
+scan. The C++ kernel is qmatmul_many's, so the outputs are its bits."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,10 @@ import numpy as np
 import pytest
 from jax.errors import JaxRuntimeError
 
-from rz_kernels import cpu_ffi, qmatmul_by_layer, qmatmul_many
+from rz_kernels import cpu_ffi, qmatmul_by_layer, qmatmul_many, qmatmul_stacked
 from rz_kernels.ggml_types import GGMLType
-from rz_kernels.quantized_matmul import by_layer_in_one_call, qmatmul_cpu, qmatmul_layer_cpu
+from rz_kernels.quantized_matmul import by_layer_in_one_call, qmatmul_cpu, qmatmul_layer_cpu, qmatmul_stacked_cpu
+from rz_kernels.quants import stack_in_place
 from support.kernels import activations, random_qtensor
 
 needs_cpu_kernels = pytest.mark.skipif(not cpu_ffi.available(), reason="the C++ CPU kernels cannot be built here")
@@ -121,3 +123,70 @@ def test_layers_of_other_shapes_are_rejected():
         qmatmul_by_layer(jnp.zeros((1, 2 * K)), 0, [layer, layer])
     with pytest.raises(ValueError, match="at least one layer"):
         qmatmul_by_layer(x, 0, [])
+
+
+# ----- weights stacked per layer (rz_kernels.quants.QTensorStack) -----
+
+# Each position's type, the same in every layer (a position whose types differ is not stacked).
+STACKED_TYPES = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_K)
+N_STACKED_LAYERS = 3
+
+
+def make_stacks(seed: int = 3):
+    """Each layer's weights, and the same weights stacked in place (their views share the bytes)."""
+    rng = np.random.default_rng(seed)
+    layers = [[random_qtensor(rng, t, (32 * (1 + i % 2), K)) for i, t in enumerate(STACKED_TYPES)] for _ in range(N_STACKED_LAYERS)]
+    made = [stack_in_place([layer[j] for layer in layers]) for j in range(len(STACKED_TYPES))]
+    assert all(m is not None for m in made)
+    return layers, tuple(stack for stack, _ in made), [[views[layer] for _, views in made] for layer in range(N_STACKED_LAYERS)]
+
+
+def test_stacking_in_place_shares_the_bytes_and_keeps_each_layers_values():
+    layers, stacks, views = make_stacks()
+    for stack, j in zip(stacks, range(len(STACKED_TYPES))):
+        for layer in range(N_STACKED_LAYERS):
+            view = views[layer][j]
+            for name, array in stack.arrays.items():
+                np.testing.assert_array_equal(np.asarray(view.arrays[name]), np.asarray(layers[layer][j].arrays[name]))
+                assert view.arrays[name].unsafe_buffer_pointer() == array.unsafe_buffer_pointer() + layer * view.arrays[name].nbytes
+    rng = np.random.default_rng(4)
+    mixed = [random_qtensor(rng, GGMLType.Q4_K, (32, K)), random_qtensor(rng, GGMLType.Q6_K, (32, K))]
+    assert stack_in_place(mixed) is None  # a position whose types differ stays per layer
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+def test_the_layer_kernel_on_stacked_weights_is_the_kernel_on_that_layers_weights(m, cpu_variant):
+    layers, stacks, _ = make_stacks()
+    x = jnp.asarray(activations(np.random.default_rng(m), m, K))
+    jitted = jax.jit(lambda x, layer, stacks: qmatmul_stacked_cpu(x, layer, stacks, variant=cpu_variant))
+    for layer in range(N_STACKED_LAYERS):
+        np.testing.assert_array_equal(
+            np.asarray(jitted(x, jnp.int32(layer), stacks)), np.asarray(qmatmul_cpu(x, layers[layer], variant=cpu_variant)), err_msg=f"layer {layer}"
+        )
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("m", M_VALUES)
+def test_qmatmul_stacked_is_qmatmul_many_on_that_layer_in_one_call(m):
+    layers, stacks, _ = make_stacks()
+    x = jnp.asarray(activations(np.random.default_rng(m), m, K)).reshape(1, m, K)
+
+    def over_layers(x, stacks):
+        return jax.lax.scan(lambda carry, layer: (carry, tuple(qmatmul_stacked(x, layer, stacks))), None, jnp.arange(N_STACKED_LAYERS))[1]
+
+    outputs = jax.jit(over_layers)(x, stacks)
+    for layer in range(N_STACKED_LAYERS):
+        for j, want in enumerate(qmatmul_many(x, layers[layer])):
+            np.testing.assert_array_equal(np.asarray(outputs[j][layer]), np.asarray(want), err_msg=f"layer {layer}, weight {j}")
+    # The scan's one kernel call takes one array per stack and name, not one per layer.
+    hlo = jax.jit(over_layers).lower(x, stacks).as_text()
+    assert hlo.count(cpu_ffi.qmatmul_layer_target(cpu_ffi.selected())) == 1
+
+
+def test_a_stacked_layer_out_of_range_is_an_error(cpu_variant):
+    _, stacks, _ = make_stacks()
+    x = jnp.asarray(activations(np.random.default_rng(0), 1, K))
+    call = jax.jit(lambda x, layer: qmatmul_stacked_cpu(x, layer, stacks, variant=cpu_variant))
+    for layer in (N_STACKED_LAYERS, -1):
+        with pytest.raises((ValueError, JaxRuntimeError), match=f"layer {layer} is outside the {N_STACKED_LAYERS} stacked layers"):
+            call(x, jnp.int32(layer)).block_until_ready()

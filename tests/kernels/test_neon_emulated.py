@@ -211,6 +211,9 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
         for m in plan["layers"]["rows"]:
             np.testing.assert_array_equal(outputs[f"layers.{layer}.y{m}"], outputs[f"layers.{layer}.own{m}"], err_msg=f"layer {layer}, M={m}")
     assert "layer 2 is outside the 2 layers" in str(outputs["layers.out_of_range"])
+    for layer in range(2):  # the same kernel on weights stacked per layer (a layer and its rows reversed)
+        for m in plan["layers"]["rows"]:
+            np.testing.assert_array_equal(outputs[f"stacked.{layer}.y{m}"], outputs[f"stacked.{layer}.own{m}"], err_msg=f"stacked layer {layer}, M={m}")
     for case in plan["attention"]:
         q, k, v, qp, kp, options, table = expected[case["key"]]
         table = None if table is None else jnp.asarray(table)

@@ -10,9 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dataclasses import replace
+
 import rz_kernels
-from rz.models import loop_period
+from rz.config import ModelConfig
+from rz.gguf import GGUFFile
+from rz.models import FAMILIES, Model, loop_period
+from rz.models.layer_stacks import Layers, is_matrix, stack_layers
+from rz.weights import load_weights
+from rz_kernels.ggml_types import GGMLType
+from rz_kernels.quants import QTensorStack
 from rz_run import load
+from support.kernels import random_qtensor
 from tiny_models import K_QUANT_SHAPE, write_tiny_model
 
 pytestmark = pytest.mark.skipif(not rz_kernels.cpu_ffi.available(), reason="the layer loop needs the C++ CPU kernels")
@@ -62,3 +71,47 @@ def test_weights_without_a_cpu_kernel_stay_unrolled(tmp_path):
     """F32 weights take XLA's matmul, which cannot pick a layer's weight in place."""
     model = load(write_tiny_model(tmp_path / "m.gguf", "llama", weight_type="F32"))
     assert loop_period(model.weights, model.cfg, 1) is None
+
+
+def test_loaded_layers_are_stacked_once_in_memory(tmp_path):
+    """load_model stacks each run position's matrices (rz.models.layer_stacks); each layer's own
+    QTensors are views of the stacks, so the bytes are held once."""
+    model = load(write_tiny_model(tmp_path / "m.gguf", "gemma3", weight_type="Q8_0", n_layer=6))
+    stacks = model.weights.layers.stacks
+    assert isinstance(model.weights.layers, Layers) and len(stacks) == 2
+    for position, stack in enumerate(stacks):
+        members = model.weights.layers[position::2]
+        columns = zip(*(jax.tree.leaves(layer, is_leaf=is_matrix) for layer in members))
+        for column, matrix in zip(columns, stack.matrices):
+            if matrix is None:
+                continue
+            assert isinstance(matrix, QTensorStack) and matrix.n_layers == 3
+            for layer, weight in enumerate(column):
+                for name, array in weight.arrays.items():
+                    assert array.unsafe_buffer_pointer() == matrix.arrays[name].unsafe_buffer_pointer() + layer * array.nbytes
+
+
+def test_a_matrix_whose_type_differs_between_layers_stays_per_layer_and_loops_the_same(tmp_path, monkeypatch):
+    """Q4_K_M files give some layers' ffn_down Q6_K and others Q4_K: that position keeps each
+    layer's QTensor (a kernel call of its own), the others are stacked, and the loop still gives
+    the unrolled layers' bits."""
+    path = write_tiny_model(tmp_path / "m.gguf", "gemma3", weight_type="Q4_K", **K_QUANT_SHAPE, n_layer=6, sliding_window_pattern=3)
+    gguf = GGUFFile(path)
+    cfg = ModelConfig.from_gguf(gguf)
+    family = FAMILIES[cfg.architecture]
+    weights = load_weights(gguf, family.tensor_specs(cfg))
+    rng = np.random.default_rng(5)
+    down = weights.layers[3].w_down
+    layers = list(weights.layers)
+    layers[3] = replace(layers[3], w_down=random_qtensor(rng, GGMLType.Q6_K, down.shape))
+    model = Model(cfg, stack_layers(replace(weights, layers=tuple(layers)), cfg), family)
+    kinds = [type(m) for m in model.weights.layers.stacks[0].matrices if m is not None]
+    assert tuple in kinds and QTensorStack in kinds
+    prompt = jnp.asarray(rng.integers(3, 300, (1, 12)), jnp.int32)
+    results = {}
+    for loop in ("1", "0"):
+        monkeypatch.setenv("RZ_LAYER_LOOP", loop)
+        hidden, cache = run(model, model.init_cache(1, 64), prompt, jnp.arange(12, dtype=jnp.int32)[None])
+        results[loop] = (hidden, cache)
+    for looped, unrolled in zip(*(jax.tree.leaves(results[loop]) for loop in ("1", "0"))):
+        np.testing.assert_array_equal(np.asarray(looped), np.asarray(unrolled))
