@@ -98,7 +98,9 @@ def stack_layers(weights: Any, cfg: ModelConfig) -> Any:
     deleted as soon as they are copied, so that loading holds the matrices once more only one
     position's matrix at a time: `weights` must be freshly loaded, its matrices used nowhere else."""
     period = repeat_period(weights, cfg)
-    if period is None:
+    # Elsewhere than on CPU the loop is a switch over the layers (loop_period), and the device
+    # would copy the host buffers the stacks share with the layers.
+    if period is None or jax.default_backend() != "cpu":
         return weights
     layers = weights.layers
     flat = [jax.tree.flatten(layer, is_leaf=is_matrix) for layer in layers]
