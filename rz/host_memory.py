@@ -49,7 +49,7 @@ def return_free_pages_after_compiles() -> None:
 
 
 # Kept by drop_tracing_caches: eager operations' compiled callables. Dropped, each would compile
-# again on its next use (~5 ms, and ~1 MiB held).
+# again on its next use.
 _KEPT_CACHES = frozenset({"xla_primitive_callable"})
 
 
@@ -59,9 +59,9 @@ def drop_tracing_caches() -> None:
 
     A compiled step stays in jit's C++ dispatch cache, which is all its later calls with the same
     shapes use; what tracing kept is needed only to trace the same function at the same shapes
-    again. For SmolLM2's pp512 and tg128 steps that is ~50 MiB, a tenth of the process
-    (benchmarks/results/memory-session25.md). A later call that misses the dispatch cache traces
-    again, as a new shape would. `jax.clear_caches` would drop the compiled steps too.
+    again, and it is a large part of an engine's memory (benchmarks/results/memory-session25.md).
+    A later call that misses the dispatch cache traces again, as a new shape would.
+    `jax.clear_caches` would drop the compiled steps too.
     """
     try:
         from jax._src import util
@@ -79,7 +79,7 @@ def device_copy(values, dtype=None):
     """A copy of host values (a NumPy array, a list, a scalar) on the default device, uncommitted, as
     jnp.asarray gives it, but with nothing compiled: jnp.asarray of a NumPy array runs an identity
     computation compiled once per shape, and an engine's per-request shapes (block tables, prompt
-    chunks) would keep compiling them, each held at ~0.5 MiB. The copy is taken first because on
+    chunks) would keep compiling them, and holding each. The copy is taken first because on
     CPU the device array may share the host buffer, which callers go on to change.
     """
     import jax

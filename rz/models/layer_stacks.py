@@ -2,13 +2,13 @@
 over layers (rz.models.forward).
 
 A compiled step's memory grows with its instruction count, and a loop carries every array its
-body reads. With each layer's weights arrays of their own, SmolLM2's decode step carried 690 of
-them through its two loops, most of its instructions. Stacked at load, a run position's matrix
-is one array per name ([layers, ...]), which the layer-indexed kernel reads in place
-(rz_kernels.quantized_matmul.qmatmul_stacked). The stacks and the layers' own weights share their
-bytes (rz_kernels.quants.stack_in_place), so every other path (unrolled steps, self-drafting's
-first layers, analysis) still finds each layer's weights as before. A matrix whose type differs
-between the layers of a position (Q4_K_M's mix) stays per layer.
+body reads. With each layer's weights arrays of their own, a decode step carried every layer's
+through its two loops, most of its instructions (benchmarks/results/memory-session25.md). Stacked
+at load, a run position's matrix is one array per name ([layers, ...]), which the layer-indexed
+kernel reads in place (rz_kernels.quantized_matmul.qmatmul_stacked). The stacks and the layers'
+own weights share their bytes (rz_kernels.quants.stack_in_place), so every other path (unrolled
+steps, self-drafting's first layers, analysis) still finds each layer's weights as before. A
+matrix whose type differs between the layers of a position (Q4_K_M's mix) stays per layer.
 """
 
 import os
