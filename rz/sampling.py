@@ -109,6 +109,11 @@ class SamplingTensors:
         )
 
 
+# Jitted once: the eager vmap would trace and compile again after each drop of JAX's tracing
+# caches (rz.host_memory.drop_tracing_caches), that is, on the first request after a step compiles.
+_keys_from_seeds = jax.jit(jax.vmap(jax.random.key))
+
+
 @jax.tree_util.register_dataclass
 @dataclass(frozen=True)
 class SamplerState:
@@ -131,7 +136,7 @@ class SamplerState:
             raise ValueError(f"{len(rows)} rows of params but {len(histories)} histories")
         seeds = device_copy([_resolve_seed(p) for p in rows], np.uint32)
         windows = np.stack([_window_of(history, window) for history in histories])
-        return cls(keys=jax.vmap(jax.random.key)(seeds), recent_tokens=device_copy(windows))
+        return cls(keys=_keys_from_seeds(seeds), recent_tokens=device_copy(windows))
 
     def with_row(self, row: int, joining: "SamplerState") -> "SamplerState":
         """This state with row `row` replaced by a one-row state's (a request joining its slot)."""

@@ -98,3 +98,18 @@ def test_a_device_copy_compiles_nothing_and_is_a_copy():
     np.testing.assert_array_equal(np.asarray(on_device), np.arange(7919)[None])
     assert host_memory.device_copy([[], []], np.int32).shape == (2, 0)
     assert host_memory.device_copy(3.5).dtype == jnp.float32
+
+
+def test_a_sampler_state_compiles_nothing_after_the_tracing_caches_drop():
+    """The engine drops the tracing caches after each step compiles; a request's fresh sampler
+    state must not compile its seeding again on the next request."""
+    from rz.request import SamplingParams
+    from rz.sampling import SamplerState
+
+    rows, histories = [SamplingParams(seed=5), SamplingParams(seed=9)], [[1, 2], [3]]
+    first = SamplerState.create(rows, histories)
+    host_memory.drop_tracing_caches()
+    with jax_events() as events:
+        again = SamplerState.create(rows, histories)
+    assert _TRACED not in events and _COMPILED not in events
+    np.testing.assert_array_equal(jax.random.key_data(again.keys), jax.random.key_data(first.keys))
