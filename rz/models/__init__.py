@@ -20,7 +20,7 @@ from rz.kv_cache import KVCache
 import rz_kernels
 from rz.models import attention, gemma2, gemma3, llama, phi2, phi3, qwen3
 from rz.models.family import Family
-from rz.models.layer_stacks import is_matrix, position_stacks, repeat_period, stack_layers
+from rz.models.layer_stacks import is_matrix, layer_runs, repeat_period, run_members, run_stacks, stack_layers
 from rz.models.layers import ByLayer, Rope, RopeTable, rope_table
 from rz.weights import load_weights
 from rz_kernels.quantized_matmul import by_layer_in_one_call
@@ -94,36 +94,55 @@ def _unrolled(weights, cache: KVCache, x, positions, tables, writes, *, family: 
 
 def _looped(weights, cache: KVCache, x, positions, tables, writes, *, period: int, family: Family, cfg: ModelConfig):
     """The layers as a loop over groups of `period` layers (loop_period), whose body is one group:
-    (x, the cache's pools). Each matmul takes its layer's weight by the loop's index (ByLayer), and
-    each layer its blocks of its kind's pool by offset, so the loop copies neither. The weights come
-    stacked per position of the group (rz.models.layer_stacks: at load, or here in the graph where
-    the model was not stacked), the small vectors (norms, biases) sliced per iteration."""
+    (x, the cache's pools). A run of alike layers in the group (layer_stacks.layer_runs: Gemma 3's
+    five sliding ones) is an inner loop over one layer, so the body holds one layer per run. Each
+    matmul takes its layer's weight by the loops' index (ByLayer), and each layer its blocks of its
+    kind's pool by offset, so the loops copy neither. The weights come stacked per run (rz.models.
+    layer_stacks: at load, or here in the graph where the model was not stacked), the small
+    vectors (norms, biases) sliced per iteration."""
     n_groups = len(weights.layers) // period
+    runs = layer_runs(weights, cfg)
     stacks = getattr(weights.layers, "stacks", None)
-    if stacks is not None and len(stacks) == period:
+    if stacks is not None and tuple(stack.run for stack in stacks) == runs:
         groups = [(stack.treedef, list(stack.matrices), list(stack.vectors)) for stack in stacks]
     else:
-        groups = [position_stacks(weights.layers[j::period]) for j in range(period)]
+        groups = [run_stacks([weights.layers[l] for l in run_members(len(weights.layers), runs, r)]) for r in range(len(runs))]
+
+    def layer(x, pool, treedef, matrices, vectors, index, layer_of_kind, start):
+        sliding = cfg.sliding_layers[start]
+        leaves = [vector if matrix is None else ByLayer(matrix, index) for matrix, vector in zip(matrices, vectors)]
+        view = kv_cache.layer_view(pool, cache.tables[sliding][: x.shape[0]], layer_of_kind * cache.layer_blocks[sliding], writes[sliding])
+        x, view = _block(
+            jax.tree.unflatten(treedef, leaves), view, x, positions, tables[sliding], layer=cfg.layer_kind(start), family=family, cfg=cfg
+        )
+        return x, view.layer
 
     def group(carry, xs):
         x, pools = carry
         index, vectors = xs
         pools = list(pools)
-        for j, ((treedef, matrices, _), stacked) in enumerate(zip(groups, vectors)):
-            sliding = cfg.sliding_layers[j]
-            leaves = [vector if matrix is None else ByLayer(matrix, index) for matrix, vector in zip(matrices, stacked)]
-            layer_of_kind = index * cfg.sliding_layers[:period].count(sliding) + cfg.sliding_layers[:j].count(sliding)
-            view = kv_cache.layer_view(
-                pools[sliding], cache.tables[sliding][: x.shape[0]], layer_of_kind * cache.layer_blocks[sliding], writes[sliding]
-            )
-            with jax.named_scope(f"block_{j}"):
-                x, view = _block(
-                    jax.tree.unflatten(treedef, leaves), view, x, positions, tables[sliding], layer=cfg.layer_kind(j), family=family, cfg=cfg
-                )
-            pools[sliding] = view.layer
+        for (start, length), (treedef, matrices, _), stacked in zip(runs, groups, vectors):
+            sliding = cfg.sliding_layers[start]
+            first_of_kind = index * cfg.sliding_layers[:period].count(sliding) + cfg.sliding_layers[:start].count(sliding)
+            with jax.named_scope(f"block_{start}"):
+                if length == 1:
+                    x, pools[sliding] = layer(x, pools[sliding], treedef, matrices, stacked, index, first_of_kind, start)
+                    continue
+
+                def alike(carry, ys, treedef=treedef, matrices=matrices, length=length, start=start, first_of_kind=first_of_kind):
+                    x, pool = carry
+                    i, layer_vectors = ys
+                    return layer(x, pool, treedef, matrices, layer_vectors, index * length + i, first_of_kind + i, start), None
+
+                (x, pools[sliding]), _ = jax.lax.scan(alike, (x, pools[sliding]), (jnp.arange(length, dtype=jnp.int32), stacked))
         return (x, tuple(pools)), None
 
-    xs = (jnp.arange(n_groups, dtype=jnp.int32), [vectors for _, _, vectors in groups])
+    # Each run's vectors [groups * length, ...] as [groups, length, ...] for a run of several layers.
+    per_group = [
+        [v if v is None or length == 1 else v.reshape(n_groups, length, *v.shape[1:]) for v in vectors]
+        for (_, length), (_, _, vectors) in zip(runs, groups)
+    ]
+    xs = (jnp.arange(n_groups, dtype=jnp.int32), per_group)
     (x, pools), _ = jax.lax.scan(group, (x, cache.pools), xs)
     return x, pools
 

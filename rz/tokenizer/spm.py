@@ -6,16 +6,20 @@ scores, rz.tokenizer.merge); a character left that is not a token is written as 
 bytes (<0xXX>).
 """
 
+from array import array
 from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from rz.errors import TokenizerError
 from rz.tokenizer.merge import merge_pairs
 
 
-def score_ranks(scores: Sequence[float]) -> list[int]:
-    """Each token's place in the order of scores, best first (equal scores share a place)."""
-    order = {score: rank for rank, score in enumerate(sorted(set(scores), reverse=True))}
-    return [order[score] for score in scores]
+def score_ranks(scores: Sequence[float] | np.ndarray) -> array:
+    """Each token's place in the order of scores, best first (equal scores share a place), as
+    4-byte ints: as Python ints, a large vocabulary's ranks were megabytes of objects."""
+    _, ranks = np.unique(-np.asarray(scores, np.float32), return_inverse=True)
+    return array("i", ranks.astype(np.int32).tobytes())
 
 
 def spm_merge(text: str, token_to_id: Mapping[str, int], ranks: Sequence[int]) -> list[str]:

@@ -37,7 +37,7 @@ class Tokenizer:
         self._word_ids: dict[str, tuple[int, ...]] = {}
         self._word_cache_bytes = 0
         if vocab.kind == SPM:
-            self._score_ranks = score_ranks(vocab.scores.tolist())
+            self._score_ranks = score_ranks(vocab.scores)
             self._byte_ids = byte_token_ids(vocab.token_to_id)
             self._spm_chunk_bridges = _spm_chunk_bridges(vocab.tokens)
         else:

@@ -220,6 +220,8 @@ def _token_texts(metadata: Mapping[str, Any]) -> list[str]:
         raise TokenizerError("the GGUF metadata has no tokenizer.ggml.tokens")
     if len(tokens) == 0:
         raise TokenizerError("tokenizer.ggml.tokens is empty")
+    if isinstance(tokens, list) and all(tokens):
+        return tokens  # the metadata's own list, not a second one of the vocabulary's size
     # llama.cpp renames empty tokens so that every text is a distinct, non-empty key.
     return [text if text else f"[EMPTY_{token_id}]" for token_id, text in enumerate(tokens)]
 

@@ -16,7 +16,7 @@ import rz_kernels
 from rz.config import ModelConfig
 from rz.gguf import GGUFFile
 from rz.models import FAMILIES, Model, loop_period
-from rz.models.layer_stacks import Layers, is_matrix, stack_layers
+from rz.models.layer_stacks import Layers, is_matrix, layer_runs, run_members, stack_layers
 from rz.weights import load_weights
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensorStack
@@ -74,7 +74,7 @@ def test_weights_without_a_cpu_kernel_stay_unrolled(tmp_path):
 
 
 def test_loaded_layers_are_stacked_once_in_memory(tmp_path):
-    """load_model stacks each run position's matrices (rz.models.layer_stacks); each layer's own
+    """load_model stacks each run's matrices (rz.models.layer_stacks); each layer's own
     QTensors are views of the stacks, so the bytes are held once."""
     model = load(write_tiny_model(tmp_path / "m.gguf", "gemma3", weight_type="Q8_0", n_layer=6))
     stacks = model.weights.layers.stacks
@@ -115,3 +115,24 @@ def test_a_matrix_whose_type_differs_between_layers_stays_per_layer_and_loops_th
         results[loop] = (hidden, cache)
     for looped, unrolled in zip(*(jax.tree.leaves(results[loop]) for loop in ("1", "0"))):
         np.testing.assert_array_equal(np.asarray(looped), np.asarray(unrolled))
+
+
+def test_a_run_of_alike_layers_is_one_layer_in_the_loop_body(tmp_path, monkeypatch):
+    """Gemma 3's period holds sliding layers then a global one: the sliding run is stacked as one
+    and runs as an inner loop, so the step's graph holds one layer per run, not per position."""
+    model = load(write_tiny_model(tmp_path / "m.gguf", "gemma3", weight_type="Q8_0", n_layer=6, sliding_window_pattern=3))
+    runs = layer_runs(model.weights, model.cfg)
+    assert runs == ((0, 2), (2, 1))
+    assert [run_members(6, runs, run) for run in range(2)] == [[0, 1, 3, 4], [2, 5]]
+    stacks = model.weights.layers.stacks
+    assert [stack.run for stack in stacks] == list(runs)
+    assert {m.n_layers for m in stacks[0].matrices if m is not None} == {4}
+
+    def matmul_calls(loop: str) -> int:
+        monkeypatch.setenv("RZ_LAYER_LOOP", loop)
+        step = jax.jit(lambda weights, cache, tokens, positions: model.forward(weights, cache, tokens, positions))
+        tokens = jnp.zeros((1, 4), jnp.int32)
+        compiled = step.lower(model.weights, model.init_cache(1, 64), tokens, jnp.arange(4, dtype=jnp.int32)[None]).compile()
+        return compiled.as_text().count('custom_call_target="rz_qmatmul')
+
+    assert matmul_calls("1") * 3 == matmul_calls("0")  # two layers in the body against six unrolled
