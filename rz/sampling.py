@@ -33,6 +33,9 @@ top-k, top-p and min-p run on the `candidate_count` best logits (`lax.top_k`). W
 frame holds the whole truncated set is checked per row; a row whose set does not fit is redone
 exactly: over the unsorted vocabulary when only min-p truncates (no sort needed), else over a
 full sort. Both redos sit behind `lax.cond`, so they cost nothing in steps that need neither.
+On CPU, with rz's C++ kernels built, the truncation, the redos and the draw are one kernel call
+taking the same steps (rz_kernels.sample_draw): in XLA they are several hundred instructions in
+every compiled step that samples, which each executable keeps resident.
 The kept set is always llama.cpp's (up to float rounding, and the order among equal logits,
 which llama.cpp leaves unspecified too); only the speed depends on the settings.
 """
@@ -46,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.host_memory import device_copy
+from rz_kernels import sample_draw
 from rz.request import MAX_LOGIT_BIAS, MAX_N_LOGPROBS, MAX_PENALTY_LAST_N, SamplingParams
 
 __all__ = [
@@ -176,6 +180,9 @@ class Sampler:
 
     n_top_logprobs: int = 0
     candidate_count: int = DEFAULT_CANDIDATE_COUNT
+    # The draw as the C++ CPU kernel where it is built (rz_kernels.sample_draw); False: XLA's ops
+    # on every backend, the reference the kernel is tested against.
+    cpu_kernel: bool = True
 
     def __post_init__(self):
         if not 0 <= self.n_top_logprobs <= MAX_N_LOGPROBS:
@@ -242,35 +249,58 @@ class Sampler:
 
 
     def _draw(self, penalized: jax.Array, params: SamplingTensors, uniforms: jax.Array) -> jax.Array:
-        """Truncate and draw for every row, using the cheapest frame that is exact for that row."""
+        """Truncate and draw for every row, using the cheapest frame that is exact for that row:
+        on CPU one C++ kernel call where the kernels are built (rz_kernels.sample_draw), else
+        XLA's ops (_draw_xla, the reference)."""
         vocab_size = penalized.shape[-1]
         full_lse = jax.nn.logsumexp(penalized, axis=-1)
         candidate_logits, candidate_ids = _top_k(penalized, min(self.candidate_count, vocab_size))
-        keep_count, resolved = _truncation(candidate_logits, full_lse, params, vocab_size)
-        kept = _prefix_mask(keep_count, candidate_logits)
-        tokens = _inverse_cdf_draw(candidate_logits, candidate_ids, kept, params, uniforms)
+        operands = (penalized, candidate_logits, candidate_ids, full_lse, params.temperature, params.top_k, params.top_p, params.min_p, uniforms)
+        if not (self.cpu_kernel and sample_draw.available()):
+            return _draw_xla(*operands)
+        return jax.lax.platform_dependent(*operands, cpu=sample_draw.draw_cpu, default=_draw_xla)
 
-        sampling = params.temperature > 0
-        top_k_off = (params.top_k <= 0) | (params.top_k >= vocab_size)
-        # Without top-k and top-p, only min-p truncates, and min-p needs no order.
-        min_p_only = sampling & ~resolved & top_k_off & (params.top_p >= 1)
-        needs_sort = sampling & ~resolved & ~min_p_only
 
-        def redo_unsorted(tokens):
-            threshold = jnp.max(penalized, axis=-1, keepdims=True) + jnp.log(params.min_p)[:, None]
-            ids = jnp.broadcast_to(jnp.arange(vocab_size, dtype=jnp.int32), penalized.shape)
-            redone = _inverse_cdf_draw(penalized, ids, penalized >= threshold, params, uniforms)
-            return jnp.where(min_p_only, redone, tokens)
+def _draw_xla(penalized, candidate_logits, candidate_ids, full_lse, temperature, top_k, top_p, min_p, uniforms) -> jax.Array:
+    """Sampler._draw in XLA's ops: the candidate frame's cut where it holds a row's kept set; the
+    rows it does not hold redone exactly, behind lax.cond (see the module's docstring)."""
+    vocab_size = penalized.shape[-1]
+    params = _Truncating(temperature, top_k, top_p, min_p)
+    keep_count, resolved = _truncation(candidate_logits, full_lse, params, vocab_size)
+    kept = _prefix_mask(keep_count, candidate_logits)
+    tokens = _inverse_cdf_draw(candidate_logits, candidate_ids, kept, params, uniforms)
 
-        def redo_sorted(tokens):
-            sorted_logits, sorted_ids = jax.lax.top_k(penalized, vocab_size)
-            keep_all, _ = _truncation(sorted_logits, full_lse, params, vocab_size)
-            kept_sorted = _prefix_mask(keep_all, sorted_logits)
-            redone = _inverse_cdf_draw(sorted_logits, sorted_ids, kept_sorted, params, uniforms)
-            return jnp.where(needs_sort, redone, tokens)
+    sampling = temperature > 0
+    top_k_off = (top_k <= 0) | (top_k >= vocab_size)
+    # Without top-k and top-p, only min-p truncates, and min-p needs no order.
+    min_p_only = sampling & ~resolved & top_k_off & (top_p >= 1)
+    needs_sort = sampling & ~resolved & ~min_p_only
 
-        tokens = jax.lax.cond(jnp.any(min_p_only), redo_unsorted, lambda t: t, tokens)
-        return jax.lax.cond(jnp.any(needs_sort), redo_sorted, lambda t: t, tokens)
+    def redo_unsorted(tokens):
+        threshold = jnp.max(penalized, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]
+        ids = jnp.broadcast_to(jnp.arange(vocab_size, dtype=jnp.int32), penalized.shape)
+        redone = _inverse_cdf_draw(penalized, ids, penalized >= threshold, params, uniforms)
+        return jnp.where(min_p_only, redone, tokens)
+
+    def redo_sorted(tokens):
+        sorted_logits, sorted_ids = jax.lax.top_k(penalized, vocab_size)
+        keep_all, _ = _truncation(sorted_logits, full_lse, params, vocab_size)
+        kept_sorted = _prefix_mask(keep_all, sorted_logits)
+        redone = _inverse_cdf_draw(sorted_logits, sorted_ids, kept_sorted, params, uniforms)
+        return jnp.where(needs_sort, redone, tokens)
+
+    tokens = jax.lax.cond(jnp.any(min_p_only), redo_unsorted, lambda t: t, tokens)
+    return jax.lax.cond(jnp.any(needs_sort), redo_sorted, lambda t: t, tokens)
+
+
+@dataclass(frozen=True)
+class _Truncating:
+    """The settings truncation and the draw read (a SamplingTensors' columns)."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
 
 
 def _penalized(logits: jax.Array, params: SamplingTensors, state: SamplerState, allowed: jax.Array | None) -> jax.Array:

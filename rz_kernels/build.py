@@ -5,7 +5,8 @@
 A variant is one shared library built from its sources with its own flags; the SIMD code picks its
 instructions at compile time from the compiler's macros (`__AVX512VNNI__`, `__AVXVNNI__`,
 `__ARM_FEATURE_DOTPROD`, ...). Every variant exports the same symbols: the FFI handlers RzQMatmul,
-RzQMatmulLayer (one layer's weights, picked at run time), RzAttention and RzPromptAttention, and
+RzQMatmulLayer (one layer's weights, picked at run time), RzAttention, RzPromptAttention and
+RzSampleDraw (the sampler's truncation and draw), and
 the machine probes rz_stream_read_gbps and rz_int8_dot_peak_gmacs; the x86-64 ones also RzQMatmulExperts (a mixture of experts' matmul; aarch64 takes XLA's paths there). At run time
 rz_kernels.cpu_ffi loads the first variant in VARIANTS that the CPU can run.
 
@@ -32,9 +33,9 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).parent / "cpu"
 LIBRARY_DIR = Path(__file__).parent / "lib"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
-X86_SOURCES = ("qmatmul.cc", "qmatmul_moe.cc", "attention.cc", "attention_prompt.cc", "machine.cc")
+X86_SOURCES = ("qmatmul.cc", "qmatmul_moe.cc", "attention.cc", "attention_prompt.cc", "sample_draw.cc", "machine.cc")
 X86_HEADERS = ("qmatmul.h", "layer_weights.h", "simd.h", "threads.h", "machine_probe.h", "attention_kv.h")
-NEON_SOURCES = ("qmatmul_neon.cc", "attention_neon.cc", "attention_prompt.cc", "machine_neon.cc")
+NEON_SOURCES = ("qmatmul_neon.cc", "attention_neon.cc", "attention_prompt.cc", "sample_draw.cc", "machine_neon.cc")
 NEON_HEADERS = ("layer_weights.h", "simd_neon.h", "threads.h", "machine_probe.h", "attention_kv.h")
 # -ffp-contract=off: every float multiply-add the NEON kernels mean to fuse is an explicit vfmaq/fma,
 # so a row's output takes the same operations whichever tile computed it (and both NEON variants

@@ -10,7 +10,7 @@ aarch64 CPU without the dot-product instructions, an install with RZ_BUILD_CPU_K
 CPU lacks kills the process with SIGILL.
 
 Each loaded variant's handlers are registered under their own names (`rz_qmatmul_<variant>`,
-`rz_qmatmul_layer_<variant>`, `rz_qmatmul_experts_<variant>` on x86-64, ...), so tests can run every
+`rz_qmatmul_layer_<variant>`, `rz_sample_draw_<variant>`, `rz_qmatmul_experts_<variant>` on x86-64, ...), so tests can run every
 variant the CPU has side by side in one process.
 """
 
@@ -170,6 +170,10 @@ def prompt_attention_target(variant: Variant) -> str:
     return f"rz_prompt_attention_{variant.name}"
 
 
+def sample_draw_target(variant: Variant) -> str:
+    return f"rz_sample_draw_{variant.name}"
+
+
 def experts_target(variant: Variant) -> str:
     return f"rz_qmatmul_experts_{variant.name}"
 
@@ -193,6 +197,7 @@ def load(variant: Variant) -> ctypes.CDLL:
     jax.ffi.register_ffi_target(qmatmul_layer_target(variant), jax.ffi.pycapsule(lib.RzQMatmulLayer), platform="cpu")
     jax.ffi.register_ffi_target(attention_target(variant), jax.ffi.pycapsule(lib.RzAttention), platform="cpu")
     jax.ffi.register_ffi_target(prompt_attention_target(variant), jax.ffi.pycapsule(lib.RzPromptAttention), platform="cpu")
+    jax.ffi.register_ffi_target(sample_draw_target(variant), jax.ffi.pycapsule(lib.RzSampleDraw), platform="cpu")
     if has_experts_kernel(variant):
         jax.ffi.register_ffi_target(experts_target(variant), jax.ffi.pycapsule(lib.RzQMatmulExperts), platform="cpu")
     log.info("rz_kernels: loaded the C++ CPU kernels (%s) from %s", variant.name, variant.library)

@@ -141,18 +141,21 @@ CHAINS = {
 }
 
 
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
 @pytest.mark.parametrize("candidate_count", [256, 4], ids=["all_candidates", "redo_paths"])
 @pytest.mark.parametrize("name", list(CHAINS))
-def test_empirical_distribution_matches_llama_cpp_chain(name, candidate_count):
+def test_empirical_distribution_matches_llama_cpp_chain(name, candidate_count, cpu_kernel):
     """Over many seeds, tokens outside the reference support never appear and frequencies agree.
 
     candidate_count=4 pushes top-p, min-p and the open chain past the candidate frame, so the
-    exact redo paths (unsorted for min-p only, full sort otherwise) are the ones checked.
+    exact redo paths (unsorted for min-p only, full sort otherwise) are the ones checked. Both the
+    draw's C++ kernel (where built) and its XLA ops (every other backend's path) are checked.
     """
     params = CHAINS[name]
     history = [3, 3, 6, 0] if params.repeat_penalty != 1.0 else []
     n = N_SEEDS
-    tokens, _, _ = run(Sampler(candidate_count=candidate_count), LOGITS, seeded(params, n), [history] * n)
+    sampler = Sampler(candidate_count=candidate_count, cpu_kernel=cpu_kernel)
+    tokens, _, _ = run(sampler, LOGITS, seeded(params, n), [history] * n)
     expected = reference_distribution(LOGITS, params, history)
     counts = np.bincount(tokens.ravel(), minlength=len(LOGITS))
     assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(expected))
@@ -470,15 +473,22 @@ def test_greedy_ties_match_llama_cpp():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's lowering of top_k")
-def test_candidate_frame_compiles_to_top_k_not_a_full_sort():
-    """The fast path must stay a TopK: a regression here turns 5 ms into 0.4 s per step at Gemma's vocabulary."""
+@pytest.mark.parametrize("cpu_kernel", [True, False], ids=["kernel", "xla"])
+def test_candidate_frame_compiles_to_top_k_not_a_full_sort(cpu_kernel):
+    """The fast path must stay a TopK: a regression here turns 5 ms into 0.4 s per step at Gemma's
+    vocabulary. With the draw's C++ kernel, the redos are in it and the step holds no sort at all."""
+    from rz_kernels import sample_draw
+
     rows = [SamplingParams(seed=0)] * 2
     logits = jnp.zeros((2, 4096), jnp.float32)
     state = SamplerState.create(rows, [[]] * 2, window=TEST_WINDOW)
-    hlo = jax.jit(Sampler(n_top_logprobs=2)).lower(logits, SamplingTensors.from_params(rows), state).compile().as_text()
+    sampler = Sampler(n_top_logprobs=2, cpu_kernel=cpu_kernel)
+    hlo = jax.jit(sampler).lower(logits, SamplingTensors.from_params(rows), state).compile().as_text()
     full_sorts = [line for line in hlo.splitlines() if " sort(" in line and "[2,4096]" in line.split("=")[1]]
     assert hlo.count('custom_call_target="TopK"') == 2  # the candidate frame and the top logprobs
-    assert len(full_sorts) == 1  # only the exact redo path, behind its lax.cond
+    kernel = cpu_kernel and sample_draw.available()
+    assert len(full_sorts) == (0 if kernel else 1)  # else only the exact redo path, behind its lax.cond
+    assert hlo.count('custom_call_target="rz_sample_draw_') == (1 if kernel else 0)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ import numpy as np
 
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensor, QTensorStack
-from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul
+from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul, sample_draw
 from rz_kernels.causal_attention import DECODE_MAX_T, decode_attention_cpu, prompt_attention_cpu
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu, qmatmul_layer_cpu, qmatmul_stacked_cpu
 
@@ -97,6 +97,9 @@ def main(inputs_path: str, outputs_path: str) -> None:
             outputs[f"{key}.slab"] = np.asarray(kernel(q, k_slab, v_slab, q_positions, slab_positions, **case["options"]))
         # The public entry point, through its dispatch (platform_dependent, jit), must reach the kernel.
         outputs[f"{key}.public"] = np.asarray(jax.jit(lambda *a: attention(*a, **options))(q, k, v, q_positions, k_positions))
+    if cpu_ffi.available():  # the sampler's draw, through jit as a step calls it
+        operands = [jnp.asarray(inputs[f"draw.{i}"]) for i in range(9)]
+        outputs["draw.tokens"] = np.asarray(jax.jit(sample_draw.draw_cpu)(*operands))
     np.savez(outputs_path, **outputs)
 
 

@@ -20,6 +20,7 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,6 +54,20 @@ def shapes(ggml_type: GGMLType) -> list[tuple[int, int]]:
     """An odd row count that leaves a partial tile of 4 and of 16; one block, several, an odd count."""
     block = BLOCK_GEOMETRY[ggml_type].block_size
     return [(37, block), (6, 17 * 32)] if block == 32 else [(21, block), (6, 3 * block)]
+
+
+def draw_operands(rng, batch: int = 48, vocab: int = 500, frame: int = 16) -> tuple:
+    """rz_kernels.sample_draw.draw_cpu's operands: rows of mixed settings over random logits."""
+    from test_sample_draw import random_rows
+
+    from rz.sampling import SamplingTensors, _top_k
+
+    params = SamplingTensors.from_params(random_rows(rng, batch))
+    penalized = jnp.asarray(rng.normal(size=(batch, vocab)) * rng.choice([0.5, 2.0, 6.0], size=(batch, 1)), jnp.float32)
+    frame_logits, frame_ids = _top_k(penalized, frame)
+    full_lse = jax.nn.logsumexp(penalized, axis=-1)
+    uniforms = jnp.asarray(rng.random(batch), jnp.float32)
+    return penalized, frame_logits, frame_ids, full_lse, params.temperature, params.top_k, params.top_p, params.min_p, uniforms
 
 
 def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
@@ -124,6 +139,9 @@ def make_plan() -> tuple[dict, dict[str, np.ndarray], dict[str, tuple]]:
         arrays.update({f"{key}.q": q, f"{key}.k": k, f"{key}.v": v, f"{key}.qp": qp, f"{key}.kp": kp, f"{key}.table": table})
         plan["attention"].append({"key": key, "options": options, "types": types})
         expected[key] = (q, attention_kv.store(jnp.asarray(k), types[0]), attention_kv.store(jnp.asarray(v), types[1]), qp, kp, options, table)
+    # The sampler's draw (sample_draw.cc) on a 16-candidate frame: its cut, and both redo paths.
+    for i, operand in enumerate(draw_operands(rng)):
+        arrays[f"draw.{i}"] = np.asarray(operand)
     arrays["plan"] = np.asarray(json.dumps(plan))
     return plan, arrays, expected
 
@@ -222,6 +240,13 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
         if table is not None:
             np.testing.assert_array_equal(outputs[f"{case['key']}.o"], outputs[f"{case['key']}.slab"], err_msg=f"{case['key']}: pool against slab")
         np.testing.assert_array_equal(outputs[f"{case['key']}.public"], outputs[f"{case['key']}.o"], err_msg=f"{case['key']}: attention")
+    from rz.sampling import _draw_xla
+
+    operands = [jnp.asarray(arrays[f"draw.{i}"]) for i in range(9)]
+    expected_tokens = np.asarray(jax.jit(_draw_xla)(*operands))
+    sampling = np.asarray(operands[4]) > 0
+    # The draw's tolerance as in test_sample_draw: float rounding at a boundary may move a token.
+    assert np.mean(outputs["draw.tokens"][sampling] != expected_tokens[sampling]) <= 0.05
 
 
 @pytest.mark.parametrize(
