@@ -8,7 +8,7 @@ at load, a run's matrix is one array per name ([layers, ...]), which the layer-i
 kernel reads in place (rz_kernels.quantized_matmul.qmatmul_stacked). The stacks and the layers'
 own weights share their bytes (rz_kernels.quants.stack_in_place), so every other path (unrolled
 steps, self-drafting's first layers, analysis) still finds each layer's weights as before. A
-matrix whose type differs between the layers of a run (Q4_K_M's mix) stays per layer.
+matrix whose type differs between the layers of a run (Q4_K_M's mix) is stacked per type.
 """
 
 import os
@@ -83,17 +83,53 @@ def run_members(n_layers: int, runs: tuple[tuple[int, int], ...], run: int) -> l
     return [group + start + i for group in range(0, n_layers, period) for i in range(length)]
 
 
+@partial(jax.tree_util.register_dataclass, data_fields=("stacks",), meta_fields=("groups", "indices"))
+@dataclass(frozen=True)
+class TypedStacks:
+    """A run's matrix whose type differs between its layers (Q4_K_M gives some layers' attn_v and
+    ffn_down Q6_K, others Q4_K): a QTensorStack per type, and for each of the run's layers (in
+    run_members' order) the stack that holds it and its place there. A loop carries a few stacked
+    arrays instead of every layer's own, each of which adds instructions at every loop level."""
+
+    stacks: tuple[QTensorStack, ...]
+    groups: tuple[int, ...]
+    indices: tuple[int, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.stacks[0].shape
+
+
+def stack_by_type(column: list[QTensor]) -> tuple[TypedStacks, list[QTensor]] | None:
+    """A column of differing types stacked per type (stack_in_place), and each weight again as a
+    view of its stack, in the column's order; None where a type's weights cannot share a buffer."""
+    members: dict = {}
+    for position, weight in enumerate(column):
+        members.setdefault(weight.ggml_type, []).append(position)
+    stacks, views = [], [None] * len(column)
+    groups, indices = [0] * len(column), [0] * len(column)
+    for group, positions in enumerate(members.values()):
+        made = stack_in_place([column[position] for position in positions])
+        if made is None:
+            return None
+        stack, stacked_views = made
+        stacks.append(stack)
+        for index, (position, view) in enumerate(zip(positions, stacked_views)):
+            views[position], groups[position], indices[position] = view, group, index
+    return TypedStacks(tuple(stacks), tuple(groups), tuple(indices)), views
+
+
 @partial(jax.tree_util.register_dataclass, data_fields=("matrices", "vectors"), meta_fields=("treedef", "run"))
 @dataclass(frozen=True)
 class RunStack:
     """The weights of the layers of one run of the period (layer_runs; its layers: run_members),
     leaf by leaf in the layer's tree (treedef, QTensors as leaves): each matrix as a QTensorStack,
-    or, where its type differs between those layers, as their QTensors; each array leaf stacked
-    [layers, ...]."""
+    as TypedStacks where its type differs between those layers, or as their QTensors where they
+    cannot share a buffer; each array leaf stacked [layers, ...]."""
 
     treedef: Any
     run: tuple[int, int]  # (start, length) in the period
-    matrices: tuple[QTensorStack | tuple[QTensor, ...] | None, ...]
+    matrices: tuple[QTensorStack | TypedStacks | tuple[QTensor, ...] | None, ...]
     vectors: tuple[jax.Array | None, ...]
 
 
@@ -151,8 +187,8 @@ def stack_layers(weights: Any, cfg: ModelConfig) -> Any:
                 matrices.append(None)
                 vectors.append(jnp.stack(column))
                 continue
-            made = stack_in_place(column)
-            if made is None:  # types differ between the layers: each keeps its own
+            made = stack_in_place(column) or stack_by_type(column)
+            if made is None:  # the arrays cannot share a buffer: each layer keeps its own
                 matrices.append(tuple(column))
                 vectors.append(None)
                 continue

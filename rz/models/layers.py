@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rz.config import ModelConfig
+from rz.models.layer_stacks import TypedStacks
 from rz.sharding import Gathered, gather_last
 from rz_kernels.quants import QTensor, QTensorStack, dequantize
 from rz_kernels import qmatmul, qmatmul_by_layer, qmatmul_many, qmatmul_stacked
@@ -59,12 +60,12 @@ class ByLayer:
     the step runs: a loop's index over layers, rz.models.forward) is the one a matmul takes.
     The kernel reads that layer's arrays in place; nothing is sliced or copied."""
 
-    weights: tuple[QTensor, ...] | QTensorStack  # every layer's QTensor, or all of them stacked
+    weights: tuple[QTensor, ...] | QTensorStack | TypedStacks  # every layer's QTensor, or them stacked (per type)
     layer: jax.Array
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self.weights.shape if isinstance(self.weights, QTensorStack) else self.weights[0].shape
+        return self.weights[0].shape if isinstance(self.weights, tuple) else self.weights.shape
 
 
 def linear(x: jax.Array, weight: QTensor | ByLayer | Gathered, bias: jax.Array | None = None) -> jax.Array:
@@ -90,19 +91,32 @@ def _matmul(x: jax.Array, weight: QTensor | ByLayer) -> jax.Array:
 
 
 def _by_layer(x: jax.Array, weights: tuple[ByLayer, ...]) -> list[jax.Array]:
-    """The loop layer's matmuls: the stacked weights in one kernel call, the per-layer ones in
-    another (a matrix whose type differs between layers is not stacked; rz.models.layer_stacks)."""
+    """The loop layer's matmuls: the stacked weights in one kernel call, a matrix stacked per type
+    (its type differs between layers; rz.models.layer_stacks) in a call on its layer's stack, and
+    the per-layer ones in another."""
     layer = weights[0].layer
     stacked = [i for i, w in enumerate(weights) if isinstance(w.weights, QTensorStack)]
-    apart = [i for i, w in enumerate(weights) if not isinstance(w.weights, QTensorStack)]
+    typed = [i for i, w in enumerate(weights) if isinstance(w.weights, TypedStacks)]
+    apart = [i for i, w in enumerate(weights) if isinstance(w.weights, tuple)]
     outputs = [None] * len(weights)
     if stacked:
         for i, y in zip(stacked, qmatmul_stacked(x, layer, [weights[i].weights for i in stacked])):
             outputs[i] = y
+    for i in typed:
+        outputs[i] = _typed_matmul(x, layer, weights[i].weights)
     if apart:
         for i, y in zip(apart, qmatmul_by_layer(x, layer, list(zip(*(weights[i].weights for i in apart))))):
             outputs[i] = y
     return outputs
+
+
+def _typed_matmul(x: jax.Array, layer: jax.Array, typed: TypedStacks) -> jax.Array:
+    """x @ layer `layer`'s matrix, held in one of typed's stacks: a switch over the stacks, each
+    branch the layer-indexed kernel on its stack at the layer's place there."""
+    group = jnp.asarray(np.asarray(typed.groups, np.int32))[layer]
+    index = jnp.asarray(np.asarray(typed.indices, np.int32))[layer]
+    branches = [partial(lambda stack, x, index: qmatmul_stacked(x, index, [stack])[0], stack) for stack in typed.stacks]
+    return jax.lax.switch(group, branches, x, index)
 
 
 def linear_many(x: jax.Array, weights: tuple[QTensor, ...] | tuple[ByLayer, ...], biases: tuple[jax.Array | None, ...]) -> list[jax.Array]:

@@ -16,7 +16,7 @@ import rz_kernels
 from rz.config import ModelConfig
 from rz.gguf import GGUFFile
 from rz.models import FAMILIES, Model, loop_period
-from rz.models.layer_stacks import Layers, is_matrix, layer_runs, run_members, stack_layers
+from rz.models.layer_stacks import Layers, TypedStacks, is_matrix, layer_runs, run_members, stack_layers
 from rz.weights import load_weights
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensorStack
@@ -91,10 +91,10 @@ def test_loaded_layers_are_stacked_once_in_memory(tmp_path):
                     assert array.unsafe_buffer_pointer() == matrix.arrays[name].unsafe_buffer_pointer() + layer * array.nbytes
 
 
-def test_a_matrix_whose_type_differs_between_layers_stays_per_layer_and_loops_the_same(tmp_path, monkeypatch):
-    """Q4_K_M files give some layers' ffn_down Q6_K and others Q4_K: that position keeps each
-    layer's QTensor (a kernel call of its own), the others are stacked, and the loop still gives
-    the unrolled layers' bits."""
+def test_a_matrix_whose_type_differs_between_layers_is_stacked_per_type_and_loops_the_same(tmp_path, monkeypatch):
+    """Q4_K_M files give some layers' ffn_down Q6_K and others Q4_K: that matrix is stacked per
+    type (a kernel call on the layer's stack), the others as one, and the loop still gives the
+    unrolled layers' bits."""
     path = write_tiny_model(tmp_path / "m.gguf", "gemma3", weight_type="Q4_K", **K_QUANT_SHAPE, n_layer=6, sliding_window_pattern=3)
     gguf = GGUFFile(path)
     cfg = ModelConfig.from_gguf(gguf)
@@ -106,7 +106,11 @@ def test_a_matrix_whose_type_differs_between_layers_stays_per_layer_and_loops_th
     layers[3] = replace(layers[3], w_down=random_qtensor(rng, GGMLType.Q6_K, down.shape))
     model = Model(cfg, stack_layers(replace(weights, layers=tuple(layers)), cfg), family)
     kinds = [type(m) for m in model.weights.layers.stacks[0].matrices if m is not None]
-    assert tuple in kinds and QTensorStack in kinds
+    assert TypedStacks in kinds and QTensorStack in kinds
+    typed = next(m for m in model.weights.layers.stacks[0].matrices if isinstance(m, TypedStacks))
+    # Run 0 holds layers 0, 1, 3 and 4; layer 3's matrix is the Q6_K one.
+    assert typed.groups == (0, 0, 1, 0) and typed.indices == (0, 1, 0, 2)
+    assert [stack.n_layers for stack in typed.stacks] == [3, 1]
     prompt = jnp.asarray(rng.integers(3, 300, (1, 12)), jnp.int32)
     results = {}
     for loop in ("1", "0"):
