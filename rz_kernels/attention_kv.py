@@ -18,6 +18,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from rz_kernels import zero_pages
+
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0")
 Q8_0_BLOCK = 32  # elements per f16 scale, as ggml's QK8_0
 _FLOAT_DTYPES = {"f32": jnp.float32, "f16": jnp.float16, "bf16": jnp.bfloat16}
@@ -54,12 +56,12 @@ def cache_type_of(stored: Stored) -> str:
 
 
 def empty(cache_type: str, shape: tuple[int, ...]) -> Stored:
-    """Zeros of `shape` ([..., S, D]) stored as cache_type."""
+    """Zeros of `shape` ([..., S, D]) stored as cache_type, resident only where written (rz_kernels.zero_pages)."""
     check_cache_type(cache_type)
     if cache_type != "q8_0":
-        return jnp.zeros(shape, _FLOAT_DTYPES[cache_type])
+        return zero_pages.zeros(shape, _FLOAT_DTYPES[cache_type])
     _check_q8_0_width(shape[-1])
-    return Q8_0Rows(jnp.zeros(shape, jnp.int8), jnp.zeros((*shape[:-1], shape[-1] // Q8_0_BLOCK), jnp.float16))
+    return Q8_0Rows(zero_pages.zeros(shape, jnp.int8), zero_pages.zeros((*shape[:-1], shape[-1] // Q8_0_BLOCK), jnp.float16))
 
 
 def store(x: jax.Array, cache_type: str) -> Stored:

@@ -174,6 +174,10 @@ def sample_draw_target(variant: Variant) -> str:
     return f"rz_sample_draw_{variant.name}"
 
 
+def zero_pages_target(variant: Variant) -> str:
+    return f"rz_zero_pages_{variant.name}"
+
+
 def experts_target(variant: Variant) -> str:
     return f"rz_qmatmul_experts_{variant.name}"
 
@@ -198,6 +202,7 @@ def load(variant: Variant) -> ctypes.CDLL:
     jax.ffi.register_ffi_target(attention_target(variant), jax.ffi.pycapsule(lib.RzAttention), platform="cpu")
     jax.ffi.register_ffi_target(prompt_attention_target(variant), jax.ffi.pycapsule(lib.RzPromptAttention), platform="cpu")
     jax.ffi.register_ffi_target(sample_draw_target(variant), jax.ffi.pycapsule(lib.RzSampleDraw), platform="cpu")
+    jax.ffi.register_ffi_target(zero_pages_target(variant), jax.ffi.pycapsule(lib.RzZeroPages), platform="cpu")
     if has_experts_kernel(variant):
         jax.ffi.register_ffi_target(experts_target(variant), jax.ffi.pycapsule(lib.RzQMatmulExperts), platform="cpu")
     log.info("rz_kernels: loaded the C++ CPU kernels (%s) from %s", variant.name, variant.library)
