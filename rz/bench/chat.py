@@ -9,6 +9,7 @@ Llama and llama-server's cache_prompt do (the C API, as rz.bench's llama.cpp eng
 With --servers the same chat goes through running servers' OpenAI APIs instead (measure_servers).
 """
 
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,11 +56,17 @@ def _prompts(llm, turns: int, user_tokens: int, answer_tokens: int) -> list[list
 
 
 def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, n_ctx: int, threads: int,
-            engines: tuple[str, ...], progress: Callable[[str], None], warm: bool = False) -> dict:
+            engines: tuple[str, ...], progress: Callable[[str], None], warm: bool = False, repeats: int = 1) -> dict:
     """Per engine, the TTFT of every turn (seconds) and the prompt lengths. warm: rz compiles
-    every shape first (rz.LLM.warm_up), so that no measured turn compiles, as in a warmed-up server."""
+    every shape first (rz.LLM.warm_up), so that no measured turn compiles, as in a warmed-up server.
+
+    repeats: the whole chat runs this many times, each from empty caches, and a turn's TTFT is
+    the median of its runs (`ttft_samples_s` holds them all): one run of a turn that takes a
+    tenth of a second moves by a third between runs on a busy machine."""
     import rz
 
+    if repeats < 1:
+        raise BenchError(f"repeats must be at least 1, got {repeats}")
     llm = rz.LLM(model_path, n_ctx=n_ctx, max_batch=1)
     prompts = _prompts(llm, turns, user_tokens, answer_tokens)
     if warm and "rz" in engines:
@@ -77,22 +84,34 @@ def measure(model_path: Path, turns: int, user_tokens: int, answer_tokens: int, 
     if "llama.cpp" in engines:
         oracle = LlamaCppChat(EngineSettings(model_path=model_path, threads=threads, n_ctx=n_ctx))
         runners["llama.cpp"] = oracle.first_token
-    result = {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "warm": warm,
-              "prompt_tokens": [len(p) for p in prompts],
-              "ttft_s": {name: [] for name in runners}, "cached_tokens": {name: [] for name in runners}}
+    samples = {name: [[] for _ in prompts] for name in runners}
+    cached_tokens = {name: [] for name in runners}
     try:
-        for turn, ids in enumerate(prompts, 1):
-            for name, run in runners.items():
-                started = time.perf_counter()
-                cached = run(ids)
-                result["ttft_s"][name].append(time.perf_counter() - started)
-                result["cached_tokens"][name].append(cached)
-            progress(f"turn {turn}: {len(ids)} tokens, " + ", ".join(
-                f"{name} {times[-1]:.3f} s" for name, times in result["ttft_s"].items()))
+        for repeat in range(repeats):
+            if repeat:  # the next run starts from empty caches, as the first did
+                if "rz" in runners:
+                    llm._scheduler(1).engine.blocks.clear_cache()
+                if oracle is not None:
+                    oracle.held = []
+            for turn, ids in enumerate(prompts):
+                for name, run in runners.items():
+                    started = time.perf_counter()
+                    cached = run(ids)
+                    samples[name][turn].append(time.perf_counter() - started)
+                    if not repeat:
+                        cached_tokens[name].append(cached)
+                    elif cached != cached_tokens[name][turn]:
+                        raise BenchError(f"run {repeat + 1} of turn {turn + 1} reused {cached} tokens with {name}, the "
+                                         f"first run {cached_tokens[name][turn]}: its caches were not emptied between runs")
+                progress(f"run {repeat + 1}, turn {turn + 1}: {len(ids)} tokens, " + ", ".join(
+                    f"{name} {times[turn][-1]:.3f} s" for name, times in samples.items()))
     finally:
         if oracle is not None:
             oracle.engine.close()
-    return result
+    return {"model": model_path.name, "n_ctx": n_ctx, "threads": threads, "warm": warm, "repeats": repeats,
+            "prompt_tokens": [len(p) for p in prompts],
+            "ttft_s": {name: [statistics.median(turn) for turn in per_turn] for name, per_turn in samples.items()},
+            "ttft_samples_s": samples, "cached_tokens": cached_tokens}
 
 
 def measure_servers(model_path: Path, servers: dict[str, str], turns: int, user_tokens: int, answer_tokens: int,

@@ -337,6 +337,8 @@ def cmd_chat(argv: list[str]) -> int:
     parser.add_argument("--n-ctx", type=int, default=4096, help="context positions (default: 4096)")
     parser.add_argument("--warm", action="store_true",
                         help="rz compiles every shape first, so no measured turn compiles (as a warmed-up server)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of the whole chat, each from empty caches; a turn's TTFT is their median (default: 3)")
     parser.add_argument("--servers", metavar="NAME=URL,...",
                         help="instead of --engines: running OpenAI-compatible servers, e.g. "
                              "rz=http://127.0.0.1:8000,llama-server=http://127.0.0.1:8080 (each turn through /v1/completions)")
@@ -354,7 +356,7 @@ def cmd_chat(argv: list[str]) -> int:
         return _report_measurement(result, table, "chat", argv, args.json)
     engines = _comma_list(args.engines, ("rz", "llama.cpp"), "--engines")
     result = measure(model_path, args.turns, args.user_tokens, args.answer_tokens, args.n_ctx, args.threads, engines,
-                     _progress("chat", args.quiet), warm=args.warm)
+                     _progress("chat", args.quiet), warm=args.warm, repeats=args.repeats)
     return _report_measurement(result, table, "chat", argv, args.json)
 
 

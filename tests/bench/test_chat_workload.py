@@ -28,6 +28,14 @@ def test_a_warm_chat_warms_up_first_and_reuses_each_turn(smollm2_path):
     assert "| 2 |" in table(result)
 
 
+def test_repeated_chats_start_from_empty_caches_and_report_medians(smollm2_path):
+    result = measure(smollm2_path, 2, 40, 4, 256, 2, ("rz",), lambda _: None, repeats=3)
+    samples = result["ttft_samples_s"]["rz"]
+    assert result["repeats"] == 3 and [len(turn) for turn in samples] == [3, 3]
+    assert result["ttft_s"]["rz"] == [sorted(turn)[1] for turn in samples]
+    assert result["cached_tokens"]["rz"][0] == 0  # every run's first turn found nothing cached (measure checks them)
+
+
 class _FakeServer:
     """An OpenAI-style streaming /v1/completions that records each request and reports reuse as
     rz does (usage.prompt_tokens_details) or as llama-server does (timings.prompt_n)."""
