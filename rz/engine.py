@@ -118,6 +118,13 @@ class Engine:
         self.slots: list[Generation | None] = [None] * n_slots
         self.prompt_tokens_computed = 0  # prompt tokens run through prefill chunks (reused ones are not)
         self._sampler_state = SamplerState.create([_IDLE_PARAMS] * n_slots, [[]] * n_slots)
+        # Whether a step computes log-probabilities is an argument of the one compiled variant,
+        # not a variant of its own: a compiled step holds memory in proportion to its size.
+        self._logprobs_flags = (device_copy(np.bool_(False)), device_copy(np.bool_(True)))
+        # So are a batch's token masks (all ones without constraints) and how many of a decode
+        # call's steps run (one where a row is constrained).
+        self._all_allowed: dict[int, jax.Array] = {}
+        self._step_counts = {n: device_copy(np.int32(n)) for n in {1, self.decode_steps}}
         self._tensors_dirty = True
         self._tensors = None
         self._tensors_rows = 0
@@ -271,11 +278,11 @@ class Engine:
         slot = self.slots.index(None)
         params = request.options.sampling
         row_state = SamplerState.create([params], [request.prompt_ids])
-        n_top = _logprob_width([params])
-        allowed = self._token_masks([sequence])
+        allowed, _ = self._token_masks([sequence])
         sampled, row_state = self._timed(
-            f"first_token[logprobs={n_top}, masked={allowed is not None}]", steps.first_token, admission.logits,
-            SamplingTensors.from_params([params]), row_state, allowed, n_top=n_top,
+            "first_token", steps.first_token, admission.logits,
+            SamplingTensors.from_params([params]), row_state, allowed, self._logprobs_flags[bool(params.n_logprobs)],
+            n_top=MAX_N_LOGPROBS,
         )
         self._sampler_state = self.model.launch(steps.join_row, self._sampler_state, jnp.int32(slot), row_state)
         sequence.slot = slot
@@ -580,20 +587,24 @@ class Engine:
                 host_positions[sequence.slot] = sequence.position
             sequences, tokens, positions = tuple(active), device_copy(host_tokens), device_copy(host_positions)
         tensors, n_top = self._batch_tensors(rows)
-        allowed = None if after is not None else self._token_masks(self.slots[:rows])
+        # A chained call runs after an unconstrained one (see decode): no row is constrained.
+        allowed, constrained = self._token_masks(self.slots[:rows] if after is None else [None] * rows)
         # Each mask holds for one token only: a batch with a constrained row runs one step per call.
-        n_steps = self.decode_steps if allowed is None else 1
+        n_steps = 1 if constrained else self.decode_steps
         # The host's positions are a call behind a chained call's.
         for sequence in sequences:
             self._prepare_writes(sequence, sequence.position + (after.n_steps if after is not None else 0), n_steps)
         self._put_tables()
-        name = f"decode[{rows}, logprobs={n_top}, steps={n_steps}, masked={allowed is not None}]"
+        name = f"decode[{rows}, steps={self.decode_steps}]"
         timed = name in self.compilations
         sampled, self.cache, self._sampler_state, next_tokens, next_positions = self._timed(
             name, steps.decode, self.model.weights, self.cache, tokens, positions, tensors, self._sampler_state, allowed,
-            **self._model_static, n_ctx=self.capacity, n_top=n_top, n_steps=n_steps,
+            self._logprobs_flags[n_top > 0], self._step_counts[n_steps], **self._model_static, n_ctx=self.capacity,
+            n_top=MAX_N_LOGPROBS, n_steps=self.decode_steps,
         )
-        return _DecodeCall(rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions, timed, allowed)
+        return _DecodeCall(
+            rows, n_steps, sequences, self._assignment, sampled, next_tokens, next_positions, timed, allowed if constrained else None
+        )
 
     def _batch_tensors(self, rows: int) -> tuple[SamplingTensors, int]:
         """The sampling settings of the first `rows` slots, and their log-probability width."""
@@ -605,13 +616,17 @@ class Engine:
             self._tensors_dirty = False
         return self._tensors, self._n_top
 
-    def _token_masks(self, rows: Sequence[Generation | None]) -> jax.Array | None:
-        """The allowed-token bitmask of each row (all ones but for constrained sequences), or None
-        when no row is constrained: an unconstrained batch runs no mask at all."""
+    def _token_masks(self, rows: Sequence[Generation | None]) -> tuple[jax.Array, bool]:
+        """The allowed-token bitmask of each row (all ones but for constrained sequences), and
+        whether any row is constrained. An unconstrained batch's all-ones masks are made once per
+        batch size, and the step skips them (rz.sampling)."""
         matchers = [row.constraint if row is not None else None for row in rows]
-        if all(matcher is None for matcher in matchers):
-            return None
-        return device_copy(self.vocabulary.masks(matchers))
+        if any(matcher is not None for matcher in matchers):
+            return device_copy(self.vocabulary.masks(matchers)), True
+        if len(rows) not in self._all_allowed:
+            n_words = -(-self.model.cfg.n_vocab // 32)
+            self._all_allowed[len(rows)] = device_copy(np.full((len(rows), n_words), -1, np.int32))
+        return self._all_allowed[len(rows)], False
 
     def _collect(self, call: "_DecodeCall") -> list[SampledRow]:
         """Read a call's tokens back: each step's row of every sequence it ran for, step by step."""

@@ -240,6 +240,8 @@ class BlockPool:
         self.refs = [0] * plan.n_blocks
         self.hash_of: list[bytes | None] = [None] * plan.n_blocks
         self.by_hash: dict[bytes, int] = {}
+        # Freed blocks go first in line: blocks are taken where they were last written, and the
+        # pages of those never written stay out of memory (rz_kernels.zero_pages).
         self.free: deque[int] = deque(range(plan.n_blocks))
         self.evictable: OrderedDict[int, None] = OrderedDict()
         # Unreferenced partly written blocks: each one's chain hash before it and its tokens, and
@@ -301,7 +303,7 @@ class BlockPool:
             if self.hash_of[block] is not None or block in self.partial_of:
                 self.evictable[block] = None
             else:
-                self.free.append(block)
+                self.free.appendleft(block)
 
     def register(self, block: int, block_hash: bytes, parent_hash: bytes, tokens: Sequence[int]) -> bool:
         """Make a full block mappable by its hash, and findable by the chain before it (parent_hash)
@@ -371,7 +373,7 @@ class BlockPool:
                 del self.fulls[parent_hash]
         if self.refs[block] == 0:
             del self.evictable[block]
-            self.free.append(block)
+            self.free.appendleft(block)
 
     def stats(self) -> PoolStats:
         return PoolStats(len(self.free), len(self.evictable), self.in_use, self.plan.n_blocks, self.reserved - self.held)

@@ -191,12 +191,14 @@ class Sampler:
             raise ValueError(f"candidate_count must be >= 1, got {self.candidate_count}")
 
     def __call__(
-        self, logits: jax.Array, params: SamplingTensors, state: SamplerState, allowed: jax.Array | None = None
+        self, logits: jax.Array, params: SamplingTensors, state: SamplerState, allowed: jax.Array | None = None,
+        logprobs: jax.Array | None = None,
     ) -> tuple[SampledTokens, SamplerState]:
         """logits f32[B, V] -> the chosen tokens, and the state with them appended to the history.
 
         allowed: i32[B, ceil(V/32)], a bitmask of the tokens each row may choose (structured
         output, rz.constraints); None allows every token.
+        logprobs: a bool scalar, whether to compute the log-probabilities at all (see chosen).
         """
         with jax.named_scope("sampler"):
             logits = logits.astype(jnp.float32)
@@ -213,13 +215,23 @@ class Sampler:
 
             # An all-greedy batch (the common case when matching llama.cpp) skips the draw.
             tokens, next_keys = jax.lax.cond(jnp.any(sampling), draw, lambda: (greedy, state.keys))
-            sampled = self.chosen(logits, tokens)
+            sampled = self.chosen(logits, tokens, logprobs)
             recent = jnp.concatenate([state.recent_tokens[:, 1:], tokens[:, None]], axis=1)
             return sampled, SamplerState(keys=next_keys, recent_tokens=recent)
 
-    def chosen(self, logits: jax.Array, tokens: jax.Array) -> SampledTokens:
-        """Tokens i32[B] chosen at raw logits f32[B, V], with their log-probabilities (see the class)."""
-        return _with_logprobs(logits.astype(jnp.float32), tokens, self.n_top_logprobs)
+    def chosen(self, logits: jax.Array, tokens: jax.Array, logprobs: jax.Array | None = None) -> SampledTokens:
+        """Tokens i32[B] chosen at raw logits f32[B, V], with their log-probabilities (see the class).
+
+        logprobs: a bool scalar; where it is false the log-probabilities are zeros of the same
+        shapes, and the pass over the vocabulary is skipped at run time. One compiled step then
+        serves requests with and without log-probabilities (None: always computed).
+        """
+        logits = logits.astype(jnp.float32)
+        if logprobs is None or not self.n_top_logprobs:
+            return _with_logprobs(logits, tokens, self.n_top_logprobs)
+        return jax.lax.cond(
+            logprobs, lambda: _with_logprobs(logits, tokens, self.n_top_logprobs), lambda: _no_logprobs(tokens, self.n_top_logprobs)
+        )
 
     def probabilities(self, logits: jax.Array, params: SamplingTensors, state: SamplerState) -> jax.Array:
         """The distribution __call__ draws each row's token from, f32[B, V]: the softmax at the
@@ -321,7 +333,10 @@ def _penalized(logits: jax.Array, params: SamplingTensors, state: SamplerState, 
         lambda: apply_penalties(biased, state.recent_tokens, params),
         lambda: biased,
     )
-    return penalized if allowed is None else apply_token_mask(penalized, allowed)
+    if allowed is None:
+        return penalized
+    # A batch without a constrained row (every word all ones) skips the pass.
+    return jax.lax.cond(jnp.all(allowed == -1), lambda: penalized, lambda: apply_token_mask(penalized, allowed))
 
 
 # first_argmax reads the vocabulary in tiles of this many logits.
@@ -469,17 +484,22 @@ def _kept_weights(frame_logits: jax.Array, kept: jax.Array, params: SamplingTens
     return jnp.where(kept, jnp.exp((frame_logits - top) / temperature), 0.0)
 
 
+def _no_logprobs(tokens: jax.Array, n_top: int) -> SampledTokens:
+    """Tokens [B] with zeros for their log-probabilities and n_top best."""
+    batch = tokens.shape[0]
+    return SampledTokens(
+        tokens=tokens,
+        logprobs=jnp.zeros((batch,), jnp.float32),
+        top_ids=jnp.zeros((batch, n_top), jnp.int32),
+        top_logprobs=jnp.zeros((batch, n_top), jnp.float32),
+    )
+
+
 def _with_logprobs(raw_logits: jax.Array, tokens: jax.Array, n_top: int) -> SampledTokens:
     if not n_top:
-        # No row asked for log-probabilities (the engine compiles a variant with them when one
-        # does): skip a pass over the vocabulary per step (262,144 entries for Gemma 3).
-        batch = raw_logits.shape[0]
-        return SampledTokens(
-            tokens=tokens,
-            logprobs=jnp.zeros((batch,), jnp.float32),
-            top_ids=jnp.zeros((batch, 0), jnp.int32),
-            top_logprobs=jnp.zeros((batch, 0), jnp.float32),
-        )
+        # Without top log-probabilities, skip a pass over the vocabulary per step (262,144
+        # entries for Gemma 3).
+        return _no_logprobs(tokens, 0)
     logprobs = jax.nn.log_softmax(raw_logits, axis=-1)
     chosen = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_logprobs, top_ids = _top_k(logprobs, n_top)

@@ -54,20 +54,28 @@ join_row = jax.jit(SamplerState.with_row)
 
 
 @partial(jax.jit, static_argnames=("n_top",), compiler_options=SAMPLING_COMPILER_OPTIONS)
-def first_token(logits, tensors, state, allowed, *, n_top):
-    """A prefilled prompt's first token, sampled from its last logits (allowed: see Sampler)."""
-    return Sampler(n_top_logprobs=n_top)(logits, tensors, state, allowed)
+def first_token(logits, tensors, state, allowed, logprobs=None, *, n_top):
+    """A prefilled prompt's first token, sampled from its last logits (allowed, logprobs: see Sampler)."""
+    return Sampler(n_top_logprobs=n_top)(logits, tensors, state, allowed, logprobs)
 
 
 @partial(
     jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"),
     compiler_options=SAMPLING_COMPILER_OPTIONS,
 )
-def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family, cfg, plan=None, n_ctx, n_top, n_steps):
+def decode(
+    weights, cache, tokens, positions, tensors, state, allowed, logprobs=None, n_live=None, *, family, cfg, plan=None, n_ctx,
+    n_top, n_steps,
+):
     """n_steps decode steps in one call, each feeding its sampled tokens to the next.
 
     allowed: the token bitmask of every row (see Sampler), or None. It holds for every step, so a
-    constrained batch, whose masks depend on each sampled token, runs one step per call.
+    constrained batch, whose masks depend on each sampled token, runs one step per call: n_live,
+    an int32 scalar, is how many of the n_steps run (None: all). The others leave the cache and
+    the sampler state as they are, and their SampledTokens are zeros. So constrained and free
+    batches, with log-probabilities or without (logprobs: a bool scalar, see Sampler.chosen; None:
+    always), share one compiled step per batch: a compiled step holds memory in proportion to its
+    size.
 
     tokens, positions int32 [rows] (position -1: an idle row), for the first `rows` slots of the
     cache (a batch bucket). Returns the SampledTokens of every step (leaves [n_steps, rows, ...]),
@@ -89,11 +97,20 @@ def decode(weights, cache, tokens, positions, tensors, state, allowed, *, family
         cache, tokens, positions, state = carry
         hidden, cache = forward(weights, cache, tokens[:, None], positions[:, None], tables, family=family, cfg=cfg, plan=plan)
         logits = lm_head(weights, hidden[:, 0], family=family, cfg=cfg, plan=plan)
-        sampled, state = sampler(logits, tensors, state, allowed)
+        sampled, state = sampler(logits, tensors, state, allowed, logprobs)
         following = jnp.where((positions >= 0) & (positions + 1 < n_ctx), positions + 1, -1)
         return (cache, sampled.tokens, following, state), sampled
 
-    (cache, tokens, positions, state), sampled = jax.lax.scan(one, (cache, tokens, positions, state), step_tables, length=n_steps)
+    def step(carry, at):
+        index, tables = at
+        if n_live is None:
+            return one(carry, tables)
+        skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), jax.eval_shape(one, carry, tables)[1])
+        return jax.lax.cond(index < n_live, one, lambda carry, _: (carry, skipped), carry, tables)
+
+    (cache, tokens, positions, state), sampled = jax.lax.scan(
+        step, (cache, tokens, positions, state), (jnp.arange(n_steps), step_tables), length=n_steps
+    )
     state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
     return sampled, cache, state, tokens, positions
 

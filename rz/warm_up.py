@@ -6,14 +6,10 @@ SERVING and the others while idle (rz.server.scheduler.EngineLoop); rz.LLM.warm_
 import collections
 from typing import Callable
 
-from rz.constraints import Constraint
 from rz.engine import Engine
 from rz.generation import GenerationRequest
 from rz.request import RequestOptions, SamplingParams
 from rz.scheduler import Scheduler
-
-# Any constraint compiles the masked steps; this one lets a warm-up request run its two tokens.
-_ANY_LETTERS = Constraint("regex", "[a-z]{1,64}")
 
 
 def warm_up(engine: Engine) -> None:
@@ -34,10 +30,11 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
 
     The units cover the prefill (a chunk, the first token) of each context bucket's chunk length,
     with and without a reused prefix, the copy of a block that holds a prompt's next tokens
-    among others', and the decode step of each batch bucket with and without
-    top log-probabilities, and with a token mask (structured output: its first constrained request
-    would otherwise also build the vocabulary llguidance compiles against); and with a default
-    proposer (rz serve --speculative), its verify calls of each width, greedy.
+    among others', and the decode step of each batch bucket (token masks and log-probabilities
+    are run-time branches of the same step); and with a default proposer (rz serve --speculative),
+    its verify calls of each width, greedy. The vocabulary that llguidance compiles structured
+    output against is left to the first constrained request: it takes seconds and a hundred MiB
+    for a large vocabulary, which a server that never sees one should not hold.
 
     Each bucket is compiled with a one-token prompt in that bucket's chunks (the scheduler's
     `context`), not with a prompt of the bucket's length: that would spend most of the warm-up
@@ -45,8 +42,8 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     """
     greedy = SamplingParams(temperature=0.0)
 
-    def options(params: SamplingParams, constraint: Constraint | None = None) -> RequestOptions:
-        return RequestOptions(max_tokens=2, sampling=params, ignore_eos=True, constraint=constraint)
+    def options(params: SamplingParams) -> RequestOptions:
+        return RequestOptions(max_tokens=2, sampling=params, ignore_eos=True)
 
     def prefill(context: int, prompt_ids: tuple[int, ...]) -> WarmUpUnit:
         request = GenerationRequest(prompt_ids=prompt_ids, options=options(greedy))
@@ -75,10 +72,11 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     units += [decode(rows, options(greedy)) for rows in more_rows]
     units += [unit for context in larger for unit in prefills(context)]
     units.append(lambda scheduler: scheduler.engine.compile_block_copy())
-    units += [decode(rows, options(SamplingParams(temperature=0.0, n_logprobs=1))) for rows in engine.batch_sizes]
-    units += [decode(rows, options(greedy, _ANY_LETTERS)) for rows in engine.batch_sizes]
     if engine.speculative is not None:
         units += [speculation(rows) for rows in engine.batch_sizes]
+    # The warm-up's prompts are nobody's: its blocks go back first in line for the free list, not
+    # into the prefix cache, where they would keep pages resident that requests could reuse.
+    units.append(lambda scheduler: scheduler.engine.blocks.clear_cache())
     return units
 
 
