@@ -318,25 +318,26 @@ class _Truncating:
 def _penalized(logits: jax.Array, params: SamplingTensors, state: SamplerState, allowed: jax.Array | None) -> jax.Array:
     """The logits after bias, penalties and the token mask: what greedy picks from and truncation cuts."""
     # Each pass over the vocabulary costs (8 rows of Gemma's 262,144 logits are 8 MiB): a batch
-    # that asks for no bias, no penalty, or no draw, skips that work. The skips are exact: biases
-    # and penalties that are off leave every logit as it is, and a greedy row ignores its key.
-    biased = jax.lax.cond(
-        jnp.any(params.bias_ids >= 0),
-        lambda: apply_logit_bias(logits, params.bias_ids, params.bias_values),
-        lambda: logits,
-    )
+    # that asks for no bias, no penalty, no mask, or no draw, skips that work. The skips are
+    # exact: biases, penalties and masks that are off leave every logit as it is, and a greedy row
+    # ignores its key. The mask comes with the bias, behind one branch, before the penalties: a
+    # masked logit is -inf, which penalties leave -inf.
+    def bias_and_mask():
+        biased = apply_logit_bias(logits, params.bias_ids, params.bias_values)
+        return biased if allowed is None else apply_token_mask(biased, allowed)
+
+    adjusting = jnp.any(params.bias_ids >= 0)
+    if allowed is not None:
+        adjusting |= jnp.any(allowed != -1)  # a batch without a constrained row has all ones
+    biased = jax.lax.cond(adjusting, bias_and_mask, lambda: logits)
     penalties_on = (params.penalty_last_n > 0) & (
         (params.repeat_penalty != 1) | (params.frequency_penalty != 0) | (params.presence_penalty != 0)
     )
-    penalized = jax.lax.cond(
+    return jax.lax.cond(
         jnp.any(penalties_on),
         lambda: apply_penalties(biased, state.recent_tokens, params),
         lambda: biased,
     )
-    if allowed is None:
-        return penalized
-    # A batch without a constrained row (every word all ones) skips the pass.
-    return jax.lax.cond(jnp.all(allowed == -1), lambda: penalized, lambda: apply_token_mask(penalized, allowed))
 
 
 # first_argmax reads the vocabulary in tiles of this many logits.

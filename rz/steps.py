@@ -71,11 +71,11 @@ def decode(
 
     allowed: the token bitmask of every row (see Sampler), or None. It holds for every step, so a
     constrained batch, whose masks depend on each sampled token, runs one step per call: n_live,
-    an int32 scalar, is how many of the n_steps run (None: all). The others leave the cache and
-    the sampler state as they are, and their SampledTokens are zeros. So constrained and free
-    batches, with log-probabilities or without (logprobs: a bool scalar, see Sampler.chosen; None:
-    always), share one compiled step per batch: a compiled step holds memory in proportion to its
-    size.
+    an int32 scalar, is how many of the n_steps run (None: all). The loop stops there: the cache
+    and the sampler state are as those steps left them, and the other steps' SampledTokens are
+    zeros. So constrained and free batches, with log-probabilities or without (logprobs: a bool
+    scalar, see Sampler.chosen; None: always), share one compiled step per batch: a compiled
+    step holds memory in proportion to its size.
 
     tokens, positions int32 [rows] (position -1: an idle row), for the first `rows` slots of the
     cache (a batch bucket). Returns the SampledTokens of every step (leaves [n_steps, rows, ...]),
@@ -101,16 +101,22 @@ def decode(
         following = jnp.where((positions >= 0) & (positions + 1 < n_ctx), positions + 1, -1)
         return (cache, sampled.tokens, following, state), sampled
 
-    def step(carry, at):
-        index, tables = at
-        if n_live is None:
-            return one(carry, tables)
-        skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), jax.eval_shape(one, carry, tables)[1])
-        return jax.lax.cond(index < n_live, one, lambda carry, _: (carry, skipped), carry, tables)
+    carry = (cache, tokens, positions, state)
+    if n_live is None:
+        carry, sampled = jax.lax.scan(one, carry, step_tables, length=n_steps)
+    else:
+        # A loop of n_live iterations (a while loop: no branch per step), each writing its step's
+        # SampledTokens into [n_steps, ...] zeros.
+        shapes = jax.eval_shape(one, carry, jax.tree.map(lambda table: table[0], step_tables))[1]
+        sampled = jax.tree.map(lambda leaf: jnp.zeros((n_steps, *leaf.shape), leaf.dtype), shapes)
 
-    (cache, tokens, positions, state), sampled = jax.lax.scan(
-        step, (cache, tokens, positions, state), (jnp.arange(n_steps), step_tables), length=n_steps
-    )
+        def body(index, loop):
+            carry, sampled = loop
+            carry, at_step = one(carry, jax.tree.map(lambda table: table[index], step_tables))
+            return carry, jax.tree.map(lambda whole, part: whole.at[index].set(part), sampled, at_step)
+
+        carry, sampled = jax.lax.fori_loop(0, jnp.minimum(n_live, n_steps), body, (carry, sampled))
+    cache, tokens, positions, state = carry
     state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
     return sampled, cache, state, tokens, positions
 
