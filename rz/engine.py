@@ -763,7 +763,8 @@ def _weight_bytes(model) -> int:
 
 
 def _logprob_width(rows: Sequence[SamplingParams]) -> int:
-    # Two compiled variants at most: without top log-probabilities, or with the widest.
+    # The widest or none: decode and first-token steps take it as a run-time flag, a verify call
+    # as one of its two compiled variants.
     return MAX_N_LOGPROBS if any(p.n_logprobs for p in rows) else 0
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensor, QTensorStack
-from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul, sample_draw
+from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul, sample_draw, zero_pages
 from rz_kernels.causal_attention import DECODE_MAX_T, decode_attention_cpu, prompt_attention_cpu
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu, qmatmul_layer_cpu, qmatmul_stacked_cpu
 
@@ -100,6 +100,15 @@ def main(inputs_path: str, outputs_path: str) -> None:
     if cpu_ffi.available():  # the sampler's draw, through jit as a step calls it
         operands = [jnp.asarray(inputs[f"draw.{i}"]) for i in range(9)]
         outputs["draw.tokens"] = np.asarray(jax.jit(sample_draw.draw_cpu)(*operands))
+        # Zeros over memory that held ones just before: the emulator may ignore the kernel's advice
+        # to drop the pages, and its scan must then write them.
+        make_zeros, nonzero = jax.jit(lambda: zero_pages.zeros((1 << 20,), jnp.float32)), 0
+        for _ in range(2):
+            ones = jnp.ones((1 << 20,), jnp.float32)
+            ones.block_until_ready()
+            del ones
+            nonzero += int(np.count_nonzero(np.asarray(make_zeros())))
+        outputs["zeros.nonzero"] = np.asarray(nonzero)
     np.savez(outputs_path, **outputs)
 
 
