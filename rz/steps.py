@@ -101,21 +101,19 @@ def decode(
         following = jnp.where((positions >= 0) & (positions + 1 < n_ctx), positions + 1, -1)
         return (cache, sampled.tokens, following, state), sampled
 
+    # A loop of n_live iterations (a while loop: no branch per step), each writing its step's
+    # SampledTokens into [n_steps, ...] zeros.
     carry = (cache, tokens, positions, state)
-    if n_live is None:
-        carry, sampled = jax.lax.scan(one, carry, step_tables, length=n_steps)
-    else:
-        # A loop of n_live iterations (a while loop: no branch per step), each writing its step's
-        # SampledTokens into [n_steps, ...] zeros.
-        shapes = jax.eval_shape(one, carry, jax.tree.map(lambda table: table[0], step_tables))[1]
-        sampled = jax.tree.map(lambda leaf: jnp.zeros((n_steps, *leaf.shape), leaf.dtype), shapes)
+    shapes = jax.eval_shape(one, carry, jax.tree.map(lambda table: table[0], step_tables))[1]
+    sampled = jax.tree.map(lambda leaf: jnp.zeros((n_steps, *leaf.shape), leaf.dtype), shapes)
 
-        def body(index, loop):
-            carry, sampled = loop
-            carry, at_step = one(carry, jax.tree.map(lambda table: table[index], step_tables))
-            return carry, jax.tree.map(lambda whole, part: whole.at[index].set(part), sampled, at_step)
+    def body(index, loop):
+        carry, sampled = loop
+        carry, at_step = one(carry, jax.tree.map(lambda table: table[index], step_tables))
+        return carry, jax.tree.map(lambda whole, part: whole.at[index].set(part), sampled, at_step)
 
-        carry, sampled = jax.lax.fori_loop(0, jnp.minimum(n_live, n_steps), body, (carry, sampled))
+    trips = n_steps if n_live is None else jnp.minimum(n_live, n_steps)
+    carry, sampled = jax.lax.fori_loop(0, trips, body, (carry, sampled))
     cache, tokens, positions, state = carry
     state = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), whole_state, state)
     return sampled, cache, state, tokens, positions

@@ -188,6 +188,14 @@ void row_f32(const Rows& rows, int64_t j, int64_t width, float* out) {
   }
 }
 
+// The converted K and V start on a cache line, so that every vector load of them is one line: a
+// std::vector's 16-byte alignment split each 64-byte load of them over two.
+constexpr int64_t kCacheLineFloats = 64 / sizeof(float);
+inline float* cache_line_aligned(float* p) {
+  const uintptr_t address = reinterpret_cast<uintptr_t>(p);
+  return p + ((64 - address % 64) % 64) / sizeof(float);
+}
+
 struct Problem : rz_cpu::Operands {
   int64_t n_blocks;  // ceil(S_used / kBlock)
   // Phase one's output, per (sequence, KV head): K as [block][D][kBlock], V as [block * kBlock][Dv],
@@ -260,16 +268,20 @@ inline uint32_t visible_mask(const Problem& p, const int32_t* k_pos, int64_t blo
 
 // The online-softmax state of one task's rows.
 struct RowState {
-  std::vector<float> max, sum, out;  // [rows], [rows], [rows, Dv] (unnormalized)
+  std::vector<float> max, sum;  // [rows]
+  float* out = nullptr;  // [rows, Dv] (unnormalized)
   std::vector<uint32_t> masks;  // [rows], this block's
-  std::vector<float> weights;  // [rows, kBlock], this block's scores, then its softmax numerators
+  float* weights = nullptr;  // [rows, kBlock], this block's scores, then its softmax numerators
+  std::vector<float> buffer;  // out and weights, each from a cache line (cache_line_aligned)
   std::vector<float> correction;  // [rows]
   void reset(int64_t rows, int64_t Dv) {
     max.assign(rows, -INFINITY);
     sum.assign(rows, 0.0f);
-    out.assign(rows * Dv, 0.0f);
     masks.resize(rows);
-    weights.resize(rows * kBlock);
+    // Dv and kBlock are multiples of 16 floats, so weights starts on a line too.
+    buffer.assign(rows * (Dv + kBlock) + kCacheLineFloats, 0.0f);
+    out = cache_line_aligned(buffer.data());
+    weights = out + rows * Dv;
     correction.resize(rows);
   }
 };
@@ -293,7 +305,7 @@ void score_block(const Problem& p, const float* const* q_rows, const float* kt, 
       }
     }
     for (int i = 0; i < n; ++i)
-      for (int u = 0; u < kTileVecs; ++u) store(st.weights.data() + (r + i) * kBlock + key + u * kLanes, acc[i][u] * splat(p.scale));
+      for (int u = 0; u < kTileVecs; ++u) store(st.weights + (r + i) * kBlock + key + u * kLanes, acc[i][u] * splat(p.scale));
   }
 }
 
@@ -306,7 +318,7 @@ void softmax_rows(const Problem& p, int64_t r, int n, RowState& st) {
   for (int i = 0; i < n; ++i) {
     const int64_t row = r + i;
     const uint32_t mask = st.masks[row];
-    float* w = st.weights.data() + row * kBlock;
+    float* w = st.weights + row * kBlock;
     if (!mask) {
       std::fill(w, w + kBlock, 0.0f);
       st.correction[row] = 1.0f;
@@ -351,7 +363,7 @@ void accumulate_lanes(const Problem& p, const float* vb, int64_t n_keys, int64_t
   Vf acc[kRows][VECS];
   for (int i = 0; i < kRows; ++i) {
     const Vf c = splat(st.correction[rows[i]]);
-    for (int u = 0; u < VECS; ++u) acc[i][u] = c * load(st.out.data() + rows[i] * p.Dv + lane + u * kLanes);
+    for (int u = 0; u < VECS; ++u) acc[i][u] = c * load(st.out + rows[i] * p.Dv + lane + u * kLanes);
   }
   for (int64_t j = 0; j < n_keys; ++j) {
     Vf v[VECS];
@@ -362,7 +374,7 @@ void accumulate_lanes(const Problem& p, const float* vb, int64_t n_keys, int64_t
     }
   }
   for (int i = 0; i < n; ++i)
-    for (int u = 0; u < VECS; ++u) store(st.out.data() + rows[i] * p.Dv + lane + u * kLanes, acc[i][u]);
+    for (int u = 0; u < VECS; ++u) store(st.out + rows[i] * p.Dv + lane + u * kLanes, acc[i][u]);
 }
 
 void accumulate_values(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, RowState& st) {
@@ -417,7 +429,7 @@ void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1
   }
   for (int64_t r = 0; r < rows; ++r) {
     float* dst = o + query_of(r0 + r) * p.Dv;
-    const float* src = st.out.data() + r * p.Dv;
+    const float* src = st.out + r * p.Dv;
     const float inverse = st.sum[r] > 0 ? 1.0f / st.sum[r] : 0.0f;  // a row that saw nothing gets zeros
     for (int64_t i = 0; i < p.Dv; ++i) dst[i] = src[i] * inverse;
   }
@@ -438,10 +450,10 @@ ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   const int64_t heads = p.B * p.Hkv;
   thread_local std::vector<float> converted;
   thread_local std::vector<int32_t> positions;
-  converted.resize(heads * p.n_blocks * kBlock * (p.D + p.Dv));
+  converted.resize(heads * p.n_blocks * kBlock * (p.D + p.Dv) + kCacheLineFloats);
   positions.resize(p.B * p.n_blocks * kBlock);
-  p.keys = converted.data();
-  p.values = converted.data() + heads * p.n_blocks * kBlock * p.D;
+  p.keys = cache_line_aligned(converted.data());
+  p.values = p.keys + heads * p.n_blocks * kBlock * p.D;
   p.positions = positions.data();
   const int64_t threads = rz_cpu::pool_threads(pool, 0);
 
