@@ -128,6 +128,28 @@ inline float lane_sum(Vf v) {
 // kMayOverflow false: their x <= 0 never needs the clamp at 88.3.
 template <bool kMayOverflow = true>
 inline Vf exp_lanes(Vf x) {
+#if defined(__AVX512F__)
+  // AVX-512 scales by 2^n in one instruction (vscalefps), so the softmax's numerators (x <= 0)
+  // take 12 vector operations instead of 20; on AVX-512 vector ALU work shares the FMA ports.
+  // 2^f for f = x log2(e) - n in [-1/2, 1/2] by its degree-6 Taylor polynomial (relative error
+  // ~1.2e-7); f is one fused rounding from x. Below -87.3 (and -inf) gives 0, as below.
+  if constexpr (!kMayOverflow) {
+    const __m512 v = (__m512)x;
+    const __mmask16 kept = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    const __m512 clamped = _mm512_max_ps(v, _mm512_set1_ps(-87.3f));
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_fmsub_ps(clamped, log2e, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381608e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return (Vf)_mm512_maskz_scalef_ps(kept, p, n);
+  }
+#endif
   const Vi underflow = x < splat(-87.3f);
   if constexpr (kMayOverflow) x = select(x > splat(88.3f), splat(88.3f), x);
   x = select(underflow, splat(-87.3f), x);
