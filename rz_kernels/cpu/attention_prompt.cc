@@ -132,11 +132,12 @@ inline Vf exp_lanes(Vf x) {
   // AVX-512 scales by 2^n in one instruction (vscalefps), so the softmax's numerators (x <= 0)
   // take 12 vector operations instead of 20; on AVX-512 vector ALU work shares the FMA ports.
   // 2^f for f = x log2(e) - n in [-1/2, 1/2] by its degree-6 Taylor polynomial (relative error
-  // ~1.2e-7); f is one fused rounding from x. Below -87.3 (and -inf) gives 0, as below.
+  // ~1.2e-7); f is one fused rounding from x. Below -87.3 (and -inf) gives 0, and NaN stays NaN,
+  // as below (a NaN is not below -87.3, and vmaxps returns its second operand when one is NaN).
   if constexpr (!kMayOverflow) {
     const __m512 v = (__m512)x;
-    const __mmask16 kept = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-    const __m512 clamped = _mm512_max_ps(v, _mm512_set1_ps(-87.3f));
+    const __mmask16 kept = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
+    const __m512 clamped = _mm512_max_ps(_mm512_set1_ps(-87.3f), v);
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_fmsub_ps(clamped, log2e, n);
