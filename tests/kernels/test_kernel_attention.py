@@ -230,6 +230,21 @@ def test_cpu_prompt_kernel_gives_each_query_the_same_bits_in_any_chunk(cpu_varia
     np.testing.assert_array_equal(jnp.concatenate([run(0, 37), run(37, n)], axis=2), whole)
 
 
+def test_cpu_prompt_kernel_passes_a_nan_on_to_the_rows_that_see_it(cpu_variant):
+    """A NaN in one key makes the rows of its KV head NaN, as the reference does, and no other
+    head's: a softmax must not turn it into a weight of 0 and hide a broken model."""
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((1, 3, 200, 64)).astype(np.float32)
+    keys[0, 0, 10, 5] = np.nan
+    q = jnp.asarray(rng.standard_normal((1, 9, 64, 64)), jnp.float32)
+    k = attention_kv.store(jnp.asarray(keys), "f32")
+    v = attention_kv.store(jnp.asarray(rng.standard_normal((1, 3, 200, 64)), jnp.float32), "f32")
+    q_positions = jnp.asarray(np.arange(136, 200, dtype=np.int32)[None])
+    k_positions = jnp.asarray(np.arange(200, dtype=np.int32)[None])
+    out = np.asarray(prompt_attention_cpu(q, k, v, q_positions, k_positions, scale=0.125, variant=cpu_variant))
+    assert np.isnan(out[0, :3]).all() and not np.isnan(out[0, 3:]).any()
+
+
 @pytest.mark.parametrize("case, blocks", [(CASES[0], (16, 32)), (CASES[1], (32, 16)), (CASES[3], (16, 64))])
 def test_flash_attention_matches_reference(case, blocks):
     *shape, window, softcap = case
