@@ -8,8 +8,9 @@
 //   or K/V a paged pool read in place through a block table (attention_kv.h's Operands).
 //
 // A task is one (sequence, KV head, split of the slots): it holds the G * T query rows of the KV
-// head's group and walks its slots in blocks of 32 with an online softmax (running max, running
-// sum, unnormalized output per row); the splits of a head are merged at the end.
+// head's group, less those of padded steps, and walks its slots in blocks of 32 with an online
+// softmax (running max, running sum, unnormalized output per row); the splits of a head are merged
+// at the end (attention_decode.h).
 
 #include <algorithm>
 #include <cmath>
@@ -18,9 +19,9 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_decode.h"
 #include "attention_kv.h"
 #include "simd_neon.h"
-#include "threads.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -33,10 +34,6 @@ using rz_cpu::Kv;
 using rz_cpu::Rows;
 
 constexpr int64_t kKeyBlock = 32;
-constexpr int64_t kMinKeysPerSplit = 1024;
-// Key x query-row pairs below which a call runs on one thread (attention.cc measured the same
-// threshold: handing tasks to rz's spinning workers costs about a microsecond).
-constexpr int64_t kMinWorkPerThread = 1 << 10;
 
 // exp(x) for 4 floats: Cephes' range reduction and polynomial (relative error ~2e-7); x below
 // -87.3 gives 0, so exp(-inf) = 0.
@@ -78,18 +75,7 @@ RZ_INLINE float32x4_t load4(const Rows& rows, int64_t j, int64_t i) {
 }
 
 using Problem = rz_cpu::Operands;
-
-// One task's online-softmax state for its R rows: views into one buffer shared by the call's tasks.
-struct Partial {
-  float* max;  // [R]
-  float* sum;  // [R]
-  float* out;  // [R, Dv], unnormalized
-  void reset(int64_t R, int64_t Dv) {
-    std::fill(max, max + R, -INFINITY);
-    std::fill(sum, sum + R, 0.0f);
-    std::fill(out, out + R * Dv, 0.0f);
-  }
-};
+using rz_cpu::Partial;
 
 // The scores of query row q against the run's 32 keys, -inf where masked (mask bit j: visible).
 template <Kv KT>
@@ -135,11 +121,12 @@ RZ_INLINE void value_tile(const Problem& p, const Rows& values, int64_t n, const
   for (int u = 0; u < NV; ++u) vst1q_f32(out + i + 4 * u, acc[u]);
 }
 
-// value_tile over all rows and lanes: 32 lanes at a time, head dims that are not multiples of 32
-// finish 8 at a time.
+// value_tile over the first n_rows rows and all lanes: 32 lanes at a time, head dims that are not
+// multiples of 32 finish 8 at a time.
 template <Kv VT>
-RZ_INLINE void block_values(const Problem& p, const Rows& values, int64_t n, const float* weights, const float* correction, float* out) {
-  for (int64_t r = 0; r < p.R; ++r) {
+RZ_INLINE void block_values(const Problem& p, int64_t n_rows, const Rows& values, int64_t n, const float* weights, const float* correction,
+                            float* out) {
+  for (int64_t r = 0; r < n_rows; ++r) {
     int64_t i = 0;
     for (; i + 32 <= p.Dv; i += 32) value_tile<8, VT>(p, values, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
     for (; i < p.Dv; i += 8) value_tile<2, VT>(p, values, n, weights + r * kKeyBlock, correction[r], out + r * p.Dv, i);
@@ -154,19 +141,21 @@ struct TaskScratch {
   std::vector<uint32_t> masks;
 };
 
+// The task's softmax state and scratch hold its rows in the order of `rows` (sequence b's live
+// rows, rz_cpu::live_rows): row i of the task is the group's row rows[i].
 template <Kv KT, Kv VT>
-void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s1, Partial& part) {
+void attend_split(const Problem& p, int64_t b, int64_t kv, const int64_t* rows, int64_t n_rows, int64_t s0, int64_t s1, Partial& part) {
   const int32_t* q_pos = p.q_positions + b * p.T;
   thread_local TaskScratch scratch;
   auto& q_rows = scratch.q_rows;
   auto& weights = scratch.weights;
   auto& correction = scratch.correction;
   auto& masks = scratch.masks;
-  q_rows.resize(p.R);
-  weights.resize(p.R * kKeyBlock);
-  correction.resize(p.R);
+  q_rows.resize(n_rows);
+  weights.resize(n_rows * kKeyBlock);
+  correction.resize(n_rows);
   masks.resize(p.T);
-  for (int64_t r = 0; r < p.R; ++r) q_rows[r] = p.q + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.D;
+  for (int64_t r = 0; r < n_rows; ++r) q_rows[r] = p.q + rz_cpu::query_row(p, b, kv, rows[r]) * p.D;
   alignas(16) float scores[kKeyBlock];
   int32_t k_pos[kKeyBlock];
   Rows keys, values;
@@ -188,8 +177,8 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
     if (!any) continue;
     rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, start, n, keys);
     rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, start, n, values);
-    for (int64_t r = 0; r < p.R; ++r) {
-      block_scores<KT>(p, q_rows[r], keys, masks[r % p.T], scores);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      block_scores<KT>(p, q_rows[r], keys, masks[rows[r] % p.T], scores);
       // Online softmax: the row's state moves to the new running max, then takes the block.
       float32x4_t block_max = vdupq_n_f32(-INFINITY);
       for (int64_t j = 0; j < kKeyBlock; j += 4) block_max = vmaxq_f32(block_max, vld1q_f32(scores + j));
@@ -210,7 +199,7 @@ void attend_split(const Problem& p, int64_t b, int64_t kv, int64_t s0, int64_t s
       }
       part.sum[r] = part.sum[r] * correction[r] + vaddvq_f32(total);
     }
-    block_values<VT>(p, values, n, weights.data(), correction.data(), part.out);
+    block_values<VT>(p, n_rows, values, n, weights.data(), correction.data(), part.out);
   }
 }
 
@@ -225,48 +214,12 @@ ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Any
   }
   if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
 
-  const int64_t work = p.B * p.Hkv * p.S_used * p.R;
-  const int64_t threads = work < kMinWorkPerThread ? 1 : rz_cpu::pool_threads(pool, 0);
-  const int64_t heads = p.B * p.Hkv;
-  const int64_t max_splits = std::max<int64_t>(1, p.S_used / kMinKeysPerSplit);
-  const int64_t splits = std::min(max_splits, std::max<int64_t>(1, (4 * threads + heads - 1) / heads));
-  const int64_t keys_per_split = (p.S_used + splits - 1) / splits;
-  std::vector<float> state(heads * splits * p.R * (2 + p.Dv));
-  std::vector<Partial> partials(heads * splits);
-  for (int64_t t = 0; t < heads * splits; ++t) {
-    float* base = state.data() + t * p.R * (2 + p.Dv);
-    partials[t] = Partial{base, base + p.R, base + 2 * p.R};
-  }
-  rz_cpu::parallel_for(pool, heads * splits, threads, [&](int64_t task) {
-    const int64_t head = task / splits, split = task % splits;
-    Partial& part = partials[task];
-    part.reset(p.R, p.Dv);
-    const int64_t s0 = split * keys_per_split, s1 = std::min(p.S_used, s0 + keys_per_split);
+  rz_cpu::decode_attention(pool, p, o->typed_data(), [&](int64_t b, int64_t kv, const int64_t* rows, int64_t n_rows, int64_t s0, int64_t s1,
+                                                        Partial& part) {
     rz_cpu::with_kv_types(p.k_type, p.v_type, [&](auto kt, auto vt) {
-      attend_split<decltype(kt)::value, decltype(vt)::value>(p, head / p.Hkv, head % p.Hkv, s0, s1, part);
+      attend_split<decltype(kt)::value, decltype(vt)::value>(p, b, kv, rows, n_rows, s0, s1, part);
     });
   });
-  // Merge the splits of each head; a row that saw nothing gets zeros.
-  float* out = o->typed_data();
-  for (int64_t head = 0; head < heads; ++head) {
-    const int64_t b = head / p.Hkv, kv = head % p.Hkv;
-    for (int64_t r = 0; r < p.R; ++r) {
-      float peak = -INFINITY;
-      for (int64_t s = 0; s < splits; ++s) peak = std::max(peak, partials[head * splits + s].max[r]);
-      float* dst = out + (((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T) * p.Dv;
-      std::fill(dst, dst + p.Dv, 0.0f);
-      if (peak == -INFINITY) continue;
-      float total = 0;
-      for (int64_t s = 0; s < splits; ++s) {
-        const Partial& part = partials[head * splits + s];
-        if (part.max[r] == -INFINITY) continue;
-        const float weight = std::exp(part.max[r] - peak);
-        total += weight * part.sum[r];
-        for (int64_t i = 0; i < p.Dv; ++i) dst[i] += weight * part.out[r * p.Dv + i];
-      }
-      for (int64_t i = 0; i < p.Dv; ++i) dst[i] /= total;
-    }
-  }
   return ffi::Error::Success();
 }
 

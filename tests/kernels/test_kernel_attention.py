@@ -185,6 +185,28 @@ def test_cpu_decode_kernel(k_type, v_type, cpu_variant):
         np.testing.assert_allclose(decode_attention_cpu(*inputs, **opts, variant=cpu_variant), attention_ref(*inputs, **opts), atol=1e-5)
 
 
+def test_cpu_decode_kernel_gives_each_step_the_bits_of_a_one_step_call_and_padding_zeros(cpu_variant):
+    """A call of several steps (a verify step's, a short chunk's), over enough slots to split them:
+    each step's rows get the bits a one-step (decode) call at its position gets, so a verified
+    token is the token plain decoding picks; its padded steps (position -1) come out as zeros."""
+    rng = np.random.default_rng(5)
+    n_keys, steps, live = 1500, 8, 5
+    q = jnp.asarray(rng.standard_normal((1, 9, steps, 64)), jnp.float32)
+    k, v = (attention_kv.store(jnp.asarray(rng.standard_normal((1, 3, n_keys, 64)), jnp.float32), "f16") for _ in range(2))
+    positions = np.full((1, steps), -1, np.int32)
+    positions[0, :live] = np.arange(n_keys - live, n_keys)
+    k_positions = jnp.asarray(np.arange(n_keys, dtype=np.int32)[None])
+
+    def run(queries, q_positions):
+        return np.asarray(decode_attention_cpu(queries, k, v, jnp.asarray(q_positions), k_positions, scale=0.125, variant=cpu_variant))
+
+    out = run(q, positions)
+    for step in range(live):
+        np.testing.assert_array_equal(out[:, :, step : step + 1], run(q[:, :, step : step + 1], positions[:, step : step + 1]))
+    assert not out[:, :, live:].any()
+    np.testing.assert_allclose(out, attention_ref(q, k, v, jnp.asarray(positions), k_positions, scale=0.125), atol=1e-5)
+
+
 @pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
 def test_cpu_prompt_kernel(k_type, v_type, cpu_variant):
     """The C++ prompt kernel against the reference: more query rows than a task's tile, softcap,
