@@ -4,8 +4,9 @@ rz_kernels.attention as a prefill step calls it.
 
     python benchmarks/kernels/bench_chat_turn_attention.py [--rounds 9]
 
-A turn prefills ~132 new tokens as a 128-token chunk and an 8-token one. Turn 1 attends over
-nothing before them; turn 10 over the ~1,185 positions of the turns before. The difference is
+A turn prefills ~132 new tokens as a 128-token chunk and an 8-token one whose last steps are
+padding (position -1): 6 real tokens at turn 1, 4 at turn 10. Turn 1 attends over nothing before
+them; turn 10 over the ~1,185 positions of the turns before. The difference is
 what grows from turn to turn: the rest of a turn (the matmuls, the sampling) does not depend
 on the history. Each case is 30 calls (SmolLM2's layers) in one jitted loop, median of `rounds`,
 cases interleaved. Prints milliseconds per 30 calls and the growth.
@@ -27,13 +28,14 @@ from rz_kernels.causal_attention import attention
 N_HEAD, N_KV, HEAD_DIM = 9, 3, 64
 BLOCK_SIZE, N_TABLE = 64, 64  # a 4,096-position context
 LAYERS = 30
-# name: (history positions, chunk length)
-CASES = {"turn 1, 128 chunk": (0, 128), "turn 10, 128 chunk": (1185, 128), "turn 1, 8 chunk": (128, 8),
-         "turn 10, 8 chunk": (1313, 8)}
+# name: (history positions, chunk length, its real tokens)
+CASES = {"turn 1, 128 chunk": (0, 128, 128), "turn 10, 128 chunk": (1185, 128, 128), "turn 1, 8 chunk": (128, 8, 6),
+         "turn 10, 8 chunk": (1313, 8, 4)}
 
 
-def pool_case(rng, table, history, length):
-    """K/V pools holding positions [0, history + length) through `table`, the chunk's queries and positions."""
+def pool_case(rng, table, history, length, live=None):
+    """K/V pools holding positions [0, history + length) through `table`, the chunk's queries and
+    positions (those past its first `live` steps -1, padding)."""
     n_pool = 2 * N_TABLE  # half the pool is other sequences'
 
     def pool():
@@ -47,7 +49,9 @@ def pool_case(rng, table, history, length):
     pool_positions = np.full((n_pool, BLOCK_SIZE), -1, np.int32)
     pool_positions[table] = positions.reshape(N_TABLE, BLOCK_SIZE)
     q = jnp.asarray(rng.standard_normal((1, N_HEAD, length, HEAD_DIM)), jnp.float32)
-    q_positions = jnp.asarray(np.arange(history, history + length, dtype=np.int32)[None])
+    q_positions = np.arange(history, history + length, dtype=np.int32)[None]
+    q_positions[:, length if live is None else live :] = -1
+    q_positions = jnp.asarray(q_positions)
     return q, pool(), pool(), q_positions, jnp.asarray(pool_positions)
 
 
