@@ -58,8 +58,10 @@ inline int64_t live_rows(const Operands& p, int64_t b, int64_t* rows) {
 
 // Runs attend(b, kv, rows, n_rows, s0, s1, part) for every (sequence, KV head, split of its slots
 // [s0, s1)) on the pool, then merges each head's splits into o [B, Hq, T, Dv]. The split depends on
-// the slots, the heads and the pool only, never on the rows, so a verify step's rows get the bits a
-// decode step's would.
+// the used slots (S_used), the heads and the pool, never on the rows: a step's rows get the same bits
+// in a call of one step or of several over the same slots. With keys_in_order S_used follows the
+// latest query, so a verify call and a decode call split alike only while S_used stays below
+// 2 * kMinKeysPerSplit (one split).
 template <class Attend>
 void decode_attention(xla::ffi::ThreadPool pool, const Operands& p, float* o, Attend&& attend) {
   std::vector<int64_t> rows(p.B * p.R), n_rows(p.B);

@@ -187,8 +187,8 @@ def test_cpu_decode_kernel(k_type, v_type, cpu_variant):
 
 def test_cpu_decode_kernel_gives_each_step_the_bits_of_a_one_step_call_and_padding_zeros(cpu_variant):
     """A call of several steps (a verify step's, a short chunk's), over enough slots to split them:
-    each step's rows get the bits a one-step (decode) call at its position gets, so a verified
-    token is the token plain decoding picks; its padded steps (position -1) come out as zeros."""
+    each step's rows get the bits a one-step (decode) call over the same slots gets, whatever rows
+    sit beside them, and its padded steps (position -1) come out as zeros."""
     rng = np.random.default_rng(5)
     n_keys, steps, live = 1500, 8, 5
     q = jnp.asarray(rng.standard_normal((1, 9, steps, 64)), jnp.float32)
