@@ -38,12 +38,6 @@ struct Partial {
   }
 };
 
-// Row r of KV head kv's group of sequence b (query head kv * G + r / T, step r % T) as an index
-// into q's [B, Hq, T] rows (and o's).
-inline int64_t query_row(const Operands& p, int64_t b, int64_t kv, int64_t r) {
-  return ((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T;
-}
-
 // Sequence b's rows that can see a key, in order, into rows[0, count): those whose step has a
 // position. A step at position -1 (a chunk's padding) sees nothing, so its rows are left out of the
 // work; their output is zeros. A row's arithmetic does not depend on which rows it is computed

@@ -93,6 +93,12 @@ struct Operands {
   float scale, softcap;
 };
 
+// Row r of KV head kv's group of sequence b (query head kv * G + r / T, step r % T) as an index
+// into q's [B, Hq, T] rows (and o's).
+inline int64_t query_row(const Operands& p, int64_t b, int64_t kv, int64_t r) {
+  return ((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T;
+}
+
 // What an absent block's slots read as: zeros, as wide as the widest row a kernel takes (f32
 // elements, or q8_0 quants and their f16 scales).
 constexpr int64_t kMaxWidth = 4096;

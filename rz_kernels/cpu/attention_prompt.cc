@@ -430,8 +430,7 @@ void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1
   std::vector<const float*>& q_rows = task.q_rows;
   st.reset(rows, p.Dv);
   q_rows.resize(rows);
-  auto query_of = [&](int64_t r) { return ((b * p.Hq) + kv * p.G + r / p.T) * p.T + r % p.T; };
-  for (int64_t r = 0; r < rows; ++r) q_rows[r] = p.q + query_of(r0 + r) * p.D;
+  for (int64_t r = 0; r < rows; ++r) q_rows[r] = p.q + rz_cpu::query_row(p, b, kv, r0 + r) * p.D;
   const float* keys = p.head_keys(head);
   const float* values = p.head_values(head);
   for (int64_t block = 0; block < p.n_blocks; ++block) {
@@ -451,7 +450,7 @@ void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
-    float* dst = o + query_of(r0 + r) * p.Dv;
+    float* dst = o + rz_cpu::query_row(p, b, kv, r0 + r) * p.Dv;
     const float* src = st.out + r * p.Dv;
     const float inverse = st.sum[r] > 0 ? 1.0f / st.sum[r] : 0.0f;  // a row that saw nothing gets zeros
     for (int64_t i = 0; i < p.Dv; ++i) dst[i] = src[i] * inverse;
