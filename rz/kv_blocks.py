@@ -565,6 +565,22 @@ class KVBlocks:
             for block in list(pool.by_hash.values()) + list(pool.partial_of):
                 pool.forget(block)
 
+    def forget_prompts_starting(self, first_tokens: Sequence[int]) -> None:
+        """Forget the cached blocks of every prompt that starts with first_tokens (a chain's first
+        block, full or kept partly written, whose tokens start with them), and every block cached
+        after them. Other prompts' blocks stay cached."""
+        first_tokens = tuple(first_tokens)
+        for pool in self.pools.values():
+            found = [block for block, tokens in pool.following(b"") if tokens[: len(first_tokens)] == first_tokens]
+            doomed = []
+            while found:
+                block = found.pop()
+                doomed.append(block)
+                if pool.hash_of[block] is not None:
+                    found += [after for after, _ in pool.following(pool.hash_of[block])]
+            for block in doomed:
+                pool.forget(block)
+
     def _longest_hit(self, hashes: Sequence[bytes]) -> int:
         """How many of the prompt's leading full blocks every pool can serve: the global pool all
         of them, a sliding pool those that the first recomputed query sees."""

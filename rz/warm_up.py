@@ -20,6 +20,9 @@ def warm_up(engine: Engine) -> None:
 
 
 WarmUpUnit = Callable[[Scheduler], None]
+# Every warm-up prompt is made of this token, so that its blocks can be told from requests' (a
+# request's prompt starts with a BOS or a chat template's first token, seldom with token 0).
+WARM_UP_TOKEN = 0
 
 
 def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
@@ -56,12 +59,12 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     def prefills(context: int) -> list[WarmUpUnit]:
         # The second prompt starts with the first, whose KV its slot still holds: the reuse path
         # (the row's copy and a tail chunk) of the same bucket.
-        return [prefill(context, (0,)), prefill(context, (0, 0))]
+        return [prefill(context, (WARM_UP_TOKEN,)), prefill(context, (WARM_UP_TOKEN,) * 2)]
 
     def decode(rows: int, request_options: RequestOptions) -> WarmUpUnit:
         def run(scheduler: Scheduler) -> None:
             for _ in range(rows):
-                scheduler.add(GenerationRequest(prompt_ids=(0,), options=request_options))
+                scheduler.add(GenerationRequest(prompt_ids=(WARM_UP_TOKEN,), options=request_options))
             collections.deque(scheduler.drain(), maxlen=0)
         return run
 
@@ -74,10 +77,10 @@ def warm_up_units(engine: Engine) -> list[WarmUpUnit]:
     units.append(lambda scheduler: scheduler.engine.compile_block_copy())
     if engine.speculative is not None:
         units += [speculation(rows) for rows in engine.batch_sizes]
-    # The warm-up's prompts are nobody's: its blocks go back first in line for the free list, not
-    # into the prefix cache, where they would keep pages resident that requests could reuse. (So
-    # do the prefixes of requests a server ran between the units: a reuse lost, nothing wrong.)
-    units.append(lambda scheduler: scheduler.engine.blocks.clear_cache())
+    # The warm-up's prompts are nobody's: their blocks go back first in line for the free list,
+    # not into the prefix cache, where they would keep pages resident that requests could reuse.
+    # Requests a server ran between the units keep theirs.
+    units.append(lambda scheduler: scheduler.engine.blocks.forget_prompts_starting((WARM_UP_TOKEN,)))
     return units
 
 

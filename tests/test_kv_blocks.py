@@ -304,6 +304,29 @@ def test_released_blocks_stay_cached_until_cleared():
 
 
 @pytest.mark.parametrize("cfg", [GLOBAL_ONLY, MIXED], ids=["global", "mixed"])
+def test_forgetting_the_prompts_that_start_with_a_token_keeps_every_other_prompt_cached(cfg):
+    """What the warm-up does at its end (rz.warm_up): its prompts' blocks are freed, full and partly
+    written, and the blocks cached after them; a request's that ran in between stay cached."""
+    kv = KVBlocks(small_plan(cfg))
+    device = Device(kv.plan)
+    warm = [0] + list(range(20, 29))  # 10 tokens: two full blocks and a partly written one
+    short = [0, 0]  # a partly written block only
+    other = [5] + list(range(40, 49))
+    for prompt in (warm, short, other):
+        seq = admitted(kv, prompt, device=device)
+        prefill(kv, device, seq)
+        decode(kv, device, seq, [7])
+        kv.release(seq)
+    before = kv.stats().pools[GLOBAL]
+    kv.forget_prompts_starting((0,))
+    after = kv.stats().pools[GLOBAL]
+    # 11 positions each in blocks of 4: warm's and other's two full blocks and a partial; short's one partial.
+    assert (after.cached, after.free) == (before.cached - 4, before.free + 4) == (3, after.total - 3)
+    assert admitted(kv, other, device=device).n_cached >= 8
+    assert admitted(kv, warm, device=device).n_cached == 0
+
+
+@pytest.mark.parametrize("cfg", [GLOBAL_ONLY, MIXED], ids=["global", "mixed"])
 def test_a_chat_s_next_turn_takes_over_the_last_turn_s_partly_written_block(cfg):
     kv = KVBlocks(small_plan(cfg))
     device = Device(kv.plan)

@@ -73,8 +73,8 @@ def test_decode_steps_run_between_prompt_chunks_only_once_a_chunk_has_run(monkey
 
 def test_the_loop_warms_up_while_idle_and_serves_a_request_in_between():
     """A server reports SERVING after warm_up_units' first units; the loop runs the rest when no
-    request waits. A request that arrives meanwhile gets the tokens it gets on a warm engine, and
-    the warm-up still ends with every shape compiled."""
+    request waits. A request that arrives meanwhile gets the tokens it gets on a warm engine, its
+    prefix stays cached, and the warm-up still ends with every shape compiled."""
     from rz.warm_up import FIRST_REQUEST_UNITS, warm_up_units
 
     llm = rz.LLM(smollm2_135m_path(), n_ctx=256)
@@ -91,8 +91,11 @@ def test_the_loop_warms_up_while_idle_and_serves_a_request_in_between():
         served = _tokens(loop.submit(request))
         assert loop.warm_up_done.wait(timeout=600)
         compiled = engine.compiled_variants()
+        hits = engine.blocks.stats().hit_tokens
         assert _tokens(loop.submit(request)) == served
         assert engine.compiled_variants() == compiled
+        # The warm-up forgot its own prompts' blocks at its end, not the request's.
+        assert engine.blocks.stats().hit_tokens > hits
     finally:
         loop.stop()
 
