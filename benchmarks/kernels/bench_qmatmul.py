@@ -85,6 +85,11 @@ def reference(x, qt) -> None:
 _reference = jax.jit(qmatmul_ref)
 
 
+# A pause before each timer: the threads of the timer before it (llama.cpp's OpenMP workers, rz's
+# spinning ones) keep spinning for a while after their last call, and would take a core from it.
+SETTLE_SECONDS = 0.05
+
+
 def round_robin(timers: dict, rounds: int) -> dict[str, tuple[float, float]]:
     """Median (wall, process CPU) seconds per call of each timer, the timers run in turns."""
     samples = defaultdict(list)
@@ -92,6 +97,7 @@ def round_robin(timers: dict, rounds: int) -> dict[str, tuple[float, float]]:
         timer()  # warm-up
     for _ in range(rounds):
         for name, timer in timers.items():
+            time.sleep(SETTLE_SECONDS)
             samples[name].append(timer())
     return {name: tuple((min(column) if os.environ.get("RZ_BENCH_MIN") else statistics.median(column)) for column in zip(*values)) for name, values in samples.items()}
 
