@@ -937,9 +937,8 @@ RZ_INLINE void decoded_row(const uint8_t* u, const RowScales& rs, int64_t n, con
 // in registers).
 //
 // A row's sub-block dots go into 4 / MT chains, summed at the super-block's end: with VNNI each
-// dot is a vpdpwssd that accumulates in place, so one chain per row makes every dot wait out the
-// last one's latency (4-5 cycles), and a decode step's one row ran at about a third of the
-// instruction rate. Integer sums: any grouping gives the same bits.
+// dot is a vpdpwssd that accumulates in place, so with one chain per row every dot waits for the
+// last one's result. Integer sums: any grouping gives the same bits.
 template <int MT, int64_t kUnit, class Quants>
 RZ_INLINE void super_row(Quants&& quants, const RowScales& rs, int64_t n, const QuantizedX& x, int64_t m0, int64_t r0, float* y, int64_t N) {
   static_assert(MT <= kSuperRows);
