@@ -108,9 +108,15 @@ RZ_INLINE __m128i load_64(const void* p) { return _mm_loadl_epi64(reinterpret_ca
 // [K/32][kRowGroup][32] (scales [K/x_block][kRowGroup]), so the inner loop walks one pointer for
 // all the rows it serves. A last, partial group is padded with zero rows. The block sums, which
 // meet the weights' offsets, are per row, zero-padded to a multiple of 8 units.
+//
+// One row alone (a batch-1 decode step) is a group of one, its blocks contiguous: in a group of
+// eight its 32-byte blocks lie 256 bytes apart (512 in the paired layout), so the row of a
+// K = 8192 weight (a 1B model's down projection) covers 16 KiB of lines in a quarter of L1's sets,
+// which evict each other, and each weight row read them again from L2.
 
 struct QuantizedX {
   int64_t K = 0;
+  int64_t group = kRowGroup;  // rows per group: group_rows(M)
   int64_t x_block = kBlock;  // elements per activation scale: 32, or 256 for K-quants
   int8_t* q = nullptr;
   float* d = nullptr;      // the scale of each x_block elements
@@ -131,7 +137,9 @@ struct QuantizedX {
   int8_t* panel_q = nullptr;
   float* panel_f = nullptr;
 
-  static int64_t padded_rows(int64_t M) { return (M + kRowGroup - 1) / kRowGroup * kRowGroup; }
+  static int64_t group_rows(int64_t M) { return M == 1 ? 1 : kRowGroup; }
+  static int64_t padded_rows(int64_t M) { return (M + group_rows(M) - 1) / group_rows(M) * group_rows(M); }
+  int64_t group_start(int64_t m) const { return m / group * group; }
   static int64_t padded_units(int64_t n) { return (n + 7) / 8 * 8; }
   const int8_t* q_group(int64_t m0) const { return q + m0 * K; }
   const float* d_group(int64_t m0) const { return d + m0 * (K / x_block); }
@@ -172,8 +180,8 @@ RZ_INLINE float max_abs(const float* x, int64_t n) {
 RZ_INLINE float round_to_f16(float v) { return _cvtsh_ss(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT)); }
 
 void quantize_row(const float* x, const QuantizedX& qx, int64_t m) {
-  const int64_t K = qx.K, nb = K / kBlock, per_scale = qx.x_block / kBlock;
-  const int64_t m0 = m / kRowGroup * kRowGroup, i = m - m0;
+  const int64_t K = qx.K, nb = K / kBlock, per_scale = qx.x_block / kBlock, group = qx.group;
+  const int64_t m0 = qx.group_start(m), i = m - m0;
   int8_t* q = qx.q + m0 * K + i * kBlock;
   float* d = qx.d + m0 * (K / qx.x_block) + i;
   float* sum32 = qx.sum32 + m * QuantizedX::padded_units(nb);
@@ -192,7 +200,7 @@ void quantize_row(const float* x, const QuantizedX& qx, int64_t m) {
       scale = amax / 127.0f;
       rounded_scale = qx.x_block == kBlock ? round_to_f16(scale) : scale;
       inverse = _mm256_set1_ps(amax != 0.0f ? 127.0f / amax : 0.0f);
-      d[b / per_scale * kRowGroup] = rounded_scale;
+      d[b / per_scale * group] = rounded_scale;
     }
     __m256i i32[4];
     for (int j = 0; j < 4; ++j) {
@@ -203,7 +211,7 @@ void quantize_row(const float* x, const QuantizedX& qx, int64_t m) {
     const int32_t high_sum = hsum_i32(_mm256_add_epi32(i32[2], i32[3]));
     // packs interleaves 128-bit lanes; the permute restores element order.
     __m256i i8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
-    store(q + b * kRowGroup * kBlock, _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    store(q + b * group * kBlock, _mm256_permutevar8x32_epi32(i8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
     sum16[2 * b] = rounded_scale * static_cast<float>(low_sum);
     sum16[2 * b + 1] = rounded_scale * static_cast<float>(high_sum);
     sum32[b] = rounded_scale * static_cast<float>(low_sum + high_sum);
@@ -213,16 +221,16 @@ void quantize_row(const float* x, const QuantizedX& qx, int64_t m) {
 
 // Row m of qx (quantized, 32-element blocks) into the paired layout.
 void pair_row(const QuantizedX& qx, int64_t m) {
-  const int64_t m0 = m / kRowGroup * kRowGroup, i = m - m0;
+  const int64_t m0 = qx.group_start(m), i = m - m0, group = qx.group;
   const int8_t* q = qx.q_group(m0) + i * kBlock;
   const float* d = qx.d_group(m0) + i;
   for (int64_t p = 0; p < qx.K / 64; ++p) {
-    const __m256i b0 = load(q + 2 * p * kRowGroup * kBlock), b1 = load(q + (2 * p + 1) * kRowGroup * kBlock);
-    int8_t* out = qx.pq + m0 * qx.K + (p * kRowGroup + i) * 64;
+    const __m256i b0 = load(q + 2 * p * group * kBlock), b1 = load(q + (2 * p + 1) * group * kBlock);
+    int8_t* out = qx.pq + m0 * qx.K + (p * group + i) * 64;
     store(out, _mm256_permute2x128_si256(b0, b1, 0x20));
     store(out + 32, _mm256_permute2x128_si256(b0, b1, 0x31));
-    float* scales = qx.pd + m0 * (qx.K / 64) * 8 + (p * kRowGroup + i) * 8;
-    _mm256_storeu_ps(scales, _mm256_set_m128(_mm_set1_ps(d[(2 * p + 1) * kRowGroup]), _mm_set1_ps(d[2 * p * kRowGroup])));
+    float* scales = qx.pd + m0 * (qx.K / 64) * 8 + (p * group + i) * 8;
+    _mm256_storeu_ps(scales, _mm256_set_m128(_mm_set1_ps(d[(2 * p + 1) * group]), _mm_set1_ps(d[2 * p * group])));
   }
 }
 
@@ -245,14 +253,14 @@ void panel(const QuantizedX& qx, int64_t p, int64_t M) {
       if (sum32_q8_1) for (int64_t b = 0; b < K / kBlock; ++b) sum32_q8_1[b * kLanes + i] = 0.0f;
       continue;
     }
-    const int64_t m0 = m / kRowGroup * kRowGroup;
+    const int64_t m0 = qx.group_start(m);
     const int8_t* row = qx.q_group(m0) + (m - m0) * kBlock;
     for (int64_t b = 0; b < K / kBlock; ++b) {
       int32_t quads[kBlock / 4];
-      std::memcpy(quads, row + b * kRowGroup * kBlock, kBlock);
+      std::memcpy(quads, row + b * qx.group * kBlock, kBlock);
       for (int64_t t = 0; t < kBlock / 4; ++t) q[(b * kBlock / 4 + t) * kLanes + i] = quads[t];
     }
-    for (int64_t s = 0; s < n_scales; ++s) d[s * kLanes + i] = qx.d_group(m0)[s * kRowGroup + (m - m0)];
+    for (int64_t s = 0; s < n_scales; ++s) d[s * kLanes + i] = qx.d_group(m0)[s * qx.group + (m - m0)];
     for (int64_t b = 0; b < K / kBlock; ++b) sum32[b * kLanes + i] = qx.sums(m, kBlock)[b];
     for (int64_t b = 0; b < K / 16; ++b) sum16[b * kLanes + i] = qx.sums(m, 16)[b];
     if (sum32_q8_1) for (int64_t b = 0; b < K / kBlock; ++b) sum32_q8_1[b * kLanes + i] = qx.block_sums(m, true)[b];
@@ -735,14 +743,14 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
   w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) {
     const __m256 weight_scale = _mm256_set1_ps(f16_to_f32(d[b]));
     const __m256i magnitude = W::kSigned ? _mm256_sign_epi8(u, u) : u;
-    const int8_t* xb = xq + b * kRowGroup * kBlock;
+    const int8_t* xb = xq + b * x.group * kBlock;
     // Each row's dot goes straight into its accumulator: all eight dots computed first, then
     // accumulated, kept 8 dots and 8 accumulators live and spilled three of them.
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) {
       const __m256i xv = load(xb + kBlock * i);
       const __m256i dot = rz_cpu::dot_u8s8(_mm256_setzero_si256(), magnitude, W::kSigned ? _mm256_sign_epi8(xv, u) : xv);
-      const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(xd + b * kRowGroup + i));
+      const __m256 scale = _mm256_mul_ps(weight_scale, _mm256_broadcast_ss(xd + b * x.group + i));
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
     }
   });
@@ -772,7 +780,7 @@ RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m
   }
   const int8_t* xq = x.pq_group(m0);
   const float* xd = x.pd_group(m0);
-  for (int64_t p = 0; p < x.K / 64; ++p, xq += kRowGroup * 64, xd += kRowGroup * 8) {
+  for (int64_t p = 0; p < x.K / 64; ++p, xq += x.group * 64, xd += x.group * 8) {
     __m256i lo[R], hi[R];
     __m256 weight_scales[R];
 #pragma GCC unroll 4
@@ -889,8 +897,8 @@ RZ_INLINE void fused_rows_single_x(const W& w, int64_t n, const QuantizedX& x, i
   const float* xd = x.d_group(m0);
   const int64_t nb = x.K / kBlock;
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256 x_scale = _mm256_broadcast_ss(xd + b * kRowGroup);
-    const int8_t* xb = xq + b * kRowGroup * kBlock;
+    const __m256 x_scale = _mm256_broadcast_ss(xd + b * x.group);
+    const int8_t* xb = xq + b * x.group * kBlock;
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       __m256i dots[1] = {_mm256_setzero_si256()};
@@ -919,7 +927,7 @@ RZ_INLINE void decoded_row(const uint8_t* u, const RowScales& rs, int64_t n, con
   for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
   const int8_t* xq = x.q_group(m0);
   const float* xd = x.d_group(m0);
-  for (int64_t b = 0; b < x.K / kBlock; ++b, xq += kRowGroup * kBlock, xd += kRowGroup) {
+  for (int64_t b = 0; b < x.K / kBlock; ++b, xq += x.group * kBlock, xd += x.group) {
     __m256i dots[MT];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) dots[i] = _mm256_setzero_si256();
@@ -957,7 +965,7 @@ RZ_INLINE void super_row(Quants&& quants, const RowScales& rs, int64_t n, const 
     }
     quants(s, [&](int j, __m256i u) __attribute__((always_inline)) {
       const int64_t b = 8 * s + j;
-      block_dots<MT, false, true>(super_dots[j % kChains], u, rs.block_words<kUnit>(b), xq + b * kRowGroup * kBlock);
+      block_dots<MT, false, true>(super_dots[j % kChains], u, rs.block_words<kUnit>(b), xq + b * x.group * kBlock);
     });
     const __m256 d = _mm256_broadcast_ss(rs.super_d.data() + s);
 #pragma GCC unroll 4
@@ -965,7 +973,7 @@ RZ_INLINE void super_row(Quants&& quants, const RowScales& rs, int64_t n, const 
       __m256i dots = super_dots[0][i];
 #pragma GCC unroll 4
       for (int c = 1; c < kChains; ++c) dots = _mm256_add_epi32(dots, super_dots[c][i]);
-      const __m256 scale = _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * kRowGroup + i));
+      const __m256 scale = _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * x.group + i));
       acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), scale, acc[i]);
     }
   }
@@ -1052,8 +1060,8 @@ void matmul_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_
       rb.scales.compute_words(w, n, x.K);
       w.for_blocks(n, [&](int64_t b, __m256i u) __attribute__((always_inline)) { store(rb.u.data() + kBlock * b, u); });
     }
-    for (int64_t m = m0; m < m1; m += kRowGroup) {
-      switch (std::min(kRowGroup, m1 - m)) {
+    for (int64_t m = m0; m < m1; m += x.group) {
+      switch (std::min(x.group, m1 - m)) {
         case 8: group_dot<8>(w, rb, n, x, m, y, N, fused); break;
         case 7: group_dot<7>(w, rb, n, x, m, y, N, fused); break;
         case 6: group_dot<6>(w, rb, n, x, m, y, N, fused); break;
@@ -1125,7 +1133,7 @@ RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0,
       }
 #pragma GCC unroll 4
       for (int c = 0; c < kTileX; ++c) {
-        const __m256i xv = load(xq + (b * kRowGroup + c) * kBlock);
+        const __m256i xv = load(xq + (b * x.group + c) * kBlock);
 #pragma GCC unroll 4
         for (int r = 0; r < kTileW; ++r) dots[r][c] = rz_cpu::dot_u8s8_words(dots[r][c], u[r], xv, words[r]);
       }
@@ -1135,7 +1143,7 @@ RZ_INLINE void super_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0,
       const __m256 d = _mm256_broadcast_ss(rb[r].scales.super_d.data() + s);
 #pragma GCC unroll 4
       for (int c = 0; c < kTileX; ++c) {
-        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][c]), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * kRowGroup + c)), acc[r][c]);
+        acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r][c]), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + s * x.group + c)), acc[r][c]);
       }
     }
   }
@@ -1157,8 +1165,8 @@ RZ_INLINE void block_tile(const RowBuffers* rb, const QuantizedX& x, int64_t m0,
     }
 #pragma GCC unroll 4
     for (int c = 0; c < kTileX; ++c) {
-      const __m256i xv = load(xq + (b * kRowGroup + c) * kBlock);
-      const __m256 x_scale = _mm256_broadcast_ss(xd + b * kRowGroup + c);
+      const __m256i xv = load(xq + (b * x.group + c) * kBlock);
+      const __m256 x_scale = _mm256_broadcast_ss(xd + b * x.group + c);
 #pragma GCC unroll 4
       for (int r = 0; r < kTileW; ++r) {
         // Signed weights (Q8_0): |w| against x with w's sign, as block_dots.
@@ -1326,7 +1334,7 @@ void prefill_tile(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64
   for (int64_t n = n0; n < n1; n += kTileW) {
     for (int r = 0; r < kTileW; ++r) decode_row(w, std::min(n + r, n1 - 1), x.K, rb[r]);
     for (int64_t m = m0; m < m1; m += kTileX) {
-      const int64_t group = m / kRowGroup * kRowGroup;
+      const int64_t group = x.group_start(m);
       __m256 acc[kTileW][kTileX] = {};
       if constexpr (W::kSuperBlocks) {
         super_tile<W::kUnit>(rb.data(), x, group, m, acc);
@@ -1359,6 +1367,7 @@ QuantizedX quantize(ffi::ThreadPool& pool, const float* x, int64_t M, int64_t K,
   scratch.f.resize(rows * (K / x_block + (q8_1 ? 2 : 1) * QuantizedX::padded_units(K / kBlock) + QuantizedX::padded_units(K / 16)));
   QuantizedX qx;
   qx.K = K;
+  qx.group = QuantizedX::group_rows(M);
   qx.x_block = x_block;
   qx.q = scratch.q.data();
   qx.d = scratch.f.data();
