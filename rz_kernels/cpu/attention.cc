@@ -11,8 +11,8 @@
 // KV head's group (query head h reads KV head h / G), less those of padded steps, and walks its
 // slots in blocks of 32 with an online softmax (running max, running sum, unnormalized output per
 // row). The splits of a head are merged at the end (attention_decode.h). XLA:CPU's dots take a
-// slow path at these shapes (4 query rows against thousands of keys, ~3 GB/s); this reads K and V
-// at memory speed.
+// slow path at these shapes (4 query rows against thousands of keys), far below the memory's
+// rate; this reads K and V at memory speed.
 
 #include <immintrin.h>
 

@@ -21,8 +21,7 @@ namespace rz_cpu {
 constexpr int64_t kMinKeysPerSplit = 256;
 // Key x query-row pairs below which a call runs on one thread: handing tasks to rz's spinning
 // workers costs about a microsecond. At 1 << 13 a batch-8 decode step over ~100 positions (5,040
-// pairs, ~50 us of work per layer) ran on one thread: SmolLM2's 30 layers took 1.73 ms against
-// 1.04-1.16 ms on two (microbenchmark, 8 sequences, 9 query / 3 KV heads).
+// pairs, tens of microseconds of work per layer) ran on one thread, measured slower than on two.
 constexpr int64_t kMinWorkPerThread = 1 << 10;
 
 // One task's online-softmax state for its rows: views into one buffer shared by the call's tasks

@@ -185,8 +185,8 @@ void row_f32(const Rows& rows, int64_t j, int64_t width, float* out) {
   const uint8_t* bytes = rows.data[j];
   int64_t i = 0;
 #if defined(__AVX512F__)
-  // f16 16 at a time (an exact conversion, as the scalar one): one at a time, phase one took 8% of
-  // a chat turn's prompt attention over its history.
+  // f16 16 at a time (an exact conversion, as the scalar one): one at a time, phase one took a
+  // visible share of a chat turn's prompt attention over its history.
   if constexpr (T == Kv::F16) {
     for (; i + 16 <= width; i += 16) {
       _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 2 * i))));
@@ -414,7 +414,7 @@ struct TaskState {
 
 // Found through a call the compiler cannot repeat: in a shared library each use of a thread_local
 // is a __tls_get_addr call, and GCC re-derived the state's address from it once per row in the
-// softmax, spilling 16 vector registers around each call (3% of the kernel's samples).
+// softmax, spilling 16 vector registers around each call.
 __attribute__((noinline)) TaskState& task_state() {
   static thread_local TaskState state;
   return state;

@@ -768,7 +768,7 @@ RZ_INLINE void fused_row(const W& w, int64_t n, const QuantizedX& x, int64_t m0,
 // to int32 (lanes 0-3 block 2p, lanes 4-7 block 2p + 1), and one convert and FMA with the pair's
 // scales: per block about two thirds of the instructions of the one-block loop. Q8_0's halves
 // take a madd each (their int16 sums could overflow) and share the rest: its LM head at 8 rows
-// measured 10-20% faster than one block at a time.
+// measured faster than one block at a time.
 template <int R, int MT, class W>
 RZ_INLINE void paired_tile(const W& w, int64_t n, const QuantizedX& x, int64_t m0, float* y, int64_t N) {
   static_assert((R == 1 && MT <= kRowGroup) || (R <= 4 && MT == 1), "the two shapes the epilogues serve");
