@@ -5,6 +5,7 @@ import ctypes
 import ctypes.util
 import functools
 import mmap
+import os
 
 import numpy as np
 
@@ -17,6 +18,36 @@ def _malloc_trim():
         return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
     except (OSError, AttributeError):
         return None
+
+
+@functools.cache
+def _mallopt():
+    """glibc's mallopt, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "mallopt") if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+@functools.cache
+def share_one_arena() -> None:
+    """From now on, threads that first allocate take glibc's one main arena rather than one each,
+    unless the user chose (MALLOC_ARENA_MAX, or glibc.malloc tunables).
+
+    XLA's pool threads each got an arena of their own, and each kept freed pages of the buffers it
+    had held, which malloc_trim after compiling did not return in full: one arena lowered an
+    engine's peak resident memory (benchmarks/results/memory-session31.md) and did not slow its steps,
+    whose few large buffers are allocated once per call. Called before JAX starts its threads.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return
+    mallopt = _mallopt()
+    if mallopt is not None:
+        mallopt(_M_ARENA_MAX, 1)
 
 
 def return_free_pages() -> None:

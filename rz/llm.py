@@ -13,7 +13,7 @@ from rz.engine import Engine
 from rz.errors import ChatTemplateError, RequestError
 from rz.generation import Generation, GenerationRequest
 from rz.gguf import GGUFFile
-from rz.host_memory import return_free_pages_after_compiles
+from rz.host_memory import return_free_pages_after_compiles, share_one_arena
 from rz.kv_cache import CacheTypes
 from rz.model_files import default_model_path
 from rz.request import Completion, RequestOptions
@@ -51,6 +51,7 @@ class LLM:
         # The KV cache's pool of positions, shared by the sequences running at once (rz.kv_blocks);
         # None: max_batch full contexts, or what half the free memory holds.
         self.kv_cache_tokens = kv_cache_tokens
+        share_one_arena()
         enable_compilation_cache(compilation_cache)
         return_free_pages_after_compiles()
         self.path = Path(path) if path is not None else default_model_path()

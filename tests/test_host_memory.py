@@ -1,11 +1,16 @@
-"""rz.host_memory: the C allocator's free pages go back to the system after every compilation; what
-tracing kept goes after a step compiles; host values reach the device without compiling."""
+"""rz.host_memory: the C allocator's free pages go back to the system after every compilation, and
+its threads share one arena; what tracing kept goes after a step compiles; host values reach the
+device without compiling."""
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rz import host_memory
 
@@ -113,3 +118,40 @@ def test_a_sampler_state_compiles_nothing_after_the_tracing_caches_drop():
         again = SamplerState.create(rows, histories)
     assert _TRACED not in events and _COMPILED not in events
     np.testing.assert_array_equal(jax.random.key_data(again.keys), jax.random.key_data(first.keys))
+
+
+_ARENAS_AFTER_THREADS = """
+import ctypes, ctypes.util, sys, threading
+from rz import host_memory
+if sys.argv[1] == "share":
+    host_memory.share_one_arena()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+ready, release = threading.Barrier(5), threading.Event()
+def allocate():
+    libc.malloc(4096)  # the thread's first allocation takes (or creates) its arena
+    ready.wait()
+    release.wait()
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for thread in threads:
+    thread.start()
+ready.wait()
+libc.malloc_stats()  # "Arena N:" per arena, on stderr
+release.set()
+"""
+
+
+def arenas_used(mode: str, env: dict) -> int:
+    """Arenas glibc holds after four threads allocated at once, with share_one_arena called or not."""
+    result = subprocess.run([sys.executable, "-c", _ARENAS_AFTER_THREADS, mode], capture_output=True, text=True, env=env,
+                            check=True, timeout=60)
+    return result.stderr.count("Arena ")
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and host_memory._mallopt() is not None), reason="glibc's allocator only")
+def test_threads_share_one_arena_unless_the_user_chose(monkeypatch):
+    env = {key: value for key, value in os.environ.items() if key not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    assert arenas_used("plain", env) > 1
+    assert arenas_used("share", env) == 1
+    # The user's own setting stands.
+    assert arenas_used("share", {**env, "MALLOC_ARENA_MAX": "3"}) == 3
