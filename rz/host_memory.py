@@ -40,8 +40,8 @@ def share_one_arena() -> None:
 
     XLA's pool threads each got an arena of their own, and each kept freed pages of the buffers it
     had held, which malloc_trim after compiling did not return in full: one arena lowered an
-    engine's peak resident memory (benchmarks/results/memory-session31.md) and did not slow its steps,
-    whose few large buffers are allocated once per call. Called before JAX starts its threads.
+    engine's peak resident memory and did not slow its steps (benchmarks/results/memory-session31.md).
+    Called before JAX starts its threads.
     """
     if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
