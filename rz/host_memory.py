@@ -11,21 +11,11 @@ import numpy as np
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim, or None where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str):
+    """A glibc function (malloc_trim, mallopt), or None where the C library has none (macOS, musl)."""
+    library = ctypes.util.find_library("c")
     try:
-        return getattr(ctypes.CDLL(name), "malloc_trim") if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-@functools.cache
-def _mallopt():
-    """glibc's mallopt, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    try:
-        return getattr(ctypes.CDLL(name), "mallopt") if name else None
+        return getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):
         return None
 
@@ -45,7 +35,7 @@ def share_one_arena() -> None:
     """
     if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return
-    mallopt = _mallopt()
+    mallopt = _libc_function("mallopt")
     if mallopt is not None:
         mallopt(_M_ARENA_MAX, 1)
 
@@ -53,7 +43,7 @@ def share_one_arena() -> None:
 def return_free_pages() -> None:
     """Return the C allocator's free pages to the system: after one-off large work (tokenizing a
     very long text) on one of many threads, each with its own arena, they would stay resident."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     if trim is not None:
         trim(0)
 

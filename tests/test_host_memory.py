@@ -148,7 +148,10 @@ def arenas_used(mode: str, env: dict) -> int:
     return result.stderr.count("Arena ")
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and host_memory._mallopt() is not None), reason="glibc's allocator only")
+GLIBC = sys.platform.startswith("linux") and host_memory._libc_function("mallopt") is not None
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
 def test_threads_share_one_arena_unless_the_user_chose(monkeypatch):
     env = {key: value for key, value in os.environ.items() if key not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
     assert arenas_used("plain", env) > 1
