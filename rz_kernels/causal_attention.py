@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rz_kernels import attention_kv, attention_pallas, cpu_ffi, quantized_matmul
+from rz_kernels import attention_kv, cpu_ffi, quantized_matmul
 from rz_kernels.attention_kv import Q8_0Rows, paged_as_slab
 from rz_kernels.attention_scores import capped, visible
 
@@ -224,7 +224,7 @@ def _cuda_path(t: int, pool_block: int | None = None) -> str:
     model's small blocks)."""
     if not quantized_matmul.pallas_enabled():
         return "xla_reference"
-    if pool_block is not None and not attention_pallas.reads_blocks_of(pool_block):
+    if pool_block is not None and not _pallas().reads_blocks_of(pool_block):
         return "xla_reference"
     if t <= DECODE_MAX_T:
         return "pallas_decode_attention" if quantized_matmul.pallas_decode_enabled() else "xla_reference"
@@ -356,15 +356,22 @@ def _reference(q, k, v, q_positions, k_positions, block_table, *, window, scale,
     return attention_ref(q, k, v, q_positions, k_positions, window=window, scale=scale, softcap=softcap)
 
 
-_CUDA_KERNELS = {
-    "xla_reference": attention_ref,
-    "pallas_decode_attention": attention_pallas.decode_attention,
-    "pallas_flash_attention": attention_pallas.flash_attention,
-}
+def _pallas():
+    """rz_kernels.attention_pallas, imported where a GPU path needs it (as quantized_matmul's)."""
+    from rz_kernels import attention_pallas
+
+    return attention_pallas
+
+
+def _cuda_kernel(path: str):
+    """The function behind a _cuda_path name."""
+    if path == "xla_reference":
+        return attention_ref
+    return {"pallas_decode_attention": _pallas().decode_attention, "pallas_flash_attention": _pallas().flash_attention}[path]
 
 
 def _cuda(q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap):
-    kernel = _CUDA_KERNELS[_cuda_path(q.shape[2], None if block_table is None else k_positions.shape[1])]
+    kernel = _cuda_kernel(_cuda_path(q.shape[2], None if block_table is None else k_positions.shape[1]))
     if block_table is None:
         k, v, k_positions = _first_rows(q, k, v, k_positions)
     else:
@@ -405,7 +412,7 @@ def attention(
     types = f"{attention_kv.cache_type_of(k)}/{attention_kv.cache_type_of(v)}"
     layout = "slab" if block_table is None else f"pool, table {block_table.shape}"
     key = (q.shape, k.shape, types, window, layout)
-    if key not in _logged:
+    if key not in _logged and log.isEnabledFor(logging.INFO):  # the cuda path may import Pallas
         _logged.add(key)
         cpu = _cpu_path(q.shape[2], _head_dims(q, v))
         cuda = _cuda_path(q.shape[2], None if block_table is None else k_positions.shape[1])
@@ -428,6 +435,6 @@ def attention(
         k_positions,
         block_table,
         cpu=_cpu_with(keys_in_order=keys_in_order, **options),
-        cuda=functools.partial(_cuda, **options),
         default=functools.partial(_reference, **options),
+        **({"cuda": functools.partial(_cuda, **options)} if quantized_matmul.cuda_present() else {}),
     )

@@ -64,7 +64,7 @@ import numpy as np
 
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensor, QTensorStack, qmatmul_ref
-from rz_kernels import cpu_ffi, qmatmul_pallas
+from rz_kernels import cpu_ffi
 
 log = logging.getLogger("rz_kernels")
 
@@ -130,12 +130,32 @@ def pallas_enabled() -> bool:
     return os.environ.get("RZ_PALLAS", "1") != "0"
 
 
+@functools.cache
+def cuda_present() -> bool:
+    """Whether this process has a CUDA backend. jax.lax.platform_dependent traces every branch it is
+    given, so the CUDA branches (which import Pallas) are passed only where they can run."""
+    try:
+        return bool(jax.devices("cuda"))
+    except RuntimeError:
+        return False
+
+
 def pallas_decode_enabled() -> bool:
     """RZ_PALLAS_DECODE=1: decode steps on a GPU take the Pallas kernels (see the module docstring)."""
     return pallas_enabled() and os.environ.get("RZ_PALLAS_DECODE", "0") == "1"
 
 
-def _paths() -> tuple[Path, ...]:
+def _paths(backend: str) -> tuple[Path, ...]:
+    """A backend's paths, in the order select_path tries them."""
+    if backend == "cuda":
+        gpu_types = tuple(t.name for t in sorted(_pallas().SUPPORTED_TYPES)) if pallas_enabled() else ()
+        decode_types = gpu_types if pallas_decode_enabled() else ()
+        return (
+            Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
+            Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
+        )
+    if backend != "cpu":
+        return ()
     cpu_types = tuple(t.name for t in CPU_FFI_ARRAYS) if cpu_ffi.available() else ()
     # The register-tiled int8 GEMM is the x86 kernels' (qmatmul.cc); the NEON kernels' many-row path
     # is not tiled and was not measured against XLA, so aarch64 prompts keep XLA's f32 GEMM.
@@ -144,8 +164,6 @@ def _paths() -> tuple[Path, ...]:
     prefill_types = (cpu_types if panels else tuple(t.name for t in sorted(K_QUANTS))) if x86 else ()
     xla_types = tuple(t for t in cpu_types if t not in prefill_types)
     tiled_types = xla_types if x86 else ()
-    gpu_types = tuple(t.name for t in sorted(qmatmul_pallas.SUPPORTED_TYPES)) if pallas_enabled() else ()
-    decode_types = gpu_types if pallas_decode_enabled() else ()
     # On x86 the register tiles take the XLA types' prompts up to CPU_TILES_MAX_M rows first.
     xla_m_min = (CPU_TILES_MAX_M if x86 else CPU_KERNEL_MAX_M) + 1
     return (
@@ -156,15 +174,13 @@ def _paths() -> tuple[Path, ...]:
         Path("cpu", "xla_f32", xla_types, xla_m_min, None, CPU_F32_MAX_BYTES, f"weights up to {CPU_F32_MAX_BYTES >> 20} MiB in f32"),
         Path("cpu", "xla_f32_tiled", xla_types, xla_m_min, None,
              note=f"weights over {CPU_F32_MAX_BYTES >> 20} MiB in f32, {CPU_F32_TILE_BYTES >> 20} MiB of rows at a time"),
-        Path("cuda", "pallas_decode", decode_types, 1, GPU_DECODE_MAX_M),
-        Path("cuda", "pallas_prefill", gpu_types, GPU_DECODE_MAX_M + 1, None),
     )
 
 
 def select_path(backend: str, ggml_type: GGMLType, m: int, shape: tuple[int, ...] | None = None) -> str:
     """The name of the path qmatmul takes for a weight type (and shape [N, K], where known) and M
     rows of x on a backend. Without a shape, the path of a weight of ordinary size."""
-    for path in _paths():
+    for path in _paths(backend):
         if path.serves(backend, ggml_type, m, shape):
             return path.name
     return "xla_reference"
@@ -180,8 +196,8 @@ def describe_paths(backend: str | None = None) -> list[dict]:
         {"op": "qmatmul", "backend": p.backend, "path": p.name, "types": p.types, "m_min": p.m_min, "m_max": p.m_max}
         | ({"max_f32_bytes": p.max_f32_bytes} if p.max_f32_bytes is not None else {})
         | ({"note": p.note} if p.note else {})
-        for p in _paths()
-        if p.backend == backend and p.types
+        for p in _paths(backend)
+        if p.types
     ]
     rows.append(
         {"op": "qmatmul", "backend": backend, "path": "xla_reference", "types": ("*",), "m_min": 1, "m_max": None}
@@ -194,7 +210,7 @@ _logged: set[tuple] = set()
 
 def _log_first_use(ggml_type: GGMLType, n: int, k: int, m: int) -> None:
     key = (ggml_type, n, k, m)
-    if key not in _logged:
+    if key not in _logged and log.isEnabledFor(logging.INFO):  # the cuda row imports Pallas
         _logged.add(key)
         paths = ", ".join(f"{b}: {select_path(b, ggml_type, m, (n, k))}" for b in ("cpu", "cuda"))
         log.info("rz_kernels.qmatmul %s [%d x %d] at M=%d -> %s", ggml_type.name, n, k, m, paths)
@@ -362,12 +378,18 @@ def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
     return qmatmul_cpu(x, qt) if path in CPU_FFI_PATHS else qmatmul_xla_cpu(x, qt, path)
 
 
+def _pallas():
+    """rz_kernels.qmatmul_pallas, imported where a GPU path needs it: Pallas and its Triton and
+    Mosaic lowerings cost every CPU process their import time and ~8 MiB of resident memory."""
+    from rz_kernels import qmatmul_pallas
+
+    return qmatmul_pallas
+
+
 def _cuda(x: jax.Array, qt: QTensor) -> jax.Array:
-    if select_path("cuda", qt.ggml_type, x.shape[0]) == "xla_reference" or not qmatmul_pallas.tiles(
-        *qt.shape, qt.ggml_type
-    ):
+    if select_path("cuda", qt.ggml_type, x.shape[0]) == "xla_reference" or not _pallas().tiles(*qt.shape, qt.ggml_type):
         return qmatmul_ref(x, qt)
-    return qmatmul_pallas.qmatmul(x, qt)
+    return _pallas().qmatmul(x, qt)
 
 
 def qmatmul(x: jax.Array, qt: QTensor) -> jax.Array:
@@ -404,7 +426,7 @@ def qmatmul_many(x: jax.Array, weights: Sequence[QTensor]) -> list[jax.Array]:
     def reference(rows, *weights):
         return tuple(qmatmul_ref(rows, qt) for qt in weights)
 
-    outputs = jax.lax.platform_dependent(rows, *weights, cpu=cpu, cuda=cuda, default=reference)
+    outputs = jax.lax.platform_dependent(rows, *weights, cpu=cpu, default=reference, **({"cuda": cuda} if cuda_present() else {}))
     return [y.reshape(*lead, qt.shape[0]) for y, qt in zip(outputs, weights)]
 
 
