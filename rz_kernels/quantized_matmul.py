@@ -380,7 +380,8 @@ def _cpu(x: jax.Array, qt: QTensor) -> jax.Array:
 
 def _pallas():
     """rz_kernels.qmatmul_pallas, imported where a GPU path needs it: Pallas and its Triton and
-    Mosaic lowerings cost every CPU process their import time and ~8 MiB of resident memory."""
+    Mosaic lowerings cost every CPU process their import time and resident memory
+    (benchmarks/results/memory-session31.md)."""
     from rz_kernels import qmatmul_pallas
 
     return qmatmul_pallas
