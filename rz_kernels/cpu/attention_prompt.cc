@@ -9,7 +9,7 @@
 //   (attention_kv.h's Operands). Head dims must be multiples of 16.
 //
 // Two phases. First every used slot's K and V are converted to f32 once (and its position copied), K transposed in blocks
-// of 32 slots ([D][32] per block) so that a query row's 32 scores are an FMA chain per lane. Then
+// of kBlock slots ([D][kBlock] per block) so that a query row's scores are an FMA chain per lane. Then
 // a task is one (sequence, KV head, tile of the group's query rows): it walks the blocks, scores a
 // few rows at a time against a block as a register-tiled matrix product, and folds the scores into
 // each row's online softmax and unnormalized output (again a register-tiled product). A block no
@@ -53,8 +53,13 @@ constexpr int kLanes = 4;
 typedef float Vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t Vi __attribute__((vector_size(kLanes * sizeof(float))));
 
-constexpr int64_t kBlock = rz_cpu::kRun;  // slots per block
+// Slots per block: each row's softmax pays a fixed cost per block (its max, its correction, the
+// output's rescaling), which a 64-slot block halves on AVX-512; AVX2 and NEON, not measured with
+// 64, keep 32 (benchmarks/results/prompt-attention-session32.md).
+constexpr int64_t kBlock = kLanes == 16 ? 2 * rz_cpu::kRun : rz_cpu::kRun;
 constexpr int kBlockVecs = kBlock / kLanes;
+using BlockMask = uint64_t;  // bit j: the row sees the block's slot j
+static_assert(kBlock <= 64, "a block's mask is 64 bits");
 // Rows scored together, and key (or value) lanes per register tile: kRows * kTileVecs accumulators
 // are independent FMA chains, each loaded K or V vector shared by kRows rows and each broadcast query
 // or weight by kTileVecs vectors (16 of AVX-512's 32 registers, 12 of AVX2's 16, 8 of NEON's 32). On
@@ -236,9 +241,6 @@ template <Kv KT, Kv VT>
 void convert_block(const Problem& p, int64_t head, int64_t block, float* row) {
   const int64_t b = head / p.Hkv, kv = head % p.Hkv, first = block * kBlock;
   const int64_t n = std::min(kBlock, p.S_used - first);
-  Rows keys, values;
-  rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, first, n, keys);
-  rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, first, n, values);
   if (kv == 0) {
     int32_t* positions = p.positions + b * p.n_blocks * kBlock + first;
     rz_cpu::slot_positions(p, b, first, n, positions);
@@ -246,14 +248,24 @@ void convert_block(const Problem& p, int64_t head, int64_t block, float* row) {
   }
   float* kt = p.keys + (head * p.n_blocks + block) * kBlock * p.D;
   float* vb = p.values + (head * p.n_blocks + block) * kBlock * p.Dv;
-  for (int64_t j = 0; j < kBlock; ++j) {
-    if (j < n) {
-      row_f32<KT>(keys, j, p.D, row);
-      for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = row[d];
-      row_f32<VT>(values, j, p.Dv, vb + j * p.Dv);
-    } else {
-      for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = 0.0f;
-      std::fill(vb + j * p.Dv, vb + (j + 1) * p.Dv, 0.0f);
+  // Rows are looked up kRun slots at a time (attention_kv.h's Rows holds one run).
+  for (int64_t run = 0; run < kBlock; run += rz_cpu::kRun) {
+    const int64_t in_run = std::clamp<int64_t>(n - run, 0, rz_cpu::kRun);
+    Rows keys, values;
+    if (in_run > 0) {
+      rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, first + run, in_run, keys);
+      rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, first + run, in_run, values);
+    }
+    for (int64_t i = 0; i < rz_cpu::kRun; ++i) {
+      const int64_t j = run + i;
+      if (i < in_run) {
+        row_f32<KT>(keys, i, p.D, row);
+        for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = row[d];
+        row_f32<VT>(values, i, p.Dv, vb + j * p.Dv);
+      } else {
+        for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = 0.0f;
+        std::fill(vb + j * p.Dv, vb + (j + 1) * p.Dv, 0.0f);
+      }
     }
   }
 }
@@ -276,30 +288,33 @@ inline BlockKeys block_keys(const Problem& p, const int32_t* k_pos, int64_t bloc
 }
 
 // Which of block `block`'s slots a query at `position` sees: bit j for slot block * kBlock + j.
-inline uint32_t visible_mask(const Problem& p, const int32_t* k_pos, int64_t block, const BlockKeys& keys, int32_t position) {
+inline BlockMask visible_mask(const Problem& p, const int32_t* k_pos, int64_t block, const BlockKeys& keys, int32_t position) {
   const bool window_clear = p.window == 0 || keys.lowest > position - p.window;
   if (keys.highest < 0 || keys.lowest > position || (p.window > 0 && keys.highest <= position - p.window)) return 0;
-  if (keys.full && keys.highest <= position && window_clear) return ~0u;
-  uint32_t mask = 0;
+  if (keys.full && keys.highest <= position && window_clear) return ~BlockMask{0};
+  BlockMask mask = 0;
   const int64_t first = block * kBlock, n = std::min<int64_t>(kBlock, p.S_used - first);
   for (int64_t j = 0; j < n; ++j) {
     const int32_t key = k_pos[first + j];
-    mask |= static_cast<uint32_t>(key >= 0 && key <= position && (p.window == 0 || key > position - p.window)) << j;
+    mask |= static_cast<BlockMask>(key >= 0 && key <= position && (p.window == 0 || key > position - p.window)) << j;
   }
   return mask;
 }
 
 // The online-softmax state of one task's rows.
 struct RowState {
-  std::vector<float> max, sum;  // [rows]
+  std::vector<float> max;  // [rows]
+  // [rows][kLanes]: each row's sum kept per lane and folded once its blocks are done, since a
+  // fold of shuffles per row and block was a large part of the softmax's time.
+  std::vector<float> sum;
   float* out = nullptr;  // [rows, Dv] (unnormalized)
-  std::vector<uint32_t> masks;  // [rows], this block's
+  std::vector<BlockMask> masks;  // [rows], this block's
   float* weights = nullptr;  // [rows, kBlock], this block's scores, then its softmax numerators
   std::vector<float> buffer;  // out and weights, each from a cache line (cache_line_aligned)
   std::vector<float> correction;  // [rows]
   void reset(int64_t rows, int64_t Dv) {
     max.assign(rows, -INFINITY);
-    sum.assign(rows, 0.0f);
+    sum.assign(rows * kLanes, 0.0f);
     masks.resize(rows);
     // Dv and kBlock are multiples of 16 floats, so weights starts on a line too.
     buffer.assign(rows * (Dv + kBlock) + kCacheLineFloats, 0.0f);
@@ -340,7 +355,7 @@ void softmax_rows(const Problem& p, int64_t r, int n, RowState& st) {
   for (int l = 0; l < kLanes; ++l) lane_bit[l] = 1 << l;
   for (int i = 0; i < n; ++i) {
     const int64_t row = r + i;
-    const uint32_t mask = st.masks[row];
+    const BlockMask mask = st.masks[row];
     float* w = st.weights + row * kBlock;
     if (!mask) {
       std::fill(w, w + kBlock, 0.0f);
@@ -356,7 +371,7 @@ void softmax_rows(const Problem& p, int64_t r, int n, RowState& st) {
         const Vf e = exp_lanes(s[u] * splat(2.0f / p.softcap));
         s[u] = (splat(1.0f) - splat(2.0f) / (e + splat(1.0f))) * splat(p.softcap);
       }
-      if (mask != ~0u) {
+      if (mask != ~BlockMask{0}) {
         const Vi seen = ((Vi{} + static_cast<int32_t>(mask >> (u * kLanes))) & lane_bit) != 0;
         s[u] = select(seen, s[u], splat(-INFINITY));
       }
@@ -373,7 +388,8 @@ void softmax_rows(const Problem& p, int64_t r, int n, RowState& st) {
       store(w + u * kLanes, e);
       total += e;
     }
-    st.sum[row] = st.sum[row] * st.correction[row] + lane_sum(total);
+    float* sum = &st.sum[row * kLanes];
+    store(sum, load(sum) * splat(st.correction[row]) + total);
   }
 }
 
@@ -452,7 +468,8 @@ void attend_rows(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1
   for (int64_t r = 0; r < rows; ++r) {
     float* dst = o + rz_cpu::query_row(p, b, kv, r0 + r) * p.Dv;
     const float* src = st.out + r * p.Dv;
-    const float inverse = st.sum[r] > 0 ? 1.0f / st.sum[r] : 0.0f;  // a row that saw nothing gets zeros
+    const float sum = lane_sum(load(&st.sum[r * kLanes]));
+    const float inverse = sum > 0 ? 1.0f / sum : 0.0f;  // a row that saw nothing gets zeros
     for (int64_t i = 0; i < p.Dv; ++i) dst[i] = src[i] * inverse;
   }
 }
