@@ -54,9 +54,9 @@ typedef float Vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t Vi __attribute__((vector_size(kLanes * sizeof(float))));
 
 // Slots per block: each row's softmax pays a fixed cost per block (its max, its correction, the
-// output's rescaling), which a 64-slot block halves on AVX-512; AVX2 and NEON, not measured with
-// 64, keep 32 (benchmarks/results/prompt-attention-session32.md).
-constexpr int64_t kBlock = kLanes == 16 ? 2 * rz_cpu::kRun : rz_cpu::kRun;
+// output's rescaling), which 64-slot blocks pay half as often as 32-slot ones. Measured on x86-64
+// (AVX-512 and AVX2, benchmarks/results/prompt-attention-session32.md); NEON, not measured, keeps 32.
+constexpr int64_t kBlock = kLanes >= 8 ? 2 * rz_cpu::kRun : rz_cpu::kRun;
 constexpr int kBlockVecs = kBlock / kLanes;
 using BlockMask = uint64_t;  // bit j: the row sees the block's slot j
 static_assert(kBlock <= 64, "a block's mask is 64 bits");
