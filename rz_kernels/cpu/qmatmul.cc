@@ -1016,7 +1016,7 @@ RZ_INLINE void group_dot(const W& w, const RowBuffers& rb, int64_t n, const Quan
   }
 }
 
-// Rows [n0, n1) of W against activation rows [m0, m1), m0 a multiple of kRowGroup. With few
+// Rows [n0, n1) of W against activation rows [m0, m1), m0 the first row of one of x's groups. With few
 // activation rows, each weight block is decoded where it is used (measured faster up to a group
 // of 8; for K-quants up to one pass of 4); beyond, each weight row is decoded to bytes once and
 // met by the groups.
@@ -1321,7 +1321,7 @@ void panel_rows(const W& w, const QuantizedX& x, int64_t n0, int64_t n1, int64_t
 }
 #endif
 
-// Rows [n0, n1) of W against activation rows [m0, m1) (m0 a multiple of kRowGroup), in register
+// Rows [n0, n1) of W against activation rows [m0, m1) (m0 the first row of one of x's groups), in register
 // tiles. A ragged last tile repeats a weight row, or meets the group's zero padding rows; those
 // outputs are not stored.
 template <class W>
