@@ -49,6 +49,16 @@ def test_llama_cpp_alone_with_depth(tmp_path, capsys, smollm2_path):
 
 
 @pytest.mark.slow
+def test_rz_at_a_depth_computes_only_the_tokens_after_its_cached_prefix(tmp_path, capsys, smollm2_path):
+    result, _ = run_bench(["--model", str(smollm2_path), "--engines", "rz", "--depth", "48", *TINY], tmp_path, capsys)
+    assert [(r["test"]["name"], r["status"]) for r in result["results"]] == [("pp32 @ d48", "ok"), ("tg4 @ d48", "ok")]
+    pp = result["results"][0]
+    # Each repetition (the warm-up's too) reused exactly the 48-token prefix cached before it.
+    assert [s["detail"]["cached_tokens"] for s in pp["warmup"] + pp["samples"]] == [[48]] * 3
+    assert all(s["seconds"] > 0 for s in pp["samples"])
+
+
+@pytest.mark.slow
 def test_llama_cpp_without_its_extra_buffer_types(tmp_path, capsys, smollm2_path, monkeypatch):
     """RZ_BENCH_LLAMA_EXTRA_BUFTS=0 (for machines where llama.cpp's AMX path crashes) runs, and says so."""
     monkeypatch.setenv("RZ_BENCH_LLAMA_EXTRA_BUFTS", "0")

@@ -1,8 +1,10 @@
 """rz in process, through rz.LLM: generate() for prompts and batches, stream() for per-token times.
 
-rz.LLM has no way to start from a KV cache already holding `depth` tokens, so a test at a depth
-is timed as the difference of two requests: the prompt with its depth prefix, less the prefix
-alone (each request prefills from scratch; the difference is the work of the last N tokens).
+A test at a depth starts, as llama-bench's, from a KV cache holding the prompt's first `depth`
+tokens: the prefix cache is emptied, the prefix alone is prefilled into it untimed, and the timed
+request reuses it (rz's prefix reuse), so that only its last N tokens are computed. (Timing the
+whole prompt less the prefix alone, two requests of seconds each, left the N tokens' share
+within their noise: a repetition could measure a negative time.)
 """
 
 import time
@@ -12,9 +14,11 @@ from rz.bench.engines.base import Engine, Sample, pin_threads, usable_cores
 from rz.bench.errors import BenchError, PreflightError
 from rz.bench.workloads import Prompt, Workload
 
-# cache_prompt off: a test times the prompt's computation (a depth test's prefix request would
-# otherwise find the prefix in the cache); llama.cpp's engines start each request from an empty cache too.
+# cache_prompt off: a test times the prompt's computation (a repetition would otherwise find the
+# last one's prompt in the cache); llama.cpp's engines start each request from an empty cache too.
 _GREEDY = {"temperature": 0.0, "ignore_eos": True, "seed": 0, "cache_prompt": False}
+# A test at a depth: its prefix is cached first, and the timed request maps it.
+_AFTER_PREFIX = {**_GREEDY, "cache_prompt": True}
 
 
 class RzEngine(Engine):
@@ -89,17 +93,30 @@ class RzEngine(Engine):
         return self._stream(test, prompts[0])
 
     def _prompt(self, test: Workload, prompts: list[Prompt]) -> Sample:
-        """Prompt processing (with its first sampled token); at a depth, less the depth prefix's."""
-        seconds = self._timed_generate([list(p.ids) for p in prompts], 1)
-        if test.depth:
-            seconds -= self._timed_generate([list(p.ids[: test.depth]) for p in prompts], 1)
-        return Sample(seconds=seconds, tokens=test.tokens_counted, ttft_s=None if test.depth else seconds)
+        """Prompt processing (with its first sampled token); at a depth, of the tokens after it."""
+        options = self._options(test, prompts)
+        started = time.perf_counter()
+        completions = self.llm.generate([list(p.ids) for p in prompts], max_tokens=1, **options)
+        seconds = time.perf_counter() - started
+        cached = [c.usage["cached_tokens"] for c in completions]
+        return Sample(seconds=seconds, tokens=test.tokens_counted, ttft_s=None if test.depth else seconds,
+                      detail={"cached_tokens": cached} if test.depth else {})
+
+    def _options(self, test: Workload, prompts: list[Prompt]) -> dict:
+        """The timed request's options; at a depth, after its prompts' first `depth` tokens are
+        prefilled, untimed, into an emptied prefix cache, so that it computes only the rest."""
+        if not test.depth:
+            return _GREEDY
+        self.llm._scheduler(len(prompts)).engine.blocks.clear_cache()
+        self.llm.generate([list(p.ids[: test.depth]) for p in prompts], max_tokens=1, **_AFTER_PREFIX)
+        return _AFTER_PREFIX
 
     def _stream(self, test: Workload, prompt: Prompt) -> Sample:
         """One sequence through stream(): the time of every piece of text as it arrives."""
+        options = self._options(test, [prompt])
         started = time.perf_counter()
         arrivals = []
-        for _ in self.llm.stream(list(prompt.ids), max_tokens=test.max_tokens, **_GREEDY):
+        for _ in self.llm.stream(list(prompt.ids), max_tokens=test.max_tokens, **options):
             arrivals.append(time.perf_counter())
         finished = time.perf_counter()
         if not arrivals:
@@ -110,8 +127,6 @@ class RzEngine(Engine):
             seconds = decode
         else:
             seconds = finished - started
-            if test.depth:
-                seconds -= self._timed_generate([list(prompt.ids[: test.depth])], 1)
         return Sample(
             seconds=seconds, tokens=test.tokens_counted, ttft_s=first - started, tpot_s=decode / test.n_gen,
             itl_s=[b - a for a, b in zip(arrivals, arrivals[1:])],
@@ -129,11 +144,6 @@ class RzEngine(Engine):
         return Sample(
             seconds=decode, tokens=test.tokens_counted, ttft_s=max(first_tokens), tpot_s=decode / test.n_gen,
         )
-
-    def _timed_generate(self, prompts: list[list[int]], max_tokens: int) -> float:
-        started = time.perf_counter()
-        self.llm.generate(prompts if len(prompts) > 1 else prompts[0], max_tokens=max_tokens, **_GREEDY)
-        return time.perf_counter() - started
 
     def close(self) -> None:
         self.llm = None
