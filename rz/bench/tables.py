@@ -98,7 +98,7 @@ def notes(result: dict) -> str:
         lines.append(f"- machine bandwidth: {bandwidth['gb_per_s']:.1f} GB/s ({bandwidth['method']}, {bandwidth['threads']} threads); "
                      f"decode reads {_bytes(result['model']['weight_bytes_per_token'])} of weights per step")
     if any(e["test"]["depth"] for e in result["results"] if e["engine"] == "rz"):
-        lines.append("- rz at a depth: the prompt with its depth prefix less the prefix alone (rz.LLM prefills from an empty cache)")
+        lines.append("- rz at a depth: the prefix prefilled into an emptied prefix cache first, untimed; the timed request reuses it")
     for engine in result["engines"]:
         for note in engine.get("notes", []):
             lines.append(f"- {engine['name']}: {note}")
