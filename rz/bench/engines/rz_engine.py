@@ -94,7 +94,7 @@ class RzEngine(Engine):
 
     def _prompt(self, test: Workload, prompts: list[Prompt]) -> Sample:
         """Prompt processing (with its first sampled token); at a depth, of the tokens after it."""
-        options = self._options(test, prompts)
+        options = self._depth_prefix_cached(test, prompts)
         started = time.perf_counter()
         completions = self.llm.generate([list(p.ids) for p in prompts], max_tokens=1, **options)
         seconds = time.perf_counter() - started
@@ -102,9 +102,10 @@ class RzEngine(Engine):
         return Sample(seconds=seconds, tokens=test.tokens_counted, ttft_s=None if test.depth else seconds,
                       detail={"cached_tokens": cached} if test.depth else {})
 
-    def _options(self, test: Workload, prompts: list[Prompt]) -> dict:
-        """The timed request's options; at a depth, after its prompts' first `depth` tokens are
-        prefilled, untimed, into an emptied prefix cache, so that it computes only the rest."""
+    def _depth_prefix_cached(self, test: Workload, prompts: list[Prompt]) -> dict:
+        """At a depth, prefills the prompts' first `depth` tokens, untimed, into an emptied prefix
+        cache; returns the timed request's options (which map that prefix, so that it computes only
+        the rest)."""
         if not test.depth:
             return _GREEDY
         self.llm._scheduler(len(prompts)).engine.blocks.clear_cache()
@@ -113,7 +114,7 @@ class RzEngine(Engine):
 
     def _stream(self, test: Workload, prompt: Prompt) -> Sample:
         """One sequence through stream(): the time of every piece of text as it arrives."""
-        options = self._options(test, [prompt])
+        options = self._depth_prefix_cached(test, [prompt])
         started = time.perf_counter()
         arrivals = []
         for _ in self.llm.stream(list(prompt.ids), max_tokens=test.max_tokens, **options):
