@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from rz.config import ModelConfig
 from rz.errors import RequestError
-from rz_kernels import attention_kv
+from rz_kernels import attention_kv, cache_write
 from rz_kernels.attention_kv import Stored
 
 EMPTY = -1  # the position of an empty slot, and of a padding token; an absent table entry
@@ -258,13 +258,12 @@ def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Ar
     blocks, slots = writes.blocks, writes.slots
 
     def scatter(whole: jax.Array, chunk: jax.Array) -> jax.Array:
-        return whole.at[blocks, :, slots].set(chunk, mode="drop")
+        return cache_write.write_rows(whole, chunk, blocks, slots)
 
-    cleared = layer.positions.at[writes.started].set(EMPTY, mode="drop")
     return LayerCache(
         keys=jax.tree.map(scatter, layer.keys, attention_kv.like(keys, layer.keys)),
         values=jax.tree.map(scatter, layer.values, attention_kv.like(values, layer.values)),
-        positions=cleared.at[blocks, slots].set(positions, mode="drop"),
+        positions=cache_write.write_positions(layer.positions, positions, blocks, slots, writes.started, EMPTY),
     )
 
 

@@ -19,15 +19,17 @@ from rz.models import forward, lm_head, rope_tables, rope_tables_for
 from rz.sampling import Sampler, SamplerState
 
 
-# The steps that end in the sampler are compiled with XLA:CPU's classic fusion emitters: its MLIR
-# emitters need ~140 MiB of working memory for the sampler's ~1,000 small ops (the classic ones
-# ~20 MiB), and compiling the decode step is the peak of an engine's memory. The transformer steps
-# keep the MLIR emitters, which compile them 2-3x faster (benchmarks/results/memory-session18.md).
+# Every step is compiled with XLA:CPU's classic fusion emitters. Its MLIR emitters need tens of
+# MiB more working memory to compile a step (~140 MiB more for the sampler's ~1,000 small ops,
+# memory-session18.md), and compiling is the peak of an engine's memory; since the layers became
+# one loop they compile the transformer steps no faster either (the measurements are in
+# benchmarks/results/memory-session33.md). The classic emitters turn a scatter into a loop of
+# small kernels per token, so on CPU the KV cache writes are a C++ call (rz_kernels.cache_write).
 # Only on the jaxlib this was measured with: an XLA without the option refuses it when compiling.
-SAMPLING_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False} if jaxlib.__version__.startswith("0.10.") else {}
+STEP_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False} if jaxlib.__version__.startswith("0.10.") else {}
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",), compiler_options=STEP_COMPILER_OPTIONS)
 def prefill(weights, cache, tokens, positions, tables, last_index, *, family, cfg, plan=None):
     """A prompt chunk into the cache: tokens, positions [1, T] -> (logits f32 [1, n_vocab] at last_index [1], cache)."""
     hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
@@ -35,7 +37,7 @@ def prefill(weights, cache, tokens, positions, tables, last_index, *, family, cf
     return lm_head(weights, last, family=family, cfg=cfg, plan=plan), cache
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",), compiler_options=STEP_COMPILER_OPTIONS)
 def score(weights, cache, tokens, positions, tables, *, family, cfg, plan=None):
     """A chunk of a teacher-forced pass: tokens, positions [1, T] -> (logits f32 [1, T, n_vocab], cache)."""
     hidden, cache = forward(weights, cache, tokens, positions, tables, family=family, cfg=cfg, plan=plan)
@@ -53,7 +55,7 @@ copy_blocks = jax.jit(kv_cache.copy_blocks, donate_argnums=(0,))
 join_row = jax.jit(SamplerState.with_row)
 
 
-@partial(jax.jit, static_argnames=("n_top",), compiler_options=SAMPLING_COMPILER_OPTIONS)
+@partial(jax.jit, static_argnames=("n_top",), compiler_options=STEP_COMPILER_OPTIONS)
 def first_token(logits, tensors, state, allowed, logprobs=None, *, n_top):
     """A prefilled prompt's first token, sampled from its last logits (allowed, logprobs: see Sampler)."""
     return Sampler(n_top_logprobs=n_top)(logits, tensors, state, allowed, logprobs)
@@ -61,7 +63,7 @@ def first_token(logits, tensors, state, allowed, logprobs=None, *, n_top):
 
 @partial(
     jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_top", "n_steps"), donate_argnames=("cache", "state"),
-    compiler_options=SAMPLING_COMPILER_OPTIONS,
+    compiler_options=STEP_COMPILER_OPTIONS,
 )
 def decode(
     weights, cache, tokens, positions, tensors, state, allowed, logprobs=None, n_live=None, *, family, cfg, plan=None, n_ctx,
@@ -119,7 +121,10 @@ def decode(
     return sampled, cache, state, tokens, positions
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_drafts"), donate_argnames=("cache",))
+@partial(
+    jax.jit, static_argnames=("family", "cfg", "plan", "n_ctx", "n_drafts"), donate_argnames=("cache",),
+    compiler_options=STEP_COMPILER_OPTIONS,
+)
 def draft(weights, cache, tokens, positions, tensors, state, *, family, cfg, plan=None, n_ctx, n_drafts):
     """A draft model's n_drafts tokens after each row's last one, sampled one by one as decode steps would.
 
@@ -156,7 +161,7 @@ def draft(weights, cache, tokens, positions, tensors, state, *, family, cfg, pla
     return drafts.T, jnp.swapaxes(probabilities, 0, 1), cache
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("family", "cfg", "plan"), donate_argnames=("cache",), compiler_options=STEP_COMPILER_OPTIONS)
 def feed(weights, cache, tokens, positions, tables, *, family, cfg, plan=None):
     """Tokens into the cache, nothing read out: what a draft model has not seen of its streams'
     text. tokens, positions int32 [rows, T] (position -1: nothing); tables: chunk_rope_tables of positions."""
@@ -185,7 +190,10 @@ def _inverse_cdf(probabilities, uniforms):
     return jnp.argmax(cdf > uniforms[:, None] * cdf[:, -1:], axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("family", "cfg", "plan", "n_top"), donate_argnames=("cache", "state"))
+@partial(
+    jax.jit, static_argnames=("family", "cfg", "plan", "n_top"), donate_argnames=("cache", "state"),
+    compiler_options=STEP_COMPILER_OPTIONS,
+)
 def verify(weights, cache, tokens, positions, tables, tensors, state, draft_probabilities=None, *, family, cfg, plan=None, n_top):
     """Score each row's last token and the drafts after it in one pass, and keep what the sampler agrees with.
 

@@ -33,9 +33,9 @@ from pathlib import Path
 SOURCE_DIR = Path(__file__).parent / "cpu"
 LIBRARY_DIR = Path(__file__).parent / "lib"
 COMMON_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-pthread")
-X86_SOURCES = ("qmatmul.cc", "qmatmul_moe.cc", "attention.cc", "attention_prompt.cc", "sample_draw.cc", "zero_pages.cc", "machine.cc")
+X86_SOURCES = ("qmatmul.cc", "qmatmul_moe.cc", "attention.cc", "attention_prompt.cc", "sample_draw.cc", "zero_pages.cc", "cache_write.cc", "machine.cc")
 X86_HEADERS = ("qmatmul.h", "layer_weights.h", "simd.h", "threads.h", "machine_probe.h", "attention_kv.h", "attention_decode.h")
-NEON_SOURCES = ("qmatmul_neon.cc", "attention_neon.cc", "attention_prompt.cc", "sample_draw.cc", "zero_pages.cc", "machine_neon.cc")
+NEON_SOURCES = ("qmatmul_neon.cc", "attention_neon.cc", "attention_prompt.cc", "sample_draw.cc", "zero_pages.cc", "cache_write.cc", "machine_neon.cc")
 NEON_HEADERS = ("layer_weights.h", "simd_neon.h", "threads.h", "machine_probe.h", "attention_kv.h", "attention_decode.h")
 # -ffp-contract=off: every float multiply-add the NEON kernels mean to fuse is an explicit vfmaq/fma,
 # so a row's output takes the same operations whichever tile computed it (and both NEON variants

@@ -178,6 +178,14 @@ def zero_pages_target(variant: Variant) -> str:
     return f"rz_zero_pages_{variant.name}"
 
 
+def write_rows_target(variant: Variant) -> str:
+    return f"rz_write_rows_{variant.name}"
+
+
+def write_positions_target(variant: Variant) -> str:
+    return f"rz_write_positions_{variant.name}"
+
+
 def experts_target(variant: Variant) -> str:
     return f"rz_qmatmul_experts_{variant.name}"
 
@@ -203,6 +211,8 @@ def load(variant: Variant) -> ctypes.CDLL:
     jax.ffi.register_ffi_target(prompt_attention_target(variant), jax.ffi.pycapsule(lib.RzPromptAttention), platform="cpu")
     jax.ffi.register_ffi_target(sample_draw_target(variant), jax.ffi.pycapsule(lib.RzSampleDraw), platform="cpu")
     jax.ffi.register_ffi_target(zero_pages_target(variant), jax.ffi.pycapsule(lib.RzZeroPages), platform="cpu")
+    jax.ffi.register_ffi_target(write_rows_target(variant), jax.ffi.pycapsule(lib.RzWriteRows), platform="cpu")
+    jax.ffi.register_ffi_target(write_positions_target(variant), jax.ffi.pycapsule(lib.RzWritePositions), platform="cpu")
     if has_experts_kernel(variant):
         jax.ffi.register_ffi_target(experts_target(variant), jax.ffi.pycapsule(lib.RzQMatmulExperts), platform="cpu")
     log.info("rz_kernels: loaded the C++ CPU kernels (%s) from %s", variant.name, variant.library)

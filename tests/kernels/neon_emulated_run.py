@@ -17,7 +17,7 @@ import numpy as np
 
 from rz_kernels.ggml_types import GGMLType
 from rz_kernels.quants import QTensor, QTensorStack
-from rz_kernels import attention, attention_kv, cpu_ffi, qmatmul, sample_draw, zero_pages
+from rz_kernels import attention, attention_kv, cache_write, cpu_ffi, qmatmul, sample_draw, zero_pages
 from rz_kernels.causal_attention import DECODE_MAX_T, decode_attention_cpu, prompt_attention_cpu
 from rz_kernels.quantized_matmul import CPU_FFI_ARRAYS, qmatmul_cpu, qmatmul_layer_cpu, qmatmul_stacked_cpu
 
@@ -109,6 +109,23 @@ def main(inputs_path: str, outputs_path: str) -> None:
             del ones
             nonzero += int(np.count_nonzero(np.asarray(make_zeros())))
         outputs["zeros.nonzero"] = np.asarray(nonzero)
+        # The KV cache's writes (cache_write.cc) against the scatters they replace.
+        rng = np.random.default_rng(5)
+        pool, rows = (jnp.asarray(rng.normal(size=shape), jnp.float16) for shape in ((6, 3, 4, 8), (2, 5, 3, 8)))
+        pairs = rng.permutation(24)[:10].reshape(2, 5)
+        blocks, slots = (pairs // 4).astype(np.int32), (pairs % 4).astype(np.int32)
+        blocks[0, 0] = 1 << 30  # dropped
+        positions_pool = jnp.asarray(rng.integers(0, 99, size=(6, 4)), jnp.int32)
+        positions, started = jnp.asarray(pairs, jnp.int32), np.where(slots == 0, blocks, 1 << 30).astype(np.int32)
+        rows_written = jax.jit(cache_write.write_rows)(pool, rows, blocks, slots)
+        positions_written = jax.jit(cache_write.write_positions, static_argnums=5)(positions_pool, positions, blocks, slots, started, -1)
+        outputs["write.mismatches"] = np.asarray(
+            np.count_nonzero(np.asarray(rows_written) != np.asarray(cache_write.scatter_rows(pool, rows, blocks, slots)))
+            + np.count_nonzero(
+                np.asarray(positions_written)
+                != np.asarray(cache_write.scatter_positions(positions_pool, positions, blocks, slots, started, -1))
+            )
+        )
     np.savez(outputs_path, **outputs)
 
 

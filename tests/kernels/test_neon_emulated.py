@@ -248,6 +248,7 @@ def check_kernels(workdir: Path, outputs: dict[str, np.ndarray]) -> None:
     # The draw's tolerance as in test_sample_draw: float rounding at a boundary may move a token.
     assert np.mean(outputs["draw.tokens"][sampling] != expected_tokens[sampling]) <= 0.05
     assert int(outputs["zeros.nonzero"]) == 0, "rz_kernels.zero_pages left non-zero bytes"
+    assert int(outputs["write.mismatches"]) == 0, "rz_kernels.cache_write wrote other bytes than the scatters"
 
 
 @pytest.mark.parametrize(
