@@ -24,7 +24,8 @@ from rz.sampling import Sampler, SamplerState
 # memory-session18.md), and compiling is the peak of an engine's memory; since the layers became
 # one loop they compile the transformer steps no faster either (the measurements are in
 # benchmarks/results/memory-session33.md). The classic emitters turn a scatter into a loop of
-# small kernels per token, so on CPU the KV cache writes are a C++ call (rz_kernels.cache_write).
+# small kernels per token, so on CPU the KV cache writes are a C++ call (rz_kernels.cache_write;
+# without the kernels built the loop stays, a few percent of a prompt chunk's time).
 # Only on the jaxlib this was measured with: an XLA without the option refuses it when compiling.
 STEP_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False} if jaxlib.__version__.startswith("0.10.") else {}
 

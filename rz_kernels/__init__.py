@@ -16,7 +16,7 @@ experts' rows), qmatmul_pallas, causal_attention, attention_pallas, cpu_ffi.
 
 import jax
 
-from rz_kernels import causal_attention, quantized_matmul
+from rz_kernels import cache_write, causal_attention, quantized_matmul
 from rz_kernels.attention_kv import paged_as_slab
 from rz_kernels.causal_attention import attention, attention_ref, attention_weights
 from rz_kernels.quantized_matmul import qmatmul, qmatmul_by_layer, qmatmul_many, qmatmul_stacked, select_path
@@ -25,7 +25,7 @@ from rz_kernels.quantized_matmul import qmatmul, qmatmul_by_layer, qmatmul_many,
 def describe_paths(backend: str | None = None) -> list[dict]:
     """The implementation of each op per size range on `backend` (default: jax's default backend)."""
     backend = backend or jax.default_backend()
-    return quantized_matmul.describe_paths(backend) + causal_attention.describe_paths(backend)
+    return quantized_matmul.describe_paths(backend) + causal_attention.describe_paths(backend) + cache_write.describe_paths(backend)
 
 
 __all__ = [

@@ -15,6 +15,14 @@ import numpy as np
 from rz_kernels import cpu_ffi
 
 
+def describe_paths(backend: str) -> list[dict]:
+    """Which implementation writes a chunk of any length into a block pool on `backend`."""
+    if backend == "cpu" and cpu_ffi.available():
+        return [{"op": "kv_cache_write", "backend": backend, "path": "cpu_ffi", "t_min": 1, "t_max": None,
+                 "note": f"variant {cpu_ffi.selected().name}"}]
+    return [{"op": "kv_cache_write", "backend": backend, "path": "xla_scatter", "t_min": 1, "t_max": None}]
+
+
 def scatter_rows(pool: jax.Array, rows: jax.Array, blocks: jax.Array, slots: jax.Array) -> jax.Array:
     """The reference: pool [N, H, S, W] with rows [B, T, H, W] at blocks, slots int32 [B, T]; a
     block or slot outside the pool is dropped."""

@@ -79,3 +79,8 @@ def test_rows_of_the_wrong_shape_are_refused():
     index = jnp.zeros((1, 2), jnp.int32)
     with pytest.raises(Exception, match="rows must be"):
         jax.block_until_ready(call(pool, jnp.zeros((1, 2, HEADS, WIDTH + 1), jnp.float32), index, index))
+
+
+def test_the_path_is_described():
+    assert [row["path"] for row in cache_write.describe_paths("cpu")] == ["cpu_ffi"]
+    assert [row["path"] for row in cache_write.describe_paths("cuda")] == ["xla_scatter"]

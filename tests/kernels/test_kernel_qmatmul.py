@@ -327,7 +327,7 @@ def test_describe_paths():
             shape = (262144, 640) if row["path"] == "xla_f32_tiled" else (2048, 640)
             for name in row["types"]:
                 assert select_path("cpu", GGMLType[name], row["m_min"], shape) == row["path"], (row, name)
-    assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention"}
+    assert {row["op"] for row in describe_paths("cpu")} == {"qmatmul", "attention", "kv_cache_write"}
     cuda = {row["path"]: row for row in describe_paths("cuda")}
     assert cuda["pallas_prefill"]["m_min"] == 17
     # Decode on a GPU takes XLA unless RZ_PALLAS_DECODE=1 (measured faster end to end on an H200).

@@ -202,7 +202,7 @@ def test_tokenize_detokenize_and_model_info(server, llm):
     assert info.architecture == "llama"
     assert (info.context_size, info.vocab_size, info.max_batch, info.max_queue) == (N_CTX, llm.config.n_vocab, MAX_BATCH, MAX_QUEUE)
     assert {q.type for q in info.quantization} >= {"Q4_1"}
-    assert set(info.kernels) == {"qmatmul", "attention"}
+    assert set(info.kernels) == {"qmatmul", "attention", "kv_cache_write"}
     assert "cpu_ffi" in info.kernels["qmatmul"] and "Q4_1" in info.kernels["qmatmul"]
     assert info.has_chat_template and set(info.end_of_generation_ids) == set(llm.tokenizer.eog_ids)
 
