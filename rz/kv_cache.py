@@ -257,12 +257,12 @@ def write(view: LayerView, keys: jax.Array, values: jax.Array, positions: jax.Ar
     writes = view.writes if view.writes is not None else write_slots(view.table, positions, layer.block_size)
     blocks, slots = writes.blocks, writes.slots
 
-    def scatter(whole: jax.Array, chunk: jax.Array) -> jax.Array:
+    def write_leaf(whole: jax.Array, chunk: jax.Array) -> jax.Array:
         return cache_write.write_rows(whole, chunk, blocks, slots)
 
     return LayerCache(
-        keys=jax.tree.map(scatter, layer.keys, attention_kv.like(keys, layer.keys)),
-        values=jax.tree.map(scatter, layer.values, attention_kv.like(values, layer.values)),
+        keys=jax.tree.map(write_leaf, layer.keys, attention_kv.like(keys, layer.keys)),
+        values=jax.tree.map(write_leaf, layer.values, attention_kv.like(values, layer.values)),
         positions=cache_write.write_positions(layer.positions, positions, blocks, slots, writes.started, EMPTY),
     )
 
