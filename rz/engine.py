@@ -144,12 +144,12 @@ class Engine:
             self.self_draft = self_draft_model(model, choose_self_draft_layers(model.cfg.n_layer, self_draft_layers))
             self.costs.assumed_draft_token["self"] = self.self_draft.cfg.n_layer / model.cfg.n_layer
         # The `draft` proposer's model (a second GGUF of the same vocabulary), drafting in a cache of
-        # its own, and which tokens each of that cache's rows holds from position 0 on: before it
+        # its own (of the target's cache types), and which tokens each of that cache's rows holds from position 0 on: before it
         # drafts, a row is fed what it lacks of its stream's text (rollback is these positions).
         self.draft_model = draft_model
         if draft_model is not None:
             self._draft_max_write = max(DRAFT_FEED_WIDTHS[-1], *VERIFY_WIDTHS)
-            self.draft_cache = draft_model.init_cache(n_slots, n_ctx, block_size=block_size, max_write=self._draft_max_write)
+            self.draft_cache = draft_model.init_cache(n_slots, n_ctx, cache_types, block_size=block_size, max_write=self._draft_max_write)
             self._draft_held = [np.zeros(0, np.int32)] * n_slots
             self.costs.assumed_draft_token["draft"] = _weight_bytes(draft_model) / _weight_bytes(model)
         self.n_drafted = 0

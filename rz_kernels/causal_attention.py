@@ -143,21 +143,35 @@ def prompt_attention_cpu(
     scale: float = 1.0,
     softcap: float = 0.0,
     keys_in_order: bool = False,
+    bf16_values: bool | None = None,
     variant: cpu_ffi.Variant | None = None,
 ):
     """The C++ prompt kernel (rz_kernels/cpu/attention_prompt.cc): a flash attention over K/V as
     stored, tiles of query rows across threads, each query's result independent of the others in
-    the call. Shapes and keys_in_order as decode_attention_cpu; head dims multiples of 16."""
+    the call. Shapes and keys_in_order as decode_attention_cpu; head dims multiples of 16.
+    bf16_values: weights times values in bf16 products (default: where takes_bf16_values says)."""
     variant = cpu_ffi.active(variant)
+    if bf16_values is None:
+        bf16_values = takes_bf16_values(v, variant)
     return _ffi_attention(
         cpu_ffi.prompt_attention_target(variant), q, k, v, q_positions, k_positions, block_table,
-        window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order,
+        window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order, bf16_values=bool(bf16_values),
     )
 
 
-def _ffi_attention(target: str, q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap, keys_in_order):
+def takes_bf16_values(v, variant: cpu_ffi.Variant | None = None) -> bool:
+    """Whether the prompt kernel multiplies the softmax's weights by V in bf16 products by default:
+    where V is stored as a 16-bit float (f16 or bf16) and the CPU has AVX-512 BF16, whose vdpbf16ps
+    does twice the multiply-adds of an f32 FMA. The weights and an f16 V lose their lowest bits
+    (llama.cpp's own P.V keeps its output in f16); the sums stay f32, and so do the scores. An f32
+    cache stays exact; q8_0 keeps f32 products."""
+    sixteen_bit = not isinstance(v, Q8_0Rows) and v.dtype in (jnp.float16, jnp.bfloat16)
+    return sixteen_bit and cpu_ffi.has_bf16_values(cpu_ffi.active(variant))
+
+
+def _ffi_attention(target: str, q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap, keys_in_order, **more):
     """One call of a C++ attention kernel: both take the same operands and attributes (a slab's
-    block table is an empty array)."""
+    block table is an empty array); `more`: the prompt kernel's own attributes."""
     batch, n_head, length, _ = q.shape
     out = jax.ShapeDtypeStruct((batch, n_head, length, v.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call(target, out, vmap_method="sequential")
@@ -172,6 +186,7 @@ def _ffi_attention(target: str, q, k, v, q_positions, k_positions, block_table, 
         scale=np.float32(scale),
         softcap=np.float32(softcap),
         keys_in_order=bool(keys_in_order),
+        **more,
     )
 
 
@@ -348,6 +363,8 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     for row in rows:
         if row["path"].startswith("cpu_ffi"):
             row["note"] = f"variant {cpu_ffi.selected().name}"
+        if row["path"] == "cpu_ffi_prompt" and cpu_ffi.has_bf16_values(cpu_ffi.selected()):
+            row["note"] += "; an f16 or bf16 V in bf16 products (AVX-512 BF16)"
     return rows
 
 

@@ -104,6 +104,12 @@ def why_not_runnable(variant: Variant) -> str | None:
     return f"the CPU lacks {', '.join(missing)} (the {variant.name} variant needs them)" if missing else None
 
 
+def has_bf16_values(variant: Variant) -> bool:
+    """Whether the variant's prompt attention can multiply its weights by V in bf16 pairs on this
+    CPU: an AVX-512 build (which compiles those functions for AVX-512 BF16 apart) on a CPU with it."""
+    return "avx512f" in variant.cpu_features and "avx512_bf16" in cpu_features()
+
+
 def built(variant: Variant) -> bool:
     return variant.library.exists()
 

@@ -9,7 +9,8 @@ padding (position -1): 6 real tokens at turn 1, 4 at turn 10. Turn 1 attends ove
 them; turn 10 over the ~1,185 positions of the turns before. The difference is
 what grows from turn to turn: the rest of a turn (the matmuls, the sampling) does not depend
 on the history. Each case is 30 calls (SmolLM2's layers) in one jitted loop, median of `rounds`,
-cases interleaved. Prints milliseconds per 30 calls and the growth.
+cases interleaved. Prints milliseconds per 30 calls and the growth. On a CPU whose prompt kernel
+takes bf16 values (AVX-512 BF16), the 128-token chunks also run with f32 values, for comparison.
 """
 
 import argparse
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from bench_paged_attention import looped
 
-from rz_kernels import attention_kv
-from rz_kernels.causal_attention import attention
+from rz_kernels import attention_kv, cpu_ffi
+from rz_kernels.causal_attention import attention, prompt_attention_cpu
 
 N_HEAD, N_KV, HEAD_DIM = 9, 3, 64
 BLOCK_SIZE, N_TABLE = 64, 64  # a 4,096-position context
@@ -62,7 +63,14 @@ def main() -> None:
     rng = np.random.default_rng(0)
     table = rng.permutation(2 * N_TABLE)[:N_TABLE].astype(np.int32)
     kernel = functools.partial(attention, block_table=jnp.asarray(table[None]), scale=HEAD_DIM**-0.5, keys_in_order=True)
-    runs = {name: looped(kernel, LAYERS, *pool_case(rng, table, *case)) for name, case in CASES.items()}
+    cases = {name: pool_case(rng, table, *case) for name, case in CASES.items()}
+    runs = {name: looped(kernel, LAYERS, *operands) for name, operands in cases.items()}
+    if cpu_ffi.selected() is not None and cpu_ffi.has_bf16_values(cpu_ffi.selected()):
+        f32_values = functools.partial(
+            prompt_attention_cpu, block_table=jnp.asarray(table[None]), scale=HEAD_DIM**-0.5, keys_in_order=True, bf16_values=False
+        )
+        for turn in ("turn 1", "turn 10"):
+            runs[f"{turn}, 128 chunk, f32 values"] = looped(f32_values, LAYERS, *cases[f"{turn}, 128 chunk"])
     samples = {name: [] for name in runs}
     for fn, operands in runs.values():
         jax.block_until_ready(fn(*operands))
@@ -73,10 +81,10 @@ def main() -> None:
             samples[name].append(time.perf_counter() - started)
     ms = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
     for name, value in ms.items():
-        print(f"{name:20} {value:7.2f} ms per {LAYERS} layers")
-    for length in ("128", "8"):
-        growth = ms[f"turn 10, {length} chunk"] - ms[f"turn 1, {length} chunk"]
-        print(f"growth, {length} chunk: {growth:.2f} ms")
+        print(f"{name:32} {value:7.2f} ms per {LAYERS} layers")
+    for chunk in ("128 chunk", "8 chunk", "128 chunk, f32 values"):
+        if f"turn 10, {chunk}" in ms:
+            print(f"growth, {chunk}: {ms[f'turn 10, {chunk}'] - ms[f'turn 1, {chunk}']:.2f} ms")
 
 
 if __name__ == "__main__":

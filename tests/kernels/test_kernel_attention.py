@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rz_kernels import attention_kv, attention_pallas
+from rz_kernels import attention_kv, attention_pallas, cpu_ffi
 from rz_kernels.attention_kv import CACHE_TYPES
 from support.kernels import nmse
 from rz_kernels.causal_attention import (
@@ -18,6 +18,7 @@ from rz_kernels.causal_attention import (
     attention_xla_chunked,
     decode_attention_cpu,
     prompt_attention_cpu,
+    takes_bf16_values,
 )
 
 # Pallas kernels run compiled on a GPU and in interpret mode elsewhere (CI's CPUs).
@@ -207,12 +208,25 @@ def test_cpu_decode_kernel_gives_each_step_the_bits_of_a_one_step_call_and_paddi
     np.testing.assert_allclose(out, attention_ref(q, k, v, jnp.asarray(positions), k_positions, scale=0.125), atol=1e-5)
 
 
+def prompt_bound(bf16_values: bool) -> float:
+    """The prompt kernel's NMSE bound against the reference. f32 products repeat its sums up to
+    rounding. bf16 values round the softmax's weights and V to bf16 (each within 2**-9 relative):
+    NMSE 1e-6 to 1e-5 on these inputs, under llama.cpp's 5e-4 for attention."""
+    return 5e-5 if bf16_values else 1e-10
+
+
+def value_modes(variant) -> list[bool]:
+    """The prompt kernel's modes a variant runs on this CPU: f32 values, and bf16 ones where it has them."""
+    return [False, True] if cpu_ffi.has_bf16_values(variant) else [False]
+
+
 @pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
 def test_cpu_prompt_kernel(k_type, v_type, cpu_variant):
-    """The C++ prompt kernel against the reference: more query rows than a task's tile, softcap,
-    window, shuffled (ring) slots and slots in order, a cache with rows past the batch, grouped heads
-    with a partial last register tile (3 query heads per KV head), and head dims that take a
-    partial value pass (80, 48) or a wide one (256)."""
+    """The C++ prompt kernel against the reference, with f32 values and (where the CPU has them)
+    bf16 ones: more query rows than a task's tile, softcap, window, shuffled (ring) slots and slots
+    in order, a cache with rows past the batch, grouped heads with a partial last register tile (3
+    query heads per KV head), and head dims that take a partial value pass (80, 48) or a wide one
+    (256). A block of an odd number of slots leaves bf16 values a half-empty last pair."""
     quantized = "q8_0" in (k_type, v_type)
     cases = [  # batch, query heads, KV heads, queries, slots, head dim, window, softcap
         (2, 6, 2, 70, 150, 64, 0, 0.0),
@@ -225,11 +239,27 @@ def test_cpu_prompt_kernel(k_type, v_type, cpu_variant):
         inputs = stored(make_inputs(8, *shape), k_type, v_type)
         opts = options(shape[5], window, softcap)
         expected = attention_ref(*inputs, **opts)
-        assert nmse(prompt_attention_cpu(*inputs, **opts, variant=cpu_variant), expected) < 1e-10
-        # A cache holding a row past the batch: sequence b still reads row b.
-        extra = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:1]], axis=0), (inputs[1], inputs[2], inputs[4]))
-        got = prompt_attention_cpu(inputs[0], extra[0], extra[1], inputs[3], extra[2], **opts, variant=cpu_variant)
-        assert nmse(got, expected) < 1e-10
+        for bf16 in value_modes(cpu_variant):
+            got = prompt_attention_cpu(*inputs, **opts, bf16_values=bf16, variant=cpu_variant)
+            assert nmse(got, expected) < prompt_bound(bf16), (case, bf16)
+            # A cache holding a row past the batch: sequence b still reads row b.
+            extra = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:1]], axis=0), (inputs[1], inputs[2], inputs[4]))
+            past = prompt_attention_cpu(inputs[0], extra[0], extra[1], inputs[3], extra[2], **opts, bf16_values=bf16, variant=cpu_variant)
+            np.testing.assert_array_equal(past, got)
+
+
+def test_cpu_prompt_kernel_takes_bf16_values_for_a_16_bit_v_where_the_cpu_has_them(cpu_variant):
+    """The default: bf16 values for an f16 or bf16 V on a CPU with AVX-512 BF16; f32 ones for an f32
+    V (exact analysis), q8_0, and every CPU without them. Asking for them where the CPU lacks them
+    is an error that says so."""
+    has = cpu_ffi.has_bf16_values(cpu_variant)
+    for cache_type in CACHE_TYPES:
+        v = attention_kv.store(jnp.zeros((1, 1, 32, 32), jnp.float32), cache_type)
+        assert takes_bf16_values(v, cpu_variant) == (has and cache_type in ("f16", "bf16")), cache_type
+    if not has:
+        inputs = stored(make_inputs(8, 1, 2, 1, 20, 40, 32), "f16", "f16")
+        with pytest.raises(Exception, match="bf16 values need AVX-512 BF16"):
+            jax.block_until_ready(prompt_attention_cpu(*inputs, scale=0.125, bf16_values=True, variant=cpu_variant))
 
 
 def test_cpu_prompt_kernel_gives_each_query_the_same_bits_in_any_chunk(cpu_variant):
@@ -242,14 +272,16 @@ def test_cpu_prompt_kernel_gives_each_query_the_same_bits_in_any_chunk(cpu_varia
     positions = np.arange(n, dtype=np.int32)[None]
     k_positions = jnp.asarray(np.where(np.arange(128) < n, np.arange(128), -1).astype(np.int32)[None])
 
-    def run(first, last):
-        return prompt_attention_cpu(
-            q[:, :, first:last], k, v, jnp.asarray(positions[:, first:last]), k_positions,
-            scale=0.125, keys_in_order=True, variant=cpu_variant,
-        )
+    for bf16 in value_modes(cpu_variant):
 
-    whole = run(0, n)
-    np.testing.assert_array_equal(jnp.concatenate([run(0, 37), run(37, n)], axis=2), whole)
+        def run(first, last):
+            return prompt_attention_cpu(
+                q[:, :, first:last], k, v, jnp.asarray(positions[:, first:last]), k_positions,
+                scale=0.125, keys_in_order=True, bf16_values=bf16, variant=cpu_variant,
+            )
+
+        whole = run(0, n)
+        np.testing.assert_array_equal(jnp.concatenate([run(0, 37), run(37, n)], axis=2), whole)
 
 
 def test_cpu_prompt_kernel_passes_a_nan_on_to_the_rows_that_see_it(cpu_variant):
@@ -259,12 +291,13 @@ def test_cpu_prompt_kernel_passes_a_nan_on_to_the_rows_that_see_it(cpu_variant):
     keys = rng.standard_normal((1, 3, 200, 64)).astype(np.float32)
     keys[0, 0, 10, 5] = np.nan
     q = jnp.asarray(rng.standard_normal((1, 9, 64, 64)), jnp.float32)
-    k = attention_kv.store(jnp.asarray(keys), "f32")
-    v = attention_kv.store(jnp.asarray(rng.standard_normal((1, 3, 200, 64)), jnp.float32), "f32")
+    values = jnp.asarray(rng.standard_normal((1, 3, 200, 64)), jnp.float32)
     q_positions = jnp.asarray(np.arange(136, 200, dtype=np.int32)[None])
     k_positions = jnp.asarray(np.arange(200, dtype=np.int32)[None])
-    out = np.asarray(prompt_attention_cpu(q, k, v, q_positions, k_positions, scale=0.125, variant=cpu_variant))
-    assert np.isnan(out[0, :3]).all() and not np.isnan(out[0, 3:]).any()
+    for cache_type, bf16 in [("f32", False)] + [("f16", True)] * cpu_ffi.has_bf16_values(cpu_variant):
+        k, v = attention_kv.store(jnp.asarray(keys), cache_type), attention_kv.store(values, cache_type)
+        out = np.asarray(prompt_attention_cpu(q, k, v, q_positions, k_positions, scale=0.125, bf16_values=bf16, variant=cpu_variant))
+        assert np.isnan(out[0, :3]).all() and not np.isnan(out[0, 3:]).any(), cache_type
 
 
 @pytest.mark.parametrize("case, blocks", [(CASES[0], (16, 32)), (CASES[1], (32, 16)), (CASES[3], (16, 64))])
@@ -467,7 +500,8 @@ def test_cpu_prompt_kernel_reads_a_pool_in_place_as_its_slab(k_type, v_type, cpu
         opts = {**options(head_dim, window, softcap), "keys_in_order": in_order, "variant": cpu_variant}
         paged = paged_call(prompt_attention_cpu, inputs, **opts)
         np.testing.assert_array_equal(paged, prompt_attention_cpu(*as_slab(inputs), **opts), err_msg=str(case))
-        assert nmse(paged, paged_call(attention_ref, inputs, **options(head_dim, window, softcap))) < 1e-10
+        bound = prompt_bound(takes_bf16_values(inputs[2], cpu_variant))
+        assert nmse(paged, paged_call(attention_ref, inputs, **options(head_dim, window, softcap))) < bound
 
 
 def test_cpu_kernels_reject_a_table_entry_outside_the_pool(cpu_variant):

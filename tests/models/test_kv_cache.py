@@ -78,16 +78,22 @@ def assert_close(actual: np.ndarray, expected: np.ndarray, model) -> None:
     np.testing.assert_allclose(actual, expected, rtol=0, atol=RELATIVE_TOLERANCE * scale)
 
 
+# This file checks the cache's logic, so its caches are f32: an f16 one's prompt attention may
+# multiply its values in bf16 where a decode step does not (rz_kernels.causal_attention.
+# takes_bf16_values), which moved a tiny MoE's expert choices. tests/kernels checks each type.
+CACHE_TYPES = kv_cache.CacheTypes("f32", "f32")
+
+
 def paged(model, n_rows: int) -> kv_cache.KVCache:
     """An empty cache of small blocks for n_rows rows, with identity tables."""
-    return model.init_cache(n_rows, MAX_SEQ_LEN, block_size=BLOCK_SIZE, max_write=MAX_WRITE)
+    return model.init_cache(n_rows, MAX_SEQ_LEN, CACHE_TYPES, block_size=BLOCK_SIZE, max_write=MAX_WRITE)
 
 
 def full_pass(model, step, tokens: list[int]) -> np.ndarray:
     """Logits of tokens in one forward step from an empty cache whose rings hold the whole context
     (padded to one shape, one compile)."""
     pad = MAX_SEQ_LEN - len(tokens)
-    logits, _ = step(model.init_cache(1, MAX_SEQ_LEN), [tokens + [0] * pad], [list(range(len(tokens))) + [-1] * pad])
+    logits, _ = step(model.init_cache(1, MAX_SEQ_LEN, CACHE_TYPES), [tokens + [0] * pad], [list(range(len(tokens))) + [-1] * pad])
     return logits[0, : len(tokens)]
 
 

@@ -47,20 +47,21 @@ def small_blocks_and_chunks(n_ctx: int) -> dict:
     return {"buckets": Buckets.for_context(n_ctx, largest=16), "block_size": 8}
 
 
-def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None, draft_model=None) -> Engine:
+def drafting_engine(llm, n_slots: int, self_draft_layers: int | None = None, draft_model=None, **options) -> Engine:
+    """options: more Engine arguments (cache_types)."""
     engine = Engine(
         llm.model, llm.tokenizer, llm.n_ctx, n_slots, self_draft_layers=self_draft_layers, draft_model=draft_model,
-        **small_blocks_and_chunks(llm.n_ctx),
+        **small_blocks_and_chunks(llm.n_ctx), **options,
     )
     engine.costs = DraftingAlwaysPays()
     return engine
 
 
-def plain_engine(llm, n_slots: int) -> Engine:
+def plain_engine(llm, n_slots: int, **options) -> Engine:
     """A plainly decoding engine of drafting_engine's cache layout: the plain runs that speculative
     ones are compared with share their prefill and decode executables (each cache shape compiles its
-    own), and differ from them in speculation only."""
-    return Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, **small_blocks_and_chunks(llm.n_ctx))
+    own), and differ from them in speculation only. options: as drafting_engine's."""
+    return Engine(llm.model, llm.tokenizer, llm.n_ctx, n_slots, **small_blocks_and_chunks(llm.n_ctx), **options)
 
 
 def run(engine: Engine, prompts, options) -> list[Generation]:
