@@ -144,8 +144,9 @@ class Engine:
             self.self_draft = self_draft_model(model, choose_self_draft_layers(model.cfg.n_layer, self_draft_layers))
             self.costs.assumed_draft_token["self"] = self.self_draft.cfg.n_layer / model.cfg.n_layer
         # The `draft` proposer's model (a second GGUF of the same vocabulary), drafting in a cache of
-        # its own (of the target's cache types), and which tokens each of that cache's rows holds from position 0 on: before it
-        # drafts, a row is fed what it lacks of its stream's text (rollback is these positions).
+        # its own (of the target's cache types), and which tokens each of that cache's rows holds
+        # from position 0 on: before it drafts, a row is fed what it lacks of its stream's text
+        # (rollback is these positions).
         self.draft_model = draft_model
         if draft_model is not None:
             self._draft_max_write = max(DRAFT_FEED_WIDTHS[-1], *VERIFY_WIDTHS)

@@ -28,8 +28,9 @@ softcap > 0. A query that sees no key (padding) gets zeros.
 
 Implementations: `attention_ref` (materialized scores, the reference twin); `attention_cpu`
 (decode steps by the C++ kernel `decode_attention_cpu`, which streams K/V once; prompts by the C++
-flash attention `prompt_attention_cpu`; without the kernels, the reference's math in query
-chunks, so memory stays bounded); the Pallas kernels in
+flash attention `prompt_attention_cpu`, whose weights-times-values product is in bf16 for an f16
+or bf16 V on a CPU with AVX-512 BF16 (takes_bf16_values); without the kernels, the reference's
+math in query chunks, so memory stays bounded); the Pallas kernels in
 attention_pallas (flash attention for prefill, split-sequence decode attention). `attention`
 picks one per backend and T.
 """

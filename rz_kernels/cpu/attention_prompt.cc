@@ -13,7 +13,9 @@
 // a task is one (sequence, KV head, tile of the group's query rows): it walks the blocks, scores a
 // few rows at a time against a block as a register-tiled matrix product, and folds the scores into
 // each row's online softmax and unnormalized output (again a register-tiled product). A block no
-// row of a group sees is skipped, so causal chunks do half the work of a square.
+// row of a group sees is skipped, so causal chunks do half the work of a square. With bf16 values
+// (on a CPU with AVX-512 BF16, for an f16 or bf16 V) phase one stores V as bf16 pairs instead and the
+// output's product multiplies bf16 numerators by them; the scores are f32 either way.
 //
 // A row's result does not depend on the other rows of the call: its scores are sums over the head
 // dim in order, and its softmax walks the same blocks of slots, so a query gets the same bits
