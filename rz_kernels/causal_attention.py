@@ -28,9 +28,10 @@ softcap > 0. A query that sees no key (padding) gets zeros.
 
 Implementations: `attention_ref` (materialized scores, the reference twin); `attention_cpu`
 (decode steps by the C++ kernel `decode_attention_cpu`, which streams K/V once; prompts by the C++
-flash attention `prompt_attention_cpu`, whose weights-times-values product is in bf16 for an f16
-or bf16 V on a CPU with AVX-512 BF16 (takes_bf16_values); without the kernels, the reference's
-math in query chunks, so memory stays bounded); the Pallas kernels in
+flash attention `prompt_attention_cpu`, whose queries-times-keys product is in int16 for an f16 or
+bf16 K in an AVX-512 VNNI build (takes_int16_scores) and whose weights-times-values product is in
+bf16 for an f16 or bf16 V on a CPU with AVX-512 BF16 (takes_bf16_values); without the kernels,
+the reference's math in query chunks, so memory stays bounded); the Pallas kernels in
 attention_pallas (flash attention for prefill, split-sequence decode attention). `attention`
 picks one per backend and T.
 """
@@ -145,18 +146,23 @@ def prompt_attention_cpu(
     softcap: float = 0.0,
     keys_in_order: bool = False,
     bf16_values: bool | None = None,
+    int16_scores: bool | None = None,
     variant: cpu_ffi.Variant | None = None,
 ):
     """The C++ prompt kernel (rz_kernels/cpu/attention_prompt.cc): a flash attention over K/V as
     stored, tiles of query rows across threads, each query's result independent of the others in
     the call. Shapes and keys_in_order as decode_attention_cpu; head dims multiples of 16.
-    bf16_values: weights times values in bf16 products (default: where takes_bf16_values says)."""
+    bf16_values: weights times values in bf16 products (default: where takes_bf16_values says).
+    int16_scores: queries times keys in int16 products (default: where takes_int16_scores says)."""
     variant = cpu_ffi.active(variant)
     if bf16_values is None:
         bf16_values = takes_bf16_values(v, variant)
+    if int16_scores is None:
+        int16_scores = takes_int16_scores(k, variant)
     return _ffi_attention(
         cpu_ffi.prompt_attention_target(variant), q, k, v, q_positions, k_positions, block_table,
         window=window, scale=scale, softcap=softcap, keys_in_order=keys_in_order, bf16_values=bool(bf16_values),
+        int16_scores=bool(int16_scores),
     )
 
 
@@ -166,8 +172,21 @@ def takes_bf16_values(v, variant: cpu_ffi.Variant | None = None) -> bool:
     does twice the multiply-adds of an f32 FMA. The weights and an f16 V lose their lowest bits
     (llama.cpp's own P.V keeps its output in f16); the sums stay f32, and so do the scores. An f32
     cache stays exact; q8_0 keeps f32 products."""
-    sixteen_bit = not isinstance(v, Q8_0Rows) and v.dtype in (jnp.float16, jnp.bfloat16)
-    return sixteen_bit and cpu_ffi.has_bf16_values(cpu_ffi.active(variant))
+    return _sixteen_bit_float(v) and cpu_ffi.has_bf16_values(cpu_ffi.active(variant))
+
+
+def takes_int16_scores(k, variant: cpu_ffi.Variant | None = None) -> bool:
+    """Whether the prompt kernel multiplies queries by keys in int16 products by default: where K is
+    stored as a 16-bit float (f16 or bf16) and the build has AVX-512 VNNI, whose vpdpwssd does twice
+    the multiply-adds of an f32 FMA. Each query row and key slot is scaled to integers as fine as
+    its head dim allows (steps of 1/5,792 of its largest element for a 64-wide head), about as
+    precise as llama.cpp's f16 queries. An f32 cache stays exact; q8_0 keeps f32 products."""
+    return _sixteen_bit_float(k) and cpu_ffi.has_int16_scores(cpu_ffi.active(variant))
+
+
+def _sixteen_bit_float(stored) -> bool:
+    """Whether a stored K or V is f16 or bf16 (the types the prompt kernel's 16-bit products take)."""
+    return not isinstance(stored, Q8_0Rows) and stored.dtype in (jnp.float16, jnp.bfloat16)
 
 
 def _ffi_attention(target: str, q, k, v, q_positions, k_positions, block_table, *, window, scale, softcap, keys_in_order, **more):
@@ -364,6 +383,8 @@ def describe_paths(backend: str | None = None) -> list[dict]:
     for row in rows:
         if row["path"].startswith("cpu_ffi"):
             row["note"] = f"variant {cpu_ffi.selected().name}"
+        if row["path"] == "cpu_ffi_prompt" and cpu_ffi.has_int16_scores(cpu_ffi.selected()):
+            row["note"] += "; an f16 or bf16 K in int16 products (AVX-512 VNNI)"
         if row["path"] == "cpu_ffi_prompt" and cpu_ffi.has_bf16_values(cpu_ffi.selected()):
             row["note"] += "; an f16 or bf16 V in bf16 products (AVX-512 BF16)"
     return rows

@@ -110,6 +110,12 @@ def has_bf16_values(variant: Variant) -> bool:
     return "avx512f" in variant.cpu_features and "avx512_bf16" in cpu_features()
 
 
+def has_int16_scores(variant: Variant) -> bool:
+    """Whether the variant's prompt attention can multiply queries by keys in int16 pairs: an AVX-512
+    VNNI build (every CPU that runs it has the instruction)."""
+    return "avx512_vnni" in variant.cpu_features
+
+
 def built(variant: Variant) -> bool:
     return variant.library.exists()
 

@@ -9,8 +9,9 @@ padding (position -1): 6 real tokens at turn 1, 4 at turn 10. Turn 1 attends ove
 them; turn 10 over the ~1,185 positions of the turns before. The difference is
 what grows from turn to turn: the rest of a turn (the matmuls, the sampling) does not depend
 on the history. Each case is 30 calls (SmolLM2's layers) in one jitted loop, median of `rounds`,
-cases interleaved. Prints milliseconds per 30 calls and the growth. On a CPU whose prompt kernel
-takes bf16 values (AVX-512 BF16), the 128-token chunks also run with f32 values, for comparison.
+cases interleaved. Prints milliseconds per 30 calls and the growth. Where the prompt kernel takes
+int16 scores (AVX-512 VNNI) or bf16 values (AVX-512 BF16), the 128-token chunks also run with f32
+products in their place, for comparison.
 """
 
 import argparse
@@ -65,12 +66,21 @@ def main() -> None:
     kernel = functools.partial(attention, block_table=jnp.asarray(table[None]), scale=HEAD_DIM**-0.5, keys_in_order=True)
     cases = {name: pool_case(rng, table, *case) for name, case in CASES.items()}
     runs = {name: looped(kernel, LAYERS, *operands) for name, operands in cases.items()}
-    if cpu_ffi.selected() is not None and cpu_ffi.has_bf16_values(cpu_ffi.selected()):
-        f32_values = functools.partial(
-            prompt_attention_cpu, block_table=jnp.asarray(table[None]), scale=HEAD_DIM**-0.5, keys_in_order=True, bf16_values=False
+    variant = cpu_ffi.selected()
+    f32_modes = {
+        "f32 scores": {"int16_scores": False} if variant is not None and cpu_ffi.has_int16_scores(variant) else None,
+        "f32 values": {"bf16_values": False} if variant is not None and cpu_ffi.has_bf16_values(variant) else None,
+    }
+    if all(f32_modes.values()):
+        f32_modes["f32 products"] = {"int16_scores": False, "bf16_values": False}
+    for name, mode in f32_modes.items():
+        if mode is None:
+            continue
+        f32_kernel = functools.partial(
+            prompt_attention_cpu, block_table=jnp.asarray(table[None]), scale=HEAD_DIM**-0.5, keys_in_order=True, **mode
         )
         for turn in ("turn 1", "turn 10"):
-            runs[f"{turn}, 128 chunk, f32 values"] = looped(f32_values, LAYERS, *cases[f"{turn}, 128 chunk"])
+            runs[f"{turn}, 128 chunk, {name}"] = looped(f32_kernel, LAYERS, *cases[f"{turn}, 128 chunk"])
     samples = {name: [] for name in runs}
     for fn, operands in runs.values():
         jax.block_until_ready(fn(*operands))
@@ -81,8 +91,8 @@ def main() -> None:
             samples[name].append(time.perf_counter() - started)
     ms = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
     for name, value in ms.items():
-        print(f"{name:32} {value:7.2f} ms per {LAYERS} layers")
-    for chunk in ("128 chunk", "8 chunk", "128 chunk, f32 values"):
+        print(f"{name:34} {value:7.2f} ms per {LAYERS} layers")
+    for chunk in ("128 chunk", "8 chunk", *(f"128 chunk, {name}" for name in f32_modes)):
         if f"turn 10, {chunk}" in ms:
             print(f"growth, {chunk}: {ms[f'turn 10, {chunk}'] - ms[f'turn 1, {chunk}']:.2f} ms")
 

@@ -15,7 +15,9 @@
 // each row's online softmax and unnormalized output (again a register-tiled product). A block no
 // row of a group sees is skipped, so causal chunks do half the work of a square. With bf16 values
 // (on a CPU with AVX-512 BF16, for an f16 or bf16 V) phase one stores V as bf16 pairs instead and the
-// output's product multiplies bf16 numerators by them; the scores are f32 either way.
+// output's product multiplies bf16 numerators by them. With int16 scores (in an AVX-512 VNNI build,
+// for an f16 or bf16 K) phase one stores K as int16 pairs with a scale per slot, each task
+// quantizes its query rows alike, and a score is an exact int32 sum of products times both scales.
 //
 // A row's result does not depend on the other rows of the call: its scores are sums over the head
 // dim in order, and its softmax walks the same blocks of slots, so a query gets the same bits
@@ -264,10 +266,52 @@ inline float* cache_line_aligned(float* p) {
   return p + ((64 - address % 64) % 64) / sizeof(float);
 }
 
+#if defined(__AVX512VNNI__)
+// int16 scores: vpdpwssd multiplies pairs of int16s and adds both products to an int32 lane, twice
+// the multiply-adds of an f32 FMA per instruction, exactly. Each query row and each key slot is
+// scaled to integers of at most int16_limit(D) in magnitude, so that a row's D products cannot
+// overflow the int32 sum; the score is that exact sum times the two scales. Each element is within
+// half a step of its value, a step being 1/5,792 of its row's largest element for a 64-wide head:
+// errors the size of llama.cpp's own f16 queries (2^-11 of each element), where bf16 (2^-9 of each)
+// moved Gemma 3 measurably further from the float64 reference (chat-attention-session34.md and
+// chat-attention-session35.md in benchmarks/results).
+inline float int16_limit(int64_t D) { return static_cast<float>(std::floor(std::sqrt(2147483647.0 / static_cast<double>(D)))); }
+
+// x[0, D) as D / 2 words of int16 pairs (word i holds elements 2i and 2i + 1, rounded to the
+// nearest), word i written at words[i * stride]; returns the scale that multiplies them back. A row
+// with a NaN or an inf gets zeros and a NaN scale, so that every score it takes part in is NaN.
+inline float int16_pairs(const float* x, int64_t D, float limit, int32_t* words, int64_t stride) {
+  __m512 peak = _mm512_setzero_ps();
+  __mmask16 finite = 0xffff;
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 magnitude = _mm512_abs_ps(_mm512_loadu_ps(x + d));
+    finite &= _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(INFINITY), _CMP_LT_OQ);
+    peak = _mm512_max_ps(peak, magnitude);
+  }
+  const float largest = _mm512_reduce_max_ps(peak);
+  const bool usable = finite == 0xffff;
+  const __m512 inverse = _mm512_set1_ps(usable && largest > 0 ? limit / largest : 0.0f);
+  for (int64_t d = 0; d < D; d += 16) {
+    // Sixteen elements as int16s in order are eight pair words.
+    const __m256i pairs = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + d), inverse)));
+    if (stride == 1) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(words + d / 2), pairs);
+    } else {
+      alignas(32) int32_t eight[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(eight), pairs);
+      for (int i = 0; i < 8; ++i) words[(d / 2 + i) * stride] = eight[i];
+    }
+  }
+  return usable ? (largest > 0 ? largest / limit : 0.0f) : NAN;
+}
+#endif
+
 struct Problem : rz_cpu::Operands {
   int64_t n_blocks;  // ceil(S_used / kBlock)
   bool bf16_values;  // weights times values in bf16 products (value_pairs_bf16), not f32 FMAs
-  // Phase one's output, per (sequence, KV head): K as [block][D][kBlock], V as [block * kBlock][Dv]
+  bool int16_scores;  // queries times keys as int16 pairs (int16_pairs), not f32 FMAs
+  // Phase one's output, per (sequence, KV head): K as [block][D][kBlock] (or, with int16 scores, as
+  // key_scales_offset says), V as [block * kBlock][Dv]
   // (or, with bf16 values, [block * kBlock / 2][Dv] words of bf16 pairs), slots past S_used zero;
   // per sequence, each slot's position [n_blocks * kBlock] (-1 past S_used).
   float* keys;
@@ -275,6 +319,9 @@ struct Problem : rz_cpu::Operands {
   int32_t* positions;
   int64_t value_block_floats() const { return bf16_values ? kBlock * Dv / 2 : kBlock * Dv; }
   const float* head_keys(int64_t head) const { return keys + head * n_blocks * kBlock * D; }
+  // With int16 scores a block of K is [D / 2][kBlock] words of int16 pairs, then each slot's scale
+  // [kBlock], within the f32 block's room.
+  static int64_t key_scales_offset(int64_t D) { return kBlock * D / 2; }
   const float* head_values(int64_t head) const { return values + head * n_blocks * value_block_floats(); }
 };
 
@@ -304,10 +351,16 @@ void convert_block(const Problem& p, int64_t head, int64_t block, float* row) {
       const int64_t j = run + i;
       if (i < in_run) {
         row_f32<KT>(keys, i, p.D, row);
-        for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = row[d];
       } else {
-        for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = 0.0f;
+        std::fill(row, row + p.D, 0.0f);
       }
+#if defined(__AVX512VNNI__)
+      if (p.int16_scores) {
+        kt[Problem::key_scales_offset(p.D) + j] = int16_pairs(row, p.D, int16_limit(p.D), reinterpret_cast<int32_t*>(kt) + j, kBlock);
+        continue;
+      }
+#endif
+      for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = row[d];
     }
     // V's rows as f32 (with bf16 values, two at a time into `row`, then their pair words).
     for (int64_t i = 0; i < rz_cpu::kRun; i += p.bf16_values ? 2 : 1) {
@@ -403,6 +456,40 @@ void score_block(const Problem& p, const float* const* q_rows, const float* kt, 
       for (int u = 0; u < kTileVecs; ++u) store(st.weights + (r + i) * kBlock + key + u * kLanes, acc[i][u] * splat(p.scale));
   }
 }
+
+#if defined(__AVX512VNNI__)
+// score_block with int16 scores: q_words [rows][D / 2] and q_scales [rows] (the call's scale
+// folded in) the rows' int16 pairs, kt a block of K's (Problem::key_scales_offset). Exact int32
+// sums, so a row's scores do not depend on its tile either.
+void score_block_int16(const Problem& p, const int32_t* q_words, const float* q_scales, const float* kt, int64_t r, int n,
+                       RowState& st) {
+  const int64_t pairs = p.D / 2;
+  const int32_t* q[kRows];
+  for (int i = 0; i < kRows; ++i) q[i] = q_words + (r + std::min(i, n - 1)) * pairs;
+  const int32_t* kw = reinterpret_cast<const int32_t*>(kt);
+  const float* k_scales = kt + Problem::key_scales_offset(p.D);
+  for (int key = 0; key < kBlock; key += kTileLanes) {
+    __m512i acc[kRows][kTileVecs];
+    for (int i = 0; i < kRows; ++i)
+      for (int u = 0; u < kTileVecs; ++u) acc[i][u] = _mm512_setzero_si512();
+    for (int64_t d = 0; d < pairs; ++d) {
+      __m512i k[kTileVecs];
+      for (int u = 0; u < kTileVecs; ++u) k[u] = _mm512_loadu_si512(kw + d * kBlock + key + u * kLanes);
+      for (int i = 0; i < kRows; ++i) {
+        const __m512i qd = _mm512_set1_epi32(q[i][d]);
+        for (int u = 0; u < kTileVecs; ++u) acc[i][u] = _mm512_dpwssd_epi32(acc[i][u], qd, k[u]);
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      const __m512 row_scale = _mm512_set1_ps(q_scales[r + i]);
+      for (int u = 0; u < kTileVecs; ++u) {
+        const __m512 scores = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][u]), row_scale), _mm512_loadu_ps(k_scales + key + u * kLanes));
+        _mm512_storeu_ps(st.weights + (r + i) * kBlock + key + u * kLanes, scores);
+      }
+    }
+  }
+}
+#endif
 
 // Rows [r, r + n)'s block scores (st.weights) capped, masked and folded into their online softmax:
 // st.weights becomes the block's softmax numerators, st.correction what the earlier blocks' sums
@@ -528,6 +615,8 @@ struct TaskState {
   RowState rows;
   std::vector<const float*> q_rows;
   std::vector<uint32_t> weight_words;  // bf16 values' numerators
+  std::vector<int32_t> q_words;  // int16 scores' query rows, [rows][D / 2]
+  std::vector<float> q_scales;  // [rows], times the call's scale
 };
 
 // Found through a call the compiler cannot repeat: in a shared library each use of a thread_local
@@ -552,6 +641,14 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   q_rows.resize(rows);
   for (int64_t r = 0; r < rows; ++r) q_rows[r] = p.q + rz_cpu::query_row(p, b, kv, r0 + r) * p.D;
   if constexpr (kBf16) task.weight_words.resize(rows * kBlock / 2);
+#if defined(__AVX512VNNI__)
+  if (p.int16_scores) {
+    task.q_words.resize(rows * p.D / 2);
+    task.q_scales.resize(rows);
+    const float limit = int16_limit(p.D);
+    for (int64_t r = 0; r < rows; ++r) task.q_scales[r] = int16_pairs(q_rows[r], p.D, limit, task.q_words.data() + r * p.D / 2, 1) * p.scale;
+  }
+#endif
   const float* keys = p.head_keys(head);
   const float* values = p.head_values(head);
   for (int64_t block = 0; block < p.n_blocks; ++block) {
@@ -565,7 +662,15 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
       bool any = false;
       for (int i = 0; i < n; ++i) any |= st.masks[r + i] != 0;
       if (!any) continue;
+#if defined(__AVX512VNNI__)
+      if (p.int16_scores) {
+        score_block_int16(p, task.q_words.data(), task.q_scales.data(), kt, r, n, st);
+      } else {
+        score_block(p, q_rows.data(), kt, r, n, st);
+      }
+#else
       score_block(p, q_rows.data(), kt, r, n, st);
+#endif
       softmax_rows<kBf16>(p, r, n, st);
       if constexpr (kBf16) {
 #if defined(__AVX512F__)
@@ -600,11 +705,20 @@ bool bf16_values_available() {
 #endif
 }
 
+// Whether this build can take int16 scores (every CPU that runs an AVX-512 VNNI build can).
+constexpr bool int16_scores_available() {
+#if defined(__AVX512VNNI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer k_scales,
                                ffi::AnyBuffer v, ffi::AnyBuffer v_scales, ffi::Buffer<ffi::S32> q_positions,
                                ffi::Buffer<ffi::S32> k_positions, ffi::Buffer<ffi::S32> block_table,
                                ffi::ResultBuffer<ffi::F32> o, int32_t window, float scale, float softcap, bool keys_in_order,
-                               bool bf16_values) {
+                               bool bf16_values, bool int16_scores) {
   Problem p{};
   if (ffi::Error error = rz_cpu::read_operands("rz_prompt_attention", 16, q, k, k_scales, v, v_scales, q_positions, k_positions, block_table,
                                                 window, scale, softcap, keys_in_order, p);
@@ -614,9 +728,13 @@ ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
   if (bf16_values && !bf16_values_available()) {
     return ffi::Error::InvalidArgument("rz_prompt_attention: bf16 values need AVX-512 BF16, which this CPU or build lacks");
   }
+  if (int16_scores && !int16_scores_available()) {
+    return ffi::Error::InvalidArgument("rz_prompt_attention: int16 scores need an AVX-512 VNNI build");
+  }
   if (p.B == 0 || p.Hq == 0 || p.T == 0) return ffi::Error::Success();
   p.n_blocks = (p.S_used + kBlock - 1) / kBlock;
   p.bf16_values = bf16_values;
+  p.int16_scores = int16_scores;
   const int64_t heads = p.B * p.Hkv;
   thread_local std::vector<float> converted;
   thread_local std::vector<int32_t> positions;
@@ -665,4 +783,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RzPromptAttention, PromptAttentionImpl,
                                   .Attr<float>("scale")
                                   .Attr<float>("softcap")
                                   .Attr<bool>("keys_in_order")
-                                  .Attr<bool>("bf16_values"));
+                                  .Attr<bool>("bf16_values")
+                                  .Attr<bool>("int16_scores"));

@@ -19,6 +19,7 @@ from rz_kernels.causal_attention import (
     decode_attention_cpu,
     prompt_attention_cpu,
     takes_bf16_values,
+    takes_int16_scores,
 )
 
 # Pallas kernels run compiled on a GPU and in interpret mode elsewhere (CI's CPUs).
@@ -208,26 +209,42 @@ def test_cpu_decode_kernel_gives_each_step_the_bits_of_a_one_step_call_and_paddi
     np.testing.assert_allclose(out, attention_ref(q, k, v, jnp.asarray(positions), k_positions, scale=0.125), atol=1e-5)
 
 
-def prompt_bound(bf16_values: bool) -> float:
+def prompt_bound(bf16_values: bool, int16_scores: bool = False) -> float:
     """The prompt kernel's NMSE bound against the reference. f32 products repeat its sums up to
-    rounding. bf16 values round the softmax's weights and V to bf16 (each within 2**-9 relative),
-    whose errors stay an order of magnitude under llama.cpp's 5e-4 for attention
-    (benchmarks/results/chat-attention-session34.md)."""
-    return 5e-5 if bf16_values else 1e-10
+    rounding. int16 scores quantize each query row and key slot in steps of 1/5,792 of its
+    largest element for a 64-wide head (1/2,896 for 256). bf16 values round the softmax's weights and V to bf16 (each within
+    2**-9 relative). Both stay an order of magnitude under llama.cpp's 5e-4 for attention
+    (benchmarks/results/chat-attention-session35.md)."""
+    return 5e-5 if bf16_values else 1e-6 if int16_scores else 1e-10
 
 
-def value_modes(variant) -> list[bool]:
-    """The prompt kernel's modes a variant runs on this CPU: f32 values, and bf16 ones where it has them."""
-    return [False, True] if cpu_ffi.has_bf16_values(variant) else [False]
+def default_prompt_bound(k, v) -> float | None:
+    """The prompt kernel's NMSE bound where its defaults take 16-bit products for this K and V
+    (on this CPU, with its kernels), or None where every product is f32."""
+    variant = cpu_ffi.selected()
+    if variant is None or not (takes_bf16_values(v, variant) or takes_int16_scores(k, variant)):
+        return None
+    return prompt_bound(takes_bf16_values(v, variant), takes_int16_scores(k, variant))
+
+
+def prompt_modes(variant) -> list[dict]:
+    """The prompt kernel's product modes a variant runs on this CPU: f32 products; int16 scores
+    where the build has AVX-512 VNNI; bf16 values where the CPU has AVX-512 BF16; both."""
+    return [
+        {"bf16_values": bf16, "int16_scores": int16}
+        for bf16 in [False, True][: 1 + cpu_ffi.has_bf16_values(variant)]
+        for int16 in [False, True][: 1 + cpu_ffi.has_int16_scores(variant)]
+    ]
 
 
 @pytest.mark.parametrize("k_type, v_type", TYPE_PAIRS)
 def test_cpu_prompt_kernel(k_type, v_type, cpu_variant):
-    """The C++ prompt kernel against the reference, with f32 values and (where the CPU has them)
-    bf16 ones: more query rows than a task's tile, softcap, window, shuffled (ring) slots and slots
+    """The C++ prompt kernel against the reference, in each of its product modes (prompt_modes):
+    more query rows than a task's tile, softcap, window, shuffled (ring) slots and slots
     in order, a cache with rows past the batch, grouped heads with a partial last register tile (3
     query heads per KV head), and head dims that take a partial value pass (80, 48) or a wide one
-    (256). A block of an odd number of slots leaves bf16 values a half-empty last pair."""
+    (256). A block of an odd number of slots leaves bf16 values a half-empty last pair. int16 scores
+    take every K type, quantized after its conversion to f32."""
     quantized = "q8_0" in (k_type, v_type)
     cases = [  # batch, query heads, KV heads, queries, slots, head dim, window, softcap
         (2, 6, 2, 70, 150, 64, 0, 0.0),
@@ -240,27 +257,32 @@ def test_cpu_prompt_kernel(k_type, v_type, cpu_variant):
         inputs = stored(make_inputs(8, *shape), k_type, v_type)
         opts = options(shape[5], window, softcap)
         expected = attention_ref(*inputs, **opts)
-        for bf16 in value_modes(cpu_variant):
-            got = prompt_attention_cpu(*inputs, **opts, bf16_values=bf16, variant=cpu_variant)
-            assert nmse(got, expected) < prompt_bound(bf16), (case, bf16)
+        for mode in prompt_modes(cpu_variant):
+            got = prompt_attention_cpu(*inputs, **opts, **mode, variant=cpu_variant)
+            assert nmse(got, expected) < prompt_bound(**mode), (case, mode)
             # A cache holding a row past the batch: sequence b still reads row b.
             extra = jax.tree.map(lambda leaf: jnp.concatenate([leaf, leaf[:1]], axis=0), (inputs[1], inputs[2], inputs[4]))
-            past = prompt_attention_cpu(inputs[0], extra[0], extra[1], inputs[3], extra[2], **opts, bf16_values=bf16, variant=cpu_variant)
+            past = prompt_attention_cpu(inputs[0], extra[0], extra[1], inputs[3], extra[2], **opts, **mode, variant=cpu_variant)
             np.testing.assert_array_equal(past, got)
 
 
-def test_cpu_prompt_kernel_takes_bf16_values_for_a_16_bit_v_where_the_cpu_has_them(cpu_variant):
-    """The default: bf16 values for an f16 or bf16 V on a CPU with AVX-512 BF16; f32 ones for an f32
-    V (exact analysis), q8_0, and every CPU without them. Asking for them where the CPU lacks them
-    is an error that says so."""
-    has = cpu_ffi.has_bf16_values(cpu_variant)
+def test_cpu_prompt_kernel_takes_16_bit_products_for_a_16_bit_cache_where_the_cpu_has_them(cpu_variant):
+    """The defaults: bf16 values for an f16 or bf16 V on a CPU with AVX-512 BF16, int16 scores for
+    an f16 or bf16 K in an AVX-512 VNNI build; f32 products for an f32 cache (exact analysis),
+    q8_0, and every CPU or build without them. Asking for either where it is missing is an error
+    that says so."""
+    has_bf16, has_int16 = cpu_ffi.has_bf16_values(cpu_variant), cpu_ffi.has_int16_scores(cpu_variant)
     for cache_type in CACHE_TYPES:
-        v = attention_kv.store(jnp.zeros((1, 1, 32, 32), jnp.float32), cache_type)
-        assert takes_bf16_values(v, cpu_variant) == (has and cache_type in ("f16", "bf16")), cache_type
-    if not has:
-        inputs = stored(make_inputs(8, 1, 2, 1, 20, 40, 32), "f16", "f16")
+        stored_rows = attention_kv.store(jnp.zeros((1, 1, 32, 32), jnp.float32), cache_type)
+        assert takes_bf16_values(stored_rows, cpu_variant) == (has_bf16 and cache_type in ("f16", "bf16")), cache_type
+        assert takes_int16_scores(stored_rows, cpu_variant) == (has_int16 and cache_type in ("f16", "bf16")), cache_type
+    inputs = stored(make_inputs(8, 1, 2, 1, 20, 40, 32), "f16", "f16")
+    if not has_bf16:
         with pytest.raises(Exception, match="bf16 values need AVX-512 BF16"):
             jax.block_until_ready(prompt_attention_cpu(*inputs, scale=0.125, bf16_values=True, variant=cpu_variant))
+    if not has_int16:
+        with pytest.raises(Exception, match="int16 scores need an AVX-512 VNNI build"):
+            jax.block_until_ready(prompt_attention_cpu(*inputs, scale=0.125, int16_scores=True, variant=cpu_variant))
 
 
 def test_cpu_prompt_kernel_gives_each_query_the_same_bits_in_any_chunk(cpu_variant):
@@ -273,21 +295,43 @@ def test_cpu_prompt_kernel_gives_each_query_the_same_bits_in_any_chunk(cpu_varia
     positions = np.arange(n, dtype=np.int32)[None]
     k_positions = jnp.asarray(np.where(np.arange(128) < n, np.arange(128), -1).astype(np.int32)[None])
 
-    for bf16 in value_modes(cpu_variant):
+    for mode in prompt_modes(cpu_variant):
 
         def run(first, last):
             return prompt_attention_cpu(
                 q[:, :, first:last], k, v, jnp.asarray(positions[:, first:last]), k_positions,
-                scale=0.125, keys_in_order=True, bf16_values=bf16, variant=cpu_variant,
+                scale=0.125, keys_in_order=True, **mode, variant=cpu_variant,
             )
 
         whole = run(0, n)
         np.testing.assert_array_equal(jnp.concatenate([run(0, 37), run(37, n)], axis=2), whole)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_cpu_prompt_kernel_int16_scores_do_not_overflow_at_their_largest(head_dim, cpu_variant):
+    """Rows whose every element is their largest quantize to the integer limit everywhere, so
+    each score is the largest sum of products int16 scores can take: it must fit its int32 lane
+    (a wrapped sum would put the weight on the wrong slots)."""
+    if not cpu_ffi.has_int16_scores(cpu_variant):
+        pytest.skip(f"the {cpu_variant.name} build has no int16 scores")
+    rng = np.random.default_rng(6)
+    n = 48
+    q = jnp.full((1, 2, 8, head_dim), 1.5, jnp.float32)
+    signs = np.where(rng.random(n) < 0.5, -1.0, 1.0) * rng.uniform(0.05, 0.2, n)
+    k = attention_kv.store(jnp.asarray(np.broadcast_to(signs[None, None, :, None], (1, 1, n, head_dim)), jnp.float32), "f16")
+    v = attention_kv.store(jnp.asarray(rng.standard_normal((1, 1, n, head_dim)), jnp.float32), "f16")
+    q_positions = jnp.asarray(np.arange(n - 8, n, dtype=np.int32)[None])
+    k_positions = jnp.asarray(np.arange(n, dtype=np.int32)[None])
+    got = prompt_attention_cpu(
+        q, k, v, q_positions, k_positions, scale=head_dim**-0.5, keys_in_order=True, bf16_values=False, int16_scores=True, variant=cpu_variant
+    )
+    assert nmse(got, attention_ref(q, k, v, q_positions, k_positions, scale=head_dim**-0.5)) < prompt_bound(False, True)
+
+
 def test_cpu_prompt_kernel_passes_a_nan_on_to_the_rows_that_see_it(cpu_variant):
     """A NaN in one key makes the rows of its KV head NaN, as the reference does, and no other
-    head's: a softmax must not turn it into a weight of 0 and hide a broken model."""
+    head's: a softmax must not turn it into a weight of 0 and hide a broken model. In each product
+    mode: int16 scores must not round the NaN away either."""
     rng = np.random.default_rng(4)
     keys = rng.standard_normal((1, 3, 200, 64)).astype(np.float32)
     keys[0, 0, 10, 5] = np.nan
@@ -295,10 +339,10 @@ def test_cpu_prompt_kernel_passes_a_nan_on_to_the_rows_that_see_it(cpu_variant):
     values = jnp.asarray(rng.standard_normal((1, 3, 200, 64)), jnp.float32)
     q_positions = jnp.asarray(np.arange(136, 200, dtype=np.int32)[None])
     k_positions = jnp.asarray(np.arange(200, dtype=np.int32)[None])
-    for cache_type, bf16 in [("f32", False)] + [("f16", True)] * cpu_ffi.has_bf16_values(cpu_variant):
+    for cache_type, mode in [("f32", {})] + [("f16", mode) for mode in prompt_modes(cpu_variant)]:
         k, v = attention_kv.store(jnp.asarray(keys), cache_type), attention_kv.store(values, cache_type)
-        out = np.asarray(prompt_attention_cpu(q, k, v, q_positions, k_positions, scale=0.125, bf16_values=bf16, variant=cpu_variant))
-        assert np.isnan(out[0, :3]).all() and not np.isnan(out[0, 3:]).any(), cache_type
+        out = np.asarray(prompt_attention_cpu(q, k, v, q_positions, k_positions, scale=0.125, **mode, variant=cpu_variant))
+        assert np.isnan(out[0, :3]).all() and not np.isnan(out[0, 3:]).any(), (cache_type, mode)
 
 
 @pytest.mark.parametrize("case, blocks", [(CASES[0], (16, 32)), (CASES[1], (32, 16)), (CASES[3], (16, 64))])
@@ -501,7 +545,7 @@ def test_cpu_prompt_kernel_reads_a_pool_in_place_as_its_slab(k_type, v_type, cpu
         opts = {**options(head_dim, window, softcap), "keys_in_order": in_order, "variant": cpu_variant}
         paged = paged_call(prompt_attention_cpu, inputs, **opts)
         np.testing.assert_array_equal(paged, prompt_attention_cpu(*as_slab(inputs), **opts), err_msg=str(case))
-        bound = prompt_bound(takes_bf16_values(inputs[2], cpu_variant))
+        bound = prompt_bound(takes_bf16_values(inputs[2], cpu_variant), takes_int16_scores(inputs[1], cpu_variant))
         assert nmse(paged, paged_call(attention_ref, inputs, **options(head_dim, window, softcap))) < bound
 
 
@@ -521,8 +565,12 @@ def test_xla_paths_and_dispatch_read_a_pool_as_its_slab(case):
     slab = as_slab(inputs)
     expected = attention_ref(*slab, **options(head_dim, window, softcap))
     np.testing.assert_allclose(paged_call(attention_xla_chunked, inputs, chunk=16, **opts), expected, atol=1e-5)
-    np.testing.assert_allclose(paged_call(attention_cpu, inputs, **opts), expected, atol=1e-5)
-    np.testing.assert_allclose(paged_call(jax.jit(functools.partial(attention, **opts)), inputs), expected, atol=1e-5)
+    bound = default_prompt_bound(inputs[1], inputs[2])
+    for got in paged_call(attention_cpu, inputs, **opts), paged_call(jax.jit(functools.partial(attention, **opts)), inputs):
+        if bound is None:
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+        else:
+            assert nmse(got, expected) < bound
 
 
 @pytest.mark.parametrize("k_type, v_type", [("f32", "f32"), ("q8_0", "bf16")])
