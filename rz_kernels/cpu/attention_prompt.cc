@@ -233,9 +233,9 @@ void row_f32(const Rows& rows, int64_t j, int64_t width, float* out) {
 // bf16 values: vdpbf16ps multiplies pairs of bf16s and adds both products to an f32 lane, twice the
 // multiply-adds of an f32 FMA per instruction. The softmax's weights times the values take it: as
 // llama.cpp's own P.V (which keeps its output rows in f16 between slots) they lose their lowest
-// bits, but the sums stay f32. The scores stay f32 FMAs: they are exponentiated, and bf16 queries
+// bits, but the sums stay f32. The scores never take bf16: they are exponentiated, and bf16 queries
 // and keys as well moved Gemma 3 measurably further from the float64 reference
-// (benchmarks/results/chat-attention-session34.md). AVX-512 BF16 (Zen 4, Cooper Lake, Sapphire Rapids
+// (benchmarks/results/chat-attention-session34.md); they take int16 products instead. AVX-512 BF16 (Zen 4, Cooper Lake, Sapphire Rapids
 // and later) is outside the variant's flags, so these functions are compiled for it alone and run
 // only where the CPU has it (PromptAttentionImpl checks).
 #define RZ_BF16 __attribute__((target("avx512bf16")))
