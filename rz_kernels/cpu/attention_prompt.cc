@@ -256,6 +256,25 @@ RZ_BF16 void value_pairs_bf16(const float* even, const float* odd, int64_t Dv, u
     _mm512_storeu_si512(words + c, _mm512_permutexvar_epi16(pairs, both));
   }
 }
+
+// value_pairs_bf16 straight from two slots' rows of an f16 or bf16 cache, without f32 rows between.
+template <Kv T>
+RZ_BF16 void value_pairs_bf16(const uint8_t* even, const uint8_t* odd, int64_t Dv, uint32_t* words) {
+  static_assert(T == Kv::F16 || T == Kv::BF16);
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                                         20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t c = 0; c < Dv; c += 16) {
+    const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + 2 * c));
+    const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + 2 * c));
+    __m512i both;
+    if constexpr (T == Kv::F16) {
+      both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_cvtph_ps(o), _mm512_cvtph_ps(e));
+    } else {  // a bf16 cache's elements are the pairs' halves already
+      both = _mm512_inserti64x4(_mm512_castsi256_si512(e), o, 1);
+    }
+    _mm512_storeu_si512(words + c, _mm512_permutexvar_epi16(pairs, both));
+  }
+}
 #endif
 
 // The converted K and V start on a cache line, so that every vector load of them is one line: a
@@ -304,6 +323,36 @@ inline float int16_pairs(const float* x, int64_t D, float limit, int32_t* words,
   }
   return usable ? (largest > 0 ? largest / limit : 0.0f) : NAN;
 }
+
+// A 16 x 16 matrix of 32-bit words transposed: row i of `from` (at from + i * from_stride) becomes
+// column i of `to`, of which rows [0, rows) are written (at to + r * to_stride). Phase one's int16 K
+// goes through it 16 slots at a time; written one word at a time into the transposed layout, it
+// was most of phase one.
+inline void transpose_words16(const int32_t* from, int64_t from_stride, int32_t* to, int64_t to_stride, int64_t rows) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_si512(from + i * from_stride);
+  // Interleaved by words, then by word pairs: a[4g + m]'s 128-bit lane L then holds column 4L + m
+  // of rows 4g to 4g + 3.
+  for (int i = 0; i < 16; i += 2) {
+    b[i] = _mm512_unpacklo_epi32(a[i], a[i + 1]);
+    b[i + 1] = _mm512_unpackhi_epi32(a[i], a[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {
+    a[g] = _mm512_unpacklo_epi64(b[g], b[g + 2]);
+    a[g + 1] = _mm512_unpackhi_epi64(b[g], b[g + 2]);
+    a[g + 2] = _mm512_unpacklo_epi64(b[g + 1], b[g + 3]);
+    a[g + 3] = _mm512_unpackhi_epi64(b[g + 1], b[g + 3]);
+  }
+  // Then the four groups' lanes gathered: column 4L + m is lane L of a[m], a[4 + m], a[8 + m], a[12 + m].
+  for (int m = 0; m < 4; ++m) {
+    const __m512i low01 = _mm512_shuffle_i32x4(a[m], a[4 + m], 0x44), high01 = _mm512_shuffle_i32x4(a[m], a[4 + m], 0xee);
+    const __m512i low23 = _mm512_shuffle_i32x4(a[8 + m], a[12 + m], 0x44), high23 = _mm512_shuffle_i32x4(a[8 + m], a[12 + m], 0xee);
+    const __m512i column[4] = {_mm512_shuffle_i32x4(low01, low23, 0x88), _mm512_shuffle_i32x4(low01, low23, 0xdd),
+                               _mm512_shuffle_i32x4(high01, high23, 0x88), _mm512_shuffle_i32x4(high01, high23, 0xdd)};
+    for (int L = 0; L < 4; ++L)
+      if (4 * L + m < rows) _mm512_storeu_si512(to + (4 * L + m) * to_stride, column[L]);
+  }
+}
 #endif
 
 struct Problem : rz_cpu::Operands {
@@ -325,11 +374,36 @@ struct Problem : rz_cpu::Operands {
   const float* head_values(int64_t head) const { return values + head * n_blocks * value_block_floats(); }
 };
 
-// Phase one for one block of one head: K transposed into [D][kBlock], V as rows (read through
-// the block table where there is one), and with the first KV head the block's positions.
-// `row`: room for max(D, 2 * Dv) f32s.
+#if defined(__AVX512VNNI__)
+// Phase one's int16 K for one run of kRun slots at `first` of block `kt`: each slot's pair words
+// in order into `words` (room for kRun * D / 2 + 16), then 16 slots at a time transposed into place.
+template <Kv T>
+void key_run_int16(const Problem& p, const Rows& keys, int64_t in_run, int64_t first, float* kt, float* row, int32_t* words) {
+  static_assert(rz_cpu::kRun % 16 == 0, "a run is whole transposes");
+  const int64_t pairs = p.D / 2;
+  const float limit = int16_limit(p.D);
+  for (int64_t i = 0; i < rz_cpu::kRun; ++i) {
+    if (i < in_run) {
+      row_f32<T>(keys, i, p.D, row);
+    } else {
+      std::fill(row, row + p.D, 0.0f);
+    }
+    kt[Problem::key_scales_offset(p.D) + first + i] = int16_pairs(row, p.D, limit, words + i * pairs, 1);
+  }
+  // A head dim that is not a multiple of 32 leaves a last transpose of fewer than 16 words per
+  // slot: it reads past each slot's words (into the next one's, or the padding) and writes only its own.
+  int32_t* kw = reinterpret_cast<int32_t*>(kt);
+  for (int64_t s = 0; s < rz_cpu::kRun; s += 16)
+    for (int64_t c = 0; c < pairs; c += 16)
+      transpose_words16(words + s * pairs + c, pairs, kw + c * kBlock + first + s, kBlock, std::min<int64_t>(16, pairs - c));
+}
+#endif
+
+// Phase one for one block of one head: K transposed into [D][kBlock] (or as int16 pairs), V as rows
+// or bf16 pairs (read through the block table where there is one), and with the first KV head the
+// block's positions. `row`: room for max(D, 2 * Dv) f32s; `words`: for int16 K, as key_run_int16's.
 template <Kv KT, Kv VT>
-void convert_block(const Problem& p, int64_t head, int64_t block, float* row) {
+void convert_block(const Problem& p, int64_t head, int64_t block, float* row, int32_t* words) {
   const int64_t b = head / p.Hkv, kv = head % p.Hkv, first = block * kBlock;
   const int64_t n = std::min(kBlock, p.S_used - first);
   if (kv == 0) {
@@ -339,44 +413,40 @@ void convert_block(const Problem& p, int64_t head, int64_t block, float* row) {
   }
   float* kt = p.keys + (head * p.n_blocks + block) * kBlock * p.D;
   float* vb = p.values + (head * p.n_blocks + block) * p.value_block_floats();
-  // Rows are looked up kRun slots at a time (attention_kv.h's Rows holds one run).
+  // Rows are looked up kRun slots at a time (attention_kv.h's Rows holds one run); a slot past
+  // the run's count reads zeros.
   for (int64_t run = 0; run < kBlock; run += rz_cpu::kRun) {
     const int64_t in_run = std::clamp<int64_t>(n - run, 0, rz_cpu::kRun);
     Rows keys, values;
-    if (in_run > 0) {
-      rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, first + run, in_run, keys);
-      rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, first + run, in_run, values);
-    }
-    for (int64_t i = 0; i < rz_cpu::kRun; ++i) {
-      const int64_t j = run + i;
-      if (i < in_run) {
-        row_f32<KT>(keys, i, p.D, row);
-      } else {
-        std::fill(row, row + p.D, 0.0f);
-      }
+    rz_cpu::slot_rows<KT>(p, p.k, p.k_scales, p.D, b, kv, first + run, in_run, keys);
+    rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, first + run, in_run, values);
 #if defined(__AVX512VNNI__)
-      if (p.int16_scores) {
-        kt[Problem::key_scales_offset(p.D) + j] = int16_pairs(row, p.D, int16_limit(p.D), reinterpret_cast<int32_t*>(kt) + j, kBlock);
-        continue;
-      }
+    if (p.int16_scores) {
+      key_run_int16<KT>(p, keys, in_run, run, kt, row, words);
+    } else
 #endif
-      for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + j] = row[d];
+    {
+      for (int64_t i = 0; i < rz_cpu::kRun; ++i) {
+        row_f32<KT>(keys, i, p.D, row);
+        for (int64_t d = 0; d < p.D; ++d) kt[d * kBlock + run + i] = row[d];
+      }
     }
-    // V's rows as f32 (with bf16 values, two at a time into `row`, then their pair words).
-    for (int64_t i = 0; i < rz_cpu::kRun; i += p.bf16_values ? 2 : 1) {
-      const int64_t j = run + i;
-      float* to = p.bf16_values ? row : vb + j * p.Dv;
-      for (int64_t k = 0; k < (p.bf16_values ? 2 : 1); ++k) {
-        if (i + k < in_run) {
-          row_f32<VT>(values, i + k, p.Dv, to + k * p.Dv);
+#if defined(__AVX512F__)
+    if (p.bf16_values) {
+      uint32_t* vw = reinterpret_cast<uint32_t*>(vb) + run / 2 * p.Dv;
+      for (int64_t i = 0; i < rz_cpu::kRun; i += 2) {
+        if constexpr (VT == Kv::F16 || VT == Kv::BF16) {
+          value_pairs_bf16<VT>(values.data[i], values.data[i + 1], p.Dv, vw + i / 2 * p.Dv);
         } else {
-          std::fill(to + k * p.Dv, to + (k + 1) * p.Dv, 0.0f);
+          row_f32<VT>(values, i, p.Dv, row);
+          row_f32<VT>(values, i + 1, p.Dv, row + p.Dv);
+          value_pairs_bf16(row, row + p.Dv, p.Dv, vw + i / 2 * p.Dv);
         }
       }
-#if defined(__AVX512F__)
-      if (p.bf16_values) value_pairs_bf16(row, row + p.Dv, p.Dv, reinterpret_cast<uint32_t*>(vb) + j / 2 * p.Dv);
-#endif
+      continue;
     }
+#endif
+    for (int64_t i = 0; i < rz_cpu::kRun; ++i) row_f32<VT>(values, i, p.Dv, vb + (run + i) * p.Dv);
   }
 }
 
@@ -695,6 +765,15 @@ void attend_rows_f32(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_
 RZ_BF16 void attend_rows_bf16(const Problem& p, int64_t b, int64_t kv, int64_t r0, int64_t r1, float* o) { attend_rows<true>(p, b, kv, r0, r1, o); }
 #endif
 
+// Query rows per task: kRowTile, or fewer (whole register tiles) while that leaves fewer than four
+// tasks per thread. A short chunk (a chat turn's last few tokens) has one tile per KV head
+// otherwise, and three heads kept one of two threads idle half the time.
+int64_t task_rows(int64_t rows, int64_t heads, int64_t threads) {
+  int64_t tile = kRowTile;
+  while (tile > kRows && heads * ((rows + tile - 1) / tile) < 4 * threads) tile -= kRows;
+  return tile;
+}
+
 // Whether this build and CPU can take bf16 values.
 bool bf16_values_available() {
 #if defined(__AVX512F__)
@@ -747,16 +826,18 @@ ffi::Error PromptAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ff
 
   rz_cpu::parallel_for(pool, heads * p.n_blocks, threads, [&](int64_t task) {
     thread_local std::vector<float> row;
+    thread_local std::vector<int32_t> words;
     row.resize(std::max(p.D, 2 * p.Dv));
+    words.resize(rz_cpu::kRun * p.D / 2 + 16);
     rz_cpu::with_kv_types(p.k_type, p.v_type, [&](auto kt, auto vt) {
-      convert_block<decltype(kt)::value, decltype(vt)::value>(p, task / p.n_blocks, task % p.n_blocks, row.data());
+      convert_block<decltype(kt)::value, decltype(vt)::value>(p, task / p.n_blocks, task % p.n_blocks, row.data(), words.data());
     });
   });
-  const int64_t tiles = (p.R + kRowTile - 1) / kRowTile;
+  const int64_t row_tile = task_rows(p.R, heads, threads), tiles = (p.R + row_tile - 1) / row_tile;
   float* out = o->typed_data();
   rz_cpu::parallel_for(pool, heads * tiles, threads, [&](int64_t task) {
     const int64_t head = task / tiles, tile = task % tiles;
-    const int64_t r0 = tile * kRowTile, r1 = std::min(p.R, (tile + 1) * kRowTile);
+    const int64_t r0 = tile * row_tile, r1 = std::min(p.R, (tile + 1) * row_tile);
 #if defined(__AVX512F__)
     if (p.bf16_values) return attend_rows_bf16(p, head / p.Hkv, head % p.Hkv, r0, r1, out);
 #endif
