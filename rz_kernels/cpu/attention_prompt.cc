@@ -481,33 +481,47 @@ inline BlockMask visible_mask(const Problem& p, const int32_t* k_pos, int64_t bl
   return mask;
 }
 
-// The online-softmax state of one task's rows.
+// Blocks per span. A register tile of rows scores all of a span's blocks, folds them into its
+// online softmax at once (one max, correction and sum update per row and span), then multiplies
+// them by V with its output rows loaded and stored once per span. Per block, those loads and
+// stores alone were 7% of a chat turn's kernel at depth. The tile's scores over a span take
+// kRows * kSpanSlots floats (16 KiB).
+constexpr int64_t kSpanBlocks = 8;
+constexpr int64_t kSpanSlots = kSpanBlocks * kBlock;
+
+// The online-softmax state of one task's rows, and the span being folded in by one register tile.
 struct RowState {
   std::vector<float> max;  // [rows]
   // [rows][kLanes]: each row's sum kept per lane and folded once its blocks are done, since a
   // fold of shuffles per row and block was a large part of the softmax's time.
   std::vector<float> sum;
   float* out = nullptr;  // [rows, Dv] (unnormalized)
-  std::vector<BlockMask> masks;  // [rows], this block's
-  float* weights = nullptr;  // [rows, kBlock], this block's scores, then its softmax numerators
+  float* weights = nullptr;  // [kRows][kSpanSlots]: the tile's scores over the span, then its softmax numerators
   std::vector<float> buffer;  // out and weights, each from a cache line (cache_line_aligned)
-  std::vector<float> correction;  // [rows]
+  BlockMask masks[kRows][kSpanBlocks];  // the tile's rows', per block of the span
+  float correction[kRows];  // what the tile's rows' earlier sums and outputs are scaled by
   void reset(int64_t rows, int64_t Dv) {
     max.assign(rows, -INFINITY);
     sum.assign(rows * kLanes, 0.0f);
-    masks.resize(rows);
-    // Dv and kBlock are multiples of 16 floats, so weights starts on a line too.
-    buffer.assign(rows * (Dv + kBlock) + kCacheLineFloats, 0.0f);
+    // Dv is a multiple of 16 floats, so weights starts on a line too.
+    buffer.assign(rows * Dv + kRows * kSpanSlots + kCacheLineFloats, 0.0f);
     out = cache_line_aligned(buffer.data());
     weights = out + rows * Dv;
-    correction.resize(rows);
   }
 };
 
-// Scores of rows [r, r + n) (n <= kRows) against one block, scaled, into their rows of st.weights:
-// each a chain of FMAs over the head dim in order, so a row's scores do not depend on its tile. The
-// register tile always holds kRows rows (the last one repeated when n is smaller).
-void score_block(const Problem& p, const float* const* q_rows, const float* kt, int64_t r, int n, RowState& st) {
+// The blocks of a span that some row of a register tile sees, as offsets in the span.
+struct SpanBlocks {
+  int64_t first;  // the span's first block
+  int64_t seen[kSpanBlocks];
+  int count = 0;
+};
+
+// Scores of rows [r, r + n) (n <= kRows) against one block, scaled, into `scores` (row i at
+// scores + i * kSpanSlots): each a chain of FMAs over the head dim in order, so a row's scores do
+// not depend on its tile. The register tile always holds kRows rows (the last one repeated when n
+// is smaller).
+void score_block(const Problem& p, const float* const* q_rows, const float* kt, int64_t r, int n, float* scores) {
   const float* q[kRows];
   for (int i = 0; i < kRows; ++i) q[i] = q_rows[r + std::min(i, n - 1)];
   for (int key = 0; key < kBlock; key += kTileLanes) {
@@ -523,7 +537,7 @@ void score_block(const Problem& p, const float* const* q_rows, const float* kt, 
       }
     }
     for (int i = 0; i < n; ++i)
-      for (int u = 0; u < kTileVecs; ++u) store(st.weights + (r + i) * kBlock + key + u * kLanes, acc[i][u] * splat(p.scale));
+      for (int u = 0; u < kTileVecs; ++u) store(scores + i * kSpanSlots + key + u * kLanes, acc[i][u] * splat(p.scale));
   }
 }
 
@@ -532,7 +546,7 @@ void score_block(const Problem& p, const float* const* q_rows, const float* kt, 
 // folded in) the rows' int16 pairs, kt a block of K's (Problem::key_scales_offset). Exact int32
 // sums, so a row's scores do not depend on its tile either.
 void score_block_int16(const Problem& p, const int32_t* q_words, const float* q_scales, const float* kt, int64_t r, int n,
-                       RowState& st) {
+                       float* scores) {
   const int64_t pairs = p.D / 2;
   const int32_t* q[kRows];
   for (int i = 0; i < kRows; ++i) q[i] = q_words + (r + std::min(i, n - 1)) * pairs;
@@ -553,129 +567,160 @@ void score_block_int16(const Problem& p, const int32_t* q_words, const float* q_
     for (int i = 0; i < n; ++i) {
       const __m512 row_scale = _mm512_set1_ps(q_scales[r + i]);
       for (int u = 0; u < kTileVecs; ++u) {
-        const __m512 scores = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][u]), row_scale), _mm512_loadu_ps(k_scales + key + u * kLanes));
-        _mm512_storeu_ps(st.weights + (r + i) * kBlock + key + u * kLanes, scores);
+        const __m512 block_scores = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[i][u]), row_scale), _mm512_loadu_ps(k_scales + key + u * kLanes));
+        _mm512_storeu_ps(scores + i * kSpanSlots + key + u * kLanes, block_scores);
       }
     }
   }
 }
 #endif
 
-// Rows [r, r + n)'s block scores (st.weights) capped, masked and folded into their online softmax:
-// st.weights becomes the block's softmax numerators, st.correction what the earlier blocks' sums
-// and outputs are scaled by, for accumulate_values.
+// Rows [r, r + n)'s scores over the span's seen blocks (st.weights) capped, masked and folded into
+// their online softmax: st.weights becomes the numerators (zeros in the blocks a row does not
+// see), st.correction what the earlier blocks' sums and outputs are scaled by, for accumulate_values.
 template <bool kBf16Weights = false>
-void softmax_rows(const Problem& p, int64_t r, int n, RowState& st) {
+void softmax_span(const Problem& p, int64_t r, int n, const SpanBlocks& span, RowState& st) {
   Vi lane_bit;
   for (int l = 0; l < kLanes; ++l) lane_bit[l] = 1 << l;
   for (int i = 0; i < n; ++i) {
     const int64_t row = r + i;
-    const BlockMask mask = st.masks[row];
-    float* w = st.weights + row * kBlock;
-    if (!mask) {
-      std::fill(w, w + kBlock, 0.0f);
-      st.correction[row] = 1.0f;
+    float* w = st.weights + i * kSpanSlots;
+    Vf peak = splat(-INFINITY);
+    bool sees = false;
+    for (int s = 0; s < span.count; ++s) {
+      const BlockMask mask = st.masks[i][span.seen[s]];
+      float* wb = w + span.seen[s] * kBlock;
+      if (!mask) {
+        std::fill(wb, wb + kBlock, 0.0f);
+        continue;
+      }
+      sees = true;
+      if (p.softcap == 0 && mask == ~BlockMask{0}) {
+        for (int u = 0; u < kBlockVecs; ++u) peak = select(load(wb + u * kLanes) > peak, load(wb + u * kLanes), peak);
+        continue;
+      }
+      for (int u = 0; u < kBlockVecs; ++u) {
+        Vf x = load(wb + u * kLanes);
+        if (p.softcap > 0) {
+          // softcap * tanh(x / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
+          const Vf e = exp_lanes(x * splat(2.0f / p.softcap));
+          x = (splat(1.0f) - splat(2.0f) / (e + splat(1.0f))) * splat(p.softcap);
+        }
+        if (mask != ~BlockMask{0}) {
+          const Vi seen = ((Vi{} + static_cast<int32_t>(mask >> (u * kLanes))) & lane_bit) != 0;
+          x = select(seen, x, splat(-INFINITY));
+        }
+        store(wb + u * kLanes, x);  // capped and masked, for the numerators below
+        peak = select(x > peak, x, peak);
+      }
+    }
+    if (!sees) {
+      st.correction[i] = 1.0f;
       continue;
     }
-    Vf s[kBlockVecs];
-    Vf peak = splat(-INFINITY);
-    for (int u = 0; u < kBlockVecs; ++u) {
-      s[u] = load(w + u * kLanes);
-      if (p.softcap > 0) {
-        // softcap * tanh(s / softcap), tanh(y) = 1 - 2 / (exp(2y) + 1)
-        const Vf e = exp_lanes(s[u] * splat(2.0f / p.softcap));
-        s[u] = (splat(1.0f) - splat(2.0f) / (e + splat(1.0f))) * splat(p.softcap);
-      }
-      if (mask != ~BlockMask{0}) {
-        const Vi seen = ((Vi{} + static_cast<int32_t>(mask >> (u * kLanes))) & lane_bit) != 0;
-        s[u] = select(seen, s[u], splat(-INFINITY));
-      }
-      peak = select(s[u] > peak, s[u], peak);
-    }
     // The lanes' max (a fold of shuffles) only when some score passes the row's max; at depth most
-    // blocks do not move it.
+    // spans do not move it.
     const float new_max = any_lane(peak > splat(st.max[row])) ? std::max(st.max[row], lane_max(peak)) : st.max[row];
-    st.correction[row] = new_max == st.max[row] ? 1.0f : std::exp(st.max[row] - new_max);
+    st.correction[i] = new_max == st.max[row] ? 1.0f : std::exp(st.max[row] - new_max);
     st.max[row] = new_max;
     Vf total = splat(0.0f);
-    for (int u = 0; u < kBlockVecs; ++u) {
-      Vf e = exp_lanes<false>(s[u] - splat(new_max));
-      // bf16 values multiply by the numerators as bf16s, so the sum adds those same values.
-      if constexpr (kBf16Weights) e = bf16_rounded(e);
-      store(w + u * kLanes, e);
-      total += e;
+    for (int s = 0; s < span.count; ++s) {
+      if (!st.masks[i][span.seen[s]]) continue;
+      float* wb = w + span.seen[s] * kBlock;
+      for (int u = 0; u < kBlockVecs; ++u) {
+        Vf e = exp_lanes<false>(load(wb + u * kLanes) - splat(new_max));
+        // bf16 values multiply by the numerators as bf16s, so the sum adds those same values.
+        if constexpr (kBf16Weights) e = bf16_rounded(e);
+        store(wb + u * kLanes, e);
+        total += e;
+      }
     }
     float* sum = &st.sum[row * kLanes];
-    store(sum, load(sum) * splat(st.correction[row]) + total);
+    store(sum, load(sum) * splat(st.correction[i]) + total);
   }
 }
 
-// out[row][lane, lane + VECS * kLanes) = out * correction[row] + sum_j weights[row, j] * v_j[...]
-// for rows [r, r + n), the first `n_keys` slots of the block; kRows rows in registers as in score_block.
+// Slots of block `block` in use, and its V (as phase one stored it).
+inline int64_t block_slots(const Problem& p, int64_t block) { return std::min<int64_t>(kBlock, p.S_used - block * kBlock); }
+
+// out[row][lane, lane + VECS * kLanes) = out * correction + sum_j weights[row, j] * v_j[...] over
+// the span's seen blocks, for rows [r, r + n); kRows rows in registers as in score_block.
 template <int VECS>
-void accumulate_lanes(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, int64_t lane, RowState& st) {
+void accumulate_lanes(const Problem& p, const float* values, const SpanBlocks& span, int64_t r, int n, int64_t lane, RowState& st) {
   int64_t rows[kRows];
   for (int i = 0; i < kRows; ++i) rows[i] = r + std::min(i, n - 1);
   Vf acc[kRows][VECS];
   for (int i = 0; i < kRows; ++i) {
-    const Vf c = splat(st.correction[rows[i]]);
+    const Vf c = splat(st.correction[std::min(i, n - 1)]);
     for (int u = 0; u < VECS; ++u) acc[i][u] = c * load(st.out + rows[i] * p.Dv + lane + u * kLanes);
   }
-  for (int64_t j = 0; j < n_keys; ++j) {
-    Vf v[VECS];
-    for (int u = 0; u < VECS; ++u) v[u] = load(vb + j * p.Dv + lane + u * kLanes);
-    for (int i = 0; i < kRows; ++i) {
-      const Vf w = splat(st.weights[rows[i] * kBlock + j]);
-      for (int u = 0; u < VECS; ++u) acc[i][u] += w * v[u];
+  for (int s = 0; s < span.count; ++s) {
+    const int64_t block = span.first + span.seen[s], n_keys = block_slots(p, block);
+    const float* vb = values + block * p.value_block_floats();
+    const float* weights = st.weights + span.seen[s] * kBlock;
+    for (int64_t j = 0; j < n_keys; ++j) {
+      Vf v[VECS];
+      for (int u = 0; u < VECS; ++u) v[u] = load(vb + j * p.Dv + lane + u * kLanes);
+      for (int i = 0; i < kRows; ++i) {
+        const Vf w = splat(weights[std::min(i, n - 1) * kSpanSlots + j]);
+        for (int u = 0; u < VECS; ++u) acc[i][u] += w * v[u];
+      }
     }
   }
   for (int i = 0; i < n; ++i)
     for (int u = 0; u < VECS; ++u) store(st.out + rows[i] * p.Dv + lane + u * kLanes, acc[i][u]);
 }
 
-void accumulate_values(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, RowState& st) {
+void accumulate_values(const Problem& p, const float* values, const SpanBlocks& span, int64_t r, int n, RowState& st) {
   int64_t lane = 0;
-  for (; lane + kTileLanes <= p.Dv; lane += kTileLanes) accumulate_lanes<kTileVecs>(p, vb, n_keys, r, n, lane, st);
-  for (; lane < p.Dv; lane += kLanes) accumulate_lanes<1>(p, vb, n_keys, r, n, lane, st);
+  for (; lane + kTileLanes <= p.Dv; lane += kTileLanes) accumulate_lanes<kTileVecs>(p, values, span, r, n, lane, st);
+  for (; lane < p.Dv; lane += kLanes) accumulate_lanes<1>(p, values, span, r, n, lane, st);
 }
 
 #if defined(__AVX512F__)
-// accumulate_lanes with bf16 values: weight_words holds the rows' numerators as bf16 pairs
-// [rows][kBlock / 2], vw a block of V words (value_pairs_bf16); `n_pairs` pairs of slots.
+// accumulate_lanes with bf16 values: weight_words holds the tile's numerators as bf16 pairs
+// [kRows][kSpanSlots / 2], V's blocks are words of pairs of slots (value_pairs_bf16).
 template <int VECS>
-RZ_BF16 void accumulate_lanes_bf16(const Problem& p, const uint32_t* vw, int64_t n_pairs, int64_t r, int n, int64_t lane,
+RZ_BF16 void accumulate_lanes_bf16(const Problem& p, const float* values, const SpanBlocks& span, int64_t r, int n, int64_t lane,
                                    const uint32_t* weight_words, RowState& st) {
   int64_t rows[kRows];
   for (int i = 0; i < kRows; ++i) rows[i] = r + std::min(i, n - 1);
   __m512 acc[kRows][VECS];
   for (int i = 0; i < kRows; ++i) {
-    const __m512 c = _mm512_set1_ps(st.correction[rows[i]]);
+    const __m512 c = _mm512_set1_ps(st.correction[std::min(i, n - 1)]);
     for (int u = 0; u < VECS; ++u) acc[i][u] = _mm512_mul_ps(c, _mm512_loadu_ps(st.out + rows[i] * p.Dv + lane + u * kLanes));
   }
-  for (int64_t j = 0; j < n_pairs; ++j) {
-    __m512bh v[VECS];
-    for (int u = 0; u < VECS; ++u) v[u] = (__m512bh)_mm512_loadu_si512(vw + j * p.Dv + lane + u * kLanes);
-    for (int i = 0; i < kRows; ++i) {
-      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(weight_words[rows[i] * (kBlock / 2) + j]));
-      for (int u = 0; u < VECS; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], w, v[u]);
+  for (int s = 0; s < span.count; ++s) {
+    const int64_t block = span.first + span.seen[s];
+    const int64_t n_pairs = (block_slots(p, block) + 1) / 2;  // an odd block's last pair has a zero slot
+    const uint32_t* vw = reinterpret_cast<const uint32_t*>(values + block * p.value_block_floats());
+    const uint32_t* words = weight_words + span.seen[s] * kBlock / 2;
+    for (int64_t j = 0; j < n_pairs; ++j) {
+      __m512bh v[VECS];
+      for (int u = 0; u < VECS; ++u) v[u] = (__m512bh)_mm512_loadu_si512(vw + j * p.Dv + lane + u * kLanes);
+      for (int i = 0; i < kRows; ++i) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(words[std::min(i, n - 1) * (kSpanSlots / 2) + j]));
+        for (int u = 0; u < VECS; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], w, v[u]);
+      }
     }
   }
   for (int i = 0; i < n; ++i)
     for (int u = 0; u < VECS; ++u) _mm512_storeu_ps(st.out + rows[i] * p.Dv + lane + u * kLanes, acc[i][u]);
 }
 
-RZ_BF16 void accumulate_values_bf16(const Problem& p, const float* vb, int64_t n_keys, int64_t r, int n, uint32_t* weight_words,
-                                    RowState& st) {
-  // The numerators are bf16 values already (softmax_rows<true>), so this conversion is exact.
-  for (int64_t row = r; row < r + n; ++row) {
-    uint16_t* to = reinterpret_cast<uint16_t*>(weight_words + row * (kBlock / 2));
-    for (int64_t c = 0; c < kBlock; c += kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + c), to_bf16(_mm512_loadu_ps(st.weights + row * kBlock + c)));
+RZ_BF16 void accumulate_values_bf16(const Problem& p, const float* values, const SpanBlocks& span, int64_t r, int n,
+                                    uint32_t* weight_words, RowState& st) {
+  // The numerators are bf16 values already (softmax_span<true>), so this conversion is exact.
+  for (int i = 0; i < n; ++i) {
+    for (int s = 0; s < span.count; ++s) {
+      const int64_t at = i * kSpanSlots + span.seen[s] * kBlock;
+      uint16_t* to = reinterpret_cast<uint16_t*>(weight_words) + at;
+      for (int64_t c = 0; c < kBlock; c += kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + c), to_bf16(_mm512_loadu_ps(st.weights + at + c)));
+    }
   }
-  const uint32_t* vw = reinterpret_cast<const uint32_t*>(vb);
-  const int64_t n_pairs = (n_keys + 1) / 2;  // an odd block's last pair has a zero slot
   int64_t lane = 0;
-  for (; lane + kTileLanes <= p.Dv; lane += kTileLanes) accumulate_lanes_bf16<kTileVecs>(p, vw, n_pairs, r, n, lane, weight_words, st);
-  for (; lane < p.Dv; lane += kLanes) accumulate_lanes_bf16<1>(p, vw, n_pairs, r, n, lane, weight_words, st);
+  for (; lane + kTileLanes <= p.Dv; lane += kTileLanes) accumulate_lanes_bf16<kTileVecs>(p, values, span, r, n, lane, weight_words, st);
+  for (; lane < p.Dv; lane += kLanes) accumulate_lanes_bf16<1>(p, values, span, r, n, lane, weight_words, st);
 }
 
 #endif
@@ -684,7 +729,7 @@ RZ_BF16 void accumulate_values_bf16(const Problem& p, const float* vb, int64_t n
 struct TaskState {
   RowState rows;
   std::vector<const float*> q_rows;
-  std::vector<uint32_t> weight_words;  // bf16 values' numerators
+  std::vector<uint32_t> weight_words;  // bf16 values' numerators, [kRows][kSpanSlots / 2]
   std::vector<int32_t> q_words;  // int16 scores' query rows, [rows][D / 2]
   std::vector<float> q_scales;  // [rows], times the call's scale
 };
@@ -710,7 +755,7 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
   st.reset(rows, p.Dv);
   q_rows.resize(rows);
   for (int64_t r = 0; r < rows; ++r) q_rows[r] = p.q + rz_cpu::query_row(p, b, kv, r0 + r) * p.D;
-  if constexpr (kBf16) task.weight_words.resize(rows * kBlock / 2);
+  if constexpr (kBf16) task.weight_words.resize(kRows * kSpanSlots / 2);
 #if defined(__AVX512VNNI__)
   if (p.int16_scores) {
     task.q_words.resize(rows * p.D / 2);
@@ -721,33 +766,40 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
 #endif
   const float* keys = p.head_keys(head);
   const float* values = p.head_values(head);
-  for (int64_t block = 0; block < p.n_blocks; ++block) {
-    const int64_t n_keys = std::min<int64_t>(kBlock, p.S_used - block * kBlock);
-    const BlockKeys keys_here = block_keys(p, k_pos, block);
-    for (int64_t r = 0; r < rows; ++r) st.masks[r] = visible_mask(p, k_pos, block, keys_here, q_pos[(r0 + r) % p.T]);
-    const float* kt = keys + block * kBlock * p.D;
-    const float* vb = values + block * p.value_block_floats();
+  for (int64_t first = 0; first < p.n_blocks; first += kSpanBlocks) {
+    const int64_t blocks = std::min(kSpanBlocks, p.n_blocks - first);
+    BlockKeys keys_here[kSpanBlocks];
+    for (int64_t s = 0; s < blocks; ++s) keys_here[s] = block_keys(p, k_pos, first + s);
     for (int64_t r = 0; r < rows; r += kRows) {
       const int n = static_cast<int>(std::min<int64_t>(kRows, rows - r));
-      bool any = false;
-      for (int i = 0; i < n; ++i) any |= st.masks[r + i] != 0;
-      if (!any) continue;
-#if defined(__AVX512VNNI__)
-      if (p.int16_scores) {
-        score_block_int16(p, task.q_words.data(), task.q_scales.data(), kt, r, n, st);
-      } else {
-        score_block(p, q_rows.data(), kt, r, n, st);
+      SpanBlocks span;
+      span.first = first;
+      for (int64_t s = 0; s < blocks; ++s) {
+        BlockMask any = 0;
+        for (int i = 0; i < n; ++i) any |= st.masks[i][s] = visible_mask(p, k_pos, first + s, keys_here[s], q_pos[(r0 + r + i) % p.T]);
+        if (any) span.seen[span.count++] = s;
       }
+      for (int s = 0; s < span.count; ++s) {
+        const float* kt = keys + (first + span.seen[s]) * kBlock * p.D;
+        float* scores = st.weights + span.seen[s] * kBlock;
+#if defined(__AVX512VNNI__)
+        if (p.int16_scores) {
+          score_block_int16(p, task.q_words.data(), task.q_scales.data(), kt, r, n, scores);
+        } else {
+          score_block(p, q_rows.data(), kt, r, n, scores);
+        }
 #else
-      score_block(p, q_rows.data(), kt, r, n, st);
+        score_block(p, q_rows.data(), kt, r, n, scores);
 #endif
-      softmax_rows<kBf16>(p, r, n, st);
+      }
+      if (!span.count) continue;
+      softmax_span<kBf16>(p, r, n, span, st);
       if constexpr (kBf16) {
 #if defined(__AVX512F__)
-        accumulate_values_bf16(p, vb, n_keys, r, n, task.weight_words.data(), st);
+        accumulate_values_bf16(p, values, span, r, n, task.weight_words.data(), st);
 #endif
       } else {
-        accumulate_values(p, vb, n_keys, r, n, st);
+        accumulate_values(p, values, span, r, n, st);
       }
     }
   }
