@@ -1,5 +1,5 @@
 // Prompt attention for every CPU: many queries per sequence over a KV cache, as a flash attention
-// whose scores never leave a block-sized buffer. Shapes, cache types and the mask contract as
+// whose scores never leave a span-sized buffer. Shapes, cache types and the mask contract as
 // rz_kernels/causal_attention.py and the decode kernel (attention.cc):
 //
 //   q [B, Hq, T, D] f32, k [B', Hkv, S, D] and v [B', Hkv, S, Dv] as one of the cache types (f32,
@@ -10,17 +10,18 @@
 //
 // Two phases. First every used slot's K and V are converted to f32 once (and its position copied), K transposed in blocks
 // of kBlock slots ([D][kBlock] per block) so that a query row's scores are an FMA chain per lane. Then
-// a task is one (sequence, KV head, tile of the group's query rows): it walks the blocks, scores a
-// few rows at a time against a block as a register-tiled matrix product, and folds the scores into
-// each row's online softmax and unnormalized output (again a register-tiled product). A block no
-// row of a group sees is skipped, so causal chunks do half the work of a square. With bf16 values
+// a task is one (sequence, KV head, tile of the group's query rows): it walks spans of kSpanBlocks
+// blocks; a few rows at a time (a register tile) score a span's blocks as register-tiled matrix
+// products, fold them into each row's online softmax at once, and add them to the rows'
+// unnormalized output (again a register-tiled product). A block no row of a register tile sees is
+// skipped, so causal chunks do half the work of a square. With bf16 values
 // (on a CPU with AVX-512 BF16, for an f16 or bf16 V) phase one stores V as bf16 pairs instead and the
 // output's product multiplies bf16 numerators by them. With int16 scores (in an AVX-512 VNNI build,
 // for an f16 or bf16 K) phase one stores K as int16 pairs with a scale per slot, each task
 // quantizes its query rows alike, and a score is an exact int32 sum of products times both scales.
 //
 // A row's result does not depend on the other rows of the call: its scores are sums over the head
-// dim in order, and its softmax walks the same blocks of slots, so a query gets the same bits
+// dim in order, and its softmax walks the same spans of slots, so a query gets the same bits
 // whether its prompt ran in one chunk or several. Written with GCC/Clang vector extensions, so the
 // one source compiles to AVX-512 or AVX2 on x86-64 and to NEON on aarch64.
 
@@ -57,9 +58,10 @@ constexpr int kLanes = 4;
 typedef float Vf __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t Vi __attribute__((vector_size(kLanes * sizeof(float))));
 
-// Slots per block: each row's softmax pays a fixed cost per block (its max, its correction, the
-// output's rescaling), which 64-slot blocks pay half as often as 32-slot ones. Measured on x86-64
-// (AVX-512 and AVX2, benchmarks/results/prompt-attention-session32.md); NEON, not measured, keeps 32.
+// Slots per block, the unit of a row's mask, of phase one's layout and of the causal skip. 64-slot
+// blocks beat 32-slot ones on x86-64 (AVX-512 and AVX2, benchmarks/results/prompt-attention-session32.md)
+// when each row's softmax paid a fixed cost per block, which it now pays per span (kSpanBlocks);
+// NEON, not measured, keeps 32.
 constexpr int64_t kBlock = kLanes >= 8 ? 2 * rz_cpu::kRun : rz_cpu::kRun;
 constexpr int kBlockVecs = kBlock / kLanes;
 using BlockMask = uint64_t;  // bit j: the row sees the block's slot j
@@ -483,9 +485,10 @@ inline BlockMask visible_mask(const Problem& p, const int32_t* k_pos, int64_t bl
 
 // Blocks per span. A register tile of rows scores all of a span's blocks, folds them into its
 // online softmax at once (one max, correction and sum update per row and span), then multiplies
-// them by V with its output rows loaded and stored once per span. Per block, those loads and
-// stores alone were 7% of a chat turn's kernel at depth. The tile's scores over a span take
-// kRows * kSpanSlots floats (16 KiB).
+// them by V with its output rows loaded and stored once per span instead of once per block, where
+// those loads and stores were a visible share of a deep chunk's time. 8 blocks measured best of
+// 4, 8 and 16 (benchmarks/results/chat-attention-session36.md); the tile's scores over a span
+// (kRows * kSpanSlots floats) stay within L1.
 constexpr int64_t kSpanBlocks = 8;
 constexpr int64_t kSpanSlots = kSpanBlocks * kBlock;
 
