@@ -328,8 +328,7 @@ inline float int16_pairs(const float* x, int64_t D, float limit, int32_t* words,
 
 // A 16 x 16 matrix of 32-bit words transposed: row i of `from` (at from + i * from_stride) becomes
 // column i of `to`, of which rows [0, rows) are written (at to + r * to_stride). Phase one's int16 K
-// goes through it 16 slots at a time; written one word at a time into the transposed layout, it
-// was most of phase one.
+// goes through it 16 slots at a time instead of storing each word to its place alone.
 inline void transpose_words16(const int32_t* from, int64_t from_stride, int32_t* to, int64_t to_stride, int64_t rows) {
   __m512i a[16], b[16];
   for (int i = 0; i < 16; ++i) a[i] = _mm512_loadu_si512(from + i * from_stride);
@@ -643,7 +642,7 @@ void softmax_span(const Problem& p, int64_t r, int n, const SpanBlocks& span, Ro
   }
 }
 
-// Slots of block `block` in use, and its V (as phase one stored it).
+// Slots of block `block` in use.
 inline int64_t block_slots(const Problem& p, int64_t block) { return std::min<int64_t>(kBlock, p.S_used - block * kBlock); }
 
 // out[row][lane, lane + VECS * kLanes) = out * correction + sum_j weights[row, j] * v_j[...] over
@@ -782,6 +781,7 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
         for (int i = 0; i < n; ++i) any |= st.masks[i][s] = visible_mask(p, k_pos, first + s, keys_here[s], q_pos[(r0 + r + i) % p.T]);
         if (any) span.seen[span.count++] = s;
       }
+      if (!span.count) continue;
       for (int s = 0; s < span.count; ++s) {
         const float* kt = keys + (first + span.seen[s]) * kBlock * p.D;
         float* scores = st.weights + span.seen[s] * kBlock;
@@ -795,7 +795,6 @@ __attribute__((always_inline)) inline void attend_rows(const Problem& p, int64_t
         score_block(p, q_rows.data(), kt, r, n, scores);
 #endif
       }
-      if (!span.count) continue;
       softmax_span<kBf16>(p, r, n, span, st);
       if constexpr (kBf16) {
 #if defined(__AVX512F__)
