@@ -245,17 +245,21 @@ void row_f32(const Rows& rows, int64_t j, int64_t width, float* out) {
 // 16 f32s as bf16s, each rounded to the nearest (ties to even); a NaN stays a NaN.
 RZ_BF16 inline __m256i to_bf16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
+// The halves of a vector of 32 16-bit elements interleaved: (e0, o0, e1, o1, ...) from
+// (e0..e15, o0..o15), so that word c holds element c of both halves.
+inline __m512i interleave_halves(__m512i both) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                                         20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(order, both);
+}
+
 // Phase one's V for bf16 values: f32 rows 2i and 2i + 1 (`even`, `odd`, Dv each) as Dv words of
 // bf16 pairs, word c holding lane c of both, so that an output tile multiplies a broadcast pair of
 // weights by 16 lanes' pairs of slots. Rounding an f16 to bf16 drops its three lowest significand
 // bits; a bf16 cache converts exactly.
 RZ_BF16 void value_pairs_bf16(const float* even, const float* odd, int64_t Dv, uint32_t* words) {
-  // Interleaves the halves of a 32-bf16 vector: (e0, o0, e1, o1, ...) from (e0..e15, o0..o15).
-  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
-                                         20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t c = 0; c < Dv; c += 16) {
-    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd + c), _mm512_loadu_ps(even + c));
-    _mm512_storeu_si512(words + c, _mm512_permutexvar_epi16(pairs, both));
+    _mm512_storeu_si512(words + c, interleave_halves((__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd + c), _mm512_loadu_ps(even + c))));
   }
 }
 
@@ -263,8 +267,6 @@ RZ_BF16 void value_pairs_bf16(const float* even, const float* odd, int64_t Dv, u
 template <Kv T>
 RZ_BF16 void value_pairs_bf16(const uint8_t* even, const uint8_t* odd, int64_t Dv, uint32_t* words) {
   static_assert(T == Kv::F16 || T == Kv::BF16);
-  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
-                                         20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   for (int64_t c = 0; c < Dv; c += 16) {
     const __m256i e = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(even + 2 * c));
     const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(odd + 2 * c));
@@ -274,7 +276,7 @@ RZ_BF16 void value_pairs_bf16(const uint8_t* even, const uint8_t* odd, int64_t D
     } else {  // a bf16 cache's elements are the pairs' halves already
       both = _mm512_inserti64x4(_mm512_castsi256_si512(e), o, 1);
     }
-    _mm512_storeu_si512(words + c, _mm512_permutexvar_epi16(pairs, both));
+    _mm512_storeu_si512(words + c, interleave_halves(both));
   }
 }
 #endif
