@@ -381,16 +381,12 @@ struct Problem : rz_cpu::Operands {
 // Phase one's int16 K for one run of kRun slots at `first` of block `kt`: each slot's pair words
 // in order into `words` (room for kRun * D / 2 + 16), then 16 slots at a time transposed into place.
 template <Kv T>
-void key_run_int16(const Problem& p, const Rows& keys, int64_t in_run, int64_t first, float* kt, float* row, int32_t* words) {
+void key_run_int16(const Problem& p, const Rows& keys, int64_t first, float* kt, float* row, int32_t* words) {
   static_assert(rz_cpu::kRun % 16 == 0, "a run is whole transposes");
   const int64_t pairs = p.D / 2;
   const float limit = int16_limit(p.D);
   for (int64_t i = 0; i < rz_cpu::kRun; ++i) {
-    if (i < in_run) {
-      row_f32<T>(keys, i, p.D, row);
-    } else {
-      std::fill(row, row + p.D, 0.0f);
-    }
+    row_f32<T>(keys, i, p.D, row);  // a slot past the run's count reads zeros
     kt[Problem::key_scales_offset(p.D) + first + i] = int16_pairs(row, p.D, limit, words + i * pairs, 1);
   }
   // A head dim that is not a multiple of 32 leaves a last transpose of fewer than 16 words per
@@ -425,7 +421,7 @@ void convert_block(const Problem& p, int64_t head, int64_t block, float* row, in
     rz_cpu::slot_rows<VT>(p, p.v, p.v_scales, p.Dv, b, kv, first + run, in_run, values);
 #if defined(__AVX512VNNI__)
     if (p.int16_scores) {
-      key_run_int16<KT>(p, keys, in_run, run, kt, row, words);
+      key_run_int16<KT>(p, keys, run, kt, row, words);
     } else
 #endif
     {
